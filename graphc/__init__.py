@@ -1,0 +1,31 @@
+"""graphc: ONNX graph-level compression and export compiler for transformer models."""
+
+from graphc.api import CompressResult, compress, export, validate
+from graphc.errors import GraphcError
+
+__version__ = "0.1.0"
+
+__all__ = ["CompressResult", "GraphcError", "__version__", "compress", "export", "validate", "inspect", "list_passes", "list_recipes"]
+
+
+def inspect(model, diff=None) -> dict:
+    """Ops, parameters and bytes by op type and by layer; with ``diff``, what changed."""
+    from graphc import inspect as _inspect
+    from graphc.api import to_ir
+
+    info = _inspect.inspect_model(to_ir(model)[0])
+    if diff is None:
+        return info.to_dict()
+    return _inspect.diff(info, _inspect.inspect_model(to_ir(diff)[0]))
+
+
+def list_passes() -> dict:
+    from graphc.registry import all_passes
+
+    return {name: cls.summary for name, cls in all_passes().items()}
+
+
+def list_recipes() -> list:
+    from graphc.recipes import list_recipes as _lr
+
+    return [r.to_dict() for r in _lr()]

@@ -1,0 +1,225 @@
+"""Python API, mirroring the CLI: compress, validate, inspect, export, passes and recipes."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphc import io, ops
+from graphc.errors import GraphcError, MissingDependencyError, ModelLoadError, ToleranceError
+from graphc.manager import PassManager, PassRecord, SizeFacts
+from graphc.pass_base import PassContext
+from graphc.recipes import Recipe, get_recipe
+from graphc.registry import get_pass
+from graphc.validate import ValidationReport, compare, make_session, run_feeds, synthesize_inputs
+
+ModelLike = Any  # path, ir.Model, onnx.ModelProto or onnx_graphsurgeon.Graph
+
+VALIDATION_SAMPLES = 64  # real sentences used to validate when the model has a recipe
+
+
+@dataclass
+class CompressResult:
+    model: ir.Model
+    recipe: Recipe
+    passes: list[PassRecord]
+    validation: ValidationReport | None
+    bytes_before: int
+    bytes_after: int
+    params_before: int
+    params_after: int
+    written: list[Path] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "size_ratio": round(self.bytes_after / self.bytes_before, 4) if self.bytes_before else None,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "passes": [r.to_dict() for r in self.passes],
+            "validation": self.validation.to_dict() if self.validation else None,
+            "written": [str(p) for p in self.written],
+            "notices": self.notices,
+        }
+
+    def to_graphsurgeon(self):
+        """The result as an onnx_graphsurgeon Graph (for TensorRT-style pipelines)."""
+        gs = _import_graphsurgeon()
+        return gs.import_onnx(ir.serde.serialize_model(self.model))
+
+
+def _import_graphsurgeon():
+    try:
+        import onnx_graphsurgeon as gs
+    except ImportError:
+        raise MissingDependencyError("onnx-graphsurgeon is not installed (pip install graphc[interop])") from None
+    return gs
+
+
+def to_ir(model: ModelLike) -> tuple[ir.Model, Path | None]:
+    """Any accepted model form → (IR model, its path when it came from a file)."""
+    if isinstance(model, ir.Model):
+        return model, None
+    if isinstance(model, (str, os.PathLike)):
+        return io.load_model(model), Path(model)
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model), None
+    if type(model).__module__.startswith("onnx_graphsurgeon"):
+        gs = _import_graphsurgeon()
+        return ir.serde.deserialize_model(gs.export_onnx(model)), None
+    raise ModelLoadError(f"cannot compress a {type(model).__name__}; pass a path, onnx_ir.Model, ModelProto or gs.Graph")
+
+
+def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: int = 0) -> tuple[list[dict], str]:
+    """Feeds for validation: the model recipe's real evaluation texts when the model came
+    from a recipe and its packages are installed, else inputs synthesized from the signature."""
+    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    if name:
+        try:
+            from graphc.models import get_model_recipe
+
+            recipe = get_model_recipe(name)
+            texts = recipe.eval_texts(count)
+            return recipe.feeds(texts, batch=16), f"{name}: {len(texts)} real texts"
+        except (ImportError, GraphcError):
+            pass
+    return synthesize_inputs(model, count=4, seed=seed), "synthesized from the input signature"
+
+
+def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
+    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    if name:
+        try:
+            from graphc.models import get_model_recipe
+
+            recipe = get_model_recipe(name)
+            texts = recipe.eval_texts(count, split="calibration")
+            return PassContext(calibration=recipe.feeds(texts, batch=16), calibration_source=f"{name} calibration texts")
+        except (ImportError, GraphcError):
+            pass
+    return PassContext(calibration=synthesize_inputs(model, count=4, seed=1), calibration_source="synthesized")
+
+
+class NumericCheck:
+    """Instrument: after each pass that changed the model, compare it with the original."""
+
+    def __init__(self, feeds: Sequence[dict], reference: list[list[np.ndarray]]) -> None:
+        self.feeds = feeds
+        self.reference = reference
+
+    def after_pass(self, pass_, model: ir.Model, record: PassRecord) -> None:
+        if not record.modified:
+            return
+        report = compare(None, model, self.feeds, reference_outputs=self.reference)
+        record.check = {"min_cosine": round(report.min_cosine, 7), "max_abs": round(report.max_abs, 7)}
+
+
+def compress(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    recipe: str | os.PathLike | Recipe = "int8",
+    force: bool = False,
+    disable: Sequence[str] = (),
+    check_each_pass: bool = False,
+    validate: bool = True,
+    feeds: Sequence[dict] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CompressResult:
+    """Run a recipe on a model, validate it against the original, and write it.
+
+    The result is written only if validation meets the recipe's tolerance (or ``force``);
+    otherwise :class:`ToleranceError` is raised and nothing is written.
+    """
+    recipe_obj = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
+    unknown = [d for d in disable if d not in recipe_obj.pass_names()]
+    for d in unknown:
+        get_pass(d)  # unknown names raise; known-but-absent are ignored with a notice
+    ir_model, src = to_ir(model)
+    original_proto = ir.serde.serialize_model(ir_model) if validate else None
+    work = ir.serde.deserialize_model(original_proto) if original_proto is not None else copy.deepcopy(ir_model)
+    if src is not None:
+        ir.external_data.set_base_dir(work.graph, str(src.parent))
+    before = SizeFacts.of(ir_model)
+    notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
+
+    input_source = "given"
+    reference = None
+    if validate or check_each_pass:
+        if feeds is None:
+            feeds, input_source = validation_feeds(ir_model)
+        reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
+    context = calibration_context(ir_model) if _needs_calibration(recipe_obj) else PassContext()
+    context.progress = progress
+    passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
+    instruments = [NumericCheck(feeds, reference)] if check_each_pass else []
+    records = PassManager(passes, instruments=instruments, disabled=disable).run(work)
+    after = SizeFacts.of(work)
+
+    report = None
+    if validate:
+        tol = recipe_obj.tolerance
+        report = compare(None, work, feeds, input_source=input_source, reference_outputs=reference)
+        report.min_cosine_required = tol.min_row_cosine
+        report.max_abs_allowed = tol.max_abs
+        report.min_output_cosine_required = tol.min_cosine
+    result = CompressResult(work, recipe_obj, records, report, before.bytes, after.bytes, before.params, after.params, notices=notices)
+    if report is not None and not report.passed and not force:
+        raise ToleranceError(
+            f"result misses recipe {recipe_obj.name!r} tolerance ({_tolerance_text(report, recipe_obj)}); "
+            "nothing written (use --force to write anyway)",
+            path=output,
+        )
+    if output is not None:
+        forbid = tuple(io.model_files(src)) if src is not None else ()
+        result.written = io.save_model(work, output, forbid=forbid)
+        result.bytes_after = sum(p.stat().st_size for p in result.written)
+        if src is not None:
+            result.bytes_before = io.file_bytes(src)
+    return result
+
+
+def _needs_calibration(recipe: Recipe) -> bool:
+    return any(getattr(get_pass(s.pass_name), "needs_calibration", False) for s in recipe.steps)
+
+
+def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
+    tol = recipe.tolerance
+    parts = []
+    if tol.min_cosine is not None:
+        parts.append(f"output cosine {report.output_cosine:.5f} vs required {tol.min_cosine}")
+    if tol.min_row_cosine is not None:
+        parts.append(f"worst row cosine {report.min_cosine:.5f} vs required {tol.min_row_cosine}")
+    if tol.max_abs is not None:
+        parts.append(f"max abs {report.max_abs:.4g} vs allowed {tol.max_abs}")
+    return ", ".join(parts)
+
+
+def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None) -> ValidationReport:
+    """Compare two models with ONNX Runtime on real (or synthesized) inputs."""
+    orig, _ = to_ir(original)
+    rew, _ = to_ir(rewritten)
+    source = "given"
+    if feeds is None:
+        feeds, source = validation_feeds(orig)
+    return compare(orig, rew, feeds, input_source=source)
+
+
+def export(source: Any, output: str | os.PathLike, **kwargs: Any):
+    """Export a models/ recipe name, an HF folder, or (via graphc.exporters) a torch module."""
+    try:
+        from graphc.exporters import export as _export
+    except ImportError as e:
+        raise MissingDependencyError(f"export needs the export extra (pip install graphc[export]): {e}") from None
+    return _export(source, output, **kwargs)

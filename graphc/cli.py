@@ -1,0 +1,236 @@
+"""The ``graphc`` command. Thin: parses arguments, calls the API, prints.
+
+Every command takes ``--json`` (one JSON object on stdout). Errors print one line on
+stderr and exit non-zero (1: bad input or failure, 2: usage, 3: tolerance missed).
+Set GRAPHC_DEBUG=1 to see tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from graphc.errors import GraphcError
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return str(n)
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+    else:
+        sys.stdout.write(text.rstrip() + "\n")
+
+
+# ------------------------------------------------------------------------- commands
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from graphc.recipes import list_recipes
+    from graphc.registry import all_passes
+
+    passes = all_passes()
+    recipes = list_recipes()
+    lines = ["passes:"] + [f"  {name:20s} {cls.summary}" for name, cls in passes.items()]
+    lines += ["recipes:"] + [f"  {r.name:20s} {r.description} [{' → '.join(r.pass_names())}]" for r in recipes]
+    data = {
+        "passes": [{"name": n, "summary": c.summary} for n, c in passes.items()],
+        "recipes": [r.to_dict() for r in recipes],
+    }
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from graphc.api import compress
+
+    progress = None
+    result = compress(
+        args.model,
+        args.output,
+        recipe=args.recipe,
+        force=args.force,
+        disable=args.disable or (),
+        check_each_pass=args.check_each_pass,
+        progress=progress,
+    )
+    data = result.to_dict()
+    lines = [f"recipe {result.recipe.name}: {args.model} → {args.output}"]
+    lines.append(f"  {'pass':20s} {'time':>8s}  {'bytes after':>12s}  stats")
+    for r in result.passes:
+        if r.skipped:
+            lines.append(f"  {r.name:20s} {'disabled':>8s}")
+            continue
+        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if k not in ("skipped", "notes"))
+        if r.stats.get("skipped"):
+            stats += f"{', ' if stats else ''}skipped={len(r.stats['skipped'])}"
+        check = f"  [cos {r.check['min_cosine']:.5f}]" if r.check else ""
+        lines.append(f"  {r.name:20s} {r.wall_s:7.2f}s  {_fmt_bytes(r.bytes_after):>12s}  {stats or '-'}{check}")
+    ratio = result.bytes_after / result.bytes_before if result.bytes_before else 0
+    lines.append(f"size: {_fmt_bytes(result.bytes_before)} → {_fmt_bytes(result.bytes_after)} ({ratio:.1%})")
+    v = result.validation
+    if v is not None:
+        lines.append(
+            f"validation ({v.samples} feeds, {v.input_source}): output cosine {v.output_cosine:.5f}, "
+            f"worst row cosine {v.min_cosine:.5f}, max abs {v.max_abs:.4g} → {'PASS' if v.passed else 'FAIL (forced)'}"
+        )
+    for n in result.notices:
+        lines.append(f"notice: {n}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from graphc.api import validate
+
+    report = validate(args.original, args.rewritten)
+    if args.min_cosine is not None:
+        report.min_output_cosine_required = args.min_cosine
+    lines = [f"validation ({report.samples} feeds, {report.input_source}):"]
+    for o in report.outputs:
+        lines.append(
+            f"  {o.name}: cosine {o.cosine:.6f}, worst row {o.min_row_cosine:.6f}, "
+            f"max abs {o.max_abs:.4g}, mean abs {o.mean_abs:.4g}, rel {o.rel_max:.4g}"
+        )
+    _emit(args, report.to_dict(), "\n".join(lines))
+    return 0 if report.passed else 3
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from graphc import io
+    from graphc.inspect import diff, inspect_model
+
+    info = inspect_model(io.load_model(args.model))
+    if args.diff:
+        other = inspect_model(io.load_model(args.diff))
+        d = diff(info, other)
+        lines = [
+            f"{args.model} → {args.diff}",
+            f"nodes {d['nodes_before']} → {d['nodes_after']}, params {d['params_before']:,} → {d['params_after']:,}, "
+            f"bytes {_fmt_bytes(d['bytes_before'])} → {_fmt_bytes(d['bytes_after'])}",
+            "ops changed:",
+        ]
+        lines += [f"  {k:40s} {v['before']:5d} → {v['after']:5d}" for k, v in d["ops_changed"].items()]
+        lines.append("layers:")
+        lines += [
+            f"  {x['layer']:12s} params {x['params_before']:>12,} → {x['params_after']:>12,}  "
+            f"bytes {_fmt_bytes(x['bytes_before']):>10s} → {_fmt_bytes(x['bytes_after']):>10s}"
+            for x in d["layers"]
+        ]
+        if d["new_nodes_by_pass"]:
+            lines.append("nodes made by pass: " + ", ".join(f"{k} {v}" for k, v in d["new_nodes_by_pass"].items()))
+        _emit(args, {"model": args.model, "other": args.diff, **d}, "\n".join(lines))
+        return 0
+    lines = [
+        f"{args.model}: {info.nodes} nodes, {info.params:,} params, {_fmt_bytes(info.bytes)} of weights",
+        "inputs:  " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in info.inputs),
+        "outputs: " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in info.outputs),
+        "ops:",
+    ]
+    lines += [f"  {k:40s} {v:5d}" for k, v in info.op_counts.items()]
+    lines.append("weights by op:")
+    lines += [f"  {k:40s} {v['params']:>12,} params {_fmt_bytes(v['bytes']):>10s}" for k, v in info.by_op.items()]
+    lines.append("by layer:")
+    lines += [
+        f"  {k:12s} {v['nodes']:5d} nodes {v['params']:>12,} params {_fmt_bytes(v['bytes']):>10s}"
+        for k, v in info.by_layer.items()
+    ]
+    if info.metadata:
+        lines.append("metadata:")
+        lines += [f"  {k} = {v[:100]}" for k, v in info.metadata.items()]
+    _emit(args, {"model": args.model, **info.to_dict()}, "\n".join(lines))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from graphc.api import export
+
+    result = export(args.source, args.output)
+    data = result.to_dict() if hasattr(result, "to_dict") else {"output": args.output}
+    lines = [f"exported {args.source} → {args.output}"]
+    for key in ("exporter", "seconds", "bytes"):
+        if key in data:
+            lines.append(f"  {key}: {data[key]}")
+    for n in data.get("notices", []):
+        lines.append(f"notice: {n}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+# ------------------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"graphc: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphc", description="ONNX compression compiler for transformer models")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        return sp
+
+    sp = add("export", "export a models/ recipe (minilm, smollm2) or an HF model folder to ONNX")
+    sp.add_argument("source")
+    sp.add_argument("-o", "--output", required=True)
+    sp.set_defaults(func=cmd_export)
+
+    sp = add("compress", "run a recipe, validate against the original, write the result")
+    sp.add_argument("model")
+    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("--recipe", default="int8", help="built-in name or a .toml file (default int8)")
+    sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
+    sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
+    sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")
+    sp.set_defaults(func=cmd_compress)
+
+    sp = add("validate", "compare a rewritten model with the original in ONNX Runtime")
+    sp.add_argument("original")
+    sp.add_argument("rewritten")
+    sp.add_argument("--min-cosine", type=float, default=None, help="exit 3 if an output's cosine is below this")
+    sp.set_defaults(func=cmd_validate)
+
+    sp = add("inspect", "ops, parameters and bytes by op type and layer; --diff for what changed")
+    sp.add_argument("model")
+    sp.add_argument("--diff", metavar="OTHER")
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = add("passes", "list passes and recipes")
+    sp.set_defaults(func=cmd_passes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GraphcError as e:
+        sys.stderr.write(f"graphc: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("graphc: interrupted\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
+        if os.environ.get("GRAPHC_DEBUG"):
+            raise
+        msg = " ".join(str(e).split())[:300]
+        sys.stderr.write(f"graphc: internal error: {type(e).__name__}: {msg} (set GRAPHC_DEBUG=1 for a traceback)\n")
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Recipes: named pipelines of passes with options and a validation tolerance.
+
+Built-ins are data below; user recipes are TOML files of the same shape::
+
+    name = "my-int8"
+    description = "int8 without embedding quantization"
+    extends = "int8"                 # optional: start from a built-in
+    disable = ["quantize-embedding"] # optional: drop steps by pass name
+
+    [tolerance]
+    min_cosine = 0.99                # cosine of each whole output vs the original
+    min_row_cosine = 0.9             # worst row (token) cosine
+    max_abs = 1.0                    # optional
+
+    [[passes]]                       # replaces the inherited steps when given
+    name = "quantize-int8"
+    options = { per_channel = true }
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from graphc.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Step:
+    pass_name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What validation must reach for ``compress`` to write the result."""
+
+    min_cosine: float | None = 0.99
+    min_row_cosine: float | None = None
+    max_abs: float | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    steps: tuple[Step, ...]
+    tolerance: Tolerance = Tolerance()
+    source: str = "built-in"
+
+    def pass_names(self) -> list[str]:
+        return [s.pass_name for s in self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "passes": [{"name": s.pass_name, "options": dict(s.options)} for s in self.steps],
+            "tolerance": self.tolerance.__dict__,
+        }
+
+
+_CLEANUP = (
+    Step("compact-metadata"),
+    Step("fold-constants"),
+    Step("remove-unused"),
+)
+
+BUILTIN: dict[str, Recipe] = {
+    "cleanup": Recipe(
+        "cleanup",
+        "lossless: constant folding, dead code, common subexpressions, shape inference",
+        (*_CLEANUP, Step("cse"), Step("shape-inference")),
+        Tolerance(min_cosine=0.99999, min_row_cosine=0.9999, max_abs=1e-3),
+    ),
+    "int8": Recipe(
+        "int8",
+        "ORT fusions, then int8 weights (per-channel symmetric) with dynamic int8 activations "
+        "on every constant-weight MatMul/Gemm, and int8 embedding tables",
+        (
+            *_CLEANUP,
+            Step("fuse-ort", {"attention": "mha"}),
+            Step("quantize-int8"),
+            Step("quantize-embedding"),
+            Step("remove-unused"),
+        ),
+        Tolerance(min_cosine=0.99, min_row_cosine=0.9),
+    ),
+}
+
+
+def list_recipes() -> list[Recipe]:
+    return list(BUILTIN.values())
+
+
+def get_recipe(name_or_path: str | os.PathLike) -> Recipe:
+    """A built-in by name, or a TOML recipe file."""
+    text = os.fspath(name_or_path)
+    if text in BUILTIN:
+        return BUILTIN[text]
+    if text.endswith(".toml") or os.sep in text or Path(text).exists():
+        return load_recipe_file(Path(text))
+    raise RecipeError(f"unknown recipe {text!r}; built-ins: {', '.join(BUILTIN)} (or a .toml file)")
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    if not path.is_file():
+        raise RecipeError("recipe file not found" if not path.exists() else "recipe path is not a file", path=path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"not valid TOML: {e}", path=path) from None
+    return recipe_from_dict(data, source=str(path))
+
+
+_TOP_KEYS = {"name", "description", "extends", "disable", "tolerance", "passes"}
+
+
+def recipe_from_dict(data: dict[str, Any], *, source: str = "dict") -> Recipe:
+    from graphc.registry import get_pass  # late: registry imports the passes
+
+    where = {"path": source} if source != "dict" else {}
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}", **where)
+    base: Recipe | None = None
+    if "extends" in data:
+        if data["extends"] not in BUILTIN:
+            raise RecipeError(f"extends unknown recipe {data['extends']!r}; built-ins: {', '.join(BUILTIN)}", **where)
+        base = BUILTIN[data["extends"]]
+    steps: list[Step]
+    if "passes" in data:
+        if not isinstance(data["passes"], list):
+            raise RecipeError("'passes' must be an array of tables ([[passes]])", **where)
+        steps = []
+        for i, entry in enumerate(data["passes"]):
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise RecipeError(f"passes[{i}] needs a 'name'", **where)
+            extra = sorted(set(entry) - {"name", "options"})
+            if extra:
+                raise RecipeError(f"passes[{i}] has unknown key(s) {', '.join(extra)}", **where)
+            options = entry.get("options", {})
+            if not isinstance(options, dict):
+                raise RecipeError(f"passes[{i}].options must be a table", **where)
+            steps.append(Step(str(entry["name"]), dict(options)))
+    elif base is not None:
+        steps = list(base.steps)
+    else:
+        raise RecipeError("a recipe needs 'passes' or 'extends'", **where)
+    disable = data.get("disable", [])
+    if not isinstance(disable, list):
+        raise RecipeError("'disable' must be a list of pass names", **where)
+    steps = [s for s in steps if s.pass_name not in set(disable)]
+    for step in steps:
+        try:
+            get_pass(step.pass_name).from_dict(step.options)
+        except RecipeError as e:
+            raise RecipeError(e.message, **where) from None
+        except Exception as e:  # noqa: BLE001 - option errors carry the pass name
+            raise RecipeError(str(e), **where) from None
+    tol_data = data.get("tolerance", {})
+    if not isinstance(tol_data, dict):
+        raise RecipeError("'tolerance' must be a table", **where)
+    bad = sorted(set(tol_data) - {"min_cosine", "min_row_cosine", "max_abs"})
+    if bad:
+        raise RecipeError(f"unknown tolerance key(s) {', '.join(bad)}", **where)
+    tolerance = replace(base.tolerance if base else Tolerance(), **tol_data)
+    return Recipe(
+        name=str(data.get("name", Path(source).stem if source != "dict" else "custom")),
+        description=str(data.get("description", base.description if base else "")),
+        steps=tuple(steps),
+        tolerance=tolerance,
+        source=source,
+    )

@@ -1,0 +1,265 @@
+"""Validation with ONNX Runtime: original vs rewritten, output by output.
+
+Inputs come from the model recipe's real evaluation set when the model carries one
+(``graphc.model_recipe`` metadata and the export extra installed), or are synthesized from
+the input signature for a bare .onnx.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphc.errors import ValidationError
+
+# Symbolic dims get these sizes when inputs are synthesized.
+SYNTH_BATCH = 2
+SYNTH_SEQ = 16
+
+_NP_TYPES = {
+    ir.DataType.FLOAT: np.float32,
+    ir.DataType.FLOAT16: np.float16,
+    ir.DataType.DOUBLE: np.float64,
+    ir.DataType.INT64: np.int64,
+    ir.DataType.INT32: np.int32,
+    ir.DataType.INT8: np.int8,
+    ir.DataType.UINT8: np.uint8,
+    ir.DataType.BOOL: np.bool_,
+}
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def make_session(
+    model: ir.Model | str | os.PathLike, *, threads: int | None = None, what: str = "model"
+) -> ort.InferenceSession:
+    """An ORT CPU session for a path or an in-memory IR model."""
+    try:
+        if isinstance(model, ir.Model):
+            data = ir.serde.serialize_model(model).SerializeToString()
+            return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            os.fspath(model), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValidationError(f"ONNX Runtime cannot load the {what}: {first}") from None
+
+
+def _vocab_size(model: ir.Model, input_value: ir.Value) -> int | None:
+    for user, _ in input_value.uses():
+        if user.op_type in ("Gather", "GatherBlockQuantized") and user.inputs[0] is not None:
+            shape = user.inputs[0].shape
+            if shape is not None and len(shape) >= 1 and isinstance(shape[0], int):
+                return shape[0]
+        if user.op_type == "Cast" and user.outputs:
+            found = _vocab_size(model, user.outputs[0])
+            if found:
+                return found
+    return None
+
+
+def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Plausible feeds from the input signature (ids within the vocabulary, masks of ones)."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed: dict[str, np.ndarray] = {}
+        for value in model.graph.inputs:
+            if value.name in model.graph.initializers:
+                continue
+            dtype = _NP_TYPES.get(value.dtype) if value.dtype is not None else np.float32
+            if dtype is None:
+                raise ValidationError(f"cannot synthesize input {value.name!r} of type {value.dtype}")
+            dims = []
+            for i, d in enumerate(value.shape or []):
+                if isinstance(d, int):
+                    dims.append(d)
+                else:
+                    dname = str(d).lower() if d is not None else ""
+                    dims.append(SYNTH_BATCH if ("batch" in dname or (i == 0 and "seq" not in dname)) else SYNTH_SEQ)
+            name = value.name.lower()
+            if np.issubdtype(dtype, np.integer):
+                if "mask" in name:
+                    arr = np.ones(dims, dtype=dtype)
+                    if len(dims) == 2 and dims[0] > 1 and dims[1] > 2:
+                        arr[1:, dims[1] // 2 :] = 0  # a padded row exercises masking
+                elif "type" in name:
+                    arr = np.zeros(dims, dtype=dtype)
+                elif "position" in name:
+                    arr = np.broadcast_to(np.arange(dims[-1], dtype=dtype), dims).copy()
+                else:
+                    high = _vocab_size(model, value) or 100
+                    arr = rng.integers(0, high, size=dims, dtype=np.int64).astype(dtype)
+            elif dtype == np.bool_:
+                arr = np.ones(dims, dtype=dtype)
+            else:
+                arr = rng.standard_normal(dims).astype(dtype)
+            feed[value.name] = arr
+        feeds.append(feed)
+    return feeds
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    max_abs: float
+    mean_abs: float
+    rel_max: float
+    cosine: float
+    min_row_cosine: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 7) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class ValidationReport:
+    outputs: list[OutputMetrics]
+    samples: int
+    input_source: str
+    min_cosine_required: float | None = None
+    max_abs_allowed: float | None = None
+    min_output_cosine_required: float | None = None
+    task: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def min_cosine(self) -> float:
+        return min(o.min_row_cosine for o in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max(o.max_abs for o in self.outputs)
+
+    @property
+    def output_cosine(self) -> float:
+        return min(o.cosine for o in self.outputs)
+
+    @property
+    def passed(self) -> bool:
+        ok = True
+        if self.min_output_cosine_required is not None:
+            ok &= self.output_cosine >= self.min_output_cosine_required
+        if self.min_cosine_required is not None:
+            ok &= self.min_cosine >= self.min_cosine_required
+        if self.max_abs_allowed is not None:
+            ok &= self.max_abs <= self.max_abs_allowed
+        return ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "samples": self.samples,
+            "input_source": self.input_source,
+            "output_cosine": round(self.output_cosine, 7),
+            "min_row_cosine": round(self.min_cosine, 7),
+            "max_abs": round(self.max_abs, 7),
+            "tolerance": {
+                "min_cosine": self.min_output_cosine_required,
+                "min_row_cosine": self.min_cosine_required,
+                "max_abs": self.max_abs_allowed,
+            },
+            "outputs": [o.to_dict() for o in self.outputs],
+            **({"task": self.task} if self.task else {}),
+        }
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def output_metrics(name: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> OutputMetrics:
+    max_abs = 0.0
+    sum_abs = 0.0
+    count = 0
+    ref_max = 0.0
+    row_cos = []
+    flat_r, flat_g = [], []
+    for r, g in zip(refs, gots):
+        r = np.asarray(r, dtype=np.float64)
+        g = np.asarray(g, dtype=np.float64)
+        if r.shape != g.shape:
+            raise ValidationError(f"output {name!r} has shape {g.shape}, the original {r.shape}")
+        if not np.all(np.isfinite(g)) and np.all(np.isfinite(r)):
+            return OutputMetrics(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0)
+        d = np.abs(r - g)
+        max_abs = max(max_abs, float(d.max(initial=0.0)))
+        sum_abs += float(d.sum())
+        count += d.size
+        ref_max = max(ref_max, float(np.abs(r).max(initial=0.0)))
+        flat_r.append(r.ravel())
+        flat_g.append(g.ravel())
+        rows_r = r.reshape(-1, r.shape[-1]) if r.ndim >= 2 else r.reshape(1, -1)
+        rows_g = g.reshape(-1, g.shape[-1]) if g.ndim >= 2 else g.reshape(1, -1)
+        row_cos.extend(_cos(a, b) for a, b in zip(rows_r, rows_g))
+    cos = _cos(np.concatenate(flat_r), np.concatenate(flat_g)) if flat_r else 1.0
+    return OutputMetrics(
+        name,
+        max_abs=max_abs,
+        mean_abs=sum_abs / max(count, 1),
+        rel_max=max_abs / ref_max if ref_max > 0 else max_abs,
+        cosine=cos,
+        min_row_cosine=min(row_cos) if row_cos else cos,
+    )
+
+
+def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], what: str) -> list[list[np.ndarray]]:
+    names = {i.name for i in session.get_inputs()}
+    out = []
+    for feed in feeds:
+        try:
+            out.append(session.run(None, {k: v for k, v in feed.items() if k in names}))
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValidationError(f"ONNX Runtime failed to run the {what}: {first}") from None
+    return out
+
+
+def compare(
+    original: ir.Model | str | os.PathLike | ort.InferenceSession,
+    rewritten: ir.Model | str | os.PathLike | ort.InferenceSession,
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    input_source: str = "synthesized",
+    reference_outputs: list[list[np.ndarray]] | None = None,
+    min_cosine: float | None = None,
+    max_abs: float | None = None,
+) -> ValidationReport:
+    """Per-output metrics of ``rewritten`` against ``original`` on the same feeds."""
+    rew = rewritten if isinstance(rewritten, ort.InferenceSession) else make_session(rewritten, what="rewritten model")
+    if reference_outputs is None:
+        orig = original if isinstance(original, ort.InferenceSession) else make_session(original, what="original model")
+        reference_outputs = run_feeds(orig, feeds, "original model")
+        out_names = [o.name for o in orig.get_outputs()]
+    else:
+        out_names = [o.name for o in rew.get_outputs()]
+    got = run_feeds(rew, feeds, "rewritten model")
+    rew_names = [o.name for o in rew.get_outputs()]
+    metrics = []
+    for i, name in enumerate(out_names):
+        if name not in rew_names:
+            raise ValidationError(f"the rewritten model lost output {name!r}")
+        j = rew_names.index(name)
+        metrics.append(output_metrics(name, [r[i] for r in reference_outputs], [g[j] for g in got]))
+    return ValidationReport(metrics, len(feeds), input_source, min_cosine, max_abs)
+
+

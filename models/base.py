@@ -1,0 +1,59 @@
+"""The model recipe interface: how to load a supported model offline, feed it, and judge it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """Architecture facts written into the exported model's metadata (graphc.arch.*)."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+
+    def to_metadata(self) -> dict[str, str]:
+        return {f"graphc.arch.{k}": str(v) for k, v in self.__dict__.items()}
+
+
+class ModelRecipe:
+    """One supported model. Subclasses live one per module in models/.
+
+    Everything heavy (torch, transformers, model packages) is imported inside methods.
+    """
+
+    name: str = ""
+    description: str = ""
+    default_recipe: str = "int8"
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+    def load_torch(self) -> Any:
+        """The torch.nn.Module to export (wrapped so that it takes keyword inputs and
+        returns a plain tensor or tuple), in eval mode."""
+        raise NotImplementedError
+
+    def arch_facts(self) -> ArchFacts:
+        raise NotImplementedError
+
+    def example_inputs(self, batch: int = 2, seq: int = 16) -> dict[str, Any]:
+        """torch tensors for export tracing, keyed by input name."""
+        raise NotImplementedError
+
+    def eval_texts(self, count: int, *, split: str = "eval") -> list[str]:
+        """Real text from an offline data package (split 'eval' or 'calibration' are disjoint)."""
+        raise NotImplementedError
+
+    def feeds(self, texts: Sequence[str], *, batch: int = 16, max_length: int = 128) -> list[dict[str, np.ndarray]]:
+        """Tokenized ORT feeds (numpy int64) for the given texts, ``batch`` texts a feed."""
+        raise NotImplementedError

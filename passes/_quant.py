@@ -1,0 +1,53 @@
+"""Shared quantization math and IR helpers (used by every quantization pass)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def symmetric_int8(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 on [-127, 127]; ``axis`` is the axis that keeps its own scale
+    (None: one scale for the tensor). Returns (q int8, scale float32 with ``axis`` kept)."""
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        amax = np.array(np.abs(w).max(initial=0.0), dtype=np.float32)
+    else:
+        reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+        amax = np.abs(w).max(axis=reduce, keepdims=True, initial=0.0)
+    scale = (amax / 127.0).astype(np.float32)
+    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer with a unique name and return its value."""
+    base = name
+    i = 1
+    while name in graph.initializers:
+        name = f"{base}_{i}"
+        i += 1
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind a value (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
+    if model.opset_imports.get(domain, 0) < version:
+        model.opset_imports[domain] = version

@@ -1,0 +1,96 @@
+"""Transformer fusions into ONNX Runtime's fused ops, reusing onnxscript's ort_fusions rules.
+
+Stops at ``MultiHeadAttention`` by default (``attention = "mha"``): Q, K and V stay separate
+MatMuls that the int8 pass can quantize (the packed ``Attention`` op takes its QKV weight as a
+float input and would keep 25% of the matmul work in fp32). ``attention = "attention"`` goes
+on to the packed op, as onnxscript's ``optimize_for_ort`` does.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from graphc.errors import UnsupportedError
+from graphc.pass_base import GraphcPass, PassStats
+from graphc.registry import register
+
+
+class AttentionTarget(str, enum.Enum):
+    NONE = "none"
+    MHA = "mha"
+    ATTENTION = "attention"
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    attention: str = AttentionTarget.MHA.value
+    gelu: bool = True
+    normalization: bool = True
+    rotary: bool = True
+
+
+@register
+class FuseOrt(GraphcPass):
+    name = "fuse-ort"
+    summary = "fuse attention, SkipLayerNorm, (Bias)Gelu, RMSNorm, rotary into ORT ops (onnxscript rules)"
+    Options = FuseOptions
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        from onnxscript import rewriter
+        from onnxscript.optimizer import optimize
+        from onnxscript.rewriter.ort_fusions import _core as C
+
+        try:
+            target = AttentionTarget(self.options.attention)
+        except ValueError:
+            raise UnsupportedError(
+                f"attention={self.options.attention!r}; supported: {', '.join(t.value for t in AttentionTarget)}",
+                pass_name=self.name,
+            ) from None
+
+        counts: dict[str, int] = {}
+        rewriter.rewrite(model, [C._gemm_to_matmul_add.gemm_to_matmul_add_rule])
+        C._pre_optimize(model)
+
+        def fuse(key: str, func, **kw) -> None:
+            counts[key] = int(func(model, **kw))
+
+        if self.options.gelu:
+            fuse("erf_gelu", C.fuse_erfgelu)
+        if self.options.normalization:
+            fuse("rms_normalization", C.fuse_rms_normalization)
+            fuse("skip_layer_normalization", C.fuse_skip_layer_normalization)
+            fuse("skip_rms_normalization", C.fuse_skip_rms_normalization)
+        if self.options.rotary:
+            fuse("rotary_embedding", C.fuse_rotary_embedding)
+            fuse("cos_sin_cache", C.fuse_cos_sin_cache)
+            fuse("partial_rotary_embedding", C.fuse_partial_rotary_embedding)
+        if target is not AttentionTarget.NONE:
+            fuse("sdpa", C.fuse_sdpa, apply_shape_inference=True)
+            fuse("gqa", C.fuse_gqa)
+            fuse("packed_qkv_for_gqa", C.fuse_qkv_gqa)
+            fuse("mha1", C.fuse_mha1)
+            fuse("mha2", C.fuse_mha2)
+            fuse("mha_scale", C.fuse_mha_scale)
+            if counts["mha1"] or counts["mha2"]:
+                fuse("mha_bias", C.fuse_mha_bias)
+                if target is AttentionTarget.ATTENTION:
+                    fuse("attention", C.fuse_attention)
+        if self.options.gelu:
+            fuse("gelu", C.fuse_gelu)
+            fuse("bias_gelu", C.fuse_bias_gelu)
+        optimize(model)
+        for key, n in counts.items():
+            if n:
+                stats.add(key, n)
+        fused_ops = {}
+        for node in model.graph.all_nodes():
+            if node.domain == "com.microsoft":
+                fused_ops[node.op_type] = fused_ops.get(node.op_type, 0) + 1
+        stats.counts.update({f"ops.{k}": v for k, v in sorted(fused_ops.items())})
+        if not any(counts.values()):
+            stats.notes.append("no fusion pattern matched")
+        return any(counts.values())

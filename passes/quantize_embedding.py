@@ -1,0 +1,97 @@
+"""int8 embedding tables: ``Gather(table, ids)`` → ``Gather(int8 table) * Gather(row scales)``.
+
+Each row gets its own symmetric scale, so rare tokens with small norms keep their
+precision. Only the gathered rows are dequantized at run time (never the whole table).
+Standard ONNX ops only; row scales may be stored as float16 (``scale_dtype``) to save a
+further 2 bytes per row, with the rows quantized against the rounded scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc import ops
+from graphc.errors import UnsupportedError
+from graphc.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.registry import register
+from graphc.passes._quant import const_array, constant
+
+_SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    min_rows: int = 64  # smaller tables (token types) stay float
+    scale_dtype: str = "float16"
+
+
+@register
+class QuantizeEmbedding(GraphcPass):
+    name = "quantize-embedding"
+    summary = "int8 embedding tables with per-row scales (Gather of int8 rows, standard ops)"
+    Options = EmbeddingOptions
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        if self.options.scale_dtype not in _SCALE_DTYPES:
+            raise UnsupportedError(
+                f"scale_dtype={self.options.scale_dtype!r}; supported: {', '.join(_SCALE_DTYPES)}",
+                pass_name=self.name,
+            )
+        graph = model.graph
+        done: dict[int, tuple[ir.Value, ir.Value]] = {}
+        modified = False
+        for node in list(graph):
+            if node.op_type != ops.GATHER or node.domain not in ("", "ai.onnx"):
+                continue
+            label = node.name or node.op_type
+            table = const_array(node.inputs[0])
+            if table is None:
+                continue
+            if table.ndim != 2 or table.dtype != np.float32:
+                stats.skip(label, f"table is {table.ndim}-D {table.dtype}, not a 2-D float32 table")
+                continue
+            if node.attributes.get_int("axis", 0) != 0:
+                stats.skip(label, "Gather on an axis other than 0")
+                continue
+            if table.shape[0] < self.options.min_rows:
+                stats.skip(label, f"{table.shape[0]} rows < min_rows={self.options.min_rows}")
+                continue
+            key = id(node.inputs[0])
+            if key not in done:
+                done[key] = self._quantize_table(graph, node.inputs[0], table, stats)
+            qtable, scales = done[key]
+            ids = node.inputs[1]
+            rows = ir.node(ops.GATHER, [qtable, ids], attributes={"axis": 0})
+            row_scales = ir.node(ops.GATHER, [scales, ids], attributes={"axis": 0})
+            as_float = ir.node(ops.CAST, [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+            new = [rows, row_scales, as_float]
+            scale_out = row_scales.outputs[0]
+            if self.options.scale_dtype != "float32":
+                cast_scale = ir.node(ops.CAST, [scale_out], attributes={"to": ir.DataType.FLOAT})
+                new.append(cast_scale)
+                scale_out = cast_scale.outputs[0]
+            mul = ir.node(ops.MUL, [as_float.outputs[0], scale_out])
+            new.append(mul)
+            for n in new:
+                copy_scope(node, n)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, [mul.outputs[0]])
+            stats.add("gathers_quantized")
+            modified = True
+        for value in list(graph.initializers.values()):
+            if not value.uses() and value not in graph.outputs and value not in graph.inputs:
+                del graph.initializers[value.name]
+        return modified
+
+    def _quantize_table(self, graph: ir.Graph, value: ir.Value, table: np.ndarray, stats: PassStats):
+        amax = np.abs(table).max(axis=1, keepdims=True)
+        scale = (amax / 127.0).astype(_SCALE_DTYPES[self.options.scale_dtype])
+        scale[scale == 0] = 1
+        q = np.clip(np.rint(table / scale.astype(np.float32)), -127, 127).astype(np.int8)
+        base = value.name or "embedding"
+        stats.add("tables_quantized")
+        stats.add("table_bytes_before", int(table.nbytes))
+        stats.add("table_bytes_after", int(q.nbytes + scale.nbytes))
+        return constant(graph, f"{base}_int8", q), constant(graph, f"{base}_row_scale", scale)

@@ -1,0 +1,171 @@
+"""int8 weight quantization with dynamic int8 activations for constant-weight MatMul/Gemm.
+
+Weights: symmetric int8 on [-127, 127], one scale per output channel (or per tensor).
+Activations: quantized at run time to uint8 by ``DynamicQuantizeLinear``, once per distinct
+input value, so Q, K and V (or any MatMuls sharing an input) share one quantization.
+
+Emitted as (``emit`` option):
+
+- ``ms`` (default): com.microsoft ``MatMulIntegerToFloat`` (bias folded in for Gemm). ORT runs
+  it with its u8s8 integer GEMM (VNNI where available).
+- ``onnx``: standard ops only (``MatMulInteger`` → ``Cast`` → ``Mul`` [→ ``Add``]) for
+  runtimes without contrib ops.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc import ops
+from graphc.errors import UnsupportedError
+from graphc.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.registry import register
+from graphc.passes._quant import const_array, constant, ensure_opset, symmetric_int8
+
+
+class Emit(str, enum.Enum):
+    MS = "ms"
+    ONNX = "onnx"
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    per_channel: bool = True
+    emit: str = Emit.MS.value
+    exclude: tuple[str, ...] = ()  # substrings of node names or scopes to leave in float
+    min_elements: int = 0  # weights with fewer elements stay float
+
+
+@dataclass
+class _Candidate:
+    node: ir.Node
+    weight: np.ndarray  # [K, N] float32, transposes and Gemm alpha applied
+    bias: np.ndarray | None  # [N] float32 (Gemm C * beta)
+    weight_value: ir.Value
+
+
+@register
+class QuantizeInt8(GraphcPass):
+    name = "quantize-int8"
+    summary = "int8 per-channel weights + dynamic int8 activations on constant-weight MatMul/Gemm"
+    Options = Int8Options
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        try:
+            emit = Emit(self.options.emit)
+        except ValueError:
+            raise UnsupportedError(
+                f"emit={self.options.emit!r}; supported: {', '.join(e.value for e in Emit)}",
+                pass_name=self.name,
+            ) from None
+        graph = model.graph
+        groups: dict[ir.Value, list[_Candidate]] = {}
+        for node in list(graph):
+            cand = self._candidate(node, stats)
+            if cand is not None:
+                groups.setdefault(node.inputs[0], []).append(cand)
+        if not groups:
+            stats.notes.append("no constant-weight MatMul/Gemm found")
+            return False
+        ensure_opset(model, "", 11)
+        if emit is Emit.MS:
+            ensure_opset(model, ops.MS_DOMAIN, ops.MS_OPSET)
+        quantized: dict[int, tuple[ir.Value, ir.Value]] = {}
+        for x, cands in groups.items():
+            dql = ir.node(ops.DYNAMIC_QUANTIZE_LINEAR, [x], num_outputs=3)
+            dql.name = f"{cands[0].node.name or 'matmul'}_dql"
+            graph.insert_before(cands[0].node, dql)
+            copy_scope(cands[0].node, dql)
+            xq, xs, xzp = dql.outputs
+            stats.add("activations_quantized")
+            for cand in cands:
+                key = id(cand.weight_value), cand.node.op_type
+                if key not in quantized:
+                    axis = 1 if self.options.per_channel else None
+                    q, s = symmetric_int8(cand.weight, axis)
+                    base = cand.weight_value.name or "w"
+                    quantized[key] = (
+                        constant(graph, f"{base}_int8", q),
+                        constant(graph, f"{base}_scale", s.reshape(-1)),
+                    )
+                    stats.add("weight_bytes_before", int(cand.weight.nbytes))
+                    stats.add("weight_bytes_after", int(q.nbytes + s.nbytes))
+                wq, ws = quantized[key]
+                new_nodes = self._emit(graph, emit, cand, xq, xs, xzp, wq, ws)
+                for n in new_nodes:
+                    copy_scope(cand.node, n)
+                ir.convenience.replace_nodes_and_values(
+                    graph, cand.node, [cand.node], new_nodes, cand.node.outputs, [new_nodes[-1].outputs[0]]
+                )
+                stats.add("gemms_quantized" if cand.node.op_type == ops.GEMM else "matmuls_quantized")
+        for value in list(graph.initializers.values()):
+            if not value.uses() and value not in graph.outputs and value not in graph.inputs:
+                del graph.initializers[value.name]
+        return True
+
+    # ------------------------------------------------------------------ matching
+    def _candidate(self, node: ir.Node, stats: PassStats) -> _Candidate | None:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in (ops.MATMUL, ops.GEMM):
+            return None
+        label = node.name or node.op_type
+        if any(s in label or s in node.metadata_props.get("graphc.scope", "") for s in self.options.exclude):
+            stats.skip(label, "excluded by option")
+            return None
+        if node.inputs[0] is None or len(node.inputs) < 2:
+            return None
+        w = const_array(node.inputs[1])
+        if w is None:
+            stats.skip(label, "weight is not a constant (activation x activation MatMul)")
+            return None
+        if w.dtype not in (np.float32, np.float16):
+            stats.skip(label, f"weight dtype {w.dtype} is not float32/float16")
+            return None
+        if w.ndim != 2:
+            stats.skip(label, f"weight is {w.ndim}-D, not 2-D")
+            return None
+        if w.size < self.options.min_elements:
+            stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
+            return None
+        in_dtype = node.inputs[0].dtype
+        if in_dtype is not None and in_dtype != ir.DataType.FLOAT:
+            stats.skip(label, f"activation dtype {in_dtype} is not float32")
+            return None
+        w = w.astype(np.float32)
+        bias = None
+        if node.op_type == ops.GEMM:
+            attrs = node.attributes
+            if attrs.get_int("transA", 0):
+                stats.skip(label, "Gemm with transA=1")
+                return None
+            if attrs.get_int("transB", 0):
+                w = w.T
+            w = w * attrs.get_float("alpha", 1.0)
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                c = const_array(node.inputs[2])
+                if c is None or c.size not in (1, w.shape[1]):
+                    stats.skip(label, "Gemm bias C is not a constant vector")
+                    return None
+                bias = np.broadcast_to(c.astype(np.float32).reshape(-1), (w.shape[1],)) * attrs.get_float("beta", 1.0)
+                bias = np.ascontiguousarray(bias, dtype=np.float32)
+        return _Candidate(node, np.ascontiguousarray(w), bias, node.inputs[1])
+
+    # ------------------------------------------------------------------ emitting
+    def _emit(self, graph, emit, cand, xq, xs, xzp, wq, ws) -> list[ir.Node]:
+        bias = constant(graph, f"{cand.weight_value.name or 'w'}_bias", cand.bias) if cand.bias is not None else None
+        if emit is Emit.MS:
+            inputs = [xq, wq, xs, ws, xzp, None, bias] if bias is not None else [xq, wq, xs, ws, xzp]
+            node = ir.node(ops.MATMUL_INTEGER_TO_FLOAT, inputs, domain=ops.MS_DOMAIN)
+            node.name = f"{cand.node.name}_int8" if cand.node.name else ""
+            return [node]
+        mm = ir.node(ops.MATMUL_INTEGER, [xq, wq, xzp])
+        cast = ir.node(ops.CAST, [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+        scale = ir.node(ops.MUL, [xs, ws])
+        out = ir.node(ops.MUL, [cast.outputs[0], scale.outputs[0]])
+        nodes = [mm, cast, scale, out]
+        if bias is not None:
+            nodes.append(ir.node(ops.ADD, [out.outputs[0], bias]))
+        return nodes
