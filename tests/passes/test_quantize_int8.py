@@ -1,0 +1,96 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graphc.errors import UnsupportedError
+from graphc.passes.quantize_int8 import QuantizeInt8
+from tests.passes.graphs import cosine, gemm, mlp, ops_of, run
+
+
+def _feed(seed=0, k=32):
+    return {"x": np.random.default_rng(seed).standard_normal((2, 5, k)).astype(np.float32)}
+
+
+def test_structure_ms_shares_input_quantization():
+    model = mlp()
+    result = QuantizeInt8()(model)
+    assert result.modified
+    ops = ops_of(model)
+    # fc1 and fc3 share x: one DynamicQuantizeLinear for both, one for fc2's input.
+    assert ops.count("DynamicQuantizeLinear") == 2
+    assert ops.count("MatMulIntegerToFloat") == 3
+    # the activation x activation MatMul is left alone, with its reason recorded
+    assert ops.count("MatMul") == 1
+    assert result.stats.counts["matmuls_quantized"] == 3
+    assert any("not a constant" in s["reason"] for s in result.stats.skipped)
+    # float weights are gone, int8 weights with per-channel scales are there
+    inits = model.graph.initializers
+    assert not {"W1", "W2", "W3"} & set(inits)
+    w1 = inits["W1_int8"].const_value
+    assert w1.dtype == ir.DataType.INT8 and inits["W1_scale"].const_value.shape == ir.Shape([48])
+    # provenance: new nodes record the pass
+    assert all(n.metadata_props.get("graphc.pass") == "quantize-int8" for n in model.graph if n.op_type == "MatMulIntegerToFloat")
+
+
+def test_numeric_ms_close_to_float():
+    model = mlp()
+    ref = run(model, _feed())
+    QuantizeInt8()(model)
+    got = run(model, _feed())
+    assert cosine(ref[0], got[0]) > 0.999
+    assert np.abs(ref[0] - got[0]).max() < 0.05 * np.abs(ref[0]).max()
+
+
+def test_onnx_emit_uses_standard_ops_only_and_matches():
+    model = mlp()
+    ref = run(model, _feed(1))
+    QuantizeInt8(QuantizeInt8.Options(emit="onnx"))(model)
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph)
+    assert ops_of(model).count("MatMulInteger") == 3
+    got = run(model, _feed(1))
+    assert cosine(ref[0], got[0]) > 0.999
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_with_alpha_beta_bias(trans_b):
+    model = gemm(trans_b=trans_b)
+    feed = {"x": np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)}
+    ref = run(model, feed)
+    result = QuantizeInt8()(model)
+    assert result.stats.counts["gemms_quantized"] == 1
+    assert ops_of(model) == ["DynamicQuantizeLinear", "MatMulIntegerToFloat"]
+    got = run(model, feed)
+    assert cosine(ref[0], got[0]) > 0.999
+
+
+def test_exclude_and_min_elements_leave_float():
+    model = mlp()
+    result = QuantizeInt8.from_dict({"exclude": ["fc2"], "min_elements": 32 * 32 + 1})(model)
+    # fc3 (32x32) is below min_elements, fc2 excluded: only fc1 is quantized
+    assert result.stats.counts["matmuls_quantized"] == 1
+    reasons = " ".join(s["reason"] for s in result.stats.skipped)
+    assert "excluded" in reasons and "min_elements" in reasons
+
+
+def test_per_tensor_option():
+    model = mlp()
+    QuantizeInt8(QuantizeInt8.Options(per_channel=False))(model)
+    assert model.graph.initializers["W1_scale"].const_value.shape == ir.Shape([1])
+
+
+def test_nothing_to_quantize_is_not_modified():
+    model = mlp()
+    QuantizeInt8()(model)
+    assert not QuantizeInt8()(model).modified
+
+
+def test_bad_emit_is_a_clear_error():
+    with pytest.raises(UnsupportedError, match="supported: ms, onnx"):
+        QuantizeInt8(QuantizeInt8.Options(emit="qdq"))(mlp())
+
+
+def test_unknown_option_is_a_clear_error():
+    from graphc.errors import GraphcError
+
+    with pytest.raises(GraphcError, match="unknown option"):
+        QuantizeInt8.from_dict({"bits": 4})

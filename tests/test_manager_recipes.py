@@ -1,0 +1,83 @@
+import textwrap
+
+import numpy as np
+import pytest
+
+from graphc.api import NumericCheck
+from graphc.errors import PassError, RecipeError
+from graphc.manager import PassManager
+from graphc.pass_base import GraphcPass, PassStats
+from graphc.passes.quantize_int8 import QuantizeInt8
+from graphc.passes.cleanup import RemoveUnused
+from graphc.recipes import get_recipe, recipe_from_dict
+from graphc.validate import run_feeds, make_session
+from tests.passes.graphs import mlp
+
+
+def test_manager_records_time_stats_size_and_disabled():
+    model = mlp()
+    records = PassManager([QuantizeInt8(), RemoveUnused()], disabled=["remove-unused"]).run(model)
+    q, r = records
+    assert q.modified and q.wall_s > 0 and q.stats["matmuls_quantized"] == 3
+    assert q.bytes_after < q.bytes_before / 3  # int8 weights + scales vs float32
+    assert r.skipped and not r.modified
+
+
+def test_numeric_check_instrument_records_cosine():
+    model = mlp()
+    feeds = [{"x": np.random.default_rng(0).standard_normal((2, 4, 32)).astype(np.float32)}]
+    ref = run_feeds(make_session(model), feeds, "original")
+    records = PassManager([QuantizeInt8()], instruments=[NumericCheck(feeds, ref)]).run(model)
+    assert 0.99 < records[0].check["min_cosine"] <= 1.0
+
+
+class _Boom(GraphcPass):
+    name = "boom"
+
+    def run(self, model, stats: PassStats) -> bool:
+        raise ZeroDivisionError("x")
+
+
+def test_pass_errors_name_the_pass():
+    with pytest.raises(PassError, match="pass boom: ZeroDivisionError"):
+        PassManager([_Boom()]).run(mlp())
+
+
+def test_builtin_and_toml_recipes(tmp_path):
+    assert "quantize-int8" in get_recipe("int8").pass_names()
+    f = tmp_path / "r.toml"
+    f.write_text(textwrap.dedent("""
+        name = "mine"
+        extends = "int8"
+        disable = ["quantize-embedding"]
+        [tolerance]
+        min_cosine = 0.95
+    """))
+    r = get_recipe(str(f))
+    assert r.name == "mine" and "quantize-embedding" not in r.pass_names()
+    assert r.tolerance.min_cosine == 0.95 and r.tolerance.min_row_cosine == get_recipe("int8").tolerance.min_row_cosine
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"passes": [{"name": "nope"}]}, "unknown pass 'nope'"),
+        ({"passes": [{"name": "quantize-int8", "options": {"bits": 3}}]}, "unknown option"),
+        ({"extends": "int99"}, "extends unknown recipe"),
+        ({"name": "x"}, "needs 'passes' or 'extends'"),
+        ({"extends": "int8", "tolerance": {"cos": 1}}, "unknown tolerance key"),
+        ({"extends": "int8", "color": "red"}, "unknown recipe key"),
+    ],
+)
+def test_bad_recipes(data, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(data)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text("name = [")
+        get_recipe(str(bad))
+    with pytest.raises(RecipeError, match="unknown recipe 'int99'"):
+        get_recipe("int99")
