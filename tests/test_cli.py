@@ -1,0 +1,123 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx_ir as ir
+import pytest
+
+from graphc.cli import main
+from tests.passes.graphs import mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    ir.save(mlp(), path)
+    return path
+
+
+def _json(capsys):
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.strip()]
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def test_passes_lists_passes_and_recipes(capsys):
+    assert main(["passes", "--json"]) == 0
+    data = _json(capsys)
+    names = {p["name"] for p in data["passes"]}
+    assert {"quantize-int8", "quantize-embedding", "fuse-ort", "fold-constants"} <= names
+    assert "int8" in {r["name"] for r in data["recipes"]}
+
+
+def test_compress_json_and_output(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert main(["compress", str(model_path), "-o", str(out), "--recipe", "int8", "--json", "--check-each-pass"]) == 0
+    data = _json(capsys)
+    assert out.exists() and data["written"] == [str(out)]
+    assert data["bytes_after"] < data["bytes_before"]
+    q = next(p for p in data["passes"] if p["name"] == "quantize-int8")
+    assert q["stats"]["matmuls_quantized"] == 3 and q["check"]["min_cosine"] > 0.99
+    assert data["validation"]["passed"] is True
+
+
+def test_compress_text_output(model_path, tmp_path, capsys):
+    assert main(["compress", str(model_path), "-o", str(tmp_path / "o.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "quantize-int8" in text and "validation" in text and "size:" in text
+
+
+def test_tolerance_miss_writes_nothing_unless_forced(model_path, tmp_path, capsys):
+    recipe = tmp_path / "strict.toml"
+    recipe.write_text('extends = "int8"\n[tolerance]\nmin_cosine = 0.9999999\n')
+    out = tmp_path / "o.onnx"
+    assert main(["compress", str(model_path), "-o", str(out), "--recipe", str(recipe)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "misses recipe" in err and "--force" in err
+    assert not out.exists() and not list(tmp_path.glob(".graphc-tmp-*"))
+    assert main(["compress", str(model_path), "-o", str(out), "--recipe", str(recipe), "--force"]) == 0
+    assert out.exists()
+
+
+def test_disable_pass(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert main(["compress", str(model_path), "-o", str(out), "--disable", "quantize-int8", "--json"]) == 0
+    data = _json(capsys)
+    assert next(p for p in data["passes"] if p["name"] == "quantize-int8")["disabled"]
+    assert not any(n.op_type == "MatMulIntegerToFloat" for n in ir.load(out).graph)
+
+
+def test_unknown_disable_and_recipe_are_errors(model_path, tmp_path, capsys):
+    assert main(["compress", str(model_path), "-o", str(tmp_path / "o.onnx"), "--disable", "nope"]) == 1
+    assert "unknown pass 'nope'" in capsys.readouterr().err
+    assert main(["compress", str(model_path), "-o", str(tmp_path / "o.onnx"), "--recipe", "int99"]) == 1
+    assert "unknown recipe" in capsys.readouterr().err
+
+
+def test_validate_and_inspect_diff(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    main(["compress", str(model_path), "-o", str(out)])
+    capsys.readouterr()
+    assert main(["validate", str(model_path), str(out), "--json"]) == 0
+    v = _json(capsys)
+    assert v["outputs"][0]["name"] == "y" and v["outputs"][0]["cosine"] > 0.99
+    assert main(["validate", str(model_path), str(out), "--min-cosine", "0.99999999"]) == 3
+    capsys.readouterr()
+    assert main(["inspect", str(model_path), "--diff", str(out), "--json"]) == 0
+    d = _json(capsys)
+    assert d["ops_changed"]["MatMul"] == {"before": 4, "after": 1}
+    assert d["bytes_after"] < d["bytes_before"]
+    assert d["new_nodes_by_pass"]["quantize-int8"] >= 5
+    assert main(["inspect", str(out)]) == 0
+    assert "com.microsoft::MatMulIntegerToFloat" in capsys.readouterr().out
+
+
+def test_usage_error_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_console_script_runs(model_path, tmp_path):
+    exe = Path(sys.executable).parent / "graphc"
+    r = subprocess.run([str(exe), "inspect", str(model_path), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["nodes"] == 7
+
+
+def test_python_api_accepts_graphsurgeon_graph(model_path, tmp_path):
+    gs = pytest.importorskip("onnx_graphsurgeon")
+    import onnx
+
+    import graphc
+
+    graph = gs.import_onnx(onnx.load(model_path))
+    result = graphc.compress(graph, tmp_path / "gs.onnx", recipe="int8")
+    back = result.to_graphsurgeon()
+    assert any(n.op == "MatMulIntegerToFloat" for n in back.nodes)
+    assert (tmp_path / "gs.onnx").exists()
