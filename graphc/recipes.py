@@ -89,6 +89,7 @@ BUILTIN: dict[str, Recipe] = {
         (
             *_CLEANUP,
             Step("fuse-ort", {"attention": "mha"}),
+            Step("trim-outputs"),
             Step("quantize-int8"),
             Step("quantize-embedding"),
             Step("remove-unused"),
