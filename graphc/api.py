@@ -147,6 +147,9 @@ def compress(
     for d in unknown:
         get_pass(d)  # unknown names raise; known-but-absent are ignored with a notice
     ir_model, src = to_ir(model)
+    forbid = tuple(io.model_files(src)) if src is not None else ()
+    if output is not None:
+        io.check_output_path(output, forbid=forbid)  # fail fast, before any work
     original_proto = ir.serde.serialize_model(ir_model) if validate else None
     work = ir.serde.deserialize_model(original_proto) if original_proto is not None else copy.deepcopy(ir_model)
     if src is not None:
@@ -182,7 +185,6 @@ def compress(
             path=output,
         )
     if output is not None:
-        forbid = tuple(io.model_files(src)) if src is not None else ()
         result.written = io.save_model(work, output, forbid=forbid)
         result.bytes_after = sum(p.stat().st_size for p in result.written)
         if src is not None:

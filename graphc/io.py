@@ -3,125 +3,210 @@
 Loading checks everything a bad file can get wrong before the IR sees it, and raises a
 typed error whose message is one line naming the file and the problem. Saving writes to a
 temporary folder beside the destination and renames into place, so a failure leaves
-nothing half-written and the input is never touched.
+nothing half-written, and it refuses to overwrite the input or its external data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
 
 from graphc import ops
-from graphc.errors import ExternalDataError, InvalidModelError, ModelLoadError, SaveError
+from graphc.errors import ExternalDataError, GraphcError, InvalidModelError, ModelLoadError, SaveError
 
 # Protobuf cannot serialize more than 2 GiB; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+_MAX_DETAIL = 300  # characters of a foreign error message kept in ours
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model into onnx_ir, checking it thoroughly first.
 
     External data stays lazy (memory-mapped by onnx_ir), so loading does not read weights.
+    Every failure is a :class:`ModelLoadError` (or a subclass) naming the file.
     """
     path = Path(path)
     proto = load_proto(path)
-    check_proto(proto, path)
-    model = ir.serde.deserialize_model(proto)
+    try:
+        check_proto(proto, path)
+        model = ir.serde.deserialize_model(proto)
+    except GraphcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a malformed proto trips on, in one line
+        bad = _bad_utf8_field(proto)
+        detail = f"field {bad} is not valid UTF-8" if bad else f"malformed model ({_root_cause(e)})"
+        raise InvalidModelError(detail, path=path) from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
 
 
-def load_proto(path: Path) -> onnx.ModelProto:
-    """Parse the file as a ModelProto without its external data."""
-    if not path.exists():
-        raise ModelLoadError("no such file", path=path)
-    if path.is_dir():
-        raise ModelLoadError("is a directory, not an ONNX file", path=path)
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse the file as a ModelProto without its external data; it must look like a model."""
+    path = Path(path)
     try:
-        size = path.stat().st_size
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ModelLoadError("is a directory, not an ONNX file", path=path)
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+            raise ModelLoadError("not a regular file", path=path)
         data = path.read_bytes()
+    except FileNotFoundError:
+        broken = " (a broken symlink)" if path.is_symlink() else ""
+        raise ModelLoadError(f"no such file{broken}", path=path) from None
     except OSError as e:
-        raise ModelLoadError(f"cannot read: {e.strerror}", path=path) from None
-    if size == 0:
+        raise ModelLoadError(f"cannot read: {e.strerror or e}", path=path) from None
+    if not data:
         raise ModelLoadError("empty file, not an ONNX model", path=path)
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as e:
+    except Exception:  # noqa: BLE001 - DecodeError mostly; also size and nesting limits
         raise ModelLoadError(
-            f"not an ONNX model (protobuf does not parse: {e or 'truncated or corrupt'})", path=path
+            "not an ONNX model: protobuf cannot parse it (truncated, corrupt, or another format)", path=path
         ) from None
-    if not proto.HasField("graph") or proto.ir_version <= 0 or len(proto.opset_import) == 0:
-        raise ModelLoadError(
-            "parses as protobuf but is not an ONNX model (no graph, IR version or opset)", path=path
-        )
+    # Protobuf is lenient: random bytes, a GraphProto or a TensorProto may parse as a ModelProto.
+    checks = (("graph", proto.HasField("graph")), ("IR version", proto.ir_version > 0),
+              ("opset import", len(proto.opset_import) > 0))
+    missing = [what for what, ok in checks if not ok]
+    if missing:
+        raise ModelLoadError(f"parses as protobuf but is not an ONNX model (no {', no '.join(missing)})", path=path)
     if len(proto.graph.output) == 0:
         raise InvalidModelError("graph has no outputs", path=path)
     return proto
 
 
 def check_proto(proto: onnx.ModelProto, path: Path) -> None:
-    """Structural checks: names, ops, tensors, external data, then onnx.checker."""
-    _check_unique_outputs(proto.graph, path)
+    """Structural checks: names, order, ops, tensors, external data, then onnx.checker."""
+    _check_names(proto.graph, path)
+    _check_order(proto.graph, path)
     _check_ops_known(proto, path)
-    base = path.parent
+    has_external = False
     for tensor in _all_tensors(proto.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            _check_external(tensor, base, path)
+            _check_external(tensor, path.parent, path)
+            has_external = True
         else:
             _check_inline_size(tensor, path)
     try:
-        onnx.checker.check_model(proto, full_check=False)
-    except onnx.checker.ValidationError as e:
-        raise InvalidModelError(_first_line(str(e)), path=path) from None
-    except Exception as e:  # noqa: BLE001 - the checker raises assorted C++ errors
-        raise InvalidModelError(_first_line(str(e)), path=path) from None
+        # With external data the checker needs the model's folder, which only a path gives it.
+        onnx.checker.check_model(str(path) if has_external else proto, full_check=False)
+    except Exception as e:  # noqa: BLE001 - ValidationError and assorted C++ errors
+        raise InvalidModelError(_one_line(str(e)) or type(e).__name__, path=path) from None
 
 
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    # onnx.checker puts the useful line first, with a context dump after it.
-    return lines[0] if lines else "invalid model"
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())  # onnx.checker messages span lines
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
 
 
-def _check_unique_outputs(graph: onnx.GraphProto, path: Path) -> None:
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:  # onnx_ir's SerdeError wraps the real error
+        e = e.__cause__
+    return _one_line(f"{type(e).__name__}: {e}")
+
+
+def _bad_utf8_field(msg, where: str = "model") -> str | None:
+    """The first string field holding invalid UTF-8 (protobuf hands those back as bytes).
+    A full walk: only called once something has already failed."""
+    for fd, value in msg.ListFields():
+        if fd.type not in (fd.TYPE_STRING, fd.TYPE_MESSAGE):
+            continue
+        for i, item in enumerate(value if fd.is_repeated else [value]):
+            here = f"{where}.{fd.name}" + (f"[{i}]" if fd.is_repeated else "")
+            if fd.type == fd.TYPE_STRING and isinstance(item, bytes):
+                return here
+            if fd.type == fd.TYPE_MESSAGE and (found := _bad_utf8_field(item, here)):
+                return found
+    return None
+
+
+def _label(node: onnx.NodeProto, index: int) -> str:
+    return repr(node.name) if node.name else f"#{index} ({node.op_type})"
+
+
+def _check_names(graph: onnx.GraphProto, path: Path) -> None:
+    """Names are text, each value has one producer, every value read exists, outputs are unique."""
+    for index, node in enumerate(graph.node):
+        for text in (node.name, node.op_type, node.domain, *node.input, *node.output):
+            if isinstance(text, bytes):  # protobuf hands back invalid UTF-8 as bytes
+                raise InvalidModelError(f"node #{index} has a name that is not valid UTF-8: {text!r}", path=path)
     seen: set[str] = set()
     for out in graph.output:
         if out.name in seen:
             raise InvalidModelError(f"duplicate graph output name {out.name!r}", path=path)
         seen.add(out.name)
-    produced: set[str] = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    node_outputs: set[str] = set()
-    for node in graph.node:
-        for name in node.output:
-            if not name:
-                continue
-            if name in node_outputs:
+    given = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    produced = set(given)
+    for index, node in enumerate(graph.node):
+        for name in filter(None, node.output):
+            if name in produced:
+                what = "a graph input or initializer" if name in given else "another node"
                 raise InvalidModelError(
-                    f"value {name!r} is produced by more than one node (node {node.name!r})", path=path
+                    f"value {name!r} is produced by node {_label(node, index)} and by {what} (duplicate output name)",
+                    path=path,
                 )
-            node_outputs.add(name)
-    produced |= node_outputs
-    for node in graph.node:
+            produced.add(name)
+    for index, node in enumerate(graph.node):
         for name in node.input:
             if name and name not in produced:
                 raise InvalidModelError(
-                    f"node {node.name or node.op_type!r} reads {name!r}, which nothing produces "
-                    "(dangling input)",
-                    path=path,
+                    f"node {_label(node, index)} reads {name!r}, which nothing produces (dangling input)", path=path
                 )
     for out in graph.output:
         if out.name not in produced:
             raise InvalidModelError(f"graph output {out.name!r} is produced by no node", path=path)
+
+
+def _check_order(graph: onnx.GraphProto, path: Path) -> None:
+    """Nodes must be topologically sorted (ONNX requires it); name a cycle when there is one."""
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+    preds = [{producer[n] for n in node.input if n in producer} for node in graph.node]
+    late = next(((i, p) for i, ps in enumerate(preds) for p in ps if p >= i), None)
+    if late is None:
+        return
+    # Kahn's algorithm: the nodes that never reach in-degree 0 are on a cycle or behind one.
+    indegree = [len(ps) for ps in preds]
+    succs: list[list[int]] = [[] for _ in graph.node]
+    for i, ps in enumerate(preds):
+        for p in ps:
+            succs[p].append(i)
+    ready = [i for i, d in enumerate(indegree) if d == 0]
+    while ready:
+        for s in succs[ready.pop()]:
+            indegree[s] -= 1
+            if indegree[s] == 0:
+                ready.append(s)
+    stuck = {i for i, d in enumerate(indegree) if d > 0}
+    if stuck:
+        # Every stuck node has a stuck predecessor: walk back until a node repeats; it is on the cycle.
+        walk: list[int] = []
+        i = min(stuck)
+        while i not in walk:
+            walk.append(i)
+            i = min(p for p in preds[i] if p in stuck)
+        cycle = walk[walk.index(i):][::-1]
+        shown = " -> ".join(_label(graph.node[j], j) for j in [*cycle[:6], cycle[0]])
+        more = f" ({len(cycle)} nodes)" if len(cycle) > 6 else ""
+        raise InvalidModelError(
+            f"graph has a cycle through node {_label(graph.node[cycle[0]], cycle[0])}: {shown}{more}", path=path
+        )
+    i, p = late
+    name = next(n for n in graph.node[i].input if producer.get(n) == p)
+    raise InvalidModelError(
+        f"nodes are not in topological order, as ONNX requires: node {_label(graph.node[i], i)} reads {name!r} "
+        f"before node {_label(graph.node[p], p)} produces it",
+        path=path,
+    )
 
 
 @functools.cache
@@ -129,11 +214,13 @@ def _ort_schemas() -> frozenset[tuple[str, str]]:
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
-        return frozenset(
-            (s.domain or "", s.name) for s in ort_c.get_all_operator_schema()
-        )
+        return frozenset((s.domain or "", s.name) for s in ort_c.get_all_operator_schema())
     except Exception:  # noqa: BLE001 - an ORT build without schemas: fall back to onnx.defs only
         return frozenset()
+
+
+def known_domains() -> frozenset[str]:
+    return ops.KNOWN_DOMAINS | {d for d, _ in _ort_schemas()}
 
 
 def op_is_known(domain: str, op_type: str, functions: set[tuple[str, str]] = frozenset()) -> bool:
@@ -148,14 +235,16 @@ def op_is_known(domain: str, op_type: str, functions: set[tuple[str, str]] = fro
 def _check_ops_known(proto: onnx.ModelProto, path: Path) -> None:
     functions = {(f.domain, f.name) for f in proto.functions}
     for node in _all_nodes(proto.graph):
-        if not op_is_known(node.domain, node.op_type, functions):
-            where = f"domain {node.domain!r}" if node.domain else "the default ONNX domain"
-            hint = "" if node.domain in ops.KNOWN_DOMAINS else " (unknown domain)"
-            raise InvalidModelError(
-                f"unknown op {node.op_type!r} in {where}{hint} at node {node.name or '?'!r}; "
-                "ONNX and ONNX Runtime define no such op",
-                path=path,
-            )
+        if op_is_known(node.domain, node.op_type, functions):
+            continue
+        where = f"node {node.name!r}" if node.name else f"a {node.op_type} node"
+        if node.domain not in known_domains() | {d for d, _ in functions}:
+            problem = (f"{where} uses op {node.op_type!r} from unknown domain {node.domain!r}; "
+                       "graphc knows ONNX and ONNX Runtime ops only")
+        else:
+            domain = f"domain {node.domain!r}" if node.domain else "the default ONNX domain"
+            problem = f"unknown op {node.op_type!r} in {domain} at {where}; ONNX and ONNX Runtime define no such op"
+        raise InvalidModelError(problem, path=path)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -192,62 +281,54 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
         dtype = ir.DataType(tensor.data_type)
     except ValueError:
         return None
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    bits = dtype.bitwidth
-    return (count * bits + 7) // 8
+    return (math.prod(tensor.dims) * dtype.bitwidth + 7) // 8
 
 
-_TYPED_FIELDS = (
-    "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
-)
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 
 
 def _check_inline_size(tensor: onnx.TensorProto, path: Path) -> None:
-    if any(d < 0 for d in tensor.dims):
-        raise InvalidModelError(f"initializer {tensor.name!r} has a negative dimension", path=path)
+    name, shape = tensor.name or "<unnamed>", list(tensor.dims)
+    if any(d < 0 for d in shape):
+        raise InvalidModelError(f"tensor {name!r} has a negative dimension {shape}", path=path)
     expected = _expected_nbytes(tensor)
     if expected is None:
         return
     if tensor.HasField("raw_data"):
         if len(tensor.raw_data) != expected:
             raise InvalidModelError(
-                f"initializer {tensor.name!r} declares shape {list(tensor.dims)} "
-                f"({expected} bytes) but holds {len(tensor.raw_data)} bytes",
+                f"tensor {name!r} declares shape {shape} ({expected} bytes) but holds {len(tensor.raw_data)} bytes",
                 path=path,
             )
         return
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    held = max(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+    count = math.prod(shape)
     dtype = ir.DataType(tensor.data_type)
-    if dtype.bitwidth == 4:
+    if dtype.bitwidth == 4:  # packed two to an int32_data entry
         count = (count + 1) // 2
     if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128):
         count *= 2
-    if held != count and not (held == 0 and count == 0):
-        raise InvalidModelError(
-            f"initializer {tensor.name!r} declares shape {list(tensor.dims)} ({count} values) "
-            f"but holds {held}",
-            path=path,
-        )
+    held = max(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+    if held != count:
+        raise InvalidModelError(f"tensor {name!r} declares shape {shape} ({count} values) but holds {held}", path=path)
 
 
 def _check_external(tensor: onnx.TensorProto, base: Path, path: Path) -> None:
+    name, shape = tensor.name or "<unnamed>", list(tensor.dims)
+    if any(d < 0 for d in shape):
+        raise InvalidModelError(f"tensor {name!r} has a negative dimension {shape}", path=path)
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location", "")
-    name = tensor.name or "<unnamed>"
     if not location:
         raise ExternalDataError(f"tensor {name!r} is external but names no location", path=path)
     resolved = safe_external_path(base, location)
     if resolved is None:
+        via = " through a symlink" if _is_symlink(base, location) else ""
         raise ExternalDataError(
-            f"tensor {name!r}: external data location {location!r} resolves outside the "
-            "model's folder; refused",
+            f"tensor {name!r}: external data location {location!r} resolves outside the model's folder{via}; refused",
             path=path,
         )
     if not resolved.is_file():
-        raise ExternalDataError(
-            f"tensor {name!r}: external data file {location!r} is missing", path=path
-        )
+        raise ExternalDataError(f"tensor {name!r}: external data file {location!r} is missing", path=path)
     try:
         offset = int(info.get("offset", "0"))
         length = int(info["length"]) if "length" in info else None
@@ -265,32 +346,34 @@ def _check_external(tensor: onnx.TensorProto, base: Path, path: Path) -> None:
         )
     if expected is not None and length != expected:
         raise InvalidModelError(
-            f"tensor {name!r} declares shape {list(tensor.dims)} ({expected} bytes) but its "
-            f"external data holds {length} bytes",
+            f"tensor {name!r} declares shape {shape} ({expected} bytes) but its external data holds {length} bytes",
             path=path,
         )
 
 
-def safe_external_path(base: Path, location: str) -> Path | None:
+def safe_external_path(base: str | os.PathLike, location: str) -> Path | None:
     """The file an external-data location names, or None if it escapes ``base``.
 
-    Refused: absolute paths, drive letters, ``..`` components, and anything whose real
-    path (symlinks resolved) is not inside the model's folder.
+    Refused: empty, NUL bytes, absolute paths, drive letters and URLs, ``..`` components,
+    and anything whose real path (symlinks resolved) is not inside the model's folder.
     """
-    if not location or os.path.isabs(location) or location.startswith(("/", "\\")):
+    parts = location.replace("\\", "/").split("/")
+    if not location or "\0" in location or os.path.isabs(location) or location.startswith(("/", "\\")):
         return None
-    if ":" in location.split("/")[0]:  # a Windows drive letter or URL scheme
+    if ":" in parts[0] or ".." in parts:  # a drive letter or URL scheme; a step up
         return None
-    parts = Path(location.replace("\\", "/")).parts
-    if any(p == ".." for p in parts):
-        return None
-    real_base = base.resolve()
-    real = (base / location).resolve()
     try:
-        real.relative_to(real_base)
-    except ValueError:
+        real = (Path(base) / location).resolve()
+        real.relative_to(Path(base).resolve())
+    except (ValueError, OSError, RuntimeError):  # outside, or a symlink loop
         return None
     return real
+
+
+def _is_symlink(base: Path, location: str) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        return (Path(base) / location).is_symlink()
+    return False
 
 
 # --------------------------------------------------------------------------- saving
@@ -298,11 +381,34 @@ def safe_external_path(base: Path, location: str) -> Path | None:
 
 def tensor_bytes(model: ir.Model) -> int:
     """Bytes of all initializers (without loading external data)."""
-    total = 0
-    for value in model.graph.initializers.values():
-        if value.const_value is not None:
-            total += value.const_value.nbytes
-    return total
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def check_output_path(
+    path: str | os.PathLike, *, external_data: bool = False, forbid: tuple[str | os.PathLike, ...] = ()
+) -> list[Path]:
+    """The files a save to ``path`` would write (model, then data); SaveError if it must not.
+
+    Cheap: call it before a long computation so that a bad ``-o`` fails fast.
+    ``forbid``: paths the output must not overwrite (the input model and its data), also
+    through a symlink or a hard link.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SaveError("output path is a directory", path=path)
+    if not path.parent.is_dir():
+        raise SaveError("output folder does not exist", path=path)
+    targets = [path] + ([path.parent / (path.name + ".data")] if external_data else [])
+    for target in targets:
+        for other in forbid:
+            if _same_file(target, Path(other)):
+                what = "" if target == path else f"its external data file {target.name!r} "
+                raise SaveError(
+                    f"{what}would overwrite the input {os.fspath(other)!r}; choose another output path", path=path
+                )
+        if target != path and target.is_dir():
+            raise SaveError(f"external data path {target.name!r} is a directory", path=path)
+    return targets
 
 
 def save_model(
@@ -315,68 +421,87 @@ def save_model(
     """Save atomically; returns the files written.
 
     ``external_data``: None chooses it when the weights would push the protobuf near
-    2 GB. The external file is ``<name>.data`` beside the model, with a relative location.
+    2 GB. The external file is ``<name>.data`` beside the model, with a relative location;
+    without it, weights that were external in the input are pulled into the single file.
     ``forbid``: paths the output must not overwrite (the input model and its data).
     """
     path = Path(path)
-    if path.is_dir():
-        raise SaveError("output path is a directory", path=path)
-    if not path.parent.exists():
-        raise SaveError("output folder does not exist", path=path)
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
-    targets = [path] + ([path.parent / data_name] if external_data else [])
-    for target in targets:
-        for other in forbid:
-            if _same_file(target, Path(other)):
-                raise SaveError(
-                    f"would overwrite the input {os.fspath(other)!r}; choose another output path",
-                    path=path,
-                )
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".graphc-tmp-", dir=path.parent))
+    targets = check_output_path(path, external_data=external_data, forbid=forbid)
     try:
-        tmp_model = tmp_dir / path.name
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".graphc-tmp-", dir=path.parent))
+    except OSError as e:
+        raise SaveError(f"cannot write in the output folder: {e.strerror or e}", path=path) from None
+    try:
         try:
             if external_data:
-                ir.save(model, tmp_model, external_data=data_name)
+                ir.save(model, tmp_dir / path.name, external_data=targets[1].name)
             else:
-                # Pull any lazily-loaded external tensors into the single file.
-                ir.save(model, tmp_model)
+                with inline_external_data(model):
+                    ir.save(model, tmp_dir / path.name)
         except Exception as e:  # noqa: BLE001 - surface as a typed one-line error
-            raise SaveError(f"could not serialize the model: {e}", path=path) from None
-        written = []
-        for target in targets:
-            os.replace(tmp_dir / target.name, target)
-            written.append(target)
-        return written
+            raise SaveError(f"could not serialize the model: {_one_line(str(e)) or type(e).__name__}", path=path) from None
+        # The data file first: once the model file appears, everything it refers to is there.
+        for target in reversed(targets):
+            try:
+                os.replace(tmp_dir / target.name, target)
+            except OSError as e:
+                raise SaveError(f"cannot write {target.name!r}: {e.strerror or e}", path=path) from None
+        return targets
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def inline_external_data(model: ir.Model) -> Iterator[None]:
+    """Temporarily swap external tensors (initializers and tensor attributes) for in-memory
+    copies, so that a single-file save, or a model handed to ONNX Runtime as bytes, holds
+    the weights instead of references relative to the input's folder."""
+
+    def loaded(t: ir.ExternalTensor) -> ir.Tensor:
+        return ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
+
+    undo: list[tuple[ir.Value | ir.Node, object]] = []
+    try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    undo.append((value, value.const_value))
+                    value.const_value = loaded(value.const_value)
+            for node in graph:
+                for name, attr in list(node.attributes.items()):
+                    if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                        undo.append((node, attr))
+                        node.attributes[name] = ir.AttrTensor(name, loaded(attr.value))
+        yield
+    finally:
+        for owner, old in reversed(undo):
+            if isinstance(owner, ir.Node):
+                owner.attributes[old.name] = old
+            else:
+                owner.const_value = old
 
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
-    except OSError:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
         return False
-    return a.resolve() == b.resolve()
 
 
 def model_files(path: str | os.PathLike, model: ir.Model | None = None) -> list[Path]:
-    """The model file and the external data files it refers to."""
+    """The model file and the external data files it refers to (``model`` is unused)."""
     path = Path(path)
     files = [path]
-    proto = onnx.load_model(path, load_external_data=False)
-    seen = set()
-    for tensor in _all_tensors(proto.graph):
+    for tensor in _all_tensors(load_proto(path).graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             loc = next((e.value for e in tensor.external_data if e.key == "location"), None)
-            if loc and loc not in seen:
-                seen.add(loc)
-                resolved = safe_external_path(path.parent, loc)
-                if resolved is not None:
-                    files.append(resolved)
+            resolved = safe_external_path(path.parent, loc) if loc else None
+            if resolved is not None and resolved not in files:
+                files.append(resolved)
     return files
 
 

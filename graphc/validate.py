@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -37,7 +38,7 @@ _NP_TYPES = {
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # ORT's own error lines would break one-line errors
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -45,12 +46,19 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def make_session(
-    model: ir.Model | str | os.PathLike, *, threads: int | None = None, what: str = "model"
+    model: ir.Model | onnx.ModelProto | str | os.PathLike, *, threads: int | None = None, what: str = "model"
 ) -> ort.InferenceSession:
-    """An ORT CPU session for a path or an in-memory IR model."""
+    """An ORT CPU session for a path, an in-memory IR model or a ModelProto."""
     try:
-        if isinstance(model, ir.Model):
-            data = ir.serde.serialize_model(model).SerializeToString()
+        if isinstance(model, (ir.Model, onnx.ModelProto)):
+            if isinstance(model, ir.Model):
+                from graphc.io import inline_external_data
+
+                with inline_external_data(model):
+                    proto = ir.serde.serialize_model(model)
+            else:
+                proto = model
+            data = proto.SerializeToString()
             return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
         return ort.InferenceSession(
             os.fspath(model), session_options(threads), providers=["CPUExecutionProvider"]

@@ -26,6 +26,7 @@ _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
 class EmbeddingOptions:
     min_rows: int = 64  # smaller tables (token types) stay float
     scale_dtype: str = "float16"
+    per_row: bool = True  # False: one scale for the whole table (smallest, as ORT's QEmbedLayerNorm)
 
 
 @register
@@ -65,10 +66,13 @@ class QuantizeEmbedding(GraphcPass):
             qtable, scales = done[key]
             ids = node.inputs[1]
             rows = ir.node(ops.GATHER, [qtable, ids], attributes={"axis": 0})
-            row_scales = ir.node(ops.GATHER, [scales, ids], attributes={"axis": 0})
             as_float = ir.node(ops.CAST, [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT})
-            new = [rows, row_scales, as_float]
-            scale_out = row_scales.outputs[0]
+            new = [rows, as_float]
+            scale_out = scales
+            if self.options.per_row:
+                row_scales = ir.node(ops.GATHER, [scales, ids], attributes={"axis": 0})
+                new.append(row_scales)
+                scale_out = row_scales.outputs[0]
             if self.options.scale_dtype != "float32":
                 cast_scale = ir.node(ops.CAST, [scale_out], attributes={"to": ir.DataType.FLOAT})
                 new.append(cast_scale)
@@ -86,7 +90,7 @@ class QuantizeEmbedding(GraphcPass):
         return modified
 
     def _quantize_table(self, graph: ir.Graph, value: ir.Value, table: np.ndarray, stats: PassStats):
-        amax = np.abs(table).max(axis=1, keepdims=True)
+        amax = np.abs(table).max(axis=1, keepdims=True) if self.options.per_row else np.abs(table).max(keepdims=True).reshape(1)
         scale = (amax / 127.0).astype(_SCALE_DTYPES[self.options.scale_dtype])
         scale[scale == 0] = 1
         q = np.clip(np.rint(table / scale.astype(np.float32)), -127, 127).astype(np.int8)
@@ -94,4 +98,5 @@ class QuantizeEmbedding(GraphcPass):
         stats.add("tables_quantized")
         stats.add("table_bytes_before", int(table.nbytes))
         stats.add("table_bytes_after", int(q.nbytes + scale.nbytes))
-        return constant(graph, f"{base}_int8", q), constant(graph, f"{base}_row_scale", scale)
+        suffix = "row_scale" if self.options.per_row else "scale"
+        return constant(graph, f"{base}_int8", q), constant(graph, f"{base}_{suffix}", scale)
