@@ -163,9 +163,11 @@ def compress(
         if feeds is None:
             feeds, input_source = validation_feeds(ir_model)
         reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
-    context = calibration_context(ir_model) if _needs_calibration(recipe_obj) else PassContext()
-    context.progress = progress
+    context = PassContext(progress=progress)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
+    if any(getattr(p, "needs_calibration", False) and p.name not in disable for p in passes):
+        calib = calibration_context(ir_model)
+        context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
     instruments = [NumericCheck(feeds, reference)] if check_each_pass else []
     records = PassManager(passes, instruments=instruments, disabled=disable).run(work)
     after = SizeFacts.of(work)
@@ -190,10 +192,6 @@ def compress(
         if src is not None:
             result.bytes_before = io.file_bytes(src)
     return result
-
-
-def _needs_calibration(recipe: Recipe) -> bool:
-    return any(getattr(get_pass(s.pass_name), "needs_calibration", False) for s in recipe.steps)
 
 
 def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:

@@ -6,18 +6,20 @@ import numpy as np
 import onnx_ir as ir
 
 
-def symmetric_int8(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+def symmetric_int8(w: np.ndarray, axis: int | None, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 on [-127, 127]; ``axis`` is the axis that keeps its own scale
-    (None: one scale for the tensor). Returns (q int8, scale float32 with ``axis`` kept)."""
+    (None: one scale for the tensor). Returns (q int8, scale with ``axis`` kept, in
+    ``scale_dtype``); q is computed against the scale as stored, so a float16 scale costs
+    nothing beyond its own rounding."""
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         amax = np.array(np.abs(w).max(initial=0.0), dtype=np.float32)
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
         amax = np.abs(w).max(axis=reduce, keepdims=True, initial=0.0)
-    scale = (amax / 127.0).astype(np.float32)
-    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    scale = (amax / 127.0).astype(scale_dtype)
+    scale = np.where(scale == 0, 1.0, scale).astype(scale_dtype)
+    q = np.clip(np.rint(w / scale.astype(np.float32)), -127, 127).astype(np.int8)
     return q, scale
 
 

@@ -4,6 +4,15 @@ Weights: symmetric int8 on [-127, 127], one scale per output channel (or per ten
 Activations: quantized at run time to uint8 by ``DynamicQuantizeLinear``, once per distinct
 input value, so Q, K and V (or any MatMuls sharing an input) share one quantization.
 
+Outlier channels (``outlier_ratio`` > 0, needs calibration data): a few input channels of
+transformer activations (after LayerNorm, after GELU) are 10-20x larger than the rest and set
+the per-tensor activation range alone, wasting most of the 256 levels on the others. For an
+input whose largest calibrated channel exceeds ``outlier_ratio`` x the median channel, the top
+``outlier_channels`` channels are masked out of the int8 path and multiplied in float
+(``[.., k] x [k, N]``, k = 1 by default) and added back, as in LLM.int8()'s decomposition. The
+float rows come from the int8 weights and scales already stored (a constant subgraph ORT folds
+at load), so the file grows by a few bytes per input.
+
 Emitted as (``emit`` option):
 
 - ``ms`` (default): com.microsoft ``MatMulIntegerToFloat`` (bias folded in for Gemm). ORT runs
@@ -21,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphc import ops
-from graphc.errors import UnsupportedError
+from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.registry import register
 from graphc.passes._quant import const_array, constant, ensure_opset, symmetric_int8
@@ -38,6 +47,10 @@ class Int8Options:
     emit: str = Emit.MS.value
     exclude: tuple[str, ...] = ()  # substrings of node names or scopes to leave in float
     min_elements: int = 0  # weights with fewer elements stay float
+    scale_dtype: str = "float32"  # "float16": half the scale bytes, expanded at load by ORT
+    outlier_ratio: float = 0.0  # 0 disables outlier decomposition
+    outlier_channels: int = 1  # at most this many float channels per input
+    outlier_max_consumers: int = 1  # inputs shared by more MatMuls (Q/K/V) are not decomposed
 
 
 @dataclass
@@ -48,11 +61,18 @@ class _Candidate:
     weight_value: ir.Value
 
 
+_SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
 @register
 class QuantizeInt8(GraphcPass):
     name = "quantize-int8"
     summary = "int8 per-channel weights + dynamic int8 activations on constant-weight MatMul/Gemm"
     Options = Int8Options
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.options.outlier_ratio > 0
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         try:
@@ -74,28 +94,31 @@ class QuantizeInt8(GraphcPass):
         ensure_opset(model, "", 11)
         if emit is Emit.MS:
             ensure_opset(model, ops.MS_DOMAIN, ops.MS_OPSET)
-        quantized: dict[int, tuple[ir.Value, ir.Value]] = {}
+        if self.options.scale_dtype not in _SCALE_DTYPES:
+            raise UnsupportedError(
+                f"scale_dtype={self.options.scale_dtype!r}; supported: {', '.join(_SCALE_DTYPES)}",
+                pass_name=self.name,
+            )
+        outliers = self._find_outliers(model, groups, stats) if self.options.outlier_ratio > 0 else {}
+        quantized: dict[tuple[int, str], tuple[ir.Value, ir.Value]] = {}
         for x, cands in groups.items():
-            dql = ir.node(ops.DYNAMIC_QUANTIZE_LINEAR, [x], num_outputs=3)
-            dql.name = f"{cands[0].node.name or 'matmul'}_dql"
-            graph.insert_before(cands[0].node, dql)
-            copy_scope(cands[0].node, dql)
+            first = cands[0].node
+            split = _OutlierSplit.insert(graph, x, *outliers[x], first) if x in outliers else None
+            dql = ir.node(ops.DYNAMIC_QUANTIZE_LINEAR, [split.kept if split else x], num_outputs=3)
+            dql.name = f"{first.name or 'matmul'}_dql"
+            graph.insert_before(first, dql)
+            for n in [dql, *(split.nodes if split else [])]:
+                copy_scope(first, n)
             xq, xs, xzp = dql.outputs
             stats.add("activations_quantized")
             for cand in cands:
                 key = id(cand.weight_value), cand.node.op_type
                 if key not in quantized:
-                    axis = 1 if self.options.per_channel else None
-                    q, s = symmetric_int8(cand.weight, axis)
-                    base = cand.weight_value.name or "w"
-                    quantized[key] = (
-                        constant(graph, f"{base}_int8", q),
-                        constant(graph, f"{base}_scale", s.reshape(-1)),
-                    )
-                    stats.add("weight_bytes_before", int(cand.weight.nbytes))
-                    stats.add("weight_bytes_after", int(q.nbytes + s.nbytes))
+                    quantized[key] = self._quantize_weight(graph, cand, stats)
                 wq, ws = quantized[key]
                 new_nodes = self._emit(graph, emit, cand, xq, xs, xzp, wq, ws)
+                if split is not None:
+                    new_nodes += split.float_path(new_nodes[-1].outputs[0], wq, ws)
                 for n in new_nodes:
                     copy_scope(cand.node, n)
                 ir.convenience.replace_nodes_and_values(
@@ -106,6 +129,44 @@ class QuantizeInt8(GraphcPass):
             if not value.uses() and value not in graph.outputs and value not in graph.inputs:
                 del graph.initializers[value.name]
         return True
+
+    def _quantize_weight(self, graph: ir.Graph, cand: _Candidate, stats: PassStats) -> tuple[ir.Value, ir.Value]:
+        axis = 1 if self.options.per_channel else None
+        q, s = symmetric_int8(cand.weight, axis, _SCALE_DTYPES[self.options.scale_dtype])
+        base = cand.weight_value.name or "w"
+        wq = constant(graph, f"{base}_int8", q)
+        ws = constant(graph, f"{base}_scale", s.reshape(-1))
+        stats.add("weight_bytes_before", int(cand.weight.nbytes))
+        stats.add("weight_bytes_after", int(q.nbytes + s.nbytes))
+        if s.dtype != np.float32:  # ORT folds this Cast of a constant at session creation
+            cast = ir.node(ops.CAST, [ws], attributes={"to": ir.DataType.FLOAT})
+            graph.insert_before(cand.node, cast)
+            ws = cast.outputs[0]
+        return wq, ws
+
+    def _find_outliers(self, model: ir.Model, groups, stats: PassStats) -> dict[ir.Value, tuple[np.ndarray, int]]:
+        from graphc.calibrate import channel_absmax
+
+        if not self.context.calibration:
+            raise PassError(
+                "outlier_ratio > 0 needs calibration data, and none was given (use a model recipe or pass feeds)",
+                pass_name=self.name,
+            )
+        eligible = [x for x, cands in groups.items() if len(cands) <= self.options.outlier_max_consumers and x.name]
+        if not eligible:
+            return {}
+        absmax = channel_absmax(model, eligible, self.context.calibration, pass_name=self.name)
+        stats.notes.append(f"outlier channels calibrated on {self.context.calibration_source}")
+        found = {}
+        for x in eligible:
+            amax = absmax[x.name]
+            median = float(np.median(amax))
+            top = np.argsort(-amax, kind="stable")[: self.options.outlier_channels]
+            top = np.sort(top[amax[top] > self.options.outlier_ratio * max(median, 1e-12)])
+            if len(top):
+                found[x] = (top.astype(np.int64), len(amax))
+                stats.add("outlier_channels", len(top))
+        return found
 
     # ------------------------------------------------------------------ matching
     def _candidate(self, node: ir.Node, stats: PassStats) -> _Candidate | None:
@@ -169,3 +230,38 @@ class QuantizeInt8(GraphcPass):
         if bias is not None:
             nodes.append(ir.node(ops.ADD, [out.outputs[0], bias]))
         return nodes
+
+
+@dataclass
+class _OutlierSplit:
+    """x → (x with outlier channels zeroed, for the int8 path) and x[..., idx] (float path)."""
+
+    idx: ir.Value
+    kept: ir.Value
+    outliers: ir.Value
+    nodes: list[ir.Node]
+
+    @classmethod
+    def insert(cls, graph: ir.Graph, x: ir.Value, idx: np.ndarray, k: int, before: ir.Node) -> _OutlierSplit:
+        idx_v = constant(graph, f"{x.name}_outlier_idx", idx)
+        size = constant(graph, f"{x.name}_channels", np.array([k], np.int64))
+        zeros = constant(graph, f"{x.name}_outlier_zeros", np.zeros(len(idx), np.float32))
+        # keep-mask = scatter zeros into ones: constant, folded by ORT at load (a few bytes on disk)
+        ones = ir.node("ConstantOfShape", [size], attributes={"value": ir.tensor(np.ones(1, np.float32))})
+        mask = ir.node("ScatterElements", [ones.outputs[0], idx_v, zeros], attributes={"axis": 0})
+        kept = ir.node(ops.MUL, [x, mask.outputs[0]])
+        picked = ir.node(ops.GATHER, [x, idx_v], attributes={"axis": -1})
+        nodes = [ones, mask, kept, picked]
+        for n in nodes:
+            graph.insert_before(before, n)
+        return cls(idx_v, kept.outputs[0], picked.outputs[0], nodes)
+
+    def float_path(self, int8_out: ir.Value, wq: ir.Value, ws: ir.Value) -> list[ir.Node]:
+        """y = int8_out + x[..., idx] @ (wq[idx] * ws): the weight rows are rebuilt from the
+        int8 weights (a constant subgraph), so they cost no extra bytes on disk."""
+        rows = ir.node(ops.GATHER, [wq, self.idx], attributes={"axis": 0})
+        rows_f = ir.node(ops.CAST, [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+        w_rows = ir.node(ops.MUL, [rows_f.outputs[0], ws])
+        mm = ir.node(ops.MATMUL, [self.outliers, w_rows.outputs[0]])
+        add = ir.node(ops.ADD, [int8_out, mm.outputs[0]])
+        return [rows, rows_f, w_rows, mm, add]

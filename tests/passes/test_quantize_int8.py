@@ -94,3 +94,61 @@ def test_unknown_option_is_a_clear_error():
 
     with pytest.raises(GraphcError, match="unknown option"):
         QuantizeInt8.from_dict({"bits": 4})
+
+
+def _outlier_feeds(n=3, k=32, channel=5, size=40.0):
+    rng = np.random.default_rng(3)
+    feeds = []
+    for _ in range(n):
+        x = rng.standard_normal((2, 6, k)).astype(np.float32)
+        x[..., channel] *= size  # one channel carries outliers, as after BERT's LayerNorm
+        feeds.append({"x": x})
+    return feeds
+
+
+def _with_calibration(options, feeds):
+    from graphc.pass_base import PassContext
+
+    return QuantizeInt8(QuantizeInt8.Options(**options), PassContext(calibration=feeds, calibration_source="test"))
+
+
+def test_outlier_channels_go_through_float_path_and_improve_error():
+    feeds = _outlier_feeds()
+    base = mlp()
+    ref = run(base, feeds[0])[1]
+    plain = mlp()
+    QuantizeInt8()(plain)
+    # x feeds fc1 and fc3: allow shared inputs so the decomposition applies to x itself
+    shared = mlp()
+    result = _with_calibration({"outlier_ratio": 4.0, "outlier_max_consumers": 4}, feeds)(shared)
+    assert result.stats.counts["outlier_channels"] >= 1
+    ops = [n.op_type for n in shared.graph]
+    assert "ScatterElements" in ops and ops.count("MatMul") >= 2  # float outlier path(s) + act x act
+    err_plain = np.abs(run(plain, feeds[0])[1] - ref).max()
+    err_split = np.abs(run(shared, feeds[0])[1] - ref).max()
+    assert err_split < err_plain / 3
+
+
+def test_outlier_ratio_without_calibration_is_a_clear_error():
+    from graphc.errors import PassError
+
+    with pytest.raises(PassError, match="needs calibration data"):
+        QuantizeInt8(QuantizeInt8.Options(outlier_ratio=4.0))(mlp())
+
+
+def test_no_outliers_means_no_split():
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((2, 6, 32)).astype(np.float32)}]
+    model = mlp()
+    result = _with_calibration({"outlier_ratio": 8.0, "outlier_max_consumers": 4}, feeds)(model)
+    assert "outlier_channels" not in result.stats.counts
+    assert "ScatterElements" not in [n.op_type for n in model.graph]
+
+
+def test_float16_scales_are_cast_and_accurate():
+    model = mlp()
+    ref = run(model, _feed())
+    result = QuantizeInt8(QuantizeInt8.Options(scale_dtype="float16"))(model)
+    assert model.graph.initializers["W1_scale"].const_value.dtype == ir.DataType.FLOAT16
+    assert result.stats.counts["weight_bytes_after"] < 3 * 32 * 48 + 200  # int8 + fp16 scales
+    assert cosine(ref[0], run(model, _feed())[0]) > 0.999
