@@ -9,6 +9,14 @@ from typing import Any
 import numpy as np
 
 
+def hf_offline() -> None:
+    """Keep transformers / huggingface_hub off the network (call before importing them)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
 @dataclass(frozen=True)
 class ArchFacts:
     """Architecture facts written into the exported model's metadata (graphc.arch.*)."""
@@ -57,3 +65,21 @@ class ModelRecipe:
     def feeds(self, texts: Sequence[str], *, batch: int = 16, max_length: int = 128) -> list[dict[str, np.ndarray]]:
         """Tokenized ORT feeds (numpy int64) for the given texts, ``batch`` texts a feed."""
         raise NotImplementedError
+
+    # Extensions ------------------------------------------------------------------------
+    def torch_outputs(self, feeds: Sequence[dict[str, np.ndarray]], module: Any = None) -> list[np.ndarray]:
+        """The torch model's output on each feed (numpy), the fp32 reference for ORT.
+
+        ``module`` defaults to a fresh ``load_torch()``; pass one to reuse it.
+        """
+        import torch
+
+        module = self.load_torch() if module is None else module
+        outs = []
+        with torch.no_grad():
+            for feed in feeds:
+                kwargs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items() if k in self.input_names}
+                out = module(**kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                outs.append(out.detach().cpu().numpy())
+        return outs

