@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from graphc.errors import GraphcError
 
     console = Console()
+    if not console.is_terminal:  # piped or logged: wider than the default 80 columns
+        console = Console(width=110)
     err = Console(stderr=True)
 
     @contextmanager
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("size on disk", mib(sizes["fp32"]), mib(sizes["int8"]), f"{sizes['int8'] / sizes['fp32']:.2f}×")
     f, q = lat["fp32"].median_ms, lat["int8"].median_ms
     table.add_row(f"latency b8×{SEQ} (median)", f"{f:.1f} ms", f"{q:.1f} ms", f"{q / f:.2f}× ({f / q:.2f}× faster)")
-    table.add_row(f"embedding cosine vs fp32 ({cos.count} tweets)", "1", f"mean {cos.mean:.5f}", f"min {cos.min:.4f}")
+    table.add_row(f"embedding cosine vs fp32 ({cos.count} tweets)", "reference", f"mean {cos.mean:.5f}", f"min {cos.min:.4f}")
     table.add_row("sentiment probe accuracy", f"{acc['fp32']:.4f}", f"{acc['int8']:.4f}",
                   f"{(acc['int8'] - acc['fp32']) * 100:+.2f} pts")
     console.print()

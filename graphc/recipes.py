@@ -85,13 +85,15 @@ BUILTIN: dict[str, Recipe] = {
     "int8": Recipe(
         "int8",
         "ORT fusions, then int8 weights (per-channel symmetric) with dynamic int8 activations "
-        "on every constant-weight MatMul/Gemm, and int8 embedding tables",
+        "on every constant-weight MatMul/Gemm (outlier channels in float, from calibration), "
+        "and int8 embedding tables",
         (
             *_CLEANUP,
             Step("fuse-ort", {"attention": "mha"}),
             Step("trim-outputs"),
-            Step("quantize-int8"),
+            Step("quantize-int8", {"outlier_ratio": 6.0, "scale_dtype": "float16"}),
             Step("quantize-embedding"),
+            Step("fp16-constants"),
             Step("remove-unused"),
         ),
         Tolerance(min_cosine=0.99, min_row_cosine=0.9),

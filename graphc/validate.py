@@ -195,18 +195,35 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def output_metrics(name: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> OutputMetrics:
+def _row_mask(feed: dict[str, np.ndarray], out: np.ndarray) -> np.ndarray | None:
+    """Rows (tokens) that are real, not padding: from an ``attention_mask`` input whose shape
+    is the output's leading [batch, sequence]. Padded positions carry values nobody reads."""
+    mask = feed.get("attention_mask")
+    if mask is None or out.ndim < 3 or tuple(mask.shape) != tuple(out.shape[:2]):
+        return None
+    return np.asarray(mask).astype(bool)
+
+
+def output_metrics(
+    name: str,
+    refs: Sequence[np.ndarray],
+    gots: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray | None] | None = None,
+) -> OutputMetrics:
     max_abs = 0.0
     sum_abs = 0.0
     count = 0
     ref_max = 0.0
     row_cos = []
     flat_r, flat_g = [], []
-    for r, g in zip(refs, gots):
+    for i, (r, g) in enumerate(zip(refs, gots)):
         r = np.asarray(r, dtype=np.float64)
         g = np.asarray(g, dtype=np.float64)
         if r.shape != g.shape:
             raise ValidationError(f"output {name!r} has shape {g.shape}, the original {r.shape}")
+        mask = masks[i] if masks is not None else None
+        if mask is not None:
+            r, g = r[mask], g[mask]
         if not np.all(np.isfinite(g)) and np.all(np.isfinite(r)):
             return OutputMetrics(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0)
         d = np.abs(r - g)
@@ -267,7 +284,9 @@ def compare(
         if name not in rew_names:
             raise ValidationError(f"the rewritten model lost output {name!r}")
         j = rew_names.index(name)
-        metrics.append(output_metrics(name, [r[i] for r in reference_outputs], [g[j] for g in got]))
+        refs = [r[i] for r in reference_outputs]
+        masks = [_row_mask(feed, ref) for feed, ref in zip(feeds, refs)]
+        metrics.append(output_metrics(name, refs, [g[j] for g in got], masks))
     return ValidationReport(metrics, len(feeds), input_source, min_cosine, max_abs)
 
 

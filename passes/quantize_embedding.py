@@ -49,8 +49,8 @@ class QuantizeEmbedding(GraphcPass):
                 continue
             label = node.name or node.op_type
             table = const_array(node.inputs[0])
-            if table is None:
-                continue
+            if table is None or table.ndim < 2 or not np.issubdtype(table.dtype, np.floating):
+                continue  # index arithmetic on shapes, not an embedding table
             if table.ndim != 2 or table.dtype != np.float32:
                 stats.skip(label, f"table is {table.ndim}-D {table.dtype}, not a 2-D float32 table")
                 continue
