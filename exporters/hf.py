@@ -283,7 +283,7 @@ def export_module(
                     path=out_path,
                 ) from None
         _say(progress, f"writing {out_path}")
-        meta.compact_node_metadata(model, strip_prefix=getattr(module, "scope_prefix", ""))
+        meta.compact_node_metadata(model, strip_prefix=getattr(module, "scope_prefix", ""), all_nodes=True)
         meta.write_model_metadata(model, exporter=exporter, arch_facts=arch_facts, recipe=recipe)
         from graphc.io import save_model
 

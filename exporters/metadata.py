@@ -73,22 +73,43 @@ def write_model_metadata(
         model.metadata_props[ops.META_MODEL_RECIPE] = recipe
 
 
-def compact_node_metadata(model: ir.Model, *, strip_prefix: str = "") -> None:
+def compact_node_metadata(model: ir.Model, *, strip_prefix: str = "", all_nodes: bool = False) -> int:
     """Replace the exporters' heavy per-node metadata with one ``graphc.scope`` key.
 
     The scope is the dotted path of the module that produced the node (``""`` for the
     root), with ``strip_prefix`` (the export wrapper's own attribute, e.g. ``"model."``)
     removed. Works on dynamo graphs (``pkg.torch.onnx.name_scopes``) and on legacy graphs
-    (scope encoded in node names such as ``/model/encoder/layer.0/.../MatMul``).
+    (scope encoded in node names such as ``/model/encoder/layer.0/.../MatMul``). Nodes that
+    already have a scope keep it; others without any scope information are left alone unless
+    ``all_nodes`` (then they get ``""``). Returns the number of nodes changed.
     """
+    changed = 0
     for node in model.graph.all_nodes():
         props = node.metadata_props
+        torch_keys = [k for k in props if k.startswith(_TORCH_NODE_PREFIXES) or k in _TORCH_NODE_KEYS]
+        if not torch_keys and (SCOPE_KEY in props or (_legacy_scope(node.name) is None and not all_nodes)):
+            continue
         scope = _dynamo_scope(props.get("pkg.torch.onnx.name_scopes"))
         if scope is None:
+            scope = _namespace_scope(props.get("namespace"))
+        if scope is None:
             scope = _legacy_scope(node.name)
-        for key in [k for k in props if k.startswith(_TORCH_NODE_PREFIXES) or k in _TORCH_NODE_KEYS]:
+        for key in torch_keys:
             del props[key]
-        props[SCOPE_KEY] = _strip(scope or "", strip_prefix)
+        if SCOPE_KEY not in props:
+            props[SCOPE_KEY] = _strip(scope or "", strip_prefix)
+        changed += 1
+    return changed
+
+
+def _namespace_scope(namespace: str | None) -> str | None:
+    """``": __main__.W/m.encoder: BertEncoder/m.encoder.layer.0: BertLayer/linear: aten..."``
+    -> ``"m.encoder.layer.0"`` (the entry before the op)."""
+    if not namespace:
+        return None
+    parts = [p.split(":")[0].strip() for p in namespace.split("/") if p.strip()]
+    parts = [p for p in parts if p]
+    return parts[-2] if len(parts) >= 2 else ""
 
 
 def _strip(scope: str, prefix: str) -> str:

@@ -3,7 +3,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc.passes.cleanup import CommonSubexpressions, CompactMetadata, FoldConstants, RemoveUnused, scope_from_metadata
+from graphc.exporters.metadata import _namespace_scope
+from graphc.passes.cleanup import CommonSubexpressions, CompactMetadata, FoldConstants, RemoveUnused
 from tests.passes.graphs import run
 
 
@@ -55,4 +56,4 @@ def test_compact_metadata_keeps_scope_drops_traces():
 
 def test_scope_from_namespace_fallback():
     ns = ": __main__.W/m.encoder.layer.0: BertLayer/m.encoder.layer.0.attention.self.query: Linear/linear: aten.linear.default"
-    assert scope_from_metadata({"namespace": ns}) == "m.encoder.layer.0.attention.self.query"
+    assert _namespace_scope(ns) == "m.encoder.layer.0.attention.self.query"
