@@ -91,7 +91,7 @@ BUILTIN: dict[str, Recipe] = {
             *_CLEANUP,
             Step("fuse-ort", {"attention": "mha"}),
             Step("trim-outputs"),
-            Step("quantize-int8", {"outlier_ratio": 6.0, "scale_dtype": "float16"}),
+            Step("quantize-int8", {"outlier_ratio": 4.0, "outlier_channels": 4, "scale_dtype": "float16"}),
             Step("quantize-embedding"),
             Step("fp16-constants"),
             Step("remove-unused"),

@@ -5,13 +5,20 @@ Activations: quantized at run time to uint8 by ``DynamicQuantizeLinear``, once p
 input value, so Q, K and V (or any MatMuls sharing an input) share one quantization.
 
 Outlier channels (``outlier_ratio`` > 0, needs calibration data): a few input channels of
-transformer activations (after LayerNorm, after GELU) are 10-20x larger than the rest and set
-the per-tensor activation range alone, wasting most of the 256 levels on the others. For an
-input whose largest calibrated channel exceeds ``outlier_ratio`` x the median channel, the top
-``outlier_channels`` channels are masked out of the int8 path and multiplied in float
-(``[.., k] x [k, N]``, k = 1 by default) and added back, as in LLM.int8()'s decomposition. The
-float rows come from the int8 weights and scales already stored (a constant subgraph ORT folds
-at load), so the file grows by a few bytes per input.
+transformer activations (after LayerNorm, after GELU; the tokens [CLS]/[SEP] light them up)
+are 10-20x larger than the rest and alone set the per-tensor activation range, wasting most of
+the 256 levels on the others. For an input whose largest calibrated channel exceeds
+``outlier_ratio`` x the median channel, the top ``outlier_channels`` channels are handled by
+``outlier_mode``:
+
+- ``smooth`` (default): those channels only are divided by a factor that brings them to
+  ``smooth_target`` x the median, and the matching weight rows multiplied by it (SmoothQuant's
+  migration, restricted to the outliers so the other weight rows keep their precision). One
+  ``Mul`` on the input, no other cost.
+- ``split``: those channels are masked out of the int8 path and multiplied in float and added
+  back (LLM.int8()'s decomposition). Most accurate; costs an outer product and an ``Add`` on the
+  output. The float rows are rebuilt from the int8 weights (a constant subgraph ORT folds at
+  load), so the file grows by a few bytes per input.
 
 Emitted as (``emit`` option):
 
@@ -41,6 +48,11 @@ class Emit(str, enum.Enum):
     ONNX = "onnx"
 
 
+class OutlierMode(str, enum.Enum):
+    SMOOTH = "smooth"  # scale outlier channels down, their weight rows up (one Mul, no extra path)
+    SPLIT = "split"  # outlier channels in a float side path (most accurate, costs an Add)
+
+
 @dataclass(frozen=True)
 class Int8Options:
     per_channel: bool = True
@@ -51,6 +63,8 @@ class Int8Options:
     outlier_ratio: float = 0.0  # 0 disables outlier decomposition
     outlier_channels: int = 1  # at most this many float channels per input
     outlier_max_consumers: int = 1  # inputs shared by more MatMuls (Q/K/V) are not decomposed
+    outlier_mode: str = OutlierMode.SMOOTH.value
+    smooth_target: float = 4.0  # "smooth": outlier channels are scaled down to this x the median
 
 
 @dataclass
@@ -99,12 +113,31 @@ class QuantizeInt8(GraphcPass):
                 f"scale_dtype={self.options.scale_dtype!r}; supported: {', '.join(_SCALE_DTYPES)}",
                 pass_name=self.name,
             )
+        try:
+            mode = OutlierMode(self.options.outlier_mode)
+        except ValueError:
+            raise UnsupportedError(
+                f"outlier_mode={self.options.outlier_mode!r}; supported: {', '.join(m.value for m in OutlierMode)}",
+                pass_name=self.name,
+            ) from None
         outliers = self._find_outliers(model, groups, stats) if self.options.outlier_ratio > 0 else {}
-        quantized: dict[tuple[int, str], tuple[ir.Value, ir.Value]] = {}
+        quantized: dict[tuple[int, int, str], tuple[ir.Value, ir.Value]] = {}
         for x, cands in groups.items():
             first = cands[0].node
-            split = _OutlierSplit.insert(graph, x, *outliers[x], first) if x in outliers else None
-            dql = ir.node(ops.DYNAMIC_QUANTIZE_LINEAR, [split.kept if split else x], num_outputs=3)
+            found = outliers.get(x)
+            split = smooth = None
+            quant_input = x
+            if found is not None and mode is OutlierMode.SPLIT:
+                split = _OutlierSplit.insert(graph, x, found.channels, found.width, first)
+                quant_input = split.kept
+            elif found is not None:
+                smooth = found.smoothing()
+                inv = constant(graph, f"{x.name}_smooth", (1.0 / smooth).astype(np.float32))
+                scaled = ir.node(ops.MUL, [x, inv])
+                graph.insert_before(first, scaled)
+                copy_scope(first, scaled)
+                quant_input = scaled.outputs[0]
+            dql = ir.node(ops.DYNAMIC_QUANTIZE_LINEAR, [quant_input], num_outputs=3)
             dql.name = f"{first.name or 'matmul'}_dql"
             graph.insert_before(first, dql)
             for n in [dql, *(split.nodes if split else [])]:
@@ -112,9 +145,11 @@ class QuantizeInt8(GraphcPass):
             xq, xs, xzp = dql.outputs
             stats.add("activations_quantized")
             for cand in cands:
-                key = id(cand.weight_value), cand.node.op_type
+                # a smoothed weight belongs to its input; a plain one may be shared
+                key = id(cand.weight_value), id(x) if smooth is not None else 0, cand.node.op_type
                 if key not in quantized:
-                    quantized[key] = self._quantize_weight(graph, cand, stats)
+                    weight = cand.weight * smooth[:, None] if smooth is not None else cand.weight
+                    quantized[key] = self._quantize_weight(graph, cand, weight, stats)
                 wq, ws = quantized[key]
                 new_nodes = self._emit(graph, emit, cand, xq, xs, xzp, wq, ws)
                 if split is not None:
@@ -130,9 +165,11 @@ class QuantizeInt8(GraphcPass):
                 del graph.initializers[value.name]
         return True
 
-    def _quantize_weight(self, graph: ir.Graph, cand: _Candidate, stats: PassStats) -> tuple[ir.Value, ir.Value]:
+    def _quantize_weight(
+        self, graph: ir.Graph, cand: _Candidate, weight: np.ndarray, stats: PassStats
+    ) -> tuple[ir.Value, ir.Value]:
         axis = 1 if self.options.per_channel else None
-        q, s = symmetric_int8(cand.weight, axis, _SCALE_DTYPES[self.options.scale_dtype])
+        q, s = symmetric_int8(weight, axis, _SCALE_DTYPES[self.options.scale_dtype])
         base = cand.weight_value.name or "w"
         wq = constant(graph, f"{base}_int8", q)
         ws = constant(graph, f"{base}_scale", s.reshape(-1))
@@ -144,7 +181,7 @@ class QuantizeInt8(GraphcPass):
             ws = cast.outputs[0]
         return wq, ws
 
-    def _find_outliers(self, model: ir.Model, groups, stats: PassStats) -> dict[ir.Value, tuple[np.ndarray, int]]:
+    def _find_outliers(self, model: ir.Model, groups, stats: PassStats) -> dict[ir.Value, _Outliers]:
         from graphc.calibrate import channel_absmax
 
         if not self.context.calibration:
@@ -164,7 +201,8 @@ class QuantizeInt8(GraphcPass):
             top = np.argsort(-amax, kind="stable")[: self.options.outlier_channels]
             top = np.sort(top[amax[top] > self.options.outlier_ratio * max(median, 1e-12)])
             if len(top):
-                found[x] = (top.astype(np.int64), len(amax))
+                factors = np.maximum(amax[top] / (self.options.smooth_target * median), 1.0)
+                found[x] = _Outliers(top.astype(np.int64), len(amax), factors.astype(np.float32))
                 stats.add("outlier_channels", len(top))
         return found
 
@@ -230,6 +268,18 @@ class QuantizeInt8(GraphcPass):
         if bias is not None:
             nodes.append(ir.node(ops.ADD, [out.outputs[0], bias]))
         return nodes
+
+
+@dataclass
+class _Outliers:
+    channels: np.ndarray  # int64 channel indices
+    width: int  # channels in the input
+    factors: np.ndarray  # how much larger than smooth_target x median each one is (>= 1)
+
+    def smoothing(self) -> np.ndarray:
+        vector = np.ones(self.width, np.float32)
+        vector[self.channels] = self.factors
+        return vector
 
 
 @dataclass

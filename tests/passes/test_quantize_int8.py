@@ -120,7 +120,7 @@ def test_outlier_channels_go_through_float_path_and_improve_error():
     QuantizeInt8()(plain)
     # x feeds fc1 and fc3: allow shared inputs so the decomposition applies to x itself
     shared = mlp()
-    result = _with_calibration({"outlier_ratio": 4.0, "outlier_max_consumers": 4}, feeds)(shared)
+    result = _with_calibration({"outlier_ratio": 4.0, "outlier_max_consumers": 4, "outlier_mode": "split"}, feeds)(shared)
     assert result.stats.counts["outlier_channels"] >= 1
     ops = [n.op_type for n in shared.graph]
     assert "ScatterElements" in ops and ops.count("MatMul") >= 2  # float outlier path(s) + act x act
@@ -152,3 +152,25 @@ def test_float16_scales_are_cast_and_accurate():
     assert model.graph.initializers["W1_scale"].const_value.dtype == ir.DataType.FLOAT16
     assert result.stats.counts["weight_bytes_after"] < 3 * 32 * 48 + 200  # int8 + fp16 scales
     assert cosine(ref[0], run(model, _feed())[0]) > 0.999
+
+
+def test_outlier_smoothing_moves_scale_into_weights():
+    feeds = _outlier_feeds()
+    ref = run(mlp(), feeds[0])[0]
+    plain, smooth = mlp(), mlp()
+    QuantizeInt8()(plain)
+    result = _with_calibration({"outlier_ratio": 4.0, "outlier_max_consumers": 4, "outlier_mode": "smooth"}, feeds)(smooth)
+    assert result.stats.counts["outlier_channels"] >= 1
+    ops = [n.op_type for n in smooth.graph]
+    assert "ScatterElements" not in ops and ops.count("MatMul") == 1  # no float side path
+    inv = smooth.graph.initializers["x_smooth"].const_value.numpy()
+    assert inv[5] < 0.5 and np.all(np.delete(inv, 5) == 1.0)  # only the outlier channel is scaled
+    # y = fc2(relu(fc1(x))): fc1's input x carries the outlier channel
+    err_plain = np.abs(run(plain, feeds[0])[0] - ref).max()
+    err_smooth = np.abs(run(smooth, feeds[0])[0] - ref).max()
+    assert err_smooth < err_plain / 1.5
+
+
+def test_bad_outlier_mode():
+    with pytest.raises(UnsupportedError, match="smooth, split"):
+        QuantizeInt8(QuantizeInt8.Options(outlier_mode="magic"))(mlp())
