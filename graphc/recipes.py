@@ -91,7 +91,11 @@ BUILTIN: dict[str, Recipe] = {
             *_CLEANUP,
             Step("fuse-ort", {"attention": "mha"}),
             Step("trim-outputs"),
-            Step("quantize-int8", {"outlier_ratio": 4.0, "outlier_channels": 4, "scale_dtype": "float16"}),
+            Step(
+                "quantize-int8",
+                {"outlier_ratio": 4.0, "outlier_channels": 4, "smooth_min_factor": 2.5, "scale_dtype": "float16"},
+            ),
+            Step("quantize-attention"),
             Step("quantize-embedding"),
             Step("fp16-constants"),
             Step("remove-unused"),

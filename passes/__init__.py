@@ -1,3 +1,11 @@
 """Built-in passes. Importing this package registers them (graphc.registry)."""
 
-from graphc.passes import cleanup, fp16_constants, fuse_ort, quantize_embedding, quantize_int8, trim_outputs  # noqa: F401
+from graphc.passes import (  # noqa: F401
+    cleanup,
+    fp16_constants,
+    fuse_ort,
+    quantize_attention,
+    quantize_embedding,
+    quantize_int8,
+    trim_outputs,
+)

@@ -47,6 +47,11 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         attr = producer.attributes.get("value")
         if attr is not None and attr.type == ir.AttributeType.TENSOR:
             return attr.as_tensor().numpy()
+    if producer is not None and producer.op_type == "Cast" and producer.domain == "":
+        inner = const_array(producer.inputs[0])  # e.g. a float16 constant behind a Cast
+        to = producer.attributes.get_int("to", 0)
+        if inner is not None and to:
+            return inner.astype(ir.DataType(to).numpy())
     return None
 
 

@@ -65,6 +65,7 @@ class Int8Options:
     outlier_max_consumers: int = 1  # inputs shared by more MatMuls (Q/K/V) are not decomposed
     outlier_mode: str = OutlierMode.SMOOTH.value
     smooth_target: float = 4.0  # "smooth": outlier channels are scaled down to this x the median
+    smooth_min_factor: float = 1.5  # "smooth": an input whose largest factor is below this is left alone
 
 
 @dataclass
@@ -200,10 +201,13 @@ class QuantizeInt8(GraphcPass):
             median = float(np.median(amax))
             top = np.argsort(-amax, kind="stable")[: self.options.outlier_channels]
             top = np.sort(top[amax[top] > self.options.outlier_ratio * max(median, 1e-12)])
-            if len(top):
-                factors = np.maximum(amax[top] / (self.options.smooth_target * median), 1.0)
-                found[x] = _Outliers(top.astype(np.int64), len(amax), factors.astype(np.float32))
-                stats.add("outlier_channels", len(top))
+            if not len(top):
+                continue
+            factors = np.maximum(amax[top] / (self.options.smooth_target * median), 1.0)
+            if self.options.outlier_mode == OutlierMode.SMOOTH.value and factors.max() < self.options.smooth_min_factor:
+                continue  # a Mul on the whole input for a negligible range gain: not worth it
+            found[x] = _Outliers(top.astype(np.int64), len(amax), factors.astype(np.float32))
+            stats.add("outlier_channels", len(top))
         return found
 
     # ------------------------------------------------------------------ matching
