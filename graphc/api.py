@@ -136,6 +136,7 @@ def compress(
     validate: bool = True,
     feeds: Sequence[dict] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    instruments: Sequence[Any] = (),
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -168,8 +169,8 @@ def compress(
     if any(getattr(p, "needs_calibration", False) and p.name not in disable for p in passes):
         calib = calibration_context(ir_model)
         context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
-    instruments = [NumericCheck(feeds, reference)] if check_each_pass else []
-    records = PassManager(passes, instruments=instruments, disabled=disable).run(work)
+    all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
+    records = PassManager(passes, instruments=all_instruments, disabled=disable).run(work)
     after = SizeFacts.of(work)
 
     report = None

@@ -50,19 +50,43 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PassProgress:
+    """Instrument: a rich status line on stderr naming the running pass (TTY only)."""
+
+    def __init__(self, status) -> None:
+        self.status = status
+
+    def before_pass(self, pass_, model) -> None:
+        self.status.update(f"graphc: running {pass_.name}")
+
+    def after_pass(self, pass_, model, record) -> None:
+        self.status.update("graphc: validating")
+
+
+def _status(args: argparse.Namespace, message: str):
+    """A rich spinner on stderr for interactive use; a no-op context otherwise."""
+    import contextlib
+
+    if args.json or not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from graphc.api import compress
 
-    progress = None
-    result = compress(
-        args.model,
-        args.output,
-        recipe=args.recipe,
-        force=args.force,
-        disable=args.disable or (),
-        check_each_pass=args.check_each_pass,
-        progress=progress,
-    )
+    with _status(args, "graphc: loading") as status:
+        result = compress(
+            args.model,
+            args.output,
+            recipe=args.recipe,
+            force=args.force,
+            disable=args.disable or (),
+            check_each_pass=args.check_each_pass,
+            instruments=[_PassProgress(status)] if status is not None else [],
+        )
     data = result.to_dict()
     lines = [f"recipe {result.recipe.name}: {args.model} → {args.output}"]
     lines.append(f"  {'pass':20s} {'time':>8s}  {'bytes after':>12s}  stats")
@@ -154,7 +178,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from graphc.api import export
 
-    result = export(args.source, args.output)
+    with _status(args, f"graphc: exporting {args.source}"):
+        result = export(args.source, args.output)
     data = result.to_dict() if hasattr(result, "to_dict") else {"output": args.output}
     lines = [f"exported {args.source} → {args.output}"]
     for key in ("exporter", "seconds", "bytes"):
