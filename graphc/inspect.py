@@ -20,12 +20,25 @@ def layer_of_text(text: str) -> str | None:
     return f"layer.{int(m.group(1))}" if m else None
 
 
-def node_layer(node: ir.Node) -> str:
+def _own_layer(node: ir.Node) -> str | None:
     for text in (node.metadata_props.get("graphc.scope", ""), node.metadata_props.get("namespace", ""), node.name or ""):
         layer = layer_of_text(text)
         if layer:
             return layer
-    return "other"
+    return None
+
+
+def node_layer(node: ir.Node) -> str:
+    """The layer a node belongs to: its scope or name, else (for helper nodes a pass added
+    without a scope, such as Casts of stored constants) the layer of the node it feeds."""
+    layer = _own_layer(node)
+    if layer is None:
+        for out in node.outputs:
+            for user, _ in out.uses():
+                layer = _own_layer(user)
+                if layer:
+                    return layer
+    return layer or "other"
 
 
 def _sort_layers(keys):
