@@ -10,7 +10,7 @@ __all__ = ["CompressResult", "GraphcError", "__version__", "compress", "export",
 
 def inspect(model, diff=None) -> dict:
     """Ops, parameters and bytes by op type and by layer; with ``diff``, what changed."""
-    from graphc import inspect as _inspect
+    from graphc import inspection as _inspect
     from graphc.api import to_ir
 
     info = _inspect.inspect_model(to_ir(model)[0])

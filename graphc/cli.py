@@ -131,7 +131,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from graphc import io
-    from graphc.inspect import diff, inspect_model
+    from graphc.inspection import diff, inspect_model
 
     info = inspect_model(io.load_model(args.model))
     if args.diff:
