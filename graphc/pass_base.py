@@ -125,6 +125,17 @@ class GraphcPass(ir.passes.InPlacePass):
         raise NotImplementedError
 
 
+def choice(enum_cls: type, value: str, option: str, pass_name: str):
+    """``enum_cls(value)``, or an UnsupportedError that lists the supported values."""
+    from graphc.errors import UnsupportedError
+
+    try:
+        return enum_cls(value)
+    except ValueError:
+        supported = ", ".join(m.value for m in enum_cls)
+        raise UnsupportedError(f"{option}={value!r}; supported: {supported}", pass_name=pass_name) from None
+
+
 def copy_scope(src: ir.Node, dst: ir.Node) -> None:
     """Carry the source node's module scope (layer attribution) to a node that replaces it."""
     for key in ("graphc.scope", "namespace"):

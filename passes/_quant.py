@@ -58,3 +58,10 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
     if model.opset_imports.get(domain, 0) < version:
         model.opset_imports[domain] = version
+
+
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    """Remove initializers nothing reads any more (the float weights a pass replaced)."""
+    for value in list(graph.initializers.values()):
+        if not value.uses() and value not in graph.outputs and value not in graph.inputs:
+            del graph.initializers[value.name]

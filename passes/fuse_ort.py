@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graphc.errors import UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats
+from graphc.pass_base import GraphcPass, PassStats, choice
 from graphc.registry import register
 
 
@@ -43,13 +42,7 @@ class FuseOrt(GraphcPass):
         from onnxscript.optimizer import optimize
         from onnxscript.rewriter.ort_fusions import _core as C
 
-        try:
-            target = AttentionTarget(self.options.attention)
-        except ValueError:
-            raise UnsupportedError(
-                f"attention={self.options.attention!r}; supported: {', '.join(t.value for t in AttentionTarget)}",
-                pass_name=self.name,
-            ) from None
+        target = choice(AttentionTarget, self.options.attention, "attention", self.name)
 
         counts: dict[str, int] = {}
         rewriter.rewrite(model, [C._gemm_to_matmul_add.gemm_to_matmul_add_rule])

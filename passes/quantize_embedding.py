@@ -17,7 +17,7 @@ from graphc import ops
 from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant
+from graphc.passes._quant import const_array, constant, drop_unused_initializers
 
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -84,9 +84,7 @@ class QuantizeEmbedding(GraphcPass):
             ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, [mul.outputs[0]])
             stats.add("gathers_quantized")
             modified = True
-        for value in list(graph.initializers.values()):
-            if not value.uses() and value not in graph.outputs and value not in graph.inputs:
-                del graph.initializers[value.name]
+        drop_unused_initializers(graph)
         return modified
 
     def _quantize_table(self, graph: ir.Graph, value: ir.Value, table: np.ndarray, stats: PassStats):

@@ -38,9 +38,9 @@ import onnx_ir as ir
 
 from graphc import ops
 from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, ensure_opset, symmetric_int8
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, symmetric_int8
 
 
 class Emit(str, enum.Enum):
@@ -90,13 +90,8 @@ class QuantizeInt8(GraphcPass):
         return self.options.outlier_ratio > 0
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
-        try:
-            emit = Emit(self.options.emit)
-        except ValueError:
-            raise UnsupportedError(
-                f"emit={self.options.emit!r}; supported: {', '.join(e.value for e in Emit)}",
-                pass_name=self.name,
-            ) from None
+        emit = choice(Emit, self.options.emit, "emit", self.name)
+        mode = choice(OutlierMode, self.options.outlier_mode, "outlier_mode", self.name)
         graph = model.graph
         groups: dict[ir.Value, list[_Candidate]] = {}
         for node in list(graph):
@@ -114,13 +109,6 @@ class QuantizeInt8(GraphcPass):
                 f"scale_dtype={self.options.scale_dtype!r}; supported: {', '.join(_SCALE_DTYPES)}",
                 pass_name=self.name,
             )
-        try:
-            mode = OutlierMode(self.options.outlier_mode)
-        except ValueError:
-            raise UnsupportedError(
-                f"outlier_mode={self.options.outlier_mode!r}; supported: {', '.join(m.value for m in OutlierMode)}",
-                pass_name=self.name,
-            ) from None
         outliers = self._find_outliers(model, groups, stats) if self.options.outlier_ratio > 0 else {}
         quantized: dict[tuple[int, int, str], tuple[ir.Value, ir.Value]] = {}
         for x, cands in groups.items():
@@ -161,9 +149,7 @@ class QuantizeInt8(GraphcPass):
                     graph, cand.node, [cand.node], new_nodes, cand.node.outputs, [new_nodes[-1].outputs[0]]
                 )
                 stats.add("gemms_quantized" if cand.node.op_type == ops.GEMM else "matmuls_quantized")
-        for value in list(graph.initializers.values()):
-            if not value.uses() and value not in graph.outputs and value not in graph.inputs:
-                del graph.initializers[value.name]
+        drop_unused_initializers(graph)
         return True
 
     def _quantize_weight(
