@@ -15,6 +15,8 @@ import onnx_ir as ir
 
 from graphc import io, ops
 from graphc.errors import GraphcError, MissingDependencyError, ModelLoadError, ToleranceError
+from graphc.instruments import DumpIR, NumericCheck
+from graphc.provenance import provenance
 from graphc.manager import PassManager, PassRecord, SizeFacts
 from graphc.pass_base import PassContext
 from graphc.recipes import Recipe, get_recipe
@@ -111,20 +113,6 @@ def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
     return PassContext(calibration=synthesize_inputs(model, count=4, seed=1), calibration_source="synthesized")
 
 
-class NumericCheck:
-    """Instrument: after each pass that changed the model, compare it with the original."""
-
-    def __init__(self, feeds: Sequence[dict], reference: list[list[np.ndarray]]) -> None:
-        self.feeds = feeds
-        self.reference = reference
-
-    def after_pass(self, pass_, model: ir.Model, record: PassRecord) -> None:
-        if not record.modified:
-            return
-        report = compare(None, model, self.feeds, reference_outputs=self.reference)
-        record.check = {"min_cosine": round(report.min_cosine, 7), "max_abs": round(report.max_abs, 7)}
-
-
 def compress(
     model: ModelLike,
     output: str | os.PathLike | None = None,
@@ -137,6 +125,7 @@ def compress(
     feeds: Sequence[dict] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     instruments: Sequence[Any] = (),
+    dump_dir: str | os.PathLike | None = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -170,6 +159,8 @@ def compress(
         calib = calibration_context(ir_model)
         context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
     all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
+    if dump_dir is not None:
+        all_instruments.append(DumpIR(dump_dir))
     records = PassManager(passes, instruments=all_instruments, disabled=disable).run(work)
     after = SizeFacts.of(work)
 
@@ -187,6 +178,7 @@ def compress(
             "nothing written (use --force to write anyway)",
             path=output,
         )
+    work.metadata_props.update(provenance(recipe_obj, records, report, ir_model, src))
     if output is not None:
         result.written = io.save_model(work, output, forbid=forbid)
         result.bytes_after = sum(p.stat().st_size for p in result.written)

@@ -86,6 +86,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             disable=args.disable or (),
             check_each_pass=args.check_each_pass,
             instruments=[_PassProgress(status)] if status is not None else [],
+            dump_dir=args.dump_dir,
         )
     data = result.to_dict()
     lines = [f"recipe {result.recipe.name}: {args.model} → {args.output}"]
@@ -168,9 +169,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  {k:12s} {v['nodes']:5d} nodes {v['params']:>12,} params {_fmt_bytes(v['bytes']):>10s}"
         for k, v in info.by_layer.items()
     ]
-    if info.metadata:
+    if info.provenance:
+        lines.append("provenance:")
+        for k, v in info.provenance.items():
+            text = json.dumps(v) if not isinstance(v, str) else v
+            lines.append(f"  {k} = {text[:160]}")
+    other = {k: v for k, v in info.metadata.items() if k not in info.provenance}
+    if other:
         lines.append("metadata:")
-        lines += [f"  {k} = {v[:100]}" for k, v in info.metadata.items()]
+        lines += [f"  {k} = {v[:100]}" for k, v in other.items()]
     _emit(args, {"model": args.model, **info.to_dict()}, "\n".join(lines))
     return 0
 
@@ -221,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")
+    sp.add_argument("--dump-dir", metavar="DIR", help="write the model after each pass that changed it (NN-pass.onnx)")
     sp.set_defaults(func=cmd_compress)
 
     sp = add("validate", "compare a rewritten model with the original in ONNX Runtime")

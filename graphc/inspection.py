@@ -11,6 +11,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphc import ops
+from graphc.provenance import read_provenance
 
 _LAYER_RE = re.compile(r"(?:^|[./_])(?:layers?|h|blocks?)[./_](\d+)(?:[./_]|$)")
 
@@ -62,6 +63,7 @@ class Inspection:
     opsets: dict[str, int]
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,7 @@ class Inspection:
             "by_op": self.by_op,
             "layers": [{"layer": k, **v} for k, v in self.by_layer.items()],
             "nodes_by_pass": self.by_pass,
+            "provenance": self.provenance,
             "metadata": self.metadata,
         }
 
@@ -129,6 +132,7 @@ def inspect_model(model: ir.Model) -> Inspection:
         opsets=dict(model.opset_imports),
         inputs=[_sig(v) for v in graph.inputs],
         outputs=[_sig(v) for v in graph.outputs],
+        provenance=read_provenance(model),
     )
 
 

@@ -140,3 +140,41 @@ def test_compress_works_without_torch_or_transformers(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["validation"]["input_source"].startswith("synthesized")
+
+
+def test_provenance_written_and_shown(model_path, tmp_path, capsys):
+    import hashlib
+
+    out = tmp_path / "o.onnx"
+    assert main(["compress", str(model_path), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    prov = _json(capsys)["provenance"]
+    assert prov["graphc.recipe"] == "int8" and prov["graphc.version"]
+    assert prov["graphc.input_sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+    assert [p["name"] for p in prov["graphc.passes"]][:2] == ["compact-metadata", "fold-constants"]
+    assert prov["graphc.validation"]["passed"] is True
+    assert prov["graphc.recipe_json"]["name"] == "int8"
+    assert main(["inspect", str(out)]) == 0
+    assert "provenance:" in capsys.readouterr().out
+
+
+def test_same_input_same_bytes(model_path, tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert main(["compress", str(model_path), "-o", str(a)]) == 0
+    assert main(["compress", str(model_path), "-o", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_dump_dir_writes_valid_model_per_changing_pass(model_path, tmp_path, capsys):
+    import onnx
+
+    dump = tmp_path / "dump"
+    assert main(["compress", str(model_path), "-o", str(tmp_path / "o.onnx"), "--dump-dir", str(dump), "--json"]) == 0
+    data = _json(capsys)
+    changed = [i + 1 for i, p in enumerate(data["passes"]) if p["modified"]]
+    files = sorted(dump.glob("*.onnx"))
+    assert [int(f.name[:2]) for f in files] == changed
+    assert any("quantize-int8" in f.name for f in files)
+    for f in files:
+        onnx.checker.check_model(str(f), full_check=True)

@@ -3,7 +3,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from graphc.api import NumericCheck
+from graphc.instruments import NumericCheck
 from graphc.errors import PassError, RecipeError
 from graphc.manager import PassManager
 from graphc.pass_base import GraphcPass, PassStats
