@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ class CompressResult:
     params_after: int
     written: list[Path] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    attribution: Any = None  # graphc.attribution.Attribution, when validation ran
+    report_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,7 +52,10 @@ class CompressResult:
             "params_after": self.params_after,
             "passes": [r.to_dict() for r in self.passes],
             "validation": self.validation.to_dict() if self.validation else None,
+            "worst_layer": self.attribution.worst_layer if self.attribution else None,
+            "attribution": self.attribution.to_dict() if self.attribution else None,
             "written": [str(p) for p in self.written],
+            "report": str(self.report_path) if self.report_path else None,
             "notices": self.notices,
         }
 
@@ -126,11 +130,15 @@ def compress(
     progress: Callable[[str, int, int], None] | None = None,
     instruments: Sequence[Any] = (),
     dump_dir: str | os.PathLike | None = None,
+    attribution: bool = True,
+    report: str | os.PathLike | None = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
     The result is written only if validation meets the recipe's tolerance (or ``force``);
-    otherwise :class:`ToleranceError` is raised and nothing is written.
+    otherwise :class:`ToleranceError` is raised and no model is written (the ``report``, if
+    asked for, still is: it is how one finds the layer that lost the accuracy).
+    ``attribution``: also compare the two graphs tensor by tensor and name the worst layer.
     """
     recipe_obj = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
     unknown = [d for d in disable if d not in recipe_obj.pass_names()]
@@ -140,8 +148,8 @@ def compress(
     forbid = tuple(io.model_files(src)) if src is not None else ()
     if output is not None:
         io.check_output_path(output, forbid=forbid)  # fail fast, before any work
-    original_proto = ir.serde.serialize_model(ir_model) if validate else None
-    work = ir.serde.deserialize_model(original_proto) if original_proto is not None else copy.deepcopy(ir_model)
+    # A working copy; the caller's model (and its lazily read external data) stays untouched.
+    work = ir.serde.deserialize_model(ir.serde.serialize_model(ir_model))
     if src is not None:
         ir.external_data.set_base_dir(work.graph, str(src.parent))
     before = SizeFacts.of(ir_model)
@@ -164,27 +172,84 @@ def compress(
     records = PassManager(passes, instruments=all_instruments, disabled=disable).run(work)
     after = SizeFacts.of(work)
 
-    report = None
+    checked = None
     if validate:
         tol = recipe_obj.tolerance
-        report = compare(None, work, feeds, input_source=input_source, reference_outputs=reference)
-        report.min_cosine_required = tol.min_row_cosine
-        report.max_abs_allowed = tol.max_abs
-        report.min_output_cosine_required = tol.min_cosine
-    result = CompressResult(work, recipe_obj, records, report, before.bytes, after.bytes, before.params, after.params, notices=notices)
-    if report is not None and not report.passed and not force:
+        checked = compare(None, work, feeds, input_source=input_source, reference_outputs=reference)
+        checked.min_cosine_required = tol.min_row_cosine
+        checked.max_abs_allowed = tol.max_abs
+        checked.min_output_cosine_required = tol.min_cosine
+    result = CompressResult(work, recipe_obj, records, checked, before.bytes, after.bytes, before.params, after.params, notices=notices)
+    if checked is not None and attribution:
+        from graphc.attribution import attribute
+
+        result.attribution = attribute(ir_model, work, feeds)
+    work.metadata_props.update(provenance(recipe_obj, records, checked, ir_model, src))
+    if report is not None:
+        result.report_path = _write_report(result, ir_model, src, output, feeds, report)
+    if checked is not None and not checked.passed and not force:
         raise ToleranceError(
-            f"result misses recipe {recipe_obj.name!r} tolerance ({_tolerance_text(report, recipe_obj)}); "
+            f"result misses recipe {recipe_obj.name!r} tolerance ({_tolerance_text(checked, recipe_obj)}); "
             "nothing written (use --force to write anyway)",
             path=output,
         )
-    work.metadata_props.update(provenance(recipe_obj, records, report, ir_model, src))
     if output is not None:
         result.written = io.save_model(work, output, forbid=forbid)
         result.bytes_after = sum(p.stat().st_size for p in result.written)
         if src is not None:
             result.bytes_before = io.file_bytes(src)
     return result
+
+
+def _write_report(result: CompressResult, original: ir.Model, src, output, feeds, path) -> Path:
+    from graphc.report_html import write_report
+    from graphc.reporting import report_data
+
+    data = report_data(
+        original,
+        result.model,
+        model_path=src,
+        output_path=output,
+        feeds=feeds or [],
+        passes=[r.to_dict() for r in result.passes],
+        validation=result.validation.to_dict() if result.validation else None,
+        recipe=result.recipe.to_dict(),
+        attribution=result.attribution.to_dict() if result.attribution else None,
+    )
+    return Path(write_report(data, path))
+
+
+def report(
+    original: ModelLike,
+    rewritten: ModelLike,
+    output: str | os.PathLike,
+    *,
+    feeds: Sequence[dict] | None = None,
+    latency: bool = True,
+) -> Path:
+    """An HTML report comparing two models already on disk (the pass timeline comes from the
+    rewritten model's provenance, without timings)."""
+    from graphc.attribution import attribute
+    from graphc.report_html import write_report
+    from graphc.reporting import report_data
+
+    orig, orig_path = to_ir(original)
+    rew, rew_path = to_ir(rewritten)
+    source = "given"
+    if feeds is None:
+        feeds, source = validation_feeds(orig)
+    validation = compare(orig, rew, feeds, input_source=source)
+    data = report_data(
+        orig,
+        rew,
+        model_path=orig_path,
+        output_path=rew_path,
+        feeds=feeds,
+        validation=validation.to_dict(),
+        attribution=attribute(orig, rew, feeds).to_dict(),
+        latency=latency,
+    )
+    return Path(write_report(data, output))
 
 
 def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:

@@ -87,6 +87,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             check_each_pass=args.check_each_pass,
             instruments=[_PassProgress(status)] if status is not None else [],
             dump_dir=args.dump_dir,
+            report=args.report,
         )
     data = result.to_dict()
     lines = [f"recipe {result.recipe.name}: {args.model} → {args.output}"]
@@ -108,9 +109,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"validation ({v.samples} feeds, {v.input_source}): output cosine {v.output_cosine:.5f}, "
             f"worst row cosine {v.min_cosine:.5f}, max abs {v.max_abs:.4g} → {'PASS' if v.passed else 'FAIL (forced)'}"
         )
+    if result.attribution is not None:
+        lines.append(result.attribution.summary())
+    if result.report_path is not None:
+        lines.append(f"report: {result.report_path}")
     for n in result.notices:
         lines.append(f"notice: {n}")
     _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from graphc.api import report
+
+    with _status(args, "graphc: comparing models"):
+        path = report(args.original, args.rewritten, args.output, latency=not args.no_latency)
+    _emit(args, {"report": str(path)}, f"report: {path}")
     return 0
 
 
@@ -229,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")
     sp.add_argument("--dump-dir", metavar="DIR", help="write the model after each pass that changed it (NN-pass.onnx)")
+    sp.add_argument("--report", metavar="HTML", help="write a self-contained HTML report (written even if validation fails)")
     sp.set_defaults(func=cmd_compress)
 
     sp = add("validate", "compare a rewritten model with the original in ONNX Runtime")
@@ -241,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("--diff", metavar="OTHER")
     sp.set_defaults(func=cmd_inspect)
+
+    sp = add("report", "HTML report comparing an original and a rewritten model (sizes, per-layer error, latency)")
+    sp.add_argument("original")
+    sp.add_argument("rewritten")
+    sp.add_argument("-o", "--output", required=True, metavar="HTML")
+    sp.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    sp.set_defaults(func=cmd_report)
 
     sp = add("passes", "list passes and recipes")
     sp.set_defaults(func=cmd_passes)

@@ -33,7 +33,7 @@ def node_layer(node: ir.Node) -> str:
     """The layer a node belongs to: its scope or name, else (for helper nodes a pass added
     without a scope, such as Casts of stored constants) the layer of the node it feeds."""
     layer = _own_layer(node)
-    if layer is None:
+    if layer is None and "graphc.scope" not in node.metadata_props:
         for out in node.outputs:
             for user, _ in out.uses():
                 layer = _own_layer(user)

@@ -85,8 +85,8 @@ BUILTIN: dict[str, Recipe] = {
     "int8": Recipe(
         "int8",
         "ORT fusions, then int8 weights (per-channel symmetric) with dynamic int8 activations "
-        "on every constant-weight MatMul/Gemm (outlier channels in float, from calibration), "
-        "and int8 embedding tables",
+        "on every constant-weight MatMul/Gemm (outlier channels smoothed, from calibration), "
+        "QAttention, int8 embedding tables, float16 vectors",
         (
             *_CLEANUP,
             Step("fuse-ort", {"attention": "mha"}),

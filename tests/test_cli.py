@@ -178,3 +178,23 @@ def test_dump_dir_writes_valid_model_per_changing_pass(model_path, tmp_path, cap
     assert any("quantize-int8" in f.name for f in files)
     for f in files:
         onnx.checker.check_model(str(f), full_check=True)
+
+
+def test_compress_report_and_worst_layer(model_path, tmp_path, capsys):
+    out, html = tmp_path / "o.onnx", tmp_path / "r.html"
+    assert main(["compress", str(model_path), "-o", str(out), "--report", str(html), "--json"]) == 0
+    data = _json(capsys)
+    assert data["report"] == str(html) and html.stat().st_size > 1000
+    assert data["attribution"]["tensors"] and "worst_layer" in data
+    page = html.read_text()
+    assert "plot-timeline" in page and "plot-error" in page and "quantize-int8" in page
+    assert main(["report", str(model_path), str(out), "-o", str(tmp_path / "r2.html"), "--no-latency", "--json"]) == 0
+    assert _json(capsys)["report"] == str(tmp_path / "r2.html")
+
+
+def test_report_is_written_even_when_tolerance_fails(model_path, tmp_path, capsys):
+    recipe = tmp_path / "strict.toml"
+    recipe.write_text('extends = "int8"\n[tolerance]\nmin_cosine = 0.9999999\n')
+    out, html = tmp_path / "o.onnx", tmp_path / "r.html"
+    assert main(["compress", str(model_path), "-o", str(out), "--recipe", str(recipe), "--report", str(html)]) == 3
+    assert html.exists() and not out.exists()

@@ -80,3 +80,13 @@ def test_inspect_diff_shows_the_rewrite(compressed, exported, capsys):
     layers = {x["layer"]: x for x in d["layers"]}
     assert {f"layer.{i}" for i in range(6)} <= set(layers)
     assert all(layers[f"layer.{i}"]["bytes_after"] < layers[f"layer.{i}"]["bytes_before"] / 3 for i in range(6))
+
+
+def test_compress_names_the_worst_layer(compressed):
+    _, data = compressed
+    layers = [x["layer"] for x in data["attribution"]["layers"]]
+    assert {f"layer.{i}" for i in range(6)} <= set(layers)
+    assert data["worst_layer"] in layers
+    # the per-layer errors end at the validated output: same tensor, same feeds
+    last = data["attribution"]["layers"][-1]
+    assert abs(last["cosine"] - data["validation"]["output_cosine"]) < 1e-3
