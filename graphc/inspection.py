@@ -64,6 +64,7 @@ class Inspection:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    made_by_pass: list[dict[str, str]] = field(default_factory=list)  # nodes a graphc pass created
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -133,6 +134,11 @@ def inspect_model(model: ir.Model) -> Inspection:
         inputs=[_sig(v) for v in graph.inputs],
         outputs=[_sig(v) for v in graph.outputs],
         provenance=read_provenance(model),
+        made_by_pass=[
+            {"node": n.name or "", "op": _op_key(n), "pass": n.metadata_props[ops.META_PASS], "layer": node_layer(n)}
+            for n in graph.all_nodes()
+            if ops.META_PASS in n.metadata_props
+        ],
     )
 
 
@@ -169,4 +175,5 @@ def diff(before: Inspection, after: Inspection) -> dict[str, Any]:
         "ops_changed": op_delta,
         "layers": layers,
         "new_nodes_by_pass": after.by_pass,
+        "new_nodes": [n for n in after.made_by_pass if n not in before.made_by_pass],
     }

@@ -92,6 +92,8 @@ def test_validate_and_inspect_diff(model_path, tmp_path, capsys):
     assert d["ops_changed"]["MatMul"] == {"before": 4, "after": 1}
     assert d["bytes_after"] < d["bytes_before"]
     assert d["new_nodes_by_pass"]["quantize-int8"] >= 5
+    made = [n for n in d["new_nodes"] if n["op"] == "com.microsoft::MatMulIntegerToFloat"]
+    assert len(made) == 3 and {n["pass"] for n in made} == {"quantize-int8"}
     assert main(["inspect", str(out)]) == 0
     assert "com.microsoft::MatMulIntegerToFloat" in capsys.readouterr().out
 
