@@ -27,19 +27,29 @@ The data contract (every key optional unless marked):
 from __future__ import annotations
 
 import datetime
-import html
-import math
 import os
-import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-Series = tuple[str, str, Sequence[float | None]]  # (name, colour, one value per category)
+from graphc.report_charts import (  # noqa: F401 - _nice_ticks re-exported for tests
+    AFTER,
+    BEFORE,
+    _bytes,
+    _cos,
+    _e,
+    _is_num,
+    _ms,
+    _nice_ticks,
+    _num,
+    _ratio,
+    _slug,
+    bar_chart,
+    line_chart,
+    timeline_chart,
+)
 
-BEFORE, AFTER, BAD, GREY = "#a0aec0", "#2b6cb0", "#c53030", "#718096"
 MISSING = '<p class="missing">Not measured in this run.</p>'
-CHART_W = 1000
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1a202c;
@@ -66,247 +76,6 @@ svg.chart text{font-size:12px;fill:#2d3748}svg.chart .t{font-size:14px;font-weig
 svg.chart .ax{stroke:#4a5568}svg.chart .grid{stroke:#e2e8f0}
 .note{font-size:12px;color:#4a5568}
 """
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(x: Any) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.4g}"
-    return str(x)
-
-
-def _bytes(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "—"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _cos(x: Any) -> str:
-    return f"{x:.6f}" if isinstance(x, (int, float)) else "—"
-
-
-def _ms(x: Any) -> str:
-    return f"{x:.3g} ms" if isinstance(x, (int, float)) else "—"
-
-
-def _short(text: Any, n: int = 28) -> str:
-    text = str(text)
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _slug(text: Any) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-") or "x"
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _ratio(before: Any, after: Any) -> str:
-    if not (_is_num(before) and _is_num(after)) or after <= 0:
-        return "—"
-    return f"{before / after:.2f}×"
-
-
-# ---------------------------------------------------------------- charts
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round tick values covering ``[lo, hi]`` (``lo <= 0 <= hi`` for bar charts)."""
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if raw <= m * mag * 1.0000001)
-    start, stop = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    return [i * step for i in range(start, stop + 1)]
-
-
-def _svg_open(plot_id: str, title: str, width: float, height: float) -> str:
-    return (
-        f'<svg id="{_e(plot_id)}" class="chart" role="img" aria-labelledby="{_e(plot_id)}-title" '
-        f'width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}">'
-        f'<title id="{_e(plot_id)}-title">{_e(title)}</title>'
-        f'<text class="t" x="8" y="20">{_e(title)}</text>'
-    )
-
-
-def _legend(items: Sequence[tuple[str, str]], x: float, y: float) -> str:
-    out = []
-    for name, colour in items:
-        out.append(f'<rect x="{x:.1f}" y="{y - 9:.1f}" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{x + 14:.1f}" y="{y:.1f}">{_e(name)}</text>')
-        x += 24 + 7 * len(name)
-    return "".join(out)
-
-
-def bar_chart(
-    plot_id: str,
-    title: str,
-    labels: Sequence[Any],
-    series: Sequence[Series],
-    *,
-    axis_label: str,
-    fmt: Callable[[Any], str] = _num,
-    highlight: Any = None,
-) -> str:
-    """Horizontal grouped bars: one group per label, one bar per series; ``None`` draws no bar."""
-    values = [v for _, _, vals in series for v in vals if _is_num(v)]
-    ticks = _nice_ticks(min([0.0, *values]), max([0.0, *values]) or 1.0)
-    lo, hi = ticks[0], ticks[-1]
-    label_w = 16 + 6.8 * min(28, max([len(str(lb)) for lb in labels] or [4]))
-    x0, x1 = label_w, CHART_W - 90
-    bar_h, gap = 13, 10
-    group_h = bar_h * len(series) + gap
-    top = 50
-    height = top + group_h * len(labels) + 46
-    sx = lambda v: x0 + (v - lo) / (hi - lo) * (x1 - x0)
-    out = [_svg_open(plot_id, title, CHART_W, height), _legend([(n, c) for n, c, _ in series], x0, 40)]
-    bottom = top + group_h * len(labels)
-    for t in ticks:
-        out.append(f'<line class="grid" x1="{sx(t):.1f}" y1="{top}" x2="{sx(t):.1f}" y2="{bottom}"/>'
-                   f'<text x="{sx(t):.1f}" y="{bottom + 16}" text-anchor="middle">{_e(fmt(t))}</text>')
-    for i, label in enumerate(labels):
-        gy = top + i * group_h + gap / 2
-        if highlight is not None and label == highlight:
-            out.append(f'<rect x="0" y="{gy - gap / 2:.1f}" width="{CHART_W}" height="{group_h}" fill="#fff5f5"/>')
-        colour = BAD if highlight is not None and label == highlight else "#2d3748"
-        out.append(f'<text x="{x0 - 8:.1f}" y="{gy + group_h / 2 - 1:.1f}" text-anchor="end" '
-                   f'style="fill:{colour}"><title>{_e(label)}</title>{_e(_short(label))}</text>')
-        for j, (name, col, vals) in enumerate(series):
-            v = vals[i] if i < len(vals) else None
-            if not _is_num(v):
-                continue
-            a, b = sorted((sx(0.0), sx(v)))
-            y = gy + j * bar_h
-            out.append(f'<rect x="{a:.1f}" y="{y:.1f}" width="{max(b - a, 1):.1f}" height="{bar_h - 2}" '
-                       f'fill="{col}"><title>{_e(label)} · {_e(name)}: {_e(fmt(v))}</title></rect>'
-                       f'<text x="{b + 4:.1f}" y="{y + bar_h - 3:.1f}" style="font-size:10px">{_e(fmt(v))}</text>')
-    out.append(f'<line class="ax" x1="{sx(0.0):.1f}" y1="{top}" x2="{sx(0.0):.1f}" y2="{bottom}"/>'
-               f'<line class="ax" x1="{x0:.1f}" y1="{bottom}" x2="{x1:.1f}" y2="{bottom}"/>'
-               f'<text x="{(x0 + x1) / 2:.1f}" y="{bottom + 36}" text-anchor="middle">{_e(axis_label)}</text></svg>')
-    return "".join(out)
-
-
-def line_chart(
-    plot_id: str,
-    title: str,
-    labels: Sequence[Any],
-    series: Sequence[Series],
-    *,
-    axis_label: str,
-    x_label: str,
-    highlight: Any = None,
-) -> str:
-    """Points joined by lines over categories, log-scaled y; values <= 0 sit hollow on the floor."""
-    positive = [v for _, _, vals in series for v in vals if _is_num(v) and v > 0]
-    d_lo = math.floor(math.log10(min(positive))) if positive else -9
-    d_hi = math.ceil(math.log10(max(positive))) if positive else d_lo + 1
-    d_hi = max(d_hi, d_lo + 1)
-    x0, x1, top, bottom = 80, CHART_W - 20, 52, 292
-    height = bottom + 100
-    n = max(len(labels), 1)
-    step = (x1 - x0) / n
-    sx = lambda i: x0 + (i + 0.5) * step
-    sy = lambda v: bottom - (math.log10(v) - d_lo) / (d_hi - d_lo) * (bottom - top)
-    out = [_svg_open(plot_id, title, CHART_W, height), _legend([(nm, c) for nm, c, _ in series], x0, 40)]
-    for i, label in enumerate(labels):
-        if highlight is not None and label == highlight:
-            out.append(f'<rect x="{sx(i) - step / 2:.1f}" y="{top}" width="{step:.1f}" '
-                       f'height="{bottom - top}" fill="#fed7d7"/>'
-                       f'<text x="{sx(i):.1f}" y="{top + 14}" text-anchor="middle" style="fill:{BAD}">worst</text>')
-    for d in range(d_lo, d_hi + 1):
-        y = sy(10.0**d)
-        out.append(f'<line class="grid" x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}"/>'
-                   f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">1e{d}</text>')
-    every = max(1, math.ceil(n / 40))
-    for i, label in enumerate(labels):
-        if i % every == 0:
-            colour = BAD if highlight is not None and label == highlight else "#2d3748"
-            out.append(f'<text transform="translate({sx(i):.1f},{bottom + 12}) rotate(-35)" text-anchor="end" '
-                       f'style="fill:{colour}"><title>{_e(label)}</title>{_e(_short(label, 22))}</text>')
-    for name, colour, vals in series:
-        points = []
-        for i, v in enumerate(vals[: len(labels)]):
-            if not _is_num(v):
-                points.append(None)
-                continue
-            points.append((sx(i), sy(v) if v > 0 else bottom, v))
-        run: list[str] = []
-        for p in [*points, None]:
-            if p is None:
-                if len(run) > 1:
-                    out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(run)}"/>')
-                run = []
-            else:
-                run.append(f"{p[0]:.1f},{p[1]:.1f}")
-        for i, p in enumerate(points):
-            if p is not None:
-                fill = colour if p[2] > 0 else "#fff"
-                out.append(f'<circle cx="{p[0]:.1f}" cy="{p[1]:.1f}" r="3.5" fill="{fill}" stroke="{colour}">'
-                           f'<title>{_e(labels[i])} · {_e(name)}: {p[2]:.4g}</title></circle>')
-    out.append(f'<line class="ax" x1="{x0}" y1="{top}" x2="{x0}" y2="{bottom}"/>'
-               f'<line class="ax" x1="{x0}" y1="{bottom}" x2="{x1}" y2="{bottom}"/>'
-               f'<text transform="translate(16,{(top + bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">'
-               f'{_e(axis_label)}</text>'
-               f'<text x="{(x0 + x1) / 2:.0f}" y="{height - 6}" text-anchor="middle">{_e(x_label)}</text></svg>')
-    return "".join(out)
-
-
-def timeline_chart(plot_id: str, title: str, passes: Sequence[dict]) -> str:
-    """Gantt-like bars: each pass starts where the previous one ended."""
-    total = sum(p.get("wall_s") or 0.0 for p in passes) or 1e-3
-    ticks = _nice_ticks(0.0, total)
-    label_w = 16 + 6.8 * min(28, max([len(str(p.get("name", ""))) for p in passes] or [4]))
-    x0, x1, top, row = label_w, CHART_W - 120, 50, 20
-    bottom = top + row * len(passes)
-    sx = lambda v: x0 + v / ticks[-1] * (x1 - x0)
-    legend = [("changed the model", AFTER), ("no change", BEFORE), ("disabled", "#e2e8f0")]
-    out = [_svg_open(plot_id, title, CHART_W, bottom + 46), _legend(legend, x0, 40)]
-    for t in ticks:
-        out.append(f'<line class="grid" x1="{sx(t):.1f}" y1="{top}" x2="{sx(t):.1f}" y2="{bottom}"/>'
-                   f'<text x="{sx(t):.1f}" y="{bottom + 16}" text-anchor="middle">{t:.3g}</text>')
-    start = 0.0
-    for i, p in enumerate(passes):
-        wall = p.get("wall_s") or 0.0
-        y = top + i * row
-        name = p.get("name", "?")
-        out.append(f'<text x="{x0 - 8:.1f}" y="{y + 14}" text-anchor="end"><title>{_e(name)}</title>'
-                   f'{_e(_short(name))}</text>')
-        if p.get("disabled"):
-            out.append(f'<rect x="{sx(start):.1f}" y="{y + 4}" width="3" height="{row - 6}" fill="#e2e8f0"/>'
-                       f'<text x="{sx(start) + 8:.1f}" y="{y + 14}" style="fill:#a0aec0">disabled</text>')
-            continue
-        colour = AFTER if p.get("modified") else BEFORE
-        b0, b1 = p.get("bytes_before"), p.get("bytes_after")
-        delta = f" · {_bytes(b1 - b0)}" if _is_num(b0) and _is_num(b1) and b1 != b0 else ""
-        width = max(sx(start + wall) - sx(start), 1.5)
-        out.append(f'<rect x="{sx(start):.1f}" y="{y + 3}" width="{width:.1f}" height="{row - 6}" fill="{colour}">'
-                   f'<title>{_e(name)}: {wall:.4g} s (from {start:.4g} s){_e(delta)}</title></rect>'
-                   f'<text x="{sx(start) + width + 4:.1f}" y="{y + 14}" style="font-size:10px">'
-                   f'{wall:.3g} s{_e(delta)}</text>')
-        start += wall
-    out.append(f'<line class="ax" x1="{x0:.1f}" y1="{top}" x2="{x0:.1f}" y2="{bottom}"/>'
-               f'<line class="ax" x1="{x0:.1f}" y1="{bottom}" x2="{x1:.1f}" y2="{bottom}"/>'
-               f'<text x="{(x0 + x1) / 2:.1f}" y="{bottom + 36}" text-anchor="middle">'
-               f'wall time, cumulative (s)</text></svg>')
-    return "".join(out)
 
 
 # ---------------------------------------------------------------- tables
