@@ -12,9 +12,13 @@ import enum
 from dataclasses import dataclass
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from graphc.pass_base import GraphcPass, PassStats, choice
 from graphc.registry import register
+
+
+_PRIVATE_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate fusion functions
 
 
 class AttentionTarget(str, enum.Enum):
@@ -75,7 +79,17 @@ class FuseOrt(GraphcPass):
         if self.options.gelu:
             fuse("gelu", C.fuse_gelu)
             fuse("bias_gelu", C.fuse_bias_gelu)
+        if target is not AttentionTarget.NONE:
+            # SDPA matched but no MHA/GQA rule consumed it (e.g. Llama's GQA with rotary): the
+            # intermediate SDPA function becomes MultiHeadAttention, or is inlined back below.
+            fuse("sdpa_via_mha", C.replace_sdpa_by_mha)
         optimize(model)
+        leftovers = [n for n in model.graph.all_nodes() if n.domain.startswith(_PRIVATE_DOMAIN)]
+        if leftovers:
+            # Never leave onnxscript's private intermediate functions for ORT to choke on.
+            common.InlinePass()(model)
+            common.RemoveUnusedFunctionsPass()(model)
+            stats.notes.append(f"inlined {len(leftovers)} unconsumed intermediate fusion node(s)")
         for key, n in counts.items():
             if n:
                 stats.add(key, n)
