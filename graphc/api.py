@@ -96,8 +96,9 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
             from graphc.models import get_model_recipe
 
             recipe = get_model_recipe(name)
-            texts = recipe.eval_texts(count)
-            return recipe.feeds(texts, batch=16), f"{name}: {len(texts)} real texts"
+            texts = recipe.eval_texts(min(count, recipe.validation_texts))
+            feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.validation_max_feeds]
+            return feeds, f"{name}: {len(texts)} real texts"
         except (ImportError, GraphcError):
             pass
     return synthesize_inputs(model, count=4, seed=seed), "synthesized from the input signature"
@@ -110,8 +111,9 @@ def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
             from graphc.models import get_model_recipe
 
             recipe = get_model_recipe(name)
-            texts = recipe.eval_texts(count, split="calibration")
-            return PassContext(calibration=recipe.feeds(texts, batch=16), calibration_source=f"{name} calibration texts")
+            texts = recipe.eval_texts(min(count, recipe.validation_texts), split="calibration")
+            feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.validation_max_feeds]
+            return PassContext(calibration=feeds, calibration_source=f"{name} calibration texts")
         except (ImportError, GraphcError):
             pass
     return PassContext(calibration=synthesize_inputs(model, count=4, seed=1), calibration_source="synthesized")
@@ -183,7 +185,8 @@ def compress(
     if checked is not None and attribution:
         from graphc.attribution import attribute
 
-        result.attribution = attribute(ir_model, work, feeds)
+        # two feeds and a bounded tensor count keep this cheap next to validation itself
+        result.attribution = attribute(ir_model, work, feeds[:2], max_tensors=200)
     work.metadata_props.update(provenance(recipe_obj, records, checked, ir_model, src))
     if report is not None:
         result.report_path = _write_report(result, ir_model, src, output, feeds, report)

@@ -45,6 +45,11 @@ class ModelRecipe:
     default_recipe: str = "int8"
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    # How much real data validation and calibration feed through ORT: texts, batch, feeds.
+    # Large-vocabulary decoders keep these small (logits are batch x seq x vocab floats).
+    validation_texts: int = 64
+    validation_batch: int = 16
+    validation_max_feeds: int = 4
 
     def load_torch(self) -> Any:
         """The torch.nn.Module to export (wrapped so that it takes keyword inputs and

@@ -114,6 +114,9 @@ class SmolLM2Recipe(ModelRecipe):
     default_recipe = "int8"
     input_names = ("input_ids", "attention_mask")
     output_names = ("logits",)
+    validation_texts = 8  # ~ a few thousand tokens; one feed's logits: 4 x 128 x 49152 floats
+    validation_batch = 4
+    validation_max_feeds = 2
 
     def load_hf(self) -> Any:
         """The plain transformers LlamaForCausalLM, fp32, eval mode."""
