@@ -111,9 +111,9 @@ def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
             from graphc.models import get_model_recipe
 
             recipe = get_model_recipe(name)
-            texts = recipe.eval_texts(min(count, recipe.validation_texts), split="calibration")
-            feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.validation_max_feeds]
-            return PassContext(calibration=feeds, calibration_source=f"{name} calibration texts")
+            texts = recipe.eval_texts(min(count, recipe.calibration_max_texts), split="calibration")
+            feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.calibration_max_feeds]
+            return PassContext(calibration=feeds, calibration_source=f"{name}: {len(texts)} calibration texts")
         except (ImportError, GraphcError):
             pass
     return PassContext(calibration=synthesize_inputs(model, count=4, seed=1), calibration_source="synthesized")
@@ -165,8 +165,10 @@ def compress(
         reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
     context = PassContext(progress=progress)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
-    if any(getattr(p, "needs_calibration", False) and p.name not in disable for p in passes):
-        calib = calibration_context(ir_model)
+    calibrated = [p for p in passes if getattr(p, "needs_calibration", False) and p.name not in disable]
+    if calibrated:
+        wanted = max([32, *(getattr(p, "calibration_texts", 0) for p in calibrated)])
+        calib = calibration_context(ir_model, wanted)
         context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
     all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
     if dump_dir is not None:

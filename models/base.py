@@ -50,6 +50,9 @@ class ModelRecipe:
     validation_texts: int = 64
     validation_batch: int = 16
     validation_max_feeds: int = 4
+    # Calibration may use more (GPTQ's Hessians want a few thousand tokens), up to these caps.
+    calibration_max_texts: int = 256
+    calibration_max_feeds: int = 16
 
     def load_torch(self) -> Any:
         """The torch.nn.Module to export (wrapped so that it takes keyword inputs and

@@ -117,6 +117,8 @@ class SmolLM2Recipe(ModelRecipe):
     validation_texts = 8  # ~ a few thousand tokens; one feed's logits: 4 x 128 x 49152 floats
     validation_batch = 4
     validation_max_feeds = 2
+    calibration_max_texts = 16
+    calibration_max_feeds = 4
 
     def load_hf(self) -> Any:
         """The plain transformers LlamaForCausalLM, fp32, eval mode."""

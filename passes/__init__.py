@@ -6,6 +6,8 @@ from graphc.passes import (  # noqa: F401
     fuse_ort,
     quantize_attention,
     quantize_embedding,
+    quantize_gather_block,
     quantize_int8,
+    quantize_nbits,
     trim_outputs,
 )

@@ -1,0 +1,406 @@
+"""Block-wise low-bit quantization math shared by ``quantize-nbits`` and ``quantize-gather-block``.
+
+Everything works on a 2-D float array ``x`` of shape [rows, cols], quantized along ``cols`` in
+blocks of ``block_size`` consecutive values (the last block padded), each block with its own
+scale ``s`` and integer zero point ``z``:
+
+    x ≈ (q - z) * s,  q ∈ [0, 2^bits - 1]  (uint8 codes)
+
+This is ONNX Runtime's ``MatMulNBits``/``GatherBlockQuantized`` (uint8 data) convention. A
+symmetric quantizer fixes ``z = 2^(bits-1)`` (the kernels' default, so no zero points are
+stored), i.e. signed levels -2^(bits-1) .. 2^(bits-1)-1; its scale may be negative: the
+value of largest magnitude is mapped to the extra negative level, as MLAS and llama.cpp's
+Q4_0 do, so all 2^bits levels are used. An asymmetric range is widened to contain 0: an
+integer zero point in [0, 2^bits - 1] can express no other.
+
+Quantizers (``Method``):
+
+- ``rtn``: round to nearest on the block's min/max (signed extreme when symmetric).
+- ``mse``: a clipping search: the range is shrunk by each factor of a grid (1.0 down to 0.7,
+  lower for 2 bits), the factor with the least squared error kept per block, then the scale
+  refitted by least squares to the chosen codes (a Lloyd step) where that helps. Vectorised
+  over blocks.
+- ``gptq``: see :func:`gptq` (needs the layer's input Hessian from calibration data).
+- ``hqq``: half-quadratic quantization (idea from Badri & Shaji, "Half-Quadratic Quantization
+  of Large Machine Learning Models", 2023): the zero point is optimised by alternating (1) the
+  codes for the current zero point, (2) a sparsity-promoting shrinkage of the error (the
+  proximal operator of the l_p norm, p < 1, so a few outliers may keep a large error while
+  the bulk is fitted), (3) the zero point that best explains the weights minus the shrunk
+  error. The zero point is then rounded to an integer (the kernels' packed zero points are
+  integers), the scale refitted, and each block keeps the better of this and round-to-nearest
+  in squared error. Asymmetric only.
+
+Scales are rounded to ``scale_dtype`` (float16 halves their bytes) before the codes are
+computed, so the stored scale is the one the codes were fitted to.
+
+Packing (``pack``/``unpack``): ``8 // bits`` codes per byte along the last axis, the first in
+the lowest bits ("low nibble first" for 4 bits), as both ORT kernels read them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+MATMUL_NBITS_BITS = (2, 4, 8)  # what ORT's CPU MatMulNBits kernel runs
+GATHER_BITS = (2, 4, 8)  # GatherBlockQuantized with uint8 data
+QDQ_BITS = (4, 8)  # ONNX has int4/uint4 and int8/uint8 tensors; no 2-bit type
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two the ORT kernels accept
+
+_CHUNK_ELEMENTS = 1 << 21  # rows are processed in chunks of about this many values
+
+
+class Method(str, enum.Enum):
+    RTN = "rtn"
+    MSE = "mse"
+    HQQ = "hqq"
+    GPTQ = "gptq"  # needs a Hessian X^T X of the layer's inputs (calibration): see gptq()
+
+
+def shrink_grid(bits: int) -> np.ndarray:
+    """Range-shrink factors the ``mse`` quantizer tries (coarser grids clip more)."""
+    low = 0.5 if bits <= 2 else 0.7
+    return np.linspace(1.0, low, int(round((1.0 - low) / 0.02)) + 1, dtype=np.float32)
+
+
+@dataclass
+class BlockQuant:
+    """Codes, scales and zero points of a [rows, cols] array quantized along cols."""
+
+    q: np.ndarray  # uint8 [rows, n_blocks, block] (padding included)
+    scale: np.ndarray  # [rows, n_blocks] in the stored scale dtype (float32 or float16)
+    zero: np.ndarray  # uint8 [rows, n_blocks]
+    bits: int
+    block_size: int
+    cols: int  # valid columns (the rest of the last block is padding)
+    symmetric: bool
+
+    @property
+    def rows(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.q.shape[1]
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [rows, cols]."""
+        s = self.scale.astype(np.float32)[:, :, None]
+        x = (self.q.astype(np.float32) - self.zero.astype(np.float32)[:, :, None]) * s
+        return x.reshape(self.rows, -1)[:, : self.cols]
+
+    def signed_codes(self) -> np.ndarray:
+        """int8 [rows, cols] codes minus the symmetric zero point (for int4/int8 tensors)."""
+        q = self.q.astype(np.int16).reshape(self.rows, -1)[:, : self.cols]
+        return (q - (1 << (self.bits - 1))).astype(np.int8)
+
+    def codes(self) -> np.ndarray:
+        """uint8 [rows, cols]."""
+        return self.q.reshape(self.rows, -1)[:, : self.cols]
+
+    def relative_error(self, x: np.ndarray) -> float:
+        """||x - dequantized|| / ||x|| (Frobenius)."""
+        x = np.asarray(x, dtype=np.float32)
+        den = float(np.linalg.norm(x))
+        return float(np.linalg.norm(x - self.dequantize())) / den if den > 0 else 0.0
+
+    def nbytes(self) -> int:
+        """Bytes stored: packed codes, scales and (asymmetric) packed zero points."""
+        codes = self.rows * self.n_blocks * self.block_size * self.bits // 8
+        zeros = 0 if self.symmetric else self.rows * -(-self.n_blocks * self.bits // 8)
+        return int(codes + self.scale.nbytes + zeros)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [..., L] → uint8 [..., ceil(L * bits / 8)], ``8 // bits`` per byte, low bits first."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"cannot pack {bits}-bit codes; supported: 2, 4, 8")
+    q = np.asarray(q, dtype=np.uint8)
+    per = 8 // bits
+    if per == 1:
+        return np.ascontiguousarray(q)
+    length = q.shape[-1]
+    pad = (-length) % per
+    if pad:
+        q = np.concatenate([q, np.zeros((*q.shape[:-1], pad), np.uint8)], axis=-1)
+    q = q.reshape(*q.shape[:-1], -1, per)
+    out = np.zeros(q.shape[:-1], np.uint8)
+    mask = (1 << bits) - 1
+    for j in range(per):
+        out |= (q[..., j] & mask) << (bits * j)
+    return out
+
+
+def unpack(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
+    """Inverse of :func:`pack`: uint8 [..., n] → uint8 codes [..., length]."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    per = 8 // bits
+    if per == 1:
+        return packed[..., :length].copy()
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * j)) & mask for j in range(per)]
+    out = np.stack(parts, axis=-1).reshape(*packed.shape[:-1], -1)
+    return np.ascontiguousarray(out[..., :length])
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+def quantize(
+    x: np.ndarray,
+    bits: int,
+    block_size: int,
+    *,
+    symmetric: bool,
+    method: Method | str = Method.RTN,
+    scale_dtype: type = np.float32,
+) -> BlockQuant:
+    """Quantize [rows, cols] along cols; ``block_size`` 0 means one block per row (per-channel)."""
+    method = Method(method)
+    if method is Method.GPTQ:
+        raise ValueError("gptq needs the layer's input Hessian: call gptq()")
+    if method is Method.HQQ and symmetric:
+        raise ValueError("hqq optimises the zero point: asymmetric only")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got {x.ndim}-D")
+    rows, cols = x.shape
+    block = block_size or cols
+    n_blocks = -(-cols // block)
+    pad = n_blocks * block - cols
+    if pad:  # edge padding: repeating the last value leaves min/max (and the fit) unchanged
+        x = np.concatenate([x, np.repeat(x[:, -1:], pad, axis=1)], axis=1)
+    blocks = x.reshape(rows * n_blocks, block)
+    q = np.empty(blocks.shape, np.uint8)
+    scale = np.empty(rows * n_blocks, scale_dtype)
+    zero = np.empty(rows * n_blocks, np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // block)
+    for start in range(0, blocks.shape[0], step):
+        part = slice(start, start + step)
+        q[part], scale[part], zero[part] = _quantize_blocks(blocks[part], bits, symmetric, method, scale_dtype)
+    return BlockQuant(
+        q.reshape(rows, n_blocks, block), scale.reshape(rows, n_blocks), zero.reshape(rows, n_blocks),
+        bits, block, cols, symmetric,
+    )
+
+
+def _quantize_blocks(x, bits, symmetric, method, scale_dtype):
+    qmax = (1 << bits) - 1
+    if symmetric:
+        mid = float(1 << (bits - 1))
+        idx = np.abs(x).argmax(axis=1)
+        extreme = x[np.arange(len(x)), idx]
+        base = extreme / -mid  # the signed extreme lands on level -2^(bits-1)
+        z = np.full(len(x), mid, np.float32)
+        s, z = _fix_scale(base, scale_dtype), z
+        if method is Method.MSE:
+            s = _search_symmetric(x, base, z, qmax, scale_dtype, bits)
+    else:
+        lo, hi = x.min(axis=1), x.max(axis=1)
+        s, z = _asym_params(lo, hi, qmax, scale_dtype)
+        if method is Method.MSE:
+            s, z = _search_asymmetric(x, lo, hi, qmax, scale_dtype, bits)
+        elif method is Method.HQQ:
+            s, z = _hqq(x, s, z, qmax, scale_dtype)
+    if method is not Method.RTN:
+        s = _refit_scale(x, s, z, qmax, scale_dtype)
+    q = _codes(x, s, z, qmax)
+    return q.astype(np.uint8), s.astype(scale_dtype), z.astype(np.uint8)
+
+
+def _fix_scale(s, scale_dtype):
+    """Round to the stored dtype; a zero scale (constant block) becomes 1 (codes = zero point)."""
+    s = np.asarray(s, dtype=np.float32).astype(scale_dtype).astype(np.float32)
+    return np.where(s == 0, np.float32(1.0), s)
+
+
+def _asym_params(lo, hi, qmax, scale_dtype):
+    # an integer zero point in [0, qmax] can only express ranges that contain 0
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    s = _fix_scale((hi - lo) / qmax, scale_dtype)
+    z = np.clip(np.rint(-lo / s), 0, qmax).astype(np.float32)
+    return s, z
+
+
+def _codes(x, s, z, qmax):
+    return np.clip(np.rint(x / s[:, None]) + z[:, None], 0, qmax)
+
+
+def _sq_error(x, s, z, qmax):
+    q = _codes(x, s, z, qmax)
+    d = (q - z[:, None]) * s[:, None] - x
+    return np.einsum("ij,ij->i", d, d)
+
+
+def _search_symmetric(x, base, z, qmax, scale_dtype, bits):
+    best_s = _fix_scale(base, scale_dtype)
+    best_e = _sq_error(x, best_s, z, qmax)
+    for factor in shrink_grid(bits)[1:]:
+        s = _fix_scale(base * factor, scale_dtype)
+        e = _sq_error(x, s, z, qmax)
+        better = e < best_e
+        best_s = np.where(better, s, best_s)
+        best_e = np.where(better, e, best_e)
+    return best_s
+
+
+def _search_asymmetric(x, lo, hi, qmax, scale_dtype, bits):
+    best_s, best_z = _asym_params(lo, hi, qmax, scale_dtype)
+    best_e = _sq_error(x, best_s, best_z, qmax)
+    for factor in shrink_grid(bits)[1:]:
+        s, z = _asym_params(lo * factor, hi * factor, qmax, scale_dtype)
+        e = _sq_error(x, s, z, qmax)
+        better = e < best_e
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+        best_e = np.where(better, e, best_e)
+    return best_s, best_z
+
+
+def _refit_scale(x, s, z, qmax, scale_dtype, iters: int = 2):
+    """Lloyd steps with the zero point fixed: the least-squares scale for the current codes,
+    then new codes; a block keeps a new scale only where it lowers the squared error."""
+    best_e = _sq_error(x, s, z, qmax)
+    for _ in range(iters):
+        c = _codes(x, s, z, qmax) - z[:, None]
+        den = np.einsum("ij,ij->i", c, c)
+        num = np.einsum("ij,ij->i", c, x)
+        cand = _fix_scale(np.where(den > 0, num / np.where(den > 0, den, 1), s), scale_dtype)
+        e = _sq_error(x, cand, z, qmax)
+        better = e < best_e
+        if not better.any():
+            break
+        s = np.where(better, cand, s)
+        best_e = np.where(better, e, best_e)
+    return s
+
+
+def _hqq(x, s, z0, qmax, scale_dtype, *, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01, iters: int = 20):
+    """Half-quadratic zero-point optimisation (see the module docstring), then integer zero
+    points; blocks where it does not beat round-to-nearest in squared error keep RTN."""
+    z = z0.astype(np.float32).copy()
+    best_z = z.copy()
+    best_e = np.full(len(x), np.inf, np.float32)
+    sc = s[:, None]
+    for _ in range(iters):
+        q = np.clip(np.rint(x / sc + z[:, None]), 0, qmax)
+        err = x - (q - z[:, None]) * sc
+        mean_abs = np.abs(err).mean(axis=1)
+        better = mean_abs < best_e
+        best_z = np.where(better, z, best_z)
+        best_e = np.where(better, mean_abs, best_e)
+        # proximal step of the l_p (p < 1) norm: shrink small errors to 0, keep large ones
+        a = np.abs(err)
+        shrunk = np.sign(err) * np.maximum(a - (1.0 / beta) * np.power(a + 1e-8, p - 1.0), 0.0)
+        z = (q - (x - shrunk) / sc).mean(axis=1)
+        beta *= kappa
+    z_int = np.clip(np.rint(best_z), 0, qmax).astype(np.float32)
+    s_new = _refit_scale(x, s, z_int, qmax, scale_dtype)
+    e_new = _sq_error(x, s_new, z_int, qmax)
+    e_rtn = _sq_error(x, s, z0, qmax)
+    keep = e_new < e_rtn
+    return np.where(keep, s_new, s), np.where(keep, z_int, z0)
+
+
+def gptq(
+    w_t: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    block_size: int,
+    *,
+    symmetric: bool,
+    scale_dtype: type = np.float32,
+    damp: float = 0.01,
+    search: Method | str = Method.MSE,
+    lazy_block: int = 128,
+    act_order: bool = False,
+) -> BlockQuant:
+    """GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+    Pre-trained Transformers", 2022), own numpy code: the columns of W^T [N, K] are quantized
+    one input channel at a time, and each one's rounding error, weighted by the inverse
+    Hessian H = X^T X of the layer's inputs (from calibration), is pushed onto the columns not
+    yet quantized, so that X W^T rather than W is preserved. A block's scale and zero point are
+    chosen (``search``: rtn or mse) when its first column is reached, on the weights as updated
+    so far. ``damp`` × mean(diag H) is added to the diagonal (few calibration tokens, dead
+    channels). Updates are applied lazily per ``lazy_block`` columns (a multiple of the block).
+    """
+    search = Method(search)
+    w = np.array(w_t, dtype=np.float64)  # working copy [N, K]
+    n, k = w.shape
+    block = block_size or k
+    h = np.array(hessian, dtype=np.float64)
+    if h.shape != (k, k):
+        raise ValueError(f"hessian is {h.shape}, expected {(k, k)}")
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    n_blocks = -(-k // block)
+    qmax = (1 << bits) - 1
+    codes = np.zeros((n, n_blocks * block), np.uint8)
+    scales = np.zeros((n, n_blocks), np.float32)
+    zeros = np.zeros((n, n_blocks), np.float32)
+    perm = np.arange(k)
+    if act_order:
+        # "static groups": block parameters from the original weights, then the columns in
+        # order of decreasing Hessian diagonal (the blocks stay contiguous: no g_idx needed)
+        start = quantize(w.astype(np.float32), bits, block, symmetric=symmetric, method=search, scale_dtype=scale_dtype)
+        scales[:], zeros[:] = start.scale, start.zero
+        perm = np.argsort(-np.diag(h), kind="stable")
+        w, h = w[:, perm], h[np.ix_(perm, perm)]
+    # upper Cholesky factor of H^-1 (as in the reference implementation)
+    try:
+        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        h[np.diag_indices(k)] += 0.1 * float(np.mean(np.diag(h)))
+        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    lazy = max(block, (lazy_block // block) * block) if block < k else k
+    s = z = None
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // block
+            if act_order:
+                s, z = scales[:, g].astype(np.float64), zeros[:, g].astype(np.float64)
+            elif col % block == 0:
+                grp = w1[:, i : i + block].astype(np.float32)
+                if grp.shape[1] < block:  # last, partial block: edge-pad like quantize()
+                    grp = np.concatenate([grp, np.repeat(grp[:, -1:], block - grp.shape[1], axis=1)], axis=1)
+                _, s16, z8 = _quantize_blocks(grp, bits, symmetric, search, scale_dtype)
+                s = s16.astype(np.float64)
+                z = z8.astype(np.float64)
+                scales[:, g], zeros[:, g] = s16, z8
+            x = w1[:, i]
+            q = np.clip(np.rint(x / s) + z, 0, qmax)
+            codes[:, col] = q
+            e = (x - (q - z) * s) / h1[i, i]
+            w1[:, i:] -= np.outer(e, h1[i, i:])
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if n_blocks * block > k:  # padding codes: the zero point (dequantize to 0)
+        codes[:, k:] = np.repeat(zeros[:, -1:], n_blocks * block - k, axis=1).astype(np.uint8)
+    return BlockQuant(
+        codes.reshape(n, n_blocks, block), scales.astype(scale_dtype), zeros.astype(np.uint8), bits, block, k, symmetric
+    )
+
+
+# --------------------------------------------------------------------------- ORT layouts
+
+
+def matmul_nbits_arrays(bq: BlockQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(B uint8 [N, n_blocks, blob], scales [N * n_blocks], packed zero points
+    [N, ceil(n_blocks * bits / 8)] or None when symmetric) for com.microsoft MatMulNBits,
+    where ``bq`` quantized W^T ([N, K]) along K."""
+    b = pack(bq.q, bq.bits)  # [N, n_blocks, block * bits / 8]
+    zp = None if bq.symmetric else pack(bq.zero, bq.bits)
+    return b, bq.scale.reshape(-1), zp
+

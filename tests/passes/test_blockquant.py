@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+
+from graphc.passes import _blockquant as bq
+
+
+def _heavy(rows=64, cols=256, seed=0):
+    return np.random.default_rng(seed).standard_t(3, (rows, cols)).astype(np.float32) * 0.05
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("length", [1, 7, 16, 33])
+def test_pack_round_trip(bits, length):
+    q = np.random.default_rng(bits + length).integers(0, 1 << bits, (3, 5, length)).astype(np.uint8)
+    packed = bq.pack(q, bits)
+    assert packed.dtype == np.uint8 and packed.shape == (3, 5, -(-length * bits // 8))
+    np.testing.assert_array_equal(bq.unpack(packed, bits, length), q)
+
+
+def test_pack_layout_low_bits_first():
+    assert bq.pack(np.array([1, 2], np.uint8), 4).tolist() == [0x21]
+    assert bq.pack(np.array([1, 2, 3, 0], np.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    assert bq.pack(np.array([7, 200], np.uint8), 8).tolist() == [7, 200]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_codes_and_error_bound(bits, symmetric):
+    x = _heavy(cols=100)  # 100 = 3 blocks of 32 + a padded one
+    q = bq.quantize(x, bits, 32, symmetric=symmetric, method="rtn")
+    assert q.q.shape == (64, 4, 32) and q.scale.shape == (64, 4) and q.q.max() < (1 << bits)
+    if symmetric:
+        assert np.all(q.zero == 1 << (bits - 1))
+    deq = q.dequantize()
+    assert deq.shape == x.shape
+    # round to nearest on a grid that covers the block: at most half a step off; symmetric maps
+    # the signed extreme to level -2^(bits-1), so the other side may clip by up to one step
+    step = np.repeat(np.abs(q.scale.astype(np.float32)), 32, axis=1)[:, :100]
+    assert np.all(np.abs(deq - x) <= step * (1.0 if symmetric else 0.5) + 1e-6)
+
+
+def test_float16_scales_are_the_ones_the_codes_fit():
+    x = _heavy()
+    q = bq.quantize(x, 4, 32, symmetric=False, method="rtn", scale_dtype=np.float16)
+    assert q.scale.dtype == np.float16
+    s = q.scale.astype(np.float32)[:, :, None]
+    expect = np.clip(np.rint(x.reshape(64, 8, 32) / s) + q.zero[:, :, None], 0, 15)
+    np.testing.assert_array_equal(q.q, expect)
+
+
+def _block_sq_error(x, q):
+    d = (q.dequantize() - x).reshape(x.shape[0], -1, q.block_size)
+    return (d.astype(np.float64) ** 2).sum(axis=-1)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("block", [32, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_never_worse_than_rtn_per_block(bits, block, symmetric):
+    x = _heavy()
+    rtn = bq.quantize(x, bits, block, symmetric=symmetric, method="rtn")
+    mse = bq.quantize(x, bits, block, symmetric=symmetric, method="mse")
+    e_rtn, e_mse = _block_sq_error(x, rtn), _block_sq_error(x, mse)
+    assert np.all(e_mse <= e_rtn + 1e-9)
+    assert e_mse.sum() < 0.97 * e_rtn.sum()  # and clearly better on heavy tails
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_hqq_never_worse_than_rtn_asymmetric(bits):
+    x = _heavy(seed=1)
+    rtn = bq.quantize(x, bits, 64, symmetric=False, method="rtn")
+    hqq = bq.quantize(x, bits, 64, symmetric=False, method="hqq")
+    e_rtn, e_hqq = _block_sq_error(x, rtn), _block_sq_error(x, hqq)
+    assert np.all(e_hqq <= e_rtn + 1e-9)
+    assert hqq.relative_error(x) < rtn.relative_error(x)
+
+
+def test_hqq_is_asymmetric_only_and_gptq_needs_hessian():
+    with pytest.raises(ValueError, match="asymmetric"):
+        bq.quantize(_heavy(), 4, 32, symmetric=True, method="hqq")
+    with pytest.raises(ValueError, match="Hessian"):
+        bq.quantize(_heavy(), 4, 32, symmetric=True, method="gptq")
+
+
+def test_per_channel_and_constant_blocks():
+    x = _heavy(cols=48)
+    x[0] = 0.0  # an all-zero row: exact, no division by zero
+    q = bq.quantize(x, 4, 0, symmetric=True, method="mse")
+    assert q.n_blocks == 1 and q.block_size == 48
+    assert np.all(q.dequantize()[0] == 0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_preserves_outputs_better_than_rtn(symmetric):
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    # correlated inputs with a few large channels, like a transformer's LayerNorm output
+    mix = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
+    xs = rng.standard_normal((2000, k)) @ mix
+    xs[:, :4] *= 8
+    w_t = rng.standard_normal((n, k)).astype(np.float32) * 0.1
+    h = xs.T @ xs / len(xs)
+    test = (rng.standard_normal((500, k)) @ mix) * np.r_[np.full(4, 8.0), np.ones(k - 4)]
+
+    def out_err(q):
+        return np.linalg.norm(test @ (w_t - q.dequantize()).T) / np.linalg.norm(test @ w_t.T)
+
+    rtn = bq.quantize(w_t, 4, 32, symmetric=symmetric, method="rtn")
+    g = bq.gptq(w_t, h, 4, 32, symmetric=symmetric)
+    g_ao = bq.gptq(w_t, h, 4, 32, symmetric=symmetric, act_order=True)
+    assert g.q.shape == rtn.q.shape and g.q.max() <= 15
+    assert out_err(g) < 0.8 * out_err(rtn)
+    assert out_err(g_ao) < 0.8 * out_err(rtn)

@@ -1,0 +1,271 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphc.errors import PassError, UnsupportedError
+from graphc.pass_base import PassContext
+from graphc.passes import _blockquant as bq
+from graphc.passes.quantize_nbits import META_WEIGHT, QuantizeNBits
+from tests.passes.graphs import cosine, gemm, mlp, ops_of, run
+
+Opts = QuantizeNBits.Options
+
+
+def _x(k=32, seed=1):
+    return np.random.default_rng(seed).standard_normal((2, 5, k)).astype(np.float32)
+
+
+def _weights(k=32, n=48, seed=0):
+    rng = np.random.default_rng(seed)  # the draws of graphs.mlp
+    w1 = rng.standard_normal((k, n)).astype(np.float32) * 0.2
+    b1 = rng.standard_normal(n).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((n, k)).astype(np.float32) * 0.2
+    w3 = rng.standard_normal((k, k)).astype(np.float32) * 0.2
+    return w1, b1, w2, w3
+
+
+def _init(model, name):
+    value = model.graph.initializers[name]
+    return value.const_value.numpy()
+
+
+def _scales_of(model, node):
+    """The float scales a MatMulNBits reads (looking through the float16 Cast)."""
+    v = node.inputs[2]
+    if v.const_value is None:
+        v = v.producer().inputs[0]
+    return v.const_value.numpy().astype(np.float32)
+
+
+def _dequant_nbits(model, node):
+    """Numpy dequantization of a MatMulNBits node's stored arrays, independent of _blockquant:
+    → W [K, N]."""
+    a = node.attributes
+    k, n, bits, block = a.get_int("K"), a.get_int("N"), a.get_int("bits"), a.get_int("block_size")
+    b = node.inputs[1].const_value.numpy()
+    n_blocks = -(-k // block)
+    assert b.shape == (n, n_blocks, block * bits // 8) and b.dtype == np.uint8
+    per = 8 // bits
+    codes = np.stack([(b >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], axis=-1).reshape(n, n_blocks, block)
+    scales = _scales_of(model, node).reshape(n, n_blocks)
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        zp_packed = node.inputs[3].const_value.numpy()
+        zp = np.stack([(zp_packed >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], axis=-1)
+        zp = zp.reshape(n, -1)[:, :n_blocks]
+    else:
+        zp = np.full((n, n_blocks), 1 << (bits - 1))
+    w_t = (codes.astype(np.float32) - zp[:, :, None]) * scales[:, :, None]
+    return w_t.reshape(n, -1)[:, :k].T
+
+
+def _nbits_nodes(model):
+    return [n for n in model.graph if n.op_type == "MatMulNBits"]
+
+
+def test_structure_and_stats():
+    model = mlp()
+    result = QuantizeNBits(Opts(bits=4, block_size=16, symmetric=False))(model)
+    s = result.stats.to_dict()
+    assert s["matmuls_quantized"] == 3
+    assert any(k["node"] == "act_act" and "not a constant" in k["reason"] for k in s["skipped"])
+    assert s["weight_bytes_before"] == 4 * (32 * 48 * 2 + 32 * 32)
+    assert s["weight_bytes_after"] < s["weight_bytes_before"] / 5
+    assert 0 < s["mean_rel_weight_error"] < 0.15
+    nodes = _nbits_nodes(model)
+    assert len(nodes) == 3 and ops_of(model).count("MatMul") == 1  # only act x act left
+    fc1 = next(n for n in nodes if n.name == "fc1_q4")
+    a = fc1.attributes
+    assert (a.get_int("K"), a.get_int("N"), a.get_int("bits"), a.get_int("block_size"), a.get_int("accuracy_level")) == (
+        32, 48, 4, 16, 4)
+    assert fc1.inputs[1].const_value.shape == ir.Shape([48, 2, 8])
+    assert fc1.inputs[3].const_value.shape == ir.Shape([48, 1])  # 2 blocks x 4 bits packed in a byte
+    assert fc1.metadata_props[META_WEIGHT]
+    assert "W1" not in model.graph.initializers
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ort_matches_numpy_dequantization(bits, symmetric):
+    """Packing check: ORT's MatMulNBits output equals x @ (numpy dequantization of the stored
+    arrays), for K a multiple of the block and K padded (fc2: K=48 with block 32)."""
+    model = mlp()
+    QuantizeNBits(Opts(bits=bits, block_size=32, symmetric=symmetric, method="mse", accuracy_level=0))(model)
+    x = _x()
+    y, scores = run(model, {"x": x})
+    by_name = {n.name: n for n in _nbits_nodes(model)}
+    w1q, w2q, w3q = (_dequant_nbits(model, by_name[f"{n}_q{bits}"]) for n in ("fc1", "fc2", "fc3"))
+    _, b1, _, _ = _weights()
+    h = np.maximum(x @ w1q + b1, 0)
+    np.testing.assert_allclose(y, h @ w2q, rtol=1e-4, atol=1e-4)
+    z = x @ w3q
+    np.testing.assert_allclose(scores, z @ z.transpose(0, 2, 1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantized_weights_close_to_float(bits):
+    model = mlp()
+    w1, _, w2, w3 = _weights()
+    QuantizeNBits(Opts(bits=bits, block_size=16, symmetric=False, method="mse"))(model)
+    by_name = {n.name: n for n in _nbits_nodes(model)}
+    for w, name in ((w1, "fc1"), (w2, "fc2"), (w3, "fc3")):
+        err = np.linalg.norm(_dequant_nbits(model, by_name[f"{name}_q{bits}"]) - w) / np.linalg.norm(w)
+        assert err < (0.08 if bits == 4 else 0.006)
+
+
+def test_accuracy_level_4_runs_close():
+    model = mlp()
+    ref = run(model, {"x": _x()})
+    QuantizeNBits(Opts(bits=8, block_size=32, accuracy_level=4))(model)
+    got = run(model, {"x": _x()})
+    assert cosine(ref[0], got[0]) > 0.999
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False)])
+def test_qdq_emit_checks_and_runs(bits, symmetric):
+    model = mlp()
+    x = _x()
+    ref = run(model, {"x": x})
+    QuantizeNBits(Opts(bits=bits, block_size=16, symmetric=symmetric, emit="qdq"))(model)
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert model.opset_imports[""] >= 21
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 3
+    data = dqs[0].inputs[0].const_value
+    want = {(4, True): ir.DataType.INT4, (4, False): ir.DataType.UINT4, (8, True): ir.DataType.INT8,
+            (8, False): ir.DataType.UINT8}[bits, symmetric]
+    assert data.dtype == want and dqs[0].attributes.get_int("block_size") == 16
+    got = run(model, {"x": x})
+    assert cosine(ref[0], got[0]) > (0.99 if bits == 4 else 0.9999)
+
+
+def test_qdq_equals_matmulnbits_numerically():
+    # ORT fuses DequantizeLinear(4-bit, blocked) → MatMul into MatMulNBits with accuracy_level 4
+    # (session option session.qdq_matmulnbits_accuracy_level), so compare with that level
+    x = _x()
+    a, b = mlp(), mlp()
+    QuantizeNBits(Opts(bits=4, block_size=16, symmetric=False, emit="qdq"))(a)
+    QuantizeNBits(Opts(bits=4, block_size=16, symmetric=False, emit="ms", accuracy_level=4))(b)
+    np.testing.assert_allclose(run(a, {"x": x})[0], run(b, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_qdq_per_channel():
+    model = mlp()
+    ref = run(model, {"x": _x()})
+    QuantizeNBits(Opts(bits=8, block_size=0, emit="qdq"))(model)
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    assert dq.attributes.get_int("axis") == 1 and "block_size" not in dq.attributes
+    assert cosine(ref[0], run(model, {"x": _x()})[0]) > 0.9999
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_bias_alpha_beta(trans_b):
+    model = gemm(trans_b=trans_b)
+    x = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
+    ref = run(model, {"x": x})[0]
+    result = QuantizeNBits(Opts(bits=8, block_size=16, accuracy_level=0))(model)
+    assert result.stats.counts["gemms_quantized"] == 1 and ops_of(model) == ["Cast", "MatMulNBits"]
+    np.testing.assert_allclose(run(model, {"x": x})[0], ref, rtol=0.02, atol=0.05)
+
+
+def test_head_bits():
+    model = mlp()  # fc2 produces the graph output y
+    result = QuantizeNBits(Opts(bits=4, block_size=16, head_bits=8))(model)
+    bits = {n.name: n.attributes.get_int("bits") for n in _nbits_nodes(model)}
+    assert bits == {"fc1_q4": 4, "fc2_q8": 8, "fc3_q4": 4}
+    assert result.stats.counts["head_matmuls_at_head_bits"] == 1
+
+
+def test_float16_matmul_skipped_with_reason():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "W"], ["y"], name="half")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT16, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 16])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    model = ir.serde.deserialize_model(proto)
+    result = QuantizeNBits()(model)
+    assert not result.modified and "not float32" in result.stats.skipped[0]["reason"]
+
+
+def test_exclude_and_min_elements_skip_with_reason():
+    model = mlp()
+    result = QuantizeNBits(Opts(exclude=("fc1",), min_elements=32 * 32 + 1))(model)
+    reasons = {s["node"]: s["reason"] for s in result.stats.skipped}
+    assert reasons["fc1"] == "excluded by option" and "min_elements" in reasons["fc3"]
+    assert result.stats.counts["matmuls_quantized"] == 1
+
+
+@pytest.mark.parametrize(
+    "options,expect",
+    [
+        ({"bits": 3}, "bits=3.*supported: 2, 4, 8"),
+        ({"block_size": 24}, "block_size=24.*supported: 16, 32, 64, 128, 256"),
+        ({"block_size": 512}, "supported: 16, 32, 64, 128, 256"),
+        ({"block_size": 0}, "per-channel.*emit='qdq'.*largest MatMulNBits block is 256"),
+        ({"bits": 2, "emit": "qdq"}, "no 2-bit tensor type.*emit='qdq': 4, 8.*emit='ms': 2, 4, 8"),
+        ({"block_size": 24, "emit": "qdq"}, "0 \\(per-channel\\), 16, 32, 64, 128, 256"),
+        ({"method": "awq"}, "method='awq'; supported: rtn, mse, hqq, gptq"),
+        ({"emit": "tensorrt"}, "supported: ms, qdq"),
+        ({"method": "hqq", "symmetric": True}, "symmetric=false"),
+        ({"head_bits": 3}, "bits=3"),
+        ({"scale_dtype": "bfloat16"}, "float32, float16"),
+    ],
+)
+def test_unsupported_options_list_what_is_supported(options, expect):
+    with pytest.raises(UnsupportedError, match=expect):
+        QuantizeNBits(Opts(**options))(mlp())
+
+
+def test_gptq_needs_calibration():
+    p = QuantizeNBits(Opts(method="gptq"))
+    assert p.needs_calibration
+    with pytest.raises(PassError, match="calibration"):
+        p(mlp())
+
+
+def test_gptq_with_calibration_beats_rtn_on_outputs():
+    rng = np.random.default_rng(0)
+    scale = np.ones(32, np.float32)
+    scale[:3] = 6.0  # a few large input channels, as after a transformer LayerNorm
+    feeds = [{"x": (rng.standard_normal((4, 16, 32)) * scale).astype(np.float32)} for _ in range(8)]
+    test = {"x": (rng.standard_normal((4, 16, 32)) * scale).astype(np.float32)}
+    ref = run(mlp(), test)[0]
+    errs = {}
+    for method in ("rtn", "gptq"):
+        model = mlp()
+        ctx = PassContext(calibration=feeds, calibration_source="test")
+        result = QuantizeNBits(Opts(bits=2, block_size=16, symmetric=False, method=method, accuracy_level=0), ctx)(model)
+        if method == "gptq":
+            assert any("gptq Hessians" in n for n in result.stats.notes)
+        errs[method] = np.linalg.norm(run(model, test)[0] - ref) / np.linalg.norm(ref)
+    assert errs["gptq"] < 0.85 * errs["rtn"]
+
+
+def test_shared_weight_quantized_once():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["a", "W"], ["y1"], name="m1"),
+             helper.make_node("MatMul", ["b", "W"], ["y2"], name="m2")]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 32]) for n in "ab"],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 16]) for n in ("y1", "y2")],
+        [numpy_helper.from_array(w, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    model = ir.serde.deserialize_model(proto)
+    result = QuantizeNBits(Opts(block_size=16, symmetric=True))(model)
+    assert result.stats.counts["matmuls_quantized"] == 2
+    packed = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.UINT8]
+    assert len(packed) == 1 and result.stats.counts["weight_bytes_before"] == w.nbytes
+    np.testing.assert_allclose(bq.unpack(packed[0].const_value.numpy(), 4, 16).shape, (16, 2, 16))
