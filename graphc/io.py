@@ -87,6 +87,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
 
 def check_proto(proto: onnx.ModelProto, path: Path) -> None:
     """Structural checks: names, order, ops, tensors, external data, then onnx.checker."""
+    _check_no_sparse_initializers(proto.graph, path)
     _check_names(proto.graph, path)
     _check_order(proto.graph, path)
     _check_ops_known(proto, path)
@@ -97,6 +98,7 @@ def check_proto(proto: onnx.ModelProto, path: Path) -> None:
             has_external = True
         else:
             _check_inline_size(tensor, path)
+    register_ort_onnx_domain_ops()
     try:
         # With external data the checker needs the model's folder, which only a path gives it.
         onnx.checker.check_model(str(path) if has_external else proto, full_check=False)
@@ -128,6 +130,30 @@ def _bad_utf8_field(msg, where: str = "model") -> str | None:
             if fd.type == fd.TYPE_MESSAGE and (found := _bad_utf8_field(item, here)):
                 return found
     return None
+
+
+def _check_no_sparse_initializers(graph: onnx.GraphProto, path: Path) -> None:
+    """onnx_ir drops sparse initializers (the nodes reading them would dangle): refuse them
+    by name instead of failing later on a 'dangling input'."""
+    for g in _all_graphs(graph):
+        if g.sparse_initializer:
+            sparse = g.sparse_initializer[0]
+            name = sparse.values.name or sparse.indices.name or "<unnamed>"
+            raise ModelLoadError(
+                f"sparse initializer {name!r} (shape {list(sparse.dims)}): graphc does not support sparse "
+                "initializers; store it dense", path=path,
+            )
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_graphs(g)
 
 
 def _label(node: onnx.NodeProto, index: int) -> str:
@@ -217,6 +243,55 @@ def _ort_schemas() -> frozenset[tuple[str, str]]:
         return frozenset((s.domain or "", s.name) for s in ort_c.get_all_operator_schema())
     except Exception:  # noqa: BLE001 - an ORT build without schemas: fall back to onnx.defs only
         return frozenset()
+
+
+@functools.cache
+def register_ort_onnx_domain_ops() -> tuple[str, ...]:
+    """Teach onnx.checker (onnx.defs) the ops ONNX Runtime registers in the ONNX domain that
+    ONNX itself does not define, with ORT's own schemas; returns their names.
+
+    ``SimplifiedLayerNormalization`` (RMSNorm) is one: ORT's and onnxscript's fusions write it
+    in the default domain, so ``fuse-ort`` on a Llama graph emits it, and without this graphc
+    could not load its own output. Only names ONNX leaves free are added.
+    """
+    OpSchema = onnx.defs.OpSchema
+    latest: dict[str, object] = {}
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        for schema in ort_c.get_all_operator_schema():
+            if (schema.domain or "") == "" and not onnx.defs.has(schema.name, ""):
+                if schema.name not in latest or latest[schema.name].since_version < schema.since_version:
+                    latest[schema.name] = schema
+    except Exception:  # noqa: BLE001 - an ORT build without schemas: nothing to add
+        return ()
+
+    def params(formal):
+        return [
+            OpSchema.FormalParameter(
+                p.name, p.typeStr, p.description,
+                param_option=OpSchema.FormalParameterOption(int(p.option.value)),
+                is_homogeneous=p.isHomogeneous,
+            )
+            for p in formal
+        ]
+
+    added = []
+    for name, schema in sorted(latest.items()):
+        try:
+            onnx.defs.register_schema(OpSchema(
+                name, "", schema.since_version, schema.doc or "",
+                inputs=params(schema.inputs),
+                outputs=params(schema.outputs),
+                type_constraints=[(t.type_param_str, list(t.allowed_type_strs), t.description)
+                                  for t in schema.type_constraints],
+                attributes=[OpSchema.Attribute(a.name, OpSchema.AttrType(int(a.type.value)), a.description, required=a.required)
+                            for a in schema.attributes.values()],
+            ))
+            added.append(name)
+        except Exception:  # noqa: BLE001 - a schema onnx cannot express: the checker will name the op
+            continue
+    return tuple(added)
 
 
 def known_domains() -> frozenset[str]:
@@ -376,6 +451,46 @@ def _is_symlink(base: Path, location: str) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------- IR version
+
+
+@functools.cache
+def max_ir_version() -> int:
+    """The highest IR version the installed ONNX Runtime loads, probed once with a trivial
+    model at decreasing versions (onnx.helper writes its newest by default: IR 14 with onnx
+    1.23, which ONNX Runtime 1.31 refuses; it loads up to 13)."""
+    import onnxruntime as ort
+
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "ir_probe", [value],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    for version in range(onnx.IR_VERSION, 6, -1):
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=version)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - "Unsupported model IR version"
+            continue
+        return version
+    return onnx.IR_VERSION  # pragma: no cover - an ORT that loads nothing: let it say why itself
+
+
+@contextlib.contextmanager
+def ort_ir_version(model: ir.Model) -> Iterator[None]:
+    """Temporarily lower the model's IR version to the highest ONNX Runtime loads."""
+    original = model.ir_version
+    model.ir_version = min(original, max_ir_version())
+    try:
+        yield
+    finally:
+        model.ir_version = original
+
+
 # --------------------------------------------------------------------------- saving
 
 
@@ -424,6 +539,7 @@ def save_model(
     2 GB. The external file is ``<name>.data`` beside the model, with a relative location;
     without it, weights that were external in the input are pulled into the single file.
     ``forbid``: paths the output must not overwrite (the input model and its data).
+    The file's IR version is at most :func:`max_ir_version` (what ONNX Runtime loads).
     """
     path = Path(path)
     if external_data is None:
@@ -435,11 +551,12 @@ def save_model(
         raise SaveError(f"cannot write in the output folder: {e.strerror or e}", path=path) from None
     try:
         try:
-            if external_data:
-                ir.save(model, tmp_dir / path.name, external_data=targets[1].name)
-            else:
-                with inline_external_data(model):
-                    ir.save(model, tmp_dir / path.name)
+            with ort_ir_version(model):
+                if external_data:
+                    ir.save(model, tmp_dir / path.name, external_data=targets[1].name)
+                else:
+                    with inline_external_data(model):
+                        ir.save(model, tmp_dir / path.name)
         except Exception as e:  # noqa: BLE001 - surface as a typed one-line error
             raise SaveError(f"could not serialize the model: {_one_line(str(e)) or type(e).__name__}", path=path) from None
         # The data file first: once the model file appears, everything it refers to is there.

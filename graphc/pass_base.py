@@ -77,6 +77,10 @@ class GraphcPass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # Float types of the models the pass does its work on. On a model of another type the
+    # pass leaves the nodes it cannot handle alone with a reason in its stats, or refuses with
+    # a GraphcError; it never writes a broken model (tests/fuzz checks both, per pass).
+    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
 
     def __init__(self, options: Any = None, context: PassContext | None = None) -> None:
         self.options = options if options is not None else self.Options()

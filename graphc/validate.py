@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphc.errors import ValidationError
+from graphc.errors import GraphcError, ValidationError
 
 # Symbolic dims get these sizes when inputs are synthesized.
 SYNTH_BATCH = 2
@@ -48,24 +48,56 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 def make_session(
     model: ir.Model | onnx.ModelProto | str | os.PathLike, *, threads: int | None = None, what: str = "model"
 ) -> ort.InferenceSession:
-    """An ORT CPU session for a path, an in-memory IR model or a ModelProto."""
+    """An ORT CPU session for a path, an in-memory IR model or a ModelProto.
+
+    A model whose IR version is newer than ONNX Runtime loads (onnx.helper's default) is
+    handed to it with the highest IR version it does load (graphc.io.max_ir_version)."""
+    from graphc.io import inline_external_data, max_ir_version
+
     try:
         if isinstance(model, (ir.Model, onnx.ModelProto)):
             if isinstance(model, ir.Model):
-                from graphc.io import inline_external_data
-
                 with inline_external_data(model):
                     proto = ir.serde.serialize_model(model)
+                proto.ir_version = min(proto.ir_version, max_ir_version())
+            elif model.ir_version > max_ir_version():
+                proto = _with_ir_version(model, max_ir_version())
             else:
                 proto = model
             data = proto.SerializeToString()
             return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(
-            os.fspath(model), session_options(threads), providers=["CPUExecutionProvider"]
-        )
+        try:
+            return ort.InferenceSession(
+                os.fspath(model), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception:  # noqa: BLE001
+            if _file_ir_version(model) <= max_ir_version():
+                raise
+        from graphc.io import load_model  # a file newer than ORT: through the in-memory path
+
+        return make_session(load_model(model), threads=threads, what=what)
+    except GraphcError:
+        raise
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValidationError(f"ONNX Runtime cannot load the {what}: {first}") from None
+
+
+def _with_ir_version(proto: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """A copy of ``proto`` with another IR version (the caller's proto stays as it is)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    copy.ir_version = version
+    return copy
+
+
+def _file_ir_version(path: str | os.PathLike) -> int:
+    """The IR version of a model file, read without its weights; 0 if it cannot be read
+    (ORT then says why)."""
+    try:
+        return onnx.load(os.fspath(path), load_external_data=False).ir_version
+    except Exception:  # noqa: BLE001
+        return 0
 
 
 def _vocab_size(model: ir.Model, input_value: ir.Value) -> int | None:

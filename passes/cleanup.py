@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
@@ -13,16 +15,61 @@ def _count_nodes(model: ir.Model) -> int:
     return sum(1 for _ in model.graph.all_nodes())
 
 
+def _fold_size_limit() -> int:
+    from onnxscript.optimizer import _constant_folding
+
+    return _constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    """No evaluation whose result onnxscript would throw away for its size anyway.
+
+    onnxscript evaluates a foldable node first and applies its output size limit after (it
+    keeps a result over the limit only if it is no larger than the inputs it replaces): a
+    few bytes of Expand/Tile/Range/broadcast on constants could allocate gigabytes first
+    (Expand of a [1] to [20000, 20000]: 3 GB and 11 s). Outputs without a static shape
+    (shape inference ran just before) are not folded.
+    """
+    budget = max(_fold_size_limit(), sum(v.const_value.size for v in node.inputs if v is not None and v.const_value is not None))
+    for out in node.outputs:
+        dims = list(out.shape) if out.shape is not None else None
+        if dims is None or not all(isinstance(d, int) for d in dims) or math.prod(dims) > budget:
+            return False
+    return None  # onnxscript's own rules
+
+
+def uninlinable_functions(model: ir.Model) -> list[str]:
+    """Model-local functions whose opset imports differ from the model's for a shared domain
+    (valid ONNX when the ops' schemas agree; onnx_ir's inliner refuses them)."""
+    out = []
+    for function in model.functions.values():
+        clash = [d for d, v in function.opset_imports.items() if d in model.opset_imports and model.opset_imports[d] != v]
+        if clash:
+            out.append(f"{function.domain}::{function.name}")
+    return sorted(out)
+
+
+def optimize(model: ir.Model, num_iterations: int = 2) -> None:
+    """onnxscript's optimizer (folding, dead code, CSE, ...) with bounded folding; functions
+    are inlined unless one imports another opset version than the model (then all stay)."""
+    from onnxscript.optimizer import optimize_ir
+
+    inline = not uninlinable_functions(model)
+    optimize_ir(model, num_iterations=num_iterations, should_fold=_should_fold, inline=inline)
+
+
 @register
 class FoldConstants(GraphcPass):
     name = "fold-constants"
     summary = "constant folding and shape simplification (onnxscript optimizer)"
+    dtypes = ("float32", "float16")
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
-        from onnxscript import optimizer
-
         before = _count_nodes(model)
-        optimizer.optimize(model, num_iterations=2)
+        kept = uninlinable_functions(model)
+        if kept:
+            stats.notes.append(f"functions not inlined (another opset version than the model): {', '.join(kept)}")
+        optimize(model, num_iterations=2)
         after = _count_nodes(model)
         stats.add("nodes_removed", before - after)
         return before != after
@@ -32,6 +79,7 @@ class FoldConstants(GraphcPass):
 class RemoveUnused(GraphcPass):
     name = "remove-unused"
     summary = "remove dead nodes, unused initializers, functions and opset imports"
+    dtypes = ("float32", "float16")
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         nodes = _count_nodes(model)
@@ -52,6 +100,7 @@ class RemoveUnused(GraphcPass):
 class CommonSubexpressions(GraphcPass):
     name = "cse"
     summary = "common subexpression elimination"
+    dtypes = ("float32", "float16")
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         before = _count_nodes(model)
@@ -64,6 +113,7 @@ class CommonSubexpressions(GraphcPass):
 class ShapeInference(GraphcPass):
     name = "shape-inference"
     summary = "ONNX shape inference onto the graph's values"
+    dtypes = ("float32", "float16")
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         return common.ShapeInferencePass()(model).modified
@@ -73,6 +123,7 @@ class ShapeInference(GraphcPass):
 class CompactMetadata(GraphcPass):
     name = "compact-metadata"
     summary = "replace the torch exporter's per-node debug metadata with one short graphc.scope"
+    dtypes = ("float32", "float16")
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         from graphc.exporters.metadata import compact_node_metadata

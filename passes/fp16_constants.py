@@ -39,6 +39,7 @@ class Fp16Constants(GraphcPass):
         graph = model.graph
         anchor = next(iter(graph), None)
         if anchor is None:
+            stats.notes.append("empty graph")
             return False
         modified = False
         for value in list(graph.initializers.values()):
@@ -66,4 +67,6 @@ class Fp16Constants(GraphcPass):
             stats.add("constants_converted")
             stats.add("bytes_saved", int(array.nbytes - half.nbytes))
             modified = True
+        if not modified:
+            stats.notes.append("no float32 constant vector to store as float16")
         return modified

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
 from graphc.registry import register
 
@@ -39,18 +40,24 @@ class FuseOptions:
 class FuseOrt(GraphcPass):
     name = "fuse-ort"
     summary = "fuse attention, SkipLayerNorm, (Bias)Gelu, RMSNorm, rotary into ORT ops (onnxscript rules)"
+    dtypes = ("float32", "float16")
     Options = FuseOptions
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         from onnxscript import rewriter
-        from onnxscript.optimizer import optimize
         from onnxscript.rewriter.ort_fusions import _core as C
+
+        from graphc.passes.cleanup import optimize  # folding bounded in memory
 
         target = choice(AttentionTarget, self.options.attention, "attention", self.name)
 
         counts: dict[str, int] = {}
         rewriter.rewrite(model, [C._gemm_to_matmul_add.gemm_to_matmul_add_rule])
-        C._pre_optimize(model)
+        # C._pre_optimize, with graphc's bounded optimize
+        common.ShapeInferencePass()(model)
+        optimize(model)
+        C.shape_optimization.rules.apply_to_model(model)
+        optimize(model)
 
         def fuse(key: str, func, **kw) -> None:
             counts[key] = int(func(model, **kw))
@@ -90,6 +97,9 @@ class FuseOrt(GraphcPass):
             common.InlinePass()(model)
             common.RemoveUnusedFunctionsPass()(model)
             stats.notes.append(f"inlined {len(leftovers)} unconsumed intermediate fusion node(s)")
+            still = sorted({n.op_type for n in model.graph.all_nodes() if n.domain.startswith(_PRIVATE_DOMAIN)})
+            if still:  # no function body to inline (onnxscript's SDPA has none): refuse
+                raise PassError(f"onnxscript left its intermediate op(s) {', '.join(still)} in the graph")
         for key, n in counts.items():
             if n:
                 stats.add(key, n)

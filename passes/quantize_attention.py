@@ -58,8 +58,8 @@ class QuantizeAttention(GraphcPass):
         for mha in mha_nodes:
             label = mha.name or "MultiHeadAttention"
             parts, reason = self._match(mha)
+            bias_value = mha.inputs[5] if len(mha.inputs) > 5 else None  # no mask: fewer inputs
             if reason is None:
-                bias_value = mha.inputs[5] if len(mha.inputs) > 5 else None
                 if bias_value is not None:
                     if bias_value.name not in verdicts:
                         verdicts[bias_value.name] = self._check_padding_bias(model, bias_value)
@@ -67,9 +67,9 @@ class QuantizeAttention(GraphcPass):
             if reason is not None:
                 stats.skip(label, reason)
                 continue
-            if mha.inputs[5] is not None and mask_index is None:
+            if bias_value is not None and mask_index is None:
                 mask_index = self._mask_index(graph)
-            self._rewrite(graph, mha, parts, mask_index if mha.inputs[5] is not None else None)
+            self._rewrite(graph, mha, parts, mask_index if bias_value is not None else None)
             stats.add("attention_quantized")
             modified = True
         if modified:  # the Q/K/V projections, their weights and the bias subgraph are now dead

@@ -210,8 +210,10 @@ class QuantizeInt8(GraphcPass):
         if w is None:
             stats.skip(label, "weight is not a constant (activation x activation MatMul)")
             return None
-        if w.dtype not in (np.float32, np.float16):
-            stats.skip(label, f"weight dtype {w.dtype} is not float32/float16")
+        if w.dtype != np.float32:
+            # MatMul/Gemm take both operands in one type: a float16 weight means float16
+            # activations, which DynamicQuantizeLinear does not take (float32 only)
+            stats.skip(label, f"weight dtype {w.dtype} is not float32 (float16 models are not quantized)")
             return None
         if w.ndim != 2:
             stats.skip(label, f"weight is {w.ndim}-D, not 2-D")

@@ -28,6 +28,7 @@ def _used(value: ir.Value, graph: ir.Graph) -> bool:
 class TrimUnusedOutputs(GraphcPass):
     name = "trim-outputs"
     summary = "drop unused optional outputs of normalization ops (saves an activation write each)"
+    dtypes = ("float32", "float16")
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         graph = model.graph
