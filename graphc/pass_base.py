@@ -106,7 +106,9 @@ class GraphcPass(ir.passes.InPlacePass):
 
     # onnx_ir entry point -------------------------------------------------------------
     def call(self, model: ir.Model) -> PassResult:
-        before = {id(n) for n in model.graph.all_nodes()}
+        # Hold the nodes themselves, not their id()s: a node deleted by the pass frees its id
+        # for a new node, which would then look old (and provenance would depend on memory).
+        before = set(model.graph.all_nodes())
         stats = PassStats()
         try:
             modified = bool(self.run(model, stats))
@@ -117,7 +119,7 @@ class GraphcPass(ir.passes.InPlacePass):
         except Exception as e:  # noqa: BLE001 - a bug or an unforeseen graph: name the pass
             raise PassError(f"{type(e).__name__}: {e}", pass_name=self.name) from e
         for node in model.graph.all_nodes():
-            if id(node) not in before:
+            if node not in before:
                 node.metadata_props.setdefault(ops.META_PASS, self.name)
         return PassResult(model, modified, stats)
 
