@@ -145,3 +145,14 @@ def function_with_another_opset():
     proto.graph.node.insert(len(proto.graph.node) - 1, helper.make_node("relu_fn", [last.input[0]], ["fn_out"], domain="local"))
     last.input[0] = "fn_out"
     return proto.SerializeToString()
+
+
+@case(check="check_bad_utf8_metadata_refused")
+def node_metadata_key_not_utf8():
+    """A node metadata key with invalid UTF-8 (protobuf hands it back as bytes) loaded, and
+    compact-metadata crashed on it ("a bytes-like object is required, not 'str'"; found by
+    the loader fuzz). Fix (graphc/io.py check_proto): every string field is checked for
+    UTF-8 on load, not only node names and edges."""
+    proto = build(Spec(hidden=8, heads=1, vocab=40))
+    helper.set_metadata_props(proto.graph.node[1], {"KEYX": "value"})
+    return proto.SerializeToString().replace(b"KEYX", b"KE\xffX")

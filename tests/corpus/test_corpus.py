@@ -90,7 +90,7 @@ def check_sparse_refused(path: Path, tmp_path: Path) -> None:
 def check_saved_ir_version(path: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     graphc.compress(path, out, recipe="int8")
-    assert onnx.load(out).ir_version == io.max_ir_version() < onnx.IR_VERSION or io.max_ir_version() == onnx.IR_VERSION
+    assert onnx.load(out).ir_version == min(onnx.IR_VERSION, io.max_ir_version())
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
 
@@ -110,3 +110,10 @@ def check_leftover_sdpa_refused(path: Path, tmp_path: Path) -> None:
             get_pass("fuse-ort")()(model)
     finally:
         _core.replace_sdpa_by_mha = original
+
+
+def check_bad_utf8_metadata_refused(path: Path, tmp_path: Path) -> None:
+    from graphc.errors import InvalidModelError
+
+    with pytest.raises(InvalidModelError, match=r"metadata_props\[0\]\.key is not valid UTF-8"):
+        io.load_model(path)
