@@ -39,3 +39,57 @@ def channel_absmax(
             amax = np.abs(out.reshape(-1, out.shape[-1])).max(axis=0)
             result[name] = amax if name not in result else np.maximum(result[name], amax)
     return result
+
+
+class InputMoments:
+    """Second moments of one value's last axis over the calibration tokens (padding left out):
+    ``gram`` = mean of x x^T [K, K] (float64), ``abs_mean`` = mean |x| per channel [K], and
+    ``tokens``, how many rows went in."""
+
+    __slots__ = ("gram", "abs_mean", "tokens")
+
+    def __init__(self, gram: np.ndarray, abs_mean: np.ndarray, tokens: int) -> None:
+        self.gram, self.abs_mean, self.tokens = gram, abs_mean, tokens
+
+
+def input_moments(
+    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str
+) -> dict[str, InputMoments]:
+    """:class:`InputMoments` of each named value over all calibration feeds; rows at padded
+    positions (the feed's ``attention_mask`` is 0) are left out when the value is [batch, seq, K]."""
+    if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
+        raise PassError("needs calibration data, and none was given (pass feeds or use a model recipe)", pass_name=pass_name)
+    names = sorted({v.name for v in values if v.name})
+    from graphc.io import inline_external_data
+
+    with inline_external_data(model):
+        proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    session = make_session(proto, what="model during calibration")
+    del proto
+    inputs = {i.name for i in session.get_inputs()}
+    grams: dict[str, np.ndarray] = {}
+    abs_sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for feed in feeds:
+        outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
+        mask = feed.get("attention_mask")
+        for name, out in zip(names, outs):
+            out = np.asarray(out)
+            if out.ndim == 0:
+                continue
+            if mask is not None and out.ndim == 3 and out.shape[:2] == np.shape(mask):
+                rows = out[np.asarray(mask) != 0]
+            else:
+                rows = out.reshape(-1, out.shape[-1])
+            rows = rows.astype(np.float64)
+            grams[name] = grams.get(name, 0) + rows.T @ rows
+            abs_sums[name] = abs_sums.get(name, 0) + np.abs(rows).sum(axis=0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+    return {
+        name: InputMoments(grams[name] / max(counts[name], 1), abs_sums[name] / max(counts[name], 1), counts[name])
+        for name in grams
+    }

@@ -4,10 +4,12 @@ from graphc.passes import (  # noqa: F401
     cleanup,
     fp16_constants,
     fuse_ort,
+    lowrank_embedding,
     quantize_attention,
     quantize_embedding,
     quantize_gather_block,
     quantize_int8,
     quantize_nbits,
+    svd_linear,
     trim_outputs,
 )
