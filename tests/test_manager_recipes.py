@@ -81,3 +81,42 @@ def test_bad_recipe_files(tmp_path):
         get_recipe(str(bad))
     with pytest.raises(RecipeError, match="unknown recipe 'int99'"):
         get_recipe("int99")
+
+
+class _ReplaceEveryNode(GraphcPass):
+    """Deletes each node and creates a same-kind node in its place: CPython hands the freed
+    memory (and so the id()) of a deleted node to the next new one."""
+
+    name = "replace-every-node"
+
+    def run(self, model, stats: PassStats) -> bool:
+        import gc
+
+        import onnx_ir as ir
+
+        graph = model.graph
+        for _ in range(len(graph)):
+            node = next(iter(graph))  # the oldest remaining node; new ones go to the end
+            new = ir.node(node.op_type, list(node.inputs), attributes=dict(node.attributes), domain=node.domain,
+                          num_outputs=len(node.outputs))
+            graph.append(new)
+            for old, out in zip(node.outputs, new.outputs):
+                out.name, out.type, out.shape = old.name + "_new", old.type, old.shape
+                old.replace_all_uses_with(out, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            del node, new, old, out
+            gc.collect()  # free the deleted node now (node and outputs reference each other)
+        graph.sort()
+        return True
+
+
+def test_every_node_a_pass_creates_is_labelled_even_when_ids_are_reused():
+    """Regression: GraphcPass once recognised pre-existing nodes by id(); a new node that got
+    a deleted node's id went unlabelled (provenance then depended on memory layout)."""
+    from graphc import ops
+
+    for _ in range(5):
+        model = mlp()
+        _ReplaceEveryNode()(model)
+        labels = [n.metadata_props.get(ops.META_PASS) for n in model.graph]
+        assert labels and all(label == "replace-every-node" for label in labels), labels
