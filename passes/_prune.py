@@ -1,0 +1,329 @@
+"""Shared pieces of the structured-pruning passes (prune-heads, prune-ffn).
+
+- :class:`Linear`: a float ``MatMul`` by a constant ``[K, N]`` weight with the bias that
+  follows it (an ``Add``, or the bias input of ``SkipLayerNormalization`` / ``BiasGelu``),
+  and the edits pruning makes on it (keep columns, keep rows, replace the weight and bias).
+- :func:`activations`: the rows (tokens) of chosen values over the calibration feeds, padded
+  positions left out.
+- :func:`refit`: the STAT-style correction. After input channels of a linear layer are
+  removed, refit its weight (and bias) on the channels that remain by ridge-regularised least
+  squares so that its output on calibration data stays close to the original output.
+- :class:`Budget`: how many units (heads, KV groups, neurons) a layer loses, from a fraction,
+  a count, or a per-layer error budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphc import ops
+from graphc.errors import PassError, PreconditionError
+from graphc.passes._quant import const_array, constant
+
+_FLOATS = (np.float32, np.float64)
+
+
+@dataclass
+class Linear:
+    """``y = x @ W (+ b)``: a MatMul by a constant 2-D float weight and where its bias lives."""
+
+    node: ir.Node
+    weight: np.ndarray  # [K, N]
+    bias_node: ir.Node | None = None  # the node whose input ``bias_index`` is the bias
+    bias_index: int = 1
+    bias: np.ndarray | None = None  # [N]
+
+    @property
+    def output(self) -> ir.Value:
+        """The value after the bias when the bias is a plain Add, else the MatMul output."""
+        if self.bias_node is not None and self.bias_node.op_type == ops.ADD:
+            return self.bias_node.outputs[0]
+        return self.node.outputs[0]
+
+    def set_weight(self, graph: ir.Graph, weight: np.ndarray, suffix: str) -> None:
+        old = self.node.inputs[1]
+        value = constant(graph, f"{old.name}_{suffix}", weight.astype(old.const_value.numpy().dtype
+                                                                       if old.const_value is not None else np.float32))
+        self.node.replace_input_with(1, value)
+        self.weight = weight
+
+    def set_bias(self, graph: ir.Graph, bias: np.ndarray, suffix: str) -> None:
+        if self.bias_node is None:
+            raise PassError(f"{self.node.name}: no bias to replace")
+        old = self.bias_node.inputs[self.bias_index]
+        value = constant(graph, f"{old.name}_{suffix}", bias.astype(np.float32))
+        self.bias_node.replace_input_with(self.bias_index, value)
+        self.bias = bias
+
+
+def linear(node: ir.Node | None) -> Linear | None:
+    """The :class:`Linear` of a float MatMul by a constant 2-D weight, else None."""
+    if node is None or node.op_type != ops.MATMUL or node.domain != ops.ONNX_DOMAIN or len(node.inputs) != 2:
+        return None
+    w = const_array(node.inputs[1])
+    if w is None or w.ndim != 2 or w.dtype not in _FLOATS:
+        return None
+    lin = Linear(node, np.asarray(w, np.float32))
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1:
+        user, idx = uses[0]
+        n = w.shape[1]
+        if user.op_type == ops.ADD and user.domain == ops.ONNX_DOMAIN:
+            b = const_array(user.inputs[1 - idx])
+            if b is not None and b.ndim == 1 and b.shape[0] == n:
+                lin.bias_node, lin.bias_index, lin.bias = user, 1 - idx, np.asarray(b, np.float32)
+        elif user.domain == ops.MS_DOMAIN and idx == 0:
+            slot = {ops.SKIP_LAYER_NORM: 4, "SkipSimplifiedLayerNormalization": 3, ops.BIAS_GELU: 1, "FastGelu": 1}
+            k = slot.get(user.op_type)
+            if k is not None and len(user.inputs) > k and user.inputs[k] is not None:
+                b = const_array(user.inputs[k])
+                if b is not None and b.ndim == 1 and b.shape[0] == n:
+                    lin.bias_node, lin.bias_index, lin.bias = user, k, np.asarray(b, np.float32)
+    return lin
+
+
+def producer_linear(value: ir.Value | None) -> Linear | None:
+    """The Linear whose output (after its Add bias, if any) is ``value``."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == ops.ADD and node.domain == ops.ONNX_DOMAIN:
+        for x in node.inputs:
+            lin = linear(x.producer() if x is not None else None)
+            if lin is not None and lin.bias_node is node:
+                return lin
+        return None
+    lin = linear(node)
+    return lin if lin is not None and lin.output is value else None
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _proto_with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
+    from graphc.io import inline_external_data
+
+    with inline_external_data(model):
+        proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    return proto
+
+
+def activations(
+    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str
+) -> dict[str, np.ndarray]:
+    """Rows [tokens, channels] (float32) of each value over the calibration feeds. Values of
+    shape [batch, seq, K] leave out padded positions (``attention_mask`` 0)."""
+    from graphc.validate import make_session
+
+    if not feeds:
+        raise PassError("needs calibration data, and none was given (use a model recipe or pass feeds)",
+                        pass_name=pass_name)
+    names = list(dict.fromkeys(v.name for v in values))
+    session = make_session(_proto_with_outputs(model, names), what="model during calibration")
+    inputs = {i.name for i in session.get_inputs()}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
+        mask = feed.get("attention_mask")
+        for name, out in zip(names, outs):
+            out = np.asarray(out, np.float32)
+            if mask is not None and out.ndim == 3 and out.shape[:2] == np.shape(mask):
+                rows[name].append(out[np.asarray(mask) != 0])
+            else:
+                rows[name].append(out.reshape(-1, out.shape[-1]))
+    return {n: np.concatenate(r) for n, r in rows.items()}
+
+
+# --------------------------------------------------------------------------- least squares
+
+
+def refit(x: np.ndarray, y: np.ndarray, ridge: float, fit_bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``W, b = argmin ||x W + b - y||² + λ ||W||²`` with λ = ``ridge`` × mean diagonal of the
+    (centred) Gram matrix; solved through the normal equations in float64. ``b`` is zero when
+    ``fit_bias`` is false."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    if fit_bias:
+        mx, my = x.mean(axis=0), y.mean(axis=0)
+        xc, yc = x - mx, y - my
+    else:
+        xc, yc = x, y
+    gram = xc.T @ xc
+    lam = ridge * max(float(np.trace(gram)) / max(gram.shape[0], 1), 1e-12)
+    gram[np.diag_indices_from(gram)] += lam
+    w = np.linalg.solve(gram, xc.T @ yc)
+    b = (my - mx @ w) if fit_bias else np.zeros(y.shape[1])
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def relative_error(y_hat: np.ndarray, y: np.ndarray) -> float:
+    """||y_hat - y||² / ||y - mean(y)||²: the share of the output's variation that is lost."""
+    denom = float(np.sum((y - y.mean(axis=0)) ** 2)) or 1.0
+    return float(np.sum((y_hat - y) ** 2)) / denom
+
+
+def group_energy(x: np.ndarray, w: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """Importance of each group of input channels: ||x[:, g] @ w[g]||² summed over tokens
+    (the energy of that group's contribution to the layer's output)."""
+    return np.array([float(np.sum((x[:, g] @ w[g]) ** 2)) for g in groups])
+
+
+# --------------------------------------------------------------------------- how much to prune
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Units a layer removes: ``count`` units, else ``fraction`` of them (rounded down), else
+    the most whose corrected output keeps ``relative_error`` ≤ ``max_error``."""
+
+    fraction: float = 0.0
+    count: int = 0
+    max_error: float = 0.0
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0 or self.fraction > 0 or self.max_error > 0
+
+    def check(self, pass_name: str, unit: str) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise PreconditionError(f"fraction must be in [0, 1), got {self.fraction}", pass_name=pass_name)
+        if self.count < 0:
+            raise PreconditionError(f"count must be ≥ 0, got {self.count}", pass_name=pass_name)
+        if self.max_error < 0:
+            raise PreconditionError(f"max_error must be ≥ 0, got {self.max_error}", pass_name=pass_name)
+        if sum(bool(v) for v in (self.fraction, self.count, self.max_error)) > 1:
+            raise PreconditionError(f"give one of fraction, count or max_error ({unit} per layer)",
+                                    pass_name=pass_name)
+
+    def fixed(self, total: int) -> int | None:
+        """Units to remove when fixed by fraction or count (None: by error budget)."""
+        if self.count:
+            return self.count
+        if self.fraction:
+            return int(np.floor(self.fraction * total + 1e-9))
+        return None
+
+
+def choose(
+    total: int, budget: Budget, order: np.ndarray, error_of: Callable[[np.ndarray], float], min_keep: int = 1
+) -> np.ndarray:
+    """Indices of the units to keep (sorted). ``order``: unit indices, least important first;
+    ``error_of(keep)``: the corrected relative error when keeping ``keep``."""
+    fixed = budget.fixed(total)
+    if fixed is not None:
+        remove = min(fixed, total - min_keep)
+        return np.sort(order[remove:])
+    lo, hi = 0, total - min_keep  # the error grows with the number removed: bisect on it
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if error_of(np.sort(order[mid:])) <= budget.max_error:
+            lo = mid
+        else:
+            hi = mid - 1
+    return np.sort(order[lo:])
+
+
+def expand_units(units: np.ndarray, width: int) -> np.ndarray:
+    """Channel indices of units that each span ``width`` consecutive channels."""
+    return (np.asarray(units)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+
+
+def set_arch_metadata(model: ir.Model, key: str, per_layer: Sequence[int]) -> None:
+    """``graphc.arch.<key>`` = the largest per-layer value; ``graphc.arch.<key>_per_layer`` =
+    all of them, in graph order (pruning may leave layers of different widths)."""
+    if not per_layer:
+        return
+    model.metadata_props[f"{ops.META_ARCH_PREFIX}{key}"] = str(max(per_layer))
+    model.metadata_props[f"{ops.META_ARCH_PREFIX}{key}_per_layer"] = ",".join(str(v) for v in per_layer)
+
+
+@dataclass
+class LayerPlan:
+    """What pruning one layer decided: units kept, the input channels they span, the new
+    weight and bias of the layer after them, and the relative output error (calibration)."""
+
+    keep: np.ndarray
+    channels: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    error: float
+    error_uncorrected: float
+
+
+def plan_layer(
+    x: np.ndarray, y: np.ndarray, lin: Linear, width: int, budget: Budget, *, correct: bool, ridge: float,
+    min_keep: int = 1,
+) -> LayerPlan:
+    """Choose the units (``width`` consecutive input channels each) of ``lin``'s input to keep,
+    least contributing first out, and refit ``lin`` on the rest so that it maps the kept
+    channels ``x[:, channels]`` to ``y`` (the original layer's output on the same tokens)."""
+    w = lin.weight
+    b = lin.bias if lin.bias is not None else np.zeros(w.shape[1], np.float32)
+    units = x.shape[1] // width
+    groups = [np.arange(u * width, (u + 1) * width) for u in range(units)]
+    order = np.argsort(group_energy(x, w, groups), kind="stable")
+
+    def fit(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cols = expand_units(keep, width)
+        if correct:
+            w2, b2 = refit(x[:, cols], y, ridge, fit_bias=True)
+            return cols, w2, b2
+        return cols, w[cols], b
+
+    def error(keep: np.ndarray) -> float:
+        cols, w2, b2 = fit(keep)
+        return relative_error(x[:, cols] @ w2 + b2, y)
+
+    keep = choose(units, budget, order, error, min_keep)
+    cols, w2, b2 = fit(keep)
+    plain = relative_error(x[:, cols] @ w[cols] + b, y)
+    return LayerPlan(keep, cols, w2, b2, relative_error(x[:, cols] @ w2 + b2, y), plain)
+
+
+def apply_output_refit(graph: ir.Graph, lin: Linear, plan: LayerPlan, suffix: str) -> None:
+    """Give ``lin`` its new weight (rows of the kept channels, refitted) and bias; a layer
+    without a bias gets an Add when the refit moved the bias."""
+    lin.set_weight(graph, plan.weight, suffix)
+    if lin.bias_node is not None:
+        lin.set_bias(graph, plan.bias, suffix)
+    elif np.any(plan.bias != 0):
+        out = lin.node.outputs[0]
+        uses = list(out.uses())
+        value = constant(graph, f"{lin.node.name or 'linear'}_bias_{suffix}", plan.bias.astype(np.float32))
+        add = ir.node(ops.ADD, [out, value], name=unique_node_name(graph, f"{lin.node.name or 'linear'}_bias_{suffix}"))
+        for key in ("graphc.scope", "namespace"):
+            if key in lin.node.metadata_props:
+                add.metadata_props[key] = lin.node.metadata_props[key]
+        graph.insert_after(lin.node, add)
+        for user, idx in uses:
+            user.replace_input_with(idx, add.outputs[0])
+        if out in graph.outputs:
+            graph.outputs[list(graph.outputs).index(out)] = add.outputs[0]
+        lin.bias_node, lin.bias_index, lin.bias = add, 1, plan.bias
+
+
+def forget_shapes(nodes: Sequence[ir.Node]) -> None:
+    """Drop the recorded shapes of the nodes' outputs (their channel counts changed)."""
+    for node in nodes:
+        for out in node.outputs:
+            out.shape = None
+
+
+def unique_node_name(graph: ir.Graph, base: str) -> str:
+    names = {n.name for n in graph}
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    return name
