@@ -104,6 +104,17 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
     return synthesize_inputs(model, count=4, seed=seed), "synthesized from the input signature"
 
 
+def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | None:
+    """The model recipe's task metric (perplexity, embedding cosine, ...) when the validation
+    feeds are that recipe's real texts (see :func:`validation_feeds`), else None."""
+    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    if not name or not input_source.startswith(f"{name}: "):
+        return None
+    from graphc.models import get_model_recipe
+
+    return get_model_recipe(name).task_metric
+
+
 def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
     name = model.metadata_props.get(ops.META_MODEL_RECIPE)
     if name:
@@ -179,7 +190,8 @@ def compress(
     checked = None
     if validate:
         tol = recipe_obj.tolerance
-        checked = compare(None, work, feeds, input_source=input_source, reference_outputs=reference)
+        checked = compare(None, work, feeds, input_source=input_source, reference_outputs=reference,
+                          task=task_metric_for(ir_model, input_source))
         checked.min_cosine_required = tol.min_row_cosine
         checked.max_abs_allowed = tol.max_abs
         checked.min_output_cosine_required = tol.min_cosine
@@ -243,7 +255,7 @@ def report(
     source = "given"
     if feeds is None:
         feeds, source = validation_feeds(orig)
-    validation = compare(orig, rew, feeds, input_source=source)
+    validation = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
     data = report_data(
         orig,
         rew,
@@ -276,7 +288,7 @@ def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict]
     source = "given"
     if feeds is None:
         feeds, source = validation_feeds(orig)
-    return compare(orig, rew, feeds, input_source=source)
+    return compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
 
 
 def export(source: Any, output: str | os.PathLike, **kwargs: Any):

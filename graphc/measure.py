@@ -5,7 +5,9 @@
   drift hits all of them equally;
 - embeddings: sentence embeddings of an encoder (mean pooling over the attention mask,
   then L2 normalisation) and cosine statistics of one set against a reference;
-- probe: a logistic-regression probe trained on reference embeddings and scored on others.
+- probe: a logistic-regression probe trained on reference embeddings and scored on others;
+- perplexity: token-weighted next-token perplexity of a causal LM over fixed token windows,
+  from ORT logits or any callable (the PyTorch fp32 reference through the same windows).
 
 Library code: nothing here prints. Long loops report through an optional
 ``progress(done, total)`` callback. scikit-learn is imported only by the probe helpers.
@@ -283,3 +285,87 @@ def majority_accuracy(y: np.ndarray) -> float:
         return 0.0
     _, counts = np.unique(y, return_counts=True)
     return float(counts.max() / y.size)
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+@dataclass
+class Perplexity:
+    """Token-weighted perplexity of a causal LM over fixed windows: exp(mean next-token NLL)."""
+
+    perplexity: float
+    mean_nll: float  # nats per predicted token
+    tokens: int  # predicted tokens (each window of n tokens predicts n - 1)
+    windows: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def token_nll(
+    logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray | None = None
+) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats, float64) and the number of predicted
+    tokens: position t's logits score token t + 1; a target counts when it and the position
+    predicting it are both unmasked. Row by row, so a [batch, seq, vocab] float32 block is
+    never copied whole."""
+    logits = np.asarray(logits)
+    ids = np.asarray(input_ids)
+    if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+        raise ValidationError(f"logits of shape {logits.shape} do not match input_ids of shape {ids.shape}")
+    keep = np.ones(ids.shape, dtype=bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    keep = keep[:, 1:] & keep[:, :-1]
+    total, count = 0.0, 0
+    for b in range(ids.shape[0]):
+        rows = logits[b, :-1][keep[b]].astype(np.float32, copy=False)
+        if rows.size == 0:
+            continue
+        targets = ids[b, 1:][keep[b]]
+        peak = rows.max(axis=-1)
+        log_z = np.log(np.exp(rows - peak[:, None]).sum(axis=-1, dtype=np.float64)) + peak
+        picked = rows[np.arange(len(targets)), targets]
+        total += float((log_z - picked).sum(dtype=np.float64))
+        count += int(targets.size)
+    return total, count
+
+
+def perplexity(
+    runner: ort.InferenceSession | Callable[[Feed], np.ndarray],
+    feeds: Sequence[Feed],
+    *,
+    output: int | str = 0,
+    progress: Progress | None = None,
+) -> Perplexity:
+    """Perplexity of a causal LM on ``feeds`` (each with ``input_ids``, optionally
+    ``attention_mask``), token-weighted over all windows.
+
+    ``runner`` is an ORT session (its output ``output`` holds the logits) or a callable
+    mapping a feed to logits (a torch model, say: the fp32 reference through the same windows).
+    """
+    if not feeds:
+        raise ValidationError("perplexity needs at least one feed of token windows")
+    if isinstance(runner, ort.InferenceSession):
+        out_names = [o.name for o in runner.get_outputs()]
+        index = out_names.index(output) if isinstance(output, str) else output
+    total, count, windows = 0.0, 0, 0
+    for i, feed in enumerate(feeds):
+        if isinstance(runner, ort.InferenceSession):
+            logits = runner.run(None, feed_for(runner, feed))[index]
+        else:
+            logits = runner(feed)
+        nll, n = token_nll(logits, feed["input_ids"], feed.get("attention_mask"))
+        total += nll
+        count += n
+        windows += int(np.asarray(feed["input_ids"]).shape[0])
+        if progress:
+            progress(i + 1, len(feeds))
+    if count == 0:
+        raise ValidationError("the feeds hold no token to predict (windows of one token, or all masked)")
+    mean = total / count
+    return Perplexity(float(np.exp(mean)), mean, count, windows)
+
+
+def relative_rise(value: float, reference: float) -> float:
+    """(value - reference) / reference: +0.05 is 5% above the reference."""
+    return (value - reference) / reference

@@ -8,7 +8,7 @@ the input signature for a bare .onnx.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphc.errors import GraphcError, ValidationError
+
+# feeds, original outputs, rewritten outputs (per feed, by output name) -> task figures
+TaskMetric = Callable[
+    [Sequence[Mapping[str, np.ndarray]], Sequence[Mapping[str, np.ndarray]], Sequence[Mapping[str, np.ndarray]]],
+    "dict[str, Any] | None",
+]
 
 # Symbolic dims get these sizes when inputs are synthesized.
 SYNTH_BATCH = 2
@@ -300,8 +306,12 @@ def compare(
     reference_outputs: list[list[np.ndarray]] | None = None,
     min_cosine: float | None = None,
     max_abs: float | None = None,
+    task: TaskMetric | None = None,
 ) -> ValidationReport:
-    """Per-output metrics of ``rewritten`` against ``original`` on the same feeds."""
+    """Per-output metrics of ``rewritten`` against ``original`` on the same feeds.
+
+    ``task`` (a model recipe's ``task_metric``) turns both models' outputs, per feed by
+    output name, into the report's ``task`` figures (perplexity, embedding cosine, ...)."""
     rew = rewritten if isinstance(rewritten, ort.InferenceSession) else make_session(rewritten, what="rewritten model")
     if reference_outputs is None:
         orig = original if isinstance(original, ort.InferenceSession) else make_session(original, what="original model")
@@ -319,6 +329,11 @@ def compare(
         refs = [r[i] for r in reference_outputs]
         masks = [_row_mask(feed, ref) for feed, ref in zip(feeds, refs)]
         metrics.append(output_metrics(name, refs, [g[j] for g in got], masks))
-    return ValidationReport(metrics, len(feeds), input_source, min_cosine, max_abs)
+    report = ValidationReport(metrics, len(feeds), input_source, min_cosine, max_abs)
+    if task is not None:
+        ref_named = [dict(zip(out_names, r)) for r in reference_outputs]
+        got_named = [dict(zip(rew_names, g)) for g in got]
+        report.task = task(feeds, ref_named, got_named) or {}
+    return report
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,17 @@ class ModelRecipe:
     def feeds(self, texts: Sequence[str], *, batch: int = 16, max_length: int = 128) -> list[dict[str, np.ndarray]]:
         """Tokenized ORT feeds (numpy int64) for the given texts, ``batch`` texts a feed."""
         raise NotImplementedError
+
+    def task_metric(
+        self,
+        feeds: Sequence[Mapping[str, np.ndarray]],
+        reference: Sequence[Mapping[str, np.ndarray]],
+        outputs: Sequence[Mapping[str, np.ndarray]],
+    ) -> dict[str, Any] | None:
+        """The model's real-task figure on validation: ``reference`` and ``outputs`` hold, per
+        feed, the original and the rewritten model's outputs by name. A flat dict (it lands
+        in the validation JSON under ``task``), or None when the recipe has no task metric."""
+        return None
 
     # Extensions ------------------------------------------------------------------------
     def torch_outputs(self, feeds: Sequence[dict[str, np.ndarray]], module: Any = None) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -112,6 +112,25 @@ class MiniLMRecipe(ModelRecipe):
         out = np.empty_like(embeddings)
         out[order] = embeddings
         return out
+
+    def task_metric(
+        self,
+        feeds: Sequence[Mapping[str, np.ndarray]],
+        reference: Sequence[Mapping[str, np.ndarray]],
+        outputs: Sequence[Mapping[str, np.ndarray]],
+    ) -> dict[str, Any] | None:
+        """Cosine of the rewritten model's sentence embeddings (mean pooling, L2 norm) to the
+        original's on the validation sentences."""
+        from graphc import measure
+
+        name = self.output_names[0]
+        if not feeds or "attention_mask" not in feeds[0] or name not in reference[0] or name not in outputs[0]:
+            return None
+        ref = np.concatenate([embed(o[name], f["attention_mask"]) for f, o in zip(feeds, reference)])
+        got = np.concatenate([embed(o[name], f["attention_mask"]) for f, o in zip(feeds, outputs)])
+        stats = measure.cosine_stats(got, ref)
+        return {"metric": "embedding_cosine", "mean": round(stats.mean, 6), "min": round(stats.min, 6),
+                "sentences": stats.count}
 
     def torch_run_fn(self, module: Any = None) -> RunFn:
         """A ``run`` for :meth:`embed_texts` that uses the fp32 torch model."""

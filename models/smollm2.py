@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from graphc.errors import ExportError, MissingDependencyError
+from graphc.errors import ExportError, MissingDependencyError, UnsupportedError
 from graphc.models import data
 from graphc.models.base import ArchFacts, ModelRecipe, hf_offline
 
@@ -165,22 +164,72 @@ class SmolLM2Recipe(ModelRecipe):
             for i in range(0, windows, batch)
         ]
 
+    def perplexity_feeds(
+        self, windows: int = 32, *, seq: int = 512, batch: int = 1, split: str = "eval"
+    ) -> list[dict[str, np.ndarray]]:
+        """The first ``windows`` windows of ``seq`` tokens of the Wikipedia ``split`` (the
+        same on every call), ``batch`` windows a feed: the fixed text perplexity is judged on."""
+        texts = data.wiki_text(split)
+        tok = self.tokenizer()
+        need, have, used = windows * seq, 0, 0
+        while have < need and used < len(texts):
+            have += len(tok(texts[used], add_special_tokens=False)["input_ids"]) + 2  # + the joiner
+            used += 1
+        feeds = self.feeds(texts[:used], batch=batch, max_length=seq)
+        got = sum(len(f["input_ids"]) for f in feeds)
+        if got < windows:
+            raise UnsupportedError(f"the wiki {split!r} split holds {got} windows of {seq} tokens, fewer than {windows}")
+        out, left = [], windows
+        for f in feeds:
+            if left <= 0:
+                break
+            out.append({k: v[:left] for k, v in f.items()})
+            left -= len(out[-1]["input_ids"])
+        return out
+
+    def task_metric(
+        self,
+        feeds: Sequence[Mapping[str, np.ndarray]],
+        reference: Sequence[Mapping[str, np.ndarray]],
+        outputs: Sequence[Mapping[str, np.ndarray]],
+    ) -> dict[str, Any] | None:
+        """Perplexity of the rewritten model's logits vs the original's on the validation
+        windows (token-weighted, the same tokens for both)."""
+        from graphc import measure
+
+        if not feeds or "input_ids" not in feeds[0] or "logits" not in reference[0] or "logits" not in outputs[0]:
+            return None
+        ref = measure.perplexity(_replay(feeds, reference, "logits"), feeds)
+        got = measure.perplexity(_replay(feeds, outputs, "logits"), feeds)
+        return {
+            "metric": "perplexity",
+            "reference": round(ref.perplexity, 4),
+            "value": round(got.perplexity, 4),
+            "relative_rise": round(measure.relative_rise(got.perplexity, ref.perplexity), 5),
+            "tokens": got.tokens,
+            "windows": got.windows,
+        }
+
+
+def _replay(
+    feeds: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[Mapping[str, np.ndarray]], name: str
+) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """A runner that returns the already computed output ``name`` of each feed."""
+    by_feed = {id(f): o[name] for f, o in zip(feeds, outputs)}
+    return lambda feed: by_feed[id(feed)]
+
 
 def token_nll(logits: np.ndarray, input_ids: np.ndarray) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens."""
-    logits = np.asarray(logits, dtype=np.float32)[:, :-1]
-    targets = np.asarray(input_ids)[:, 1:]
-    peak = logits.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
-    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return float((log_z - picked).astype(np.float64).sum()), int(targets.size)
+    """Summed next-token negative log-likelihood and the number of predicted tokens
+    (:func:`graphc.measure.token_nll`)."""
+    from graphc import measure
+
+    return measure.token_nll(logits, input_ids)
 
 
 def perplexity(run: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: Sequence[dict[str, np.ndarray]]) -> float:
-    """Perplexity over fixed windows: ``run`` maps a feed to logits (torch or ORT)."""
-    total, count = 0.0, 0
-    for feed in feeds:
-        nll, n = token_nll(run(feed), feed["input_ids"])
-        total += nll
-        count += n
-    return math.exp(total / max(count, 1))
+    """Perplexity over fixed windows: ``run`` maps a feed to logits (torch or ORT)
+    (:func:`graphc.measure.perplexity`)."""
+    from graphc import measure
+
+    return measure.perplexity(run, feeds).perplexity
