@@ -5,6 +5,8 @@ from graphc.passes import (  # noqa: F401
     fp16_constants,
     fuse_ort,
     lowrank_embedding,
+    prune_ffn,
+    prune_heads,
     quantize_attention,
     quantize_embedding,
     quantize_gather_block,
