@@ -1,0 +1,471 @@
+"""Static int8 activation quantization of the whole block (BBCT), as QDQ.
+
+Each chosen activation tensor x gets ``QuantizeLinear → DequantizeLinear`` with one static
+scale and zero point (uint8 asymmetric by default, or int8), from ranges calibrated on the
+context's calibration feeds by ``method`` (``minmax``, ``percentile``, ``entropy`` (KL) or
+``mse``; see ``_actcalib``). Which tensors (``targets``):
+
+- ``matmul_in``: the activation input of each constant-weight MatMul; the DequantizeLinear
+  feeds only the MatMuls (other readers of the value, a residual, stay float).
+- ``matmul_out``: MatMul outputs (the Q/K/V projections before fused attention, ...).
+- ``gelu``: outputs of Gelu, FastGelu, BiasGelu, QuickGelu and of decomposed erf/tanh GELU.
+- ``softmax``: Softmax outputs (none left once attention is fused into MultiHeadAttention).
+- ``layernorm``: outputs of (Skip)(Simplified)LayerNormalization and RMSNormalization.
+- ``embedding``: outputs of Gather from a constant float table.
+- ``attention``: inputs of fused Attention/MultiHeadAttention and of activation x activation
+  MatMuls (Q·Kᵀ, P·V).
+
+Every reader of a tensor chosen by a target other than ``matmul_in`` sees the quantized
+value. Graph outputs and tensors that are not float32 are left float with the reason.
+
+Weights (``weights=True``): each constant float32 2-D MatMul weight becomes symmetric int8
+(per output channel, or per tensor) behind a ``DequantizeLinear``. ONNX Runtime fuses
+``DQ(x) → MatMul ← DQ(W)`` into ``MatMulIntegerToFloat`` (u8s8 integer GEMM) and, when the
+output is quantized too (``matmul_out``), ``DQ → MatMul → Q`` into ``QLinearMatMul``; every
+other Q/DQ pair runs as two elementwise kernels (measured, bench/bench_static.py).
+
+Cost per target (``cost=True``): the output cosine error (1 - cosine of the flattened outputs
+vs the float model, padding rows left out) when only that target's tensors are quantized
+(weights float), and when only the weights are (``weights``), on the first ``cost_feeds``
+calibration feeds; in the stats as ``cost_by_op_type``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphc import ops
+from graphc.errors import PassError
+from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.passes._actcalib import ActType, Collector, Method, qparams
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, symmetric_int8
+from graphc.registry import register
+
+QUANTIZE_LINEAR = "QuantizeLinear"
+DEQUANTIZE_LINEAR = "DequantizeLinear"
+PER_AXIS_OPSET = 13  # DequantizeLinear's axis attribute
+
+_GELU_OPS = frozenset({"Gelu", "FastGelu", "BiasGelu", "QuickGelu"})
+_NORM_OPS = frozenset(
+    {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+     "SkipSimplifiedLayerNormalization", "RMSNormalization"}
+)
+_ATTENTION_OPS = frozenset({ops.ATTENTION, ops.MULTI_HEAD_ATTENTION, "GroupQueryAttention"})
+
+
+class Target(str, enum.Enum):
+    MATMUL_IN = "matmul_in"
+    MATMUL_OUT = "matmul_out"
+    GELU = "gelu"
+    SOFTMAX = "softmax"
+    LAYERNORM = "layernorm"
+    EMBEDDING = "embedding"
+    ATTENTION = "attention"
+
+
+ALL_TARGETS = tuple(t.value for t in Target)
+
+
+@dataclass(frozen=True)
+class ActQuantOptions:
+    targets: tuple[str, ...] = ALL_TARGETS
+    method: str = Method.PERCENTILE.value
+    percentile: float = 99.99  # method="percentile": keep this share of the values inside the range
+    activation_type: str = ActType.UINT8.value
+    symmetric: bool = False
+    weights: bool = True  # int8 symmetric weights behind DequantizeLinear on constant MatMul weights
+    per_channel: bool = True
+    bins: int = 2048  # histogram bins on each side of zero (percentile, entropy, mse)
+    cost: bool = True  # measure each target's cost alone (stats: cost_by_op_type)
+    cost_feeds: int = 4
+    smooth_alpha: float = 0.0  # > 0: SmoothQuant migration on matmul_in tensors (0.5 is SmoothQuant's)
+    exclude: tuple[str, ...] = ()  # substrings of node names or scopes whose tensors stay float
+
+
+@dataclass
+class _Choice:
+    targets: set[str]
+    matmul_only: bool  # only matmul_in chose it: the DQ feeds the MatMuls alone
+
+
+@register
+class QuantizeActivations(GraphcPass):
+    name = "quantize-activations"
+    summary = "static int8 QDQ on activations (matmul in/out, GELU, softmax, LayerNorm, embeddings) + int8 QDQ weights"
+    Options = ActQuantOptions
+    needs_calibration = True
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        o = self.options
+        method = choice(Method, o.method, "method", self.name)
+        act = choice(ActType, o.activation_type, "activation_type", self.name)
+        targets = [choice(Target, t, "targets", self.name) for t in o.targets]
+        if not 0 < o.percentile <= 100 or o.bins < 16 or o.cost_feeds < 1:
+            raise PassError(
+                f"percentile must be in (0, 100], bins >= 16, cost_feeds >= 1 (got {o.percentile}, {o.bins}, {o.cost_feeds})",
+                pass_name=self.name,
+            )
+        feeds = self.context.calibration
+        if not feeds:
+            raise PassError(
+                "needs calibration data (static activation ranges), and none was given: use a model exported "
+                "by graphc (its recipe's texts) or pass calibration feeds in the PassContext",
+                pass_name=self.name,
+            )
+        chosen = select(model.graph, targets, o.exclude, stats)
+        if o.smooth_alpha > 0 and chosen:
+            smoothed = smooth(model, [n for n, c in chosen.items() if c.matmul_only], o.smooth_alpha, feeds, self.name)
+            if smoothed:
+                stats.add("inputs_smoothed", smoothed)
+                chosen = select(model.graph, targets, o.exclude, PassStats())
+        weights = weight_candidates(model.graph, stats) if o.weights else []
+        if not chosen and not weights:
+            stats.notes.append("nothing to quantize: no chosen activation tensor and no constant float32 MatMul weight")
+            return False
+        params = self._calibrate(model, chosen, method, act, stats) if chosen else {}
+        per_channel = o.per_channel and model.opset_imports.get("", 1) >= PER_AXIS_OPSET
+        if o.per_channel and not per_channel:
+            stats.notes.append(f"opset < {PER_AXIS_OPSET}: per-tensor weight scales (per-axis DequantizeLinear needs 13)")
+        if o.cost and (params or weights):
+            stats.counts["cost_by_op_type"] = self._costs(model, chosen, params, per_channel, bool(weights))  # type: ignore[assignment]
+        apply(model, {n: (params[n], c.matmul_only) for n, c in chosen.items() if n in params},
+              per_channel if weights else None, stats)
+        for target in targets:
+            n = sum(1 for name, c in chosen.items() if name in params and target.value in c.targets)
+            stats.add(f"tensors_{target.value}", n)
+        stats.notes.append(f"ranges: {method.value} on {self.context.calibration_source}, {act.value}"
+                           f"{' symmetric' if self.options.symmetric else ''}")
+        return bool(params) or bool(weights)
+
+    # ------------------------------------------------------------------ calibration
+    def _calibrate(self, model: ir.Model, chosen: dict[str, _Choice], method: Method, act: ActType,
+                   stats: PassStats) -> dict[str, tuple[np.float32, np.integer]]:
+        o = self.options
+        feeds = list(self.context.calibration or [])
+        probe = ValueProbe(model, list(chosen))
+        collector = Collector(bins=o.bins)
+        sweeps = 1 if method is Method.MINMAX else 2
+        skipped: dict[str, str] = {}
+        total = sweeps * len(feeds)
+        for sweep in range(sweeps):
+            for i, feed in enumerate(feeds):
+                self.context.report(f"{self.name}: calibration sweep {sweep + 1}/{sweeps}", sweep * len(feeds) + i, total)
+                for name, x in probe.run(feed).items():
+                    if x.dtype != np.float32:
+                        skipped.setdefault(name, f"not float32 ({x.dtype})")
+                        continue
+                    x = _real_rows(x, feed)
+                    if sweep == 0:
+                        collector.observe_range(name, x)
+                    else:
+                        collector.observe_hist(name, x)
+        self.context.report(f"{self.name}: calibration", total, total)
+        params = {}
+        for name in chosen:
+            if name in skipped:
+                stats.skip(name, skipped[name])
+            elif name not in collector.tensors or not np.isfinite(collector.tensors[name].lo):
+                stats.skip(name, "no values seen in calibration (empty tensor)")
+            else:
+                lo, hi = collector.range(name, method, act, o.symmetric, o.percentile)
+                params[name] = qparams(lo, hi, act, o.symmetric)
+        return params
+
+    def _costs(self, model: ir.Model, chosen: dict[str, _Choice], params, per_channel: bool, weights: bool) -> dict[str, float]:
+        from graphc.validate import _row_mask, make_session, output_metrics, run_feeds
+
+        feeds = list(self.context.calibration or [])[: self.options.cost_feeds]
+        with _inline(model) as proto:
+            reference = run_feeds(make_session(proto, what="model before quantization"), feeds, "model")
+            groups: dict[str, dict[str, tuple]] = {}
+            for target in self.options.targets:
+                group = {n: (params[n], target == Target.MATMUL_IN.value)
+                         for n, c in chosen.items() if n in params and target in c.targets}
+                if group:
+                    groups[target] = group
+            variants = [(t, g, None) for t, g in groups.items()]
+            if weights:
+                variants.append(("weights", {}, per_channel))
+            variants.append(("all", {n: (params[n], chosen[n].matmul_only) for n in params}, per_channel if weights else None))
+            costs: dict[str, float] = {}
+            for i, (label, group, w) in enumerate(variants):
+                self.context.report(f"{self.name}: cost of {label}", i, len(variants))
+                copy = ir.serde.deserialize_model(proto)
+                apply(copy, group, w, PassStats())
+                got = run_feeds(make_session(copy, what=f"model with {label} quantized"), feeds, "model")
+                worst = 1.0
+                for j in range(len(reference[0])):
+                    refs = [r[j] for r in reference]
+                    if refs[0].dtype != np.float32:
+                        continue
+                    masks = [_row_mask(f, r) for f, r in zip(feeds, refs)]
+                    worst = min(worst, output_metrics("", refs, [g[j] for g in got], masks).cosine)
+                costs[label] = round(1.0 - worst, 7)
+        return costs
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select(graph: ir.Graph, targets: Sequence[Target], exclude: Sequence[str], stats: PassStats) -> dict[str, _Choice]:
+    """Names of the activation tensors the targets choose, with who chose them."""
+    chosen: dict[str, _Choice] = {}
+    outputs = set(graph.outputs)
+
+    def take(value: ir.Value | None, target: Target, node: ir.Node) -> None:
+        if value is None or const_array(value) is not None:
+            return
+        if not value.name:
+            stats.skip(node.name or node.op_type, "unnamed tensor")
+            return
+        if value in outputs:
+            stats.skip(value.name, f"{target.value}: graph output (left float)")
+            return
+        if value.dtype is not None and value.dtype != ir.DataType.FLOAT:
+            stats.skip(value.name, f"{target.value}: not float32 ({value.dtype.name})")
+            return
+        label = node.name or ""
+        if any(s in label or s in node.metadata_props.get("graphc.scope", "") for s in exclude):
+            stats.skip(value.name, f"{target.value}: excluded by option")
+            return
+        c = chosen.setdefault(value.name, _Choice(set(), True))
+        c.targets.add(target.value)
+        c.matmul_only &= target is Target.MATMUL_IN
+
+    wanted = set(targets)
+    for node in graph:
+        standard = node.domain in ("", "ai.onnx")
+        op = node.op_type
+        if standard and op == ops.MATMUL and len(node.inputs) == 2:
+            weight = const_array(node.inputs[1])
+            if weight is not None and Target.MATMUL_IN in wanted:
+                take(node.inputs[0], Target.MATMUL_IN, node)
+            if weight is None and Target.ATTENTION in wanted:
+                take(node.inputs[0], Target.ATTENTION, node)
+                take(node.inputs[1], Target.ATTENTION, node)
+            if Target.MATMUL_OUT in wanted:
+                take(node.outputs[0], Target.MATMUL_OUT, node)
+        elif op in _ATTENTION_OPS and Target.ATTENTION in wanted:
+            for v in node.inputs[:3]:
+                take(v, Target.ATTENTION, node)
+        elif op in _GELU_OPS and Target.GELU in wanted:
+            take(node.outputs[0], Target.GELU, node)
+        elif standard and op in ("Erf", "Tanh") and Target.GELU in wanted:
+            end = _gelu_end(node)
+            if end is not None:
+                take(end, Target.GELU, node)
+        elif standard and op == "Softmax" and Target.SOFTMAX in wanted:
+            take(node.outputs[0], Target.SOFTMAX, node)
+        elif op in _NORM_OPS and Target.LAYERNORM in wanted:
+            take(node.outputs[0], Target.LAYERNORM, node)
+        elif standard and op == ops.GATHER and Target.EMBEDDING in wanted:
+            table = const_array(node.inputs[0])
+            if table is not None and table.ndim == 2 and table.dtype == np.float32:
+                take(node.outputs[0], Target.EMBEDDING, node)
+    return chosen
+
+
+def _gelu_end(node: ir.Node) -> ir.Value | None:
+    """The output of a decomposed GELU around this Erf/Tanh: x * 0.5 * (1 + erf(x / √2))
+    (or the tanh form): follow single readers through Add/Mul until the chain has
+    multiplied by the GELU's input again (a Mul whose other operand is not a constant)."""
+    value = node.outputs[0]
+    for _ in range(4):
+        uses = list(value.uses())
+        if len(uses) != 1:
+            return None
+        user = uses[0].node
+        if user.domain not in ("", "ai.onnx") or user.op_type not in (ops.ADD, ops.MUL):
+            return None
+        value = user.outputs[0]
+        other = user.inputs[1 - uses[0].idx] if len(user.inputs) == 2 else None
+        if user.op_type == ops.MUL and const_array(other) is None:
+            # x * (...): may still be followed by * 0.5
+            nxt = list(value.uses())
+            if len(nxt) == 1 and nxt[0].node.op_type == ops.MUL and const_array(
+                    nxt[0].node.inputs[1 - nxt[0].idx]) is not None:
+                return nxt[0].node.outputs[0]
+            return value
+    return None
+
+
+def weight_candidates(graph: ir.Graph, stats: PassStats) -> list[ir.Node]:
+    out = []
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type != ops.MATMUL or len(node.inputs) != 2:
+            continue
+        w = const_array(node.inputs[1])
+        if w is None:
+            continue
+        label = node.name or node.op_type
+        if w.dtype != np.float32:
+            stats.skip(label, f"weight dtype {w.dtype} is not float32")
+        elif w.ndim != 2:
+            stats.skip(label, f"weight is {w.ndim}-D, not 2-D")
+        else:
+            out.append(node)
+    return out
+
+
+# --------------------------------------------------------------------------- smoothing
+
+
+def smooth(model: ir.Model, names: Sequence[str], alpha: float, feeds, pass_name: str) -> int:
+    """SmoothQuant: x → x / s before the MatMuls that read x, their weight rows × s, with
+    s_j = max|x_j|^alpha / max|W_j|^(1-alpha) (calibrated): the activation's outlier channels
+    move into the weights, which are quantized per output channel. Returns how many inputs."""
+    from graphc.calibrate import channel_absmax
+
+    graph = model.graph
+    values = _values_by_name(graph)
+    plans = []
+    for name in names:
+        x = values.get(name)
+        # only the MatMuls read the smoothed value; other readers (a residual) keep x
+        users = [u for u in x.uses() if u.node.op_type == ops.MATMUL and u.idx == 0] if x is not None else []
+        if not users:
+            continue
+        weights = [const_array(u.node.inputs[1]) for u in users]
+        if any(w is None or w.ndim != 2 or w.dtype != np.float32 for w in weights):
+            continue
+        plans.append((x, users, weights))
+    if not plans:
+        return 0
+    absmax = channel_absmax(model, [p[0] for p in plans], feeds, pass_name=pass_name)
+    for x, users, weights in plans:
+        a = np.maximum(absmax[x.name].astype(np.float64), 1e-5)
+        wmax = np.maximum(np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64), 1e-5)
+        factor = np.clip(a**alpha / wmax ** (1 - alpha), 1e-4, 1e4)
+        factor = (factor / np.exp(np.mean(np.log(factor)))).astype(np.float32)  # geometric mean 1
+        inv = constant(graph, f"{x.name}_smooth", (1.0 / factor).astype(np.float32))
+        mul = ir.node(ops.MUL, [x, inv])
+        mul.outputs[0].dtype, mul.outputs[0].shape = ir.DataType.FLOAT, x.shape
+        graph.insert_before(users[0].node, mul)
+        copy_scope(users[0].node, mul)
+        for u, w in zip(users, weights):
+            wv = constant(graph, f"{u.node.inputs[1].name or 'w'}_smoothed", (w * factor[:, None]).astype(np.float32))
+            u.node.replace_input_with(0, mul.outputs[0])
+            u.node.replace_input_with(1, wv)
+    drop_unused_initializers(graph)
+    return len(plans)
+
+
+# --------------------------------------------------------------------------- rewriting
+
+
+def apply(model: ir.Model, acts: dict[str, tuple[tuple[np.float32, np.integer], bool]],
+          weights_per_channel: bool | None, stats: PassStats) -> None:
+    """Insert Q/DQ on the named tensors ({name: ((scale, zero point), matmul_only)}) and,
+    unless ``weights_per_channel`` is None, int8 DQ weights on every float32 2-D MatMul weight."""
+    graph = model.graph
+    values = _values_by_name(graph)
+    ensure_opset(model, "", 10)
+    for name, ((scale, zp), matmul_only) in acts.items():
+        x = values.get(name)
+        if x is None:
+            continue
+        uses = [(u.node, u.idx) for u in x.uses()
+                if not matmul_only or (u.node.op_type == ops.MATMUL and u.node.domain in ("", "ai.onnx"))]
+        s = constant(graph, f"{name}_act_scale", np.asarray(scale, np.float32))
+        z = constant(graph, f"{name}_act_zero_point", np.asarray(zp))
+        q = ir.node(QUANTIZE_LINEAR, [x, s, z])
+        dq = ir.node(DEQUANTIZE_LINEAR, [q.outputs[0], s, z])
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, x.shape
+        producer = x.producer()
+        if producer is not None:
+            graph.insert_after(producer, [q, dq])
+            copy_scope(producer, q)
+            copy_scope(producer, dq)
+        else:
+            first = next(iter(graph))
+            graph.insert_before(first, [q, dq])
+        for user, idx in uses:
+            user.replace_input_with(idx, dq.outputs[0])
+        stats.add("activations_quantized")
+    if weights_per_channel is None:
+        return
+    done: dict[int, ir.Value] = {}
+    for node in weight_candidates(graph, PassStats()):
+        wv = node.inputs[1]
+        key = id(wv)
+        if key not in done:
+            w = const_array(wv).astype(np.float32)
+            q, scale = symmetric_int8(w, 1 if weights_per_channel else None)
+            base = wv.name or "w"
+            qv = constant(graph, f"{base}_int8", q)
+            sv = constant(graph, f"{base}_scale", scale.reshape(-1) if weights_per_channel else scale.reshape(()))
+            zv = constant(graph, f"{base}_zero_point", np.zeros(q.shape[1] if weights_per_channel else (), np.int8))
+            attrs = {"axis": 1} if weights_per_channel else {}
+            dq = ir.node(DEQUANTIZE_LINEAR, [qv, sv, zv], attributes=attrs)
+            graph.insert_before(node, dq)
+            copy_scope(node, dq)
+            done[key] = dq.outputs[0]
+            stats.add("weight_bytes_before", int(w.nbytes))
+            stats.add("weight_bytes_after", int(q.nbytes + scale.nbytes))
+            stats.add("weights_quantized")
+        node.replace_input_with(1, done[key])
+    if weights_per_channel:
+        ensure_opset(model, "", PER_AXIS_OPSET)
+    drop_unused_initializers(graph)
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    out = {v.name: v for v in graph.inputs if v.name}
+    for node in graph:
+        for v in node.outputs:
+            if v.name:
+                out[v.name] = v
+    return out
+
+
+def _real_rows(x: np.ndarray, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """x without its padded positions when it is [batch, seq, ...] under the feed's attention_mask."""
+    mask = feed.get("attention_mask")
+    if mask is not None and x.ndim >= 3 and x.shape[:2] == np.shape(mask):
+        return x[np.asarray(mask) != 0]
+    return x
+
+
+class ValueProbe:
+    """One ORT session over the model that also returns the named intermediate tensors, for
+    calibration sweeps over the same feeds more than once."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str]) -> None:
+        from graphc.validate import make_session
+
+        with _inline(model) as proto:
+            existing = {o.name for o in proto.graph.output}
+            for name in names:
+                if name not in existing:
+                    proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+            self.session = make_session(proto, what="model during calibration")
+        self.names = list(names)
+        self._inputs = {i.name for i in self.session.get_inputs()}
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self.names, {k: v for k, v in feed.items() if k in self._inputs})
+        return dict(zip(self.names, outs))
+
+
+class _inline:
+    """``with _inline(model) as proto``: the model as a self-contained ModelProto."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+
+    def __enter__(self) -> onnx.ModelProto:
+        from graphc.io import inline_external_data, max_ir_version
+
+        with inline_external_data(self.model):
+            proto = ir.serde.serialize_model(self.model)
+        proto.ir_version = min(proto.ir_version, max_ir_version())
+        return proto
+
+    def __exit__(self, *exc: object) -> None:
+        return None
