@@ -16,8 +16,10 @@ rule. The rank per layer comes from ``rank_rule``:
 Methods (``method``): ``plain`` truncated SVD; ``whitened`` (default, SVD-LLM): whiten with the
 Cholesky factor of the input's second moment from calibration data, truncate, unwhiten; ``asvd``
 (ASVD): scale input channels by their mean |x|^``asvd_alpha`` before the SVD. A layer whose
-input had fewer calibration tokens than channels (its second moment would be singular, the
-fit would follow the few tokens seen) falls back to plain SVD, counted in the stats.
+input had fewer than ``min_tokens_per_channel`` calibration tokens per input channel falls back
+to plain SVD, counted in the stats: its second moment would be singular or nearly so, and the
+fit would follow the few tokens seen (on random graphs with 32 channels and 64 tokens, the
+output cosine was 0.9987 on the calibration feeds and 0.980 on others).
 
 The factors are plain float32 initializers, so ``quantize-int8`` and ``quantize-nbits`` can
 quantize them afterwards. The MatMul whose output is a graph output (an LM head, often tied to
@@ -52,6 +54,7 @@ class SvdLinearOptions:
     exclude: tuple[str, ...] = ()  # substrings of node names or scopes to leave alone
     damp: float = 0.01  # whitened: added to the second moment's diagonal, x its mean
     asvd_alpha: float = 0.5  # asvd: channel scale = mean|x|^alpha
+    min_tokens_per_channel: float = 2.0  # whitened/asvd: fewer calibration tokens per input channel: plain SVD
 
 
 @dataclass
@@ -152,11 +155,12 @@ class SvdLinear(GraphcPass):
                 return f"[{k}, {n}] weight: param_ratio={o.param_ratio} leaves rank 0"
         metric = lr.Metric.plain()
         if method is not lr.Method.PLAIN:
-            if moments is None or moments.tokens < k:
+            need = int(np.ceil(o.min_tokens_per_channel * k))
+            if moments is None or moments.tokens < need:
                 stats.add("plain_fallbacks")
                 got = 0 if moments is None else moments.tokens
-                stats.notes.append(f"{cand.node.name or cand.node.op_type}: {got} calibration tokens < {k} input "
-                                   f"channels: plain SVD")
+                stats.notes.append(f"{cand.node.name or cand.node.op_type}: {got} calibration tokens < {need} "
+                                   f"({o.min_tokens_per_channel} per input channel): plain SVD")
             elif method is lr.Method.WHITENED:
                 metric = lr.Metric.whitened(moments.gram, o.damp)
             else:

@@ -85,6 +85,14 @@ TOLERANCES: dict[str, Tol] = {
     # well-conditioned graphs. A wrong layout, scale or zero point gives a cosine near 0.
     "quantize-nbits": Tol(cos=0.85),
     "quantize-gather-block": Tol(cos=0.93),
+    # rank per layer from a 5% relative output error budget (whitened on the calibration
+    # activations; plain SVD below 2 calibration tokens per channel): random weights have flat
+    # spectra, so only layers behind outlier-gain inputs factorize (6 of 60 drawn fp32 graphs),
+    # the rest are skipped with reasons; measured worst 0.9942 over those 60
+    "svd-linear": Tol(cos=0.99),
+    # tables under min_rows=256 rows stay whole (every drawn vocabulary is 40 or 100): only the
+    # skip reasons are exercised with defaults; a 5% table error gives ~0.999 per row
+    "lowrank-embedding": Tol(cos=0.99),
 }
 # A pass nobody gave a tolerance yet is held to a loose quantization-like one (and named in
 # a warning by the test) rather than breaking the suite while it is being written.

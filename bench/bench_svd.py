@@ -1,0 +1,195 @@
+"""Low-rank study: quality vs fraction of linear-layer parameters removed, plain SVD vs
+activation-aware (whitened, SVD-LLM) SVD (and optionally ASVD), with ``svd-linear``.
+
+    python bench/bench_svd.py [--model smollm2|minilm|both] [--removed 0.1,0.2,0.3]
+                              [--methods plain,whitened] [--json OUT] [--int8]
+
+Each point runs ``svd-linear`` with ``rank_rule="ratio"``, ``param_ratio = 1 - removed``: every
+constant-weight MatMul except the LM head keeps that fraction of its parameters (SVD-LLM's
+uniform compression ratio), so the methods are compared at exactly the same size.
+
+- SmolLM2-135M (graphc's fp32 dynamo export, cached in ``.graphc-cache/bench``): perplexity
+  (``graphc.measure.perplexity``) on the fixed Wikipedia eval windows
+  (``perplexity_feeds``), calibration on windows of the disjoint calibration split.
+- MiniLM (all-MiniLM-L6-v2): mean / min cosine of pooled sentence embeddings vs the fp32
+  ONNX model on held-out tweets, calibration on the calibration tweets.
+
+``--int8`` adds, per model, the whitened factors at the middle ratio followed by
+``quantize-int8`` (the factors are plain initializers: the composition the pass promises).
+ORT sessions: ``graphc.measure.session`` (spin-waiting off), 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import onnx_ir as ir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".graphc-cache" / "bench"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def compress(path: Path, method: str, removed: float, calibration, int8: bool = False) -> tuple[bytes, dict]:
+    """The fp32 model with svd-linear (and quantize-int8) applied; serialized bytes and stats."""
+    import graphc.io
+    from graphc.pass_base import PassContext
+    from graphc.registry import get_pass
+
+    model = graphc.io.load_model(path)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    ctx = PassContext(calibration=calibration, calibration_source="bench calibration split")
+    t0 = time.perf_counter()
+    result = get_pass("svd-linear").from_dict({"method": method, "rank_rule": "ratio", "param_ratio": 1.0 - removed},
+                                              ctx)(model)
+    stats = dict(result.stats.counts)
+    stats["seconds"] = round(time.perf_counter() - t0, 1)
+    if int8:
+        q = get_pass("quantize-int8")(None, ctx)(model)
+        stats["int8"] = {k: v for k, v in q.stats.counts.items()}
+    from graphc.io import inline_external_data
+
+    with inline_external_data(model):
+        data = ir.serde.serialize_model(model).SerializeToString()
+    del model
+    gc.collect()
+    return data, stats
+
+
+def points(methods, removed, int8):
+    out = [(m, r, False) for r in removed for m in methods]
+    if int8:
+        out.append(("whitened", removed[len(removed) // 2], True))
+    return out
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+def smollm2(args) -> dict[str, Any]:
+    from graphc import measure
+    from graphc.demo import cached_export
+    from graphc.models import get_model_recipe
+
+    recipe = get_model_recipe("smollm2")
+    path, cached = cached_export("smollm2", WORK)
+    log(f"smollm2 fp32 export {'(cached)' if cached else 'made'}: {path}")
+    ppl_feeds = recipe.perplexity_feeds(args.windows, seq=args.seq, batch=1)
+    calib = recipe.feeds(recipe.eval_texts(args.calib_texts, split="calibration"), batch=4, max_length=128)
+    calib = calib[: args.calib_feeds]
+    calib_tokens = int(sum(f["input_ids"].size for f in calib))
+    log(f"perplexity on {args.windows} windows of {args.seq} tokens; calibration {calib_tokens} tokens")
+    rows = []
+    sess = measure.session(path)
+    base = measure.perplexity(sess, ppl_feeds)
+    del sess
+    log(f"fp32 perplexity {base.perplexity:.3f}")
+    rows.append({"method": "fp32", "removed": 0.0, "perplexity": round(base.perplexity, 4)})
+    for method, removed, int8 in points(args.methods, args.removed, args.int8):
+        data, stats = compress(path, method, removed, calib, int8)
+        sess = measure.session(data)
+        del data
+        ppl = measure.perplexity(sess, ppl_feeds)
+        del sess
+        gc.collect()
+        row = {"method": method + (" + int8" if int8 else ""), "removed": removed,
+               "fraction_removed": stats.get("fraction_removed"), "layers": stats.get("layers_factorized"),
+               "plain_fallbacks": stats.get("plain_fallbacks", 0), "perplexity": round(ppl.perplexity, 4),
+               "rise": round(measure.relative_rise(ppl.perplexity, base.perplexity), 4), "svd_seconds": stats["seconds"]}
+        log(str(row))
+        rows.append(row)
+    return {"model": "smollm2", "metric": "perplexity", "windows": args.windows, "seq": args.seq,
+            "calibration_tokens": calib_tokens, "tokens": base.tokens, "rows": rows}
+
+
+# --------------------------------------------------------------------------- MiniLM
+
+
+def minilm(args) -> dict[str, Any]:
+    from graphc import measure
+    from graphc.demo import cached_export, length_sorted
+    from graphc.models import get_model_recipe
+
+    recipe = get_model_recipe("minilm")
+    path, cached = cached_export("minilm", WORK)
+    log(f"minilm fp32 export {'(cached)' if cached else 'made'}: {path}")
+    texts = length_sorted(recipe, recipe.eval_texts(args.texts, split="eval"))
+    feeds = recipe.feeds(texts, batch=32)
+    calib = recipe.feeds(recipe.eval_texts(args.calib_texts, split="calibration"), batch=32)
+    calib_tokens = int(sum(int(f["attention_mask"].sum()) for f in calib))
+    ref = measure.embeddings(measure.session(path), feeds)
+    rows = [{"method": "fp32", "removed": 0.0, "mean_cosine": 1.0}]
+    for method, removed, int8 in points(args.methods, args.removed, args.int8):
+        data, stats = compress(path, method, removed, calib, int8)
+        got = measure.embeddings(measure.session(data), feeds)
+        cos = measure.cosine_stats(got, ref)
+        row = {"method": method + (" + int8" if int8 else ""), "removed": removed,
+               "fraction_removed": stats.get("fraction_removed"), "layers": stats.get("layers_factorized"),
+               "plain_fallbacks": stats.get("plain_fallbacks", 0), "mean_cosine": round(cos.mean, 5),
+               "min_cosine": round(cos.min, 5), "bytes": len(data)}
+        log(str(row))
+        rows.append(row)
+    return {"model": "minilm", "metric": "embedding cosine vs fp32", "texts": len(texts),
+            "calibration_tokens": calib_tokens, "rows": rows}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for res in results:
+        ppl = res["metric"] == "perplexity"
+        lines.append(f"\n{res['model']}: {res['metric']} (calibration {res['calibration_tokens']} tokens)\n")
+        lines.append("| method | linear params removed | " + ("perplexity | rise |" if ppl else "mean cosine | min cosine |"))
+        lines.append("|---|---|---|---|")
+        for r in res["rows"]:
+            frac = f"{r.get('fraction_removed') or r['removed']:.1%}"
+            vals = (f"{r['perplexity']:.2f} | {r.get('rise', 0):+.1%} |" if ppl
+                    else f"{r['mean_cosine']:.4f} | {r.get('min_cosine', 1.0):.4f} |")
+            lines.append(f"| {r['method']} | {frac} | {vals}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("smollm2", "minilm", "both"), default="both")
+    parser.add_argument("--removed", default="0.1,0.2,0.3", help="fractions of linear-layer parameters removed")
+    parser.add_argument("--methods", default="plain,whitened", help="comma-separated: plain, whitened, asvd")
+    parser.add_argument("--int8", action="store_true", help="also whitened SVD + quantize-int8 at the middle ratio")
+    parser.add_argument("--windows", type=int, default=32, help="SmolLM2 perplexity windows")
+    parser.add_argument("--seq", type=int, default=512, help="SmolLM2 perplexity window length")
+    parser.add_argument("--calib-texts", type=int, default=512, help="calibration texts")
+    parser.add_argument("--calib-feeds", type=int, default=16, help="SmolLM2 calibration feeds of 4 x 128 tokens")
+    parser.add_argument("--texts", type=int, default=512, help="MiniLM eval tweets")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    args = parser.parse_args(argv)
+    args.removed = [float(x) for x in args.removed.split(",")]
+    args.methods = [m.strip() for m in args.methods.split(",")]
+    results = []
+    if args.model in ("minilm", "both"):
+        results.append(minilm(args))
+    if args.model in ("smollm2", "both"):
+        results.append(smollm2(args))
+    print(markdown(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
