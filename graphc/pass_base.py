@@ -32,6 +32,8 @@ class PassStats:
     counts: dict[str, int | float] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # structured results beyond counts (e.g. a planner's per-layer choices): JSON-able values
+    details: dict[str, Any] = field(default_factory=dict)
 
     def add(self, key: str, amount: int | float = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + amount
@@ -45,6 +47,7 @@ class PassStats:
             out["skipped"] = list(self.skipped)
         if self.notes:
             out["notes"] = list(self.notes)
+        out.update(self.details)
         return out
 
 

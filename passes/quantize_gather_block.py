@@ -5,7 +5,9 @@ The table [vocab, hidden] is quantized along ``hidden`` in blocks of ``block_siz
 ``_blockquant``) and stored as ORT's uint8 layout: codes packed along the last axis, low bits
 first ([vocab, hidden*bits/8]), scales [vocab, n_blocks], packed uint8 zero points [vocab,
 ceil(n_blocks*bits/8)] when asymmetric (without them ORT uses 2^(bits-1), the symmetric grid).
-Only the gathered rows are dequantized, inside the op. ORT 1.31 also takes int4/uint4 data
+Only the gathered rows are dequantized, inside the op. A Gather on which ``mixed-precision``
+wrote a plan (node metadata ``graphc.quant.bits``/``graphc.quant.block_size``) gets the planned
+bits and block size instead of the options'. ORT 1.31 also takes int4/uint4 data
 (checked: same results); uint8 is used because it holds the same bytes for 4 bits, also serves 2
 and 8 bits, and is the layout ``MatMulNBits`` uses, which is what makes sharing possible:
 
@@ -34,7 +36,7 @@ from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset
-from graphc.passes.quantize_nbits import META_WEIGHT, weight_digest
+from graphc.passes.quantize_nbits import META_WEIGHT, planned_config, weight_digest
 from graphc.registry import register
 
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -102,8 +104,13 @@ class QuantizeGatherBlock(GraphcPass):
             if table.shape[0] < self.options.min_rows:
                 stats.skip(label, f"{table.shape[0]} rows < min_rows={self.options.min_rows}")
                 continue
-            if table.shape[1] * self.options.bits % 8:
-                stats.skip(label, f"hidden size {table.shape[1]} x {self.options.bits} bits is not whole bytes")
+            bits, block, is_planned = planned_config(node, self.options.bits, self.options.block_size)
+            if is_planned and (bits not in bq.GATHER_BITS or block not in bq.BLOCK_SIZES):
+                raise UnsupportedError(f"{label}: planned bits={bits}, block_size={block}; supported: bits "
+                                       f"{', '.join(map(str, bq.GATHER_BITS))}, block sizes "
+                                       f"{', '.join(map(str, bq.BLOCK_SIZES))}", pass_name=self.name)
+            if table.shape[1] * bits % 8:
+                stats.skip(label, f"hidden size {table.shape[1]} x {bits} bits is not whole bytes")
                 continue
             ensure_opset(model, ops.MS_DOMAIN, ops.MS_OPSET)
             key = id(node.inputs[0])
@@ -127,7 +134,9 @@ class QuantizeGatherBlock(GraphcPass):
                         if tied:
                             stats.notes.append(f"{node.inputs[0].name}: also read by a float MatMul (run "
                                                "quantize-nbits first to share the tied weights)")
-                    quant = bq.quantize(table, self.options.bits, self.options.block_size,
+                    if is_planned:
+                        stats.add("tables_at_planned_precision")
+                    quant = bq.quantize(table, bits, block,
                                         symmetric=self.options.symmetric, method=method,
                                         scale_dtype=_SCALE_DTYPES[self.options.scale_dtype])
                     errors.append(quant.relative_error(table))

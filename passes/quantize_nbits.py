@@ -17,7 +17,9 @@ without it). Activations stay float. Emitted as (``emit``):
   the 4-bit form into ``MatMulNBits`` itself. The model is converted to opset 21 if older.
 
 ``head_bits`` gives the MatMul(s) whose output is a graph output (an LM head) other bits,
-e.g. 8 to keep a language model's logits accurate. Each ``MatMulNBits`` records a digest of
+e.g. 8 to keep a language model's logits accurate. A MatMul on which ``mixed-precision`` wrote
+a plan (node metadata ``graphc.quant.bits``/``graphc.quant.block_size``) gets the planned bits
+and block size instead of ``bits``/``head_bits``/``block_size``. Each ``MatMulNBits`` records a digest of
 its float weight (node metadata ``graphc.nbits.weight``) so that ``quantize-gather-block``
 can find an embedding table tied to it and store the two once.
 
@@ -41,6 +43,10 @@ from graphc.passes._quant import const_array, constant, drop_unused_initializers
 from graphc.registry import register
 
 META_WEIGHT = "graphc.nbits.weight"  # node metadata: digest of the float W^T [N, K] a MatMulNBits holds
+# node metadata written by ``mixed-precision`` on a MatMul/Gather: the bits and block size planned
+# for the weight it reads; quantize-nbits and quantize-gather-block follow them over their options
+META_BITS = "graphc.quant.bits"
+META_BLOCK = "graphc.quant.block_size"
 QDQ_OPSET = 21
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -100,6 +106,15 @@ def constant_weight(value: ir.Value | None) -> tuple[np.ndarray, int] | None:
         if inner is not None and inner.ndim == 2 and (perm is None or list(perm) == [1, 0]):
             return inner.T, id(producer.inputs[0])
     return None
+
+
+def planned_config(node: ir.Node, bits: int, block_size: int) -> tuple[int, int, bool]:
+    """(bits, block_size, planned): a ``mixed-precision`` plan's choice written on the node,
+    else the given defaults."""
+    b, k = node.metadata_props.get(META_BITS), node.metadata_props.get(META_BLOCK)
+    if b is None and k is None:
+        return bits, block_size, False
+    return (int(b) if b else bits), (int(k) if k else block_size), True
 
 
 def check_block(bits: int, block_size: int, emit: Emit, name: str) -> None:
@@ -187,16 +202,20 @@ class QuantizeNBits(GraphcPass):
         for i, cand in enumerate(cands):
             self.context.report(self.name, i, len(cands))
             bits = self.options.head_bits if cand.head and self.options.head_bits else self.options.bits
-            key = (cand.key, bits)
+            bits, block, is_planned = planned_config(cand.node, bits, self.options.block_size)
+            if is_planned:
+                check_block(bits, block, emit, self.name)
+                stats.add("matmuls_at_planned_precision")
+            key = (cand.key, bits, block)
             if key not in done:
                 w_t = np.ascontiguousarray(cand.weight.T)
                 scale_dtype = _SCALE_DTYPES[self.options.scale_dtype]
                 if gptq:
-                    quant = bq.gptq(w_t, hessians[cand.node.inputs[0].name], bits, self.options.block_size,
+                    quant = bq.gptq(w_t, hessians[cand.node.inputs[0].name], bits, block,
                                     symmetric=self.options.symmetric, scale_dtype=scale_dtype, damp=self.options.damp,
                                     act_order=self.options.act_order)
                 else:
-                    quant = bq.quantize(w_t, bits, self.options.block_size, symmetric=self.options.symmetric,
+                    quant = bq.quantize(w_t, bits, block, symmetric=self.options.symmetric,
                                         method=method, scale_dtype=scale_dtype)
                 errors.append(quant.relative_error(w_t))
                 stats.add("weight_bytes_before", int(cand.weight.size * 4))
@@ -213,7 +232,7 @@ class QuantizeNBits(GraphcPass):
                 graph, cand.node, [cand.node], new, cand.node.outputs, [new[-1].outputs[0]]
             )
             stats.add("gemms_quantized" if cand.node.op_type == ops.GEMM else "matmuls_quantized")
-            if cand.head and self.options.head_bits:
+            if cand.head and self.options.head_bits and not is_planned:
                 stats.add("head_matmuls_at_head_bits")
         stats.counts["mean_rel_weight_error"] = round(float(np.mean(errors)), 6)
         stats.counts["max_rel_weight_error"] = round(float(np.max(errors)), 6)

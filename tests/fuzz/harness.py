@@ -85,6 +85,8 @@ TOLERANCES: dict[str, Tol] = {
     # well-conditioned graphs. A wrong layout, scale or zero point gives a cosine near 0.
     "quantize-nbits": Tol(cos=0.85),
     "quantize-gather-block": Tol(cos=0.93),
+    # measures and plans only: writes per-node metadata (bits, block size), values untouched
+    "mixed-precision": EXACT,
     # rank per layer from a 5% relative output error budget (whitened on the calibration
     # activations; plain SVD below 2 calibration tokens per channel): random weights have flat
     # spectra, so only layers behind outlier-gain inputs factorize (6 of 60 drawn fp32 graphs),

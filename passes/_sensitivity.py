@@ -1,0 +1,247 @@
+"""Per-layer quantization sensitivity, measured on calibration data.
+
+A *layer* here is one stored weight that ``quantize-nbits`` or ``quantize-gather-block``
+would quantize: the constant B of a ``MatMul`` (stored [K, N], quantized as W^T [N, K] along K,
+as ``MatMulNBits`` does) or the table of an embedding ``Gather`` (stored [vocab, hidden],
+quantized along hidden). A weight read by several nodes (a table tied to an LM head) is one
+layer.
+
+Its sensitivity to a configuration (bits, block size) is the model's output error on the
+calibration feeds with *only that layer* quantized and dequantized back to float, everything
+else exact: the mean over the output rows (tokens; padding left out where the feed has an
+``attention_mask`` of the row's shape) of ``1 - cosine(row, reference row)``. To first order
+the errors of independently quantized layers add (the error vectors are uncorrelated, so their
+squared norms add, and ``1 - cos`` is half the squared norm of the error's orthogonal part
+relative to the row's), which is what lets a planner predict the whole model's error as a sum.
+
+One ONNX Runtime session serves every measurement: the layers' weights become graph inputs
+(their initializers removed), so each measurement is a run with one input swapped, not a new
+session. The quantized weights are computed on the fly (``_blockquant``, the passes' own math).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc import ops
+from graphc.passes import _blockquant as bq
+from graphc.passes._quant import const_array
+
+SCALE_BYTES = {"float32": 4, "float16": 2}
+
+
+@dataclass(frozen=True, order=True)
+class QuantConfig:
+    bits: int
+    block_size: int
+
+    @property
+    def label(self) -> str:
+        return f"int{self.bits}/b{self.block_size}"
+
+
+@dataclass
+class Layer:
+    """A stored weight to plan for, and the nodes that read it."""
+
+    name: str  # readable: the module scope of its first reader, else the initializer's name
+    kind: str  # "matmul" or "embedding"
+    value: ir.Value  # the initializer
+    transposed: bool  # the quantizer sees the stored array transposed (a MatMul B stored [K, N])
+    nodes: list[ir.Node] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) as quantized: blocks run along cols."""
+        s = tuple(int(d) for d in self.value.const_value.shape)
+        return (s[1], s[0]) if self.transposed else (s[0], s[1])
+
+    @property
+    def params(self) -> int:
+        rows, cols = self.shape
+        return rows * cols
+
+    def view(self) -> np.ndarray:
+        """float32 [rows, cols]: what the quantizer sees."""
+        a = self.value.const_value.numpy().astype(np.float32, copy=False)
+        return np.ascontiguousarray(a.T if self.transposed else a)
+
+    def stored(self, view: np.ndarray) -> np.ndarray:
+        """A [rows, cols] array back in the stored orientation."""
+        return np.ascontiguousarray(view.T if self.transposed else view, dtype=np.float32)
+
+
+def config_bytes(rows: int, cols: int, config: QuantConfig, *, symmetric: bool, scale_dtype: str) -> int:
+    """Bytes a [rows, cols] weight takes at ``config`` (``BlockQuant.nbytes``: packed codes,
+    scales, packed zero points when asymmetric)."""
+    n_blocks = -(-cols // config.block_size)
+    codes = rows * n_blocks * config.block_size * config.bits // 8
+    zeros = 0 if symmetric else rows * -(-n_blocks * config.bits // 8)
+    return int(codes + rows * n_blocks * SCALE_BYTES[scale_dtype] + zeros)
+
+
+def find_layers(
+    graph: ir.Graph, *, matmuls: bool = True, embeddings: bool = True, min_elements: int = 0,
+    min_rows: int = 64, min_cols: int = 0, exclude: Sequence[str] = (),
+) -> tuple[list[Layer], list[tuple[str, str]]]:
+    """The plannable layers of a graph, and (node, reason) for the candidates left out."""
+    layers: dict[int, Layer] = {}
+    skipped: list[tuple[str, str]] = []
+    for node in graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if matmuls and node.op_type == ops.MATMUL and len(node.inputs) == 2:
+            value, transposed, kind = node.inputs[1], True, "matmul"
+        elif embeddings and node.op_type == ops.GATHER and node.attributes.get_int("axis", 0) == 0:
+            value, transposed, kind = node.inputs[0], False, "embedding"
+            arr = const_array(value)
+            if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+                continue  # index arithmetic on shapes, not a table
+            if arr.shape[0] < min_rows:
+                skipped.append((node.name or node.op_type, f"{arr.shape[0]} rows < min_rows={min_rows}"))
+                continue
+        else:
+            continue
+        label = node.name or node.op_type
+        scope = node.metadata_props.get("graphc.scope", "")
+        if any(s in label or s in scope for s in exclude):
+            skipped.append((label, "excluded by option"))
+            continue
+        if value is None or value.const_value is None or value.name not in graph.initializers:
+            if kind == "matmul" and const_array(value) is None:
+                continue  # activation x activation
+            skipped.append((label, "weight is not a float32 initializer read directly (a Cast/Transpose/Constant)"))
+            continue
+        tensor = value.const_value
+        if tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
+            skipped.append((label, f"weight is a {len(tensor.shape)}-D {tensor.dtype}, not a 2-D float32 weight"))
+            continue
+        if int(np.prod(tensor.shape)) < min_elements:
+            skipped.append((label, f"weight has fewer than min_elements={min_elements} elements"))
+            continue
+        cols = tensor.shape[0] if transposed else tensor.shape[1]
+        if cols < min_cols:
+            skipped.append((label, f"{cols} values along the blocks < the smallest block {min_cols} (padding would dominate)"))
+            continue
+        layer = layers.get(id(value))
+        if layer is None:
+            layer = layers[id(value)] = Layer(scope or value.name or label, kind, value, transposed)
+        elif layer.transposed != transposed:  # read as a table and as a MatMul B: not one orientation
+            skipped.append((label, "weight read both as a table and as an untransposed MatMul B"))
+            continue
+        layer.nodes.append(node)
+    return list(layers.values()), skipped
+
+
+@dataclass
+class Measurement:
+    layer: Layer
+    config: QuantConfig
+    nbytes: int
+    error: float  # mean 1 - cosine of output rows, only this layer quantized
+    weight_error: float  # ||W - Q(W)|| / ||W||
+
+
+def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
+    """An ORT session of ``model`` in which the layers' weights are graph inputs."""
+    import onnx
+
+    from graphc.io import inline_external_data
+    from graphc.validate import make_session
+
+    names = {layer.value.name for layer in layers}
+    with inline_external_data(model):
+        proto = ir.serde.serialize_model(model)
+    kept = [t for t in proto.graph.initializer if t.name not in names]
+    moved = [t for t in proto.graph.initializer if t.name in names]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    for t in moved:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return make_session(proto, what="model during sensitivity measurement")
+
+
+def row_errors(out: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """1 - cosine of each output row (the last axis) against the reference; padding rows
+    (``mask`` == 0, where the mask has the rows' leading shape) left out."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if out.ndim == 0:
+        out, ref = out.reshape(1, 1), ref.reshape(1, 1)
+    if mask is not None and out.ndim == 3 and out.shape[:2] == np.shape(mask):
+        keep = np.asarray(mask) != 0
+        out, ref = out[keep], ref[keep]
+    else:
+        out, ref = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    dot = (out * ref).sum(-1)
+    norms = np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1)
+    cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.where(np.abs(out - ref).max(-1, initial=0) == 0, 1.0, 0.0))
+    return 1.0 - np.clip(cos, -1.0, 1.0)
+
+
+class Evaluator:
+    """Output error of the model with some layers' weights replaced, on calibration feeds."""
+
+    def __init__(self, model: ir.Model, layers: Sequence[Layer], feeds: Sequence[dict]):
+        self.layers = list(layers)
+        self.session = weight_input_session(model, self.layers)
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.weights = {layer.value.name: layer.value.const_value.numpy() for layer in self.layers}
+        self.feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in feeds]
+        self.masks = [feed.get("attention_mask") for feed in feeds]
+        self.reference = [self.session.run(self.outputs, {**feed, **self.weights}) for feed in self.feeds]
+
+    def error(self, replaced: dict[str, np.ndarray]) -> float:
+        """Mean over every output row of every feed of 1 - cosine vs the unquantized model."""
+        weights = {**self.weights, **replaced}
+        errs = []
+        for feed, mask, ref in zip(self.feeds, self.masks, self.reference):
+            outs = self.session.run(self.outputs, {**feed, **weights})
+            errs += [row_errors(o, r, mask) for o, r in zip(outs, ref)]
+        return float(np.concatenate(errs).mean()) if errs else 0.0
+
+
+def quantize_view(layer: Layer, view: np.ndarray, config: QuantConfig, *, symmetric: bool, method: bq.Method,
+                  scale_dtype: str) -> tuple[np.ndarray, float]:
+    """The layer's weight quantized at ``config`` and dequantized (stored orientation), and its
+    relative weight error."""
+    dtype = np.float16 if scale_dtype == "float16" else np.float32
+    quant = bq.quantize(view, config.bits, config.block_size, symmetric=symmetric, method=method, scale_dtype=dtype)
+    deq = quant.dequantize()
+    den = float(np.linalg.norm(view))
+    rel = float(np.linalg.norm(view - deq)) / den if den > 0 else 0.0
+    return layer.stored(deq), rel
+
+
+def measure(
+    evaluator: Evaluator,
+    configs: dict[int, list[QuantConfig]],
+    *,
+    symmetric: bool,
+    method: bq.Method,
+    scale_dtype: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Measurement]:
+    """Every layer of the evaluator at each of its configs (``configs[id(layer)]``)."""
+    total = sum(len(configs[id(layer)]) for layer in evaluator.layers)
+    done = 0
+    out: list[Measurement] = []
+    for layer in evaluator.layers:
+        view = layer.view()
+        rows, cols = layer.shape
+        for config in configs[id(layer)]:
+            if progress is not None:
+                progress(done, total)
+            deq, rel = quantize_view(layer, view, config, symmetric=symmetric, method=method, scale_dtype=scale_dtype)
+            err = evaluator.error({layer.value.name: deq})
+            nbytes = config_bytes(rows, cols, config, symmetric=symmetric, scale_dtype=scale_dtype)
+            out.append(Measurement(layer, config, nbytes, err, rel))
+            done += 1
+    if progress is not None:
+        progress(total, total)
+    return out

@@ -1,0 +1,260 @@
+"""Mixed precision from measured sensitivity: bits and block size per layer, to a budget.
+
+For every weight that ``quantize-nbits`` (constant MatMul B) or ``quantize-gather-block``
+(embedding table) would quantize, the output error with *only that layer* quantized is
+measured on the calibration feeds (``_sensitivity``: mean 1 - cosine of the output rows, one
+ONNX Runtime session with the weights as inputs). The candidates are every ``bits`` x
+``block_sizes`` pair (a block size that only adds padding over a smaller one with the same
+bits is dropped). Measuring each is one run per candidate (``measure_all``); by default each
+layer is measured at ``probe_bits`` x ``probe_block`` (int4/b32: one run a layer) and every
+other candidate is predicted from the probe of the nearest bit width by the ratio of their
+squared relative weight errors (output error is quadratic in a small weight error: on MiniLM
+the measured int2/int4 output-error ratios were 25-33, the squared weight-error ratio ~25).
+The bytes of each candidate are exact (the passes' storage layout).
+
+A planner (``_precision_plan``) then picks one candidate per layer to meet the budget:
+
+- ``max_bits``: average stored bits per planned weight (codes, scales, zero points), e.g.
+  4.0; portable across models;
+- ``max_bytes``: the whole model's bytes: the planned weights plus every other initializer at
+  its current size (an upper bound when ``fp16-constants`` runs later);
+- ``max_error``: predicted output error (mean 1 - cosine of output rows, the sum of the
+  layers' errors: 0.01 is a cosine of about 0.99); alone it buys the fewest bytes that meet it,
+  with a size budget it is checked.
+
+The choice is written on each reading node as metadata (``graphc.quant.bits``,
+``graphc.quant.block_size``) which ``quantize-nbits`` and ``quantize-gather-block`` follow
+over their own ``bits``/``block_size``; run this pass just before them. The stats list every
+choice (layer, bits, block, bytes, predicted error) and every measurement.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc.errors import PassError, UnsupportedError
+from graphc.pass_base import GraphcPass, PassStats, choice
+from graphc.passes import _blockquant as bq
+from graphc.passes import _precision_plan as pp
+from graphc.passes import _sensitivity as sens
+from graphc.registry import register
+
+META_BITS = "graphc.quant.bits"  # node metadata: bits chosen for the weight this node reads
+META_BLOCK = "graphc.quant.block_size"
+
+
+@dataclass(frozen=True)
+class MixedPrecisionOptions:
+    max_bits: float = 4.5  # budget: mean stored bits per planned weight (4.5: int4/b32 asymmetric's size); 0 = none
+    max_bytes: int = 0  # budget: whole-model bytes; 0 = none
+    max_error: float = 0.0  # budget: predicted mean 1 - cosine of output rows; 0 = none
+    bits: tuple[int, ...] = (2, 4, 8)
+    block_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    symmetric: bool = False  # as the quantizing passes will be run
+    scale_dtype: str = "float16"
+    method: str = bq.Method.RTN.value  # quantizer used to measure (rtn/mse/hqq)
+    probe_bits: tuple[int, ...] = (4,)  # bit widths measured (at probe_block); the rest predicted
+    probe_block: int = 32
+    measure_all: bool = False  # measure every candidate instead of predicting from probes
+    feeds: int = 2  # calibration feeds used (each measurement runs them all)
+    matmuls: bool = True
+    embeddings: bool = True
+    min_rows: int = 64  # smaller tables are not planned (quantize-gather-block's default)
+    exclude: tuple[str, ...] = ()  # substrings of node names or scopes not planned
+
+
+@register
+class MixedPrecision(GraphcPass):
+    name = "mixed-precision"
+    summary = ("per-layer bits and block size from measured output sensitivity, to a size (bits/bytes) or "
+               "error budget; drives quantize-nbits and quantize-gather-block")
+    Options = MixedPrecisionOptions
+    needs_calibration = True
+
+    @property
+    def calibration_texts(self) -> int:
+        return 64
+
+    def _validate(self) -> tuple[bq.Method, list[sens.QuantConfig]]:
+        o = self.options
+        method = choice(bq.Method, o.method, "method", self.name)
+        if method is bq.Method.GPTQ:
+            raise UnsupportedError("method='gptq' is not a measurement quantizer; supported: rtn, mse, hqq",
+                                   pass_name=self.name)
+        if method is bq.Method.HQQ and o.symmetric:
+            raise UnsupportedError("method='hqq' needs symmetric=false", pass_name=self.name)
+        for name in ("max_bits", "max_bytes", "max_error"):
+            if getattr(o, name) < 0:
+                raise UnsupportedError(f"{name}={getattr(o, name)} is negative; a budget is > 0 (0 = unset)",
+                                       pass_name=self.name)
+        if not (o.max_bits or o.max_bytes or o.max_error):
+            raise UnsupportedError("no budget: set max_bits (mean bits per weight), max_bytes (model bytes) "
+                                   "or max_error (predicted mean 1 - cosine)", pass_name=self.name)
+        if o.max_bits and o.max_bytes:
+            raise UnsupportedError("max_bits and max_bytes are both size budgets: set one", pass_name=self.name)
+        if o.max_error >= 1:
+            raise UnsupportedError(f"max_error={o.max_error} is not below 1 (it is 1 - cosine)", pass_name=self.name)
+        bad = [b for b in o.bits if b not in bq.MATMUL_NBITS_BITS]
+        if bad or not o.bits:
+            raise UnsupportedError(f"bits={list(o.bits)}; supported: {', '.join(map(str, bq.MATMUL_NBITS_BITS))}",
+                                   pass_name=self.name)
+        if not o.probe_bits or any(b not in bq.MATMUL_NBITS_BITS for b in o.probe_bits):
+            raise UnsupportedError(f"probe_bits={list(o.probe_bits)}; supported: "
+                                   f"{', '.join(map(str, bq.MATMUL_NBITS_BITS))}", pass_name=self.name)
+        bad = [b for b in (*o.block_sizes, o.probe_block) if b not in bq.BLOCK_SIZES]
+        if bad or not o.block_sizes:
+            raise UnsupportedError(f"block size(s) {bad or '[]'}; supported: {', '.join(map(str, bq.BLOCK_SIZES))}",
+                                   pass_name=self.name)
+        if o.scale_dtype not in sens.SCALE_BYTES:
+            raise UnsupportedError(f"scale_dtype={o.scale_dtype!r}; supported: {', '.join(sens.SCALE_BYTES)}",
+                                   pass_name=self.name)
+        if o.feeds < 1:
+            raise UnsupportedError(f"feeds={o.feeds}; at least 1", pass_name=self.name)
+        configs = sorted({sens.QuantConfig(b, k) for b in o.bits for k in o.block_sizes})
+        return method, configs
+
+    def _candidates(self, layer: sens.Layer, configs: list[sens.QuantConfig]) -> list[sens.QuantConfig]:
+        rows, cols = layer.shape
+        out = []
+        for c in configs:
+            if layer.kind == "embedding" and cols * c.bits % 8:
+                continue  # GatherBlockQuantized packs whole bytes per row
+            nbytes = self._bytes(layer, c)
+            dominated = any(d.bits == c.bits and d.block_size < c.block_size and self._bytes(layer, d) <= nbytes
+                            for d in configs)
+            if not dominated:
+                out.append(c)
+        return out
+
+    def _bytes(self, layer: sens.Layer, c: sens.QuantConfig) -> int:
+        rows, cols = layer.shape
+        return sens.config_bytes(rows, cols, c, symmetric=self.options.symmetric, scale_dtype=self.options.scale_dtype)
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        method, configs = self._validate()
+        o = self.options
+        feeds = list(self.context.calibration or [])[: o.feeds]
+        if not feeds:
+            raise PassError("needs calibration data (the output error of each layer is measured on it), and none "
+                            "was given: use a model exported by graphc (its recipe's texts) or pass calibration "
+                            "feeds in the PassContext", pass_name=self.name)
+        layers, skipped = sens.find_layers(model.graph, matmuls=o.matmuls, embeddings=o.embeddings,
+                                           min_rows=o.min_rows, min_cols=min(o.block_sizes), exclude=o.exclude)
+        for what, why in skipped:
+            stats.skip(what, why)
+        cands = {id(layer): self._candidates(layer, configs) for layer in layers}
+        layers = [layer for layer in layers if cands[id(layer)]]
+        if not layers:
+            stats.notes.append("no quantizable weight found")
+            return False
+        start = time.perf_counter()
+        evaluator = sens.Evaluator(model, layers, feeds)
+        measured, predicted = self._measure(evaluator, cands, method, stats)
+        stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
+
+        options = [[pp.Option(c.label, self._bytes(layer, c), predicted[id(layer)][c]) for c in cands[id(layer)]]
+                   for layer in layers]
+        params = sum(layer.params for layer in layers)
+        planned = {layer.value.name for layer in layers}
+        fixed = sum(_nbytes(v) for v in model.graph.initializers.values() if v.name not in planned)
+        if o.max_bits:
+            max_bytes, fixed_bytes = int(o.max_bits * params / 8), 0
+        elif o.max_bytes:
+            max_bytes, fixed_bytes = o.max_bytes, fixed
+        else:
+            max_bytes, fixed_bytes = None, 0
+        pick = pp.plan(options, max_bytes=max_bytes, max_error=o.max_error or None, fixed_bytes=fixed_bytes,
+                       pass_name=self.name)
+
+        choices = []
+        for layer, opts, i in zip(layers, options, pick):
+            c = cands[id(layer)][i]
+            for node in layer.nodes:
+                node.metadata_props[META_BITS] = str(c.bits)
+                node.metadata_props[META_BLOCK] = str(c.block_size)
+            choices.append({
+                "layer": layer.name, "kind": layer.kind, "nodes": [n.name for n in layer.nodes],
+                "params": layer.params, "bits": c.bits, "block_size": c.block_size, "bytes": opts[i].nbytes,
+                "bits_per_weight": round(8 * opts[i].nbytes / layer.params, 3),
+                "predicted_error": float(f"{opts[i].error:.4g}"),
+                "measured_error": (float(f"{measured[id(layer)][c]:.4g}") if c in measured[id(layer)] else None),
+            })
+            stats.add(f"layers_at_{c.label}")
+        planned_bytes = sum(c["bytes"] for c in choices)
+        error = sum(opts[i].error for opts, i in zip(options, pick))
+        stats.counts.update({
+            "layers_planned": len(layers),
+            "planned_params": params,
+            "planned_bytes": planned_bytes,
+            "planned_bits_per_weight": round(8 * planned_bytes / params, 4),
+            "predicted_error": float(f"{error:.4g}"),
+            "predicted_cosine": round(1.0 - error, 6),
+        })
+        if o.max_bytes:
+            stats.counts["other_bytes"] = fixed
+        stats.details["choices"] = choices
+        stats.details["sensitivities"] = [
+            {"layer": layer.name, "config": c.label, "bits": c.bits, "block_size": c.block_size,
+             "error": float(f"{predicted[id(layer)][c]:.4g}"), "measured": c in measured[id(layer)]}
+            for layer in layers for c in cands[id(layer)]
+        ]
+        stats.notes.append(
+            f"sensitivity on {len(feeds)} calibration feeds ({self.context.calibration_source}), quantizer "
+            f"{method.value}; budget " + ", ".join(
+                f"{k}={getattr(o, k)}" for k in ("max_bits", "max_bytes", "max_error") if getattr(o, k))
+        )
+        return True
+
+    def _measure(self, evaluator: sens.Evaluator, cands: dict, method: bq.Method, stats: PassStats):
+        """measured[id(layer)][config] (output error runs) and predicted[id(layer)][config] for
+        every candidate (measured where measured, else scaled from the probe of the nearest bit
+        width by the squared ratio of weight errors)."""
+        o = self.options
+        plan_runs = []
+        for layer in evaluator.layers:
+            mine = cands[id(layer)]
+            if o.measure_all:
+                probes = list(mine)
+            else:
+                probes = [sens.QuantConfig(b, o.probe_block) for b in sorted(set(o.probe_bits))]
+            plan_runs.append((layer, probes))
+        total = sum(len(p) for _, p in plan_runs)
+        measured: dict[int, dict] = {}
+        predicted: dict[int, dict] = {}
+        done = 0
+        kw = {"symmetric": o.symmetric, "method": method, "scale_dtype": o.scale_dtype}
+        for layer, probes in plan_runs:
+            view = layer.view()
+            werr: dict[sens.QuantConfig, float] = {}
+            m: dict[sens.QuantConfig, float] = {}
+            for c in probes:
+                self.context.report(self.name, done, total)
+                deq, werr[c] = sens.quantize_view(layer, view, c, **kw)
+                m[c] = evaluator.error({layer.value.name: deq})
+                done += 1
+            for c in cands[id(layer)]:
+                if c not in werr:
+                    werr[c] = sens.quantize_view(layer, view, c, **kw)[1]
+            p = {}
+            for c in cands[id(layer)]:
+                if c in m:
+                    p[c] = m[c]
+                    continue
+                probe = min(m, key=lambda q: (abs(q.bits - c.bits), q.bits))
+                ratio = werr[c] / werr[probe] if werr[probe] > 0 else 0.0
+                p[c] = m[probe] * ratio * ratio
+            measured[id(layer)], predicted[id(layer)] = m, p
+        self.context.report(self.name, total, total)
+        stats.counts["measurement_runs"] = total
+        return measured, predicted
+
+
+def _nbytes(value: ir.Value) -> int:
+    t = value.const_value
+    if t is None:
+        return 0
+    return int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize

@@ -1,0 +1,219 @@
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from graphc.errors import GraphcError, PassError, UnsupportedError
+from graphc.pass_base import PassContext
+from graphc.passes import _precision_plan as pp
+from graphc.passes import _sensitivity as sens
+from graphc.passes.mixed_precision import META_BITS, META_BLOCK, MixedPrecision
+from graphc.passes.quantize_gather_block import QuantizeGatherBlock
+from graphc.passes.quantize_nbits import QuantizeNBits
+from tests.passes.graphs import _model, cosine, embedding, run
+
+Opts = MixedPrecision.Options
+K, N = 64, 32
+
+
+def _two_branch(seed=0, loud=1.0, quiet=0.01):
+    """y = x @ Wa + x @ Wb: Wa (scale ``loud``) dominates the output, Wb (``quiet``) barely
+    shows; same shapes, so the same bytes at any configuration."""
+    rng = np.random.default_rng(seed)
+    inits = {"Wa": rng.standard_normal((K, N)).astype(np.float32) * loud,
+             "Wb": rng.standard_normal((K, N)).astype(np.float32) * quiet}
+    nodes = [helper.make_node("MatMul", ["x", "Wa"], ["a"], name="loud"),
+             helper.make_node("MatMul", ["x", "Wb"], ["b"], name="quiet"),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", N])], inits)
+
+
+def _ctx(seed=1, k=K):
+    x = np.random.default_rng(seed).standard_normal((4, 8, k)).astype(np.float32)
+    return PassContext(calibration=[{"x": x}], calibration_source="test")
+
+
+def _run(model, ctx=None, **options):
+    result = MixedPrecision(Opts(**options), ctx or _ctx())(model)
+    return result.stats.to_dict()
+
+
+def _by_layer(stats):
+    return {c["layer"]: c for c in stats["choices"]}
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+def test_sensitivity_ranks_the_planted_layer_first():
+    stats = _run(_two_branch(), max_bits=8.5, measure_all=True)
+    sens_rows = stats["sensitivities"]
+    assert all(r["measured"] for r in sens_rows)
+    for config in {r["config"] for r in sens_rows}:
+        err = {r["layer"]: r["error"] for r in sens_rows if r["config"] == config}
+        assert err["Wa"] > 100 * err["Wb"] > 0, config  # ~ (1/0.01)^2 apart
+
+
+def test_predicted_from_probe_close_to_measured():
+    """The default predicts other configurations from the int4/b32 probe by the squared
+    weight-error ratio: within a factor 2 of measuring them."""
+    measured = {(r["layer"], r["config"]): r["error"] for r in _run(_two_branch(), max_bits=8.5, measure_all=True)["sensitivities"]}
+    predicted = _run(_two_branch(), max_bits=8.5)["sensitivities"]
+    assert {r["config"] for r in predicted if r["measured"]} == {"int4/b32"}
+    for r in predicted:
+        ratio = r["error"] / measured[(r["layer"], r["config"])]
+        assert 0.5 < ratio < 2.0, (r, ratio)
+
+
+def test_row_errors_ignore_padding():
+    ref = np.ones((1, 3, 4), np.float32)
+    out = ref.copy()
+    out[0, 2] = -1  # a padding row, opposite
+    mask = np.array([[1, 1, 0]])
+    assert sens.row_errors(out, ref, mask).tolist() == [0.0, 0.0]
+    assert sens.row_errors(out, ref, None).max() == pytest.approx(2.0)
+
+
+def test_config_bytes_match_the_quantizer():
+    from graphc.passes import _blockquant as bq
+
+    w = np.random.default_rng(0).standard_normal((48, 100)).astype(np.float32)
+    for bits, block, sym in ((2, 16, False), (4, 32, True), (8, 64, False), (4, 128, False)):
+        q = bq.quantize(w, bits, block, symmetric=sym, method=bq.Method.RTN, scale_dtype=np.float16)
+        assert sens.config_bytes(48, 100, sens.QuantConfig(bits, block), symmetric=sym,
+                                 scale_dtype="float16") == q.nbytes()
+
+
+# ----------------------------------------------------------------------------- planner
+
+
+def test_planner_gives_the_sensitive_layer_more_bits_within_the_budget():
+    model = _two_branch()
+    stats = _run(model, max_bits=6.0)
+    by = _by_layer(stats)
+    assert by["Wa"]["bits"] > by["Wb"]["bits"]
+    assert stats["planned_bytes"] <= 6.0 * 2 * K * N / 8
+    assert stats["planned_bits_per_weight"] <= 6.0
+    nodes = {n.name: n for n in model.graph}
+    for layer, node in (("Wa", "loud"), ("Wb", "quiet")):
+        assert nodes[node].metadata_props[META_BITS] == str(by[layer]["bits"])
+        assert nodes[node].metadata_props[META_BLOCK] == str(by[layer]["block_size"])
+
+
+def test_stats_are_json_with_every_choice():
+    stats = json.loads(json.dumps(_run(_two_branch(), max_bits=5.0)))
+    assert {c["layer"] for c in stats["choices"]} == {"Wa", "Wb"}
+    for c in stats["choices"]:
+        assert {"layer", "bits", "block_size", "bytes", "predicted_error", "nodes"} <= set(c)
+    assert stats["predicted_error"] == pytest.approx(sum(c["predicted_error"] for c in stats["choices"]), rel=1e-3)
+
+
+@pytest.mark.parametrize("budget", [3.0, 4.0, 5.0, 6.0, 9.0])
+def test_plan_respects_size_budget_and_is_best_of_all_assignments(budget):
+    rng = np.random.default_rng(int(budget))
+    layers = []
+    for _ in range(4):
+        opts = [pp.Option(f"o{j}", int(n), float(e)) for j, (n, e) in
+                enumerate(zip(rng.integers(100, 1000, 5), rng.random(5)))]
+        layers.append(opts)
+    max_bytes = int(budget * 400)
+    import itertools
+
+    feasible = [p for p in itertools.product(range(5), repeat=4)
+                if sum(layers[i][j].nbytes for i, j in enumerate(p)) <= max_bytes]
+    if not feasible:
+        with pytest.raises(PassError, match="cannot be met"):
+            pp.plan(layers, max_bytes=max_bytes)
+        return
+    pick = pp.plan(layers, max_bytes=max_bytes)
+    assert sum(layers[i][j].nbytes for i, j in enumerate(pick)) <= max_bytes
+    best = min(sum(layers[i][j].error for i, j in enumerate(p)) for p in feasible)
+    got = sum(layers[i][j].error for i, j in enumerate(pick))
+    assert got <= best * 1.5 + 1e-9  # greedy on the convex hull: near the exact optimum
+
+
+def test_plan_error_budget_buys_fewest_bytes():
+    layers = [[pp.Option("2", 100, 0.1), pp.Option("4", 200, 0.01), pp.Option("8", 400, 0.0001)]] * 3
+    pick = pp.plan(layers, max_error=0.05)
+    assert sum(layers[i][j].error for i, j in enumerate(pick)) <= 0.05
+    assert sorted(pick) == [1, 1, 1]  # 3 x 0.01; any layer at 2 bits would exceed
+    with pytest.raises(PassError, match="max_error=1e-05 cannot be met"):
+        pp.plan(layers, max_error=1e-5)
+
+
+def test_error_budget_through_the_pass():
+    stats = _run(_two_branch(), max_bits=0, max_error=1e-3)
+    assert stats["predicted_error"] <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"max_bits": -1.0}, UnsupportedError, "negative"),
+        ({"max_bytes": -5}, UnsupportedError, "negative"),
+        ({"max_bits": 0}, UnsupportedError, "no budget"),
+        ({"max_bytes": 10}, UnsupportedError, "both size budgets"),
+        ({"max_error": 1.5}, UnsupportedError, "not below 1"),
+        ({"max_bits": 4.0, "bits": [3]}, UnsupportedError, "supported: 2, 4, 8"),
+        ({"max_bits": 4.0, "block_sizes": [48]}, UnsupportedError, "supported: 16"),
+        ({"max_bits": 4.0, "method": "gptq"}, UnsupportedError, "not a measurement quantizer"),
+        ({"max_bits": 1.0}, PassError, "max_bytes=.* cannot be met: the smallest option"),
+        ({"max_bits": 0, "max_bytes": 100}, PassError, "cannot be met"),
+        ({"max_bits": 0, "max_error": 1e-12, "bits": [2]}, PassError, "max_error=1e-12 cannot be met"),
+    ],
+)
+def test_bad_budget_is_a_clear_typed_error(options, error, match):
+    with pytest.raises(error, match=match):
+        _run(_two_branch(), **options)
+
+
+def test_no_calibration_is_an_error():
+    with pytest.raises(PassError, match="needs calibration data"):
+        MixedPrecision(Opts(max_bits=4.0), PassContext())(_two_branch())
+
+
+def test_unknown_option_names_the_pass():
+    with pytest.raises(GraphcError, match="mixed-precision accepts"):
+        MixedPrecision.from_dict({"budget": 4})
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_quantizers_follow_the_plan_and_outputs_stay_close():
+    model = _two_branch()
+    x = _ctx(seed=7).calibration[0]["x"]
+    ref = run(model, {"x": x})[0]
+    by = _by_layer(_run(model, max_bits=6.0))
+    result = QuantizeNBits(QuantizeNBits.Options(bits=4, block_size=32))(model)
+    assert result.stats.counts["matmuls_at_planned_precision"] == 2
+    nbits = {n.name: n for n in model.graph if n.op_type == "MatMulNBits"}
+    for layer, node in (("Wa", "loud_q"), ("Wb", "quiet_q")):
+        q = nbits[f"{node}{by[layer]['bits']}"]
+        assert q.attributes.get_int("bits") == by[layer]["bits"]
+        assert q.attributes.get_int("block_size") == by[layer]["block_size"]
+    assert cosine(run(model, {"x": x})[0], ref) > 0.99
+
+
+def test_embedding_table_is_planned_and_gather_block_follows():
+    model = embedding(vocab=200, dim=32)
+    ids = np.random.default_rng(0).integers(0, 200, (4, 6)).astype(np.int64)
+    feed = {i.name: (ids if "id" in i.name else np.zeros_like(ids)) for i in model.graph.inputs}
+    stats = MixedPrecision(Opts(max_bits=3.5), PassContext(calibration=[feed]))(model).stats.to_dict()
+    (choice,) = [c for c in stats["choices"] if c["kind"] == "embedding"]
+    assert 8 * choice["bytes"] / choice["params"] <= 3.5
+    result = QuantizeGatherBlock()(model)
+    assert result.stats.counts["tables_at_planned_precision"] == 1
+    (gbq,) = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    assert gbq.attributes.get_int("bits") == choice["bits"] == 2
+    assert gbq.attributes.get_int("block_size") == choice["block_size"]
+
+
+def test_planned_unsupported_config_is_refused_by_the_qdq_emitter():
+    model = _two_branch()
+    _run(model, max_bits=3.0, bits=[2])
+    with pytest.raises(UnsupportedError, match="bits=2 with emit='qdq'"):
+        QuantizeNBits(QuantizeNBits.Options(emit="qdq"))(model)
