@@ -42,6 +42,22 @@ def measure_latency(original: ir.Model, rewritten: ir.Model, feeds: Sequence[dic
     return {"threads": threads, "seq": seq, "reps": LATENCY_REPS, "rows": rows}
 
 
+def planner_rows(passes: Sequence[dict[str, Any]] | None) -> tuple[list[dict] | None, list[dict] | None]:
+    """The report's ``sensitivities`` and ``planner`` rows from a mixed-precision pass's stats
+    (its ``sensitivities`` at measured configurations and its per-layer ``choices``)."""
+    sens: list[dict] = []
+    plan: list[dict] = []
+    for p in passes or ():
+        stats = p.get("stats") or {}
+        for r in stats.get("sensitivities", ()):
+            if r.get("measured"):
+                sens.append({"layer": r["layer"], "metric": f"1 - cos at {r['config']}", "value": r["error"]})
+        for c in stats.get("choices", ()):
+            plan.append({"layer": c["layer"], "choice": f"int{c['bits']}/b{c['block_size']}",
+                         "predicted": c.get("predicted_error"), "measured": c.get("measured_error")})
+    return sens or None, plan or None
+
+
 def report_data(
     original: ir.Model,
     rewritten: ir.Model,
@@ -86,7 +102,7 @@ def report_data(
         "validation": validation,
         "attribution": attribution,
         "latency": measure_latency(original, rewritten, feeds) if latency and feeds else None,
-        "sensitivities": None,
-        "planner": None,
+        "sensitivities": planner_rows(passes)[0],
+        "planner": planner_rows(passes)[1],
         "provenance": {k: (v if isinstance(v, str) else str(v)) for k, v in rewritten.metadata_props.items() if k.startswith("graphc.")},
     }

@@ -217,3 +217,16 @@ def test_planned_unsupported_config_is_refused_by_the_qdq_emitter():
     _run(model, max_bits=3.0, bits=[2])
     with pytest.raises(UnsupportedError, match="bits=2 with emit='qdq'"):
         QuantizeNBits(QuantizeNBits.Options(emit="qdq"))(model)
+
+
+def test_report_shows_sensitivities_and_planner():
+    from graphc.report_html import render_report
+    from graphc.reporting import planner_rows
+
+    stats = _run(_two_branch(), max_bits=6.0)
+    sens_rows, plan_rows = planner_rows([{"name": "mixed-precision", "stats": stats}])
+    assert {r["layer"] for r in sens_rows} == {"Wa", "Wb"} and all(r["metric"] == "1 - cos at int4/b32" for r in sens_rows)
+    assert [r["choice"] for r in plan_rows] == [f"int{c['bits']}/b{c['block_size']}" for c in stats["choices"]]
+    html = render_report({"title": "t", "sensitivities": sens_rows, "planner": plan_rows})
+    assert "plot-sensitivity" in html and "plot-planner" in html
+    assert planner_rows([{"name": "cse", "stats": {}}]) == (None, None)
