@@ -41,10 +41,9 @@ from graphc.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
 from graphc.passes import _precision_plan as pp
 from graphc.passes import _sensitivity as sens
+from graphc.passes.quantize_gather_block import META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS
+from graphc.passes.quantize_nbits import META_BITS, META_BLOCK
 from graphc.registry import register
-
-META_BITS = "graphc.quant.bits"  # node metadata: bits chosen for the weight this node reads
-META_BLOCK = "graphc.quant.block_size"
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ class MixedPrecisionOptions:
     embeddings: bool = True
     min_rows: int = 64  # smaller tables are not planned (quantize-gather-block's default)
     exclude: tuple[str, ...] = ()  # substrings of node names or scopes not planned
+    split_rows: bool = True  # an embedding table may keep the rows calibration uses at more bits
 
 
 @register
@@ -134,6 +134,36 @@ class MixedPrecision(GraphcPass):
         rows, cols = layer.shape
         return sens.config_bytes(rows, cols, c, symmetric=self.options.symmetric, scale_dtype=self.options.scale_dtype)
 
+    def _bytes_rows(self, rows: int, cols: int, c: sens.QuantConfig) -> int:
+        return sens.config_bytes(rows, cols, c, symmetric=self.options.symmetric, scale_dtype=self.options.scale_dtype)
+
+    @staticmethod
+    def _row_use(layer: sens.Layer, feeds) -> tuple[np.ndarray, float] | None:
+        """An embedding table's rows used by the calibration feeds (ids of a graph input, padding
+        left out), and the share of ids in new text expected outside them (Good-Turing: the share
+        of calibration ids seen once)."""
+        if layer.kind != "embedding" or len(layer.nodes) != 1:
+            return None
+        name = layer.nodes[0].inputs[1].name
+        counts: dict[int, int] = {}
+        for feed in feeds:
+            if name not in feed:
+                return None
+            ids = np.asarray(feed[name])
+            mask = feed.get("attention_mask")
+            if mask is not None and np.shape(mask) == ids.shape:
+                ids = ids[np.asarray(mask) != 0]
+            u, n = np.unique(ids.reshape(-1), return_counts=True)
+            for a, b in zip(u.tolist(), n.tolist()):
+                counts[a] = counts.get(a, 0) + b
+        total = sum(counts.values())
+        rows = layer.shape[0]
+        hot = np.array(sorted(i for i in counts if 0 <= i < rows), np.int64)
+        if total == 0 or len(hot) == 0 or len(hot) >= rows:
+            return None
+        once = sum(1 for v in counts.values() if v == 1)
+        return hot, max(once, 1) / total
+
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         method, configs = self._validate()
         o = self.options
@@ -156,8 +186,27 @@ class MixedPrecision(GraphcPass):
         measured, predicted = self._measure(evaluator, cands, method, stats)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
 
-        options = [[pp.Option(c.label, self._bytes(layer, c), predicted[id(layer)][c]) for c in cands[id(layer)]]
-                   for layer in layers]
+        options, combos = [], []
+        for layer in layers:
+            mine = cands[id(layer)]
+            opts = [pp.Option(c.label, self._bytes(layer, c), predicted[id(layer)][c]) for c in mine]
+            combo: list[tuple] = [(c, None) for c in mine]
+            use = self._row_use(layer, self.context.calibration or []) if o.split_rows else None
+            if use is not None:
+                hot, p_new = use
+                rows, cols = layer.shape
+                map_bytes = rows * (2 if rows <= np.iinfo(np.int16).max else 4)
+                for h in mine:
+                    for c in mine:
+                        if (c.bits, -c.block_size) >= (h.bits, -h.block_size):
+                            continue  # the other rows at no fewer bytes than the used ones: no split
+                        nbytes = (self._bytes_rows(len(hot), cols, h) + self._bytes_rows(rows - len(hot), cols, c)
+                                  + map_bytes)
+                        error = (1 - p_new) * predicted[id(layer)][h] + p_new * predicted[id(layer)][c]
+                        opts.append(pp.Option(f"{h.label} used rows + {c.label}", nbytes, error))
+                        combo.append((h, (c, hot, p_new)))
+            options.append(opts)
+            combos.append(combo)
         params = sum(layer.params for layer in layers)
         planned = {layer.value.name for layer in layers}
         fixed = sum(_nbytes(v) for v in model.graph.initializers.values() if v.name not in planned)
@@ -171,17 +220,27 @@ class MixedPrecision(GraphcPass):
                        pass_name=self.name)
 
         choices = []
-        for layer, opts, i in zip(layers, options, pick):
-            c = cands[id(layer)][i]
+        for layer, opts, combo, i in zip(layers, options, combos, pick):
+            c, split = combo[i]
             for node in layer.nodes:
                 node.metadata_props[META_BITS] = str(c.bits)
                 node.metadata_props[META_BLOCK] = str(c.block_size)
+                if split is not None:
+                    node.metadata_props[META_HOT_ROWS] = ",".join(map(str, split[1].tolist()))
+                    node.metadata_props[META_COLD_BITS] = str(split[0].bits)
+                    node.metadata_props[META_COLD_BLOCK] = str(split[0].block_size)
+            if split is not None:
+                stats.notes.append(f"{layer.name}: {len(split[1])} rows used in calibration at {c.label}, the others "
+                                   f"at {split[0].label} (share of unseen ids in new text, Good-Turing: {split[2]:.3f})")
             choices.append({
                 "layer": layer.name, "kind": layer.kind, "nodes": [n.name for n in layer.nodes],
                 "params": layer.params, "bits": c.bits, "block_size": c.block_size, "bytes": opts[i].nbytes,
                 "bits_per_weight": round(8 * opts[i].nbytes / layer.params, 3),
                 "predicted_error": float(f"{opts[i].error:.4g}"),
                 "measured_error": (float(f"{measured[id(layer)][c]:.4g}") if c in measured[id(layer)] else None),
+                **({"used_rows": len(split[1]), "other_rows_bits": split[0].bits,
+                    "other_rows_block_size": split[0].block_size, "unseen_share": round(split[2], 4)}
+                   if split is not None else {}),
             })
             stats.add(f"layers_at_{c.label}")
         planned_bytes = sum(c["bytes"] for c in choices)

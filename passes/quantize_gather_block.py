@@ -36,7 +36,13 @@ from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset
-from graphc.passes.quantize_nbits import META_WEIGHT, planned_config, weight_digest
+from graphc.passes.quantize_nbits import META_BLOCK, META_WEIGHT, planned_config, weight_digest
+
+# node metadata from ``mixed-precision``: the rows (comma-separated ids) kept at the planned bits; the
+# other rows get META_COLD_BITS / META_COLD_BLOCK
+META_HOT_ROWS = "graphc.quant.hot_rows"
+META_COLD_BITS = "graphc.quant.cold_bits"
+META_COLD_BLOCK = "graphc.quant.cold_block_size"
 from graphc.registry import register
 
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -136,6 +142,20 @@ class QuantizeGatherBlock(GraphcPass):
                                                "quantize-nbits first to share the tied weights)")
                     if is_planned:
                         stats.add("tables_at_planned_precision")
+                    split = _split_plan(node, table.shape[0])
+                    if split is not None:
+                        done[key] = ("split", self._store_split(graph, node, table, bits, block, split, method, stats))
+                        stats.add("tables_quantized")
+                        stats.add("table_bytes_before", int(table.nbytes))
+                        kind, what = done[key]
+                        new = self._emit_split(node, what)
+                        for n in new:
+                            copy_scope(node, n)
+                        ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs,
+                                                                [new[-1].outputs[0]])
+                        stats.add("gathers_quantized")
+                        modified = True
+                        continue
                     quant = bq.quantize(table, bits, block,
                                         symmetric=self.options.symmetric, method=method,
                                         scale_dtype=_SCALE_DTYPES[self.options.scale_dtype])
@@ -145,7 +165,10 @@ class QuantizeGatherBlock(GraphcPass):
                     stats.add("table_bytes_before", int(table.nbytes))
                     stats.add("table_bytes_after", quant.nbytes())
             kind, what = done[key]
-            new = self._emit_tied(node, what) if kind == "tied" else self._emit_own(node, what)
+            if kind == "split":
+                new = self._emit_split(node, what)
+            else:
+                new = self._emit_tied(node, what) if kind == "tied" else self._emit_own(node, what)
             for n in new:
                 copy_scope(node, n)
             ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, [new[-1].outputs[0]])
@@ -176,6 +199,64 @@ class QuantizeGatherBlock(GraphcPass):
         )
         gbq.name = f"{node.name}_q{stored['bits']}" if node.name else ""
         return [*pre, gbq]
+
+    # ------------------------------------------------------------------ rows split by use
+    def _store_split(self, graph, node, table, bits, block, split, method, stats) -> dict:
+        """Hot rows at (bits, block), the others at the cold plan, and the id → row map."""
+        hot, cold_bits, cold_block = split
+        vocab = table.shape[0]
+        cold = np.setdiff1d(np.arange(vocab), hot)
+        scale_dtype = _SCALE_DTYPES[self.options.scale_dtype]
+        base = node.inputs[0].name or "embedding"
+        parts = []
+        for rows, b, k, tag in ((hot, bits, block, "hot"), (cold, cold_bits, cold_block, "cold")):
+            quant = bq.quantize(table[rows], b, k, symmetric=self.options.symmetric, method=method,
+                                scale_dtype=scale_dtype)
+            stats.add("table_bytes_after", quant.nbytes())
+            parts.append(self._store(graph, f"{base}_{tag}", quant))
+        index_dtype = np.int16 if vocab <= np.iinfo(np.int16).max else np.int32
+        row_of = np.empty(vocab, index_dtype)
+        row_of[hot] = np.arange(len(hot))
+        row_of[cold] = len(hot) + np.arange(len(cold))
+        stats.add("table_bytes_after", int(row_of.nbytes))
+        stats.add("tables_split")
+        stats.notes.append(f"{base}: {len(hot)} rows used in calibration at int{bits}/b{block}, {len(cold)} others at "
+                           f"int{cold_bits}/b{cold_block} (row map {row_of.dtype})")
+        return {
+            "hot": parts[0], "cold": parts[1], "n_hot": len(hot),
+            "map": constant(graph, f"{base}_row_of_id", row_of),
+            "n_hot_value": constant(graph, f"{base}_n_hot", np.array(len(hot), np.int64)),
+            "last_hot": constant(graph, f"{base}_last_hot", np.array(len(hot) - 1, np.int64)),
+            "zero": constant(graph, f"{base}_zero", np.array(0, np.int64)),
+            "minus_one": constant(graph, f"{base}_minus_one_axis", np.array([-1], np.int64)),
+        }
+
+    def _emit_split(self, node: ir.Node, stored: dict) -> list[ir.Node]:
+        """row = map[id]; Where(row < n_hot, hot[min(row, n_hot-1)], cold[max(row - n_hot, 0)])."""
+        nodes: list[ir.Node] = []
+
+        def add(op, inputs, **attrs):
+            n = ir.node(op, inputs, attributes=attrs or None)
+            nodes.append(n)
+            return n.outputs[0]
+
+        row = add(ops.CAST, [add(ops.GATHER, [stored["map"], node.inputs[1]])], to=ir.DataType.INT64)
+        is_hot = add("Less", [row, stored["n_hot_value"]])
+        hot_row = add("Min", [row, stored["last_hot"]])
+        cold_row = add("Max", [add("Sub", [row, stored["n_hot_value"]]), stored["zero"]])
+        outs = []
+        for part, idx in ((stored["hot"], hot_row), (stored["cold"], cold_row)):
+            pre, scales = _float(part["scales"])
+            nodes += pre
+            inputs = [part["data"], idx, scales] + ([part["zp"]] if part["zp"] is not None else [])
+            gbq = ir.node(ops.GATHER_BLOCK_QUANTIZED, inputs, domain=ops.MS_DOMAIN,
+                          attributes={"bits": part["bits"], "block_size": part["block_size"], "gather_axis": 0,
+                                      "quantize_axis": 1})
+            nodes.append(gbq)
+            outs.append(gbq.outputs[0])
+        cond = add("Unsqueeze", [is_hot, stored["minus_one"]])
+        add("Where", [cond, outs[0], outs[1]])
+        return nodes
 
     # ------------------------------------------------------------------ tied to a MatMulNBits head
     @staticmethod
@@ -231,6 +312,26 @@ class QuantizeGatherBlock(GraphcPass):
             out = ir.node("Reshape", [gbq.outputs[0], cat.outputs[0]])
             nodes += [shape, cat, out]
         return nodes
+
+
+def _split_plan(node: ir.Node, vocab: int) -> tuple[np.ndarray, int, int] | None:
+    """(hot row ids, cold bits, cold block) when ``mixed-precision`` split this table's rows."""
+    text = node.metadata_props.get(META_HOT_ROWS)
+    if not text or META_COLD_BITS not in node.metadata_props:
+        return None
+    hot = np.unique(np.array([int(t) for t in text.split(",")], np.int64))
+    hot = hot[(hot >= 0) & (hot < vocab)]
+    if len(hot) == 0 or len(hot) == vocab:
+        return None
+    cold_bits = int(node.metadata_props[META_COLD_BITS])
+    cold_block = int(node.metadata_props.get(META_COLD_BLOCK, node.metadata_props.get(META_BLOCK, "32")))
+    if cold_bits not in bq.GATHER_BITS or cold_block not in bq.BLOCK_SIZES:
+        from graphc.errors import UnsupportedError
+
+        raise UnsupportedError(f"{node.name}: planned cold rows bits={cold_bits}, block_size={cold_block}; supported: "
+                               f"bits {', '.join(map(str, bq.GATHER_BITS))}, block sizes "
+                               f"{', '.join(map(str, bq.BLOCK_SIZES))}", pass_name="quantize-gather-block")
+    return hot, cold_bits, cold_block
 
 
 def _float(value: ir.Value) -> tuple[list[ir.Node], ir.Value]:

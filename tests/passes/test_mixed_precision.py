@@ -230,3 +230,31 @@ def test_report_shows_sensitivities_and_planner():
     html = render_report({"title": "t", "sensitivities": sens_rows, "planner": plan_rows})
     assert "plot-sensitivity" in html and "plot-planner" in html
     assert planner_rows([{"name": "cse", "stats": {}}]) == (None, None)
+
+
+def test_embedding_rows_used_in_calibration_kept_at_more_bits():
+    """Calibration reads 20 of 1000 rows: the plan keeps those at more bits than the rest (split
+    table, id → row map), and the gathered values match numpy's dequantization of each part."""
+    from graphc.passes import _blockquant as bq
+
+    model = embedding(vocab=1000, dim=64)
+    table = model.graph.initializers["table"].const_value.numpy().copy()
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([np.arange(20), rng.integers(0, 20, 60)]).reshape(4, 20).astype(np.int64)
+    feed = {"ids": ids, "tt": np.zeros_like(ids)}
+    stats = MixedPrecision(Opts(max_bits=3.2), PassContext(calibration=[feed]))(model).stats.to_dict()
+    (c,) = [c for c in stats["choices"] if c["kind"] == "embedding"]
+    assert c["used_rows"] == 20 and c["other_rows_bits"] < c["bits"]
+    assert 8 * c["bytes"] / c["params"] <= 3.2
+    QuantizeGatherBlock()(model)
+    assert sorted(n.op_type for n in model.graph if n.op_type in ("GatherBlockQuantized", "Where")) == [
+        "GatherBlockQuantized", "GatherBlockQuantized", "Where"]
+    all_ids = np.array([[0, 5, 19, 20, 150, 999]], np.int64)
+    got = run(model, {"ids": all_ids, "tt": np.zeros_like(all_ids)})[0][0]
+    types = embedding(vocab=1000, dim=64).graph.initializers["types"].const_value.numpy()[0]
+    hot = bq.quantize(table[:20], c["bits"], c["block_size"], symmetric=False, method=bq.Method.MSE,
+                      scale_dtype=np.float16).dequantize()
+    cold = bq.quantize(table[20:], c["other_rows_bits"], c["other_rows_block_size"], symmetric=False,
+                       method=bq.Method.MSE, scale_dtype=np.float16).dequantize()
+    want = np.stack([hot[0], hot[5], hot[19], cold[0], cold[130], cold[979]]) + types
+    np.testing.assert_allclose(got, want, atol=1e-5)
