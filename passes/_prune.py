@@ -5,9 +5,10 @@
   and the edits pruning makes on it (keep columns, keep rows, replace the weight and bias).
 - :func:`activations`: the rows (tokens) of chosen values over the calibration feeds, padded
   positions left out.
-- :func:`refit`: the STAT-style correction. After input channels of a linear layer are
+- :func:`plan_layer`: the STAT-style correction. After input channels of a linear layer are
   removed, refit its weight (and bias) on the channels that remain by ridge-regularised least
-  squares so that its output on calibration data stays close to the original output.
+  squares (normal equations from :class:`Moments`) so that its output on calibration data
+  stays close to the original output; the ridge is chosen on held-out tokens.
 - :class:`Budget`: how many units (heads, KV groups, neurons) a layer loses, from a fraction,
   a count, or a per-layer error budget.
 """
@@ -149,25 +150,6 @@ def activations(
 # --------------------------------------------------------------------------- least squares
 
 
-def refit(x: np.ndarray, y: np.ndarray, ridge: float, fit_bias: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``W, b = argmin ||x W + b - y||² + λ ||W||²`` with λ = ``ridge`` × mean diagonal of the
-    (centred) Gram matrix; solved through the normal equations in float64. ``b`` is zero when
-    ``fit_bias`` is false."""
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    if fit_bias:
-        mx, my = x.mean(axis=0), y.mean(axis=0)
-        xc, yc = x - mx, y - my
-    else:
-        xc, yc = x, y
-    gram = xc.T @ xc
-    lam = ridge * max(float(np.trace(gram)) / max(gram.shape[0], 1), 1e-12)
-    gram[np.diag_indices_from(gram)] += lam
-    w = np.linalg.solve(gram, xc.T @ yc)
-    b = (my - mx @ w) if fit_bias else np.zeros(y.shape[1])
-    return w.astype(np.float32), b.astype(np.float32)
-
-
 def relative_error(y_hat: np.ndarray, y: np.ndarray) -> float:
     """||y_hat - y||² / ||y - mean(y)||²: the share of the output's variation that is lost."""
     denom = float(np.sum((y - y.mean(axis=0)) ** 2)) or 1.0
@@ -249,17 +231,76 @@ def set_arch_metadata(model: ir.Model, key: str, per_layer: Sequence[int]) -> No
     model.metadata_props[f"{ops.META_ARCH_PREFIX}{key}_per_layer"] = ",".join(str(v) for v in per_layer)
 
 
+class Moments:
+    """Sufficient statistics of a least-squares problem ``x → y`` (float64): token count,
+    sums, ``xᵀx``, ``xᵀy`` and ``Σy²``; any subset of x's columns is fitted and scored from
+    them without touching the rows again."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        y = np.asarray(y, np.float64)
+        self.n = x.shape[0]
+        self.sx, self.sy = x.sum(axis=0), y.sum(axis=0)
+        self.xtx, self.xty = x.T @ x, x.T @ y
+        self.syy = float(np.sum(y * y))
+        self.y_var = self.syy - float(self.sy @ self.sy) / max(self.n, 1)
+
+    def __add__(self, other: Moments) -> Moments:
+        out = object.__new__(Moments)
+        out.n = self.n + other.n
+        out.sx, out.sy = self.sx + other.sx, self.sy + other.sy
+        out.xtx, out.xty = self.xtx + other.xtx, self.xty + other.xty
+        out.syy = self.syy + other.syy
+        out.y_var = out.syy - float(out.sy @ out.sy) / max(out.n, 1)
+        return out
+
+    def fit(self, cols: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+        """Ridge least squares on the centred data, λ = ``ridge`` × mean diagonal, and the bias."""
+        n = max(self.n, 1)
+        mx, my = self.sx[cols] / n, self.sy / n
+        gram = self.xtx[np.ix_(cols, cols)] - n * np.outer(mx, mx)
+        cross = self.xty[cols] - n * np.outer(mx, my)
+        lam = ridge * max(float(np.trace(gram)) / max(len(cols), 1), 1e-12)
+        gram[np.diag_indices_from(gram)] += lam
+        try:
+            w = np.linalg.solve(gram, cross)
+        except np.linalg.LinAlgError:
+            w = np.linalg.lstsq(gram, cross, rcond=None)[0]
+        return w, my - mx @ w
+
+    def error(self, cols: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
+        """:func:`relative_error` of ``x[:, cols] @ w + b`` against y, from the moments."""
+        w = np.asarray(w, np.float64)
+        b = np.asarray(b, np.float64)
+        sq = (float(np.sum(w * (self.xtx[np.ix_(cols, cols)] @ w))) + 2 * float(b @ (self.sx[cols] @ w))
+              + self.n * float(b @ b) - 2 * float(np.sum(w * self.xty[cols])) - 2 * float(b @ self.sy) + self.syy)
+        return max(sq, 0.0) / (self.y_var or 1.0)
+
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
 @dataclass
 class LayerPlan:
     """What pruning one layer decided: units kept, the input channels they span, the new
-    weight and bias of the layer after them, and the relative output error (calibration)."""
+    weight and bias of the layer after them, the ridge chosen (None: not corrected), and
+    relative output errors on the calibration tokens (``heldout_*``: fitted on one half of
+    the tokens, scored on the other, both ways)."""
 
     keep: np.ndarray
     channels: np.ndarray
     weight: np.ndarray
     bias: np.ndarray
+    ridge: float | None
     error: float
     error_uncorrected: float
+    heldout: float
+    heldout_uncorrected: float
+
+    def describe(self) -> str:
+        how = f"corrected (ridge {self.ridge:g})" if self.ridge is not None else "not corrected (no held-out gain)"
+        return (f"relative error {self.error_uncorrected:.4f} → {self.error:.4f}, held out "
+                f"{self.heldout_uncorrected:.4f} → {self.heldout:.4f}, {how}")
 
 
 def plan_layer(
@@ -268,28 +309,49 @@ def plan_layer(
 ) -> LayerPlan:
     """Choose the units (``width`` consecutive input channels each) of ``lin``'s input to keep,
     least contributing first out, and refit ``lin`` on the rest so that it maps the kept
-    channels ``x[:, channels]`` to ``y`` (the original layer's output on the same tokens)."""
-    w = lin.weight
-    b = lin.bias if lin.bias is not None else np.zeros(w.shape[1], np.float32)
+    channels ``x[:, channels]`` to ``y`` (the original layer's output on the same tokens).
+
+    The correction is cross-validated: the tokens are split into two contiguous halves (whole
+    sequences apart from one), the ridge is chosen among ``ridge`` and :data:`RIDGES` by the
+    error on the half not fitted, and when no ridge beats the uncorrected layer there the layer
+    is left uncorrected (a refit on few distinct tokens overfits)."""
+    w = lin.weight.astype(np.float64)
+    b = (lin.bias if lin.bias is not None else np.zeros(w.shape[1], np.float32)).astype(np.float64)
     units = x.shape[1] // width
     groups = [np.arange(u * width, (u + 1) * width) for u in range(units)]
-    order = np.argsort(group_energy(x, w, groups), kind="stable")
+    order = np.argsort(group_energy(x, lin.weight, groups), kind="stable")
+    half = x.shape[0] // 2
+    parts = (Moments(x[:half], y[:half]), Moments(x[half:], y[half:]))
+    total = parts[0] + parts[1]
+    grid = sorted({ridge, *RIDGES})
 
-    def fit(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def heldout(cols: np.ndarray, r: float | None) -> float:
+        errs = []
+        for fit_on, score_on in ((parts[0], parts[1]), (parts[1], parts[0])):
+            w2, b2 = fit_on.fit(cols, r) if r is not None else (w[cols], b)
+            errs.append(score_on.error(cols, w2, b2))
+        return float(np.mean(errs))
+
+    def fit(keep: np.ndarray):
         cols = expand_units(keep, width)
-        if correct:
-            w2, b2 = refit(x[:, cols], y, ridge, fit_bias=True)
-            return cols, w2, b2
-        return cols, w[cols], b
+        plain = heldout(cols, None)
+        best, best_err = None, plain
+        if correct and half >= 2:
+            for r in grid:
+                e = heldout(cols, r)
+                if e < best_err:
+                    best, best_err = r, e
+        w2, b2 = total.fit(cols, best) if best is not None else (w[cols], b)
+        return cols, w2, b2, best, best_err, plain
 
     def error(keep: np.ndarray) -> float:
-        cols, w2, b2 = fit(keep)
-        return relative_error(x[:, cols] @ w2 + b2, y)
+        cols, w2, b2, *_ = fit(keep)
+        return total.error(cols, w2, b2)
 
     keep = choose(units, budget, order, error, min_keep)
-    cols, w2, b2 = fit(keep)
-    plain = relative_error(x[:, cols] @ w[cols] + b, y)
-    return LayerPlan(keep, cols, w2, b2, relative_error(x[:, cols] @ w2 + b2, y), plain)
+    cols, w2, b2, best, held, held_plain = fit(keep)
+    return LayerPlan(keep, cols, w2.astype(np.float32), b2.astype(np.float32), best, total.error(cols, w2, b2),
+                     total.error(cols, w[cols], b), held, held_plain)
 
 
 def apply_output_refit(graph: ir.Graph, lin: Linear, plan: LayerPlan, suffix: str) -> None:

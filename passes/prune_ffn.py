@@ -171,16 +171,21 @@ class PruneFfn(GraphcPass):
             plan = _prune.plan_layer(x, targets.pop(v.name), f.down, 1, budget, correct=self.options.correct,
                                      ridge=self.options.ridge, min_keep=self.options.min_keep)
             del x
+            if len(plan.keep) == f.width:
+                stats.notes.append(f"{f.down.node.name}: kept all {f.width} neurons (left as it was)")
+                widths.append(f.width)
+                continue
             width, fan = f.width, sum(u.weight.shape[0] for u in f.ups) + f.down.weight.shape[1]
             self._apply(graph, f, plan)
             removed = width - len(plan.keep)
             widths.append(len(plan.keep))
             stats.add("neurons_removed", removed)
             stats.add("parameters_removed", removed * fan)
-            stats.notes.append(f"{f.down.node.name}: kept {len(plan.keep)}/{width} neurons, relative error "
-                               f"{plan.error_uncorrected:.4f} → {plan.error:.4f} corrected")
+            stats.notes.append(f"{f.down.node.name}: kept {len(plan.keep)}/{width} neurons, {plan.describe()}")
         original.clear()
-        stats.add("ffns_pruned", len(ffns))
+        stats.add("ffns", len(ffns))
+        if not stats.counts.get("neurons_removed"):
+            return False
         _prune.set_arch_metadata(model, "intermediate_size", widths)
         onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
         drop_unused_initializers(graph)

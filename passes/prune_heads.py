@@ -407,16 +407,22 @@ class PruneHeads(GraphcPass):
                                      ridge=self.options.ridge, min_keep=self.options.min_keep)
             del x
             groups = len(plan.keep)
+            if groups == b.kv_heads:
+                stats.notes.append(f"{b.anchor.name}: kept all {b.heads} heads (left as it was)")
+                per_layer_heads.append(b.heads)
+                per_layer_kv.append(b.kv_heads)
+                continue
             self._apply(graph, b, plan.keep)
             _prune.apply_output_refit(graph, b.o, plan, "pruned")
             removed = b.heads - groups * b.rep
             per_layer_heads.append(groups * b.rep)
             per_layer_kv.append(groups if b.kv_heads != b.heads else groups * b.rep)
             stats.add("heads_removed", removed)
-            stats.notes.append(f"{b.anchor.name}: kept {groups * b.rep}/{b.heads} heads, relative error "
-                               f"{plan.error_uncorrected:.4f} → {plan.error:.4f} corrected")
+            stats.notes.append(f"{b.anchor.name}: kept {groups * b.rep}/{b.heads} heads, {plan.describe()}")
         original.clear()
         stats.add("attention_blocks", len(blocks))
+        if not stats.counts.get("heads_removed"):
+            return False
         _prune.set_arch_metadata(model, "num_heads", per_layer_heads)
         _prune.set_arch_metadata(model, "num_kv_heads", per_layer_kv)
         onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
