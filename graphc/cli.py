@@ -88,6 +88,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             instruments=[_PassProgress(status)] if status is not None else [],
             dump_dir=args.dump_dir,
             report=args.report,
+            validate=not args.no_validate,
         )
     data = result.to_dict()
     lines = [f"recipe {result.recipe.name}: {args.model} → {args.output}"]
@@ -109,6 +110,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"validation ({v.samples} feeds, {v.input_source}): output cosine {v.output_cosine:.5f}, "
             f"worst row cosine {v.min_cosine:.5f}, max abs {v.max_abs:.4g} → {'PASS' if v.passed else 'FAIL (forced)'}"
         )
+    else:
+        lines.append("validation: skipped (--no-validate): the result was not compared with the original")
     if result.attribution is not None:
         lines.append(result.attribution.summary())
     if result.report_path is not None:
@@ -244,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")
     sp.add_argument("--dump-dir", metavar="DIR", help="write the model after each pass that changed it (NN-pass.onnx)")
     sp.add_argument("--report", metavar="HTML", help="write a self-contained HTML report (written even if validation fails)")
+    sp.add_argument("--no-validate", action="store_true",
+                    help="skip validation (ONNX Runtime would load the original and the result: the whole "
+                         "model in memory); for models larger than memory allows. Nothing is checked.")
     sp.set_defaults(func=cmd_compress)
 
     sp = add("validate", "compare a rewritten model with the original in ONNX Runtime")

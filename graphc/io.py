@@ -24,8 +24,10 @@ import onnx_ir as ir
 from graphc import ops
 from graphc.errors import ExternalDataError, GraphcError, InvalidModelError, ModelLoadError, SaveError
 
-# Protobuf cannot serialize more than 2 GiB; stay well below it.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# A single-file save holds the weights about three times over (tensors, proto, bytes); above
+# this many bytes of weights the output gets external data instead, so that saving a large
+# model needs little more memory than its largest tensor.
+INLINE_LIMIT = 512 * 2**20
 _MAX_DETAIL = 300  # characters of a foreign error message kept in ours
 
 
@@ -538,15 +540,16 @@ def save_model(
 ) -> list[Path]:
     """Save atomically; returns the files written.
 
-    ``external_data``: None chooses it when the weights would push the protobuf near
-    2 GB. The external file is ``<name>.data`` beside the model, with a relative location;
+    ``external_data``: None chooses it when the weights exceed :data:`INLINE_LIMIT` (a
+    single-file save would hold them three times over; protobuf's 2 GB limit is further
+    up). The external file is ``<name>.data`` beside the model, with a relative location;
     without it, weights that were external in the input are pulled into the single file.
     ``forbid``: paths the output must not overwrite (the input model and its data).
     The file's IR version is at most :func:`max_ir_version` (what ONNX Runtime loads).
     """
     path = Path(path)
     if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = tensor_bytes(model) > INLINE_LIMIT
     targets = check_output_path(path, external_data=external_data, forbid=forbid)
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=".graphc-tmp-", dir=path.parent))

@@ -55,6 +55,25 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def release_pages(value: ir.Value | None) -> None:
+    """Let the OS drop the memory-mapped pages of the external weight behind ``value`` (through
+    a Transpose or Cast of it) once a pass has read it: onnx_ir maps external data and the
+    pages a pass touched would otherwise stay resident until the pass ends, so that peak
+    memory grew with the model instead of its largest tensor. Re-reading later faults the
+    pages back in from the file."""
+    import mmap
+
+    while value is not None and value.const_value is None:
+        producer = value.producer()
+        if producer is None or producer.op_type not in ("Transpose", "Cast") or not producer.inputs:
+            return
+        value = producer.inputs[0]
+    tensor = value.const_value if value is not None else None
+    raw = getattr(tensor, "raw", None)
+    if isinstance(tensor, ir.ExternalTensor) and raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+        raw.madvise(mmap.MADV_DONTNEED)
+
+
 def ensure_opset(model: ir.Model, domain: str, version: int) -> None:
     if model.opset_imports.get(domain, 0) < version:
         model.opset_imports[domain] = version

@@ -39,7 +39,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, release_pages
 from graphc.registry import register
 
 META_WEIGHT = "graphc.nbits.weight"  # node metadata: digest of the float W^T [N, K] a MatMulNBits holds
@@ -75,10 +75,25 @@ class NBitsOptions:
 @dataclass
 class _Candidate:
     node: ir.Node
-    weight: np.ndarray  # [K, N] float32: transposes and Gemm alpha applied
+    stored: np.ndarray  # the constant as stored (often a view of memory-mapped external data)
     bias: np.ndarray | None  # [N] float32 (Gemm C * beta)
     key: int  # identity of the stored weight (shared weights are quantized once)
     head: bool
+    transpose: bool = False  # Gemm transB
+    alpha: float = 1.0  # Gemm alpha
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        k, n = self.stored.shape
+        return (n, k) if self.transpose else (k, n)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """[K, N] float32 with Gemm's transB and alpha applied: made on demand, not kept, so
+        that the pass holds one float weight at a time (large models)."""
+        w = self.stored.T if self.transpose else self.stored
+        w = w.astype(np.float32, copy=False)
+        return np.ascontiguousarray(w * self.alpha if self.alpha != 1.0 else w)
 
 
 def weight_digest(w_t: np.ndarray) -> str:
@@ -209,6 +224,7 @@ class QuantizeNBits(GraphcPass):
             key = (cand.key, bits, block)
             if key not in done:
                 w_t = np.ascontiguousarray(cand.weight.T)
+                release_pages(cand.node.inputs[1])
                 scale_dtype = _SCALE_DTYPES[self.options.scale_dtype]
                 if gptq:
                     quant = bq.gptq(w_t, hessians[cand.node.inputs[0].name], bits, block,
@@ -218,7 +234,7 @@ class QuantizeNBits(GraphcPass):
                     quant = bq.quantize(w_t, bits, block, symmetric=self.options.symmetric,
                                         method=method, scale_dtype=scale_dtype)
                 errors.append(quant.relative_error(w_t))
-                stats.add("weight_bytes_before", int(cand.weight.size * 4))
+                stats.add("weight_bytes_before", int(w_t.size * 4))
                 stats.add("weight_bytes_after", quant.nbytes())
                 done[key] = quant, {"digest": weight_digest(w_t)}
             quant, cache = done[key]
@@ -226,6 +242,9 @@ class QuantizeNBits(GraphcPass):
                 new = self._emit_nbits(graph, cand, quant, cache)
             else:
                 new = self._emit_qdq(graph, cand, quant, cache)
+            # the codes now live in the graph, packed: a shared weight's later uses read only
+            # bits/block/symmetric, so drop the unpacked arrays (a byte per weight) now
+            done[key] = _emptied(quant), cache
             for n in new:
                 copy_scope(cand.node, n)
             ir.convenience.replace_nodes_and_values(
@@ -321,25 +340,24 @@ class QuantizeNBits(GraphcPass):
         if x.shape is not None and len(x.shape) < 2 and node.op_type == ops.MATMUL:
             stats.skip(label, "1-D activation (MatMulNBits needs A of rank >= 2)")
             return None
-        w = w.astype(np.float32)
-        bias = None
+        bias, transpose, alpha = None, False, 1.0
         if node.op_type == ops.GEMM:
             attrs = node.attributes
             if attrs.get_int("transA", 0):
                 stats.skip(label, "Gemm with transA=1")
                 return None
-            if attrs.get_int("transB", 0):
-                w = w.T
-            w = w * attrs.get_float("alpha", 1.0)
+            transpose = bool(attrs.get_int("transB", 0))
+            alpha = attrs.get_float("alpha", 1.0)
+            n = w.shape[0] if transpose else w.shape[1]
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 c = const_array(node.inputs[2])
-                if c is None or c.size not in (1, w.shape[1]):
+                if c is None or c.size not in (1, n):
                     stats.skip(label, "Gemm bias C is not a constant vector")
                     return None
-                bias = np.broadcast_to(c.astype(np.float32).reshape(-1), (w.shape[1],)) * attrs.get_float("beta", 1.0)
+                bias = np.broadcast_to(c.astype(np.float32).reshape(-1), (n,)) * attrs.get_float("beta", 1.0)
                 bias = np.ascontiguousarray(bias, dtype=np.float32)
         head = any(o in graph.outputs for o in node.outputs)
-        return _Candidate(node, np.ascontiguousarray(w), bias, key, head)
+        return _Candidate(node, w, bias, key, head, transpose, alpha)
 
     # ------------------------------------------------------------------ emitting
     def _scales(
@@ -367,7 +385,7 @@ class QuantizeNBits(GraphcPass):
             inputs += [None, constant(graph, f"{base}_bias", cand.bias)]
         while inputs[-1] is None:
             inputs.pop()
-        k, n = cand.weight.shape
+        k, n = cand.shape
         node = ir.node(
             ops.MATMUL_NBITS, inputs, domain=ops.MS_DOMAIN,
             attributes={"K": k, "N": n, "bits": quant.bits, "block_size": quant.block_size,
@@ -411,6 +429,15 @@ class QuantizeNBits(GraphcPass):
         if cand.bias is not None:
             nodes.append(ir.node(ops.ADD, [mm.outputs[0], constant(graph, f"{base}_bias", cand.bias)]))
         return nodes
+
+
+def _emptied(quant: bq.BlockQuant) -> bq.BlockQuant:
+    """The same quantization's parameters with zero rows (no arrays held)."""
+    from dataclasses import replace
+
+    return replace(quant, q=np.empty((0, *quant.q.shape[1:]), quant.q.dtype),
+                   scale=np.empty((0, *quant.scale.shape[1:]), quant.scale.dtype),
+                   zero=np.empty((0, *quant.zero.shape[1:]), quant.zero.dtype))
 
 
 def _base_name(cand: _Candidate) -> str:

@@ -355,7 +355,7 @@ def test_output_data_file_would_be_input_data_file(tmp_path, monkeypatch):
     """Input model.onnx keeps its weights in out.onnx.data; writing out.onnx with external
     data would replace that file, so graphc refuses."""
     src = save_external(tiny_model_proto(), tmp_path / "model.onnx", location="out.onnx.data")
-    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 0)  # force external data on save
+    monkeypatch.setattr(io, "INLINE_LIMIT", 0)  # force external data on save
     before = Snapshot(tmp_path)
     out = tmp_path / "out.onnx"
     with pytest.raises(SaveError, match="external data file 'out.onnx.data' would overwrite the input"):

@@ -1,0 +1,104 @@
+"""Peak memory and time of compressing large models (issue 8's bounded-memory measurement).
+
+    python bench/bench_memory.py [--sizes 1gb,4gb,8gb] [--recipes cleanup,int4-nocalib] [--json OUT]
+
+Writes synthetic Llama-architecture models (models/synthetic_llama.py: random weights from a
+config, streamed to external data; cached under ``.graphc-cache/synthetic/``), then compresses
+each with each recipe in a fresh process (``graphc compress --no-validate``: validation would
+load the whole model into ONNX Runtime) and reports that process's peak resident memory
+(VmHWM, which counts memory-mapped weight pages too), the wall time, and the output bytes.
+``int4-nocalib`` is bench/recipes/int4-nocalib.toml: the int4 recipe with clipping-search
+weights, since GPTQ's calibration runs the whole float model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".graphc-cache" / "synthetic"
+RECIPES = {"int4-nocalib": str(ROOT / "bench" / "recipes" / "int4-nocalib.toml")}
+
+# Runs in the child: compress, then report this process's peak resident set.
+_CHILD = """
+import json, sys, time
+import graphc
+t = time.perf_counter()
+r = graphc.compress(sys.argv[1], sys.argv[2], recipe=sys.argv[3], validate=False, attribution=False)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"peak_bytes": int(status["VmHWM"].split()[0]) * 1024, "seconds": time.perf_counter() - t,
+                  "passes": {p.name: round(p.wall_s, 1) for p in r.passes},
+                  "written": [str(p) for p in r.written]}))
+"""
+
+
+def synthetic(size: str) -> Path:
+    from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
+
+    path = CACHE / f"llama-{size}.onnx"
+    if not (path.exists() and (CACHE / f"llama-{size}.onnx.data").exists()):
+        print(f"writing synthetic {size} model to {path} ...", file=sys.stderr, flush=True)
+        write_synthetic_llama(path, PRESETS[size])
+    return path
+
+
+def largest_tensor(size: str) -> int:
+    from graphc.models.synthetic_llama import PRESETS
+
+    return max(4 * math.prod(shape) for _, shape in PRESETS[size].tensor_shapes())
+
+
+def run(model: Path, recipe: str, out_dir: Path) -> dict:
+    out = out_dir / f"{model.stem}-{recipe}.onnx"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(out), RECIPES.get(recipe, recipe)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["output_bytes"] = sum(Path(p).stat().st_size for p in result.pop("written"))
+    for p in out_dir.glob(out.name + "*"):
+        p.unlink()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1gb,4gb,8gb")
+    parser.add_argument("--recipes", default="cleanup,int4-nocalib")
+    parser.add_argument("--json", metavar="OUT")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="graphc-mem-") as tmp:
+        for size in args.sizes.split(","):
+            model = synthetic(size)
+            model_bytes = model.stat().st_size + (model.parent / (model.name + ".data")).stat().st_size
+            for recipe in args.recipes.split(","):
+                t = time.perf_counter()
+                result = run(model, recipe, Path(tmp))
+                row = {"model": size, "model_bytes": model_bytes, "largest_tensor": largest_tensor(size),
+                       "recipe": recipe, "wall_s": round(time.perf_counter() - t, 1), **result}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{'model':6s} {'bytes':>9s} {'largest':>9s} {'recipe':14s} {'peak RSS':>9s} {'time':>7s} {'output':>9s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:6s} {r['recipe']:14s} ERROR {r['error']}")
+            continue
+        print(f"{r['model']:6s} {r['model_bytes'] / 2**30:8.2f}G {r['largest_tensor'] / 2**20:8.0f}M {r['recipe']:14s} "
+              f"{r['peak_bytes'] / 2**30:8.2f}G {r['seconds']:6.0f}s {r['output_bytes'] / 2**20:8.0f}M")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
