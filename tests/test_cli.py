@@ -63,6 +63,18 @@ def test_tolerance_miss_writes_nothing_unless_forced(model_path, tmp_path, capsy
     assert out.exists()
 
 
+def test_no_validate_skips_validation_and_says_so(model_path, tmp_path, capsys):
+    """--no-validate (for models too large for ONNX Runtime to hold twice): nothing compared,
+    even a tolerance nothing could meet does not stop the write, and both outputs say so."""
+    recipe = tmp_path / "strict.toml"
+    recipe.write_text('extends = "int8"\n[tolerance]\nmin_cosine = 0.9999999\n')
+    out = tmp_path / "o.onnx"
+    assert main(["compress", str(model_path), "-o", str(out), "--recipe", str(recipe), "--no-validate"]) == 0
+    assert out.exists() and "validation: skipped (--no-validate)" in capsys.readouterr().out
+    assert main(["compress", str(model_path), "-o", str(out), "--no-validate", "--json"]) == 0
+    assert _json(capsys)["validation"] is None
+
+
 def test_disable_pass(model_path, tmp_path, capsys):
     out = tmp_path / "o.onnx"
     assert main(["compress", str(model_path), "-o", str(out), "--disable", "quantize-int8", "--json"]) == 0
