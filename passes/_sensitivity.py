@@ -207,41 +207,27 @@ class Evaluator:
 
 
 def quantize_view(layer: Layer, view: np.ndarray, config: QuantConfig, *, symmetric: bool, method: bq.Method,
-                  scale_dtype: str) -> tuple[np.ndarray, float]:
-    """The layer's weight quantized at ``config`` and dequantized (stored orientation), and its
-    relative weight error."""
+                  scale_dtype: str, hessian: np.ndarray | None = None, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's weight quantized at ``config`` and dequantized: (stored orientation, the
+    quantizer's [rows, cols] view). ``gptq`` needs the Hessian of the MatMul's input [cols, cols]."""
     dtype = np.float16 if scale_dtype == "float16" else np.float32
-    quant = bq.quantize(view, config.bits, config.block_size, symmetric=symmetric, method=method, scale_dtype=dtype)
+    if method is bq.Method.GPTQ:
+        quant = bq.gptq(view, hessian, config.bits, config.block_size, symmetric=symmetric, scale_dtype=dtype,
+                        damp=damp, act_order=True)
+    else:
+        quant = bq.quantize(view, config.bits, config.block_size, symmetric=symmetric, method=method,
+                            scale_dtype=dtype)
     deq = quant.dequantize()
-    den = float(np.linalg.norm(view))
-    rel = float(np.linalg.norm(view - deq)) / den if den > 0 else 0.0
-    return layer.stored(deq), rel
+    return layer.stored(deq), deq
 
 
-def measure(
-    evaluator: Evaluator,
-    configs: dict[int, list[QuantConfig]],
-    *,
-    symmetric: bool,
-    method: bq.Method,
-    scale_dtype: str,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Measurement]:
-    """Every layer of the evaluator at each of its configs (``configs[id(layer)]``)."""
-    total = sum(len(configs[id(layer)]) for layer in evaluator.layers)
-    done = 0
-    out: list[Measurement] = []
-    for layer in evaluator.layers:
-        view = layer.view()
-        rows, cols = layer.shape
-        for config in configs[id(layer)]:
-            if progress is not None:
-                progress(done, total)
-            deq, rel = quantize_view(layer, view, config, symmetric=symmetric, method=method, scale_dtype=scale_dtype)
-            err = evaluator.error({layer.value.name: deq})
-            nbytes = config_bytes(rows, cols, config, symmetric=symmetric, scale_dtype=scale_dtype)
-            out.append(Measurement(layer, config, nbytes, err, rel))
-            done += 1
-    if progress is not None:
-        progress(total, total)
-    return out
+def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None = None) -> float:
+    """||W - Q(W)|| / ||W||; with a Hessian H of the layer's input, the output-weighted form
+    sqrt(tr(D H D^T) / tr(W H W^T)) (what GPTQ minimises)."""
+    d = np.asarray(view, np.float64) - deq
+    if hessian is None:
+        den = float(np.linalg.norm(view))
+        return float(np.linalg.norm(d)) / den if den > 0 else 0.0
+    h = np.asarray(hessian, np.float64)
+    den = float(((view @ h) * view).sum())
+    return float(np.sqrt(max(((d @ h) * d).sum(), 0.0) / den)) if den > 0 else 0.0

@@ -55,7 +55,9 @@ class MixedPrecisionOptions:
     block_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
     symmetric: bool = False  # as the quantizing passes will be run
     scale_dtype: str = "float16"
-    method: str = bq.Method.RTN.value  # quantizer used to measure (rtn/mse/hqq)
+    # quantizer of the measured probes: rtn, mse, hqq, or gptq (MatMuls by GPTQ on the calibration
+    # Hessians, act_order, as quantize-nbits runs it; tables by mse, as quantize-gather-block)
+    method: str = bq.Method.RTN.value
     probe_bits: tuple[int, ...] = (4,)  # bit widths measured (at probe_block); the rest predicted
     probe_block: int = 32
     measure_all: bool = False  # measure every candidate instead of predicting from probes
@@ -77,14 +79,12 @@ class MixedPrecision(GraphcPass):
 
     @property
     def calibration_texts(self) -> int:
-        return 64
+        """Texts wanted: GPTQ's Hessians want thousands of tokens; row use is counted on them all."""
+        return 256 if self.options.method == bq.Method.GPTQ.value else 64
 
     def _validate(self) -> tuple[bq.Method, list[sens.QuantConfig]]:
         o = self.options
         method = choice(bq.Method, o.method, "method", self.name)
-        if method is bq.Method.GPTQ:
-            raise UnsupportedError("method='gptq' is not a measurement quantizer; supported: rtn, mse, hqq",
-                                   pass_name=self.name)
         if method is bq.Method.HQQ and o.symmetric:
             raise UnsupportedError("method='hqq' needs symmetric=false", pass_name=self.name)
         for name in ("max_bits", "max_bytes", "max_error"):
@@ -183,7 +183,7 @@ class MixedPrecision(GraphcPass):
             return False
         start = time.perf_counter()
         evaluator = sens.Evaluator(model, layers, feeds)
-        measured, predicted = self._measure(evaluator, cands, method, stats)
+        measured, predicted = self._measure(model, evaluator, cands, method, stats)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
 
         options, combos = [], []
@@ -268,36 +268,39 @@ class MixedPrecision(GraphcPass):
         )
         return True
 
-    def _measure(self, evaluator: sens.Evaluator, cands: dict, method: bq.Method, stats: PassStats):
+    def _measure(self, model: ir.Model, evaluator: sens.Evaluator, cands: dict, method: bq.Method,
+                 stats: PassStats):
         """measured[id(layer)][config] (output error runs) and predicted[id(layer)][config] for
-        every candidate (measured where measured, else scaled from the probe of the nearest bit
-        width by the squared ratio of weight errors)."""
+        every candidate: measured where measured, else the probe of the nearest bit width times
+        the squared ratio of round-to-nearest weight errors (Hessian-weighted for MatMuls when
+        measuring GPTQ, whose gain is taken to hold across configurations)."""
         o = self.options
-        plan_runs = []
+        gptq = method is bq.Method.GPTQ
+        hessians = self._hessians(model, evaluator.layers, stats) if gptq else {}
+        runs = []
         for layer in evaluator.layers:
             mine = cands[id(layer)]
-            if o.measure_all:
-                probes = list(mine)
-            else:
-                probes = [sens.QuantConfig(b, o.probe_block) for b in sorted(set(o.probe_bits))]
-            plan_runs.append((layer, probes))
-        total = sum(len(p) for _, p in plan_runs)
+            probes = list(mine) if o.measure_all else [sens.QuantConfig(b, o.probe_block) for b in sorted(set(o.probe_bits))]
+            runs.append((layer, probes))
+        total = sum(len(p) for _, p in runs)
         measured: dict[int, dict] = {}
         predicted: dict[int, dict] = {}
         done = 0
-        kw = {"symmetric": o.symmetric, "method": method, "scale_dtype": o.scale_dtype}
-        for layer, probes in plan_runs:
+        for layer, probes in runs:
             view = layer.view()
-            werr: dict[sens.QuantConfig, float] = {}
+            h = hessians.get(id(layer))
+            probe_method = method if (h is not None or not gptq) else bq.Method.MSE  # tables: mse, as gather-block
+            kw = {"symmetric": o.symmetric, "scale_dtype": o.scale_dtype}
             m: dict[sens.QuantConfig, float] = {}
             for c in probes:
                 self.context.report(self.name, done, total)
-                deq, werr[c] = sens.quantize_view(layer, view, c, **kw)
-                m[c] = evaluator.error({layer.value.name: deq})
+                stored, _ = sens.quantize_view(layer, view, c, method=probe_method, hessian=h, **kw)
+                m[c] = evaluator.error({layer.value.name: stored})
                 done += 1
-            for c in cands[id(layer)]:
-                if c not in werr:
-                    werr[c] = sens.quantize_view(layer, view, c, **kw)[1]
+            werr = {}
+            for c in {*cands[id(layer)], *m}:
+                _, deq = sens.quantize_view(layer, view, c, method=bq.Method.RTN, **kw)
+                werr[c] = sens.relative_error(view, deq, h)
             p = {}
             for c in cands[id(layer)]:
                 if c in m:
@@ -310,6 +313,19 @@ class MixedPrecision(GraphcPass):
         self.context.report(self.name, total, total)
         stats.counts["measurement_runs"] = total
         return measured, predicted
+
+    def _hessians(self, model: ir.Model, layers: list[sens.Layer], stats: PassStats) -> dict[int, np.ndarray]:
+        """Each MatMul layer's input Hessian (quantize-nbits' own, from the calibration feeds)."""
+        from types import SimpleNamespace
+
+        from graphc.passes.quantize_nbits import QuantizeNBits
+
+        mm = [layer for layer in layers if layer.kind == "matmul"]
+        if not mm:
+            return {}
+        nbits = QuantizeNBits(QuantizeNBits.Options(method="gptq"), self.context)
+        by_input = nbits._hessians(model, [SimpleNamespace(node=layer.nodes[0]) for layer in mm], stats)
+        return {id(layer): by_input[layer.nodes[0].inputs[0].name] for layer in mm}
 
 
 def _nbytes(value: ir.Value) -> int:

@@ -32,7 +32,7 @@ def _two_branch(seed=0, loud=1.0, quiet=0.01):
 
 
 def _ctx(seed=1, k=K):
-    x = np.random.default_rng(seed).standard_normal((4, 8, k)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((4, 32, k)).astype(np.float32)
     return PassContext(calibration=[{"x": x}], calibration_source="test")
 
 
@@ -66,6 +66,17 @@ def test_predicted_from_probe_close_to_measured():
     for r in predicted:
         ratio = r["error"] / measured[(r["layer"], r["config"])]
         assert 0.5 < ratio < 2.0, (r, ratio)
+
+
+def test_gptq_probes_measure_less_error_than_rtn():
+    """method='gptq' measures MatMuls quantized by GPTQ on the calibration Hessians (what
+    quantize-nbits' recipe runs): less output error than round-to-nearest at the probe."""
+    def probe(method):
+        rows = _run(_two_branch(), _ctx(k=K), max_bits=8.5, method=method)["sensitivities"]
+        return {r["layer"]: r["error"] for r in rows if r["measured"]}
+
+    rtn, gptq = probe("rtn"), probe("gptq")
+    assert gptq["Wa"] < rtn["Wa"]
 
 
 def test_row_errors_ignore_padding():
@@ -159,7 +170,7 @@ def test_error_budget_through_the_pass():
         ({"max_error": 1.5}, UnsupportedError, "not below 1"),
         ({"max_bits": 4.0, "bits": [3]}, UnsupportedError, "supported: 2, 4, 8"),
         ({"max_bits": 4.0, "block_sizes": [48]}, UnsupportedError, "supported: 16"),
-        ({"max_bits": 4.0, "method": "gptq"}, UnsupportedError, "not a measurement quantizer"),
+        ({"max_bits": 4.0, "method": "awq"}, UnsupportedError, "supported: rtn, mse, hqq, gptq"),
         ({"max_bits": 1.0}, PassError, "max_bytes=.* cannot be met: the smallest option"),
         ({"max_bits": 0, "max_bytes": 100}, PassError, "cannot be met"),
         ({"max_bits": 0, "max_error": 1e-12, "bits": [2]}, PassError, "max_error=1e-12 cannot be met"),
