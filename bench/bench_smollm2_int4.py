@@ -1,0 +1,405 @@
+"""graphc 4-bit recipes vs ONNX Runtime's 4-bit quantizers on SmolLM2-135M, judged by perplexity.
+
+    python bench/bench_smollm2_int4.py [--windows 16] [--reps 3] [--json OUT] [--only NAME ...]
+
+In one process, on CPU with ``--threads`` intra-op threads (default 2):
+
+1. fp32: graphc's dynamo export (cached in ``.graphc-cache/bench/``), and PyTorch fp32 through
+   the same windows (cached);
+2. ORT int4 RTN, the issue's size reference: ``MatMulNBitsQuantizer`` with
+   ``DefaultWeightOnlyQuantConfig`` (round to nearest, 4-bit, block 128, symmetric,
+   ``op_types_to_quantize=("MatMul", "Gather")``, accuracy_level 4), applied to graphc's fused
+   fp32 graph (cleanup → fuse-ort → trim-outputs: what graphc's recipes quantize) in which the
+   tied LM head is a plain initializer (the quantizer only takes constant weights), so ORT
+   stores the embedding table and the head as two 4-bit copies;
+3. ORT int4 HQQ: the same with ``HQQWeightOnlyQuantConfig`` (block 128; MatMul only: ORT's
+   HQQ refuses Gather), the embedding table left fp32;
+4. graphc variants (``VARIANTS``): the ``int4`` recipe and variants of it (quantizer, block,
+   head/embedding precision), each built with ``graphc.compress`` on the fp32 export.
+
+Reports bytes on disk, perplexity over ``--windows`` fixed windows of 512 tokens of the
+Wikipedia eval split (``SmolLM2Recipe.perplexity_feeds``; disjoint from the calibration
+split GPTQ uses), its rise vs ONNX Runtime fp32 and vs PyTorch fp32, and median latency at
+batch 1 × 512 tokens (models interleaved; few reps: the machine is shared and noisy).
+
+Caution (ASSETS.md): SmolLM2's weights come from a Q4_1 GGUF, so every aligned block of 32
+weights already lies on a 16-level asymmetric grid: asymmetric block-32 quantization
+reproduces them almost exactly. Such variants are flagged ``q4_1-aligned`` in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_int8 import ROOT, WORK, Reporter, _cpu_name, _fingerprint, quiet  # noqa: E402
+
+SEQ = 512
+PPL_TARGET = 0.05  # perplexity within 5% of fp32
+FUSED_PIPELINE = "graphc cleanup+fuse-ort(mha)+trim-outputs, head as initializer v1"
+
+# what a graphc variant's bytes depend on (besides the recipe and the export)
+GRAPHC_SOURCES = ("cleanup", "fuse_ort", "trim_outputs", "quantize_nbits", "quantize_gather_block", "_blockquant",
+                  "_quant", "fp16_constants", "mixed_precision")
+
+FP32 = "fp32 (graphc export)"
+ORT_RTN = "ORT int4 RTN b128 sym (MatMul+Gather)"
+ORT_HQQ = "ORT int4 HQQ b128 (MatMul only)"
+
+# graphc variants: quantize-nbits options, quantize-gather-block options (None: recipe's),
+# whether the weights' Q4_1 grid makes the variant look better than it is.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "graphc int4 (recipe)": {"nbits": None, "gather": None, "aligned": True},
+    "graphc rtn b128 sym": {
+        "nbits": {"bits": 4, "block_size": 128, "symmetric": True, "method": "rtn"},
+        "gather": {"bits": 4, "block_size": 128, "symmetric": True, "method": "rtn"},
+    },
+    "graphc gptq b128 asym, head 8-bit": {
+        "nbits": {"bits": 4, "block_size": 128, "symmetric": False, "method": "gptq", "act_order": True,
+                  "head_bits": 8},
+        "gather": {"bits": 8, "block_size": 128, "symmetric": False, "method": "mse"},
+    },
+    "graphc gptq b64 asym, head 8-bit": {
+        "nbits": {"bits": 4, "block_size": 64, "symmetric": False, "method": "gptq", "act_order": True,
+                  "head_bits": 8},
+        "gather": {"bits": 8, "block_size": 64, "symmetric": False, "method": "mse"},
+    },
+    "graphc gptq b32 sym, head 8-bit": {
+        "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
+                  "head_bits": 8},
+        "gather": {"bits": 8, "block_size": 32, "symmetric": True, "method": "mse"},
+    },
+    "graphc 8-bit b128 rtn": {
+        "nbits": {"bits": 8, "block_size": 128, "symmetric": True, "method": "rtn"},
+        "gather": {"bits": 8, "block_size": 128, "symmetric": True, "method": "rtn"},
+    },
+    "graphc 2-bit b32 gptq, head 8-bit": {
+        "nbits": {"bits": 2, "block_size": 32, "symmetric": False, "method": "gptq", "act_order": True,
+                  "head_bits": 8},
+        "gather": {"bits": 8, "block_size": 32, "symmetric": False, "method": "mse"},
+    },
+}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def cached_fp32(work: Path, *, fresh: bool) -> Path:
+    """graphc's dynamo export of SmolLM2 (~2-5 min), reused while the exporter sources, the
+    GGUF and the library versions are the same. (graphc.demo.cached_export also keys on every
+    models/*.py, so any edit there would export again.)"""
+    from graphc.exporters import export
+    from graphc.models import smollm2
+
+    out = work / "smollm2-export-fp32.onnx"
+    stamp = work / "smollm2-export-fp32.key"
+    sources = [p.read_text() for p in sorted((ROOT / "exporters").glob("*.py"))]
+    key = _fingerprint("smollm2 export v1", json.dumps(smollm2._source_stamp(smollm2.gguf_path())), *sources)
+    if _key_ok(out, stamp, key, fresh):
+        return out
+    stamp.unlink(missing_ok=True)
+    export("smollm2", out)
+    stamp.write_text(key + "\n")
+    return out
+
+
+def _key_ok(out: Path, stamp: Path, key: str, fresh: bool) -> bool:
+    return not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key
+
+
+def build_fused(fp32: Path, work: Path, *, fresh: bool) -> Path:
+    """graphc's fp32 graph after cleanup, fuse-ort and trim-outputs, the tied LM head's
+    ``Transpose(table)`` folded to its own initializer (cached)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    import graphc
+    from graphc import io
+    from graphc.recipes import BUILTIN
+
+    out = work / "smollm2-fused-fp32.onnx"
+    stamp = work / "smollm2-fused-fp32.key"
+    sources = [(ROOT / "passes" / f"{p}.py").read_text() for p in ("cleanup", "fuse_ort", "trim_outputs")]
+    key = _fingerprint(FUSED_PIPELINE, fp32.with_suffix(".key").read_text(), *sources)
+    if _key_ok(out, stamp, key, fresh):
+        return out
+    steps = [s for s in BUILTIN["int4"].steps if not s.pass_name.startswith("quantize") and s.pass_name != "fp16-constants"]
+    recipe = replace(BUILTIN["int4"], name="fused-fp32", steps=tuple(steps))
+    with quiet():
+        result = graphc.compress(fp32, recipe=recipe, force=True, validate=False, attribution=False)
+    model = result.model
+    for node in list(model.graph):
+        if node.op_type == "Transpose" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+            table = node.inputs[0].const_value.numpy()
+            if table.ndim == 2:
+                head = ir.Value(name=f"{node.inputs[0].name}.T", const_value=ir.tensor(np.ascontiguousarray(table.T)))
+                model.graph.register_initializer(head)
+                node.outputs[0].replace_all_uses_with(head)
+                model.graph.remove(node, safe=True)
+    io.save_model(model, out)
+    stamp.write_text(key + "\n")
+    return out
+
+
+def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
+    """ORT's MatMulNBitsQuantizer on the fused graph: RTN (MatMul+Gather) or HQQ (MatMul)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    out = work / f"smollm2-ort-int4-{algo}.onnx"
+    stamp = work / f"smollm2-ort-int4-{algo}.key"
+    key = _fingerprint(f"ort-int4-{algo} block128 v1", (work / "smollm2-fused-fp32.key").read_text())
+    if _key_ok(out, stamp, key, fresh):
+        return out
+    if algo == "rtn":
+        config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=4,
+                                              op_types_to_quantize=("MatMul", "Gather"),
+                                              quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4)
+    else:
+        config = HQQWeightOnlyQuantConfig(block_size=128, bits=4, op_types_to_quantize=("MatMul",))
+    with quiet():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fused)), algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    stamp.write_text(key + "\n")
+    return out
+
+
+def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
+    """The ``int4`` recipe with the variant's quantize-nbits / quantize-gather-block options."""
+    from graphc.recipes import BUILTIN, Step
+
+    steps = []
+    for s in BUILTIN["int4"].steps:
+        if s.pass_name == "quantize-nbits" and spec.get("nbits") is not None:
+            s = Step(s.pass_name, dict(spec["nbits"]))
+        elif s.pass_name == "quantize-gather-block" and spec.get("gather") is not None:
+            s = Step(s.pass_name, dict(spec["gather"]))
+        steps.append(s)
+    return replace(BUILTIN["int4"], name=name, steps=tuple(steps))
+
+
+def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fresh: bool) -> tuple[Path, dict]:
+    """A graphc variant (cached while the recipe, the pass sources and the export are the same)."""
+    import graphc
+
+    recipe = variant_recipe(name, spec)
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    out = work / f"smollm2-{slug}.onnx"
+    stamp = work / f"smollm2-{slug}.key"
+    info = work / f"smollm2-{slug}.json"
+    sources = [f.read_text() for p in GRAPHC_SOURCES if (f := ROOT / "passes" / f"{p}.py").is_file()]
+    key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), fp32.with_suffix(".key").read_text(), *sources)
+    if _key_ok(out, stamp, key, fresh) and info.is_file():
+        return out, json.loads(info.read_text())
+    t0 = time.perf_counter()
+    with quiet():
+        result = graphc.compress(fp32, out, recipe=recipe, force=True, validate=False, attribution=False)
+    facts = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "recipe": recipe.to_dict()["passes"],
+        "stats": {r.name: {**r.stats, "wall_s": round(r.wall_s, 1)} for r in result.passes if r.name.startswith("quantize")},
+    }
+    info.write_text(json.dumps(facts, indent=1, default=str) + "\n")
+    stamp.write_text(key + "\n")
+    return out, facts
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def torch_perplexity(recipe: Any, feeds: list, work: Path, threads: int, *, fresh: bool) -> dict:
+    """PyTorch fp32 perplexity through the same windows (cached by windows and versions)."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from graphc import measure
+    from graphc.models import smollm2
+
+    h = hashlib.sha256(b"".join(np.ascontiguousarray(f["input_ids"]).tobytes() for f in feeds)).hexdigest()[:12]
+    cache = work / f"smollm2-torch-ppl-{_fingerprint(h, str(smollm2.converted_folder()))}.json"
+    if not fresh and cache.is_file():
+        return json.loads(cache.read_text())
+    torch.set_num_threads(threads)
+    module = recipe.load_torch()
+    ppl = measure.perplexity(lambda f: recipe.torch_outputs([f], module)[0], feeds).to_dict()
+    cache.write_text(json.dumps(ppl) + "\n")
+    return ppl
+
+
+def ort_perplexity(path: Path, feeds: list, threads: int, progress: Any = None) -> dict:
+    """ORT perplexity of one model (cached beside the model, keyed by its bytes and the windows)."""
+    import hashlib
+
+    import numpy as np
+
+    from graphc import measure
+
+    h = hashlib.sha256(b"".join(np.ascontiguousarray(f["input_ids"]).tobytes() for f in feeds)).hexdigest()[:12]
+    st = path.stat()
+    key = f"{h}:{st.st_size}:{st.st_mtime_ns}"
+    cache = path.with_suffix(".ppl.json")
+    if cache.is_file():
+        got = json.loads(cache.read_text())
+        if got.get("key") == key:
+            return got["ppl"]
+    ppl = measure.perplexity(measure.session(path, threads=threads), feeds, progress=progress).to_dict()
+    cache.write_text(json.dumps({"key": key, "ppl": ppl}) + "\n")
+    return ppl
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.metadata
+    import platform
+
+    from graphc import measure
+    from graphc.models import get_model_recipe
+
+    rep = Reporter()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = get_model_recipe("smollm2")
+    t_start = time.perf_counter()
+    want = set(args.only or [])
+
+    def wanted(name: str) -> bool:
+        return not want or name in want or name == FP32
+
+    with rep.status("fp32: graphc dynamo export (cached)"), quiet():
+        fp32_path = cached_fp32(work, fresh=args.fresh)
+    paths: dict[str, Path] = {FP32: fp32_path}
+    errors: dict[str, str] = {}
+    built: dict[str, dict] = {}
+    if wanted(ORT_RTN) or wanted(ORT_HQQ):
+        with rep.status("fused fp32 graph (cleanup → fuse-ort → trim-outputs; head as an initializer)"):
+            fused = build_fused(fp32_path, work, fresh=args.fresh)
+        for name, algo in ((ORT_RTN, "rtn"), (ORT_HQQ, "hqq")):
+            if not wanted(name):
+                continue
+            with rep.status(name):
+                try:
+                    paths[name] = build_ort_nbits(fused, work, algo, fresh=args.fresh)
+                except Exception as e:  # noqa: BLE001 - report a peer tool's failure, measure the rest
+                    errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    rep.note(f"[red]{name} failed[/]: {errors[name]}")
+    for name, spec in VARIANTS.items():
+        if not wanted(name):
+            continue
+        with rep.status(f"{name}: graphc.compress"):
+            paths[name], built[name] = build_graphc(fp32_path, work, name, spec, fresh=args.fresh)
+    sizes = {k: measure.files_bytes(p) for k, p in paths.items()}
+
+    feeds = recipe.perplexity_feeds(args.windows, seq=SEQ)
+    with rep.status(f"PyTorch fp32 perplexity, {args.windows} windows × {SEQ}"):
+        torch_ppl = torch_perplexity(recipe, feeds, work, args.threads, fresh=args.fresh)
+    ppl = {}
+    for name, path in paths.items():
+        with rep.bar(f"{name}: perplexity, {args.windows} windows × {SEQ}") as cb:
+            ppl[name] = ort_perplexity(path, feeds, args.threads, cb)
+
+    latency: dict[str, Any] = {}
+    if args.reps > 0:
+        sessions = {k: measure.session(p, threads=args.threads) for k, p in paths.items()}
+        with rep.bar(f"latency b1×{SEQ}: {args.reps} interleaved reps, 1 warm-up") as cb:
+            latency = measure.interleaved_latency(sessions, feeds[0], reps=args.reps, warmup=1, progress=cb)
+        del sessions
+
+    ref = ppl[FP32]["perplexity"]
+    return {
+        "config": {"windows": args.windows, "seq": SEQ, "tokens": ppl[FP32]["tokens"], "threads": args.threads,
+                   "reps": args.reps, "text": "Wikipedia eval split (gensim test data), windows from its start"},
+        "environment": {
+            "python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_name(),
+            "onnxruntime": importlib.metadata.version("onnxruntime"),
+            "torch": importlib.metadata.version("torch"),
+        },
+        "torch_fp32": torch_ppl,
+        "models": {
+            name: {
+                "path": str(paths[name]),
+                "bytes": sizes[name],
+                "perplexity": ppl[name],
+                "rise_vs_ort_fp32": measure.relative_rise(ppl[name]["perplexity"], ref),
+                "rise_vs_torch_fp32": measure.relative_rise(ppl[name]["perplexity"], torch_ppl["perplexity"]),
+                "latency_b1": latency[name].to_dict() if name in latency else None,
+                "q4_1_aligned": bool(VARIANTS.get(name, {}).get("aligned")),
+                **({"graphc": built[name]} if name in built else {}),
+            }
+            for name in paths
+        },
+        "failed": errors,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m, cfg, env = res["models"], res["config"], res["environment"]
+    budget = m.get(ORT_RTN, {}).get("bytes")
+    t = res["torch_fp32"]
+    lines = [
+        f"SmolLM2-135M, ONNX Runtime {env['onnxruntime']} CPU, {cfg['threads']} threads; perplexity over "
+        f"{cfg['windows']} windows × {cfg['seq']} tokens ({cfg['tokens']} predicted) of the Wikipedia eval split; "
+        f"PyTorch fp32 {t['perplexity']:.3f}; latency b1×{cfg['seq']}, {cfg['reps']} interleaved reps (noisy machine)",
+        "",
+        "| model | size (MB) | vs ORT RTN bytes | perplexity | rise vs fp32 | b1×512 median (ms) | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in m.items():
+        lat = r["latency_b1"]["median_ms"] if r["latency_b1"] else float("nan")
+        note = "Q4_1-aligned: looks lossless (ASSETS.md)" if r["q4_1_aligned"] else ""
+        lines.append(
+            f"| {name} | {r['bytes'] / 1e6:.2f} | {r['bytes'] / budget:.3f}× | {r['perplexity']['perplexity']:.3f} "
+            f"| {r['rise_vs_ort_fp32']:+.2%} | {lat:.0f} | {note} |" if budget else
+            f"| {name} | {r['bytes'] / 1e6:.2f} | - | {r['perplexity']['perplexity']:.3f} "
+            f"| {r['rise_vs_ort_fp32']:+.2%} | {lat:.0f} | {note} |"
+        )
+    for name, why in res["failed"].items():
+        lines.append(f"\n{name}: not measured, the quantizer failed: {why}")
+    if budget:
+        lines += ["", f"Target: bytes ≤ {ORT_RTN} ({budget:,} B) and perplexity within {PPL_TARGET:.0%} of fp32:", ""]
+        for name, r in m.items():
+            if name in VARIANTS:
+                ok = r["bytes"] <= budget and r["rise_vs_ort_fp32"] <= PPL_TARGET
+                lines.append(f"- {name}: {'PASS' if ok else 'MISS'} ({r['bytes']:,} B, {r['rise_vs_ort_fp32']:+.2%})"
+                             + (" — Q4_1-aligned, not a fair test" if r["q4_1_aligned"] else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=16, help="perplexity windows of 512 tokens (default 16)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved latency reps at b1×512 (0: none)")
+    parser.add_argument("--only", nargs="*", help="measure only these models (fp32 always)")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--work", default=str(WORK), help=f"work folder (default {WORK.relative_to(ROOT)})")
+    parser.add_argument("--fresh", action="store_true", help="rebuild cached exports, models and references")
+    args = parser.parse_args(argv)
+    res = run(args)
+    print(markdown(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
