@@ -32,6 +32,9 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# OpenBLAS's threads spin on a busy 2-core machine: one SVD of a [576, 1536] weight took 24 s
+# with its default threads and 0.64 s with one (measured here under load)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import onnx_ir as ir  # noqa: E402
@@ -70,8 +73,43 @@ def compress(path: Path, method: str, removed: float, calibration, int8: bool = 
     return data, stats
 
 
+_SVD_CACHE: dict = {}
+_MOMENTS_CACHE: dict = {}
+
+
+def memoize_factorization() -> None:
+    """Every point factorizes the same fp32 model: the calibration moments and each layer's
+    SVD do not depend on the ratio, so they are computed once per method (and model)."""
+    import hashlib
+
+    from graphc import calibrate
+    from graphc.passes import _lowrank
+
+    svd, moments = _lowrank.svd, calibrate.input_moments
+
+    def cached_svd(m):
+        m = np.asarray(m)
+        key = (m.shape, hashlib.sha1(np.ascontiguousarray(m).tobytes()).hexdigest())
+        if key not in _SVD_CACHE:
+            _SVD_CACHE[key] = tuple(a.astype(np.float32) for a in svd(m))
+        return _SVD_CACHE[key]
+
+    def cached_moments(model, values, feeds, *, pass_name):
+        key = (model.graph.name, len(feeds), tuple(sorted(v.name for v in values)))
+        if key not in _MOMENTS_CACHE:
+            _MOMENTS_CACHE[key] = moments(model, values, feeds, pass_name=pass_name)
+        return _MOMENTS_CACHE[key]
+
+    _lowrank.svd, calibrate.input_moments = cached_svd, cached_moments
+
+
+def forget(method_changed: bool) -> None:
+    if method_changed:
+        _SVD_CACHE.clear()
+
+
 def points(methods, removed, int8):
-    out = [(m, r, False) for r in removed for m in methods]
+    out = [(m, r, False) for m in methods for r in removed]
     if int8:
         out.append(("whitened", removed[len(removed) // 2], True))
     return out
@@ -86,8 +124,10 @@ def smollm2(args) -> dict[str, Any]:
     from graphc.models import get_model_recipe
 
     recipe = get_model_recipe("smollm2")
-    path, cached = cached_export("smollm2", WORK)
-    log(f"smollm2 fp32 export {'(cached)' if cached else 'made'}: {path}")
+    path = Path(args.smollm2_onnx) if args.smollm2_onnx else None
+    if path is None:
+        path, cached = cached_export("smollm2", WORK)
+        log(f"smollm2 fp32 export {'(cached)' if cached else 'made'}: {path}")
     ppl_feeds = recipe.perplexity_feeds(args.windows, seq=args.seq, batch=1)
     calib = recipe.feeds(recipe.eval_texts(args.calib_texts, split="calibration"), batch=4, max_length=128)
     calib = calib[: args.calib_feeds]
@@ -99,7 +139,10 @@ def smollm2(args) -> dict[str, Any]:
     del sess
     log(f"fp32 perplexity {base.perplexity:.3f}")
     rows.append({"method": "fp32", "removed": 0.0, "perplexity": round(base.perplexity, 4)})
+    last = None
     for method, removed, int8 in points(args.methods, args.removed, args.int8):
+        forget(method != last)
+        last = method
         data, stats = compress(path, method, removed, calib, int8)
         sess = measure.session(data)
         del data
@@ -125,15 +168,20 @@ def minilm(args) -> dict[str, Any]:
     from graphc.models import get_model_recipe
 
     recipe = get_model_recipe("minilm")
-    path, cached = cached_export("minilm", WORK)
-    log(f"minilm fp32 export {'(cached)' if cached else 'made'}: {path}")
+    path = Path(args.minilm_onnx) if args.minilm_onnx else None
+    if path is None:
+        path, cached = cached_export("minilm", WORK)
+        log(f"minilm fp32 export {'(cached)' if cached else 'made'}: {path}")
     texts = length_sorted(recipe, recipe.eval_texts(args.texts, split="eval"))
     feeds = recipe.feeds(texts, batch=32)
     calib = recipe.feeds(recipe.eval_texts(args.calib_texts, split="calibration"), batch=32)
     calib_tokens = int(sum(int(f["attention_mask"].sum()) for f in calib))
     ref = measure.embeddings(measure.session(path), feeds)
     rows = [{"method": "fp32", "removed": 0.0, "mean_cosine": 1.0}]
+    last = None
     for method, removed, int8 in points(args.methods, args.removed, args.int8):
+        forget(method != last)
+        last = method
         data, stats = compress(path, method, removed, calib, int8)
         got = measure.embeddings(measure.session(data), feeds)
         cos = measure.cosine_stats(got, ref)
@@ -176,14 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-texts", type=int, default=512, help="calibration texts")
     parser.add_argument("--calib-feeds", type=int, default=16, help="SmolLM2 calibration feeds of 4 x 128 tokens")
     parser.add_argument("--texts", type=int, default=512, help="MiniLM eval tweets")
+    parser.add_argument("--smollm2-onnx", help="an fp32 SmolLM2 export to use as is (default: graphc.demo.cached_export, "
+                        "which re-exports whenever exporter or model-recipe sources changed)")
+    parser.add_argument("--minilm-onnx", help="an fp32 MiniLM export to use as is")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = parser.parse_args(argv)
     args.removed = [float(x) for x in args.removed.split(",")]
     args.methods = [m.strip() for m in args.methods.split(",")]
+    memoize_factorization()
     results = []
     if args.model in ("minilm", "both"):
         results.append(minilm(args))
     if args.model in ("smollm2", "both"):
+        _MOMENTS_CACHE.clear()
+        _SVD_CACHE.clear()
         results.append(smollm2(args))
     print(markdown(results))
     if args.json:
