@@ -108,9 +108,28 @@ def forget(method_changed: bool) -> None:
         _SVD_CACHE.clear()
 
 
+def compress_embedding(path: Path, removed: float) -> tuple[bytes, dict]:
+    """The fp32 model with lowrank-embedding at ``param_ratio = 1 - removed`` (tied head shares)."""
+    import graphc.io
+    from graphc.io import inline_external_data
+    from graphc.registry import get_pass
+
+    model = graphc.io.load_model(path)
+    result = get_pass("lowrank-embedding").from_dict({"rank_rule": "ratio", "param_ratio": 1.0 - removed})(model)
+    with inline_external_data(model):
+        data = ir.serde.serialize_model(model).SerializeToString()
+    return data, dict(result.stats.counts)
+
+
+def embedding_row(stats: dict, removed: float) -> dict:
+    return {"method": "lowrank-embedding", "removed": removed, "tables": stats.get("tables_factorized", 0),
+            "table_params_removed": round(1 - stats.get("table_params_after", 0) / max(stats.get("table_params_before", 1), 1), 4),
+            "tied_heads_shared": stats.get("tied_heads_shared", 0)}
+
+
 def points(methods, removed, int8):
     out = [(m, r, False) for m in methods for r in removed]
-    if int8:
+    if int8 and removed:
         out.append(("whitened", removed[len(removed) // 2], True))
     return out
 
@@ -155,6 +174,16 @@ def smollm2(args) -> dict[str, Any]:
                "rise": round(measure.relative_rise(ppl.perplexity, base.perplexity), 4), "svd_seconds": stats["seconds"]}
         log(str(row))
         rows.append(row)
+    for removed in args.embedding:
+        data, stats = compress_embedding(path, removed)
+        sess = measure.session(data)
+        del data
+        ppl = measure.perplexity(sess, ppl_feeds)
+        del sess
+        row = {**embedding_row(stats, removed), "perplexity": round(ppl.perplexity, 4),
+               "rise": round(measure.relative_rise(ppl.perplexity, base.perplexity), 4)}
+        log(str(row))
+        rows.append(row)
     return {"model": "smollm2", "metric": "perplexity", "windows": args.windows, "seq": args.seq,
             "calibration_tokens": calib_tokens, "tokens": base.tokens, "rows": rows}
 
@@ -191,6 +220,13 @@ def minilm(args) -> dict[str, Any]:
                "min_cosine": round(cos.min, 5), "bytes": len(data)}
         log(str(row))
         rows.append(row)
+    for removed in args.embedding:
+        data, stats = compress_embedding(path, removed)
+        cos = measure.cosine_stats(measure.embeddings(measure.session(data), feeds), ref)
+        row = {**embedding_row(stats, removed), "mean_cosine": round(cos.mean, 5), "min_cosine": round(cos.min, 5),
+               "bytes": len(data)}
+        log(str(row))
+        rows.append(row)
     return {"model": "minilm", "metric": "embedding cosine vs fp32", "texts": len(texts),
             "calibration_tokens": calib_tokens, "rows": rows}
 
@@ -206,7 +242,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines.append("| method | linear params removed | " + ("perplexity | rise |" if ppl else "mean cosine | min cosine |"))
         lines.append("|---|---|---|---|")
         for r in res["rows"]:
-            frac = f"{r.get('fraction_removed') or r['removed']:.1%}"
+            if "table_params_removed" in r:
+                frac = f"{r['table_params_removed']:.1%} of the embedding table"
+            else:
+                frac = f"{r.get('fraction_removed') or r['removed']:.1%}"
             vals = (f"{r['perplexity']:.2f} | {r.get('rise', 0):+.1%} |" if ppl
                     else f"{r['mean_cosine']:.4f} | {r.get('min_cosine', 1.0):.4f} |")
             lines.append(f"| {r['method']} | {frac} | {vals}")
@@ -216,9 +255,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("smollm2", "minilm", "both"), default="both")
-    parser.add_argument("--removed", default="0.1,0.2,0.3", help="fractions of linear-layer parameters removed")
+    parser.add_argument("--removed", default="0.1,0.2,0.3", help="fractions of linear-layer parameters removed "
+                        "(empty: none)")
     parser.add_argument("--methods", default="plain,whitened", help="comma-separated: plain, whitened, asvd")
     parser.add_argument("--int8", action="store_true", help="also whitened SVD + quantize-int8 at the middle ratio")
+    parser.add_argument("--embedding", default="", help="also lowrank-embedding at these fractions of table "
+                        "parameters removed (comma-separated)")
     parser.add_argument("--windows", type=int, default=32, help="SmolLM2 perplexity windows")
     parser.add_argument("--seq", type=int, default=512, help="SmolLM2 perplexity window length")
     parser.add_argument("--calib-texts", type=int, default=512, help="calibration texts")
@@ -229,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minilm-onnx", help="an fp32 MiniLM export to use as is")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = parser.parse_args(argv)
-    args.removed = [float(x) for x in args.removed.split(",")]
-    args.methods = [m.strip() for m in args.methods.split(",")]
+    args.removed = [float(x) for x in args.removed.split(",") if x.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.embedding = [float(x) for x in args.embedding.split(",") if x.strip()]
     memoize_factorization()
     results = []
     if args.model in ("minilm", "both"):

@@ -123,6 +123,8 @@ class LowRankEmbedding(GraphcPass):
         o = self.options
         vocab, dim = table.shape
         even = lr.break_even_rank(vocab, dim)
+        if not np.isfinite(table).all():
+            return "table holds non-finite values"
         decomposition = lr.svd(table)
         if rule is lr.RankRule.RATIO:
             rank = lr.ratio_rank(vocab, dim, o.param_ratio)

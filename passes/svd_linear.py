@@ -149,6 +149,8 @@ class SvdLinear(GraphcPass):
         o = self.options
         k, n = cand.weight.shape
         even = lr.break_even_rank(k, n)
+        if not np.isfinite(cand.weight).all():
+            return "weight holds non-finite values"
         if rule is lr.RankRule.RATIO:
             rank = lr.ratio_rank(k, n, o.param_ratio)
             if rank < 1:
@@ -161,6 +163,9 @@ class SvdLinear(GraphcPass):
                 got = 0 if moments is None else moments.tokens
                 stats.notes.append(f"{cand.node.name or cand.node.op_type}: {got} calibration tokens < {need} "
                                    f"({o.min_tokens_per_channel} per input channel): plain SVD")
+            elif not (np.isfinite(moments.gram).all() and np.isfinite(moments.abs_mean).all()):
+                stats.add("plain_fallbacks")
+                stats.notes.append(f"{cand.node.name or cand.node.op_type}: non-finite calibration activations: plain SVD")
             elif method is lr.Method.WHITENED:
                 metric = lr.Metric.whitened(moments.gram, o.damp)
             else:
