@@ -40,6 +40,7 @@ from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
 from graphc.passes import _precision_plan as pp
+from graphc.passes import _row_use as row_use
 from graphc.passes import _sensitivity as sens
 from graphc.passes.quantize_gather_block import META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS
 from graphc.passes.quantize_nbits import META_BITS, META_BLOCK
@@ -137,32 +138,12 @@ class MixedPrecision(GraphcPass):
     def _bytes_rows(self, rows: int, cols: int, c: sens.QuantConfig) -> int:
         return sens.config_bytes(rows, cols, c, symmetric=self.options.symmetric, scale_dtype=self.options.scale_dtype)
 
-    @staticmethod
-    def _row_use(layer: sens.Layer, feeds) -> tuple[np.ndarray, float] | None:
-        """An embedding table's rows used by the calibration feeds (ids of a graph input, padding
-        left out), and the share of ids in new text expected outside them (Good-Turing: the share
-        of calibration ids seen once)."""
+    def _row_splits(self, layer: sens.Layer) -> list:
+        """Candidate used/other row splits of an embedding table (``_row_use``)."""
         if layer.kind != "embedding" or len(layer.nodes) != 1:
-            return None
-        name = layer.nodes[0].inputs[1].name
-        counts: dict[int, int] = {}
-        for feed in feeds:
-            if name not in feed:
-                return None
-            ids = np.asarray(feed[name])
-            mask = feed.get("attention_mask")
-            if mask is not None and np.shape(mask) == ids.shape:
-                ids = ids[np.asarray(mask) != 0]
-            u, n = np.unique(ids.reshape(-1), return_counts=True)
-            for a, b in zip(u.tolist(), n.tolist()):
-                counts[a] = counts.get(a, 0) + b
-        total = sum(counts.values())
-        rows = layer.shape[0]
-        hot = np.array(sorted(i for i in counts if 0 <= i < rows), np.int64)
-        if total == 0 or len(hot) == 0 or len(hot) >= rows:
-            return None
-        once = sum(1 for v in counts.values() if v == 1)
-        return hot, max(once, 1) / total
+            return []
+        ids = row_use.calibration_ids(self.context.calibration or [], layer.nodes[0].inputs[1].name)
+        return row_use.row_splits(layer.view(), ids) if ids is not None else []
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         method, configs = self._validate()
@@ -191,20 +172,20 @@ class MixedPrecision(GraphcPass):
             mine = cands[id(layer)]
             opts = [pp.Option(c.label, self._bytes(layer, c), predicted[id(layer)][c]) for c in mine]
             combo: list[tuple] = [(c, None) for c in mine]
-            use = self._row_use(layer, self.context.calibration or []) if o.split_rows else None
-            if use is not None:
-                hot, p_new = use
-                rows, cols = layer.shape
-                map_bytes = rows * (2 if rows <= np.iinfo(np.int16).max else 4)
+            splits = self._row_splits(layer) if o.split_rows else []
+            rows, cols = layer.shape
+            map_bytes = rows * (2 if rows <= np.iinfo(np.int16).max else 4)
+            for split in splits:
                 for h in mine:
                     for c in mine:
                         if (c.bits, -c.block_size) >= (h.bits, -h.block_size):
                             continue  # the other rows at no fewer bytes than the used ones: no split
-                        nbytes = (self._bytes_rows(len(hot), cols, h) + self._bytes_rows(rows - len(hot), cols, c)
-                                  + map_bytes)
-                        error = (1 - p_new) * predicted[id(layer)][h] + p_new * predicted[id(layer)][c]
-                        opts.append(pp.Option(f"{h.label} used rows + {c.label}", nbytes, error))
-                        combo.append((h, (c, hot, p_new)))
+                        n_hot = len(split.hot)
+                        nbytes = self._bytes_rows(n_hot, cols, h) + self._bytes_rows(rows - n_hot, cols, c) + map_bytes
+                        error = ((1 - split.cold_share) * predicted[id(layer)][h]
+                                 + split.cold_share * predicted[id(layer)][c])
+                        opts.append(pp.Option(f"{h.label} on {n_hot} rows + {c.label}", nbytes, error))
+                        combo.append((h, (c, split)))
             options.append(opts)
             combos.append(combo)
         params = sum(layer.params for layer in layers)
@@ -226,20 +207,23 @@ class MixedPrecision(GraphcPass):
                 node.metadata_props[META_BITS] = str(c.bits)
                 node.metadata_props[META_BLOCK] = str(c.block_size)
                 if split is not None:
-                    node.metadata_props[META_HOT_ROWS] = ",".join(map(str, split[1].tolist()))
+                    node.metadata_props[META_HOT_ROWS] = ",".join(map(str, split[1].hot.tolist()))
                     node.metadata_props[META_COLD_BITS] = str(split[0].bits)
                     node.metadata_props[META_COLD_BLOCK] = str(split[0].block_size)
             if split is not None:
-                stats.notes.append(f"{layer.name}: {len(split[1])} rows used in calibration at {c.label}, the others "
-                                   f"at {split[0].label} (share of unseen ids in new text, Good-Turing: {split[2]:.3f})")
+                stats.notes.append(
+                    f"{layer.name}: {len(split[1].hot)} rows at {c.label} (used in calibration, plus the largest-norm "
+                    f"{split[1].promoted:.0%} of the unseen), the others at {split[0].label} (expected share of "
+                    f"new text's reads on them: {split[1].cold_share:.3f})")
             choices.append({
                 "layer": layer.name, "kind": layer.kind, "nodes": [n.name for n in layer.nodes],
                 "params": layer.params, "bits": c.bits, "block_size": c.block_size, "bytes": opts[i].nbytes,
                 "bits_per_weight": round(8 * opts[i].nbytes / layer.params, 3),
                 "predicted_error": float(f"{opts[i].error:.4g}"),
                 "measured_error": (float(f"{measured[id(layer)][c]:.4g}") if c in measured[id(layer)] else None),
-                **({"used_rows": len(split[1]), "other_rows_bits": split[0].bits,
-                    "other_rows_block_size": split[0].block_size, "unseen_share": round(split[2], 4)}
+                **({"used_rows": len(split[1].hot), "promoted_unseen": split[1].promoted,
+                    "other_rows_bits": split[0].bits, "other_rows_block_size": split[0].block_size,
+                    "other_rows_read_share": round(split[1].cold_share, 4)}
                    if split is not None else {}),
             })
             stats.add(f"layers_at_{c.label}")
