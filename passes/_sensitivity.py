@@ -104,6 +104,11 @@ def find_layers(
             if arr.shape[0] < min_rows:
                 skipped.append((node.name or node.op_type, f"{arr.shape[0]} rows < min_rows={min_rows}"))
                 continue
+            others = sorted({u.op_type for u, _ in value.uses() if u.op_type != ops.GATHER})
+            if others:
+                skipped.append((node.name or node.op_type, f"table also read by {', '.join(others)} (tied to an LM head: "
+                                "quantize-nbits sets its precision, quantize-gather-block shares it)"))
+                continue
         else:
             continue
         label = node.name or node.op_type

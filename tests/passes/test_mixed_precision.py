@@ -300,3 +300,17 @@ def test_row_splits_cross_validated_share_falls_faster_than_rows_when_norm_predi
     assert base > 0.01
     for s in splits[1:]:
         assert s.cold_share < (1 - s.promoted) * base  # better than promoting rows at random
+
+
+def test_tied_table_is_left_to_the_head():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((128, 64)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+             helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+             helper.make_node("MatMul", ["e", "Et"], ["logits"], name="head")]
+    model = _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 128])], {"E": table})
+    ids = rng.integers(0, 128, (2, 8)).astype(np.int64)
+    result = MixedPrecision(Opts(max_bits=4.5), PassContext(calibration=[{"ids": ids}]))(model)
+    assert not result.modified
+    assert any("tied to an LM head" in s["reason"] for s in result.stats.skipped)
