@@ -22,8 +22,9 @@ fit would follow the few tokens seen (on random graphs with 32 channels and 64 t
 output cosine was 0.9987 on the calibration feeds and 0.980 on others).
 
 The factors are plain float32 initializers, so ``quantize-int8`` and ``quantize-nbits`` can
-quantize them afterwards. The MatMul whose output is a graph output (an LM head, often tied to
-the embedding table) is left alone unless ``include_head``.
+quantize them afterwards. The MatMul whose output is a graph output, directly or through a
+bias ``Add`` (an LM head, often tied to the embedding table), is left alone unless
+``include_head``.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class SvdLinear(GraphcPass):
             if v.dtype is not None and v.dtype != ir.DataType.FLOAT:
                 stats.skip(label, f"{what} dtype {v.dtype} is not float32")
                 return None
-        if not self.options.include_head and any(o in graph.outputs for o in node.outputs):
+        if not self.options.include_head and _is_head(graph, node.outputs[0]):
             stats.skip(label, "produces a graph output (LM head; include_head=true factorizes it)")
             return None
         if w.size < self.options.min_elements:
@@ -259,3 +260,17 @@ class SvdLinear(GraphcPass):
         if name:
             first.name, second.name = f"{name}_svd_a", f"{name}_svd_b"
         return [first, second]
+
+
+def _is_head(graph: ir.Graph, value: ir.Value, hops: int = 2) -> bool:
+    """Whether ``value`` is a graph output, or becomes one through at most ``hops`` bias Adds,
+    Casts, Identities or Reshapes (an LM head with a bias)."""
+    if value in graph.outputs:
+        return True
+    uses = list(value.uses())
+    if hops == 0 or len(uses) != 1:
+        return False
+    user = uses[0][0]
+    if user.domain not in ("", "ai.onnx") or user.op_type not in ("Add", ops.CAST, "Identity", "Reshape"):
+        return False
+    return _is_head(graph, user.outputs[0], hops - 1)

@@ -189,3 +189,27 @@ def test_ratio_leaving_rank_zero_is_skipped():
     res = SvdLinear(Opts(method="plain", rank_rule="ratio", param_ratio=0.01, min_elements=0))(mlp(k=64, n=96))
     assert not res.modified
     assert any("leaves rank 0" in s["reason"] for s in res.stats.skipped)
+
+
+
+def test_compress_recipe_svd_then_int8_on_a_llama_like_graph():
+    """End to end through graphc.compress: the recipe's svd-linear asks for calibration
+    (synthesized for a bare model), its factors are then quantized by quantize-int8."""
+    import graphc
+    from graphc.recipes import recipe_from_dict
+    from tests.fuzz.strategies import Spec, build
+
+    proto = build(Spec(hidden=32, layers=2, ffn_mult=4, norm="rmsnorm_decomposed", prenorm=True, act="swiglu",
+                       mask="causal", token_types=False, lm_head=True))
+    recipe = recipe_from_dict({"name": "svd-int8", "passes": [
+        {"name": "svd-linear", "options": {"rank_rule": "ratio", "param_ratio": 0.9, "min_elements": 0,
+                                           "min_tokens_per_channel": 0.5}},
+        {"name": "quantize-int8"}]})
+    result = graphc.compress(proto, recipe=recipe, force=True, attribution=False)
+    svd, q = result.passes
+    assert svd.modified and q.modified
+    assert svd.stats["layers_factorized"] == 14 and "plain_fallbacks" not in svd.stats  # 7 per block, not the head
+    assert "calibrated on" in " ".join(svd.stats["notes"])
+    ops = [n.op_type for n in result.model.graph]
+    assert ops.count("MatMulIntegerToFloat") == 2 * 14 + 1  # both factors of each layer, and the head
+    assert result.validation.output_cosine > 0.5  # random weights, 10% removed per layer, then int8
