@@ -280,6 +280,52 @@ class Moments:
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
+GREEDY_UNITS = 64  # up to this many units (heads, KV groups) the order is greedy on the refit error
+
+
+def _greedy_order(total: Moments, units: int, width: int, ridge: float) -> np.ndarray:
+    """Units least important first: backward elimination, each step removing the unit whose
+    loss the refit of the rest compensates best (the correction's own error, not the unit's
+    size: a large head that the others can stand in for goes early)."""
+    keep, order = list(range(units)), []
+    while len(keep) > 1:
+        def cost(u: int) -> float:
+            cols = expand_units(np.array([k for k in keep if k != u]), width)
+            return total.error(cols, *total.fit(cols, ridge))
+        best = min(keep, key=cost)
+        order.append(best)
+        keep.remove(best)
+    return np.array(order + keep)
+
+
+def _pivoted_order(total: Moments, weight: np.ndarray) -> np.ndarray:
+    """Channels least important first, by pivoted Cholesky of the covariance of the channels'
+    contributions (each channel scaled by its weight row's norm): the channel that adds most
+    variance not already spanned by those chosen before it comes first, as the interpolative
+    decomposition STAT uses chooses the neurons to keep."""
+    n = max(total.n, 1)
+    mx = total.sx / n
+    scale = np.linalg.norm(weight.astype(np.float64), axis=1)
+    g = (total.xtx - n * np.outer(mx, mx)) * np.outer(scale, scale)
+    k = g.shape[0]
+    resid = np.diag(g).copy()
+    basis = np.zeros((k, k))
+    chosen: list[int] = []
+    free = np.ones(k, bool)
+    tiny = 1e-12 * max(float(resid.max(initial=0.0)), 1e-30)
+    for i in range(k):
+        j = int(np.argmax(np.where(free, resid, -np.inf)))
+        if resid[j] <= tiny:
+            break
+        col = (g[:, j] - basis[:, :i] @ basis[j, :i]) / np.sqrt(resid[j])
+        basis[:, i] = col
+        resid -= col * col
+        chosen.append(j)
+        free[j] = False
+    rest = [j for j in np.argsort(-np.diag(g), kind="stable") if free[j]]
+    return np.array(chosen + rest)[::-1].copy()
+
+
 @dataclass
 class LayerPlan:
     """What pruning one layer decided: units kept, the input channels they span, the new
@@ -319,10 +365,15 @@ def plan_layer(
     b = (lin.bias if lin.bias is not None else np.zeros(w.shape[1], np.float32)).astype(np.float64)
     units = x.shape[1] // width
     groups = [np.arange(u * width, (u + 1) * width) for u in range(units)]
-    order = np.argsort(group_energy(x, lin.weight, groups), kind="stable")
     half = x.shape[0] // 2
     parts = (Moments(x[:half], y[:half]), Moments(x[half:], y[half:]))
     total = parts[0] + parts[1]
+    if not correct:
+        order = np.argsort(group_energy(x, lin.weight, groups), kind="stable")
+    elif units <= GREEDY_UNITS:
+        order = _greedy_order(total, units, width, ridge)
+    else:
+        order = _pivoted_order(total, lin.weight)
     grid = sorted({ridge, *RIDGES})
 
     def heldout(cols: np.ndarray, r: float | None) -> float:
