@@ -12,11 +12,15 @@ In one process, on CPU with ``--threads`` intra-op threads (default 2):
    graph (cleanup → fuse-ort → trim-outputs: the very graph graphc's int4 quantizes, so that
    the rows differ by the quantizer only);
 4. ORT int4 HQQ: the same with its ``HQQWeightOnlyQuantConfig`` (block 32, float zero points);
-5. graphc int4-rtn: the ``int4`` recipe with symmetric round-to-nearest weights and tables;
-6. graphc int4-mse: the ``int4`` recipe with the clipping search (``mse``) instead of GPTQ (no
-   calibration);
-7. graphc int4: ``graphc.compress(fp32, recipe="int4")`` (GPTQ on the recipe's 32 calibration
-   tweets, ``mse`` embedding tables).
+5. graphc int4-rtn: the ``int4`` recipe without mixed precision, every weight and table at 4-bit
+   block 32, symmetric round-to-nearest (ORT RTN's setting);
+6. graphc int4-mse: the same with the clipping search (``mse``, asymmetric; no calibration);
+7. graphc int4-uniform: the same with GPTQ (the recipe's MatMul quantizer) but no mixed
+   precision: every weight at 4-bit block 32;
+8. graphc int4: ``graphc.compress(fp32, recipe="int4")``: mixed precision (bits and block size
+   per layer from measured sensitivity, to the recipe's bits budget; embedding rows that
+   calibration reads kept at more bits), GPTQ on the recipe's 256 calibration tweets, ``mse``
+   tables.
 
 Reports bytes on disk, median latency at batch 1 and 8 × 128 tokens (interleaved), mean/min
 cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets, and the accuracy of a
@@ -63,8 +67,9 @@ ORT_RTN = "ORT int4 RTN (MatMulNBitsQuantizer, MatMul only)"
 ORT_HQQ = "ORT int4 HQQ (MatMulNBitsQuantizer, MatMul only)"
 GRAPHC_RTN = "graphc int4-rtn"
 GRAPHC_MSE = "graphc int4-mse"
-GRAPHC = "graphc int4 (recipe: gptq)"
-MODELS = (FP32, ORT_INT8, ORT_RTN, ORT_HQQ, GRAPHC_RTN, GRAPHC_MSE, GRAPHC)
+GRAPHC_UNIFORM = "graphc int4-uniform (gptq, no mixed precision)"
+GRAPHC = "graphc int4 (recipe: mixed precision + gptq)"
+MODELS = (FP32, ORT_INT8, ORT_RTN, ORT_HQQ, GRAPHC_RTN, GRAPHC_MSE, GRAPHC_UNIFORM, GRAPHC)
 
 
 # --------------------------------------------------------------------------- models
@@ -125,11 +130,16 @@ def build_graphc(fp32: Path, work: Path, variant: str) -> tuple[Path, Any, float
     from graphc.recipes import BUILTIN, Step
 
     recipe = BUILTIN["int4"]
-    if variant != "gptq":
-        nbits = {"rtn": {"symmetric": True, "method": "rtn"}, "mse": {"symmetric": False, "method": "mse"}}[variant]
-        table = {"rtn": {"symmetric": True, "method": "rtn"}, "mse": {"symmetric": False, "method": "mse"}}[variant]
+    if variant != "recipe":
+        gptq = {"symmetric": False, "method": "gptq", "act_order": True, "damp": 0.01}
+        nbits = {"rtn": {"symmetric": True, "method": "rtn"}, "mse": {"symmetric": False, "method": "mse"},
+                 "uniform": gptq}[variant]
+        table = {"rtn": {"symmetric": True, "method": "rtn"}, "mse": {"symmetric": False, "method": "mse"},
+                 "uniform": {"symmetric": False, "method": "mse"}}[variant]
         steps = []
         for s in recipe.steps:
+            if s.pass_name == "mixed-precision":
+                continue  # uniform 4-bit block 32: the peers' setting
             if s.pass_name == "quantize-nbits":
                 s = Step(s.pass_name, {"bits": 4, "block_size": 32, **nbits})
             elif s.pass_name == "quantize-gather-block":
@@ -179,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 rep.note(f"[red]{name} failed[/]: {errors[name]}")
     compress: dict[str, dict[str, Any]] = {}
-    for name, variant in ((GRAPHC_RTN, "rtn"), (GRAPHC_MSE, "mse"), (GRAPHC, "gptq")):
+    for name, variant in ((GRAPHC_RTN, "rtn"), (GRAPHC_MSE, "mse"), (GRAPHC_UNIFORM, "uniform"), (GRAPHC, "recipe")):
         with rep.status(f"{name}: graphc.compress"):
             paths[name], result, seconds = build_graphc(fp32_path, work, variant)
         v = result.validation
@@ -189,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "output_cosine": v.to_dict()["output_cosine"] if v else None,
             "min_row_cosine": v.to_dict()["min_row_cosine"] if v else None,
             "stats": {r.name: {**r.stats, "wall_s": round(r.wall_s, 1)}
-                      for r in result.passes if r.name.startswith("quantize")},
+                      for r in result.passes if r.name.startswith("quantize") or r.name == "mixed-precision"},
         }
     models = [m for m in MODELS if m in paths]
     sizes = {k: measure.files_bytes(paths[k]) for k in models}
@@ -324,6 +334,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"{name}: compress {c['seconds']} s, validation "
                      f"{'passed' if c['validation_passed'] else 'MISSED'} (output cosine {c['output_cosine']:.5f}, "
                      f"worst token {c['min_row_cosine']:.4f})")
+        plan = c["stats"].get("mixed-precision")
+        if plan and "choices" in plan:
+            mix = ", ".join(f"{k.removeprefix('layers_at_')} x{v}" for k, v in plan.items() if k.startswith("layers_at_"))
+            lines.append(f"  mixed precision ({plan['wall_s']} s): {plan['planned_bits_per_weight']} bits/weight over "
+                         f"{plan['layers_planned']} layers ({mix}); predicted output cosine {plan['predicted_cosine']}")
+            lines += [f"  {n}" for n in plan.get("notes", [])[:-1]]
     return "\n".join(lines)
 
 

@@ -314,3 +314,28 @@ def test_tied_table_is_left_to_the_head():
     result = MixedPrecision(Opts(max_bits=4.5), PassContext(calibration=[{"ids": ids}]))(model)
     assert not result.modified
     assert any("tied to an LM head" in s["reason"] for s in result.stats.skipped)
+
+
+@pytest.mark.slow
+def test_minilm_plan_meets_the_bits_budget_and_ranks_ffn_above_attention(tmp_path):
+    """Real all-MiniLM-L6-v2 (tweets as calibration): every block's FFN expansion is more
+    sensitive than its attention query/key projections, the table is split by row use, and
+    the plan stays within the bits budget."""
+    pytest.importorskip("transformers")
+    from graphc.api import calibration_context
+    from graphc.cli import main
+    from graphc.io import load_model
+
+    path = tmp_path / "minilm.onnx"
+    assert main(["export", "minilm", "-o", str(path)]) == 0
+    model = load_model(path)
+    ctx = calibration_context(model, 64)
+    stats = MixedPrecision(Opts(max_bits=3.95, feeds=1), ctx)(model).stats.to_dict()
+    assert stats["layers_planned"] == 38 and stats["planned_bits_per_weight"] <= 3.95
+    measured = {r["layer"]: r["error"] for r in stats["sensitivities"] if r["measured"]}
+    for i in range(6):
+        ffn = measured[f"encoder.layer.{i}.intermediate.dense"]
+        assert ffn > measured[f"encoder.layer.{i}.attention.self.query"]
+        assert ffn > measured[f"encoder.layer.{i}.attention.self.key"]
+    (word,) = [c for c in stats["choices"] if c["layer"] == "embeddings.word_embeddings"]
+    assert word["used_rows"] < 30522 and word["other_rows_bits"] == 2
