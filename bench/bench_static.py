@@ -1,6 +1,6 @@
 """graphc static int8 (BBCT, QDQ) vs ONNX Runtime's ``quantize_static`` on MiniLM.
 
-    python bench/bench_static.py [--quick] [--json OUT] [--threads 2] [--fresh] [--no-costs]
+    python bench/bench_static.py [--quick] [--json OUT] [--threads 2] [--fresh] [--no-costs] [--breakdown]
 
 In one process, on CPU with ``--threads`` intra-op threads (default 2):
 
@@ -166,6 +166,32 @@ def op_type_costs(fp32: Path, fused: Path, rep: Reporter) -> dict[str, dict[str,
     return out
 
 
+# MiniLM's MatMuls by module scope: exclude-lists that leave one projection kind chosen
+_OTHER_FFN2 = [f"layer.{i}.output.dense" for i in range(6)]
+PROJECTIONS = {
+    "Q/K/V projections": ["attention.output", "intermediate", *_OTHER_FFN2],
+    "attention output projection": ["self", "intermediate", *_OTHER_FFN2],
+    "FFN1 (into BiasGelu)": ["attention", "output.dense"],
+    "FFN2 (into the residual SkipLayerNorm)": ["attention", "intermediate"],
+}
+
+
+def matmul_out_breakdown(fused: Path, rep: Reporter) -> dict[str, float]:
+    """Cost of the matmul_out target split by projection kind (which MatMul outputs cost)."""
+    from graphc.api import calibration_context
+    from graphc.io import load_model
+    from graphc.registry import get_pass
+
+    ctx = calibration_context(load_model(fused), CALIBRATION_TEXTS)
+    out = {}
+    for label, exclude in PROJECTIONS.items():
+        with rep.status(f"cost of matmul_out, {label} only"):
+            result = get_pass("quantize-activations").from_dict(
+                {"targets": ["matmul_out"], "weights": False, "exclude": exclude, "method": "mse"}, ctx)(load_model(fused))
+        out[label] = result.stats.counts["cost_by_op_type"]["matmul_out"]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc import measure
     from graphc.demo import cached_export, length_sorted
@@ -235,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 probe, measure.embeddings(sess, test_feeds, pool=embed, progress=cb), test_y)
 
     costs = None if args.no_costs else op_type_costs(fp32_path, fused, rep)
+    breakdown = matmul_out_breakdown(fused, rep) if args.breakdown else None
     qa = next((p for p in result.passes if p.name == "quantize-activations"), None)
     return {
         "config": {**cfg, "mode": "quick" if args.quick else "full", "threads": args.threads, "seq": SEQ,
@@ -259,6 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "quantize_activations_stats": {k: v for k, v in (qa.stats if qa else {}).items() if k != "skipped"},
         },
         "cost_by_op_type_all_targets": costs,
+        "matmul_out_cost_by_projection": breakdown,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
 
@@ -315,6 +343,11 @@ def markdown(res: dict[str, Any]) -> str:
                   "| graph | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
         for label, c in costs.items():
             lines.append(f"| {label} | " + " | ".join(f"{c[k]:.4f}" if k in c else "-" for k in keys) + " |")
+    breakdown = res.get("matmul_out_cost_by_projection")
+    if breakdown:
+        lines += ["", "matmul_out cost by projection (fused graph, that projection's outputs only):", "",
+                  "| projection | cost |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in breakdown.items()]
     return "\n".join(lines)
 
 
@@ -326,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(WORK), help=f"work folder (default {WORK.relative_to(ROOT)})")
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached exports and PyTorch embeddings")
     parser.add_argument("--no-costs", action="store_true", help="skip the per-op-type cost study")
+    parser.add_argument("--breakdown", action="store_true", help="also split the matmul_out cost by projection")
     args = parser.parse_args(argv)
     res = run(args)
     res["targets"] = targets(res)
