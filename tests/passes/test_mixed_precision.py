@@ -339,3 +339,21 @@ def test_minilm_plan_meets_the_bits_budget_and_ranks_ffn_above_attention(tmp_pat
         assert ffn > measured[f"encoder.layer.{i}.attention.self.key"]
     (word,) = [c for c in stats["choices"] if c["layer"] == "embeddings.word_embeddings"]
     assert word["used_rows"] < 30522 and word["other_rows_bits"] == 2
+
+
+def test_compress_report_and_json_show_the_plan(tmp_path):
+    """compress with a mixed-precision recipe: the JSON summary lists the choices and the HTML
+    report draws the sensitivities and the planner."""
+    import graphc
+    from graphc.recipes import Recipe, Step, Tolerance
+
+    recipe = Recipe("mixed-test", "test", (Step("mixed-precision", {"max_bits": 6.0}),
+                                           Step("quantize-nbits", {"method": "rtn"})), Tolerance(min_cosine=0.9))
+    model = _two_branch()
+    feeds = _ctx(seed=3).calibration
+    result = graphc.compress(model, recipe=recipe, feeds=feeds, report=tmp_path / "r.html", attribution=False)
+    summary = json.loads(json.dumps(result.to_dict()))
+    (plan,) = [p for p in summary["passes"] if p["name"] == "mixed-precision"]
+    assert {c["layer"] for c in plan["stats"]["choices"]} == {"Wa", "Wb"}
+    html = (tmp_path / "r.html").read_text()
+    assert 'id="plot-planner"' in html and "plot-sensitivity" in html
