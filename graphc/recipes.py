@@ -82,6 +82,14 @@ BUILTIN: dict[str, Recipe] = {
         (*_CLEANUP, Step("cse"), Step("shape-inference")),
         Tolerance(min_cosine=0.99999, min_row_cosine=0.9999, max_abs=1e-3),
     ),
+    "fuse": Recipe(
+        "fuse",
+        "fp32, fusions only: cleanup, then attention (packed Attention where Q, K, V share an "
+        "input), SkipLayerNorm, (Bias)Gelu, RMSNorm, rotary into ONNX Runtime's fused ops",
+        (*_CLEANUP, Step("fuse-ort", {"attention": "attention"}), Step("remove-unused")),
+        # fusion reorders float sums only: MiniLM measured max abs ~1e-5 (bench/bench_fuse.py)
+        Tolerance(min_cosine=0.99999, min_row_cosine=0.9999, max_abs=1e-4),
+    ),
     "int8": Recipe(
         "int8",
         "ORT fusions, then int8 weights (per-channel symmetric) with dynamic int8 activations "

@@ -42,8 +42,10 @@ def tiny_llama(seed: int = 0) -> Any:
 def export_tiny(
     kind: Literal["bert", "llama"], path: str | os.PathLike, *, seed: int = 0, batch: int = 2, seq: int = 16,
     dynamo: bool = True,
+    attn_implementation: str | None = None,
 ) -> Any:
-    """Export a tiny model to ``path``; returns the ExportResult."""
+    """Export a tiny model to ``path``; returns the ExportResult. ``attn_implementation``
+    ("sdpa", "eager") overrides transformers' default attention code."""
     from graphc.exporters.hf import export_module, text_example_inputs, wrap_causal_lm, wrap_encoder
     from graphc.exporters.metadata import arch_facts_from_config
 
@@ -55,6 +57,8 @@ def export_tiny(
         module, inputs, outputs = wrap_causal_lm(model), ("input_ids", "attention_mask"), ("logits",)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose 'bert' or 'llama'")
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
     example = text_example_inputs(inputs, vocab_size=TINY_VOCAB, batch=batch, seq=seq, seed=seed)
     return export_module(
         module, example, path, arch_facts_from_config(model.config), output_names=outputs, dynamo=dynamo

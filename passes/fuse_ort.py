@@ -16,6 +16,9 @@ import onnx_ir.passes.common as common
 
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
+from graphc.passes._fusion_rules import gqa, normalize, rms_norm, rotary_cache
+from graphc.passes._fusion_rules.shapes import symbolic_shapes
+from graphc.passes._fusion_rules.misses import FAMILIES, anchors, count_ops, miss_reason
 from graphc.registry import register
 
 
@@ -52,12 +55,18 @@ class FuseOrt(GraphcPass):
         target = choice(AttentionTarget, self.options.attention, "attention", self.name)
 
         counts: dict[str, int] = {}
+        before = {f.name: count_ops(model, f.fused_ops) for f in FAMILIES}
         rewriter.rewrite(model, [C._gemm_to_matmul_add.gemm_to_matmul_add_rule])
         # C._pre_optimize, with graphc's bounded optimize
         common.ShapeInferencePass()(model)
         optimize(model)
         C.shape_optimization.rules.apply_to_model(model)
         optimize(model)
+        if _has_unknown_dims(model):  # legacy exporter: run-time reshapes; name their dims
+            common.ShapeInferencePass()(model)
+            stats.add("symbolic_shapes", symbolic_shapes(model))
+        normalize.rules.apply_to_model(model)
+        optimize(model)  # fold what the static dims made constant (legacy rotary slice ends)
 
         def fuse(key: str, func, **kw) -> None:
             counts[key] = int(func(model, **kw))
@@ -66,15 +75,18 @@ class FuseOrt(GraphcPass):
             fuse("erf_gelu", C.fuse_erfgelu)
         if self.options.normalization:
             fuse("rms_normalization", C.fuse_rms_normalization)
+            fuse("rms_normalization_opset17", _apply(rms_norm.rules))  # legacy exporter
             fuse("skip_layer_normalization", C.fuse_skip_layer_normalization)
             fuse("skip_rms_normalization", C.fuse_skip_rms_normalization)
         if self.options.rotary:
             fuse("rotary_embedding", C.fuse_rotary_embedding)
             fuse("cos_sin_cache", C.fuse_cos_sin_cache)
+            fuse("broadcast_cos_sin_cache", _apply(rotary_cache.rules))  # transformers 5.x
             fuse("partial_rotary_embedding", C.fuse_partial_rotary_embedding)
         if target is not AttentionTarget.NONE:
             fuse("sdpa", C.fuse_sdpa, apply_shape_inference=True)
             fuse("gqa", C.fuse_gqa)
+            fuse("gqa_untiled", _apply(gqa.rules))  # no KV cache: graphc's exports
             fuse("packed_qkv_for_gqa", C.fuse_qkv_gqa)
             fuse("mha1", C.fuse_mha1)
             fuse("mha2", C.fuse_mha2)
@@ -90,6 +102,7 @@ class FuseOrt(GraphcPass):
             # SDPA matched but no MHA/GQA rule consumed it (e.g. Llama's GQA with rotary): the
             # intermediate SDPA function becomes MultiHeadAttention, or is inlined back below.
             fuse("sdpa_via_mha", C.replace_sdpa_by_mha)
+        report_misses(model, stats, before)  # before optimize inlines unconsumed intermediates
         optimize(model)
         leftovers = [n for n in model.graph.all_nodes() if n.domain.startswith(_PRIVATE_DOMAIN)]
         if leftovers:
@@ -111,3 +124,33 @@ class FuseOrt(GraphcPass):
         if not any(counts.values()):
             stats.notes.append("no fusion pattern matched")
         return any(counts.values())
+
+
+def _has_unknown_dims(model: ir.Model) -> bool:
+    return any(
+        not isinstance(d, int) and (d.value is None or str(d.value).startswith("unk__"))
+        for node in model.graph for v in node.outputs if v.shape is not None for d in v.shape
+    )
+
+
+def _apply(rule_set):
+    from onnxscript.rewriter import _fusion_utils
+
+    return _fusion_utils.apply_fusion_rules(rule_set)
+
+
+def report_misses(model: ir.Model, stats: PassStats, before: dict[str, int]) -> None:
+    """Per fusion family: how many it fused, how many instances it left, and why."""
+    for family in FAMILIES:
+        fused = count_ops(model, family.fused_ops) - before[family.name]
+        left = anchors(model, family)
+        if not fused and not left:
+            continue  # the model has none of these
+        stats.add(f"fused.{family.name}", fused)
+        stats.add(f"misses.{family.name}", len(left))
+        line = f"{family.name}: fused {fused}; {len(left)} miss{'es' if len(left) != 1 else ''}"
+        if left:
+            reason = miss_reason(model, family)
+            stats.skip(f"{family.name} ({len(left)} unfused, e.g. {left[0].name!r})", reason)
+            line += f" ({reason})"
+        stats.notes.append(line)

@@ -1,0 +1,79 @@
+"""Small canonicalizations that let the fusion rules see one graph shape for many.
+
+``Where(IsNaN(p), 0[1], p)``: the legacy exporter writes the "fully masked row" guard after
+the attention softmax with a 1-element tensor where the dynamo exporter and onnxscript's
+SDPA pattern have a scalar. Broadcasting a 1-element tensor against a tensor of rank ≥ 1 is
+the same as broadcasting the scalar, so the constant becomes a scalar.
+
+``Div(1, x)``: the legacy exporter's ``rsqrt`` where the RMSNorm rules expect ``Reciprocal``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+
+class ScalarNanGuard(pattern.RewriteRuleClassBase):
+    def pattern(self, op, x, fill):
+        return op.Where(op.IsNaN(x), fill, x)
+
+    def check(self, context, x, fill, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if fill.const_value is None or fill.const_value.size != 1:
+            return result.fail("the NaN fill value is not a 1-element constant", fill)
+        if fill.shape is None or len(fill.shape) == 0:
+            return result.fail("the NaN fill value is already a scalar", fill)
+        if x.shape is None or len(x.shape) < 1:
+            return result.fail("guarded value of unknown or zero rank", x)
+        return result
+
+    def rewrite(self, op, x, fill, **_):
+        scalar = fill.const_value.numpy().reshape(())
+        return op.Where(op.IsNaN(x), op.Constant(value=ir.tensor(scalar)), x)
+
+
+class DivToReciprocal(pattern.RewriteRuleClassBase):
+    """``Div(1, x)`` → ``Reciprocal(x)`` (the legacy exporter's ``rsqrt``), as RMSNorm rules expect."""
+
+    def pattern(self, op, one, x):
+        return op.Div(one, x)
+
+    def check(self, context, one, x, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if one.const_value is None or one.const_value.size != 1 or float(one.const_value.numpy().reshape(())) != 1.0:
+            return result.fail("numerator is not the constant 1", one)
+        if x.shape is None or one.shape is None or len(one.shape) > len(x.shape):
+            return result.fail("the 1 would broadcast x to a higher rank", x)
+        return result
+
+    def rewrite(self, op, one, x, **_):
+        return op.Reciprocal(x)
+
+
+class StaticDimOfShape(pattern.RewriteRuleClassBase):
+    """``Gather(Shape(x), i)`` → the constant ``x.shape[i]`` when that dimension is static
+    (the legacy exporter reads the head size this way to slice rotary halves)."""
+
+    def pattern(self, op, x, index):
+        return op.Gather(op.Shape(x), index, axis=0)
+
+    def check(self, context, x, index, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if index.const_value is None or index.const_value.size != 1:
+            return result.fail("index is not a constant", index)
+        if x.shape is None:
+            return result.fail("shape unknown", x)
+        i = int(index.const_value.numpy().reshape(()))
+        if not -len(x.shape) <= i < len(x.shape) or not isinstance(x.shape[i], int):
+            return result.fail(f"dimension {i} is not static", x)
+        return result
+
+    def rewrite(self, op, x, index, **_):
+        dim = x.shape[int(index.const_value.numpy().reshape(()))]
+        value = np.array(dim, np.int64).reshape(index.const_value.numpy().shape)
+        return op.Constant(value=ir.tensor(value))
+
+
+rules = pattern.RewriteRuleSet([ScalarNanGuard.rule(), DivToReciprocal.rule(), StaticDimOfShape.rule()])

@@ -1,0 +1,82 @@
+"""Symbolic shapes for graphs whose reshapes are computed at run time (legacy exporter).
+
+The legacy TorchScript exporter reshapes with ``Concat(Shape(x)[0], Shape(x)[1], H, D)``;
+ONNX shape inference gives each such result fresh unknown dimensions, so the fusion rules'
+shape checks (same batch, same sequence for Q, K and V) cannot pass. ONNX Runtime's symbolic
+shape inference follows Shape → Gather → Concat → Reshape and names the dimensions after the
+graph inputs' (``batch``, ``sequence``). Its shapes are copied back onto the IR values.
+
+This is the one place outside graphc/io.py that builds a protobuf: ORT's tool works on
+``onnx.ModelProto`` only. Large initializers are left out of the copy it sees.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+_MAX_INLINE_ELEMENTS = 64  # shape-like constants stay; weights are replaced by graph inputs
+
+
+def symbolic_shapes(model: ir.Model) -> int:
+    """Give values symbolic shapes from ORT's symbolic shape inference; the number improved.
+
+    Never raises: a graph ORT's tool cannot handle keeps the shapes it had."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        proto = _without_weights(ir.serde.serialize_model(model))
+        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+    except Exception:  # noqa: BLE001 - best effort: the tool asserts on graphs it does not know
+        return 0
+    if inferred is None:
+        return 0
+    shapes: dict[str, list] = {}
+    for info in inferred.graph.value_info:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            dims = info.type.tensor_type.shape.dim
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+    improved = 0
+    for node in model.graph:
+        for value in node.outputs:
+            dims = shapes.get(value.name)
+            if dims is None or not _better(dims, value.shape):
+                continue
+            value.shape = ir.Shape(dims)
+            improved += 1
+    return improved
+
+
+def _without_weights(proto):
+    """Large initializers become graph inputs of the same type (the tool needs no weights)."""
+    import onnx
+
+    graph = proto.graph
+    keep = []
+    for init in graph.initializer:
+        size = 1
+        for d in init.dims:
+            size *= d
+        if size > _MAX_INLINE_ELEMENTS:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return proto
+
+
+def _better(dims: list, shape: ir.Shape | None) -> bool:
+    """True when ``dims`` knows at least as much as ``shape`` and ties some unknown dim."""
+    if shape is None:
+        return True
+    if len(shape) != len(dims):
+        return False
+    gained = False
+    for new, old in zip(dims, shape):
+        if isinstance(old, int):
+            if new != old:
+                return False
+        elif new is not None and (old.value is None or str(old.value).startswith("unk__")):
+            gained = True
+    return gained
