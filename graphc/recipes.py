@@ -157,6 +157,28 @@ BUILTIN: dict[str, Recipe] = {
         # MiniLM measured (bench/bench_static.py): output cosine 0.995, worst token 0.97
         Tolerance(min_cosine=0.99, min_row_cosine=0.9),
     ),
+    "fast": Recipe(
+        "fast",
+        "structured pruning for speed, then int8: ORT fusions, attention heads and FFN neurons "
+        "chosen on calibration data and removed, each block's output projection refitted by least "
+        "squares (STAT-style correction, no retraining), then the int8 recipe's quantization",
+        (
+            *_CLEANUP,
+            Step("fuse-ort", {"attention": "mha"}),
+            Step("trim-outputs"),
+            Step("prune-heads", {"fraction": 0.25}),
+            Step("prune-ffn", {"fraction": 0.5}),
+            Step(
+                "quantize-int8",
+                {"outlier_ratio": 4.0, "outlier_channels": 4, "smooth_min_factor": 2.5, "scale_dtype": "float16"},
+            ),
+            Step("quantize-attention"),
+            Step("quantize-embedding"),
+            Step("fp16-constants"),
+            Step("remove-unused"),
+        ),
+        Tolerance(min_cosine=0.95, min_row_cosine=0.8),
+    ),
 }
 
 
