@@ -128,3 +128,18 @@ def test_bad_requests(exports):
     plain = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(PreconditionError, match="no FFN found"):
         _prune(plain, [{"x": np.ones((2, 8), np.float32)}], fraction=0.5)
+
+
+def test_fast_recipe_on_tiny_bert(exports, tmp_path):
+    """The fast recipe end to end: pruned, then int8 (QAttention keeps the pruned head count)."""
+    import graphc
+
+    out = tmp_path / "fast.onnx"
+    result = graphc.compress(exports["bert"], out, recipe="fast", force=True, attribution=False)
+    ran = {r.name for r in result.passes if r.modified}
+    assert {"prune-heads", "prune-ffn", "quantize-int8", "quantize-attention"} <= ran
+    model = io.load_model(out)
+    qatt = [n for n in model.graph if n.op_type == "QAttention"]
+    assert [n.attributes.get_int("num_heads") for n in qatt] == [3, 3]  # 25% of 4 heads
+    assert model.metadata_props["graphc.arch.intermediate_size_per_layer"] == "32,32"
+    assert result.validation is not None and result.validation.output_cosine > 0.5
