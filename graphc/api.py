@@ -20,7 +20,7 @@ from graphc.manager import PassManager, PassRecord, SizeFacts
 from graphc.pass_base import PassContext
 from graphc.recipes import Recipe, get_recipe
 from graphc.registry import get_pass
-from graphc.validate import ValidationReport, compare, make_session, run_feeds, synthesize_inputs
+from graphc.validate import ValidationReport, compare, complete_decoder_feeds, make_session, run_feeds, synthesize_inputs
 
 ModelLike = Any  # path, ir.Model, onnx.ModelProto or onnx_graphsurgeon.Graph
 
@@ -98,7 +98,7 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
             recipe = get_model_recipe(name)
             texts = recipe.eval_texts(min(count, recipe.validation_texts))
             feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.validation_max_feeds]
-            return feeds, f"{name}: {len(texts)} real texts"
+            return complete_decoder_feeds(model, feeds), f"{name}: {len(texts)} real texts"
         except (ImportError, GraphcError):
             pass
     return synthesize_inputs(model, count=4, seed=seed), "synthesized from the input signature"
@@ -124,7 +124,7 @@ def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
             recipe = get_model_recipe(name)
             texts = recipe.eval_texts(min(count, recipe.calibration_max_texts), split="calibration")
             feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.calibration_max_feeds]
-            return PassContext(calibration=feeds, calibration_source=f"{name}: {len(texts)} calibration texts")
+            return PassContext(calibration=complete_decoder_feeds(model, feeds), calibration_source=f"{name}: {len(texts)} calibration texts")
         except (ImportError, GraphcError):
             pass
     return PassContext(calibration=synthesize_inputs(model, count=4, seed=1), calibration_source="synthesized")
@@ -292,9 +292,14 @@ def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict]
 
 
 def export(source: Any, output: str | os.PathLike, **kwargs: Any):
-    """Export a models/ recipe name, an HF folder, or (via graphc.exporters) a torch module."""
+    """Export a models/ recipe name, an HF folder, or (via graphc.exporters) a torch module.
+    ``kv_cache=True``: a causal LM with past/present key-value inputs and outputs
+    (graphc.exporters.decoder), for generation with graphc.generate."""
     try:
-        from graphc.exporters import export as _export
+        if kwargs.pop("kv_cache", False):
+            from graphc.exporters.decoder import export_decoder as _export
+        else:
+            from graphc.exporters import export as _export
     except ImportError as e:
         raise MissingDependencyError(f"export needs the export extra (pip install graphc[export]): {e}") from None
     return _export(source, output, **kwargs)

@@ -203,7 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from graphc.api import export
 
     with _status(args, f"graphc: exporting {args.source}"):
-        result = export(args.source, args.output)
+        result = export(args.source, args.output, kv_cache=args.kv_cache)
     data = result.to_dict() if hasattr(result, "to_dict") else {"output": args.output}
     lines = [f"exported {args.source} → {args.output}"]
     for key in ("exporter", "seconds", "bytes"):
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("export", "export a models/ recipe (minilm, smollm2) or an HF model folder to ONNX")
     sp.add_argument("source")
     sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("--kv-cache", action="store_true",
+                    help="causal LMs: past_key_values.* inputs and present.* outputs, for prefill and decode")
     sp.set_defaults(func=cmd_export)
 
     sp = add("compress", "run a recipe, validate against the original, write the result")

@@ -29,6 +29,7 @@ TaskMetric = Callable[
 # Symbolic dims get these sizes when inputs are synthesized.
 SYNTH_BATCH = 2
 SYNTH_SEQ = 16
+SYNTH_PAST = 5  # KV-cache decoders: past_sequence; total_sequence = past + sequence
 
 _NP_TYPES = {
     ir.DataType.FLOAT: np.float32,
@@ -119,6 +120,34 @@ def _vocab_size(model: ir.Model, input_value: ir.Value) -> int | None:
     return None
 
 
+PAST_PREFIX = "past_key_values."  # KV-cache decoder inputs (graphc.exporters.decoder)
+
+
+def is_kv_decoder(model: ir.Model) -> bool:
+    return any((v.name or "").startswith(PAST_PREFIX) for v in model.graph.inputs)
+
+
+def complete_decoder_feeds(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Text feeds (input_ids, attention_mask) made into prefill calls of a KV-cache decoder:
+    positions from the mask, an empty past. Other models' feeds are returned as they are."""
+    if not is_kv_decoder(model):
+        return list(feeds)
+    out = []
+    for feed in feeds:
+        feed = dict(feed)
+        batch = feed["input_ids"].shape[0]
+        for value in model.graph.inputs:
+            if value.name in feed:
+                continue
+            if value.name == "position_ids" and "attention_mask" in feed:
+                feed[value.name] = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None).astype(np.int64)
+            elif value.name.startswith(PAST_PREFIX) and value.shape is not None:
+                dims = [batch, *(d if isinstance(d, int) else 0 for d in list(value.shape)[1:])]
+                feed[value.name] = np.zeros(dims, _NP_TYPES.get(value.dtype, np.float32))
+        out.append(feed)
+    return out
+
+
 def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Plausible feeds from the input signature (ids within the vocabulary, masks of ones)."""
     rng = np.random.default_rng(seed)
@@ -137,7 +166,12 @@ def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list
                     dims.append(d)
                 else:
                     dname = str(d).lower() if d is not None else ""
-                    dims.append(SYNTH_BATCH if ("batch" in dname or (i == 0 and "seq" not in dname)) else SYNTH_SEQ)
+                    if "past" in dname:
+                        dims.append(SYNTH_PAST)
+                    elif "total" in dname:
+                        dims.append(SYNTH_PAST + SYNTH_SEQ)
+                    else:
+                        dims.append(SYNTH_BATCH if ("batch" in dname or (i == 0 and "seq" not in dname)) else SYNTH_SEQ)
             name = value.name.lower()
             if np.issubdtype(dtype, np.integer):
                 if "mask" in name:
@@ -147,7 +181,8 @@ def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list
                 elif "type" in name:
                     arr = np.zeros(dims, dtype=dtype)
                 elif "position" in name:
-                    arr = np.broadcast_to(np.arange(dims[-1], dtype=dtype), dims).copy()
+                    start = SYNTH_PAST if is_kv_decoder(model) else 0
+                    arr = np.broadcast_to(np.arange(start, start + dims[-1], dtype=dtype), dims).copy()
                 else:
                     high = _vocab_size(model, value) or 100
                     arr = rng.integers(0, high, size=dims, dtype=np.int64).astype(dtype)

@@ -1,0 +1,161 @@
+"""Export a causal LM with its KV cache: one graph for prefill and decode.
+
+Inputs: ``input_ids`` [batch, sequence], ``attention_mask`` [batch, past + sequence],
+``position_ids`` [batch, sequence], and for each layer ``past_key_values.{i}.key`` /
+``.value`` [batch, kv_heads, past_sequence, head_dim]. Outputs: ``logits`` and
+``present.{i}.key`` / ``.value`` (the past with this call's keys and values appended). Prefill
+is the same graph called with a zero-length past; decode feeds one token and the presents
+back. The names follow ONNX Runtime GenAI's and Optimum's convention. Only the dynamo exporter
+is used: the legacy exporter cannot trace transformers 5.x caches.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from graphc.errors import ExportError, GraphcError
+from graphc.exporters import metadata as meta
+from graphc.exporters.hf import ExportResult, Progress, _first_line, _say, quiet, require_torch
+from graphc.models.base import ModelRecipe
+
+KV_CACHE_KEY = "graphc.decoder.kv_cache"  # model metadata: "past_key_values.{i}.key" naming
+
+
+def cache_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """(past input names, present output names), key before value, layer by layer."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+    return past, [name.replace("past_key_values", "present") for name in past]
+
+
+def wrap_decoder_with_cache(model: Any) -> Any:
+    """``(input_ids, attention_mask, position_ids, *past)`` -> ``(logits, *present)`` for an HF
+    causal LM, with the flat past tensors turned into a transformers DynamicCache."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
+
+    class DecoderWithCache(torch.nn.Module):
+        scope_prefix = "model."
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, past):  # noqa: ANN001, ANN201
+            cache = DynamicCache(config=self.model.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers[:layers]:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return DecoderWithCache(model).eval()
+
+
+def example_inputs(config: Any, *, batch: int = 2, seq: int = 3, past: int = 4, seed: int = 0) -> tuple:
+    """Positional torch example inputs for tracing (a non-empty past, so that no axis is 0)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    cache = [torch.randn(batch, kv_heads, past, head_dim, generator=gen) for _ in range(2 * config.num_hidden_layers)]
+    return ids, mask, positions, cache
+
+
+def export_decoder(
+    source: Any, out_path: str | os.PathLike, *, opset: int | None = None, progress: Progress | None = None,
+) -> ExportResult:
+    """Export a causal LM with KV cache. ``source``: a transformers causal LM, or a model
+    recipe (instance or name) whose ``load_hf()`` gives one."""
+    require_torch()
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise ExportError("output folder does not exist", path=out_path)
+    recipe_name, model = _load(source, progress)
+    config = model.config
+    if not hasattr(config, "num_hidden_layers") or getattr(config, "is_encoder_decoder", False):
+        raise ExportError(f"{type(model).__name__} is not a decoder-only causal LM; --kv-cache exports those only",
+                          path=out_path)
+    facts = meta.arch_facts_from_config(config)
+    past_names, present_names = cache_names(config.num_hidden_layers)
+    module = wrap_decoder_with_cache(model)
+    args = example_inputs(config)
+    inputs = ["input_ids", "attention_mask", "position_ids", *past_names]
+    shapes = ({0: "batch", 1: "sequence"}, {0: "batch", 1: "total_sequence"}, {0: "batch", 1: "sequence"},
+              [{0: "batch", 2: "past_sequence"} for _ in past_names])
+    _say(progress, "exporting with torch.onnx (dynamo) with the KV cache")
+    import torch
+
+    try:
+        with quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
+                output_names=["logits", *present_names], opset_version=opset, verbose=False, optimize=True,
+            )
+    except Exception as e:  # noqa: BLE001 - torch.export raises many error types
+        raise ExportError(f"KV-cache export failed: {type(e).__name__}: {_first_line(e)}", path=out_path) from None
+    graph_model = program.model
+    _say(progress, f"writing {out_path}")
+    meta.compact_node_metadata(graph_model, strip_prefix=module.scope_prefix, all_nodes=True)
+    meta.write_model_metadata(graph_model, exporter="dynamo", arch_facts=facts, recipe=recipe_name)
+    graph_model.metadata_props[KV_CACHE_KEY] = "past_key_values.{i}.key/value -> present.{i}.key/value"
+    from graphc.io import save_model
+
+    files = save_model(graph_model, out_path)
+    return ExportResult(
+        path=out_path, exporter="dynamo", input_names=tuple(v.name for v in graph_model.graph.inputs),
+        output_names=tuple(v.name for v in graph_model.graph.outputs), arch_facts=facts, recipe=recipe_name,
+        files=files, seconds=time.perf_counter() - start,
+    )
+
+
+def _load(source: Any, progress: Progress | None) -> tuple[str | None, Any]:
+    if isinstance(source, (str, os.PathLike)):
+        from graphc.models import MODEL_RECIPES, get_model_recipe
+
+        if os.fspath(source) in MODEL_RECIPES:
+            source = get_model_recipe(os.fspath(source))
+        elif (Path(source) / "config.json").is_file():
+            return None, _load_folder(Path(source))
+        else:
+            raise ExportError(f"not a model recipe ({', '.join(MODEL_RECIPES)}) nor a Hugging Face folder "
+                              "with config.json", path=os.fspath(source))
+    if not isinstance(source, ModelRecipe):
+        return None, source.eval()
+    load = getattr(source, "load_hf", None)
+    if load is None:
+        raise ExportError(f"model recipe {source.name!r} has no causal LM to export with a KV cache")
+    _say(progress, f"loading {source.name}")
+    try:
+        with quiet():
+            return source.name, load()
+    except GraphcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
+        raise ExportError(f"cannot load the {source.name!r} model: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _load_folder(folder: Path) -> Any:
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with quiet():
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
+        raise ExportError(f"cannot load a causal LM from it: {type(e).__name__}: {_first_line(e)}", path=folder) from None
