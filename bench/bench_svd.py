@@ -47,6 +47,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+DAMP = None  # --damp: svd-linear's damp option (None: the pass's default)
+
+
 def compress(path: Path, method: str, removed: float, calibration, int8: bool = False) -> tuple[bytes, dict]:
     """The fp32 model with svd-linear (and quantize-int8) applied; serialized bytes and stats."""
     import graphc.io
@@ -57,8 +60,10 @@ def compress(path: Path, method: str, removed: float, calibration, int8: bool = 
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     ctx = PassContext(calibration=calibration, calibration_source="bench calibration split")
     t0 = time.perf_counter()
-    result = get_pass("svd-linear").from_dict({"method": method, "rank_rule": "ratio", "param_ratio": 1.0 - removed},
-                                              ctx)(model)
+    options = {"method": method, "rank_rule": "ratio", "param_ratio": 1.0 - removed}
+    if DAMP is not None:
+        options["damp"] = DAMP
+    result = get_pass("svd-linear").from_dict(options, ctx)(model)
     stats = dict(result.stats.counts)
     stats["seconds"] = round(time.perf_counter() - t0, 1)
     if int8:
@@ -261,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="also whitened SVD + quantize-int8 at the middle ratio")
     parser.add_argument("--embedding", default="", help="also lowrank-embedding at these fractions of table "
                         "parameters removed (comma-separated)")
+    parser.add_argument("--damp", type=float, help="svd-linear damp (whitened: ridge on the input second moment)")
     parser.add_argument("--windows", type=int, default=32, help="SmolLM2 perplexity windows")
     parser.add_argument("--seq", type=int, default=512, help="SmolLM2 perplexity window length")
     parser.add_argument("--calib-texts", type=int, default=512, help="calibration texts")
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     args.removed = [float(x) for x in args.removed.split(",") if x.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.embedding = [float(x) for x in args.embedding.split(",") if x.strip()]
+    global DAMP
+    DAMP = args.damp
     memoize_factorization()
     results = []
     if args.model in ("minilm", "both"):
