@@ -33,7 +33,7 @@ TARGET_RATIO, TARGET_COS, TARGET_PROBE = 0.7, 0.99, 0.01
 
 FULL = {**b8.FULL, "sweep_sentences": 256, "sweep_reps": 6}
 QUICK = {**b8.QUICK, "sweep_sentences": 64, "sweep_reps": 3}
-SWEEP = {"heads": (0.25, 0.5, 0.75), "ffn": (0.25, 0.5, 0.75)}
+SWEEP = {"heads": (0.25, 0.5), "ffn": (0.25, 0.5)}
 
 
 def fast_recipe(heads: float | None, ffn: float | None):

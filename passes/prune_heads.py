@@ -249,6 +249,10 @@ def _match(node: ir.Node, model: ir.Model) -> Block:
 
 
 def _block(kind, anchor, q, k, v, o, heads, kv, d, core) -> Block:
+    inside = {id(n) for n in core} | {id(anchor)}
+    for lin in {id(x): x for x in (q, k, v) if x is not None}.values():
+        if any(id(user) not in inside for user, _ in lin.output.uses()):
+            raise _NoMatch(f"projection {lin.node.name} is also used outside the attention block")
     if heads <= 0 or kv <= 0 or heads % kv:
         raise _NoMatch(f"{heads} query heads are not divisible into {kv} KV heads")
     q_width = heads * d
