@@ -139,7 +139,7 @@ BUILTIN: dict[str, Recipe] = {
     "int8-static": Recipe(
         "int8-static",
         "ORT fusions, then static int8 QDQ (BBCT): per-channel int8 weights, activations quantized "
-        "with ranges calibrated on real data (MSE clipping, SmoothQuant alpha 0.8 on MatMul inputs) "
+        "with min-max ranges calibrated on real data (SmoothQuant alpha 0.8 on MatMul inputs) "
         "at the MatMul inputs, the attention inputs and the embedding outputs (ORT runs QLinearMatMul "
         "/ MatMulIntegerToFloat), int8 embedding tables, float16 vectors",
         (
@@ -148,7 +148,7 @@ BUILTIN: dict[str, Recipe] = {
             Step("trim-outputs"),
             Step(
                 "quantize-activations",
-                {"targets": ["matmul_in", "attention", "embedding"], "method": "mse", "smooth_alpha": 0.8},
+                {"targets": ["matmul_in", "attention", "embedding"], "method": "minmax", "smooth_alpha": 0.8},
             ),
             Step("quantize-embedding"),
             Step("fp16-constants"),
