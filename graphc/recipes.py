@@ -154,7 +154,8 @@ BUILTIN: dict[str, Recipe] = {
             Step("fp16-constants"),
             Step("remove-unused"),
         ),
-        # MiniLM measured (bench/bench_static.py): output cosine 0.995, worst token 0.97
+        # MiniLM measured (bench/bench_static.py): validation output cosine 0.996, worst token 0.967;
+        # pooled-embedding cosine to PyTorch 0.9967 (ORT quantize_static: 0.928), probe 0.864 vs 0.865
         Tolerance(min_cosine=0.99, min_row_cosine=0.9),
     ),
     "fast": Recipe(
