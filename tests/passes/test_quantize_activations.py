@@ -246,7 +246,7 @@ def test_minilm_int8_static_recipe(tmp_path):
     out = tmp_path / "static.onnx"
     result = graphc.compress(src, out, recipe=replace(recipe, steps=steps), attribution=False)
     v = result.validation
-    assert v.passed and v.output_cosine > 0.99, v.to_dict()  # measured 0.995 (worst token 0.97)
+    assert v.passed and v.output_cosine > 0.99, v.to_dict()  # measured 0.996 (worst token 0.967)
     assert result.bytes_after < 0.26 * result.bytes_before
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
