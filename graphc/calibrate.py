@@ -15,13 +15,9 @@ from graphc.validate import make_session
 MIN_CALIBRATION_FEEDS = 1
 
 
-def channel_absmax(
-    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str
-) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of each value over all calibration feeds."""
-    if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
-        raise PassError("needs calibration data, and none was given (pass feeds or use a model recipe)", pass_name=pass_name)
-    names = [v.name for v in values]
+def exposing_session(model: ir.Model, names: Sequence[str]) -> tuple[object, set[str]]:
+    """An ORT session over the model as it stands, with the named intermediate values added
+    as outputs; and the names of its inputs (feeds may carry more)."""
     from graphc.io import inline_external_data
 
     with inline_external_data(model):
@@ -31,7 +27,25 @@ def channel_absmax(
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
     session = make_session(proto, what="model during calibration")
-    inputs = {i.name for i in session.get_inputs()}
+    return session, {i.name for i in session.get_inputs()}
+
+
+def token_rows(out: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """[tokens, channels] rows of a value; for a [batch, seq, K] value the rows at padded
+    positions (``attention_mask`` 0) are left out."""
+    if mask is not None and out.ndim == 3 and out.shape[:2] == np.shape(mask):
+        return out[np.asarray(mask) != 0]
+    return out.reshape(-1, out.shape[-1])
+
+
+def channel_absmax(
+    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str
+) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of each value over all calibration feeds."""
+    if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
+        raise PassError("needs calibration data, and none was given (pass feeds or use a model recipe)", pass_name=pass_name)
+    names = [v.name for v in values]
+    session, inputs = exposing_session(model, names)
     result: dict[str, np.ndarray] = {}
     for feed in feeds:
         outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
@@ -60,17 +74,7 @@ def input_moments(
     if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
         raise PassError("needs calibration data, and none was given (pass feeds or use a model recipe)", pass_name=pass_name)
     names = sorted({v.name for v in values if v.name})
-    from graphc.io import inline_external_data
-
-    with inline_external_data(model):
-        proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
-    session = make_session(proto, what="model during calibration")
-    del proto
-    inputs = {i.name for i in session.get_inputs()}
+    session, inputs = exposing_session(model, names)
     grams: dict[str, np.ndarray] = {}
     abs_sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -81,11 +85,7 @@ def input_moments(
             out = np.asarray(out)
             if out.ndim == 0:
                 continue
-            if mask is not None and out.ndim == 3 and out.shape[:2] == np.shape(mask):
-                rows = out[np.asarray(mask) != 0]
-            else:
-                rows = out.reshape(-1, out.shape[-1])
-            rows = rows.astype(np.float64)
+            rows = token_rows(out, mask).astype(np.float64)
             grams[name] = grams.get(name, 0) + rows.T @ rows
             abs_sums[name] = abs_sums.get(name, 0) + np.abs(rows).sum(axis=0)
             counts[name] = counts.get(name, 0) + rows.shape[0]
