@@ -1,6 +1,7 @@
 """graphc ``fuse`` vs ONNX Runtime's transformer optimizer: fused ops and fp32 latency.
 
-    python bench/bench_fuse.py [--models minilm,smollm2] [--quick] [--json OUT] [--threads 2]
+    python bench/bench_fuse.py [--models minilm,smollm2] [--exports dynamo/sdpa,...] [--quick]
+                               [--json OUT] [--threads 2]
 
 For each model and each export (dynamo / legacy TorchScript exporter, transformers' sdpa /
 eager attention) the same exported graph goes through
@@ -131,12 +132,14 @@ def run_model(model: str, args: argparse.Namespace, rep: Reporter) -> dict[str, 
     work.mkdir(parents=True, exist_ok=True)
     recipe = get_model_recipe(model)
     batch, seq = SHAPES[model]
-    texts = recipe.eval_texts(batch)
-    feed = measure.pad_feed(recipe.feeds(texts, batch=batch, max_length=seq)[0], seq)
+    feeds = recipe.feeds(recipe.eval_texts(max(batch, 8)), batch=batch, max_length=seq)
+    feed = measure.pad_feed(feeds[0], seq)
     rows: dict[str, dict[str, Any]] = {}
     paths: dict[str, Path] = {}
     for exporter, attn in EXPORTS:
         label = f"{exporter}/{attn}"
+        if args.exports and label not in args.exports.split(","):
+            continue
         try:
             with rep.status(f"{model}: export {label}"):
                 src = export_variant(model, exporter, attn, work, fresh=args.fresh)
@@ -161,8 +164,9 @@ def run_model(model: str, args: argparse.Namespace, rep: Reporter) -> dict[str, 
             except Exception as e:  # noqa: BLE001
                 row["ort"] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
         rows[label] = row
-    wanted = [k for k in paths if args.all_latency or k.startswith("graphc") or k.endswith("legacy/eager")
-              or k == "unfused dynamo/sdpa"]
+    headline = {"unfused dynamo/sdpa", "graphc fuse dynamo/sdpa", "graphc fuse legacy/eager",
+                "ORT optimizer dynamo/sdpa", "ORT optimizer legacy/eager"}
+    wanted = [k for k in paths if args.all_latency or k in headline]
     sessions = {k: measure.session(paths[k], threads=args.threads) for k in wanted}
     with rep.bar(f"{model}: latency b{batch}×{seq}, {len(sessions)} models interleaved") as cb:
         lat = measure.interleaved_latency(sessions, feed, reps=cfg["reps"], warmup=cfg["warmup"], progress=cb)
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['reps']} reps instead of {FULL['reps']}")
+    parser.add_argument("--exports", default="", help="comma-separated subset, e.g. dynamo/sdpa,legacy/eager")
     parser.add_argument("--all-latency", action="store_true", help="time every model, not only the headline ones")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")

@@ -16,7 +16,7 @@ import onnx_ir.passes.common as common
 
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
-from graphc.passes._fusion_rules import gqa, normalize, rms_norm, rotary_cache
+from graphc.passes._fusion_rules import embed_layer_norm, gqa, normalize, rms_norm, rotary_cache
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
 from graphc.passes._fusion_rules.misses import FAMILIES, anchors, count_ops, miss_reason
 from graphc.registry import register
@@ -37,6 +37,9 @@ class FuseOptions:
     gelu: bool = True
     normalization: bool = True
     rotary: bool = True
+    # off by default: the embedding tables move into the fused op, where quantize-embedding and
+    # quantize-gather-block (int8, int4 recipes) no longer find their Gathers
+    embed_layer_norm: bool = False
 
 
 @register
@@ -76,6 +79,8 @@ class FuseOrt(GraphcPass):
         if self.options.normalization:
             fuse("rms_normalization", C.fuse_rms_normalization)
             fuse("rms_normalization_opset17", _apply(rms_norm.rules))  # legacy exporter
+            if self.options.embed_layer_norm:
+                fuse("embed_layer_normalization", _apply(embed_layer_norm.rules))
             fuse("skip_layer_normalization", C.fuse_skip_layer_normalization)
             fuse("skip_rms_normalization", C.fuse_skip_rms_normalization)
         if self.options.rotary:
@@ -102,7 +107,12 @@ class FuseOrt(GraphcPass):
             # SDPA matched but no MHA/GQA rule consumed it (e.g. Llama's GQA with rotary): the
             # intermediate SDPA function becomes MultiHeadAttention, or is inlined back below.
             fuse("sdpa_via_mha", C.replace_sdpa_by_mha)
-        report_misses(model, stats, before)  # before optimize inlines unconsumed intermediates
+        enabled = {
+            "attention": target is not AttentionTarget.NONE, "skip_layer_norm": self.options.normalization,
+            "embed_layer_norm": self.options.embed_layer_norm, "gelu": self.options.gelu,
+            "rms_norm": self.options.normalization, "rotary": self.options.rotary,
+        }
+        report_misses(model, stats, before, enabled)  # before optimize inlines unconsumed intermediates
         optimize(model)
         leftovers = [n for n in model.graph.all_nodes() if n.domain.startswith(_PRIVATE_DOMAIN)]
         if leftovers:
@@ -139,9 +149,11 @@ def _apply(rule_set):
     return _fusion_utils.apply_fusion_rules(rule_set)
 
 
-def report_misses(model: ir.Model, stats: PassStats, before: dict[str, int]) -> None:
-    """Per fusion family: how many it fused, how many instances it left, and why."""
+def report_misses(model: ir.Model, stats: PassStats, before: dict[str, int], enabled: dict[str, bool]) -> None:
+    """Per fusion family switched on: how many it fused, how many instances it left, and why."""
     for family in FAMILIES:
+        if not enabled[family.name]:
+            continue
         fused = count_ops(model, family.fused_ops) - before[family.name]
         left = anchors(model, family)
         if not fused and not left:

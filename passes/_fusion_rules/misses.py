@@ -86,7 +86,9 @@ def _rules_skip_ln():
 
 
 def _rules_embed_ln():
-    return []
+    from graphc.passes._fusion_rules import embed_layer_norm
+
+    return [embed_layer_norm.rules]
 
 
 def _rules_gelu():

@@ -5,6 +5,8 @@ the attention softmax with a 1-element tensor where the dynamo exporter and onnx
 SDPA pattern have a scalar. Broadcasting a 1-element tensor against a tensor of rank ≥ 1 is
 the same as broadcasting the scalar, so the constant becomes a scalar.
 
+``Add(bias, x)``: the legacy exporter's Linear bias comes first; the MHA-bias rule wants it second.
+
 ``Div(1, x)``: the legacy exporter's ``rsqrt`` where the RMSNorm rules expect ``Reciprocal``.
 """
 
@@ -76,4 +78,22 @@ class StaticDimOfShape(pattern.RewriteRuleClassBase):
         return op.Constant(value=ir.tensor(value))
 
 
-rules = pattern.RewriteRuleSet([ScalarNanGuard.rule(), DivToReciprocal.rule(), StaticDimOfShape.rule()])
+class ConstantSecondInAdd(pattern.RewriteRuleClassBase):
+    """``Add(bias, x)`` → ``Add(x, bias)``: the legacy exporter puts a Linear's bias first,
+    onnxscript's MHA-bias rule expects it second (Add is commutative, broadcasting too)."""
+
+    def pattern(self, op, bias, x):
+        return op.Add(bias, x)
+
+    def check(self, context, bias, x, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if bias.const_value is None or x.const_value is not None:
+            return result.fail("not a constant before a computed value", bias)
+        return result
+
+    def rewrite(self, op, bias, x, **_):
+        return op.Add(x, bias)
+
+
+rules = pattern.RewriteRuleSet([ScalarNanGuard.rule(), DivToReciprocal.rule(), StaticDimOfShape.rule(),
+                                ConstantSecondInAdd.rule()])

@@ -101,8 +101,9 @@ def test_llama_fuses_grouped_attention_rms_and_rotary(exported, kind, dynamo, at
     assert stats.counts["misses.rotary"] == 0 and stats.counts["misses.rms_norm"] == 0
 
 
-def test_packed_attention_target(exported):
-    model, stats = _fuse(exported("bert", True, "sdpa"), attention="attention")
+@pytest.mark.parametrize("dynamo,attn", [(True, "sdpa"), (False, "eager")])
+def test_packed_attention_target(exported, dynamo, attn):
+    model, stats = _fuse(exported("bert", dynamo, attn), attention="attention")
     assert _ms_ops(model)["Attention"] == 2 and stats.counts["misses.attention"] == 0
 
 
@@ -201,5 +202,33 @@ def test_compress_json_reports_fusions_and_misses(exported, tmp_path):
     result = graphc.compress(exported("bert", True, "sdpa"), tmp_path / "out.onnx", recipe="fuse")
     stats = next(p for p in result.to_dict()["passes"] if p["name"] == "fuse-ort")["stats"]
     assert "attention: fused 2; 0 misses" in stats["notes"]
-    assert stats["misses.embed_layer_norm"] == 1 and stats["skipped"][0]["reason"]
+    assert stats["fused.embed_layer_norm"] == 1 and stats["misses.embed_layer_norm"] == 0
+    assert stats["ops.Attention"] == 2 and stats["ops.EmbedLayerNormalization"] == 1
     assert result.validation.passed and result.validation.max_abs <= 1e-4
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_embed_layer_norm(exported, dynamo):
+    path = exported("bert", dynamo, "eager")
+    model, stats = _fuse(path, embed_layer_norm=True)
+    assert _ms_ops(model)["EmbedLayerNormalization"] == 1 and stats.counts["misses.embed_layer_norm"] == 0
+    assert not any(n.op_type == "Gather" and n.inputs[0].name.endswith("embeddings.weight") for n in model.graph)
+    feed = _feed("bert")
+    np.testing.assert_allclose(_valid_out(model, feed), _valid_out(path, feed), atol=2e-5, rtol=0)
+    default, stats = _fuse(path)  # off by default: quantize-embedding wants the Gathers
+    assert not _ms_ops(default)["EmbedLayerNormalization"] and "misses.embed_layer_norm" not in stats.counts
+
+
+def test_positions_that_are_not_an_arange_are_not_embed_layer_norm(exported, tmp_path):
+    model = io.load_model(exported("bert", True, "eager"))
+    (buffer,) = [v for name, v in model.graph.initializers.items() if name.endswith("position_ids")]
+    ids = buffer.const_value.numpy().copy()
+    buffer.const_value = ir.tensor(ids[:, ::-1].copy(), name=buffer.name)  # positions counted backwards
+    path = tmp_path / "near.onnx"
+    ir.save(model, path)
+    fused, stats = _fuse(path, embed_layer_norm=True)
+    assert not _ms_ops(fused)["EmbedLayerNormalization"] and stats.counts["misses.embed_layer_norm"] == 1
+    (skip,) = [s for s in stats.skipped if s["node"].startswith("embed_layer_norm")]
+    assert "arange" in skip["reason"]
+    feed = _feed("bert")
+    np.testing.assert_allclose(_valid_out(fused, feed), _valid_out(path, feed), atol=2e-5, rtol=0)
