@@ -64,16 +64,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "nbits": {"bits": 4, "block_size": 128, "symmetric": True, "method": "rtn"},
         "gather": {"bits": 4, "block_size": 128, "symmetric": True, "method": "rtn"},
     },
-    "graphc gptq b128 asym, head 8-bit": {
-        "nbits": {"bits": 4, "block_size": 128, "symmetric": False, "method": "gptq", "act_order": True,
-                  "head_bits": 8},
-        "gather": {"bits": 8, "block_size": 128, "symmetric": False, "method": "mse"},
-    },
     "graphc gptq b64 asym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 64, "symmetric": False, "method": "gptq", "act_order": True,
                   "head_bits": 8},
         "gather": {"bits": 8, "block_size": 64, "symmetric": False, "method": "mse"},
     },
+    "graphc mse b64 asym, head 8-bit": {
+        "nbits": {"bits": 4, "block_size": 64, "symmetric": False, "method": "mse", "head_bits": 8},
+        "gather": {"bits": 8, "block_size": 64, "symmetric": False, "method": "mse"},
+    },
+    "graphc rtn b32 asym": {
+        "nbits": {"bits": 4, "block_size": 32, "symmetric": False, "method": "rtn"},
+        "gather": {"bits": 4, "block_size": 32, "symmetric": False, "method": "rtn"},
+        "aligned": True,
+    },
+    "graphc recipes/smollm2-int4.toml": {"toml": "recipes/smollm2-int4.toml"},
+    "graphc recipes/smollm2-int4.toml, mse": {"toml": "recipes/smollm2-int4.toml", "method": "mse"},
     "graphc gptq b32 sym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
                   "head_bits": 8},
@@ -113,8 +119,17 @@ def cached_fp32(work: Path, *, fresh: bool) -> Path:
     return out
 
 
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+REUSE = False  # --reuse-built: any earlier build counts, whatever the sources now
+
+
 def _key_ok(out: Path, stamp: Path, key: str, fresh: bool) -> bool:
-    return not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key
+    if fresh or not out.is_file():
+        return False
+    return REUSE or (stamp.is_file() and stamp.read_text().strip() == key)
 
 
 def build_fused(fp32: Path, work: Path, *, fresh: bool) -> Path:
@@ -130,7 +145,7 @@ def build_fused(fp32: Path, work: Path, *, fresh: bool) -> Path:
     out = work / "smollm2-fused-fp32.onnx"
     stamp = work / "smollm2-fused-fp32.key"
     sources = [(ROOT / "passes" / f"{p}.py").read_text() for p in ("cleanup", "fuse_ort", "trim_outputs")]
-    key = _fingerprint(FUSED_PIPELINE, fp32.with_suffix(".key").read_text(), *sources)
+    key = _fingerprint(FUSED_PIPELINE, _read(fp32.with_suffix(".key")), *sources)
     if _key_ok(out, stamp, key, fresh):
         return out
     steps = [s for s in BUILTIN["int4"].steps if not s.pass_name.startswith("quantize") and s.pass_name != "fp16-constants"]
@@ -162,7 +177,7 @@ def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
 
     out = work / f"smollm2-ort-int4-{algo}.onnx"
     stamp = work / f"smollm2-ort-int4-{algo}.key"
-    key = _fingerprint(f"ort-int4-{algo} block128 v1", (work / "smollm2-fused-fp32.key").read_text())
+    key = _fingerprint(f"ort-int4-{algo} block128 v1", _read(work / "smollm2-fused-fp32.key"))
     if _key_ok(out, stamp, key, fresh):
         return out
     if algo == "rtn":
@@ -180,9 +195,17 @@ def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
 
 
 def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
-    """The ``int4`` recipe with the variant's quantize-nbits / quantize-gather-block options."""
-    from graphc.recipes import BUILTIN, Step
+    """The ``int4`` recipe (or the TOML recipe ``spec["toml"]``) with the variant's
+    quantize-nbits / quantize-gather-block options; ``spec["method"]`` replaces the method of
+    a TOML recipe's GPTQ quantize-nbits steps."""
+    from graphc.recipes import BUILTIN, Step, get_recipe
 
+    if spec.get("toml"):
+        base = get_recipe(ROOT / spec["toml"])
+        steps = [Step(s.pass_name, {**s.options, "method": spec["method"]})
+                 if spec.get("method") and s.pass_name == "quantize-nbits" and s.options.get("method") == "gptq" else s
+                 for s in base.steps]
+        return replace(base, name=name, steps=tuple(steps))
     steps = []
     for s in BUILTIN["int4"].steps:
         if s.pass_name == "quantize-nbits" and spec.get("nbits") is not None:
@@ -203,8 +226,8 @@ def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fre
     stamp = work / f"smollm2-{slug}.key"
     info = work / f"smollm2-{slug}.json"
     sources = [f.read_text() for p in GRAPHC_SOURCES if (f := ROOT / "passes" / f"{p}.py").is_file()]
-    key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), fp32.with_suffix(".key").read_text(), *sources)
-    if _key_ok(out, stamp, key, fresh) and info.is_file():
+    key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), _read(fp32.with_suffix(".key")), *sources)
+    if info.is_file() and _key_ok(out, stamp, key, fresh):
         return out, json.loads(info.read_text())
     t0 = time.perf_counter()
     with quiet():
@@ -271,6 +294,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc import measure
     from graphc.models import get_model_recipe
 
+    global REUSE
+    REUSE = args.reuse_built
     rep = Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -393,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--work", default=str(WORK), help=f"work folder (default {WORK.relative_to(ROOT)})")
     parser.add_argument("--fresh", action="store_true", help="rebuild cached exports, models and references")
+    parser.add_argument("--reuse-built", action="store_true",
+                        help="reuse every cached export and build even if the sources changed since "
+                             "(the repository changes under a long session)")
     args = parser.parse_args(argv)
     res = run(args)
     print(markdown(res))
