@@ -197,3 +197,17 @@ def test_smollm2_perplexity_ort_matches_torch(tmp_path) -> None:
     report = graphc.validate(path, path)
     assert report.task["metric"] == "perplexity" and report.task["relative_rise"] == 0.0
     assert 10 < report.task["reference"] < 60
+
+
+def test_smollm2_int4_recipe_file_loads() -> None:
+    """recipes/smollm2-int4.toml (bench_smollm2_int4.py): 8-bit down_proj/v_proj first, the rest
+    4-bit block 64 (a divisor of SmolLM2's hidden 576, so the tied table is shared with the head)."""
+    from pathlib import Path
+
+    from graphc.recipes import get_recipe
+
+    recipe = get_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-int4.toml")
+    nbits = [s.options for s in recipe.steps if s.pass_name == "quantize-nbits"]
+    assert [o["bits"] for o in nbits] == [8, 4]
+    assert "down_proj" not in nbits[0]["exclude"] and "v_proj" not in nbits[0]["exclude"]
+    assert all(576 % o["block_size"] == 0 for o in nbits)
