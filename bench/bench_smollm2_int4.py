@@ -80,6 +80,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "graphc recipes/smollm2-int4.toml": {"toml": "recipes/smollm2-int4.toml"},
     "graphc recipes/smollm2-int4.toml, mse": {"toml": "recipes/smollm2-int4.toml", "method": "mse"},
+    # GPTQ with ~4x the calibration tokens of the model recipe's default caps (16 texts, 4 feeds)
+    "graphc recipes/smollm2-int4.toml, 64 calib texts": {"toml": "recipes/smollm2-int4.toml", "calibration": (64, 16)},
     "graphc gptq b32 sym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
                   "head_bits": 8},
@@ -219,6 +221,7 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
 def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fresh: bool) -> tuple[Path, dict]:
     """A graphc variant (cached while the recipe, the pass sources and the export are the same)."""
     import graphc
+    from graphc.models import get_model_recipe
 
     recipe = variant_recipe(name, spec)
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
@@ -226,12 +229,20 @@ def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fre
     stamp = work / f"smollm2-{slug}.key"
     info = work / f"smollm2-{slug}.json"
     sources = [f.read_text() for p in GRAPHC_SOURCES if (f := ROOT / "passes" / f"{p}.py").is_file()]
-    key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), _read(fp32.with_suffix(".key")), *sources)
+    key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), str(spec.get("calibration")),
+                       _read(fp32.with_suffix(".key")), *sources)
     if info.is_file() and _key_ok(out, stamp, key, fresh):
         return out, json.loads(info.read_text())
     t0 = time.perf_counter()
-    with quiet():
-        result = graphc.compress(fp32, out, recipe=recipe, force=True, validate=False, attribution=False)
+    model_recipe = get_model_recipe("smollm2")
+    caps = (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds)
+    if spec.get("calibration"):  # (texts, feeds): more calibration tokens for GPTQ's Hessians
+        model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds = spec["calibration"]
+    try:
+        with quiet():
+            result = graphc.compress(fp32, out, recipe=recipe, force=True, validate=False, attribution=False)
+    finally:
+        model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds = caps
     facts = {
         "seconds": round(time.perf_counter() - t0, 1),
         "recipe": recipe.to_dict()["passes"],
