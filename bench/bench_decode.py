@@ -3,7 +3,7 @@
     python bench/bench_decode.py [--context 512] [--tokens 32] [--threads 2] [--json OUT]
 
 In one process: exports SmolLM2 with its KV cache (``graphc export smollm2 --kv-cache``,
-cached in ``.graphc-cache/bench/``), compresses it with graphc's ``int4`` recipe and with ONNX
+cached in ``.graphc-cache/bench/``), compresses it with graphc's ``int4`` recipe (uniform: without its mixed-precision step) and with ONNX
 Runtime's ``MatMulNBitsQuantizer`` (RTN, 4-bit, block 128, symmetric, MatMul and Gather),
 then for each model prefills a ``--context``-token prompt of real Wikipedia text at batch 1
 and decodes ``--tokens`` tokens greedily (graphc.generate), interleaving the models over 3
@@ -60,7 +60,9 @@ def graphc_int4(fp32: Path, fresh: bool) -> Path:
     out = WORK / "smollm2-kv-graphc-int4.onnx"
     if fresh or not out.exists():
         print("graphc int4 ...", file=sys.stderr, flush=True)
-        graphc.compress(fp32, out, recipe="int4", force=True, attribution=False)
+        # the int4 recipe's weights, without its per-layer sensitivity search (minutes on 210
+        # MatMuls): decode speed depends on the kernels and bytes, which this keeps
+        graphc.compress(fp32, out, recipe="int4", disable=["mixed-precision"], force=True, attribution=False)
     return out
 
 
