@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from graphc import ops
@@ -109,30 +108,18 @@ def producer_linear(value: ir.Value | None) -> Linear | None:
 # --------------------------------------------------------------------------- calibration
 
 
-def _proto_with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
-    from graphc.io import inline_external_data
-
-    with inline_external_data(model):
-        proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
-    return proto
-
-
 def activations(
     model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str
 ) -> dict[str, np.ndarray]:
     """Rows [tokens, channels] (float32) of each value over the calibration feeds. Values of
     shape [batch, seq, K] leave out padded positions (``attention_mask`` 0)."""
-    from graphc.validate import make_session
+    from graphc.calibrate import exposing_session
 
     if not feeds:
         raise PassError("needs calibration data, and none was given (use a model recipe or pass feeds)",
                         pass_name=pass_name)
     names = list(dict.fromkeys(v.name for v in values))
-    session = make_session(_proto_with_outputs(model, names), what="model during calibration")
+    session, _ = exposing_session(model, names)
     inputs = {i.name for i in session.get_inputs()}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:

@@ -55,6 +55,30 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def gemm_terms(node: ir.Node, stored: np.ndarray, stats, label: str) -> tuple[bool, float, np.ndarray | None] | None:
+    """How a constant-weight MatMul/Gemm uses its stored weight [K, N] (or [N, K] under
+    transB): (transpose, alpha, bias) with the bias C * beta as an [N] float32 vector. None,
+    with the skip recorded in ``stats``, for a Gemm this cannot express (transA, a C that is
+    not a constant vector)."""
+    if node.op_type != "Gemm":
+        return False, 1.0, None
+    attrs = node.attributes
+    if attrs.get_int("transA", 0):
+        stats.skip(label, "Gemm with transA=1")
+        return None
+    transpose = bool(attrs.get_int("transB", 0))
+    n = stored.shape[0] if transpose else stored.shape[1]
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = const_array(node.inputs[2])
+        if c is None or c.size not in (1, n):
+            stats.skip(label, "Gemm bias C is not a constant vector")
+            return None
+        bias = np.broadcast_to(c.astype(np.float32).reshape(-1), (n,)) * attrs.get_float("beta", 1.0)
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
+    return transpose, attrs.get_float("alpha", 1.0), bias
+
+
 def release_pages(value: ir.Value | None) -> None:
     """Let the OS drop the memory-mapped pages of the external weight behind ``value`` (through
     a Transpose or Cast of it) once a pass has read it: onnx_ir maps external data and the

@@ -40,7 +40,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, symmetric_int8
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_terms, symmetric_int8
 
 
 class Emit(str, enum.Enum):
@@ -226,22 +226,12 @@ class QuantizeInt8(GraphcPass):
             stats.skip(label, f"activation dtype {in_dtype} is not float32")
             return None
         w = w.astype(np.float32)
-        bias = None
-        if node.op_type == ops.GEMM:
-            attrs = node.attributes
-            if attrs.get_int("transA", 0):
-                stats.skip(label, "Gemm with transA=1")
-                return None
-            if attrs.get_int("transB", 0):
-                w = w.T
-            w = w * attrs.get_float("alpha", 1.0)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                c = const_array(node.inputs[2])
-                if c is None or c.size not in (1, w.shape[1]):
-                    stats.skip(label, "Gemm bias C is not a constant vector")
-                    return None
-                bias = np.broadcast_to(c.astype(np.float32).reshape(-1), (w.shape[1],)) * attrs.get_float("beta", 1.0)
-                bias = np.ascontiguousarray(bias, dtype=np.float32)
+        terms = gemm_terms(node, w, stats, label)
+        if terms is None:
+            return None
+        transpose, alpha, bias = terms
+        w = w.T if transpose else w
+        w = w * alpha if alpha != 1.0 else w
         return _Candidate(node, np.ascontiguousarray(w), bias, node.inputs[1])
 
     # ------------------------------------------------------------------ emitting

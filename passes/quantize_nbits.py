@@ -39,7 +39,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, release_pages
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_terms, release_pages
 from graphc.registry import register
 
 META_WEIGHT = "graphc.nbits.weight"  # node metadata: digest of the float W^T [N, K] a MatMulNBits holds
@@ -273,39 +273,15 @@ class QuantizeNBits(GraphcPass):
                 "use a model exported by graphc (its recipe's texts) or pass calibration feeds in the PassContext",
                 pass_name=self.name,
             )
-        import onnx
+        from graphc.calibrate import input_moments
 
-        from graphc.io import inline_external_data
-        from graphc.validate import make_session
-
-        names = sorted({c.node.inputs[0].name for c in cands if c.node.inputs[0].name})
-        with inline_external_data(model):
-            proto = ir.serde.serialize_model(model)
-        existing = {o.name for o in proto.graph.output}
-        for name in names:
-            if name not in existing:
-                proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
-        session = make_session(proto, what="model during gptq calibration")
-        inputs = {i.name for i in session.get_inputs()}
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = {}
-        for feed in feeds:
-            outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
-            mask = feed.get("attention_mask")
-            for name, out in zip(names, outs):
-                if mask is not None and out.ndim == 3 and out.shape[:2] == np.shape(mask):
-                    rows = out[np.asarray(mask) != 0]
-                else:
-                    rows = out.reshape(-1, out.shape[-1])
-                rows = rows.astype(np.float64)
-                sums[name] = sums.get(name, 0) + rows.T @ rows
-                counts[name] = counts.get(name, 0) + rows.shape[0]
+        moments = input_moments(model, [c.node.inputs[0] for c in cands], feeds, pass_name=self.name)
         stats.notes.append(f"gptq Hessians from {len(feeds)} calibration batches ({self.context.calibration_source}), "
-                           f"{max(counts.values(), default=0)} tokens")
-        missing = [c.node.name for c in cands if c.node.inputs[0].name not in sums]
+                           f"{max((m.tokens for m in moments.values()), default=0)} tokens")
+        missing = [c.node.name for c in cands if c.node.inputs[0].name not in moments]
         if missing:
             raise PassError(f"no calibration statistics for the inputs of {', '.join(missing[:3])}", pass_name=self.name)
-        return {name: sums[name] / max(counts[name], 1) for name in sums}
+        return {name: m.gram for name, m in moments.items()}
 
     # ------------------------------------------------------------------ matching
     def _candidate(self, graph: ir.Graph, node: ir.Node, stats: PassStats) -> _Candidate | None:
@@ -340,22 +316,10 @@ class QuantizeNBits(GraphcPass):
         if x.shape is not None and len(x.shape) < 2 and node.op_type == ops.MATMUL:
             stats.skip(label, "1-D activation (MatMulNBits needs A of rank >= 2)")
             return None
-        bias, transpose, alpha = None, False, 1.0
-        if node.op_type == ops.GEMM:
-            attrs = node.attributes
-            if attrs.get_int("transA", 0):
-                stats.skip(label, "Gemm with transA=1")
-                return None
-            transpose = bool(attrs.get_int("transB", 0))
-            alpha = attrs.get_float("alpha", 1.0)
-            n = w.shape[0] if transpose else w.shape[1]
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                c = const_array(node.inputs[2])
-                if c is None or c.size not in (1, n):
-                    stats.skip(label, "Gemm bias C is not a constant vector")
-                    return None
-                bias = np.broadcast_to(c.astype(np.float32).reshape(-1), (n,)) * attrs.get_float("beta", 1.0)
-                bias = np.ascontiguousarray(bias, dtype=np.float32)
+        terms = gemm_terms(node, w, stats, label)
+        if terms is None:
+            return None
+        transpose, alpha, bias = terms
         head = any(o in graph.outputs for o in node.outputs)
         return _Candidate(node, w, bias, key, head, transpose, alpha)
 

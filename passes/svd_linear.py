@@ -38,7 +38,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
-from graphc.passes._quant import const_array, constant, drop_unused_initializers
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, gemm_terms
 from graphc.passes.quantize_nbits import constant_weight
 from graphc.registry import register
 
@@ -226,22 +226,12 @@ class SvdLinear(GraphcPass):
         if w.size < self.options.min_elements:
             stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
             return None
-        bias = None
-        if node.op_type == ops.GEMM:
-            attrs = node.attributes
-            if attrs.get_int("transA", 0):
-                stats.skip(label, "Gemm with transA=1")
-                return None
-            if attrs.get_int("transB", 0):
-                w = w.T
-            w = w * attrs.get_float("alpha", 1.0)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                c = const_array(node.inputs[2])
-                if c is None or c.size not in (1, w.shape[1]):
-                    stats.skip(label, "Gemm bias C is not a constant vector")
-                    return None
-                bias = np.broadcast_to(c.astype(np.float32).reshape(-1), (w.shape[1],)) * attrs.get_float("beta", 1.0)
-                bias = np.ascontiguousarray(bias, dtype=np.float32)
+        terms = gemm_terms(node, w, stats, label)
+        if terms is None:
+            return None
+        transpose, alpha, bias = terms
+        w = w.T if transpose else w
+        w = w * alpha if alpha != 1.0 else w
         return _Candidate(node, np.ascontiguousarray(w, dtype=np.float32), bias, key)
 
     # ------------------------------------------------------------------ emitting
