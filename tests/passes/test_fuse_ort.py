@@ -232,3 +232,29 @@ def test_positions_that_are_not_an_arange_are_not_embed_layer_norm(exported, tmp
     assert "arange" in skip["reason"]
     feed = _feed("bert")
     np.testing.assert_allclose(_valid_out(fused, feed), _valid_out(path, feed), atol=2e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- composition
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_fusing_after_quantization_gives_a_valid_fused_graph(exported, tmp_path, recipe):
+    """The other order than the recipes': quantize the unfused graph first (int8: integer
+    matmuls; int4: MatMulNBits), then fuse. Attention, SkipLayerNorm and BiasGelu still fuse
+    around the quantized projections, and the result computes what the quantized graph did."""
+    import graphc
+    from graphc.recipes import get_recipe, recipe_from_dict
+
+    steps = [{"name": s.pass_name, "options": {**s.options, **({"method": "rtn"} if s.pass_name == "quantize-nbits" else {})}}
+             for s in get_recipe(recipe).steps if s.pass_name not in ("fuse-ort", "mixed-precision")]
+    quantized = tmp_path / "q.onnx"
+    graphc.compress(exported("bert", True, "sdpa"), quantized, recipe=recipe_from_dict({"name": "q", "passes": steps}),
+                    force=True, attribution=False)
+    feed = _feed("bert")
+    before = _valid_out(quantized, feed)
+    model, stats = _fuse(quantized)
+    ops = _ms_ops(model)
+    assert ops["SkipLayerNormalization"] == 4 and ops["BiasGelu"] == 2, ops
+    assert ops["MultiHeadAttention"] + ops["Attention"] + ops["QAttention"] == 2, ops
+    assert ops["MatMulNBits" if recipe == "int4" else "MatMulIntegerToFloat"] >= 8, ops
+    np.testing.assert_allclose(_valid_out(model, feed), before, atol=1e-4)
