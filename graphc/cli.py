@@ -110,6 +110,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             f"validation ({v.samples} feeds, {v.input_source}): output cosine {v.output_cosine:.5f}, "
             f"worst row cosine {v.min_cosine:.5f}, max abs {v.max_abs:.4g} → {'PASS' if v.passed else 'FAIL (forced)'}"
         )
+        if v.task:
+            lines.append("task: " + _task_text(v.task))
     else:
         lines.append("validation: skipped (--no-validate): the result was not compared with the original")
     if result.attribution is not None:
@@ -120,6 +122,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
         lines.append(f"notice: {n}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _task_text(task: dict) -> str:
+    """One line for a model recipe's task figures (perplexity, embedding cosine, ...)."""
+    metric = task.get("metric", "task")
+    if "reference" in task and "value" in task:
+        rise = f" ({task['relative_rise']:+.1%})" if isinstance(task.get("relative_rise"), (int, float)) else ""
+        return f"{metric} {task['reference']:.4g} → {task['value']:.4g}{rise}"
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in task.items() if k != "metric")
+    return f"{metric}: {shown}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -143,6 +155,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"  {o.name}: cosine {o.cosine:.6f}, worst row {o.min_row_cosine:.6f}, "
             f"max abs {o.max_abs:.4g}, mean abs {o.mean_abs:.4g}, rel {o.rel_max:.4g}"
         )
+    if report.task:
+        lines.append("  task: " + _task_text(report.task))
     _emit(args, report.to_dict(), "\n".join(lines))
     return 0 if report.passed else 3
 

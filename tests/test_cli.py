@@ -212,3 +212,12 @@ def test_report_is_written_even_when_tolerance_fails(model_path, tmp_path, capsy
     out, html = tmp_path / "o.onnx", tmp_path / "r.html"
     assert main(["compress", str(model_path), "-o", str(out), "--recipe", str(recipe), "--report", str(html)]) == 3
     assert html.exists() and not out.exists()
+
+
+def test_task_figures_in_one_line():
+    from graphc.cli import _task_text
+
+    assert _task_text({"metric": "perplexity", "reference": 29.14, "value": 36.93, "relative_rise": 0.2675,
+                       "tokens": 1016}) == "perplexity 29.14 → 36.93 (+26.8%)"
+    assert _task_text({"metric": "embedding_cosine", "mean": 0.991234, "min": 0.95, "texts": 64}) == \
+        "embedding_cosine: mean 0.9912, min 0.95, texts 64"
