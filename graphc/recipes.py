@@ -87,7 +87,8 @@ BUILTIN: dict[str, Recipe] = {
         "fp32, fusions only: cleanup, then attention (packed Attention where Q, K, V share an "
         "input; GroupQueryAttention for grouped KV heads), EmbedLayerNorm, SkipLayerNorm, "
         "(Bias)Gelu, RMSNorm, rotary into ONNX Runtime's fused ops",
-        (*_CLEANUP, Step("fuse-ort", {"attention": "attention", "embed_layer_norm": True}), Step("remove-unused")),
+        (*_CLEANUP, Step("fuse-ort", {"attention": "attention", "embed_layer_norm": True}), Step("attention-mask-index"),
+         Step("remove-unused")),
         # fusion reorders float sums only: MiniLM (dynamo) measured max abs 2.5e-6 in validation
         Tolerance(min_cosine=0.99999, min_row_cosine=0.9999, max_abs=1e-4),
     ),

@@ -1,6 +1,7 @@
 """Built-in passes. Importing this package registers them (graphc.registry)."""
 
 from graphc.passes import (  # noqa: F401
+    attention_mask_index,
     cleanup,
     fp16_constants,
     fuse_ort,

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
@@ -30,9 +29,7 @@ from graphc import ops
 from graphc.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes._quant import const_array, constant
 from graphc.registry import register
-from graphc.validate import make_session, synthesize_inputs
-
-_PROBE_SHAPES = ((3, 7), (2, 12))
+from graphc.passes._padding_mask import mask_index, padding_bias_problem
 
 
 @dataclass(frozen=True)
@@ -110,47 +107,10 @@ class QuantizeAttention(GraphcPass):
         return (first, np.concatenate(weights, axis=1), np.concatenate(scales), bias_array.astype(np.float32)), None
 
     def _check_padding_bias(self, model: ir.Model, bias: ir.Value) -> str | None:
-        """None if ``bias`` evaluates to the key-padding bias of the mask input, else why not."""
-        mask_name = self.options.mask_input
-        mask = next((v for v in model.graph.inputs if v.name == mask_name), None)
-        if mask is None:
-            return f"attention_bias present but no graph input {mask_name!r} to take a mask from"
-        if bias.producer() is None:
-            return "attention_bias is a constant or an input, not a key-padding mask of the mask input"
-        proto = _subgraph_proto(model, bias)
-        try:
-            session = make_session(proto, what="attention-mask probe")
-        except Exception as e:  # noqa: BLE001
-            return f"cannot evaluate the attention_bias subgraph: {e}"
-        names = {i.name for i in session.get_inputs()}
-        if mask_name not in names:
-            return f"attention_bias does not depend on {mask_name!r}"
-        rng = np.random.default_rng(0)
-        for batch, seq in _PROBE_SHAPES:
-            feed = _probe_feed(model, batch, seq, rng)
-            lengths = [seq, max(1, seq // 2), 1][:batch]
-            m = np.zeros((batch, seq), dtype=feed[mask_name].dtype)
-            for b, n in enumerate(lengths):
-                m[b, :n] = 1
-            feed[mask_name] = m
-            try:
-                (got,) = session.run(None, {k: v for k, v in feed.items() if k in names})
-            except Exception as e:  # noqa: BLE001
-                return f"attention_bias subgraph fails on probe inputs: {str(e).splitlines()[0]}"
-            try:
-                got = np.broadcast_to(got, (batch, 1, seq, seq))
-            except ValueError:
-                return f"attention_bias has shape {got.shape}, not broadcastable to [batch, 1, seq, seq]"
-            keep = np.broadcast_to(m.astype(bool)[:, None, None, :], got.shape)
-            if not np.all(got[keep] == 0) or not np.all(got[~keep] <= -1e4):
-                return "attention_bias is not a key-padding mask of the mask input (causal or other bias)"
-        return None
+        return padding_bias_problem(model, bias, self.options.mask_input)
 
     def _mask_index(self, graph: ir.Graph) -> ir.Value:
-        mask = next(v for v in graph.inputs if v.name == self.options.mask_input)
-        cast = ir.node(ops.CAST, [mask], attributes={"to": ir.DataType.INT32}, name="mask_index_int32")
-        graph.insert_before(next(iter(graph)), cast)
-        return cast.outputs[0]
+        return mask_index(graph, self.options.mask_input)
 
     def _rewrite(self, graph: ir.Graph, mha: ir.Node, parts, mask_index: ir.Value | None) -> None:
         first, weight, scale, bias = parts
@@ -171,51 +131,3 @@ class QuantizeAttention(GraphcPass):
         node = ir.node("QAttention", inputs, attributes=attrs, domain=ops.MS_DOMAIN, name=f"{base}_int8")
         copy_scope(mha, node)
         ir.convenience.replace_nodes_and_values(graph, mha, [mha], [node], mha.outputs, node.outputs)
-
-
-def _probe_feed(model: ir.Model, batch: int, seq: int, rng) -> dict[str, np.ndarray]:
-    feed = synthesize_inputs(model, count=1, seed=int(rng.integers(1 << 30)))[0]
-    out = {}
-    for value in model.graph.inputs:
-        arr = feed[value.name]
-        shape = [batch if i == 0 else seq if i == 1 else d for i, d in enumerate(arr.shape)]
-        if np.issubdtype(arr.dtype, np.integer):
-            high = max(int(arr.max()) + 1, 2)
-            out[value.name] = rng.integers(0, high, size=shape).astype(arr.dtype)
-        else:
-            out[value.name] = rng.standard_normal(shape).astype(arr.dtype)
-    return out
-
-
-def _subgraph_proto(model: ir.Model, output: ir.Value) -> onnx.ModelProto:
-    """A model computing only ``output`` from the graph inputs (the nodes it depends on)."""
-    needed: list[ir.Node] = []
-    seen: set[int] = set()
-    stack = [output]
-    while stack:
-        value = stack.pop()
-        node = value.producer()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        needed.append(node)
-        stack.extend(v for v in node.inputs if v is not None)
-    order = {id(n): i for i, n in enumerate(model.graph)}
-    needed.sort(key=lambda n: order[id(n)])
-    names = {v.name for n in needed for v in n.inputs if v is not None}
-    inputs = [v for v in model.graph.inputs if v.name in names]
-    nodes = [ir.serde.serialize_node(n) for n in needed]
-    inits = [
-        ir.serde.serialize_tensor(v.const_value)
-        for name, v in model.graph.initializers.items()
-        if name in names and v.const_value is not None
-    ]
-    graph = onnx.helper.make_graph(
-        nodes,
-        "attention_bias_probe",
-        [ir.serde.serialize_value(v) for v in inputs],
-        [onnx.helper.make_value_info(output.name, onnx.TypeProto())],
-        inits,
-    )
-    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
-    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=min(model.ir_version, 10))
