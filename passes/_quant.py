@@ -55,6 +55,28 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def embedding_table(node: ir.Node, stats, min_rows: int) -> np.ndarray | None:
+    """The float32 [rows, width] table a default-domain Gather on axis 0 reads, or None.
+    Gathers of index arithmetic (integer or 1-D constants) are not tables and pass silently;
+    a table the quantizers cannot take is skipped with the reason in ``stats``."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+        return None
+    label = node.name or node.op_type
+    table = const_array(node.inputs[0])
+    if table is None or table.ndim < 2 or not np.issubdtype(table.dtype, np.floating):
+        return None  # index arithmetic on shapes, not an embedding table
+    if table.ndim != 2 or table.dtype != np.float32:
+        stats.skip(label, f"table is {table.ndim}-D {table.dtype}, not a 2-D float32 table")
+        return None
+    if node.attributes.get_int("axis", 0) != 0:
+        stats.skip(label, "Gather on an axis other than 0")
+        return None
+    if table.shape[0] < min_rows:
+        stats.skip(label, f"{table.shape[0]} rows < min_rows={min_rows}")
+        return None
+    return table
+
+
 def gemm_terms(node: ir.Node, stored: np.ndarray, stats, label: str) -> tuple[bool, float, np.ndarray | None] | None:
     """How a constant-weight MatMul/Gemm uses its stored weight [K, N] (or [N, K] under
     transB): (transpose, alpha, bias) with the bias C * beta as an [N] float32 vector. None,

@@ -17,7 +17,7 @@ from graphc import ops
 from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers
+from graphc.passes._quant import constant, drop_unused_initializers, embedding_table
 
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -45,21 +45,10 @@ class QuantizeEmbedding(GraphcPass):
         done: dict[int, tuple[ir.Value, ir.Value]] = {}
         modified = False
         for node in list(graph):
-            if node.op_type != ops.GATHER or node.domain not in ("", "ai.onnx"):
+            table = embedding_table(node, stats, self.options.min_rows)
+            if table is None:
                 continue
             label = node.name or node.op_type
-            table = const_array(node.inputs[0])
-            if table is None or table.ndim < 2 or not np.issubdtype(table.dtype, np.floating):
-                continue  # index arithmetic on shapes, not an embedding table
-            if table.ndim != 2 or table.dtype != np.float32:
-                stats.skip(label, f"table is {table.ndim}-D {table.dtype}, not a 2-D float32 table")
-                continue
-            if node.attributes.get_int("axis", 0) != 0:
-                stats.skip(label, "Gather on an axis other than 0")
-                continue
-            if table.shape[0] < self.options.min_rows:
-                stats.skip(label, f"{table.shape[0]} rows < min_rows={self.options.min_rows}")
-                continue
             key = id(node.inputs[0])
             if key not in done:
                 done[key] = self._quantize_table(graph, node.inputs[0], table, stats)

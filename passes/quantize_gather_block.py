@@ -35,7 +35,7 @@ from graphc import ops
 from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, embedding_table, ensure_opset
 from graphc.passes.quantize_nbits import META_BLOCK, META_WEIGHT, planned_config, weight_digest
 
 # node metadata from ``mixed-precision``: the rows (comma-separated ids) kept at the planned bits; the
@@ -95,21 +95,10 @@ class QuantizeGatherBlock(GraphcPass):
         errors: list[float] = []
         modified = False
         for node in list(graph):
-            if node.op_type != ops.GATHER or node.domain not in ("", "ai.onnx"):
+            table = embedding_table(node, stats, self.options.min_rows)
+            if table is None:
                 continue
             label = node.name or node.op_type
-            table = const_array(node.inputs[0])
-            if table is None or table.ndim < 2 or not np.issubdtype(table.dtype, np.floating):
-                continue  # index arithmetic on shapes, not an embedding table
-            if table.ndim != 2 or table.dtype != np.float32:
-                stats.skip(label, f"table is {table.ndim}-D {table.dtype}, not a 2-D float32 table")
-                continue
-            if node.attributes.get_int("axis", 0) != 0:
-                stats.skip(label, "Gather on an axis other than 0")
-                continue
-            if table.shape[0] < self.options.min_rows:
-                stats.skip(label, f"{table.shape[0]} rows < min_rows={self.options.min_rows}")
-                continue
             bits, block, is_planned = planned_config(node, self.options.bits, self.options.block_size)
             if is_planned and (bits not in bq.GATHER_BITS or block not in bq.BLOCK_SIZES):
                 raise UnsupportedError(f"{label}: planned bits={bits}, block_size={block}; supported: bits "
