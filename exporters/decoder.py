@@ -85,7 +85,9 @@ def export_decoder(
         raise ExportError("output folder does not exist", path=out_path)
     recipe_name, model = _load(source, progress)
     config = model.config
-    if not hasattr(config, "num_hidden_layers") or getattr(config, "is_encoder_decoder", False):
+    can_generate = getattr(model, "can_generate", None)
+    if (not hasattr(config, "num_hidden_layers") or getattr(config, "is_encoder_decoder", False)
+            or not (callable(can_generate) and can_generate())):
         raise ExportError(f"{type(model).__name__} is not a decoder-only causal LM; --kv-cache exports those only",
                           path=out_path)
     facts = meta.arch_facts_from_config(config)

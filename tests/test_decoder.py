@@ -83,6 +83,16 @@ def test_compressed_decoders_generate_through_the_same_path(tiny, tmp_path, reci
         np.testing.assert_array_equal(tokens[:, :6], _torch_greedy(model, PROMPT, 6))
 
 
+def test_kv_export_refuses_an_encoder_up_front(tmp_path):
+    from graphc.errors import ExportError
+    from graphc.exporters.decoder import export_decoder
+    from graphc.models.fixtures import tiny_bert
+
+    with pytest.raises(ExportError, match="BertModel is not a decoder-only causal LM"):
+        export_decoder(tiny_bert(), tmp_path / "bert-kv.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_decoder_refuses_a_model_without_cache(tmp_path):
     from tests.conftest import tiny_model_proto
 
