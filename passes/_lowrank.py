@@ -139,3 +139,16 @@ def factorize(w: np.ndarray, metric: Metric, rank: int | None = None, max_error:
     a = metric.undo(u[:, :rank] * root[None, :])
     b = root[:, None] * vt[:rank]
     return Factors(a.astype(np.float32), b.astype(np.float32), relative_error(s, rank))
+
+
+def check_budget(rule: RankRule, max_error: float, param_ratio: float, min_saving: float, pass_name: str) -> None:
+    """UnsupportedError for a rank budget no factorization can honour."""
+    from graphc.errors import UnsupportedError
+
+    if rule is RankRule.ERROR and not 0.0 < max_error < 1.0:
+        raise UnsupportedError(f"max_error={max_error}: a relative error budget must lie in (0, 1)", pass_name=pass_name)
+    if rule is RankRule.RATIO and not 0.0 < param_ratio < 1.0:
+        raise UnsupportedError(f"param_ratio={param_ratio}: the fraction of parameters kept must lie in (0, 1) "
+                               "(1 or more would not lower cost)", pass_name=pass_name)
+    if not 0.0 <= min_saving < 1.0:
+        raise UnsupportedError(f"min_saving={min_saving}: must lie in [0, 1)", pass_name=pass_name)

@@ -27,7 +27,6 @@ import numpy as np
 import onnx_ir as ir
 
 from graphc import ops
-from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
@@ -59,14 +58,7 @@ class LowRankEmbedding(GraphcPass):
         o = self.options
         rule = choice(lr.RankRule, o.rank_rule, "rank_rule", self.name)
         tied = choice(TiedHead, o.tied_head, "tied_head", self.name)
-        if rule is lr.RankRule.ERROR and not 0.0 < o.max_error < 1.0:
-            raise UnsupportedError(f"max_error={o.max_error}: a relative error budget must lie in (0, 1)",
-                                   pass_name=self.name)
-        if rule is lr.RankRule.RATIO and not 0.0 < o.param_ratio < 1.0:
-            raise UnsupportedError(f"param_ratio={o.param_ratio}: the fraction of parameters kept must lie in (0, 1) "
-                                   "(1 or more would not lower cost)", pass_name=self.name)
-        if not 0.0 <= o.min_saving < 1.0:
-            raise UnsupportedError(f"min_saving={o.min_saving}: must lie in [0, 1)", pass_name=self.name)
+        lr.check_budget(rule, o.max_error, o.param_ratio, o.min_saving, self.name)
         return rule, tied
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:

@@ -84,14 +84,7 @@ class SvdLinear(GraphcPass):
         o = self.options
         method = choice(lr.Method, o.method, "method", self.name)
         rule = choice(lr.RankRule, o.rank_rule, "rank_rule", self.name)
-        if rule is lr.RankRule.ERROR and not 0.0 < o.max_error < 1.0:
-            raise UnsupportedError(f"max_error={o.max_error}: a relative error budget must lie in (0, 1)",
-                                   pass_name=self.name)
-        if rule is lr.RankRule.RATIO and not 0.0 < o.param_ratio < 1.0:
-            raise UnsupportedError(f"param_ratio={o.param_ratio}: the fraction of parameters kept must lie in (0, 1) "
-                                   "(1 or more would not lower cost)", pass_name=self.name)
-        if not 0.0 <= o.min_saving < 1.0:
-            raise UnsupportedError(f"min_saving={o.min_saving}: must lie in [0, 1)", pass_name=self.name)
+        lr.check_budget(rule, o.max_error, o.param_ratio, o.min_saving, self.name)
         if o.damp < 0 or o.asvd_alpha < 0:
             raise UnsupportedError("damp and asvd_alpha must be >= 0", pass_name=self.name)
         return method, rule
