@@ -152,7 +152,12 @@ def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list
     """Plausible feeds from the input signature (ids within the vocabulary, masks of ones)."""
     rng = np.random.default_rng(seed)
     feeds = []
-    for _ in range(count):
+    kv = is_kv_decoder(model)
+    for k in range(count):
+        # KV-cache decoders get the calls they are made for, prefill (no past) and decode (one
+        # token after a past), in turn: ORT's GroupQueryAttention refuses several new tokens
+        # after a past at batch > 1
+        past, seq = ((0, SYNTH_SEQ) if k % 2 == 0 else (SYNTH_PAST, 1)) if kv else (SYNTH_PAST, SYNTH_SEQ)
         feed: dict[str, np.ndarray] = {}
         for value in model.graph.inputs:
             if value.name in model.graph.initializers:
@@ -167,11 +172,11 @@ def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list
                 else:
                     dname = str(d).lower() if d is not None else ""
                     if "past" in dname:
-                        dims.append(SYNTH_PAST)
+                        dims.append(past)
                     elif "total" in dname:
-                        dims.append(SYNTH_PAST + SYNTH_SEQ)
+                        dims.append(past + seq)
                     else:
-                        dims.append(SYNTH_BATCH if ("batch" in dname or (i == 0 and "seq" not in dname)) else SYNTH_SEQ)
+                        dims.append(SYNTH_BATCH if ("batch" in dname or (i == 0 and "seq" not in dname)) else seq)
             name = value.name.lower()
             if np.issubdtype(dtype, np.integer):
                 if "mask" in name:
@@ -181,7 +186,7 @@ def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list
                 elif "type" in name:
                     arr = np.zeros(dims, dtype=dtype)
                 elif "position" in name:
-                    start = SYNTH_PAST if is_kv_decoder(model) else 0
+                    start = past if kv else 0
                     arr = np.broadcast_to(np.arange(start, start + dims[-1], dtype=dtype), dims).copy()
                 else:
                     high = _vocab_size(model, value) or 100

@@ -16,9 +16,9 @@ import onnx_ir.passes.common as common
 
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
-from graphc.passes._fusion_rules import embed_layer_norm, gqa, normalize, rms_norm, rotary_cache
+from graphc.passes._fusion_rules import embed_layer_norm, gqa, gqa_kv, normalize, rms_norm, rotary_cache, sym_dims
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
-from graphc.passes._fusion_rules.misses import FAMILIES, anchors, count_ops, miss_reason
+from graphc.passes._fusion_rules.misses import FAMILIES, anchors, best_partial_match, count_ops, miss_reason
 from graphc.registry import register
 
 
@@ -70,6 +70,8 @@ class FuseOrt(GraphcPass):
             stats.add("symbolic_shapes", symbolic_shapes(model))
         normalize.rules.apply_to_model(model)
         optimize(model)  # fold what the static dims made constant (legacy rotary slice ends)
+        if renamed := sym_dims.canonicalize(model):  # KV cache: "past + S" and "S + past" are one length
+            stats.add("canonical_dims", renamed)
 
         def fuse(key: str, func, **kw) -> None:
             counts[key] = int(func(model, **kw))
@@ -91,6 +93,10 @@ class FuseOrt(GraphcPass):
         if target is not AttentionTarget.NONE:
             fuse("sdpa", C.fuse_sdpa, apply_shape_inference=True)
             fuse("gqa", C.fuse_gqa)
+            fuse("gqa_kv_cache", _apply(gqa_kv.rules))  # KV-cache decoders: past/present in the op
+            if kv_left := gqa_kv.over_cache(model):  # the MHA rules below may still take them
+                stats.skip(f"GroupQueryAttention with KV cache ({len(kv_left)} unfused, e.g. {kv_left[0].name!r})",
+                           best_partial_match(model, [gqa_kv.rules]))
             fuse("gqa_untiled", _apply(gqa.rules))  # no KV cache: graphc's exports
             fuse("packed_qkv_for_gqa", C.fuse_qkv_gqa)
             fuse("mha1", C.fuse_mha1)

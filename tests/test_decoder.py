@@ -63,8 +63,9 @@ def test_greedy_generation_matches_pytorch(tiny):
 
 @pytest.mark.parametrize("recipe", ["int8", "int4"])
 def test_compressed_decoders_generate_through_the_same_path(tiny, tmp_path, recipe):
-    """The recipes validate a KV decoder (synthesized past of 5 positions, positions after it)
-    and the result decodes. Random tiny weights: only int8 is expected to keep the tokens."""
+    """The recipes fuse a KV decoder's attention into GroupQueryAttention with the cache,
+    validate it (synthesized prefill and decode calls) and the result decodes. Random tiny
+    weights: only int8 is expected to keep the tokens."""
     from graphc.recipes import get_recipe, recipe_from_dict
 
     model, path = tiny
@@ -74,6 +75,10 @@ def test_compressed_decoders_generate_through_the_same_path(tiny, tmp_path, reci
                  for s in get_recipe("int4").steps if s.pass_name != "mixed-precision"]
         recipe = recipe_from_dict({"name": "int4-rtn", "passes": steps})
     result = graphc.compress(path, out, recipe=recipe, force=True, attribution=False)
+    (fuse,) = [r for r in result.passes if r.name == "fuse-ort"]
+    assert fuse.stats["gqa_kv_cache"] == model.config.num_hidden_layers, fuse.stats
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("GroupQueryAttention") == model.config.num_hidden_layers and "Softmax" not in ops
     quantized = sum(r.stats.get("matmuls_quantized", 0) for r in result.passes)
     assert quantized >= 4 * model.config.num_hidden_layers, [(r.name, r.stats) for r in result.passes]
     assert result.validation.output_cosine > 0.98, result.validation.to_dict()

@@ -74,9 +74,9 @@ class Family:
 def _rules_attention():
     from onnxscript.rewriter.ort_fusions import sdpa
 
-    from graphc.passes._fusion_rules import gqa
+    from graphc.passes._fusion_rules import gqa, gqa_kv
 
-    return [sdpa.sdpa_rules, gqa.rules]
+    return [sdpa.sdpa_rules, gqa.rules, gqa_kv.rules]
 
 
 def _rules_skip_ln():
@@ -135,11 +135,16 @@ def anchors(model: ir.Model, family: Family) -> list[ir.Node]:
 
 def miss_reason(model: ir.Model, family: Family) -> str:
     """The best partial match of the family's rules, as one line."""
-    from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
-
     rule_sets = family.rules()
     if not rule_sets:
         return f"graphc has no {family.name} rule yet"
+    return best_partial_match(model, rule_sets)
+
+
+def best_partial_match(model: ir.Model, rule_sets: Sequence) -> str:
+    """The rules' best partial match on the graph, as one line."""
+    from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
     best = None  # a failure beats a success: a rule that matched hands over to one that failed
     for rule_set in rule_sets:
         tracer = MatchingTracer()
