@@ -53,6 +53,10 @@ class Layer:
     value: ir.Value  # the initializer
     transposed: bool  # the quantizer sees the stored array transposed (a MatMul B stored [K, N])
     nodes: list[ir.Node] = field(default_factory=list)
+    # an embedding table that a MatMul also reads through a Transpose (a tied LM head): one
+    # stored weight, its precision set on the head (quantize-gather-block shares the head's
+    # MatMulNBits weights), so its blocks must divide the hidden size
+    tied: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,6 +100,9 @@ def find_layers(
             continue
         if matmuls and node.op_type == ops.MATMUL and len(node.inputs) == 2:
             value, transposed, kind = node.inputs[1], True, "matmul"
+            table = _transposed_table(value)
+            if table is not None:  # B = Transpose(table): the quantizer's [N, K] view is the table itself
+                value, transposed = table, False
         elif embeddings and node.op_type == ops.GATHER and node.attributes.get_int("axis", 0) == 0:
             value, transposed, kind = node.inputs[0], False, "embedding"
             arr = const_array(value)
@@ -105,7 +112,7 @@ def find_layers(
                 skipped.append((node.name or node.op_type, f"{arr.shape[0]} rows < min_rows={min_rows}"))
                 continue
             others = sorted({u.op_type for u, _ in value.uses() if u.op_type != ops.GATHER})
-            if others:
+            if others and (not matmuls or not _tied_to_heads(value)):
                 skipped.append((node.name or node.op_type, f"table also read by {', '.join(others)} (tied to an LM head: "
                                 "quantize-nbits sets its precision, quantize-gather-block shares it)"))
                 continue
@@ -139,7 +146,44 @@ def find_layers(
             skipped.append((label, "weight read both as a table and as an untransposed MatMul B"))
             continue
         layer.nodes.append(node)
+    for key, layer in list(layers.items()):
+        kinds = {n.op_type for n in layer.nodes}
+        if kinds == {ops.MATMUL, ops.GATHER}:  # a tied table: the head leads
+            layer.tied, layer.kind = True, "matmul"
+            layer.nodes.sort(key=lambda n: n.op_type != ops.MATMUL)
+            head = layer.nodes[0]
+            layer.name = head.metadata_props.get("graphc.scope", "") or head.name or layer.name
+        elif kinds == {ops.GATHER} and any(u.op_type != ops.GATHER for u, _ in layer.value.uses()):
+            del layers[key]  # its head was excluded: the table stays float for it
+            skipped += [(n.name or n.op_type, "table tied to an LM head that is not planned (excluded)")
+                        for n in layer.nodes]
     return list(layers.values()), skipped
+
+
+def _transposed_table(value: ir.Value | None) -> ir.Value | None:
+    """The 2-D initializer behind ``value`` when ``value`` is its plain Transpose."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return None
+    perm = producer.attributes.get_ints("perm", None)
+    inner = producer.inputs[0]
+    if perm is not None and list(perm) != [1, 0]:
+        return None
+    if inner is None or inner.const_value is None or len(inner.const_value.shape) != 2:
+        return None
+    return inner
+
+
+def _tied_to_heads(table: ir.Value) -> bool:
+    """Every non-Gather reader of ``table`` is a Transpose read only as MatMul weights."""
+    for user, _ in table.uses():
+        if user.op_type == ops.GATHER:
+            continue
+        if _transposed_table(user.outputs[0]) is not table:
+            return False
+        if any(u.op_type != ops.MATMUL or i != 1 for u, i in user.outputs[0].uses()):
+            return False
+    return True
 
 
 @dataclass
@@ -188,10 +232,42 @@ def row_errors(out: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> np.
     return 1.0 - np.clip(cos, -1.0, 1.0)
 
 
-class Evaluator:
-    """Output error of the model with some layers' weights replaced, on calibration feeds."""
+def _rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """[rows, last axis] of an output, padding rows (``mask`` == 0) left out."""
+    if mask is not None and a.ndim == 3 and a.shape[:2] == np.shape(mask):
+        return a[np.asarray(mask) != 0]
+    return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
 
-    def __init__(self, model: ir.Model, layers: Sequence[Layer], feeds: Sequence[dict]):
+
+def log_softmax(a: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, float32."""
+    a = np.asarray(a, dtype=np.float32)
+    shifted = a - a.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def row_kl(out: np.ndarray, ref_logp: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(out)) in nats of each row, from the reference's
+    log-probabilities (rows already selected by ``_rows``). For a language model's logits the
+    mean over tokens is, to first order, the rise of the log-perplexity on text drawn from the
+    reference model: ``exp(mean KL) - 1`` approximates the relative perplexity rise."""
+    logq = log_softmax(out)
+    return (np.exp(ref_logp) * (ref_logp - logq)).sum(axis=-1, dtype=np.float64)
+
+
+METRICS = ("cosine", "kl")
+
+
+class Evaluator:
+    """Output error of the model with some layers' weights replaced, on calibration feeds.
+
+    ``metric``: ``cosine`` (mean 1 - cosine of output rows) or ``kl`` (mean KL divergence of
+    the rows' softmax from the reference's, in nats: for logits of a language model)."""
+
+    def __init__(self, model: ir.Model, layers: Sequence[Layer], feeds: Sequence[dict], metric: str = "cosine"):
+        if metric not in METRICS:
+            raise ValueError(f"metric={metric!r}; supported: {', '.join(METRICS)}")
+        self.metric = metric
         self.layers = list(layers)
         self.session = weight_input_session(model, self.layers)
         inputs = {i.name for i in self.session.get_inputs()}
@@ -200,14 +276,20 @@ class Evaluator:
         self.feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in feeds]
         self.masks = [feed.get("attention_mask") for feed in feeds]
         self.reference = [self.session.run(self.outputs, {**feed, **self.weights}) for feed in self.feeds]
+        if metric == "kl":  # the reference's log-probabilities, once
+            self.reference = [[log_softmax(_rows(r, mask)) for r in refs]
+                              for refs, mask in zip(self.reference, self.masks)]
 
     def error(self, replaced: dict[str, np.ndarray]) -> float:
-        """Mean over every output row of every feed of 1 - cosine vs the unquantized model."""
+        """Mean over every output row of every feed of the metric vs the unquantized model."""
         weights = {**self.weights, **replaced}
         errs = []
         for feed, mask, ref in zip(self.feeds, self.masks, self.reference):
             outs = self.session.run(self.outputs, {**feed, **weights})
-            errs += [row_errors(o, r, mask) for o, r in zip(outs, ref)]
+            if self.metric == "kl":
+                errs += [row_kl(_rows(o, mask), r) for o, r in zip(outs, ref)]
+            else:
+                errs += [row_errors(o, r, mask) for o, r in zip(outs, ref)]
         return float(np.concatenate(errs).mean()) if errs else 0.0
 
 

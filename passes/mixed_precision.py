@@ -22,6 +22,16 @@ A planner (``_precision_plan``) then picks one candidate per layer to meet the b
   layers' errors: 0.01 is a cosine of about 0.99); alone it buys the fewest bytes that meet it,
   with a size budget it is checked.
 
+``metric="kl"`` measures a language model's error as the mean KL divergence (nats) of each
+token's next-token distribution from the original's instead of the logits' cosine: to first
+order the rise of log-perplexity, so ``max_error=0.049`` is about a 5% perplexity rise. (On
+SmolLM2 the logits' cosine ranks the tied LM head far below the FFNs while the head alone at
+int4 costs ~10% perplexity, the most of any weight.)
+
+A table tied to an LM head (``Gather(table)`` and ``MatMul(x, Transpose(table))``) is one
+layer: its precision goes on the head, and ``quantize-gather-block`` reads the head's
+``MatMulNBits`` weights, so only blocks that divide the hidden size are candidates.
+
 The choice is written on each reading node as metadata (``graphc.quant.bits``,
 ``graphc.quant.block_size``) which ``quantize-nbits`` and ``quantize-gather-block`` follow
 over their own ``bits``/``block_size``; run this pass just before them. The stats list every
@@ -59,6 +69,7 @@ class MixedPrecisionOptions:
     # quantizer of the measured probes: rtn, mse, hqq, or gptq (MatMuls by GPTQ on the calibration
     # Hessians, act_order, as quantize-nbits runs it; tables by mse, as quantize-gather-block)
     method: str = bq.Method.RTN.value
+    metric: str = "cosine"  # cosine: mean 1 - cosine of output rows; kl: mean KL of softmax rows (LM logits)
     probe_bits: tuple[int, ...] = (4,)  # bit widths measured (at probe_block); the rest predicted
     probe_block: int = 32
     measure_all: bool = False  # measure every candidate instead of predicting from probes
@@ -97,7 +108,7 @@ class MixedPrecision(GraphcPass):
                                    "or max_error (predicted mean 1 - cosine)", pass_name=self.name)
         if o.max_bits and o.max_bytes:
             raise UnsupportedError("max_bits and max_bytes are both size budgets: set one", pass_name=self.name)
-        if o.max_error >= 1:
+        if o.max_error >= 1 and o.metric == "cosine":
             raise UnsupportedError(f"max_error={o.max_error} is not below 1 (it is 1 - cosine)", pass_name=self.name)
         bad = [b for b in o.bits if b not in bq.MATMUL_NBITS_BITS]
         if bad or not o.bits:
@@ -113,6 +124,8 @@ class MixedPrecision(GraphcPass):
         if o.scale_dtype not in sens.SCALE_BYTES:
             raise UnsupportedError(f"scale_dtype={o.scale_dtype!r}; supported: {', '.join(sens.SCALE_BYTES)}",
                                    pass_name=self.name)
+        if o.metric not in sens.METRICS:
+            raise UnsupportedError(f"metric={o.metric!r}; supported: {', '.join(sens.METRICS)}", pass_name=self.name)
         if o.feeds < 1:
             raise UnsupportedError(f"feeds={o.feeds}; at least 1", pass_name=self.name)
         configs = sorted({sens.QuantConfig(b, k) for b in o.bits for k in o.block_sizes})
@@ -122,8 +135,10 @@ class MixedPrecision(GraphcPass):
         rows, cols = layer.shape
         out = []
         for c in configs:
-            if layer.kind == "embedding" and cols * c.bits % 8:
+            if (layer.kind == "embedding" or layer.tied) and cols * c.bits % 8:
                 continue  # GatherBlockQuantized packs whole bytes per row
+            if layer.tied and cols % c.block_size:
+                continue  # the table shares the head's MatMulNBits weights only in whole blocks
             nbytes = self._bytes(layer, c)
             dominated = any(d.bits == c.bits and d.block_size < c.block_size and self._bytes(layer, d) <= nbytes
                             for d in configs)
@@ -163,7 +178,7 @@ class MixedPrecision(GraphcPass):
             stats.notes.append("no quantizable weight found")
             return False
         start = time.perf_counter()
-        evaluator = sens.Evaluator(model, layers, feeds)
+        evaluator = sens.Evaluator(model, layers, feeds, metric=o.metric)
         measured, predicted = self._measure(model, evaluator, cands, method, stats)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
 
@@ -235,7 +250,8 @@ class MixedPrecision(GraphcPass):
             "planned_bytes": planned_bytes,
             "planned_bits_per_weight": round(8 * planned_bytes / params, 4),
             "predicted_error": float(f"{error:.4g}"),
-            "predicted_cosine": round(1.0 - error, 6),
+            **({"predicted_cosine": round(1.0 - error, 6)} if o.metric == "cosine" else
+               {"predicted_kl": float(f"{error:.4g}"), "predicted_perplexity_rise": round(float(np.expm1(error)), 5)}),
         })
         if o.max_bytes:
             stats.counts["other_bytes"] = fixed
@@ -246,8 +262,8 @@ class MixedPrecision(GraphcPass):
             for layer in layers for c in cands[id(layer)]
         ]
         stats.notes.append(
-            f"sensitivity on {len(feeds)} calibration feeds ({self.context.calibration_source}), quantizer "
-            f"{method.value}; budget " + ", ".join(
+            f"sensitivity ({o.metric}) on {len(feeds)} calibration feeds ({self.context.calibration_source}), "
+            f"quantizer {method.value}; budget " + ", ".join(
                 f"{k}={getattr(o, k)}" for k in ("max_bits", "max_bytes", "max_error") if getattr(o, k))
         )
         return True

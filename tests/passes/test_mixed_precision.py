@@ -302,18 +302,76 @@ def test_row_splits_cross_validated_share_falls_faster_than_rows_when_norm_predi
         assert s.cold_share < (1 - s.promoted) * base  # better than promoting rows at random
 
 
-def test_tied_table_is_left_to_the_head():
-    rng = np.random.default_rng(0)
-    table = rng.standard_normal((128, 64)).astype(np.float32)
+def _tied(vocab=128, hidden=64, seed=0):
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
              helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
              helper.make_node("MatMul", ["e", "Et"], ["logits"], name="head")]
     model = _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 128])], {"E": table})
-    ids = rng.integers(0, 128, (2, 8)).astype(np.int64)
-    result = MixedPrecision(Opts(max_bits=4.5), PassContext(calibration=[{"ids": ids}]))(model)
+                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])], {"E": table})
+    ids = rng.integers(0, vocab, (2, 8)).astype(np.int64)
+    return model, PassContext(calibration=[{"ids": ids}], calibration_source="test")
+
+
+def test_tied_table_is_one_layer_planned_on_the_head_and_stored_once():
+    model, ctx = _tied()
+    result = MixedPrecision(Opts(max_bits=8.5, bits=(4, 8), block_sizes=(32, 64)), ctx)(model)
+    choices = result.stats.details["choices"]
+    assert [c["nodes"] for c in choices] == [["head", "embed"]]  # one layer, the head first
+    c = choices[0]
+    assert c["bytes"] == sens.config_bytes(128, 64, sens.QuantConfig(c["bits"], c["block_size"]),
+                                           symmetric=False, scale_dtype="float16")
+    nodes = {n.name: n for n in result.model.graph}
+    for name in ("head", "embed"):
+        assert nodes[name].metadata_props[META_BITS] == str(c["bits"])
+    out = QuantizeNBits(QuantizeNBits.Options(bits=4, block_size=32), ctx)(result.model)
+    out = QuantizeGatherBlock(QuantizeGatherBlock.Options(bits=4, block_size=32), ctx)(out.model)
+    assert out.stats.counts.get("tied_tables_shared") == 1
+    heads = [n for n in out.model.graph if n.op_type == "MatMulNBits"]
+    assert [(n.attributes.get_int("bits"), n.attributes.get_int("block_size")) for n in heads] == [
+        (c["bits"], c["block_size"])]
+
+
+def test_tied_table_candidates_are_blocks_that_divide_the_hidden_size():
+    model, ctx = _tied(hidden=96)
+    stats = MixedPrecision(Opts(max_bits=8.5, bits=(4,), block_sizes=(16, 32, 64)), ctx)(model).stats.to_dict()
+    assert {r["block_size"] for r in stats["sensitivities"]} == {16, 32}  # 96 is not a multiple of 64
+
+
+def test_tied_table_whose_head_is_excluded_stays_out_of_the_plan():
+    model, ctx = _tied()
+    result = MixedPrecision(Opts(max_bits=4.5, exclude=("head",)), ctx)(model)
     assert not result.modified
     assert any("tied to an LM head" in s["reason"] for s in result.stats.skipped)
+
+
+# ----------------------------------------------------------------------------- kl metric
+
+
+def test_row_kl_matches_the_definition_and_is_zero_on_the_reference():
+    rng = np.random.default_rng(0)
+    ref, out = rng.standard_normal((5, 7)), rng.standard_normal((5, 7))
+    p = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True)
+    q = np.exp(out) / np.exp(out).sum(-1, keepdims=True)
+    want = (p * np.log(p / q)).sum(-1)
+    np.testing.assert_allclose(sens.row_kl(out, sens.log_softmax(ref)), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sens.row_kl(ref, sens.log_softmax(ref)), 0, atol=1e-6)
+
+
+def test_kl_metric_ranks_the_planted_layer_first_and_reports_a_perplexity_rise():
+    stats = _run(_two_branch(), max_bits=8.5, measure_all=True, metric="kl")
+    for config in {r["config"] for r in stats["sensitivities"]}:
+        err = {r["layer"]: r["error"] for r in stats["sensitivities"] if r["config"] == config}
+        assert err["Wa"] > 100 * err["Wb"] > 0, config
+    assert "predicted_cosine" not in stats
+    assert stats["predicted_kl"] == stats["predicted_error"] > 0
+    assert stats["predicted_perplexity_rise"] == pytest.approx(np.expm1(stats["predicted_kl"]), rel=1e-2, abs=1e-5)
+
+
+def test_unknown_metric_is_refused_with_the_supported_ones():
+    with pytest.raises(UnsupportedError, match="cosine, kl"):
+        _run(_two_branch(), max_bits=4.5, metric="mse")
 
 
 @pytest.mark.slow
