@@ -81,7 +81,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         result = compress(
             args.model,
             args.output,
-            recipe=args.recipe,
+            recipe=_compress_recipe(args),
             force=args.force,
             disable=args.disable or (),
             check_each_pass=args.check_each_pass,
@@ -122,6 +122,28 @@ def cmd_compress(args: argparse.Namespace) -> int:
         lines.append(f"notice: {n}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _compress_recipe(args: argparse.Namespace):
+    """--recipe, or with budget flags (--max-error, --max-bytes, --max-flops, --max-params) the
+    ``plan`` recipe with those budgets (or the given recipe's ``plan`` step with them)."""
+    from dataclasses import replace
+
+    from graphc.errors import RecipeError
+    from graphc.recipes import Step, get_recipe, plan_recipe
+
+    budgets = {k: getattr(args, k) for k in ("max_error", "max_bytes", "max_flops", "max_params")
+               if getattr(args, k) is not None}
+    if not budgets:
+        return args.recipe or "int8"
+    if args.recipe is None:
+        return plan_recipe(**budgets)
+    recipe = get_recipe(args.recipe)
+    if "plan" not in recipe.pass_names():
+        raise RecipeError(f"--{next(iter(budgets)).replace('_', '-')} needs the plan pass, and recipe "
+                          f"{recipe.name!r} has none (leave out --recipe to use the plan recipe)")
+    steps = tuple(Step(s.pass_name, {**s.options, **budgets}) if s.pass_name == "plan" else s for s in recipe.steps)
+    return replace(recipe, steps=steps)
 
 
 def _task_text(task: dict) -> str:
@@ -257,7 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("compress", "run a recipe, validate against the original, write the result")
     sp.add_argument("model")
     sp.add_argument("-o", "--output", required=True)
-    sp.add_argument("--recipe", default="int8", help="built-in name or a .toml file (default int8)")
+    sp.add_argument("--recipe", default=None,
+                    help="built-in name or a .toml file (default int8; plan when a budget flag is given)")
+    sp.add_argument("--max-error", type=float, metavar="E",
+                    help="plan: mean output 1 - cosine on calibration data at most E (e.g. 0.01)")
+    sp.add_argument("--max-bytes", type=int, metavar="N", help="plan: weights of at most N bytes")
+    sp.add_argument("--max-flops", type=float, metavar="F",
+                    help="plan: MACs per token at most F of the original's (latency proxy, e.g. 0.7)")
+    sp.add_argument("--max-params", type=int, metavar="N", help="plan: at most N parameters")
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")

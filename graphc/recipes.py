@@ -185,7 +185,40 @@ BUILTIN: dict[str, Recipe] = {
         # the issue asks; this tolerance only catches a broken result, not a good one
         Tolerance(min_cosine=0.85, min_row_cosine=0.5),
     ),
+    "plan": Recipe(
+        "plan",
+        "compression planned from measured sensitivities to a budget (default: mean output 1 - cosine "
+        "≤ 0.01 on calibration data): per layer, prune heads / FFN neurons (least-squares corrected), "
+        "factorize (whitened SVD), int8 weights and tables, chosen greedily by error per byte / MAC "
+        "saved, then checked by measuring; ORT fusions before, QAttention and float16 vectors after",
+        (
+            *_CLEANUP,
+            Step("fuse-ort", {"attention": "mha"}),
+            Step("trim-outputs"),
+            Step("plan", {"max_error": 0.01}),
+            Step("quantize-attention"),
+            Step("fp16-constants"),
+            Step("remove-unused"),
+        ),
+        # the plan holds max_error on its calibration feeds; validation runs other texts
+        Tolerance(min_cosine=0.98, min_row_cosine=None),
+    ),
 }
+
+
+def plan_recipe(*, max_error: float | None = None, max_bytes: int | None = None, max_flops: float | None = None,
+                max_params: int | None = None) -> Recipe:
+    """The built-in ``plan`` recipe with the given budgets (``graphc compress --max-error ...``);
+    its tolerance: output cosine ≥ 1 - 2 × max_error (validation texts are not the calibration
+    texts the plan measured on), else the recipe's."""
+    budgets = {k: v for k, v in (("max_error", max_error), ("max_bytes", max_bytes), ("max_flops", max_flops),
+                                 ("max_params", max_params)) if v is not None}
+    base = BUILTIN["plan"]
+    steps = tuple(Step(s.pass_name, {**{k: v for k, v in s.options.items() if k != "max_error"}, **budgets})
+                  if s.pass_name == "plan" else s for s in base.steps)
+    tolerance = replace(base.tolerance, min_cosine=max(0.0, 1 - 2 * max_error)) if max_error else base.tolerance
+    label = ", ".join(f"{k}={v:g}" for k, v in budgets.items())
+    return replace(base, name=f"plan({label})", steps=steps, tolerance=tolerance)
 
 
 def list_recipes() -> list[Recipe]:

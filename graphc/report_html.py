@@ -286,6 +286,55 @@ def _planner_section(data: dict) -> str:
     return "".join(out)
 
 
+def _plan_section(data: dict) -> str:
+    """The ``plan`` pass's budgets, rounds (predicted vs measured) and per-layer decisions
+    (``passes[].stats.plan``)."""
+    plans = [p["stats"]["plan"] for p in data.get("passes") or () if isinstance((p.get("stats") or {}).get("plan"), dict)]
+    if not plans:
+        return MISSING
+    plan = plans[-1]
+    budgets = {k: v for k, v in (plan.get("budgets") or {}).items() if v is not None}
+    out = [_kv_table(budgets) if budgets else "", f'<p class="note">{_e(plan.get("metric", ""))}; '
+           f'{_e(plan.get("additivity", ""))}</p>']
+    rounds = plan.get("rounds") or []
+    orig = plan.get("original") or {}
+    if rounds:
+        last = rounds[-1]
+
+        def pct(x: Any, ref: Any) -> float | None:
+            return 100.0 * x / ref if _is_num(x) and _is_num(ref) and ref else None
+
+        labels = ["1 − cos (%)", "bytes (% of original)", "MACs (% of original)"]
+        pred, meas = last.get("predicted") or {}, last.get("measured") or {}
+        out.append(bar_chart("plot-plan", "Plan: predicted vs measured", labels,
+                             [("predicted", BEFORE, [pct(last.get("predicted_error"), 1), pct(pred.get("bytes"), orig.get("bytes")),
+                                                     pct(pred.get("macs"), orig.get("macs"))]),
+                              ("measured", AFTER, [pct(last.get("measured_error"), 1), pct(meas.get("bytes"), orig.get("bytes")),
+                                                   pct(meas.get("macs"), orig.get("macs"))])],
+                             axis_label="percent", fmt=lambda v: f"{v:.3g}"))
+        out.append("<h3>Rounds</h3>" + _table(
+            ["round", "error scale", "predicted error", "measured error", "predicted bytes", "measured bytes",
+             "predicted MACs", "measured MACs", "met"],
+            [(r.get("round"), _num(r.get("scale")), _num(r.get("predicted_error")), _num(r.get("measured_error")),
+              _bytes((r.get("predicted") or {}).get("bytes")), _bytes((r.get("measured") or {}).get("bytes")),
+              _num((r.get("predicted") or {}).get("macs")), _num((r.get("measured") or {}).get("macs")),
+              "yes" if r.get("met") else "no") for r in rounds], num={0, 1, 2, 3, 4, 5, 6, 7}))
+    decisions = plan.get("decisions") or []
+    if decisions:
+        rows = [(d.get("unit", "?"), d.get("layer", "?"), d.get("action", "?"), _num(d.get("predicted_error")))
+                for d in decisions]
+        out.append(f"<h3>Decisions ({len(decisions)} actions)</h3>"
+                   + _table(["unit", "layer", "action", "predicted error (alone)"], rows, num={3}))
+    else:
+        out.append("<h3>Decisions</h3><p>No action chosen.</p>")
+    sens = plan.get("sensitivities") or []
+    if sens:
+        out.append(f"<details><summary>{len(sens)} measured actions</summary>" + _table(
+            ["unit", "action", "error alone"], [(s.get("unit"), s.get("action"), _num(s.get("error"))) for s in sens],
+            num={2}) + "</details>")
+    return "".join(out)
+
+
 def _latency_section(data: dict) -> str:
     lat = data.get("latency")
     if not lat or not lat.get("rows"):
@@ -354,6 +403,7 @@ SECTIONS = [
     ("bytes", "Bytes per layer", _bytes_section),
     ("error", "Per-layer error", _error_section),
     ("planner", "Sensitivities and planner choices", _planner_section),
+    ("plan", "Compression plan", _plan_section),
     ("latency", "Latency", _latency_section),
     ("passes", "Pass timeline", _passes_section),
     ("validation", "Validation", _validation_section),

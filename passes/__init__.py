@@ -7,6 +7,7 @@ from graphc.passes import (  # noqa: F401
     fuse_ort,
     lowrank_embedding,
     mixed_precision,
+    plan_compression,
     prune_ffn,
     prune_heads,
     quantize_activations,

@@ -185,6 +185,22 @@ class Budget:
         return None
 
 
+def layer_budgets(budget: Budget, fractions: Sequence[float], layers: int, pass_name: str, unit: str) -> list[Budget]:
+    """One :class:`Budget` per layer: ``fractions`` (one per layer, in graph order) when given,
+    else ``budget`` for every layer."""
+    if not fractions:
+        return [budget] * layers
+    if budget.requested:
+        raise PreconditionError("give fractions (one per layer) or one of fraction, count, max_error, not both",
+                                pass_name=pass_name)
+    if len(fractions) != layers:
+        raise PreconditionError(f"fractions has {len(fractions)} entries, the model has {layers} layers of {unit}",
+                                pass_name=pass_name)
+    for f in fractions:
+        Budget(fraction=float(f)).check(pass_name, unit)
+    return [Budget(fraction=float(f)) for f in fractions]
+
+
 def choose(
     total: int, budget: Budget, order: np.ndarray, error_of: Callable[[np.ndarray], float], min_keep: int = 1
 ) -> np.ndarray:

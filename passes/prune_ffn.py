@@ -51,6 +51,7 @@ class PruneFfnOptions:
     ridge: float = 1e-3  # ridge λ relative to the mean diagonal of the Gram matrix
     sequential: bool = True  # refit each layer on the activations of the model pruned so far
     min_keep: int = 1  # neurons every FFN keeps
+    fractions: tuple[float, ...] = ()  # or: one fraction per FFN, in graph order (0: left alone)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class PruneFfn(GraphcPass):
 
     @property
     def needs_calibration(self) -> bool:
-        return self._budget().requested
+        return self._budget().requested or any(self.options.fractions)
 
     calibration_texts = 256
 
@@ -141,7 +142,7 @@ class PruneFfn(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         budget = self._budget()
         budget.check(self.name, "neurons")
-        if not budget.requested:
+        if not budget.requested and not any(self.options.fractions):
             stats.notes.append("nothing requested (give fraction, count or max_error)")
             return False
         graph = model.graph
@@ -150,6 +151,7 @@ class PruneFfn(GraphcPass):
             kinds = sorted({n.op_type for n in graph})
             raise PreconditionError(f"no FFN found (up MatMul → element-wise → down MatMul); ops seen: "
                                     f"{', '.join(kinds[:20])}", pass_name=self.name)
+        budgets = _prune.layer_budgets(budget, self.options.fractions, len(ffns), self.name, "FFN neurons")
         for f in ffns:
             if budget.count and budget.count > f.width - self.options.min_keep:
                 raise PreconditionError(
@@ -164,11 +166,16 @@ class PruneFfn(GraphcPass):
         widths = []
         for i, (f, v) in enumerate(zip(ffns, downs)):
             self.context.report(self.name, i, len(ffns))
+            if not budgets[i].requested:
+                original.pop(v.name, None)
+                targets.pop(v.name)
+                widths.append(f.width)
+                continue
             if self.options.sequential and i > 0:
                 x = _prune.activations(model, [v], self.context.calibration, pass_name=self.name)[v.name]
             else:
                 x = original.pop(v.name)
-            plan = _prune.plan_layer(x, targets.pop(v.name), f.down, 1, budget, correct=self.options.correct,
+            plan = _prune.plan_layer(x, targets.pop(v.name), f.down, 1, budgets[i], correct=self.options.correct,
                                      ridge=self.options.ridge, min_keep=self.options.min_keep)
             del x
             if len(plan.keep) == f.width:

@@ -62,6 +62,7 @@ class PruneHeadsOptions:
     ridge: float = 1e-3  # ridge λ relative to the mean diagonal of the Gram matrix
     sequential: bool = True  # refit each layer on the activations of the model pruned so far
     min_keep: int = 1  # heads (KV groups) every block keeps
+    fractions: tuple[float, ...] = ()  # or: one fraction per attention block, in graph order (0: left alone)
 
 
 @dataclass
@@ -375,7 +376,7 @@ class PruneHeads(GraphcPass):
 
     @property
     def needs_calibration(self) -> bool:
-        return self._budget().requested
+        return self._budget().requested or any(self.options.fractions)
 
     def _budget(self) -> _prune.Budget:
         o = self.options
@@ -384,7 +385,7 @@ class PruneHeads(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         budget = self._budget()
         budget.check(self.name, "heads")
-        if not budget.requested:
+        if not budget.requested and not any(self.options.fractions):
             stats.notes.append("nothing requested (give fraction, count or max_error)")
             return False
         blocks, reasons = find_blocks(model, stats)
@@ -392,6 +393,7 @@ class PruneHeads(GraphcPass):
             seen = "; ".join(reasons[:3]) or "no Softmax, MultiHeadAttention, GroupQueryAttention or Attention node"
             raise PreconditionError(f"no attention block found to prune ({seen})", pass_name=self.name)
         self._check_request(blocks)
+        budgets = _prune.layer_budgets(budget, self.options.fractions, len(blocks), self.name, "attention heads")
         graph = model.graph
         values = [b.o.node.inputs[0] for b in blocks]
         original = _prune.activations(model, values, self.context.calibration, pass_name=self.name)
@@ -401,12 +403,18 @@ class PruneHeads(GraphcPass):
         per_layer_heads, per_layer_kv = [], []
         for i, (b, v) in enumerate(zip(blocks, values)):
             self.context.report(self.name, i, len(blocks))
+            if not budgets[i].requested:
+                original.pop(v.name, None)
+                targets.pop(v.name)
+                per_layer_heads.append(b.heads)
+                per_layer_kv.append(b.kv_heads)
+                continue
             if self.options.sequential and i > 0:
                 x = _prune.activations(model, [v], self.context.calibration, pass_name=self.name)[v.name]
             else:
                 x = original.pop(v.name)
             unit = b.rep * b.v_head_dim
-            b_units = _prune.Budget(budget.fraction, budget.count // b.rep, budget.max_error)
+            b_units = _prune.Budget(budgets[i].fraction, budgets[i].count // b.rep, budgets[i].max_error)
             plan = _prune.plan_layer(x, targets.pop(v.name), b.o, unit, b_units, correct=self.options.correct,
                                      ridge=self.options.ridge, min_keep=self.options.min_keep)
             del x

@@ -53,6 +53,7 @@ class SvdLinearOptions:
     min_elements: int = 1024  # smaller weights are left alone
     include_head: bool = False  # also factorize MatMuls that produce a graph output (LM head)
     exclude: tuple[str, ...] = ()  # substrings of node names or scopes to leave alone
+    only: tuple[str, ...] = ()  # exact node names to factorize, the others left alone (empty: all)
     damp: float = 0.01  # whitened: added to the second moment's diagonal, x its mean
     asvd_alpha: float = 0.5  # asvd: channel scale = mean|x|^alpha
     min_tokens_per_channel: float = 2.0  # whitened/asvd: fewer calibration tokens per input channel: plain SVD
@@ -202,6 +203,8 @@ class SvdLinear(GraphcPass):
         found = constant_weight(node.inputs[1])
         if found is None:
             return None  # activation x activation (attention scores): not a linear layer
+        if self.options.only and node.name not in self.options.only:
+            return None
         if any(s in label or s in scope for s in self.options.exclude):
             stats.skip(label, "excluded by option")
             return None

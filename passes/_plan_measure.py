@@ -1,0 +1,159 @@
+"""Measured output error of each planner action applied alone, on calibration data.
+
+Every action is simulated by swapping constants in one ONNX Runtime session (the weights of
+the priced linear layers and tables are graph inputs, as in ``_sensitivity``):
+
+- pruning heads of a block (or neurons of an FFN) with the least-squares correction is exactly
+  a new output-projection (down-projection) weight whose rows of the removed units are zero and
+  whose other rows are refitted, plus a bias shift: the removed heads' Q, K, V columns then
+  contribute nothing. The bias shift goes through a zero ``Add`` inserted after that projection
+  in the measuring copy only, so it works wherever the model keeps the bias (an ``Add``,
+  SkipLayerNormalization, BiasGelu) or has none. The kept units and the refit are
+  ``_prune.plan_layer``'s, on the same calibration tokens the pruning passes use;
+- factorizing is the product A·B of ``_lowrank``'s whitened factors (SVD-LLM), at the rank the
+  kept ratio gives;
+- int8 is the weight rounded to symmetric per-output-channel int8 (tables: per row) and back.
+  The dynamic activation quantization of ``quantize-int8`` is not simulated (its error shows in
+  the measured error after the plan).
+
+The error is the one ``mixed-precision`` uses: the mean over output rows (padding left out) of
+1 - cosine against the original model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc import ops
+from graphc.passes import _lowrank as lr
+from graphc.passes import _prune
+from graphc.passes import _sensitivity as sens
+from graphc.passes._plan_units import Unit, Units
+from graphc.passes._quant import constant, symmetric_int8
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    from graphc.io import inline_external_data
+
+    with inline_external_data(model):
+        return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _add_delta(graph: ir.Graph, node: ir.Node, n: int) -> ir.Value:
+    """A zero bias ``Add`` after ``node``'s output (its uses moved to the sum); its constant."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    delta = constant(graph, f"{node.name}__plan_delta", np.zeros(n, np.float32))
+    add = ir.node(ops.ADD, [out, delta], name=f"{node.name}__plan_delta_add")
+    graph.insert_after(node, add)
+    for user, idx in uses:
+        user.replace_input_with(idx, add.outputs[0])
+    if out in graph.outputs:
+        graph.outputs[list(graph.outputs).index(out)] = add.outputs[0]
+    return delta
+
+
+def output_errors(session, feeds: Sequence[dict], reference: Sequence[list], extra: dict | None = None) -> float:
+    """Mean 1 - cosine of every output row of every feed against ``reference`` (padding rows,
+    by the feed's ``attention_mask``, left out)."""
+    outputs = [o.name for o in session.get_outputs()]
+    inputs = {i.name for i in session.get_inputs()}
+    errs = []
+    for feed, ref in zip(feeds, reference):
+        outs = session.run(outputs, {**{k: v for k, v in feed.items() if k in inputs}, **(extra or {})})
+        errs += [sens.row_errors(o, r, feed.get("attention_mask")) for o, r in zip(outs, ref)]
+    return float(np.concatenate(errs).mean()) if errs else 0.0
+
+
+class Probe:
+    """The measuring session and the simulated actions of :class:`Units`."""
+
+    def __init__(self, model: ir.Model, units: Units, feeds: Sequence[dict], calibration: Sequence[dict], *,
+                 pass_name: str, correct: bool = True, ridge: float = 1e-3, damp: float = 0.01) -> None:
+        self.model, self.units, self.calibration = model, units, calibration
+        self.pass_name, self.correct, self.ridge, self.damp = pass_name, correct, ridge, damp
+        work = _copy(model)
+        nodes = {n.name: n for n in work.graph}
+        self.deltas: dict[str, str] = {}  # linear name -> delta input name
+        refit = [units.blocks[u.index].o.node.name for u in units.units if u.kind == "heads"]
+        refit += [units.ffns[u.index].down.node.name for u in units.units if u.kind == "ffn"]
+        for name in refit:
+            self.deltas[name] = _add_delta(work.graph, nodes[name], units.linears[name].n).name
+        swapped = {units.linears[n].weight.name for u in units.units for n in u.linears}
+        swapped |= {t.name for t in units.tables}
+        values = [work.graph.initializers[n] for n in sorted(swapped)]
+        values += [work.graph.initializers[n] for n in sorted(self.deltas.values())]
+        self.constants = {v.name: v.const_value.numpy() for v in values}
+        self.session = sens.weight_input_session(work, [SimpleNamespace(value=v) for v in values])
+        self.feeds = list(feeds)
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.reference = [self.session.run(outputs, {**{k: v for k, v in f.items() if k in inputs}, **self.constants})
+                          for f in self.feeds]
+        self._acts: dict[str, np.ndarray] | None = None
+        self._moments: dict | None = None
+
+    def error(self, replaced: dict[str, np.ndarray]) -> float:
+        """Output error with the named constants replaced (the others as in the model)."""
+        return output_errors(self.session, self.feeds, self.reference, {**self.constants, **replaced})
+
+    # ------------------------------------------------------------------ actions
+    def replacement(self, unit: Unit, level: int) -> tuple[dict[str, np.ndarray], dict]:
+        """The swapped constants of ``unit`` at ``level`` and facts about them."""
+        if unit.kind in ("heads", "ffn"):
+            return self._prune(unit, level)
+        if unit.kind == "svd":
+            return self._svd(unit, level)
+        if unit.kind == "int8":
+            rec = self.units.linears[unit.linears[0]]
+            w = self.constants[rec.weight.name]
+            q, s = symmetric_int8(w, axis=1, scale_dtype=np.float16)
+            return {rec.weight.name: q.astype(np.float32) * s.astype(np.float32)}, {}
+        out = {}
+        for t in self.units.tables:
+            q, s = symmetric_int8(self.constants[t.name], axis=0, scale_dtype=np.float16)
+            out[t.name] = q.astype(np.float32) * s.astype(np.float32)
+        return out, {}
+
+    def _prune(self, unit: Unit, level: int):
+        if unit.kind == "heads":
+            b = self.units.blocks[unit.index]
+            lin, width = b.o, b.rep * b.v_head_dim
+        else:
+            lin, width = self.units.ffns[unit.index].down, 1
+        if self._acts is None:
+            values = [self.units.blocks[u.index].o.node.inputs[0] for u in self.units.units if u.kind == "heads"]
+            values += [self.units.ffns[u.index].down.node.inputs[0] for u in self.units.units if u.kind == "ffn"]
+            self._acts = _prune.activations(self.model, values, self.calibration, pass_name=self.pass_name)
+        x = self._acts[lin.node.inputs[0].name]
+        bias = lin.bias if lin.bias is not None else np.zeros(lin.weight.shape[1], np.float32)
+        y = x @ lin.weight + bias
+        plan = _prune.plan_layer(x, y, lin, width, _prune.Budget(fraction=unit.levels[level]), correct=self.correct,
+                                 ridge=self.ridge, min_keep=unit.min_keep)
+        w = np.zeros_like(lin.weight)
+        w[plan.channels] = plan.weight
+        name = lin.node.name
+        return ({self.units.linears[name].weight.name: w, self.deltas[name]: (plan.bias - bias).astype(np.float32)},
+                {"kept": int(len(plan.keep)), "layer_relative_error": round(plan.error, 6)})
+
+    def _svd(self, unit: Unit, level: int):
+        from graphc.calibrate import input_moments
+
+        rec = self.units.linears[unit.linears[0]]
+        if self._moments is None:
+            svd_recs = [self.units.linears[u.linears[0]] for u in self.units.units if u.kind == "svd"]
+            self._moments = input_moments(self.model, [r.node.inputs[0] for r in svd_recs], self.calibration,
+                                          pass_name=self.pass_name)
+        w = self.constants[rec.weight.name].astype(np.float32)
+        m = self._moments.get(rec.node.inputs[0].name)
+        metric = lr.Metric.plain()
+        if m is not None and m.tokens >= 2 * rec.k and np.isfinite(m.gram).all():
+            metric = lr.Metric.whitened(m.gram, self.damp)
+        rank = lr.ratio_rank(rec.k, rec.n, unit.levels[level])
+        f = lr.factorize(w, metric, rank=max(rank, 1))
+        return {rec.weight.name: (f.a @ f.b).astype(np.float32)}, {"rank": f.rank,
+                                                                   "whitened": metric.kind is lr.Method.WHITENED}

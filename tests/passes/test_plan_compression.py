@@ -1,0 +1,219 @@
+"""plan: per-layer pruning / factorization / int8 chosen from measured sensitivities, on tiny
+BERT and Llama exports (fused as the plan recipe fuses them)."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphc import io
+from graphc.errors import PassError, PreconditionError, UnsupportedError
+from graphc.manager import SizeFacts
+from graphc.pass_base import PassContext
+from graphc.passes import _sensitivity as sens
+from graphc.passes._plan_units import graph_macs
+from graphc.passes.fuse_ort import FuseOrt
+from graphc.passes.plan_compression import PlanCompression
+from graphc.passes.prune_ffn import PruneFfn
+from graphc.passes.prune_heads import PruneHeads, find_blocks
+from graphc.passes.svd_linear import SvdLinear
+from graphc.validate import make_session, synthesize_inputs
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    from graphc.models.fixtures import export_tiny
+
+    folder = tmp_path_factory.mktemp("tiny-plan")
+    paths = {}
+    for kind in ("bert", "llama"):
+        paths[kind] = folder / f"{kind}.onnx"
+        export_tiny(kind, paths[kind])
+    return paths
+
+
+def _load(exports, kind):
+    model = io.load_model(exports[kind])
+    FuseOrt(FuseOrt.Options(attention="mha"))(model)
+    return model
+
+
+def _calib(model):
+    return synthesize_inputs(model, count=6, seed=1)
+
+
+def _plan(model, calib, **options):
+    return PlanCompression(PlanCompression.Options(**options), PassContext(calibration=calib))(model)
+
+
+def _measured_error(original, planned, feeds):
+    """Mean 1 - cosine of the output rows of the planned model vs the original (as the pass measures)."""
+    a, b = make_session(original), make_session(planned)
+    errs = []
+    for feed in feeds:
+        ins = {i.name for i in a.get_inputs()}
+        fa = {k: v for k, v in feed.items() if k in ins}
+        fb = {k: v for k, v in feed.items() if k in {i.name for i in b.get_inputs()}}
+        for x, y in zip(b.run(None, fb), a.run(None, fa)):
+            errs.append(sens.row_errors(x, y, feed.get("attention_mask")))
+    return float(np.concatenate(errs).mean())
+
+
+def test_error_budget_is_met_on_the_calibration_feeds(exports):
+    original = _load(exports, "llama")
+    calib = _calib(original)
+    model = _load(exports, "llama")
+    budget = 0.003  # tiny Llama: every action alone sums to ~0.1 (pruning dominates), int8 ~1e-4
+    result = _plan(model, calib, max_error=budget)
+    assert result.modified
+    plan = result.stats.details["plan"]
+    last = plan["rounds"][-1]
+    assert last["met"] and last["predicted_error"] <= budget * plan["rounds"][-1]["scale"] + 1e-12
+    measured = _measured_error(original, model, calib[:2])
+    assert measured <= budget
+    assert measured == pytest.approx(last["measured_error"], rel=1e-3, abs=1e-9)
+    assert SizeFacts.of(model).bytes == last["measured"]["bytes"] < plan["original"]["bytes"]
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+
+
+def test_tighter_budget_takes_fewer_actions(exports):
+    calib = _calib(_load(exports, "llama"))
+    got = {}
+    for budget in (0.0005, 0.003, 0.03):
+        model = _load(exports, "llama")
+        stats = _plan(model, calib, max_error=budget).stats
+        got[budget] = (stats.counts["actions"], SizeFacts.of(model).bytes, stats.counts["measured_error"])
+    actions = [got[b][0] for b in sorted(got)]
+    sizes = [got[b][1] for b in sorted(got)]
+    assert actions[0] < actions[-1] and actions == sorted(actions)
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert all(got[b][2] <= b for b in got)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_byte_and_mac_targets_are_met_exactly(exports, kind):
+    model = _load(exports, kind)
+    calib = _calib(model)
+    start_bytes = SizeFacts.of(model).bytes
+    start_macs = graph_macs(model, 128)
+    max_bytes = int(0.45 * start_bytes)
+    result = _plan(model, calib, max_bytes=max_bytes, max_flops=0.8)
+    last = result.stats.details["plan"]["rounds"][-1]
+    assert SizeFacts.of(model).bytes <= max_bytes
+    assert last["measured"]["macs"] <= 0.8 * start_macs
+    assert result.stats.counts["original_macs"] == start_macs
+    # int8 alone gives ~0.3 of the bytes but no MACs: a MAC target needs pruning or factorizing
+    kinds = {d["kind"] for d in result.stats.details["plan"]["decisions"]}
+    assert kinds & {"heads", "ffn", "svd"} and kinds & {"int8", "int8-embedding"}
+
+
+def test_infeasible_budgets_say_what_the_planner_reaches(exports):
+    model = _load(exports, "llama")
+    calib = _calib(model)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    with pytest.raises(PassError, match=r"max_bytes=1,000; .*every action together reaches [\d,]+ bytes"):
+        _plan(model, calib, max_bytes=1000)
+    with pytest.raises(PassError, match=r"within max_error=1e-09 the planner reaches"):
+        _plan(model, calib, max_error=1e-9, max_flops=0.5)
+    assert ir.serde.serialize_model(model).SerializeToString() == before  # left untouched
+
+
+def test_bad_options(exports):
+    model = _load(exports, "bert")
+    calib = _calib(model)
+    with pytest.raises(UnsupportedError, match="no budget"):
+        _plan(model, calib)
+    with pytest.raises(UnsupportedError, match="max_flops=1.5"):
+        _plan(model, calib, max_flops=1.5)
+    with pytest.raises(UnsupportedError, match="head_fractions"):
+        _plan(model, calib, max_error=0.01, head_fractions=(0.5, 0.25))
+    with pytest.raises(PassError, match="calibration"):
+        _plan(model, None, max_error=0.01)
+
+
+def test_plan_is_deterministic(exports):
+    calib = _calib(_load(exports, "bert"))
+    runs = []
+    for _ in range(2):
+        model = _load(exports, "bert")
+        details = _plan(model, calib, max_bytes=int(0.5 * SizeFacts.of(model).bytes)).stats.details["plan"]
+        runs.append((json.dumps(details["decisions"]), ir.serde.serialize_model(model).SerializeToString()))
+    assert runs[0] == runs[1]
+
+
+def test_node_marks_name_the_passes_that_made_the_nodes(exports):
+    model = _load(exports, "bert")
+    kept = {n.name for n in model.graph}
+    _plan(model, _calib(model), max_bytes=int(0.5 * SizeFacts.of(model).bytes))
+    marks = {n.name: n.metadata_props.get("graphc.pass") for n in model.graph}
+    assert all(marks[name] in (None, "fuse-ort") for name in marks if name in kept)
+    assert "quantize-int8" in marks.values() and "plan" not in marks.values()
+    assert not any("graphc.plan.original" in n.metadata_props for n in model.graph)
+    assert not any(n.name.startswith("graphc-plan-float:") for n in model.graph)
+
+
+def test_recipe_summary_and_report(exports, tmp_path):
+    import graphc
+    from graphc.recipes import plan_recipe
+
+    out, html = tmp_path / "plan.onnx", tmp_path / "plan.html"
+    # held-out validation of a random tiny Llama misses 1 - 2 x max_error (0.987 measured): forced
+    result = graphc.compress(exports["llama"], out, recipe=plan_recipe(max_error=0.005), report=html, force=True)
+    data = result.to_dict()
+    step = next(p for p in data["passes"] if p["name"] == "plan")
+    plan = step["stats"]["plan"]
+    assert step["stats"]["measured_error"] <= 0.005 and plan["decisions"] and plan["sensitivities"]
+    assert {"predicted_error", "measured_error", "predicted", "measured"} <= set(plan["rounds"][-1])
+    json.dumps(data)  # the summary is JSON
+    text = html.read_text()
+    assert "Compression plan" in text and 'id="plot-plan"' in text and plan["decisions"][0]["unit"] in text
+    assert data["validation"]["tolerance"]["min_cosine"] == pytest.approx(0.99)
+
+
+def test_cli_budget_flags(exports, tmp_path, capsys):
+    from graphc.cli import main
+
+    out = tmp_path / "cli.onnx"
+    assert main(["compress", str(exports["bert"]), "-o", str(out), "--max-error", "0.01", "--max-flops", "0.8",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["recipe"].startswith("plan(") and out.exists()
+    step = next(p for p in data["passes"] if p["name"] == "plan")
+    assert step["stats"]["measured_macs"] <= 0.8 * step["stats"]["original_macs"]
+    assert main(["compress", str(exports["bert"]), "-o", str(tmp_path / "x.onnx"), "--max-bytes", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be met" in err and "reaches" in err
+    assert main(["compress", str(exports["bert"]), "-o", str(tmp_path / "y.onnx"), "--recipe", "int8",
+                 "--max-error", "0.01"]) == 1
+    assert "needs the plan pass" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- per-layer options of the passes it drives
+
+
+def test_prune_passes_take_per_layer_fractions(exports):
+    model = _load(exports, "bert")
+    calib = _calib(model)
+    heads = PruneHeads(PruneHeads.Options(fractions=(0.5, 0.0)), PassContext(calibration=calib))(model)
+    assert heads.stats.counts["heads_removed"] == 2
+    assert [b.heads for b in find_blocks(model)[0]] == [2, 4]
+    ffn = PruneFfn(PruneFfn.Options(fractions=(0.0, 0.25)), PassContext(calibration=calib))(model)
+    assert ffn.stats.counts["neurons_removed"] == 16
+    assert model.metadata_props["graphc.arch.intermediate_size_per_layer"] == "64,48"
+    with pytest.raises(PreconditionError, match="fractions has 1 entries"):
+        PruneFfn(PruneFfn.Options(fractions=(0.5,)), PassContext(calibration=calib))(model)
+    with pytest.raises(PreconditionError, match="not both"):
+        PruneHeads(PruneHeads.Options(fraction=0.5, fractions=(0.5, 0.5)), PassContext(calibration=calib))(model)
+
+
+def test_svd_linear_only(exports):
+    model = _load(exports, "bert")
+    names = [n.name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    result = SvdLinear(SvdLinear.Options(method="plain", rank_rule="ratio", param_ratio=0.6, only=(names[0],)))(model)
+    assert result.stats.counts["layers_factorized"] == 1
+    assert {n.name for n in model.graph} >= {f"{names[0]}_svd_a", f"{names[0]}_svd_b"} and names[1] in {
+        n.name for n in model.graph}
