@@ -256,8 +256,9 @@ def _error_section(data: dict) -> str:
 
 def _planner_section(data: dict) -> str:
     sens, plan = data.get("sensitivities"), data.get("planner")
+    compression = _plan_section(data)
     if not sens and not plan:
-        return MISSING
+        return compression or MISSING
     out = []
     if sens:
         by_metric: dict[str, list[dict]] = {}
@@ -283,7 +284,7 @@ def _planner_section(data: dict) -> str:
                             _num(r.get("measured"))) for r in plan], num={2, 3}))
     else:
         out.append("<h3>Planner choices</h3>" + MISSING)
-    return "".join(out)
+    return "".join(out) + compression
 
 
 def _plan_section(data: dict) -> str:
@@ -291,10 +292,10 @@ def _plan_section(data: dict) -> str:
     (``passes[].stats.plan``)."""
     plans = [p["stats"]["plan"] for p in data.get("passes") or () if isinstance((p.get("stats") or {}).get("plan"), dict)]
     if not plans:
-        return MISSING
+        return ""
     plan = plans[-1]
     budgets = {k: v for k, v in (plan.get("budgets") or {}).items() if v is not None}
-    out = [_kv_table(budgets) if budgets else "", f'<p class="note">{_e(plan.get("metric", ""))}; '
+    out = ["<h3>Compression plan</h3>", _kv_table(budgets) if budgets else "", f'<p class="note">{_e(plan.get("metric", ""))}; '
            f'{_e(plan.get("additivity", ""))}</p>']
     rounds = plan.get("rounds") or []
     orig = plan.get("original") or {}
@@ -403,7 +404,6 @@ SECTIONS = [
     ("bytes", "Bytes per layer", _bytes_section),
     ("error", "Per-layer error", _error_section),
     ("planner", "Sensitivities and planner choices", _planner_section),
-    ("plan", "Compression plan", _plan_section),
     ("latency", "Latency", _latency_section),
     ("passes", "Pass timeline", _passes_section),
     ("validation", "Validation", _validation_section),
