@@ -132,7 +132,7 @@ def _compress_recipe(args: argparse.Namespace):
     from graphc.errors import RecipeError
     from graphc.recipes import Step, get_recipe, plan_recipe
 
-    budgets = {k: getattr(args, k) for k in ("max_error", "max_bytes", "max_flops", "max_params")
+    budgets = {k: getattr(args, k) for k in ("max_error", "max_bytes", "max_flops", "max_params", "max_ppl_rise")
                if getattr(args, k) is not None}
     if not budgets:
         return args.recipe or "int8"
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-flops", type=float, metavar="F",
                     help="plan: MACs per token at most F of the original's (latency proxy, e.g. 0.7)")
     sp.add_argument("--max-params", type=int, metavar="N", help="plan: at most N parameters")
+    sp.add_argument("--max-ppl-rise", type=float, metavar="R",
+                    help="plan, causal LMs: mean KL of next-token distributions at most ln(1 + R) (~ perplexity rise R)")
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")

@@ -207,12 +207,12 @@ BUILTIN: dict[str, Recipe] = {
 
 
 def plan_recipe(*, max_error: float | None = None, max_bytes: int | None = None, max_flops: float | None = None,
-                max_params: int | None = None) -> Recipe:
+                max_params: int | None = None, max_ppl_rise: float | None = None) -> Recipe:
     """The built-in ``plan`` recipe with the given budgets (``graphc compress --max-error ...``);
     its tolerance: output cosine ≥ 1 - 2 × max_error (validation texts are not the calibration
     texts the plan measured on), else the recipe's."""
     budgets = {k: v for k, v in (("max_error", max_error), ("max_bytes", max_bytes), ("max_flops", max_flops),
-                                 ("max_params", max_params)) if v is not None}
+                                 ("max_params", max_params), ("max_ppl_rise", max_ppl_rise)) if v is not None}
     base = BUILTIN["plan"]
     steps = tuple(Step(s.pass_name, {**{k: v for k, v in s.options.items() if k != "max_error"}, **budgets})
                   if s.pass_name == "plan" else s for s in base.steps)

@@ -57,15 +57,21 @@ def _add_delta(graph: ir.Graph, node: ir.Node, n: int) -> ir.Value:
     return delta
 
 
-def output_errors(session, feeds: Sequence[dict], reference: Sequence[list], extra: dict | None = None) -> float:
-    """Mean 1 - cosine of every output row of every feed against ``reference`` (padding rows,
-    by the feed's ``attention_mask``, left out)."""
+def output_errors(session, feeds: Sequence[dict], reference: Sequence[list], extra: dict | None = None,
+                  metric: str = "cosine") -> float:
+    """Mean over every output row of every feed (padding rows, by the feed's ``attention_mask``,
+    left out) of 1 - cosine against ``reference``, or with ``metric="kl"`` of the KL divergence
+    of the rows' softmax from the reference's (nats; logits of a language model)."""
     outputs = [o.name for o in session.get_outputs()]
     inputs = {i.name for i in session.get_inputs()}
     errs = []
     for feed, ref in zip(feeds, reference):
         outs = session.run(outputs, {**{k: v for k, v in feed.items() if k in inputs}, **(extra or {})})
-        errs += [sens.row_errors(o, r, feed.get("attention_mask")) for o, r in zip(outs, ref)]
+        mask = feed.get("attention_mask")
+        if metric == "kl":
+            errs += [sens.row_kl(sens._rows(o, mask), sens.log_softmax(sens._rows(r, mask))) for o, r in zip(outs, ref)]
+        else:
+            errs += [sens.row_errors(o, r, mask) for o, r in zip(outs, ref)]
     return float(np.concatenate(errs).mean()) if errs else 0.0
 
 
@@ -73,7 +79,9 @@ class Probe:
     """The measuring session and the simulated actions of :class:`Units`."""
 
     def __init__(self, model: ir.Model, units: Units, feeds: Sequence[dict], calibration: Sequence[dict], *,
-                 pass_name: str, correct: bool = True, ridge: float = 1e-3, damp: float = 0.01) -> None:
+                 pass_name: str, correct: bool = True, ridge: float = 1e-3, damp: float = 0.01,
+                 metric: str = "cosine") -> None:
+        self.metric = metric
         self.model, self.units, self.calibration = model, units, calibration
         self.pass_name, self.correct, self.ridge, self.damp = pass_name, correct, ridge, damp
         work = _copy(model)
@@ -99,7 +107,7 @@ class Probe:
 
     def error(self, replaced: dict[str, np.ndarray]) -> float:
         """Output error with the named constants replaced (the others as in the model)."""
-        return output_errors(self.session, self.feeds, self.reference, {**self.constants, **replaced})
+        return output_errors(self.session, self.feeds, self.reference, {**self.constants, **replaced}, self.metric)
 
     # ------------------------------------------------------------------ actions
     def replacement(self, unit: Unit, level: int) -> tuple[dict[str, np.ndarray], dict]:

@@ -31,7 +31,10 @@ passes only shrink them). Held-out data (validation) may differ.
 Stats: ``stats.details["plan"]``: budgets, every measured action (``sensitivities``), the
 decisions per unit, the greedy steps, and each round's predicted vs measured error, bytes and
 MACs. MACs are per token at ``seq`` keys (the latency proxy): int8 changes bytes, not MACs.
-Not done: a perplexity budget for causal LMs (the error is always 1 - cosine of output rows).
+``metric="kl"`` measures the mean KL divergence of the output rows' softmax instead (logits of a
+causal LM); ``max_ppl_rise`` (e.g. 0.05) is that with ``max_error = ln(1 + rise)``: the mean KL
+is, to first order, the rise of the log-perplexity on text like the calibration text (the
+perplexity itself is not measured by the pass).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from graphc.manager import SizeFacts
 from graphc.pass_base import GraphcPass, PassResult, PassStats
 from graphc.passes import _plan_measure as pm
 from graphc.passes import _plan_search as ps
+from graphc.passes import _sensitivity as sens
 from graphc.passes._plan_units import Units, graph_macs
 from graphc.registry import register
 
@@ -58,7 +62,9 @@ INT8_OPTIONS = {"outlier_ratio": 4.0, "outlier_channels": 4, "smooth_min_factor"
 
 @dataclass(frozen=True)
 class PlanOptions:
-    max_error: float = 0.0  # mean 1 - cosine of output rows on the calibration feeds; 0 = none
+    max_error: float = 0.0  # mean 1 - cosine (metric="kl": mean KL, nats) of output rows on the calibration feeds; 0 = none
+    max_ppl_rise: float = 0.0  # causal LMs: relative perplexity rise, e.g. 0.05 (metric kl, max_error = ln(1 + rise))
+    metric: str = "cosine"  # "cosine" (1 - cosine of output rows) or "kl" (KL of the rows' softmax: logits)
     max_bytes: int = 0  # initializer bytes after this pass; 0 = none
     max_params: int = 0  # initializer elements after this pass; 0 = none
     max_flops: float = 0.0  # MACs per token relative to the original, in (0, 1]; 0 = none
@@ -86,13 +92,17 @@ class PlanCompression(GraphcPass):
 
     def _validate(self) -> ps.Budgets:
         o = self.options
-        for name in ("max_error", "max_bytes", "max_params", "max_flops"):
+        if o.metric not in sens.METRICS:
+            raise UnsupportedError(f"metric={o.metric!r}; supported: {', '.join(sens.METRICS)}", pass_name=self.name)
+        if o.max_ppl_rise and o.max_error:
+            raise UnsupportedError("give max_error or max_ppl_rise, not both", pass_name=self.name)
+        for name in ("max_error", "max_bytes", "max_params", "max_flops", "max_ppl_rise"):
             if getattr(o, name) < 0:
                 raise UnsupportedError(f"{name}={getattr(o, name)} is negative (0 = unset)", pass_name=self.name)
-        if not (o.max_error or o.max_bytes or o.max_params or o.max_flops):
+        if not (o.max_error or o.max_bytes or o.max_params or o.max_flops or o.max_ppl_rise):
             raise UnsupportedError("no budget: set max_error (mean 1 - cosine), max_bytes, max_params or max_flops "
                                    "(MACs relative to the original)", pass_name=self.name)
-        if o.max_error >= 1:
+        if o.max_error >= 1 and self._metric() == "cosine":
             raise UnsupportedError(f"max_error={o.max_error} is not below 1 (it is 1 - cosine)", pass_name=self.name)
         if o.max_flops > 1:
             raise UnsupportedError(f"max_flops={o.max_flops} is a fraction of the original MACs, in (0, 1]",
@@ -104,7 +114,11 @@ class PlanCompression(GraphcPass):
                                        pass_name=self.name)
         if o.feeds < 1 or o.rounds < 1 or o.seq < 1:
             raise UnsupportedError("feeds, rounds and seq must be ≥ 1", pass_name=self.name)
-        return ps.Budgets(o.max_error or None, o.max_bytes or None, o.max_params or None, None)
+        max_error = float(np.log1p(o.max_ppl_rise)) if o.max_ppl_rise else o.max_error
+        return ps.Budgets(max_error or None, o.max_bytes or None, o.max_params or None, None)
+
+    def _metric(self) -> str:
+        return "kl" if self.options.max_ppl_rise else self.options.metric
 
     def call(self, model: ir.Model) -> PassResult:
         result = super().call(model)
@@ -135,7 +149,8 @@ class PlanCompression(GraphcPass):
             budgets = ps.Budgets(budgets.max_error, budgets.max_bytes, budgets.max_params,
                                  int(np.floor(o.max_flops * original.macs)))
         start = time.perf_counter()
-        probe = pm.Probe(model, units, feeds, calibration, pass_name=self.name, correct=o.correct, ridge=o.ridge)
+        probe = pm.Probe(model, units, feeds, calibration, pass_name=self.name, correct=o.correct, ridge=o.ridge,
+                         metric=self._metric())
         errors, sensitivities = self._measure(units, probe)
         stats.counts["measurement_runs"] = len(sensitivities)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
@@ -201,7 +216,7 @@ class PlanCompression(GraphcPass):
                 return None, plan, rounds
             work, macs, sub = self._apply(model, units, plan)
             size = SizeFacts.of(work)
-            measured_error = pm.output_errors(_session(work), probe.feeds, probe.reference)
+            measured_error = pm.output_errors(_session(work), probe.feeds, probe.reference, metric=probe.metric)
             measured = {"bytes": size.bytes, "params": size.params, "macs": macs}
             met = {
                 "error": budgets.max_error is None or measured_error <= budgets.max_error,
@@ -309,8 +324,10 @@ class PlanCompression(GraphcPass):
         return {
             "budgets": {"max_error": budgets.max_error, "max_bytes": budgets.max_bytes,
                         "max_params": budgets.max_params, "max_flops": self.options.max_flops or None,
+                        "max_ppl_rise": self.options.max_ppl_rise or None,
                         "max_macs": budgets.max_macs},
-            "metric": f"mean over output rows of 1 - cosine vs the original, on {n_feeds} calibration feeds",
+            "metric": (f"mean over output rows of {'KL divergence of the softmax (nats)' if self._metric() == 'kl' else '1 - cosine'}"
+                       f" vs the original, on {n_feeds} calibration feeds"),
             "additivity": "predicted error = sum of the errors of the chosen actions, each measured alone; "
                           "checked by measuring the result, re-planned with errors scaled by measured/predicted",
             "original": original.as_dict(),

@@ -217,3 +217,23 @@ def test_svd_linear_only(exports):
     assert result.stats.counts["layers_factorized"] == 1
     assert {n.name for n in model.graph} >= {f"{names[0]}_svd_a", f"{names[0]}_svd_b"} and names[1] in {
         n.name for n in model.graph}
+
+
+def test_perplexity_budget_on_a_causal_lm(exports):
+    """max_ppl_rise: the mean KL of the logits' softmax (nats) within ln(1 + rise), measured."""
+    original = _load(exports, "llama")
+    calib = _calib(original)
+    model = _load(exports, "llama")
+    result = _plan(model, calib, max_ppl_rise=0.02)
+    plan = result.stats.details["plan"]
+    assert "KL" in plan["metric"] and plan["budgets"]["max_error"] == pytest.approx(np.log1p(0.02))
+    assert result.modified and plan["rounds"][-1]["measured_error"] <= np.log1p(0.02)
+    a, b = make_session(original), make_session(model)
+    kls = []
+    for feed in calib[:2]:
+        ref, out = a.run(None, feed)[0], b.run(None, feed)[0]
+        mask = feed["attention_mask"]
+        kls.append(sens.row_kl(sens._rows(out, mask), sens.log_softmax(sens._rows(ref, mask))))
+    assert float(np.concatenate(kls).mean()) == pytest.approx(plan["rounds"][-1]["measured_error"], rel=1e-3)
+    with pytest.raises(UnsupportedError, match="not both"):
+        _plan(_load(exports, "llama"), calib, max_ppl_rise=0.02, max_error=0.01)
