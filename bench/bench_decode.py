@@ -1,9 +1,13 @@
-"""Decode speed of SmolLM2-135M with a KV cache: fp32, graphc int4, ORT int4 (issue 8).
+"""Decode speed of SmolLM2-135M with a KV cache: fp32, fused fp32, graphc int4, ORT int4 (issue 8).
 
     python bench/bench_decode.py [--context 512] [--tokens 32] [--threads 2] [--json OUT]
 
 In one process: exports SmolLM2 with its KV cache (``graphc export smollm2 --kv-cache``,
-cached in ``.graphc-cache/bench/``), compresses it with graphc's ``int4`` recipe (uniform: without its mixed-precision step) and with ONNX
+cached in ``.graphc-cache/bench/``), fuses it with graphc's ``fuse`` recipe (attention into
+GroupQueryAttention over the cache, RMSNorm, rotary), compresses it with graphc's ``int4``
+recipe (uniform: without its mixed-precision step; its fuse-ort step makes the same
+GroupQueryAttention), once more with attention left unfused (``fuse-ort`` with
+``attention = "none"``: the graph before KV-cache attention fusion existed), and with ONNX
 Runtime's ``MatMulNBitsQuantizer`` (RTN, 4-bit, block 128, symmetric, MatMul and Gather),
 then for each model prefills a ``--context``-token prompt of real Wikipedia text at batch 1
 and decodes ``--tokens`` tokens greedily (graphc.generate), interleaving the models over 3
@@ -54,15 +58,35 @@ def kv_export(fresh: bool) -> Path:
     return path
 
 
-def graphc_int4(fp32: Path, fresh: bool) -> Path:
+def graphc_fused(fp32: Path, fresh: bool) -> Path:
     import graphc
 
-    out = WORK / "smollm2-kv-graphc-int4.onnx"
+    out = WORK / "smollm2-kv-fused.onnx"
     if fresh or not out.exists():
-        print("graphc int4 ...", file=sys.stderr, flush=True)
+        print("graphc fuse ...", file=sys.stderr, flush=True)
+        # force: on SmolLM2's logits (|max| ~ 40) the recipe's max abs 1e-4 is missed by float
+        # reordering alone, 1.1e-4 with attention unfused, 1.3e-4 with GQA (rel 3e-6; cosine 1.0)
+        result = graphc.compress(fp32, out, recipe="fuse", force=True, attribution=False)
+        print(f"  fuse validation: max abs {result.validation.max_abs:.3g}, cosine {result.validation.output_cosine:.6f}",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def graphc_int4(fp32: Path, fresh: bool, *, attention: str | None = None) -> Path:
+    """``attention``: override fuse-ort's attention target ("none": attention unfused)."""
+    import graphc
+    from graphc.recipes import get_recipe, recipe_from_dict
+
+    out = WORK / f"smollm2-kv-graphc-int4{'-attention-' + attention if attention else '-gqa'}.onnx"
+    if fresh or not out.exists():
+        print(f"graphc int4 (attention {attention or 'fused'}) ...", file=sys.stderr, flush=True)
         # the int4 recipe's weights, without its per-layer sensitivity search (minutes on 210
         # MatMuls): decode speed depends on the kernels and bytes, which this keeps
-        graphc.compress(fp32, out, recipe="int4", disable=["mixed-precision"], force=True, attribution=False)
+        steps = [{"name": s.pass_name, "options": {**s.options, **({"attention": attention} if attention and
+                                                                    s.pass_name == "fuse-ort" else {})}}
+                 for s in get_recipe("int4").steps if s.pass_name != "mixed-precision"]
+        recipe = recipe_from_dict({"name": "int4-uniform", "extends": "int4", "passes": steps})
+        graphc.compress(fp32, out, recipe=recipe, force=True, attribution=False)
     return out
 
 
@@ -107,7 +131,9 @@ def main() -> int:
     if prompt.shape[1] < args.context:
         raise SystemExit(f"only {prompt.shape[1]} tokens of evaluation text")
     fp32 = kv_export(args.fresh)
-    models = {"fp32": fp32, "graphc int4": graphc_int4(fp32, args.fresh), "ORT int4 RTN b128": ort_int4(fp32, args.fresh)}
+    models = {"fp32": fp32, "fp32 fused": graphc_fused(fp32, args.fresh),
+              "graphc int4 unfused attn": graphc_int4(fp32, args.fresh, attention="none"),
+              "graphc int4": graphc_int4(fp32, args.fresh), "ORT int4 RTN b128": ort_int4(fp32, args.fresh)}
     decoders = {k: Decoder(p, session=make_session(p, threads=args.threads)) for k, p in models.items()}
     facts = {p.key: p.value for p in __import__("onnx").load(str(fp32), load_external_data=False).metadata_props}
     layers, kv_heads = int(facts["graphc.arch.num_layers"]), int(facts["graphc.arch.num_kv_heads"])
@@ -132,9 +158,9 @@ def main() -> int:
         })
     print(f"memory bandwidth (numpy copy): {bandwidth / 1e9:.1f} GB/s; context {args.context}, "
           f"{args.tokens} tokens, {args.threads} threads, batch 1")
-    print(f"{'model':20s} {'bytes':>10s} {'tok/s':>7s} {'bytes/token':>12s} {'bound tok/s':>11s} {'same tokens':>11s}")
+    print(f"{'model':24s} {'bytes':>10s} {'tok/s':>7s} {'bytes/token':>12s} {'bound tok/s':>11s} {'same tokens':>11s}")
     for r in rows:
-        print(f"{r['model']:20s} {r['bytes'] / 1e6:9.1f}M {r['decode_tokens_per_s']:7.2f} "
+        print(f"{r['model']:24s} {r['bytes'] / 1e6:9.1f}M {r['decode_tokens_per_s']:7.2f} "
               f"{r['bytes_per_token'] / 1e6:11.1f}M {r['bandwidth_bound_tokens_per_s']:11.1f} "
               f"{r['same_tokens_as_fp32']:>5d}/{args.tokens}")
     if args.json:

@@ -110,13 +110,22 @@ def test_decoder_refuses_a_model_without_cache(tmp_path):
 @pytest.mark.smollm2
 @pytest.mark.skipif(os.environ.get("GRAPHC_SMOLLM2") != "1", reason="set GRAPHC_SMOLLM2=1 (load ~20 s, export ~2 min)")
 def test_smollm2_greedy_32_tokens_match_pytorch(tmp_path):
-    """fp32 SmolLM2 through ONNX Runtime gives PyTorch's 32 greedy tokens (GRAPHC_SMOLLM2=1)."""
+    """fp32 SmolLM2 through ONNX Runtime gives PyTorch's 32 greedy tokens, unfused and with
+    fuse-ort's GroupQueryAttention over the cache (GRAPHC_SMOLLM2=1)."""
+    from graphc import io
     from graphc.exporters.decoder import export_decoder
     from graphc.models import get_model_recipe
+    from graphc.passes.fuse_ort import FuseOrt
 
     recipe = get_model_recipe("smollm2")
     model = recipe.load_hf()
     path = export_decoder(model, tmp_path / "smollm2-kv.onnx").path
     text = recipe.eval_texts(1)[0]
     prompt = recipe.tokenizer()(text, return_tensors="np")["input_ids"][:, :64]
-    np.testing.assert_array_equal(Decoder(path).greedy(prompt, 32).tokens, _torch_greedy(model, prompt, 32))
+    want = _torch_greedy(model, prompt, 32)
+    np.testing.assert_array_equal(Decoder(path).greedy(prompt, 32).tokens, want)
+    fused = io.load_model(path)
+    stats = FuseOrt()(fused).stats
+    assert stats.counts["gqa_kv_cache"] == model.config.num_hidden_layers, stats.counts
+    io.save_model(fused, tmp_path / "smollm2-kv-fused.onnx")
+    np.testing.assert_array_equal(Decoder(tmp_path / "smollm2-kv-fused.onnx").greedy(prompt, 32).tokens, want)

@@ -86,7 +86,8 @@ class UntiledGQA(pattern.RewriteRuleClassBase):
             # -inf in the mask (the legacy exporter's sdpa) makes a fully masked row NaN, which
             # the graph's IsNaN guard used to zero; the lowest finite value keeps it finite
             if mask not in self._finite_masks:
-                lowest = np.array(np.finfo(np.float32).min, ir.DataType(mask.dtype).numpy())
+                dtype = ir.DataType(mask.dtype).numpy()
+                lowest = np.array(np.finfo(dtype).min, dtype)  # float16: its own lowest, not -inf
                 self._finite_masks[mask] = op.Max(mask, op.Constant(value=ir.tensor(lowest)))
             mask = self._finite_masks[mask]
         out = op.GroupQueryAttention(

@@ -118,7 +118,8 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
             seqlens = op.Cast(op.Expand(op.Sub(length, op.Constant(value_ints=[1])), batch), to=ir.DataType.INT32)
             bias = None
             if mask is not None:
-                lowest = np.array(np.finfo(np.float32).min, ir.DataType(mask.dtype).numpy())
+                dtype = ir.DataType(mask.dtype).numpy()
+                lowest = np.array(np.finfo(dtype).min, dtype)  # float16: its own lowest, not -inf
                 bias = op.Max(mask, op.Constant(value=ir.tensor(lowest)))
                 self._per_mask[mask] = (bias, seqlens, total)
         out, present_key, present_value = op.GroupQueryAttention(
