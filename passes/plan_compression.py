@@ -152,6 +152,7 @@ class PlanCompression(GraphcPass):
         probe = pm.Probe(model, units, feeds, calibration, pass_name=self.name, correct=o.correct, ridge=o.ridge,
                          metric=self._metric())
         errors, sensitivities = self._measure(units, probe)
+        int8_factor = self._int8_factor(model, units, errors, probe)
         stats.counts["measurement_runs"] = len(sensitivities)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
 
@@ -163,6 +164,7 @@ class PlanCompression(GraphcPass):
             for node in model.graph.all_nodes():
                 node.metadata_props.pop(_ORIGINAL, None)
         details = self._details(units, errors, budgets, original, plan, rounds, sensitivities, len(feeds))
+        details["int8_factor"] = int8_factor
         stats.details["plan"] = details
         last = rounds[-1]
         stats.counts.update({
@@ -197,6 +199,46 @@ class PlanCompression(GraphcPass):
             errors[unit.key] = errs
         self.context.report(self.name, total, total)
         return errors, rows
+
+    def _int8_factor(self, model: ir.Model, units: Units, errors: dict[str, list[float]], probe: pm.Probe) -> float | None:
+        """int8's error is measured with weights rounded only; ``quantize-int8`` also quantizes
+        activations at run time. Every int8 layer at once through the pass itself gives the
+        real total: each int8 layer's predicted error is scaled by real / sum of the rounded
+        ones (where larger); returns that factor."""
+        names = {u.linears[0] for u in units.units if u.kind == "int8"}
+        alone = sum(errors[f"int8:{n}"][1] for n in names)
+        if not names or alone <= 0:
+            return None
+        work = pm._copy(model)
+        self._quantize_int8(work, names, [])
+        real = pm.output_errors(_session(work), probe.feeds, probe.reference, metric=probe.metric)
+        factor = max(real / alone, 1.0)
+        for n in names:
+            errors[f"int8:{n}"][1] *= factor
+        return round(factor, 4)
+
+    def _quantize_int8(self, work: ir.Model, names: set[str], sub: list[dict]) -> None:
+        """``quantize-int8`` (the int8 recipe's options) on the named MatMuls (and their factors)
+        only: the others are renamed out of its way for the call."""
+        from graphc.passes.quantize_int8 import QuantizeInt8
+
+        # a factorized layer's second factor reads the first's output: quantize-int8 groups
+        # MatMuls by input before rewriting, so the second factors go in a second call
+        for chosen in ((names | {f"{n}_svd_a" for n in names}), {f"{n}_svd_b" for n in names}):
+            linear = [n for n in work.graph.all_nodes() if n.op_type in (ops.MATMUL, ops.GEMM)]
+            if not any(n.name in chosen for n in linear):
+                continue
+            renamed = [(n, n.name) for n in linear if n.name not in chosen]
+            for node, name in renamed:
+                node.name = f"{_FLOAT}{name}"
+            options = {**INT8_OPTIONS, "exclude": (_FLOAT,)}
+            try:
+                result = QuantizeInt8.from_dict(options, self.context)(work)
+            finally:
+                for node, name in renamed:
+                    node.name = name
+            sub.append({"pass": QuantizeInt8.name, "options": {**options, "exclude": [_FLOAT]},
+                        "modified": result.modified, "counts": dict(result.stats.counts)})
 
     def _rounds(self, model, units, errors, budgets, probe, stats):
         o = self.options
@@ -258,7 +300,6 @@ class PlanCompression(GraphcPass):
         from graphc.passes.prune_ffn import PruneFfn
         from graphc.passes.prune_heads import PruneHeads
         from graphc.passes.quantize_embedding import QuantizeEmbedding
-        from graphc.passes.quantize_int8 import QuantizeInt8
         from graphc.passes.svd_linear import SvdLinear
 
         o = self.options
@@ -294,21 +335,7 @@ class PlanCompression(GraphcPass):
         macs = graph_macs(work, o.seq)
         q8 = {u.linears[0] for u in units.units if u.kind == "int8" and state.get(u.key)}
         if q8:
-            # a factorized layer's second factor reads the first's output: quantize-int8 groups
-            # MatMuls by input before rewriting, so the second factors go in a second call
-            second = {f"{n}_svd_b" for n in q8}
-            for chosen in ((q8 | {f"{n}_svd_a" for n in q8}), second):
-                linear = [n for n in work.graph.all_nodes() if n.op_type in (ops.MATMUL, ops.GEMM)]
-                if not any(n.name in chosen for n in linear):
-                    continue
-                renamed = [(n, n.name) for n in linear if n.name not in chosen]
-                for node, name in renamed:
-                    node.name = f"{_FLOAT}{name}"
-                try:
-                    run(QuantizeInt8, {**INT8_OPTIONS, "exclude": (_FLOAT,)})
-                finally:
-                    for node, name in renamed:
-                        node.name = name
+            self._quantize_int8(work, q8, sub)
         if state.get("int8:embeddings"):
             run(QuantizeEmbedding, {"scale_dtype": "float16"})
         return work, macs, sub
