@@ -18,7 +18,8 @@ did; its own causal window would assume right padding), so left padding, right p
 the causal part all stay the model's. The bias is clamped to the lowest finite float (as in
 ``gqa.py``). Rotary is not folded in (``do_rotary``): the kernel derives positions from
 ``seqlens_k`` and, on a first prompt, reads only the first position id, where the model's
-``position_ids`` can be anything (left padding); the separate ``RotaryEmbedding`` nodes keep them.
+``position_ids`` can be anything (left padding); the separate ``RotaryEmbedding`` nodes keep them,
+moved onto the [B, S, heads·D] projections (no Transpose there and back) where the chain allows.
 
 Refused by the kernel at run time (an error, never a different result): a call with past
 context and more than one new token at batch > 1 ("batch_size must be 1 when sequence_length
@@ -105,7 +106,8 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
         scale_attr = sdpa_output.producer().attributes.get("scale")
         scale = scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(self._head)
         to_3d = op.Constant(value_ints=[0, 0, -1])
-        q, k, v = (op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), to_3d) for x in (query, key, value))
+        q, k, v = (self._rotary_bsd(op, x) or op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), to_3d)
+                   for x in (query, key, value))
         if mask is not None and mask in self._per_mask:
             bias, seqlens, total = self._per_mask[mask]
         else:
@@ -114,7 +116,7 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
             else:
                 length = op.Add(op.Shape(past_key, start=2, end=3), op.Shape(key, start=2, end=3))
             total = op.Cast(op.Squeeze(length, op.Constant(value_ints=[0])), to=ir.DataType.INT32)
-            batch = op.Shape(query, start=0, end=1)
+            batch = op.Shape(q, start=0, end=1)
             seqlens = op.Cast(op.Expand(op.Sub(length, op.Constant(value_ints=[1])), batch), to=ir.DataType.INT32)
             bias = None
             if mask is not None:
@@ -129,6 +131,33 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
         )
         out_4d = op.Reshape(out, op.Constant(value_ints=[0, 0, self._heads, self._head]))
         return op.Transpose(out_4d, perm=[0, 2, 1, 3]), present_key, present_value
+
+    def _rotary_bsd(self, op, x: ir.Value) -> ir.Value | None:
+        """``RotaryEmbedding(Transpose(Reshape(x3, [B, S, n, D])))``, ORT's op on [B, n, S, D], as
+        the same op on ``x3`` [B, S, n·D] (ORT reads a 3-D input as [B, S, n, D]): the GQA input
+        without the Transpose there and back. None where the chain is not exactly that."""
+        rot = x.producer()
+        if (rot is None or rot.op_type != "RotaryEmbedding" or rot.domain != "com.microsoft" or len(rot.inputs) != 4
+                or any(rot.attributes.get_int(a, 0) for a in ("rotary_embedding_dim", "is_packed_batching"))):
+            return None
+        cos = rot.inputs[2]
+        if cos is None or cos.shape is None or len(cos.shape) != 2 or cos.shape[1] != self._head // 2:
+            return None  # ORT takes a 3-D input's head size from the cache: it must be the whole head
+        transpose = rot.inputs[0].producer()
+        if (transpose is None or transpose.op_type != "Transpose" or transpose.domain != ""
+                or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]):
+            return None
+        reshape = transpose.inputs[0].producer()
+        if reshape is None or reshape.op_type != "Reshape" or reshape.domain != "":
+            return None
+        x3, x4 = reshape.inputs[0], reshape.outputs[0]
+        if (x3 is None or x3.shape is None or len(x3.shape) != 3 or x4.shape is None or len(x4.shape) != 4
+                or x3.shape[2] != x4.shape[2] * x4.shape[3] or x4.shape[3] != self._head
+                or not (same(x3.shape[0], x4.shape[0]) and same(x3.shape[1], x4.shape[1]))
+                or rot.attributes.get_int("num_heads", 0) not in (0, x4.shape[2])):
+            return None
+        attributes = {name: attr for name, attr in rot.attributes.items()}
+        return op.RotaryEmbedding(x3, *rot.inputs[1:], _domain="com.microsoft", **attributes)
 
 
 def over_cache(model: ir.Model) -> list[ir.Node]:

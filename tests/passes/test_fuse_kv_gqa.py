@@ -79,6 +79,9 @@ def test_kv_decoder_fuses_group_query_attention_with_cache(decoder):
         assert node.attributes.get_int("kv_num_heads") == model.config.num_key_value_heads
         assert node.attributes.get_int("do_rotary", 0) == 0 and node.attributes.get_int("causal") == 0
         assert node.inputs[10] is not None  # the model's mask, as attention_bias
+        for x in node.inputs[:2]:  # rotary on the [B, S, heads * D] projections, no Transpose around it
+            assert x.producer().op_type == "RotaryEmbedding" and len(x.producer().inputs[0].shape) == 3
+    assert not any(n.op_type == "Transpose" for n in fused.graph.all_nodes())
 
 
 @pytest.mark.parametrize("batch,seq,past,padding", [
