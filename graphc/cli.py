@@ -97,11 +97,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if r.skipped:
             lines.append(f"  {r.name:20s} {'disabled':>8s}")
             continue
-        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if k not in ("skipped", "notes"))
+        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items()
+                          if k not in ("skipped", "notes") and not isinstance(v, (dict, list)))
         if r.stats.get("skipped"):
             stats += f"{', ' if stats else ''}skipped={len(r.stats['skipped'])}"
         check = f"  [cos {r.check['min_cosine']:.5f}]" if r.check else ""
         lines.append(f"  {r.name:20s} {r.wall_s:7.2f}s  {_fmt_bytes(r.bytes_after):>12s}  {stats or '-'}{check}")
+    for r in result.passes:
+        if isinstance(r.stats.get("plan"), dict):
+            lines.append(_plan_text(r.stats["plan"]))
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 0
     lines.append(f"size: {_fmt_bytes(result.bytes_before)} → {_fmt_bytes(result.bytes_after)} ({ratio:.1%})")
     v = result.validation
@@ -122,6 +126,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
         lines.append(f"notice: {n}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _plan_text(plan: dict) -> str:
+    """The plan pass's decisions and predicted vs measured effect, a few lines."""
+    last = (plan.get("rounds") or [{}])[-1]
+    orig = plan.get("original") or {}
+    kinds: dict[str, int] = {}
+    for d in plan.get("decisions", []):
+        kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+    pred, meas = last.get("predicted") or {}, last.get("measured") or {}
+    lines = [f"plan: {len(plan.get('decisions', []))} actions ({', '.join(f'{k} {v}' for k, v in kinds.items()) or 'none'}), "
+             f"{len(plan.get('rounds', []))} round(s); error predicted {last.get('predicted_error', 0):.4g} / measured "
+             f"{last.get('measured_error', 0):.4g}; bytes {_fmt_bytes(pred.get('bytes', 0))} / "
+             f"{_fmt_bytes(meas.get('bytes', 0))} (of {_fmt_bytes(orig.get('bytes', 0))}); MACs "
+             f"{pred.get('macs', 0) / max(orig.get('macs', 1), 1):.3f} / {meas.get('macs', 0) / max(orig.get('macs', 1), 1):.3f}"
+             " of the original"]
+    lines += [f"  {d['layer']}: {d['action']} (predicted {d['predicted_error']:.3g})"
+              for d in plan.get("decisions", []) if d["kind"] != "int8"]
+    return "\n".join(lines)
 
 
 def _compress_recipe(args: argparse.Namespace):

@@ -13,8 +13,9 @@ still unmet; with no target, over bytes and MACs), among the steps that keep the
 error within ``max_error`` and do not clash (a layer is pruned or factorized, not both).
 
 - targets given: steps until every target is met (least error on the way); if none fits
-  before they are met, :class:`Infeasible`;
-- error budget only: steps while any fits (the most saving within the error).
+  before they are met, :class:`Infeasible`; without an error budget it stops there;
+- with an error budget: then steps on while any fits (the most bytes and MACs saved within
+  the error).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def search(units: Units, errors: dict[str, list[float]], budgets: Budgets) -> Pl
     steps: list[dict] = []
     while True:
         unmet = _unmet(cost, targets)
-        if targets and not unmet:
+        if targets and not unmet and budgets.max_error is None:
             break
         metrics = list(unmet) if unmet else ["bytes", "macs"]
         best = None

@@ -237,3 +237,24 @@ def test_perplexity_budget_on_a_causal_lm(exports):
     assert float(np.concatenate(kls).mean()) == pytest.approx(plan["rounds"][-1]["measured_error"], rel=1e-3)
     with pytest.raises(UnsupportedError, match="not both"):
         _plan(_load(exports, "llama"), calib, max_ppl_rise=0.02, max_error=0.01)
+
+
+def test_cli_text_output_shows_the_plan(exports, tmp_path, capsys):
+    from graphc.cli import main
+
+    assert main(["compress", str(exports["bert"]), "-o", str(tmp_path / "t.onnx"), "--max-flops", "0.8"]) == 0
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if l.startswith("plan: "))
+    assert "error predicted" in line and "measured" in line and "MACs" in line
+    assert "encoder.layer." in text and "sensitivities" not in text  # decisions shown, details left to --json
+
+
+def test_targets_alone_stop_when_met_an_error_budget_spends_on(exports):
+    calib = _calib(_load(exports, "llama"))
+    only = _load(exports, "llama")
+    a = _plan(only, calib, max_flops=0.9).stats
+    both = _load(exports, "llama")
+    b = _plan(both, calib, max_flops=0.9, max_error=0.01).stats
+    assert a.counts["measured_macs"] <= 0.9 * a.counts["original_macs"]
+    assert b.counts["measured_macs"] <= 0.9 * b.counts["original_macs"] and b.counts["measured_error"] <= 0.01
+    assert b.counts["actions"] > a.counts["actions"] and SizeFacts.of(both).bytes < SizeFacts.of(only).bytes
