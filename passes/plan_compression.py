@@ -87,10 +87,14 @@ class PlanCompression(GraphcPass):
     summary = ("choose per layer how much to prune (heads, FFN neurons), factorize (SVD) and quantize (int8) "
                "from measured sensitivities, to an error budget and size / MAC targets; applies and checks it")
     Options = PlanOptions
-    needs_calibration = True
     calibration_texts = 256
 
-    def _validate(self) -> ps.Budgets:
+    @property
+    def needs_calibration(self) -> bool:
+        o = self.options
+        return bool(o.max_error or o.max_bytes or o.max_params or o.max_flops or o.max_ppl_rise)
+
+    def _validate(self) -> ps.Budgets | None:
         o = self.options
         if o.metric not in sens.METRICS:
             raise UnsupportedError(f"metric={o.metric!r}; supported: {', '.join(sens.METRICS)}", pass_name=self.name)
@@ -99,9 +103,6 @@ class PlanCompression(GraphcPass):
         for name in ("max_error", "max_bytes", "max_params", "max_flops", "max_ppl_rise"):
             if getattr(o, name) < 0:
                 raise UnsupportedError(f"{name}={getattr(o, name)} is negative (0 = unset)", pass_name=self.name)
-        if not (o.max_error or o.max_bytes or o.max_params or o.max_flops or o.max_ppl_rise):
-            raise UnsupportedError("no budget: set max_error (mean 1 - cosine), max_bytes, max_params or max_flops "
-                                   "(MACs relative to the original)", pass_name=self.name)
         if o.max_error >= 1 and self._metric() == "cosine":
             raise UnsupportedError(f"max_error={o.max_error} is not below 1 (it is 1 - cosine)", pass_name=self.name)
         if o.max_flops > 1:
@@ -114,6 +115,8 @@ class PlanCompression(GraphcPass):
                                        pass_name=self.name)
         if o.feeds < 1 or o.rounds < 1 or o.seq < 1:
             raise UnsupportedError("feeds, rounds and seq must be ≥ 1", pass_name=self.name)
+        if not self.needs_calibration:
+            return None
         max_error = float(np.log1p(o.max_ppl_rise)) if o.max_ppl_rise else o.max_error
         return ps.Budgets(max_error or None, o.max_bytes or None, o.max_params or None, None)
 
@@ -130,6 +133,9 @@ class PlanCompression(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         budgets = self._validate()
         o = self.options
+        if budgets is None:
+            stats.notes.append("nothing requested (give max_error, max_ppl_rise, max_bytes, max_params or max_flops)")
+            return False
         calibration = list(self.context.calibration or [])
         if not calibration:
             raise PassError("needs calibration data (each action's output error is measured on it), and none was "
