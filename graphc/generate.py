@@ -3,6 +3,8 @@
 Prefill runs the prompt with a zero-length past; each decode step feeds the last token and
 the presents back as the past. Works for float32 and compressed decoders alike (the cache
 dtype is read from the session). Batch rows must have the same prompt length (no padding).
+Those are the only calls a decoder fused by ``fuse-ort`` needs: its GroupQueryAttention (ONNX
+Runtime) refuses several new tokens after a past at batch > 1, which this never sends.
 """
 
 from __future__ import annotations
