@@ -3,7 +3,9 @@
 Stops at ``MultiHeadAttention`` by default (``attention = "mha"``): Q, K and V stay separate
 MatMuls that the int8 pass can quantize (the packed ``Attention`` op takes its QKV weight as a
 float input and would keep 25% of the matmul work in fp32). ``attention = "attention"`` goes
-on to the packed op, as onnxscript's ``optimize_for_ort`` does.
+on to the packed op, as onnxscript's ``optimize_for_ort`` does. Attention over a KV cache
+(``graphc export --kv-cache``) becomes ``GroupQueryAttention`` with past and present in the op
+(``_fusion_rules/gqa_kv.py``), whatever the target.
 """
 
 from __future__ import annotations
