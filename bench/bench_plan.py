@@ -50,6 +50,7 @@ def _plan_stats(result) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import graphc
     from graphc import measure
+    from graphc.errors import GraphcError
     from graphc.demo import cached_export, length_sorted
     from graphc.models import data, get_model_recipe
     from graphc.models.minilm import SentimentProbe, embed
@@ -86,7 +87,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             with rep.status(f"{name}: graphc.compress"), b8.quiet():
                 t0 = time.perf_counter()
-                result = graphc.compress(fp32_path, path, recipe=plan_recipe(**budget), force=True)
+                try:
+                    result = graphc.compress(fp32_path, path, recipe=plan_recipe(**budget), force=True)
+                except GraphcError as e:  # an infeasible budget: say so in the table
+                    res.setdefault("failed", {})[name] = str(e)
+                    continue
                 facts = _plan_stats(result)
                 facts["compress_s"] = round(time.perf_counter() - t0, 1)
                 facts["load_after"] = os.getloadavg()
@@ -166,6 +171,8 @@ def markdown(res: dict[str, Any]) -> str:
                      f"| {b8_ / o['latency_b8']['median_ms']:.2f}× | {b8_:.1f} | {r['cosine_vs_torch']['mean']:.5f} "
                      f"| {r['cosine_vs_torch']['min']:.4f} | {r['probe_accuracy']:.4f} {extra}")
     lines += ["", f"PyTorch fp32 probe accuracy {res['probe']['torch_fp32_accuracy']:.4f}.", ""]
+    for name, error in res.get("failed", {}).items():
+        lines.append(f"- {name}: {error}")
     for name, p in res["plans"].items():
         rounds = "; ".join(f"round {r['round']}: predicted {r['predicted_error']:.4f} / measured "
                            f"{r['measured_error']:.4f}, {r['measured']['bytes'] / 1e6:.2f} MB, met {r['met']}"

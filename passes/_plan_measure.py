@@ -36,7 +36,8 @@ from graphc.passes._plan_units import Unit, Units
 from graphc.passes._quant import constant, symmetric_int8
 
 
-def _copy(model: ir.Model) -> ir.Model:
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy (serialized and read back; external data inlined)."""
     from graphc.io import inline_external_data
 
     with inline_external_data(model):
@@ -84,7 +85,7 @@ class Probe:
         self.metric = metric
         self.model, self.units, self.calibration = model, units, calibration
         self.pass_name, self.correct, self.ridge, self.damp = pass_name, correct, ridge, damp
-        work = _copy(model)
+        work = copy_model(model)
         nodes = {n.name: n for n in work.graph}
         self.deltas: dict[str, str] = {}  # linear name -> delta input name
         refit = [units.blocks[u.index].o.node.name for u in units.units if u.kind == "heads"]

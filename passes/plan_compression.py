@@ -215,7 +215,7 @@ class PlanCompression(GraphcPass):
         alone = sum(errors[f"int8:{n}"][1] for n in names)
         if not names or alone <= 0:
             return None
-        work = pm._copy(model)
+        work = pm.copy_model(model)
         self._quantize_int8(work, names, [])
         real = pm.output_errors(_session(work), probe.feeds, probe.reference, metric=probe.metric)
         factor = max(real / alone, 1.0)
@@ -309,7 +309,7 @@ class PlanCompression(GraphcPass):
         from graphc.passes.svd_linear import SvdLinear
 
         o = self.options
-        work = pm._copy(model)
+        work = pm.copy_model(model)
         state = plan.state
         sub: list[dict] = []
 
