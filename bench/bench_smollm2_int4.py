@@ -13,7 +13,10 @@ In one process, on CPU with ``--threads`` intra-op threads (default 2):
    tied LM head is a plain initializer (the quantizer only takes constant weights), so ORT
    stores the embedding table and the head as two 4-bit copies;
 3. ORT int4 HQQ: the same with ``HQQWeightOnlyQuantConfig`` (block 128; MatMul only: ORT's
-   HQQ refuses Gather), the embedding table left fp32;
+   HQQ refuses Gather), the embedding table left fp32; ORT int4 GPTQ: ``GPTQWeightOnlyQuantConfig``
+   (ORT's vendored Intel Neural Compressor GPTQ, block 128, symmetric, act order, MatMul only) on
+   the first ``ORT_GPTQ_FEEDS`` of graphc's calibration batches (it holds every MatMul input of
+   every batch in memory, so fewer than graphc's);
 4. graphc variants (``VARIANTS``): the ``int4`` recipe and variants of it (quantizer, block,
    head/embedding precision), each built with ``graphc.compress`` on the fp32 export.
 
@@ -50,11 +53,13 @@ FUSED_PIPELINE = "graphc cleanup+fuse-ort(mha)+trim-outputs, head as initializer
 
 # what a graphc variant's bytes depend on (besides the recipe and the export)
 GRAPHC_SOURCES = ("cleanup", "fuse_ort", "trim_outputs", "quantize_nbits", "quantize_gather_block", "_blockquant",
-                  "_quant", "fp16_constants", "mixed_precision")
+                  "_quant", "fp16_constants", "mixed_precision", "_sensitivity", "_precision_plan")
 
 FP32 = "fp32 (graphc export)"
 ORT_RTN = "ORT int4 RTN b128 sym (MatMul+Gather)"
 ORT_HQQ = "ORT int4 HQQ b128 (MatMul only)"
+ORT_GPTQ = "ORT int4 GPTQ b128 sym (MatMul only)"
+ORT_GPTQ_FEEDS = 8  # its calibration batches (4 x 128 tokens each): ORT keeps every MatMul input of every batch in RAM
 
 # graphc variants: quantize-nbits options, quantize-gather-block options (None: recipe's),
 # whether the weights' Q4_1 grid makes the variant look better than it is.
@@ -80,8 +85,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "graphc recipes/smollm2-int4.toml": {"toml": "recipes/smollm2-int4.toml"},
     "graphc recipes/smollm2-int4.toml, mse": {"toml": "recipes/smollm2-int4.toml", "method": "mse"},
-    # GPTQ with ~4x the calibration tokens of the model recipe's default caps (16 texts, 4 feeds)
-    "graphc recipes/smollm2-int4.toml, 64 calib texts": {"toml": "recipes/smollm2-int4.toml", "calibration": (64, 16)},
     "graphc gptq b32 sym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
                   "head_bits": 8},
@@ -179,9 +182,12 @@ def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
 
     out = work / f"smollm2-ort-int4-{algo}.onnx"
     stamp = work / f"smollm2-ort-int4-{algo}.key"
-    key = _fingerprint(f"ort-int4-{algo} block128 v1", _read(work / "smollm2-fused-fp32.key"))
+    extra = f" feeds {ORT_GPTQ_FEEDS}" if algo == "gptq" else ""
+    key = _fingerprint(f"ort-int4-{algo} block128 v1{extra}", _read(work / "smollm2-fused-fp32.key"))
     if _key_ok(out, stamp, key, fresh):
         return out
+    if algo == "gptq":
+        return build_ort_gptq(fused, out, stamp, key)
     if algo == "rtn":
         config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=4,
                                               op_types_to_quantize=("MatMul", "Gather"),
@@ -190,6 +196,36 @@ def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
         config = HQQWeightOnlyQuantConfig(block_size=128, bits=4, op_types_to_quantize=("MatMul",))
     with quiet():
         quantizer = MatMulNBitsQuantizer(onnx.load(str(fused)), algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    stamp.write_text(key + "\n")
+    return out
+
+
+def build_ort_gptq(fused: Path, out: Path, stamp: Path, key: str) -> Path:
+    """ORT's GPTQ (MatMul only, block 128, symmetric, act order) on graphc's calibration batches."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from graphc.models import get_model_recipe
+
+    recipe = get_model_recipe("smollm2")
+    texts = recipe.eval_texts(recipe.calibration_max_texts, split="calibration")
+    feeds = recipe.feeds(texts, batch=recipe.validation_batch)[:ORT_GPTQ_FEEDS]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+    config = GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), percdamp=0.01, block_size=128,
+                                       actorder=True, op_types_to_quantize=("MatMul",))
+    with quiet():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fused)), block_size=128, is_symmetric=True, accuracy_level=4,
+                                         algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
     stamp.write_text(key + "\n")
@@ -229,13 +265,13 @@ def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fre
     stamp = work / f"smollm2-{slug}.key"
     info = work / f"smollm2-{slug}.json"
     sources = [f.read_text() for p in GRAPHC_SOURCES if (f := ROOT / "passes" / f"{p}.py").is_file()]
-    key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), str(spec.get("calibration")),
+    model_recipe = get_model_recipe("smollm2")
+    caps = (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds)
+    key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), str(spec.get("calibration") or caps),
                        _read(fp32.with_suffix(".key")), *sources)
     if info.is_file() and _key_ok(out, stamp, key, fresh):
         return out, json.loads(info.read_text())
     t0 = time.perf_counter()
-    model_recipe = get_model_recipe("smollm2")
-    caps = (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds)
     if spec.get("calibration"):  # (texts, feeds): more calibration tokens for GPTQ's Hessians
         model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds = spec["calibration"]
     try:
@@ -246,7 +282,8 @@ def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fre
     facts = {
         "seconds": round(time.perf_counter() - t0, 1),
         "recipe": recipe.to_dict()["passes"],
-        "stats": {r.name: {**r.stats, "wall_s": round(r.wall_s, 1)} for r in result.passes if r.name.startswith("quantize")},
+        "stats": {r.name: {**r.stats, "wall_s": round(r.wall_s, 1)} for r in result.passes
+                  if r.name.startswith("quantize") or r.name == "mixed-precision"},
     }
     info.write_text(json.dumps(facts, indent=1, default=str) + "\n")
     stamp.write_text(key + "\n")
@@ -322,10 +359,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths: dict[str, Path] = {FP32: fp32_path}
     errors: dict[str, str] = {}
     built: dict[str, dict] = {}
-    if wanted(ORT_RTN) or wanted(ORT_HQQ):
+    if wanted(ORT_RTN) or wanted(ORT_HQQ) or wanted(ORT_GPTQ):
         with rep.status("fused fp32 graph (cleanup → fuse-ort → trim-outputs; head as an initializer)"):
             fused = build_fused(fp32_path, work, fresh=args.fresh)
-        for name, algo in ((ORT_RTN, "rtn"), (ORT_HQQ, "hqq")):
+        for name, algo in ((ORT_RTN, "rtn"), (ORT_HQQ, "hqq"), (ORT_GPTQ, "gptq")):
             if not wanted(name):
                 continue
             with rep.status(name):

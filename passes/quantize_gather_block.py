@@ -278,7 +278,14 @@ class QuantizeGatherBlock(GraphcPass):
             nodes.append(cast)
             scales = cast.outputs[0]
         inputs = [b, node.inputs[1], scales]
-        if len(head.inputs) > 3 and head.inputs[3] is not None:
+        if len(head.inputs) > 3 and head.inputs[3] is not None and bits == 8:
+            # one zero point a byte already: the head's own, reshaped (not a second copy)
+            zshape = constant(graph, f"{b.name}_gather_zero_shape", np.array([vocab, n_blocks, 1], np.int64))
+            zreshape = ir.node("Reshape", [head.inputs[3], zshape])
+            nodes.append(zreshape)
+            inputs.append(zreshape.outputs[0])
+        elif len(head.inputs) > 3 and head.inputs[3] is not None:
+            # MatMulNBits packs a row's zero points; GatherBlockQuantized wants one per (row, block)
             packed = const_array(head.inputs[3])
             zero = bq.unpack(packed, bits, n_blocks)  # [vocab, n_blocks]
             inputs.append(constant(graph, f"{b.name}_gather_zero_points", zero.reshape(vocab, n_blocks, 1)))
