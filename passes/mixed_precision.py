@@ -148,7 +148,12 @@ class MixedPrecision(GraphcPass):
 
     def _bytes(self, layer: sens.Layer, c: sens.QuantConfig) -> int:
         rows, cols = layer.shape
-        return sens.config_bytes(rows, cols, c, symmetric=self.options.symmetric, scale_dtype=self.options.scale_dtype)
+        nbytes = sens.config_bytes(rows, cols, c, symmetric=self.options.symmetric, scale_dtype=self.options.scale_dtype)
+        if layer.tied and not self.options.symmetric and c.bits < 8:
+            # the shared table's GatherBlockQuantized needs the head's packed zero points unpacked
+            # (one byte per row and block; quantize-gather-block._emit_tied)
+            nbytes += rows * -(-cols // c.block_size)
+        return nbytes
 
     def _bytes_rows(self, rows: int, cols: int, c: sens.QuantConfig) -> int:
         return sens.config_bytes(rows, cols, c, symmetric=self.options.symmetric, scale_dtype=self.options.scale_dtype)
