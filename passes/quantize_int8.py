@@ -111,9 +111,12 @@ class QuantizeInt8(GraphcPass):
             )
         outliers = self._find_outliers(model, groups, stats) if self.options.outlier_ratio > 0 else {}
         quantized: dict[tuple[int, int, str], tuple[ir.Value, ir.Value]] = {}
-        for x, cands in groups.items():
+        for key_x, cands in groups.items():
             first = cands[0].node
-            found = outliers.get(x)
+            # the input as it is now: an earlier group's rewrite replaces a quantized MatMul's
+            # output, which may be this group's input (MatMul feeding MatMul: SVD factors)
+            x = first.inputs[0]
+            found = outliers.get(key_x)
             split = smooth = None
             quant_input = x
             if found is not None and mode is OutlierMode.SPLIT:

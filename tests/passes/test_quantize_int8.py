@@ -174,3 +174,27 @@ def test_outlier_smoothing_moves_scale_into_weights():
 def test_bad_outlier_mode():
     with pytest.raises(UnsupportedError, match="smooth, split"):
         QuantizeInt8(QuantizeInt8.Options(outlier_mode="magic"))(mlp())
+
+
+def test_matmul_feeding_matmul_quantizes_the_live_input():
+    """Two factors in a row (svd-linear's U then V): the second group's input is the first
+    MatMul's output, which the first rewrite replaces; the second must read the new value."""
+    from onnx import TensorProto, helper
+
+    from graphc.passes.cleanup import RemoveUnused
+    from tests.passes.graphs import _model
+
+    rng = np.random.default_rng(0)
+    inits = {"U": rng.standard_normal((32, 8)).astype(np.float32) * 0.3,
+             "V": rng.standard_normal((8, 32)).astype(np.float32) * 0.3}
+    nodes = [helper.make_node("MatMul", ["x", "U"], ["h"], name="u"),
+             helper.make_node("MatMul", ["h", "V"], ["y"], name="v")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 32])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 32])], inits)
+    ref = run(model, _feed())
+    result = QuantizeInt8()(model)
+    assert result.stats.counts["matmuls_quantized"] == 2
+    RemoveUnused()(model)
+    assert ops_of(model).count("DynamicQuantizeLinear") == 2
+    got = run(model, _feed())
+    assert cosine(ref[0], got[0]) > 0.999
