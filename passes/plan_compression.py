@@ -228,8 +228,8 @@ class PlanCompression(GraphcPass):
         only: the others are renamed out of its way for the call."""
         from graphc.passes.quantize_int8 import QuantizeInt8
 
-        # a factorized layer's second factor reads the first's output: quantize-int8 groups
-        # MatMuls by input before rewriting, so the second factors go in a second call
+        # a factorized layer's second factor reads the first's output; it goes in a second call
+        # (written around a quantize-int8 defect since fixed; the result is the same either way)
         for chosen in ((names | {f"{n}_svd_a" for n in names}), {f"{n}_svd_b" for n in names}):
             linear = [n for n in work.graph.all_nodes() if n.op_type in (ops.MATMUL, ops.GEMM)]
             if not any(n.name in chosen for n in linear):
