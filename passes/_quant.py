@@ -101,6 +101,18 @@ def gemm_terms(node: ir.Node, stored: np.ndarray, stats, label: str) -> tuple[bo
     return transpose, attrs.get_float("alpha", 1.0), bias
 
 
+def gemm_weight(node: ir.Node, stored: np.ndarray, stats, label: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The weight as the MatMul/Gemm applies it, [K, N] float32 contiguous with alpha folded
+    in, and the bias (``gemm_terms``); None, with the skip recorded, where it cannot say."""
+    terms = gemm_terms(node, stored, stats, label)
+    if terms is None:
+        return None
+    transpose, alpha, bias = terms
+    w = stored.T if transpose else stored
+    w = w * alpha if alpha != 1.0 else w
+    return np.ascontiguousarray(w, dtype=np.float32), bias
+
+
 def release_pages(value: ir.Value | None) -> None:
     """Let the OS drop the memory-mapped pages of the external weight behind ``value`` (through
     a Transpose or Cast of it) once a pass has read it: onnx_ir maps external data and the

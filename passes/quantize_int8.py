@@ -40,7 +40,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_terms, symmetric_int8
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, symmetric_int8
 
 
 class Emit(str, enum.Enum):
@@ -228,14 +228,10 @@ class QuantizeInt8(GraphcPass):
         if in_dtype is not None and in_dtype != ir.DataType.FLOAT:
             stats.skip(label, f"activation dtype {in_dtype} is not float32")
             return None
-        w = w.astype(np.float32)
-        terms = gemm_terms(node, w, stats, label)
-        if terms is None:
+        found = gemm_weight(node, w.astype(np.float32), stats, label)
+        if found is None:
             return None
-        transpose, alpha, bias = terms
-        w = w.T if transpose else w
-        w = w * alpha if alpha != 1.0 else w
-        return _Candidate(node, np.ascontiguousarray(w), bias, node.inputs[1])
+        return _Candidate(node, found[0], found[1], node.inputs[1])
 
     # ------------------------------------------------------------------ emitting
     def _emit(self, graph, emit, cand, xq, xs, xzp, wq, ws) -> list[ir.Node]:

@@ -38,7 +38,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, gemm_terms
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, gemm_weight
 from graphc.passes.quantize_nbits import constant_weight
 from graphc.registry import register
 
@@ -222,13 +222,10 @@ class SvdLinear(GraphcPass):
         if w.size < self.options.min_elements:
             stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
             return None
-        terms = gemm_terms(node, w, stats, label)
-        if terms is None:
+        found = gemm_weight(node, w, stats, label)
+        if found is None:
             return None
-        transpose, alpha, bias = terms
-        w = w.T if transpose else w
-        w = w * alpha if alpha != 1.0 else w
-        return _Candidate(node, np.ascontiguousarray(w, dtype=np.float32), bias, key)
+        return _Candidate(node, found[0], found[1], key)
 
     # ------------------------------------------------------------------ emitting
     @staticmethod
