@@ -78,12 +78,37 @@ def _quality(sess, recipe, feeds, pool, ref) -> Any:
     return measure.cosine_stats(measure.embeddings(sess, feeds, pool=pool), ref)
 
 
+def probe_accuracies(recipe, sessions: dict, torch_ref, embed, cfg, rep) -> tuple[dict[str, float], list, list]:
+    """Sentiment-probe accuracy of PyTorch fp32 and each session: a probe trained on PyTorch
+    fp32 embeddings of ``cfg["probe_train"]`` tweets, tested on ``cfg["probe_test"]``; and
+    the train and test texts."""
+    from graphc import measure
+    from graphc.demo import length_sorted
+    from graphc.models import data
+    from graphc.models.minilm import SentimentProbe
+
+    train_texts, train_y = data.tweets("probe_train")
+    test_texts, test_y = data.tweets("probe_test")
+    train_texts, train_y = length_sorted(recipe, train_texts[: cfg["probe_train"]], train_y[: cfg["probe_train"]])
+    test_texts, test_y = length_sorted(recipe, test_texts[: cfg["probe_test"]], test_y[: cfg["probe_test"]])
+    train_feeds = recipe.feeds(train_texts, batch=32, max_length=b8.SEQ)
+    test_feeds = recipe.feeds(test_texts, batch=32, max_length=b8.SEQ)
+    with rep.bar("PyTorch fp32 probe embeddings") as cb:
+        probe = SentimentProbe().fit(torch_ref.embeddings(train_texts, train_feeds, embed, cb), train_y)
+        accuracy = {"PyTorch fp32": measure.probe_accuracy(
+            probe, torch_ref.embeddings(test_texts, test_feeds, embed, cb), test_y)}
+    for name, sess in sessions.items():
+        with rep.status(f"{name}: probe embeddings"):
+            accuracy[name] = measure.probe_accuracy(probe, measure.embeddings(sess, test_feeds, pool=embed), test_y)
+    return accuracy, train_texts, test_texts
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import graphc
     from graphc import measure
-    from graphc.demo import cached_export, length_sorted
-    from graphc.models import data, get_model_recipe
-    from graphc.models.minilm import SentimentProbe, embed
+    from graphc.demo import cached_export
+    from graphc.models import get_model_recipe
+    from graphc.models.minilm import embed
 
     cfg = dict(QUICK if args.quick else FULL)
     rep = b8.Reporter()
@@ -122,19 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, sess in sessions.items():
             with rep.status(f"{name}: embeddings of {cfg['sentences']} eval tweets"):
                 cosine[name] = _quality(sess, recipe, feeds, embed, ref)
-        train_texts, train_y = data.tweets("probe_train")
-        test_texts, test_y = data.tweets("probe_test")
-        train_texts, train_y = length_sorted(recipe, train_texts[: cfg["probe_train"]], train_y[: cfg["probe_train"]])
-        test_texts, test_y = length_sorted(recipe, test_texts[: cfg["probe_test"]], test_y[: cfg["probe_test"]])
-        train_feeds = recipe.feeds(train_texts, batch=32, max_length=b8.SEQ)
-        test_feeds = recipe.feeds(test_texts, batch=32, max_length=b8.SEQ)
-        with rep.bar("PyTorch fp32 probe embeddings") as cb:
-            probe = SentimentProbe().fit(torch_ref.embeddings(train_texts, train_feeds, embed, cb), train_y)
-            accuracy = {"PyTorch fp32": measure.probe_accuracy(
-                probe, torch_ref.embeddings(test_texts, test_feeds, embed, cb), test_y)}
-        for name, sess in sessions.items():
-            with rep.status(f"{name}: probe embeddings"):
-                accuracy[name] = measure.probe_accuracy(probe, measure.embeddings(sess, test_feeds, pool=embed), test_y)
+        accuracy, train_texts, test_texts = probe_accuracies(recipe, sessions, torch_ref, embed, cfg, rep)
         res["models"] = {
             name: {"path": str(paths[name]), "bytes": measure.files_bytes(paths[name]),
                    "latency_b1": latency[1][name].to_dict(), "latency_b8": latency[8][name].to_dict(),

@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8 helpers (a script, not a package)
 
 import bench_int8 as b8  # noqa: E402
+from bench_fast import probe_accuracies  # noqa: E402
 
 ORT_INT8 = "ORT int8 (optimizer + quantize_dynamic)"
 
@@ -51,9 +52,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import graphc
     from graphc import measure
     from graphc.errors import GraphcError
-    from graphc.demo import cached_export, length_sorted
-    from graphc.models import data, get_model_recipe
-    from graphc.models.minilm import SentimentProbe, embed
+    from graphc.demo import cached_export
+    from graphc.models import get_model_recipe
+    from graphc.models.minilm import embed
     from graphc.recipes import plan_recipe
 
     cfg = dict(b8.QUICK if args.quick else b8.FULL)
@@ -120,19 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, sess in sessions.items():
         with rep.status(f"{name}: embeddings of {cfg['sentences']} eval tweets"):
             cosine[name] = measure.cosine_stats(measure.embeddings(sess, feeds, pool=embed), ref)
-    train_texts, train_y = data.tweets("probe_train")
-    test_texts, test_y = data.tweets("probe_test")
-    train_texts, train_y = length_sorted(recipe, train_texts[: cfg["probe_train"]], train_y[: cfg["probe_train"]])
-    test_texts, test_y = length_sorted(recipe, test_texts[: cfg["probe_test"]], test_y[: cfg["probe_test"]])
-    train_feeds = recipe.feeds(train_texts, batch=32, max_length=b8.SEQ)
-    test_feeds = recipe.feeds(test_texts, batch=32, max_length=b8.SEQ)
-    with rep.bar("PyTorch fp32 probe embeddings") as cb:
-        probe = SentimentProbe().fit(torch_ref.embeddings(train_texts, train_feeds, embed, cb), train_y)
-        accuracy = {"PyTorch fp32": measure.probe_accuracy(
-            probe, torch_ref.embeddings(test_texts, test_feeds, embed, cb), test_y)}
-    for name, sess in sessions.items():
-        with rep.status(f"{name}: probe embeddings"):
-            accuracy[name] = measure.probe_accuracy(probe, measure.embeddings(sess, test_feeds, pool=embed), test_y)
+    accuracy, train_texts, test_texts = probe_accuracies(recipe, sessions, torch_ref, embed, cfg, rep)
     res["models"] = {
         name: {"path": str(paths[name]), "bytes": measure.files_bytes(paths[name]),
                "latency_b1": latency[1][name].to_dict(), "latency_b8": latency[8][name].to_dict(),
