@@ -125,14 +125,8 @@ class Units:
                                      "read by it alone (or QKV is packed into the op)"))
                 self.attention[-1] = (None, b.heads, b.head_dim + b.v_head_dim)
                 continue
-            touched = []
-            for lin in {id(x.node): x for x in (b.q, b.k, b.v)}.values():
-                if lin.node.name in self.linears:
-                    self.linears[lin.node.name].out_unit = key
-                    touched.append(lin.node.name)
-            if b.o.node.name in self.linears:
-                self.linears[b.o.node.name].in_unit = key
-                touched.append(b.o.node.name)
+            qkv = [lin.node.name for lin in {id(x.node): x for x in (b.q, b.k, b.v)}.values()]
+            touched = self._wire(key, qkv, b.o.node.name)
             packed = (None, 0)
             if b.kind == ops.MULTI_HEAD_ATTENTION and len(b.anchor.inputs) > 3 and b.anchor.inputs[3] is not None:
                 v = b.anchor.inputs[3]
@@ -150,14 +144,8 @@ class Units:
                 self.skipped.append((f.down.node.name, "ffn: the down projection's weight is not an initializer "
                                      "read by it alone"))
                 continue
-            key, touched = f"ffn:{i}", []
-            for up in f.ups:
-                if up.node.name in self.linears:
-                    self.linears[up.node.name].out_unit = key
-                    touched.append(up.node.name)
-            if f.down.node.name in self.linears:
-                self.linears[f.down.node.name].in_unit = key
-                touched.append(f.down.node.name)
+            key = f"ffn:{i}"
+            touched = self._wire(key, [up.node.name for up in f.ups], f.down.node.name)
             self.units.append(Unit(key, "ffn", (0.0, *ffn_levels), f.width, min_keep, touched, i))
         heads_out = {o.name for o in graph.outputs}
         for rec in self.linears.values():
@@ -183,6 +171,19 @@ class Units:
         self.base = self._fixed(model)
 
     # ------------------------------------------------------------------ cost
+    def _wire(self, key: str, producers: list[str], consumer: str) -> list[str]:
+        """Mark the linears whose outputs a unit slices (``producers``) and the one whose input
+        it slices (``consumer``); the names of those that are linears here, in that order."""
+        touched = []
+        for name in producers:
+            if name in self.linears:
+                self.linears[name].out_unit = key
+                touched.append(name)
+        if consumer in self.linears:
+            self.linears[consumer].in_unit = key
+            touched.append(consumer)
+        return touched
+
     def _fixed(self, model: ir.Model) -> Cost:
         """Bytes and elements of every initializer the plan does not price."""
         priced = {r.weight.name for r in self.linears.values()} | {t.name for t in self.tables}
