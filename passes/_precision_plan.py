@@ -1,15 +1,17 @@
 """Choosing one quantization option per layer to meet a size budget or an error budget.
 
 Each layer offers options (a configuration, its bytes, its predicted output error). Errors of
-layers are taken to add (see ``_sensitivity``), so this is a multiple-choice knapsack. It is
-solved the way bit-allocation usually is (Lagrangian / convex-hull greedy): each layer starts
-at its cheapest option; the upgrade with the largest error decrease per added byte, along each
-layer's lower convex hull of (bytes, error), is taken while it fits; then any single upgrade
-that still fits the bytes left and lowers the error most is taken, until none does.
+layers are taken to add (see ``_sensitivity``), so this is a multiple-choice knapsack, solved
+by dynamic programming over the bytes above each layer's cheapest option, counted in units of
+at most ``resolution`` steps across the span that matters (each option's extra bytes rounded
+*up* to whole units, so a plan never exceeds its budget; on SmolLM2's 211 weights a unit is
+~0.5 KB). Unlike a greedy walk along each layer's convex hull, the optimum is monotone in the
+budget: a layer whose better option is one large step (an LM head from 4 to 8 bits) is
+upgraded exactly when that buys more than the many small steps the same bytes would pay for.
 
-- size budget (``max_bytes``): the least predicted error within the bytes;
-- error budget (``max_error``): the fewest bytes (along the hull) whose predicted error is
-  within the budget;
+- size budget (``max_bytes``): the least predicted error within the bytes; bytes the rounding
+  left are then spent by single upgrades that still fit;
+- error budget (``max_error``): the fewest bytes whose predicted error is within the budget;
 - both: the size plan, which must also meet the error budget.
 
 A budget no assignment can meet raises a :class:`~graphc.errors.PassError` saying what the
@@ -18,9 +20,11 @@ cheapest (or the most accurate) assignment would need.
 
 from __future__ import annotations
 
-import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from graphc.errors import PassError
 
@@ -32,33 +36,9 @@ class Option:
     error: float  # predicted output error with only this layer at this option
 
 
-def _hull(options: Sequence[Option]) -> list[int]:
-    """Indices of the lower convex hull of (bytes, error), by increasing bytes, decreasing error."""
-    order = sorted(range(len(options)), key=lambda i: (options[i].nbytes, options[i].error))
-    frontier: list[int] = []
-    for i in order:  # Pareto front: each next one strictly more accurate
-        if not frontier or options[i].error < options[frontier[-1]].error:
-            if frontier and options[i].nbytes == options[frontier[-1]].nbytes:
-                frontier[-1] = i
-            else:
-                frontier.append(i)
-    hull: list[int] = []
-    for i in frontier:
-        while len(hull) >= 2:
-            a, b = options[hull[-2]], options[hull[-1]]
-            c = options[i]
-            # b lies above the segment a-c: drop it (slopes must flatten as bytes grow)
-            if (b.error - a.error) * (c.nbytes - a.nbytes) >= (c.error - a.error) * (b.nbytes - a.nbytes):
-                hull.pop()
-            else:
-                break
-        hull.append(i)
-    return hull
-
-
 def plan(
     layers: Sequence[Sequence[Option]], *, max_bytes: int | None = None, max_error: float | None = None,
-    fixed_bytes: int = 0, pass_name: str = "mixed-precision",
+    fixed_bytes: int = 0, pass_name: str = "mixed-precision", resolution: int = 50_000,
 ) -> list[int]:
     """The index of the chosen option of each layer. ``fixed_bytes``: bytes outside the
     layers that count against ``max_bytes``."""
@@ -66,17 +46,8 @@ def plan(
         raise PassError("a plan needs max_bytes or max_error", pass_name=pass_name)
     if any(not opts for opts in layers):
         raise PassError("a layer has no quantization option to choose from", pass_name=pass_name)
-    hulls = [_hull(opts) for opts in layers]
-    pick = [h[0] for h in hulls]
-    pos = [0] * len(layers)
-
-    def total_bytes() -> int:
-        return fixed_bytes + sum(layers[i][p].nbytes for i, p in enumerate(pick))
-
-    def total_error() -> float:
-        return sum(layers[i][p].error for i, p in enumerate(pick))
-
-    least = total_bytes()
+    base = [min(o.nbytes for o in opts) for opts in layers]
+    least = fixed_bytes + sum(base)
     if max_bytes is not None and least > max_bytes:
         raise PassError(
             f"max_bytes={max_bytes:,} cannot be met: the smallest option of every layer needs {least:,} bytes "
@@ -88,32 +59,42 @@ def plan(
             f"max_error={max_error:g} cannot be met: even the most accurate option of every layer is predicted "
             f"at {best_error:.6g}", pass_name=pass_name,
         )
-    budget = max_bytes
-    used = least
-    heap: list[tuple[float, int]] = []
-
-    def push(i: int) -> None:
-        if pos[i] + 1 < len(hulls[i]):
-            a, b = layers[i][hulls[i][pos[i]]], layers[i][hulls[i][pos[i] + 1]]
-            slope = (a.error - b.error) / max(b.nbytes - a.nbytes, 1)
-            heapq.heappush(heap, (-slope, i))
-
-    for i in range(len(layers)):
-        push(i)
-    while heap:
-        if max_bytes is None and total_error() <= max_error:  # error budget met at the fewest bytes
-            break
-        _, i = heapq.heappop(heap)
-        nxt = hulls[i][pos[i] + 1]
-        extra = layers[i][nxt].nbytes - layers[i][pick[i]].nbytes
-        if budget is not None and used + extra > budget:
-            continue  # this layer's next step does not fit; its later ones are dearer still
-        pick[i], pos[i] = nxt, pos[i] + 1
-        used += extra
-        push(i)
+    most = sum(max(o.nbytes for o in opts) - b for opts, b in zip(layers, base))
+    span = min(most, max_bytes - least) if max_bytes is not None else most
+    unit = max(1, math.ceil(span / resolution))
+    # cost in units of each option above its layer's cheapest, rounded up; cheapest first so
+    # that ties keep the fewer bytes
+    costs = [[math.ceil((o.nbytes - b) / unit) for o in opts] for opts, b in zip(layers, base)]
+    top = sum(max(c) for c in costs)  # every layer at its dearest option
     if max_bytes is not None:
+        top = min(top, (max_bytes - least) // unit)
+    orders = [sorted(range(len(opts)), key=lambda j, opts=opts: (opts[j].nbytes, opts[j].error)) for opts in layers]
+    best = np.zeros(top + 1)  # least error of the layers so far within b units, b = 0..top
+    choice = np.zeros((len(layers), top + 1), dtype=np.int16)
+    for i, opts in enumerate(layers):
+        nxt = np.full(top + 1, np.inf)
+        for j in orders[i]:
+            c = costs[i][j]
+            if c > top:
+                continue
+            cand = best[: top + 1 - c] + opts[j].error
+            better = cand < nxt[c:]
+            nxt[c:][better] = cand[better]
+            choice[i, c:][better] = j
+        best = nxt
+    if max_bytes is not None:
+        b = top
+    else:  # the fewest units whose least error meets the budget (best never rises with b)
+        b = int(np.argmax(best <= max_error * (1 + 1e-12)))
+    pick = [0] * len(layers)
+    for i in range(len(layers) - 1, -1, -1):
+        j = int(choice[i, b])
+        pick[i] = j
+        b -= costs[i][j]
+    if max_bytes is not None:
+        used = fixed_bytes + sum(layers[i][j].nbytes for i, j in enumerate(pick))
         _fill(layers, pick, max_bytes - used)
-        err = total_error()
+        err = sum(layers[i][j].error for i, j in enumerate(pick))
         if max_error is not None and err > max_error:
             raise PassError(
                 f"max_bytes={max_bytes:,} and max_error={max_error:g} cannot both be met: the least error within "

@@ -143,7 +143,7 @@ def test_plan_respects_size_budget_and_is_best_of_all_assignments(budget):
     assert sum(layers[i][j].nbytes for i, j in enumerate(pick)) <= max_bytes
     best = min(sum(layers[i][j].error for i, j in enumerate(p)) for p in feasible)
     got = sum(layers[i][j].error for i, j in enumerate(pick))
-    assert got <= best * 1.5 + 1e-9  # greedy on the convex hull: near the exact optimum
+    assert got == pytest.approx(best, abs=1e-12)  # the exact optimum (a unit is one byte here)
 
 
 def test_plan_error_budget_buys_fewest_bytes():
@@ -416,3 +416,34 @@ def test_compress_report_and_json_show_the_plan(tmp_path):
     assert {c["layer"] for c in plan["stats"]["choices"]} == {"Wa", "Wb"}
     html = (tmp_path / "r.html").read_text()
     assert 'id="plot-planner"' in html and "plot-sensitivity" in html
+
+
+def test_plan_takes_one_large_upgrade_when_it_beats_many_small_ones_and_is_monotone():
+    # an LM head whose better option is one large step (slope below the small layers') but
+    # whose absolute gain is larger than all of them together: a hull greedy spends the bytes
+    # on the small steps first and then cannot afford the head
+    head = [pp.Option("int4", 100, 2.0), pp.Option("int8", 1500, 0.01)]
+    small = [pp.Option("int4", 100, 0.1), pp.Option("int8", 150, 0.02)]
+    layers = [head] + [small] * 20
+    least = 21 * 100
+    pick = pp.plan(layers, max_bytes=least + 1400)
+    assert pick[0] == 1  # head upgraded: 0.01 + 20 x 0.1 = 2.01 < 2.0 + 20 x 0.02 = 2.4
+    errors = []
+    for extra in range(0, 2500, 50):
+        pick = pp.plan(layers, max_bytes=least + extra)
+        assert sum(layers[i][j].nbytes for i, j in enumerate(pick)) <= least + extra
+        errors.append(sum(layers[i][j].error for i, j in enumerate(pick)))
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))  # more bytes never plan worse
+
+
+def test_plan_with_coarse_units_stays_within_the_budget_and_near_the_optimum():
+    rng = np.random.default_rng(7)
+    layers = [[pp.Option(f"o{j}", int(n), float(e)) for j, (n, e) in
+               enumerate(zip(rng.integers(10_000, 200_000, 4), rng.random(4)))] for _ in range(30)]
+    least = sum(min(o.nbytes for o in opts) for opts in layers)
+    fine = pp.plan(layers, max_bytes=least + 1_000_000, resolution=10**7)
+    coarse = pp.plan(layers, max_bytes=least + 1_000_000, resolution=200)
+    err = lambda p: sum(layers[i][j].error for i, j in enumerate(p))
+    assert sum(layers[i][j].nbytes for i, j in enumerate(coarse)) <= least + 1_000_000
+    assert err(coarse) <= err(fine) * 1.05 + 1e-9
+    assert err(fine) <= err(coarse) + 1e-12
