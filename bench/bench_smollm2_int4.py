@@ -85,6 +85,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "graphc recipes/smollm2-int4.toml": {"toml": "recipes/smollm2-int4.toml"},
     "graphc recipes/smollm2-int4.toml, mse": {"toml": "recipes/smollm2-int4.toml", "method": "mse"},
+    # the planner's probes quantized by GPTQ (as the weights then are) instead of mse
+    "graphc recipes/smollm2-int4.toml, gptq probes": {"toml": "recipes/smollm2-int4.toml", "mp": {"method": "gptq"}},
     "graphc gptq b32 sym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
                   "head_bits": 8},
@@ -235,7 +237,7 @@ def build_ort_gptq(fused: Path, out: Path, stamp: Path, key: str) -> Path:
 def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
     """The ``int4`` recipe (or the TOML recipe ``spec["toml"]``) with the variant's
     quantize-nbits / quantize-gather-block options; ``spec["method"]`` replaces the method of
-    a TOML recipe's GPTQ quantize-nbits steps."""
+    a TOML recipe's GPTQ quantize-nbits steps, ``spec["mp"]`` is merged into its mixed-precision options."""
     from graphc.recipes import BUILTIN, Step, get_recipe
 
     if spec.get("toml"):
@@ -243,6 +245,8 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
         steps = [Step(s.pass_name, {**s.options, "method": spec["method"]})
                  if spec.get("method") and s.pass_name == "quantize-nbits" and s.options.get("method") == "gptq" else s
                  for s in base.steps]
+        steps = [Step(s.pass_name, {**s.options, **spec["mp"]}) if spec.get("mp") and s.pass_name == "mixed-precision"
+                 else s for s in steps]
         return replace(base, name=name, steps=tuple(steps))
     steps = []
     for s in BUILTIN["int4"].steps:

@@ -2,6 +2,7 @@
 
 from graphc.passes import (  # noqa: F401
     attention_mask_index,
+    awq_scale,
     cleanup,
     fp16_constants,
     fuse_ort,

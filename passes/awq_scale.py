@@ -1,0 +1,241 @@
+"""Activation-aware channel scaling before weight-only quantization (AWQ).
+
+Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration"
+(2023): a weight row (input channel) that meets large activations matters more, and scaling it
+up by s before quantizing shrinks its relative rounding error; the activation is divided by s
+where it is made, so the float model computes the same function. Here:
+
+- **where the activation is made**: a normalization whose scale (and bias) is a constant
+  (``SimplifiedLayerNormalization``, ``LayerNormalization``, ``Skip[Simplified]LayerNormalization``,
+  or a ``Mul`` by a 1-D constant), its gamma (and beta) divided by s; or the gated product
+  ``Mul(act(gate), up)`` of a SwiGLU FFN, the ``up`` MatMul's weight columns divided by s.
+  The value must be read by constant-weight MatMuls only (q/k/v together, gate/up together,
+  down alone), each weight stored once and read once; a MatMul that makes a graph output (an
+  LM head, often tied to the embedding table) leaves its group alone.
+- **s**: mean |x| per channel over the calibration tokens (padding left out) to the power
+  alpha, normalized so that max(s) x min(s) = 1; alpha on a grid in [0, 1), chosen per group
+  to minimise the output error of quantizing the scaled weights (``bits``, ``block_size``,
+  ``symmetric``, ``method`` as quantize-nbits will run them) over the calibration inputs:
+  E||x W - (x/s) Q(s W)||^2 = tr(D^T G D) with D = W - Q(sW)/s and G = E[x x^T], the inputs'
+  second moments (no activations kept). alpha = 0 (no scaling) is on the grid, so a group is
+  changed only when scaling lowers that error (by at least ``min_gain``).
+
+The pass changes float weights only (same graph, same function up to float rounding); run it
+before ``mixed-precision`` and ``quantize-nbits`` (whose GPTQ Hessians then come from the
+scaled activations). Stats: groups scaled and skipped (with reasons), the alpha and the
+error reduction of each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc import ops
+from graphc.errors import PassError, UnsupportedError
+from graphc.pass_base import GraphcPass, PassStats, choice
+from graphc.passes import _blockquant as bq
+from graphc.passes._quant import const_array, constant, drop_unused_initializers
+from graphc.registry import register
+
+# normalizations: op type -> (gamma input index, beta input index or None)
+_NORMS = {
+    "SimplifiedLayerNormalization": (1, None),
+    "LayerNormalization": (1, 2),
+    "SkipSimplifiedLayerNormalization": (2, None),
+    "SkipLayerNormalization": (2, 3),
+}
+
+
+@dataclass(frozen=True)
+class AwqScaleOptions:
+    bits: int = 4
+    block_size: int = 64
+    symmetric: bool = False
+    method: str = bq.Method.RTN.value  # quantizer of the search: rtn, mse or hqq (not gptq)
+    grid: int = 20  # alphas 0, 1/grid, ..., (grid-1)/grid
+    min_gain: float = 0.01  # scale a group only if its error falls by at least this fraction
+    exclude: tuple[str, ...] = ()  # substrings of MatMul names or scopes: their group is left alone
+
+
+@dataclass
+class _Group:
+    x: ir.Value  # the activation the MatMuls read
+    kind: str  # "norm" or "gated"
+    source: ir.Node  # the norm (or Mul by gamma), or the up MatMul
+    matmuls: list[ir.Node] = field(default_factory=list)
+
+
+@register
+class AwqScale(GraphcPass):
+    name = "awq-scale"
+    summary = "AWQ: scale weight rows by activation size, fold the inverse into the norm / gated FFN (float, exact)"
+    Options = AwqScaleOptions
+    needs_calibration = True
+
+    @property
+    def calibration_texts(self) -> int:
+        return 256
+
+    def _validate(self) -> bq.Method:
+        o = self.options
+        method = choice(bq.Method, o.method, "method", self.name)
+        if method is bq.Method.GPTQ:
+            raise UnsupportedError("method='gptq' is not a search quantizer here; supported: rtn, mse, hqq",
+                                   pass_name=self.name)
+        if o.bits not in bq.MATMUL_NBITS_BITS:
+            raise UnsupportedError(f"bits={o.bits}; supported: {', '.join(map(str, bq.MATMUL_NBITS_BITS))}", pass_name=self.name)
+        if o.block_size not in bq.BLOCK_SIZES:
+            raise UnsupportedError(f"block_size={o.block_size}; supported: {', '.join(map(str, bq.BLOCK_SIZES))}",
+                                   pass_name=self.name)
+        if method is bq.Method.HQQ and o.symmetric:
+            raise UnsupportedError("method='hqq' needs symmetric=false", pass_name=self.name)
+        if o.grid < 2:
+            raise UnsupportedError(f"grid={o.grid}; needs at least 2 alphas", pass_name=self.name)
+        return method
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        method = self._validate()
+        feeds = self.context.calibration
+        if not feeds:
+            raise PassError("needs calibration data (the activations' sizes), and none was given: use a model "
+                            "exported by graphc (its recipe's texts) or pass calibration feeds", pass_name=self.name)
+        graph = model.graph
+        groups = [g for v in _matmul_inputs(graph) if (g := self._group(graph, v, stats)) is not None]
+        if not groups:
+            stats.notes.append("no normalization or gated FFN feeding constant-weight MatMuls only")
+            return False
+        from graphc.calibrate import input_moments
+
+        moments = input_moments(model, [g.x for g in groups], feeds, pass_name=self.name)
+        changed = False
+        alphas = np.arange(self.options.grid) / self.options.grid
+        for i, g in enumerate(groups):
+            self.context.report("awq-scale", i, len(groups))
+            m = moments.get(g.x.name)
+            if m is None or m.tokens == 0:
+                stats.skip(g.x.name, "no calibration statistics")
+                continue
+            weights = [const_array(n.inputs[1]).astype(np.float32) for n in g.matmuls]
+            errors = [self._error(weights, m.gram, _scale(m.abs_mean, a), method) for a in alphas]
+            best = int(np.argmin(errors))
+            gain = 1.0 - errors[best] / errors[0] if errors[0] > 0 else 0.0
+            label = g.matmuls[0].name or g.x.name
+            if best == 0 or gain < self.options.min_gain:
+                stats.skip(label, f"scaling lowers the quantization error by {gain:.1%} < min_gain")
+                continue
+            s = _scale(m.abs_mean, alphas[best])
+            self._apply(graph, g, s, weights)
+            stats.add("groups_scaled")
+            stats.add("matmuls_scaled", len(g.matmuls))
+            stats.details.setdefault("groups", []).append(
+                {"matmuls": [n.name for n in g.matmuls], "kind": g.kind, "alpha": float(alphas[best]),
+                 "error_reduction": round(gain, 4)})
+            changed = True
+        self.context.report("awq-scale", len(groups), len(groups))
+        if changed:
+            drop_unused_initializers(graph)
+        return changed
+
+    # ------------------------------------------------------------------ search
+    def _error(self, weights: list[np.ndarray], gram: np.ndarray, s: np.ndarray, method: bq.Method) -> float:
+        o = self.options
+        total = 0.0
+        for w in weights:  # [K, N]
+            q = bq.quantize((w * s[:, None]).T, o.bits, o.block_size, symmetric=o.symmetric, method=method,
+                            scale_dtype=np.float16)
+            d = (w - q.dequantize().T / s[:, None]).astype(np.float64)
+            total += float(np.einsum("kn,kn->", gram @ d, d))
+        return total
+
+    # ------------------------------------------------------------------ matching
+    def _group(self, graph: ir.Graph, x: ir.Value, stats: PassStats) -> _Group | None:
+        users = [u.node for u in x.uses()]
+        label = x.name
+        if x in graph.outputs or not users:
+            return None
+        matmuls = []
+        for n in users:
+            if n.op_type != ops.MATMUL or n.domain not in ("", "ai.onnx") or n.inputs[0] is not x:
+                return None  # another reader (a residual, an Attention op) would see the scaled value
+            w = n.inputs[1]
+            arr = const_array(w) if w is not None else None
+            if arr is None or w.const_value is None or arr.ndim != 2 or arr.dtype != np.float32:
+                return None
+            if len(w.uses()) != 1:
+                stats.skip(n.name, "weight shared with another node")
+                return None
+            if any(o in graph.outputs for o in n.outputs):
+                stats.skip(n.name, "makes a graph output (an LM head): its group is left alone")
+                return None
+            scope = n.metadata_props.get("graphc.scope", "")
+            if any(s in (n.name or "") or s in scope for s in self.options.exclude):
+                stats.skip(n.name, "excluded by option")
+                return None
+            matmuls.append(n)
+        producer = x.producer()
+        if producer is None:
+            return None
+        if producer.op_type in _NORMS and producer.domain in ("", "ai.onnx", ops.MS_DOMAIN) and x is producer.outputs[0]:
+            gi, bi = _NORMS[producer.op_type]
+            if _vector(producer, gi) is None or (bi is not None and len(producer.inputs) > bi
+                                                 and producer.inputs[bi] is not None and _vector(producer, bi) is None):
+                stats.skip(label, f"{producer.op_type} scale is not a constant vector")
+                return None
+            return _Group(x, "norm", producer, matmuls)
+        if producer.op_type == "Mul" and producer.domain in ("", "ai.onnx"):
+            for i in (0, 1):
+                if _vector(producer, i) is not None:  # Mul(normalized, gamma)
+                    return _Group(x, "norm", producer, matmuls)
+            for i in (0, 1):
+                up = producer.inputs[i].producer() if producer.inputs[i] is not None else None
+                if (up is not None and up.op_type == ops.MATMUL and up.domain in ("", "ai.onnx")
+                        and len(up.outputs[0].uses()) == 1 and up.inputs[1] is not None
+                        and up.inputs[1].const_value is not None and len(up.inputs[1].uses()) == 1
+                        and const_array(up.inputs[1]).ndim == 2):
+                    return _Group(x, "gated", up, matmuls)
+        return None
+
+    # ------------------------------------------------------------------ rewriting
+    def _apply(self, graph: ir.Graph, g: _Group, s: np.ndarray, weights: list[np.ndarray]) -> None:
+        for n, w in zip(g.matmuls, weights):
+            n.replace_input_with(1, constant(graph, f"{n.inputs[1].name}_awq", (w * s[:, None]).astype(np.float32)))
+        src = g.source
+        if g.kind == "gated":  # up's output columns (and so the gated product) divided by s
+            up_w = const_array(src.inputs[1]).astype(np.float32)
+            src.replace_input_with(1, constant(graph, f"{src.inputs[1].name}_awq", up_w / s[None, :]))
+            return
+        if src.op_type in _NORMS:
+            gi, bi = _NORMS[src.op_type]
+            indices = [gi] + ([bi] if bi is not None and len(src.inputs) > bi and src.inputs[bi] is not None else [])
+        else:
+            indices = [i for i in (0, 1) if _vector(src, i) is not None][:1]
+        for i in indices:
+            v = _vector(src, i)
+            src.replace_input_with(i, constant(graph, f"{src.inputs[i].name}_awq", (v / s).astype(v.dtype)))
+
+
+def _vector(node: ir.Node, i: int) -> np.ndarray | None:
+    """The 1-D float constant at input ``i`` (a per-channel scale or bias), else None."""
+    if len(node.inputs) <= i or node.inputs[i] is None:
+        return None
+    arr = const_array(node.inputs[i])
+    return arr if arr is not None and arr.ndim == 1 and arr.dtype in (np.float32, np.float16) else None
+
+
+def _matmul_inputs(graph: ir.Graph) -> list[ir.Value]:
+    seen: dict[int, ir.Value] = {}
+    for n in graph:
+        if n.op_type == ops.MATMUL and n.inputs and n.inputs[0] is not None:
+            seen.setdefault(id(n.inputs[0]), n.inputs[0])
+    return list(seen.values())
+
+
+def _scale(abs_mean: np.ndarray, alpha: float) -> np.ndarray:
+    """AWQ's per-channel scale: mean |x| ** alpha, normalized to max x min = 1 (alpha 0: ones)."""
+    s = np.maximum(np.asarray(abs_mean, np.float64), 1e-8) ** alpha
+    s = np.maximum(s, 1e-4)
+    s = s / np.sqrt(s.max() * s.min())
+    return s.astype(np.float32)
