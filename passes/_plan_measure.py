@@ -14,7 +14,11 @@ the priced linear layers and tables are graph inputs, as in ``_sensitivity``):
   kept ratio gives;
 - int8 is the weight rounded to symmetric per-output-channel int8 (tables: per row) and back.
   The dynamic activation quantization of ``quantize-int8`` is not simulated (its error shows in
-  the measured error after the plan).
+  the measured error after the plan);
+- int4 is the weight quantized as ``quantize-nbits`` will (``_blockquant``: W^T blocked along K,
+  the plan's block size, symmetry and quantizer, float16 scales; ``gptq`` on the Hessian of the
+  layer's input over the calibration tokens, as the pass computes it) and dequantized. With
+  ``accuracy_level=4`` MatMulNBits also quantizes activations; not simulated either.
 
 The error is the one ``mixed-precision`` uses: the mean over output rows (padding left out) of
 1 - cosine against the original model.
@@ -29,6 +33,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphc import ops
+from graphc.errors import PassError
+from graphc.passes import _blockquant as bq
 from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
 from graphc.passes import _sensitivity as sens
@@ -117,9 +123,11 @@ class Probe:
             return self._prune(unit, level)
         if unit.kind == "svd":
             return self._svd(unit, level)
-        if unit.kind == "int8":
+        if unit.kind == "quant":
             rec = self.units.linears[unit.linears[0]]
             w = self.constants[rec.weight.name]
+            if unit.bits(level) == 4:
+                return {rec.weight.name: self._int4(rec, w)}, {}
             q, s = symmetric_int8(w, axis=1, scale_dtype=np.float16)
             return {rec.weight.name: q.astype(np.float32) * s.astype(np.float32)}, {}
         out = {}
@@ -149,16 +157,39 @@ class Probe:
         return ({self.units.linears[name].weight.name: w, self.deltas[name]: (plan.bias - bias).astype(np.float32)},
                 {"kept": int(len(plan.keep)), "layer_relative_error": round(plan.error, 6)})
 
-    def _svd(self, unit: Unit, level: int):
+    def _moment(self, rec):
+        """Input moments of a linear layer over the calibration tokens (computed once for every
+        factorizable layer, and every quantizable one when int4 uses GPTQ)."""
         from graphc.calibrate import input_moments
 
-        rec = self.units.linears[unit.linears[0]]
         if self._moments is None:
-            svd_recs = [self.units.linears[u.linears[0]] for u in self.units.units if u.kind == "svd"]
-            self._moments = input_moments(self.model, [r.node.inputs[0] for r in svd_recs], self.calibration,
-                                          pass_name=self.pass_name)
+            gptq = self.units.int4 is not None and self.units.int4.method == bq.Method.GPTQ.value
+            kinds = ("svd", "quant") if gptq else ("svd",)
+            recs = {u.linears[0]: self.units.linears[u.linears[0]] for u in self.units.units if u.kind in kinds}
+            values = list({r.node.inputs[0].name: r.node.inputs[0] for r in recs.values()}.values())
+            self._moments = input_moments(self.model, values, self.calibration, pass_name=self.pass_name)
+        return self._moments.get(rec.node.inputs[0].name)
+
+    def _int4(self, rec, w: np.ndarray) -> np.ndarray:
+        """[K, N] weight through ``quantize-nbits``' 4-bit quantizer (on W^T [N, K]) and back."""
+        spec = self.units.int4
+        w_t = np.ascontiguousarray(np.asarray(w, np.float32).T)
+        if spec.method == bq.Method.GPTQ.value:
+            m = self._moment(rec)
+            if m is None:
+                raise PassError(f"no calibration statistics for the input of {rec.name} (int4 gptq)",
+                                pass_name=self.pass_name)
+            quant = bq.gptq(w_t, m.gram, 4, spec.block_size, symmetric=spec.symmetric, scale_dtype=np.float16,
+                            damp=self.damp)
+        else:
+            quant = bq.quantize(w_t, 4, spec.block_size, symmetric=spec.symmetric, method=spec.method,
+                                scale_dtype=np.float16)
+        return np.ascontiguousarray(quant.dequantize().T)
+
+    def _svd(self, unit: Unit, level: int):
+        rec = self.units.linears[unit.linears[0]]
         w = self.constants[rec.weight.name].astype(np.float32)
-        m = self._moments.get(rec.node.inputs[0].name)
+        m = self._moment(rec)
         metric = lr.Metric.plain()
         if m is not None and m.tokens >= 2 * rec.k and np.isfinite(m.gram).all():
             metric = lr.Metric.whitened(m.gram, self.damp)

@@ -6,13 +6,19 @@ Units and their actions:
   its heads (KV groups on grouped-KV models);
 - ``ffn:<i>``: FFN ``i`` (``prune_ffn.find_ffns`` order) loses a fraction of its neurons;
 - ``svd:<node>``: a linear layer is factorized at a kept parameter ratio (whitened SVD);
-- ``int8:<node>``: a linear layer's weight becomes int8 (``quantize-int8``);
+- ``quant:<node>``: a linear layer's weight becomes int8 (``quantize-int8``) or, with ``int4``,
+  4-bit block-wise (``quantize-nbits``, MatMulNBits): levels float → int8 → int4, one of them
+  per layer (a layer is never both). A factorized layer's two factors get the layer's precision
+  (both int8 or both int4, each factor quantized along its own input dimension);
 - ``int8:embeddings``: the embedding tables ``quantize-embedding`` would take become int8.
 
 The cost of a plan is computed from shapes, not measured: the bytes and element count of every
 initializer after the plan's passes, and the multiply-accumulates per token of the linear
-layers plus the attention core at a nominal sequence length (the latency proxy; int8 changes
-bytes, not MACs). Pruning and factorizing the same layer do not combine (:meth:`Units.conflicts`).
+layers plus the attention core at a nominal sequence length (the latency proxy; int8 and int4
+change bytes, not MACs). int4 bytes are ``MatMulNBits``' storage (``_sensitivity.config_bytes``:
+packed codes, float16 scales, packed zero points when asymmetric; K padded to whole blocks), its
+"parameters" the stored elements (uint8 code and zero-point bytes, one per scale), as counted in
+the initializers. Pruning and factorizing the same layer do not combine (:meth:`Units.conflicts`).
 """
 
 from __future__ import annotations
@@ -26,10 +32,27 @@ from graphc import ops
 from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
 from graphc.passes._quant import const_array, embedding_table
+from graphc.passes._sensitivity import QuantConfig, config_bytes
 from graphc.passes.prune_ffn import find_ffns
 from graphc.passes.prune_heads import find_blocks
 
 INT8_SCALE_BYTES = 2  # quantize-int8 and quantize-embedding as the recipes run them: float16 scales
+
+
+@dataclass(frozen=True)
+class Int4:
+    """How a linear layer planned at 4 bits is quantized (``quantize-nbits`` options)."""
+
+    block_size: int = 32
+    symmetric: bool = False
+    method: str = "mse"
+
+    def storage(self, k: int, n: int) -> tuple[int, int]:
+        """(bytes, elements) of a [K, N] weight as MatMulNBits stores it (scales float16)."""
+        nbytes = config_bytes(n, k, QuantConfig(4, self.block_size), symmetric=self.symmetric,
+                              scale_dtype="float16")
+        scales = n * -(-k // self.block_size)
+        return nbytes, nbytes - scales  # a float16 scale is 2 bytes, 1 element; the rest uint8
 
 
 @dataclass
@@ -51,13 +74,15 @@ class LinearRec:
 @dataclass
 class Unit:
     key: str
-    kind: str  # heads, ffn, svd, int8, int8-embedding
-    levels: tuple[float, ...]  # level 0 is "do nothing"; heads/ffn: fraction removed; svd: kept ratio
-    total: int = 0  # heads/ffn: units (KV groups, neurons); svd/int8: unused
+    kind: str  # heads, ffn, svd, quant, int8-embedding
+    # level 0 is "do nothing"; heads/ffn: fraction removed; svd: kept ratio; quant: weight bits (8, 4)
+    levels: tuple[float, ...]
+    total: int = 0  # heads/ffn: units (KV groups, neurons); svd/quant: unused
     min_keep: int = 1
     linears: list[str] = field(default_factory=list)  # records the unit touches
     index: int = 0  # heads/ffn: block or FFN index in graph order
     packed_bias: tuple[str | None, int] = (None, 0)  # heads: the fused op's Q/K/V bias (name if unshared, size)
+    block_size: int = 0  # quant: the int4 block size
 
     def label(self, level: int) -> str:
         if level == 0:
@@ -67,7 +92,17 @@ class Unit:
             return f"prune {v:.0%} ({self.removed(level)}/{self.total})"
         if self.kind == "svd":
             return f"svd keep {v:.0%}"
+        if self.kind == "quant" and v == 4:
+            return f"int4/b{self.block_size}"
         return "int8"
+
+    def bits(self, level: int) -> int:
+        """quant units: the weight bits at ``level`` (32: float)."""
+        return int(self.levels[level]) if self.kind == "quant" and level else 32
+
+    def kind_at(self, level: int) -> str:
+        """The kind of action ``level`` is (a quant unit's: int8 or int4)."""
+        return f"int{self.bits(level)}" if self.kind == "quant" else self.kind
 
     def removed(self, level: int) -> int:
         if self.kind not in ("heads", "ffn") or level == 0:
@@ -92,8 +127,9 @@ class Units:
     """The units of a model and its cost model."""
 
     def __init__(self, model: ir.Model, *, head_levels, ffn_levels, svd_levels, int8: bool, embeddings: bool,
-                 seq: int, min_keep: int = 1, svd_min_elements: int = 1024, correct: bool = True) -> None:
-        self.seq, self.correct = seq, correct
+                 seq: int, min_keep: int = 1, svd_min_elements: int = 1024, correct: bool = True,
+                 int4: Int4 | None = None) -> None:
+        self.seq, self.correct, self.int4 = seq, correct, int4
         graph = model.graph
         self.linears: dict[str, LinearRec] = {}
         names = [n.name for n in graph]
@@ -153,8 +189,13 @@ class Units:
                 continue
             if svd_levels and rec.k * rec.n >= svd_min_elements and rec.node.outputs[0].name not in heads_out:
                 self.units.append(Unit(f"svd:{rec.name}", "svd", (1.0, *svd_levels), linears=[rec.name]))
-            if int8:
-                self.units.append(Unit(f"int8:{rec.name}", "int8", (0.0, 1.0), linears=[rec.name]))
+            # int4 where it stores less than the level before it (not a weight narrower than a block)
+            float_bytes = rec.k * rec.n * (1 if int8 else 4) + (INT8_SCALE_BYTES * rec.n if int8 else 0)
+            four = int4 is not None and int4.storage(rec.k, rec.n)[0] < float_bytes
+            bits = (8.0,) * int8 + (4.0,) * four
+            if bits:
+                self.units.append(Unit(f"quant:{rec.name}", "quant", (0.0, *bits), linears=[rec.name],
+                                       block_size=int4.block_size if int4 is not None else 0))
         self.tables: list[ir.Value] = []
         if embeddings:
             seen = set()
@@ -205,7 +246,8 @@ class Units:
             kout = self._kept(r.out_unit, state)
             k, n = int(round(r.k * kin)), int(round(r.n * kout))
             svd = self.by_key.get(f"svd:{r.name}")
-            q8 = state.get(f"int8:{r.name}", 0) > 0
+            quant = self.by_key.get(f"quant:{r.name}")
+            bits = quant.bits(state.get(quant.key, 0)) if quant is not None else 32
             level = state.get(f"svd:{r.name}", 0) if svd is not None else 0
             if level:
                 rank = lr.ratio_rank(r.k, r.n, svd.levels[level])
@@ -214,8 +256,16 @@ class Units:
                 shapes = [(k, n)]
             bias = int(round(r.bias * kout))
             for a, b in shapes:
-                params += a * b + (b if q8 else 0)
-                nbytes += a * b + INT8_SCALE_BYTES * b if q8 else 4 * a * b
+                if bits == 8:
+                    params += a * b + b
+                    nbytes += a * b + INT8_SCALE_BYTES * b
+                elif bits == 4:
+                    stored, elements = self.int4.storage(a, b)
+                    params += elements
+                    nbytes += stored
+                else:
+                    params += a * b
+                    nbytes += 4 * a * b
                 macs += a * b
             # a bias of its own is replaced by the pruned / refitted one; a shared one stays and a
             # pruned layer gets its own copy; a layer without one gets one from the refit

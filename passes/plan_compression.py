@@ -3,8 +3,10 @@ measured sensitivities to an error budget and size / latency targets.
 
 1. Units (``_plan_units``): each attention block's heads and each FFN's neurons (prune 25% /
    50%, with the least-squares correction of ``prune-heads`` / ``prune-ffn``), each linear layer
-   (whitened SVD keeping 80% / 60% of its parameters; int8 weights) and the embedding tables
-   (int8). ``head_fractions``, ``ffn_fractions``, ``svd_ratios``, ``int8``, ``embeddings`` set them.
+   (whitened SVD keeping 80% / 60% of its parameters; int8 weights, or with ``int4`` 4-bit
+   block-wise weights: float, int8 or int4, one per layer) and the embedding tables (int8).
+   ``head_fractions``, ``ffn_fractions``, ``svd_ratios``, ``int8``, ``int4`` (``int4_block``,
+   ``int4_method``, ``int4_symmetric``), ``embeddings`` set them.
 2. Sensitivity (``_plan_measure``): the output error of every action applied alone on the first
    ``feeds`` calibration feeds (mean over output rows of 1 - cosine against the original, as
    ``mixed-precision`` measures it), one ONNX Runtime session with the weights as inputs.
@@ -13,8 +15,11 @@ measured sensitivities to an error budget and size / latency targets.
    Bytes, parameters and MACs of a plan are computed from shapes.
 4. Application, on a copy, by the existing passes: ``prune-heads`` and ``prune-ffn`` with
    per-layer ``fractions`` (sequential refits), ``svd-linear`` (whitened, ``rank_rule=ratio``,
-   ``only`` the chosen layers), ``quantize-int8`` (the int8 recipe's options, the layers not
-   chosen left float) and ``quantize-embedding``.
+   ``only`` the chosen layers), ``quantize-nbits`` on the int4 layers (MatMulNBits, 4 bits,
+   ``int4_block``/``int4_method``/``int4_symmetric``, float16 scales, ``accuracy_level`` 4), then
+   ``quantize-int8`` (the int8 recipe's options) on the int8 layers, each pass given only its
+   layers (the others renamed out of its way for the call), and ``quantize-embedding``. A
+   factorized layer's two factors take the layer's precision.
 5. Check: the error is measured again on the same feeds with everything applied, the bytes and
    parameters of the result are counted and its MACs recounted. Where the measured error
    exceeds ``max_error`` (the errors did not add: pruned layers interact, int8's dynamic
@@ -30,7 +35,9 @@ passes only shrink them). Held-out data (validation) may differ.
 
 Stats: ``stats.details["plan"]``: budgets, every measured action (``sensitivities``), the
 decisions per unit, the greedy steps, and each round's predicted vs measured error, bytes and
-MACs. MACs are per token at ``seq`` keys (the latency proxy): int8 changes bytes, not MACs.
+MACs. MACs are per token at ``seq`` keys (the latency proxy): int8 and int4 change bytes, not
+MACs (nor is their speed in the plan: ORT's MatMulNBits is not faster than dynamic int8 on every
+CPU and batch).
 ``metric="kl"`` measures the mean KL divergence of the output rows' softmax instead (logits of a
 causal LM); ``max_ppl_rise`` (e.g. 0.05) is that with ``max_error = ln(1 + rise)``: the mean KL
 is, to first order, the rise of the log-perplexity on text like the calibration text (the
@@ -48,15 +55,16 @@ import onnx_ir as ir
 from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.manager import SizeFacts
-from graphc.pass_base import GraphcPass, PassResult, PassStats
+from graphc.pass_base import GraphcPass, PassResult, PassStats, choice
+from graphc.passes import _blockquant as bq
 from graphc.passes import _plan_measure as pm
 from graphc.passes import _plan_search as ps
 from graphc.passes import _sensitivity as sens
-from graphc.passes._plan_units import Units, graph_macs
+from graphc.passes._plan_units import Int4, Units, graph_macs
 from graphc.registry import register
 
 _ORIGINAL = "graphc.plan.original"  # temporary node tag: "none" = the node had no pass mark before
-_FLOAT = "graphc-plan-float:"  # temporary name prefix of layers quantize-int8 must leave alone
+_FLOAT = "graphc-plan-float:"  # temporary name prefix of layers a quantizing pass must leave alone
 INT8_OPTIONS = {"outlier_ratio": 4.0, "outlier_channels": 4, "smooth_min_factor": 2.5, "scale_dtype": "float16"}
 
 
@@ -72,6 +80,10 @@ class PlanOptions:
     ffn_fractions: tuple[float, ...] = (0.25, 0.5)  # fractions of neurons an FFN may lose
     svd_ratios: tuple[float, ...] = (0.8, 0.6)  # parameter ratios a factorized layer may keep
     int8: bool = True  # linear layers may become int8
+    int4: bool = False  # linear layers may become 4-bit block-wise (MatMulNBits); a layer is int8 or int4
+    int4_block: int = 32  # int4 block size along K: 16, 32, 64, 128 or 256
+    int4_method: str = "mse"  # int4 quantizer: rtn, mse, hqq, gptq (gptq: calibration Hessians)
+    int4_symmetric: bool = False  # int4 without zero points
     embeddings: bool = True  # embedding tables may become int8
     seq: int = 128  # keys per query in the attention MACs of the latency proxy
     feeds: int = 2  # calibration feeds the errors are measured on
@@ -84,7 +96,8 @@ class PlanOptions:
 @register
 class PlanCompression(GraphcPass):
     name = "plan"
-    summary = ("choose per layer how much to prune (heads, FFN neurons), factorize (SVD) and quantize (int8) "
+    summary = ("choose per layer how much to prune (heads, FFN neurons), factorize (SVD) and quantize (int8; int4 "
+               "with int4=true) "
                "from measured sensitivities, to an error budget and size / MAC targets; applies and checks it")
     Options = PlanOptions
     calibration_texts = 256
@@ -113,6 +126,13 @@ class PlanCompression(GraphcPass):
             if any(not lo < v < hi for v in vals) or list(vals) != sorted(vals, reverse=name == "svd_ratios"):
                 raise UnsupportedError(f"{name}={list(vals)}: values in ({lo}, {hi}), from mildest to strongest",
                                        pass_name=self.name)
+        method = choice(bq.Method, o.int4_method, "int4_method", self.name)
+        if o.int4_block not in bq.BLOCK_SIZES:
+            raise UnsupportedError(f"int4_block={o.int4_block}; supported: {', '.join(map(str, bq.BLOCK_SIZES))}",
+                                   pass_name=self.name)
+        if method is bq.Method.HQQ and o.int4_symmetric:
+            raise UnsupportedError("int4_method='hqq' optimises zero points: needs int4_symmetric=false; "
+                                   "supported with int4_symmetric=true: rtn, mse, gptq", pass_name=self.name)
         if o.feeds < 1 or o.rounds < 1 or o.seq < 1:
             raise UnsupportedError("feeds, rounds and seq must be ≥ 1", pass_name=self.name)
         if not self.needs_calibration:
@@ -144,7 +164,7 @@ class PlanCompression(GraphcPass):
         feeds = calibration[: o.feeds]
         units = Units(model, head_levels=o.head_fractions, ffn_levels=o.ffn_fractions, svd_levels=o.svd_ratios,
                       int8=o.int8, embeddings=o.embeddings, seq=o.seq, min_keep=o.min_keep,
-                      correct=o.correct)
+                      correct=o.correct, int4=self._int4())
         for what, why in units.skipped:
             stats.skip(what, why)
         if not units.units:
@@ -158,7 +178,7 @@ class PlanCompression(GraphcPass):
         probe = pm.Probe(model, units, feeds, calibration, pass_name=self.name, correct=o.correct, ridge=o.ridge,
                          metric=self._metric())
         errors, sensitivities = self._measure(units, probe)
-        int8_factor = self._int8_factor(model, units, errors, probe)
+        factors = self._quant_factors(model, units, errors, probe)
         stats.counts["measurement_runs"] = len(sensitivities)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
 
@@ -170,7 +190,9 @@ class PlanCompression(GraphcPass):
             for node in model.graph.all_nodes():
                 node.metadata_props.pop(_ORIGINAL, None)
         details = self._details(units, errors, budgets, original, plan, rounds, sensitivities, len(feeds))
-        details["int8_factor"] = int8_factor
+        details["int8_factor"] = factors.get(8)
+        if o.int4:
+            details["int4_factor"] = factors.get(4)
         stats.details["plan"] = details
         last = rounds[-1]
         stats.counts.update({
@@ -206,45 +228,72 @@ class PlanCompression(GraphcPass):
         self.context.report(self.name, total, total)
         return errors, rows
 
-    def _int8_factor(self, model: ir.Model, units: Units, errors: dict[str, list[float]], probe: pm.Probe) -> float | None:
+    def _int4(self) -> Int4 | None:
+        o = self.options
+        return Int4(o.int4_block, o.int4_symmetric, o.int4_method) if o.int4 else None
+
+    def _quant_factors(self, model: ir.Model, units: Units, errors: dict[str, list[float]],
+                       probe: pm.Probe) -> dict[int, float | None]:
         """int8's error is measured with weights rounded only; ``quantize-int8`` also quantizes
-        activations at run time. Every int8 layer at once through the pass itself gives the
-        real total: each int8 layer's predicted error is scaled by real / sum of the rounded
-        ones (where larger); returns that factor."""
-        names = {u.linears[0] for u in units.units if u.kind == "int8"}
-        alone = sum(errors[f"int8:{n}"][1] for n in names)
-        if not names or alone <= 0:
-            return None
-        work = pm.copy_model(model)
-        self._quantize_int8(work, names, [])
-        real = pm.output_errors(_session(work), probe.feeds, probe.reference, metric=probe.metric)
-        factor = max(real / alone, 1.0)
-        for n in names:
-            errors[f"int8:{n}"][1] *= factor
-        return round(factor, 4)
+        activations at run time (and MatMulNBits at ``accuracy_level`` 4 too). Per precision,
+        every layer that can take it at once through the pass itself gives the real total:
+        each layer's predicted error at that precision is scaled by real / sum of the alone
+        ones (where larger); returns those factors (bits → factor, None: nothing to scale)."""
+        factors: dict[int, float | None] = {}
+        for bits in (8, 4):
+            at = {u.linears[0]: (u.key, u.levels.index(float(bits))) for u in units.units
+                  if u.kind == "quant" and float(bits) in u.levels}
+            alone = sum(errors[key][level] for key, level in at.values())
+            if not at or alone <= 0:
+                factors[bits] = None
+                continue
+            work = pm.copy_model(model)
+            (self._quantize_int8 if bits == 8 else self._quantize_int4)(work, set(at), [])
+            real = pm.output_errors(_session(work), probe.feeds, probe.reference, metric=probe.metric)
+            factor = max(real / alone, 1.0)
+            for key, level in at.values():
+                errors[key][level] *= factor
+            factors[bits] = round(factor, 4)
+        return factors
+
+    def _only(self, work: ir.Model, chosen: set[str], pass_cls, options: dict, sub: list[dict]) -> None:
+        """``pass_cls`` with ``options`` on the named MatMuls only: the others are renamed out of
+        its way (its ``exclude``) for the call."""
+        linear = [n for n in work.graph.all_nodes() if n.op_type in (ops.MATMUL, ops.GEMM)]
+        if not any(n.name in chosen for n in linear):
+            return
+        renamed = [(n, n.name) for n in linear if n.name not in chosen]
+        for node, name in renamed:
+            node.name = f"{_FLOAT}{name}"
+        options = {**options, "exclude": (_FLOAT,)}
+        try:
+            result = pass_cls.from_dict(options, self.context)(work)
+        finally:
+            for node, name in renamed:
+                node.name = name
+        sub.append({"pass": pass_cls.name, "options": {**options, "exclude": [_FLOAT]},
+                    "modified": result.modified, "counts": dict(result.stats.counts)})
 
     def _quantize_int8(self, work: ir.Model, names: set[str], sub: list[dict]) -> None:
         """``quantize-int8`` (the int8 recipe's options) on the named MatMuls (and their factors)
-        only: the others are renamed out of its way for the call."""
+        only."""
         from graphc.passes.quantize_int8 import QuantizeInt8
 
         # a factorized layer's second factor reads the first's output; it goes in a second call
         # (written around a quantize-int8 defect since fixed; the result is the same either way)
         for chosen in ((names | {f"{n}_svd_a" for n in names}), {f"{n}_svd_b" for n in names}):
-            linear = [n for n in work.graph.all_nodes() if n.op_type in (ops.MATMUL, ops.GEMM)]
-            if not any(n.name in chosen for n in linear):
-                continue
-            renamed = [(n, n.name) for n in linear if n.name not in chosen]
-            for node, name in renamed:
-                node.name = f"{_FLOAT}{name}"
-            options = {**INT8_OPTIONS, "exclude": (_FLOAT,)}
-            try:
-                result = QuantizeInt8.from_dict(options, self.context)(work)
-            finally:
-                for node, name in renamed:
-                    node.name = name
-            sub.append({"pass": QuantizeInt8.name, "options": {**options, "exclude": [_FLOAT]},
-                        "modified": result.modified, "counts": dict(result.stats.counts)})
+            self._only(work, chosen, QuantizeInt8, INT8_OPTIONS, sub)
+
+    def _quantize_int4(self, work: ir.Model, names: set[str], sub: list[dict]) -> None:
+        """``quantize-nbits`` at 4 bits (the plan's block, quantizer, symmetry; float16 scales) on
+        the named MatMuls (and both factors of a factorized one) only."""
+        from graphc.passes.quantize_nbits import QuantizeNBits
+
+        o = self.options
+        chosen = names | {f"{n}_svd_{f}" for n in names for f in "ab"}
+        options = {"bits": 4, "block_size": o.int4_block, "symmetric": o.int4_symmetric, "method": o.int4_method,
+                   "scale_dtype": "float16"}
+        self._only(work, chosen, QuantizeNBits, options, sub)
 
     def _rounds(self, model, units, errors, budgets, probe, stats):
         o = self.options
@@ -339,7 +388,11 @@ class PlanCompression(GraphcPass):
             run(SvdLinear, {"method": "whitened", "rank_rule": "ratio", "param_ratio": ratio, "only": tuple(names),
                             "min_elements": 0})
         macs = graph_macs(work, o.seq)
-        q8 = {u.linears[0] for u in units.units if u.kind == "int8" and state.get(u.key)}
+        bits = {u.linears[0]: u.bits(state.get(u.key, 0)) for u in units.units if u.kind == "quant"}
+        q4 = {n for n, b in bits.items() if b == 4}
+        q8 = {n for n, b in bits.items() if b == 8}
+        if q4:
+            self._quantize_int4(work, q4, sub)
         if q8:
             self._quantize_int8(work, q8, sub)
         if state.get("int8:embeddings"):
@@ -352,7 +405,8 @@ class PlanCompression(GraphcPass):
             level = plan.state.get(u.key, 0)
             if not level:
                 continue
-            decisions.append({"unit": u.key, "kind": u.kind, "layer": _layer_name(units, u), "action": u.label(level),
+            decisions.append({"unit": u.key, "kind": u.kind_at(level), "layer": _layer_name(units, u),
+                              "action": u.label(level),
                               "predicted_error": float(f"{errors[u.key][level]:.4g}")})
         return {
             "budgets": {"max_error": budgets.max_error, "max_bytes": budgets.max_bytes,

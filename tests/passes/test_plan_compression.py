@@ -260,3 +260,129 @@ def test_targets_alone_stop_when_met_an_error_budget_spends_on(exports):
     assert a.counts["measured_macs"] <= 0.9 * a.counts["original_macs"]
     assert b.counts["measured_macs"] <= 0.9 * b.counts["original_macs"] and b.counts["measured_error"] <= 0.01
     assert b.counts["actions"] > a.counts["actions"] and SizeFacts.of(both).bytes < SizeFacts.of(only).bytes
+
+
+# ----------------------------------------------------------------- int4: float, int8 or int4 per linear layer
+
+_QUANT_ONLY = {"head_fractions": (), "ffn_fractions": (), "svd_ratios": ()}
+
+
+def _quant_reach(model, **kw):
+    """Bytes of every quant unit at int8 (and every one at its lowest precision) plus int8 tables."""
+    from graphc.passes._plan_units import Int4, Units
+
+    units = Units(model, head_levels=(), ffn_levels=(), svd_levels=(), int8=True, embeddings=True, seq=128,
+                  int4=Int4(**kw))
+    quant = [u for u in units.units if u.kind == "quant"]
+    all8 = units.cost({**{u.key: 1 for u in quant}, "int8:embeddings": 1}).bytes
+    lowest = units.cost({**{u.key: len(u.levels) - 1 for u in quant}, "int8:embeddings": 1}).bytes
+    return all8, lowest
+
+
+def _linear_forms(model):
+    """Original linear name -> set of forms it ended as (int4: MatMulNBits, int8: integer MatMul)."""
+    forms: dict[str, set[str]] = {}
+    for n in model.graph:
+        for suffix, form in (("_q4", "int4"), ("_int8", "int8")):
+            if n.name.endswith(suffix) and n.op_type in ("MatMulNBits", "MatMulIntegerToFloat", "MatMulInteger"):
+                base = n.name[: -len(suffix)]
+                for f in ("_svd_a", "_svd_b"):
+                    base = base.removesuffix(f)
+                forms.setdefault(base, set()).add(form)
+    return forms
+
+
+def test_int4_meets_a_byte_target_int8_cannot(exports):
+    model = _load(exports, "llama")
+    calib = _calib(model)
+    all8, all4 = _quant_reach(model)
+    assert all4 < all8
+    max_bytes = (all8 + all4) // 2
+    with pytest.raises(PassError, match=r"cannot be met: max_bytes="):
+        _plan(_load(exports, "llama"), calib, max_bytes=max_bytes, **_QUANT_ONLY)
+    result = _plan(model, calib, max_bytes=max_bytes, int4=True, **_QUANT_ONLY)
+    plan = result.stats.details["plan"]
+    kinds = [d["kind"] for d in plan["decisions"]]
+    assert "int4" in kinds and SizeFacts.of(model).bytes <= max_bytes
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == kinds.count("int4")
+    nbits = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert nbits.attributes["bits"].value == 4 and nbits.attributes["block_size"].value == 32
+    assert len(nbits.inputs) >= 4 and nbits.inputs[3] is not None  # asymmetric: packed zero points
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_int4_bytes_predicted_equal_measured(exports, kind):
+    """int4 alone (no int8, no tables): the plan's bytes and parameters are the model's, exactly."""
+    model = _load(exports, kind)
+    start = SizeFacts.of(model)
+    result = _plan(model, _calib(model), max_bytes=int(0.5 * start.bytes), int4=True, int8=False, embeddings=False,
+                   int4_block=16, **_QUANT_ONLY)
+    last = result.stats.details["plan"]["rounds"][-1]
+    got = SizeFacts.of(model)
+    assert len(result.stats.details["plan"]["rounds"]) == 1
+    assert last["predicted"]["bytes"] == last["measured"]["bytes"] == got.bytes <= int(0.5 * start.bytes)
+    assert last["predicted"]["params"] == got.params
+    assert {d["action"] for d in result.stats.details["plan"]["decisions"]} == {"int4/b16"}
+
+
+def test_int4_composes_with_svd_and_int8_at_exact_bytes(exports):
+    """A factorized layer's two factors take its precision (int4 or int8); bytes, params and MACs
+    from shapes equal the applied model's."""
+    from graphc.passes import _plan_search as ps
+    from graphc.passes._plan_units import Int4, Units
+
+    model = _load(exports, "bert")
+    calib = _calib(model)
+    units = Units(model, head_levels=(), ffn_levels=(), svd_levels=(0.6,), int8=True, embeddings=True, seq=128,
+                  int4=Int4(block_size=16))
+    svd = [u for u in units.units if u.kind == "svd"]
+    quant = [u for u in units.units if u.kind == "quant"]
+    a, b = svd[0].linears[0], svd[1].linears[0]
+    state = {svd[0].key: 1, f"quant:{a}": 2, svd[1].key: 1, f"quant:{b}": 1, quant[-1].key: 2, quant[-2].key: 1,
+             "int8:embeddings": 1}
+    step = PlanCompression(PlanCompression.Options(max_error=0.1, int4=True, int4_block=16, svd_ratios=(0.6,)),
+                           PassContext(calibration=calib))
+    work, macs, _ = step._apply(model, units, ps.Plan(state, 0.0, units.cost(state)))
+    cost, got = units.cost(state), SizeFacts.of(work)
+    assert (cost.bytes, cost.params, cost.macs) == (got.bytes, got.params, macs)
+    forms = _linear_forms(work)
+    assert forms[a] == {"int4"} and forms[b] == {"int8"}
+    assert forms[quant[-1].linears[0]] == {"int4"} and forms[quant[-2].linears[0]] == {"int8"}
+    assert {n.name for n in work.graph if n.op_type == "MatMulNBits"} >= {f"{a}_svd_a_q4", f"{a}_svd_b_q4"}
+
+
+@pytest.mark.parametrize("method", ["mse", "gptq"])
+def test_int4_error_budget_is_met_and_no_layer_is_both(exports, method):
+    original = _load(exports, "llama")
+    calib = _calib(original)
+    model = _load(exports, "llama")
+    budget = 0.001  # tiny Llama: its LM head alone at int4 costs ~0.003, the rest ~1e-5 .. 4e-4 each
+    result = _plan(model, calib, max_error=budget, int4=True, int4_method=method, **_QUANT_ONLY)
+    plan = result.stats.details["plan"]
+    last = plan["rounds"][-1]
+    measured = _measured_error(original, model, calib[:2])
+    assert last["met"] and measured <= budget
+    assert measured == pytest.approx(last["measured_error"], rel=1e-3, abs=1e-9)
+    kinds = [d["kind"] for d in plan["decisions"]]
+    assert "int4" in kinds and "int8" in kinds  # the budget binds: some layers stay at int8
+    units = [d["unit"] for d in plan["decisions"]]
+    assert len(units) == len(set(units))
+    forms = _linear_forms(model)
+    assert forms and all(len(f) == 1 for f in forms.values())
+    assert sum(f == {"int4"} for f in forms.values()) == kinds.count("int4")
+    assert {s["action"] for s in plan["sensitivities"] if s["unit"].startswith("quant:")} == {"int8", "int4/b32"}
+    assert plan["int4_factor"] >= 1.0
+    step = next(p for p in last["passes"] if p["pass"] == "quantize-nbits")
+    assert step["options"]["method"] == method and step["counts"]["matmuls_quantized"] == kinds.count("int4")
+
+
+def test_int4_bad_options(exports):
+    model = _load(exports, "bert")
+    calib = _calib(model)
+    for options, match in (({"int4_block": 48}, r"int4_block=48; supported: 16, 32, 64, 128, 256"),
+                           ({"int4_method": "awq"}, r"int4_method='awq'; supported: rtn, mse, hqq, gptq"),
+                           ({"int4_method": "hqq", "int4_symmetric": True}, r"needs int4_symmetric=false")):
+        with pytest.raises(UnsupportedError, match=match) as e:
+            _plan(model, calib, max_error=0.01, int4=True, **options)
+        assert "\n" not in str(e.value)
