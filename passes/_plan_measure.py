@@ -12,7 +12,9 @@ the priced linear layers and tables are graph inputs, as in ``_sensitivity``):
   ``_prune.plan_layer``'s, on the same calibration tokens the pruning passes use;
 - factorizing is the product A·B of ``_lowrank``'s whitened factors (SVD-LLM), at the rank the
   kept ratio gives;
-- int8 is the weight rounded to symmetric per-output-channel int8 (tables: per row) and back.
+- int8 is the weight rounded to symmetric per-output-channel int8 (tables: per row) and back;
+  4-bit tables are blocked along the hidden size (``quantize-gather-block``; ``gptq`` → ``mse``,
+  a lookup has no Hessian).
   The dynamic activation quantization of ``quantize-int8`` is not simulated (its error shows in
   the measured error after the plan);
 - int4 is the weight quantized as ``quantize-nbits`` will (``_blockquant``: W^T blocked along K,
@@ -132,6 +134,13 @@ class Probe:
             return {rec.weight.name: q.astype(np.float32) * s.astype(np.float32)}, {}
         out = {}
         for t in self.units.tables:
+            if unit.bits(level) == 4:
+                spec = self.units.int4
+                method = bq.Method.MSE.value if spec.method == bq.Method.GPTQ.value else spec.method
+                quant = bq.quantize(self.constants[t.name], 4, spec.block_size, symmetric=spec.symmetric,
+                                    method=method, scale_dtype=np.float16)
+                out[t.name] = quant.dequantize()
+                continue
             q, s = symmetric_int8(self.constants[t.name], axis=0, scale_dtype=np.float16)
             out[t.name] = q.astype(np.float32) * s.astype(np.float32)
         return out, {}

@@ -10,7 +10,9 @@ Units and their actions:
   4-bit block-wise (``quantize-nbits``, MatMulNBits): levels float → int8 → int4, one of them
   per layer (a layer is never both). A factorized layer's two factors get the layer's precision
   (both int8 or both int4, each factor quantized along its own input dimension);
-- ``int8:embeddings``: the embedding tables ``quantize-embedding`` would take become int8.
+- ``embeddings``: the embedding tables ``quantize-embedding`` would take become int8 or, with
+  ``int4``, 4-bit block-wise (``quantize-gather-block``, GatherBlockQuantized; tables with an
+  even hidden size), all together.
 
 The cost of a plan is computed from shapes, not measured: the bytes and element count of every
 initializer after the plan's passes, and the multiply-accumulates per token of the linear
@@ -54,6 +56,14 @@ class Int4:
         scales = n * -(-k // self.block_size)
         return nbytes, nbytes - scales  # a float16 scale is 2 bytes, 1 element; the rest uint8
 
+    def table_storage(self, rows: int, cols: int) -> tuple[int, int]:
+        """(bytes, elements) of a [rows, cols] table as GatherBlockQuantized stores it: codes
+        packed along cols (unpadded), float16 scales [rows, n_blocks], packed zero points."""
+        n_blocks = -(-cols // self.block_size)
+        codes = rows * -(-cols * 4 // 8)
+        zeros = 0 if self.symmetric else rows * -(-n_blocks * 4 // 8)
+        return codes + 2 * rows * n_blocks + zeros, codes + rows * n_blocks + zeros
+
 
 @dataclass
 class LinearRec:
@@ -74,15 +84,15 @@ class LinearRec:
 @dataclass
 class Unit:
     key: str
-    kind: str  # heads, ffn, svd, quant, int8-embedding
-    # level 0 is "do nothing"; heads/ffn: fraction removed; svd: kept ratio; quant: weight bits (8, 4)
+    kind: str  # heads, ffn, svd, quant, embedding
+    # level 0 is "do nothing"; heads/ffn: fraction removed; svd: kept ratio; quant, embedding: bits (8, 4)
     levels: tuple[float, ...]
     total: int = 0  # heads/ffn: units (KV groups, neurons); svd/quant: unused
     min_keep: int = 1
     linears: list[str] = field(default_factory=list)  # records the unit touches
     index: int = 0  # heads/ffn: block or FFN index in graph order
     packed_bias: tuple[str | None, int] = (None, 0)  # heads: the fused op's Q/K/V bias (name if unshared, size)
-    block_size: int = 0  # quant: the int4 block size
+    block_size: int = 0  # quant, embedding: the int4 block size
 
     def label(self, level: int) -> str:
         if level == 0:
@@ -92,17 +102,19 @@ class Unit:
             return f"prune {v:.0%} ({self.removed(level)}/{self.total})"
         if self.kind == "svd":
             return f"svd keep {v:.0%}"
-        if self.kind == "quant" and v == 4:
+        if v == 4:
             return f"int4/b{self.block_size}"
         return "int8"
 
     def bits(self, level: int) -> int:
-        """quant units: the weight bits at ``level`` (32: float)."""
-        return int(self.levels[level]) if self.kind == "quant" and level else 32
+        """quant and embedding units: the weight bits at ``level`` (32: float)."""
+        return int(self.levels[level]) if self.kind in ("quant", "embedding") and level else 32
 
     def kind_at(self, level: int) -> str:
-        """The kind of action ``level`` is (a quant unit's: int8 or int4)."""
-        return f"int{self.bits(level)}" if self.kind == "quant" else self.kind
+        """The kind of action ``level`` is (quant: int8 or int4; embedding: int8- or int4-embedding)."""
+        if self.kind == "quant":
+            return f"int{self.bits(level)}"
+        return f"int{self.bits(level)}-embedding" if self.kind == "embedding" else self.kind
 
     def removed(self, level: int) -> int:
         if self.kind not in ("heads", "ffn") or level == 0:
@@ -207,7 +219,14 @@ class Units:
                         seen.add(id(node.inputs[0]))
                         self.tables.append(node.inputs[0])
             if self.tables:
-                self.units.append(Unit("int8:embeddings", "int8-embedding", (0.0, 1.0)))
+                # 4 bits: whole bytes a row (quantize-gather-block), and fewer bytes than int8
+                four = int4 is not None and all(
+                    int(t.const_value.shape[1]) % 2 == 0
+                    and int4.table_storage(*(int(d) for d in t.const_value.shape))[0]
+                    < int(t.const_value.shape[0]) * (int(t.const_value.shape[1]) + INT8_SCALE_BYTES)
+                    for t in self.tables)
+                self.units.append(Unit("embeddings", "embedding", (0.0, 8.0, *((4.0,) * four)),
+                                       block_size=int4.block_size if four else 0))
         self.by_key = {u.key: u for u in self.units}
         self.base = self._fixed(model)
 
@@ -284,11 +303,20 @@ class Units:
                 extra = int(round(size * u.kept_ratio(state.get(u.key, 0))))
                 params += extra
                 nbytes += 4 * extra
-        q8e = state.get("int8:embeddings", 0) > 0
+        tables = self.by_key.get("embeddings")
+        bits = tables.bits(state.get(tables.key, 0)) if tables is not None else 32
         for t in self.tables:
             rows, cols = (int(d) for d in t.const_value.shape)
-            nbytes += rows * cols + INT8_SCALE_BYTES * rows if q8e else 4 * rows * cols
-            params += rows * cols + (rows if q8e else 0)
+            if bits == 8:
+                nbytes += rows * cols + INT8_SCALE_BYTES * rows
+                params += rows * cols + rows
+            elif bits == 4:
+                stored, elements = self.int4.table_storage(rows, cols)
+                nbytes += stored
+                params += elements
+            else:
+                nbytes += 4 * rows * cols
+                params += rows * cols
         return Cost(nbytes, params, macs)
 
     def _kept(self, key: str | None, state: dict[str, int]) -> float:

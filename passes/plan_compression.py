@@ -4,7 +4,8 @@ measured sensitivities to an error budget and size / latency targets.
 1. Units (``_plan_units``): each attention block's heads and each FFN's neurons (prune 25% /
    50%, with the least-squares correction of ``prune-heads`` / ``prune-ffn``), each linear layer
    (whitened SVD keeping 80% / 60% of its parameters; int8 weights, or with ``int4`` 4-bit
-   block-wise weights: float, int8 or int4, one per layer) and the embedding tables (int8).
+   block-wise weights: float, int8 or int4, one per layer) and the embedding tables (int8; with
+   ``int4`` also 4-bit, GatherBlockQuantized, all tables together).
    ``head_fractions``, ``ffn_fractions``, ``svd_ratios``, ``int8``, ``int4`` (``int4_block``,
    ``int4_method``, ``int4_symmetric``), ``embeddings`` set them.
 2. Sensitivity (``_plan_measure``): the output error of every action applied alone on the first
@@ -18,8 +19,9 @@ measured sensitivities to an error budget and size / latency targets.
    ``only`` the chosen layers), ``quantize-nbits`` on the int4 layers (MatMulNBits, 4 bits,
    ``int4_block``/``int4_method``/``int4_symmetric``, float16 scales, ``accuracy_level`` 4), then
    ``quantize-int8`` (the int8 recipe's options) on the int8 layers, each pass given only its
-   layers (the others renamed out of its way for the call), and ``quantize-embedding``. A
-   factorized layer's two factors take the layer's precision.
+   layers (the others renamed out of its way for the call), and ``quantize-embedding`` (int8
+   tables) or ``quantize-gather-block`` (int4 tables, block ``int4_block``; ``gptq`` → ``mse``).
+   A factorized layer's two factors take the layer's precision.
 5. Check: the error is measured again on the same feeds with everything applied, the bytes and
    parameters of the result are counted and its MACs recounted. Where the measured error
    exceeds ``max_error`` (the errors did not add: pruned layers interact, int8's dynamic
@@ -84,7 +86,7 @@ class PlanOptions:
     int4_block: int = 32  # int4 block size along K: 16, 32, 64, 128 or 256
     int4_method: str = "mse"  # int4 quantizer: rtn, mse, hqq, gptq (gptq: calibration Hessians)
     int4_symmetric: bool = False  # int4 without zero points
-    embeddings: bool = True  # embedding tables may become int8
+    embeddings: bool = True  # embedding tables may become int8 (with int4: or 4-bit)
     seq: int = 128  # keys per query in the attention MACs of the latency proxy
     feeds: int = 2  # calibration feeds the errors are measured on
     rounds: int = 3  # plan → apply → measure rounds at most
@@ -355,6 +357,7 @@ class PlanCompression(GraphcPass):
         from graphc.passes.prune_ffn import PruneFfn
         from graphc.passes.prune_heads import PruneHeads
         from graphc.passes.quantize_embedding import QuantizeEmbedding
+        from graphc.passes.quantize_gather_block import QuantizeGatherBlock
         from graphc.passes.svd_linear import SvdLinear
 
         o = self.options
@@ -395,8 +398,15 @@ class PlanCompression(GraphcPass):
             self._quantize_int4(work, q4, sub)
         if q8:
             self._quantize_int8(work, q8, sub)
-        if state.get("int8:embeddings"):
+        tables = units.by_key.get("embeddings")
+        table_bits = tables.bits(state.get(tables.key, 0)) if tables is not None else 32
+        if table_bits == 8:
             run(QuantizeEmbedding, {"scale_dtype": "float16"})
+        elif table_bits == 4:
+            method = bq.Method.MSE.value if o.int4_method == bq.Method.GPTQ.value else o.int4_method
+            # share_tied off: the plan prices every table on its own
+            run(QuantizeGatherBlock, {"bits": 4, "block_size": o.int4_block, "symmetric": o.int4_symmetric,
+                                      "method": method, "scale_dtype": "float16", "share_tied": False})
         return work, macs, sub
 
     def _details(self, units, errors, budgets, original, plan, rounds, sensitivities, n_feeds) -> dict:

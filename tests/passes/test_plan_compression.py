@@ -274,8 +274,8 @@ def _quant_reach(model, **kw):
     units = Units(model, head_levels=(), ffn_levels=(), svd_levels=(), int8=True, embeddings=True, seq=128,
                   int4=Int4(**kw))
     quant = [u for u in units.units if u.kind == "quant"]
-    all8 = units.cost({**{u.key: 1 for u in quant}, "int8:embeddings": 1}).bytes
-    lowest = units.cost({**{u.key: len(u.levels) - 1 for u in quant}, "int8:embeddings": 1}).bytes
+    all8 = units.cost({**{u.key: 1 for u in quant}, "embeddings": 1}).bytes
+    lowest = units.cost({**{u.key: len(u.levels) - 1 for u in quant}, "embeddings": 1}).bytes
     return all8, lowest
 
 
@@ -339,13 +339,16 @@ def test_int4_composes_with_svd_and_int8_at_exact_bytes(exports):
     svd = [u for u in units.units if u.kind == "svd"]
     quant = [u for u in units.units if u.kind == "quant"]
     a, b = svd[0].linears[0], svd[1].linears[0]
-    state = {svd[0].key: 1, f"quant:{a}": 2, svd[1].key: 1, f"quant:{b}": 1, quant[-1].key: 2, quant[-2].key: 1,
-             "int8:embeddings": 1}
+    state = {svd[0].key: 1, f"quant:{a}": 2, svd[1].key: 1, f"quant:{b}": 1, quant[-1].key: 2, quant[-2].key: 1}
     step = PlanCompression(PlanCompression.Options(max_error=0.1, int4=True, int4_block=16, svd_ratios=(0.6,)),
                            PassContext(calibration=calib))
-    work, macs, _ = step._apply(model, units, ps.Plan(state, 0.0, units.cost(state)))
-    cost, got = units.cost(state), SizeFacts.of(work)
-    assert (cost.bytes, cost.params, cost.macs) == (got.bytes, got.params, macs)
+    assert units.by_key["embeddings"].levels == (0.0, 8.0, 4.0)
+    for tables in (1, 2):  # tables int8, then int4
+        with_tables = {**state, "embeddings": tables}
+        work, macs, _ = step._apply(model, units, ps.Plan(with_tables, 0.0, units.cost(with_tables)))
+        cost, got = units.cost(with_tables), SizeFacts.of(work)
+        assert (cost.bytes, cost.params, cost.macs) == (got.bytes, got.params, macs)
+        assert any(n.op_type == "GatherBlockQuantized" for n in work.graph) == (tables == 2)
     forms = _linear_forms(work)
     assert forms[a] == {"int4"} and forms[b] == {"int8"}
     assert forms[quant[-1].linears[0]] == {"int4"} and forms[quant[-2].linears[0]] == {"int8"}
