@@ -1,4 +1,4 @@
-"""Formatting helpers and inline-SVG charts (bar, line, timeline) for the HTML report.
+"""Formatting helpers and inline-SVG charts (bar, line, x-y, timeline) for the HTML report.
 
 Charts are drawn here in Python as SVG strings: no JavaScript, no external resources. Every
 string that reaches the markup goes through ``_e`` (html.escape).
@@ -9,13 +9,22 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from graphc.errors import GraphcError
+
 Series = tuple[str, str, Sequence[float | None]]  # (name, colour, one value per category)
+XYSeries = tuple[str, str, Sequence[tuple[float | None, float | None]]]  # (name, colour, (x, y) points)
 
 BEFORE, AFTER, BAD, GREY = "#a0aec0", "#2b6cb0", "#c53030", "#718096"
 CHART_W = 1000
+# The charts' classes (class="chart" on the <svg>; t: title, ax: axis, grid: grid line).
+CHART_CSS = """
+svg.chart{display:block;max-width:100%;height:auto;margin:8px 0}
+svg.chart text{font-size:12px;fill:#2d3748}svg.chart .t{font-size:14px;font-weight:600}
+svg.chart .ax{stroke:#4a5568}svg.chart .grid{stroke:#e2e8f0}
+"""
 
 # ---------------------------------------------------------------- formatting
 
@@ -258,3 +267,87 @@ def timeline_chart(plot_id: str, title: str, passes: Sequence[dict]) -> str:
     return "".join(out)
 
 
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Decades covering ``[lo, hi]`` (both > 0), with 2× and 5× between them when it spans ≤ 2."""
+    d_lo, d_hi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    d_hi = max(d_hi, d_lo + 1)
+    steps = (1, 2, 5) if d_hi - d_lo <= 2 else (1,)
+    ticks = [m * 10.0**d for d in range(d_lo, d_hi) for m in steps] + [10.0**d_hi]
+    first = max(t for t in ticks if t <= lo * (1 + 1e-9))
+    last = min(t for t in ticks if t >= hi * (1 - 1e-9) and t > first)
+    return [t for t in ticks if first <= t <= last]
+
+
+def xy_chart(
+    plot_id: str,
+    title: str,
+    series: Sequence[XYSeries],
+    *,
+    x_label: str,
+    y_label: str,
+    log_y: bool = False,
+    x_fmt: Callable[[Any], str] = _num,
+    y_fmt: Callable[[Any], str] = _num,
+) -> str:
+    """Points at numeric (x, y), each series' points joined in the order given. A point with a
+    missing or non-finite coordinate is left out and breaks its line; on a log y axis a y ≤ 0
+    sits hollow on the floor."""
+    pts = [(x, y) for _, _, ps in series for x, y in ps if _is_num(x) and _is_num(y)]
+    x0, x1, top, bottom = 80, CHART_W - 20, 52, 352
+    height = bottom + 50
+    out = [_svg_open(plot_id, title, CHART_W, height), _legend([(nm, c) for nm, c, _ in series], x0, 40)]
+    if not pts:
+        out.append(f'<text x="{(x0 + x1) / 2:.0f}" y="{(top + bottom) / 2:.0f}" text-anchor="middle">'
+                   f'no data</text></svg>')
+        return "".join(out)
+    xt = _nice_ticks(min(x for x, _ in pts), max(x for x, _ in pts))
+    positive = [y for _, y in pts if y > 0]
+    if log_y:
+        yt = _log_ticks(min(positive), max(positive)) if positive else [1.0, 10.0]
+        ylo, yhi = math.log10(yt[0]), math.log10(yt[-1])
+        fy = math.log10
+    else:
+        yt = _nice_ticks(min(y for _, y in pts), max(y for _, y in pts))
+        ylo, yhi, fy = yt[0], yt[-1], float
+    sx = lambda v: x0 + (v - xt[0]) / (xt[-1] - xt[0]) * (x1 - x0)
+    sy = lambda v: bottom if log_y and v <= 0 else bottom - (fy(v) - ylo) / (yhi - ylo) * (bottom - top)
+    for t in xt:
+        out.append(f'<line class="grid" x1="{sx(t):.1f}" y1="{top}" x2="{sx(t):.1f}" y2="{bottom}"/>'
+                   f'<text x="{sx(t):.1f}" y="{bottom + 16}" text-anchor="middle">{_e(x_fmt(t))}</text>')
+    for t in yt:
+        out.append(f'<line class="grid" x1="{x0}" y1="{sy(t):.1f}" x2="{x1}" y2="{sy(t):.1f}"/>'
+                   f'<text x="{x0 - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{_e(y_fmt(t))}</text>')
+    for name, colour, ps in series:
+        run: list[str] = []
+        for p in [*ps, (None, None)]:
+            x, y = p
+            if not (_is_num(x) and _is_num(y)):
+                if len(run) > 1:
+                    out.append(f'<polyline fill="none" stroke="{_e(colour)}" stroke-width="2" points="{" ".join(run)}"/>')
+                run = []
+                continue
+            run.append(f"{sx(x):.1f},{sy(y):.1f}")
+        for x, y in ps:
+            if _is_num(x) and _is_num(y):
+                fill = "#fff" if log_y and y <= 0 else _e(colour)
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{fill}" stroke="{_e(colour)}">'
+                           f'<title>{_e(name)}: {_e(x_fmt(x))}, {_e(y_fmt(y))}</title></circle>')
+    out.append(f'<line class="ax" x1="{x0}" y1="{top}" x2="{x0}" y2="{bottom}"/>'
+               f'<line class="ax" x1="{x0}" y1="{bottom}" x2="{x1}" y2="{bottom}"/>'
+               f'<text transform="translate(16,{(top + bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">'
+               f'{_e(y_label)}</text>'
+               f'<text x="{(x0 + x1) / 2:.0f}" y="{height - 6}" text-anchor="middle">{_e(x_label)}</text></svg>')
+    return "".join(out)
+
+
+def standalone_svg(chart: str) -> str:
+    """A chart from this module as an .svg file's text: the SVG namespace, a white background
+    and the chart styles (which the HTML report otherwise supplies) inside it."""
+    head, sep, rest = chart.partition(">")
+    if not head.startswith("<svg") or not sep:
+        raise GraphcError("standalone_svg: expects an <svg> element from graphc.report_charts")
+    style = CHART_CSS + "svg.chart{font-family:system-ui,sans-serif;background:#fff}\n"
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n{head} xmlns="http://www.w3.org/2000/svg">'
+            f"<style>{style}</style>{rest}\n")

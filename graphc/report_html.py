@@ -35,6 +35,7 @@ from typing import Any
 from graphc.report_charts import (  # noqa: F401 - _nice_ticks re-exported for tests
     AFTER,
     BEFORE,
+    CHART_CSS,
     _bytes,
     _cos,
     _e,
@@ -71,11 +72,8 @@ tr.hl td{background:#fff5f5}tr.off td{color:#a0aec0;font-style:italic}
 tfoot td{font-weight:600;border-top:2px solid #cbd5e0}
 code{font-size:12px;word-break:break-all}.kv{margin-right:10px;white-space:nowrap}
 details{margin:6px 0}summary{cursor:pointer;color:#2b6cb0}
-svg.chart{display:block;max-width:100%;height:auto;margin:8px 0}
-svg.chart text{font-size:12px;fill:#2d3748}svg.chart .t{font-size:14px;font-weight:600}
-svg.chart .ax{stroke:#4a5568}svg.chart .grid{stroke:#e2e8f0}
 .note{font-size:12px;color:#4a5568}
-"""
+""" + CHART_CSS
 
 
 # ---------------------------------------------------------------- tables
