@@ -145,7 +145,12 @@ def relative_error(y_hat: np.ndarray, y: np.ndarray) -> float:
 
 def group_energy(x: np.ndarray, w: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
     """Importance of each group of input channels: ||x[:, g] @ w[g]||² summed over tokens
-    (the energy of that group's contribution to the layer's output)."""
+    (the energy of that group's contribution to the layer's output). One-channel groups (FFN
+    neurons): the contribution is an outer product, so its energy is ||x_j||² ||w_j||²."""
+    if all(len(g) == 1 for g in groups):
+        idx = np.array([g[0] for g in groups], dtype=np.int64)
+        xs = np.einsum("ij,ij->j", x[:, idx], x[:, idx], dtype=np.float64)
+        return xs * np.einsum("ij,ij->i", w[idx], w[idx], dtype=np.float64)
     return np.array([float(np.sum((x[:, g] @ w[g]) ** 2)) for g in groups])
 
 
