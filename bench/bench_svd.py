@@ -1,12 +1,17 @@
-"""Low-rank study: quality vs fraction of linear-layer parameters removed, plain SVD vs
-activation-aware (whitened, SVD-LLM) SVD (and optionally ASVD), with ``svd-linear``.
+"""Quality vs fraction of linear-layer parameters removed: plain SVD vs activation-aware
+(whitened, SVD-LLM) SVD (and optionally ASVD) with ``svd-linear``, and structured pruning
+(``prune-heads``, ``prune-ffn``, with and without the STAT correction).
 
     python bench/bench_svd.py [--model smollm2|minilm|both] [--removed 0.1,0.2,0.3]
-                              [--methods plain,whitened] [--json OUT] [--int8]
+                              [--methods plain,whitened,heads,heads-uncorrected,ffn,ffn-uncorrected]
+                              [--head-fractions 0.34,0.67] [--ffn-fractions 0.1,0.25,0.5]
+                              [--no-sequential] [--json OUT] [--plot OUT.svg] [--int8]
 
-Each point runs ``svd-linear`` with ``rank_rule="ratio"``, ``param_ratio = 1 - removed``: every
+Each SVD point runs ``svd-linear`` with ``rank_rule="ratio"``, ``param_ratio = 1 - removed``: every
 constant-weight MatMul except the LM head keeps that fraction of its parameters (SVD-LLM's
-uniform compression ratio), so the methods are compared at exactly the same size.
+uniform compression ratio), so the methods are compared at exactly the same size. Each pruning
+point runs the pass with ``fraction`` = the head (KV group) or neuron fraction per layer. The
+x of every point is measured on the compressed model (:func:`linear_params` after vs before).
 
 - SmolLM2-135M (graphc's fp32 dynamo export, cached in ``.graphc-cache/bench``): perplexity
   (``graphc.measure.perplexity``) on the fixed Wikipedia eval windows
@@ -58,24 +63,64 @@ def log(msg: str) -> None:
 
 
 DAMP = None  # --damp: svd-linear's damp option (None: the pass's default)
+SEQUENTIAL = True  # --no-sequential: prune-heads / prune-ffn's sequential option
+
+# Structured pruning methods: (pass, STAT correction on). Their amount is the pass's
+# ``fraction`` of units per layer (KV groups / heads, FFN neurons), not of parameters.
+PRUNE = {"heads": ("prune-heads", True), "heads-uncorrected": ("prune-heads", False),
+         "ffn": ("prune-ffn", True), "ffn-uncorrected": ("prune-ffn", False)}
+SVD_METHODS = ("plain", "whitened", "asvd")
+COLOURS = {"plain": "#c53030", "whitened": "#2b6cb0", "asvd": "#805ad5", "heads": "#2f855a",
+           "heads-uncorrected": "#9ae6b4", "ffn": "#dd6b20", "ffn-uncorrected": "#fbd38d"}
+
+
+def unit_of(method: str) -> str:
+    return "heads (KV groups)" if method.startswith("heads") else "neurons" if method.startswith("ffn") else "params"
+
+
+def linear_params(model: ir.Model) -> int:
+    """Weight parameters of the linear layers: distinct constant 2-D weights of float MatMul /
+    Gemm nodes, the LM head (a MatMul producing a graph output) left out, as svd-linear counts."""
+    from graphc.passes._quant import const_array
+    from graphc.passes.svd_linear import _is_head
+
+    seen: dict[int, int] = {}
+    for node in model.graph.all_nodes():
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        c = const_array(w) if w is not None else None
+        if c is None or c.ndim != 2 or c.dtype.kind != "f" or _is_head(model.graph, node.outputs[0]):
+            continue
+        seen[id(w)] = int(c.size)
+    return sum(seen.values())
 
 
 def compress(path: Path, method: str, removed: float, calibration, int8: bool = False) -> tuple[bytes, dict]:
-    """The fp32 model with svd-linear (and quantize-int8) applied; serialized bytes and stats."""
+    """The fp32 model with ``method`` (svd-linear at ``param_ratio = 1 - removed``, or a pruning
+    pass at ``fraction = removed``) and optionally quantize-int8 applied; serialized bytes and
+    stats, with ``linear_params_removed`` measured on the compressed model (:func:`linear_params`)."""
     import graphc.io
     from graphc.pass_base import PassContext
     from graphc.registry import get_pass
 
     model = graphc.io.load_model(path)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
+    before = linear_params(model)
     ctx = PassContext(calibration=calibration, calibration_source="bench calibration split")
     t0 = time.perf_counter()
-    options = {"method": method, "rank_rule": "ratio", "param_ratio": 1.0 - removed}
-    if DAMP is not None:
-        options["damp"] = DAMP
-    result = get_pass("svd-linear").from_dict(options, ctx)(model)
+    if method in PRUNE:
+        name, correct = PRUNE[method]
+        result = get_pass(name).from_dict({"fraction": removed, "correct": correct, "sequential": SEQUENTIAL},
+                                          ctx)(model)
+    else:
+        options = {"method": method, "rank_rule": "ratio", "param_ratio": 1.0 - removed}
+        if DAMP is not None:
+            options["damp"] = DAMP
+        result = get_pass("svd-linear").from_dict(options, ctx)(model)
     stats = dict(result.stats.counts)
     stats["seconds"] = round(time.perf_counter() - t0, 1)
+    stats["linear_params_removed"] = round(1.0 - linear_params(model) / before, 6)
     if int8:
         q = get_pass("quantize-int8")(None, ctx)(model)
         stats["int8"] = {k: v for k, v in q.stats.counts.items()}
@@ -142,11 +187,25 @@ def embedding_row(stats: dict, removed: float) -> dict:
             "tied_heads_shared": stats.get("tied_heads_shared", 0)}
 
 
-def points(methods, removed, int8):
-    out = [(m, r, False) for m in methods for r in removed]
-    if int8 and removed:
-        out.append(("whitened", removed[len(removed) // 2], True))
+def points(args):
+    """(method, amount, int8) per point: ``--removed`` for the SVD methods, ``--head-fractions``
+    / ``--ffn-fractions`` for the pruning ones."""
+    amounts = {"heads (KV groups)": args.head_fractions, "neurons": args.ffn_fractions, "params": args.removed}
+    out = [(m, r, False) for m in args.methods for r in amounts[unit_of(m)]]
+    if args.int8 and args.removed:
+        out.append(("whitened", args.removed[len(args.removed) // 2], True))
     return out
+
+
+def point_row(method: str, removed: float, int8: bool, stats: dict) -> dict:
+    """The fields every compressed point's row has; ``fraction_removed`` is measured."""
+    row = {"method": method + (" + int8" if int8 else ""), "removed": removed, "unit": unit_of(method),
+           "fraction_removed": stats["linear_params_removed"], "seconds": stats["seconds"]}
+    if method in PRUNE:
+        row["units_removed"] = stats.get("heads_removed", stats.get("neurons_removed", 0))
+    else:
+        row.update(layers=stats.get("layers_factorized"), plain_fallbacks=stats.get("plain_fallbacks", 0))
+    return row
 
 
 # --------------------------------------------------------------------------- SmolLM2
@@ -174,7 +233,7 @@ def smollm2(args) -> dict[str, Any]:
     log(f"fp32 perplexity {base.perplexity:.3f}")
     rows.append({"method": "fp32", "removed": 0.0, "perplexity": round(base.perplexity, 4)})
     last = None
-    for method, removed, int8 in points(args.methods, args.removed, args.int8):
+    for method, removed, int8 in points(args):
         forget(method != last)
         last = method
         data, stats = compress(path, method, removed, calib, int8)
@@ -183,10 +242,8 @@ def smollm2(args) -> dict[str, Any]:
         ppl = measure.perplexity(sess, ppl_feeds)
         del sess
         gc.collect()
-        row = {"method": method + (" + int8" if int8 else ""), "removed": removed,
-               "fraction_removed": stats.get("fraction_removed"), "layers": stats.get("layers_factorized"),
-               "plain_fallbacks": stats.get("plain_fallbacks", 0), "perplexity": round(ppl.perplexity, 4),
-               "rise": round(measure.relative_rise(ppl.perplexity, base.perplexity), 4), "svd_seconds": stats["seconds"]}
+        row = {**point_row(method, removed, int8, stats), "perplexity": round(ppl.perplexity, 4),
+               "rise": round(measure.relative_rise(ppl.perplexity, base.perplexity), 4)}
         log(str(row))
         rows.append(row)
     for removed in args.embedding:
@@ -223,15 +280,13 @@ def minilm(args) -> dict[str, Any]:
     ref = measure.embeddings(measure.session(path), feeds)
     rows = [{"method": "fp32", "removed": 0.0, "mean_cosine": 1.0}]
     last = None
-    for method, removed, int8 in points(args.methods, args.removed, args.int8):
+    for method, removed, int8 in points(args):
         forget(method != last)
         last = method
         data, stats = compress(path, method, removed, calib, int8)
         got = measure.embeddings(measure.session(data), feeds)
         cos = measure.cosine_stats(got, ref)
-        row = {"method": method + (" + int8" if int8 else ""), "removed": removed,
-               "fraction_removed": stats.get("fraction_removed"), "layers": stats.get("layers_factorized"),
-               "plain_fallbacks": stats.get("plain_fallbacks", 0), "mean_cosine": round(cos.mean, 5),
+        row = {**point_row(method, removed, int8, stats), "mean_cosine": round(cos.mean, 5),
                "min_cosine": round(cos.min, 5), "bytes": len(data)}
         log(str(row))
         rows.append(row)
@@ -254,17 +309,39 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for res in results:
         ppl = res["metric"] == "perplexity"
         lines.append(f"\n{res['model']}: {res['metric']} (calibration {res['calibration_tokens']} tokens)\n")
-        lines.append("| method | linear params removed | " + ("perplexity | rise |" if ppl else "mean cosine | min cosine |"))
-        lines.append("|---|---|---|---|")
+        lines.append("| method | setting | linear params removed | "
+                     + ("perplexity | rise |" if ppl else "mean cosine | min cosine |"))
+        lines.append("|---|---|---|---|---|")
         for r in res["rows"]:
             if "table_params_removed" in r:
                 frac = f"{r['table_params_removed']:.1%} of the embedding table"
             else:
                 frac = f"{r.get('fraction_removed') or r['removed']:.1%}"
+            setting = f"fraction {r['removed']:g} of {r.get('unit', 'params')}" if r["removed"] else ""
             vals = (f"{r['perplexity']:.2f} | {r.get('rise', 0):+.1%} |" if ppl
                     else f"{r['mean_cosine']:.4f} | {r.get('min_cosine', 1.0):.4f} |")
-            lines.append(f"| {r['method']} | {frac} | {vals}")
+            lines.append(f"| {r['method']} | {setting} | {frac} | {vals}")
     return "\n".join(lines)
+
+
+def plot(res: dict[str, Any]) -> str:
+    """Quality vs measured fraction of linear parameters removed, one series per method (each
+    starting at the fp32 point, nothing removed), as a standalone SVG document."""
+    from graphc.report_charts import GREY, standalone_svg, xy_chart
+
+    ppl = res["metric"] == "perplexity"
+    key = "perplexity" if ppl else "mean_cosine"
+    base = next(r[key] for r in res["rows"] if r["method"] == "fp32")
+    by_method: dict[str, list] = {}
+    for r in res["rows"]:
+        if r["method"] != "fp32" and "fraction_removed" in r:
+            by_method.setdefault(r["method"], []).append((r["fraction_removed"], r[key]))
+    series = [(m, COLOURS.get(m, GREY), [(0.0, base), *sorted(ps)]) for m, ps in by_method.items()]
+    what = "perplexity (log scale)" if ppl else "mean embedding cosine vs fp32"
+    chart = xy_chart(f"plot-{res['model']}", f"{res['model']}: {what} vs linear-layer parameters removed",
+                     series, x_label="fraction of linear-layer parameters removed (LM head and embeddings kept)",
+                     y_label=what, log_y=ppl, x_fmt=lambda v: f"{v:.0%}")
+    return standalone_svg(chart)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("smollm2", "minilm", "both"), default="both")
     parser.add_argument("--removed", default="0.1,0.2,0.3", help="fractions of linear-layer parameters removed "
                         "(empty: none)")
-    parser.add_argument("--methods", default="plain,whitened", help="comma-separated: plain, whitened, asvd")
+    parser.add_argument("--methods", default="plain,whitened", help="comma-separated: plain, whitened, asvd "
+                        "(svd-linear at --removed); heads, heads-uncorrected (prune-heads at --head-fractions), "
+                        "ffn, ffn-uncorrected (prune-ffn at --ffn-fractions); -uncorrected: correct=false")
+    parser.add_argument("--head-fractions", default="0.34,0.67", help="prune-heads fractions of each block's "
+                        "heads (KV groups on grouped-KV models; rounded down to whole units)")
+    parser.add_argument("--ffn-fractions", default="0.1,0.25,0.5", help="prune-ffn fractions of each FFN's neurons")
+    parser.add_argument("--no-sequential", action="store_true", help="pruning: refit every layer on the original "
+                        "model's activations (one calibration pass) instead of the passes' default, layer by "
+                        "layer on the model pruned so far (one calibration pass per layer)")
     parser.add_argument("--int8", action="store_true", help="also whitened SVD + quantize-int8 at the middle ratio")
     parser.add_argument("--embedding", default="", help="also lowrank-embedding at these fractions of table "
                         "parameters removed (comma-separated)")
@@ -286,12 +371,19 @@ def main(argv: list[str] | None = None) -> int:
                         "which re-exports whenever exporter or model-recipe sources changed)")
     parser.add_argument("--minilm-onnx", help="an fp32 MiniLM export to use as is")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    parser.add_argument("--plot", metavar="OUT.svg", help="also write quality vs fraction of linear parameters "
+                        "removed as an SVG file (with --model both: OUT-minilm.svg and OUT-smollm2.svg)")
     args = parser.parse_args(argv)
     args.removed = [float(x) for x in args.removed.split(",") if x.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.embedding = [float(x) for x in args.embedding.split(",") if x.strip()]
-    global DAMP
-    DAMP = args.damp
+    args.head_fractions = [float(x) for x in args.head_fractions.split(",") if x.strip()]
+    args.ffn_fractions = [float(x) for x in args.ffn_fractions.split(",") if x.strip()]
+    unknown = [m for m in args.methods if m not in (*SVD_METHODS, *PRUNE)]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join((*SVD_METHODS, *PRUNE))}")
+    global DAMP, SEQUENTIAL
+    DAMP, SEQUENTIAL = args.damp, not args.no_sequential
     memoize_factorization()
     results = []
     if args.model in ("minilm", "both"):
@@ -303,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        out = Path(args.plot)
+        for res in results:
+            name = out if len(results) == 1 else out.with_name(f"{out.stem}-{res['model']}{out.suffix}")
+            name.write_text(plot(res))
+            log(f"plot: {name}")
     return 0
 
 
