@@ -1,8 +1,11 @@
-"""graphc ``plan`` (per-layer pruning / SVD / int8 chosen to a budget) vs ONNX Runtime's int8
-pipeline on MiniLM, at several error budgets.
+"""graphc ``plan`` (per-layer pruning / SVD / int8 or int4 chosen to a budget) vs ONNX Runtime's
+int8 pipeline on MiniLM, at several error budgets.
 
-    python bench/bench_plan.py [--budgets 0.005,0.01,0.02] [--max-flops F] [--max-bytes N]
-                               [--quick] [--json OUT] [--threads 2] [--reuse-built]
+    python bench/bench_plan.py [--budgets 0.005,0.01,0.02] [--max-flops F] [--max-bytes N[,N...]]
+                               [--int4] [--quick] [--json OUT] [--threads 2] [--reuse-built]
+
+``--max-bytes`` with several values sweeps them (every error budget at every byte target);
+``--int4`` lets the plan make linear layers and tables 4-bit (MatMulNBits / GatherBlockQuantized).
 
 For each budget: ``graphc.compress(fp32, recipe=plan_recipe(max_error=B, ...))`` (written even
 when validation misses the recipe's tolerance; the table says so), then, in one process on CPU
@@ -32,7 +35,7 @@ ORT_INT8 = "ORT int8 (optimizer + quantize_dynamic)"
 
 
 def plan_name(budget: dict[str, Any]) -> str:
-    return "graphc plan " + ", ".join(f"{k}={v:g}" for k, v in budget.items())
+    return "graphc plan " + ", ".join(f"{k}={v:g}" if not isinstance(v, bool) else k for k, v in budget.items())
 
 
 def _plan_stats(result) -> dict[str, Any]:
@@ -43,7 +46,7 @@ def _plan_stats(result) -> dict[str, Any]:
     for d in plan.get("decisions", []):
         kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
     return {"counts": {k: v for k, v in stats.items() if k not in ("skipped", "notes")}, "kinds": kinds,
-            "decisions": [d for d in plan.get("decisions", []) if d["kind"] != "int8"],
+            "decisions": [d for d in plan.get("decisions", []) if d["kind"] not in ("int8", "int4")],
             "rounds": [{k: v for k, v in r.items() if k not in ("passes", "steps")} for r in plan.get("rounds", [])],
             "original": plan.get("original"), "wall_s": step["wall_s"]}
 
@@ -71,17 +74,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ort_path = b8.build_ort_int8(work, fresh=args.fresh)
     budgets = []
     for b in args.budgets.split(","):
-        budget = {"max_error": float(b)}
-        if args.max_flops:
-            budget["max_flops"] = args.max_flops
-        if args.max_bytes:
-            budget["max_bytes"] = args.max_bytes
-        budgets.append(budget)
+        for max_bytes in [int(float(x)) for x in args.max_bytes.split(",")] if args.max_bytes else [None]:
+            budget: dict[str, Any] = {"max_error": float(b)}
+            if args.max_flops:
+                budget["max_flops"] = args.max_flops
+            if max_bytes:
+                budget["max_bytes"] = max_bytes
+            if args.int4:
+                budget["int4"] = True
+            budgets.append(budget)
     paths = {ORT_INT8: ort_path}
     res["plans"] = {}
     for budget in budgets:
         name = plan_name(budget)
-        path = work / ("minilm-graphc-plan-" + "-".join(f"{k}{v:g}" for k, v in budget.items()) + ".onnx")
+        path = work / ("minilm-graphc-plan-" + "-".join(f"{k}{v:g}" if not isinstance(v, bool) else k
+                                                       for k, v in budget.items()) + ".onnx")
         stats_path = path.with_suffix(".json")
         if args.reuse_built and path.is_file() and stats_path.is_file():
             res["plans"][name] = json.loads(stats_path.read_text())
@@ -176,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="0.005,0.01,0.02", help="max_error values, comma-separated")
     parser.add_argument("--max-flops", type=float, help="also a MAC target (fraction of fp32) for every budget")
-    parser.add_argument("--max-bytes", type=int, help="also a byte target for every budget")
+    parser.add_argument("--max-bytes", help="also a byte target for every budget; several (comma-separated, "
+                        "e.g. 12e6,15e6) sweep them")
+    parser.add_argument("--int4", action="store_true", help="the plan may make layers and tables 4-bit")
     parser.add_argument("--quick", action="store_true", help="smoke test: few reps, 64 sentences, small probe")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")

@@ -143,7 +143,7 @@ def _plan_text(plan: dict) -> str:
              f"{pred.get('macs', 0) / max(orig.get('macs', 1), 1):.3f} / {meas.get('macs', 0) / max(orig.get('macs', 1), 1):.3f}"
              " of the original"]
     lines += [f"  {d['layer']}: {d['action']} (predicted {d['predicted_error']:.3g})"
-              for d in plan.get("decisions", []) if d["kind"] != "int8"]
+              for d in plan.get("decisions", []) if d["kind"] not in ("int8", "int4")]
     return "\n".join(lines)
 
 
@@ -157,14 +157,19 @@ def _compress_recipe(args: argparse.Namespace):
 
     budgets = {k: getattr(args, k) for k in ("max_error", "max_bytes", "max_flops", "max_params", "max_ppl_rise")
                if getattr(args, k) is not None}
+    int4 = getattr(args, "int4", False)
+    if int4 and not budgets:
+        raise RecipeError("--int4 is a plan option: give a budget too (--max-error, --max-bytes, --max-flops, "
+                          "--max-params or --max-ppl-rise)")
     if not budgets:
         return args.recipe or "int8"
     if args.recipe is None:
-        return plan_recipe(**budgets)
+        return plan_recipe(**budgets, int4=int4)
     recipe = get_recipe(args.recipe)
     if "plan" not in recipe.pass_names():
         raise RecipeError(f"--{next(iter(budgets)).replace('_', '-')} needs the plan pass, and recipe "
                           f"{recipe.name!r} has none (leave out --recipe to use the plan recipe)")
+    budgets |= {"int4": True} if int4 else {}
     steps = tuple(Step(s.pass_name, {**s.options, **budgets}) if s.pass_name == "plan" else s for s in recipe.steps)
     return replace(recipe, steps=steps)
 
@@ -312,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-params", type=int, metavar="N", help="plan: at most N parameters")
     sp.add_argument("--max-ppl-rise", type=float, metavar="R",
                     help="plan, causal LMs: mean KL of next-token distributions at most ln(1 + R) (~ perplexity rise R)")
+    sp.add_argument("--int4", action="store_true",
+                    help="plan: linear layers and tables may also be 4-bit (MatMulNBits / GatherBlockQuantized)")
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")

@@ -207,17 +207,18 @@ BUILTIN: dict[str, Recipe] = {
 
 
 def plan_recipe(*, max_error: float | None = None, max_bytes: int | None = None, max_flops: float | None = None,
-                max_params: int | None = None, max_ppl_rise: float | None = None) -> Recipe:
+                max_params: int | None = None, max_ppl_rise: float | None = None, int4: bool = False) -> Recipe:
     """The built-in ``plan`` recipe with the given budgets (``graphc compress --max-error ...``);
     its tolerance: output cosine ≥ 1 - 2 × max_error (validation texts are not the calibration
-    texts the plan measured on), else the recipe's."""
+    texts the plan measured on), else the recipe's. ``int4``: layers and tables may also be 4-bit."""
     budgets = {k: v for k, v in (("max_error", max_error), ("max_bytes", max_bytes), ("max_flops", max_flops),
                                  ("max_params", max_params), ("max_ppl_rise", max_ppl_rise)) if v is not None}
     base = BUILTIN["plan"]
-    steps = tuple(Step(s.pass_name, {**{k: v for k, v in s.options.items() if k != "max_error"}, **budgets})
+    extra = {"int4": True} if int4 else {}
+    steps = tuple(Step(s.pass_name, {**{k: v for k, v in s.options.items() if k != "max_error"}, **budgets, **extra})
                   if s.pass_name == "plan" else s for s in base.steps)
     tolerance = replace(base.tolerance, min_cosine=max(0.0, 1 - 2 * max_error)) if max_error else base.tolerance
-    label = ", ".join(f"{k}={v:g}" for k, v in budgets.items())
+    label = ", ".join([f"{k}={v:g}" for k, v in budgets.items()] + ["int4"] * int4)
     return replace(base, name=f"plan({label})", steps=steps, tolerance=tolerance)
 
 

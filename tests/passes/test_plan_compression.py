@@ -389,3 +389,23 @@ def test_int4_bad_options(exports):
         with pytest.raises(UnsupportedError, match=match) as e:
             _plan(model, calib, max_error=0.01, int4=True, **options)
         assert "\n" not in str(e.value)
+
+
+def test_cli_int4_flag(exports, tmp_path, capsys):
+    from graphc.cli import main
+
+    model = _load(exports, "bert")
+    all8, all4 = _quant_reach(model)
+    max_bytes = (all8 + all4) // 2  # below what int8 weights and tables alone reach
+    out = tmp_path / "int4.onnx"
+    assert main(["compress", str(exports["bert"]), "-o", str(out), "--max-bytes", str(max_bytes), "--int4",
+                 "--json", "--force"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    step = next(p for p in data["passes"] if p["name"] == "plan")
+    assert data["recipe"].endswith("int4)") and step["stats"]["measured_bytes"] <= max_bytes
+    assert {"int4", "int4-embedding"} & {d["kind"] for d in step["stats"]["plan"]["decisions"]}
+    written = onnx.load(out)
+    assert any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in written.graph.node)
+    assert main(["compress", str(exports["bert"]), "-o", str(tmp_path / "z.onnx"), "--int4"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--int4 is a plan option" in err
