@@ -46,8 +46,9 @@ def plan(
         raise PassError("a plan needs max_bytes or max_error", pass_name=pass_name)
     if any(not opts for opts in layers):
         raise PassError("a layer has no quantization option to choose from", pass_name=pass_name)
-    base = [min(o.nbytes for o in opts) for opts in layers]
-    least = fixed_bytes + sum(base)
+    sizes = [[math.ceil(o.nbytes) for o in opts] for opts in layers]  # whole bytes (estimates may be fractional)
+    base = [min(n) for n in sizes]
+    least = math.ceil(fixed_bytes) + sum(base)
     if max_bytes is not None and least > max_bytes:
         raise PassError(
             f"max_bytes={max_bytes:,} cannot be met: the smallest option of every layer needs {least:,} bytes "
@@ -59,15 +60,15 @@ def plan(
             f"max_error={max_error:g} cannot be met: even the most accurate option of every layer is predicted "
             f"at {best_error:.6g}", pass_name=pass_name,
         )
-    most = sum(max(o.nbytes for o in opts) - b for opts, b in zip(layers, base))
-    span = min(most, max_bytes - least) if max_bytes is not None else most
+    most = sum(max(n) - b for n, b in zip(sizes, base))
+    span = min(most, math.floor(max_bytes) - least) if max_bytes is not None else most
     unit = max(1, math.ceil(span / resolution))
     # cost in units of each option above its layer's cheapest, rounded up; cheapest first so
     # that ties keep the fewer bytes
-    costs = [[math.ceil((o.nbytes - b) / unit) for o in opts] for opts, b in zip(layers, base)]
+    costs = [[-(-(n - b) // unit) for n in ns] for ns, b in zip(sizes, base)]
     top = sum(max(c) for c in costs)  # every layer at its dearest option
     if max_bytes is not None:
-        top = min(top, (max_bytes - least) // unit)
+        top = min(top, (math.floor(max_bytes) - least) // unit)
     orders = [sorted(range(len(opts)), key=lambda j, opts=opts: (opts[j].nbytes, opts[j].error)) for opts in layers]
     best = np.zeros(top + 1)  # least error of the layers so far within b units, b = 0..top
     choice = np.zeros((len(layers), top + 1), dtype=np.int16)

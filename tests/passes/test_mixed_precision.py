@@ -1,3 +1,4 @@
+import math
 import json
 
 import numpy as np
@@ -447,3 +448,11 @@ def test_plan_with_coarse_units_stays_within_the_budget_and_near_the_optimum():
     assert sum(layers[i][j].nbytes for i, j in enumerate(coarse)) <= least + 1_000_000
     assert err(coarse) <= err(fine) * 1.05 + 1e-9
     assert err(fine) <= err(coarse) + 1e-12
+
+
+def test_plan_accepts_fractional_byte_estimates_and_a_float_budget():
+    # split-table options estimate bytes as floats; the budget may come from max_bits * params / 8
+    layers = [[pp.Option("a", 100.5, 1.0), pp.Option("b", 300.25, 0.1)], [pp.Option("a", 50.0, 0.5), pp.Option("b", 90.7, 0.2)]]
+    assert pp.plan(layers, max_bytes=392.0) == [1, 1]  # 301 + 91 whole bytes: exactly the budget
+    assert pp.plan(layers, max_bytes=390.5) == [1, 0]  # 300.25 + 90.7 would not fit
+    assert pp.plan(layers, max_error=0.75) == [1, 0]
