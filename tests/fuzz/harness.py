@@ -96,6 +96,9 @@ TOLERANCES: dict[str, Tol] = {
     "quantize-activations": Tol(cos=0.98),
     # measures and plans only: writes per-node metadata (bits, block size), values untouched
     "mixed-precision": EXACT,
+    # float rewrite: weight rows x s, norm gamma/beta (or up's columns) / s; the same function
+    # up to float32 rounding of the scaled constants (s within ~[0.01, 100])
+    "awq-scale": Tol(rel=1e-4, cos=0.99999),
     # rank per layer from a 5% relative output error budget (whitened on the calibration
     # activations; plain SVD below 2 calibration tokens per channel): random weights have flat
     # spectra, so only layers behind outlier-gain inputs factorize (6 of 60 drawn fp32 graphs),
