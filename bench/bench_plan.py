@@ -2,7 +2,8 @@
 int8 pipeline on MiniLM, at several error budgets.
 
     python bench/bench_plan.py [--budgets 0.005,0.01,0.02] [--max-flops F] [--max-bytes N[,N...]]
-                               [--int4] [--quick] [--json OUT] [--threads 2] [--reuse-built]
+                               [--int4 [--int4-method gptq]] [--quick] [--json OUT] [--threads 2]
+                               [--reuse-built]
 
 ``--max-bytes`` with several values sweeps them (every error budget at every byte target);
 ``--int4`` lets the plan make linear layers and tables 4-bit (MatMulNBits / GatherBlockQuantized).
@@ -34,8 +35,28 @@ from bench_fast import probe_accuracies  # noqa: E402
 ORT_INT8 = "ORT int8 (optimizer + quantize_dynamic)"
 
 
+def _label(k: str, v: Any, sep: str) -> str:
+    return k if v is True else f"{k}{sep}{v}" if isinstance(v, str) else f"{k}{sep}{v:g}"
+
+
 def plan_name(budget: dict[str, Any]) -> str:
-    return "graphc plan " + ", ".join(f"{k}={v:g}" if not isinstance(v, bool) else k for k, v in budget.items())
+    return "graphc plan " + ", ".join(_label(k, v, "=") for k, v in budget.items())
+
+
+def plan_recipe_of(budget: dict[str, Any]):
+    """``plan_recipe`` with the budget; ``int4_method`` set on the plan step."""
+    from dataclasses import replace
+
+    from graphc.recipes import Step, plan_recipe
+
+    budget = dict(budget)
+    method = budget.pop("int4_method", None)
+    recipe = plan_recipe(**budget)
+    if method is None:
+        return recipe
+    steps = tuple(Step(s.pass_name, {**s.options, "int4_method": method}) if s.pass_name == "plan" else s
+                  for s in recipe.steps)
+    return replace(recipe, steps=steps)
 
 
 def _plan_stats(result) -> dict[str, Any]:
@@ -58,7 +79,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.demo import cached_export
     from graphc.models import get_model_recipe
     from graphc.models.minilm import embed
-    from graphc.recipes import plan_recipe
 
     cfg = dict(b8.QUICK if args.quick else b8.FULL)
     rep = b8.Reporter()
@@ -82,13 +102,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 budget["max_bytes"] = max_bytes
             if args.int4:
                 budget["int4"] = True
+            if args.int4_method:
+                budget["int4_method"] = args.int4_method
             budgets.append(budget)
     paths = {ORT_INT8: ort_path}
     res["plans"] = {}
     for budget in budgets:
         name = plan_name(budget)
-        path = work / ("minilm-graphc-plan-" + "-".join(f"{k}{v:g}" if not isinstance(v, bool) else k
-                                                       for k, v in budget.items()) + ".onnx")
+        path = work / ("minilm-graphc-plan-" + "-".join(_label(k, v, "") for k, v in budget.items()) + ".onnx")
         stats_path = path.with_suffix(".json")
         if args.reuse_built and path.is_file() and stats_path.is_file():
             res["plans"][name] = json.loads(stats_path.read_text())
@@ -96,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with rep.status(f"{name}: graphc.compress"), b8.quiet():
                 t0 = time.perf_counter()
                 try:
-                    result = graphc.compress(fp32_path, path, recipe=plan_recipe(**budget), force=True)
+                    result = graphc.compress(fp32_path, path, recipe=plan_recipe_of(budget), force=True)
                 except GraphcError as e:  # an infeasible budget: say so in the table
                     res.setdefault("failed", {})[name] = str(e)
                     continue
@@ -186,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-bytes", help="also a byte target for every budget; several (comma-separated, "
                         "e.g. 12e6,15e6) sweep them")
     parser.add_argument("--int4", action="store_true", help="the plan may make layers and tables 4-bit")
+    parser.add_argument("--int4-method", help="with --int4: the 4-bit quantizer (rtn, mse, hqq, gptq; default mse)")
     parser.add_argument("--quick", action="store_true", help="smoke test: few reps, 64 sentences, small probe")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")

@@ -98,9 +98,9 @@ class PlanOptions:
 @register
 class PlanCompression(GraphcPass):
     name = "plan"
-    summary = ("choose per layer how much to prune (heads, FFN neurons), factorize (SVD) and quantize (int8; int4 "
-               "with int4=true) "
-               "from measured sensitivities, to an error budget and size / MAC targets; applies and checks it")
+    summary = ("choose per layer how much to prune (heads, FFN neurons), factorize (SVD) and quantize (int8, or "
+               "int4 with int4=true) from measured sensitivities, to an error budget and size / MAC targets; "
+               "applies and checks it")
     Options = PlanOptions
     calibration_texts = 256
 
