@@ -31,7 +31,8 @@ asvd (20%) 5.2e5, whitened 20% + int8 292.0; lowrank-embedding (tied head shared
 of the table: 1344 / 21174. MiniLM mean cosine at 10/20/30%: plain 0.692 / 0.610 / 0.526,
 asvd 0.814 / 0.750 / 0.685, whitened 0.940 / 0.917 / 0.890, whitened 20% + int8 0.910;
 lowrank-embedding 10/30/50% of the tables: 0.987 / 0.933 / 0.836. ``--damp 1e-4`` instead of
-0.01 changed whitened 20% by < 0.01% on both models.
+0.01 changed whitened 20% by < 0.01% on both models. Pruning and SVD on SmolLM2 in one run
+(2026-11-22, ``--no-sequential``): README "Structured compression", docs/plots/smollm2_structured.*.
 """
 
 from __future__ import annotations
