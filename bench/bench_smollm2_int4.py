@@ -53,7 +53,7 @@ FUSED_PIPELINE = "graphc cleanup+fuse-ort(mha)+trim-outputs, head as initializer
 
 # what a graphc variant's bytes depend on (besides the recipe and the export)
 GRAPHC_SOURCES = ("cleanup", "fuse_ort", "trim_outputs", "quantize_nbits", "quantize_gather_block", "_blockquant",
-                  "_quant", "fp16_constants", "mixed_precision", "_sensitivity", "_precision_plan")
+                  "_quant", "fp16_constants", "mixed_precision", "_sensitivity", "_precision_plan", "awq_scale")
 
 FP32 = "fp32 (graphc export)"
 ORT_RTN = "ORT int4 RTN b128 sym (MatMul+Gather)"
@@ -87,6 +87,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphc recipes/smollm2-int4.toml, mse": {"toml": "recipes/smollm2-int4.toml", "method": "mse"},
     # the planner's probes quantized by GPTQ (as the weights then are) instead of mse
     "graphc recipes/smollm2-int4.toml, gptq probes": {"toml": "recipes/smollm2-int4.toml", "mp": {"method": "gptq"}},
+    "graphc recipes/smollm2-int4.toml, gptq probes, 92.95 MB": {"toml": "recipes/smollm2-int4.toml",
+                                                                "mp": {"method": "gptq", "max_bytes": 92_950_000}},
     "graphc gptq b32 sym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
                   "head_bits": 8},
