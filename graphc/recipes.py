@@ -114,7 +114,8 @@ BUILTIN: dict[str, Recipe] = {
     ),
     "int4": Recipe(
         "int4",
-        "ORT fusions, then mixed 2/4/8-bit weights at 3.95 bits a weight on average: bits and block "
+        "ORT fusions, AWQ channel scales folded into pre-norms (Llama-like models), then mixed 2/4/8-bit "
+        "weights at 3.95 bits a weight on average: bits and block "
         "size per layer from each layer's measured output sensitivity (embedding rows that calibration "
         "reads kept at more bits than the rest), MatMulNBits fitted by GPTQ on calibration data (int8 "
         "activations in the kernel), GatherBlockQuantized embedding tables (clipping search; shared "
@@ -123,6 +124,9 @@ BUILTIN: dict[str, Recipe] = {
             *_CLEANUP,
             Step("fuse-ort", {"attention": "mha"}),
             Step("trim-outputs"),
+            # AWQ channel scales folded into pre-norms / SwiGLU up projections (Llama-like models;
+            # nothing to fold on post-LN BERT such as MiniLM, where it changes nothing)
+            Step("awq-scale", {"bits": 4, "block_size": 32, "symmetric": False, "method": "rtn"}),
             # MiniLM measured (bench/bench_int4.py): 11.27 MB (ORT int8: 22.81 MB), mean sentence
             # cosine 0.9907 to PyTorch, probe 0.862 vs 0.865; every weight at 4-bit block 32: 13.17 MB
             Step("mixed-precision", {"max_bits": 3.95, "method": "gptq"}),
