@@ -85,10 +85,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "graphc recipes/smollm2-int4.toml": {"toml": "recipes/smollm2-int4.toml"},
     "graphc recipes/smollm2-int4.toml, mse": {"toml": "recipes/smollm2-int4.toml", "method": "mse"},
-    # the planner's probes quantized by GPTQ (as the weights then are) instead of mse
-    "graphc recipes/smollm2-int4.toml, gptq probes": {"toml": "recipes/smollm2-int4.toml", "mp": {"method": "gptq"}},
-    "graphc recipes/smollm2-int4.toml, gptq probes, 92.95 MB": {"toml": "recipes/smollm2-int4.toml",
-                                                                "mp": {"method": "gptq", "max_bytes": 92_950_000}},
+    # the planner's probes by mse instead of GPTQ (the recipe's before 2026-11-22)
+    "graphc recipes/smollm2-int4.toml, mse probes": {"toml": "recipes/smollm2-int4.toml", "mp": {"method": "mse"}},
+    # the recipe's sensitivities on 2 calibration batches instead of 1
+    "graphc recipes/smollm2-int4.toml, 2 feeds": {"toml": "recipes/smollm2-int4.toml", "mp": {"feeds": 2}},
     "graphc gptq b32 sym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
                   "head_bits": 8},
