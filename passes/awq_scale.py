@@ -92,8 +92,10 @@ class AwqScale(GraphcPass):
                                    pass_name=self.name)
         if method is bq.Method.HQQ and o.symmetric:
             raise UnsupportedError("method='hqq' needs symmetric=false", pass_name=self.name)
-        if o.grid < 2:
-            raise UnsupportedError(f"grid={o.grid}; needs at least 2 alphas", pass_name=self.name)
+        if not isinstance(o.grid, int) or isinstance(o.grid, bool) or o.grid < 2:
+            raise UnsupportedError(f"grid={o.grid!r}; needs a whole number of alphas, at least 2", pass_name=self.name)
+        if isinstance(o.min_gain, bool) or not isinstance(o.min_gain, (int, float)) or not 0 <= o.min_gain < 1:
+            raise UnsupportedError(f"min_gain={o.min_gain!r}; needs a fraction in [0, 1)", pass_name=self.name)
         return method
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:

@@ -128,6 +128,8 @@ def test_a_matmul_making_a_graph_output_is_not_scaled():
     ({"method": "gptq"}, UnsupportedError, "not a search quantizer"),
     ({"method": "bogus"}, Exception, "method"),
     ({"grid": 1}, UnsupportedError, "grid=1"),
+    ({"grid": "x"}, UnsupportedError, "grid='x'; needs a whole number"),
+    ({"min_gain": 1.5}, UnsupportedError, "min_gain=1.5; needs a fraction"),
 ])
 def test_bad_options_are_clear_errors(options, error, match):
     with pytest.raises(error, match=match):
