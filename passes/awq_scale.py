@@ -66,6 +66,7 @@ class _Group:
     kind: str  # "norm" or "gated"
     source: ir.Node  # the norm (or Mul by gamma), or the up MatMul
     matmuls: list[ir.Node] = field(default_factory=list)
+    folds: list[int] = field(default_factory=list)  # norm: the source's inputs divided by s (gamma, beta)
 
 
 @register
@@ -120,7 +121,7 @@ class AwqScale(GraphcPass):
             if m is None or m.tokens == 0:
                 stats.skip(g.x.name, "no calibration statistics")
                 continue
-            weights = [const_array(n.inputs[1]).astype(np.float32) for n in g.matmuls]
+            weights = [_weight(n) for n in g.matmuls]
             errors = [self._error(weights, m.gram, _scale(m.abs_mean, a), method) for a in alphas]
             best = int(np.argmin(errors))
             gain = 1.0 - errors[best] / errors[0] if errors[0] > 0 else 0.0
@@ -160,13 +161,9 @@ class AwqScale(GraphcPass):
             return None
         matmuls = []
         for n in users:
-            if n.op_type != ops.MATMUL or n.domain not in ("", "ai.onnx") or n.inputs[0] is not x:
+            if _weight(n) is None or n.inputs[0] is not x:
                 return None  # another reader (a residual, an Attention op) would see the scaled value
-            w = n.inputs[1]
-            arr = const_array(w) if w is not None else None
-            if arr is None or w.const_value is None or arr.ndim != 2 or arr.dtype != np.float32:
-                return None
-            if len(w.uses()) != 1:
+            if len(n.inputs[1].uses()) != 1:
                 stats.skip(n.name, "weight shared with another node")
                 return None
             if any(o in graph.outputs for o in n.outputs):
@@ -181,22 +178,20 @@ class AwqScale(GraphcPass):
         if producer is None:
             return None
         if producer.op_type in _NORMS and producer.domain in ("", "ai.onnx", ops.MS_DOMAIN) and x is producer.outputs[0]:
-            gi, bi = _NORMS[producer.op_type]
-            if _vector(producer, gi) is None or (bi is not None and len(producer.inputs) > bi
-                                                 and producer.inputs[bi] is not None and _vector(producer, bi) is None):
+            folds = [i for i in _NORMS[producer.op_type] if i is not None and len(producer.inputs) > i
+                     and producer.inputs[i] is not None]  # gamma, and beta where there is one
+            if any(_vector(producer, i) is None for i in folds):
                 stats.skip(label, f"{producer.op_type} scale is not a constant vector")
                 return None
-            return _Group(x, "norm", producer, matmuls)
-        if producer.op_type == "Mul" and producer.domain in ("", "ai.onnx"):
+            return _Group(x, "norm", producer, matmuls, folds)
+        if producer.op_type == ops.MUL and producer.domain in ("", "ai.onnx"):
             for i in (0, 1):
                 if _vector(producer, i) is not None:  # Mul(normalized, gamma)
-                    return _Group(x, "norm", producer, matmuls)
+                    return _Group(x, "norm", producer, matmuls, [i])
             for i in (0, 1):
                 up = producer.inputs[i].producer() if producer.inputs[i] is not None else None
-                if (up is not None and up.op_type == ops.MATMUL and up.domain in ("", "ai.onnx")
-                        and len(up.outputs[0].uses()) == 1 and up.inputs[1] is not None
-                        and up.inputs[1].const_value is not None and len(up.inputs[1].uses()) == 1
-                        and const_array(up.inputs[1]).ndim == 2):
+                if (up is not None and _weight(up) is not None and len(up.outputs[0].uses()) == 1
+                        and len(up.inputs[1].uses()) == 1):
                     return _Group(x, "gated", up, matmuls)
         return None
 
@@ -206,17 +201,20 @@ class AwqScale(GraphcPass):
             n.replace_input_with(1, constant(graph, f"{n.inputs[1].name}_awq", (w * s[:, None]).astype(np.float32)))
         src = g.source
         if g.kind == "gated":  # up's output columns (and so the gated product) divided by s
-            up_w = const_array(src.inputs[1]).astype(np.float32)
-            src.replace_input_with(1, constant(graph, f"{src.inputs[1].name}_awq", up_w / s[None, :]))
+            src.replace_input_with(1, constant(graph, f"{src.inputs[1].name}_awq", _weight(src) / s[None, :]))
             return
-        if src.op_type in _NORMS:
-            gi, bi = _NORMS[src.op_type]
-            indices = [gi] + ([bi] if bi is not None and len(src.inputs) > bi and src.inputs[bi] is not None else [])
-        else:
-            indices = [i for i in (0, 1) if _vector(src, i) is not None][:1]
-        for i in indices:
+        for i in g.folds:
             v = _vector(src, i)
             src.replace_input_with(i, constant(graph, f"{src.inputs[i].name}_awq", (v / s).astype(v.dtype)))
+
+
+def _weight(node: ir.Node) -> np.ndarray | None:
+    """The float32 [K, N] initializer a default-domain MatMul multiplies by, else None."""
+    if node.op_type != ops.MATMUL or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    w = node.inputs[1]
+    arr = w.const_value.numpy() if w is not None and w.const_value is not None else None
+    return arr if arr is not None and arr.ndim == 2 and arr.dtype == np.float32 else None
 
 
 def _vector(node: ir.Node, i: int) -> np.ndarray | None:
