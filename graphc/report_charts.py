@@ -280,6 +280,28 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return [t for t in ticks if first <= t <= last]
 
 
+def _place_note(px: float, py: float, width: float, taken: list[tuple[float, float, float, float]],
+                lo: float, hi: float) -> tuple[float, float, str]:
+    """Where a label of ``width`` pixels goes beside the point (px, py): above right, above left,
+    below right, below left, the first spot inside [lo, hi] that overlaps no box in ``taken``
+    (else the first inside); its box is added to ``taken``. Returns (x, baseline y, anchor)."""
+    spots = [(px + 7, py - 5, "start"), (px - 7, py - 5, "end"), (px + 7, py + 15, "start"), (px - 7, py + 15, "end")]
+
+    def box(spot: tuple[float, float, str]) -> tuple[float, float, float, float]:
+        x, y, anchor = spot
+        left = x if anchor == "start" else x - width
+        return left, y - 10, left + width, y + 2
+
+    def free(b: tuple[float, float, float, float]) -> bool:
+        return lo <= b[0] and b[2] <= hi and not any(
+            b[0] < t[2] and t[0] < b[2] and b[1] < t[3] and t[1] < b[3] for t in taken)
+
+    inside = [s for s in spots if lo <= box(s)[0] and box(s)[2] <= hi] or spots
+    spot = next((s for s in spots if free(box(s))), inside[0])
+    taken.append(box(spot))
+    return spot
+
+
 def xy_chart(
     plot_id: str,
     title: str,
@@ -290,10 +312,14 @@ def xy_chart(
     log_y: bool = False,
     x_fmt: Callable[[Any], str] = _num,
     y_fmt: Callable[[Any], str] = _num,
+    guides: Sequence[tuple[float, str]] = (),
+    notes: Sequence[tuple[float, float, str] | tuple[float, float, str, str]] = (),
 ) -> str:
     """Points at numeric (x, y), each series' points joined in the order given. A point with a
     missing or non-finite coordinate is left out and breaks its line; on a log y axis a y ≤ 0
-    sits hollow on the floor."""
+    sits hollow on the floor. ``guides``: (y, label) dashed horizontal lines, inside the y range;
+    ``notes``: (x, y, text[, colour]) labels written beside those points, each moved to another
+    side of its point where it would overlap a label already drawn."""
     pts = [(x, y) for _, _, ps in series for x, y in ps if _is_num(x) and _is_num(y)]
     x0, x1, top, bottom = 80, CHART_W - 20, 52, 352
     height = bottom + 50
@@ -303,13 +329,15 @@ def xy_chart(
                    f'no data</text></svg>')
         return "".join(out)
     xt = _nice_ticks(min(x for x, _ in pts), max(x for x, _ in pts))
-    positive = [y for _, y in pts if y > 0]
+    guides = [(y, label) for y, label in guides if _is_num(y) and (y > 0 or not log_y)]
+    pts_y = pts + [(xt[0], y) for y, _ in guides]  # the y range covers the guides
+    positive = [y for _, y in pts_y if y > 0]
     if log_y:
         yt = _log_ticks(min(positive), max(positive)) if positive else [1.0, 10.0]
         ylo, yhi = math.log10(yt[0]), math.log10(yt[-1])
         fy = math.log10
     else:
-        yt = _nice_ticks(min(y for _, y in pts), max(y for _, y in pts))
+        yt = _nice_ticks(min(y for _, y in pts_y), max(y for _, y in pts_y))
         ylo, yhi, fy = yt[0], yt[-1], float
     sx = lambda v: x0 + (v - xt[0]) / (xt[-1] - xt[0]) * (x1 - x0)
     sy = lambda v: bottom if log_y and v <= 0 else bottom - (fy(v) - ylo) / (yhi - ylo) * (bottom - top)
@@ -319,6 +347,12 @@ def xy_chart(
     for t in yt:
         out.append(f'<line class="grid" x1="{x0}" y1="{sy(t):.1f}" x2="{x1}" y2="{sy(t):.1f}"/>'
                    f'<text x="{x0 - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{_e(y_fmt(t))}</text>')
+    taken: list[tuple[float, float, float, float]] = []  # text boxes drawn so far (left, top, right, bottom)
+    for y, label in guides:
+        out.append(f'<line x1="{x0}" y1="{sy(y):.1f}" x2="{x1}" y2="{sy(y):.1f}" stroke="{GREY}" '
+                   f'stroke-dasharray="6 4"/><text x="{x0 + 4}" y="{sy(y) - 4:.1f}" '
+                   f'style="fill:{GREY}">{_e(label)}</text>')
+        taken.append((x0 + 4, sy(y) - 15, x0 + 4 + 7 * len(label), sy(y) - 1))
     for name, colour, ps in series:
         run: list[str] = []
         for p in [*ps, (None, None)]:
@@ -334,6 +368,12 @@ def xy_chart(
                 fill = "#fff" if log_y and y <= 0 else _e(colour)
                 out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{fill}" stroke="{_e(colour)}">'
                            f'<title>{_e(name)}: {_e(x_fmt(x))}, {_e(y_fmt(y))}</title></circle>')
+    for x, y, text, *colour in notes:
+        if _is_num(x) and _is_num(y):
+            tx, ty, anchor = _place_note(sx(x), sy(y), 6.2 * len(text), taken, x0, x1)
+            fill = f";fill:{_e(colour[0])}" if colour else ""
+            out.append(f'<text class="note" x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" '
+                       f'style="font-size:11px{fill}">{_e(text)}</text>')
     out.append(f'<line class="ax" x1="{x0}" y1="{top}" x2="{x0}" y2="{bottom}"/>'
                f'<line class="ax" x1="{x0}" y1="{bottom}" x2="{x1}" y2="{bottom}"/>'
                f'<text transform="translate(16,{(top + bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">'
