@@ -108,7 +108,8 @@ def find_layers(
             arr = const_array(value)
             if arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
                 continue  # index arithmetic on shapes, not a table
-            if arr.shape[0] < min_rows:
+            tied = matmuls and any(u.op_type != ops.GATHER for u, _ in value.uses()) and _tied_to_heads(value)
+            if arr.shape[0] < min_rows and not tied:  # a tied table follows its head
                 skipped.append((node.name or node.op_type, f"{arr.shape[0]} rows < min_rows={min_rows}"))
                 continue
             others = sorted({u.op_type for u, _ in value.uses() if u.op_type != ops.GATHER})

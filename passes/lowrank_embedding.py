@@ -73,7 +73,7 @@ class LowRankEmbedding(GraphcPass):
         modified = False
         for value in tables.values():
             label = value.name or "table"
-            readers = _readers(value)
+            readers = table_readers(value)
             if isinstance(readers, str):
                 stats.skip(label, readers)
                 continue
@@ -164,7 +164,7 @@ class LowRankEmbedding(GraphcPass):
         ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, [new[-1].outputs[0]])
 
 
-def _readers(value: ir.Value):
+def table_readers(value: ir.Value):
     """(gathers, MatMuls reading the table as weight, (Transpose, MatMul) pairs reading T^T),
     or why the table must stay whole."""
     if value.is_graph_output() or value.is_graph_input():

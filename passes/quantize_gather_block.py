@@ -95,10 +95,14 @@ class QuantizeGatherBlock(GraphcPass):
         errors: list[float] = []
         modified = False
         for node in list(graph):
-            table = embedding_table(node, stats, self.options.min_rows)
+            table = embedding_table(node, stats, 0)
             if table is None:
                 continue
             label = node.name or node.op_type
+            if table.shape[0] < self.options.min_rows and not (
+                    self.options.share_tied and weight_digest(table) in heads):  # a shared table costs nothing
+                stats.skip(label, f"{table.shape[0]} rows < min_rows={self.options.min_rows}")
+                continue
             bits, block, is_planned = planned_config(node, self.options.bits, self.options.block_size)
             if is_planned and (bits not in bq.GATHER_BITS or block not in bq.BLOCK_SIZES):
                 raise UnsupportedError(f"{label}: planned bits={bits}, block_size={block}; supported: bits "

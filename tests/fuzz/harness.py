@@ -99,6 +99,10 @@ TOLERANCES: dict[str, Tol] = {
     # float rewrite: weight rows x s, norm gamma/beta (or up's columns) / s; the same function
     # up to float32 rounding of the scaled constants (s within ~[0.01, 100])
     "awq-scale": Tol(rel=1e-4, cos=0.99999),
+    # float rewrite: a tied table's rows in tiers (zero rows framing each), logits concatenated
+    # and gathered back; the same sums in another MatMul shape. Defaults leave tables under
+    # 1024 rows whole (every drawn vocabulary is 40 or 100): the skip paths are exercised
+    "split-vocab": Tol(rel=1e-5, cos=0.99999),
     # rank per layer from a 5% relative output error budget (whitened on the calibration
     # activations; plain SVD below 2 calibration tokens per channel): random weights have flat
     # spectra, so only layers behind outlier-gain inputs factorize (6 of 60 drawn fp32 graphs),
