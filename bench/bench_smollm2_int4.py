@@ -53,7 +53,8 @@ FUSED_PIPELINE = "graphc cleanup+fuse-ort(mha)+trim-outputs, head as initializer
 
 # what a graphc variant's bytes depend on (besides the recipe and the export)
 GRAPHC_SOURCES = ("cleanup", "fuse_ort", "trim_outputs", "quantize_nbits", "quantize_gather_block", "_blockquant",
-                  "_quant", "fp16_constants", "mixed_precision", "_sensitivity", "_precision_plan", "awq_scale")
+                  "_quant", "fp16_constants", "mixed_precision", "_sensitivity", "_precision_plan", "awq_scale",
+                  "split_vocab")
 
 FP32 = "fp32 (graphc export)"
 ORT_RTN = "ORT int4 RTN b128 sym (MatMul+Gather)"
@@ -89,6 +90,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphc recipes/smollm2-int4.toml, mse probes": {"toml": "recipes/smollm2-int4.toml", "mp": {"method": "mse"}},
     # the recipe's sensitivities on 2 calibration batches instead of 1
     "graphc recipes/smollm2-int4.toml, 2 feeds": {"toml": "recipes/smollm2-int4.toml", "mp": {"feeds": 2}},
+    # without the tied table's row tiers (the whole table one planned layer)
+    "graphc recipes/smollm2-int4.toml, no split-vocab": {"toml": "recipes/smollm2-int4.toml", "drop": ["split-vocab"]},
+    # calibration windows of 4 x 128 tokens (the model recipe's before 2026-11-22) instead of 1 x 512
+    "graphc recipes/smollm2-int4.toml, 128-token calibration": {"toml": "recipes/smollm2-int4.toml",
+                                                               "calibration": (512, 32, 4, 128)},
     "graphc gptq b32 sym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
                   "head_bits": 8},
@@ -249,6 +255,7 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
                  for s in base.steps]
         steps = [Step(s.pass_name, {**s.options, **spec["mp"]}) if spec.get("mp") and s.pass_name == "mixed-precision"
                  else s for s in steps]
+        steps = [s for s in steps if s.pass_name not in spec.get("drop", ())]
         return replace(base, name=name, steps=tuple(steps))
     steps = []
     for s in BUILTIN["int4"].steps:
@@ -272,19 +279,22 @@ def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fre
     info = work / f"smollm2-{slug}.json"
     sources = [f.read_text() for p in GRAPHC_SOURCES if (f := ROOT / "passes" / f"{p}.py").is_file()]
     model_recipe = get_model_recipe("smollm2")
-    caps = (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds)
+    caps = (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds,
+            model_recipe.calibration_batch, model_recipe.calibration_length)
     key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), str(spec.get("calibration") or caps),
                        _read(fp32.with_suffix(".key")), *sources)
     if info.is_file() and _key_ok(out, stamp, key, fresh):
         return out, json.loads(info.read_text())
     t0 = time.perf_counter()
-    if spec.get("calibration"):  # (texts, feeds): more calibration tokens for GPTQ's Hessians
-        model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds = spec["calibration"]
+    if spec.get("calibration"):  # (texts, feeds, batch, length): other calibration feeds
+        (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds,
+         model_recipe.calibration_batch, model_recipe.calibration_length) = spec["calibration"]
     try:
         with quiet():
             result = graphc.compress(fp32, out, recipe=recipe, force=True, validate=False, attribution=False)
     finally:
-        model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds = caps
+        (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds,
+         model_recipe.calibration_batch, model_recipe.calibration_length) = caps
     facts = {
         "seconds": round(time.perf_counter() - t0, 1),
         "recipe": recipe.to_dict()["passes"],

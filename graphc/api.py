@@ -123,7 +123,8 @@ def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
 
             recipe = get_model_recipe(name)
             texts = recipe.eval_texts(min(count, recipe.calibration_max_texts), split="calibration")
-            feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.calibration_max_feeds]
+            feeds = recipe.feeds(texts, batch=recipe.calibration_batch or recipe.validation_batch,
+                                 max_length=recipe.calibration_length)[: recipe.calibration_max_feeds]
             return PassContext(calibration=complete_decoder_feeds(model, feeds), calibration_source=f"{name}: {len(texts)} calibration texts")
         except (ImportError, GraphcError):
             pass

@@ -53,6 +53,9 @@ class ModelRecipe:
     # Calibration may use more (GPTQ's Hessians want a few thousand tokens), up to these caps.
     calibration_max_texts: int = 256
     calibration_max_feeds: int = 16
+    # the shape of a calibration feed: windows (0: validation_batch) of calibration_length tokens
+    calibration_batch: int = 0
+    calibration_length: int = 128
 
     def load_torch(self) -> Any:
         """The torch.nn.Module to export (wrapped so that it takes keyword inputs and

@@ -70,6 +70,9 @@ class NBitsOptions:
     min_elements: int = 0  # smaller weights stay float
     damp: float = 0.01  # method="gptq": added to the Hessian diagonal, x its mean
     act_order: bool = False  # method="gptq": columns by decreasing Hessian diagonal (static block parameters)
+    # method="gptq": then each block's scale re-chosen (codes kept) to lower the output error on the
+    # calibration Hessian (_blockquant.refit_scales); held out on SmolLM2 layers: 1-3% lower error
+    refit_scales: bool = False
 
 
 @dataclass
@@ -230,6 +233,8 @@ class QuantizeNBits(GraphcPass):
                     quant = bq.gptq(w_t, hessians[cand.node.inputs[0].name], bits, block,
                                     symmetric=self.options.symmetric, scale_dtype=scale_dtype, damp=self.options.damp,
                                     act_order=self.options.act_order)
+                    if self.options.refit_scales:
+                        quant = bq.refit_scales(w_t, hessians[cand.node.inputs[0].name], quant)
                 else:
                     quant = bq.quantize(w_t, bits, block, symmetric=self.options.symmetric,
                                         method=method, scale_dtype=scale_dtype)

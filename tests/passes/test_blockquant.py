@@ -111,3 +111,26 @@ def test_gptq_preserves_outputs_better_than_rtn(symmetric):
     assert g.q.shape == rtn.q.shape and g.q.max() <= 15
     assert out_err(g) < 0.8 * out_err(rtn)
     assert out_err(g_ao) < 0.8 * out_err(rtn)
+
+
+@pytest.mark.parametrize("symmetric, cols", [(False, 96), (True, 80)])  # 80: a partial last block
+def test_refit_scales_lowers_the_output_error_and_keeps_codes(symmetric, cols):
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((cols, cols)) * 0.3 + np.eye(cols)
+    x = rng.standard_normal((2000, cols)) @ mix  # correlated input channels
+    h = x.T @ x / len(x)
+    w_t = rng.standard_normal((48, cols)).astype(np.float32)
+
+    def loss(q):
+        d = w_t.astype(np.float64) - q.dequantize()
+        return float(np.einsum("ij,jk,ik->", d, h, d))
+
+    for quant in (bq.gptq(w_t, h, 4, 32, symmetric=symmetric, scale_dtype=np.float16),
+                  bq.quantize(w_t, 4, 32, symmetric=symmetric, method="rtn", scale_dtype=np.float16)):
+        refit = bq.refit_scales(w_t, h, quant)
+        np.testing.assert_array_equal(refit.q, quant.q)
+        np.testing.assert_array_equal(refit.zero, quant.zero)
+        assert refit.scale.dtype == np.float16
+        assert loss(refit) < 0.99 * loss(quant)
+        again = bq.refit_scales(w_t, h, refit)
+        assert loss(again) <= loss(refit) * (1 + 1e-9)  # never rises
