@@ -17,6 +17,7 @@ from graphc.passes import (  # noqa: F401
     quantize_gather_block,
     quantize_int8,
     quantize_nbits,
+    remove_padding,
     split_vocab,
     svd_linear,
     trim_outputs,

@@ -103,6 +103,9 @@ TOLERANCES: dict[str, Tol] = {
     # and gathered back; the same sums in another MatMul shape. Defaults leave tables under
     # 1024 rows whole (every drawn vocabulary is 40 or 100): the skip paths are exercised
     "split-vocab": Tol(rel=1e-5, cos=0.99999),
+    # the same float ops on the real tokens' rows, packed (MatMul on [1, T, H] instead of
+    # [B, S, H]: ORT may block the sums differently); padded rows (zeros now) are not compared
+    "remove-padding": Tol(rel=1e-4, rel16=5e-2, cos=0.99999),
     # rank per layer from a 5% relative output error budget (whitened on the calibration
     # activations; plain SVD below 2 calibration tokens per channel): random weights have flat
     # spectra, so only layers behind outlier-gain inputs factorize (6 of 60 drawn fp32 graphs),
@@ -159,6 +162,7 @@ PREPARE: dict[str, tuple[str, ...]] = {
     "fp16-constants": ("fold-constants", "fuse-ort"),
     "quantize-activations": ("fold-constants", "fuse-ort"),
     "attention-mask-index": ("fold-constants", "fuse-ort"),
+    "remove-padding": ("fold-constants", "fuse-ort"),
 }
 
 

@@ -1,0 +1,252 @@
+"""Run the token-wise part of an encoder on real tokens only ("remove padding").
+
+A batch of sentences is padded to one length; an encoder then spends most of its MatMuls on
+padding (MiniLM on tweets padded to 128: 32 real tokens a row on average, a quarter). Every op
+outside attention works on each token by itself, so it can run on the real tokens packed
+together, as FasterTransformer's "effective transformer" and ONNX Runtime's CUDA packed
+attention do; ORT's CPU kernels have no such mode, so this pass writes it into the graph:
+
+- ``idx = Squeeze(NonZero(Reshape(attention_mask, [-1])))``: the flat positions of the T real
+  tokens, computed once a call;
+- **pack** a [B, S, H] activation: ``Unsqueeze(Gather(Flatten(x, 2), idx), 0)`` -> [1, T, H];
+- **unpack** back: ``Reshape(ScatterND(zeros[B*S, H], idx[:, None], x[0]), [B, S, H])`` (padded
+  positions get zeros; their values were never meaningful: every reader masks them).
+
+The activation read by the first attention block's Q/K/V MatMuls is packed. Then, in graph
+order, a node whose per-token inputs are all packed and whose other inputs are constants that
+broadcast along the last axis only (MatMul by a constant matrix, bias Add / Mul, LayerNorm and
+Skip(Simplified)LayerNorm, Gelu / BiasGelu / FastGelu, Relu, Tanh, Sigmoid, Erf, Cast,
+Identity, Softmax on the last axis) keeps working on packed tensors; attention
+(``MultiHeadAttention``, ``Attention``) gets unpacked inputs and its output is packed again;
+any other reader (a graph output, a Reshape, rotary embeddings with their position tensors) gets
+an unpacked copy. So the rewrite is exact at real tokens by construction (the same float ops on
+the same rows); padded rows of the outputs become zeros.
+
+What it costs: a Gather after, three ScatterNDs before each attention, one at each output
+(~1-2% of MiniLM's b8 x 128 time here); what it saves: the MatMuls' rows at padded positions.
+With no padding it is a small loss. KV-cache decoders (past inputs, GroupQueryAttention) are
+left alone: their token count is not the mask's. Run it after pruning (whose matchers expect
+MatMul -> attention) and before quantization (dynamic int8 then ranges over real tokens only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc import ops
+from graphc.pass_base import GraphcPass, PassStats
+from graphc.passes._quant import const_array, constant
+from graphc.registry import register
+
+_ATTENTION = {"MultiHeadAttention": (0, 1, 2), "Attention": (0,)}  # com.microsoft op -> activation inputs
+# op -> indices of the inputs that are per-token activations; every other input must be a constant
+# broadcasting along the last axis only
+_TOKENWISE_MS = {"SkipLayerNormalization": (0, 1), "SkipSimplifiedLayerNormalization": (0, 1),
+                 "SimplifiedLayerNormalization": (0,), "BiasGelu": (0,), "FastGelu": (0,), "Gelu": (0,),
+                 "QuickGelu": (0,)}
+_UNARY = {"Relu", "Tanh", "Sigmoid", "Erf", "Gelu", "Cast", "Identity", "Sqrt", "Neg", "Abs"}
+_BINARY = {"Add", "Sub", "Mul", "Div"}
+_DECODER_OPS = {"GroupQueryAttention", "RotaryEmbedding"}
+
+
+@dataclass(frozen=True)
+class RemovePaddingOptions:
+    mask_input: str = "attention_mask"  # the [batch, sequence] graph input whose zeros mark padding
+
+
+@register
+class RemovePadding(GraphcPass):
+    name = "remove-padding"
+    summary = "MatMuls, norms and activations on the real tokens only (padding removed), attention on the padded batch"
+    Options = RemovePaddingOptions
+    dtypes = ("float32", "float16")
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        graph = model.graph
+        mask = next((v for v in graph.inputs if v.name == self.options.mask_input), None)
+        problem = _problem(model, mask, self.options.mask_input)
+        if problem:
+            stats.notes.append(f"not rewritten: {problem}")
+            return False
+        seeds = _seeds(graph, mask)
+        if not seeds:
+            stats.notes.append(f"not rewritten: no attention whose Q/K/V MatMuls read a [batch, sequence, hidden] "
+                               f"activation shaped like {self.options.mask_input!r}")
+            return False
+        graph.sort()
+        rw = _Rewriter(graph, mask)
+        packed: set[int] = set()
+        for node in list(graph):
+            if node in rw.added:
+                continue
+            for i, v in enumerate(node.inputs):
+                if v is not None and id(v) in seeds and id(v) not in packed:
+                    packed.add(id(rw.pack(v)))
+            ins = [i for i, v in enumerate(node.inputs) if v is not None and id(v) in packed]
+            if not ins:
+                continue
+            if _keeps_packed(node, ins):
+                for o in node.outputs:
+                    packed.add(id(o))
+                    o.shape = _packed_shape(o.shape)
+                stats.add("nodes_on_real_tokens")
+                continue
+            for i in ins:
+                node.replace_input_with(i, rw.unpack(node.inputs[i]))
+            if node.domain == ops.MS_DOMAIN and node.op_type in _ATTENTION:
+                packed.add(id(rw.pack(node.outputs[0])))
+                stats.add("attention_on_padded_batch")
+            else:
+                stats.add(f"unpacked_for_{node.op_type}")
+        for k, out in enumerate(graph.outputs):
+            if id(out) in packed:
+                graph.outputs[k] = rw.unpack_output(out)
+                stats.add("outputs_unpacked")
+        graph.sort()
+        stats.add("packs", rw.packs)
+        stats.add("unpacks", rw.unpacks)
+        return rw.packs > 0
+
+
+def _problem(model: ir.Model, mask: ir.Value | None, name: str) -> str | None:
+    if mask is None:
+        return f"no graph input named {name!r}"
+    if mask.shape is None or len(mask.shape) != 2:
+        return f"{name!r} is not 2-D [batch, sequence]"
+    if any(v.name.startswith(("past", "present")) for v in (*model.graph.inputs, *model.graph.outputs)):
+        return "a KV-cache decoder (past/present tensors): its token count is not the mask's"
+    if any(n.op_type in _DECODER_OPS for n in model.graph):
+        return "GroupQueryAttention / RotaryEmbedding present (decoder attention)"
+    if model.opset_imports.get("", 0) < 13:
+        return f"opset {model.opset_imports.get('', 0)} < 13 (Squeeze/Unsqueeze with axes inputs)"
+    return None
+
+
+def _seeds(graph: ir.Graph, mask: ir.Value) -> set[int]:
+    """The activations read by the Q/K/V MatMuls of each attention (shape [B, S, H] with B, S
+    the mask's dims)."""
+    seeds: set[int] = set()
+    b, s = mask.shape[0], mask.shape[1]
+    for node in graph:
+        if node.domain != ops.MS_DOMAIN or node.op_type not in _ATTENTION:
+            continue
+        for i in _ATTENTION[node.op_type]:
+            v = node.inputs[i] if i < len(node.inputs) else None
+            x = _matmul_input(v) if node.op_type == "MultiHeadAttention" else v
+            if x is not None and x.shape is not None and len(x.shape) == 3 and x.shape[0] == b and x.shape[1] == s:
+                seeds.add(id(x))
+    return seeds
+
+
+def _matmul_input(v: ir.Value | None) -> ir.Value | None:
+    """x in v = MatMul(x, W) [+ b] with constant W (and b)."""
+    p = v.producer() if v is not None else None
+    if p is not None and p.op_type == "Add" and p.domain in ("", "ai.onnx"):
+        a, c = p.inputs
+        p = (a.producer() if const_array(c) is not None else c.producer() if const_array(a) is not None else None)
+    if p is not None and p.op_type == ops.MATMUL and p.domain in ("", "ai.onnx") and const_array(p.inputs[1]) is not None:
+        return p.inputs[0]
+    return None
+
+
+def _packed_shape(shape: ir.Shape | None) -> ir.Shape | None:
+    """[B, S, H] -> [1, T, H]; other ranks unknown."""
+    if shape is None or len(shape) != 3:
+        return None
+    return ir.Shape([1, "packed_tokens", shape[2]])
+
+
+def _along_last_axis(v: ir.Value | None) -> bool:
+    """A constant that broadcasts along the last axis only (scalar, [H], [1, .., 1, H])."""
+    arr = const_array(v)
+    return arr is not None and all(d == 1 for d in arr.shape[:-1])
+
+
+def _keeps_packed(node: ir.Node, packed_inputs: list[int]) -> bool:
+    """Whether the node works on each token by itself given which inputs are packed."""
+    op, dom = node.op_type, node.domain
+    rest = [i for i, v in enumerate(node.inputs) if v is not None and i not in packed_inputs]
+    if dom == ops.MS_DOMAIN:
+        act = _TOKENWISE_MS.get(op)
+        return act is not None and set(packed_inputs) == set(act) and all(_along_last_axis(node.inputs[i]) for i in rest)
+    if dom not in ("", "ai.onnx"):
+        return False
+    if op == ops.MATMUL:
+        w = const_array(node.inputs[1])
+        return packed_inputs == [0] and w is not None and w.ndim == 2
+    if op in _BINARY:
+        return all(_along_last_axis(node.inputs[i]) for i in rest)
+    if op in _UNARY:
+        return packed_inputs == [0]
+    if op in ("LayerNormalization", "Softmax", "LogSoftmax"):
+        axis = node.attributes.get_int("axis", -1)
+        return packed_inputs == [0] and axis in (-1, 2) and all(_along_last_axis(node.inputs[i]) for i in rest)
+    return False
+
+
+class _Rewriter:
+    """Builds the shared index and the pack / unpack subgraphs (appended; the graph is sorted
+    after the rewrite)."""
+
+    def __init__(self, graph: ir.Graph, mask: ir.Value) -> None:
+        self.graph, self.mask = graph, mask
+        self.added: set[ir.Node] = set()
+        self.packs = self.unpacks = 0
+        self._unpacked: dict[int, ir.Value] = {}
+        c = lambda n, a: constant(graph, f"remove_padding_{n}", np.asarray(a, np.int64))  # noqa: E731
+        self._axis0 = c("axis0", [0])
+        flat = self._node("Reshape", [mask, c("flat", [-1])])
+        self.idx = self._node("Squeeze", [self._node("NonZero", [flat]), self._axis0])
+        self.idx2 = self._node("Unsqueeze", [self.idx, c("axis1", [1])])
+        self.tokens1 = self._node("Unsqueeze", [self._node("Size", [mask]), self._axis0])
+        self.mask_shape = self._node("Shape", [mask])
+
+    def _node(self, op: str, inputs: list, attrs: dict | None = None) -> ir.Value:
+        n = ir.node(op, inputs, attributes=attrs or {})
+        n.name = f"remove_padding/{op}_{len(self.added)}"
+        self.added.add(n)
+        self.graph.append(n)
+        return n.outputs[0]
+
+    def pack(self, v: ir.Value) -> ir.Value:
+        """Every reader of v now reads [1, T, H] (v itself stays the padded tensor)."""
+        users = list(v.uses())
+        rows = self._node("Gather", [self._node("Flatten", [v], {"axis": 2}), self.idx], {"axis": 0})
+        out = self._node("Unsqueeze", [rows, self._axis0])
+        out.name = f"{v.name}_packed"
+        out.type = v.type
+        out.shape = _packed_shape(v.shape)
+        for user, i in users:
+            user.replace_input_with(i, out)
+        self.packs += 1
+        return out
+
+    def _unpack_nodes(self, p: ir.Value) -> ir.Value:
+        rows = self._node("Squeeze", [p, self._axis0])
+        width = self._node("Shape", [p], {"start": 2})
+        flat_shape = self._node("Concat", [self.tokens1, width], {"axis": 0})
+        zero = ir.tensor(np.zeros(1, (p.dtype or ir.DataType.FLOAT).numpy()))
+        zeros = self._node("ConstantOfShape", [flat_shape], {"value": zero})
+        scattered = self._node("ScatterND", [zeros, self.idx2, rows])
+        out = self._node("Reshape", [scattered, self._node("Concat", [self.mask_shape, width], {"axis": 0})])
+        out.type = p.type
+        self.unpacks += 1
+        return out
+
+    def unpack(self, p: ir.Value) -> ir.Value:
+        if id(p) not in self._unpacked:
+            self._unpacked[id(p)] = self._unpack_nodes(p)
+        return self._unpacked[id(p)]
+
+    def unpack_output(self, p: ir.Value) -> ir.Value:
+        """A graph output that became packed: an unpacked copy takes its name and place."""
+        shape = p.shape
+        out = self.unpack(p)
+        out.shape = ir.Shape([self.mask.shape[0], self.mask.shape[1], shape[-1]]) if shape is not None else None
+        name = p.name
+        p.name = f"{name}_packed"
+        out.name = name
+        return out

@@ -1,0 +1,104 @@
+"""remove-padding: MatMuls, norms and activations on the real tokens only, attention on the
+padded batch; real tokens' outputs unchanged, padded rows zero."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytest.importorskip("torch")
+
+from graphc import io  # noqa: E402
+from graphc.passes.attention_mask_index import AttentionMaskIndex  # noqa: E402
+from graphc.passes.fuse_ort import FuseOrt  # noqa: E402
+from graphc.passes.quantize_int8 import QuantizeInt8  # noqa: E402
+from graphc.passes.remove_padding import RemovePadding  # noqa: E402
+from graphc.validate import make_session  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    from graphc.models.fixtures import export_tiny
+
+    path = tmp_path_factory.mktemp("unpad") / "bert.onnx"
+    export_tiny("bert", path)
+    return path
+
+
+def _feed(seed=0, batch=3, seq=9, pad=True):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.int64)
+    if pad:
+        mask[1, seq - 3:] = 0  # right padding
+        mask[0, :2] = 0  # left padding
+        mask[2, 4] = 0  # a hole
+    return {"input_ids": rng.integers(0, 100, (batch, seq)), "attention_mask": mask,
+            "token_type_ids": np.zeros((batch, seq), np.int64)}
+
+
+def _fused(path, attention="mha"):
+    model = io.load_model(path)
+    FuseOrt(FuseOrt.Options(attention=attention))(model)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["attention", "mha", "mha+mask_index"])
+def test_real_tokens_unchanged_and_matmuls_on_packed_rows(bert, attention):
+    model = _fused(bert, attention.split("+")[0])
+    if attention.endswith("mask_index"):
+        AttentionMaskIndex()(model)
+    feeds = [_feed(), _feed(1, batch=1, seq=5, pad=False), _feed(2, batch=4, seq=16)]
+    refs = [make_session(model).run(None, f)[0] for f in feeds]
+    result = RemovePadding()(model)
+    assert result.modified, result.stats
+    counts = result.stats.counts
+    assert counts["packs"] == 1 + 2 and counts["outputs_unpacked"] == 1  # the first input, after each attention
+    assert counts["attention_on_padded_batch"] == 2 and counts["nodes_on_real_tokens"] >= 8
+    packed_matmuls = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[0].shape is not None
+                      and n.inputs[0].shape[1] == "packed_tokens"]
+    # MHA: Q/K/V, output, FFN in and out per layer; packed Attention does Q/K/V itself
+    assert len(packed_matmuls) == (12 if attention.startswith("mha") else 6)
+    sess = make_session(model)
+    for f, ref in zip(feeds, refs):
+        got = sess.run(None, f)[0]
+        keep = f["attention_mask"].astype(bool)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got[keep], ref[keep], atol=2e-5, rtol=1e-4)
+        assert not got[~keep].any()  # padded rows are zeros
+
+
+def test_quantization_after_it_still_matches_the_float_model(bert):
+    """Run before quantize-int8: MatMuls quantize on packed rows (dynamic ranges over real tokens)."""
+    model = _fused(bert)
+    feed = _feed(3, batch=4, seq=12)
+    ref = make_session(model).run(None, feed)[0]
+    RemovePadding()(model)
+    result = QuantizeInt8()(model)
+    assert result.modified
+    got = make_session(model).run(None, feed)[0]
+    keep = feed["attention_mask"].astype(bool)
+    a, b = got[keep].ravel(), ref[keep].ravel()
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+def test_unfused_attention_is_left_alone_with_the_reason(bert):
+    model = io.load_model(bert)
+    result = RemovePadding()(model)
+    assert not result.modified
+    assert any("no attention" in n for n in result.stats.notes), result.stats.notes
+
+
+def test_kv_cache_decoders_and_missing_masks_are_left_alone():
+    x = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])
+    past = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["b", 2, "p", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Identity", ["past_key_values.0.key"], ["y"])], "g", [x, past], [y])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    import onnx_ir as ir
+
+    result = RemovePadding()(ir.serde.deserialize_model(proto))
+    assert not result.modified and "KV-cache decoder" in result.stats.notes[0]
+    result = RemovePadding(RemovePadding.Options(mask_input="mask"))(ir.serde.deserialize_model(proto))
+    assert not result.modified and "no graph input named 'mask'" in result.stats.notes[0]
