@@ -1,13 +1,16 @@
-"""graphc ``fast`` (pruning + correction + int8) vs ONNX Runtime's best int8 pipeline on MiniLM.
+"""graphc ``fast`` (int8 on real tokens only) and ``fast-prune`` vs ONNX Runtime's best int8 pipeline on MiniLM.
 
     python bench/bench_fast.py [--quick] [--json OUT] [--threads 2] [--sweep] [--no-main]
                                [--heads F --ffn F]   # try another operating point than the recipe's
 
 In one process, on CPU with ``--threads`` intra-op threads: the ORT int8 pipeline of
 ``bench/bench_int8.py`` (legacy export, ``optimize_model``, per-channel ``quantize_dynamic``;
-same cache) against ``graphc.compress(fp32, recipe="fast")``: bytes, median latency at batch 1
-and 8 × 128 tokens (interleaved), mean/min cosine of pooled sentence embeddings vs PyTorch fp32
-on real tweets, and sentiment-probe accuracy (probe trained on PyTorch fp32 embeddings).
+same cache) against graphc's ``int8``, ``fast`` (padding removed, int8) and ``fast-prune``
+(pruned + corrected, padding removed, int8): bytes, median latency (interleaved) at batch 1 and
+8 of real tweets padded to 128 tokens (the issue's setting), at batch 8 padded only to the
+batch's longest tweet, and at batch 8 × 128 real tokens (no padding: where removing padding
+cannot help), mean/min cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets, and
+sentiment-probe accuracy (probe trained on PyTorch fp32 embeddings).
 
 ``--sweep``: quality vs fraction pruned, heads and FFN neurons separately, with and without
 the least-squares correction, in fp32 (no quantization, so the table isolates pruning) and
@@ -29,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8 helpers (
 import bench_int8 as b8  # noqa: E402
 
 ORT_INT8, FAST = "ORT int8 (optimizer + quantize_dynamic)", "graphc fast"
+INT8, FAST_PRUNE = "graphc int8", "graphc fast-prune"
+# latency settings: (key, label)
+SETTINGS = (("b1", "b1 × 128 (padded)"), ("b8", "b8 × 128 (padded)"), ("b8_longest", "b8 padded to longest"),
+            ("b8_full", "b8 × 128 real tokens"))
 TARGET_RATIO, TARGET_COS, TARGET_PROBE = 0.7, 0.99, 0.01
 
 FULL = {**b8.FULL, "sweep_sentences": 256, "sweep_reps": 6}
@@ -37,12 +44,12 @@ SWEEP = {"heads": (0.25, 0.5), "ffn": (0.25, 0.5)}
 
 
 def fast_recipe(heads: float | None, ffn: float | None):
-    """The built-in ``fast`` recipe, or it with other pruning fractions."""
+    """The built-in ``fast-prune`` recipe, or it with other pruning fractions."""
     from dataclasses import replace
 
     from graphc.recipes import Step, get_recipe
 
-    recipe = get_recipe("fast")
+    recipe = get_recipe("fast-prune")
     if heads is None and ffn is None:
         return recipe
     steps = []
@@ -52,7 +59,7 @@ def fast_recipe(heads: float | None, ffn: float | None):
         if s.pass_name == "prune-ffn" and ffn is not None:
             s = Step(s.pass_name, {**s.options, "fraction": ffn})
         steps.append(s)
-    return replace(recipe, name=f"fast(heads={heads}, ffn={ffn})", steps=tuple(steps))
+    return replace(recipe, name=f"fast-prune(heads={heads}, ffn={ffn})", steps=tuple(steps))
 
 
 def pruned_fp32(fp32: Path, out: Path, *, heads: float = 0.0, ffn: float = 0.0, correct: bool = True) -> Path:
@@ -127,22 +134,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with rep.bar(f"PyTorch fp32 embeddings of {cfg['sentences']} eval tweets") as cb:
         ref = torch_ref.embeddings(eval_texts, feeds, embed, cb)
     texts8 = recipe.eval_texts(8)
-    feed_b = {b: measure.pad_feed(recipe.feeds(texts8[:b], batch=b, max_length=b8.SEQ)[0], b8.SEQ) for b in (1, 8)}
+    feed_b = {f"b{b}": measure.pad_feed(recipe.feeds(texts8[:b], batch=b, max_length=b8.SEQ)[0], b8.SEQ) for b in (1, 8)}
+    feed_b["b8_longest"] = recipe.feeds(texts8, batch=8, max_length=b8.SEQ)[0]
+    many = recipe.eval_texts(8 * 16)
+    feed_b["b8_full"] = recipe.feeds([" ".join(many[i::8]) for i in range(8)], batch=8, max_length=b8.SEQ)[0]
+    assert feed_b["b8_full"]["attention_mask"].all() and feed_b["b8_full"]["attention_mask"].shape == (8, b8.SEQ)
+    res["config"]["real_tokens"] = {k: int(f["attention_mask"].sum()) for k, f in feed_b.items()}
+    res["config"]["positions"] = {k: int(f["attention_mask"].size) for k, f in feed_b.items()}
 
     if not args.no_main:
         with rep.status("ORT int8: legacy export → optimize_model → quantize_dynamic"):
             ort_path = b8.build_ort_int8(work, fresh=args.fresh)
-        fast = fast_recipe(args.heads, args.ffn)
-        fast_path = work / "minilm-graphc-fast.onnx"
-        with rep.status(f"graphc fast: graphc.compress(recipe={fast.name!r})"), b8.quiet():
-            result = graphc.compress(fp32_path, fast_path, recipe=fast, force=True)
-        paths = {ORT_INT8: ort_path, FAST: fast_path}
+        pruned = fast_recipe(args.heads, args.ffn)
+        paths = {ORT_INT8: ort_path}
+        results = {}
+        for name, rec, file in ((INT8, "int8", "minilm-graphc-int8-fastbench.onnx"),
+                                (FAST, "fast", "minilm-graphc-fast.onnx"),
+                                (FAST_PRUNE, pruned, "minilm-graphc-fast-prune.onnx")):
+            paths[name] = work / file
+            with rep.status(f"{name}: graphc.compress(recipe={getattr(rec, 'name', rec)!r})"), b8.quiet():
+                results[name] = graphc.compress(fp32_path, paths[name], recipe=rec, force=True)
+        result = results[FAST]
         sessions = {k: measure.session(p, threads=args.threads) for k, p in paths.items()}
         latency = {}
-        for batch, reps in ((1, cfg["reps_b1"]), (8, cfg["reps_b8"])):
-            with rep.bar(f"latency b{batch}×{b8.SEQ}: {reps} interleaved reps") as cb:
-                latency[batch] = measure.interleaved_latency(sessions, feed_b[batch], reps=reps,
-                                                             warmup=cfg["warmup"], progress=cb)
+        for key, label in SETTINGS:
+            reps = cfg["reps_b1"] if key == "b1" else cfg["reps_b8"]
+            with rep.bar(f"latency {label}: {reps} interleaved reps") as cb:
+                latency[key] = measure.interleaved_latency(sessions, feed_b[key], reps=reps,
+                                                           warmup=cfg["warmup"], progress=cb)
         cosine = {}
         for name, sess in sessions.items():
             with rep.status(f"{name}: embeddings of {cfg['sentences']} eval tweets"):
@@ -150,13 +169,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accuracy, train_texts, test_texts = probe_accuracies(recipe, sessions, torch_ref, embed, cfg, rep)
         res["models"] = {
             name: {"path": str(paths[name]), "bytes": measure.files_bytes(paths[name]),
-                   "latency_b1": latency[1][name].to_dict(), "latency_b8": latency[8][name].to_dict(),
+                   **{f"latency_{key}": latency[key][name].to_dict() for key, _ in SETTINGS},
                    "cosine_vs_torch": cosine[name].to_dict(), "probe_accuracy": accuracy[name]}
             for name in paths
         }
         res["probe"] = {"train": len(train_texts), "test": len(test_texts),
                         "torch_fp32_accuracy": accuracy["PyTorch fp32"]}
-        res["fast_recipe"] = fast.to_dict()
+        res["fast_recipe"] = get_recipe_dict("fast")
+        res["fast_prune_recipe"] = pruned.to_dict()
         res["fast_passes"] = result.to_dict()["passes"]
         res["fast_validation"] = result.validation.to_dict() if result.validation else None
 
@@ -199,6 +219,12 @@ def sweep(fp32_path: Path, work: Path, cfg, threads: int, rep, recipe, ref, embe
     return rows
 
 
+def get_recipe_dict(name: str) -> dict:
+    from graphc.recipes import get_recipe
+
+    return get_recipe(name).to_dict()
+
+
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     m = res["models"]
     g, o = m[FAST], m[ORT_INT8]
@@ -227,14 +253,19 @@ def markdown(res: dict[str, Any]) -> str:
             f"{cfg['reps_b8']} b8, interleaved; cosine on {cfg['sentences']} eval tweets; probe "
             f"{res['probe']['train']}/{res['probe']['test']})",
             "",
-            "| model | size (MB) | b1 (ms) | b8 (ms) | b1 vs ORT | b8 vs ORT | mean cos | min cos | probe acc |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"Real tokens / positions: " + ", ".join(
+                f"{label} {cfg['real_tokens'][key]}/{cfg['positions'][key]}" for key, label in SETTINGS),
+            "",
+            "| model | size (MB) | " + " | ".join(f"{label} (ms)" for _, label in SETTINGS) + " | "
+            + " | ".join(f"{label} vs ORT" for _, label in SETTINGS) + " | mean cos | min cos | probe acc |",
+            "|---|---:|" + "---:|" * (2 * len(SETTINGS)) + "---:|---:|---:|",
         ]
         for name, r in m.items():
-            b1, b8_ = r["latency_b1"]["median_ms"], r["latency_b8"]["median_ms"]
-            lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {b1:.1f} | {b8_:.1f} "
-                         f"| {b1 / o['latency_b1']['median_ms']:.2f}× | {b8_ / o['latency_b8']['median_ms']:.2f}× "
-                         f"| {r['cosine_vs_torch']['mean']:.5f} | {r['cosine_vs_torch']['min']:.4f} "
+            ms = [r[f"latency_{key}"]["median_ms"] for key, _ in SETTINGS]
+            ratios = [v / o[f"latency_{key}"]["median_ms"] for v, (key, _) in zip(ms, SETTINGS)]
+            lines.append(f"| {name} | {r['bytes'] / 1e6:.2f} | " + " | ".join(f"{v:.1f}" for v in ms) + " | "
+                         + " | ".join(f"{x:.2f}×" for x in ratios)
+                         + f" | {r['cosine_vs_torch']['mean']:.5f} | {r['cosine_vs_torch']['min']:.4f} "
                          f"| {r['probe_accuracy']:.4f} |")
         lines += ["", f"PyTorch fp32 probe accuracy {res['probe']['torch_fp32_accuracy']:.4f}. "
                       f"Recipe: {json.dumps(res['fast_recipe']['passes'])}", "",

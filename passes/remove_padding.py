@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphc import ops
-from graphc.pass_base import GraphcPass, PassStats
+from graphc.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes._quant import const_array, constant
 from graphc.registry import register
 
@@ -94,6 +94,9 @@ class RemovePadding(GraphcPass):
                     o.shape = _packed_shape(o.shape)
                 stats.add("nodes_on_real_tokens")
                 continue
+            if node.op_type == "MultiHeadAttention" and ins == [0, 1, 2] and rw.merge_qkv(node):
+                stats.add("qkv_matmuls_merged")
+                ins = []
             for i in ins:
                 node.replace_input_with(i, rw.unpack(node.inputs[i]))
             if node.domain == ops.MS_DOMAIN and node.op_type in _ATTENTION:
@@ -210,6 +213,38 @@ class _Rewriter:
         self.added.add(n)
         self.graph.append(n)
         return n.outputs[0]
+
+    def merge_qkv(self, mha: ir.Node) -> bool:
+        """Q, K and V = MatMul(x, W_q / W_k / W_v) on one packed x, each read only by this
+        attention: one MatMul by [W_q | W_k | W_v] on the packed rows, one unpack, a Split (one
+        GEMM and one ScatterND instead of three each)."""
+        mms = [v.producer() for v in mha.inputs[:3]]
+        if any(m is None or m.op_type != ops.MATMUL or m.domain not in ("", "ai.onnx") for m in mms):
+            return False
+        x = mms[0].inputs[0]
+        weights = [const_array(m.inputs[1]) for m in mms]
+        if (any(m.inputs[0] is not x for m in mms) or len({id(m) for m in mms}) != 3
+                or any(w is None or w.ndim != 2 or w.dtype != weights[0].dtype or w.shape[0] != weights[0].shape[0]
+                       for w in weights)
+                or any(len(m.outputs[0].uses()) != 1 or m.outputs[0].is_graph_output() for m in mms)):
+            return False
+        base = mms[0].name or "qkv"
+        w = constant(self.graph, f"{base}_qkv_weight", np.concatenate(weights, axis=1))
+        packed = self._node(ops.MATMUL, [x, w])
+        mm = packed.producer()
+        mm.name = f"{base}_qkv"
+        copy_scope(mms[0], mm)
+        packed.type, packed.shape = mms[0].outputs[0].type, _packed_shape(mms[0].outputs[0].shape)
+        sizes = constant(self.graph, "remove_padding_qkv_sizes", np.array([a.shape[1] for a in weights], np.int64))
+        split = ir.node("Split", [self.unpack(packed), sizes], attributes={"axis": -1}, num_outputs=3)
+        split.name = f"remove_padding/Split_{len(self.added)}"
+        self.added.add(split)
+        self.graph.append(split)
+        for i, out in enumerate(split.outputs):
+            mha.replace_input_with(i, out)
+        for m in mms:
+            self.graph.remove(m, safe=True)
+        return True
 
     def pack(self, v: ir.Value) -> ir.Value:
         """Every reader of v now reads [1, T, H] (v itself stays the padded tensor)."""

@@ -58,8 +58,9 @@ def test_real_tokens_unchanged_and_matmuls_on_packed_rows(bert, attention):
     assert counts["attention_on_padded_batch"] == 2 and counts["nodes_on_real_tokens"] >= 8
     packed_matmuls = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[0].shape is not None
                       and n.inputs[0].shape[1] == "packed_tokens"]
-    # MHA: Q/K/V, output, FFN in and out per layer; packed Attention does Q/K/V itself
-    assert len(packed_matmuls) == (12 if attention.startswith("mha") else 6)
+    # MHA: Q/K/V merged into one, output, FFN in and out per layer; packed Attention does Q/K/V itself
+    assert len(packed_matmuls) == (8 if attention.startswith("mha") else 6)
+    assert counts.get("qkv_matmuls_merged", 0) == (2 if attention.startswith("mha") else 0)
     sess = make_session(model)
     for f, ref in zip(feeds, refs):
         got = sess.run(None, f)[0]
