@@ -7,14 +7,14 @@
 
 Models (built as the other benches build them, and reused from their cache in
 ``.graphc-cache/bench/`` under the same file names when there; ``--rebuild`` names the ones to
-build again: ``int8``, ``int4``, ``fast``, ``plans``, ``all``):
+build again: ``int8``, ``int4``, ``fast``, ``fast-prune``, ``plans``, ``all``):
 
 - fp32: graphc's dynamo export (``graphc.demo.cached_export``, as every MiniLM bench);
 - ORT int8: ``bench_int8.build_ort_int8`` (legacy export → ``optimize_model`` → per-channel
   ``quantize_dynamic``; keyed on its pipeline and library versions);
-- graphc int8 / int4 / fast: the built-in recipes (``minilm-graphc-int8.onnx``,
-  ``minilm-graphc-int4-recipe.onnx``, ``minilm-graphc-fast.onnx``: ``bench_int8.py``,
-  ``bench_int4.py``, ``bench_fast.py``);
+- graphc int8 / int4 / fast / fast-prune: the built-in recipes (``minilm-graphc-int8.onnx``,
+  ``minilm-graphc-int4-recipe.onnx``, ``minilm-graphc-fast.onnx``, ``minilm-graphc-fast-prune.onnx``:
+  ``bench_int8.py``, ``bench_int4.py``, ``bench_fast.py``);
 - graphc plan: ``plan_recipe`` at each budget of ``--plans`` (``;``-separated budgets, each
   ``,``-separated ``key=value`` of ``max_error``, ``max_flops``, ``max_bytes``, ``int4_method``,
   or ``int4``; a bare number is ``max_error``), files named as ``bench_plan.py`` names them.
@@ -45,9 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benches' h
 import bench_int8 as b8  # noqa: E402
 
 FP32, ORT, INT8, INT4, FAST = "fp32", "ORT int8", "graphc int8", "graphc int4", "graphc fast"
+FAST_PRUNE = "graphc fast-prune"
 DEFAULT_PLANS = "0.005; 0.01; 0.02; 0.01,int4; 0.1,max_flops=0.7"
 BUDGET_KEYS = ("max_error", "max_flops", "max_bytes", "int4", "int4_method")  # bench_plan.py's order
-REBUILD = ("int8", "int4", "fast", "plans", "all")
+REBUILD = ("int8", "int4", "fast", "fast-prune", "plans", "all")
 COS_GUIDE = 0.99
 
 
@@ -107,11 +108,11 @@ def plan_label(budget: dict[str, Any]) -> str:
 
 
 def _build_graphc(name: str, fp32: Path, work: Path, rep: b8.Reporter, rebuild: bool) -> tuple[Path, dict]:
-    """graphc int8 / int4 / fast, from the cache file the other benches write, or built."""
+    """graphc int8 / int4 / fast / fast-prune, from the cache file the other benches write, or built."""
     import graphc
 
     path = work / {INT8: "minilm-graphc-int8.onnx", INT4: "minilm-graphc-int4-recipe.onnx",
-                   FAST: "minilm-graphc-fast.onnx"}[name]
+                   FAST: "minilm-graphc-fast.onnx", FAST_PRUNE: "minilm-graphc-fast-prune.onnx"}[name]
     if path.is_file() and not rebuild:
         return path, {"reused": True, "built": time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))}
     if name == INT4:
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ort_path = b8.build_ort_int8(work, fresh=args.fresh)
     paths: dict[str, Path] = {FP32: fp32_path, ORT: ort_path}
     facts: dict[str, dict] = {FP32: {"kind": "reference"}, ORT: {"kind": "reference"}}
-    for name, key in ((INT8, "int8"), (INT4, "int4"), (FAST, "fast")):
+    for name, key in ((INT8, "int8"), (INT4, "int4"), (FAST, "fast"), (FAST_PRUNE, "fast-prune")):
         paths[name], f = _build_graphc(name, fp32_path, work, rep, bool(rebuild & {key, "all"}))
         facts[name] = {"kind": "recipe", **f}
     failed = {}

@@ -22,11 +22,17 @@ any other reader (a graph output, a Reshape, rotary embeddings with their positi
 an unpacked copy. So the rewrite is exact at real tokens by construction (the same float ops on
 the same rows); padded rows of the outputs become zeros.
 
-What it costs: a Gather after, three ScatterNDs before each attention, one at each output
-(~1-2% of MiniLM's b8 x 128 time here); what it saves: the MatMuls' rows at padded positions.
-With no padding it is a small loss. KV-cache decoders (past inputs, GroupQueryAttention) are
-left alone: their token count is not the mask's. Run it after pruning (whose matchers expect
-MatMul -> attention) and before quantization (dynamic int8 then ranges over real tokens only).
+Quantized graphs too: ``DynamicQuantizeLinear`` (its range then spans the real tokens only,
+not the padded batch: not bit-exact, and no worse) and ``MatMulIntegerToFloat`` stay packed, and
+``QAttention`` is attention like the others; so the pass can also run on a finished int8 model
+(graphc's or ORT's ``quantize_dynamic``). Run before quantization (recipe ``fast``) an
+attention's float Q/K/V MatMuls on one input merge into one MatMul on the packed rows, one
+unpack and a Split.
+
+What it costs: a Gather after, ScatterNDs before each attention, one at each output; what it
+saves: the MatMuls' rows at padded positions. With no padding it is a loss (MiniLM int8, 8 x 128
+real tokens: 1.12x). KV-cache decoders (past inputs, GroupQueryAttention) are left alone: their
+token count is not the mask's. Run it after pruning (whose matchers expect MatMul -> attention).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from graphc.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes._quant import const_array, constant
 from graphc.registry import register
 
-_ATTENTION = {"MultiHeadAttention": (0, 1, 2), "Attention": (0,)}  # com.microsoft op -> activation inputs
+_ATTENTION = {"MultiHeadAttention": (0, 1, 2), "Attention": (0,), "QAttention": (0,)}  # com.microsoft op -> activation inputs
 # op -> indices of the inputs that are per-token activations; every other input must be a constant
 # broadcasting along the last axis only
 _TOKENWISE_MS = {"SkipLayerNormalization": (0, 1), "SkipSimplifiedLayerNormalization": (0, 1),
@@ -89,7 +95,7 @@ class RemovePadding(GraphcPass):
             if not ins:
                 continue
             if _keeps_packed(node, ins):
-                for o in node.outputs:
+                for o in packed_outputs(node):
                     packed.add(id(o))
                     o.shape = _packed_shape(o.shape)
                 stats.add("nodes_on_real_tokens")
@@ -138,20 +144,41 @@ def _seeds(graph: ir.Graph, mask: ir.Value) -> set[int]:
             continue
         for i in _ATTENTION[node.op_type]:
             v = node.inputs[i] if i < len(node.inputs) else None
-            x = _matmul_input(v) if node.op_type == "MultiHeadAttention" else v
-            if x is not None and x.shape is not None and len(x.shape) == 3 and x.shape[0] == b and x.shape[1] == s:
+            x = _matmul_input(v) if node.op_type == "MultiHeadAttention" else _dequantized(v)
+            # an attention op's input is [batch, sequence, hidden] by its contract; where the shape
+            # is recorded it must be the mask's batch and sequence
+            if x is not None and (x.shape is None or (len(x.shape) == 3 and x.shape[0] == b and x.shape[1] == s)):
                 seeds.add(id(x))
     return seeds
 
 
-def _matmul_input(v: ir.Value | None) -> ir.Value | None:
-    """x in v = MatMul(x, W) [+ b] with constant W (and b)."""
+def _dequantized(v: ir.Value | None) -> ir.Value | None:
+    """x where v = DynamicQuantizeLinear(x)[0], else v."""
     p = v.producer() if v is not None else None
-    if p is not None and p.op_type == "Add" and p.domain in ("", "ai.onnx"):
-        a, c = p.inputs
-        p = (a.producer() if const_array(c) is not None else c.producer() if const_array(a) is not None else None)
-    if p is not None and p.op_type == ops.MATMUL and p.domain in ("", "ai.onnx") and const_array(p.inputs[1]) is not None:
+    if p is not None and p.op_type == "DynamicQuantizeLinear" and p.outputs[0] is v:
         return p.inputs[0]
+    return v
+
+
+def _matmul_input(v: ir.Value | None) -> ir.Value | None:
+    """x in v = MatMul(x, W) with constant W, or its int8 forms MatMulIntegerToFloat /
+    MatMulInteger of DynamicQuantizeLinear(x), behind up to 4 element-wise steps by constants
+    or per-tensor scales (bias Add, ORT's scale Mul and Cast)."""
+    p = v.producer() if v is not None else None
+    for _ in range(4):
+        if p is None or p.domain not in ("", "ai.onnx") or p.op_type not in ("Add", "Mul", "Cast"):
+            break
+        rest = [i for i in p.inputs if i is not None and not _per_tensor(i)]
+        if len(rest) != 1:
+            return None
+        p = rest[0].producer()
+    if p is None or len(p.inputs) < 2 or const_array(p.inputs[1]) is None:
+        return None
+    if p.op_type == ops.MATMUL and p.domain in ("", "ai.onnx"):
+        return p.inputs[0]
+    if p.op_type in ("MatMulIntegerToFloat", "MatMulInteger"):
+        x = _dequantized(p.inputs[0])
+        return x if x is not p.inputs[0] else None
     return None
 
 
@@ -168,21 +195,49 @@ def _along_last_axis(v: ir.Value | None) -> bool:
     return arr is not None and all(d == 1 for d in arr.shape[:-1])
 
 
+def _per_tensor(v: ir.Value | None, depth: int = 3) -> bool:
+    """A constant along the last axis, a DynamicQuantizeLinear's scale / zero point (scalars), or
+    element-wise arithmetic of those (ORT's int8 graphs multiply the activation scale by the
+    weight's)."""
+    p = v.producer() if v is not None else None
+    if p is not None and p.op_type == "DynamicQuantizeLinear" and v is not p.outputs[0]:
+        return True
+    if _along_last_axis(v):
+        return True
+    return (depth > 0 and p is not None and p.domain in ("", "ai.onnx") and p.op_type in (*_BINARY, "Cast")
+            and all(i is not None and _per_tensor(i, depth - 1) for i in p.inputs))
+
+
+def packed_outputs(node: ir.Node) -> list[ir.Value]:
+    """The outputs that are per token when the node runs on packed rows (DynamicQuantizeLinear's
+    scale and zero point are per tensor)."""
+    return list(node.outputs[:1]) if node.op_type == "DynamicQuantizeLinear" else list(node.outputs)
+
+
 def _keeps_packed(node: ir.Node, packed_inputs: list[int]) -> bool:
-    """Whether the node works on each token by itself given which inputs are packed."""
+    """Whether the node works on each token by itself given which inputs are packed
+    (DynamicQuantizeLinear ranges over the real tokens only: not the padded batch's range)."""
     op, dom = node.op_type, node.domain
     rest = [i for i, v in enumerate(node.inputs) if v is not None and i not in packed_inputs]
+    if dom == ops.MS_DOMAIN and op == "MatMulIntegerToFloat":
+        w = const_array(node.inputs[1])
+        return (packed_inputs == [0] and w is not None and w.ndim == 2
+                and all(_per_tensor(node.inputs[i]) for i in rest if i != 1))
     if dom == ops.MS_DOMAIN:
         act = _TOKENWISE_MS.get(op)
-        return act is not None and set(packed_inputs) == set(act) and all(_along_last_axis(node.inputs[i]) for i in rest)
+        return act is not None and set(packed_inputs) == set(act) and all(_per_tensor(node.inputs[i]) for i in rest)
     if dom not in ("", "ai.onnx"):
         return False
     if op == ops.MATMUL:
         w = const_array(node.inputs[1])
         return packed_inputs == [0] and w is not None and w.ndim == 2
+    if op == "MatMulInteger":
+        w = const_array(node.inputs[1])
+        return (packed_inputs == [0] and w is not None and w.ndim == 2
+                and all(_per_tensor(node.inputs[i]) for i in rest if i != 1))
     if op in _BINARY:
-        return all(_along_last_axis(node.inputs[i]) for i in rest)
-    if op in _UNARY:
+        return all(_per_tensor(node.inputs[i]) for i in rest)
+    if op in _UNARY or op == "DynamicQuantizeLinear":
         return packed_inputs == [0]
     if op in ("LayerNormalization", "Softmax", "LogSoftmax"):
         axis = node.attributes.get_int("axis", -1)
@@ -263,7 +318,10 @@ class _Rewriter:
         rows = self._node("Squeeze", [p, self._axis0])
         width = self._node("Shape", [p], {"start": 2})
         flat_shape = self._node("Concat", [self.tokens1, width], {"axis": 0})
-        zero = ir.tensor(np.zeros(1, (p.dtype or ir.DataType.FLOAT).numpy()))
+        producer = p.producer()
+        dtype = p.dtype or (ir.DataType.UINT8 if producer is not None and producer.op_type == "DynamicQuantizeLinear"
+                            else ir.DataType.FLOAT)
+        zero = ir.tensor(np.zeros(1, dtype.numpy()))
         zeros = self._node("ConstantOfShape", [flat_shape], {"value": zero})
         scattered = self._node("ScatterND", [zeros, self.idx2, rows])
         out = self._node("Reshape", [scattered, self._node("Concat", [self.mask_shape, width], {"axis": 0})])

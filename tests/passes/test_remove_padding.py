@@ -103,3 +103,48 @@ def test_kv_cache_decoders_and_missing_masks_are_left_alone():
     assert not result.modified and "KV-cache decoder" in result.stats.notes[0]
     result = RemovePadding(RemovePadding.Options(mask_input="mask"))(ir.serde.deserialize_model(proto))
     assert not result.modified and "no graph input named 'mask'" in result.stats.notes[0]
+
+
+def _row_cos(a, b):
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_a_finished_int8_model_runs_on_real_tokens(bert):
+    """After quantize-int8 and QAttention: DynamicQuantizeLinear and MatMulIntegerToFloat stay
+    packed, QAttention gets the padded batch; only the dynamic ranges change (real tokens only)."""
+    from graphc.passes.quantize_attention import QuantizeAttention
+
+    model = _fused(bert)
+    QuantizeInt8()(model)
+    assert QuantizeAttention()(model).modified
+    feed = _feed(4, batch=4, seq=12)
+    ref = make_session(model).run(None, feed)[0]
+    result = RemovePadding()(model)
+    counts = result.stats.counts
+    assert result.modified and counts["attention_on_padded_batch"] == 2 and counts["outputs_unpacked"] == 1
+    assert not any(k.startswith("unpacked_for_") for k in counts), counts  # nothing falls back
+    packed = {n.op_type for n in model.graph if n.inputs and n.inputs[0] is not None and n.inputs[0].shape is not None
+              and len(n.inputs[0].shape) == 3 and n.inputs[0].shape[1] == "packed_tokens"}
+    assert {"DynamicQuantizeLinear", "SkipLayerNormalization"} <= packed
+    got = make_session(model).run(None, feed)[0]
+    keep = feed["attention_mask"].astype(bool)
+    assert _row_cos(got[keep], ref[keep]).min() > 0.98 and not got[~keep].any()
+
+
+def test_ort_quantize_dynamic_output_runs_on_real_tokens(bert, tmp_path):
+    """ORT's own int8 graph (MatMulInteger, Cast, scale Mul): the same packing."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    model = _fused(bert)
+    src, dst = tmp_path / "fused.onnx", tmp_path / "ort_int8.onnx"
+    io.save_model(model, src)
+    quantization.quantize_dynamic(str(src), str(dst), weight_type=quantization.QuantType.QInt8)
+    model = io.load_model(dst)
+    assert any(n.op_type == "MatMulInteger" for n in model.graph)
+    feed = _feed(5, batch=3, seq=10)
+    ref = make_session(model).run(None, feed)[0]
+    result = RemovePadding()(model)
+    assert result.modified and result.stats.counts["nodes_on_real_tokens"] > 10, result.stats
+    assert not any(k.startswith("unpacked_for_") for k in result.stats.counts), result.stats.counts
+    got = make_session(model).run(None, feed)[0]
+    keep = feed["attention_mask"].astype(bool)
+    assert _row_cos(got[keep], ref[keep]).min() > 0.98 and not got[~keep].any()
