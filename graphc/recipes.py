@@ -217,13 +217,16 @@ BUILTIN: dict[str, Recipe] = {
         "compression planned from measured sensitivities to a budget (default: mean output 1 - cosine "
         "≤ 0.01 on calibration data): per layer, prune heads / FFN neurons (least-squares corrected), "
         "factorize (whitened SVD), int8 weights and tables, chosen greedily by error per byte / MAC "
-        "saved, then checked by measuring; ORT fusions before, QAttention and float16 vectors after",
+        "saved, then checked by measuring; ORT fusions before, QAttention, padding removal and float16 vectors after",
         (
             *_CLEANUP,
             Step("fuse-ort", {"attention": "mha"}),
             Step("trim-outputs"),
             Step("plan", {"max_error": 0.01}),
             Step("quantize-attention"),
+            # after the plan (its measurements and the pruning matchers expect MatMul -> attention):
+            # the planned int8 MatMuls then run on the real tokens only
+            Step("remove-padding"),
             Step("fp16-constants"),
             Step("remove-unused"),
         ),

@@ -148,3 +148,18 @@ def test_ort_quantize_dynamic_output_runs_on_real_tokens(bert, tmp_path):
     got = make_session(model).run(None, feed)[0]
     keep = feed["attention_mask"].astype(bool)
     assert _row_cos(got[keep], ref[keep]).min() > 0.98 and not got[~keep].any()
+
+
+def test_the_recipe_file_runs_it_on_a_finished_model(bert, tmp_path):
+    """recipes/remove-padding.toml through graphc.compress: validated, padding gone from the MatMuls."""
+    from pathlib import Path
+
+    import graphc
+
+    src, out = tmp_path / "fused.onnx", tmp_path / "unpadded.onnx"
+    io.save_model(_fused(bert), src)
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "remove-padding.toml"
+    result = graphc.compress(src, out, recipe=str(recipe), attribution=False)
+    assert [r.name for r in result.passes if r.modified][0] == "remove-padding"
+    assert result.validation is not None and result.validation.passed
+    assert any(n.op_type == "NonZero" for n in io.load_model(out).graph)
