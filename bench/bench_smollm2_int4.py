@@ -95,6 +95,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # calibration windows of 4 x 128 tokens (the model recipe's before 2026-11-22) instead of 1 x 512
     "graphc recipes/smollm2-int4.toml, 128-token calibration": {"toml": "recipes/smollm2-int4.toml",
                                                                "calibration": (512, 32, 4, 128)},
+    # 2-bit allowed in the plan (measured at 2 and 4 bits, 8 predicted), e.g. for rarely used vocabulary tiers
+    "graphc recipes/smollm2-int4.toml, 2-bit allowed": {"toml": "recipes/smollm2-int4.toml",
+                                                        "mp": {"bits": [2, 4, 8], "probe_bits": [2, 4]}},
     "graphc gptq b32 sym, head 8-bit": {
         "nbits": {"bits": 4, "block_size": 32, "symmetric": True, "method": "gptq", "act_order": True,
                   "head_bits": 8},
