@@ -163,3 +163,19 @@ def test_the_recipe_file_runs_it_on_a_finished_model(bert, tmp_path):
     assert [r.name for r in result.passes if r.modified][0] == "remove-padding"
     assert result.validation is not None and result.validation.passed
     assert any(n.op_type == "NonZero" for n in io.load_model(out).graph)
+
+
+def test_rows_or_batches_without_real_tokens(bert):
+    """A fully padded row, and a batch with no real token at all (T = 0), run and stay finite."""
+    model = _fused(bert)
+    ref = make_session(model)
+    RemovePadding()(model)
+    sess = make_session(model)
+    rng = np.random.default_rng(6)
+    for mask in (np.array([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]), np.zeros((2, 6), np.int64)):
+        feed = {"input_ids": rng.integers(0, 100, (2, 6)), "attention_mask": mask,
+                "token_type_ids": np.zeros((2, 6), np.int64)}
+        got, want = sess.run(None, feed)[0], ref.run(None, feed)[0]
+        keep = mask.astype(bool)
+        assert got.shape == want.shape and np.isfinite(got).all() and not got[~keep].any()
+        np.testing.assert_allclose(got[keep], want[keep], atol=2e-5, rtol=1e-4)
