@@ -23,7 +23,8 @@ an unpacked copy. So the rewrite is exact at real tokens by construction (the sa
 the same rows); padded rows of the outputs become zeros.
 
 Quantized graphs too: ``DynamicQuantizeLinear`` (its range then spans the real tokens only,
-not the padded batch: not bit-exact, and no worse) and ``MatMulIntegerToFloat`` stay packed, and
+not the padded batch: not bit-exact, and no worse), ``MatMulIntegerToFloat`` and 4-bit
+``MatMulNBits`` stay packed, and
 ``QAttention`` is attention like the others; so the pass can also run on a finished int8 model
 (graphc's or ORT's ``quantize_dynamic``). Run before quantization (recipe ``fast``) an
 attention's float Q/K/V MatMuls on one input merge into one MatMul on the packed rows, one
@@ -174,6 +175,8 @@ def _matmul_input(v: ir.Value | None) -> ir.Value | None:
         p = rest[0].producer()
     if p is None or len(p.inputs) < 2 or const_array(p.inputs[1]) is None:
         return None
+    if p.op_type == "MatMulNBits":
+        return p.inputs[0]
     if p.op_type == ops.MATMUL and p.domain in ("", "ai.onnx"):
         return p.inputs[0]
     if p.op_type in ("MatMulIntegerToFloat", "MatMulInteger"):
@@ -219,6 +222,8 @@ def _keeps_packed(node: ir.Node, packed_inputs: list[int]) -> bool:
     (DynamicQuantizeLinear ranges over the real tokens only: not the padded batch's range)."""
     op, dom = node.op_type, node.domain
     rest = [i for i, v in enumerate(node.inputs) if v is not None and i not in packed_inputs]
+    if dom == ops.MS_DOMAIN and op == "MatMulNBits":  # packed codes, scales, zero points: all constants
+        return packed_inputs == [0] and all(const_array(node.inputs[i]) is not None for i in rest)
     if dom == ops.MS_DOMAIN and op == "MatMulIntegerToFloat":
         w = const_array(node.inputs[1])
         return (packed_inputs == [0] and w is not None and w.ndim == 2

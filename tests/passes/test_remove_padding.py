@@ -131,6 +131,28 @@ def test_a_finished_int8_model_runs_on_real_tokens(bert):
     assert _row_cos(got[keep], ref[keep]).min() > 0.98 and not got[~keep].any()
 
 
+def test_a_finished_int4_model_runs_on_real_tokens(bert):
+    """After quantize-nbits: MatMulNBits (constant codes, scales, zero points) stays packed; the
+    weights are the same, so real tokens' outputs match the int4 model's."""
+    from graphc.passes.quantize_nbits import QuantizeNBits
+
+    model = _fused(bert)
+    assert QuantizeNBits(QuantizeNBits.Options(bits=4, block_size=32, accuracy_level=0))(model).modified
+    feed = _feed(5, batch=4, seq=12)
+    ref = make_session(model).run(None, feed)[0]
+    result = RemovePadding()(model)
+    counts = result.stats.counts
+    assert result.modified and counts["attention_on_padded_batch"] == 2, counts
+    assert not any(k.startswith("unpacked_for_") for k in counts), counts
+    packed_nbits = [n for n in model.graph if n.op_type == "MatMulNBits" and n.inputs[0].shape is not None
+                    and n.inputs[0].shape[1] == "packed_tokens"]
+    assert len(packed_nbits) >= 6  # Q/K/V (or the merged one), output, FFN in and out per layer
+    got = make_session(model).run(None, feed)[0]
+    keep = feed["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[keep], ref[keep], atol=5e-5, rtol=1e-4)
+    assert not got[~keep].any()
+
+
 def test_ort_quantize_dynamic_output_runs_on_real_tokens(bert, tmp_path):
     """ORT's own int8 graph (MatMulInteger, Cast, scale Mul): the same packing."""
     quantization = pytest.importorskip("onnxruntime.quantization")
