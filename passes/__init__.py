@@ -4,6 +4,7 @@ from graphc.passes import (  # noqa: F401
     attention_mask_index,
     awq_scale,
     cleanup,
+    compact_scales,
     fp16_constants,
     fuse_ort,
     lowrank_embedding,

@@ -31,7 +31,8 @@ from graphc import ops
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import const_array
 
-SCALE_BYTES = {"float32": 4, "float16": 2}
+# "log8": float16 scales that compact-scales then stores as one byte each (plus 8 bytes a tensor)
+SCALE_BYTES = {"float32": 4, "float16": 2, "log8": 1}
 
 
 @dataclass(frozen=True, order=True)
@@ -298,7 +299,7 @@ def quantize_view(layer: Layer, view: np.ndarray, config: QuantConfig, *, symmet
                   scale_dtype: str, hessian: np.ndarray | None = None, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """The layer's weight quantized at ``config`` and dequantized: (stored orientation, the
     quantizer's [rows, cols] view). ``gptq`` needs the Hessian of the MatMul's input [cols, cols]."""
-    dtype = np.float16 if scale_dtype == "float16" else np.float32
+    dtype = np.float16 if scale_dtype in ("float16", "log8") else np.float32
     if method is bq.Method.GPTQ:
         quant = bq.gptq(view, hessian, config.bits, config.block_size, symmetric=symmetric, scale_dtype=dtype,
                         damp=damp, act_order=True)

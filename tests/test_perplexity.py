@@ -214,3 +214,6 @@ def test_smollm2_int4_recipe_file_loads() -> None:
     nbits = [s.options for s in recipe.steps if s.pass_name == "quantize-nbits"]
     assert [o["bits"] for o in nbits] == [4] and nbits[0]["method"] == "gptq"
     assert all(576 % o["block_size"] == 0 for o in nbits)
+    order = [s.pass_name for s in recipe.steps]  # scales compacted once quantized, as the plan counted them
+    assert plan["scale_dtype"] == "log8" and order.index("quantize-gather-block") < order.index("compact-scales")
+    assert order.index("compact-scales") < order.index("fp16-constants")
