@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphc import ops
+from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats
 from graphc.passes._quant import constant
 from graphc.registry import register
@@ -65,6 +66,10 @@ class CompactScales(GraphcPass):
     Options = CompactScalesOptions
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
+        o = self.options
+        if not 0 < o.max_rel_error < 1 or o.min_elements < 1:
+            raise UnsupportedError(f"max_rel_error={o.max_rel_error!r} must lie in (0, 1) and min_elements="
+                                   f"{o.min_elements!r} be at least 1", pass_name=self.name)
         graph = model.graph
         anchor = next(iter(graph), None)
         sources = _scale_sources(graph)
@@ -120,9 +125,8 @@ class CompactScales(GraphcPass):
             if bound > self.options.max_rel_error:
                 return (f"scales span a factor of {math.exp(span):.3g} within a row: 8-bit log codes would move them "
                         f"by up to {bound:.2%} (> max_rel_error={self.options.max_rel_error:g})")
-        step = span / _LEVELS if span > 0 else 1.0
-        item.codes = np.clip(np.rint((logs - lo) / step), 0, _LEVELS).astype(np.uint8)
-        item.lo, item.step = lo, step
+        item.codes, item.step = _codes(logs, lo, span)
+        item.lo = lo
         return None
 
     @staticmethod
@@ -150,10 +154,13 @@ class CompactScales(GraphcPass):
         flat = (len(items) * shape[0], *shape[1:]) if shape else (len(items),)
         nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], constant(graph, f"{name}_shape", np.asarray(flat, np.int64))]))
         if len(items) > 1:
-            nodes.append(ir.node("Split", [nodes[-1].outputs[0]], attributes={"axis": 0, "num_outputs": len(items)},
-                                 num_outputs=len(items)) if _opset(graph) >= 18 else
-                         ir.node("Split", [nodes[-1].outputs[0], constant(graph, f"{name}_split", np.full(len(items), shape[0], np.int64))],
-                                 attributes={"axis": 0}, num_outputs=len(items)))
+            last, count = nodes[-1].outputs[0], len(items)
+            if graph.opset_imports.get("", 17) >= 18:  # equal parts by num_outputs
+                split = ir.node("Split", [last], attributes={"axis": 0, "num_outputs": count}, num_outputs=count)
+            else:  # opset 13-17: the part sizes as an input
+                sizes = constant(graph, f"{name}_split", np.full(count, shape[0], np.int64))
+                split = ir.node("Split", [last, sizes], attributes={"axis": 0}, num_outputs=count)
+            nodes.append(split)
         for node in nodes:
             graph.insert_before(anchor, node)
         dtype = ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
@@ -164,18 +171,19 @@ class CompactScales(GraphcPass):
             out.name = item.value.name
 
 
-def _opset(graph: ir.Graph) -> int:
-    return graph.opset_imports.get("", 17)
-
-
 def encode(scales: np.ndarray) -> tuple[np.ndarray, float, float]:
     """uint8 codes (the array's shape), lo and step of one per-tensor log grid:
     ``scale ≈ exp(lo + step * code)``."""
     logs = np.log(scales.astype(np.float64))
-    lo, hi = float(logs.min()), float(logs.max())
-    step = (hi - lo) / _LEVELS if hi > lo else 1.0
-    codes = np.clip(np.rint((logs - lo) / step), 0, _LEVELS).astype(np.uint8)
+    lo = float(logs.min())
+    codes, step = _codes(logs, lo, float(logs.max()) - lo)
     return codes, lo, step
+
+
+def _codes(logs: np.ndarray, lo: np.ndarray | float, span: float) -> tuple[np.ndarray, float]:
+    """The log scales above ``lo`` in 255 steps across ``span``: uint8 codes and the step."""
+    step = span / _LEVELS if span > 0 else 1.0
+    return np.clip(np.rint((logs - lo) / step), 0, _LEVELS).astype(np.uint8), step
 
 
 def decode(codes: np.ndarray, lo: float, step: float) -> np.ndarray:
