@@ -80,6 +80,28 @@ def test_gptq_probes_measure_less_error_than_rtn():
     assert gptq["Wa"] < rtn["Wa"]
 
 
+def test_gptq_probes_are_fitted_without_the_measured_feeds():
+    """GPTQ fits the tokens of its Hessian: a probe measured on tokens inside the Hessian looks
+    better than on new text. With held_out (the default) the probes' Hessians leave the measured
+    feed out, so the measured error is the larger, out-of-sample one (16 tokens a feed, K = 64:
+    GPTQ overfits strongly here)."""
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 16, K)).astype(np.float32)} for _ in range(4)]
+
+    def probe(held_out):
+        stats = _run(_two_branch(), PassContext(calibration=feeds, calibration_source="test"), max_bits=8.5,
+                     method="gptq", feeds=1, held_out=held_out)
+        return {r["layer"]: r["error"] for r in stats["sensitivities"] if r["measured"]}, stats["notes"]
+
+    inside, _ = probe(False)
+    held, notes = probe(True)
+    assert held["Wa"] > 1.2 * inside["Wa"]
+    assert any("probe Hessians from calibration feeds 2-4" in n for n in notes)
+    one = _run(_two_branch(), PassContext(calibration=feeds[:1], calibration_source="test"), max_bits=8.5,
+               method="gptq", feeds=1)
+    assert any("include the measured feeds" in n for n in one["notes"])
+
+
 def test_row_errors_ignore_padding():
     ref = np.ones((1, 3, 4), np.float32)
     out = ref.copy()
@@ -172,6 +194,7 @@ def test_error_budget_through_the_pass():
         ({"max_bits": 4.0, "bits": [3]}, UnsupportedError, "supported: 2, 4, 8"),
         ({"max_bits": 4.0, "block_sizes": [48]}, UnsupportedError, "supported: 16"),
         ({"max_bits": 4.0, "method": "awq"}, UnsupportedError, "supported: rtn, mse, hqq, gptq"),
+        ({"max_bits": 4.0, "damp": 0.0}, UnsupportedError, "damp=0.0"),
         ({"max_bits": 1.0}, PassError, "max_bytes=.* cannot be met: the smallest option"),
         ({"max_bits": 0, "max_bytes": 100}, PassError, "cannot be met"),
         ({"max_bits": 0, "max_error": 1e-12, "bits": [2]}, PassError, "max_error=1e-12 cannot be met"),
