@@ -95,6 +95,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # calibration windows of 4 x 128 tokens (the model recipe's before 2026-11-22) instead of 1 x 512
     "graphc recipes/smollm2-int4.toml, 128-token calibration": {"toml": "recipes/smollm2-int4.toml",
                                                                "calibration": (512, 32, 4, 128)},
+    # ablations of the 2026-12-03 change (128 calibration windows of 512 tokens, damp 0.1): GPTQ's usual
+    # damp 0.01, and the earlier 32 windows
+    "graphc recipes/smollm2-int4.toml, damp 0.01": {"toml": "recipes/smollm2-int4.toml", "mp": {"damp": 0.01},
+                                                    "nb": {"damp": 0.01}},
+    "graphc recipes/smollm2-int4.toml, 32 calibration windows": {"toml": "recipes/smollm2-int4.toml",
+                                                                 "calibration": (512, 32, 1, 512)},
     # 2-bit allowed in the plan (measured at 2 and 4 bits, 8 predicted), e.g. for rarely used vocabulary tiers
     "graphc recipes/smollm2-int4.toml, 2-bit allowed": {"toml": "recipes/smollm2-int4.toml",
                                                         "mp": {"bits": [2, 4, 8], "probe_bits": [2, 4]}},
@@ -248,7 +254,8 @@ def build_ort_gptq(fused: Path, out: Path, stamp: Path, key: str) -> Path:
 def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
     """The ``int4`` recipe (or the TOML recipe ``spec["toml"]``) with the variant's
     quantize-nbits / quantize-gather-block options; ``spec["method"]`` replaces the method of
-    a TOML recipe's GPTQ quantize-nbits steps, ``spec["mp"]`` is merged into its mixed-precision options."""
+    a TOML recipe's GPTQ quantize-nbits steps, ``spec["mp"]`` is merged into its mixed-precision
+    options, ``spec["nb"]`` into its quantize-nbits options."""
     from graphc.recipes import BUILTIN, Step, get_recipe
 
     if spec.get("toml"):
@@ -257,6 +264,8 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
                  if spec.get("method") and s.pass_name == "quantize-nbits" and s.options.get("method") == "gptq" else s
                  for s in base.steps]
         steps = [Step(s.pass_name, {**s.options, **spec["mp"]}) if spec.get("mp") and s.pass_name == "mixed-precision"
+                 else s for s in steps]
+        steps = [Step(s.pass_name, {**s.options, **spec["nb"]}) if spec.get("nb") and s.pass_name == "quantize-nbits"
                  else s for s in steps]
         steps = [s for s in steps if s.pass_name not in spec.get("drop", ())]
         return replace(base, name=name, steps=tuple(steps))
