@@ -263,10 +263,8 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
         steps = [Step(s.pass_name, {**s.options, "method": spec["method"]})
                  if spec.get("method") and s.pass_name == "quantize-nbits" and s.options.get("method") == "gptq" else s
                  for s in base.steps]
-        steps = [Step(s.pass_name, {**s.options, **spec["mp"]}) if spec.get("mp") and s.pass_name == "mixed-precision"
-                 else s for s in steps]
-        steps = [Step(s.pass_name, {**s.options, **spec["nb"]}) if spec.get("nb") and s.pass_name == "quantize-nbits"
-                 else s for s in steps]
+        merged = {"mixed-precision": spec.get("mp") or {}, "quantize-nbits": spec.get("nb") or {}}
+        steps = [Step(s.pass_name, {**s.options, **merged.get(s.pass_name, {})}) for s in steps]
         steps = [s for s in steps if s.pass_name not in spec.get("drop", ())]
         return replace(base, name=name, steps=tuple(steps))
     steps = []

@@ -128,7 +128,7 @@ class SmolLM2Recipe(ModelRecipe):
     calibration_max_feeds = 128
     # windows as long as the ones perplexity is judged on (and generation reaches): statistics
     # of 128-token windows over-weight the first positions (the attention-sink token's large
-    # activations are 1/128 of the rows instead of 1/512); 32 feeds x 512 = the same 16k tokens.
+    # activations are 1/128 of the rows instead of 1/512); 32 feeds x 512 were the same 16k tokens.
     # Measured (bench_smollm2_int4, int4 recipe): +5.99% vs +6.06% with 4 x 128, within the
     # ~0.5% plan-to-plan noise; 64 feeds (32k tokens, with refit_scales) gave +6.37%
     calibration_batch = 1

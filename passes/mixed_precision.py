@@ -97,7 +97,7 @@ class MixedPrecision(GraphcPass):
     @property
     def calibration_texts(self) -> int:
         """Texts wanted: GPTQ's Hessians want thousands of tokens; row use is counted on them all."""
-        return 1024 if self.options.method == bq.Method.GPTQ.value else 64
+        return bq.GPTQ_CALIBRATION_TEXTS if self.options.method == bq.Method.GPTQ.value else 64
 
     def _validate(self) -> tuple[bq.Method, list[sens.QuantConfig]]:
         o = self.options

@@ -180,10 +180,8 @@ class QuantizeNBits(GraphcPass):
 
     @property
     def calibration_texts(self) -> int:
-        """Calibration texts GPTQ wants (its Hessians are K x K: 1536 for a BERT FFN). On MiniLM
-        the output cosine went 0.988 → 0.991 from 32 to 256 calibration tweets; SmolLM2's
-        held-out error kept falling up to 64k tokens (its model recipe caps the texts)."""
-        return 1024 if self.needs_calibration else 0
+        """Calibration texts GPTQ wants (``_blockquant.GPTQ_CALIBRATION_TEXTS``)."""
+        return bq.GPTQ_CALIBRATION_TEXTS if self.needs_calibration else 0
 
     def _validate(self) -> tuple[Emit, bq.Method]:
         o = self.options
