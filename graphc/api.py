@@ -41,6 +41,7 @@ class CompressResult:
     notices: list[str] = field(default_factory=list)
     attribution: Any = None  # graphc.attribution.Attribution, when validation ran
     report_path: Path | None = None
+    auto: dict[str, Any] | None = None  # --recipe auto: the candidates and why the winner won
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class CompressResult:
             "written": [str(p) for p in self.written],
             "report": str(self.report_path) if self.report_path else None,
             "notices": self.notices,
+            **({"auto": self.auto} if self.auto is not None else {}),
         }
 
     def to_graphsurgeon(self):
@@ -146,6 +148,8 @@ def compress(
     dump_dir: str | os.PathLike | None = None,
     attribution: bool = True,
     report: str | os.PathLike | None = None,
+    target: str | None = None,
+    shape_hint: str | Sequence[int] | None = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -153,7 +157,21 @@ def compress(
     otherwise :class:`ToleranceError` is raised and no model is written (the ``report``, if
     asked for, still is: it is how one finds the layer that lost the accuracy).
     ``attribution``: also compare the two graphs tensor by tensor and name the worst layer.
+    ``target``: the CPU the result is compiled for (``graphc.target``: ``auto``/None is this
+    machine); it picks int8 formulations that are exact there and is written in the provenance.
+    ``recipe="auto"``: the fastest of several recipes that meets its tolerance on the target,
+    timed at ``shape_hint`` (batch × sequence, default 8x128; see graphc.auto).
     """
+    from graphc.target import resolve
+
+    target_info = resolve(target)
+    if isinstance(recipe, str) and recipe == "auto":
+        from graphc.auto import run_auto
+
+        if not validate:
+            raise GraphcError("recipe auto chooses among validated candidates: it cannot run with validation off")
+        return run_auto(model, output, target=target_info, shape_hint=shape_hint, feeds=feeds, force=force,
+                        progress=progress, report=report)
     recipe_obj = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
     unknown = [d for d in disable if d not in recipe_obj.pass_names()]
     for d in unknown:
@@ -175,7 +193,8 @@ def compress(
         if feeds is None:
             feeds, input_source = validation_feeds(ir_model)
         reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
-    context = PassContext(progress=progress)
+    context = PassContext(progress=progress, target=target_info)
+    notices += target_notices(target_info, validate)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
     calibrated = [p for p in passes if getattr(p, "needs_calibration", False) and p.name not in disable]
     if calibrated:
@@ -191,8 +210,8 @@ def compress(
     checked = None
     if validate:
         tol = recipe_obj.tolerance
-        checked = compare(None, work, feeds, input_source=input_source, reference_outputs=reference,
-                          task=task_metric_for(ir_model, input_source))
+        checked = compare(None, validation_model(work, notices), feeds, input_source=input_source,
+                          reference_outputs=reference, task=task_metric_for(ir_model, input_source))
         checked.min_cosine_required = tol.min_row_cosine
         checked.max_abs_allowed = tol.max_abs
         checked.min_output_cosine_required = tol.min_cosine
@@ -202,7 +221,7 @@ def compress(
 
         # two feeds and a bounded tensor count keep this cheap next to validation itself
         result.attribution = attribute(ir_model, work, feeds[:2], max_tensors=200)
-    work.metadata_props.update(provenance(recipe_obj, records, checked, ir_model, src))
+    work.metadata_props.update(provenance(recipe_obj, records, checked, ir_model, src, target_info))
     if report is not None:
         result.report_path = _write_report(result, ir_model, src, output, feeds, report)
     if checked is not None and not checked.passed and not force:
@@ -217,6 +236,36 @@ def compress(
         if src is not None:
             result.bytes_before = io.file_bytes(src)
     return result
+
+
+def target_notices(info, validating: bool) -> list[str]:
+    """One line when the target is not the machine graphc runs on: what was not measured there."""
+    from graphc.target import cpu_name, host, runs_here
+
+    if runs_here(info):
+        return []
+    here = host()
+    what = "validation ran on this machine's kernels" if validating else "nothing was run"
+    if here.arch != info.arch:
+        what = ("validation ran here on ONNX Runtime's x86 kernels, not on the target" if validating
+                else "nothing was run")
+    return [f"target {info.name} is not this machine ({here.name}, {cpu_name()}): {what}; "
+            "timings and latency-based choices do not apply to the target"]
+
+
+def validation_model(model: ir.Model, notices: list[str]) -> ir.Model:
+    """The model validation runs: itself, or, on a machine whose u8×s8 kernel saturates, a copy
+    whose int8 GEMM weights are in the u8u8 form (the same arithmetic, exact here), so that a
+    model compiled for a VNNI/ARM target is judged on the target's numbers (graphc.target)."""
+    from graphc.target import exact_on_host, host, saturating_gemms
+
+    if not host().saturates or not saturating_gemms(model):
+        return model
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    exact_on_host(copy)
+    notices.append("this machine's u8×s8 kernel saturates: validated the int8 GEMMs in their exact u8u8 form "
+                   "(the target's arithmetic)")
+    return copy
 
 
 def _write_report(result: CompressResult, original: ir.Model, src, output, feeds, path) -> Path:
@@ -289,7 +338,32 @@ def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict]
     source = "given"
     if feeds is None:
         feeds, source = validation_feeds(orig)
-    return compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    report.notices.extend(target_check_notices(rew))
+    return report
+
+
+def target_check_notices(model: ir.Model) -> list[str]:
+    """What validating ``model`` on this machine says about the CPU it was compiled for."""
+    import json
+
+    from graphc.target import cpu_name, host, resolve, runs_here, saturating_gemms
+
+    notices = []
+    raw = model.metadata_props.get("graphc.target")
+    if raw:
+        try:
+            info = resolve(json.loads(raw).get("target"))
+        except (ValueError, GraphcError, AttributeError):
+            info = None
+        if info is not None and not runs_here(info):
+            notices.append(f"compiled for {info.name}; this machine is {host().name} ({cpu_name()}): "
+                           "these figures were not measured on the target")
+    wide = saturating_gemms(model) if host().saturates else []
+    if wide:
+        notices.append(f"this machine's u8×s8 kernel saturates, and {len(wide)} int8 GEMM(s) use 8-bit weights "
+                       f"(e.g. {wide[0]}): their results here can be off; recompile with --target auto")
+    return notices
 
 
 def export(source: Any, output: str | os.PathLike, **kwargs: Any):

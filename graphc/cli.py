@@ -89,9 +89,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
             dump_dir=args.dump_dir,
             report=args.report,
             validate=not args.no_validate,
+            target=args.target,
+            shape_hint=args.shape_hint,
         )
     data = result.to_dict()
-    lines = [f"recipe {result.recipe.name}: {args.model} → {args.output}"]
+    target = json.loads(result.model.metadata_props.get("graphc.target", "{}"))
+    forms = f", int8 {'/'.join(target['int8_forms'])}" if target.get("int8_forms") else ""
+    lines = [f"recipe {result.recipe.name}: {args.model} → {args.output} (target {target.get('target', '?')}{forms})"]
     lines.append(f"  {'pass':20s} {'time':>8s}  {'bytes after':>12s}  stats")
     for r in result.passes:
         if r.skipped:
@@ -122,10 +126,27 @@ def cmd_compress(args: argparse.Namespace) -> int:
         lines.append(result.attribution.summary())
     if result.report_path is not None:
         lines.append(f"report: {result.report_path}")
+    if result.auto is not None:
+        lines.append(_auto_text(result.auto))
     for n in result.notices:
         lines.append(f"notice: {n}")
     _emit(args, data, "\n".join(lines))
     return 0
+
+
+def _auto_text(auto: dict) -> str:
+    """recipe auto: the candidate table, one line each."""
+    shape = "x".join(str(x) for x in auto["shape"])
+    orig = f", original {auto['original_ms']:.2f} ms" if auto.get("original_ms") is not None else ""
+    lines = [f"auto: {auto['winner']} chosen for {auto['target']} at {shape}{orig}"
+             f"{'' if auto['timed'] else ' (not timed: the target is not this machine)'}"]
+    for c in auto["candidates"]:
+        lat = f"{c['latency_ms']:8.2f} ms" if c.get("latency_ms") is not None else "       - ms"
+        cos = f"cos {c['output_cosine']:.5f}" if c.get("output_cosine") is not None else ""
+        size = _fmt_bytes(c["bytes"]) if c.get("bytes") is not None else "-"
+        mark = "*" if c["candidate"] == auto["winner"] else " "
+        lines.append(f" {mark}{c['candidate']:12s} {c['status']:17s} {lat} {size:>10s} {cos} {c.get('reason', '')}".rstrip())
+    return "\n".join(lines)
 
 
 def _plan_text(plan: dict) -> str:
@@ -207,6 +228,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
     if report.task:
         lines.append("  task: " + _task_text(report.task))
+    lines += [f"notice: {n}" for n in report.notices]
     _emit(args, report.to_dict(), "\n".join(lines))
     return 0 if report.passed else 3
 
@@ -308,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model")
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--recipe", default=None,
-                    help="built-in name or a .toml file (default int8; plan when a budget flag is given)")
+                    help="built-in name, auto (the fastest recipe that meets its tolerance on the target, timed "
+                         "here), or a .toml file (default int8; plan when a budget flag is given)")
     sp.add_argument("--max-error", type=float, metavar="E",
                     help="plan: mean output 1 - cosine on calibration data at most E (e.g. 0.01)")
     sp.add_argument("--max-bytes", type=int, metavar="N", help="plan: weights of at most N bytes")
@@ -319,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="plan, causal LMs: mean KL of next-token distributions at most ln(1 + R) (~ perplexity rise R)")
     sp.add_argument("--int4", action="store_true",
                     help="plan: linear layers and tables may also be 4-bit (MatMulNBits / GatherBlockQuantized)")
+    sp.add_argument("--target", default="auto", metavar="CPU",
+                    help="CPU the result will run on: auto (this machine), x86-avx2, x86-avx512, x86-avx512-vnni, "
+                         "x86-avx-vnni, arm64; picks int8 formulations that are exact there (AVX2's u8×s8 kernel saturates)")
+    sp.add_argument("--shape-hint", default=None, metavar="BxS",
+                    help="recipe auto: batch x sequence to time the candidates at (default 8x128)")
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")

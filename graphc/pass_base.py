@@ -61,13 +61,21 @@ class PassContext:
     """What a pass may need beyond the model: calibration feeds, a seed, progress.
 
     ``calibration`` is a list of ORT feed dicts from the model recipe's real data (or
-    synthesized inputs for a bare .onnx); ``calibration_source`` says which.
+    synthesized inputs for a bare .onnx); ``calibration_source`` says which. ``target`` is the
+    CPU the model is compiled for (:mod:`graphc.target`; None: the machine graphc runs on):
+    passes whose best or even correct formulation depends on it (int8 GEMMs) read it here.
     """
 
     calibration: Sequence[dict[str, Any]] | None = None
     calibration_source: str = "none"
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None
+    target: Any = None  # graphc.target.TargetInfo, or None for the running machine
+
+    def target_info(self):
+        from graphc.target import resolve
+
+        return resolve(self.target)
 
     def report(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:

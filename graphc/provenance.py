@@ -14,7 +14,8 @@ import onnx_ir as ir
 
 from graphc import io
 
-KEYS = ("graphc.version", "graphc.recipe", "graphc.recipe_json", "graphc.passes", "graphc.input_sha256", "graphc.validation")
+KEYS = ("graphc.version", "graphc.recipe", "graphc.recipe_json", "graphc.passes", "graphc.input_sha256", "graphc.target",
+        "graphc.validation", "graphc.auto")
 
 
 def input_digest(model: ir.Model, path: Path | None) -> str:
@@ -31,8 +32,9 @@ def input_digest(model: ir.Model, path: Path | None) -> str:
     return h.hexdigest()
 
 
-def provenance(recipe, records, report, original: ir.Model, path: Path | None) -> dict[str, str]:
+def provenance(recipe, records, report, original: ir.Model, path: Path | None, target=None) -> dict[str, str]:
     from graphc import __version__
+    from graphc.target import resolve
 
     passes = [
         {"name": r.name, "modified": r.modified, **({"disabled": True} if r.skipped else {})}
@@ -45,6 +47,11 @@ def provenance(recipe, records, report, original: ir.Model, path: Path | None) -
         "graphc.passes": json.dumps(passes),
         "graphc.input_sha256": input_digest(original, path),
     }
+    info = resolve(target)
+    forms = sorted({r.stats["int8_form"] for r in records if isinstance(r.stats, dict) and "int8_form" in r.stats})
+    out["graphc.target"] = json.dumps(
+        {"target": info.name, "int8_forms": forms}, sort_keys=True
+    )
     if report is not None:
         out["graphc.validation"] = json.dumps(
             {

@@ -266,7 +266,7 @@ def get_recipe(name_or_path: str | os.PathLike) -> Recipe:
         return BUILTIN[text]
     if text.endswith(".toml") or os.sep in text or Path(text).exists():
         return load_recipe_file(Path(text))
-    raise RecipeError(f"unknown recipe {text!r}; built-ins: {', '.join(BUILTIN)} (or a .toml file)")
+    raise RecipeError(f"unknown recipe {text!r}; built-ins: {', '.join(BUILTIN)}, auto (or a .toml file)")
 
 
 def load_recipe_file(path: Path) -> Recipe:

@@ -148,16 +148,20 @@ def complete_decoder_feeds(model: ir.Model, feeds: Sequence[dict[str, np.ndarray
     return out
 
 
-def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Plausible feeds from the input signature (ids within the vocabulary, masks of ones)."""
+def synthesize_inputs(
+    model: ir.Model, *, count: int = 4, seed: int = 0, batch: int = SYNTH_BATCH, seq: int = SYNTH_SEQ
+) -> list[dict[str, np.ndarray]]:
+    """Plausible feeds from the input signature (ids within the vocabulary, masks of ones;
+    symbolic batch and sequence dims take ``batch`` and ``seq``)."""
     rng = np.random.default_rng(seed)
+    synth_batch, synth_seq = batch, seq
     feeds = []
     kv = is_kv_decoder(model)
     for k in range(count):
         # KV-cache decoders get the calls they are made for, prefill (no past) and decode (one
         # token after a past), in turn: ORT's GroupQueryAttention refuses several new tokens
         # after a past at batch > 1
-        past, seq = ((0, SYNTH_SEQ) if k % 2 == 0 else (SYNTH_PAST, 1)) if kv else (SYNTH_PAST, SYNTH_SEQ)
+        past, seq = ((0, synth_seq) if k % 2 == 0 else (SYNTH_PAST, 1)) if kv else (SYNTH_PAST, synth_seq)
         feed: dict[str, np.ndarray] = {}
         for value in model.graph.inputs:
             if value.name in model.graph.initializers:
@@ -176,7 +180,7 @@ def synthesize_inputs(model: ir.Model, *, count: int = 4, seed: int = 0) -> list
                     elif "total" in dname:
                         dims.append(past + seq)
                     else:
-                        dims.append(SYNTH_BATCH if ("batch" in dname or (i == 0 and "seq" not in dname)) else seq)
+                        dims.append(synth_batch if ("batch" in dname or (i == 0 and "seq" not in dname)) else seq)
             name = value.name.lower()
             if np.issubdtype(dtype, np.integer):
                 if "mask" in name:
@@ -222,6 +226,7 @@ class ValidationReport:
     max_abs_allowed: float | None = None
     min_output_cosine_required: float | None = None
     task: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # e.g. the target CPU is not this machine
 
     @property
     def min_cosine(self) -> float:
@@ -261,6 +266,7 @@ class ValidationReport:
             },
             "outputs": [o.to_dict() for o in self.outputs],
             **({"task": self.task} if self.task else {}),
+            **({"notices": list(self.notices)} if self.notices else {}),
         }
 
 

@@ -6,21 +6,43 @@ import numpy as np
 import onnx_ir as ir
 
 
-def symmetric_int8(w: np.ndarray, axis: int | None, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 on [-127, 127]; ``axis`` is the axis that keeps its own scale
-    (None: one scale for the tensor). Returns (q int8, scale with ``axis`` kept, in
-    ``scale_dtype``); q is computed against the scale as stored, so a float16 scale costs
-    nothing beyond its own rounding."""
+def symmetric_int8(
+    w: np.ndarray, axis: int | None, scale_dtype=np.float32, qmax: int = 127
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 on [-qmax, qmax] (127, or 63 for 7-bit weights); ``axis`` is the axis
+    that keeps its own scale (None: one scale for the tensor). Returns (q int8, scale with
+    ``axis`` kept, in ``scale_dtype``); q is computed against the scale as stored, so a float16
+    scale costs nothing beyond its own rounding."""
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         amax = np.array(np.abs(w).max(initial=0.0), dtype=np.float32)
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
         amax = np.abs(w).max(axis=reduce, keepdims=True, initial=0.0)
-    scale = (amax / 127.0).astype(scale_dtype)
+    scale = (amax / float(qmax)).astype(scale_dtype)
     scale = np.where(scale == 0, 1.0, scale).astype(scale_dtype)
-    q = np.clip(np.rint(w / scale.astype(np.float32)), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / scale.astype(np.float32)), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+U8U8_ZERO_POINT = 128  # int8 codes stored as uint8: code + 128, read back with this zero point
+
+
+def int8_weight(
+    w: np.ndarray, axis: int | None, form: str, scale_dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A weight in one of the int8 formulations of :class:`graphc.target.Int8Form`:
+    (codes, scale, zero point or None). ``u8s8``: int8 codes on [-127, 127], no zero point;
+    ``u8s7``: int8 codes on [-63, 63]; ``u8u8``: the ``u8s8`` codes + 128 as uint8 with a
+    scalar uint8 zero point of 128 (the same values: dequantized, all three agree up to the
+    7-bit grid)."""
+    if form == "u8s7":
+        q, s = symmetric_int8(w, axis, scale_dtype, qmax=63)
+        return q, s, None
+    q, s = symmetric_int8(w, axis, scale_dtype)
+    if form == "u8u8":
+        return (q.astype(np.int16) + U8U8_ZERO_POINT).astype(np.uint8), s, np.array(U8U8_ZERO_POINT, np.uint8)
+    return q, s, None
 
 
 def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -52,7 +52,8 @@ from graphc import ops
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes._actcalib import ActType, Collector, Method, qparams
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, symmetric_int8
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, int8_weight
+from graphc.target import Int8Form, exact_forms
 from graphc.registry import register
 
 QUANTIZE_LINEAR = "QuantizeLinear"
@@ -94,6 +95,7 @@ class ActQuantOptions:
     cost_feeds: int = 4
     smooth_alpha: float = 0.0  # > 0: SmoothQuant migration on matmul_in tensors (0.5 is SmoothQuant's)
     exclude: tuple[str, ...] = ()  # substrings of node names or scopes whose tensors stay float
+    form: str = "auto"  # weights: u8s8 | u8u8 | u8s7 | auto (exact on the target CPU; see graphc.target)
 
 
 @dataclass
@@ -127,6 +129,7 @@ class QuantizeActivations(GraphcPass):
                 "by graphc (its recipe's texts) or pass calibration feeds in the PassContext",
                 pass_name=self.name,
             )
+        self._form = self._weight_form(act, stats)
         chosen = select(model.graph, targets, o.exclude, stats)
         if o.smooth_alpha > 0 and chosen:
             smoothed = smooth(model, [n for n, c in chosen.items() if c.matmul_only], o.smooth_alpha, feeds, self.name)
@@ -144,13 +147,31 @@ class QuantizeActivations(GraphcPass):
         if o.cost and (params or weights):
             stats.counts["cost_by_op_type"] = self._costs(model, chosen, params, per_channel, bool(weights))  # type: ignore[assignment]
         apply(model, {n: (params[n], c.matmul_only) for n, c in chosen.items() if n in params},
-              per_channel if weights else None, stats)
+              per_channel if weights else None, stats, self._form.value)
         for target in targets:
             n = sum(1 for name, c in chosen.items() if name in params and target.value in c.targets)
             stats.add(f"tensors_{target.value}", n)
         stats.notes.append(f"ranges: {method.value} on {self.context.calibration_source}, {act.value}"
                            f"{' symmetric' if self.options.symmetric else ''}")
         return bool(params) or bool(weights)
+
+    def _weight_form(self, act: ActType, stats: PassStats) -> Int8Form:
+        """The weights' int8 form for the target (graphc.target): on a CPU whose u8×s8 kernel
+        saturates, uint8 activations take u8u8 weights; int8 activations (which ORT shifts to
+        uint8 for that kernel) take 7-bit weights, exact with any 8-bit activation."""
+        target = self.context.target_info()
+        if self.options.form == "auto":
+            form = target.int8_form
+            if target.saturates and act is not ActType.UINT8:
+                form = Int8Form.U8S7
+        else:
+            form = choice(Int8Form, self.options.form, "form", self.name)
+            if form not in exact_forms(target) or (target.saturates and form is Int8Form.U8U8 and act is not ActType.UINT8):
+                raise PassError(f"form={form.value!r} with {act.value} activations is not exact on target {target.name}",
+                                pass_name=self.name)
+        stats.details["target"] = target.name
+        stats.details["int8_form"] = form.value
+        return form
 
     # ------------------------------------------------------------------ calibration
     def _calibrate(self, model: ir.Model, chosen: dict[str, _Choice], method: Method, act: ActType,
@@ -206,7 +227,7 @@ class QuantizeActivations(GraphcPass):
             for i, (label, group, w) in enumerate(variants):
                 self.context.report(f"{self.name}: cost of {label}", i, len(variants))
                 copy = ir.serde.deserialize_model(proto)
-                apply(copy, group, w, PassStats())
+                apply(copy, group, w, PassStats(), self._form.value)
                 got = run_feeds(make_session(copy, what=f"model with {label} quantized"), feeds, "model")
                 worst = 1.0
                 for j in range(len(reference[0])):
@@ -369,9 +390,10 @@ def smooth(model: ir.Model, names: Sequence[str], alpha: float, feeds, pass_name
 
 
 def apply(model: ir.Model, acts: dict[str, tuple[tuple[np.float32, np.integer], bool]],
-          weights_per_channel: bool | None, stats: PassStats) -> None:
+          weights_per_channel: bool | None, stats: PassStats, weight_form: str = "u8s8") -> None:
     """Insert Q/DQ on the named tensors ({name: ((scale, zero point), matmul_only)}) and,
-    unless ``weights_per_channel`` is None, int8 DQ weights on every float32 2-D MatMul weight."""
+    unless ``weights_per_channel`` is None, int8 DQ weights (in ``weight_form``, see
+    graphc.target) on every float32 2-D MatMul weight."""
     graph = model.graph
     values = _values_by_name(graph)
     ensure_opset(model, "", 10)
@@ -405,13 +427,17 @@ def apply(model: ir.Model, acts: dict[str, tuple[tuple[np.float32, np.integer], 
         key = id(wv)
         if key not in done:
             w = const_array(wv).astype(np.float32)
-            q, scale = symmetric_int8(w, 1 if weights_per_channel else None)
+            q, scale, zp = int8_weight(w, 1 if weights_per_channel else None, weight_form)
             base = wv.name or "w"
-            qv = constant(graph, f"{base}_int8", q)
+            qv = constant(graph, f"{base}_{q.dtype.name}", q)
             sv = constant(graph, f"{base}_scale", scale.reshape(-1) if weights_per_channel else scale.reshape(()))
-            # no zero point: 0 of the int8 codes' type (ORT fuses this form the same; saves N bytes)
+            dq_inputs = [qv, sv]
+            if zp is not None:  # per-axis DequantizeLinear wants a zero point shaped like its scale
+                zv = np.full(q.shape[1], zp, zp.dtype) if weights_per_channel else zp
+                dq_inputs.append(constant(graph, f"{base}_zero_point", zv))
+            # int8 codes need no zero point: 0 of their type (ORT fuses this form the same; saves N bytes)
             attrs = {"axis": 1} if weights_per_channel else {}
-            dq = ir.node(DEQUANTIZE_LINEAR, [qv, sv], attributes=attrs)
+            dq = ir.node(DEQUANTIZE_LINEAR, dq_inputs, attributes=attrs)
             graph.insert_before(node, dq)
             copy_scope(node, dq)
             done[key] = dq.outputs[0]

@@ -91,20 +91,27 @@ class QuantizeAttention(GraphcPass):
         first = projections[0]
         if any(p.inputs[0] is not first.inputs[0] or p.inputs[2] is not first.inputs[2] or p.inputs[4] is not first.inputs[4] for p in projections):
             return None, "Q/K/V do not share one quantized input"
-        if any(len(p.inputs) > 5 and any(x is not None for x in p.inputs[5:]) for p in projections):
-            return None, "projections carry a weight zero point or bias"
+        if any(len(p.inputs) > 6 and any(x is not None for x in p.inputs[6:]) for p in projections):
+            return None, "projections carry a bias"
         weights = [const_array(p.inputs[1]) for p in projections]
         scales = [const_array(p.inputs[3]) for p in projections]
+        zero_points = [const_array(p.inputs[5]) if len(p.inputs) > 5 and p.inputs[5] is not None else None
+                       for p in projections]
         bias_array = const_array(bias)
-        if any(w is None or w.dtype != np.int8 or w.ndim != 2 for w in weights) or any(s is None for s in scales):
-            return None, "Q/K/V weights or scales are not int8 constants"
+        if any(w is None or w.dtype not in (np.int8, np.uint8) or w.ndim != 2 for w in weights) or any(s is None for s in scales):
+            return None, "Q/K/V weights or scales are not int8/uint8 constants"
+        if len({w.dtype for w in weights}) != 1:
+            return None, "Q/K/V weights mix int8 and uint8"
+        zero = _shared_zero_point(zero_points, weights[0].dtype)
+        if zero is None:
+            return None, "Q/K/V weight zero points are not one shared scalar (QAttention takes one)"
         if bias_array is None:
             return None, "attention bias vector is not a constant"
         widths = [w.shape[1] for w in weights]
         if len(set(widths)) != 1:
             return None, f"Q/K/V widths differ ({widths}); QAttention needs qkv_hidden_sizes support"
         scales = [np.broadcast_to(np.asarray(s, np.float32).reshape(-1), (w.shape[1],)) for s, w in zip(scales, weights)]
-        return (first, np.concatenate(weights, axis=1), np.concatenate(scales), bias_array.astype(np.float32)), None
+        return (first, np.concatenate(weights, axis=1), np.concatenate(scales), bias_array.astype(np.float32), zero), None
 
     def _check_padding_bias(self, model: ir.Model, bias: ir.Value) -> str | None:
         return padding_bias_problem(model, bias, self.options.mask_input)
@@ -113,17 +120,17 @@ class QuantizeAttention(GraphcPass):
         return mask_index(graph, self.options.mask_input)
 
     def _rewrite(self, graph: ir.Graph, mha: ir.Node, parts, mask_index: ir.Value | None) -> None:
-        first, weight, scale, bias = parts
+        first, weight, scale, bias, zero = parts
         base = mha.name or "attention"
         inputs = [
             first.inputs[0],
-            constant(graph, f"{base}_qkv_int8", weight),
+            constant(graph, f"{base}_qkv_{weight.dtype.name}", weight),
             constant(graph, f"{base}_qkv_bias", bias),
             first.inputs[2],
             constant(graph, f"{base}_qkv_scale", scale.astype(np.float32)),
             mask_index,
             first.inputs[4],
-            constant(graph, f"{base}_qkv_zero_point", np.zeros(1, np.int8)),
+            constant(graph, f"{base}_qkv_zero_point", zero.reshape(1)),
         ]
         attrs = {"num_heads": mha.attributes.get_int("num_heads")}
         if "scale" in mha.attributes:
@@ -131,3 +138,19 @@ class QuantizeAttention(GraphcPass):
         node = ir.node("QAttention", inputs, attributes=attrs, domain=ops.MS_DOMAIN, name=f"{base}_int8")
         copy_scope(mha, node)
         ir.convenience.replace_nodes_and_values(graph, mha, [mha], [node], mha.outputs, node.outputs)
+
+
+def _shared_zero_point(zero_points: list[np.ndarray | None], dtype: np.dtype) -> np.ndarray | None:
+    """The one scalar weight zero point of the three projections (0 where none is given; the
+    u8u8 form of quantize-int8 stores 128), or None when they differ or vary per column."""
+    values = set()
+    for z in zero_points:
+        if z is None:
+            values.add(0)
+        elif z.dtype != dtype or np.unique(z).size != 1:
+            return None
+        else:
+            values.add(int(z.reshape(-1)[0]))
+    if len(values) != 1:
+        return None
+    return np.array(values.pop(), dtype)

@@ -20,6 +20,12 @@ the 256 levels on the others. For an input whose largest calibrated channel exce
   output. The float rows are rebuilt from the int8 weights (a constant subgraph ORT folds at
   load), so the file grows by a few bytes per input.
 
+The weights' formulation (``form`` option) follows the target CPU (:mod:`graphc.target`):
+``u8s8`` (int8 weights, VNNI and ARM), ``u8u8`` (the same codes as uint8 around 128: exact on
+AVX2 and AVX-512 without VNNI, whose u8×s8 kernel saturates) or ``u8s7`` (7-bit weights, exact
+with the fast u8×s8 kernel everywhere). ``auto`` (default) takes the target's entry in
+``graphc.target.TABLE``; a form that saturates on the target is refused.
+
 Emitted as (``emit`` option):
 
 - ``ms`` (default): com.microsoft ``MatMulIntegerToFloat`` (bias folded in for Gemm). ORT runs
@@ -40,7 +46,8 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, symmetric_int8
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, int8_weight
+from graphc.target import Int8Form, exact_forms
 
 
 class Emit(str, enum.Enum):
@@ -66,6 +73,7 @@ class Int8Options:
     outlier_mode: str = OutlierMode.SMOOTH.value
     smooth_target: float = 4.0  # "smooth": outlier channels are scaled down to this x the median
     smooth_min_factor: float = 1.5  # "smooth": an input whose largest factor is below this is left alone
+    form: str = "auto"  # u8s8 | u8u8 | u8s7 | auto (the target's exact, faster form)
 
 
 @dataclass
@@ -104,6 +112,7 @@ class QuantizeInt8(GraphcPass):
         ensure_opset(model, "", 11)
         if emit is Emit.MS:
             ensure_opset(model, ops.MS_DOMAIN, ops.MS_OPSET)
+        self._form = self._resolve_form(stats)
         if self.options.scale_dtype not in _SCALE_DTYPES:
             raise UnsupportedError(
                 f"scale_dtype={self.options.scale_dtype!r}; supported: {', '.join(_SCALE_DTYPES)}",
@@ -142,10 +151,10 @@ class QuantizeInt8(GraphcPass):
                 if key not in quantized:
                     weight = cand.weight * smooth[:, None] if smooth is not None else cand.weight
                     quantized[key] = self._quantize_weight(graph, cand, weight, stats)
-                wq, ws = quantized[key]
-                new_nodes = self._emit(graph, emit, cand, xq, xs, xzp, wq, ws)
+                wq, ws, wzp = quantized[key]
+                new_nodes = self._emit(graph, emit, cand, xq, xs, xzp, wq, ws, wzp)
                 if split is not None:
-                    new_nodes += split.float_path(new_nodes[-1].outputs[0], wq, ws)
+                    new_nodes += split.float_path(new_nodes[-1].outputs[0], wq, ws, wzp)
                 for n in new_nodes:
                     copy_scope(cand.node, n)
                 ir.convenience.replace_nodes_and_values(
@@ -155,21 +164,38 @@ class QuantizeInt8(GraphcPass):
         drop_unused_initializers(graph)
         return True
 
+    def _resolve_form(self, stats: PassStats) -> Int8Form:
+        target = self.context.target_info()
+        if self.options.form == "auto":
+            form = target.int8_form
+        else:
+            form = choice(Int8Form, self.options.form, "form", self.name)
+            if form not in exact_forms(target):
+                raise UnsupportedError(
+                    f"form={form.value!r} saturates on target {target.name} (its u8×s8 kernel sums product pairs "
+                    f"in int16); exact there: {', '.join(f.value for f in exact_forms(target))}",
+                    pass_name=self.name,
+                )
+        stats.details["target"] = target.name
+        stats.details["int8_form"] = form.value
+        return form
+
     def _quantize_weight(
         self, graph: ir.Graph, cand: _Candidate, weight: np.ndarray, stats: PassStats
-    ) -> tuple[ir.Value, ir.Value]:
+    ) -> tuple[ir.Value, ir.Value, ir.Value | None]:
         axis = 1 if self.options.per_channel else None
-        q, s = symmetric_int8(weight, axis, _SCALE_DTYPES[self.options.scale_dtype])
+        q, s, zp = int8_weight(weight, axis, self._form.value, _SCALE_DTYPES[self.options.scale_dtype])
         base = cand.weight_value.name or "w"
-        wq = constant(graph, f"{base}_int8", q)
+        wq = constant(graph, f"{base}_{q.dtype.name}", q)
         ws = constant(graph, f"{base}_scale", s.reshape(-1))
+        wzp = constant(graph, f"{base}_zero_point", zp) if zp is not None else None
         stats.add("weight_bytes_before", int(cand.weight.nbytes))
-        stats.add("weight_bytes_after", int(q.nbytes + s.nbytes))
+        stats.add("weight_bytes_after", int(q.nbytes + s.nbytes + (zp.nbytes if zp is not None else 0)))
         if s.dtype != np.float32:  # ORT folds this Cast of a constant at session creation
             cast = ir.node(ops.CAST, [ws], attributes={"to": ir.DataType.FLOAT})
             graph.insert_before(cand.node, cast)
             ws = cast.outputs[0]
-        return wq, ws
+        return wq, ws, wzp
 
     def _find_outliers(self, model: ir.Model, groups, stats: PassStats) -> dict[ir.Value, _Outliers]:
         from graphc.calibrate import channel_absmax
@@ -234,14 +260,16 @@ class QuantizeInt8(GraphcPass):
         return _Candidate(node, found[0], found[1], node.inputs[1])
 
     # ------------------------------------------------------------------ emitting
-    def _emit(self, graph, emit, cand, xq, xs, xzp, wq, ws) -> list[ir.Node]:
+    def _emit(self, graph, emit, cand, xq, xs, xzp, wq, ws, wzp) -> list[ir.Node]:
         bias = constant(graph, f"{cand.weight_value.name or 'w'}_bias", cand.bias) if cand.bias is not None else None
         if emit is Emit.MS:
-            inputs = [xq, wq, xs, ws, xzp, None, bias] if bias is not None else [xq, wq, xs, ws, xzp]
+            inputs = [xq, wq, xs, ws, xzp, wzp, bias]
+            while inputs[-1] is None:
+                inputs.pop()
             node = ir.node(ops.MATMUL_INTEGER_TO_FLOAT, inputs, domain=ops.MS_DOMAIN)
             node.name = f"{cand.node.name}_int8" if cand.node.name else ""
             return [node]
-        mm = ir.node(ops.MATMUL_INTEGER, [xq, wq, xzp])
+        mm = ir.node(ops.MATMUL_INTEGER, [xq, wq, xzp, *([wzp] if wzp is not None else [])])
         cast = ir.node(ops.CAST, [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT})
         scale = ir.node(ops.MUL, [xs, ws])
         out = ir.node(ops.MUL, [cast.outputs[0], scale.outputs[0]])
@@ -287,12 +315,19 @@ class _OutlierSplit:
             graph.insert_before(before, n)
         return cls(idx_v, kept.outputs[0], picked.outputs[0], nodes)
 
-    def float_path(self, int8_out: ir.Value, wq: ir.Value, ws: ir.Value) -> list[ir.Node]:
-        """y = int8_out + x[..., idx] @ (wq[idx] * ws): the weight rows are rebuilt from the
-        int8 weights (a constant subgraph), so they cost no extra bytes on disk."""
+    def float_path(self, int8_out: ir.Value, wq: ir.Value, ws: ir.Value, wzp: ir.Value | None) -> list[ir.Node]:
+        """y = int8_out + x[..., idx] @ ((wq[idx] - wzp) * ws): the weight rows are rebuilt
+        from the int8 weights (a constant subgraph), so they cost no extra bytes on disk."""
         rows = ir.node(ops.GATHER, [wq, self.idx], attributes={"axis": 0})
         rows_f = ir.node(ops.CAST, [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT})
-        w_rows = ir.node(ops.MUL, [rows_f.outputs[0], ws])
+        nodes = [rows, rows_f]
+        codes = rows_f.outputs[0]
+        if wzp is not None:
+            zp_f = ir.node(ops.CAST, [wzp], attributes={"to": ir.DataType.FLOAT})
+            centred = ir.node("Sub", [codes, zp_f.outputs[0]])
+            nodes += [zp_f, centred]
+            codes = centred.outputs[0]
+        w_rows = ir.node(ops.MUL, [codes, ws])
         mm = ir.node(ops.MATMUL, [self.outliers, w_rows.outputs[0]])
         add = ir.node(ops.ADD, [int8_out, mm.outputs[0]])
-        return [rows, rows_f, w_rows, mm, add]
+        return [*nodes, w_rows, mm, add]

@@ -3,6 +3,7 @@ import onnx_ir as ir
 import pytest
 
 from graphc.errors import UnsupportedError
+from graphc.pass_base import PassContext
 from graphc.passes.quantize_int8 import QuantizeInt8
 from tests.passes.graphs import cosine, gemm, mlp, ops_of, run
 
@@ -13,7 +14,8 @@ def _feed(seed=0, k=32):
 
 def test_structure_ms_shares_input_quantization():
     model = mlp()
-    result = QuantizeInt8()(model)
+    # the u8s8 form (VNNI); each target's form is checked in tests/test_target.py
+    result = QuantizeInt8(context=PassContext(target="x86-avx512-vnni"))(model)
     assert result.modified
     ops = ops_of(model)
     # fc1 and fc3 share x: one DynamicQuantizeLinear for both, one for fc2's input.

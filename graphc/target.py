@@ -1,0 +1,282 @@
+"""The deployment target: which CPU the compressed model will run on, and what that means for int8.
+
+ONNX Runtime's integer GEMM (MLAS) multiplies uint8 activations by int8 weights differently on
+each instruction set:
+
+- AVX2 and AVX-512 without VNNI use ``vpmaddubsw``: two adjacent u8×s8 products are summed into
+  a *saturating* int16. With activations near 255 and weights near ±127 the pair sum reaches
+  2·255·127 = 64,770 and is clipped to 32,767: the result is wrong, silently (measured: 25% of
+  the output range on a 64-deep product).
+- VNNI (``vpdpbusd``, AVX-512 VNNI or AVX-VNNI) sums four products straight into int32: exact.
+- ARM64 widens to 16 then 32 bits (``umull``/``sdot``): exact.
+
+So the int8 *formulation* depends on the target. Each one below is exact on its target:
+
+- ``u8s8``: uint8 activations × int8 weights on [-127, 127] (the fast kernel where it is exact).
+- ``u8u8``: the same int8 codes stored as uint8 around a zero point of 128. MLAS's u8u8 kernel
+  widens both operands to int16 (``vpmaddwd``), so nothing saturates; the arithmetic, and so
+  every output, is identical to ``u8s8`` on a VNNI machine. Default on AVX2/AVX-512 (no VNNI).
+- ``u8s7``: 7-bit weights on [-63, 63] (ONNX Runtime's ``reduce_range``): 2·255·63 = 32,130 fits
+  in int16, so the fast u8s8 kernel is exact, at half the weight levels. ``--recipe auto``
+  tries it on saturating targets, where it may be faster than ``u8u8``.
+
+``auto`` reads the CPU's flags, then confirms with a 4×64 probe run through ONNX Runtime on this
+machine (a few milliseconds): a probe that saturates wins over flags that claim VNNI (emulators
+and hypervisors can hide or fake flags).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import platform
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphc.errors import UnsupportedError
+
+
+class Target(str, enum.Enum):
+    X86_AVX2 = "x86-avx2"
+    X86_AVX512 = "x86-avx512"  # AVX-512 BW without VNNI (Skylake-SP, Cascade Lake without VNNI)
+    X86_AVX512_VNNI = "x86-avx512-vnni"
+    X86_AVX_VNNI = "x86-avx-vnni"  # AVX-VNNI on 256-bit registers (Alder Lake and later, Zen 5)
+    ARM64 = "arm64"
+
+
+class Int8Form(str, enum.Enum):
+    U8S8 = "u8s8"
+    U8U8 = "u8u8"
+    U8S7 = "u8s7"
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    target: Target
+    saturates: bool  # ORT's u8×s8 kernel sums product pairs into a saturating int16
+    int8_form: Int8Form  # the default formulation: exact there, and the faster exact one known
+    arch: str  # "x86_64" or "arm64": the machine kind that can execute it
+
+    @property
+    def name(self) -> str:
+        return self.target.value
+
+
+TABLE: dict[Target, TargetInfo] = {
+    Target.X86_AVX2: TargetInfo(Target.X86_AVX2, True, Int8Form.U8U8, "x86_64"),
+    Target.X86_AVX512: TargetInfo(Target.X86_AVX512, True, Int8Form.U8U8, "x86_64"),
+    Target.X86_AVX512_VNNI: TargetInfo(Target.X86_AVX512_VNNI, False, Int8Form.U8S8, "x86_64"),
+    Target.X86_AVX_VNNI: TargetInfo(Target.X86_AVX_VNNI, False, Int8Form.U8S8, "x86_64"),
+    Target.ARM64: TargetInfo(Target.ARM64, False, Int8Form.U8S8, "arm64"),
+}
+
+# Forms that are exact on a target (the u8s8 kernel on a saturating target is not).
+def exact_forms(info: TargetInfo) -> tuple[Int8Form, ...]:
+    if info.saturates:
+        return (Int8Form.U8U8, Int8Form.U8S7)
+    return (Int8Form.U8S8, Int8Form.U8U8, Int8Form.U8S7)
+
+
+def supported() -> str:
+    return ", ".join(["auto", *(t.value for t in Target)])
+
+
+def _machine() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "aarch64": "arm64"}.get(m, m)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark output), or the machine architecture."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or _machine()
+
+
+def from_flags(flags: set[str], machine: str | None = None) -> Target:
+    machine = machine or _machine()
+    if machine == "arm64":
+        return Target.ARM64
+    if "avx512_vnni" in flags or "avx512vnni" in flags:
+        return Target.X86_AVX512_VNNI
+    if "avx_vnni" in flags:
+        return Target.X86_AVX_VNNI
+    if "avx512bw" in flags:
+        return Target.X86_AVX512
+    return Target.X86_AVX2
+
+
+@functools.lru_cache(maxsize=1)
+def u8s8_saturates_here() -> bool:
+    """Run one u8×s8 MatMulInteger through ONNX Runtime on this machine with operands that
+    saturate an int16 pair sum (255·127·2 > 32,767) and compare with the exact product."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 64, 16
+    a = np.full((4, k), 255, np.uint8)
+    b = np.full((k, n), 127, np.int8)
+    b[:, 1::2] = -127
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "probe",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [4, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [4, n])],
+        [numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"A": a})[0]
+    return not np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64))
+
+
+@functools.lru_cache(maxsize=1)
+def host() -> TargetInfo:
+    """The target of the machine graphc runs on (flags, confirmed by the ORT probe on x86)."""
+    target = from_flags(cpu_flags())
+    info = TABLE[target]
+    if info.arch == "x86_64" and not info.saturates and u8s8_saturates_here():
+        # flags claim VNNI, the kernel says otherwise (an emulator, a hypervisor masking CPUID)
+        target = Target.X86_AVX512 if target is Target.X86_AVX512_VNNI else Target.X86_AVX2
+    return TABLE[target]
+
+
+def resolve(name: str | Target | TargetInfo | None) -> TargetInfo:
+    """``auto``/None → this machine's target; a name → its entry; unknown → one-line error."""
+    if isinstance(name, TargetInfo):
+        return name
+    if name is None or name == "auto":
+        return host()
+    try:
+        return TABLE[Target(name)]
+    except ValueError:
+        raise UnsupportedError(f"unknown target {name!r}; supported: {supported()}") from None
+
+
+def runs_here(info: TargetInfo) -> bool:
+    """Whether this machine executes the target's kernels (same architecture and int8 behaviour),
+    so that validation and timings here say something about the target."""
+    here = host()
+    return here.arch == info.arch and here.saturates == info.saturates
+
+
+# --------------------------------------------------------------------------- emulation
+
+
+def emulate_gemm(a: np.ndarray, b: np.ndarray, a_zero: int, b_zero: int, target: TargetInfo | str) -> np.ndarray:
+    """The int32 result of ORT's integer GEMM ``(a - a_zero) @ (b - b_zero)`` as the target's
+    kernel computes it, in numpy (any machine). ``a`` uint8 [M, K]; ``b`` int8 or uint8 [K, N].
+
+    On a saturating target the u8×s8 kernel adds each adjacent product pair (k, k+1) of the raw
+    codes into an int16 with saturation (``vpmaddubsw``), then the pairs into int32; it removes
+    the zero-point terms exactly afterwards. Every other combination is exact."""
+    info = resolve(target) if not isinstance(target, TargetInfo) else target
+    a64 = a.astype(np.int64)
+    b64 = b.astype(np.int64)
+    if info.saturates and b.dtype == np.int8:
+        k = a64.shape[1]
+        if k % 2:
+            a64 = np.pad(a64, ((0, 0), (0, 1)))
+            b64 = np.pad(b64, ((0, 1), (0, 0)))
+        pairs = a64[:, 0::2, None] * b64[None, 0::2, :] + a64[:, 1::2, None] * b64[None, 1::2, :]
+        raw = np.clip(pairs, -32768, 32767).sum(axis=1)
+    else:
+        raw = a64 @ b64
+    # (a - za)(b - zb) = ab - za·colsum(b) - zb·rowsum(a) + K·za·zb, the terms MLAS adds exactly
+    k = a.shape[1]
+    out = raw - a_zero * b.astype(np.int64).sum(0)[None, :] - b_zero * a.astype(np.int64).sum(1)[:, None] + k * a_zero * b_zero
+    return out.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+_INT_GEMMS = {"MatMulIntegerToFloat": (1, 5), "MatMulInteger": (1, 3), "DynamicQuantizeMatMul": (1, 4),
+              "QAttention": (1, 7), "DequantizeLinear": (0, 2)}  # op → (weight input, weight zero-point input)
+# (a constant int8 DequantizeLinear feeding a MatMul becomes ORT's integer GEMM at load)
+
+
+def _initializer(graph, name: str, array: np.ndarray):
+    import onnx_ir as ir
+
+    while name in graph.initializers:
+        name += "_"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def saturating_gemms(model) -> list[str]:
+    """Names of the integer GEMMs whose int8 weights use more than 7 bits (|code| > 63): the
+    ones a saturating u8×s8 kernel can get wrong."""
+    from graphc.passes._quant import const_array
+
+    found = []
+    for node in model.graph.all_nodes():
+        slots = _INT_GEMMS.get(node.op_type)
+        if slots is None or len(node.inputs) <= slots[0]:
+            continue
+        w = const_array(node.inputs[slots[0]])
+        if w is not None and w.dtype == np.int8 and np.abs(w.astype(np.int16)).max(initial=0) > 63:
+            found.append(node.name or node.op_type)
+    return found
+
+
+def exact_on_host(model) -> bool:
+    """Rewrite, in place, every integer GEMM with int8 weights wider than 7 bits into the u8u8
+    form (codes + 128, zero point + 128): the same arithmetic, which the u8u8 kernel computes
+    exactly on any CPU. Validation uses it on a machine whose u8×s8 kernel saturates for a model
+    compiled for a target whose kernel does not (e.g. VNNI), so that it measures the target's
+    numbers, not this machine's. Returns whether anything changed."""
+    from graphc.passes._quant import const_array
+
+    changed = False
+    for node in list(model.graph.all_nodes()):
+        slots = _INT_GEMMS.get(node.op_type)
+        if slots is None or len(node.inputs) <= slots[0]:
+            continue
+        w = const_array(node.inputs[slots[0]])
+        if w is None or w.dtype != np.int8:
+            continue
+        if node.op_type == "DequantizeLinear" and not any(u.node.op_type in ("MatMul", "Gemm") for u in node.outputs[0].uses()):
+            continue  # a table or other constant, not a GEMM weight
+        zp_value = node.inputs[slots[1]] if len(node.inputs) > slots[1] else None
+        if zp_value is not None:
+            zp = const_array(zp_value)
+        elif node.op_type == "DequantizeLinear":  # a per-axis scale wants a zero point of its shape
+            scale = const_array(node.inputs[1])
+            zp = np.zeros(scale.shape if scale is not None else (), np.int8)
+        else:
+            zp = np.zeros((), np.int8)
+        if zp is None:
+            continue
+        if len(node.inputs) <= slots[1]:
+            node.resize_inputs(slots[1] + 1)
+        base = node.inputs[slots[0]].name or "w"
+        node.replace_input_with(slots[0], _initializer(model.graph, f"{base}_u8", (w.astype(np.int16) + 128).astype(np.uint8)))
+        node.replace_input_with(slots[1], _initializer(model.graph, f"{base}_u8_zp", (zp.astype(np.int16) + 128).astype(np.uint8)))
+        changed = True
+    return changed
