@@ -7,7 +7,7 @@ STAMP := $(VENV)/.graphc-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-avx2 bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# The int8 tests again on an emulated AVX2-only CPU (qemu-user; ORT's AVX2 kernels): ~5 min.
+test-avx2: install
+	qemu-x86_64 -cpu EPYC-Rome $(PY) -m pytest -q -p no:cacheprovider tests/test_target.py tests/test_auto.py \
+		tests/passes/test_quantize_int8.py tests/passes/test_quantize_attention.py \
+		tests/passes/test_quantize_activations.py tests/test_cli.py 2>&1 | grep -v "TCG doesn't support"
 
 bench: install
 	$(PY) bench/bench_int8.py
