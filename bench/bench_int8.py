@@ -128,11 +128,11 @@ def build_ort_int8(work: Path, *, fresh: bool) -> Path:
     out = work / "minilm-ort-int8.onnx"
     stamp = work / "minilm-ort-int8.key"
     key = _fingerprint(ORT_PIPELINE, str(model_folder()))
-    if not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
+    legacy = work / "minilm-legacy-fp32.onnx"
+    optimized = work / "minilm-ort-opt-fp32.onnx"  # kept: ORT's optimizer fp32 is a reference too
+    if not fresh and out.is_file() and optimized.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         return out
     stamp.unlink(missing_ok=True)
-    legacy = work / "minilm-legacy-fp32.onnx"
-    optimized = work / "minilm-ort-opt-fp32.onnx"
 
     class Encoder(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
@@ -159,7 +159,6 @@ def build_ort_int8(work: Path, *, fresh: bool) -> Path:
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     (work / "minilm-ort-fusions.json").write_text(json.dumps(fused, indent=1))
     legacy.unlink(missing_ok=True)
-    optimized.unlink(missing_ok=True)
     stamp.write_text(key + "\n")
     return out
 
