@@ -156,6 +156,9 @@ def main() -> int:
             "bytes_per_token": per_token, "bandwidth_bound_tokens_per_s": round(bandwidth / per_token, 1),
             "same_tokens_as_fp32": sum(a == b for a, b in zip(tokens[name], tokens["fp32"])),
         })
+    from graphc.target import cpu_line
+
+    print(cpu_line())
     print(f"memory bandwidth (numpy copy): {bandwidth / 1e9:.1f} GB/s; context {args.context}, "
           f"{args.tokens} tokens, {args.threads} threads, batch 1")
     print(f"{'model':24s} {'bytes':>10s} {'tok/s':>7s} {'bytes/token':>12s} {'bound tok/s':>11s} {'same tokens':>11s}")

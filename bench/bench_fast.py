@@ -300,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args)
     if "models" in res:
         res["targets"] = targets(res)
+    from graphc.target import cpu_line, cpu_summary
+
+    res["cpu"] = cpu_summary()
+    print(cpu_line())
     print(markdown(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")

@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
            "reps": (QUICK if args.quick else FULL)["reps"],
            "models": [run_model(m, args, rep) for m in args.models.split(",")]}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
+    from graphc.target import cpu_line, cpu_summary
+
+    res["cpu"] = cpu_summary()
+    print(cpu_line())
     print(markdown(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -307,13 +307,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The CPU's model name, graphc's target for it and the flags that matter for int8."""
+    from graphc.target import cpu_line
+
+    return cpu_line().removeprefix("CPU: ")
 
 
 # --------------------------------------------------------------------------- report

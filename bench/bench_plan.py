@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-built", action="store_true", help="reuse plan models built by an earlier run")
     args = parser.parse_args(argv)
     res = run(args)
+    from graphc.target import cpu_line, cpu_summary
+
+    res["cpu"] = cpu_summary()
+    print(cpu_line())
     print(markdown(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")

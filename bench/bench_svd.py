@@ -393,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         _MOMENTS_CACHE.clear()
         _SVD_CACHE.clear()
         results.append(smollm2(args))
+    from graphc.target import cpu_line, cpu_summary
+
+    results["cpu"] = cpu_summary()
+    print(cpu_line())
     print(markdown(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -281,3 +281,15 @@ def exact_on_host(model) -> bool:
         node.replace_input_with(slots[1], _initializer(model.graph, f"{base}_u8_zp", (zp.astype(np.int16) + 128).astype(np.uint8)))
         changed = True
     return changed
+
+
+def cpu_summary() -> dict:
+    """The running CPU for benchmark output: model name, graphc target, flags that matter."""
+    flags = cpu_flags()
+    shown = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+    return {"name": cpu_name(), "target": host().name, "flags": [f for f in shown if f in flags]}
+
+
+def cpu_line() -> str:
+    c = cpu_summary()
+    return f"CPU: {c['name']} (graphc target {c['target']}; flags: {', '.join(c['flags']) or 'none of note'})"
