@@ -150,6 +150,7 @@ def compress(
     report: str | os.PathLike | None = None,
     target: str | None = None,
     shape_hint: str | Sequence[int] | None = None,
+    genai: bool = False,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -168,6 +169,8 @@ def compress(
     if isinstance(recipe, str) and recipe == "auto":
         from graphc.auto import run_auto
 
+        if genai:
+            raise GraphcError("recipe auto does not write genai folders yet: pick a recipe (e.g. int4) with --genai")
         if not validate:
             raise GraphcError("recipe auto chooses among validated candidates: it cannot run with validation off")
         return run_auto(model, output, target=target_info, shape_hint=shape_hint, feeds=feeds, force=force,
@@ -178,7 +181,13 @@ def compress(
         get_pass(d)  # unknown names raise; known-but-absent are ignored with a notice
     ir_model, src = to_ir(model)
     forbid = tuple(io.model_files(src)) if src is not None else ()
-    if output is not None:
+    if genai:
+        from graphc.exporters.genai import check_decoder, output_folder
+
+        check_decoder(ir_model, src or "model")
+        if output is not None:
+            output_folder(output)  # fail fast, before any work
+    elif output is not None:
         io.check_output_path(output, forbid=forbid)  # fail fast, before any work
     # A working copy; the caller's model (and its lazily read external data) stays untouched.
     work = ir.serde.deserialize_model(ir.serde.serialize_model(ir_model))
@@ -230,7 +239,14 @@ def compress(
             "nothing written (use --force to write anyway)",
             path=output,
         )
-    if output is not None:
+    if output is not None and genai:
+        from graphc.exporters.genai import tokenizer_source, write_folder
+
+        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, None))
+        result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
+        if src is not None:
+            result.bytes_before = io.file_bytes(src)
+    elif output is not None:
         result.written = io.save_model(work, output, forbid=forbid)
         result.bytes_after = sum(p.stat().st_size for p in result.written)
         if src is not None:
@@ -370,11 +386,19 @@ def export(source: Any, output: str | os.PathLike, **kwargs: Any):
     """Export a models/ recipe name, an HF folder, or (via graphc.exporters) a torch module.
     ``kv_cache=True``: a causal LM with past/present key-value inputs and outputs
     (graphc.exporters.decoder), for generation with graphc.generate."""
+    genai = kwargs.pop("genai", False)
+    kv_cache = kwargs.pop("kv_cache", False)
+    if genai and not kv_cache:
+        raise GraphcError("--genai writes an onnxruntime-genai folder for a causal LM with its KV cache: add --kv-cache")
     try:
-        if kwargs.pop("kv_cache", False):
+        if kv_cache:
             from graphc.exporters.decoder import export_decoder as _export
         else:
             from graphc.exporters import export as _export
     except ImportError as e:
         raise MissingDependencyError(f"export needs the export extra (pip install graphc[export]): {e}") from None
+    if genai:
+        from graphc.exporters.genai import export_folder
+
+        return export_folder(source, output, _export, **kwargs)
     return _export(source, output, **kwargs)

@@ -91,6 +91,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             validate=not args.no_validate,
             target=args.target,
             shape_hint=args.shape_hint,
+            genai=args.genai,
         )
     data = result.to_dict()
     target = json.loads(result.model.metadata_props.get("graphc.target", "{}"))
@@ -289,7 +290,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from graphc.api import export
 
     with _status(args, f"graphc: exporting {args.source}"):
-        result = export(args.source, args.output, kv_cache=args.kv_cache)
+        result = export(args.source, args.output, kv_cache=args.kv_cache, genai=args.genai)
     data = result.to_dict() if hasattr(result, "to_dict") else {"output": args.output}
     lines = [f"exported {args.source} → {args.output}"]
     for key in ("exporter", "seconds", "bytes"):
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--kv-cache", action="store_true",
                     help="causal LMs: past_key_values.* inputs and present.* outputs, for prefill and decode")
+    sp.add_argument("--genai", action="store_true",
+                    help="with --kv-cache: -o is a folder onnxruntime-genai loads (model.onnx, genai_config.json, "
+                         "tokenizer files); checked with og.Model when onnxruntime-genai is installed")
     sp.set_defaults(func=cmd_export)
 
     sp = add("compress", "run a recipe, validate against the original, write the result")
@@ -345,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", default="auto", metavar="CPU",
                     help="CPU the result will run on: auto (this machine), x86-avx2, x86-avx512, x86-avx512-vnni, "
                          "x86-avx-vnni, arm64; picks int8 formulations that are exact there (AVX2's u8×s8 kernel saturates)")
+    sp.add_argument("--genai", action="store_true",
+                    help="KV-cache decoders: -o is an onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer)")
     sp.add_argument("--shape-hint", default=None, metavar="BxS",
                     help="recipe auto: batch x sequence to time the candidates at (default 8x128)")
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")

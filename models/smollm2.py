@@ -42,7 +42,8 @@ def cache_dir() -> Path:
 
 
 def _source_stamp(gguf: Path) -> dict[str, Any]:
-    return {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+    # v2: config.json without the GGUF's quantization_config (the weights are plain fp32)
+    return {"gguf": gguf.name, "bytes": gguf.stat().st_size, "layout": 2}
 
 
 def converted_folder() -> Path:
@@ -83,6 +84,12 @@ def _convert(gguf: Path, folder: Path) -> None:
             model.save_pretrained(str(tmp))
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             tokenizer.save_pretrained(str(tmp))
+        # The config inherits the GGUF's quantization_config, though the weights saved are plain
+        # fp32: tools that honour it (onnxruntime-genai's model builder refuses such a folder)
+        # would misread the folder.
+        config = json.loads((tmp / "config.json").read_text())
+        if config.pop("quantization_config", None) is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / _STAMP).write_text(json.dumps(_source_stamp(gguf)))
         if folder.exists():
             shutil.rmtree(folder)
@@ -159,6 +166,10 @@ class SmolLM2Recipe(ModelRecipe):
 
     def tokenizer(self) -> Any:
         return _tokenizer(str(converted_folder()))
+
+    def hf_folder(self) -> Path:
+        """The Hugging Face folder (config, weights, tokenizer files) the model comes from."""
+        return converted_folder()
 
     def example_inputs(self, batch: int = 2, seq: int = 16) -> dict[str, Any]:
         from graphc.exporters.hf import text_example_inputs
