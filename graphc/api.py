@@ -202,6 +202,8 @@ def compress(
         if feeds is None:
             feeds, input_source = validation_feeds(ir_model)
         reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
+    from graphc.target_checks import target_notices, validation_model
+
     context = PassContext(progress=progress, target=target_info)
     notices += target_notices(target_info, validate)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
@@ -252,36 +254,6 @@ def compress(
         if src is not None:
             result.bytes_before = io.file_bytes(src)
     return result
-
-
-def target_notices(info, validating: bool) -> list[str]:
-    """One line when the target is not the machine graphc runs on: what was not measured there."""
-    from graphc.target import cpu_name, host, runs_here
-
-    if runs_here(info):
-        return []
-    here = host()
-    what = "validation ran on this machine's kernels" if validating else "nothing was run"
-    if here.arch != info.arch:
-        what = ("validation ran here on ONNX Runtime's x86 kernels, not on the target" if validating
-                else "nothing was run")
-    return [f"target {info.name} is not this machine ({here.name}, {cpu_name()}): {what}; "
-            "timings and latency-based choices do not apply to the target"]
-
-
-def validation_model(model: ir.Model, notices: list[str]) -> ir.Model:
-    """The model validation runs: itself, or, on a machine whose u8×s8 kernel saturates, a copy
-    whose int8 GEMM weights are in the u8u8 form (the same arithmetic, exact here), so that a
-    model compiled for a VNNI/ARM target is judged on the target's numbers (graphc.target)."""
-    from graphc.target import exact_on_host, host, saturating_gemms
-
-    if not host().saturates or not saturating_gemms(model):
-        return model
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    exact_on_host(copy)
-    notices.append("this machine's u8×s8 kernel saturates: validated the int8 GEMMs in their exact u8u8 form "
-                   "(the target's arithmetic)")
-    return copy
 
 
 def _write_report(result: CompressResult, original: ir.Model, src, output, feeds, path) -> Path:
@@ -355,31 +327,10 @@ def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict]
     if feeds is None:
         feeds, source = validation_feeds(orig)
     report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    from graphc.target_checks import target_check_notices
+
     report.notices.extend(target_check_notices(rew))
     return report
-
-
-def target_check_notices(model: ir.Model) -> list[str]:
-    """What validating ``model`` on this machine says about the CPU it was compiled for."""
-    import json
-
-    from graphc.target import cpu_name, host, resolve, runs_here, saturating_gemms
-
-    notices = []
-    raw = model.metadata_props.get("graphc.target")
-    if raw:
-        try:
-            info = resolve(json.loads(raw).get("target"))
-        except (ValueError, GraphcError, AttributeError):
-            info = None
-        if info is not None and not runs_here(info):
-            notices.append(f"compiled for {info.name}; this machine is {host().name} ({cpu_name()}): "
-                           "these figures were not measured on the target")
-    wide = saturating_gemms(model) if host().saturates else []
-    if wide:
-        notices.append(f"this machine's u8×s8 kernel saturates, and {len(wide)} int8 GEMM(s) use 8-bit weights "
-                       f"(e.g. {wide[0]}): their results here can be off; recompile with --target auto")
-    return notices
 
 
 def export(source: Any, output: str | os.PathLike, **kwargs: Any):
