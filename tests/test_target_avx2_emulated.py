@@ -26,7 +26,6 @@ SCRIPT = textwrap.dedent(
     from tests.test_target import saturation_prone, saturation_feed
     from tests.passes.graphs import cosine, run
     from graphc import target as tg
-from graphc import target_checks as tc
     from graphc.api import compress
 
     out = {"host": tg.host().name, "probe_saturates": tg.u8s8_saturates_here()}
