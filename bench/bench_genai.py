@@ -1,0 +1,205 @@
+"""SmolLM2-135M as onnxruntime-genai folders: graphc vs onnxruntime-genai's model builder.
+
+    python bench/bench_genai.py [--recipe recipes/smollm2-int4.toml] [--windows 8] [--new-tokens 128]
+                                [--prompt 512] [--reps 3] [--builder-variants default,k_quant_mixed] [--json OUT]
+
+In one process, on this machine's CPU (named in the output):
+
+- the builder: ``python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p int4 -e cpu`` on the
+  converted SmolLM2 folder (and ``--extra_options algo_config=...`` variants), timed;
+- graphc: ``graphc export smollm2 --kv-cache --genai`` (fp32 folder), then ``graphc compress
+  --genai --recipe RECIPE`` on its model, timed;
+- per folder: bytes of the ONNX files; perplexity on held-out Wikipedia windows (the eval split,
+  which calibration never reads) from one prefill call per window through ONNX Runtime; decode
+  tokens/s and prefill time through ``og.Generator`` (batch 1, a ``--prompt``-token prompt,
+  ``--new-tokens`` greedy tokens), folders interleaved ``--reps`` times, median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8 helpers (a script, not a package)
+
+import bench_int8 as b8  # noqa: E402
+
+WORK = b8.WORK / "genai"
+
+
+def onnx_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
+
+
+def build_builder(hf: Path, variant: str, fresh: bool) -> tuple[Path, float]:
+    out = WORK / f"builder-int4-{variant}"
+    if out.is_dir() and (out / "genai_config.json").is_file() and not fresh:
+        return out, float("nan")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "int4",
+           "-e", "cpu", "-c", str(WORK / "builder-cache")]
+    if variant != "default":
+        cmd += ["--extra_options", f"algo_config={variant}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"builder {variant} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return out, time.perf_counter() - t0
+
+
+def build_graphc(recipe: str, fresh: bool) -> tuple[Path, Path, float]:
+    import graphc
+
+    fp32 = WORK / "graphc-fp32"
+    if fresh or not (fp32 / "genai_config.json").is_file():
+        import shutil
+
+        shutil.rmtree(fp32, ignore_errors=True)
+        with b8.quiet():
+            graphc.export("smollm2", fp32, kv_cache=True, genai=True)
+    out = WORK / f"graphc-{Path(recipe).stem}"
+    seconds = float("nan")
+    if fresh or not (out / "genai_config.json").is_file():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        with b8.quiet():
+            graphc.compress(fp32 / "model.onnx", out, recipe=recipe, genai=True, attribution=False)
+        seconds = time.perf_counter() - t0
+    return fp32, out, seconds
+
+
+def prefill_feed(session, ids) -> dict:
+    import numpy as np
+
+    feed = {}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            feed[i.name] = ids
+        elif i.name == "attention_mask":
+            feed[i.name] = np.ones_like(ids)
+        elif i.name == "position_ids":
+            feed[i.name] = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+        elif i.name.startswith("past_key_values."):
+            dims = [1 if k == 0 else (0 if not isinstance(d, int) else d) for k, d in enumerate(i.shape)]
+            dtype = np.float16 if "float16" in i.type else np.float32
+            feed[i.name] = np.zeros(dims, dtype)
+    return feed
+
+
+def perplexity(folder: Path, windows: list, threads: int) -> float:
+    import numpy as np
+
+    from graphc import measure
+    from graphc.models.smollm2 import token_nll
+
+    sess = measure.session(folder / "model.onnx", threads=threads)
+    nll, count = 0.0, 0
+    for w in windows:
+        logits = sess.run(["logits"], prefill_feed(sess, w["input_ids"]))[0]
+        total, n = token_nll(np.asarray(logits, np.float32), w["input_ids"])
+        nll += total
+        count += n
+    return float(np.exp(nll / count))
+
+
+def decode_speed(folder: Path, prompt: list[int], new_tokens: int) -> dict[str, float]:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    gen.generate_next_token()
+    t1 = time.perf_counter()
+    steps = 0
+    while not gen.is_done() and steps < new_tokens - 1:
+        gen.generate_next_token()
+        steps += 1
+    t2 = time.perf_counter()
+    return {"prefill_ms": (t1 - t0) * 1e3, "decode_tok_s": steps / (t2 - t1) if steps else 0.0}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from graphc.models import get_model_recipe
+    from graphc.models.smollm2 import converted_folder
+    from graphc.target import cpu_summary
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"cpu": cpu_summary(), "config": vars(args).copy()}
+    hf = converted_folder()
+    folders: dict[str, Path] = {}
+    seconds: dict[str, float] = {}
+    for variant in args.builder_variants.split(","):
+        folders[f"builder int4 {variant}"], seconds[f"builder int4 {variant}"] = build_builder(hf, variant, args.fresh)
+    fp32, ours, secs = build_graphc(args.recipe, args.fresh)
+    folders["graphc fp32"] = fp32
+    folders[f"graphc {Path(args.recipe).stem}"] = ours
+    seconds[f"graphc {Path(args.recipe).stem}"] = secs
+    recipe = get_model_recipe("smollm2")
+    windows = recipe.perplexity_feeds(args.windows, seq=512, split="eval")
+    prompt = [int(t) for t in windows[0]["input_ids"][0][: args.prompt]]
+    rows = {}
+    for name, folder in folders.items():
+        rows[name] = {"bytes": onnx_bytes(folder), "compress_s": seconds.get(name),
+                      "perplexity": perplexity(folder, windows, args.threads)}
+    speed: dict[str, list[dict[str, float]]] = {n: [] for n in folders}
+    for _ in range(args.reps):
+        for name, folder in folders.items():
+            speed[name].append(decode_speed(folder, prompt, args.new_tokens))
+    fp32_ppl = rows["graphc fp32"]["perplexity"]
+    for name in folders:
+        rows[name]["prefill_ms"] = statistics.median(s["prefill_ms"] for s in speed[name])
+        rows[name]["decode_tok_s"] = statistics.median(s["decode_tok_s"] for s in speed[name])
+        rows[name]["ppl_rise"] = rows[name]["perplexity"] / fp32_ppl - 1
+    res["rows"] = rows
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    c = res["cpu"]
+    cfg = res["config"]
+    lines = [f"CPU: {c['name']} (graphc target {c['target']}). SmolLM2-135M, {cfg['windows']} eval windows of 512 tokens, "
+             f"prompt {cfg['prompt']}, {cfg['new_tokens']} new tokens, {cfg['reps']} interleaved reps (median).", "",
+             "| folder | ONNX bytes | perplexity | rise vs fp32 | prefill (ms) | decode tok/s | build (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in res["rows"].items():
+        build = f"{r['compress_s']:.0f}" if r.get("compress_s") == r.get("compress_s") and r.get("compress_s") else "-"
+        lines.append(f"| {name} | {r['bytes']:,} | {r['perplexity']:.3f} | {r['ppl_rise']:+.2%} | {r['prefill_ms']:.0f} "
+                     f"| {r['decode_tok_s']:.1f} | {build} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(b8.ROOT / "recipes" / "smollm2-int4.toml"))
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--builder-variants", default="default,k_quant_mixed")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--json", metavar="OUT")
+    args = parser.parse_args(argv)
+    res = run(args)
+    print(markdown(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    sys.exit(main())
