@@ -63,6 +63,10 @@ def make_session(
 
     try:
         if isinstance(model, (ir.Model, onnx.ModelProto)):
+            from graphc import ort_large
+
+            if isinstance(model, ir.Model) and ort_large.needs_external(model):  # > protobuf's 2 GB
+                return ort_large.session(model, session_options(threads), ["CPUExecutionProvider"])
             if isinstance(model, ir.Model):
                 with inline_external_data(model):
                     proto = ir.serde.serialize_model(model)
