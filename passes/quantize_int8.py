@@ -46,7 +46,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, int8_weight
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, int8_weight, nonfinite_reason
 from graphc.target import Int8Form, exact_forms
 
 
@@ -214,6 +214,15 @@ class QuantizeInt8(GraphcPass):
         for x in eligible:
             amax = absmax[x.name]
             median = float(np.median(amax))
+            if not np.all(np.isfinite(amax)):
+                stats.notes.append(f"outliers: input {x.name!r} not smoothed: its calibrated range is not finite")
+                continue
+            if median <= 0.0:
+                # most channels were zero on the calibration data (one-hot inputs, ids out of
+                # range): no ratio to the median means anything, and dividing by it would not
+                stats.notes.append(f"outliers: input {x.name!r} not smoothed: median channel range is 0 on "
+                                   f"{self.context.calibration_source}")
+                continue
             top = np.argsort(-amax, kind="stable")[: self.options.outlier_channels]
             top = np.sort(top[amax[top] > self.options.outlier_ratio * max(median, 1e-12)])
             if not len(top):
@@ -249,6 +258,9 @@ class QuantizeInt8(GraphcPass):
             return None
         if w.size < self.options.min_elements:
             stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
+            return None
+        if (reason := nonfinite_reason(w)) is not None:
+            stats.skip(label, reason)
             return None
         in_dtype = node.inputs[0].dtype
         if in_dtype is not None and in_dtype != ir.DataType.FLOAT:
