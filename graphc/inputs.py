@@ -33,7 +33,7 @@ def parse_input_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]
     for item in items or ():
         name, sep, dims = item.rpartition("=")
         try:
-            parsed = tuple(int(d) for d in re.split(r"[,x]", dims.strip()) if d.strip() != "")
+            parsed = tuple(int(d) for d in re.split(r"[,x]", dims.strip()))
         except ValueError:
             parsed = ()
         if not sep or not name or not parsed or any(d <= 0 for d in parsed):

@@ -113,8 +113,8 @@ def _custom_op_text(ort_message: str, what: str) -> str | None:
         return None
     domain, op = found.groups()
     hint = " (pip install onnxruntime-extensions)" if domain == "ai.onnx.contrib" else ""
-    return (f"ONNX Runtime cannot run the {what}: op {op!r} of custom domain {domain!r} has no kernel here"
-            f"{hint}; validate where it runs, or pass --no-validate")
+    after = "" if "calibration" in what else "; validate where it runs, or pass --no-validate"
+    return f"ONNX Runtime cannot run the {what}: op {op!r} of custom domain {domain!r} has no kernel here{hint}{after}"
 
 
 def _with_ir_version(proto: onnx.ModelProto, version: int) -> onnx.ModelProto:
@@ -400,7 +400,7 @@ def output_metrics(
         flat_g.append(g.ravel())
         rows_r = r.reshape(-1, r.shape[-1]) if r.ndim >= 2 else r.reshape(1, -1)
         rows_g = g.reshape(-1, g.shape[-1]) if g.ndim >= 2 else g.reshape(1, -1)
-        row_cos.extend(_cos(a, b) for a, b in zip(rows_r, rows_g))
+        row_cos.extend(_cos(a, b) for a, b in _signal_rows(rows_r, rows_g))
     cos = _cos(np.concatenate(flat_r), np.concatenate(flat_g)) if flat_r else 1.0
     return OutputMetrics(
         name,
@@ -410,6 +410,23 @@ def output_metrics(
         cosine=cos,
         min_row_cosine=min(row_cos) if row_cos else cos,
     )
+
+
+NEGLIGIBLE_ROW = 1e-4  # of the output's largest reference row norm (see _signal_rows)
+
+
+def _signal_rows(rows_r: np.ndarray, rows_g: np.ndarray):
+    """Row pairs whose cosine means something. A row whose reference and error norms are
+    both below NEGLIGIBLE_ROW of the largest reference row (a probability map's background,
+    where a sigmoid underflows to exactly 0 on one side and to 1e-9 on the other) has a
+    direction made of rounding: its cosine (0 or anything) says nothing of the result."""
+    norm_r = np.linalg.norm(rows_r, axis=1)
+    norm_d = np.linalg.norm(rows_r - rows_g, axis=1)
+    floor = NEGLIGIBLE_ROW * float(norm_r.max(initial=0.0))
+    keep = ~((norm_r <= floor) & (norm_d <= floor))
+    if not keep.any():
+        keep[:] = True
+    return zip(rows_r[keep], rows_g[keep])
 
 
 def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], what: str) -> list[list[np.ndarray]]:
