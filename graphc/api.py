@@ -42,6 +42,7 @@ class CompressResult:
     attribution: Any = None  # graphc.attribution.Attribution, when validation ran
     report_path: Path | None = None
     auto: dict[str, Any] | None = None  # --recipe auto: the candidates and why the winner won
+    left_float: list[dict[str, Any]] = field(default_factory=list)  # graphc.leftover: float weights by op, why
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class CompressResult:
             "written": [str(p) for p in self.written],
             "report": str(self.report_path) if self.report_path else None,
             "notices": self.notices,
+            "left_float": self.left_float,
             **({"auto": self.auto} if self.auto is not None else {}),
         }
 
@@ -253,6 +255,9 @@ def compress(
         if checked.nonfinite_outputs:
             checked.first_nonfinite = _first_nonfinite(work, feeds, ir_model)
     result = CompressResult(work, recipe_obj, records, checked, before.bytes, after.bytes, before.params, after.params, notices=notices)
+    from graphc.leftover import left_in_float
+
+    result.left_float = [e.to_dict() for e in left_in_float(work, records)]
     if checked is not None and attribution:
         from graphc.attribution import attribute
 
@@ -274,6 +279,10 @@ def compress(
         result.bytes_after = sum(p.stat().st_size for p in result.written)
         if src is not None:
             result.bytes_before = io.file_bytes(src)
+    if result.bytes_after >= result.bytes_before:
+        result.notices.append(f"the result is not smaller than the original ({result.bytes_before:,} → "
+                              f"{result.bytes_after:,} bytes): recipe {recipe_obj.name!r} shrank nothing here"
+                              + (" (see: left in float)" if result.left_float else ""))
     return result
 
 

@@ -114,6 +114,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             lines.append(_plan_text(r.stats["plan"]))
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 0
     lines.append(f"size: {_fmt_bytes(result.bytes_before)} → {_fmt_bytes(result.bytes_after)} ({ratio:.1%})")
+    if result.left_float:
+        from graphc.leftover import Leftover, summary_lines
+
+        lines.append("left in float:")
+        lines += summary_lines([Leftover(**e) for e in result.left_float], _fmt_bytes)
     v = result.validation
     if v is not None:
         lines.append(
