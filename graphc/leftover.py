@@ -19,8 +19,8 @@ _THROUGH = ("Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Identity", 
 
 # Why an op's weights stay float when no pass recorded a reason of its own.
 _GENERIC = {
-    "Conv": "no int8 Conv pass in this recipe",
-    "ConvTranspose": "ConvTranspose is not quantized (no pass handles it)",
+    "Conv": "no pass of this recipe quantizes Conv",
+    "ConvTranspose": "no pass of this recipe quantizes ConvTranspose",
     "GRU": "recurrent weights stay float: ONNX Runtime has no int8 GRU kernel",
     "LSTM": "recurrent weights stay float (no pass handles LSTM)",
     "RNN": "recurrent weights stay float: ONNX Runtime has no int8 RNN kernel",
