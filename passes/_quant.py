@@ -55,6 +55,19 @@ def nonfinite_reason(w: np.ndarray) -> str | None:
     return None
 
 
+def subgraphs(graph: ir.Graph):
+    """The bodies of If/Loop/Scan nodes in ``graph``, nested ones included."""
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield attr.value
+                yield from subgraphs(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for g in attr.value:
+                    yield g
+                    yield from subgraphs(g)
+
+
 def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer with a unique name and return its value."""
     base = name

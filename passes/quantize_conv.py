@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, nonfinite_reason
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, nonfinite_reason, subgraphs
 from graphc.target import Int8Form, exact_forms
 from graphc.errors import UnsupportedError
 
@@ -38,18 +38,6 @@ class ConvInt8Options:
     form: str = "auto"  # u8s8 | u8u8 | u8s7 | auto (the target's form)
 
 
-def _subgraphs(graph: ir.Graph):
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield attr.value
-                yield from _subgraphs(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for g in attr.value:
-                    yield g
-                    yield from _subgraphs(g)
-
-
 @register
 class QuantizeConv(GraphcPass):
     name = "quantize-conv"
@@ -59,7 +47,7 @@ class QuantizeConv(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         form = self._form(stats)
         changed = False
-        for graph in [model.graph, *_subgraphs(model.graph)]:
+        for graph in [model.graph, *subgraphs(model.graph)]:
             done: dict[int, ir.Value] = {}
             for node in list(graph):
                 w = self._weight(node, stats)

@@ -201,3 +201,35 @@ def test_validation_error_for_unrunnable_custom_op_is_typed(tmp_path):
     path = tp.save(tp.custom_domain(), tmp_path / "c.onnx")
     with pytest.raises(ValidationError, match="no kernel here"):
         validate(path, path)
+
+
+# ----------------------------------------------------------------- subgraphs, recurrent layers, never silent
+
+
+def test_weights_inside_if_branches_are_quantized():
+    from graphc.validate import make_session
+
+    model = ir.serde.deserialize_model(tp.if_with_weights())
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    ref = [make_session(model).run(None, {"x": x, "sr": np.array(sr)})[0] for sr in (16000, 8000)]
+    result = QuantizeInt8().call(model)
+    assert result.stats.counts["subgraph_gemms_quantized"] == 2
+    for sr, r in zip((16000, 8000), ref):
+        got = make_session(model).run(None, {"x": x, "sr": np.array(sr)})[0]
+        assert np.abs(got - r).max() < 0.02 * np.abs(r).max()
+
+
+def test_gru_is_left_in_float_with_the_reason(tmp_path, capsys):
+    path = tp.save(tp.gru(), tmp_path / "gru.onnx")
+    assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--json"]) == 0
+    left = {e["op"]: e for e in _json(capsys)["left_float"]}
+    assert left["GRU"]["tensors"] == 2 and "no int8 GRU kernel" in left["GRU"]["reasons"][0]
+    assert main(["compress", path, "-o", str(tmp_path / "o2.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "left in float:" in text and "GRU" in text
+
+
+def test_a_run_that_shrank_nothing_says_so(tmp_path, capsys):
+    path = tp.save(tp.gru(), tmp_path / "gru.onnx")
+    assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--recipe", "cleanup"]) == 0
+    assert "shrank nothing" in capsys.readouterr().out

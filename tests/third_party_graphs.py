@@ -134,7 +134,7 @@ def if_with_weights(seed: int = 0, k: int = 16, n: int = 24) -> onnx.ModelProto:
     )
 
 
-def gru(seed: int = 0, hidden: int = 16, width: int = 8) -> onnx.ModelProto:
+def gru(seed: int = 0, hidden: int = 32, width: int = 16) -> onnx.ModelProto:
     """x[seq, batch, width] → GRU (weights as initializers) → Y_h → Gemm head."""
     rng = np.random.default_rng(seed)
     inits = {
