@@ -192,7 +192,9 @@ def rec_metric(path):
     def metric(ref, got):
         a = [t for r in ref for t in ctc_decode(r[0], chars)]
         b = [t for g in got for t in ctc_decode(g[0], chars)]
-        return {"text unchanged": f"{sum(x == y for x, y in zip(a, b))}/{len(a)}", "sample": b[0]}
+        return {"text unchanged": f"{sum(x == y for x, y in zip(a, b))}/{len(a)}",
+                "ignoring edge spaces": f"{sum(x.strip() == y.strip() for x, y in zip(a, b))}/{len(a)}",
+                "changed": [f"{x!r} -> {y!r}" for x, y in zip(a, b) if x != y][:3]}
     return metric
 
 
