@@ -287,9 +287,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     other = {k: v for k, v in info.metadata.items() if k not in info.provenance}
     if other:
         lines.append("metadata:")
-        lines += [f"  {k} = {v[:100]}" for k, v in other.items()]
+        lines += [f"  {k} = {_short(v)}" for k, v in other.items()]
     _emit(args, {"model": args.model, **info.to_dict()}, "\n".join(lines))
     return 0
+
+
+def _short(text: str, limit: int = 100) -> str:
+    """A metadata value on one terminal line: newlines shown as ⏎, long ones cut with their length."""
+    flat = text.replace("\n", "⏎")
+    return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(text):,} chars)"
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -233,3 +233,25 @@ def test_a_run_that_shrank_nothing_says_so(tmp_path, capsys):
     path = tp.save(tp.gru(), tmp_path / "gru.onnx")
     assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--recipe", "cleanup"]) == 0
     assert "shrank nothing" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- inspection of foreign graphs
+
+
+def test_inspect_counts_constant_node_weights_and_groups_foreign_names(tmp_path, capsys):
+    from graphc.inspection import inspect_model, module_of_text
+
+    info = inspect_model(ir.serde.deserialize_model(tp.paddle_conv(channels=16)))
+    assert info.params == 16 * 3 * 3 * 3 + 16 * 16 * 9 + 16 + 16 * 4 + 4 + 4 * 16  # conv2d_0's Constant included
+    assert {"conv2d_0", "conv2d_1", "linear_0", "batch_norm_0"} <= set(info.by_layer)
+    assert info.by_layer["conv2d_0"]["params"] == 16 * 3 * 3 * 3
+    assert module_of_text("model/dense/MatMul") == "dense"
+    assert module_of_text("jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Conv_0/transpose_3:0") == "Conv_0"
+    assert module_of_text("/encoder/LayerNorm/Add") == "encoder/LayerNorm"
+    assert module_of_text("node_MatMul_12") is None
+    proto = tp.paddle_conv()
+    proto.metadata_props.add(key="character", value="\n".join(chr(0x4E00 + i) for i in range(3000)))
+    path = tp.save(proto, tmp_path / "m.onnx")
+    assert main(["inspect", path]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("character ="))
+    assert len(line) < 160 and "(5,999 chars)" in line
