@@ -68,4 +68,6 @@ class FoldBatchNorm(GraphcPass):
             changed = True
         if changed:
             drop_unused_initializers(graph)
+        elif not stats.skipped:
+            stats.notes.append("no BatchNormalization after a Conv found")
         return changed

@@ -61,6 +61,8 @@ class QuantizeConv(GraphcPass):
                 changed = True
             if changed:
                 drop_unused_initializers(graph)
+        if not changed and not stats.skipped:
+            stats.notes.append("no Conv/ConvTranspose with a constant weight found")
         return changed
 
     def _form(self, stats: PassStats) -> Int8Form:
