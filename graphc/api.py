@@ -42,6 +42,7 @@ class CompressResult:
     attribution: Any = None  # graphc.attribution.Attribution, when validation ran
     report_path: Path | None = None
     auto: dict[str, Any] | None = None  # --recipe auto: the candidates and why the winner won
+    left_float: list[dict[str, Any]] = field(default_factory=list)  # graphc.leftover: float weights by op, why
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class CompressResult:
             "written": [str(p) for p in self.written],
             "report": str(self.report_path) if self.report_path else None,
             "notices": self.notices,
+            "left_float": self.left_float,
             **({"auto": self.auto} if self.auto is not None else {}),
         }
 
@@ -89,7 +91,8 @@ def to_ir(model: ModelLike) -> tuple[ir.Model, Path | None]:
     raise ModelLoadError(f"cannot compress a {type(model).__name__}; pass a path, onnx_ir.Model, ModelProto or gs.Graph")
 
 
-def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: int = 0) -> tuple[list[dict], str]:
+def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: int = 0,
+                     shapes: dict | None = None) -> tuple[list[dict], str]:
     """Feeds for validation: the model recipe's real evaluation texts when the model came
     from a recipe and its packages are installed, else inputs synthesized from the signature."""
     name = model.metadata_props.get(ops.META_MODEL_RECIPE)
@@ -103,7 +106,30 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
             return complete_decoder_feeds(model, feeds), f"{name}: {len(texts)} real texts"
         except (ImportError, GraphcError):
             pass
-    return synthesize_inputs(model, count=4, seed=seed), "synthesized from the input signature"
+    return synthesize_inputs(model, count=4, seed=seed, shapes=shapes), _synth_source(shapes)
+
+
+def _synth_source(shapes: dict | None) -> str:
+    fixed = "; ".join(f"{k}={','.join(map(str, v))}" for k, v in (shapes or {}).items())
+    return "synthesized from the input signature" + (f" ({fixed})" if fixed else "")
+
+
+def user_inputs(model: ir.Model, inputs=None, feeds=None, input_shapes=None) -> tuple[list[dict] | None, str | None, dict]:
+    """The user's feeds (``feeds``, or read from the ``inputs`` file or folder) with the words
+    validation reports for them, and the checked ``input_shapes`` (``{"x": (1, 3, 48, 320)}``
+    or ``["x=1,3,48,320"]``) for synthesized ones."""
+    from graphc.inputs import check_input_shapes, describe, parse_input_shapes, read_feeds
+
+    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, (list, tuple)) else dict(input_shapes or {})
+    check_input_shapes(model, shapes)
+    if inputs is not None:
+        if feeds is not None:
+            raise GraphcError("give feeds or inputs, not both")
+        feeds = read_feeds(inputs, model)
+        return feeds, describe(inputs, feeds), shapes
+    if feeds is not None:
+        return list(feeds), f"the user's inputs ({len(feeds)} feed{'s' if len(feeds) != 1 else ''})", shapes
+    return None, None, shapes
 
 
 def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | None:
@@ -117,7 +143,7 @@ def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | 
     return get_model_recipe(name).task_metric
 
 
-def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
+def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = None) -> PassContext:
     name = model.metadata_props.get(ops.META_MODEL_RECIPE)
     if name:
         try:
@@ -130,7 +156,8 @@ def calibration_context(model: ir.Model, count: int = 32) -> PassContext:
             return PassContext(calibration=complete_decoder_feeds(model, feeds), calibration_source=f"{name}: {len(texts)} calibration texts")
         except (ImportError, GraphcError):
             pass
-    return PassContext(calibration=synthesize_inputs(model, count=4, seed=1), calibration_source="synthesized")
+    return PassContext(calibration=synthesize_inputs(model, count=4, seed=1, shapes=shapes),
+                       calibration_source="synthesized")
 
 
 def compress(
@@ -151,6 +178,8 @@ def compress(
     target: str | None = None,
     shape_hint: str | Sequence[int] | None = None,
     genai: bool = False,
+    inputs: str | os.PathLike | None = None,
+    input_shapes: Any = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -162,6 +191,8 @@ def compress(
     machine); it picks int8 formulations that are exact there and is written in the provenance.
     ``recipe="auto"``: the fastest of several recipes that meets its tolerance on the target,
     timed at ``shape_hint`` (batch × sequence, default 8x128; see graphc.auto).
+    ``feeds`` or ``inputs`` (an .npz/.npy file or a folder, graphc.inputs): the user's inputs,
+    for validation and calibration; ``input_shapes`` fixes dims of synthesized inputs.
     """
     from graphc.target import resolve
 
@@ -173,6 +204,8 @@ def compress(
             raise GraphcError("recipe auto does not write genai folders yet: pick a recipe (e.g. int4) with --genai")
         if not validate:
             raise GraphcError("recipe auto chooses among validated candidates: it cannot run with validation off")
+        if inputs is not None:
+            feeds = user_inputs(to_ir(model)[0], inputs)[0]
         return run_auto(model, output, target=target_info, shape_hint=shape_hint, feeds=feeds, force=force,
                         progress=progress, report=report)
     recipe_obj = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
@@ -196,11 +229,12 @@ def compress(
     before = SizeFacts.of(ir_model)
     notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
 
-    input_source = "given"
+    feeds, input_source, shapes = user_inputs(ir_model, inputs, feeds, input_shapes)
+    user_feeds = feeds
     reference = None
     if validate or check_each_pass:
         if feeds is None:
-            feeds, input_source = validation_feeds(ir_model)
+            feeds, input_source = validation_feeds(ir_model, shapes=shapes)
         reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
     from graphc.target_checks import target_notices, validation_model
 
@@ -210,8 +244,11 @@ def compress(
     calibrated = [p for p in passes if getattr(p, "needs_calibration", False) and p.name not in disable]
     if calibrated:
         wanted = max([32, *(getattr(p, "calibration_texts", 0) for p in calibrated)])
-        calib = calibration_context(ir_model, wanted)
-        context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
+        if user_feeds is not None:
+            context.calibration, context.calibration_source = user_feeds, input_source
+        else:
+            calib = calibration_context(ir_model, wanted, shapes)
+            context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
     all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
     if dump_dir is not None:
         all_instruments.append(DumpIR(dump_dir))
@@ -226,7 +263,12 @@ def compress(
         checked.min_cosine_required = tol.min_row_cosine
         checked.max_abs_allowed = tol.max_abs
         checked.min_output_cosine_required = tol.min_cosine
+        if checked.nonfinite_outputs:
+            checked.first_nonfinite = _first_nonfinite(work, feeds, ir_model)
     result = CompressResult(work, recipe_obj, records, checked, before.bytes, after.bytes, before.params, after.params, notices=notices)
+    from graphc.leftover import left_in_float
+
+    result.left_float = [e.to_dict() for e in left_in_float(work, records)]
     if checked is not None and attribution:
         from graphc.attribution import attribute
 
@@ -235,6 +277,8 @@ def compress(
     work.metadata_props.update(provenance(recipe_obj, records, checked, ir_model, src, target_info))
     if report is not None:
         result.report_path = _write_report(result, ir_model, src, output, feeds, report)
+    if checked is not None and checked.nonfinite_outputs and not force:
+        raise ToleranceError(_nonfinite_text(checked) + "; nothing written (use --force to write anyway)", path=output)
     if checked is not None and not checked.passed and not force:
         raise ToleranceError(
             f"result misses recipe {recipe_obj.name!r} tolerance ({_tolerance_text(checked, recipe_obj)}); "
@@ -253,6 +297,10 @@ def compress(
         result.bytes_after = sum(p.stat().st_size for p in result.written)
         if src is not None:
             result.bytes_before = io.file_bytes(src)
+    if result.bytes_after >= result.bytes_before:
+        result.notices.append(f"the result is not smaller than the original ({result.bytes_before:,} → "
+                              f"{result.bytes_after:,} bytes): recipe {recipe_obj.name!r} shrank nothing here"
+                              + (" (see: left in float)" if result.left_float else ""))
     return result
 
 
@@ -307,11 +355,27 @@ def report(
     return Path(write_report(data, output))
 
 
+def _first_nonfinite(rewritten: ir.Model, feeds: Sequence[dict], original: ir.Model) -> str | None:
+    from graphc.nonfinite import first_nonfinite
+
+    for feed in feeds[:2]:
+        found = first_nonfinite(rewritten, feed, original)
+        if found is not None:
+            return f"{found[0]!r} ({found[1]})"
+    return None
+
+
+def _nonfinite_text(report: ValidationReport) -> str:
+    names = ", ".join(repr(n) for n in report.nonfinite_outputs)
+    where = f"; first non-finite tensor {report.first_nonfinite}" if report.first_nonfinite else ""
+    return f"the result computes NaN or inf where the original is finite (output {names}{where})"
+
+
 def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
     tol = recipe.tolerance
     parts = []
     if tol.min_cosine is not None:
-        parts.append(f"output cosine {report.output_cosine:.5f} vs required {tol.min_cosine}")
+        parts.append(f"output {report.worst_output!r} cosine {report.output_cosine:.5f} vs required {tol.min_cosine}")
     if tol.min_row_cosine is not None:
         parts.append(f"worst row cosine {report.min_cosine:.5f} vs required {tol.min_row_cosine}")
     if tol.max_abs is not None:
@@ -319,13 +383,15 @@ def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
     return ", ".join(parts)
 
 
-def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None) -> ValidationReport:
-    """Compare two models with ONNX Runtime on real (or synthesized) inputs."""
+def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None,
+             inputs: str | os.PathLike | None = None, input_shapes: Any = None) -> ValidationReport:
+    """Compare two models with ONNX Runtime on the user's inputs (``feeds``, or the ``inputs``
+    file), else on real texts of a model recipe or inputs synthesized (``input_shapes``)."""
     orig, _ = to_ir(original)
     rew, _ = to_ir(rewritten)
-    source = "given"
+    feeds, source, shapes = user_inputs(orig, inputs, feeds, input_shapes)
     if feeds is None:
-        feeds, source = validation_feeds(orig)
+        feeds, source = validation_feeds(orig, shapes=shapes)
     report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
     from graphc.target_checks import target_check_notices
 

@@ -92,6 +92,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             target=args.target,
             shape_hint=args.shape_hint,
             genai=args.genai,
+            inputs=args.inputs,
+            input_shapes=args.input_shape,
         )
     data = result.to_dict()
     target = json.loads(result.model.metadata_props.get("graphc.target", "{}"))
@@ -113,6 +115,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             lines.append(_plan_text(r.stats["plan"]))
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 0
     lines.append(f"size: {_fmt_bytes(result.bytes_before)} → {_fmt_bytes(result.bytes_after)} ({ratio:.1%})")
+    if result.left_float:
+        from graphc.leftover import Leftover, summary_lines
+
+        lines.append("left in float:")
+        lines += summary_lines([Leftover(**e) for e in result.left_float], _fmt_bytes)
     v = result.validation
     if v is not None:
         lines.append(
@@ -218,7 +225,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from graphc.api import validate
 
-    report = validate(args.original, args.rewritten)
+    report = validate(args.original, args.rewritten, inputs=args.inputs, input_shapes=args.input_shape)
     if args.min_cosine is not None:
         report.min_output_cosine_required = args.min_cosine
     lines = [f"validation ({report.samples} feeds, {report.input_source}):"]
@@ -281,9 +288,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     other = {k: v for k, v in info.metadata.items() if k not in info.provenance}
     if other:
         lines.append("metadata:")
-        lines += [f"  {k} = {v[:100]}" for k, v in other.items()]
+        lines += [f"  {k} = {_short(v)}" for k, v in other.items()]
     _emit(args, {"model": args.model, **info.to_dict()}, "\n".join(lines))
     return 0
+
+
+def _short(text: str, limit: int = 100) -> str:
+    """A metadata value on one terminal line: newlines shown as ⏎, long ones cut with their length."""
+    flat = text.replace("\n", "⏎")
+    return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(text):,} chars)"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -353,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV-cache decoders: -o is an onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer)")
     sp.add_argument("--shape-hint", default=None, metavar="BxS",
                     help="recipe auto: batch x sequence to time the candidates at (default 8x128)")
+    _add_input_args(sp)
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")
@@ -367,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("original")
     sp.add_argument("rewritten")
     sp.add_argument("--min-cosine", type=float, default=None, help="exit 3 if an output's cosine is below this")
+    _add_input_args(sp)
     sp.set_defaults(func=cmd_validate)
 
     sp = add("inspect", "ops, parameters and bytes by op type and layer; --diff for what changed")
@@ -386,8 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_input_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--inputs", metavar="PATH",
+                    help="your inputs, for validation and calibration: an .npz (arrays named after the inputs; "
+                         "several feeds as 0/NAME, 1/NAME, ...), an .npy (single-input models) or a folder of them")
+    sp.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
+                    help="dims of a synthesized input, e.g. x=1,3,48,320 (repeatable)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+    import warnings
+
+    # numpy's RuntimeWarnings and onnx_ir's log lines are not for the terminal: every
+    # problem graphc knows of is a reason in the stats or a one-line error
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", RuntimeWarning)
     try:
         return args.func(args)
     except GraphcError as e:

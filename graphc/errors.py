@@ -74,6 +74,10 @@ class UnsupportedError(GraphcError):
     """An option value graphc does not support (the message lists what is supported)."""
 
 
+class InputsError(GraphcError):
+    """A feed file (--inputs) or an --input-shape is unreadable or does not fit the model's inputs."""
+
+
 class ValidationError(GraphcError):
     """ONNX Runtime could not run the original or the rewritten model."""
 

@@ -21,6 +21,24 @@ def layer_of_text(text: str) -> str | None:
     return f"layer.{int(m.group(1))}" if m else None
 
 
+_PADDLE_RE = re.compile(r"^([A-Za-z][A-Za-z0-9]*(?:_[A-Za-z][A-Za-z0-9]*)*_\d+)\.(?:w|b|tmp)_\d+$")  # conv2d_3.w_0
+_WRAPPERS = re.compile(r"^(?:model|StatefulPartitionedCall|jax2tf_\w*|pjit_\w*|sequential\w*)$")
+
+
+def module_of_text(text: str) -> str | None:
+    """A module name from names that exporters other than torch's write, for grouping where
+    no layer index is found: Paddle's ``conv2d_3.w_0`` / ``batch_norm_3.tmp_2`` → ``conv2d_3``;
+    tf2onnx's ``model/dense/MatMul`` → ``dense``, ``.../MagikaV2/Conv_0/transpose`` → ``Conv_0``;
+    older torch's ``/encoder/LayerNorm/Add`` → ``encoder/LayerNorm``."""
+    m = _PADDLE_RE.match(text)
+    if m:
+        return m.group(1)
+    parts = [p for p in re.sub(r":\d+$", "", text).split("/") if p and not _WRAPPERS.search(p)]
+    if len(parts) < 2:
+        return None
+    return "/".join(parts[:-1][-2:]) if text.startswith("/") else parts[-2]
+
+
 def _own_layer(node: ir.Node) -> str | None:
     for text in (node.metadata_props.get("graphc.scope", ""), node.metadata_props.get("namespace", ""), node.name or ""):
         layer = layer_of_text(text)
@@ -100,19 +118,17 @@ def inspect_model(model: ir.Model) -> Inspection:
     for node in graph.all_nodes():
         key = _op_key(node)
         op_counts[key] += 1
-        layer_ops[node_layer(node)][key] += 1
+        layer_ops[_group(node)][key] += 1
         if ops.META_PASS in node.metadata_props:
             by_pass[node.metadata_props[ops.META_PASS]] += 1
     by_op: dict[str, dict[str, int]] = defaultdict(lambda: {"params": 0, "bytes": 0})
     by_layer: dict[str, dict[str, Any]] = defaultdict(lambda: {"params": 0, "bytes": 0, "nodes": 0})
     total_params = total_bytes = 0
-    for value in graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None:
-            continue
+    for value, tensor in _weights(graph):
         users = [u for u, _ in value.uses()]
         op = _op_key(users[0]) if users else "(unused)"
-        layer = layer_of_text(value.name or "") or (node_layer(users[0]) if users else "other")
+        layer = (layer_of_text(value.name or "") or (_group(users[0]) if users else None)
+                 or module_of_text(value.name or "") or "other")
         for bucket in (by_op[op], by_layer[layer]):
             bucket["params"] += tensor.size
             bucket["bytes"] += tensor.nbytes
@@ -140,6 +156,34 @@ def inspect_model(model: ir.Model) -> Inspection:
             if ops.META_PASS in n.metadata_props
         ],
     )
+
+
+def _group(node: ir.Node) -> str:
+    """The node's layer, else a module named in it (graphs no torch exporter wrote), else other."""
+    layer = node_layer(node)
+    if layer != "other":
+        return layer
+    for text in (node.name or "", *(o.name or "" for o in node.outputs)):
+        module = module_of_text(text)
+        if module:
+            return module
+    return "other"
+
+
+def _weights(graph: ir.Graph):
+    """(value, tensor) of every stored tensor: initializers, and Constant nodes (Paddle and
+    tf2onnx hold weights there), in subgraphs too."""
+    from graphc.passes._quant import subgraphs
+
+    for g in (graph, *subgraphs(graph)):
+        for value in g.initializers.values():
+            if value.const_value is not None:
+                yield value, value.const_value
+        for node in g:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
+                attr = node.attributes["value"]
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield node.outputs[0], attr.as_tensor()
 
 
 def diff(before: Inspection, after: Inspection) -> dict[str, Any]:

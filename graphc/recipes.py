@@ -96,15 +96,18 @@ BUILTIN: dict[str, Recipe] = {
         "int8",
         "ORT fusions, then int8 weights (per-channel symmetric) with dynamic int8 activations "
         "on every constant-weight MatMul/Gemm (outlier channels smoothed, from calibration), "
-        "QAttention, int8 embedding tables, float16 vectors",
+        "QAttention, int8 Conv weights per output channel (BatchNorm folded first), int8 embedding "
+        "tables, float16 vectors",
         (
             *_CLEANUP,
+            Step("fold-batchnorm"),
             Step("fuse-ort", {"attention": "mha"}),
             Step("trim-outputs"),
             Step(
                 "quantize-int8",
                 {"outlier_ratio": 4.0, "outlier_channels": 4, "smooth_min_factor": 2.5, "scale_dtype": "float16"},
             ),
+            Step("quantize-conv"),
             Step("quantize-attention"),
             Step("quantize-embedding"),
             Step("fp16-constants"),

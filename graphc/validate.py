@@ -7,6 +7,7 @@ the input signature for a bare .onnx.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ _NP_TYPES = {
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 4  # ORT's own error lines would break one-line errors
+    _register_extensions(so)
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -91,7 +93,32 @@ def make_session(
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(f"ONNX Runtime cannot load the {what}: {first}") from None
+        raise ValidationError(_custom_op_text(first, what) or f"ONNX Runtime cannot load the {what}: {first}") from None
+
+
+def _register_extensions(so: ort.SessionOptions) -> None:
+    """Custom ops of onnxruntime-extensions (ai.onnx.contrib: tokenizers, audio, image
+    decoding) where that package is installed; nothing otherwise."""
+    try:
+        from onnxruntime_extensions import get_library_path
+    except ImportError:
+        return
+    so.register_custom_ops_library(get_library_path())
+
+
+def _custom_op_text(ort_message: str, what: str) -> str | None:
+    """One line for ORT's refusal of an op from a custom domain, or None for other errors."""
+    import re
+
+    from graphc.io import known_domains
+
+    found = re.search(r"([\w.]+):(\w+)\(-?\d+\) is not a registered function/op", ort_message)
+    if found is None or found.group(1) in known_domains():
+        return None
+    domain, op = found.groups()
+    hint = " (pip install onnxruntime-extensions)" if domain == "ai.onnx.contrib" else ""
+    after = "" if "calibration" in what else "; validate where it runs, or pass --no-validate"
+    return f"ONNX Runtime cannot run the {what}: op {op!r} of custom domain {domain!r} has no kernel here{hint}{after}"
 
 
 def _with_ir_version(proto: onnx.ModelProto, version: int) -> onnx.ModelProto:
@@ -153,10 +180,12 @@ def complete_decoder_feeds(model: ir.Model, feeds: Sequence[dict[str, np.ndarray
 
 
 def synthesize_inputs(
-    model: ir.Model, *, count: int = 4, seed: int = 0, batch: int = SYNTH_BATCH, seq: int = SYNTH_SEQ
+    model: ir.Model, *, count: int = 4, seed: int = 0, batch: int = SYNTH_BATCH, seq: int = SYNTH_SEQ,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Plausible feeds from the input signature (ids within the vocabulary, masks of ones;
-    symbolic batch and sequence dims take ``batch`` and ``seq``)."""
+    """Plausible feeds from the input signature (ids within the vocabulary, masks of ones,
+    images [N, 1|3, H, W] uniform on [-1, 1] at 64x64 where H and W are free; symbolic batch
+    and sequence dims take ``batch`` and ``seq``; ``shapes`` fixes an input's dims)."""
     rng = np.random.default_rng(seed)
     synth_batch, synth_seq = batch, seq
     feeds = []
@@ -171,11 +200,15 @@ def synthesize_inputs(
             if value.name in model.graph.initializers:
                 continue
             dtype = _NP_TYPES.get(value.dtype) if value.dtype is not None else np.float32
+            if value.dtype == ir.DataType.STRING:
+                dtype = np.str_
             if dtype is None:
-                raise ValidationError(f"cannot synthesize input {value.name!r} of type {value.dtype}")
+                raise ValidationError(f"cannot synthesize input {value.name!r} of type {value.dtype}: "
+                                      "give the inputs (--inputs)")
+            image = _is_image(value)
             dims = []
             for i, d in enumerate(value.shape or []):
-                if isinstance(d, int):
+                if isinstance(d, int) and d >= 0:  # -1 (Paddle, tf2onnx) means unknown
                     dims.append(d)
                 else:
                     dname = str(d).lower() if d is not None else ""
@@ -183,10 +216,18 @@ def synthesize_inputs(
                         dims.append(past)
                     elif "total" in dname:
                         dims.append(past + seq)
+                    elif image and i >= 2:
+                        dims.append(SYNTH_IMAGE)
                     else:
                         dims.append(synth_batch if ("batch" in dname or (i == 0 and "seq" not in dname)) else seq)
+            if shapes and value.name in shapes:
+                dims = list(shapes[value.name])
             name = value.name.lower()
-            if np.issubdtype(dtype, np.integer):
+            if dtype is np.str_:
+                words = ("the", "model", "reads", "plain", "text", "here", "again", "words")
+                arr = np.array([" ".join(rng.choice(words, 6)) for _ in range(int(np.prod(dims)))],
+                               dtype=object).reshape(dims)
+            elif np.issubdtype(dtype, np.integer):
                 if "mask" in name:
                     arr = np.ones(dims, dtype=dtype)
                     if len(dims) == 2 and dims[0] > 1 and dims[1] > 2:
@@ -201,11 +242,35 @@ def synthesize_inputs(
                     arr = rng.integers(0, high, size=dims, dtype=np.int64).astype(dtype)
             elif dtype == np.bool_:
                 arr = np.ones(dims, dtype=dtype)
+            elif image:  # normalized pixels: (x / 255 - mean) / std lies within about [-2, 2]
+                arr = rng.uniform(-1.0, 1.0, dims).astype(dtype)
             else:
                 arr = rng.standard_normal(dims).astype(dtype)
             feed[value.name] = arr
         feeds.append(feed)
     return feeds
+
+
+SYNTH_IMAGE = 64  # free H and W of a synthesized image (a multiple of 32: detectors downsample by 32)
+
+
+def _is_image(value: ir.Value) -> bool:
+    """A float [N, C, H, W] input with 1, 3 or 4 channels read by a Conv (through cheap ops)."""
+    shape = value.shape
+    if value.dtype not in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16) or shape is None or len(shape) != 4:
+        return False
+    if shape[1] not in (1, 3, 4):
+        return False
+    frontier, seen = [value], 0
+    while frontier and seen < 8:
+        v = frontier.pop()
+        for user, _ in v.uses():
+            seen += 1
+            if user.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+                return True
+            if user.op_type in ("Mul", "Add", "Sub", "Div", "Cast", "Transpose", "Pad", "Identity"):
+                frontier.extend(user.outputs)
+    return False
 
 
 @dataclass
@@ -231,6 +296,7 @@ class ValidationReport:
     min_output_cosine_required: float | None = None
     task: dict[str, Any] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)  # e.g. the target CPU is not this machine
+    first_nonfinite: str | None = None  # "tensor (op)" where the rewritten model first went NaN/inf
 
     @property
     def min_cosine(self) -> float:
@@ -245,8 +311,18 @@ class ValidationReport:
         return min(o.cosine for o in self.outputs)
 
     @property
+    def worst_output(self) -> str:
+        """The output with the lowest cosine (the one a tolerance failure is about)."""
+        return min(self.outputs, key=lambda o: o.cosine).name if self.outputs else ""
+
+    @property
+    def nonfinite_outputs(self) -> list[str]:
+        """Outputs holding NaN or inf where the original's are finite."""
+        return [o.name for o in self.outputs if not math.isfinite(o.max_abs)]
+
+    @property
     def passed(self) -> bool:
-        ok = True
+        ok = not self.nonfinite_outputs
         if self.min_output_cosine_required is not None:
             ok &= self.output_cosine >= self.min_output_cosine_required
         if self.min_cosine_required is not None:
@@ -269,6 +345,8 @@ class ValidationReport:
                 "max_abs": self.max_abs_allowed,
             },
             "outputs": [o.to_dict() for o in self.outputs],
+            **({"nonfinite_outputs": self.nonfinite_outputs, "first_nonfinite": self.first_nonfinite}
+               if self.nonfinite_outputs else {}),
             **({"task": self.task} if self.task else {}),
             **({"notices": list(self.notices)} if self.notices else {}),
         }
@@ -312,8 +390,11 @@ def output_metrics(
         mask = masks[i] if masks is not None else None
         if mask is not None:
             r, g = r[mask], g[mask]
-        if not np.all(np.isfinite(g)) and np.all(np.isfinite(r)):
+        finite = np.isfinite(r)
+        if np.any(finite & ~np.isfinite(g)):
             return OutputMetrics(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0)
+        if not finite.all():  # NaN/inf in the original carry no signal to compare
+            r, g = np.where(finite, r, 0.0), np.where(finite, g, 0.0)
         d = np.abs(r - g)
         max_abs = max(max_abs, float(d.max(initial=0.0)))
         sum_abs += float(d.sum())
@@ -323,7 +404,7 @@ def output_metrics(
         flat_g.append(g.ravel())
         rows_r = r.reshape(-1, r.shape[-1]) if r.ndim >= 2 else r.reshape(1, -1)
         rows_g = g.reshape(-1, g.shape[-1]) if g.ndim >= 2 else g.reshape(1, -1)
-        row_cos.extend(_cos(a, b) for a, b in zip(rows_r, rows_g))
+        row_cos.extend(_cos(a, b) for a, b in _signal_rows(rows_r, rows_g))
     cos = _cos(np.concatenate(flat_r), np.concatenate(flat_g)) if flat_r else 1.0
     return OutputMetrics(
         name,
@@ -333,6 +414,23 @@ def output_metrics(
         cosine=cos,
         min_row_cosine=min(row_cos) if row_cos else cos,
     )
+
+
+NEGLIGIBLE_ROW = 1e-4  # of the output's largest reference row norm (see _signal_rows)
+
+
+def _signal_rows(rows_r: np.ndarray, rows_g: np.ndarray):
+    """Row pairs whose cosine means something. A row whose reference and error norms are
+    both below NEGLIGIBLE_ROW of the largest reference row (a probability map's background,
+    where a sigmoid underflows to exactly 0 on one side and to 1e-9 on the other) has a
+    direction made of rounding: its cosine (0 or anything) says nothing of the result."""
+    norm_r = np.linalg.norm(rows_r, axis=1)
+    norm_d = np.linalg.norm(rows_r - rows_g, axis=1)
+    floor = NEGLIGIBLE_ROW * float(norm_r.max(initial=0.0))
+    keep = ~((norm_r <= floor) & (norm_d <= floor))
+    if not keep.any():
+        keep[:] = True
+    return zip(rows_r[keep], rows_g[keep])
 
 
 def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], what: str) -> list[list[np.ndarray]]:

@@ -45,6 +45,29 @@ def int8_weight(
     return q, s, None
 
 
+def nonfinite_reason(w: np.ndarray) -> str | None:
+    """Why a weight cannot be quantized because of its values (NaN or ±inf: no finite scale
+    represents it), or None. Zero columns and constant rows need no reason: the quantizers
+    give them a scale of 1."""
+    if np.issubdtype(w.dtype, np.floating) and not np.all(np.isfinite(w)):
+        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+        return f"weight holds {bad} NaN/inf value(s): no finite scale represents it"
+    return None
+
+
+def subgraphs(graph: ir.Graph):
+    """The bodies of If/Loop/Scan nodes in ``graph``, nested ones included."""
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield attr.value
+                yield from subgraphs(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for g in attr.value:
+                    yield g
+                    yield from subgraphs(g)
+
+
 def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer with a unique name and return its value."""
     base = name
@@ -95,6 +118,9 @@ def embedding_table(node: ir.Node, stats, min_rows: int) -> np.ndarray | None:
         return None
     if table.shape[0] < min_rows:
         stats.skip(label, f"{table.shape[0]} rows < min_rows={min_rows}")
+        return None
+    if (reason := nonfinite_reason(table)) is not None:
+        stats.skip(label, reason)
         return None
     return table
 

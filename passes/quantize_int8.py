@@ -43,10 +43,10 @@ import numpy as np
 import onnx_ir as ir
 
 from graphc import ops
-from graphc.errors import PassError, UnsupportedError
+from graphc.errors import PassError, UnsupportedError, ValidationError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, int8_weight
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, int8_weight, nonfinite_reason, subgraphs
 from graphc.target import Int8Form, exact_forms
 
 
@@ -106,7 +106,16 @@ class QuantizeInt8(GraphcPass):
             cand = self._candidate(node, stats)
             if cand is not None:
                 groups.setdefault(node.inputs[0], []).append(cand)
-        if not groups:
+        sub_groups = []  # If/Loop/Scan bodies: quantized the same way, without outlier calibration
+        for sub in subgraphs(graph):
+            found: dict[ir.Value, list[_Candidate]] = {}
+            for node in list(sub):
+                cand = self._candidate(node, stats)
+                if cand is not None:
+                    found.setdefault(node.inputs[0], []).append(cand)
+            if found:
+                sub_groups.append((sub, found))
+        if not groups and not sub_groups:
             stats.notes.append("no constant-weight MatMul/Gemm found")
             return False
         ensure_opset(model, "", 11)
@@ -118,7 +127,16 @@ class QuantizeInt8(GraphcPass):
                 f"scale_dtype={self.options.scale_dtype!r}; supported: {', '.join(_SCALE_DTYPES)}",
                 pass_name=self.name,
             )
-        outliers = self._find_outliers(model, groups, stats) if self.options.outlier_ratio > 0 else {}
+        outliers = self._find_outliers(model, groups, stats) if self.options.outlier_ratio > 0 and groups else {}
+        self._quantize_groups(graph, groups, outliers, emit, mode, stats)
+        for sub, found in sub_groups:
+            before = stats.counts.get("matmuls_quantized", 0) + stats.counts.get("gemms_quantized", 0)
+            self._quantize_groups(sub, found, {}, emit, mode, stats)
+            stats.add("subgraph_gemms_quantized",
+                      stats.counts.get("matmuls_quantized", 0) + stats.counts.get("gemms_quantized", 0) - before)
+        return True
+
+    def _quantize_groups(self, graph: ir.Graph, groups, outliers, emit, mode, stats: PassStats) -> None:
         quantized: dict[tuple[int, int, str], tuple[ir.Value, ir.Value]] = {}
         for key_x, cands in groups.items():
             first = cands[0].node
@@ -162,7 +180,6 @@ class QuantizeInt8(GraphcPass):
                 )
                 stats.add("gemms_quantized" if cand.node.op_type == ops.GEMM else "matmuls_quantized")
         drop_unused_initializers(graph)
-        return True
 
     def _resolve_form(self, stats: PassStats) -> Int8Form:
         target = self.context.target_info()
@@ -208,12 +225,25 @@ class QuantizeInt8(GraphcPass):
         eligible = [x for x, cands in groups.items() if len(cands) <= self.options.outlier_max_consumers and x.name]
         if not eligible:
             return {}
-        absmax = channel_absmax(model, eligible, self.context.calibration, pass_name=self.name)
+        try:
+            absmax = channel_absmax(model, eligible, self.context.calibration, pass_name=self.name)
+        except ValidationError as e:  # e.g. a custom op without a kernel here: quantize without it
+            stats.notes.append(f"outlier channels not smoothed: {e.message}")
+            return {}
         stats.notes.append(f"outlier channels calibrated on {self.context.calibration_source}")
         found = {}
         for x in eligible:
             amax = absmax[x.name]
             median = float(np.median(amax))
+            if not np.all(np.isfinite(amax)):
+                stats.notes.append(f"outliers: input {x.name!r} not smoothed: its calibrated range is not finite")
+                continue
+            if median <= 0.0:
+                # most channels were zero on the calibration data (one-hot inputs, ids out of
+                # range): no ratio to the median means anything, and dividing by it would not
+                stats.notes.append(f"outliers: input {x.name!r} not smoothed: median channel range is 0 on "
+                                   f"{self.context.calibration_source}")
+                continue
             top = np.argsort(-amax, kind="stable")[: self.options.outlier_channels]
             top = np.sort(top[amax[top] > self.options.outlier_ratio * max(median, 1e-12)])
             if not len(top):
@@ -249,6 +279,9 @@ class QuantizeInt8(GraphcPass):
             return None
         if w.size < self.options.min_elements:
             stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
+            return None
+        if (reason := nonfinite_reason(w)) is not None:
+            stats.skip(label, reason)
             return None
         in_dtype = node.inputs[0].dtype
         if in_dtype is not None and in_dtype != ir.DataType.FLOAT:

@@ -39,7 +39,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_terms, release_pages
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_terms, release_pages, nonfinite_reason
 from graphc.registry import register
 
 META_WEIGHT = "graphc.nbits.weight"  # node metadata: digest of the float W^T [N, K] a MatMulNBits holds
@@ -311,6 +311,9 @@ class QuantizeNBits(GraphcPass):
             return None
         if w.size < self.options.min_elements:
             stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
+            return None
+        if (reason := nonfinite_reason(w)) is not None:
+            stats.skip(label, reason)
             return None
         x = node.inputs[0]
         for what, v in (("activation", x), ("weight", node.inputs[1])):

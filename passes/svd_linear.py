@@ -38,7 +38,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, gemm_weight
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, gemm_weight, nonfinite_reason
 from graphc.passes.quantize_nbits import constant_weight
 from graphc.registry import register
 
@@ -221,6 +221,9 @@ class SvdLinear(GraphcPass):
             return None
         if w.size < self.options.min_elements:
             stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
+            return None
+        if (reason := nonfinite_reason(w)) is not None:
+            stats.skip(label, reason)
             return None
         found = gemm_weight(node, w, stats, label)
         if found is None:

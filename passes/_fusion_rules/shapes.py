@@ -26,7 +26,7 @@ def symbolic_shapes(model: ir.Model) -> int:
 
     try:
         proto = _without_weights(ir.serde.serialize_model(model))
-        inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+        inferred = _infer(SymbolicShapeInference, proto)
     except Exception:  # noqa: BLE001 - best effort: the tool asserts on graphs it does not know
         return 0
     if inferred is None:
@@ -45,6 +45,27 @@ def symbolic_shapes(model: ir.Model) -> int:
             value.shape = ir.Shape(dims)
             improved += 1
     return improved
+
+
+def _infer(tool, proto):
+    """``SymbolicShapeInference.infer_shapes`` without its side effect: where inference stays
+    incomplete, the tool saves ``sym_shape_infer_temp.onnx`` (with external data) in the
+    working directory before raising. Its steps are run here instead, and an incomplete
+    inference gives None (as the raise did), with nothing written."""
+    from onnxruntime.tools.symbolic_shape_infer import get_opset
+
+    opset = get_opset(proto)
+    if not opset or opset < 7:
+        return None
+    inference = tool(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    inference._preprocess(proto)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    if not complete:
+        return None
+    inference._update_output_from_vi()
+    return inference.out_mp_
 
 
 def _without_weights(proto):

@@ -1,0 +1,118 @@
+"""int8 weights for constant-weight ``Conv`` and ``ConvTranspose``: one scale per output channel, stored as int8
+codes and dequantized by a constant subgraph that ONNX Runtime folds at session load.
+
+    W [C_out, C_in/group, kH, kW] float32  →  Mul(Cast(codes) [- zero point], scale[C_out, 1, 1, 1]) → Conv
+
+The file holds a quarter of the weight bytes; at load ONNX Runtime folds the subgraph back
+into a float weight (and a following BatchNormalization into it) and runs its float Conv
+kernels (depthwise and grouped convolutions included), so the arithmetic is the float one on
+every CPU: nothing depends on an integer kernel that saturates (AVX2's u8×s8 pair sums).
+The codes still follow the target's int8 formulation (``graphc.target``). Standard ops of
+every opset: a model at opset 11 or 12 keeps its opset (per-axis ``DequantizeLinear`` would
+need 13, and raising the opset changes other ops' meaning, Squeeze's for one).
+
+Activations stay float: int8 activations on Conv (``ConvInteger``/``QLinearConv``) would need
+per-layer calibrated ranges and, on saturating targets, the slower u8u8 kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.registry import register
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, nonfinite_reason, subgraphs
+from graphc.target import Int8Form, exact_forms
+from graphc.errors import UnsupportedError
+
+_CONV_OPS = ("Conv", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class ConvInt8Options:
+    min_elements: int = 256  # smaller kernels (a few channels) stay float: scales would cost more than they save
+    exclude: tuple[str, ...] = ()  # substrings of node names to leave in float
+    form: str = "auto"  # u8s8 | u8u8 | u8s7 | auto (the target's form)
+
+
+@register
+class QuantizeConv(GraphcPass):
+    name = "quantize-conv"
+    summary = "int8 Conv weights per output channel (dequantized at load; float arithmetic, exact on every CPU)"
+    Options = ConvInt8Options
+
+    def run(self, model: ir.Model, stats: PassStats) -> bool:
+        form = self._form(stats)
+        changed = False
+        for graph in [model.graph, *subgraphs(model.graph)]:
+            done: dict[int, ir.Value] = {}
+            for node in list(graph):
+                w = self._weight(node, stats)
+                if w is None:
+                    continue
+                value = node.inputs[1]
+                if id(value) not in done:
+                    done[id(value)] = self._dequantized(graph, node, value, w, form, stats)
+                node.replace_input_with(1, done[id(value)])
+                stats.add("convs_quantized")
+                changed = True
+            if changed:
+                drop_unused_initializers(graph)
+        if not changed and not stats.skipped:
+            stats.notes.append("no Conv/ConvTranspose with a constant weight found")
+        return changed
+
+    def _form(self, stats: PassStats) -> Int8Form:
+        target = self.context.target_info()
+        form = target.int8_form if self.options.form == "auto" else choice(Int8Form, self.options.form, "form", self.name)
+        if form not in exact_forms(target):
+            raise UnsupportedError(f"form={form.value!r} saturates on target {target.name}", pass_name=self.name)
+        stats.details["int8_form"] = form.value
+        return form
+
+    def _weight(self, node: ir.Node, stats: PassStats) -> np.ndarray | None:
+        if node.op_type not in _CONV_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            return None
+        label = node.name or node.op_type
+        if any(s in label for s in self.options.exclude):
+            stats.skip(label, "excluded by option")
+            return None
+        w = const_array(node.inputs[1])
+        if w is None:
+            stats.skip(label, "weight is not a constant")
+            return None
+        if w.dtype != np.float32:
+            stats.skip(label, f"weight dtype {w.dtype} is not float32")
+            return None
+        if w.size < self.options.min_elements:
+            stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
+            return None
+        if (reason := nonfinite_reason(w)) is not None:
+            stats.skip(label, reason)
+            return None
+        return w
+
+    def _dequantized(self, graph: ir.Graph, node: ir.Node, value: ir.Value, w: np.ndarray, form: Int8Form,
+                     stats: PassStats) -> ir.Value:
+        # Conv: [C_out, C_in/group, k...]; ConvTranspose: [C_in, C_out/group, k...] (per output
+        # channel where group is 1; the dequantization itself is exact on any axis)
+        axis = 1 if node.op_type == "ConvTranspose" and node.attributes.get_int("group", 1) == 1 else 0
+        q, scale, zp = int8_weight(w, axis, form.value)
+        scale = scale.astype(np.float32)
+        base = value.name or f"{node.name or 'conv'}_w"
+        codes = constant(graph, f"{base}_{q.dtype.name}", q)
+        nodes = [ir.node("Cast", [codes], attributes={"to": ir.DataType.FLOAT})]
+        if zp is not None:
+            centre = constant(graph, f"{base}_zero_point", np.array(float(zp), np.float32))
+            nodes.append(ir.node("Sub", [nodes[-1].outputs[0], centre]))
+        nodes.append(ir.node("Mul", [nodes[-1].outputs[0], constant(graph, f"{base}_scale", scale)]))
+        for n in nodes:
+            graph.insert_before(node, n)
+            copy_scope(node, n)
+        nodes[-1].outputs[0].name = f"{base}_dequantized"
+        stats.add("weight_bytes_before", int(w.nbytes))
+        stats.add("weight_bytes_after", int(q.nbytes + scale.nbytes + (4 if zp is not None else 0)))
+        return nodes[-1].outputs[0]

@@ -1,0 +1,257 @@
+"""Files other exporters wrote (Paddle, tf2onnx, custom domains): they load, run, validate and
+compress, and what graphc cannot do is said in one line."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from graphc import io
+from graphc.api import compress, validate
+from graphc.cli import main
+from graphc.errors import InputsError, ToleranceError, ValidationError
+from graphc.nonfinite import first_nonfinite
+from graphc.pass_base import PassContext, PassStats
+from graphc.passes.quantize_int8 import Int8Options, QuantizeInt8
+from graphc.recipes import Recipe, Step, Tolerance
+from graphc.validate import compare, output_metrics, synthesize_inputs
+from tests import third_party_graphs as tp
+
+
+def _json(capsys):
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    return json.loads(lines[0])
+
+
+# ----------------------------------------------------------------- dims written -1
+
+
+def test_minus_one_dims_are_synthesized_as_free(tmp_path, capsys):
+    path = tp.save(tp.paddle_conv(), tmp_path / "cls.onnx")
+    feeds = synthesize_inputs(io.load_model(path), count=2)
+    x = feeds[0]["x"]
+    assert x.shape[0] > 0 and x.shape[1] == 3 and x.shape[2] == x.shape[3] == 64  # image: free H, W at 64
+    assert -1.0 <= x.min() and x.max() <= 1.0  # normalized pixels, not a standard normal
+    assert main(["validate", path, path, "--json"]) == 0
+    assert _json(capsys)["passed"]
+
+
+# ----------------------------------------------------------------- zero medians, NaN weights
+
+
+def test_zero_median_outliers_are_skipped_with_a_reason_and_no_warning(tmp_path):
+    model = ir.serde.deserialize_model(tp.tf2onnx_onehot())
+    calib = [{"bytes": np.random.default_rng(0).integers(0, 4, (2, 16)).astype(np.int32)}]  # 4 of 64 channels lit
+    p = QuantizeInt8(Int8Options(outlier_ratio=4.0, outlier_channels=4),
+                     PassContext(calibration=calib, calibration_source="test feeds"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning fails the test
+        result = p.call(model)
+    notes = " ".join(result.stats.notes)
+    assert "median channel range is 0" in notes and "model/onehot:0" in notes
+    assert result.stats.counts["matmuls_quantized"] == 2
+    for t in model.graph.initializers.values():
+        if t.const_value is not None and t.const_value.dtype.is_floating_point():
+            assert np.all(np.isfinite(t.const_value.numpy()))
+
+
+def test_non_finite_weight_is_skipped_with_a_reason():
+    proto = tp.tf2onnx_onehot()
+    w = next(t for t in proto.graph.initializer if t.name.startswith("model/dense"))
+    a = onnx.numpy_helper.to_array(w).copy()
+    a[0, 0] = np.nan
+    w.CopyFrom(onnx.numpy_helper.from_array(a, w.name))
+    model = ir.serde.deserialize_model(proto)
+    stats = PassStats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        QuantizeInt8().run(model, stats)
+    assert {"node": "model/dense/MatMul", "reason": "weight holds 1 NaN/inf value(s): no finite scale represents it"} \
+        in stats.skipped
+    assert stats.counts["matmuls_quantized"] == 1  # the other MatMul still is
+
+
+# ----------------------------------------------------------------- the validation gate
+
+
+def _nan_after_log(tmp_path):
+    """y = Log(x @ w): the rewritten copy below has a negated weight, so Log goes NaN."""
+    proto = tp.custom_domain()
+    del proto.graph.node[1:]
+    proto.graph.node[0].output[0] = "h"
+    proto.graph.node.append(onnx.helper.make_node("Abs", ["h"], ["a"], name="abs"))
+    proto.graph.node.append(onnx.helper.make_node("Log", ["a"], ["l"], name="log"))
+    proto.graph.node.append(onnx.helper.make_node("MatMul", ["l", "w2"], ["y"], name="fc2"))
+    del proto.opset_import[1:]
+    original = ir.serde.deserialize_model(proto)
+    bad = onnx.ModelProto()
+    bad.CopyFrom(proto)
+    bad.graph.node[1].op_type = "Neg"  # Log of a negative number: NaN from node 'log' on
+    return original, ir.serde.deserialize_model(bad)
+
+
+def test_non_finite_output_fails_and_names_the_first_non_finite_tensor(tmp_path):
+    original, bad = _nan_after_log(tmp_path)
+    feeds = [{"x": np.ones((2, 8), np.float32)}]
+    report = compare(original, bad, feeds)
+    assert report.nonfinite_outputs == ["y"] and not report.passed
+    assert first_nonfinite(bad, feeds[0], original) == ("l", "Log")
+    assert first_nonfinite(original, feeds[0], original) is None
+
+
+def test_nan_in_the_reference_is_not_blamed_on_the_result():
+    ref = [np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)]
+    got = [np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)]
+    m = output_metrics("y", ref, got)
+    assert np.isfinite(m.max_abs) and m.cosine == pytest.approx(1.0)
+
+
+def test_tolerance_failure_names_the_output(tmp_path):
+    path = tp.save(tp.tf2onnx_onehot(), tmp_path / "m.onnx")
+    recipe = Recipe("strict", "never met", (Step("quantize-int8"),), Tolerance(min_cosine=1.5))
+    with pytest.raises(ToleranceError, match=r"output 'logits' cosine"):
+        compress(path, tmp_path / "o.onnx", recipe=recipe, attribution=False)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+# ----------------------------------------------------------------- custom domains
+
+
+def test_custom_domain_ops_load_pass_through_and_validation_says_why_not(tmp_path, monkeypatch, capsys):
+    path = tp.save(tp.custom_domain(), tmp_path / "c.onnx")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", path, "--json"]) == 0
+    assert _json(capsys)["op_counts"]["ai.onnx.contrib::StringNormalizerLike"] == 1
+    out = tmp_path / "o.onnx"
+    assert main(["compress", path, "-o", str(out), "--no-validate", "--json"]) == 0
+    data = _json(capsys)
+    assert data["bytes_after"] < data["bytes_before"]
+    nodes = [n for n in onnx.load(out).graph.node if n.domain == "ai.onnx.contrib"]
+    assert len(nodes) == 1 and nodes[0].attribute[0].s == b"\xff\x00"  # untouched, bytes attribute too
+    assert main(["compress", path, "-o", str(tmp_path / "v.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "custom domain 'ai.onnx.contrib'" in err and "onnxruntime-extensions" in err
+    # ORT's symbolic shape inference stops at the unknown op: it must not leave its temp file here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx", "o.onnx"]
+
+
+# ----------------------------------------------------------------- the user's inputs
+
+
+def test_inputs_npz_npy_and_folder_are_used_and_reported(tmp_path, capsys):
+    path = tp.save(tp.paddle_conv(), tmp_path / "cls.onnx")
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (1, 3, 48, 96)).astype(np.float32)
+    np.savez(tmp_path / "one.npz", x=x)
+    np.savez(tmp_path / "two.npz", **{"0/x": x, "1/x": x[:, :, :, :64]})
+    np.save(tmp_path / "x.npy", x.astype(np.float64))  # cast to the model's float32
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "folder" / "x.npy", x)
+    for given, count in (("one.npz", 1), ("two.npz", 2), ("x.npy", 1), ("folder", 1)):
+        assert main(["validate", path, path, "--inputs", str(tmp_path / given), "--json"]) == 0
+        report = _json(capsys)
+        assert report["samples"] == count and report["input_source"].startswith("the user's inputs")
+    out = tmp_path / "o.onnx"
+    assert main(["compress", path, "-o", str(out), "--inputs", str(tmp_path / "two.npz"), "--json"]) == 0
+    assert _json(capsys)["validation"]["input_source"] == "the user's inputs (two.npz: 2 feeds)"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"y": np.zeros((1, 3, 8, 8), np.float32)}, "array 'y' is not a model input"),
+    ({"x": np.zeros((1, 4, 8, 8), np.float32)}, "dim 1 is 4, the model fixes it at 3"),
+    ({"x": np.zeros((3, 8, 8), np.float32)}, "has 3 dims"),
+    ({"x": np.zeros((1, 3, 8, 8), np.int64)}, "is int64, the model takes float32"),
+])
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys, content, message):
+    path = tp.save(tp.paddle_conv(), tmp_path / "cls.onnx")
+    np.savez(tmp_path / "bad.npz", **content)
+    assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--inputs", str(tmp_path / "bad.npz")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "bad.npz" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_input_shape_fixes_synthesized_dims(tmp_path, capsys):
+    path = tp.save(tp.paddle_conv(), tmp_path / "cls.onnx")
+    report = validate(path, path, input_shapes=["x=1,3,48,40"])
+    assert "x=1,3,48,40" in report.input_source
+    with pytest.raises(InputsError, match="dim 1 is fixed at 3"):
+        validate(path, path, input_shapes=["x=1,4,48,40"])
+    with pytest.raises(InputsError, match="not a model input"):
+        validate(path, path, input_shapes=["nope=1"])
+    assert main(["validate", path, path, "--input-shape", "x=1,3,x"]) == 1
+    assert "expected NAME=D1,D2" in capsys.readouterr().err
+
+
+def test_string_input_is_synthesized():
+    proto = tp.custom_domain()
+    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.STRING
+    model = ir.serde.deserialize_model(proto)
+    x = synthesize_inputs(model, count=1)[0]["x"]
+    assert x.dtype == object and isinstance(x.flat[0], str)
+
+
+def test_validation_error_for_unrunnable_custom_op_is_typed(tmp_path):
+    path = tp.save(tp.custom_domain(), tmp_path / "c.onnx")
+    with pytest.raises(ValidationError, match="no kernel here"):
+        validate(path, path)
+
+
+# ----------------------------------------------------------------- subgraphs, recurrent layers, never silent
+
+
+def test_weights_inside_if_branches_are_quantized():
+    from graphc.validate import make_session
+
+    model = ir.serde.deserialize_model(tp.if_with_weights())
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    ref = [make_session(model).run(None, {"x": x, "sr": np.array(sr)})[0] for sr in (16000, 8000)]
+    result = QuantizeInt8().call(model)
+    assert result.stats.counts["subgraph_gemms_quantized"] == 2
+    for sr, r in zip((16000, 8000), ref):
+        got = make_session(model).run(None, {"x": x, "sr": np.array(sr)})[0]
+        assert np.abs(got - r).max() < 0.02 * np.abs(r).max()
+
+
+def test_gru_is_left_in_float_with_the_reason(tmp_path, capsys):
+    path = tp.save(tp.gru(), tmp_path / "gru.onnx")
+    assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--json"]) == 0
+    left = {e["op"]: e for e in _json(capsys)["left_float"]}
+    assert left["GRU"]["tensors"] == 2 and "no int8 GRU kernel" in left["GRU"]["reasons"][0]
+    assert main(["compress", path, "-o", str(tmp_path / "o2.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "left in float:" in text and "GRU" in text
+
+
+def test_a_run_that_shrank_nothing_says_so(tmp_path, capsys):
+    path = tp.save(tp.gru(), tmp_path / "gru.onnx")
+    assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--recipe", "cleanup"]) == 0
+    assert "shrank nothing" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- inspection of foreign graphs
+
+
+def test_inspect_counts_constant_node_weights_and_groups_foreign_names(tmp_path, capsys):
+    from graphc.inspection import inspect_model, module_of_text
+
+    info = inspect_model(ir.serde.deserialize_model(tp.paddle_conv(channels=16)))
+    assert info.params == 16 * 3 * 3 * 3 + 16 * 16 * 9 + 16 + 16 * 4 + 4 + 4 * 16  # conv2d_0's Constant included
+    assert {"conv2d_0", "conv2d_1", "linear_0", "batch_norm_0"} <= set(info.by_layer)
+    assert info.by_layer["conv2d_0"]["params"] == 16 * 3 * 3 * 3
+    assert module_of_text("model/dense/MatMul") == "dense"
+    assert module_of_text("jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Conv_0/transpose_3:0") == "Conv_0"
+    assert module_of_text("/encoder/LayerNorm/Add") == "encoder/LayerNorm"
+    assert module_of_text("node_MatMul_12") is None
+    proto = tp.paddle_conv()
+    proto.metadata_props.add(key="character", value="\n".join(chr(0x4E00 + i) for i in range(3000)))
+    path = tp.save(proto, tmp_path / "m.onnx")
+    assert main(["inspect", path]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("character ="))
+    assert len(line) < 160 and "(5,999 chars)" in line
