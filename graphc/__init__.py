@@ -1,11 +1,49 @@
-"""graphc: ONNX graph-level compression and export compiler for transformer models."""
+"""graphc: ONNX graph-level compression and export compiler for transformer models.
 
-from graphc.api import CompressResult, compress, export, validate
+The API (``compress``, ``validate``, ``export``, ...) is imported on first use, so that
+``import graphc`` and ``graphc --help`` stay fast (ONNX, onnx_ir and ONNX Runtime load
+only when a model is touched).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from graphc.errors import GraphcError
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graphc")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = ["CompressResult", "GraphcError", "__version__", "compress", "export", "validate", "inspect", "list_passes", "list_recipes"]
+
+_LAZY = {"CompressResult": "graphc.api", "compress": "graphc.api", "export": "graphc.api", "validate": "graphc.api"}
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from graphc.api import CompressResult, compress, export, validate
+
+
+def __getattr__(name: str):
+    """The API functions, imported on first access (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'graphc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def inspect(model, diff=None) -> dict:

@@ -311,7 +311,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from graphc import cli_help
+
     p = _Parser(prog="graphc", description="ONNX compression compiler for transformer models")
+    cli_help.VersionAction.add_to(p)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
