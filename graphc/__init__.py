@@ -7,6 +7,8 @@ only when a model is touched).
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from graphc.errors import GraphcError
@@ -44,6 +46,20 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``graphc.validate`` is the API function, and also the name of a submodule: importing the
+    submodule must not replace the function with the module (the import system sets the parent's
+    attribute). ``from graphc.validate import ...`` is unaffected."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def inspect(model, diff=None) -> dict:

@@ -39,3 +39,44 @@ class VersionAction:
 
         parser.add_argument("--version", action=_Action, nargs=0, help="print graphc's version (and its ONNX "
                             "packages') and exit")
+
+
+EXIT_CODES = (
+    (0, "success"),
+    (1, "bad input or a failure (one line on stderr naming the file and the problem)"),
+    (2, "usage error: unknown flag, missing or malformed argument"),
+    (3, "validation missed the tolerance (compress wrote nothing; validate: below --min-cosine)"),
+    (70, "internal error, a bug in graphc (GRAPHC_DEBUG=1 shows the traceback)"),
+    (130, "interrupted (Ctrl-C)"),
+)
+
+EXAMPLES = """\
+  graphc export minilm -o minilm.onnx
+  graphc compress minilm.onnx -o minilm.int8.onnx
+  graphc compress minilm.onnx -o minilm.int4.onnx --recipe int4 --min-cosine 0.98
+  graphc compress minilm.onnx -o m.onnx --recipe int8 --set quantize-int8.per_channel=false
+  graphc compress minilm.onnx -o minilm.plan.onnx --max-error 0.01 --max-flops 0.7
+  graphc compress minilm.onnx -o minilm.fast.onnx --recipe auto --target x86-avx2
+  graphc --json compress minilm.onnx -o minilm.int8.onnx --progress 2> events.jsonl
+  graphc validate minilm.onnx minilm.int8.onnx --min-cosine 0.99
+  graphc passes"""
+
+
+def recipes_line() -> str:
+    from graphc.recipes import recipe_names  # reads no recipe file, imports no ONNX
+
+    import textwrap
+
+    text = ", ".join([*recipe_names(), "auto"]) + " (or a .toml file; `graphc passes` lists their passes)"
+    return "\n  ".join(textwrap.wrap(text, 86))
+
+
+def exit_codes() -> str:
+    codes = "\n".join(f"  {code:<4d} {text}" for code, text in EXIT_CODES)
+    return (f"exit codes:\n{codes}\n"
+            "With --json (before or after the command), stdout gets one JSON object, also on failure:\n"
+            '  {"error": "...", "exit_code": N, "type": "..."}; stderr keeps the one-line message.')
+
+
+def epilog(examples: str = EXAMPLES) -> str:
+    return f"recipes:\n  {recipes_line()}\n\nexamples:\n{examples}\n\n{exit_codes()}"

@@ -56,6 +56,10 @@ def test_lazy_api_names_resolve():
     from graphc.api import compress
 
     assert graphc.compress is compress and "compress" in dir(graphc)
+    import graphc.validate  # noqa: F401 - the submodule must not hide the function of the same name
+    from graphc.api import validate
+
+    assert graphc.validate is validate
     with pytest.raises(AttributeError):
         graphc.no_such_name  # noqa: B018
 
