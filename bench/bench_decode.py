@@ -1,4 +1,4 @@
-"""Decode speed of SmolLM2-135M with a KV cache: fp32, fused fp32, graphc int4, ORT int4 (issue 8).
+"""Decode speed of SmolLM2-135M with a KV cache: fp32, fused fp32, graphc int4, ORT int4.
 
     python bench/bench_decode.py [--context 512] [--tokens 32] [--threads 2] [--json OUT]
 

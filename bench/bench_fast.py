@@ -7,7 +7,7 @@ In one process, on CPU with ``--threads`` intra-op threads: the ORT int8 pipelin
 ``bench/bench_int8.py`` (legacy export, ``optimize_model``, per-channel ``quantize_dynamic``;
 same cache) against graphc's ``int8``, ``fast`` (padding removed, int8) and ``fast-prune``
 (pruned + corrected, padding removed, int8): bytes, median latency (interleaved) at batch 1 and
-8 of real tweets padded to 128 tokens (the issue's setting), at batch 8 padded only to the
+8 of real tweets padded to 128 tokens, at batch 8 padded only to the
 batch's longest tweet, and at batch 8 × 128 real tokens (no padding: where removing padding
 cannot help), mean/min cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets, and
 sentiment-probe accuracy (probe trained on PyTorch fp32 embeddings).

@@ -24,7 +24,7 @@ In one process, on CPU with ``--threads`` intra-op threads (default 2):
 
 Reports bytes on disk, median latency at batch 1 and 8 × 128 tokens (interleaved), mean/min
 cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets, and the accuracy of a
-sentiment probe trained on PyTorch fp32 embeddings, plus PASS/MISS for the issue's targets.
+sentiment probe trained on PyTorch fp32 embeddings, plus PASS/MISS for its targets.
 Reuses ``bench_int8.py``'s helpers and caches (``.graphc-cache/bench/``).
 """
 

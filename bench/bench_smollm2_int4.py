@@ -6,7 +6,7 @@ In one process, on CPU with ``--threads`` intra-op threads (default 2):
 
 1. fp32: graphc's dynamo export (cached in ``.graphc-cache/bench/``), and PyTorch fp32 through
    the same windows (cached);
-2. ORT int4 RTN, the issue's size reference: ``MatMulNBitsQuantizer`` with
+2. ORT int4 RTN, the size reference: ``MatMulNBitsQuantizer`` with
    ``DefaultWeightOnlyQuantConfig`` (round to nearest, 4-bit, block 128, symmetric,
    ``op_types_to_quantize=("MatMul", "Gather")``, accuracy_level 4), applied to graphc's fused
    fp32 graph (cleanup → fuse-ort → trim-outputs: what graphc's recipes quantize) in which the
