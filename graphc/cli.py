@@ -342,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dump-dir", metavar="DIR", help="write the model after each pass that changed it (NN-pass.onnx)")
     sp.add_argument("--report", metavar="HTML", help="write a self-contained HTML report (written even if validation fails)")
     sp.add_argument("--progress", action="store_true", default=None,
-                    help="show progress on stderr: a bar on a terminal, plain lines otherwise (the default), "
-                         "JSON lines with --json")
+                    help="progress on stderr: a bar on a terminal (the default there), plain lines every few "
+                         "seconds elsewhere (logs), JSON lines with --json")
     sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     sp.add_argument("--no-validate", action="store_true",
                     help="skip validation (ONNX Runtime would load the original and the result: the whole "

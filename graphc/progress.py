@@ -4,8 +4,9 @@ long ones, how far they are (``PassContext.report(what, done, total)``).
 Three renderings, all on stderr (stdout stays the result):
 
 - :class:`RichProgress`: a rich progress bar with elapsed time and ETA, on a terminal;
-- :class:`LineProgress`: plain lines for logs (CI), at most one every ``interval`` seconds and
-  none before the run has lasted that long, so a quick run prints nothing;
+- :class:`LineProgress`: plain lines for logs (CI, ``--progress`` where stderr is not a
+  terminal), at most one every ``interval`` seconds and none before the run has lasted that
+  long, so a quick run prints nothing;
 - :class:`JsonProgress`: one JSON object a line (``--json --progress``), for programs.
 
 Each is both an instrument for the pass manager (``before_pass``/``after_pass``) and the
@@ -182,12 +183,13 @@ class RichProgress(_Base):
 def make_progress(mode: bool | None, *, as_json: bool, total_passes: int | None,
                   stream: TextIO | None = None) -> _Base | None:
     """The rendering for ``--progress`` (True), ``--no-progress`` (False) or neither (None):
-    JSON lines only when asked with --json; otherwise a bar on a terminal, plain lines when
-    stderr is not one."""
+    on a terminal a bar unless ``--no-progress`` (it vanishes when done, so an error stays the
+    one line left on stderr); elsewhere only when asked for, as plain lines, or as JSON lines
+    with --json (stderr of scripts and tests stays the one-line error or nothing)."""
     stream = stream if stream is not None else sys.stderr
     if as_json:
         return JsonProgress(total_passes, stream=stream) if mode else None
-    if mode is False:
+    if mode is False or (mode is None and not stream.isatty()):
         return None
     if stream.isatty():
         return RichProgress(total_passes)

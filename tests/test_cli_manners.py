@@ -247,7 +247,8 @@ def test_make_progress_picks_the_rendering():
         def isatty(self) -> bool:
             return True
 
-    assert isinstance(make_progress(None, as_json=False, total_passes=2, stream=io.StringIO()), LineProgress)
+    assert make_progress(None, as_json=False, total_passes=2, stream=io.StringIO()) is None  # scripts: quiet
+    assert isinstance(make_progress(True, as_json=False, total_passes=2, stream=io.StringIO()), LineProgress)
     assert make_progress(None, as_json=True, total_passes=2, stream=io.StringIO()) is None
     assert isinstance(make_progress(True, as_json=True, total_passes=2, stream=io.StringIO()), JsonProgress)
     assert make_progress(False, as_json=False, total_passes=2, stream=Tty()) is None
