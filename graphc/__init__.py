@@ -34,13 +34,17 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
 
 
 def __getattr__(name: str):
-    """The API functions, imported on first access (PEP 562)."""
-    if name in _LAZY:
-        import importlib
+    """The API functions and graphc's submodules (``graphc.io``, ...), imported on first
+    access (PEP 562)."""
+    import importlib
+    import importlib.util
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # the import binds it here too
     raise AttributeError(f"module 'graphc' has no attribute {name!r}")
 
 

@@ -65,6 +65,9 @@ def test_lazy_api_names_resolve():
     assert graphc.validate is validate
     with pytest.raises(AttributeError):
         graphc.no_such_name  # noqa: B018
+    code = "import graphc; print(graphc.io.load_model.__name__, graphc.measure.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["load_model", "graphc.measure"], out.stderr[-500:]
 
 
 @pytest.mark.slow
