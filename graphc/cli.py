@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     p = _Parser(prog="graphc", description="ONNX compression compiler for transformer models",
                 epilog=cli_help.epilog(), formatter_class=raw)
-    cli_help.VersionAction.add_to(p)
+    cli_help.add_version_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (errors too)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 

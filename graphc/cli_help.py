@@ -25,20 +25,17 @@ def version_text() -> str:
     return f"graphc {__version__} ({', '.join(deps)}, Python {py})"
 
 
-class VersionAction:
+def add_version_flag(parser) -> None:
     """``--version``: prints :func:`version_text` on one line (argparse's own action wraps it)."""
+    import argparse
 
-    @staticmethod
-    def add_to(parser) -> None:
-        import argparse
+    class _Version(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            sys.stdout.write(version_text() + "\n")
+            parser.exit(0)
 
-        class _Action(argparse.Action):
-            def __call__(self, parser, namespace, values, option_string=None):
-                sys.stdout.write(version_text() + "\n")
-                parser.exit(0)
-
-        parser.add_argument("--version", action=_Action, nargs=0, help="print graphc's version (and its ONNX "
-                            "packages') and exit")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print graphc's version (and its ONNX packages') and exit")
 
 
 EXIT_CODES = (
