@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt "torch==2.13.0"
 	$(PIP) install -c constraints.txt -e ".[export,interop,test]"
@@ -38,4 +38,4 @@ bench: install
 	$(PY) bench/bench_int8.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .graphc-cache
+	rm -rf $(VENV) build dist *.egg-info .graphc-cache

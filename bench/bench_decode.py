@@ -1,4 +1,4 @@
-"""Decode speed of SmolLM2-135M with a KV cache: fp32, fused fp32, graphc int4, ORT int4 (issue 8).
+"""Decode speed of SmolLM2-135M with a KV cache: fp32, fused fp32, graphc int4, ORT int4.
 
     python bench/bench_decode.py [--context 512] [--tokens 32] [--threads 2] [--json OUT]
 
@@ -28,7 +28,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".graphc-cache" / "bench"
 
@@ -75,17 +74,16 @@ def graphc_fused(fp32: Path, fresh: bool) -> Path:
 def graphc_int4(fp32: Path, fresh: bool, *, attention: str | None = None) -> Path:
     """``attention``: override fuse-ort's attention target ("none": attention unfused)."""
     import graphc
-    from graphc.recipes import get_recipe, recipe_from_dict
+    from graphc.recipes import recipe_from_dict
 
     out = WORK / f"smollm2-kv-graphc-int4{'-attention-' + attention if attention else '-gqa'}.onnx"
     if fresh or not out.exists():
         print(f"graphc int4 (attention {attention or 'fused'}) ...", file=sys.stderr, flush=True)
         # the int4 recipe's weights, without its per-layer sensitivity search (minutes on 210
         # MatMuls): decode speed depends on the kernels and bytes, which this keeps
-        steps = [{"name": s.pass_name, "options": {**s.options, **({"attention": attention} if attention and
-                                                                    s.pass_name == "fuse-ort" else {})}}
-                 for s in get_recipe("int4").steps if s.pass_name != "mixed-precision"]
-        recipe = recipe_from_dict({"name": "int4-uniform", "extends": "int4", "passes": steps})
+        fuse = [{"name": "fuse-ort", "options": {"attention": attention}}] if attention else []
+        recipe = recipe_from_dict({"name": "int4-uniform", "extends": "int4", "disable": ["mixed-precision"],
+                                   "passes": fuse})
         graphc.compress(fp32, out, recipe=recipe, force=True, attribution=False)
     return out
 

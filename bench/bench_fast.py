@@ -7,7 +7,7 @@ In one process, on CPU with ``--threads`` intra-op threads: the ORT int8 pipelin
 ``bench/bench_int8.py`` (legacy export, ``optimize_model``, per-channel ``quantize_dynamic``;
 same cache) against graphc's ``int8``, ``fast`` (padding removed, int8) and ``fast-prune``
 (pruned + corrected, padding removed, int8): bytes, median latency (interleaved) at batch 1 and
-8 of real tweets padded to 128 tokens (the issue's setting), at batch 8 padded only to the
+8 of real tweets padded to 128 tokens, at batch 8 padded only to the
 batch's longest tweet, and at batch 8 × 128 real tokens (no padding: where removing padding
 cannot help), mean/min cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets, and
 sentiment-probe accuracy (probe trained on PyTorch fp32 embeddings).
@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8 helpers (a script, not a package)
 
-import bench_int8 as b8  # noqa: E402
+import harness as h
 
 ORT_INT8, FAST = "ORT int8 (optimizer + quantize_dynamic)", "graphc fast"
 INT8, FAST_PRUNE = "graphc int8", "graphc fast-prune"
@@ -38,8 +37,8 @@ SETTINGS = (("b1", "b1 × 128 (padded)"), ("b8", "b8 × 128 (padded)"), ("b8_lon
             ("b8_full", "b8 × 128 real tokens"))
 TARGET_RATIO, TARGET_COS, TARGET_PROBE = 0.7, 0.99, 0.01
 
-FULL = {**b8.FULL, "sweep_sentences": 256, "sweep_reps": 6}
-QUICK = {**b8.QUICK, "sweep_sentences": 64, "sweep_reps": 3}
+FULL = {**h.FULL, "sweep_sentences": 256, "sweep_reps": 6}
+QUICK = {**h.QUICK, "sweep_sentences": 64, "sweep_reps": 3}
 SWEEP = {"heads": (0.25, 0.5), "ffn": (0.25, 0.5)}
 
 
@@ -74,7 +73,7 @@ def pruned_fp32(fp32: Path, out: Path, *, heads: float = 0.0, ffn: float = 0.0, 
         steps.append(Step("prune-ffn", {"fraction": ffn, "correct": correct}))
     steps.append(Step("remove-unused"))
     recipe = Recipe("sweep", "fusion + pruning, fp32", tuple(steps), Tolerance(min_cosine=None))
-    with b8.quiet():
+    with h.quiet():
         graphc.compress(fp32, out, recipe=recipe, force=True, attribution=False)
     return out
 
@@ -85,31 +84,6 @@ def _quality(sess, recipe, feeds, pool, ref) -> Any:
     return measure.cosine_stats(measure.embeddings(sess, feeds, pool=pool), ref)
 
 
-def probe_accuracies(recipe, sessions: dict, torch_ref, embed, cfg, rep) -> tuple[dict[str, float], list, list]:
-    """Sentiment-probe accuracy of PyTorch fp32 and each session: a probe trained on PyTorch
-    fp32 embeddings of ``cfg["probe_train"]`` tweets, tested on ``cfg["probe_test"]``; and
-    the train and test texts."""
-    from graphc import measure
-    from graphc.demo import length_sorted
-    from graphc.models import data
-    from graphc.models.minilm import SentimentProbe
-
-    train_texts, train_y = data.tweets("probe_train")
-    test_texts, test_y = data.tweets("probe_test")
-    train_texts, train_y = length_sorted(recipe, train_texts[: cfg["probe_train"]], train_y[: cfg["probe_train"]])
-    test_texts, test_y = length_sorted(recipe, test_texts[: cfg["probe_test"]], test_y[: cfg["probe_test"]])
-    train_feeds = recipe.feeds(train_texts, batch=32, max_length=b8.SEQ)
-    test_feeds = recipe.feeds(test_texts, batch=32, max_length=b8.SEQ)
-    with rep.bar("PyTorch fp32 probe embeddings") as cb:
-        probe = SentimentProbe().fit(torch_ref.embeddings(train_texts, train_feeds, embed, cb), train_y)
-        accuracy = {"PyTorch fp32": measure.probe_accuracy(
-            probe, torch_ref.embeddings(test_texts, test_feeds, embed, cb), test_y)}
-    for name, sess in sessions.items():
-        with rep.status(f"{name}: probe embeddings"):
-            accuracy[name] = measure.probe_accuracy(probe, measure.embeddings(sess, test_feeds, pool=embed), test_y)
-    return accuracy, train_texts, test_texts
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import graphc
     from graphc import measure
@@ -118,33 +92,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.models.minilm import embed
 
     cfg = dict(QUICK if args.quick else FULL)
-    rep = b8.Reporter()
+    rep = h.Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     recipe = get_model_recipe("minilm")
     t_start = time.perf_counter()
     res: dict[str, Any] = {"config": {**cfg, "mode": "quick" if args.quick else "full", "threads": args.threads,
-                                      "seq": b8.SEQ}}
+                                      "seq": h.SEQ}}
 
-    with rep.status("fp32: graphc dynamo export"), b8.quiet():
+    with rep.status("fp32: graphc dynamo export"), h.quiet():
         fp32_path, _ = cached_export("minilm", work, fresh=args.fresh)
-    torch_ref = b8.TorchReference(recipe, args.threads, work, fresh=args.fresh)
+    torch_ref = h.TorchReference(recipe, args.threads, work, fresh=args.fresh)
     eval_texts = recipe.eval_texts(cfg["sentences"])
-    feeds = recipe.feeds(eval_texts, batch=32, max_length=b8.SEQ)
+    feeds = recipe.feeds(eval_texts, batch=32, max_length=h.SEQ)
     with rep.bar(f"PyTorch fp32 embeddings of {cfg['sentences']} eval tweets") as cb:
         ref = torch_ref.embeddings(eval_texts, feeds, embed, cb)
     texts8 = recipe.eval_texts(8)
-    feed_b = {f"b{b}": measure.pad_feed(recipe.feeds(texts8[:b], batch=b, max_length=b8.SEQ)[0], b8.SEQ) for b in (1, 8)}
-    feed_b["b8_longest"] = recipe.feeds(texts8, batch=8, max_length=b8.SEQ)[0]
+    feed_b = {f"b{b}": measure.pad_feed(recipe.feeds(texts8[:b], batch=b, max_length=h.SEQ)[0], h.SEQ) for b in (1, 8)}
+    feed_b["b8_longest"] = recipe.feeds(texts8, batch=8, max_length=h.SEQ)[0]
     many = recipe.eval_texts(8 * 16)
-    feed_b["b8_full"] = recipe.feeds([" ".join(many[i::8]) for i in range(8)], batch=8, max_length=b8.SEQ)[0]
-    assert feed_b["b8_full"]["attention_mask"].all() and feed_b["b8_full"]["attention_mask"].shape == (8, b8.SEQ)
+    feed_b["b8_full"] = recipe.feeds([" ".join(many[i::8]) for i in range(8)], batch=8, max_length=h.SEQ)[0]
+    assert feed_b["b8_full"]["attention_mask"].all() and feed_b["b8_full"]["attention_mask"].shape == (8, h.SEQ)
     res["config"]["real_tokens"] = {k: int(f["attention_mask"].sum()) for k, f in feed_b.items()}
     res["config"]["positions"] = {k: int(f["attention_mask"].size) for k, f in feed_b.items()}
 
     if not args.no_main:
         with rep.status("ORT int8: legacy export → optimize_model → quantize_dynamic"):
-            ort_path = b8.build_ort_int8(work, fresh=args.fresh)
+            ort_path = h.build_ort_int8(work, fresh=args.fresh)
         pruned = fast_recipe(args.heads, args.ffn)
         paths = {ORT_INT8: ort_path}
         results = {}
@@ -152,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 (FAST, "fast", "minilm-graphc-fast.onnx"),
                                 (FAST_PRUNE, pruned, "minilm-graphc-fast-prune.onnx")):
             paths[name] = work / file
-            with rep.status(f"{name}: graphc.compress(recipe={getattr(rec, 'name', rec)!r})"), b8.quiet():
+            with rep.status(f"{name}: graphc.compress(recipe={getattr(rec, 'name', rec)!r})"), h.quiet():
                 results[name] = graphc.compress(fp32_path, paths[name], recipe=rec, force=True)
         result = results[FAST]
         sessions = {k: measure.session(p, threads=args.threads) for k, p in paths.items()}
@@ -166,7 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, sess in sessions.items():
             with rep.status(f"{name}: embeddings of {cfg['sentences']} eval tweets"):
                 cosine[name] = _quality(sess, recipe, feeds, embed, ref)
-        accuracy, train_texts, test_texts = probe_accuracies(recipe, sessions, torch_ref, embed, cfg, rep)
+        accuracy, split = h.probe_accuracies(sessions, recipe, torch_ref, cfg, rep)
+        train_texts, test_texts = split["train"], split["test"]
         res["models"] = {
             name: {"path": str(paths[name]), "bytes": measure.files_bytes(paths[name]),
                    **{f"latency_{key}": latency[key][name].to_dict() for key, _ in SETTINGS},
@@ -191,9 +166,9 @@ def sweep(fp32_path: Path, work: Path, cfg, threads: int, rep, recipe, ref, embe
     from graphc import measure
 
     n = cfg["sweep_sentences"]
-    feeds = recipe.feeds(recipe.eval_texts(n), batch=32, max_length=b8.SEQ)
+    feeds = recipe.feeds(recipe.eval_texts(n), batch=32, max_length=h.SEQ)
     ref = ref[:n]
-    feed8 = measure.pad_feed(recipe.feeds(recipe.eval_texts(8), batch=8, max_length=b8.SEQ)[0], b8.SEQ)
+    feed8 = measure.pad_feed(recipe.feeds(recipe.eval_texts(8), batch=8, max_length=h.SEQ)[0], h.SEQ)
     base = pruned_fp32(fp32_path, work / "sweep-fp32.onnx")
     rows = []
     base_sess = measure.session(base, threads=threads)
@@ -290,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: few reps, 64 sentences, small probe")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
-    parser.add_argument("--work", default=str(b8.WORK), help="work folder (shared with bench_int8.py)")
+    parser.add_argument("--work", default=str(h.WORK), help="work folder (shared with bench_int8.py)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached exports and PyTorch embeddings")
     parser.add_argument("--sweep", action="store_true", help="also the quality-vs-fraction sweep (fp32)")
     parser.add_argument("--no-main", action="store_true", help="skip the ORT-vs-fast comparison")

@@ -31,9 +31,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_int8 import Reporter, _fingerprint, quiet  # noqa: E402 - shared bench helpers
+from harness import Reporter, fingerprint, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".graphc-cache" / "bench" / "fuse"
@@ -57,7 +56,7 @@ def export_variant(model: str, exporter: str, attn: str, work: Path, *, fresh: b
 
     out = work / f"{model}-{exporter}-{attn}.onnx"
     stamp = out.with_suffix(".key")
-    key = _fingerprint("fuse-bench export v1", model, exporter, attn)
+    key = fingerprint("fuse-bench export v1", model, exporter, attn)
     if not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         return out
     stamp.unlink(missing_ok=True)

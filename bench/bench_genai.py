@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8 helpers (a script, not a package)
-
-import bench_int8 as b8  # noqa: E402
+import harness as b8  # bench/harness.py (the script's folder is on sys.path)
 
 WORK = b8.WORK / "genai"
 

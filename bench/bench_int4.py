@@ -24,8 +24,8 @@ In one process, on CPU with ``--threads`` intra-op threads (default 2):
 
 Reports bytes on disk, median latency at batch 1 and 8 × 128 tokens (interleaved), mean/min
 cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets, and the accuracy of a
-sentiment probe trained on PyTorch fp32 embeddings, plus PASS/MISS for the issue's targets.
-Reuses ``bench_int8.py``'s helpers and caches (``.graphc-cache/bench/``).
+sentiment probe trained on PyTorch fp32 embeddings, plus PASS/MISS for its targets.
+Shares ``bench/harness.py`` and its caches (``.graphc-cache/bench/``).
 """
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_int8 import (  # noqa: E402 - bench/ is a folder of scripts, not a package
+from harness import (
+    build_fused,
+    environment,
+    cosine_vs_torch,
+    latency_b1_b8,
+    probe_accuracies,
     FULL,
     QUICK,
     ROOT,
@@ -51,15 +55,13 @@ from bench_int8 import (  # noqa: E402 - bench/ is a folder of scripts, not a pa
     WORK,
     Reporter,
     TorchReference,
-    _cpu_name,
-    _fingerprint,
+    fingerprint,
     build_ort_int8,
     quiet,
 )
 
 COSINE_TARGET = 0.99
 PROBE_POINTS = 0.01  # probe accuracy within 1 point of PyTorch fp32
-FUSED_PIPELINE = "graphc cleanup+fuse-ort(mha)+trim-outputs v1"
 
 FP32 = "fp32 (graphc export)"
 ORT_INT8 = "ORT int8 (optimizer + quantize_dynamic)"
@@ -75,28 +77,6 @@ MODELS = (FP32, ORT_INT8, ORT_RTN, ORT_HQQ, GRAPHC_RTN, GRAPHC_MSE, GRAPHC_UNIFO
 # --------------------------------------------------------------------------- models
 
 
-def build_fused(fp32: Path, work: Path, *, fresh: bool) -> Path:
-    """graphc's fp32 graph after cleanup, fuse-ort and trim-outputs (cached): what both
-    graphc's int4 and (here) ORT's 4-bit quantizers quantize."""
-    import graphc
-    from graphc.recipes import BUILTIN
-
-    out = work / "minilm-fused-fp32.onnx"
-    stamp = work / "minilm-fused-fp32.key"
-    export_key = fp32.with_suffix(".key")
-    sources = [(ROOT / "passes" / f"{p}.py").read_text() for p in ("cleanup", "fuse_ort", "trim_outputs")]
-    key = _fingerprint(FUSED_PIPELINE, export_key.read_text() if export_key.is_file() else str(fp32.stat()),
-                       *sources)
-    if not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
-        return out
-    steps = [s for s in BUILTIN["int4"].steps if not s.pass_name.startswith("quantize") and s.pass_name != "fp16-constants"]
-    recipe = replace(BUILTIN["int4"], name="fused-fp32", steps=tuple(steps))
-    with quiet():
-        graphc.compress(fp32, out, recipe=recipe, force=True, validate=False, attribution=False)
-    stamp.write_text(key + "\n")
-    return out
-
-
 def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
     """ORT's MatMulNBitsQuantizer on the fused graph: RTN (DefaultWeightOnlyQuantConfig) or HQQ."""
     import onnx
@@ -108,7 +88,7 @@ def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
 
     out = work / f"minilm-ort-int4-{algo}.onnx"
     stamp = work / f"minilm-ort-int4-{algo}.key"
-    key = _fingerprint(f"ort-int4-{algo} block32 sym acc4 v1", str(fused.stat().st_size), str(fused.stat().st_mtime_ns))
+    key = fingerprint(f"ort-int4-{algo} block32 sym acc4 v1", str(fused.stat().st_size), str(fused.stat().st_mtime_ns))
     if not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         return out
     if algo == "rtn":
@@ -157,13 +137,9 @@ def build_graphc(fp32: Path, work: Path, variant: str) -> tuple[Path, Any, float
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import importlib.metadata
-    import platform
-
     from graphc import measure
-    from graphc.demo import cached_export, length_sorted
-    from graphc.models import data, get_model_recipe
-    from graphc.models.minilm import SentimentProbe, embed
+    from graphc.demo import cached_export
+    from graphc.models import get_model_recipe
 
     cfg = dict(QUICK if args.quick else FULL)
     rep = Reporter()
@@ -205,54 +181,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = {k: measure.files_bytes(paths[k]) for k in models}
     sessions = {k: measure.session(paths[k], threads=args.threads) for k in models}
 
-    # --- latency (real tweets, padded to SEQ)
-    latency: dict[str, dict[str, measure.Latency]] = {}
-    texts8 = recipe.eval_texts(8)
-    for batch, reps in ((1, cfg["reps_b1"]), (8, cfg["reps_b8"])):
-        feed = measure.pad_feed(recipe.feeds(texts8[:batch], batch=batch, max_length=SEQ)[0], SEQ)
-        with rep.bar(f"latency b{batch}×{SEQ}: {reps} interleaved reps, {cfg['warmup']} warm-up") as cb:
-            latency[f"b{batch}"] = measure.interleaved_latency(sessions, feed, reps=reps, warmup=cfg["warmup"],
-                                                               progress=cb)
-
-    # --- cosine of pooled embeddings vs PyTorch fp32
+    latency = latency_b1_b8(sessions, recipe, cfg, rep)
     torch_ref = TorchReference(recipe, args.threads, work, fresh=args.fresh)
-    eval_texts = recipe.eval_texts(cfg["sentences"])
-    feeds = recipe.feeds(eval_texts, batch=32, max_length=SEQ)
-    with rep.bar(f"PyTorch fp32 embeddings of {cfg['sentences']} eval tweets") as cb:
-        ref = torch_ref.embeddings(eval_texts, feeds, embed, cb)
-    cosine = {}
-    for name, sess in sessions.items():
-        with rep.bar(f"{name}: embeddings of {cfg['sentences']} eval tweets") as cb:
-            cosine[name] = measure.cosine_stats(measure.embeddings(sess, feeds, pool=embed, progress=cb), ref)
-
-    # --- sentiment probe trained on PyTorch fp32 embeddings
-    train_texts, train_y = data.tweets("probe_train")
-    test_texts, test_y = data.tweets("probe_test")
-    train_texts, train_y = length_sorted(recipe, train_texts[: cfg["probe_train"]], train_y[: cfg["probe_train"]])
-    test_texts, test_y = length_sorted(recipe, test_texts[: cfg["probe_test"]], test_y[: cfg["probe_test"]])
-    train_feeds = recipe.feeds(train_texts, batch=32, max_length=SEQ)
-    test_feeds = recipe.feeds(test_texts, batch=32, max_length=SEQ)
-    with rep.bar(f"PyTorch fp32 embeddings of {len(train_texts)} probe_train tweets") as cb:
-        probe = SentimentProbe().fit(torch_ref.embeddings(train_texts, train_feeds, embed, cb), train_y)
-    accuracy = {}
-    with rep.bar(f"PyTorch fp32 embeddings of {len(test_texts)} probe_test tweets") as cb:
-        accuracy["PyTorch fp32"] = measure.probe_accuracy(
-            probe, torch_ref.embeddings(test_texts, test_feeds, embed, cb), test_y)
-    for name, sess in sessions.items():
-        with rep.bar(f"{name}: embeddings of {len(test_texts)} probe_test tweets") as cb:
-            accuracy[name] = measure.probe_accuracy(
-                probe, measure.embeddings(sess, test_feeds, pool=embed, progress=cb), test_y)
+    cosine = cosine_vs_torch(sessions, recipe, torch_ref, cfg, rep)
+    accuracy, split = probe_accuracies(sessions, recipe, torch_ref, cfg, rep)
+    train_texts, test_texts, test_y = split["train"], split["test"], split["test_y"]
 
     return {
         "config": {**cfg, "mode": "quick" if args.quick else "full", "threads": args.threads, "seq": SEQ},
-        "environment": {
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu": _cpu_name(),
-            "onnxruntime": importlib.metadata.version("onnxruntime"),
-            "torch": importlib.metadata.version("torch"),
-            "transformers": importlib.metadata.version("transformers"),
-        },
+        "environment": environment(),
         "models": {
             name: {
                 "path": str(paths[name]),

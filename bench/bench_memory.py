@@ -1,4 +1,4 @@
-"""Peak memory and time of compressing large models (issue 8's bounded-memory measurement).
+"""Peak memory and time of compressing large models.
 
     python bench/bench_memory.py [--sizes 1gb,4gb,8gb] [--recipes cleanup,int4-nocalib] [--json OUT]
 

@@ -27,10 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8 helpers (a script, not a package)
 
-import bench_int8 as b8  # noqa: E402
-from bench_fast import probe_accuracies  # noqa: E402
+import harness as h
 
 ORT_INT8 = "ORT int8 (optimizer + quantize_dynamic)"
 
@@ -80,18 +78,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.models import get_model_recipe
     from graphc.models.minilm import embed
 
-    cfg = dict(b8.QUICK if args.quick else b8.FULL)
-    rep = b8.Reporter()
+    cfg = dict(h.QUICK if args.quick else h.FULL)
+    rep = h.Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     recipe = get_model_recipe("minilm")
     t_start = time.perf_counter()
     res: dict[str, Any] = {"config": {**cfg, "mode": "quick" if args.quick else "full", "threads": args.threads,
-                                      "seq": b8.SEQ, "load_before": os.getloadavg()}}
-    with rep.status("fp32: graphc dynamo export"), b8.quiet():
+                                      "seq": h.SEQ, "load_before": os.getloadavg()}}
+    with rep.status("fp32: graphc dynamo export"), h.quiet():
         fp32_path, _ = cached_export("minilm", work, fresh=args.fresh)
     with rep.status("ORT int8: legacy export → optimize_model → quantize_dynamic"):
-        ort_path = b8.build_ort_int8(work, fresh=args.fresh)
+        ort_path = h.build_ort_int8(work, fresh=args.fresh)
     budgets = []
     for b in args.budgets.split(","):
         for max_bytes in [int(float(x)) for x in args.max_bytes.split(",")] if args.max_bytes else [None]:
@@ -114,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.reuse_built and path.is_file() and stats_path.is_file():
             res["plans"][name] = json.loads(stats_path.read_text())
         else:
-            with rep.status(f"{name}: graphc.compress"), b8.quiet():
+            with rep.status(f"{name}: graphc.compress"), h.quiet():
                 t0 = time.perf_counter()
                 try:
                     result = graphc.compress(fp32_path, path, recipe=plan_recipe_of(budget), force=True)
@@ -130,18 +128,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["plans"][name] = facts
         paths[name] = path
 
-    torch_ref = b8.TorchReference(recipe, args.threads, work, fresh=args.fresh)
+    torch_ref = h.TorchReference(recipe, args.threads, work, fresh=args.fresh)
     eval_texts = recipe.eval_texts(cfg["sentences"])
-    feeds = recipe.feeds(eval_texts, batch=32, max_length=b8.SEQ)
+    feeds = recipe.feeds(eval_texts, batch=32, max_length=h.SEQ)
     with rep.bar(f"PyTorch fp32 embeddings of {cfg['sentences']} eval tweets") as cb:
         ref = torch_ref.embeddings(eval_texts, feeds, embed, cb)
     texts8 = recipe.eval_texts(8)
-    feed_b = {b: measure.pad_feed(recipe.feeds(texts8[:b], batch=b, max_length=b8.SEQ)[0], b8.SEQ) for b in (1, 8)}
+    feed_b = {b: measure.pad_feed(recipe.feeds(texts8[:b], batch=b, max_length=h.SEQ)[0], h.SEQ) for b in (1, 8)}
     sessions = {k: measure.session(p, threads=args.threads) for k, p in paths.items()}
     res["load_before_latency"] = os.getloadavg()
     latency = {}
     for batch, reps in ((1, cfg["reps_b1"]), (8, cfg["reps_b8"])):
-        with rep.bar(f"latency b{batch}×{b8.SEQ}: {reps} interleaved reps") as cb:
+        with rep.bar(f"latency b{batch}×{h.SEQ}: {reps} interleaved reps") as cb:
             latency[batch] = measure.interleaved_latency(sessions, feed_b[batch], reps=reps, warmup=cfg["warmup"],
                                                          progress=cb)
     res["load_after_latency"] = os.getloadavg()
@@ -149,7 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, sess in sessions.items():
         with rep.status(f"{name}: embeddings of {cfg['sentences']} eval tweets"):
             cosine[name] = measure.cosine_stats(measure.embeddings(sess, feeds, pool=embed), ref)
-    accuracy, train_texts, test_texts = probe_accuracies(recipe, sessions, torch_ref, embed, cfg, rep)
+    accuracy, split = h.probe_accuracies(sessions, recipe, torch_ref, cfg, rep)
+    train_texts, test_texts = split["train"], split["test"]
     res["models"] = {
         name: {"path": str(paths[name]), "bytes": measure.files_bytes(paths[name]),
                "latency_b1": latency[1][name].to_dict(), "latency_b8": latency[8][name].to_dict(),
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: few reps, 64 sentences, small probe")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
-    parser.add_argument("--work", default=str(b8.WORK), help="work folder (shared with bench_int8.py)")
+    parser.add_argument("--work", default=str(h.WORK), help="work folder (shared with bench_int8.py)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached exports and PyTorch embeddings")
     parser.add_argument("--reuse-built", action="store_true", help="reuse plan models built by an earlier run")
     args = parser.parse_args(argv)

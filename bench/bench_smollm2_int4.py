@@ -6,7 +6,7 @@ In one process, on CPU with ``--threads`` intra-op threads (default 2):
 
 1. fp32: graphc's dynamo export (cached in ``.graphc-cache/bench/``), and PyTorch fp32 through
    the same windows (cached);
-2. ORT int4 RTN, the issue's size reference: ``MatMulNBitsQuantizer`` with
+2. ORT int4 RTN, the size reference: ``MatMulNBitsQuantizer`` with
    ``DefaultWeightOnlyQuantConfig`` (round to nearest, 4-bit, block 128, symmetric,
    ``op_types_to_quantize=("MatMul", "Gather")``, accuracy_level 4), applied to graphc's fused
    fp32 graph (cleanup → fuse-ort → trim-outputs: what graphc's recipes quantize) in which the
@@ -43,9 +43,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_int8 import ROOT, WORK, Reporter, _cpu_name, _fingerprint, quiet  # noqa: E402
+from harness import ROOT, WORK, Reporter, cpu_name, fingerprint, quiet
 
 SEQ = 512
 PPL_TARGET = 0.05  # perplexity within 5% of fp32
@@ -134,7 +133,7 @@ def cached_fp32(work: Path, *, fresh: bool) -> Path:
     out = work / "smollm2-export-fp32.onnx"
     stamp = work / "smollm2-export-fp32.key"
     sources = [p.read_text() for p in sorted((ROOT / "exporters").glob("*.py"))]
-    key = _fingerprint("smollm2 export v1", json.dumps(smollm2._source_stamp(smollm2.gguf_path())), *sources)
+    key = fingerprint("smollm2 export v1", json.dumps(smollm2._source_stamp(smollm2.gguf_path())), *sources)
     if _key_ok(out, stamp, key, fresh):
         return out
     stamp.unlink(missing_ok=True)
@@ -169,7 +168,7 @@ def build_fused(fp32: Path, work: Path, *, fresh: bool) -> Path:
     out = work / "smollm2-fused-fp32.onnx"
     stamp = work / "smollm2-fused-fp32.key"
     sources = [(ROOT / "passes" / f"{p}.py").read_text() for p in ("cleanup", "fuse_ort", "trim_outputs")]
-    key = _fingerprint(FUSED_PIPELINE, _read(fp32.with_suffix(".key")), *sources)
+    key = fingerprint(FUSED_PIPELINE, _read(fp32.with_suffix(".key")), *sources)
     if _key_ok(out, stamp, key, fresh):
         return out
     steps = [s for s in BUILTIN["int4"].steps if not s.pass_name.startswith("quantize") and s.pass_name != "fp16-constants"]
@@ -202,7 +201,7 @@ def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
     out = work / f"smollm2-ort-int4-{algo}.onnx"
     stamp = work / f"smollm2-ort-int4-{algo}.key"
     extra = f" feeds {ORT_GPTQ_FEEDS}" if algo == "gptq" else ""
-    key = _fingerprint(f"ort-int4-{algo} block128 v1{extra}", _read(work / "smollm2-fused-fp32.key"))
+    key = fingerprint(f"ort-int4-{algo} block128 v1{extra}", _read(work / "smollm2-fused-fp32.key"))
     if _key_ok(out, stamp, key, fresh):
         return out
     if algo == "gptq":
@@ -291,7 +290,7 @@ def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fre
     model_recipe = get_model_recipe("smollm2")
     caps = (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds,
             model_recipe.calibration_batch, model_recipe.calibration_length)
-    key = _fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), str(spec.get("calibration") or caps),
+    key = fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), str(spec.get("calibration") or caps),
                        _read(fp32.with_suffix(".key")), *sources)
     if info.is_file() and _key_ok(out, stamp, key, fresh):
         return out, json.loads(info.read_text())
@@ -330,7 +329,7 @@ def torch_perplexity(recipe: Any, feeds: list, work: Path, threads: int, *, fres
     from graphc.models import smollm2
 
     h = hashlib.sha256(b"".join(np.ascontiguousarray(f["input_ids"]).tobytes() for f in feeds)).hexdigest()[:12]
-    cache = work / f"smollm2-torch-ppl-{_fingerprint(h, str(smollm2.converted_folder()))}.json"
+    cache = work / f"smollm2-torch-ppl-{fingerprint(h, str(smollm2.converted_folder()))}.json"
     if not fresh and cache.is_file():
         return json.loads(cache.read_text())
     torch.set_num_threads(threads)
@@ -424,7 +423,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"windows": args.windows, "seq": SEQ, "tokens": ppl[FP32]["tokens"], "threads": args.threads,
                    "reps": args.reps, "text": "Wikipedia eval split (gensim test data), windows from its start"},
         "environment": {
-            "python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_name(),
+            "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_name(),
             "onnxruntime": importlib.metadata.version("onnxruntime"),
             "torch": importlib.metadata.version("torch"),
         },

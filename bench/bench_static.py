@@ -21,7 +21,7 @@ pooled sentence embeddings vs PyTorch fp32 on real tweets, sentiment-probe accur
 nodes ONNX Runtime fused into integer kernels in each model, and (unless ``--no-costs``) the
 cost of each op type's activations quantized alone (``quantize-activations`` with every target,
 on the fused graph and on the unfused one, where Softmax is still a node).
-Reuses ``bench_int8.py``'s helpers and caches (``.graphc-cache/bench/``).
+Shares ``bench/harness.py`` and its caches (``.graphc-cache/bench/``).
 """
 
 from __future__ import annotations
@@ -39,10 +39,12 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_int4 import build_fused  # noqa: E402 - bench/ is a folder of scripts, not a package
-from bench_int8 import (  # noqa: E402
+from harness import (
+    cosine_vs_torch,
+    latency_b1_b8,
+    probe_accuracies,
+    build_fused,
     FULL,
     QUICK,
     ROOT,
@@ -50,8 +52,8 @@ from bench_int8 import (  # noqa: E402
     WORK,
     Reporter,
     TorchReference,
-    _cpu_name,
-    _fingerprint,
+    cpu_name,
+    fingerprint,
     build_ort_int8,
     quiet,
 )
@@ -81,7 +83,7 @@ def build_ort_static(fused: Path, work: Path, method: str, *, fresh: bool) -> Pa
 
     out = work / f"minilm-ort-static-{method}.onnx"
     stamp = work / f"minilm-ort-static-{method}.key"
-    key = _fingerprint(f"ort-static-{method} qdq per-channel u8/s8 {CALIBRATION_TEXTS} texts v1",
+    key = fingerprint(f"ort-static-{method} qdq per-channel u8/s8 {CALIBRATION_TEXTS} texts v1",
                        str(fused.stat().st_size), str(fused.stat().st_mtime_ns))
     if not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         return out
@@ -195,9 +197,8 @@ def matmul_out_breakdown(fused: Path, rep: Reporter) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc import measure
-    from graphc.demo import cached_export, length_sorted
-    from graphc.models import data, get_model_recipe
-    from graphc.models.minilm import SentimentProbe, embed
+    from graphc.demo import cached_export
+    from graphc.models import get_model_recipe
 
     cfg = dict(QUICK if args.quick else FULL)
     rep = Reporter()
@@ -226,40 +227,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kernels = {k: fused_kernels(p) for k, p in paths.items()}
     sessions = {k: measure.session(p, threads=args.threads) for k, p in paths.items()}
 
-    latency: dict[str, dict[str, measure.Latency]] = {}
-    texts8 = recipe.eval_texts(8)
-    for batch, reps in ((1, cfg["reps_b1"]), (8, cfg["reps_b8"])):
-        feed = measure.pad_feed(recipe.feeds(texts8[:batch], batch=batch, max_length=SEQ)[0], SEQ)
-        with rep.bar(f"latency b{batch}×{SEQ}: {reps} interleaved reps, {cfg['warmup']} warm-up") as cb:
-            latency[f"b{batch}"] = measure.interleaved_latency(sessions, feed, reps=reps, warmup=cfg["warmup"],
-                                                               progress=cb)
-
+    latency = latency_b1_b8(sessions, recipe, cfg, rep)
     torch_ref = TorchReference(recipe, args.threads, work, fresh=args.fresh)
-    eval_texts = recipe.eval_texts(cfg["sentences"])
-    feeds = recipe.feeds(eval_texts, batch=32, max_length=SEQ)
-    with rep.bar(f"PyTorch fp32 embeddings of {cfg['sentences']} eval tweets") as cb:
-        ref = torch_ref.embeddings(eval_texts, feeds, embed, cb)
-    cosine = {}
-    for name, sess in sessions.items():
-        with rep.bar(f"{name}: embeddings of {cfg['sentences']} eval tweets") as cb:
-            cosine[name] = measure.cosine_stats(measure.embeddings(sess, feeds, pool=embed, progress=cb), ref)
-
-    train_texts, train_y = data.tweets("probe_train")
-    test_texts, test_y = data.tweets("probe_test")
-    train_texts, train_y = length_sorted(recipe, train_texts[: cfg["probe_train"]], train_y[: cfg["probe_train"]])
-    test_texts, test_y = length_sorted(recipe, test_texts[: cfg["probe_test"]], test_y[: cfg["probe_test"]])
-    train_feeds = recipe.feeds(train_texts, batch=32, max_length=SEQ)
-    test_feeds = recipe.feeds(test_texts, batch=32, max_length=SEQ)
-    with rep.bar(f"PyTorch fp32 embeddings of {len(train_texts)} probe_train tweets") as cb:
-        probe = SentimentProbe().fit(torch_ref.embeddings(train_texts, train_feeds, embed, cb), train_y)
-    accuracy = {}
-    with rep.bar(f"PyTorch fp32 embeddings of {len(test_texts)} probe_test tweets") as cb:
-        accuracy["PyTorch fp32"] = measure.probe_accuracy(probe, torch_ref.embeddings(test_texts, test_feeds, embed, cb),
-                                                          test_y)
-    for name, sess in sessions.items():
-        with rep.bar(f"{name}: embeddings of {len(test_texts)} probe_test tweets") as cb:
-            accuracy[name] = measure.probe_accuracy(
-                probe, measure.embeddings(sess, test_feeds, pool=embed, progress=cb), test_y)
+    cosine = cosine_vs_torch(sessions, recipe, torch_ref, cfg, rep)
+    accuracy, split = probe_accuracies(sessions, recipe, torch_ref, cfg, rep)
+    train_texts, test_texts, test_y = split["train"], split["test"], split["test_y"]
 
     costs = None if args.no_costs else op_type_costs(fp32_path, fused, rep)
     breakdown = matmul_out_breakdown(fused, rep) if args.breakdown else None
@@ -267,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": {**cfg, "mode": "quick" if args.quick else "full", "threads": args.threads, "seq": SEQ,
                    "calibration_texts": CALIBRATION_TEXTS},
-        "environment": {"cpu": _cpu_name(), "onnxruntime": __import__("onnxruntime").__version__},
+        "environment": {"cpu": cpu_name(), "onnxruntime": __import__("onnxruntime").__version__},
         "models": {
             name: {
                 "path": str(paths[name]),

@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_int8 helpers (a script, not a package)
-
-import bench_int8 as b8  # noqa: E402
+import harness as b8  # bench/harness.py (the script's folder is on sys.path)
 
 ORT_FP32, ORT_INT8 = "ORT optimizer fp32", "ORT int8 (optimizer + quantize_dynamic)"
 FUSE, AUTO = "graphc fuse (fp32)", "graphc auto"

@@ -40,9 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benches' helpers (scripts, not a package)
 
-import bench_int8 as b8  # noqa: E402
+import harness as h
 
 FP32, ORT, INT8, INT4, FAST = "fp32", "ORT int8", "graphc int8", "graphc int4", "graphc fast"
 FAST_PRUNE = "graphc fast-prune"
@@ -107,7 +106,7 @@ def plan_label(budget: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- models
 
 
-def _build_graphc(name: str, fp32: Path, work: Path, rep: b8.Reporter, rebuild: bool) -> tuple[Path, dict]:
+def _build_graphc(name: str, fp32: Path, work: Path, rep: h.Reporter, rebuild: bool) -> tuple[Path, dict]:
     """graphc int8 / int4 / fast / fast-prune, from the cache file the other benches write, or built."""
     import graphc
 
@@ -121,7 +120,7 @@ def _build_graphc(name: str, fp32: Path, work: Path, rep: b8.Reporter, rebuild: 
         with rep.status(f"{name}: graphc.compress(recipe='int4')"):
             _, result, seconds = build_graphc(fp32, work, "recipe")
     else:
-        with rep.status(f"{name}: graphc.compress"), b8.quiet():
+        with rep.status(f"{name}: graphc.compress"), h.quiet():
             t0 = time.perf_counter()
             result = graphc.compress(fp32, path, recipe=name.split()[-1], force=True)
             seconds = time.perf_counter() - t0
@@ -129,7 +128,7 @@ def _build_graphc(name: str, fp32: Path, work: Path, rep: b8.Reporter, rebuild: 
     return path, {"reused": False, "compress_s": round(seconds, 1), "validation_passed": v.passed if v else None}
 
 
-def _build_plan(budget: dict[str, Any], fp32: Path, work: Path, rep: b8.Reporter,
+def _build_plan(budget: dict[str, Any], fp32: Path, work: Path, rep: h.Reporter,
                 rebuild: bool) -> tuple[Path | None, dict]:
     """A plan model under ``bench_plan.py``'s file name, reused with its stats file when there."""
     import graphc
@@ -142,7 +141,7 @@ def _build_plan(budget: dict[str, Any], fp32: Path, work: Path, rep: b8.Reporter
         facts = json.loads(stats_path.read_text())
         return path, {"reused": True, "built": time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime)),
                       **facts}
-    with rep.status(f"{plan_label(budget)}: graphc.compress(plan)"), b8.quiet():
+    with rep.status(f"{plan_label(budget)}: graphc.compress(plan)"), h.quiet():
         t0 = time.perf_counter()
         try:
             result = graphc.compress(fp32, path, recipe=plan_recipe_of(budget), force=True)
@@ -166,21 +165,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.models import get_model_recipe
     from graphc.models.minilm import embed
 
-    rep = b8.Reporter()
+    rep = h.Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     recipe = get_model_recipe("minilm")
     t_start = time.perf_counter()
     rebuild = set(args.rebuild)
-    res: dict[str, Any] = {"config": {"threads": args.threads, "seq": b8.SEQ, "batch": 8, "reps": args.reps,
+    res: dict[str, Any] = {"config": {"threads": args.threads, "seq": h.SEQ, "batch": 8, "reps": args.reps,
                                       "warmup": args.warmup, "sentences": args.sentences,
-                                      "cpus": os.cpu_count(), "cpu": b8._cpu_name(),
+                                      "cpus": os.cpu_count(), "cpu": h.cpu_name(),
                                       "onnxruntime": importlib.metadata.version("onnxruntime"),
                                       "load_start": os.getloadavg()}}
-    with rep.status("fp32: graphc dynamo export"), b8.quiet():
+    with rep.status("fp32: graphc dynamo export"), h.quiet():
         fp32_path, _ = cached_export("minilm", work, fresh=args.fresh)
     with rep.status("ORT int8: legacy export → optimize_model → quantize_dynamic"):
-        ort_path = b8.build_ort_int8(work, fresh=args.fresh)
+        ort_path = h.build_ort_int8(work, fresh=args.fresh)
     paths: dict[str, Path] = {FP32: fp32_path, ORT: ort_path}
     facts: dict[str, dict] = {FP32: {"kind": "reference"}, ORT: {"kind": "reference"}}
     for name, key in ((INT8, "int8"), (INT4, "int4"), (FAST, "fast"), (FAST_PRUNE, "fast-prune")):
@@ -201,15 +200,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rep.note(f"{name}: reused {paths[name].name} (built {f['built']})")
 
     sessions = {k: measure.session(p, threads=args.threads) for k, p in paths.items()}
-    feed8 = measure.pad_feed(recipe.feeds(recipe.eval_texts(8), batch=8, max_length=b8.SEQ)[0], b8.SEQ)
+    feed8 = measure.pad_feed(recipe.feeds(recipe.eval_texts(8), batch=8, max_length=h.SEQ)[0], h.SEQ)
     res["load_before_latency"] = os.getloadavg()
-    with rep.bar(f"latency b8×{b8.SEQ}: {args.reps} interleaved reps of {len(sessions)} models") as cb:
+    with rep.bar(f"latency b8×{h.SEQ}: {args.reps} interleaved reps of {len(sessions)} models") as cb:
         latency = measure.interleaved_latency(sessions, feed8, reps=args.reps, warmup=args.warmup, progress=cb)
     res["load_after_latency"] = os.getloadavg()
 
-    torch_ref = b8.TorchReference(recipe, args.threads, work, fresh=args.fresh)
+    torch_ref = h.TorchReference(recipe, args.threads, work, fresh=args.fresh)
     eval_texts = recipe.eval_texts(args.sentences)
-    feeds = recipe.feeds(eval_texts, batch=32, max_length=b8.SEQ)
+    feeds = recipe.feeds(eval_texts, batch=32, max_length=h.SEQ)
     with rep.bar(f"PyTorch fp32 embeddings of {args.sentences} eval tweets") as cb:
         ref = torch_ref.embeddings(eval_texts, feeds, embed, cb)
     cosine = {}
@@ -232,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _shown(path: Path) -> str:
     """A path relative to the repository when inside it (for the committed JSON)."""
     try:
-        return str(path.resolve().relative_to(b8.ROOT))
+        return str(path.resolve().relative_to(h.ROOT))
     except ValueError:
         return str(path)
 
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=512, help="eval tweets for the cosine (default 512)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--rebuild", default="", help=f"build again instead of reusing: {', '.join(REBUILD)}")
-    parser.add_argument("--work", default=str(b8.WORK), help="work folder (shared with the other benches)")
+    parser.add_argument("--work", default=str(h.WORK), help="work folder (shared with the other benches)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached exports and PyTorch embeddings")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     parser.add_argument("--plot", metavar="OUT.svg", help="also write the two panels as one SVG to OUT.svg")

@@ -1,11 +1,69 @@
-"""graphc: ONNX graph-level compression and export compiler for transformer models."""
+"""graphc: ONNX graph-level compression and export compiler for transformer models.
 
-from graphc.api import CompressResult, compress, export, validate
+The API (``compress``, ``validate``, ``export``, ...) is imported on first use, so that
+``import graphc`` and ``graphc --help`` stay fast (ONNX, onnx_ir and ONNX Runtime load
+only when a model is touched).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import TYPE_CHECKING
+
 from graphc.errors import GraphcError
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("graphc")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = ["CompressResult", "GraphcError", "__version__", "compress", "export", "validate", "inspect", "list_passes", "list_recipes"]
+
+_LAZY = {"CompressResult": "graphc.api", "compress": "graphc.api", "export": "graphc.api", "validate": "graphc.api"}
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from graphc.api import CompressResult, compress, export, validate
+
+
+def __getattr__(name: str):
+    """The API functions and graphc's submodules (``graphc.io``, ...), imported on first
+    access (PEP 562)."""
+    import importlib
+    import importlib.util
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # the import binds it here too
+    raise AttributeError(f"module 'graphc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``graphc.validate`` is the API function, and also the name of a submodule: importing the
+    submodule must not replace the function with the module (the import system sets the parent's
+    attribute). ``from graphc.validate import ...`` is unaffected."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def inspect(model, diff=None) -> dict:

@@ -265,6 +265,10 @@ def compress(
         checked.min_output_cosine_required = tol.min_cosine
         if checked.nonfinite_outputs:
             checked.first_nonfinite = _first_nonfinite(work, feeds, ir_model)
+        checked.max_ppl_rise_allowed = tol.max_ppl_rise
+        if tol.max_ppl_rise is not None and checked.ppl_rise is None:
+            notices.append(f"max_ppl_rise {tol.max_ppl_rise:g} not checked: no perplexity was measured (validation "
+                           f"inputs: {input_source}; perplexity needs a causal LM exported by graphc)")
     result = CompressResult(work, recipe_obj, records, checked, before.bytes, after.bytes, before.params, after.params, notices=notices)
     from graphc.leftover import left_in_float
 
@@ -380,6 +384,8 @@ def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
         parts.append(f"worst row cosine {report.min_cosine:.5f} vs required {tol.min_row_cosine}")
     if tol.max_abs is not None:
         parts.append(f"max abs {report.max_abs:.4g} vs allowed {tol.max_abs}")
+    if tol.max_ppl_rise is not None and report.ppl_rise is not None:
+        parts.append(f"perplexity rise {report.ppl_rise:+.2%} vs allowed {tol.max_ppl_rise:+.2%}")
     return ", ".join(parts)
 
 

@@ -1,7 +1,7 @@
 """The ``graphc`` command. Thin: parses arguments, calls the API, prints.
 
-Every command takes ``--json`` (one JSON object on stdout). Errors print one line on
-stderr and exit non-zero (1: bad input or failure, 2: usage, 3: tolerance missed).
+Every command takes ``--json`` (before or after the command: one JSON object on stdout, on
+failure too). Errors print one line on stderr and exit non-zero (exit codes: ``cli_help``).
 Set GRAPHC_DEBUG=1 to see tracebacks of unexpected errors.
 """
 
@@ -50,19 +50,6 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
-class _PassProgress:
-    """Instrument: a rich status line on stderr naming the running pass (TTY only)."""
-
-    def __init__(self, status) -> None:
-        self.status = status
-
-    def before_pass(self, pass_, model) -> None:
-        self.status.update(f"graphc: running {pass_.name}")
-
-    def after_pass(self, pass_, model, record) -> None:
-        self.status.update("graphc: validating")
-
-
 def _status(args: argparse.Namespace, message: str):
     """A rich spinner on stderr for interactive use; a no-op context otherwise."""
     import contextlib
@@ -76,16 +63,22 @@ def _status(args: argparse.Namespace, message: str):
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from graphc.api import compress
+    from graphc.cli_options import compress_recipe
+    from graphc.progress import make_progress
 
-    with _status(args, "graphc: loading") as status:
+    recipe, notices = compress_recipe(args)
+    steps = None if isinstance(recipe, str) else len(recipe.steps)
+    progress = make_progress(args.progress, as_json=args.json, total_passes=steps)
+    try:
         result = compress(
             args.model,
             args.output,
-            recipe=_compress_recipe(args),
+            recipe=recipe,
             force=args.force,
             disable=args.disable or (),
             check_each_pass=args.check_each_pass,
-            instruments=[_PassProgress(status)] if status is not None else [],
+            progress=progress,
+            instruments=[progress] if progress is not None else [],
             dump_dir=args.dump_dir,
             report=args.report,
             validate=not args.no_validate,
@@ -95,6 +88,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             inputs=args.inputs,
             input_shapes=args.input_shape,
         )
+    finally:
+        if progress is not None:
+            progress.close()
+    result.notices[:0] = notices
     data = result.to_dict()
     target = json.loads(result.model.metadata_props.get("graphc.target", "{}"))
     forms = f", int8 {'/'.join(target['int8_forms'])}" if target.get("int8_forms") else ""
@@ -174,33 +171,6 @@ def _plan_text(plan: dict) -> str:
     lines += [f"  {d['layer']}: {d['action']} (predicted {d['predicted_error']:.3g})"
               for d in plan.get("decisions", []) if d["kind"] not in ("int8", "int4")]
     return "\n".join(lines)
-
-
-def _compress_recipe(args: argparse.Namespace):
-    """--recipe, or with budget flags (--max-error, --max-bytes, --max-flops, --max-params) the
-    ``plan`` recipe with those budgets (or the given recipe's ``plan`` step with them)."""
-    from dataclasses import replace
-
-    from graphc.errors import RecipeError
-    from graphc.recipes import Step, get_recipe, plan_recipe
-
-    budgets = {k: getattr(args, k) for k in ("max_error", "max_bytes", "max_flops", "max_params", "max_ppl_rise")
-               if getattr(args, k) is not None}
-    int4 = getattr(args, "int4", False)
-    if int4 and not budgets:
-        raise RecipeError("--int4 is a plan option: give a budget too (--max-error, --max-bytes, --max-flops, "
-                          "--max-params or --max-ppl-rise)")
-    if not budgets:
-        return args.recipe or "int8"
-    if args.recipe is None:
-        return plan_recipe(**budgets, int4=int4)
-    recipe = get_recipe(args.recipe)
-    if "plan" not in recipe.pass_names():
-        raise RecipeError(f"--{next(iter(budgets)).replace('_', '-')} needs the plan pass, and recipe "
-                          f"{recipe.name!r} has none (leave out --recipe to use the plan recipe)")
-    budgets |= {"int4": True} if int4 else {}
-    steps = tuple(Step(s.pass_name, {**s.options, **budgets}) if s.pass_name == "plan" else s for s in recipe.steps)
-    return replace(recipe, steps=steps)
 
 
 def _task_text(task: dict) -> str:
@@ -318,24 +288,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------- parser
 
 
+class _UsageError(Exception):
+    """argparse's complaint, turned into one line and exit 2 by :func:`main`."""
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        sys.stderr.write(f"graphc: error: {message}\n")
-        sys.exit(2)
+    def error(self, message: str) -> None:  # one line, exit 2 (main prints it, as JSON too)
+        raise _UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="graphc", description="ONNX compression compiler for transformer models")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from graphc import cli_help
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="graphc", description="ONNX compression compiler for transformer models",
+                epilog=cli_help.epilog(), formatter_class=raw)
+    cli_help.add_version_flag(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (errors too)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def add(name: str, help_: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=epilog or cli_help.exit_codes(),
+                            formatter_class=raw)
+        # SUPPRESS: not given after the command, the value given before it (or False) stays
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON object on stdout (errors too)")
         return sp
 
     sp = add("export", "export a models/ recipe (minilm, smollm2) or an HF model folder to ONNX")
-    sp.add_argument("source")
-    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("source", help="a models/ recipe name (minilm, smollm2) or a Hugging Face model folder")
+    sp.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     sp.add_argument("--kv-cache", action="store_true",
                     help="causal LMs: past_key_values.* inputs and present.* outputs, for prefill and decode")
     sp.add_argument("--genai", action="store_true",
@@ -343,12 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "tokenizer files); checked with og.Model when onnxruntime-genai is installed")
     sp.set_defaults(func=cmd_export)
 
-    sp = add("compress", "run a recipe, validate against the original, write the result")
-    sp.add_argument("model")
-    sp.add_argument("-o", "--output", required=True)
+    sp = add("compress", "run a recipe, validate against the original, write the result", cli_help.epilog())
+    sp.add_argument("model", help="the .onnx model to compress (external data beside it is read too)")
+    sp.add_argument("-o", "--output", required=True, help="the .onnx file to write (only if validation passes)")
     sp.add_argument("--recipe", default=None,
-                    help="built-in name, auto (the fastest recipe that meets its tolerance on the target, timed "
-                         "here), or a .toml file (default int8; plan when a budget flag is given)")
+                    help="a recipe name (listed below), auto (the fastest recipe that meets its tolerance on the "
+                         "target, timed here), or a .toml file (default int8; plan when a budget flag is given)")
+    sp.add_argument("--set", action="append", metavar="PASS.OPTION=VALUE",
+                    help="change one option of the recipe's PASS steps, VALUE read as TOML (repeatable), "
+                         "e.g. quantize-int8.per_channel=false")
+    sp.add_argument("--min-cosine", type=float, metavar="C",
+                    help="validation: every output's cosine to the original at least C (replaces the recipe's)")
     sp.add_argument("--max-error", type=float, metavar="E",
                     help="plan: mean output 1 - cosine on calibration data at most E (e.g. 0.01)")
     sp.add_argument("--max-bytes", type=int, metavar="N", help="plan: weights of at most N bytes")
@@ -356,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="plan: MACs per token at most F of the original's (latency proxy, e.g. 0.7)")
     sp.add_argument("--max-params", type=int, metavar="N", help="plan: at most N parameters")
     sp.add_argument("--max-ppl-rise", type=float, metavar="R",
-                    help="plan, causal LMs: mean KL of next-token distributions at most ln(1 + R) (~ perplexity rise R)")
+                    help="causal LMs: perplexity on the validation texts may rise at most R (e.g. 0.05; exit 3 "
+                         "otherwise); where a plan step runs (no --recipe, or a recipe with one) also its budget: "
+                         "mean next-token KL at most ln(1 + R) on calibration text")
     sp.add_argument("--int4", action="store_true",
                     help="plan: linear layers and tables may also be 4-bit (MatMulNBits / GatherBlockQuantized)")
     sp.add_argument("--target", default="auto", metavar="CPU",
@@ -372,27 +361,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")
     sp.add_argument("--dump-dir", metavar="DIR", help="write the model after each pass that changed it (NN-pass.onnx)")
     sp.add_argument("--report", metavar="HTML", help="write a self-contained HTML report (written even if validation fails)")
+    sp.add_argument("--progress", action="store_true", default=None,
+                    help="progress on stderr: a bar on a terminal (the default there), plain lines every few "
+                         "seconds elsewhere (logs), JSON lines with --json")
+    sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     sp.add_argument("--no-validate", action="store_true",
                     help="skip validation (ONNX Runtime would load the original and the result: the whole "
                          "model in memory); for models larger than memory allows. Nothing is checked.")
     sp.set_defaults(func=cmd_compress)
 
     sp = add("validate", "compare a rewritten model with the original in ONNX Runtime")
-    sp.add_argument("original")
-    sp.add_argument("rewritten")
+    sp.add_argument("original", help="the reference .onnx model")
+    sp.add_argument("rewritten", help="the .onnx model to compare with it")
     sp.add_argument("--min-cosine", type=float, default=None, help="exit 3 if an output's cosine is below this")
     _add_input_args(sp)
     sp.set_defaults(func=cmd_validate)
 
     sp = add("inspect", "ops, parameters and bytes by op type and layer; --diff for what changed")
-    sp.add_argument("model")
-    sp.add_argument("--diff", metavar="OTHER")
+    sp.add_argument("model", help="the .onnx model to describe")
+    sp.add_argument("--diff", metavar="OTHER", help="a second model: what changed from MODEL to OTHER")
     sp.set_defaults(func=cmd_inspect)
 
     sp = add("report", "HTML report comparing an original and a rewritten model (sizes, per-layer error, latency)")
-    sp.add_argument("original")
-    sp.add_argument("rewritten")
-    sp.add_argument("-o", "--output", required=True, metavar="HTML")
+    sp.add_argument("original", help="the reference .onnx model")
+    sp.add_argument("rewritten", help="the compressed .onnx model")
+    sp.add_argument("-o", "--output", required=True, metavar="HTML", help="the HTML file to write")
     sp.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     sp.set_defaults(func=cmd_report)
 
@@ -409,8 +402,21 @@ def _add_input_args(sp: argparse.ArgumentParser) -> None:
                     help="dims of a synthesized input, e.g. x=1,3,48,320 (repeatable)")
 
 
+def _fail(as_json: bool, error: str, exit_code: int, kind: str, path: str | None = None) -> int:
+    """One line on stderr; with --json also one JSON object on stdout."""
+    sys.stderr.write(f"graphc: {error}\n")
+    if as_json:
+        data = {"error": error.removeprefix("error: "), "exit_code": exit_code, "type": kind}
+        sys.stdout.write(json.dumps({**data, **({"path": path} if path else {})}) + "\n")
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        return _fail("--json" in argv, f"error: {e}", 2, "UsageError")
     import logging
     import warnings
 
@@ -421,17 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except GraphcError as e:
-        sys.stderr.write(f"graphc: error: {e}\n")
-        return e.exit_code
+        return _fail(args.json, f"error: {e}", e.exit_code, type(e).__name__, e.path)
     except KeyboardInterrupt:
-        sys.stderr.write("graphc: interrupted\n")
-        return 130
+        return _fail(args.json, "interrupted", 130, "KeyboardInterrupt")
     except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
         if os.environ.get("GRAPHC_DEBUG"):
             raise
         msg = " ".join(str(e).split())[:300]
-        sys.stderr.write(f"graphc: internal error: {type(e).__name__}: {msg} (set GRAPHC_DEBUG=1 for a traceback)\n")
-        return 70
+        return _fail(args.json, f"internal error: {type(e).__name__}: {msg} (set GRAPHC_DEBUG=1 for a traceback)",
+                     70, type(e).__name__)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ class GraphcPass(ir.passes.InPlacePass):
                 f"{', '.join(known) or 'no options'}",
                 pass_name=cls.name,
             )
+        from graphc.option_types import type_errors
+
+        wrong = type_errors(cls.Options, options)
+        if wrong:
+            raise GraphcError("; ".join(wrong), pass_name=cls.name)
         try:
             opts = cls.Options(**options)
         except (TypeError, ValueError) as e:

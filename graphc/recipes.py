@@ -1,20 +1,30 @@
 """Recipes: named pipelines of passes with options and a validation tolerance.
 
-Built-ins are data below; user recipes are TOML files of the same shape::
+Built-ins are data below, and TOML files in ``recipes/`` (installed as the package data
+``graphc.recipe_files``; each one's name is its file name without ``.toml``). User recipes are
+TOML files of the same shape::
 
     name = "my-int8"
     description = "int8 without embedding quantization"
-    extends = "int8"                 # optional: start from a built-in
+    extends = "int8"                 # optional: start from a built-in (or a packaged file recipe)
     disable = ["quantize-embedding"] # optional: drop steps by pass name
 
     [tolerance]
     min_cosine = 0.99                # cosine of each whole output vs the original
     min_row_cosine = 0.9             # worst row (token) cosine
     max_abs = 1.0                    # optional
+    max_ppl_rise = 0.05              # optional: perplexity rise on the validation texts (causal LMs)
 
-    [[passes]]                       # replaces the inherited steps when given
+    [[passes]]                       # with extends: merged into the inherited steps by pass name
     name = "quantize-int8"
     options = { per_channel = true }
+
+How ``[[passes]]`` combines with ``extends`` (:func:`graphc.recipe_merge.merge_steps`): an
+entry naming a pass the base recipe has changes that step's options (the keys it gives replace
+the base's, the others stay; a pass the base runs twice has both steps changed); an entry naming
+a pass the base lacks adds a step, after the step named by its ``after`` key, before the one
+named by ``before``, or else at the end. ``disable`` then removes steps by name. Without
+``extends``, ``[[passes]]`` is the whole pipeline.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ class Tolerance:
     min_cosine: float | None = 0.99
     min_row_cosine: float | None = None
     max_abs: float | None = None
+    # relative perplexity rise on the validation texts (model recipes with a perplexity task)
+    max_ppl_rise: float | None = None
 
 
 @dataclass(frozen=True)
@@ -247,46 +259,77 @@ def plan_recipe(*, max_error: float | None = None, max_bytes: int | None = None,
     """The built-in ``plan`` recipe with the given budgets (``graphc compress --max-error ...``);
     its tolerance: output cosine ≥ 1 - 2 × max_error (validation texts are not the calibration
     texts the plan measured on), else the recipe's. ``int4``: layers and tables may also be 4-bit."""
+    from graphc.recipe_merge import with_budgets
+
     budgets = {k: v for k, v in (("max_error", max_error), ("max_bytes", max_bytes), ("max_flops", max_flops),
                                  ("max_params", max_params), ("max_ppl_rise", max_ppl_rise)) if v is not None}
-    base = BUILTIN["plan"]
-    extra = {"int4": True} if int4 else {}
-    steps = tuple(Step(s.pass_name, {**{k: v for k, v in s.options.items() if k != "max_error"}, **budgets, **extra})
-                  if s.pass_name == "plan" else s for s in base.steps)
+    base = with_budgets(BUILTIN["plan"], budgets, int4=int4)
     tolerance = replace(base.tolerance, min_cosine=max(0.0, 1 - 2 * max_error)) if max_error else base.tolerance
     label = ", ".join([f"{k}={v:g}" for k, v in budgets.items()] + ["int4"] * int4)
-    return replace(base, name=f"plan({label})", steps=steps, tolerance=tolerance)
+    return replace(base, name=f"plan({label})", tolerance=tolerance)
+
+
+def file_recipes() -> dict[str, Path]:
+    """The packaged TOML recipes (``recipes/*.toml``), by name (the file name without .toml)."""
+    from importlib.resources import files
+
+    try:
+        folder = Path(str(files("graphc.recipe_files")))
+    except ModuleNotFoundError:  # pragma: no cover - graphc imported from a bare source tree
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.toml")) if p.stem not in BUILTIN}
+
+
+def recipe_names() -> list[str]:
+    """Every recipe name ``--recipe`` accepts (besides ``auto`` and .toml paths); reads no file."""
+    return [*BUILTIN, *file_recipes()]
 
 
 def list_recipes() -> list[Recipe]:
-    return list(BUILTIN.values())
+    return [*BUILTIN.values(), *(load_recipe_file(p) for p in file_recipes().values())]
 
 
 def get_recipe(name_or_path: str | os.PathLike) -> Recipe:
-    """A built-in by name, or a TOML recipe file."""
+    """A built-in by name, a packaged file recipe by name, or a TOML recipe file."""
     text = os.fspath(name_or_path)
     if text in BUILTIN:
         return BUILTIN[text]
+    packaged = file_recipes()
+    if text in packaged:
+        return load_recipe_file(packaged[text])
     if text.endswith(".toml") or os.sep in text or Path(text).exists():
         return load_recipe_file(Path(text))
-    raise RecipeError(f"unknown recipe {text!r}; built-ins: {', '.join(BUILTIN)}, auto (or a .toml file)")
+    raise RecipeError(f"unknown recipe {text!r}; recipes: {', '.join(recipe_names())}, auto (or a .toml file)")
 
 
-def load_recipe_file(path: Path) -> Recipe:
+def load_recipe_file(path: Path, _extending: tuple[str, ...] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError("recipe file not found" if not path.exists() else "recipe path is not a file", path=path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"not valid TOML: {e}", path=path) from None
-    return recipe_from_dict(data, source=str(path))
+    return recipe_from_dict(data, source=str(path), _extending=_extending)
 
 
 _TOP_KEYS = {"name", "description", "extends", "disable", "tolerance", "passes"}
+_TOLERANCE_KEYS = {"min_cosine", "min_row_cosine", "max_abs", "max_ppl_rise"}
 
 
-def recipe_from_dict(data: dict[str, Any], *, source: str = "dict") -> Recipe:
-    from graphc.registry import get_pass  # late: registry imports the passes
+def _base_recipe(name: Any, where: dict[str, str], extending: tuple[str, ...]) -> Recipe:
+    """What ``extends`` names: a built-in or a packaged file recipe (no cycles)."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    packaged = file_recipes()
+    if name not in packaged:
+        raise RecipeError(f"extends unknown recipe {name!r}; recipes: {', '.join(recipe_names())}", **where)
+    if name in extending:
+        raise RecipeError(f"extends cycle: {' -> '.join([*extending, name])}", **where)
+    return load_recipe_file(packaged[name], (*extending, name))
+
+
+def recipe_from_dict(data: dict[str, Any], *, source: str = "dict", _extending: tuple[str, ...] = ()) -> Recipe:
+    from graphc.recipe_merge import check_steps, merge_steps, parse_steps
 
     where = {"path": source} if source != "dict" else {}
     unknown = sorted(set(data) - _TOP_KEYS)
@@ -294,45 +337,29 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict") -> Recipe:
         raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}", **where)
     base: Recipe | None = None
     if "extends" in data:
-        if data["extends"] not in BUILTIN:
-            raise RecipeError(f"extends unknown recipe {data['extends']!r}; built-ins: {', '.join(BUILTIN)}", **where)
-        base = BUILTIN[data["extends"]]
-    steps: list[Step]
-    if "passes" in data:
-        if not isinstance(data["passes"], list):
-            raise RecipeError("'passes' must be an array of tables ([[passes]])", **where)
-        steps = []
-        for i, entry in enumerate(data["passes"]):
-            if not isinstance(entry, dict) or "name" not in entry:
-                raise RecipeError(f"passes[{i}] needs a 'name'", **where)
-            extra = sorted(set(entry) - {"name", "options"})
-            if extra:
-                raise RecipeError(f"passes[{i}] has unknown key(s) {', '.join(extra)}", **where)
-            options = entry.get("options", {})
-            if not isinstance(options, dict):
-                raise RecipeError(f"passes[{i}].options must be a table", **where)
-            steps.append(Step(str(entry["name"]), dict(options)))
-    elif base is not None:
-        steps = list(base.steps)
+        base = _base_recipe(data["extends"], where, _extending)
+    entries = parse_steps(data["passes"], where, placed=base is not None) if "passes" in data else None
+    if base is not None:
+        steps = merge_steps(base.steps, entries or [], where)
+    elif entries is not None:
+        steps = [step for step, _ in entries]
     else:
         raise RecipeError("a recipe needs 'passes' or 'extends'", **where)
     disable = data.get("disable", [])
     if not isinstance(disable, list):
         raise RecipeError("'disable' must be a list of pass names", **where)
     steps = [s for s in steps if s.pass_name not in set(disable)]
-    for step in steps:
-        try:
-            get_pass(step.pass_name).from_dict(step.options)
-        except RecipeError as e:
-            raise RecipeError(e.message, **where) from None
-        except Exception as e:  # noqa: BLE001 - option errors carry the pass name
-            raise RecipeError(str(e), **where) from None
+    check_steps(steps, where)
     tol_data = data.get("tolerance", {})
     if not isinstance(tol_data, dict):
         raise RecipeError("'tolerance' must be a table", **where)
-    bad = sorted(set(tol_data) - {"min_cosine", "min_row_cosine", "max_abs"})
+    bad = sorted(set(tol_data) - _TOLERANCE_KEYS)
     if bad:
-        raise RecipeError(f"unknown tolerance key(s) {', '.join(bad)}", **where)
+        raise RecipeError(f"unknown tolerance key(s) {', '.join(bad)}; allowed: {', '.join(sorted(_TOLERANCE_KEYS))}",
+                          **where)
+    for key, value in tol_data.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise RecipeError(f"tolerance {key} must be a number, not {value!r}", **where)
     tolerance = replace(base.tolerance if base else Tolerance(), **tol_data)
     return Recipe(
         name=str(data.get("name", Path(source).stem if source != "dict" else "custom")),

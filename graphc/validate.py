@@ -294,6 +294,7 @@ class ValidationReport:
     min_cosine_required: float | None = None
     max_abs_allowed: float | None = None
     min_output_cosine_required: float | None = None
+    max_ppl_rise_allowed: float | None = None  # relative perplexity rise (task "perplexity")
     task: dict[str, Any] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)  # e.g. the target CPU is not this machine
     first_nonfinite: str | None = None  # "tensor (op)" where the rewritten model first went NaN/inf
@@ -329,7 +330,15 @@ class ValidationReport:
             ok &= self.min_cosine >= self.min_cosine_required
         if self.max_abs_allowed is not None:
             ok &= self.max_abs <= self.max_abs_allowed
+        if self.max_ppl_rise_allowed is not None and self.ppl_rise is not None:
+            ok &= self.ppl_rise <= self.max_ppl_rise_allowed
         return ok
+
+    @property
+    def ppl_rise(self) -> float | None:
+        """Relative perplexity rise on the validation texts, when the task metric measured it."""
+        rise = self.task.get("relative_rise") if self.task.get("metric") == "perplexity" else None
+        return float(rise) if isinstance(rise, (int, float)) else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -343,6 +352,7 @@ class ValidationReport:
                 "min_cosine": self.min_output_cosine_required,
                 "min_row_cosine": self.min_cosine_required,
                 "max_abs": self.max_abs_allowed,
+                **({"max_ppl_rise": self.max_ppl_rise_allowed} if self.max_ppl_rise_allowed is not None else {}),
             },
             "outputs": [o.to_dict() for o in self.outputs],
             **({"nonfinite_outputs": self.nonfinite_outputs, "first_nonfinite": self.first_nonfinite}

@@ -1,6 +1,6 @@
 """Synthetic Llama-architecture models of any size, written layer by layer to external data.
 
-For memory tests of large models (issue 8): random weights from a config, streamed to
+For memory tests of large models: random weights from a config, streamed to
 ``<name>.onnx.data`` one tensor at a time, so writing an 8 GB model needs no more memory than
 its largest tensor. The graph is a Llama decoder without a KV cache: token embedding,
 ``layers`` blocks of RMSNorm → grouped-query attention (query heads share key/value heads) →
@@ -49,7 +49,7 @@ class LlamaConfig:
         return sum(4 * math.prod(shape) for _, shape in self.tensor_shapes())
 
 
-# About 1, 4 and 8 GB of float32 weights (issue 8's sizes).
+# About 1, 4 and 8 GB of float32 weights.
 PRESETS: dict[str, LlamaConfig] = {
     "1gb": LlamaConfig(hidden=2048, intermediate=5632, layers=3, heads=16, kv_heads=4, vocab=32000),
     "4gb": LlamaConfig(hidden=4096, intermediate=11008, layers=4, heads=32, kv_heads=8, vocab=32000),

@@ -1,4 +1,4 @@
-"""Supported range (README "Supported models"): opsets 17 to 23, input IR versions 8 up to
+"""Supported range (docs/supported-models.md): opsets 17 to 23, input IR versions 8 up to
 onnx's newest, output IR versions ONNX Runtime loads, float16 models for the passes that
 claim them (GraphcPass.dtypes) and a reasoned skip in the others."""
 
@@ -47,8 +47,8 @@ def test_max_ir_version_is_the_highest_ort_loads():
 
 
 def test_onnx_helper_default_ir_is_newer_than_ort():
-    """The gap the clamp closes (onnx 1.23 writes IR 14, ORT 1.31 loads up to 13); if this
-    ever fails the clamp is simply a no-op, not a bug."""
+    """The gap the clamp closes (onnx 1.23 writes IR 14, ORT 1.31 loaded up to 13; 1.32 loads
+    14, so this skips there): where it skips the clamp is simply a no-op, not a bug."""
     default = helper.make_model(helper.make_graph([], "g", [], [])).ir_version
     if default <= io.max_ir_version():
         pytest.skip(f"onnx writes IR {default}, ORT loads it")
@@ -185,29 +185,28 @@ def test_int8_on_float16_model_skips_quantization_with_reasons(tmp_path):
     assert outputs[0].type == "tensor(float16)"
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- docs
 
 
-def _readme_section() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"^## Supported models\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    assert match, "README.md has no '## Supported models' section"
-    assert text.index("## Supported models") < text.index("## Results")
-    return match.group(1)
+def _supported_models_page() -> str:
+    return (ROOT / "docs" / "supported-models.md").read_text(encoding="utf-8")
 
 
-def test_readme_documents_the_supported_range():
-    section = _readme_section()
+def test_docs_document_the_supported_range():
+    section = _supported_models_page()
     assert f"{OPSETS[0]} to {OPSETS[-1]}" in section
-    assert f"IR {io.max_ir_version()}" in section
+    # the output IR cap, stated for the installed ONNX Runtime ("IR 14 with onnxruntime 1.32")
+    stated = re.search(r"IR (\d+) with onnxruntime (\d+\.\d+)", section)
+    assert stated, "docs/supported-models.md does not state the output IR cap as 'IR N with onnxruntime X.Y'"
+    assert (int(stated.group(1)), stated.group(2)) == (io.max_ir_version(), ".".join(ort.__version__.split(".")[:2]))
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z0-9-]+)` \| ([^|]+) \|", section, flags=re.M)}
     for name, cls in all_passes().items():
         if name not in rows:
             continue  # passes added later document themselves in their own change
         documented = "float16" in rows[name]
-        assert documented == ("float16" in cls.dtypes), f"README says {rows[name]!r} for {name}, code {cls.dtypes}"
+        assert documented == ("float16" in cls.dtypes), f"docs say {rows[name]!r} for {name}, code {cls.dtypes}"
     for name in ("fuse-ort", "quantize-int8", "fold-constants"):
-        assert name in rows, f"{name} missing from the README table"
+        assert name in rows, f"{name} missing from the docs/supported-models.md table"
 
 
 def test_synthesized_inputs_cover_every_generated_input():

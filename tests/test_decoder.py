@@ -1,4 +1,4 @@
-"""KV-cache decoder export and greedy generation through ONNX Runtime (issue 8)."""
+"""KV-cache decoder export and greedy generation through ONNX Runtime."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bounded memory on models with external data (issue 8): compression reads weights one at a
+"""Bounded memory on models with external data: compression reads weights one at a
 time from the memory-mapped data file and lets their pages go, so that peak memory grows with
 the largest tensor, not with the model. Measured in a fresh process (VmHWM counts mapped
 weight pages too) on a synthetic Llama-architecture model of ~240 MB whose largest tensor is

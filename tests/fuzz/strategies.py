@@ -30,7 +30,7 @@ import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-OPSETS = tuple(range(17, 24))  # the supported (tested) range, see README "Supported models"
+OPSETS = tuple(range(17, 24))  # the supported (tested) range, see docs/supported-models.md
 DTYPES = ("float32", "float16")
 MAX_POSITIONS = 32  # >= graphc.validate.SYNTH_SEQ
 
