@@ -41,13 +41,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from graphc.errors import ValidationError
 from graphc.inspection import layer_of_text, node_layer
-from graphc.io import inline_external_data
 from graphc.validate import _row_mask, make_session, run_feeds
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -209,11 +207,18 @@ def _choose(values: list[ir.Value], labels: list[str], outputs: set[str], limit:
 
 
 def _session(model: ir.Model, names: Sequence[str], what: str) -> ort.InferenceSession:
-    with inline_external_data(model):
-        proto = ir.serde.serialize_model(model)
-    present = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in present)
-    return make_session(proto, what=what)
+    """A session whose outputs also include the named values (the model is restored after):
+    through make_session's IR path, which also serves models past protobuf's 2 GB."""
+    by_name = {v.name: v for v in model.graph.inputs}
+    by_name.update({v.name: v for node in model.graph for v in node.outputs})
+    present = {v.name for v in model.graph.outputs}
+    extra = [by_name[n] for n in dict.fromkeys(names) if n in by_name and n not in present]
+    model.graph.outputs.extend(extra)
+    try:
+        return make_session(model, what=what)
+    finally:
+        for _ in extra:
+            model.graph.outputs.pop()
 
 
 def _outputs(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:

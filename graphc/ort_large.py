@@ -16,7 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 PROTO_LIMIT = 1_500_000_000  # bytes of initializers above which the bytes path is not tried
-MIN_EXTERNAL = 1 << 20  # initializers smaller than this stay inside the bytes
+MIN_EXTERNAL = 1 << 20  # in-memory initializers smaller than this stay inside the bytes
+# (every external-data initializer of the main graph is supplied: the bytes have no folder to
+# resolve its location against; external data inside subgraphs is not handled here)
 
 _PLACEHOLDER = "graphc-supplied-by-session-options"
 
@@ -45,8 +47,10 @@ def session(model: ir.Model, options: Any, providers: list[str]) -> Any:
     try:
         for value in model.graph.initializers.values():
             tensor = value.const_value
-            if tensor is None or tensor.nbytes < MIN_EXTERNAL or not value.name:
+            if tensor is None or not value.name:
                 continue
+            if tensor.nbytes < MIN_EXTERNAL and not isinstance(tensor, ir.ExternalTensor):
+                continue  # small and in memory: it goes inside the bytes
             array = np.ascontiguousarray(tensor.numpy())
             names.append(value.name)
             arrays.append(array)

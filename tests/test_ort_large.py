@@ -36,3 +36,18 @@ def test_external_data_models_are_read_in_place(tmp_path, monkeypatch):
     monkeypatch.setattr(ort_large, "MIN_EXTERNAL", 1)
     for a, b in zip(ref, make_session(loaded).run(None, _feed())):
         np.testing.assert_array_equal(a, b)
+
+
+def test_small_external_tensors_are_supplied_too(tmp_path, monkeypatch):
+    """A large model's small external tensors (norm gains) cannot stay references: the bytes
+    have no folder to resolve them against."""
+    model = mlp()
+    ref = make_session(model).run(None, _feed())
+    path = tmp_path / "m.onnx"
+    ir.save(model, path, external_data="m.onnx.data", size_threshold_bytes=0)
+    loaded = ir.load(path)
+    monkeypatch.setattr(ort_large, "PROTO_LIMIT", 0)  # large, but every tensor below MIN_EXTERNAL
+    sess = make_session(loaded)
+    assert len(sess._graphc_arrays) == 4
+    for a, b in zip(ref, sess.run(None, _feed())):
+        np.testing.assert_array_equal(a, b)
