@@ -241,9 +241,9 @@ def compress(
     context = PassContext(progress=progress, target=target_info)
     notices += target_notices(target_info, validate)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
-    calibrated = [p for p in passes if getattr(p, "needs_calibration", False) and p.name not in disable]
+    calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]
     if calibrated:
-        wanted = max([32, *(getattr(p, "calibration_texts", 0) for p in calibrated)])
+        wanted = max([32, *(p.calibration_texts for p in calibrated)])
         if user_feeds is not None:
             context.calibration, context.calibration_source = user_feeds, input_source
         else:

@@ -92,6 +92,11 @@ class GraphcPass(ir.passes.InPlacePass):
     # pass leaves the nodes it cannot handle alone with a reason in its stats, or refuses with
     # a GraphcError; it never writes a broken model (tests/fuzz checks both, per pass).
     dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    # The calibration contract: a pass that reads ``context.calibration`` says so (a class
+    # attribute, or a property when it depends on the options), and how many real texts it
+    # wants (compress gathers the largest number any enabled pass asks for, at least 32).
+    needs_calibration: bool = False
+    calibration_texts: int = 0
 
     def __init__(self, options: Any = None, context: PassContext | None = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -2,7 +2,7 @@
 
 Units and their actions:
 
-- ``heads:<i>``: attention block ``i`` (``prune_heads.find_blocks`` order) loses a fraction of
+- ``heads:<i>``: attention block ``i`` (``_attention_blocks.find_blocks`` order) loses a fraction of
   its heads (KV groups on grouped-KV models);
 - ``ffn:<i>``: FFN ``i`` (``prune_ffn.find_ffns`` order) loses a fraction of its neurons;
 - ``svd:<node>``: a linear layer is factorized at a kept parameter ratio (whitened SVD);
@@ -35,8 +35,8 @@ from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
 from graphc.passes._quant import const_array, embedding_table
 from graphc.passes._sensitivity import QuantConfig, config_bytes
-from graphc.passes.prune_ffn import find_ffns
-from graphc.passes.prune_heads import find_blocks
+from graphc.passes._ffn_blocks import find_ffns
+from graphc.passes._attention_blocks import find_blocks
 
 INT8_SCALE_BYTES = 2  # quantize-int8 and quantize-embedding as the recipes run them: float16 scales
 

@@ -17,7 +17,8 @@ from graphc.passes._plan_units import graph_macs
 from graphc.passes.fuse_ort import FuseOrt
 from graphc.passes.plan_compression import PlanCompression
 from graphc.passes.prune_ffn import PruneFfn
-from graphc.passes.prune_heads import PruneHeads, find_blocks
+from graphc.passes._attention_blocks import find_blocks
+from graphc.passes.prune_heads import PruneHeads
 from graphc.passes.svd_linear import SvdLinear
 from graphc.validate import make_session, synthesize_inputs
 
