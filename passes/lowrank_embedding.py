@@ -30,6 +30,7 @@ from graphc import ops
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
+from graphc.passes._weights import table_readers
 from graphc.registry import register
 
 
@@ -162,32 +163,3 @@ class LowRankEmbedding(GraphcPass):
         for n in new:
             copy_scope(node, n)
         ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, [new[-1].outputs[0]])
-
-
-def table_readers(value: ir.Value):
-    """(gathers, MatMuls reading the table as weight, (Transpose, MatMul) pairs reading T^T),
-    or why the table must stay whole."""
-    if value.is_graph_output() or value.is_graph_input():
-        return "the table is a graph input or output"
-    gathers, direct, transposed = [], [], []
-    for node, index in value.uses():
-        if node.op_type == ops.GATHER and node.domain in ("", "ai.onnx") and index == 0:
-            if node.attributes.get_int("axis", 0) != 0:
-                return f"Gather {node.name or ''} on an axis other than 0"
-            gathers.append(node)
-        elif node.op_type == ops.MATMUL and node.domain in ("", "ai.onnx") and index == 1:
-            direct.append(node)
-        elif node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
-            perm = node.attributes.get_ints("perm", None)
-            if perm is not None and list(perm) != [1, 0]:
-                return f"also read by a Transpose with perm {list(perm)}"
-            out = node.outputs[0]
-            if out.is_graph_output():
-                return "its transpose is a graph output"
-            for user, i in out.uses():
-                if user.op_type != ops.MATMUL or user.domain not in ("", "ai.onnx") or i != 1:
-                    return f"its transpose is also read by {user.op_type} {user.name or ''}".rstrip()
-                transposed.append((node, user))
-        else:
-            return f"also read by {node.op_type} {node.name or ''} (input {index})".rstrip()
-    return gathers, direct, transposed

@@ -53,8 +53,7 @@ from graphc.passes import _blockquant as bq
 from graphc.passes import _precision_plan as pp
 from graphc.passes import _row_use as row_use
 from graphc.passes import _sensitivity as sens
-from graphc.passes.quantize_gather_block import META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS
-from graphc.passes.quantize_nbits import META_BITS, META_BLOCK
+from graphc.passes._weights import META_BITS, META_BLOCK, META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS
 from graphc.registry import register
 
 

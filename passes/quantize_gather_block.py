@@ -36,13 +36,7 @@ from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, embedding_table, ensure_opset
-from graphc.passes.quantize_nbits import META_BLOCK, META_WEIGHT, planned_config, weight_digest
-
-# node metadata from ``mixed-precision``: the rows (comma-separated ids) kept at the planned bits; the
-# other rows get META_COLD_BITS / META_COLD_BLOCK
-META_HOT_ROWS = "graphc.quant.hot_rows"
-META_COLD_BITS = "graphc.quant.cold_bits"
-META_COLD_BLOCK = "graphc.quant.cold_block_size"
+from graphc.passes._weights import META_BLOCK, META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS, META_WEIGHT, planned_config, weight_digest
 from graphc.registry import register
 
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}

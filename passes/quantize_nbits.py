@@ -39,14 +39,10 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_terms, release_pages, nonfinite_reason
+from graphc.passes._quant import constant, drop_unused_initializers, ensure_opset, gemm_terms, release_pages, nonfinite_reason
+from graphc.passes._weights import META_WEIGHT, constant_weight, planned_config, weight_digest
 from graphc.registry import register
 
-META_WEIGHT = "graphc.nbits.weight"  # node metadata: digest of the float W^T [N, K] a MatMulNBits holds
-# node metadata written by ``mixed-precision`` on a MatMul/Gather: the bits and block size planned
-# for the weight it reads; quantize-nbits and quantize-gather-block follow them over their options
-META_BITS = "graphc.quant.bits"
-META_BLOCK = "graphc.quant.block_size"
 QDQ_OPSET = 21
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -97,42 +93,6 @@ class _Candidate:
         w = self.stored.T if self.transpose else self.stored
         w = w.astype(np.float32, copy=False)
         return np.ascontiguousarray(w * self.alpha if self.alpha != 1.0 else w)
-
-
-def weight_digest(w_t: np.ndarray) -> str:
-    """Digest of a float32 [N, K] array (what MatMulNBits quantizes; an embedding table tied
-    to an LM head has the same digest)."""
-    import hashlib
-
-    a = np.ascontiguousarray(w_t, dtype=np.float32)
-    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:24]
-
-
-def constant_weight(value: ir.Value | None) -> tuple[np.ndarray, int] | None:
-    """The constant array behind ``value`` (initializer, Constant, Cast of one, or a 2-D
-    Transpose of one: a tied LM head reads the embedding table transposed), with the identity
-    of the stored tensor."""
-    if value is None:
-        return None
-    arr = const_array(value)
-    if arr is not None:
-        return arr, id(value)
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx"):
-        inner = const_array(producer.inputs[0])
-        perm = producer.attributes.get_ints("perm", None)
-        if inner is not None and inner.ndim == 2 and (perm is None or list(perm) == [1, 0]):
-            return inner.T, id(producer.inputs[0])
-    return None
-
-
-def planned_config(node: ir.Node, bits: int, block_size: int) -> tuple[int, int, bool]:
-    """(bits, block_size, planned): a ``mixed-precision`` plan's choice written on the node,
-    else the given defaults."""
-    b, k = node.metadata_props.get(META_BITS), node.metadata_props.get(META_BLOCK)
-    if b is None and k is None:
-        return bits, block_size, False
-    return (int(b) if b else bits), (int(k) if k else block_size), True
 
 
 def check_block(bits: int, block_size: int, emit: Emit, name: str) -> None:

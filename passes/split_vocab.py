@@ -42,7 +42,7 @@ from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes import _row_use as row_use
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
-from graphc.passes.lowrank_embedding import table_readers
+from graphc.passes._weights import table_readers
 from graphc.registry import register
 
 

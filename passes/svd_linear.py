@@ -38,8 +38,8 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, gemm_weight, nonfinite_reason
-from graphc.passes.quantize_nbits import constant_weight
+from graphc.passes._quant import constant, drop_unused_initializers, gemm_weight, nonfinite_reason
+from graphc.passes._weights import constant_weight
 from graphc.registry import register
 
 
