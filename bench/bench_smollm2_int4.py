@@ -52,7 +52,7 @@ FUSED_PIPELINE = "graphc cleanup+fuse-ort(mha)+trim-outputs, head as initializer
 
 # what a graphc variant's bytes depend on (besides the recipe and the export)
 GRAPHC_SOURCES = ("cleanup", "fuse_ort", "trim_outputs", "quantize_nbits", "quantize_gather_block", "_blockquant",
-                  "_quant", "fp16_constants", "mixed_precision", "_sensitivity", "_precision_plan", "awq_scale",
+                  "_quant", "fp16_constants", "mixed_precision", "_sensitivity", "_plan/precision", "awq_scale",
                   "split_vocab", "compact_scales")
 
 FP32 = "fp32 (graphc export)"

@@ -12,7 +12,7 @@ squared relative weight errors (output error is quadratic in a small weight erro
 the measured int2/int4 output-error ratios were 25-33, the squared weight-error ratio ~25).
 The bytes of each candidate are exact (the passes' storage layout).
 
-A planner (``_precision_plan``) then picks one candidate per layer to meet the budget:
+A planner (``_plan.precision``) then picks one candidate per layer to meet the budget:
 
 - ``max_bits``: average stored bits per planned weight (codes, scales, zero points), e.g.
   4.0; portable across models;
@@ -50,7 +50,7 @@ import onnx_ir as ir
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
-from graphc.passes import _precision_plan as pp
+from graphc.passes._plan import precision as pp
 from graphc.passes import _row_use as row_use
 from graphc.passes import _sensitivity as sens
 from graphc.passes._weights import META_BITS, META_BLOCK, META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS

@@ -1,17 +1,17 @@
 """The compression planner: per layer, how much to prune, factorize and quantize, chosen from
 measured sensitivities to an error budget and size / latency targets.
 
-1. Units (``_plan_units``): each attention block's heads and each FFN's neurons (prune 25% /
+1. Units (``_plan.units``): each attention block's heads and each FFN's neurons (prune 25% /
    50%, with the least-squares correction of ``prune-heads`` / ``prune-ffn``), each linear layer
    (whitened SVD keeping 80% / 60% of its parameters; int8 weights, or with ``int4`` 4-bit
    block-wise weights: float, int8 or int4, one per layer) and the embedding tables (int8; with
    ``int4`` also 4-bit, GatherBlockQuantized, all tables together).
    ``head_fractions``, ``ffn_fractions``, ``svd_ratios``, ``int8``, ``int4`` (``int4_block``,
    ``int4_method``, ``int4_symmetric``), ``embeddings`` set them.
-2. Sensitivity (``_plan_measure``): the output error of every action applied alone on the first
+2. Sensitivity (``_plan.measure``): the output error of every action applied alone on the first
    ``feeds`` calibration feeds (mean over output rows of 1 - cosine against the original, as
    ``mixed-precision`` measures it), one ONNX Runtime session with the weights as inputs.
-3. Choice (``_plan_search``): errors are assumed to add; greedy by least added error per cost
+3. Choice (``_plan.search``): errors are assumed to add; greedy by least added error per cost
    saved, within ``max_error`` and until ``max_bytes`` / ``max_params`` / ``max_flops`` are met.
    Bytes, parameters and MACs of a plan are computed from shapes.
 4. Application, on a copy, by the existing passes: ``prune-heads`` and ``prune-ffn`` with
@@ -59,10 +59,10 @@ from graphc.errors import PassError, UnsupportedError
 from graphc.manager import SizeFacts
 from graphc.pass_base import GraphcPass, PassResult, PassStats, choice
 from graphc.passes import _blockquant as bq
-from graphc.passes import _plan_measure as pm
-from graphc.passes import _plan_search as ps
+from graphc.passes._plan import measure as pm
+from graphc.passes._plan import search as ps
 from graphc.passes import _sensitivity as sens
-from graphc.passes._plan_units import Int4, Units, graph_macs
+from graphc.passes._plan.units import Int4, Units, graph_macs
 from graphc.registry import register
 
 _ORIGINAL = "graphc.plan.original"  # temporary node tag: "none" = the node had no pass mark before

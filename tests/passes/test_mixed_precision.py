@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 from graphc.errors import GraphcError, PassError, UnsupportedError
 from graphc.pass_base import PassContext
-from graphc.passes import _precision_plan as pp
+from graphc.passes._plan import precision as pp
 from graphc.passes import _sensitivity as sens
 from graphc.passes.mixed_precision import META_BITS, META_BLOCK, MixedPrecision
 from graphc.passes.quantize_gather_block import QuantizeGatherBlock

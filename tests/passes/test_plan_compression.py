@@ -13,7 +13,7 @@ from graphc.errors import PassError, PreconditionError, UnsupportedError
 from graphc.manager import SizeFacts
 from graphc.pass_base import PassContext
 from graphc.passes import _sensitivity as sens
-from graphc.passes._plan_units import graph_macs
+from graphc.passes._plan.units import graph_macs
 from graphc.passes.fuse_ort import FuseOrt
 from graphc.passes.plan_compression import PlanCompression
 from graphc.passes.prune_ffn import PruneFfn
@@ -270,7 +270,7 @@ _QUANT_ONLY = {"head_fractions": (), "ffn_fractions": (), "svd_ratios": ()}
 
 def _quant_reach(model, **kw):
     """Bytes of every quant unit at int8 (and every one at its lowest precision) plus int8 tables."""
-    from graphc.passes._plan_units import Int4, Units
+    from graphc.passes._plan.units import Int4, Units
 
     units = Units(model, head_levels=(), ffn_levels=(), svd_levels=(), int8=True, embeddings=True, seq=128,
                   int4=Int4(**kw))
@@ -330,8 +330,8 @@ def test_int4_bytes_predicted_equal_measured(exports, kind):
 def test_int4_composes_with_svd_and_int8_at_exact_bytes(exports):
     """A factorized layer's two factors take its precision (int4 or int8); bytes, params and MACs
     from shapes equal the applied model's."""
-    from graphc.passes import _plan_search as ps
-    from graphc.passes._plan_units import Int4, Units
+    from graphc.passes._plan import search as ps
+    from graphc.passes._plan.units import Int4, Units
 
     model = _load(exports, "bert")
     calib = _calib(model)

@@ -40,7 +40,7 @@ from graphc.passes import _blockquant as bq
 from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
 from graphc.passes import _sensitivity as sens
-from graphc.passes._plan_units import Unit, Units
+from graphc.passes._plan.units import Unit, Units
 from graphc.passes._quant import constant, symmetric_int8
 
 

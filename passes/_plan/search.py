@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from graphc.passes._plan_units import Cost, Units
+from graphc.passes._plan.units import Cost, Units
 
 METRICS = ("bytes", "params", "macs")
 
