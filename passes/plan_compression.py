@@ -62,7 +62,7 @@ from graphc.passes import _blockquant as bq
 from graphc.passes._plan import measure as pm
 from graphc.passes._plan import search as ps
 from graphc.passes import _sensitivity as sens
-from graphc.passes._plan.units import Int4, Units, graph_macs
+from graphc.passes._plan.units import Int4, Units, cost_text, graph_macs, layer_name
 from graphc.registry import register
 
 _ORIGINAL = "graphc.plan.original"  # temporary node tag: "none" = the node had no pass mark before
@@ -347,11 +347,11 @@ class PlanCompression(GraphcPass):
         reach = ps.most_compressed(units, errors)
         asked = ", ".join(f"max_{m}={v:,}" if m != "macs" else f"max_flops={self.options.max_flops:g} "
                           f"({v:,} MACs/token)" for m, v in budgets.targets().items())
-        within = (f"within max_error={budgets.max_error:g} the planner reaches {_cost_text(e.reach.cost, units)} "
+        within = (f"within max_error={budgets.max_error:g} the planner reaches {cost_text(e.reach.cost, units)} "
                   f"(predicted error {e.reach.error:.4g}); " if budgets.max_error is not None else "")
         again = f" (after {round_index} correction rounds)" if round_index else ""
         return (f"budget cannot be met{again}: {asked}; {within}every action together reaches "
-                f"{_cost_text(reach.cost, units)} at predicted error {reach.error:.4g}")
+                f"{cost_text(reach.cost, units)} at predicted error {reach.error:.4g}")
 
     def _apply(self, model: ir.Model, units: Units, plan: ps.Plan) -> tuple[ir.Model, int, list[dict]]:
         from graphc.passes.prune_ffn import PruneFfn
@@ -415,7 +415,7 @@ class PlanCompression(GraphcPass):
             level = plan.state.get(u.key, 0)
             if not level:
                 continue
-            decisions.append({"unit": u.key, "kind": u.kind_at(level), "layer": _layer_name(units, u),
+            decisions.append({"unit": u.key, "kind": u.kind_at(level), "layer": layer_name(units, u),
                               "action": u.label(level),
                               "predicted_error": float(f"{errors[u.key][level]:.4g}")})
         return {
@@ -434,28 +434,7 @@ class PlanCompression(GraphcPass):
         }
 
 
-def _layer_name(units: Units, unit) -> str:
-    if unit.kind == "heads":
-        node = units.blocks[unit.index].o.node
-    elif unit.kind == "ffn":
-        node = units.ffns[unit.index].down.node
-    elif unit.linears:
-        node = units.linears[unit.linears[0]].node
-    else:
-        return "embedding tables"
-    return node.metadata_props.get("graphc.scope") or node.name
-
-
-def _cost_text(cost, units: Units) -> str:
-    ref = units.cost({})
-    return (f"{cost.bytes:,} bytes, {cost.params:,} params, {cost.macs / max(ref.macs, 1):.3f} of the original "
-            "MACs")
-
-
 def _session(model: ir.Model):
-    from graphc.io import inline_external_data
     from graphc.validate import make_session
 
-    with inline_external_data(model):
-        proto = ir.serde.serialize_model(model)
-    return make_session(proto, what="model after the plan")
+    return make_session(model, what="model after the plan")

@@ -356,3 +356,23 @@ def graph_macs(model: ir.Model, seq: int) -> int:
     for b in blocks:
         macs += seq * b.heads * (b.head_dim + b.v_head_dim)
     return macs
+
+
+def layer_name(units: Units, unit) -> str:
+    """The layer a unit acts on, for plan reports: its scope, or its node's name."""
+    if unit.kind == "heads":
+        node = units.blocks[unit.index].o.node
+    elif unit.kind == "ffn":
+        node = units.ffns[unit.index].down.node
+    elif unit.linears:
+        node = units.linears[unit.linears[0]].node
+    else:
+        return "embedding tables"
+    return node.metadata_props.get("graphc.scope") or node.name
+
+
+def cost_text(cost, units: Units) -> str:
+    """A cost in words, MACs relative to the original model's."""
+    ref = units.cost({})
+    return (f"{cost.bytes:,} bytes, {cost.params:,} params, {cost.macs / max(ref.macs, 1):.3f} of the original "
+            "MACs")
