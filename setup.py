@@ -23,5 +23,5 @@ for name, folder in MAPPED.items():
 setup(
     packages=packages,
     package_dir=MAPPED,
-    package_data={"graphc.recipe_files": ["*.toml"]},
+    package_data={"graphc.recipe_files": ["*.toml", "builtin/*.toml"]},
 )

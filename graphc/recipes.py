@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,177 +82,42 @@ class Recipe:
         }
 
 
-_CLEANUP = (
-    Step("compact-metadata"),
-    Step("fold-constants"),
-    Step("remove-unused"),
-)
+BUILTIN_NAMES = ("cleanup", "fuse", "int8", "int4", "int8-static", "fast", "fast-prune", "plan")
 
-BUILTIN: dict[str, Recipe] = {
-    "cleanup": Recipe(
-        "cleanup",
-        "lossless: constant folding, dead code, common subexpressions, shape inference",
-        (*_CLEANUP, Step("cse"), Step("shape-inference")),
-        Tolerance(min_cosine=0.99999, min_row_cosine=0.9999, max_abs=1e-3),
-    ),
-    "fuse": Recipe(
-        "fuse",
-        "fp32, fusions only: cleanup, then attention (packed Attention where Q, K, V share an "
-        "input; GroupQueryAttention for grouped KV heads), EmbedLayerNorm, SkipLayerNorm, "
-        "(Bias)Gelu, RMSNorm, rotary into ONNX Runtime's fused ops",
-        (*_CLEANUP, Step("fuse-ort", {"attention": "attention", "embed_layer_norm": True}), Step("attention-mask-index"),
-         Step("remove-unused")),
-        # fusion reorders float sums only: MiniLM (dynamo) measured max abs 2.5e-6 in validation
-        Tolerance(min_cosine=0.99999, min_row_cosine=0.9999, max_abs=1e-4),
-    ),
-    "int8": Recipe(
-        "int8",
-        "ORT fusions, then int8 weights (per-channel symmetric) with dynamic int8 activations "
-        "on every constant-weight MatMul/Gemm (outlier channels smoothed, from calibration), "
-        "QAttention, int8 Conv weights per output channel (BatchNorm folded first), int8 embedding "
-        "tables, float16 vectors",
-        (
-            *_CLEANUP,
-            Step("fold-batchnorm"),
-            Step("fuse-ort", {"attention": "mha"}),
-            Step("trim-outputs"),
-            Step(
-                "quantize-int8",
-                {"outlier_ratio": 4.0, "outlier_channels": 4, "smooth_min_factor": 2.5, "scale_dtype": "float16"},
-            ),
-            Step("quantize-conv"),
-            Step("quantize-attention"),
-            Step("quantize-embedding"),
-            Step("fp16-constants"),
-            Step("remove-unused"),
-        ),
-        Tolerance(min_cosine=0.99, min_row_cosine=0.9),
-    ),
-    "int4": Recipe(
-        "int4",
-        "ORT fusions, AWQ channel scales folded into pre-norms (Llama-like models), then mixed 2/4/8-bit "
-        "weights at 3.95 bits a weight on average: bits and block "
-        "size per layer from each layer's measured output sensitivity (embedding rows that calibration "
-        "reads kept at more bits than the rest), MatMulNBits fitted by GPTQ on calibration data (int8 "
-        "activations in the kernel), GatherBlockQuantized embedding tables (clipping search; shared "
-        "with a tied LM head), float16 vectors",
-        (
-            *_CLEANUP,
-            Step("fuse-ort", {"attention": "mha"}),
-            Step("trim-outputs"),
-            # AWQ channel scales folded into pre-norms / SwiGLU up projections (Llama-like models;
-            # nothing to fold on post-LN BERT such as MiniLM, where it changes nothing)
-            Step("awq-scale", {"bits": 4, "block_size": 32, "symmetric": False, "method": "rtn"}),
-            # MiniLM measured (bench/bench_int4.py): 11.27 MB (ORT int8: 22.81 MB), mean sentence
-            # cosine 0.9907 to PyTorch, probe 0.862 vs 0.865; every weight at 4-bit block 32: 13.17 MB
-            # scales counted at one byte (compact-scales below stores them so): measured 2026-12-03,
-            # same 3.95 bits: validated token cosine 0.9885 -> 0.9900, sentence 0.9911 -> 0.9922
-            Step("mixed-precision", {"max_bits": 3.95, "method": "gptq", "scale_dtype": "log8"}),
-            Step(
-                "quantize-nbits",
-                {"bits": 4, "block_size": 32, "symmetric": False, "method": "gptq", "act_order": True, "damp": 0.01},
-            ),
-            Step("quantize-gather-block", {"bits": 4, "block_size": 32, "symmetric": False, "method": "mse"}),
-            Step("compact-scales"),
-            Step("fp16-constants"),
-            Step("remove-unused"),
-        ),
-        # MiniLM measured (bench/bench_int4.py): output cosine 0.988, worst token 0.92; with
-        # round-to-nearest weights instead of GPTQ 0.966 / 0.86, which this tolerance rejects
-        Tolerance(min_cosine=0.97, min_row_cosine=0.85),
-    ),
-    "int8-static": Recipe(
-        "int8-static",
-        "ORT fusions, then static int8 QDQ (BBCT): per-channel int8 weights, activations quantized "
-        "with min-max ranges calibrated on real data (SmoothQuant alpha 0.8 on MatMul inputs) "
-        "at the MatMul inputs, the attention inputs and the embedding outputs (ORT runs QLinearMatMul "
-        "/ MatMulIntegerToFloat), int8 embedding tables, float16 vectors",
-        (
-            *_CLEANUP,
-            Step("fuse-ort", {"attention": "mha"}),
-            Step("trim-outputs"),
-            Step(
-                "quantize-activations",
-                {"targets": ["matmul_in", "attention", "embedding"], "method": "minmax", "smooth_alpha": 0.8},
-            ),
-            Step("quantize-embedding"),
-            Step("fp16-constants"),
-            Step("remove-unused"),
-        ),
-        # MiniLM measured (bench/bench_static.py): validation output cosine 0.996, worst token 0.967;
-        # pooled-embedding cosine to PyTorch 0.9967 (ORT quantize_static: 0.928), probe 0.864 vs 0.865
-        Tolerance(min_cosine=0.99, min_row_cosine=0.9),
-    ),
-    "fast": Recipe(
-        "fast",
-        "int8 on the real tokens only: ORT fusions, then MatMuls, norms and activations run on the "
-        "batch's real tokens packed together (padding removed; attention on the padded batch), then "
-        "the int8 recipe's quantization (the Q/K/V MatMuls stay separate int8 MatMuls, no QAttention)",
-        (
-            *_CLEANUP,
-            Step("fuse-ort", {"attention": "mha"}),
-            Step("trim-outputs"),
-            Step("remove-padding"),
-            Step(
-                "quantize-int8",
-                {"outlier_ratio": 4.0, "outlier_channels": 4, "smooth_min_factor": 2.5, "scale_dtype": "float16"},
-            ),
-            Step("quantize-embedding"),
-            Step("fp16-constants"),
-            Step("remove-unused"),
-        ),
-        # the int8 recipe's numbers at real tokens (dynamic ranges over real tokens only); padded
-        # rows of the output are zeros, which validation does not compare
-        Tolerance(min_cosine=0.99, min_row_cosine=0.9),
-    ),
-    "fast-prune": Recipe(
-        "fast-prune",
-        "structured pruning for speed on full-length inputs too, then int8: ORT fusions, attention heads "
-        "and FFN neurons chosen on calibration data and removed, each block's output projection refitted "
-        "by least squares (STAT-style correction, no retraining), padding removed, then the int8 "
-        "recipe's quantization",
-        (
-            *_CLEANUP,
-            Step("fuse-ort", {"attention": "mha"}),
-            Step("trim-outputs"),
-            Step("prune-heads", {"fraction": 0.25}),
-            Step("prune-ffn", {"fraction": 0.5}),
-            Step("remove-padding"),
-            Step(
-                "quantize-int8",
-                {"outlier_ratio": 4.0, "outlier_channels": 4, "smooth_min_factor": 2.5, "scale_dtype": "float16"},
-            ),
-            Step("quantize-embedding"),
-            Step("fp16-constants"),
-            Step("remove-unused"),
-        ),
-        # MiniLM measured (bench/bench_fast.py, before remove-padding was added): output cosine
-        # 0.88, worst token 0.64 (pooled-embedding cosine 0.90), far from 0.99: this tolerance
-        # only catches a broken result, not a good one
-        Tolerance(min_cosine=0.85, min_row_cosine=0.5),
-    ),
-    "plan": Recipe(
-        "plan",
-        "compression planned from measured sensitivities to a budget (default: mean output 1 - cosine "
-        "≤ 0.01 on calibration data): per layer, prune heads / FFN neurons (least-squares corrected), "
-        "factorize (whitened SVD), int8 weights and tables, chosen greedily by error per byte / MAC "
-        "saved, then checked by measuring; ORT fusions before, QAttention, padding removal and float16 vectors after",
-        (
-            *_CLEANUP,
-            Step("fuse-ort", {"attention": "mha"}),
-            Step("trim-outputs"),
-            Step("plan", {"max_error": 0.01}),
-            Step("quantize-attention"),
-            # after the plan (its measurements and the pruning matchers expect MatMul -> attention):
-            # the planned int8 MatMuls then run on the real tokens only
-            Step("remove-padding"),
-            Step("fp16-constants"),
-            Step("remove-unused"),
-        ),
-        # the plan holds max_error on its calibration feeds; validation runs other texts
-        Tolerance(min_cosine=0.98, min_row_cosine=None),
-    ),
-}
+
+def _builtin_folder() -> Path:
+    """recipes/builtin/ as installed (package data of ``graphc.recipe_files``), or in a source tree."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("graphc.recipe_files"))) / "builtin"
+    except ModuleNotFoundError:  # pragma: no cover - graphc imported from a bare source tree
+        return Path(__file__).resolve().parent.parent / "recipes" / "builtin"
+
+
+class _Builtins(Mapping):
+    """The built-in recipes, TOML files in recipes/builtin/ (the same format as a user's),
+    each read and checked on first use: listing their names reads no file."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Recipe] = {}
+
+    def __getitem__(self, name: str) -> Recipe:
+        if name not in BUILTIN_NAMES:
+            raise KeyError(name)
+        if name not in self._loaded:
+            recipe = load_recipe_file(_builtin_folder() / f"{name}.toml")
+            self._loaded[name] = replace(recipe, source="built-in")
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(BUILTIN_NAMES)
+
+    def __len__(self) -> int:
+        return len(BUILTIN_NAMES)
+
+
+BUILTIN = _Builtins()
 
 
 def plan_recipe(*, max_error: float | None = None, max_bytes: int | None = None, max_flops: float | None = None,

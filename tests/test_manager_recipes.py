@@ -120,3 +120,14 @@ def test_every_node_a_pass_creates_is_labelled_even_when_ids_are_reused():
         _ReplaceEveryNode()(model)
         labels = [n.metadata_props.get(ops.META_PASS) for n in model.graph]
         assert labels and all(label == "replace-every-node" for label in labels), labels
+
+
+def test_builtin_recipe_files_are_exactly_the_listed_built_ins():
+    """recipes/builtin/*.toml and BUILTIN_NAMES agree, and each file loads and names itself."""
+    from graphc.recipes import BUILTIN, BUILTIN_NAMES, _builtin_folder
+
+    files = sorted(p.stem for p in _builtin_folder().glob("*.toml"))
+    assert files == sorted(BUILTIN_NAMES)
+    for name in BUILTIN_NAMES:
+        recipe = BUILTIN[name]
+        assert recipe.name == name and recipe.source == "built-in" and recipe.steps
