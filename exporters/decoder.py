@@ -150,7 +150,7 @@ def _load(source: Any, progress: Progress | None) -> tuple[str | None, Any]:
 
 
 def _load_folder(folder: Path) -> Any:
-    from graphc.models.base import hf_offline
+    from graphc.arch import hf_offline
 
     hf_offline()
     try:

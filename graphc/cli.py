@@ -295,6 +295,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for key in ("exporter", "seconds", "bytes"):
         if key in data:
             lines.append(f"  {key}: {data[key]}")
+    if data.get("parity"):
+        p = data["parity"]
+        lines.append(f"  parity with PyTorch: max abs {p['max_abs']:.3g}, cosine {p['cosine']:.7f} ({p['feeds']})")
     for n in data.get("notices", []):
         lines.append(f"notice: {n}")
     _emit(args, data, "\n".join(lines))
