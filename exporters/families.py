@@ -178,7 +178,9 @@ def torch_outputs(module: torch.nn.Module, feed: Mapping[str, np.ndarray]) -> li
     """The wrapped module's outputs on a numpy feed, as numpy arrays (the parity reference)."""
     import torch
 
-    with torch.no_grad():
+    from graphc.exporters.hf import quiet
+
+    with quiet(), torch.no_grad():
         out = module(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()})
     out = out if isinstance(out, (tuple, list)) else (out,)
     return [t.detach().float().numpy() for t in out]
