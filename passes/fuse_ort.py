@@ -18,7 +18,9 @@ import onnx_ir.passes.common as common
 
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
-from graphc.passes._fusion_rules import embed_layer_norm, gqa, gqa_kv, normalize, rms_norm, rotary_cache, sym_dims
+from graphc.passes._fusion_rules import (
+    embed_layer_norm, gemm_matmul, gqa, gqa_kv, normalize, rms_norm, rotary_cache, sym_dims,
+)
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
 from graphc.passes._fusion_rules.misses import FAMILIES, anchors, best_partial_match, count_ops, miss_reason
 from graphc.registry import register
@@ -71,6 +73,8 @@ class FuseOrt(GraphcPass):
             common.ShapeInferencePass()(model)
             stats.add("symbolic_shapes", symbolic_shapes(model))
         normalize.rules.apply_to_model(model)
+        if flattened := gemm_matmul.rules.apply_to_model(model):  # GPT-2's Conv1D: before the attention rules
+            stats.add("gemm_to_matmul", flattened)
         optimize(model)  # fold what the static dims made constant (legacy rotary slice ends)
         if renamed := sym_dims.canonicalize(model):  # KV cache: "past + S" and "S + past" are one length
             stats.add("canonical_dims", renamed)
