@@ -81,21 +81,20 @@ def save_tiny(model_type: str, folder: str | os.PathLike, *, seed: int = 0) -> P
     return folder
 
 
-def save_tiny_sentence_transformer(folder: str | os.PathLike, *, pooling: str = "mean", normalize: bool = True,
-                                   seed: int = 0) -> Path:
+def save_tiny_sentence_transformer(folder: str | os.PathLike, *, pooling: str | tuple[str, ...] = "mean",
+                                   normalize: bool = True, seed: int = 0) -> Path:
     """A tiny BERT as a sentence-transformers folder: ``modules.json``, ``1_Pooling/config.json``
-    (``pooling``: "mean", "cls", "max" or "mean_sqrt_len") and, with ``normalize``, a Normalize
-    module."""
+    (``pooling``: one or several of "mean", "cls", "max", "mean_sqrt_len") and, with
+    ``normalize``, a Normalize module."""
     folder = save_tiny("bert", folder, seed=seed)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (folder / "2_Normalize").mkdir()
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir()
-    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")
     chosen = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens"}
-    pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{m}": m == chosen[pooling] for m in modes}}
+    wanted = {chosen[p] for p in ((pooling,) if isinstance(pooling, str) else pooling)}
+    pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{m}": m in wanted for m in chosen.values()}}
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
     return folder
