@@ -52,7 +52,9 @@ class ReshapeGemmReshape(pattern.RewriteRuleClassBase):
         lead = len(out.shape) - 1
         if len(x.shape) != lead + 1:
             shape = np.array([0] * lead + [int(math.prod(x.shape[lead:]))], dtype=np.int64)
-            x = op.Reshape(x, op.Constant(value=ir.tensor(shape)))
+            flat = op.Reshape(x, op.Constant(value=ir.tensor(shape)))
+            flat.shape, flat.dtype = ir.Shape([*out.shape[:lead], int(shape[-1])]), x.dtype
+            x = flat
         node = gemm.producer()
         if node.attributes.get("transB") is not None and node.attributes["transB"].value:
             w = op.Constant(value=ir.tensor(np.ascontiguousarray(w.const_value.numpy().T)))
