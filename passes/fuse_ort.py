@@ -19,7 +19,7 @@ import onnx_ir.passes.common as common
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
 from graphc.passes._fusion_rules import (
-    embed_layer_norm, gemm_matmul, gqa, gqa_kv, normalize, rms_norm, rotary_cache, sym_dims,
+    embed_layer_norm, gemm_matmul, gqa, gqa_kv, normalize, quick_gelu, rms_norm, rotary_cache, sym_dims,
 )
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
 from graphc.passes._fusion_rules.misses import FAMILIES, anchors, best_partial_match, count_ops, miss_reason
@@ -84,6 +84,7 @@ class FuseOrt(GraphcPass):
 
         if self.options.gelu:
             fuse("erf_gelu", C.fuse_erfgelu)
+            fuse("quick_gelu", _apply(quick_gelu.rules))  # CLIP
         if self.options.normalization:
             fuse("rms_normalization", C.fuse_rms_normalization)
             fuse("rms_normalization_opset17", _apply(rms_norm.rules))  # legacy exporter

@@ -51,7 +51,7 @@ FUSED = {
     "electra": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "vit": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "dinov2": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
-    "clip_vision_model": {**_ATTN, "skip_layer_norm": 3},
+    "clip_vision_model": {**_ATTN, "skip_layer_norm": 3, "gelu": 2},  # QuickGelu
     "siglip_vision_model": {**_ATTN, "skip_layer_norm": 4},
     "llama": {**_ATTN, "rms_norm": 5, "rotary": 4},
     "qwen2": {**_ATTN, "rms_norm": 5, "rotary": 4},
