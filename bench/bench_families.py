@@ -68,9 +68,13 @@ def ort_fused(name: str, src: Path, facts: Any) -> dict[str, int]:
 
     model_type = "gpt2" if name in tf.DECODERS else ORT_TYPE.get(name, "bert")
     out = src.with_name(f"{src.stem}-ort.onnx")
-    with quiet():
-        opt = optimize_model(str(src), model_type=model_type, num_heads=facts.num_heads, hidden_size=facts.hidden_size)
-        opt.save_model_to_file(str(out))
+    try:
+        with quiet():
+            opt = optimize_model(str(src), model_type=model_type, num_heads=facts.num_heads,
+                                 hidden_size=facts.hidden_size)
+            opt.save_model_to_file(str(out))
+    except Exception as e:  # noqa: BLE001 - ORT's optimizer raises whatever its fusions hit
+        return {"error": f"{model_type}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     return ms_ops(out)
 
 
@@ -127,7 +131,9 @@ _SHORT = {"MultiHeadAttention": "MHA", "GroupQueryAttention": "GQA", "Attention"
           "QuickGelu": "QuickGelu", "BiasSplitGelu": "BiasSplitGelu"}
 
 
-def _ops(counts: dict[str, int]) -> str:
+def _ops(counts: dict[str, Any]) -> str:
+    if "error" in counts:
+        return f"failed ({counts['error']})"
     return ", ".join(f"{_SHORT.get(k, k)} {v}" for k, v in counts.items()) or "none"
 
 
