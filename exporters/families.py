@@ -92,6 +92,7 @@ class Plan:
     axes: Mapping[str, Mapping[int, str]]
     facts: ArchFacts
     notices: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)  # more model metadata
 
 
 def plan_folder(folder: str | os.PathLike) -> Plan:
@@ -123,7 +124,7 @@ def plan_folder(folder: str | os.PathLike) -> Plan:
             raise ExportError(f"cannot load the {family.name} model: {_first_line(e)}", path=folder) from None
     facts = _facts(model.config, family)
     if family.kind == VISION:
-        return _vision_plan(model, family, facts)
+        return dataclasses.replace(_vision_plan(model, family, facts), metadata=_normalization(folder))
     if family.kind == DECODER:
         from graphc.exporters.hf import wrap_causal_lm, wrap_encoder
 
@@ -235,6 +236,26 @@ def _vision_plan(model: Any, family: Family, facts: ArchFacts) -> Plan:
     present = tuple(o for o in outputs if getattr(got, o, None) is not None)
     module.outputs = present
     return Plan(module, family, ("pixel_values",), present, {"pixel_values": {0: "batch"}}, facts)
+
+
+def _normalization(folder: Path) -> dict[str, str]:
+    """The pixel mean and std of the folder's image processor (``preprocessor_config.json``),
+    as model metadata for validation on real images; empty when the folder has none."""
+    from graphc.images import MEAN_KEY, STD_KEY
+
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    config = read_json(path)
+    if not isinstance(config, dict):
+        return {}
+    if config.get("do_normalize") is False:
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    else:
+        mean, std = config.get("image_mean"), config.get("image_std")
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3):
+        return {}
+    return {MEAN_KEY: ",".join(f"{float(v):g}" for v in mean), STD_KEY: ",".join(f"{float(v):g}" for v in std)}
 
 
 def _channels(module: Any) -> int:

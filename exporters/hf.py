@@ -239,7 +239,8 @@ def export_hf_folder(
                             what=f"2 random feeds of {shape}")
 
     result = export_module(plan.module, example, out_path, plan.facts, output_names=plan.output_names,
-                           opset=opset, dynamic_axes=plan.axes, progress=progress, check=check)
+                           opset=opset, dynamic_axes=plan.axes, progress=progress, check=check,
+                           metadata=plan.metadata)
     result.notices[:0] = list(plan.notices)
     return result
 
@@ -257,12 +258,14 @@ def export_module(
     dynamo: bool = True,
     progress: Progress | None = None,
     check: Callable[[ir.Model], Parity] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Export a torch module called with keyword ``example_inputs`` (torch tensors).
 
     ``dynamic_axes`` defaults to axis 0 = "batch" and axis 1 = "sequence" for every input.
     Node scopes lose the module's ``scope_prefix`` attribute (the wrappers' ``"model."``).
-    ``dynamo=False`` goes straight to the legacy exporter. ``check`` (parity with PyTorch) runs
+    ``dynamo=False`` goes straight to the legacy exporter. ``metadata``: more model metadata.
+    ``check`` (parity with PyTorch) runs
     on the graph before anything is written; a miss raises ExportError and writes nothing.
     """
     require_torch()
@@ -306,6 +309,7 @@ def export_module(
         _say(progress, f"writing {out_path}")
         meta.compact_node_metadata(model, strip_prefix=getattr(module, "scope_prefix", ""), all_nodes=True)
         meta.write_model_metadata(model, exporter=exporter, arch_facts=arch_facts, recipe=recipe)
+        model.metadata_props.update(metadata or {})
         from graphc.io import save_model
 
         files = save_model(model, out_path)

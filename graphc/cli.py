@@ -117,6 +117,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         lines.append(
             f"validation ({v.samples} feeds, {v.input_source}): output cosine {v.output_cosine:.5f}, "
             f"worst row cosine {v.min_cosine:.5f}, max abs {v.max_abs:.4g} → {'PASS' if v.passed else 'FAIL (forced)'}"
+            + _gate_text(v)
         )
         if v.task:
             lines.append("task: " + _task_text(v.task))
@@ -193,6 +194,15 @@ def _compress_recipe(args: argparse.Namespace):
     budgets |= {"int4": True} if int4 else {}
     steps = tuple(Step(s.pass_name, {**s.options, **budgets}) if s.pass_name == "plan" else s for s in recipe.steps)
     return replace(recipe, steps=steps)
+
+
+def _gate_text(v: Any) -> str:
+    """The tolerance the validation was judged by: `` (gate: output cosine ≥ 0.99, ...)``."""
+    parts = [f"output cosine ≥ {v.min_output_cosine_required:g}" if v.min_output_cosine_required is not None else "",
+             f"worst row cosine ≥ {v.min_cosine_required:g}" if v.min_cosine_required is not None else "",
+             f"max abs ≤ {v.max_abs_allowed:g}" if v.max_abs_allowed is not None else ""]
+    parts = [p for p in parts if p]
+    return f" (gate: {', '.join(parts)})" if parts else ""
 
 
 def _task_text(task: dict) -> str:

@@ -229,3 +229,46 @@ def test_cli_export_refusal_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "encoder-decoder" in err and "Traceback" not in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --------------------------------------------------------------------------- vision on real images
+
+
+def test_vision_validation_on_sample_photos_with_task_metric(work):
+    """ViT int8 is validated (and calibrated) on crops of scikit-learn's sample photos, with the
+    embedding cosine reported as the task figure; the CLI line names the gate."""
+    pytest.importorskip("PIL")  # decoding the photos needs Pillow (graphc[export])
+    result = compressed("vit", work)
+    v = result.validation
+    assert v.input_source.startswith("images: 24 crops") and v.samples == 3
+    assert v.task["metric"] == "embedding_cosine" and v.task["images"] == 24 and v.task["of"] == "pooler_output"
+    assert 0.0 < v.task["min"] <= v.task["mean"] <= 1.0
+    from graphc.cli import _gate_text
+
+    assert _gate_text(v) == " (gate: output cosine ≥ 0.99, worst row cosine ≥ 0.9)"
+
+
+def test_image_classifier_exports_logits_and_reports_top1_agreement(tmp_path):
+    pytest.importorskip("PIL")
+    import torch
+    from transformers import ViTForImageClassification
+
+    config = tf.tiny_config("vit")
+    config.num_labels = 5
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config)
+    model.save_pretrained(tmp_path / "cls")
+    (tmp_path / "cls" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_normalize": True}))
+    exp = api.export(str(tmp_path / "cls"), tmp_path / "cls.onnx")
+    assert exp.output_names == ("logits",) and exp.parity.ok
+    onnx_model = load_model(exp.path)
+    assert onnx_model.metadata_props["graphc.image.mean"] == "0.485,0.456,0.406"
+    from graphc.images import feeds
+
+    pixels = np.concatenate([f["pixel_values"] for f in feeds(onnx_model)[0]])
+    # normalized with the folder's mean and std: photo pixels in [0, 1] map into [-mean/std, (1-mean)/std]
+    assert pixels.min() >= -0.485 / 0.229 - 1e-4 and pixels.max() <= (1 - 0.406) / 0.225 + 1e-4
+    result = api.compress(str(exp.path), str(tmp_path / "cls.int8.onnx"), recipe="int8", attribution=False)
+    task = result.validation.task
+    assert task["metric"] == "top1_agreement" and task["images"] == 24 and 0.0 <= task["value"] <= 1.0
