@@ -31,13 +31,13 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 @dataclass(frozen=True)
 class Family:
-    """One architecture family. ``tower``: the transformers class that loads the vision tower
-    of a joint image-text folder (CLIP, SigLIP)."""
+    """One architecture family. ``towers``: (model_type, transformers class) that loads the
+    vision tower of an image-text model (CLIP with its projection: ``image_embeds``)."""
 
     name: str
     model_types: tuple[str, ...]
     kind: str
-    tower: str = ""
+    towers: tuple[tuple[str, str], ...] = ()
 
     @property
     def modality(self) -> str:
@@ -53,8 +53,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("ELECTRA", ("electra",), ENCODER),
     Family("ViT", ("vit",), VISION),
     Family("DINOv2", ("dinov2",), VISION),
-    Family("CLIP vision tower", ("clip_vision_model", "clip"), VISION, tower="CLIPVisionModel"),
-    Family("SigLIP vision tower", ("siglip_vision_model", "siglip"), VISION, tower="SiglipVisionModel"),
+    Family("CLIP vision tower", ("clip_vision_model", "clip"), VISION,
+           towers=(("clip_vision_model", "CLIPVisionModel"), ("clip", "CLIPVisionModelWithProjection"))),
+    Family("SigLIP vision tower", ("siglip_vision_model", "siglip"), VISION,
+           towers=(("siglip_vision_model", "SiglipVisionModel"), ("siglip", "SiglipVisionModel"))),
     Family("Llama", ("llama",), DECODER),
     Family("Qwen2", ("qwen2",), DECODER),
     Family("Qwen3", ("qwen3",), DECODER),
@@ -117,7 +119,13 @@ def plan_folder(folder: str | os.PathLike) -> Plan:
     cls = _model_class(transformers, family, config)
     with quiet():
         try:
-            model = cls.from_pretrained(os.fspath(folder), dtype=torch.float32).eval()
+            kwargs = {}
+            if family.towers and hasattr(config, "vision_config"):  # an image-text folder: its vision part
+                tower_config = cls.config_class.from_pretrained(os.fspath(folder))
+                if getattr(config, "projection_dim", None):  # the joint model's projection width
+                    tower_config.projection_dim = config.projection_dim
+                kwargs["config"] = tower_config
+            model = cls.from_pretrained(os.fspath(folder), dtype=torch.float32, **kwargs).eval()
         except GraphcError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -191,8 +199,9 @@ def torch_outputs(module: torch.nn.Module, feed: Mapping[str, np.ndarray]) -> li
 
 
 def _model_class(transformers: Any, family: Family, config: Any) -> Any:
-    if family.tower:
-        return getattr(transformers, family.tower)
+    towers = dict(family.towers)
+    if config.model_type in towers:
+        return getattr(transformers, towers[config.model_type])
     if family.kind == DECODER:
         archs = list(getattr(config, "architectures", None) or [])
         if not archs or any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
@@ -223,10 +232,10 @@ def _text_axes(count: int) -> dict[str, dict[int, str]]:
 def _vision_plan(model: Any, family: Family, facts: ArchFacts) -> Plan:
     if facts.image_size <= 0:
         raise ExportError(f"the {family.name} config has no image_size")
-    if hasattr(model.config, "num_labels") and type(model).__name__.endswith("ForImageClassification"):
+    if type(model).__name__.endswith("ForImageClassification"):
         outputs: tuple[str, ...] = ("logits",)
-    else:
-        outputs = ("last_hidden_state", "pooler_output")
+    else:  # those the model returns, in this order
+        outputs = ("image_embeds", "last_hidden_state", "pooler_output")
     module = _vision_wrapper()(model, outputs).eval()
     probe = example_inputs(Plan(module, family, ("pixel_values",), outputs, {}, facts), batch=1)
     import torch

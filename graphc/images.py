@@ -74,8 +74,9 @@ def feeds(model: ir.Model, *, split: str = "validation", batch: int = 8) -> tupl
 
 def task_metric(feeds_: Sequence[Mapping[str, np.ndarray]], reference: Sequence[Mapping[str, np.ndarray]],
                 outputs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any] | None:
-    """Top-1 agreement on ``logits``; else the cosine of the image embedding (``pooler_output``,
-    or the first token of ``last_hidden_state``), rewritten vs original, image by image."""
+    """Top-1 agreement on ``logits``; else the cosine of the image embedding (``image_embeds``,
+    ``pooler_output``, or the first token of ``last_hidden_state``), rewritten vs original,
+    image by image."""
     from graphc import measure
 
     if not reference or not outputs:
@@ -86,7 +87,7 @@ def task_metric(feeds_: Sequence[Mapping[str, np.ndarray]], reference: Sequence[
         got = np.concatenate([o["logits"].reshape(len(o["logits"]), -1) for o in outputs])
         agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
         return {"metric": "top1_agreement", "value": round(agree, 6), "images": int(len(ref))}
-    name = "pooler_output" if "pooler_output" in first else "last_hidden_state" if "last_hidden_state" in first else None
+    name = next((n for n in ("image_embeds", "pooler_output", "last_hidden_state") if n in first), None)
     if name is None:
         return None
 
@@ -96,7 +97,7 @@ def task_metric(feeds_: Sequence[Mapping[str, np.ndarray]], reference: Sequence[
 
     stats = measure.cosine_stats(np.concatenate([embed(o) for o in outputs]),
                                  np.concatenate([embed(r) for r in reference]))
-    return {"metric": "embedding_cosine", "of": name if name == "pooler_output" else "last_hidden_state[:, 0]",
+    return {"metric": "embedding_cosine", "of": name if name != "last_hidden_state" else "last_hidden_state[:, 0]",
             "mean": round(stats.mean, 6), "min": round(stats.min, 6), "images": stats.count}
 
 

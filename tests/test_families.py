@@ -231,6 +231,22 @@ def test_cli_export_refusal_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_clip_folder_exports_the_vision_tower_with_its_projection(tmp_path):
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    config = CLIPConfig(text_config={"vocab_size": tf.TINY_VOCAB, **small}, projection_dim=16,
+                        vision_config={"image_size": 32, "patch_size": 8, **small})
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    result = api.export(str(tmp_path / "clip"), tmp_path / "clip.onnx")
+    assert result.input_names == ("pixel_values",) and result.output_names == ("image_embeds", "last_hidden_state")
+    assert result.parity.ok and result.arch_facts.modality == "vision"
+    embeds = make_session(result.path).run(None, {"pixel_values": np.zeros((2, 3, 32, 32), np.float32)})[0]
+    assert embeds.shape == (2, 16)
+
+
 # --------------------------------------------------------------------------- vision on real images
 
 
