@@ -19,7 +19,7 @@ import onnx_ir.passes.common as common
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
 from graphc.passes._fusion_rules import (
-    embed_layer_norm, gemm_matmul, gqa, gqa_kv, normalize, quick_gelu, rms_norm, rotary_cache, sym_dims,
+    embed_layer_norm, gelu_tanh, gemm_matmul, gqa, gqa_kv, normalize, quick_gelu, rms_norm, rotary_cache, sym_dims,
 )
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
 from graphc.passes._fusion_rules.misses import FAMILIES, anchors, best_partial_match, count_ops, miss_reason
@@ -115,6 +115,7 @@ class FuseOrt(GraphcPass):
                     fuse("attention", C.fuse_attention)
         if self.options.gelu:
             fuse("gelu", C.fuse_gelu)
+            fuse("gelu_tanh", _apply(gelu_tanh.rules))  # GPT-2's gelu_new
             fuse("bias_gelu", C.fuse_bias_gelu)
         if target is not AttentionTarget.NONE:
             # SDPA matched but no MHA/GQA rule consumed it (e.g. Llama's GQA with rotary): the

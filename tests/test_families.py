@@ -59,7 +59,7 @@ FUSED = {
     "mistral": {**_ATTN, "rms_norm": 5, "rotary": 4},
     "phi3": {**_ATTN, "rms_norm": 5, "rotary": 4},
     "gemma3_text": {**_ATTN, "rms_norm": 13, "rotary": 4},
-    "gpt2": {**_ATTN, "skip_layer_norm": 4},
+    "gpt2": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},  # FastGelu
 }
 ATTENTION_OP = {f: "GroupQueryAttention" for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")}
 # (misses of the attention family, a phrase of the reason fuse-ort gives)

@@ -47,11 +47,15 @@ def _embed_ln(node: ir.Node) -> bool:
 
 
 def _erf(node: ir.Node) -> bool:
-    """Erf (exact Gelu), or a Sigmoid of x scaled by a constant (quick Gelu)."""
+    """Erf (exact Gelu), a Tanh followed by ``+ 1`` (tanh Gelu), or a Sigmoid of x scaled by a
+    constant (quick Gelu)."""
     if node.domain != "":
         return False
     if node.op_type == "Erf":
         return True
+    if node.op_type == "Tanh":
+        return any(u.op_type == "Add" and any(v is not None and v.const_value is not None for v in u.inputs)
+                   for u in node.outputs[0].consumers())
     scale = _producer(node.inputs[0]) if node.op_type == "Sigmoid" else None
     return scale is not None and scale.op_type == "Mul" and any(v is not None and v.const_value is not None
                                                                  for v in scale.inputs)
@@ -101,9 +105,9 @@ def _rules_embed_ln():
 def _rules_gelu():
     from onnxscript.rewriter.ort_fusions import erfgelu, gelu
 
-    from graphc.passes._fusion_rules import quick_gelu
+    from graphc.passes._fusion_rules import gelu_tanh, quick_gelu
 
-    return [erfgelu.rules, gelu.gelu_rules, quick_gelu.rules]
+    return [erfgelu.rules, gelu.gelu_rules, gelu_tanh.rules, quick_gelu.rules]
 
 
 def _rules_rms():
