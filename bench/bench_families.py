@@ -87,11 +87,11 @@ def compress(src: Path, recipe: str) -> dict[str, Any]:
         with quiet():
             result = graphc.compress(src, out, recipe=recipe, attribution=False)
     except GraphcError as e:
-        return {"passed": False, "error": str(e)}
+        return {"passed": False, "error": e.message}
     v = result.validation
     return {"passed": True, "bytes": result.bytes_after, "bytes_before": result.bytes_before,
             "output_cosine": v.to_dict()["output_cosine"], "min_row_cosine": v.to_dict()["min_row_cosine"],
-            "input_source": v.input_source}
+            "input_source": v.input_source, **({"task": v.task} if v.task else {})}
 
 
 def bench_family(name: str) -> dict[str, Any]:
