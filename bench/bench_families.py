@@ -9,7 +9,8 @@ random weights, so the figures are for coverage, never for quality):
    parity with PyTorch (max abs, cosine), as the exporter checks it;
 2. fused ops: graphc's ``fuse`` recipe vs ``onnxruntime.transformers.optimizer.optimize_model``
    on the same export (model_type ``bert`` for text encoders, ``vit`` for ViT/DINOv2, ``clip``
-   for the CLIP/SigLIP towers, ``gpt2`` for decoders), with the misses fuse-ort reports;
+   for the CLIP/SigLIP towers, ``gpt2`` for decoders), with the misses fuse-ort reports and each
+   fused graph's largest output difference to the unfused export (4 synthesized feeds);
 3. ``compress --recipe int8`` and ``--recipe int4`` (without ``--force``): bytes, the
    validation's output cosine and worst-row cosine, passed or the one-line refusal.
 
@@ -61,7 +62,20 @@ def ms_ops(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def ort_fused(name: str, src: Path, facts: Any) -> dict[str, int]:
+def max_abs_vs(src: Path, fused: Path) -> float:
+    """Largest output difference of a fused graph to the unfused export (ORT, 4 synthesized feeds)."""
+    import numpy as np
+
+    from graphc.io import load_model
+    from graphc.validate import make_session, run_feeds, synthesize_inputs
+
+    feeds = synthesize_inputs(load_model(src), count=4)
+    ref = run_feeds(make_session(src), feeds, "export")
+    got = run_feeds(make_session(fused), feeds, "fused")
+    return max(float(np.max(np.abs(a - b))) for r, g in zip(ref, got) for a, b in zip(r, g))
+
+
+def ort_fused(name: str, src: Path, facts: Any) -> dict[str, Any]:
     from onnxruntime.transformers.optimizer import optimize_model
 
     from graphc.models import tiny_families as tf
@@ -75,7 +89,7 @@ def ort_fused(name: str, src: Path, facts: Any) -> dict[str, int]:
             opt.save_model_to_file(str(out))
     except Exception as e:  # noqa: BLE001 - ORT's optimizer raises whatever its fusions hit
         return {"error": f"{model_type}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    return ms_ops(out)
+    return {**ms_ops(out), "max_abs": max_abs_vs(src, out)}
 
 
 def compress(src: Path, recipe: str) -> dict[str, Any]:
@@ -116,7 +130,7 @@ def bench_family(name: str) -> dict[str, Any]:
     with quiet():
         fuse = graphc.compress(src, fused_out, recipe="fuse", attribution=False)
     stats = next(r.stats for r in fuse.passes if r.name == "fuse-ort")
-    row["graphc_fused"] = ms_ops(fused_out)
+    row["graphc_fused"] = {**ms_ops(fused_out), "max_abs": max_abs_vs(src, fused_out)}
     row["graphc_misses"] = [s for s in stats.get("skipped", [])]
     row["ort_fused"] = ort_fused(name, src, exp.arch_facts)
     row["int8"] = compress(src, "int8")
@@ -134,7 +148,8 @@ _SHORT = {"MultiHeadAttention": "MHA", "GroupQueryAttention": "GQA", "Attention"
 def _ops(counts: dict[str, Any]) -> str:
     if "error" in counts:
         return f"failed ({counts['error']})"
-    return ", ".join(f"{_SHORT.get(k, k)} {v}" for k, v in counts.items()) or "none"
+    ops = ", ".join(f"{_SHORT.get(k, k)} {v}" for k, v in counts.items() if k != "max_abs") or "none"
+    return f"{ops} (max abs {counts['max_abs']:.0e})" if "max_abs" in counts else ops
 
 
 def _quant(q: dict[str, Any]) -> str:
