@@ -195,7 +195,7 @@ def _require_decoder_family(folder: Path) -> None:
         with quiet():
             config = AutoConfig.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
-        raise ExportError(f"cannot read config.json: {_first_line(e)}", path=folder) from None
+        raise ExportError(f"cannot load config.json: {_first_line(e)}", path=folder) from None
     family = families.family_for(config, path=folder / "config.json")
     if family.kind != families.DECODER:
         decoders = [t for f in families.FAMILIES if f.kind == families.DECODER for t in f.model_types]

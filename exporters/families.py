@@ -111,7 +111,7 @@ def plan_folder(folder: str | os.PathLike) -> Plan:
         try:
             config = transformers.AutoConfig.from_pretrained(os.fspath(folder))
         except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
-            raise ExportError(f"cannot read config.json: {_first_line(e)}", path=folder) from None
+            raise ExportError(f"cannot load config.json: {_first_line(e)}", path=folder) from None
     family = family_for(config, path=folder / "config.json")
     from graphc.exporters import sentence
 
