@@ -115,8 +115,9 @@ def plan_folder(folder: str | os.PathLike) -> Plan:
     family = family_for(config, path=folder / "config.json")
     from graphc.exporters import sentence
 
-    pooling = sentence.read_folder(folder) if family.kind == ENCODER else None
-    cls = _model_class(transformers, family, config)
+    # text models only; a decoder with pooling is an embedding model (e.g. last-token pooling)
+    pooling = sentence.read_folder(folder) if family.modality == "text" else None
+    cls = transformers.AutoModel if pooling is not None else _model_class(transformers, family, config)
     with quiet():
         try:
             kwargs = {}
@@ -133,7 +134,7 @@ def plan_folder(folder: str | os.PathLike) -> Plan:
     facts = _facts(model.config, family)
     if family.kind == VISION:
         return dataclasses.replace(_vision_plan(model, family, facts), metadata=_normalization(folder))
-    if family.kind == DECODER:
+    if family.kind == DECODER and pooling is None:
         from graphc.exporters.hf import wrap_causal_lm, wrap_encoder
 
         if _is_causal(cls):

@@ -82,18 +82,28 @@ def save_tiny(model_type: str, folder: str | os.PathLike, *, seed: int = 0) -> P
 
 
 def save_tiny_sentence_transformer(folder: str | os.PathLike, *, pooling: str | tuple[str, ...] = "mean",
-                                   normalize: bool = True, seed: int = 0) -> Path:
-    """A tiny BERT as a sentence-transformers folder: ``modules.json``, ``1_Pooling/config.json``
-    (``pooling``: one or several of "mean", "cls", "max", "mean_sqrt_len") and, with
-    ``normalize``, a Normalize module."""
-    folder = save_tiny("bert", folder, seed=seed)
+                                   normalize: bool = True, seed: int = 0, model_type: str = "bert") -> Path:
+    """A tiny text model (BERT by default) as a sentence-transformers folder: ``modules.json``,
+    ``1_Pooling/config.json`` (``pooling``: one or several of "mean", "cls", "max",
+    "mean_sqrt_len", "lasttoken") and, with ``normalize``, a Normalize module."""
+    hf_offline()
+    if model_type in DECODERS:  # an embedding model: the base model, no LM head
+        import torch
+        from transformers import AutoModel
+
+        torch.manual_seed(seed)
+        AutoModel.from_config(tiny_config(model_type), dtype=torch.float32).save_pretrained(folder)
+        folder = Path(folder)
+    else:
+        folder = save_tiny(model_type, folder, seed=seed)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir()
-    chosen = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens"}
+    chosen = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens",
+              "lasttoken": "lasttoken"}
     wanted = {chosen[p] for p in ((pooling,) if isinstance(pooling, str) else pooling)}
     pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{m}": m in wanted for m in chosen.values()}}
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))

@@ -188,6 +188,22 @@ def test_sentence_transformers_pooling_matches_numpy(tmp_path):
     np.testing.assert_allclose(sentence, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.families
+@_FULL
+def test_decoder_embedding_model_with_last_token_pooling(tmp_path):
+    """A decoder saved without its LM head in a sentence-transformers folder (Qwen3-Embedding's
+    layout): last-token pooling over the base model's hidden states."""
+    folder = tf.save_tiny_sentence_transformer(tmp_path / "emb", pooling="lasttoken", model_type="qwen3")
+    result = api.export(str(folder), tmp_path / "emb.onnx")
+    assert result.input_names == ("input_ids", "attention_mask") and result.parity.ok
+    mask = np.ones((3, 7), np.int64)
+    mask[1, 3:] = 0
+    feed = {"input_ids": np.random.default_rng(0).integers(0, tf.TINY_VOCAB, (3, 7)), "attention_mask": mask}
+    tokens, sentence = make_session(result.path).run(None, feed)
+    last = tokens[np.arange(3), mask.sum(1) - 1]
+    np.testing.assert_allclose(sentence, last / np.linalg.norm(last, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
 def test_sentence_transformers_dense_module_refused(tmp_path):
     folder = tf.save_tiny_sentence_transformer(tmp_path / "st", pooling="mean")
     modules = json.loads((folder / "modules.json").read_text())
