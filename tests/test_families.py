@@ -304,3 +304,22 @@ def test_image_classifier_exports_logits_and_reports_top1_agreement(tmp_path):
     result = api.compress(str(exp.path), str(tmp_path / "cls.int8.onnx"), recipe="int8", attribution=False)
     task = result.validation.task
     assert task["metric"] == "top1_agreement" and task["images"] == 24 and 0.0 <= task["value"] <= 1.0
+
+
+@pytest.mark.slow
+def test_minilm_folder_sentence_embedding_matches_sentence_transformers(tmp_path):
+    """The real all-MiniLM-L6-v2 folder (mean pooling, Normalize): the exported
+    sentence_embedding equals sentence-transformers' own encode() on real sentences."""
+    st = pytest.importorskip("sentence_transformers")
+    from graphc.models import minilm
+
+    folder = minilm.model_folder()
+    result = api.export(str(folder), tmp_path / "minilm.onnx")
+    assert result.output_names == ("last_hidden_state", "sentence_embedding") and result.parity.ok
+    texts = minilm.MiniLMRecipe().eval_texts(16)
+    model = st.SentenceTransformer(str(folder), device="cpu")
+    want = model.encode(texts, convert_to_numpy=True, batch_size=16)
+    batch = model.tokenize(texts)
+    feed = {k: v.numpy().astype(np.int64) for k, v in batch.items() if k in result.input_names}
+    got = make_session(result.path).run(["sentence_embedding"], feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
