@@ -199,8 +199,9 @@ def _require_decoder_family(folder: Path) -> None:
     family = families.family_for(config, path=folder / "config.json")
     if family.kind != families.DECODER:
         decoders = [t for f in families.FAMILIES if f.kind == families.DECODER for t in f.model_types]
-        raise ExportError(f"--kv-cache exports decoder-only causal LMs ({', '.join(decoders)}); "
-                          f"model_type {config.model_type!r} is {'an' if family.kind[0] in 'aeiou' else 'a'} {family.kind} model", path=folder / "config.json")
+        article = "an" if family.kind[0] in "aeiou" else "a"
+        raise ExportError(f"--kv-cache exports decoder-only causal LMs ({', '.join(decoders)}); model_type "
+                          f"{config.model_type!r} is {article} {family.kind} model", path=folder / "config.json")
 
 
 def _load_folder(folder: Path) -> Any:

@@ -142,7 +142,8 @@ def plan_folder(folder: str | os.PathLike) -> Plan:
                         _text_axes(2), facts)
         return Plan(wrap_encoder(model, token_type_ids=False), family, ("input_ids", "attention_mask"),
                     ("last_hidden_state",), _text_axes(2), facts,
-                    (f"{', '.join(config.architectures or ['the model'])} has no LM head: exported last_hidden_state",))
+                    (f"{', '.join(config.architectures or ['the model'])} has no LM head: "
+                     "exported last_hidden_state",))
     params = inspect.signature(model.forward).parameters
     types = "token_type_ids" in params and int(getattr(config, "type_vocab_size", 0) or 0) > 0
     names = ("input_ids", "attention_mask") + (("token_type_ids",) if types else ())

@@ -123,7 +123,8 @@ def test_export_parity_inputs_and_facts(name, work):
         assert list(inputs) == ["input_ids", "attention_mask"] + (["token_type_ids"] if types else [])
         assert all(not isinstance(d, int) for v in inputs.values() for d in v.shape)
         feed = {n: np.ones((5, 7), np.int64) for n in inputs}
-    expected = {"decoder": ["logits"], "vision": ["last_hidden_state", "pooler_output"]}.get(family.kind, ["last_hidden_state"])
+    expected = {"decoder": ["logits"], "vision": ["last_hidden_state", "pooler_output"]}.get(
+        family.kind, ["last_hidden_state"])
     assert [v.name for v in model.graph.outputs] == expected
     out = make_session(result.path).run(None, feed)
     assert out[0].shape[0] == 5  # another batch than the traced one
