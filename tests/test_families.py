@@ -324,3 +324,42 @@ def test_minilm_folder_sentence_embedding_matches_sentence_transformers(tmp_path
     feed = {k: v.numpy().astype(np.int64) for k, v in batch.items() if k in result.input_names}
     got = make_session(result.path).run(["sentence_embedding"], feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_vision_onnx(size: int = 6) -> object:
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["pixel_values"], ["pooler_output"], axes=[2, 3], keepdims=0)], "v",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("pooler_output", TensorProto.FLOAT, ["batch", 3])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model.metadata_props["graphc.arch.modality"] = "vision"
+    return model
+
+
+def test_vision_validation_falls_back_to_synthesized_and_says_why(monkeypatch):
+    from graphc import images
+
+    model = _tiny_vision_onnx()
+    assert images.pixel_input(model) is not None
+    monkeypatch.setattr(images, "unavailable", lambda: "PIL is not installed")
+    feeds, source = api.validation_feeds(model)
+    assert source == "synthesized from the input signature (no sample images: PIL is not installed)"
+    assert feeds[0]["pixel_values"].shape[1:] == (3, 6, 6)
+    model.metadata_props["graphc.arch.modality"] = "text"
+    assert images.pixel_input(model) is None
+
+
+def test_sample_photo_feeds_are_distinct_for_calibration():
+    pytest.importorskip("PIL")
+    from graphc import images
+
+    model = _tiny_vision_onnx()
+    val, source = images.feeds(model)
+    cal, cal_source = images.feeds(model, split="calibration")
+    assert source.startswith("images: 24 crops") and cal_source.endswith("(mirrored)")
+    assert [f["pixel_values"].shape for f in val] == [(8, 3, 6, 6)] * 3
+    a, b = np.concatenate([f["pixel_values"] for f in val]), np.concatenate([f["pixel_values"] for f in cal])
+    assert not np.allclose(a, b) and -1.0 <= a.min() and a.max() <= 1.0  # (p - 0.5) / 0.5
