@@ -191,9 +191,20 @@ def _export_recipe(
         raise
     except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
         raise ExportError(f"cannot load the {recipe.name!r} model: {type(e).__name__}: {_first_line(e)}") from None
+    from graphc.exporters import families
+    from graphc.exporters.parity import check_parity
+
+    p_batch, p_seq = batch + 1, max(seq // 2 + 1, 3)
+    feeds = [{k: v.numpy() for k, v in recipe.example_inputs(batch=p_batch, seq=p_seq).items()}]
+
+    def check(model: ir.Model) -> Parity:
+        _say(progress, "checking parity with PyTorch")
+        return check_parity(model, lambda feed: families.torch_outputs(module, feed), feeds,
+                            what=f"a random feed of batch {p_batch} x sequence {p_seq}")
+
     return export_module(
         module, example, out_path, facts, output_names=recipe.output_names or None,
-        recipe=recipe.name, opset=opset, progress=progress,
+        recipe=recipe.name, opset=opset, progress=progress, check=check,
     )
 
 
