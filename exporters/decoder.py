@@ -109,6 +109,11 @@ def export_decoder(
     except Exception as e:  # noqa: BLE001 - torch.export raises many error types
         raise ExportError(f"KV-cache export failed: {type(e).__name__}: {_first_line(e)}", path=out_path) from None
     graph_model = program.model
+    _say(progress, "checking parity with PyTorch")
+    parity = check_cache_parity(graph_model, module, config)
+    if not parity.ok:
+        raise ExportError(f"the exported graph does not match PyTorch: {parity.describe()}; nothing written",
+                          path=out_path)
     _say(progress, f"writing {out_path}")
     meta.compact_node_metadata(graph_model, strip_prefix=module.scope_prefix, all_nodes=True)
     meta.write_model_metadata(graph_model, exporter="dynamo", arch_facts=facts, recipe=recipe_name)
@@ -119,8 +124,36 @@ def export_decoder(
     return ExportResult(
         path=out_path, exporter="dynamo", input_names=tuple(v.name for v in graph_model.graph.inputs),
         output_names=tuple(v.name for v in graph_model.graph.outputs), arch_facts=facts, recipe=recipe_name,
-        files=files, seconds=time.perf_counter() - start,
+        files=files, seconds=time.perf_counter() - start, parity=parity,
     )
+
+
+def check_cache_parity(graph_model: Any, module: Any, config: Any) -> Any:
+    """Logits and presents of the graph vs PyTorch on a decode step (batch 3, past 5, one new
+    token, a padded row) and a prefill (batch 1, no past, 6 tokens)."""
+    import numpy as np
+
+    from graphc.exporters.parity import check_parity
+
+    names = [v.name for v in graph_model.graph.inputs]
+    feeds = []
+    for batch, seq, past, seed in ((3, 1, 5, 1), (1, 6, 0, 2)):
+        ids, mask, positions, cache = example_inputs(config, batch=batch, seq=seq, past=past, seed=seed)
+        if batch > 1:
+            mask[-1, : past // 2] = 0  # a left-padded row
+        values = [ids, mask, positions, *cache]
+        feeds.append({n: v.numpy() for n, v in zip(names, values)})
+
+    def run(feed: dict) -> list:
+        import torch
+
+        tensors = [torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names]
+        with quiet(), torch.no_grad():
+            out = module(tensors[0], tensors[1], tensors[2], tensors[3:])
+        return [t.detach().float().numpy() for t in out]
+
+    return check_parity(graph_model, run, feeds, what="a decode step (batch 3, past 5, 1 token, a padded row) "
+                        "and a prefill (batch 1, no past, 6 tokens)")
 
 
 def _load(source: Any, progress: Progress | None) -> tuple[str | None, Any]:
@@ -130,6 +163,7 @@ def _load(source: Any, progress: Progress | None) -> tuple[str | None, Any]:
         if os.fspath(source) in MODEL_RECIPES:
             source = get_model_recipe(os.fspath(source))
         elif (Path(source) / "config.json").is_file():
+            _require_decoder_family(Path(source))
             return None, _load_folder(Path(source))
         else:
             raise ExportError(f"not a model recipe ({', '.join(MODEL_RECIPES)}) nor a Hugging Face folder "
@@ -149,8 +183,29 @@ def _load(source: Any, progress: Progress | None) -> tuple[str | None, Any]:
         raise ExportError(f"cannot load the {source.name!r} model: {type(e).__name__}: {_first_line(e)}") from None
 
 
+def _require_decoder_family(folder: Path) -> None:
+    """One-line refusal for a folder whose model_type is not a supported decoder family."""
+    from graphc.exporters import families
+    from graphc.exporters.hf import require_torch
+
+    require_torch()
+    from transformers import AutoConfig
+
+    try:
+        with quiet():
+            config = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
+        raise ExportError(f"cannot load config.json: {_first_line(e)}", path=folder) from None
+    family = families.family_for(config, path=folder / "config.json")
+    if family.kind != families.DECODER:
+        decoders = [t for f in families.FAMILIES if f.kind == families.DECODER for t in f.model_types]
+        article = "an" if family.kind[0] in "aeiou" else "a"
+        raise ExportError(f"--kv-cache exports decoder-only causal LMs ({', '.join(decoders)}); model_type "
+                          f"{config.model_type!r} is {article} {family.kind} model", path=folder / "config.json")
+
+
 def _load_folder(folder: Path) -> Any:
-    from graphc.models.base import hf_offline
+    from graphc.arch import hf_offline
 
     hf_offline()
     try:

@@ -24,11 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from graphc.errors import ExportError, GraphcError, MissingDependencyError
 from graphc.exporters import metadata as meta
-from graphc.models.base import ArchFacts, ModelRecipe, hf_offline
+from graphc.arch import ArchFacts, hf_offline
+from graphc.models.base import ModelRecipe
 
 if TYPE_CHECKING:
     import onnx_ir as ir
     import torch
+
+    from graphc.exporters.parity import Parity
 
 Progress = Callable[[str], None]
 
@@ -50,6 +53,16 @@ class ExportResult:
     notices: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    parity: Parity | None = None  # the exported graph vs PyTorch, when checked
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output": os.fspath(self.path), "exporter": self.exporter, "inputs": list(self.input_names),
+            "outputs": list(self.output_names), "seconds": round(self.seconds, 2),
+            "bytes": sum(f.stat().st_size for f in self.files if f.is_file()),
+            "arch": dict(self.arch_facts.__dict__) if self.arch_facts else None,
+            "parity": self.parity.to_dict() if self.parity else None, "notices": list(self.notices),
+        }
 
 
 # --------------------------------------------------------------------------- dependencies
@@ -178,39 +191,34 @@ def _export_recipe(
         raise
     except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
         raise ExportError(f"cannot load the {recipe.name!r} model: {type(e).__name__}: {_first_line(e)}") from None
+    from graphc.exporters import families
+    from graphc.exporters.parity import check_parity
+
+    p_batch, p_seq = batch + 1, max(seq // 2 + 1, 3)
+    feeds = [{k: v.numpy() for k, v in recipe.example_inputs(batch=p_batch, seq=p_seq).items()}]
+
+    def check(model: ir.Model) -> Parity:
+        _say(progress, "checking parity with PyTorch")
+        return check_parity(model, lambda feed: families.torch_outputs(module, feed), feeds,
+                            what=f"a random feed of batch {p_batch} x sequence {p_seq}")
+
     return export_module(
         module, example, out_path, facts, output_names=recipe.output_names or None,
-        recipe=recipe.name, opset=opset, progress=progress,
+        recipe=recipe.name, opset=opset, progress=progress, check=check,
     )
 
 
 def load_hf_folder(folder: str | os.PathLike) -> tuple[torch.nn.Module, tuple[str, ...], tuple[str, ...], ArchFacts]:
     """Load an HF folder as an export wrapper: (module, input names, output names, facts).
 
-    Configs whose architectures end in ``ForCausalLM`` load with AutoModelForCausalLM and
-    export logits; everything else loads with AutoModel and exports last_hidden_state.
+    The folder's ``model_type`` picks the family (graphc.exporters.families): causal LMs
+    export logits, text encoders last_hidden_state (plus sentence_embedding for a
+    sentence-transformers folder), vision models take pixel_values.
     """
-    require_torch()
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from graphc.exporters.families import plan_folder
 
-    with quiet():
-        try:
-            config = AutoConfig.from_pretrained(os.fspath(folder))
-            causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-            auto = AutoModelForCausalLM if causal else AutoModel
-            model = auto.from_pretrained(os.fspath(folder), dtype=torch.float32).eval()
-        except GraphcError:
-            raise
-        except Exception as e:  # noqa: BLE001 - transformers raises assorted errors
-            raise ExportError(f"cannot load the Hugging Face model: {_first_line(e)}", path=folder) from None
-    facts = meta.arch_facts_from_config(config)
-    if causal:
-        return wrap_causal_lm(model), ("input_ids", "attention_mask"), ("logits",), facts
-    params = inspect.signature(model.forward).parameters
-    types = "token_type_ids" in params and int(getattr(config, "type_vocab_size", 0) or 0) > 0
-    names = ("input_ids", "attention_mask") + (("token_type_ids",) if types else ())
-    return wrap_encoder(model, token_type_ids=types), names, ("last_hidden_state",), facts
+    plan = plan_folder(folder)
+    return plan.module, plan.input_names, plan.output_names, plan.facts
 
 
 def export_hf_folder(
@@ -222,11 +230,30 @@ def export_hf_folder(
     seq: int = 16,
     progress: Progress | None = None,
 ) -> ExportResult:
-    """Export a Hugging Face model folder (config.json + weights)."""
+    """Export a Hugging Face model folder (config.json + weights), with its family's inputs and
+    dynamic axes; parity with PyTorch is checked on other shapes before anything is written."""
+    from graphc.exporters import families
+    from graphc.exporters.parity import check_parity
+
     _say(progress, f"loading {folder}")
-    module, inputs, outputs, facts = load_hf_folder(folder)
-    example = text_example_inputs(inputs, vocab_size=facts.vocab_size, batch=batch, seq=seq)
-    return export_module(module, example, out_path, facts, output_names=outputs, opset=opset, progress=progress)
+    plan = families.plan_folder(folder)
+    example = families.example_inputs(plan, batch=batch, seq=seq)
+    p_batch, p_seq = batch + 1, max(seq // 2 + 1, 3)
+    feeds = [families.example_inputs(plan, batch=p_batch, seq=p_seq, seed=1 + i, padded=True, torch_tensors=False)
+             for i in range(2)]
+    shape = (f"batch {p_batch}" if plan.family.kind == families.VISION
+             else f"batch {p_batch} x sequence {p_seq}, one padded row")
+
+    def check(model: ir.Model) -> Parity:
+        _say(progress, "checking parity with PyTorch")
+        return check_parity(model, lambda feed: families.torch_outputs(plan.module, feed), feeds,
+                            what=f"2 random feeds of {shape}")
+
+    result = export_module(plan.module, example, out_path, plan.facts, output_names=plan.output_names,
+                           opset=opset, dynamic_axes=plan.axes, progress=progress, check=check,
+                           metadata=plan.metadata)
+    result.notices[:0] = list(plan.notices)
+    return result
 
 
 def export_module(
@@ -241,12 +268,16 @@ def export_module(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     dynamo: bool = True,
     progress: Progress | None = None,
+    check: Callable[[ir.Model], Parity] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Export a torch module called with keyword ``example_inputs`` (torch tensors).
 
     ``dynamic_axes`` defaults to axis 0 = "batch" and axis 1 = "sequence" for every input.
     Node scopes lose the module's ``scope_prefix`` attribute (the wrappers' ``"model."``).
-    ``dynamo=False`` goes straight to the legacy exporter.
+    ``dynamo=False`` goes straight to the legacy exporter. ``metadata``: more model metadata.
+    ``check`` (parity with PyTorch) runs
+    on the graph before anything is written; a miss raises ExportError and writes nothing.
     """
     require_torch()
     start = time.perf_counter()
@@ -282,9 +313,14 @@ def export_module(
                     if notices else f"legacy export failed: {type(e).__name__}: {_first_line(e)}",
                     path=out_path,
                 ) from None
+        parity = check(model) if check is not None else None
+        if parity is not None and not parity.ok:
+            raise ExportError(f"the exported graph does not match PyTorch: {parity.describe()}; nothing written",
+                              path=out_path)
         _say(progress, f"writing {out_path}")
         meta.compact_node_metadata(model, strip_prefix=getattr(module, "scope_prefix", ""), all_nodes=True)
         meta.write_model_metadata(model, exporter=exporter, arch_facts=arch_facts, recipe=recipe)
+        model.metadata_props.update(metadata or {})
         from graphc.io import save_model
 
         files = save_model(model, out_path)
@@ -298,6 +334,7 @@ def export_module(
         notices=notices,
         files=files,
         seconds=time.perf_counter() - start,
+        parity=parity,
     )
 
 

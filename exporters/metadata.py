@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import onnx_ir as ir
 
 from graphc import ops
-from graphc.models.base import ArchFacts
+from graphc.arch import ArchFacts
 
 SCOPE_KEY = "graphc.scope"  # node metadata: dotted module path the node came from
 EXPORTER_KEY = "graphc.exporter"  # model metadata: "dynamo" or "legacy"
@@ -37,9 +38,22 @@ def arch_facts_from_config(config: Any) -> ArchFacts:
         head_dim=int(head_dim),
         num_kv_heads=int(get("num_key_value_heads", heads)),
         hidden_size=hidden,
-        intermediate_size=int(get("intermediate_size", 0)),
+        intermediate_size=_intermediate_size(config, hidden),
         vocab_size=int(get("vocab_size", 0)),
     )
+
+
+def _intermediate_size(config: Any, hidden: int) -> int:
+    """The MLP width, under the names the families use (DistilBERT's ``hidden_dim``, GPT-2's
+    ``n_inner`` defaulting to 4x hidden, DINOv2's ``mlp_ratio``)."""
+    for name in ("intermediate_size", "hidden_dim", "n_inner"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if hasattr(config, "n_inner"):
+        return 4 * hidden
+    ratio = getattr(config, "mlp_ratio", None)
+    return int(ratio * hidden) if isinstance(ratio, (int, float)) and ratio > 0 else 0
 
 
 def read_arch_facts(metadata: ir.Model | Mapping[str, str]) -> ArchFacts | None:
@@ -48,11 +62,13 @@ def read_arch_facts(metadata: ir.Model | Mapping[str, str]) -> ArchFacts | None:
     prefix = ops.META_ARCH_PREFIX
     values = {k[len(prefix):]: v for k, v in props.items() if k.startswith(prefix)}
     fields = ArchFacts.__dataclass_fields__
-    if not values or set(fields) - set(values):
+    required = {n for n, f in fields.items() if f.default is dataclasses.MISSING}
+    if not values or required - set(values):
         return None
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
-        kwargs[name] = values[name] if field.type in ("str", str) else int(values[name])
+        if name in values:
+            kwargs[name] = values[name] if field.type in ("str", str) else int(values[name])
     return ArchFacts(**kwargs)
 
 

@@ -106,7 +106,10 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
             return complete_decoder_feeds(model, feeds), f"{name}: {len(texts)} real texts"
         except (ImportError, GraphcError):
             pass
-    return synthesize_inputs(model, count=4, seed=seed, shapes=shapes), _synth_source(shapes)
+    image_feeds, why_not = _image_feeds(model, "validation") if not shapes else (None, "")
+    if image_feeds is not None:
+        return image_feeds
+    return synthesize_inputs(model, count=4, seed=seed, shapes=shapes), _synth_source(shapes) + why_not
 
 
 def _synth_source(shapes: dict | None) -> str:
@@ -132,9 +135,28 @@ def user_inputs(model: ir.Model, inputs=None, feeds=None, input_shapes=None) -> 
     return None, None, shapes
 
 
+def _image_feeds(model: ir.Model, split: str) -> tuple[tuple[list[dict], str] | None, str]:
+    """Vision models: crops of real photos (graphc.images), or None and why not."""
+    from graphc import images
+
+    if images.pixel_input(model) is None:
+        return None, ""
+    reason = images.unavailable()
+    if reason:
+        return None, f" (no sample images: {reason})"
+    try:
+        return images.feeds(model, split=split), ""
+    except ValueError as e:
+        return None, f" (no sample images: {e})"
+
+
 def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | None:
     """The model recipe's task metric (perplexity, embedding cosine, ...) when the validation
     feeds are that recipe's real texts (see :func:`validation_feeds`), else None."""
+    from graphc import images
+
+    if input_source.startswith(images.SOURCE_PREFIX):
+        return images.task_metric
     name = model.metadata_props.get(ops.META_MODEL_RECIPE)
     if not name or not input_source.startswith(f"{name}: "):
         return None
@@ -156,6 +178,9 @@ def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = 
             return PassContext(calibration=complete_decoder_feeds(model, feeds), calibration_source=f"{name}: {len(texts)} calibration texts")
         except (ImportError, GraphcError):
             pass
+    image_feeds, _ = _image_feeds(model, "calibration") if not shapes else (None, "")
+    if image_feeds is not None:
+        return PassContext(calibration=image_feeds[0], calibration_source=image_feeds[1])
     return PassContext(calibration=synthesize_inputs(model, count=4, seed=1, shapes=shapes),
                        calibration_source="synthesized")
 

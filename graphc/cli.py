@@ -122,6 +122,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         lines.append(
             f"validation ({v.samples} feeds, {v.input_source}): output cosine {v.output_cosine:.5f}, "
             f"worst row cosine {v.min_cosine:.5f}, max abs {v.max_abs:.4g} → {'PASS' if v.passed else 'FAIL (forced)'}"
+            + _gate_text(v)
         )
         if v.task:
             lines.append("task: " + _task_text(v.task))
@@ -171,6 +172,16 @@ def _plan_text(plan: dict) -> str:
     lines += [f"  {d['layer']}: {d['action']} (predicted {d['predicted_error']:.3g})"
               for d in plan.get("decisions", []) if d["kind"] not in ("int8", "int4")]
     return "\n".join(lines)
+
+
+def _gate_text(v: Any) -> str:
+    """The tolerance the validation was judged by: `` (gate: output cosine ≥ 0.99, ...)``."""
+    parts = [f"output cosine ≥ {v.min_output_cosine_required:g}" if v.min_output_cosine_required is not None else "",
+             f"worst row cosine ≥ {v.min_cosine_required:g}" if v.min_cosine_required is not None else "",
+             f"max abs ≤ {v.max_abs_allowed:g}" if v.max_abs_allowed is not None else "",
+             f"perplexity rise ≤ {v.max_ppl_rise_allowed:.1%}" if getattr(v, "max_ppl_rise_allowed", None) is not None else ""]
+    parts = [p for p in parts if p]
+    return f" (gate: {', '.join(parts)})" if parts else ""
 
 
 def _task_text(task: dict) -> str:
@@ -279,6 +290,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for key in ("exporter", "seconds", "bytes"):
         if key in data:
             lines.append(f"  {key}: {data[key]}")
+    if data.get("parity"):
+        p = data["parity"]
+        lines.append(f"  parity with PyTorch: max abs {p['max_abs']:.3g}, cosine {p['cosine']:.7f} ({p['feeds']})")
     for n in data.get("notices", []):
         lines.append(f"notice: {n}")
     _emit(args, data, "\n".join(lines))

@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from graphc.arch import ArchFacts, hf_offline
 
-def hf_offline() -> None:
-    """Keep transformers / huggingface_hub off the network (call before importing them)."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-@dataclass(frozen=True)
-class ArchFacts:
-    """Architecture facts written into the exported model's metadata (graphc.arch.*)."""
-
-    model_type: str
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    num_kv_heads: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-
-    def to_metadata(self) -> dict[str, str]:
-        return {f"graphc.arch.{k}": str(v) for k, v in self.__dict__.items()}
+__all__ = ["ArchFacts", "ModelRecipe", "hf_offline"]
 
 
 class ModelRecipe:

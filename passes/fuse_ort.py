@@ -18,7 +18,9 @@ import onnx_ir.passes.common as common
 
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
-from graphc.passes._fusion_rules import embed_layer_norm, gqa, gqa_kv, normalize, rms_norm, rotary_cache, sym_dims
+from graphc.passes._fusion_rules import (
+    embed_layer_norm, gelu_tanh, gemm_matmul, gqa, gqa_kv, normalize, quick_gelu, rms_norm, rotary_cache, sym_dims,
+)
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
 from graphc.passes._fusion_rules.misses import FAMILIES, anchors, best_partial_match, count_ops, miss_reason
 from graphc.registry import register
@@ -71,6 +73,8 @@ class FuseOrt(GraphcPass):
             common.ShapeInferencePass()(model)
             stats.add("symbolic_shapes", symbolic_shapes(model))
         normalize.rules.apply_to_model(model)
+        if flattened := gemm_matmul.rules.apply_to_model(model):  # GPT-2's Conv1D: before the attention rules
+            stats.add("gemm_to_matmul", flattened)
         optimize(model)  # fold what the static dims made constant (legacy rotary slice ends)
         if renamed := sym_dims.canonicalize(model):  # KV cache: "past + S" and "S + past" are one length
             stats.add("canonical_dims", renamed)
@@ -80,6 +84,7 @@ class FuseOrt(GraphcPass):
 
         if self.options.gelu:
             fuse("erf_gelu", C.fuse_erfgelu)
+            fuse("quick_gelu", _apply(quick_gelu.rules))  # CLIP
         if self.options.normalization:
             fuse("rms_normalization", C.fuse_rms_normalization)
             fuse("rms_normalization_opset17", _apply(rms_norm.rules))  # legacy exporter
@@ -110,6 +115,7 @@ class FuseOrt(GraphcPass):
                     fuse("attention", C.fuse_attention)
         if self.options.gelu:
             fuse("gelu", C.fuse_gelu)
+            fuse("gelu_tanh", _apply(gelu_tanh.rules))  # GPT-2's gelu_new
             fuse("bias_gelu", C.fuse_bias_gelu)
         if target is not AttentionTarget.NONE:
             # SDPA matched but no MHA/GQA rule consumed it (e.g. Llama's GQA with rotary): the

@@ -47,7 +47,18 @@ def _embed_ln(node: ir.Node) -> bool:
 
 
 def _erf(node: ir.Node) -> bool:
-    return node.domain == "" and node.op_type == "Erf"
+    """Erf (exact Gelu), a Tanh followed by ``+ 1`` (tanh Gelu), or a Sigmoid of x scaled by a
+    constant (quick Gelu)."""
+    if node.domain != "":
+        return False
+    if node.op_type == "Erf":
+        return True
+    if node.op_type == "Tanh":
+        return any(u.op_type == "Add" and any(v is not None and v.const_value is not None for v in u.inputs)
+                   for u in node.outputs[0].consumers())
+    scale = _producer(node.inputs[0]) if node.op_type == "Sigmoid" else None
+    return scale is not None and scale.op_type == "Mul" and any(v is not None and v.const_value is not None
+                                                                 for v in scale.inputs)
 
 
 def _rms(node: ir.Node) -> bool:
@@ -94,7 +105,9 @@ def _rules_embed_ln():
 def _rules_gelu():
     from onnxscript.rewriter.ort_fusions import erfgelu, gelu
 
-    return [erfgelu.rules, gelu.gelu_rules]
+    from graphc.passes._fusion_rules import gelu_tanh, quick_gelu
+
+    return [erfgelu.rules, gelu.gelu_rules, gelu_tanh.rules, quick_gelu.rules]
 
 
 def _rules_rms():
@@ -117,7 +130,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("attention", ("MultiHeadAttention", "Attention", "GroupQueryAttention"), _softmax, _rules_attention),
     Family("skip_layer_norm", ("SkipLayerNormalization",), _skip_ln, _rules_skip_ln),
     Family("embed_layer_norm", ("EmbedLayerNormalization",), _embed_ln, _rules_embed_ln),
-    Family("gelu", ("Gelu", "BiasGelu", "FastGelu"), _erf, _rules_gelu),
+    Family("gelu", ("Gelu", "BiasGelu", "FastGelu", "QuickGelu"), _erf, _rules_gelu),
     Family("rms_norm", ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"), _rms, _rules_rms),
     Family("rotary", ("RotaryEmbedding",), _rotary, _rules_rotary),
 )

@@ -1,0 +1,110 @@
+"""Tiny random-config models of every architecture family graphc exports, saved as Hugging
+Face folders (for breadth tests and the families benchmark; never for judging quality)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from graphc.models.base import hf_offline
+
+TINY_VOCAB = 100
+_SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+_TEXT = {"vocab_size": TINY_VOCAB, "max_position_embeddings": 128}
+_VISION = {"image_size": 32, "patch_size": 8}
+_GQA = {"num_key_value_heads": 2}
+# the special token ids some configs default to lie outside the tiny vocabulary
+_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def _configs() -> dict[str, Callable[[], Any]]:
+    import transformers as t
+
+    return {
+        "bert": lambda: t.BertConfig(**_SMALL, **_TEXT),
+        "roberta": lambda: t.RobertaConfig(**_SMALL, vocab_size=TINY_VOCAB, max_position_embeddings=130, pad_token_id=1),
+        "xlm-roberta": lambda: t.XLMRobertaConfig(**_SMALL, vocab_size=TINY_VOCAB, max_position_embeddings=130,
+                                                  pad_token_id=1),
+        "deberta-v2": lambda: t.DebertaV2Config(**_SMALL, **_TEXT),
+        "distilbert": lambda: t.DistilBertConfig(vocab_size=TINY_VOCAB, max_position_embeddings=128, dim=32, n_layers=2,
+                                                 n_heads=4, hidden_dim=64),
+        "electra": lambda: t.ElectraConfig(**_SMALL, **_TEXT, embedding_size=16),
+        "vit": lambda: t.ViTConfig(**_SMALL, **_VISION),
+        "dinov2": lambda: t.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                         **_VISION),
+        "clip_vision_model": lambda: t.CLIPVisionConfig(**_SMALL, **_VISION, projection_dim=16),
+        "siglip_vision_model": lambda: t.SiglipVisionConfig(**_SMALL, **_VISION),
+        "llama": lambda: t.LlamaConfig(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        "qwen2": lambda: t.Qwen2Config(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        "qwen3": lambda: t.Qwen3Config(**_SMALL, **_TEXT, **_GQA, **_TOKENS, head_dim=8),
+        "mistral": lambda: t.MistralConfig(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        "phi3": lambda: t.Phi3Config(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        "gemma3_text": lambda: t.Gemma3TextConfig(**_SMALL, **_TEXT, **_GQA, **_TOKENS, head_dim=8,
+                                                  sliding_window=64),
+        "gpt2": lambda: t.GPT2Config(vocab_size=TINY_VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=1, eos_token_id=2),
+        "t5": lambda: t.T5Config(vocab_size=TINY_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 decoder_start_token_id=0),
+    }
+
+
+ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "electra")
+VISION = ("vit", "dinov2", "clip_vision_model", "siglip_vision_model")
+DECODERS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "gpt2")
+FAMILIES = ENCODERS + VISION + DECODERS
+
+
+def tiny_config(model_type: str) -> Any:
+    """The tiny random config of ``model_type`` (a key of :data:`FAMILIES`, or ``"t5"``)."""
+    hf_offline()
+    return _configs()[model_type]()
+
+
+def save_tiny(model_type: str, folder: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Build the tiny model of ``model_type`` with random weights (seeded) and save it as an
+    HF folder (config.json + safetensors); decoders get their causal-LM head."""
+    hf_offline()
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = tiny_config(model_type)
+    auto = AutoModelForCausalLM if model_type in DECODERS else AutoModel
+    if getattr(config, "is_encoder_decoder", False):
+        auto = AutoModelForSeq2SeqLM
+    torch.manual_seed(seed)
+    model = auto.from_config(config, dtype=torch.float32).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_sentence_transformer(folder: str | os.PathLike, *, pooling: str | tuple[str, ...] = "mean",
+                                   normalize: bool = True, seed: int = 0, model_type: str = "bert") -> Path:
+    """A tiny text model (BERT by default) as a sentence-transformers folder: ``modules.json``,
+    ``1_Pooling/config.json`` (``pooling``: one or several of "mean", "cls", "max",
+    "mean_sqrt_len", "lasttoken") and, with ``normalize``, a Normalize module."""
+    hf_offline()
+    if model_type in DECODERS:  # an embedding model: the base model, no LM head
+        import torch
+        from transformers import AutoModel
+
+        torch.manual_seed(seed)
+        AutoModel.from_config(tiny_config(model_type), dtype=torch.float32).save_pretrained(folder)
+        folder = Path(folder)
+    else:
+        folder = save_tiny(model_type, folder, seed=seed)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "1_Pooling").mkdir()
+    chosen = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "mean_sqrt_len": "mean_sqrt_len_tokens",
+              "lasttoken": "lasttoken"}
+    wanted = {chosen[p] for p in ((pooling,) if isinstance(pooling, str) else pooling)}
+    pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{m}": m in wanted for m in chosen.values()}}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
+    return folder
