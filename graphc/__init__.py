@@ -1,7 +1,25 @@
 """graphc: ONNX graph-level compression and export compiler for transformer models."""
 
-from graphc.api import CompressResult, compress, export, validate
+from typing import TYPE_CHECKING
+
 from graphc.errors import GraphcError
+
+if TYPE_CHECKING:
+    from graphc.api import CompressResult, compress, export, validate
+
+_FROM_API = ("CompressResult", "compress", "export", "validate")
+
+
+def __getattr__(name: str):
+    # The API (onnx, onnx_ir, ONNX Runtime: a second or two) loads on first use, so that the
+    # ``graphc`` command reaches its own Ctrl-C handling before importing anything heavy.
+    if name in _FROM_API:
+        from graphc import api
+
+        # importing graphc.api binds the submodule graphc.validate here; the function wins, as before
+        globals().update({n: getattr(api, n) for n in _FROM_API})
+        return globals()[name]
+    raise AttributeError(f"module 'graphc' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,8 @@ import onnx_ir as ir
 from graphc import io, ops
 from graphc.errors import GraphcError, MissingDependencyError, ModelLoadError, ToleranceError
 from graphc.instruments import DumpIR, NumericCheck
+from graphc.interrupt import default_time_limit, time_limit
+from graphc.outputs import plan_compress, plan_outputs
 from graphc.provenance import provenance
 from graphc.manager import PassManager, PassRecord, SizeFacts
 from graphc.pass_base import PassContext
@@ -150,6 +152,7 @@ def compress(
     report: str | os.PathLike | None = None,
     target: str | None = None,
     shape_hint: str | Sequence[int] | None = None,
+    validate_timeout: float | None = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -161,6 +164,9 @@ def compress(
     machine); it picks int8 formulations that are exact there and is written in the provenance.
     ``recipe="auto"``: the fastest of several recipes that meets its tolerance on the target,
     timed at ``shape_hint`` (batch × sequence, default 8x128; see graphc.auto).
+    ``validate_timeout``: seconds each model's validation runs may take (default sized to
+    the model, graphc.interrupt.default_time_limit); past it ONNX Runtime is stopped and
+    :class:`graphc.interrupt.TimeLimitError` raised.
     """
     from graphc.target import resolve
 
@@ -177,22 +183,25 @@ def compress(
     for d in unknown:
         get_pass(d)  # unknown names raise; known-but-absent are ignored with a notice
     ir_model, src = to_ir(model)
-    forbid = tuple(io.model_files(src)) if src is not None else ()
-    if output is not None:
-        io.check_output_path(output, forbid=forbid)  # fail fast, before any work
+    # Every file this run writes, checked against the input's files and each other before any work
+    plan = plan_compress(src, output, report=report, dump_dir=dump_dir, input_bytes=io.tensor_bytes(ir_model),
+                         pass_names=[s.pass_name for s in recipe_obj.steps if s.pass_name not in disable])
+    output, report, forbid = plan.output, plan.report, plan.forbid
     # A working copy; the caller's model (and its lazily read external data) stays untouched.
     work = ir.serde.deserialize_model(ir.serde.serialize_model(ir_model))
     if src is not None:
-        ir.external_data.set_base_dir(work.graph, str(src.parent))
+        io.set_base_dir(work, src.parent)
     before = SizeFacts.of(ir_model)
     notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
 
     input_source = "given"
     reference = None
+    limit = validate_timeout if validate_timeout is not None else default_time_limit(io.tensor_bytes(ir_model))
     if validate or check_each_pass:
         if feeds is None:
             feeds, input_source = validation_feeds(ir_model)
-        reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
+        with time_limit(limit, "validation of the original model"):
+            reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
     context = PassContext(progress=progress, target=target_info)
     notices += target_notices(target_info, validate)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
@@ -203,15 +212,16 @@ def compress(
         context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
     all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
     if dump_dir is not None:
-        all_instruments.append(DumpIR(dump_dir))
+        all_instruments.append(DumpIR(dump_dir, forbid=forbid))
     records = PassManager(passes, instruments=all_instruments, disabled=disable).run(work)
     after = SizeFacts.of(work)
 
     checked = None
     if validate:
         tol = recipe_obj.tolerance
-        checked = compare(None, validation_model(work, notices), feeds, input_source=input_source,
-                          reference_outputs=reference, task=task_metric_for(ir_model, input_source))
+        with time_limit(limit, "validation of the compressed model"):
+            checked = compare(None, validation_model(work, notices), feeds, input_source=input_source,
+                              reference_outputs=reference, task=task_metric_for(ir_model, input_source))
         checked.min_cosine_required = tol.min_row_cosine
         checked.max_abs_allowed = tol.max_abs
         checked.min_output_cosine_required = tol.min_cosine
@@ -302,6 +312,8 @@ def report(
 
     orig, orig_path = to_ir(original)
     rew, rew_path = to_ir(rewritten)
+    inputs = [f for p in (orig_path, rew_path) if p is not None for f in io.model_files(p)]
+    output = plan_outputs(inputs, None, report=output).report  # never one of the models, checked before work
     source = "given"
     if feeds is None:
         feeds, source = validation_feeds(orig)
@@ -331,14 +343,19 @@ def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
     return ", ".join(parts)
 
 
-def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None) -> ValidationReport:
-    """Compare two models with ONNX Runtime on real (or synthesized) inputs."""
+def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None,
+             timeout: float | None = None) -> ValidationReport:
+    """Compare two models with ONNX Runtime on real (or synthesized) inputs. ``timeout``:
+    seconds the ORT runs may take (default sized to the larger model)."""
     orig, _ = to_ir(original)
     rew, _ = to_ir(rewritten)
     source = "given"
     if feeds is None:
         feeds, source = validation_feeds(orig)
-    report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    if timeout is None:
+        timeout = 2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew)))
+    with time_limit(timeout, "validation"):
+        report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
     report.notices.extend(target_check_notices(rew))
     return report
 

@@ -91,11 +91,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
             validate=not args.no_validate,
             target=args.target,
             shape_hint=args.shape_hint,
+            validate_timeout=args.validate_timeout,
         )
     data = result.to_dict()
     target = json.loads(result.model.metadata_props.get("graphc.target", "{}"))
     forms = f", int8 {'/'.join(target['int8_forms'])}" if target.get("int8_forms") else ""
-    lines = [f"recipe {result.recipe.name}: {args.model} → {args.output} (target {target.get('target', '?')}{forms})"]
+    written = result.written[0] if result.written else args.output
+    lines = [f"recipe {result.recipe.name}: {args.model} → {written} (target {target.get('target', '?')}{forms})"]
     lines.append(f"  {'pass':20s} {'time':>8s}  {'bytes after':>12s}  stats")
     for r in result.passes:
         if r.skipped:
@@ -217,7 +219,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from graphc.api import validate
 
-    report = validate(args.original, args.rewritten)
+    report = validate(args.original, args.rewritten, timeout=args.validate_timeout)
     if args.min_cosine is not None:
         report.min_output_cosine_required = args.min_cosine
     lines = [f"validation ({report.samples} feeds, {report.input_source}):"]
@@ -310,6 +312,22 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _add_timeout(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--validate-timeout", type=_seconds, default=None, metavar="SECONDS",
+                    help="stop ONNX Runtime and fail when a model's validation runs take longer (default: "
+                         "5 min + 1 min per 100 MB of weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphc", description="ONNX compression compiler for transformer models")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -355,12 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-validate", action="store_true",
                     help="skip validation (ONNX Runtime would load the original and the result: the whole "
                          "model in memory); for models larger than memory allows. Nothing is checked.")
+    _add_timeout(sp)
     sp.set_defaults(func=cmd_compress)
 
     sp = add("validate", "compare a rewritten model with the original in ONNX Runtime")
     sp.add_argument("original")
     sp.add_argument("rewritten")
     sp.add_argument("--min-cosine", type=float, default=None, help="exit 3 if an output's cosine is below this")
+    _add_timeout(sp)
     sp.set_defaults(func=cmd_validate)
 
     sp = add("inspect", "ops, parameters and bytes by op type and layer; --diff for what changed")
@@ -381,15 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from graphc.interrupt import Terminated, signals_raise
+
     try:
-        return args.func(args)
+        with signals_raise():  # SIGTERM unwinds like Ctrl-C: temp folders are removed
+            args = build_parser().parse_args(argv)
+            return args.func(args)
     except GraphcError as e:
         sys.stderr.write(f"graphc: error: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("graphc: interrupted\n")
         return 130
+    except Terminated as e:
+        sys.stderr.write(f"graphc: terminated ({e})\n")
+        return Terminated.exit_code
     except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
         if os.environ.get("GRAPHC_DEBUG"):
             raise

@@ -332,11 +332,15 @@ def output_metrics(
 
 
 def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], what: str) -> list[list[np.ndarray]]:
+    from graphc.interrupt import run_session
+
     names = {i.name for i in session.get_inputs()}
     out = []
     for feed in feeds:
-        try:
-            out.append(session.run(None, {k: v for k, v in feed.items() if k in names}))
+        try:  # interruptible (Ctrl-C, SIGTERM) and bounded by graphc.interrupt.time_limit
+            out.append(run_session(session, {k: v for k, v in feed.items() if k in names}))
+        except GraphcError:
+            raise
         except Exception as e:  # noqa: BLE001
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValidationError(f"ONNX Runtime failed to run the {what}: {first}") from None
