@@ -70,7 +70,11 @@ def resolve_output(output: str | os.PathLike, src: Path | None) -> Path:
     """``-o`` as given, or ``DIR/<input name>`` when it ends in a slash or names a folder."""
     text = os.fspath(output)
     path = Path(text)
-    if text.endswith(("/", os.sep)) or path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # a name too long: check_target says so in its words
+        is_dir = False
+    if text.endswith(("/", os.sep)) or is_dir:
         if src is None:
             raise SaveError("output path is a folder; name the file to write", path=output)
         return path / src.name
@@ -107,14 +111,14 @@ def check_target(
 
 
 def _check_target(path, what, forbid, create_folder, name_extra, must_be_new) -> None:
+    limit = name_max(path.parent)
+    size = len(os.fsencode(path.name))
+    if size > limit or (name_extra and size + name_extra > limit):
+        extra = f" (with the {DATA_SUFFIX!r} sidecar suffix, {size + name_extra})" if size <= limit else ""
+        raise SaveError(f"{what} file name is {size} bytes{extra}; the file system takes at most {limit}", path=path)
     kind = special_kind(path)
     if kind is not None:
         raise SaveError(f"{what} path is {kind}, not a regular file; refused", path=path)
-    limit = name_max(path.parent)
-    if len(os.fsencode(path.name)) + name_extra > limit:
-        extra = f" (with the {DATA_SUFFIX!r} sidecar suffix)" if name_extra else ""
-        raise SaveError(f"{what} file name is {len(os.fsencode(path.name))} bytes{extra}; the file system "
-                        f"takes at most {limit}", path=path)
     for other in forbid:
         if same_file(path, Path(other)):
             raise SaveError(f"{what} would overwrite the input {os.fspath(other)!r}; choose another path", path=path)
