@@ -333,7 +333,7 @@ def report(
 
 def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
     tol = recipe.tolerance
-    parts = []
+    parts = [f"output {name!r} has NaN or inf where the original has a number" for name in report.nonfinite_outputs]
     if tol.min_cosine is not None:
         parts.append(f"output cosine {report.output_cosine:.5f} vs required {tol.min_cosine}")
     if tol.min_row_cosine is not None:

@@ -227,6 +227,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         lines.append(
             f"  {o.name}: cosine {o.cosine:.6f}, worst row {o.min_row_cosine:.6f}, "
             f"max abs {o.max_abs:.4g}, mean abs {o.mean_abs:.4g}, rel {o.rel_max:.4g}"
+            + (f", NaN/inf where the other has a number at {o.nonfinite} places" if o.nonfinite else "")
         )
     if report.task:
         lines.append("  task: " + _task_text(report.task))

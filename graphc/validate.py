@@ -212,6 +212,7 @@ class OutputMetrics:
     rel_max: float
     cosine: float
     min_row_cosine: float
+    nonfinite: int = 0  # places where one model has NaN/inf and the other a number (or another inf)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 7) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -241,8 +242,13 @@ class ValidationReport:
         return min(o.cosine for o in self.outputs)
 
     @property
+    def nonfinite_outputs(self) -> list[str]:
+        """Outputs with NaN/inf where the original has a number (or the reverse): a failure."""
+        return [o.name for o in self.outputs if o.nonfinite]
+
+    @property
     def passed(self) -> bool:
-        ok = True
+        ok = not self.nonfinite_outputs
         if self.min_output_cosine_required is not None:
             ok &= self.output_cosine >= self.min_output_cosine_required
         if self.min_cosine_required is not None:
@@ -259,6 +265,7 @@ class ValidationReport:
             "output_cosine": round(self.output_cosine, 7),
             "min_row_cosine": round(self.min_cosine, 7),
             "max_abs": round(self.max_abs, 7),
+            **({"nonfinite_outputs": self.nonfinite_outputs} if self.nonfinite_outputs else {}),
             "tolerance": {
                 "min_cosine": self.min_output_cosine_required,
                 "min_row_cosine": self.min_cosine_required,
@@ -288,6 +295,20 @@ def _row_mask(feed: dict[str, np.ndarray], out: np.ndarray) -> np.ndarray | None
     return np.asarray(mask).astype(bool)
 
 
+def _match_nonfinite(r: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """NaN in both at the same place, or the same inf, is no difference: those places are
+    zeroed in both (they add nothing to any metric). A NaN or inf facing a number (or a
+    different inf) is counted: the caller fails the output."""
+    finite_r, finite_g = np.isfinite(r), np.isfinite(g)
+    if finite_r.all() and finite_g.all():
+        return r, g, 0
+    with np.errstate(invalid="ignore"):
+        same = ~finite_r & ~finite_g & ((np.isnan(r) & np.isnan(g)) | (r == g))
+    bad = int(np.count_nonzero((~finite_r | ~finite_g) & ~same))
+    drop = ~(finite_r & finite_g)
+    return np.where(drop, 0.0, r), np.where(drop, 0.0, g), bad
+
+
 def output_metrics(
     name: str,
     refs: Sequence[np.ndarray],
@@ -297,6 +318,7 @@ def output_metrics(
     max_abs = 0.0
     sum_abs = 0.0
     count = 0
+    nonfinite = 0
     ref_max = 0.0
     row_cos = []
     flat_r, flat_g = [], []
@@ -308,8 +330,8 @@ def output_metrics(
         mask = masks[i] if masks is not None else None
         if mask is not None:
             r, g = r[mask], g[mask]
-        if not np.all(np.isfinite(g)) and np.all(np.isfinite(r)):
-            return OutputMetrics(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0)
+        r, g, bad = _match_nonfinite(r, g)
+        nonfinite += bad
         d = np.abs(r - g)
         max_abs = max(max_abs, float(d.max(initial=0.0)))
         sum_abs += float(d.sum())
@@ -321,6 +343,8 @@ def output_metrics(
         rows_g = g.reshape(-1, g.shape[-1]) if g.ndim >= 2 else g.reshape(1, -1)
         row_cos.extend(_cos(a, b) for a, b in zip(rows_r, rows_g))
     cos = _cos(np.concatenate(flat_r), np.concatenate(flat_g)) if flat_r else 1.0
+    if nonfinite:
+        return OutputMetrics(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0, nonfinite)
     return OutputMetrics(
         name,
         max_abs=max_abs,
@@ -329,6 +353,29 @@ def output_metrics(
         cosine=cos,
         min_row_cosine=min(row_cos) if row_cos else cos,
     )
+
+
+def sequence_shapes(value: Any) -> list[tuple[int, ...]] | None:
+    """Element shapes of a sequence output; None for anything else."""
+    if isinstance(value, list) and all(isinstance(v, np.ndarray) for v in value):
+        return [v.shape for v in value]
+    return None
+
+
+class NotComparable(Exception):
+    """An output that is neither a tensor nor a sequence of tensors (a map, a sequence of maps)."""
+
+
+def as_comparable(value: Any, name: str, which: str) -> np.ndarray:
+    """A tensor as it is; a sequence of tensors (SequenceConstruct, SplitToSequence) as the
+    concatenation of its flattened elements (see :func:`sequence_shapes` for their shapes);
+    anything else raises NotComparable."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, list) and all(isinstance(v, np.ndarray) for v in value):
+        return np.concatenate([np.asarray(v, np.float64).ravel() for v in value]) if value else np.zeros(0)
+    kind = "a sequence of maps" if isinstance(value, list) else f"a {type(value).__name__}"
+    raise NotComparable(f"output {name!r} is {kind} in the {which} model")
 
 
 def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], what: str) -> list[list[np.ndarray]]:
@@ -372,14 +419,27 @@ def compare(
     got = run_feeds(rew, feeds, "rewritten model")
     rew_names = [o.name for o in rew.get_outputs()]
     metrics = []
+    skipped = []
     for i, name in enumerate(out_names):
         if name not in rew_names:
             raise ValidationError(f"the rewritten model lost output {name!r}")
         j = rew_names.index(name)
-        refs = [r[i] for r in reference_outputs]
+        for r, g in zip(reference_outputs, got):
+            if sequence_shapes(r[i]) != sequence_shapes(g[j]):
+                raise ValidationError(f"output {name!r} is a sequence of shapes {sequence_shapes(g[j])}, "
+                                      f"the original {sequence_shapes(r[i])}")
+        try:  # sequences of tensors are compared element by element, as one flat vector
+            refs = [as_comparable(r[i], name, "original") for r in reference_outputs]
+            gots = [as_comparable(g[j], name, "rewritten") for g in got]
+        except NotComparable as e:
+            skipped.append(str(e))
+            continue
         masks = [_row_mask(feed, ref) for feed, ref in zip(feeds, refs)]
-        metrics.append(output_metrics(name, refs, [g[j] for g in got], masks))
+        metrics.append(output_metrics(name, refs, gots, masks))
+    if not metrics:
+        raise ValidationError("no output could be compared (" + "; ".join(skipped) + ")")
     report = ValidationReport(metrics, len(feeds), input_source, min_cosine, max_abs)
+    report.notices += [f"{why}: not compared" for why in skipped]
     if task is not None:
         ref_named = [dict(zip(out_names, r)) for r in reference_outputs]
         got_named = [dict(zip(rew_names, g)) for g in got]
