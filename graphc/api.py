@@ -17,6 +17,7 @@ from graphc.errors import GraphcError, MissingDependencyError, ModelLoadError, T
 from graphc.instruments import DumpIR, NumericCheck
 from graphc.interrupt import default_time_limit, time_limit
 from graphc.outputs import plan_compress, plan_outputs
+from graphc.signature import SignatureGuard, overridable_initializers
 from graphc.provenance import provenance
 from graphc.manager import PassManager, PassRecord, SizeFacts
 from graphc.pass_base import PassContext
@@ -213,7 +214,10 @@ def compress(
     all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
     if dump_dir is not None:
         all_instruments.append(DumpIR(dump_dir, forbid=forbid))
-    records = PassManager(passes, instruments=all_instruments, disabled=disable).run(work)
+    # the guard first: it restores the input/output names a pass changed before anything looks at the model
+    with overridable_initializers(work, notices):
+        guard = SignatureGuard(work)
+        records = PassManager(passes, instruments=[guard, *all_instruments], disabled=disable).run(work)
     after = SizeFacts.of(work)
 
     checked = None
