@@ -30,6 +30,9 @@ TaskMetric = Callable[
 SYNTH_BATCH = 2
 SYNTH_SEQ = 16
 SYNTH_PAST = 5  # KV-cache decoders: past_sequence; total_sequence = past + sequence
+# Bytes all synthesized inputs of one feed may take (4 feeds are made): declared dims like
+# [60000, 60000] or eight symbolic dims would otherwise ask for gigabytes.
+SYNTH_BYTES_LIMIT = 256 * 2**20
 
 _NP_TYPES = {
     ir.DataType.FLOAT: np.float32,
@@ -181,6 +184,8 @@ def synthesize_inputs(
                         dims.append(past + seq)
                     else:
                         dims.append(synth_batch if ("batch" in dname or (i == 0 and "seq" not in dname)) else seq)
+            budget = SYNTH_BYTES_LIMIT - sum(a.nbytes for a in feed.values())
+            check_synth_size(value.name, dims, dtype, budget)
             name = value.name.lower()
             if np.issubdtype(dtype, np.integer):
                 if "mask" in name:
@@ -202,6 +207,18 @@ def synthesize_inputs(
             feed[value.name] = arr
         feeds.append(feed)
     return feeds
+
+
+def check_synth_size(name: str, dims: list[int], dtype, budget: int) -> None:
+    """ValidationError (one line, naming the input and its shape) when a synthesized input
+    would not fit what is left of :data:`SYNTH_BYTES_LIMIT`."""
+    nbytes = int(np.prod(np.array(dims, dtype=object), dtype=object)) * np.dtype(dtype).itemsize if dims else np.dtype(dtype).itemsize
+    if nbytes > budget:
+        raise ValidationError(
+            f"cannot synthesize validation input {name!r} of shape {dims} ({np.dtype(dtype).name}, "
+            f"{nbytes / 2**20:,.0f} MiB): synthesized inputs of one feed are limited to "
+            f"{SYNTH_BYTES_LIMIT // 2**20} MiB; pass feeds through the Python API, or use --no-validate"
+        )
 
 
 @dataclass
