@@ -109,6 +109,11 @@ class GraphcPass(ir.passes.InPlacePass):
                 f"{', '.join(known) or 'no options'}",
                 pass_name=cls.name,
             )
+        from graphc.option_types import check_option_types
+
+        mistyped = check_option_types(cls.Options, options)
+        if mistyped:
+            raise GraphcError(mistyped, pass_name=cls.name)
         try:
             opts = cls.Options(**options)
         except (TypeError, ValueError) as e:

@@ -276,6 +276,10 @@ def load_recipe_file(path: Path) -> Recipe:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"not valid TOML: {e}", path=path) from None
+    except RecursionError:
+        raise RecipeError("not a usable recipe: arrays or tables nested too deep", path=path) from None
+    except OSError as e:
+        raise RecipeError(f"cannot read the recipe: {e.strerror or e}", path=path) from None
     return recipe_from_dict(data, source=str(path))
 
 
@@ -290,6 +294,9 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict") -> Recipe:
     if unknown:
         raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}", **where)
     base: Recipe | None = None
+    for key in ("name", "description", "extends"):
+        if key in data and not isinstance(data[key], str):
+            raise RecipeError(f"'{key}' must be a string, not {type(data[key]).__name__} {data[key]!r:.60}", **where)
     if "extends" in data:
         if data["extends"] not in BUILTIN:
             raise RecipeError(f"extends unknown recipe {data['extends']!r}; built-ins: {', '.join(BUILTIN)}", **where)
@@ -302,6 +309,8 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict") -> Recipe:
         for i, entry in enumerate(data["passes"]):
             if not isinstance(entry, dict) or "name" not in entry:
                 raise RecipeError(f"passes[{i}] needs a 'name'", **where)
+            if not isinstance(entry["name"], str):
+                raise RecipeError(f"passes[{i}].name must be a string", **where)
             extra = sorted(set(entry) - {"name", "options"})
             if extra:
                 raise RecipeError(f"passes[{i}] has unknown key(s) {', '.join(extra)}", **where)
@@ -314,7 +323,7 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict") -> Recipe:
     else:
         raise RecipeError("a recipe needs 'passes' or 'extends'", **where)
     disable = data.get("disable", [])
-    if not isinstance(disable, list):
+    if not isinstance(disable, list) or not all(isinstance(d, str) for d in disable):
         raise RecipeError("'disable' must be a list of pass names", **where)
     steps = [s for s in steps if s.pass_name not in set(disable)]
     for step in steps:
@@ -330,6 +339,9 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict") -> Recipe:
     bad = sorted(set(tol_data) - {"min_cosine", "min_row_cosine", "max_abs"})
     if bad:
         raise RecipeError(f"unknown tolerance key(s) {', '.join(bad)}", **where)
+    for key, value in tol_data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"tolerance {key} must be a number, not {type(value).__name__} {value!r:.60}", **where)
     tolerance = replace(base.tolerance if base else Tolerance(), **tol_data)
     return Recipe(
         name=str(data.get("name", Path(source).stem if source != "dict" else "custom")),
