@@ -24,11 +24,23 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def _printable(text: str) -> str:
+    """Control characters (ESC, BEL, C1, ...) from model names and metadata as escapes, line by
+    line: a model must not retitle, clear or recolour the user's terminal."""
+    return "\n".join("".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
+                     for line in text.split("\n"))
+
+
+def _field(text: str) -> str:
+    """One value on one line: newlines escaped too (a metadata value must not fake a line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     if args.json:
-        sys.stdout.write(json.dumps(data, default=str) + "\n")
+        sys.stdout.write(json.dumps(data, default=str) + "\n")  # JSON escapes control characters itself
     else:
-        sys.stdout.write(text.rstrip() + "\n")
+        sys.stdout.write(_printable(text.rstrip()) + "\n")
 
 
 # ------------------------------------------------------------------------- commands
@@ -263,8 +275,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     lines = [
         f"{args.model}: {info.nodes} nodes, {info.params:,} params, {_fmt_bytes(info.bytes)} of weights",
-        "inputs:  " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in info.inputs),
-        "outputs: " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in info.outputs),
+        "inputs:  " + ", ".join(f"{_field(i['name'])} {i['dtype']} {i['shape']}" for i in info.inputs),
+        "outputs: " + ", ".join(f"{_field(i['name'])} {i['dtype']} {i['shape']}" for i in info.outputs),
         "ops:",
     ]
     lines += [f"  {k:40s} {v:5d}" for k, v in info.op_counts.items()]
@@ -279,11 +291,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lines.append("provenance:")
         for k, v in info.provenance.items():
             text = json.dumps(v) if not isinstance(v, str) else v
-            lines.append(f"  {k} = {text[:160]}")
+            lines.append(f"  {_field(k)} = {_field(text[:160])}")
     other = {k: v for k, v in info.metadata.items() if k not in info.provenance}
     if other:
         lines.append("metadata:")
-        lines += [f"  {k} = {v[:100]}" for k, v in other.items()]
+        lines += [f"  {_field(k)} = {_field(v[:100])}" for k, v in other.items()]
     _emit(args, {"model": args.model, **info.to_dict()}, "\n".join(lines))
     return 0
 
@@ -401,15 +413,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet():
+    """Library warnings (numpy's RuntimeWarnings on NaN outputs, onnx_ir's log lines such as
+    "Skipped deduplication of initializer") stay off the terminal: graphc reports what matters
+    itself. GRAPHC_DEBUG=1 lets them through."""
+    import contextlib
+    import logging
+    import warnings
+
+    if os.environ.get("GRAPHC_DEBUG"):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    root = logging.getLogger()
+    handler = logging.NullHandler()  # no handler anywhere would send WARNINGs to stderr (lastResort)
+    root.addHandler(handler)
+    stack.callback(root.removeHandler, handler)
+    return stack
+
+
 def main(argv: list[str] | None = None) -> int:
     from graphc.interrupt import Terminated, signals_raise
 
     try:
-        with signals_raise():  # SIGTERM unwinds like Ctrl-C: temp folders are removed
+        with signals_raise(), _quiet():  # SIGTERM unwinds like Ctrl-C: temp folders are removed
             args = build_parser().parse_args(argv)
             return args.func(args)
     except GraphcError as e:
-        sys.stderr.write(f"graphc: error: {e}\n")
+        sys.stderr.write(f"graphc: error: {_printable(str(e))}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("graphc: interrupted\n")
