@@ -81,28 +81,33 @@ def run_session(session: Any, feed: dict, output_names: list[str] | None = None)
     options.log_severity_level = 4  # a terminated run would print ORT's own error lines
     limit = _deadline.get()
     box: dict[str, Any] = {}
+    # An Event, not Thread.join: a join interrupted by KeyboardInterrupt can leave the thread
+    # looking finished while ORT still runs in it (and the process then aborts at exit).
+    done = threading.Event()
 
     def work() -> None:
         try:
             box["out"] = session.run(output_names, feed, options)
         except BaseException as e:  # noqa: BLE001 - handed to the calling thread
             box["err"] = e
+        finally:
+            done.set()
 
     worker = threading.Thread(target=work, name="graphc-ort-run", daemon=True)
     worker.start()
     try:
-        while worker.is_alive():
-            worker.join(0.05)
-            if limit is not None and worker.is_alive() and time.monotonic() > limit[0]:
+        while not done.wait(0.05):
+            if limit is not None and time.monotonic() > limit[0]:
                 options.terminate = True
-                worker.join()
+                done.wait()
                 raise TimeLimitError(
                     f"{limit[2]} ran past its time limit of {limit[1]:g} s (ONNX Runtime stopped); "
                     "raise it with --validate-timeout, or skip validation with --no-validate"
                 )
     except BaseException:
-        options.terminate = True
-        worker.join(30)
+        options.terminate = True  # ORT stops at its next node
+        while not done.wait(0.05):  # a second Ctrl-C here would abandon a running ORT thread
+            pass
         raise
     if "err" in box:
         raise box["err"]
