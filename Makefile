@@ -33,3 +33,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .graphc-cache
+
+# Nightly-style fuzzing, outside `make test`: every pass on 200 drawn graphs instead of 30.
+.PHONY: fuzz
+fuzz: install
+	GRAPHC_FUZZ_EXAMPLES=200 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
