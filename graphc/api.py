@@ -200,7 +200,12 @@ def compress(
     limit = validate_timeout if validate_timeout is not None else default_time_limit(io.tensor_bytes(ir_model))
     if validate or check_each_pass:
         if feeds is None:
-            feeds, input_source = validation_feeds(ir_model)
+            try:
+                feeds, input_source = validation_feeds(ir_model)
+            except GraphcError as e:  # e.g. an input too large to synthesize: name the model
+                if e.path is None and src is not None:
+                    e.path = os.fspath(src)
+                raise
         with time_limit(limit, "validation of the original model"):
             reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
     context = PassContext(progress=progress, target=target_info)
@@ -321,7 +326,8 @@ def report(
     source = "given"
     if feeds is None:
         feeds, source = validation_feeds(orig)
-    validation = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    with time_limit(2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew))), "validation"):
+        validation = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
     data = report_data(
         orig,
         rew,

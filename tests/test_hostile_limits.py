@@ -49,7 +49,8 @@ def test_synthesized_inputs_have_a_byte_budget(dims, shown, tmp_path, capsys):
     code = main(["compress", str(src), "-o", str(tmp_path / "o.onnx"), "--recipe", "cleanup"])
     err = capsys.readouterr().err
     assert code == 1 and len(err.splitlines()) == 1, err
-    assert f"cannot synthesize validation input 'x' of shape {shown}" in err and "limited to 256 MiB" in err
+    assert err.startswith(f"graphc: error: {src}: cannot synthesize validation input 'x' of shape {shown}"), err
+    assert "limited to 256 MiB" in err
     before.assert_unchanged()
     assert _files(tmp_path) == files
 
