@@ -307,3 +307,28 @@ def test_inspect_escapes_control_characters(tmp_path, capsys):
     assert not any(c in out for c in "\x1b\x07\x9b")
     assert "x\\x1b]0;pwned\\x07" in out and "red\\x9b2J\\nfake line" in out
     assert not any(line.startswith("fake line") for line in out.splitlines())
+
+
+def test_library_warnings_and_log_lines_stay_off_the_terminal(monkeypatch, capsys):
+    """What numpy and onnx_ir emit on odd models (RuntimeWarnings on NaN/overflow, onnx_ir's
+    'Skipped deduplication' WARNING with no logging configured) does not reach stderr."""
+    import logging
+    import warnings
+
+    from graphc import cli
+
+    def noisy(args):
+        warnings.warn("invalid value encountered in divide", RuntimeWarning)
+        np.float32(3e38) * np.float32(10)  # overflow: numpy's own RuntimeWarning
+        logging.getLogger("onnx_ir.passes.common.initializer_deduplication").warning(
+            "Skipped deduplication of initializer 'k' as it is a graph input or output")
+        return 0
+
+    monkeypatch.delenv("GRAPHC_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "cmd_passes", noisy)
+    assert main(["passes"]) == 0
+    assert capsys.readouterr().err == ""
+    # and GRAPHC_DEBUG lets them through
+    monkeypatch.setenv("GRAPHC_DEBUG", "1")
+    with pytest.warns(RuntimeWarning):
+        main(["passes"])
