@@ -359,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("compress", "run a recipe, validate against the original, write the result")
     sp.add_argument("model")
-    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("-o", "--output", required=True,
+                    help="output file; DIR/ (or an existing folder) writes DIR/<model's file name>; missing folders "
+                         "are created; never one of the input's files")
     sp.add_argument("--recipe", default=None,
                     help="built-in name, auto (the fastest recipe that meets its tolerance on the target, timed "
                          "here), or a .toml file (default int8; plan when a budget flag is given)")
