@@ -155,7 +155,17 @@ def test_early_ctrl_c_prints_one_line(tmp_path):
     onnx.save(tiny_model_proto(), src)
     proc = subprocess.Popen([str(GRAPHC_BIN), "compress", str(src), "-o", str(tmp_path / "o.onnx")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    time.sleep(0.6)
+    # graphc's heavy imports (numpy, onnx, ONNX Runtime) happen inside main(): wait for numpy's
+    # library to be mapped (Linux), then interrupt while the rest is still loading
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if "numpy" in maps.read_text():
+                break
+        except OSError:
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
