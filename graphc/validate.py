@@ -19,6 +19,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphc.errors import GraphcError, ValidationError
+from graphc.value_checks import (  # noqa: F401 - SYNTH_BYTES_LIMIT is part of this module's API
+    SYNTH_BYTES_LIMIT, NotComparable, as_comparable, check_synth_size, match_nonfinite, sequence_shapes,
+)
 
 # feeds, original outputs, rewritten outputs (per feed, by output name) -> task figures
 TaskMetric = Callable[
@@ -30,9 +33,6 @@ TaskMetric = Callable[
 SYNTH_BATCH = 2
 SYNTH_SEQ = 16
 SYNTH_PAST = 5  # KV-cache decoders: past_sequence; total_sequence = past + sequence
-# Bytes all synthesized inputs of one feed may take (4 feeds are made): declared dims like
-# [60000, 60000] or eight symbolic dims would otherwise ask for gigabytes.
-SYNTH_BYTES_LIMIT = 256 * 2**20
 
 _NP_TYPES = {
     ir.DataType.FLOAT: np.float32,
@@ -209,18 +209,6 @@ def synthesize_inputs(
     return feeds
 
 
-def check_synth_size(name: str, dims: list[int], dtype, budget: int) -> None:
-    """ValidationError (one line, naming the input and its shape) when a synthesized input
-    would not fit what is left of :data:`SYNTH_BYTES_LIMIT`."""
-    nbytes = int(np.prod(np.array(dims, dtype=object), dtype=object)) * np.dtype(dtype).itemsize if dims else np.dtype(dtype).itemsize
-    if nbytes > budget:
-        raise ValidationError(
-            f"cannot synthesize validation input {name!r} of shape {dims} ({np.dtype(dtype).name}, "
-            f"{nbytes / 2**20:,.0f} MiB): synthesized inputs of one feed are limited to "
-            f"{SYNTH_BYTES_LIMIT // 2**20} MiB; pass feeds through the Python API, or use --no-validate"
-        )
-
-
 @dataclass
 class OutputMetrics:
     name: str
@@ -312,20 +300,6 @@ def _row_mask(feed: dict[str, np.ndarray], out: np.ndarray) -> np.ndarray | None
     return np.asarray(mask).astype(bool)
 
 
-def _match_nonfinite(r: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """NaN in both at the same place, or the same inf, is no difference: those places are
-    zeroed in both (they add nothing to any metric). A NaN or inf facing a number (or a
-    different inf) is counted: the caller fails the output."""
-    finite_r, finite_g = np.isfinite(r), np.isfinite(g)
-    if finite_r.all() and finite_g.all():
-        return r, g, 0
-    with np.errstate(invalid="ignore"):
-        same = ~finite_r & ~finite_g & ((np.isnan(r) & np.isnan(g)) | (r == g))
-    bad = int(np.count_nonzero((~finite_r | ~finite_g) & ~same))
-    drop = ~(finite_r & finite_g)
-    return np.where(drop, 0.0, r), np.where(drop, 0.0, g), bad
-
-
 def output_metrics(
     name: str,
     refs: Sequence[np.ndarray],
@@ -347,7 +321,7 @@ def output_metrics(
         mask = masks[i] if masks is not None else None
         if mask is not None:
             r, g = r[mask], g[mask]
-        r, g, bad = _match_nonfinite(r, g)
+        r, g, bad = match_nonfinite(r, g)
         nonfinite += bad
         d = np.abs(r - g)
         max_abs = max(max_abs, float(d.max(initial=0.0)))
@@ -370,29 +344,6 @@ def output_metrics(
         cosine=cos,
         min_row_cosine=min(row_cos) if row_cos else cos,
     )
-
-
-def sequence_shapes(value: Any) -> list[tuple[int, ...]] | None:
-    """Element shapes of a sequence output; None for anything else."""
-    if isinstance(value, list) and all(isinstance(v, np.ndarray) for v in value):
-        return [v.shape for v in value]
-    return None
-
-
-class NotComparable(Exception):
-    """An output that is neither a tensor nor a sequence of tensors (a map, a sequence of maps)."""
-
-
-def as_comparable(value: Any, name: str, which: str) -> np.ndarray:
-    """A tensor as it is; a sequence of tensors (SequenceConstruct, SplitToSequence) as the
-    concatenation of its flattened elements (see :func:`sequence_shapes` for their shapes);
-    anything else raises NotComparable."""
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, list) and all(isinstance(v, np.ndarray) for v in value):
-        return np.concatenate([np.asarray(v, np.float64).ravel() for v in value]) if value else np.zeros(0)
-    kind = "a sequence of maps" if isinstance(value, list) else f"a {type(value).__name__}"
-    raise NotComparable(f"output {name!r} is {kind} in the {which} model")
 
 
 def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], what: str) -> list[list[np.ndarray]]:
