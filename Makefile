@@ -39,3 +39,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .graphc-cache
+
+# Nightly-style fuzzing, outside `make test`: every pass on 200 drawn graphs instead of 30.
+.PHONY: fuzz
+fuzz: install
+	GRAPHC_FUZZ_EXAMPLES=200 $(PY) -m pytest -q -p no:cacheprovider tests/fuzz

@@ -15,6 +15,9 @@ import onnx_ir as ir
 from graphc import io, ops
 from graphc.errors import GraphcError, MissingDependencyError, ModelLoadError, ToleranceError
 from graphc.instruments import DumpIR, NumericCheck
+from graphc.interrupt import default_time_limit, time_limit
+from graphc.outputs import plan_compress, plan_outputs
+from graphc.signature import SignatureGuard, overridable_initializers
 from graphc.provenance import provenance
 from graphc.manager import PassManager, PassRecord, SizeFacts
 from graphc.pass_base import PassContext
@@ -205,6 +208,7 @@ def compress(
     genai: bool = False,
     inputs: str | os.PathLike | None = None,
     input_shapes: Any = None,
+    validate_timeout: float | None = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -218,6 +222,9 @@ def compress(
     timed at ``shape_hint`` (batch × sequence, default 8x128; see graphc.auto).
     ``feeds`` or ``inputs`` (an .npz/.npy file or a folder, graphc.inputs): the user's inputs,
     for validation and calibration; ``input_shapes`` fixes dims of synthesized inputs.
+    ``validate_timeout``: seconds each model's validation runs may take (default sized to
+    the model, graphc.interrupt.default_time_limit); past it ONNX Runtime is stopped and
+    :class:`graphc.interrupt.TimeLimitError` raised.
     """
     from graphc.target import resolve
 
@@ -238,29 +245,41 @@ def compress(
     for d in unknown:
         get_pass(d)  # unknown names raise; known-but-absent are ignored with a notice
     ir_model, src = to_ir(model)
-    forbid = tuple(io.model_files(src)) if src is not None else ()
+    # Every file this run writes, checked against the input's files and each other before any work
+    # (a genai folder is checked as a folder: graphc.exporters.genai.output_folder)
+    plan = plan_compress(src, None if genai else output, report=report, dump_dir=dump_dir,
+                         input_bytes=io.tensor_bytes(ir_model),
+                         pass_names=[s.pass_name for s in recipe_obj.steps if s.pass_name not in disable])
+    report, forbid = plan.report, plan.forbid
     if genai:
         from graphc.exporters.genai import check_decoder, output_folder
 
         check_decoder(ir_model, src or "model")
         if output is not None:
             output_folder(output)  # fail fast, before any work
-    elif output is not None:
-        io.check_output_path(output, forbid=forbid)  # fail fast, before any work
+    else:
+        output = plan.output
     # A working copy; the caller's model (and its lazily read external data) stays untouched.
     work = ir.serde.deserialize_model(ir.serde.serialize_model(ir_model))
     if src is not None:
-        ir.external_data.set_base_dir(work.graph, str(src.parent))
+        io.set_base_dir(work, src.parent)
     before = SizeFacts.of(ir_model)
     notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
 
     feeds, input_source, shapes = user_inputs(ir_model, inputs, feeds, input_shapes)
     user_feeds = feeds
     reference = None
+    limit = validate_timeout if validate_timeout is not None else default_time_limit(io.tensor_bytes(ir_model))
     if validate or check_each_pass:
         if feeds is None:
-            feeds, input_source = validation_feeds(ir_model, shapes=shapes)
-        reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
+            try:
+                feeds, input_source = validation_feeds(ir_model, shapes=shapes)
+            except GraphcError as e:  # e.g. an input too large to synthesize: name the model
+                if e.path is None and src is not None:
+                    e.path = os.fspath(src)
+                raise
+        with time_limit(limit, "validation of the original model"):
+            reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
     from graphc.target_checks import target_notices, validation_model
 
     context = PassContext(progress=progress, target=target_info)
@@ -276,15 +295,19 @@ def compress(
             context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
     all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
     if dump_dir is not None:
-        all_instruments.append(DumpIR(dump_dir))
-    records = PassManager(passes, instruments=all_instruments, disabled=disable).run(work)
+        all_instruments.append(DumpIR(dump_dir, forbid=forbid))
+    # the guard first: it restores the input/output names a pass changed before anything looks at the model
+    with overridable_initializers(work, notices):
+        guard = SignatureGuard(work)
+        records = PassManager(passes, instruments=[guard, *all_instruments], disabled=disable).run(work)
     after = SizeFacts.of(work)
 
     checked = None
     if validate:
         tol = recipe_obj.tolerance
-        checked = compare(None, validation_model(work, notices), feeds, input_source=input_source,
-                          reference_outputs=reference, task=task_metric_for(ir_model, input_source))
+        with time_limit(limit, "validation of the compressed model"):
+            checked = compare(None, validation_model(work, notices), feeds, input_source=input_source,
+                              reference_outputs=reference, task=task_metric_for(ir_model, input_source))
         checked.min_cosine_required = tol.min_row_cosine
         checked.max_abs_allowed = tol.max_abs
         checked.min_output_cosine_required = tol.min_cosine
@@ -367,10 +390,13 @@ def report(
 
     orig, orig_path = to_ir(original)
     rew, rew_path = to_ir(rewritten)
+    inputs = [f for p in (orig_path, rew_path) if p is not None for f in io.model_files(p)]
+    output = plan_outputs(inputs, None, report=output).report  # never one of the models, checked before work
     source = "given"
     if feeds is None:
         feeds, source = validation_feeds(orig)
-    validation = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    with time_limit(2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew))), "validation"):
+        validation = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
     data = report_data(
         orig,
         rew,
@@ -402,7 +428,7 @@ def _nonfinite_text(report: ValidationReport) -> str:
 
 def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
     tol = recipe.tolerance
-    parts = []
+    parts = [f"output {name!r} has NaN or inf where the original has a number" for name in report.nonfinite_outputs]
     if tol.min_cosine is not None:
         parts.append(f"output {report.worst_output!r} cosine {report.output_cosine:.5f} vs required {tol.min_cosine}")
     if tol.min_row_cosine is not None:
@@ -415,15 +441,20 @@ def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
 
 
 def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None,
-             inputs: str | os.PathLike | None = None, input_shapes: Any = None) -> ValidationReport:
+             inputs: str | os.PathLike | None = None, input_shapes: Any = None,
+             timeout: float | None = None) -> ValidationReport:
     """Compare two models with ONNX Runtime on the user's inputs (``feeds``, or the ``inputs``
-    file), else on real texts of a model recipe or inputs synthesized (``input_shapes``)."""
+    file), else on real texts of a model recipe or inputs synthesized (``input_shapes``).
+    ``timeout``: seconds the ORT runs may take (default sized to the larger model)."""
     orig, _ = to_ir(original)
     rew, _ = to_ir(rewritten)
     feeds, source, shapes = user_inputs(orig, inputs, feeds, input_shapes)
     if feeds is None:
         feeds, source = validation_feeds(orig, shapes=shapes)
-    report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    if timeout is None:
+        timeout = 2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew)))
+    with time_limit(timeout, "validation"):
+        report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
     from graphc.target_checks import target_check_notices
 
     report.notices.extend(target_check_notices(rew))

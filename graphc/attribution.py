@@ -256,7 +256,9 @@ def _measure(original: ir.Model, rewritten: ir.Model, pairs: dict[str, str], fee
             if name in reasons:
                 continue
             a, b = ref[name], got[rname]
-            if not (np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating)):
+            if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+                reasons[name] = "not a tensor (a sequence or a map)"
+            elif not (np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating)):
                 reasons[name] = f"not a float tensor ({a.dtype} vs {b.dtype})"
             elif a.shape != b.shape:
                 reasons[name] = f"shape differs: {list(a.shape)} in the original, {list(b.shape)} rewritten"

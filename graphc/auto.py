@@ -163,9 +163,10 @@ def run_auto(
     info = resolve(target)
     batch, seq = parse_shape(shape_hint)
     ir_model, src = api.to_ir(model)
-    forbid = tuple(io.model_files(src)) if src is not None else ()
-    if output is not None:
-        io.check_output_path(output, forbid=forbid)
+    from graphc.outputs import plan_compress
+
+    plan = plan_compress(src, output, report=report, input_bytes=io.tensor_bytes(ir_model))
+    output, report, forbid = plan.output, plan.report, plan.forbid
     rows = candidates(names, info.saturates)
     source = None
     if feeds is None:

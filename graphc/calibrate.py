@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from graphc.errors import PassError
+from graphc.interrupt import run_session  # interruptible, bounded by time_limit
 from graphc.validate import make_session
 
 MIN_CALIBRATION_FEEDS = 1
@@ -48,7 +49,7 @@ def channel_absmax(
     session, inputs = exposing_session(model, names)
     result: dict[str, np.ndarray] = {}
     for feed in feeds:
-        outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
+        outs = run_session(session, {k: v for k, v in feed.items() if k in inputs}, names)
         for name, out in zip(names, outs):
             amax = np.abs(out.reshape(-1, out.shape[-1])).max(axis=0)
             result[name] = amax if name not in result else np.maximum(result[name], amax)
@@ -79,7 +80,7 @@ def input_moments(
     abs_sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for feed in feeds:
-        outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
+        outs = run_session(session, {k: v for k, v in feed.items() if k in inputs}, names)
         mask = feed.get("attention_mask")
         for name, out in zip(names, outs):
             out = np.asarray(out)

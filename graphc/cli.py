@@ -24,11 +24,23 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def _printable(text: str) -> str:
+    """Control characters (ESC, BEL, C1, ...) from model names and metadata as escapes, line by
+    line: a model must not retitle, clear or recolour the user's terminal."""
+    return "\n".join("".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
+                     for line in text.split("\n"))
+
+
+def _field(text: str) -> str:
+    """One value on one line: newlines escaped too (a metadata value must not fake a line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     if args.json:
-        sys.stdout.write(json.dumps(data, default=str) + "\n")
+        sys.stdout.write(json.dumps(data, default=str) + "\n")  # JSON escapes control characters itself
     else:
-        sys.stdout.write(text.rstrip() + "\n")
+        sys.stdout.write(_printable(text.rstrip()) + "\n")
 
 
 # ------------------------------------------------------------------------- commands
@@ -87,6 +99,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             genai=args.genai,
             inputs=args.inputs,
             input_shapes=args.input_shape,
+            validate_timeout=args.validate_timeout,
         )
     finally:
         if progress is not None:
@@ -95,7 +108,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     data = result.to_dict()
     target = json.loads(result.model.metadata_props.get("graphc.target", "{}"))
     forms = f", int8 {'/'.join(target['int8_forms'])}" if target.get("int8_forms") else ""
-    lines = [f"recipe {result.recipe.name}: {args.model} → {args.output} (target {target.get('target', '?')}{forms})"]
+    written = result.written[0] if result.written else args.output
+    lines = [f"recipe {result.recipe.name}: {args.model} → {written} (target {target.get('target', '?')}{forms})"]
     lines.append(f"  {'pass':20s} {'time':>8s}  {'bytes after':>12s}  stats")
     for r in result.passes:
         if r.skipped:
@@ -206,7 +220,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from graphc.api import validate
 
-    report = validate(args.original, args.rewritten, inputs=args.inputs, input_shapes=args.input_shape)
+    report = validate(args.original, args.rewritten, inputs=args.inputs, input_shapes=args.input_shape,
+                      timeout=args.validate_timeout)
     if args.min_cosine is not None:
         report.min_output_cosine_required = args.min_cosine
     lines = [f"validation ({report.samples} feeds, {report.input_source}):"]
@@ -214,6 +229,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         lines.append(
             f"  {o.name}: cosine {o.cosine:.6f}, worst row {o.min_row_cosine:.6f}, "
             f"max abs {o.max_abs:.4g}, mean abs {o.mean_abs:.4g}, rel {o.rel_max:.4g}"
+            + (f", NaN/inf where the other has a number at {o.nonfinite} places" if o.nonfinite else "")
         )
     if report.task:
         lines.append("  task: " + _task_text(report.task))
@@ -249,8 +265,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     lines = [
         f"{args.model}: {info.nodes} nodes, {info.params:,} params, {_fmt_bytes(info.bytes)} of weights",
-        "inputs:  " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in info.inputs),
-        "outputs: " + ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in info.outputs),
+        "inputs:  " + ", ".join(f"{_field(i['name'])} {i['dtype']} {i['shape']}" for i in info.inputs),
+        "outputs: " + ", ".join(f"{_field(i['name'])} {i['dtype']} {i['shape']}" for i in info.outputs),
         "ops:",
     ]
     lines += [f"  {k:40s} {v:5d}" for k, v in info.op_counts.items()]
@@ -265,11 +281,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lines.append("provenance:")
         for k, v in info.provenance.items():
             text = json.dumps(v) if not isinstance(v, str) else v
-            lines.append(f"  {k} = {text[:160]}")
+            lines.append(f"  {_field(k)} = {_field(text[:160])}")
     other = {k: v for k, v in info.metadata.items() if k not in info.provenance}
     if other:
         lines.append("metadata:")
-        lines += [f"  {k} = {_short(v)}" for k, v in other.items()]
+        lines += [f"  {_field(k)} = {_field(_short(v))}" for k, v in other.items()]
     _emit(args, {"model": args.model, **info.to_dict()}, "\n".join(lines))
     return 0
 
@@ -311,6 +327,22 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _add_timeout(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--validate-timeout", type=_seconds, default=None, metavar="SECONDS",
+                    help="stop ONNX Runtime and fail when a model's validation runs take longer (default: "
+                         "5 min + 1 min per 100 MB of weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graphc import cli_help
 
@@ -341,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("compress", "run a recipe, validate against the original, write the result", cli_help.epilog())
     sp.add_argument("model", help="the .onnx model to compress (external data beside it is read too)")
-    sp.add_argument("-o", "--output", required=True, help="the .onnx file to write (only if validation passes)")
+    sp.add_argument("-o", "--output", required=True,
+                    help="the .onnx file to write (only if validation passes); DIR/ (or an existing folder) writes "
+                         "DIR/<model's file name>; missing folders are created; never one of the input's files")
     sp.add_argument("--recipe", default=None,
                     help="a recipe name (listed below), auto (the fastest recipe that meets its tolerance on the "
                          "target, timed here), or a .toml file (default int8; plan when a budget flag is given)")
@@ -373,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")
     sp.add_argument("--check-each-pass", action="store_true", help="compare with the original after every pass")
-    sp.add_argument("--dump-dir", metavar="DIR", help="write the model after each pass that changed it (NN-pass.onnx)")
+    sp.add_argument("--dump-dir", metavar="DIR", help="write the model after each pass that changed it (NN-pass.onnx); "
+                    "new files only: a name that exists is refused before any work")
     sp.add_argument("--report", metavar="HTML", help="write a self-contained HTML report (written even if validation fails)")
     sp.add_argument("--progress", action="store_true", default=None,
                     help="progress on stderr: a bar on a terminal (the default there), plain lines every few "
@@ -382,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-validate", action="store_true",
                     help="skip validation (ONNX Runtime would load the original and the result: the whole "
                          "model in memory); for models larger than memory allows. Nothing is checked.")
+    _add_timeout(sp)
     sp.set_defaults(func=cmd_compress)
 
     sp = add("validate", "compare a rewritten model with the original in ONNX Runtime")
@@ -389,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("rewritten", help="the .onnx model to compare with it")
     sp.add_argument("--min-cosine", type=float, default=None, help="exit 3 if an output's cosine is below this")
     _add_input_args(sp)
+    _add_timeout(sp)
     sp.set_defaults(func=cmd_validate)
 
     sp = add("inspect", "ops, parameters and bytes by op type and layer; --diff for what changed")
@@ -421,34 +458,54 @@ def _fail(as_json: bool, error: str, exit_code: int, kind: str, path: str | None
     sys.stderr.write(f"graphc: {error}\n")
     if as_json:
         data = {"error": error.removeprefix("error: "), "exit_code": exit_code, "type": kind}
-        sys.stdout.write(json.dumps({**data, **({"path": path} if path else {})}) + "\n")
+        sys.stdout.write(json.dumps({**data, **({"path": str(path)} if path else {})}) + "\n")
     return exit_code
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as e:
-        return _fail("--json" in argv, f"error: {e}", 2, "UsageError")
+def _quiet():
+    """Library warnings (numpy's RuntimeWarnings on NaN outputs, onnx_ir's log lines such as
+    "Skipped deduplication of initializer") stay off the terminal: graphc reports what matters
+    itself. GRAPHC_DEBUG=1 lets them through."""
+    import contextlib
     import logging
     import warnings
 
-    # numpy's RuntimeWarnings and onnx_ir's log lines are not for the terminal: every
-    # problem graphc knows of is a reason in the stats or a one-line error
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
-    warnings.simplefilter("ignore", RuntimeWarning)
+    if os.environ.get("GRAPHC_DEBUG"):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    root = logging.getLogger()
+    handler = logging.NullHandler()  # no handler anywhere would send WARNINGs to stderr (lastResort)
+    root.addHandler(handler)
+    stack.callback(root.removeHandler, handler)
+    return stack
+
+
+def main(argv: list[str] | None = None) -> int:
+    from graphc.interrupt import Terminated, signals_raise
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
     try:
-        return args.func(args)
+        with signals_raise(), _quiet():  # SIGTERM unwinds like Ctrl-C: temp folders are removed
+            try:
+                args = build_parser().parse_args(argv)
+            except _UsageError as e:
+                return _fail(as_json, f"error: {e}", 2, "UsageError")
+            as_json = bool(getattr(args, "json", as_json))
+            return args.func(args)
     except GraphcError as e:
-        return _fail(args.json, f"error: {e}", e.exit_code, type(e).__name__, e.path)
+        return _fail(as_json, f"error: {_printable(str(e))}", e.exit_code, type(e).__name__, e.path)
     except KeyboardInterrupt:
-        return _fail(args.json, "interrupted", 130, "KeyboardInterrupt")
+        return _fail(as_json, "interrupted", 130, "KeyboardInterrupt")
+    except Terminated as e:
+        return _fail(as_json, f"terminated ({e})", Terminated.exit_code, "Terminated")
     except Exception as e:  # noqa: BLE001 - never a traceback unless asked for
         if os.environ.get("GRAPHC_DEBUG"):
             raise
         msg = " ".join(str(e).split())[:300]
-        return _fail(args.json, f"internal error: {type(e).__name__}: {msg} (set GRAPHC_DEBUG=1 for a traceback)",
+        return _fail(as_json, f"internal error: {type(e).__name__}: {msg} (set GRAPHC_DEBUG=1 for a traceback)",
                      70, type(e).__name__)
 
 

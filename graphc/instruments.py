@@ -34,10 +34,15 @@ class DumpIR:
 
     Each file is a complete, valid ONNX model (external data beside it when large), so it
     opens in Netron and in ONNX Runtime. ``NN`` is the step's position in the pipeline.
+
+    Dump files are only ever created, never replacing a file (graphc.outputs checks the
+    names before the run; the save itself refuses a name that appeared since), and never
+    one of ``forbid`` (the input's files).
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, forbid: tuple[Path, ...] = ()) -> None:
         self.directory = Path(directory)
+        self.forbid = tuple(forbid)
         self.step = 0
         self.written: list[Path] = []
         if self.directory.exists() and not self.directory.is_dir():
@@ -53,4 +58,4 @@ class DumpIR:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", pass_.name)
         path = self.directory / f"{self.step:02d}-{safe}.onnx"
         with io.inline_external_data(model):
-            self.written.extend(io.save_model(model, path))
+            self.written.extend(io.save_model(model, path, forbid=self.forbid, must_be_new=True))

@@ -48,8 +48,39 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         bad = _bad_utf8_field(proto)
         detail = f"field {bad} is not valid UTF-8" if bad else f"malformed model ({_root_cause(e)})"
         raise InvalidModelError(detail, path=path) from None
-    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    set_base_dir(model, path.parent)
     return model
+
+
+def set_base_dir(model: ir.Model, base: str | os.PathLike) -> None:
+    """Resolve every external tensor of the model against ``base`` (the model's folder):
+    the main graph, its subgraphs and the local functions' nodes (onnx_ir's own helper
+    leaves functions at the working directory)."""
+    ir.external_data.set_base_dir(model.graph, str(base))
+    for tensor in _ir_attribute_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.base_dir = str(base)
+
+
+def _ir_function_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    for function in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def _ir_attribute_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Tensors in function nodes' attributes and in their subgraphs' initializers."""
+    for node in _ir_function_nodes(model):
+        for attr in node.attributes.values():
+            if attr.is_ref() or attr.value is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR:
+                yield attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                yield from attr.value
+            elif attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value
+                for g in graphs:
+                    yield from (v.const_value for v in g.initializers.values() if v.const_value is not None)
 
 
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -90,6 +121,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
 def check_proto(proto: onnx.ModelProto, path: Path) -> None:
     """Structural checks: names, order, ops, tensors, external data, then onnx.checker."""
     _check_no_sparse_initializers(proto.graph, path)
+    _check_no_sparse_attributes(proto, path)
     _check_names(proto.graph, path)
     bad = _bad_utf8_field(proto)  # metadata keys and values, doc strings, ...: passes read them as str
     if bad:
@@ -97,7 +129,7 @@ def check_proto(proto: onnx.ModelProto, path: Path) -> None:
     _check_order(proto.graph, path)
     _check_ops_known(proto, path)
     has_external = False
-    for tensor in _all_tensors(proto.graph):
+    for tensor in model_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _check_external(tensor, path.parent, path)
             has_external = True
@@ -148,6 +180,46 @@ def _check_no_sparse_initializers(graph: onnx.GraphProto, path: Path) -> None:
                 f"sparse initializer {name!r} (shape {list(sparse.dims)}): graphc does not support sparse "
                 "initializers; store it dense", path=path,
             )
+
+
+def _check_no_sparse_attributes(proto: onnx.ModelProto, path: Path) -> None:
+    """Sparse tensor attributes (``Constant(sparse_value=...)``), anywhere: onnx_ir cannot
+    hold them, and refusing them here means their data is never read."""
+    for node in _all_model_nodes(proto):
+        for attr in node.attribute:
+            if attr.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+                where = f"node {node.name!r}" if node.name else f"a {node.op_type} node"
+                raise ModelLoadError(
+                    f"sparse tensor attribute {attr.name!r} at {where}: graphc does not support sparse "
+                    "tensors; store it dense", path=path,
+                )
+
+
+def _all_model_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    """Every node: the main graph, its subgraphs, and local functions (with their subgraphs)."""
+    yield from _all_nodes(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            yield from _all_nodes(_wrap_nodes(node))
+
+
+def _wrap_nodes(*nodes: onnx.NodeProto) -> onnx.GraphProto:
+    graph = onnx.GraphProto()
+    graph.node.extend(nodes)
+    return graph
+
+
+def model_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a model holds: initializers and tensor attributes of the main graph, of
+    every subgraph (If/Loop/Scan) and of every local function; sparse initializers' values
+    and indices too (so that path checks see them before anything refuses them)."""
+    yield from _all_tensors(proto.graph)
+    for g in _all_graphs(proto.graph):
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+    for function in proto.functions:
+        yield from _all_tensors(_wrap_nodes(*function.node))
 
 
 def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -348,6 +420,11 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield attr.t
             elif attr.type == onnx.AttributeProto.TENSORS:
                 yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
+                for sparse in attr.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
             elif attr.type == onnx.AttributeProto.GRAPH:
                 yield from _all_tensors(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
@@ -507,29 +584,28 @@ def tensor_bytes(model: ir.Model) -> int:
 
 
 def check_output_path(
-    path: str | os.PathLike, *, external_data: bool = False, forbid: tuple[str | os.PathLike, ...] = ()
+    path: str | os.PathLike, *, external_data: bool = False, forbid: tuple[str | os.PathLike, ...] = (),
+    must_be_new: bool = False,
 ) -> list[Path]:
     """The files a save to ``path`` would write (model, then data); SaveError if it must not.
 
     Cheap: call it before a long computation so that a bad ``-o`` fails fast.
     ``forbid``: paths the output must not overwrite (the input model and its data), also
-    through a symlink or a hard link.
+    through a symlink or a hard link. A missing folder is fine (the save creates it); a
+    named pipe, a device or a folder at the path is refused (graphc.outputs).
+    ``must_be_new``: refuse files that exist (dump files are only ever created).
     """
+    from graphc.outputs import check_target, data_sidecar
+
     path = Path(path)
-    if path.is_dir():
-        raise SaveError("output path is a directory", path=path)
-    if not path.parent.is_dir():
-        raise SaveError("output folder does not exist", path=path)
-    targets = [path] + ([path.parent / (path.name + ".data")] if external_data else [])
-    for target in targets:
-        for other in forbid:
-            if _same_file(target, Path(other)):
-                what = "" if target == path else f"its external data file {target.name!r} "
-                raise SaveError(
-                    f"{what}would overwrite the input {os.fspath(other)!r}; choose another output path", path=path
-                )
-        if target != path and target.is_dir():
-            raise SaveError(f"external data path {target.name!r} is a directory", path=path)
+    forbid_paths = tuple(Path(p) for p in forbid)
+    check_target(path, forbid=forbid_paths, name_extra=len(".data") if external_data else 0, must_be_new=must_be_new)
+    targets = [path]
+    sidecar = data_sidecar(path)
+    if external_data:
+        check_target(sidecar, what=f"its external data file {sidecar.name!r}", forbid=forbid_paths,
+                     must_be_new=must_be_new, shown=path)
+        targets.append(sidecar)
     return targets
 
 
@@ -539,6 +615,7 @@ def save_model(
     *,
     external_data: bool | None = None,
     forbid: tuple[str | os.PathLike, ...] = (),
+    must_be_new: bool = False,
 ) -> list[Path]:
     """Save atomically; returns the files written.
 
@@ -547,17 +624,24 @@ def save_model(
     up). The external file is ``<name>.data`` beside the model, with a relative location;
     without it, weights that were external in the input are pulled into the single file.
     ``forbid``: paths the output must not overwrite (the input model and its data).
+    ``must_be_new``: never replace a file (the final rename is a link that fails if the
+    name exists). A missing output folder is created (and removed again if the save fails).
+    The temporary folder beside the output is removed whatever happens, a signal that
+    raises (KeyboardInterrupt, graphc.interrupt.Terminated) included.
     The file's IR version is at most :func:`max_ir_version` (what ONNX Runtime loads).
     """
     path = Path(path)
     if external_data is None:
         external_data = tensor_bytes(model) > INLINE_LIMIT
-    targets = check_output_path(path, external_data=external_data, forbid=forbid)
+    targets = check_output_path(path, external_data=external_data, forbid=forbid, must_be_new=must_be_new)
+    created = _make_folder(path)
+    tmp_dir = None
+    done = False
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".graphc-tmp-", dir=path.parent))
-    except OSError as e:
-        raise SaveError(f"cannot write in the output folder: {e.strerror or e}", path=path) from None
-    try:
+        try:
+            tmp_dir = Path(tempfile.mkdtemp(prefix=".graphc-tmp-", dir=path.parent))
+        except OSError as e:
+            raise SaveError(f"cannot write in the output folder: {e.strerror or e}", path=path) from None
         try:
             with ort_ir_version(model):
                 if external_data:
@@ -569,13 +653,51 @@ def save_model(
             raise SaveError(f"could not serialize the model: {_one_line(str(e)) or type(e).__name__}", path=path) from None
         # The data file first: once the model file appears, everything it refers to is there.
         for target in reversed(targets):
-            try:
-                os.replace(tmp_dir / target.name, target)
-            except OSError as e:
-                raise SaveError(f"cannot write {target.name!r}: {e.strerror or e}", path=path) from None
+            _move_into_place(tmp_dir / target.name, target, path, must_be_new)
+        done = True
         return targets
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if not done:
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def _make_folder(path: Path) -> list[Path]:
+    """Create the output's missing folders; returns them deepest first (to undo)."""
+    missing = []
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise SaveError(f"cannot create the output folder: {e.strerror or e}", path=path) from None
+    return missing
+
+
+def _move_into_place(tmp: Path, target: Path, path: Path, must_be_new: bool) -> None:
+    try:
+        if must_be_new:
+            try:
+                os.link(tmp, target)  # fails if the name exists: never replaces a file
+                return
+            except FileExistsError:
+                raise SaveError(f"{target.name!r} exists already; graphc only creates new files there",
+                                path=path) from None
+            except OSError:  # a file system without hard links: check, then rename
+                if target.exists() or target.is_symlink():
+                    raise SaveError(f"{target.name!r} exists already; graphc only creates new files there",
+                                    path=path) from None
+        os.replace(tmp, target)
+    except OSError as e:
+        raise SaveError(f"cannot write {target.name!r}: {e.strerror or e}", path=path) from None
 
 
 @contextlib.contextmanager
@@ -594,11 +716,12 @@ def inline_external_data(model: ir.Model) -> Iterator[None]:
                 if isinstance(value.const_value, ir.ExternalTensor):
                     undo.append((value, value.const_value))
                     value.const_value = loaded(value.const_value)
-            for node in graph:
-                for name, attr in list(node.attributes.items()):
-                    if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                        undo.append((node, attr))
-                        node.attributes[name] = ir.AttrTensor(name, loaded(attr.value))
+        nodes = [n for graph in model.graphs() for n in graph]
+        for node in nodes + list(_ir_function_nodes(model)):  # local functions' Constants too
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    undo.append((node, attr))
+                    node.attributes[name] = ir.AttrTensor(name, loaded(attr.value))
         yield
     finally:
         for owner, old in reversed(undo):
@@ -608,20 +731,11 @@ def inline_external_data(model: ir.Model) -> Iterator[None]:
                 owner.const_value = old
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except (OSError, RuntimeError):
-        return False
-
-
 def model_files(path: str | os.PathLike, model: ir.Model | None = None) -> list[Path]:
     """The model file and the external data files it refers to (``model`` is unused)."""
     path = Path(path)
     files = [path]
-    for tensor in _all_tensors(load_proto(path).graph):
+    for tensor in model_tensors(load_proto(path)):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             loc = next((e.value for e in tensor.external_data if e.key == "location"), None)
             resolved = safe_external_path(path.parent, loc) if loc else None

@@ -38,6 +38,8 @@ def parse_steps(entries: Any, where: Mapping[str, str], *, placed: bool) -> list
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "name" not in entry:
             raise RecipeError(f"passes[{i}] needs a 'name'", **where)
+        if not isinstance(entry["name"], str):
+            raise RecipeError(f"passes[{i}].name must be a string", **where)
         allowed = _ENTRY_KEYS if placed else {"name", "options"}
         extra = sorted(set(entry) - allowed)
         if extra:

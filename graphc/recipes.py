@@ -175,6 +175,10 @@ def load_recipe_file(path: Path, _extending: tuple[str, ...] = ()) -> Recipe:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"not valid TOML: {e}", path=path) from None
+    except RecursionError:
+        raise RecipeError("not a usable recipe: arrays or tables nested too deep", path=path) from None
+    except OSError as e:
+        raise RecipeError(f"cannot read the recipe: {e.strerror or e}", path=path) from None
     return recipe_from_dict(data, source=str(path), _extending=_extending)
 
 
@@ -202,6 +206,9 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict", _extending: 
     if unknown:
         raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_TOP_KEYS))}", **where)
     base: Recipe | None = None
+    for key in ("name", "description", "extends"):
+        if key in data and not isinstance(data[key], str):
+            raise RecipeError(f"'{key}' must be a string, not {type(data[key]).__name__} {data[key]!r:.60}", **where)
     if "extends" in data:
         base = _base_recipe(data["extends"], where, _extending)
     entries = parse_steps(data["passes"], where, placed=base is not None) if "passes" in data else None
@@ -212,7 +219,7 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict", _extending: 
     else:
         raise RecipeError("a recipe needs 'passes' or 'extends'", **where)
     disable = data.get("disable", [])
-    if not isinstance(disable, list):
+    if not isinstance(disable, list) or not all(isinstance(d, str) for d in disable):
         raise RecipeError("'disable' must be a list of pass names", **where)
     steps = [s for s in steps if s.pass_name not in set(disable)]
     check_steps(steps, where)

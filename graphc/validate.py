@@ -7,7 +7,6 @@ the input signature for a bare .onnx.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphc.errors import GraphcError, ValidationError
+from graphc.value_checks import (  # noqa: F401 - SYNTH_BYTES_LIMIT is part of this module's API
+    SYNTH_BYTES_LIMIT, NotComparable, as_comparable, check_synth_size, match_nonfinite, sequence_shapes,
+)
 
 # feeds, original outputs, rewritten outputs (per feed, by output name) -> task figures
 TaskMetric = Callable[
@@ -222,6 +224,8 @@ def synthesize_inputs(
                         dims.append(synth_batch if ("batch" in dname or (i == 0 and "seq" not in dname)) else seq)
             if shapes and value.name in shapes:
                 dims = list(shapes[value.name])
+            budget = SYNTH_BYTES_LIMIT - sum(a.nbytes for a in feed.values())
+            check_synth_size(value.name, dims, dtype, budget)
             name = value.name.lower()
             if dtype is np.str_:
                 words = ("the", "model", "reads", "plain", "text", "here", "again", "words")
@@ -281,6 +285,7 @@ class OutputMetrics:
     rel_max: float
     cosine: float
     min_row_cosine: float
+    nonfinite: int = 0  # places where one model has NaN/inf and the other a number (or another inf)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 7) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -318,8 +323,8 @@ class ValidationReport:
 
     @property
     def nonfinite_outputs(self) -> list[str]:
-        """Outputs holding NaN or inf where the original's are finite."""
-        return [o.name for o in self.outputs if not math.isfinite(o.max_abs)]
+        """Outputs with NaN/inf where the original has a number (or the reverse): a failure."""
+        return [o.name for o in self.outputs if o.nonfinite]
 
     @property
     def passed(self) -> bool:
@@ -348,6 +353,7 @@ class ValidationReport:
             "output_cosine": round(self.output_cosine, 7),
             "min_row_cosine": round(self.min_cosine, 7),
             "max_abs": round(self.max_abs, 7),
+            **({"nonfinite_outputs": self.nonfinite_outputs} if self.nonfinite_outputs else {}),
             "tolerance": {
                 "min_cosine": self.min_output_cosine_required,
                 "min_row_cosine": self.min_cosine_required,
@@ -389,6 +395,7 @@ def output_metrics(
     max_abs = 0.0
     sum_abs = 0.0
     count = 0
+    nonfinite = 0
     ref_max = 0.0
     row_cos = []
     flat_r, flat_g = [], []
@@ -400,11 +407,8 @@ def output_metrics(
         mask = masks[i] if masks is not None else None
         if mask is not None:
             r, g = r[mask], g[mask]
-        finite = np.isfinite(r)
-        if np.any(finite & ~np.isfinite(g)):
-            return OutputMetrics(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0)
-        if not finite.all():  # NaN/inf in the original carry no signal to compare
-            r, g = np.where(finite, r, 0.0), np.where(finite, g, 0.0)
+        r, g, bad = match_nonfinite(r, g)
+        nonfinite += bad
         d = np.abs(r - g)
         max_abs = max(max_abs, float(d.max(initial=0.0)))
         sum_abs += float(d.sum())
@@ -416,6 +420,8 @@ def output_metrics(
         rows_g = g.reshape(-1, g.shape[-1]) if g.ndim >= 2 else g.reshape(1, -1)
         row_cos.extend(_cos(a, b) for a, b in _signal_rows(rows_r, rows_g))
     cos = _cos(np.concatenate(flat_r), np.concatenate(flat_g)) if flat_r else 1.0
+    if nonfinite:
+        return OutputMetrics(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0, nonfinite)
     return OutputMetrics(
         name,
         max_abs=max_abs,
@@ -444,11 +450,15 @@ def _signal_rows(rows_r: np.ndarray, rows_g: np.ndarray):
 
 
 def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], what: str) -> list[list[np.ndarray]]:
+    from graphc.interrupt import run_session
+
     names = {i.name for i in session.get_inputs()}
     out = []
     for feed in feeds:
-        try:
-            out.append(session.run(None, {k: v for k, v in feed.items() if k in names}))
+        try:  # interruptible (Ctrl-C, SIGTERM) and bounded by graphc.interrupt.time_limit
+            out.append(run_session(session, {k: v for k, v in feed.items() if k in names}))
+        except GraphcError:
+            raise
         except Exception as e:  # noqa: BLE001
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValidationError(f"ONNX Runtime failed to run the {what}: {first}") from None
@@ -480,14 +490,27 @@ def compare(
     got = run_feeds(rew, feeds, "rewritten model")
     rew_names = [o.name for o in rew.get_outputs()]
     metrics = []
+    skipped = []
     for i, name in enumerate(out_names):
         if name not in rew_names:
             raise ValidationError(f"the rewritten model lost output {name!r}")
         j = rew_names.index(name)
-        refs = [r[i] for r in reference_outputs]
+        for r, g in zip(reference_outputs, got):
+            if sequence_shapes(r[i]) != sequence_shapes(g[j]):
+                raise ValidationError(f"output {name!r} is a sequence of shapes {sequence_shapes(g[j])}, "
+                                      f"the original {sequence_shapes(r[i])}")
+        try:  # sequences of tensors are compared element by element, as one flat vector
+            refs = [as_comparable(r[i], name, "original") for r in reference_outputs]
+            gots = [as_comparable(g[j], name, "rewritten") for g in got]
+        except NotComparable as e:
+            skipped.append(str(e))
+            continue
         masks = [_row_mask(feed, ref) for feed, ref in zip(feeds, refs)]
-        metrics.append(output_metrics(name, refs, [g[j] for g in got], masks))
+        metrics.append(output_metrics(name, refs, gots, masks))
+    if not metrics:
+        raise ValidationError("no output could be compared (" + "; ".join(skipped) + ")")
     report = ValidationReport(metrics, len(feeds), input_source, min_cosine, max_abs)
+    report.notices += [f"{why}: not compared" for why in skipped]
     if task is not None:
         ref_named = [dict(zip(out_names, r)) for r in reference_outputs]
         got_named = [dict(zip(rew_names, g)) for g in got]

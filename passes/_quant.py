@@ -19,10 +19,30 @@ def symmetric_int8(
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
         amax = np.abs(w).max(axis=reduce, keepdims=True, initial=0.0)
-    scale = (amax / float(qmax)).astype(scale_dtype)
-    scale = np.where(scale == 0, 1.0, scale).astype(scale_dtype)
+    scale = np.asarray(amax / float(qmax), dtype=np.float32)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    scale = scale.astype(scale_dtype_for(scale, scale_dtype))
     q = np.clip(np.rint(w / scale.astype(np.float32)), -qmax, qmax).astype(np.int8)
     return q, scale
+
+
+# float16 keeps a scale to ~3 significant digits between its smallest normal number and its
+# largest; outside (weights beyond ~8e6 or below ~1e-5 at 127 levels) it turns to inf or loses
+# its digits to subnormals and zero, and the weights with it.
+FLOAT16_SCALE_RANGE = (float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max))
+
+
+def scale_dtype_for(scale: np.ndarray, wanted) -> type:
+    """``wanted`` (np.float16 or np.float32) unless float16 cannot hold every (nonzero) scale:
+    then float32."""
+    if np.dtype(wanted) != np.float16:
+        return wanted
+    nonzero = np.abs(np.asarray(scale, np.float32))
+    nonzero = nonzero[nonzero > 0]
+    lo, hi = FLOAT16_SCALE_RANGE
+    if nonzero.size and (nonzero.min() < lo or nonzero.max() > hi or not np.isfinite(nonzero).all()):
+        return np.float32
+    return np.float16
 
 
 U8U8_ZERO_POINT = 128  # int8 codes stored as uint8: code + 128, read back with this zero point

@@ -52,7 +52,7 @@ def uninlinable_functions(model: ir.Model) -> list[str]:
 def optimize(model: ir.Model, num_iterations: int = 2) -> None:
     """onnxscript's optimizer (folding, dead code, CSE, ...) with bounded folding; functions
     are inlined unless one imports another opset version than the model (then all stay)."""
-    from onnxscript.optimizer import optimize_ir
+    from graphc.passes._optimizer import optimize_ir  # onnxscript's pipeline, linear in the node count
 
     inline = not uninlinable_functions(model)
     optimize_ir(model, num_iterations=num_iterations, should_fold=_should_fold, inline=inline)

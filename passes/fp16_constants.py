@@ -4,7 +4,8 @@ Each becomes a float16 initializer behind a ``Cast`` to float32. ONNX Runtime fo
 at session creation (constant folding runs before its fusions), so kernels see the same
 float32 constants they saw before, rounded to float16 precision (relative error ≤ 2^-11),
 and the file holds half the bytes. Vectors whose values would overflow float16 or lose more
-than ``max_rel_error`` stay float32.
+than ``max_rel_error`` (of the vector's largest magnitude; of each element, for vectors of
+quantization scales) stay float32.
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ from graphc.registry import register
 from graphc.passes._quant import constant
 
 _FP16_MAX = float(np.finfo(np.float16).max)
+
+# (op, input index) that read a vector of quantization scales: each element scales its own
+# channel or block, so each must keep its own relative precision (a scale under float16's
+# normal range next to large ones would be flushed toward zero, and its channel with it)
+_SCALE_INPUTS = {
+    ("DequantizeLinear", 1), ("QuantizeLinear", 1), ("MatMulIntegerToFloat", 2), ("MatMulIntegerToFloat", 3),
+    ("DynamicQuantizeMatMul", 2), ("QAttention", 3), ("QAttention", 4), ("MatMulNBits", 2),
+    ("GatherBlockQuantized", 2), ("QLinearMatMul", 1), ("QLinearMatMul", 4), ("QLinearMatMul", 6),
+}
+
+
+def _is_scale(value: ir.Value) -> bool:
+    return any((node.op_type, index) in _SCALE_INPUTS for node, index in value.uses())
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,13 @@ class Fp16Constants(GraphcPass):
             if peak > 0 and err / peak > self.options.max_rel_error:
                 stats.skip(value.name or "?", f"float16 relative error {err / peak:.1e} > {self.options.max_rel_error}")
                 continue
+            if _is_scale(value):
+                nonzero = array != 0
+                worst = float((np.abs(half.astype(np.float32) - array)[nonzero] / np.abs(array[nonzero])).max(initial=0.0))
+                if worst > self.options.max_rel_error:
+                    stats.skip(value.name or "?", f"quantization scales: float16 relative error {worst:.1e} on one "
+                                                  f"element > {self.options.max_rel_error}")
+                    continue
             stored = constant(graph, f"{value.name}_fp16", half)
             cast = ir.node(ops.CAST, [stored], attributes={"to": ir.DataType.FLOAT})
             graph.insert_before(anchor, cast)

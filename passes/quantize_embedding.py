@@ -17,7 +17,7 @@ from graphc import ops
 from graphc.errors import UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import constant, drop_unused_initializers, embedding_table
+from graphc.passes._quant import constant, drop_unused_initializers, embedding_table, scale_dtype_for
 
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -62,7 +62,7 @@ class QuantizeEmbedding(GraphcPass):
                 row_scales = ir.node(ops.GATHER, [scales, ids], attributes={"axis": 0})
                 new.append(row_scales)
                 scale_out = row_scales.outputs[0]
-            if self.options.scale_dtype != "float32":
+            if scales.dtype != ir.DataType.FLOAT:  # float16 unless it could not hold the scales
                 cast_scale = ir.node(ops.CAST, [scale_out], attributes={"to": ir.DataType.FLOAT})
                 new.append(cast_scale)
                 scale_out = cast_scale.outputs[0]
@@ -78,8 +78,9 @@ class QuantizeEmbedding(GraphcPass):
 
     def _quantize_table(self, graph: ir.Graph, value: ir.Value, table: np.ndarray, stats: PassStats):
         amax = np.abs(table).max(axis=1, keepdims=True) if self.options.per_row else np.abs(table).max(keepdims=True).reshape(1)
-        scale = (amax / 127.0).astype(_SCALE_DTYPES[self.options.scale_dtype])
+        scale = (amax / 127.0).astype(np.float32)
         scale[scale == 0] = 1
+        scale = scale.astype(scale_dtype_for(scale, _SCALE_DTYPES[self.options.scale_dtype]))
         q = np.clip(np.rint(table / scale.astype(np.float32)), -127, 127).astype(np.int8)
         base = value.name or "embedding"
         stats.add("tables_quantized")

@@ -374,12 +374,12 @@ def test_external_model_compresses_to_single_file_api(external_path, tmp_path):
     io.load_model(out)
 
 
-def test_output_in_missing_folder(tiny_path, tmp_path, capsys):
-    out = tmp_path / "nope" / "out.onnx"
-    before = Snapshot(tmp_path)
+def test_output_in_missing_folder_is_created(tiny_path, tmp_path, capsys):
+    out = tmp_path / "nope" / "deeper" / "out.onnx"
+    before = Snapshot(tiny_path)
     code, err = _compress([str(tiny_path), "-o", str(out)], capsys)
-    assert code == 1
-    _assert_one_line_error(err, out, "output folder does not exist")
+    assert code == 0, err
+    assert out.is_file() and sorted(p.name for p in (tmp_path / "nope").rglob("*")) == ["deeper", "out.onnx"]
     before.assert_unchanged()
 
 

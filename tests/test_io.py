@@ -150,8 +150,12 @@ def test_save_refuses_to_overwrite_input_data(tmp_path):
 
 
 def test_check_output_path(tmp_path):
-    with pytest.raises(SaveError, match="output folder does not exist"):
-        io.check_output_path(tmp_path / "missing" / "out.onnx")
+    # a missing folder is created by the save (graphc.outputs), not refused
+    assert io.check_output_path(tmp_path / "missing" / "out.onnx") == [tmp_path / "missing" / "out.onnx"]
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(SaveError, match="'.*file' is not a folder"):
+        io.check_output_path(tmp_path / "file" / "out.onnx")
     with pytest.raises(SaveError, match="output path is a directory"):
         io.check_output_path(tmp_path)
     (tmp_path / "out.onnx.data").mkdir()

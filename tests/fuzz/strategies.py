@@ -56,6 +56,7 @@ class Spec:
     scale: str = "div_scores"  # div_scores | mul_scores | mul_qk
     reshape: str = "const"  # const | dynamic
     lm_head: bool = False
+    tied: bool = False  # the LM head reads the word-embedding table through a Transpose (not drawn by specs())
     outliers: bool = False  # a few LayerNorm/RMSNorm gains 10-20x the rest (as in real BERTs)
     seed: int = 0
 
@@ -374,7 +375,11 @@ def build(spec: Spec, *, ir_version: int | None = None, check: bool = True) -> o
     out_name, width = "last_hidden_state", spec.hidden
     if spec.lm_head:
         b.scope = "lm_head"
-        x = b.linear(x, spec.hidden, spec.vocab, "lm_head")
+        if spec.tied:
+            table = "model.embeddings.word_embeddings.weight"
+            x = b.op("MatMul", [x, b.op("Transpose", [table], tag="lm_head", perm=[1, 0])], tag="lm_head")
+        else:
+            x = b.linear(x, spec.hidden, spec.vocab, "lm_head")
         out_name, width = "logits", spec.vocab
     b.nodes.append(helper.make_node("Identity", [x], [out_name], name="output"))
     inputs.sort(key=lambda v: ["input_ids", "attention_mask", "token_type_ids"].index(v.name))

@@ -11,6 +11,8 @@ it must leave the model as it is with a reason in its stats, refuse, or still ma
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -24,10 +26,13 @@ from graphc.errors import GraphcError
 from graphc.registry import all_passes
 from graphc.validate import make_session, run_feeds, synthesize_inputs
 from tests.fuzz import harness as H
+from tests.fuzz import plans as P
 from tests.fuzz.strategies import build, specs
 
 PASSES = sorted(all_passes())
-EXAMPLES = 30  # per pass; the whole tests/fuzz suite stays well under 3 minutes on 2 cores
+# per pass; the whole tests/fuzz suite stays well under 3 minutes on 2 cores. `make fuzz`
+# runs more (GRAPHC_FUZZ_EXAMPLES), outside `make test`.
+EXAMPLES = int(os.environ.get("GRAPHC_FUZZ_EXAMPLES", "30"))
 
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -40,14 +45,51 @@ FUZZ = settings(
 
 
 @pytest.mark.parametrize("name", PASSES)
-@FUZZ
-@given(spec=specs(), prepared=st.booleans())
-def test_pass_on_random_transformers(name, spec, prepared):
+def test_pass_on_random_transformers(name):
+    """Each pass on graphs drawn for it (tests/fuzz/plans.py), with the options its plan
+    gives; outcome A or B every time, and at least the plan's share of the examples
+    actually transformed (a pass that regresses to skipping everything fails here)."""
+    plan = P.plan_for(name)
+    seen: Counter = Counter()
+
+    examples = max(4, round(EXAMPLES * plan.share))
+
+    @settings(FUZZ, max_examples=examples)
+    @given(spec=P.specs_for(name), prepared=P.prepared_for(name, H.PREPARE))
+    def run(spec, prepared):
+        model = ir.serde.deserialize_model(build(spec))
+        if prepared and H.prepare(model, H.PREPARE[name]) is not None:
+            seen["prepare refused"] += 1  # an earlier pass refused (its own property allows it)
+            return
+        outcome = H.assert_outcome(name, model, prepared, options=plan.options, tol=plan.tol,
+                                   may_refuse=plan.may_refuse)
+        seen["refused" if outcome.kind == "refused" else "modified" if outcome.result.modified else "unchanged"] += 1
+
+    run()
+    total = sum(seen.values())
+    assert total >= examples // 2, seen  # hypothesis ran the examples
+    assert seen["modified"] >= plan.min_transformed * total, (
+        f"{name} transformed {seen['modified']} of {total} examples, the plan wants at least "
+        f"{plan.min_transformed:.0%}: {dict(seen)}")
+
+
+def test_every_pass_has_a_plan():
+    """A pass with no plan would be fuzzed on graphs it may skip every time."""
+    missing = [n for n in PASSES if n not in P.PLANS]
+    assert not missing, f"add a plan for {missing} to tests/fuzz/plans.py"
+    for name, plan in P.PLANS.items():
+        assert plan.min_transformed > 0 or plan.why, f"{name}: a plan that transforms nothing must say why"
+
+
+@pytest.mark.parametrize("name", [n for n in PASSES if P.float32_only(n)])
+@settings(FUZZ, max_examples=max(3, EXAMPLES // 10))
+@given(spec=specs(dtypes=("float16",)))
+def test_float32_passes_leave_float16_models_alone(name, spec):
+    """A pass that claims float32 only, on a float16 graph: it leaves it as it is with a
+    reason, refuses, or still matches (harness.assert_outcome)."""
     model = ir.serde.deserialize_model(build(spec))
-    prepared = prepared and name in H.PREPARE
-    if prepared and H.prepare(model, H.PREPARE[name]) is not None:
-        return  # an earlier pass refused (its own property says that was allowed)
-    H.assert_outcome(name, model, prepared)
+    plan = P.plan_for(name)
+    H.assert_outcome(name, model, False, options=plan.options, tol=plan.tol, may_refuse=plan.may_refuse)
 
 
 def test_every_pass_has_a_fuzz_tolerance():
@@ -146,3 +188,12 @@ def test_harness_catches_a_broken_pass(monkeypatch):
         monkeypatch.setattr(TrimUnusedOutputs, "run", run)
         with pytest.raises(Exception, match=expected):  # dangle: the checker or the save refuses it
             H.check_pass("trim-outputs", fresh())
+
+
+def test_a_pass_that_skips_everything_fails_its_plan(monkeypatch):
+    """Negative control for the transformed share: compact-metadata made a no-op is caught."""
+    from graphc.passes.cleanup import CompactMetadata
+
+    monkeypatch.setattr(CompactMetadata, "run", lambda self, model, stats: False)
+    with pytest.raises(AssertionError, match="compact-metadata transformed 0 of"):
+        test_pass_on_random_transformers("compact-metadata")

@@ -41,3 +41,23 @@ def test_exporter_shapes_differ():
     assert any(p.key == "pkg.torch.onnx.name_scopes" for n in dynamo.graph.node for p in n.metadata_props)
     assert any(n.name.startswith("/model/layers.0/") for n in legacy.graph.node)
     assert "Gemm" in {n.op_type for n in legacy.graph.node} and "Gemm" not in {n.op_type for n in dynamo.graph.node}
+
+
+def test_the_drawn_graphs_of_every_pass_plan_are_valid():
+    """The per-pass plans (tests/fuzz/plans.py) fix Spec fields, the tied LM head among them:
+    those graphs are valid and run too."""
+    from dataclasses import replace
+
+    from tests.fuzz.plans import PLANS
+
+    for name, plan in PLANS.items():
+        for dtype in ("float32", "float16"):
+            spec = replace(llama_like(dtype=dtype), **plan.spec)
+            proto = build(spec)
+            session = make_session(proto, threads=1)
+            for feed in synthesize_inputs(ir.serde.deserialize_model(proto), count=1):
+                assert all(np.all(np.isfinite(o)) for o in session.run(None, feed)), (name, spec.short())
+            if plan.spec.get("tied"):
+                heads = [n for n in proto.graph.node if n.op_type == "Transpose"
+                         and n.input[0] == "model.embeddings.word_embeddings.weight"]
+                assert heads, name
