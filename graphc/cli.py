@@ -285,15 +285,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     other = {k: v for k, v in info.metadata.items() if k not in info.provenance}
     if other:
         lines.append("metadata:")
-        lines += [f"  {_field(k)} = {_field(_short(v))}" for k, v in other.items()]
+        lines += [f"  {_field(k)} = {_short(v)}" for k, v in other.items()]
     _emit(args, {"model": args.model, **info.to_dict()}, "\n".join(lines))
     return 0
 
 
 def _short(text: str, limit: int = 100) -> str:
-    """A metadata value on one terminal line: newlines shown as ⏎, long ones cut with their length."""
-    flat = text.replace("\n", "⏎")
-    return flat if len(flat) <= limit else f"{flat[:limit]}… ({len(text):,} chars)"
+    """A metadata value on one terminal line: control characters escaped (``_field``), long
+    values cut with their length."""
+    shown = _field(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}… ({len(text):,} chars)"
 
 
 def cmd_export(args: argparse.Namespace) -> int:

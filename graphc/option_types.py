@@ -10,7 +10,8 @@ import types
 import typing
 from typing import Any
 
-_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+_PLURAL = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -43,7 +44,7 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if origin in (tuple, list, collections.abc.Sequence):
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return f"an array of {_describe(args[0])}" if len(args) == 1 else "an array"
+        return f"an array of {_PLURAL.get(args[0], _describe(args[0]))}" if len(args) == 1 else "an array"
     if hint is type(None):
         return "none"
     return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
@@ -55,5 +56,14 @@ def type_errors(options_cls: type, options: dict[str, Any]) -> list[str]:
         hints = typing.get_type_hints(options_cls)
     except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
         return []
-    return [f"option {name} must be {_describe(hints[name])}, not {value!r}"
+    return [f"option {name} must be {_describe(hints[name])}, not {_shown(value)}"
             for name, value in options.items() if name in hints and not _matches(value, hints[name])]
+
+
+def _shown(value: Any) -> str:
+    """A value as the recipe wrote it: its TOML kind and (shortened) text."""
+    kind = {dict: "a table", list: "an array", tuple: "an array", bool: "a boolean", str: "a string",
+            int: "an integer", float: "a number"}.get(type(value))
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{kind} ({text})" if kind else text

@@ -94,7 +94,7 @@ def test_set_changes_one_option_and_checks_it():
         apply_sets(base, ["nonsense.x=1"])
     with pytest.raises(RecipeError, match="unknown option"):
         apply_sets(base, ["quantize-int8.per_chanel=false"])
-    with pytest.raises(RecipeError, match="per_channel must be true or false"):
+    with pytest.raises(RecipeError, match=r"per_channel must be a boolean \(true or false\)"):
         apply_sets(base, ["quantize-int8.per_channel=maybe"])
 
 
