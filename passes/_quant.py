@@ -139,7 +139,9 @@ def embedding_table(node: ir.Node, stats, min_rows: int) -> np.ndarray | None:
     if table.shape[0] < min_rows:
         stats.skip(label, f"{table.shape[0]} rows < min_rows={min_rows}")
         return None
-    if (reason := nonfinite_reason(table)) is not None:
+    reason = nonfinite_reason(table)
+    release_pages(node.inputs[0])  # the scan read every page: let them go (bounded memory)
+    if reason is not None:
         stats.skip(label, reason)
         return None
     return table

@@ -272,7 +272,9 @@ class QuantizeNBits(GraphcPass):
         if w.size < self.options.min_elements:
             stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
             return None
-        if (reason := nonfinite_reason(w)) is not None:
+        reason = nonfinite_reason(w)
+        release_pages(node.inputs[1])  # the scan read every page: let them go (bounded memory)
+        if reason is not None:
             stats.skip(label, reason)
             return None
         x = node.inputs[0]

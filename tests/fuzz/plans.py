@@ -110,6 +110,11 @@ PLANS: dict[str, Plan] = {
     # MultiHeadAttention without them; covered on the real tiny BERT export
     "quantize-attention": Plan(prepared=True, min_transformed=0.0,
                                why="no drawn graph fuses to an attention with separate Q, K, V and a bias"),
+    # the drawn transformers hold no convolution: these must leave them alone, unbroken; their
+    # rewrites are covered by tests/passes/test_quantize_conv.py and the Paddle-style graphs of
+    # tests/third_party_graphs.py
+    "fold-batchnorm": Plan(min_transformed=0.0, why="no drawn graph has a Conv followed by BatchNormalization"),
+    "quantize-conv": Plan(min_transformed=0.0, why="no drawn graph has a Conv or ConvTranspose"),
 }
 
 
