@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphc import io, ops
+from graphc import io
 from graphc.errors import GraphcError, MissingDependencyError, ModelLoadError, ToleranceError
 from graphc.instruments import DumpIR, NumericCheck
 from graphc.interrupt import default_time_limit, time_limit
@@ -22,12 +21,14 @@ from graphc.provenance import provenance
 from graphc.manager import PassManager, PassRecord, SizeFacts
 from graphc.pass_base import PassContext
 from graphc.recipes import Recipe, get_recipe
+from graphc.feeds import (  # noqa: F401 - VALIDATION_SAMPLES: part of the API
+    VALIDATION_SAMPLES, calibration_context, task_metric_for, user_inputs, validation_feeds,
+)
 from graphc.registry import get_pass
-from graphc.validate import ValidationReport, compare, complete_decoder_feeds, make_session, run_feeds, synthesize_inputs
+from graphc.validate import ValidationReport, compare, make_session, run_feeds
 
 ModelLike = Any  # path, ir.Model, onnx.ModelProto or onnx_graphsurgeon.Graph
 
-VALIDATION_SAMPLES = 64  # real sentences used to validate when the model has a recipe
 
 
 @dataclass
@@ -92,100 +93,6 @@ def to_ir(model: ModelLike) -> tuple[ir.Model, Path | None]:
         gs = _import_graphsurgeon()
         return ir.serde.deserialize_model(gs.export_onnx(model)), None
     raise ModelLoadError(f"cannot compress a {type(model).__name__}; pass a path, onnx_ir.Model, ModelProto or gs.Graph")
-
-
-def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: int = 0,
-                     shapes: dict | None = None) -> tuple[list[dict], str]:
-    """Feeds for validation: the model recipe's real evaluation texts when the model came
-    from a recipe and its packages are installed, else inputs synthesized from the signature."""
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
-    if name:
-        try:
-            from graphc.models import get_model_recipe
-
-            recipe = get_model_recipe(name)
-            texts = recipe.eval_texts(min(count, recipe.validation_texts))
-            feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.validation_max_feeds]
-            return complete_decoder_feeds(model, feeds), f"{name}: {len(texts)} real texts"
-        except (ImportError, GraphcError):
-            pass
-    image_feeds, why_not = _image_feeds(model, "validation") if not shapes else (None, "")
-    if image_feeds is not None:
-        return image_feeds
-    return synthesize_inputs(model, count=4, seed=seed, shapes=shapes), _synth_source(shapes) + why_not
-
-
-def _synth_source(shapes: dict | None) -> str:
-    fixed = "; ".join(f"{k}={','.join(map(str, v))}" for k, v in (shapes or {}).items())
-    return "synthesized from the input signature" + (f" ({fixed})" if fixed else "")
-
-
-def user_inputs(model: ir.Model, inputs=None, feeds=None, input_shapes=None) -> tuple[list[dict] | None, str | None, dict]:
-    """The user's feeds (``feeds``, or read from the ``inputs`` file or folder) with the words
-    validation reports for them, and the checked ``input_shapes`` (``{"x": (1, 3, 48, 320)}``
-    or ``["x=1,3,48,320"]``) for synthesized ones."""
-    from graphc.inputs import check_input_shapes, describe, parse_input_shapes, read_feeds
-
-    shapes = parse_input_shapes(input_shapes) if isinstance(input_shapes, (list, tuple)) else dict(input_shapes or {})
-    check_input_shapes(model, shapes)
-    if inputs is not None:
-        if feeds is not None:
-            raise GraphcError("give feeds or inputs, not both")
-        feeds = read_feeds(inputs, model)
-        return feeds, describe(inputs, feeds), shapes
-    if feeds is not None:
-        return list(feeds), f"the user's inputs ({len(feeds)} feed{'s' if len(feeds) != 1 else ''})", shapes
-    return None, None, shapes
-
-
-def _image_feeds(model: ir.Model, split: str) -> tuple[tuple[list[dict], str] | None, str]:
-    """Vision models: crops of real photos (graphc.images), or None and why not."""
-    from graphc import images
-
-    if images.pixel_input(model) is None:
-        return None, ""
-    reason = images.unavailable()
-    if reason:
-        return None, f" (no sample images: {reason})"
-    try:
-        return images.feeds(model, split=split), ""
-    except ValueError as e:
-        return None, f" (no sample images: {e})"
-
-
-def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | None:
-    """The model recipe's task metric (perplexity, embedding cosine, ...) when the validation
-    feeds are that recipe's real texts (see :func:`validation_feeds`), else None."""
-    from graphc import images
-
-    if input_source.startswith(images.SOURCE_PREFIX):
-        return images.task_metric
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
-    if not name or not input_source.startswith(f"{name}: "):
-        return None
-    from graphc.models import get_model_recipe
-
-    return get_model_recipe(name).task_metric
-
-
-def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = None) -> PassContext:
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
-    if name:
-        try:
-            from graphc.models import get_model_recipe
-
-            recipe = get_model_recipe(name)
-            texts = recipe.eval_texts(min(count, recipe.calibration_max_texts), split="calibration")
-            feeds = recipe.feeds(texts, batch=recipe.calibration_batch or recipe.validation_batch,
-                                 max_length=recipe.calibration_length)[: recipe.calibration_max_feeds]
-            return PassContext(calibration=complete_decoder_feeds(model, feeds), calibration_source=f"{name}: {len(texts)} calibration texts")
-        except (ImportError, GraphcError):
-            pass
-    image_feeds, _ = _image_feeds(model, "calibration") if not shapes else (None, "")
-    if image_feeds is not None:
-        return PassContext(calibration=image_feeds[0], calibration_source=image_feeds[1])
-    return PassContext(calibration=synthesize_inputs(model, count=4, seed=1, shapes=shapes),
-                       calibration_source="synthesized")
 
 
 def compress(

@@ -13,34 +13,17 @@ import os
 import sys
 from typing import Any
 
+from graphc.cli_text import (
+    auto_text, field, fmt_bytes, gate_text, plan_text, printable, short, task_text,
+)
 from graphc.errors import GraphcError
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
-    return str(n)
-
-
-def _printable(text: str) -> str:
-    """Control characters (ESC, BEL, C1, ...) from model names and metadata as escapes, line by
-    line: a model must not retitle, clear or recolour the user's terminal."""
-    return "\n".join("".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
-                     for line in text.split("\n"))
-
-
-def _field(text: str) -> str:
-    """One value on one line: newlines escaped too (a metadata value must not fake a line)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     if args.json:
         sys.stdout.write(json.dumps(data, default=str) + "\n")  # JSON escapes control characters itself
     else:
-        sys.stdout.write(_printable(text.rstrip()) + "\n")
+        sys.stdout.write(printable(text.rstrip()) + "\n")
 
 
 # ------------------------------------------------------------------------- commands
@@ -120,26 +103,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if r.stats.get("skipped"):
             stats += f"{', ' if stats else ''}skipped={len(r.stats['skipped'])}"
         check = f"  [cos {r.check['min_cosine']:.5f}]" if r.check else ""
-        lines.append(f"  {r.name:20s} {r.wall_s:7.2f}s  {_fmt_bytes(r.bytes_after):>12s}  {stats or '-'}{check}")
+        lines.append(f"  {r.name:20s} {r.wall_s:7.2f}s  {fmt_bytes(r.bytes_after):>12s}  {stats or '-'}{check}")
     for r in result.passes:
         if isinstance(r.stats.get("plan"), dict):
-            lines.append(_plan_text(r.stats["plan"]))
+            lines.append(plan_text(r.stats["plan"]))
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 0
-    lines.append(f"size: {_fmt_bytes(result.bytes_before)} → {_fmt_bytes(result.bytes_after)} ({ratio:.1%})")
+    lines.append(f"size: {fmt_bytes(result.bytes_before)} → {fmt_bytes(result.bytes_after)} ({ratio:.1%})")
     if result.left_float:
         from graphc.leftover import Leftover, summary_lines
 
         lines.append("left in float:")
-        lines += summary_lines([Leftover(**e) for e in result.left_float], _fmt_bytes)
+        lines += summary_lines([Leftover(**e) for e in result.left_float], fmt_bytes)
     v = result.validation
     if v is not None:
         lines.append(
             f"validation ({v.samples} feeds, {v.input_source}): output cosine {v.output_cosine:.5f}, "
             f"worst row cosine {v.min_cosine:.5f}, max abs {v.max_abs:.4g} → {'PASS' if v.passed else 'FAIL (forced)'}"
-            + _gate_text(v)
+            + gate_text(v)
         )
         if v.task:
-            lines.append("task: " + _task_text(v.task))
+            lines.append("task: " + task_text(v.task))
     else:
         lines.append("validation: skipped (--no-validate): the result was not compared with the original")
     if result.attribution is not None:
@@ -147,65 +130,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if result.report_path is not None:
         lines.append(f"report: {result.report_path}")
     if result.auto is not None:
-        lines.append(_auto_text(result.auto))
+        lines.append(auto_text(result.auto))
     for n in result.notices:
         lines.append(f"notice: {n}")
     _emit(args, data, "\n".join(lines))
     return 0
-
-
-def _auto_text(auto: dict) -> str:
-    """recipe auto: the candidate table, one line each."""
-    shape = "x".join(str(x) for x in auto["shape"])
-    orig = f", original {auto['original_ms']:.2f} ms" if auto.get("original_ms") is not None else ""
-    lines = [f"auto: {auto['winner']} chosen for {auto['target']} at {shape}{orig}"
-             f"{'' if auto['timed'] else ' (not timed: the target is not this machine)'}"]
-    for c in auto["candidates"]:
-        lat = f"{c['latency_ms']:8.2f} ms" if c.get("latency_ms") is not None else "       - ms"
-        cos = f"cos {c['output_cosine']:.5f}" if c.get("output_cosine") is not None else ""
-        size = _fmt_bytes(c["bytes"]) if c.get("bytes") is not None else "-"
-        mark = "*" if c["candidate"] == auto["winner"] else " "
-        lines.append(f" {mark}{c['candidate']:12s} {c['status']:17s} {lat} {size:>10s} {cos} {c.get('reason', '')}".rstrip())
-    return "\n".join(lines)
-
-
-def _plan_text(plan: dict) -> str:
-    """The plan pass's decisions and predicted vs measured effect, a few lines."""
-    last = (plan.get("rounds") or [{}])[-1]
-    orig = plan.get("original") or {}
-    kinds: dict[str, int] = {}
-    for d in plan.get("decisions", []):
-        kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
-    pred, meas = last.get("predicted") or {}, last.get("measured") or {}
-    lines = [f"plan: {len(plan.get('decisions', []))} actions ({', '.join(f'{k} {v}' for k, v in kinds.items()) or 'none'}), "
-             f"{len(plan.get('rounds', []))} round(s); error predicted {last.get('predicted_error', 0):.4g} / measured "
-             f"{last.get('measured_error', 0):.4g}; bytes {_fmt_bytes(pred.get('bytes', 0))} / "
-             f"{_fmt_bytes(meas.get('bytes', 0))} (of {_fmt_bytes(orig.get('bytes', 0))}); MACs "
-             f"{pred.get('macs', 0) / max(orig.get('macs', 1), 1):.3f} / {meas.get('macs', 0) / max(orig.get('macs', 1), 1):.3f}"
-             " of the original"]
-    lines += [f"  {d['layer']}: {d['action']} (predicted {d['predicted_error']:.3g})"
-              for d in plan.get("decisions", []) if d["kind"] not in ("int8", "int4")]
-    return "\n".join(lines)
-
-
-def _gate_text(v: Any) -> str:
-    """The tolerance the validation was judged by: `` (gate: output cosine ≥ 0.99, ...)``."""
-    parts = [f"output cosine ≥ {v.min_output_cosine_required:g}" if v.min_output_cosine_required is not None else "",
-             f"worst row cosine ≥ {v.min_cosine_required:g}" if v.min_cosine_required is not None else "",
-             f"max abs ≤ {v.max_abs_allowed:g}" if v.max_abs_allowed is not None else "",
-             f"perplexity rise ≤ {v.max_ppl_rise_allowed:.1%}" if getattr(v, "max_ppl_rise_allowed", None) is not None else ""]
-    parts = [p for p in parts if p]
-    return f" (gate: {', '.join(parts)})" if parts else ""
-
-
-def _task_text(task: dict) -> str:
-    """One line for a model recipe's task figures (perplexity, embedding cosine, ...)."""
-    metric = task.get("metric", "task")
-    if "reference" in task and "value" in task:
-        rise = f" ({task['relative_rise']:+.1%})" if isinstance(task.get("relative_rise"), (int, float)) else ""
-        return f"{metric} {task['reference']:.4g} → {task['value']:.4g}{rise}"
-    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in task.items() if k != "metric")
-    return f"{metric}: {shown}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -232,7 +161,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             + (f", NaN/inf where the other has a number at {o.nonfinite} places" if o.nonfinite else "")
         )
     if report.task:
-        lines.append("  task: " + _task_text(report.task))
+        lines.append("  task: " + task_text(report.task))
     lines += [f"notice: {n}" for n in report.notices]
     _emit(args, report.to_dict(), "\n".join(lines))
     return 0 if report.passed else 3
@@ -249,14 +178,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lines = [
             f"{args.model} → {args.diff}",
             f"nodes {d['nodes_before']} → {d['nodes_after']}, params {d['params_before']:,} → {d['params_after']:,}, "
-            f"bytes {_fmt_bytes(d['bytes_before'])} → {_fmt_bytes(d['bytes_after'])}",
+            f"bytes {fmt_bytes(d['bytes_before'])} → {fmt_bytes(d['bytes_after'])}",
             "ops changed:",
         ]
         lines += [f"  {k:40s} {v['before']:5d} → {v['after']:5d}" for k, v in d["ops_changed"].items()]
         lines.append("layers:")
         lines += [
             f"  {x['layer']:12s} params {x['params_before']:>12,} → {x['params_after']:>12,}  "
-            f"bytes {_fmt_bytes(x['bytes_before']):>10s} → {_fmt_bytes(x['bytes_after']):>10s}"
+            f"bytes {fmt_bytes(x['bytes_before']):>10s} → {fmt_bytes(x['bytes_after']):>10s}"
             for x in d["layers"]
         ]
         if d["new_nodes_by_pass"]:
@@ -264,37 +193,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         _emit(args, {"model": args.model, "other": args.diff, **d}, "\n".join(lines))
         return 0
     lines = [
-        f"{args.model}: {info.nodes} nodes, {info.params:,} params, {_fmt_bytes(info.bytes)} of weights",
-        "inputs:  " + ", ".join(f"{_field(i['name'])} {i['dtype']} {i['shape']}" for i in info.inputs),
-        "outputs: " + ", ".join(f"{_field(i['name'])} {i['dtype']} {i['shape']}" for i in info.outputs),
+        f"{args.model}: {info.nodes} nodes, {info.params:,} params, {fmt_bytes(info.bytes)} of weights",
+        "inputs:  " + ", ".join(f"{field(i['name'])} {i['dtype']} {i['shape']}" for i in info.inputs),
+        "outputs: " + ", ".join(f"{field(i['name'])} {i['dtype']} {i['shape']}" for i in info.outputs),
         "ops:",
     ]
     lines += [f"  {k:40s} {v:5d}" for k, v in info.op_counts.items()]
     lines.append("weights by op:")
-    lines += [f"  {k:40s} {v['params']:>12,} params {_fmt_bytes(v['bytes']):>10s}" for k, v in info.by_op.items()]
+    lines += [f"  {k:40s} {v['params']:>12,} params {fmt_bytes(v['bytes']):>10s}" for k, v in info.by_op.items()]
     lines.append("by layer:")
     lines += [
-        f"  {k:12s} {v['nodes']:5d} nodes {v['params']:>12,} params {_fmt_bytes(v['bytes']):>10s}"
+        f"  {k:12s} {v['nodes']:5d} nodes {v['params']:>12,} params {fmt_bytes(v['bytes']):>10s}"
         for k, v in info.by_layer.items()
     ]
     if info.provenance:
         lines.append("provenance:")
         for k, v in info.provenance.items():
             text = json.dumps(v) if not isinstance(v, str) else v
-            lines.append(f"  {_field(k)} = {_field(text[:160])}")
+            lines.append(f"  {field(k)} = {field(text[:160])}")
     other = {k: v for k, v in info.metadata.items() if k not in info.provenance}
     if other:
         lines.append("metadata:")
-        lines += [f"  {_field(k)} = {_short(v)}" for k, v in other.items()]
+        lines += [f"  {field(k)} = {short(v)}" for k, v in other.items()]
     _emit(args, {"model": args.model, **info.to_dict()}, "\n".join(lines))
     return 0
-
-
-def _short(text: str, limit: int = 100) -> str:
-    """A metadata value on one terminal line: control characters escaped (``_field``), long
-    values cut with their length."""
-    shown = _field(text)
-    return shown if len(shown) <= limit else f"{shown[:limit]}… ({len(text):,} chars)"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -497,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             as_json = bool(getattr(args, "json", as_json))
             return args.func(args)
     except GraphcError as e:
-        return _fail(as_json, f"error: {_printable(str(e))}", e.exit_code, type(e).__name__, e.path)
+        return _fail(as_json, f"error: {printable(str(e))}", e.exit_code, type(e).__name__, e.path)
     except KeyboardInterrupt:
         return _fail(as_json, "interrupted", 130, "KeyboardInterrupt")
     except Terminated as e:

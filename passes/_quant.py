@@ -75,6 +75,14 @@ def nonfinite_reason(w: np.ndarray) -> str | None:
     return None
 
 
+def weight_problem(w: np.ndarray, min_elements: int) -> str | None:
+    """Why a quantizer leaves a constant weight alone for its size or values, or None: fewer
+    elements than the pass's ``min_elements``, or NaN/inf (:func:`nonfinite_reason`)."""
+    if w.size < min_elements:
+        return f"weight has {w.size} elements < min_elements={min_elements}"
+    return nonfinite_reason(w)
+
+
 def subgraphs(graph: ir.Graph):
     """The bodies of If/Loop/Scan nodes in ``graph``, nested ones included."""
     for node in graph:

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, nonfinite_reason, subgraphs
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, subgraphs, weight_problem
 from graphc.target import Int8Form, exact_forms
 from graphc.errors import UnsupportedError
 
@@ -87,10 +87,7 @@ class QuantizeConv(GraphcPass):
         if w.dtype != np.float32:
             stats.skip(label, f"weight dtype {w.dtype} is not float32")
             return None
-        if w.size < self.options.min_elements:
-            stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
-            return None
-        if (reason := nonfinite_reason(w)) is not None:
+        if (reason := weight_problem(w, self.options.min_elements)) is not None:
             stats.skip(label, reason)
             return None
         return w

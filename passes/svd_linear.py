@@ -38,7 +38,7 @@ from graphc import ops
 from graphc.errors import PassError, UnsupportedError
 from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
-from graphc.passes._quant import constant, drop_unused_initializers, gemm_weight, nonfinite_reason
+from graphc.passes._quant import constant, drop_unused_initializers, gemm_weight, weight_problem
 from graphc.passes._weights import constant_weight
 from graphc.registry import register
 
@@ -219,10 +219,7 @@ class SvdLinear(GraphcPass):
         if not self.options.include_head and _is_head(graph, node.outputs[0]):
             stats.skip(label, "produces a graph output (LM head; include_head=true factorizes it)")
             return None
-        if w.size < self.options.min_elements:
-            stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
-            return None
-        if (reason := nonfinite_reason(w)) is not None:
+        if (reason := weight_problem(w, self.options.min_elements)) is not None:
             stats.skip(label, reason)
             return None
         found = gemm_weight(node, w, stats, label)

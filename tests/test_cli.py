@@ -214,7 +214,7 @@ def test_report_is_written_even_when_tolerance_fails(model_path, tmp_path, capsy
 
 
 def test_task_figures_in_one_line():
-    from graphc.cli import _task_text
+    from graphc.cli_text import task_text as _task_text
 
     assert _task_text({"metric": "perplexity", "reference": 29.14, "value": 36.93, "relative_rise": 0.2675,
                        "tokens": 1016}) == "perplexity 29.14 → 36.93 (+26.8%)"

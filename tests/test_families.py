@@ -276,7 +276,7 @@ def test_vision_validation_on_sample_photos_with_task_metric(work):
     assert v.input_source.startswith("images: 24 crops") and v.samples == 3
     assert v.task["metric"] == "embedding_cosine" and v.task["images"] == 24 and v.task["of"] == "pooler_output"
     assert 0.0 < v.task["min"] <= v.task["mean"] <= 1.0
-    from graphc.cli import _gate_text
+    from graphc.cli_text import gate_text as _gate_text
 
     assert _gate_text(v) == " (gate: output cosine ≥ 0.99, worst row cosine ≥ 0.9)"
 

@@ -83,7 +83,7 @@ def llama_simplified_layer_norm():
     (as ORT's optimizer does; ORT defines it there, onnx does not): graphc.io.load_model
     refused graphc's own output ("No Op registered for SimplifiedLayerNormalization with
     domain_version of 20"), so validate/inspect/compress could not read it. Fix
-    (graphc/io.py register_ort_onnx_domain_ops): ORT's schemas for the ops it defines in the
+    (graphc/model_checks.py register_ort_onnx_domain_ops): ORT's schemas for the ops it defines in the
     ONNX domain are registered with onnx.defs before the checker runs."""
     return build(llama_like(opset=20)).SerializeToString()
 

@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphc import io
+from graphc import io, model_checks
 from graphc.errors import GraphcError, PassError
 from graphc.pass_base import GraphcPass, PassContext
 from graphc.registry import get_pass
@@ -262,7 +262,7 @@ def check_pass(name: str, model: ir.Model, *, feeds=None, tol: Tol | None = None
     proto = ir.serde.serialize_model(model)
     # ops ORT defines in the ONNX domain (SimplifiedLayerNormalization from the RMSNorm
     # fusion) are checked against ORT's schemas, as graphc.io.load_model checks them
-    io.register_ort_onnx_domain_ops()
+    model_checks.register_ort_onnx_domain_ops()
     onnx.checker.check_model(proto, full_check=False)
     with tempfile.TemporaryDirectory() as tmp:
         session, path = saved_session(model, Path(tmp))

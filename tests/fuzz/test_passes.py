@@ -117,7 +117,7 @@ def test_int8_recipe_on_random_transformers(spec):
     except GraphcError as e:
         assert not H.is_crash(e), f"crash: {e!r} from {e.__cause__!r}"
         return
-    graphc.io.register_ort_onnx_domain_ops()
+    graphc.model_checks.register_ort_onnx_domain_ops()
     onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=False)
     make_session(result.model)
     cosine = result.validation.output_cosine
