@@ -438,8 +438,6 @@ def refit_scales(w_t: np.ndarray, hessian: np.ndarray, quant: BlockQuant, *, pas
     return BlockQuant(quant.q, scale.astype(quant.scale.dtype), quant.zero, quant.bits, b, quant.cols, quant.symmetric)
 
 
-# --------------------------------------------------------------------------- ORT layouts
-
 
 def matmul_nbits_arrays(bq: BlockQuant) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(B uint8 [N, n_blocks, blob], scales [N * n_blocks], packed zero points
