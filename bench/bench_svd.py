@@ -328,7 +328,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def plot(res: dict[str, Any]) -> str:
     """Quality vs measured fraction of linear parameters removed, one series per method (each
     starting at the fp32 point, nothing removed), as a standalone SVG document."""
-    from graphc.report_charts import GREY, standalone_svg, xy_chart
+    from graphc.report.charts import GREY, standalone_svg, xy_chart
 
     ppl = res["metric"] == "perplexity"
     key = "perplexity" if ppl else "mean_cosine"

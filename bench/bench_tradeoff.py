@@ -268,7 +268,7 @@ SERIES = (("fp32", "reference-fp32"), ("ORT int8", "reference-ort"), ("graphc re
 
 def _panel(res: dict[str, Any], x_key: str, plot_id: str, title: str, x_label: str, x_fmt,
            leave_out: tuple[str, ...] = ()) -> str:
-    from graphc.report_charts import BAD, xy_chart
+    from graphc.report.charts import BAD, xy_chart
 
     def x_of(r: dict) -> float:
         return r["bytes"] / 1e6 if x_key == "mb" else r["b8_vs_ort"]
@@ -302,7 +302,7 @@ def _panel(res: dict[str, Any], x_key: str, plot_id: str, title: str, x_label: s
 
 def plot(res: dict[str, Any]) -> str:
     """Two panels (cosine vs MB, cosine vs b8 latency ratio) stacked in one standalone SVG."""
-    from graphc.report_charts import standalone_svg
+    from graphc.report.charts import standalone_svg
 
     cfg = res["config"]
     load = res["load_before_latency"][0], res["load_after_latency"][0]

@@ -264,8 +264,8 @@ def compress(
 
 
 def _write_report(result: CompressResult, original: ir.Model, src, output, feeds, path) -> Path:
-    from graphc.report_html import write_report
-    from graphc.reporting import report_data
+    from graphc.report.html import write_report
+    from graphc.report.data import report_data
 
     data = report_data(
         original,
@@ -292,8 +292,8 @@ def report(
     """An HTML report comparing two models already on disk (the pass timeline comes from the
     rewritten model's provenance, without timings)."""
     from graphc.attribution import attribute
-    from graphc.report_html import write_report
-    from graphc.reporting import report_data
+    from graphc.report.html import write_report
+    from graphc.report.data import report_data
 
     orig, orig_path = to_ir(original)
     rew, rew_path = to_ir(rewritten)

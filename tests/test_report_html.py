@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from graphc.report_html import _nice_ticks, render_report, write_report
+from graphc.report.html import _nice_ticks, render_report, write_report
 from tests.conftest import temp_leftovers
 
 EVIL = "<script>alert(1)</script>"

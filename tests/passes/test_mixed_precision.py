@@ -255,8 +255,8 @@ def test_planned_unsupported_config_is_refused_by_the_qdq_emitter():
 
 
 def test_report_shows_sensitivities_and_planner():
-    from graphc.report_html import render_report
-    from graphc.reporting import planner_rows
+    from graphc.report.html import render_report
+    from graphc.report.data import planner_rows
 
     stats = _run(_two_branch(), max_bits=6.0)
     sens_rows, plan_rows = planner_rows([{"name": "mixed-precision", "stats": stats}])

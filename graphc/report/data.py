@@ -71,7 +71,7 @@ def report_data(
     attribution: dict[str, Any] | None = None,
     latency: bool = True,
 ) -> dict[str, Any]:
-    """The dict graphc.report_html renders (see that module for the keys)."""
+    """The dict graphc.report.html renders (see that module for the keys)."""
     from graphc import __version__
 
     before = inspection.inspect_model(original)

@@ -387,7 +387,7 @@ def standalone_svg(chart: str) -> str:
     and the chart styles (which the HTML report otherwise supplies) inside it."""
     head, sep, rest = chart.partition(">")
     if not head.startswith("<svg") or not sep:
-        raise GraphcError("standalone_svg: expects an <svg> element from graphc.report_charts")
+        raise GraphcError("standalone_svg: expects an <svg> element from graphc.report.charts")
     style = CHART_CSS + "svg.chart{font-family:system-ui,sans-serif;background:#fff}\n"
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n{head} xmlns="http://www.w3.org/2000/svg">'
             f"<style>{style}</style>{rest}\n")

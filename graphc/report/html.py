@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from graphc.report_charts import (  # noqa: F401 - _nice_ticks re-exported for tests
+from graphc.report.charts import (  # noqa: F401 - _nice_ticks re-exported for tests
     AFTER,
     BEFORE,
     CHART_CSS,
