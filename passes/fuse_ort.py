@@ -18,9 +18,8 @@ import onnx_ir.passes.common as common
 
 from graphc.errors import PassError
 from graphc.pass_base import GraphcPass, PassStats, choice
-from graphc.passes._fusion_rules import (
-    embed_layer_norm, gelu_tanh, gemm_matmul, gqa, gqa_kv, normalize, quick_gelu, rms_norm, rotary_cache, sym_dims,
-)
+from graphc.passes._fusion_rules import gemm_matmul, gqa_kv, normalize, sym_dims
+from graphc.passes._fusion_rules.table import FUSIONS, function_for, preparation
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
 from graphc.passes._fusion_rules.misses import FAMILIES, anchors, best_partial_match, count_ops, miss_reason
 from graphc.registry import register
@@ -55,7 +54,6 @@ class FuseOrt(GraphcPass):
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         from onnxscript import rewriter
-        from onnxscript.rewriter.ort_fusions import _core as C
 
         from graphc.passes.cleanup import optimize  # folding bounded in memory
 
@@ -63,11 +61,12 @@ class FuseOrt(GraphcPass):
 
         counts: dict[str, int] = {}
         before = {f.name: count_ops(model, f.fused_ops) for f in FAMILIES}
-        rewriter.rewrite(model, [C._gemm_to_matmul_add.gemm_to_matmul_add_rule])
-        # C._pre_optimize, with graphc's bounded optimize
+        gemm_to_matmul_add, shape_rules = preparation()
+        rewriter.rewrite(model, [gemm_to_matmul_add])
+        # onnxscript's _pre_optimize, with graphc's bounded optimize
         common.ShapeInferencePass()(model)
         optimize(model)
-        C.shape_optimization.rules.apply_to_model(model)
+        shape_rules.apply_to_model(model)
         optimize(model)
         if _has_unknown_dims(model):  # legacy exporter: run-time reshapes; name their dims
             common.ShapeInferencePass()(model)
@@ -79,48 +78,17 @@ class FuseOrt(GraphcPass):
         if renamed := sym_dims.canonicalize(model):  # KV cache: "past + S" and "S + past" are one length
             stats.add("canonical_dims", renamed)
 
-        def fuse(key: str, func, **kw) -> None:
-            counts[key] = int(func(model, **kw))
-
-        if self.options.gelu:
-            fuse("erf_gelu", C.fuse_erfgelu)
-            fuse("quick_gelu", _apply(quick_gelu.rules))  # CLIP
-        if self.options.normalization:
-            fuse("rms_normalization", C.fuse_rms_normalization)
-            fuse("rms_normalization_opset17", _apply(rms_norm.rules))  # legacy exporter
-            if self.options.embed_layer_norm:
-                fuse("embed_layer_normalization", _apply(embed_layer_norm.rules))
-            fuse("skip_layer_normalization", C.fuse_skip_layer_normalization)
-            fuse("skip_rms_normalization", C.fuse_skip_rms_normalization)
-        if self.options.rotary:
-            fuse("rotary_embedding", C.fuse_rotary_embedding)
-            fuse("cos_sin_cache", C.fuse_cos_sin_cache)
-            fuse("broadcast_cos_sin_cache", _apply(rotary_cache.rules))  # transformers 5.x
-            fuse("partial_rotary_embedding", C.fuse_partial_rotary_embedding)
-        if target is not AttentionTarget.NONE:
-            fuse("sdpa", C.fuse_sdpa, apply_shape_inference=True)
-            fuse("gqa", C.fuse_gqa)
-            fuse("gqa_kv_cache", _apply(gqa_kv.rules))  # KV-cache decoders: past/present in the op
-            if kv_left := gqa_kv.over_cache(model):  # the MHA rules below may still take them
+        on = {"gelu": self.options.gelu, "normalization": self.options.normalization,
+              "embed_layer_norm": self.options.normalization and self.options.embed_layer_norm,
+              "rotary": self.options.rotary, "attention": target is not AttentionTarget.NONE}
+        for fusion in FUSIONS:
+            if not on[fusion.option] or (fusion.when is not None and not fusion.when(counts, target.value)):
+                continue
+            counts[fusion.key] = int(function_for(fusion)(model, **dict(fusion.kwargs)))
+            if fusion.key == "gqa_kv_cache" and (kv_left := gqa_kv.over_cache(model)):
+                # the MHA rules below may still take them
                 stats.skip(f"GroupQueryAttention with KV cache ({len(kv_left)} unfused, e.g. {kv_left[0].name!r})",
                            best_partial_match(model, [gqa_kv.rules]))
-            fuse("gqa_untiled", _apply(gqa.rules))  # no KV cache: graphc's exports
-            fuse("packed_qkv_for_gqa", C.fuse_qkv_gqa)
-            fuse("mha1", C.fuse_mha1)
-            fuse("mha2", C.fuse_mha2)
-            fuse("mha_scale", C.fuse_mha_scale)
-            if counts["mha1"] or counts["mha2"]:
-                fuse("mha_bias", C.fuse_mha_bias)
-                if target is AttentionTarget.ATTENTION:
-                    fuse("attention", C.fuse_attention)
-        if self.options.gelu:
-            fuse("gelu", C.fuse_gelu)
-            fuse("gelu_tanh", _apply(gelu_tanh.rules))  # GPT-2's gelu_new
-            fuse("bias_gelu", C.fuse_bias_gelu)
-        if target is not AttentionTarget.NONE:
-            # SDPA matched but no MHA/GQA rule consumed it (e.g. Llama's GQA with rotary): the
-            # intermediate SDPA function becomes MultiHeadAttention, or is inlined back below.
-            fuse("sdpa_via_mha", C.replace_sdpa_by_mha)
         enabled = {
             "attention": target is not AttentionTarget.NONE, "skip_layer_norm": self.options.normalization,
             "embed_layer_norm": self.options.embed_layer_norm, "gelu": self.options.gelu,
@@ -155,12 +123,6 @@ def _has_unknown_dims(model: ir.Model) -> bool:
         not isinstance(d, int) and (d.value is None or str(d.value).startswith("unk__"))
         for node in model.graph for v in node.outputs if v.shape is not None for d in v.shape
     )
-
-
-def _apply(rule_set):
-    from onnxscript.rewriter import _fusion_utils
-
-    return _fusion_utils.apply_fusion_rules(rule_set)
 
 
 def report_misses(model: ir.Model, stats: PassStats, before: dict[str, int], enabled: dict[str, bool]) -> None:
