@@ -28,9 +28,10 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
-# The int8 tests again on an emulated AVX2-only CPU (qemu-user; ORT's AVX2 kernels): ~5 min.
+# The int8 tests (real-model ones left out: too slow emulated) again on an emulated AVX2-only CPU
+# (qemu-user: ONNX Runtime's AVX2 kernels): ~15 min on 2 cores.
 test-avx2: install
-	qemu-x86_64 -cpu EPYC-Rome $(PY) -m pytest -q -p no:cacheprovider tests/test_target.py tests/test_auto.py \
+	qemu-x86_64 -cpu EPYC-Rome $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests/test_target.py tests/test_auto.py \
 		tests/passes/test_quantize_int8.py tests/passes/test_quantize_attention.py \
 		tests/passes/test_quantize_activations.py tests/test_cli.py 2>&1 | grep -v "TCG doesn't support"
 

@@ -39,7 +39,8 @@ def onnx_bytes(folder: Path) -> int:
 def build_builder(hf: Path, variant: str, fresh: bool) -> tuple[Path, float]:
     out = WORK / f"builder-int4-{variant}"
     if out.is_dir() and (out / "genai_config.json").is_file() and not fresh:
-        return out, float("nan")
+        stamp = WORK / f"{out.name}.seconds"
+        return out, float(stamp.read_text()) if stamp.is_file() else float("nan")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "int4",
            "-e", "cpu", "-c", str(WORK / "builder-cache")]
     if variant != "default":
@@ -48,7 +49,9 @@ def build_builder(hf: Path, variant: str, fresh: bool) -> tuple[Path, float]:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"builder {variant} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return out, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    (WORK / f"{out.name}.seconds").write_text(f"{seconds:.1f}\n")
+    return out, seconds
 
 
 def build_graphc(recipe: str, fresh: bool) -> tuple[Path, Path, float]:
@@ -71,12 +74,18 @@ def build_graphc(recipe: str, fresh: bool) -> tuple[Path, Path, float]:
         with b8.quiet():
             graphc.compress(fp32 / "model.onnx", out, recipe=recipe, genai=True, attribution=False)
         seconds = time.perf_counter() - t0
+        (WORK / f"{out.name}.seconds").write_text(f"{seconds:.1f}\n")
+    elif (WORK / f"{out.name}.seconds").is_file():
+        seconds = float((WORK / f"{out.name}.seconds").read_text())
     return fp32, out, seconds
 
 
-def prefill_feed(session, ids) -> dict:
+def prefill_feed(session, ids, config: dict) -> dict:
+    """One prefill call: the window, ones for the mask, and empty pasts shaped
+    [1, kv_heads, 0, head_size] (the builder's models leave head dims symbolic)."""
     import numpy as np
 
+    dec = config["model"]["decoder"]
     feed = {}
     for i in session.get_inputs():
         if i.name == "input_ids":
@@ -86,9 +95,8 @@ def prefill_feed(session, ids) -> dict:
         elif i.name == "position_ids":
             feed[i.name] = np.arange(ids.shape[1], dtype=np.int64)[None, :]
         elif i.name.startswith("past_key_values."):
-            dims = [1 if k == 0 else (0 if not isinstance(d, int) else d) for k, d in enumerate(i.shape)]
             dtype = np.float16 if "float16" in i.type else np.float32
-            feed[i.name] = np.zeros(dims, dtype)
+            feed[i.name] = np.zeros((1, dec["num_key_value_heads"], 0, dec["head_size"]), dtype)
     return feed
 
 
@@ -98,10 +106,11 @@ def perplexity(folder: Path, windows: list, threads: int) -> float:
     from graphc import measure
     from graphc.models.smollm2 import token_nll
 
-    sess = measure.session(folder / "model.onnx", threads=threads)
+    config = json.loads((folder / "genai_config.json").read_text())
+    sess = measure.session(folder / config["model"]["decoder"]["filename"], threads=threads)
     nll, count = 0.0, 0
     for w in windows:
-        logits = sess.run(["logits"], prefill_feed(sess, w["input_ids"]))[0]
+        logits = sess.run(["logits"], prefill_feed(sess, w["input_ids"], config))[0]
         total, n = token_nll(np.asarray(logits, np.float32), w["input_ids"])
         nll += total
         count += n

@@ -19,8 +19,8 @@ def _feeds(count=3, seed=1, k=32):
     return [{"x": rng.standard_normal((2, 6, k)).astype(np.float32)} for _ in range(count)]
 
 
-def _ctx(feeds):
-    return PassContext(calibration=feeds, calibration_source="test")
+def _ctx(feeds, target=None):
+    return PassContext(calibration=feeds, calibration_source="test", target=target)
 
 
 def _qdq_pairs(model):
@@ -40,7 +40,9 @@ def _readers(model, name):
 def test_matmul_inputs_get_qdq_and_weights_int8_per_channel():
     model = mlp()
     feeds = _feeds()
-    result = QuantizeActivations(Opts(targets=("matmul_in",), method="minmax", cost=False), _ctx(feeds))(model)
+    # the u8s8 form (VNNI): int8 weight codes; each target's form is checked below
+    result = QuantizeActivations(Opts(targets=("matmul_in",), method="minmax", cost=False),
+                                 _ctx(feeds, "x86-avx512-vnni"))(model)
     s = result.stats.to_dict()
     assert result.modified and s["weights_quantized"] == 3 and s["tensors_matmul_in"] == 2  # x (fc1, fc3) and r (fc2)
     pairs = _qdq_pairs(model)
@@ -278,3 +280,27 @@ def test_int8_static_recipe_on_tiny_bert(tmp_path):
     ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
     kinds = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     assert kinds.count("QLinearMatMul") + kinds.count("MatMulIntegerToFloat") >= 12 and "MatMul" not in kinds, kinds
+
+
+@pytest.mark.parametrize("target,act,dtype,zero", [
+    ("x86-avx512-vnni", "uint8", np.int8, None),  # u8s8
+    ("x86-avx2", "uint8", np.uint8, 128),  # u8u8: exact where u8×s8 saturates
+    ("x86-avx2", "int8", np.int8, None),  # int8 activations there: 7-bit weights
+])
+def test_weight_form_follows_the_target(target, act, dtype, zero):
+    model = mlp()
+    result = QuantizeActivations(Opts(targets=("matmul_in",), method="minmax", cost=False, activation_type=act),
+                                 _ctx(_feeds(), target))(model)
+    form = result.stats.details["int8_form"]
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+           and n.inputs[0].const_value.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+           and n.inputs[0].const_value.numpy().ndim == 2]
+    assert len(dqs) == 3
+    for n in dqs:
+        codes = n.inputs[0].const_value.numpy()
+        assert codes.dtype == dtype
+        if zero is not None:
+            assert (n.inputs[2].const_value.numpy() == zero).all()
+        elif form == "u8s7":
+            assert np.abs(codes.astype(np.int16)).max() <= 63
+    assert form == {"x86-avx512-vnni": "u8s8"}.get(target, "u8u8" if act == "uint8" else "u8s7")
