@@ -265,8 +265,7 @@ def output_metrics(
         ref_max = max(ref_max, float(np.abs(r).max(initial=0.0)))
         flat_r.append(r.ravel())
         flat_g.append(g.ravel())
-        rows_r = r.reshape(-1, r.shape[-1]) if r.ndim >= 2 else r.reshape(1, -1)
-        rows_g = g.reshape(-1, g.shape[-1]) if g.ndim >= 2 else g.reshape(1, -1)
+        rows_r, rows_g = _as_rows(r), _as_rows(g)
         row_cos.extend(_cos(a, b) for a, b in _signal_rows(rows_r, rows_g))
     cos = _cos(np.concatenate(flat_r), np.concatenate(flat_g)) if flat_r else 1.0
     if nonfinite:
@@ -279,6 +278,16 @@ def output_metrics(
         cosine=cos,
         min_row_cosine=min(row_cos) if row_cos else cos,
     )
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """The vectors whose cosines the row gate checks: along the last axis (a token's hidden
+    state, a sample's logits) up to rank 3; for rank 4 and up ([N, C, H, W] maps) one row per
+    sample and channel, the whole map: one line of pixels is not a unit anything reads, and on
+    a probability map its few non-zero values make its cosine noise."""
+    if a.ndim >= 4:
+        return a.reshape(-1, a.shape[-2] * a.shape[-1])
+    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
 
 
 NEGLIGIBLE_ROW = 1e-4  # of the output's largest reference row norm (see _signal_rows)

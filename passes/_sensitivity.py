@@ -257,14 +257,26 @@ def row_kl(out: np.ndarray, ref_logp: np.ndarray) -> np.ndarray:
     return (np.exp(ref_logp) * (ref_logp - logq)).sum(axis=-1, dtype=np.float64)
 
 
-METRICS = ("cosine", "kl")
+METRICS = ("cosine", "kl", "tensor")
+
+
+def tensor_error(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """1 - cosine of a whole output against the reference (what the validation gate's output
+    cosine checks): steadier than row cosines on maps that are mostly near zero (a detector's
+    probabilities), where a row of background makes its cosine noise."""
+    out = np.asarray(out, dtype=np.float64).reshape(-1)
+    ref = np.asarray(ref, dtype=np.float64).reshape(-1)
+    norms = np.linalg.norm(out) * np.linalg.norm(ref)
+    cos = float(out @ ref) / norms if norms > 0 else (1.0 if np.array_equal(out, ref) else 0.0)
+    return np.array([1.0 - min(max(cos, -1.0), 1.0)])
 
 
 class Evaluator:
     """Output error of the model with some layers' weights replaced, on calibration feeds.
 
-    ``metric``: ``cosine`` (mean 1 - cosine of output rows) or ``kl`` (mean KL divergence of
-    the rows' softmax from the reference's, in nats: for logits of a language model)."""
+    ``metric``: ``cosine`` (mean 1 - cosine of output rows), ``kl`` (mean KL divergence of
+    the rows' softmax from the reference's, in nats: for logits of a language model) or
+    ``tensor`` (mean 1 - cosine of whole outputs)."""
 
     def __init__(self, model: ir.Model, layers: Sequence[Layer], feeds: Sequence[dict], metric: str = "cosine"):
         if metric not in METRICS:
@@ -290,6 +302,8 @@ class Evaluator:
             outs = self.session.run(self.outputs, {**feed, **weights})
             if self.metric == "kl":
                 errs += [row_kl(_rows(o, mask), r) for o, r in zip(outs, ref)]
+            elif self.metric == "tensor":
+                errs += [tensor_error(o, r) for o, r in zip(outs, ref)]
             else:
                 errs += [row_errors(o, r, mask) for o, r in zip(outs, ref)]
         return float(np.concatenate(errs).mean()) if errs else 0.0

@@ -26,7 +26,8 @@ from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.registry import register
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, subgraphs, weight_problem
 from graphc.target import Int8Form, exact_forms
-from graphc.errors import UnsupportedError
+from graphc.errors import PassError, UnsupportedError
+from graphc.passes._conv_budget import float_fallback
 
 _CONV_OPS = ("Conv", "ConvTranspose")
 
@@ -36,6 +37,13 @@ class ConvInt8Options:
     min_elements: int = 256  # smaller kernels (a few channels) stay float: scales would cost more than they save
     exclude: tuple[str, ...] = ()  # substrings of node names to leave in float
     form: str = "auto"  # u8s8 | u8u8 | u8s7 | auto (the target's form)
+    # > 0: keep the Conv weights that cost the most in float until the output error (mean
+    # 1 - cosine of whole outputs on the calibration feeds) is at most this (passes/_conv_budget)
+    max_error: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_error < 1.0:
+            raise ValueError(f"max_error={self.max_error}; a mean 1 - cosine in [0, 1) (0: quantize every Conv)")
 
 
 @register
@@ -44,14 +52,22 @@ class QuantizeConv(GraphcPass):
     summary = "int8 Conv weights per output channel (dequantized at load; float arithmetic, exact on every CPU)"
     Options = ConvInt8Options
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.options.max_error > 0
+
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         form = self._form(stats)
+        kept = self._kept_float(model, form, stats) if self.options.max_error > 0 else {}
         changed = False
         for graph in [model.graph, *subgraphs(model.graph)]:
             done: dict[int, ir.Value] = {}
             for node in list(graph):
                 w = self._weight(node, stats)
                 if w is None:
+                    continue
+                if graph is model.graph and node.inputs[1].name in kept:
+                    stats.skip(node.name or node.op_type, kept[node.inputs[1].name])
                     continue
                 value = node.inputs[1]
                 if id(value) not in done:
@@ -73,31 +89,58 @@ class QuantizeConv(GraphcPass):
         stats.details["int8_form"] = form.value
         return form
 
-    def _weight(self, node: ir.Node, stats: PassStats) -> np.ndarray | None:
+    def _weight(self, node: ir.Node, stats: PassStats | None) -> np.ndarray | None:
+        """The float32 weight to quantize, or None (with the reason in ``stats`` when given)."""
         if node.op_type not in _CONV_OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             return None
-        label = node.name or node.op_type
-        if any(s in label for s in self.options.exclude):
-            stats.skip(label, "excluded by option")
-            return None
         w = const_array(node.inputs[1])
-        if w is None:
-            stats.skip(label, "weight is not a constant")
-            return None
-        if w.dtype != np.float32:
-            stats.skip(label, f"weight dtype {w.dtype} is not float32")
-            return None
-        if (reason := weight_problem(w, self.options.min_elements)) is not None:
-            stats.skip(label, reason)
+        if any(s in (node.name or node.op_type) for s in self.options.exclude):
+            reason = "excluded by option"
+        elif w is None:
+            reason = "weight is not a constant"
+        elif w.dtype != np.float32:
+            reason = f"weight dtype {w.dtype} is not float32"
+        else:
+            reason = weight_problem(w, self.options.min_elements)
+        if reason is not None:
+            if stats is not None:
+                stats.skip(node.name or node.op_type, reason)
             return None
         return w
 
+    def _kept_float(self, model: ir.Model, form: Int8Form, stats: PassStats) -> dict[str, str]:
+        """Initializer name → why it stays float, for the main graph's Conv weights that the
+        error budget (``max_error``) cannot afford at int8."""
+        if not self.context.calibration:
+            raise PassError(f"max_error={self.options.max_error:g} needs calibration data, and none was given "
+                            "(pass --inputs or a model with real data)", pass_name=self.name)
+        weights: dict[str, ir.Value] = {}
+        deq: dict[str, np.ndarray] = {}
+        for node in model.graph:
+            value = node.inputs[1] if len(node.inputs) > 1 else None
+            w = self._weight(node, None)
+            if w is None or value is None or not value.is_initializer() or value.name in deq:
+                continue
+            q, scale, zp = int8_weight(w, _channel_axis(node), form.value)
+            weights[value.name] = value
+            deq[value.name] = ((q.astype(np.float32) - (float(zp) if zp is not None else 0.0)) * scale).astype(np.float32)
+        if not deq:
+            return {}
+        result = float_fallback(model, weights, deq, self.context.calibration, self.options.max_error,
+                                report=lambda done, total: self.context.report("Conv weights, error alone", done, total))
+        stats.details["conv_error_all_int8"] = round(result.all_error, 6)
+        stats.details["conv_error"] = round(result.joint_error, 6)
+        stats.notes.append(f"Conv error budget {self.options.max_error:g} on {self.context.calibration_source}: "
+                           f"all int8 {result.all_error:.5f}, with {len(result.kept)} kept float {result.joint_error:.5f}")
+        if result.joint_error > self.options.max_error:
+            stats.notes.append("the budget is not met even with every Conv weight in float: the rest of the error "
+                               "comes from elsewhere")
+        return {n: f"kept float for the error budget: alone it costs {result.alone[n]:.5f} (budget "
+                   f"{self.options.max_error:g})" for n in result.kept}
+
     def _dequantized(self, graph: ir.Graph, node: ir.Node, value: ir.Value, w: np.ndarray, form: Int8Form,
                      stats: PassStats) -> ir.Value:
-        # Conv: [C_out, C_in/group, k...]; ConvTranspose: [C_in, C_out/group, k...] (per output
-        # channel where group is 1; the dequantization itself is exact on any axis)
-        axis = 1 if node.op_type == "ConvTranspose" and node.attributes.get_int("group", 1) == 1 else 0
-        q, scale, zp = int8_weight(w, axis, form.value)
+        q, scale, zp = int8_weight(w, _channel_axis(node), form.value)
         scale = scale.astype(np.float32)
         base = value.name or f"{node.name or 'conv'}_w"
         codes = constant(graph, f"{base}_{q.dtype.name}", q)
@@ -113,3 +156,9 @@ class QuantizeConv(GraphcPass):
         stats.add("weight_bytes_before", int(w.nbytes))
         stats.add("weight_bytes_after", int(q.nbytes + scale.nbytes + (4 if zp is not None else 0)))
         return nodes[-1].outputs[0]
+
+
+def _channel_axis(node: ir.Node) -> int:
+    """Conv: [C_out, C_in/group, k...]; ConvTranspose: [C_in, C_out/group, k...] (per output
+    channel where group is 1; the dequantization itself is exact on any axis)."""
+    return 1 if node.op_type == "ConvTranspose" and node.attributes.get_int("group", 1) == 1 else 0

@@ -112,6 +112,26 @@ def test_nan_in_the_reference_is_not_blamed_on_the_result():
     assert np.isfinite(m.max_abs) and m.cosine == pytest.approx(1.0)
 
 
+def test_rows_of_a_probability_map_are_whole_maps():
+    """A detector's map [N, 1, H, W]: one pixel line holding a few faint values whose
+    direction changed is not a failed row; a channel map that changed is."""
+    ref = np.zeros((1, 1, 8, 8), np.float32)
+    ref[0, 0, 2:6, 2:6] = 0.9
+    ref[0, 0, 7, :2] = [0.02, 0.0]  # faint text edge
+    got = ref.copy()
+    got[0, 0, 7, :2] = [0.0, 0.02]  # moved by one pixel: that line alone has cosine 0
+    m = output_metrics("map", [ref], [got])
+    assert m.min_row_cosine == pytest.approx(m.cosine) and m.min_row_cosine > 0.999
+    two = np.concatenate([ref, ref], axis=1)  # [1, 2, 8, 8]: one row per channel
+    changed = two.copy()
+    changed[0, 1] = np.roll(changed[0, 1], 3, axis=0)
+    assert output_metrics("maps", [two], [changed]).min_row_cosine < 0.5
+    tokens = np.ones((1, 3, 4), np.float32)  # rank 3 [B, S, H] stays per token
+    flipped = tokens.copy()
+    flipped[0, 1] = -1.0
+    assert output_metrics("h", [tokens], [flipped]).min_row_cosine == pytest.approx(-1.0)
+
+
 def test_tolerance_failure_names_the_output(tmp_path):
     path = tp.save(tp.tf2onnx_onehot(), tmp_path / "m.onnx")
     recipe = Recipe("strict", "never met", (Step("quantize-int8"),), Tolerance(min_cosine=1.5))

@@ -93,3 +93,61 @@ def test_quantize_conv_conv_transpose():
     assert QuantizeConv().run(model, stats) and stats.counts["convs_quantized"] == 1
     got = make_session(model).run(None, {"x": x})[0]
     assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+def _sensitive_conv_model() -> ir.Model:
+    """paddle_conv with BatchNorm folded, made so that int8 costs one layer dearly: the first
+    Conv's output channel 0 is dead (zero weights, negative bias: Relu gives 0), and the second
+    Conv reads that channel with a weight of 30, which changes nothing in float but sets the
+    int8 step of every output channel to 30/127, rounding its real weights (~0.1) to 0 or a step."""
+    model = ir.serde.deserialize_model(tp.paddle_conv(channels=32))
+    FoldBatchNorm().run(model, PassStats())
+    conv0, conv1 = (n for n in model.graph if n.op_type == "Conv")
+
+    def edit(value: ir.Value, change) -> None:
+        a = value.const_value.numpy().copy()
+        change(a)
+        value.const_value = ir.tensor(a, name=value.name)
+
+    edit(conv0.inputs[1], lambda a: a.__setitem__(0, 0.0))
+    edit(conv0.inputs[2], lambda a: a.__setitem__(0, -1.0))
+    edit(conv1.inputs[1], lambda a: a.__setitem__((slice(None), 0, 0, 0), 30.0))
+    return model
+
+
+def test_quantize_conv_error_budget_keeps_the_costly_weight_in_float():
+    model = _sensitive_conv_model()
+    ref = _run(model, _x())
+    feeds = [{"x": _x(seed)} for seed in (1, 2)]
+    all_int8 = _sensitive_conv_model()
+    QuantizeConv().run(all_int8, PassStats())
+    cos_all = float(np.dot(ref.ravel(), _run(all_int8, _x()).ravel())
+                    / np.linalg.norm(ref) / np.linalg.norm(_run(all_int8, _x())))
+    assert 1 - cos_all > 1e-3  # quantizing everything costs this much: the budget below is meaningful
+    stats = PassStats()
+    context = PassContext(calibration=feeds, calibration_source="two test feeds")
+    QuantizeConv(ConvInt8Options(max_error=2e-4, min_elements=16), context).run(model, stats)
+    assert stats.counts["convs_quantized"] == 1  # conv2d_0 only
+    kept = [s for s in stats.skipped if "error budget" in str(s)]
+    assert len(kept) == 1 and "conv2d_1" in str(kept[0])
+    assert stats.details["conv_error"] <= 2e-4 < stats.details["conv_error_all_int8"]
+    got = _run(model, _x())  # an input the search never saw
+    assert 1 - float(np.dot(ref.ravel(), got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got)) < 1 - cos_all
+
+
+def test_quantize_conv_error_budget_met_by_int8_keeps_nothing_float():
+    model = ir.serde.deserialize_model(tp.paddle_conv(channels=32))
+    FoldBatchNorm().run(model, PassStats())
+    stats = PassStats()
+    QuantizeConv(ConvInt8Options(max_error=0.05), PassContext(calibration=[{"x": _x(1)}], calibration_source="t")).run(model, stats)
+    assert stats.counts["convs_quantized"] == 2 and stats.details["conv_error"] == stats.details["conv_error_all_int8"]
+
+
+def test_quantize_conv_error_budget_needs_calibration_and_a_fraction():
+    from graphc.errors import GraphcError
+
+    model = ir.serde.deserialize_model(tp.paddle_conv(channels=32))
+    with pytest.raises(GraphcError, match="needs calibration"):
+        QuantizeConv(ConvInt8Options(max_error=0.01)).run(model, PassStats())
+    with pytest.raises(GraphcError, match="max_error"):
+        QuantizeConv.from_dict({"max_error": 1.5})
