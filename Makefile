@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m graphc.demo
+	$(PY) -m graphc.front.demo
 
 # Two workers (pytest-xdist): the suite is mostly single-threaded Python; 10.3 min in one
 # process on a quiet 2-core machine, 5.6 min in two.

@@ -10,7 +10,7 @@ GroupQueryAttention), once more with attention left unfused (``fuse-ort`` with
 ``attention = "none"``: the graph before KV-cache attention fusion existed), and with ONNX
 Runtime's ``MatMulNBitsQuantizer`` (RTN, 4-bit, block 128, symmetric, MatMul and Gather),
 then for each model prefills a ``--context``-token prompt of real Wikipedia text at batch 1
-and decodes ``--tokens`` tokens greedily (graphc.generate), interleaving the models over 3
+and decodes ``--tokens`` tokens greedily (graphc.front.generate), interleaving the models over 3
 rounds and keeping each one's median decode rate. Also reports the bytes a decode step must
 read (every weight once, plus the KV cache at that context) against this machine's memory
 bandwidth measured with a large numpy copy: the rate that bandwidth allows.
@@ -74,7 +74,7 @@ def graphc_fused(fp32: Path, fresh: bool) -> Path:
 def graphc_int4(fp32: Path, fresh: bool, *, attention: str | None = None) -> Path:
     """``attention``: override fuse-ort's attention target ("none": attention unfused)."""
     import graphc
-    from graphc.recipes import recipe_from_dict
+    from graphc.core.recipes import recipe_from_dict
 
     out = WORK / f"smollm2-kv-graphc-int4{'-attention-' + attention if attention else '-gqa'}.onnx"
     if fresh or not out.exists():
@@ -118,9 +118,9 @@ def main() -> int:
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
 
-    from graphc.generate import Decoder
+    from graphc.front.generate import Decoder
     from graphc.models import get_model_recipe
-    from graphc.validate import make_session
+    from graphc.checks.validate import make_session
 
     recipe = get_model_recipe("smollm2")
     tokenizer = recipe.tokenizer()
@@ -154,7 +154,7 @@ def main() -> int:
             "bytes_per_token": per_token, "bandwidth_bound_tokens_per_s": round(bandwidth / per_token, 1),
             "same_tokens_as_fp32": sum(a == b for a, b in zip(tokens[name], tokens["fp32"])),
         })
-    from graphc.target import cpu_line
+    from graphc.core.target import cpu_line
 
     print(cpu_line())
     print(f"memory bandwidth (numpy copy): {bandwidth / 1e9:.1f} GB/s; context {args.context}, "

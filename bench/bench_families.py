@@ -55,7 +55,7 @@ def quiet() -> Iterator[None]:
 
 
 def ms_ops(path: Path) -> dict[str, int]:
-    from graphc.io import load_model
+    from graphc.core.io import load_model
 
     counts = collections.Counter(n.op_type for n in load_model(path).graph.all_nodes()
                                  if n.domain == "com.microsoft" or n.op_type == "SimplifiedLayerNormalization")
@@ -66,8 +66,8 @@ def max_abs_vs(src: Path, fused: Path) -> float:
     """Largest output difference of a fused graph to the unfused export (ORT, 4 synthesized feeds)."""
     import numpy as np
 
-    from graphc.io import load_model
-    from graphc.validate import make_session, run_feeds, synthesize_inputs
+    from graphc.core.io import load_model
+    from graphc.checks.validate import make_session, run_feeds, synthesize_inputs
 
     feeds = synthesize_inputs(load_model(src), count=4)
     ref = run_feeds(make_session(src), feeds, "export")
@@ -94,7 +94,7 @@ def ort_fused(name: str, src: Path, facts: Any) -> dict[str, Any]:
 
 def compress(src: Path, recipe: str) -> dict[str, Any]:
     import graphc
-    from graphc.errors import GraphcError
+    from graphc.core.errors import GraphcError
 
     out = src.with_name(f"{src.stem}.{recipe}.onnx")
     try:

@@ -46,7 +46,7 @@ def fast_recipe(heads: float | None, ffn: float | None):
     """The built-in ``fast-prune`` recipe, or it with other pruning fractions."""
     from dataclasses import replace
 
-    from graphc.recipes import Step, get_recipe
+    from graphc.core.recipes import Step, get_recipe
 
     recipe = get_recipe("fast-prune")
     if heads is None and ffn is None:
@@ -64,7 +64,7 @@ def fast_recipe(heads: float | None, ffn: float | None):
 def pruned_fp32(fp32: Path, out: Path, *, heads: float = 0.0, ffn: float = 0.0, correct: bool = True) -> Path:
     """fp32 MiniLM with only fusion and pruning (for the sweep)."""
     import graphc
-    from graphc.recipes import Recipe, Step, Tolerance
+    from graphc.core.recipes import Recipe, Step, Tolerance
 
     steps = [Step("fuse-ort", {"attention": "mha"}), Step("trim-outputs")]
     if heads:
@@ -79,15 +79,15 @@ def pruned_fp32(fp32: Path, out: Path, *, heads: float = 0.0, ffn: float = 0.0, 
 
 
 def _quality(sess, recipe, feeds, pool, ref) -> Any:
-    from graphc import measure
+    from graphc.checks import measure
 
     return measure.cosine_stats(measure.embeddings(sess, feeds, pool=pool), ref)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import graphc
-    from graphc import measure
-    from graphc.demo import cached_export
+    from graphc.checks import measure
+    from graphc.front.demo import cached_export
     from graphc.models import get_model_recipe
     from graphc.models.minilm import embed
 
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def sweep(fp32_path: Path, work: Path, cfg, threads: int, rep, recipe, ref, embed) -> list[dict[str, Any]]:
     """Quality (and b8 latency vs fp32) against the fraction of heads or FFN neurons pruned."""
-    from graphc import measure
+    from graphc.checks import measure
 
     n = cfg["sweep_sentences"]
     feeds = recipe.feeds(recipe.eval_texts(n), batch=32, max_length=h.SEQ)
@@ -195,7 +195,7 @@ def sweep(fp32_path: Path, work: Path, cfg, threads: int, rep, recipe, ref, embe
 
 
 def get_recipe_dict(name: str) -> dict:
-    from graphc.recipes import get_recipe
+    from graphc.core.recipes import get_recipe
 
     return get_recipe(name).to_dict()
 
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args)
     if "models" in res:
         res["targets"] = targets(res)
-    from graphc.target import cpu_line, cpu_summary
+    from graphc.core.target import cpu_line, cpu_summary
 
     res["cpu"] = cpu_summary()
     print(cpu_line())

@@ -43,8 +43,8 @@ def one(n: int, kind: str, upstream: bool) -> float:
 
         optimize_ir(model, num_iterations=2, should_fold=_should_fold)
     else:
-        from graphc.pass_base import PassContext
-        from graphc.registry import get_pass
+        from graphc.core.pass_base import PassContext
+        from graphc.core.registry import get_pass
 
         get_pass("fold-constants").from_dict({}, PassContext())(model)
     return time.perf_counter() - start

@@ -97,7 +97,7 @@ def graphc_fuse(src: Path, work: Path) -> tuple[Path, dict[str, Any]]:
 
 def fused_ops(path: Path) -> dict[str, int]:
     """com.microsoft ops (and ORT's onnx-domain contrib ops) in a model file."""
-    from graphc.io import load_model
+    from graphc.core.io import load_model
 
     contrib = {"SimplifiedLayerNormalization"}
     model = load_model(path)
@@ -109,7 +109,7 @@ def fused_ops(path: Path) -> dict[str, int]:
 def max_abs(a: Path, b: Path, feed: dict, threads: int) -> float:
     import numpy as np
 
-    from graphc import measure
+    from graphc.checks import measure
 
     outs = []
     for path in (a, b):
@@ -123,7 +123,7 @@ def max_abs(a: Path, b: Path, feed: dict, threads: int) -> float:
 
 def run_model(model: str, args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     """Every export of ``model``: fused-op counts, numerics, interleaved latency."""
-    from graphc import measure
+    from graphc.checks import measure
     from graphc.models import get_model_recipe
 
     cfg = QUICK if args.quick else FULL
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
            "reps": (QUICK if args.quick else FULL)["reps"],
            "models": [run_model(m, args, rep) for m in args.models.split(",")]}
     res["wall_s"] = round(time.perf_counter() - t0, 1)
-    from graphc.target import cpu_line, cpu_summary
+    from graphc.core.target import cpu_line, cpu_summary
 
     res["cpu"] = cpu_summary()
     print(cpu_line())

@@ -103,7 +103,7 @@ def prefill_feed(session, ids, config: dict) -> dict:
 def perplexity(folder: Path, windows: list, threads: int) -> float:
     import numpy as np
 
-    from graphc import measure
+    from graphc.checks import measure
     from graphc.models.smollm2 import token_nll
 
     config = json.loads((folder / "genai_config.json").read_text())
@@ -140,7 +140,7 @@ def decode_speed(folder: Path, prompt: list[int], new_tokens: int) -> dict[str, 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.models import get_model_recipe
     from graphc.models.smollm2 import converted_folder
-    from graphc.target import cpu_summary
+    from graphc.core.target import cpu_summary
 
     WORK.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"cpu": cpu_summary(), "config": vars(args).copy()}

@@ -107,7 +107,7 @@ def build_ort_nbits(fused: Path, work: Path, algo: str, *, fresh: bool) -> Path:
 def build_graphc(fp32: Path, work: Path, variant: str) -> tuple[Path, Any, float]:
     """graphc's int4 recipe, or a variant of it with other quantizers (rebuilt on every run)."""
     import graphc
-    from graphc.recipes import BUILTIN, Step
+    from graphc.core.recipes import BUILTIN, Step
 
     recipe = BUILTIN["int4"]
     if variant != "recipe":
@@ -137,8 +137,8 @@ def build_graphc(fp32: Path, work: Path, variant: str) -> tuple[Path, Any, float
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from graphc import measure
-    from graphc.demo import cached_export
+    from graphc.checks import measure
+    from graphc.front.demo import cached_export
     from graphc.models import get_model_recipe
 
     cfg = dict(QUICK if args.quick else FULL)

@@ -61,8 +61,8 @@ def build_graphc_int8(fp32: Path, work: Path) -> tuple[Path, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from graphc import measure
-    from graphc.demo import cached_export
+    from graphc.checks import measure
+    from graphc.front.demo import cached_export
     from graphc.models import get_model_recipe
 
     cfg = dict(QUICK if args.quick else FULL)

@@ -88,7 +88,7 @@ def main() -> int:
                        "recipe": recipe, "wall_s": round(time.perf_counter() - t, 1), **result}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    from graphc.target import cpu_line
+    from graphc.core.target import cpu_line
 
     print(cpu_line())
     print(f"\n{'model':6s} {'bytes':>9s} {'largest':>9s} {'recipe':14s} {'peak RSS':>9s} {'time':>7s} {'output':>9s}")

@@ -45,7 +45,7 @@ def plan_recipe_of(budget: dict[str, Any]):
     """``plan_recipe`` with the budget; ``int4_method`` set on the plan step."""
     from dataclasses import replace
 
-    from graphc.recipes import Step, plan_recipe
+    from graphc.core.recipes import Step, plan_recipe
 
     budget = dict(budget)
     method = budget.pop("int4_method", None)
@@ -72,9 +72,9 @@ def _plan_stats(result) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import graphc
-    from graphc import measure
-    from graphc.errors import GraphcError
-    from graphc.demo import cached_export
+    from graphc.checks import measure
+    from graphc.core.errors import GraphcError
+    from graphc.front.demo import cached_export
     from graphc.models import get_model_recipe
     from graphc.models.minilm import embed
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-built", action="store_true", help="reuse plan models built by an earlier run")
     args = parser.parse_args(argv)
     res = run(args)
-    from graphc.target import cpu_line, cpu_summary
+    from graphc.core.target import cpu_line, cpu_summary
 
     res["cpu"] = cpu_summary()
     print(cpu_line())

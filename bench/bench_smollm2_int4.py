@@ -125,7 +125,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def cached_fp32(work: Path, *, fresh: bool) -> Path:
     """graphc's dynamo export of SmolLM2 (~2-5 min), reused while the exporter sources, the
-    GGUF and the library versions are the same. (graphc.demo.cached_export also keys on every
+    GGUF and the library versions are the same. (graphc.front.demo.cached_export also keys on every
     models/*.py, so any edit there would export again.)"""
     from graphc.exporters import export
     from graphc.models import smollm2
@@ -162,8 +162,8 @@ def build_fused(fp32: Path, work: Path, *, fresh: bool) -> Path:
     import onnx_ir as ir
 
     import graphc
-    from graphc import io
-    from graphc.recipes import BUILTIN
+    from graphc.core import io
+    from graphc.core.recipes import BUILTIN
 
     out = work / "smollm2-fused-fp32.onnx"
     stamp = work / "smollm2-fused-fp32.key"
@@ -255,7 +255,7 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
     quantize-nbits / quantize-gather-block options; ``spec["method"]`` replaces the method of
     a TOML recipe's GPTQ quantize-nbits steps, ``spec["mp"]`` is merged into its mixed-precision
     options, ``spec["nb"]`` into its quantize-nbits options."""
-    from graphc.recipes import BUILTIN, Step, get_recipe
+    from graphc.core.recipes import BUILTIN, Step, get_recipe
 
     if spec.get("toml"):
         base = get_recipe(ROOT / spec["toml"])
@@ -325,7 +325,7 @@ def torch_perplexity(recipe: Any, feeds: list, work: Path, threads: int, *, fres
     import numpy as np
     import torch
 
-    from graphc import measure
+    from graphc.checks import measure
     from graphc.models import smollm2
 
     h = hashlib.sha256(b"".join(np.ascontiguousarray(f["input_ids"]).tobytes() for f in feeds)).hexdigest()[:12]
@@ -345,7 +345,7 @@ def ort_perplexity(path: Path, feeds: list, threads: int, progress: Any = None) 
 
     import numpy as np
 
-    from graphc import measure
+    from graphc.checks import measure
 
     h = hashlib.sha256(b"".join(np.ascontiguousarray(f["input_ids"]).tobytes() for f in feeds)).hexdigest()[:12]
     st = path.stat()
@@ -364,7 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import importlib.metadata
     import platform
 
-    from graphc import measure
+    from graphc.checks import measure
     from graphc.models import get_model_recipe
 
     global REUSE

@@ -87,7 +87,7 @@ def build_ort_static(fused: Path, work: Path, method: str, *, fresh: bool) -> Pa
                        str(fused.stat().st_size), str(fused.stat().st_mtime_ns))
     if not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         return out
-    from graphc import measure
+    from graphc.checks import measure
 
     feeds = calibration_feeds()
     # ORT's calibrators stack each tensor over the batches: one padded length for all
@@ -116,7 +116,7 @@ def build_ort_static(fused: Path, work: Path, method: str, *, fresh: bool) -> Pa
 
 def build_graphc(fp32: Path, work: Path, method: str) -> tuple[Path, Any]:
     import graphc
-    from graphc.recipes import BUILTIN, Step
+    from graphc.core.recipes import BUILTIN, Step
 
     recipe = BUILTIN["int8-static"]
     if method != "minmax":
@@ -133,7 +133,7 @@ def fused_kernels(path: Path) -> dict[str, int]:
     """Op counts of the graph ONNX Runtime runs (its optimized model), for the QDQ-related ops."""
     import onnx
 
-    from graphc.validate import session_options
+    from graphc.checks.validate import session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options()
@@ -152,9 +152,9 @@ def fused_kernels(path: Path) -> dict[str, int]:
 def op_type_costs(fp32: Path, fused: Path, rep: Reporter) -> dict[str, dict[str, float]]:
     """cost_by_op_type of quantize-activations with every target, on the fused and the unfused graph."""
     import graphc
-    from graphc.api import calibration_context
-    from graphc.io import load_model
-    from graphc.registry import get_pass
+    from graphc.front.api import calibration_context
+    from graphc.core.io import load_model
+    from graphc.core.registry import get_pass
 
     out = {}
     for label, path, pre in (("fused graph", fused, None), ("unfused graph", fp32, "cleanup")):
@@ -181,9 +181,9 @@ PROJECTIONS = {
 
 def matmul_out_breakdown(fused: Path, rep: Reporter) -> dict[str, float]:
     """Cost of the matmul_out target split by projection kind (which MatMul outputs cost)."""
-    from graphc.api import calibration_context
-    from graphc.io import load_model
-    from graphc.registry import get_pass
+    from graphc.front.api import calibration_context
+    from graphc.core.io import load_model
+    from graphc.core.registry import get_pass
 
     ctx = calibration_context(load_model(fused), CALIBRATION_TEXTS)
     out = {}
@@ -196,8 +196,8 @@ def matmul_out_breakdown(fused: Path, rep: Reporter) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from graphc import measure
-    from graphc.demo import cached_export
+    from graphc.checks import measure
+    from graphc.front.demo import cached_export
     from graphc.models import get_model_recipe
 
     cfg = dict(QUICK if args.quick else FULL)

@@ -14,14 +14,14 @@ point runs the pass with ``fraction`` = the head (KV group) or neuron fraction p
 x of every point is measured on the compressed model (:func:`linear_params` after vs before).
 
 - SmolLM2-135M (graphc's fp32 dynamo export, cached in ``.graphc-cache/bench``): perplexity
-  (``graphc.measure.perplexity``) on the fixed Wikipedia eval windows
+  (``graphc.checks.measure.perplexity``) on the fixed Wikipedia eval windows
   (``perplexity_feeds``), calibration on windows of the disjoint calibration split.
 - MiniLM (all-MiniLM-L6-v2): mean / min cosine of pooled sentence embeddings vs the fp32
   ONNX model on held-out tweets, calibration on the calibration tweets.
 
 ``--int8`` adds, per model, the whitened factors at the middle ratio followed by
 ``quantize-int8`` (the factors are plain initializers: the composition the pass promises).
-ORT sessions: ``graphc.measure.session`` (spin-waiting off), 2 threads.
+ORT sessions: ``graphc.checks.measure.session`` (spin-waiting off), 2 threads.
 
 Measured here (2 shared cores, 2026-11-21; ``--model both --int8``, then ``--methods asvd
 --removed 0.2 --embedding 0.1,0.3`` for SmolLM2 and ``--methods "" --removed "" --embedding
@@ -101,11 +101,11 @@ def compress(path: Path, method: str, removed: float, calibration, int8: bool = 
     """The fp32 model with ``method`` (svd-linear at ``param_ratio = 1 - removed``, or a pruning
     pass at ``fraction = removed``) and optionally quantize-int8 applied; serialized bytes and
     stats, with ``linear_params_removed`` measured on the compressed model (:func:`linear_params`)."""
-    import graphc.io
-    from graphc.pass_base import PassContext
-    from graphc.registry import get_pass
+    import graphc.core.io
+    from graphc.core.pass_base import PassContext
+    from graphc.core.registry import get_pass
 
-    model = graphc.io.load_model(path)
+    model = graphc.core.io.load_model(path)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     before = linear_params(model)
     ctx = PassContext(calibration=calibration, calibration_source="bench calibration split")
@@ -125,7 +125,7 @@ def compress(path: Path, method: str, removed: float, calibration, int8: bool = 
     if int8:
         q = get_pass("quantize-int8")(None, ctx)(model)
         stats["int8"] = {k: v for k, v in q.stats.counts.items()}
-    from graphc.io import inline_external_data
+    from graphc.core.io import inline_external_data
 
     with inline_external_data(model):
         data = ir.serde.serialize_model(model).SerializeToString()
@@ -143,7 +143,7 @@ def memoize_factorization() -> None:
     SVD do not depend on the ratio, so they are computed once per method (and model)."""
     import hashlib
 
-    from graphc import calibrate
+    from graphc.core import calibrate
     from graphc.passes import _lowrank
 
     svd, moments = _lowrank.svd, calibrate.input_moments
@@ -171,11 +171,11 @@ def forget(method_changed: bool) -> None:
 
 def compress_embedding(path: Path, removed: float) -> tuple[bytes, dict]:
     """The fp32 model with lowrank-embedding at ``param_ratio = 1 - removed`` (tied head shares)."""
-    import graphc.io
-    from graphc.io import inline_external_data
-    from graphc.registry import get_pass
+    import graphc.core.io
+    from graphc.core.io import inline_external_data
+    from graphc.core.registry import get_pass
 
-    model = graphc.io.load_model(path)
+    model = graphc.core.io.load_model(path)
     result = get_pass("lowrank-embedding").from_dict({"rank_rule": "ratio", "param_ratio": 1.0 - removed})(model)
     with inline_external_data(model):
         data = ir.serde.serialize_model(model).SerializeToString()
@@ -213,8 +213,8 @@ def point_row(method: str, removed: float, int8: bool, stats: dict) -> dict:
 
 
 def smollm2(args) -> dict[str, Any]:
-    from graphc import measure
-    from graphc.demo import cached_export
+    from graphc.checks import measure
+    from graphc.front.demo import cached_export
     from graphc.models import get_model_recipe
 
     recipe = get_model_recipe("smollm2")
@@ -265,8 +265,8 @@ def smollm2(args) -> dict[str, Any]:
 
 
 def minilm(args) -> dict[str, Any]:
-    from graphc import measure
-    from graphc.demo import cached_export, length_sorted
+    from graphc.checks import measure
+    from graphc.front.demo import cached_export, length_sorted
     from graphc.models import get_model_recipe
 
     recipe = get_model_recipe("minilm")
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-texts", type=int, default=512, help="calibration texts")
     parser.add_argument("--calib-feeds", type=int, default=16, help="SmolLM2 calibration feeds of 4 x 128 tokens")
     parser.add_argument("--texts", type=int, default=512, help="MiniLM eval tweets")
-    parser.add_argument("--smollm2-onnx", help="an fp32 SmolLM2 export to use as is (default: graphc.demo.cached_export, "
+    parser.add_argument("--smollm2-onnx", help="an fp32 SmolLM2 export to use as is (default: graphc.front.demo.cached_export, "
                         "which re-exports whenever exporter or model-recipe sources changed)")
     parser.add_argument("--minilm-onnx", help="an fp32 MiniLM export to use as is")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         _MOMENTS_CACHE.clear()
         _SVD_CACHE.clear()
         results.append(smollm2(args))
-    from graphc.target import cpu_line, cpu_summary
+    from graphc.core.target import cpu_line, cpu_summary
 
     results["cpu"] = cpu_summary()
     print(cpu_line())

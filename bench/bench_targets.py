@@ -5,7 +5,7 @@
 In one process, on this machine's CPU (named in the output with the flags that matter):
 ORT's optimizer fp32 and ORT's int8 pipeline (legacy export → optimize_model → per-channel
 quantize_dynamic, as bench_int8.py), graphc ``fuse`` (fp32), graphc ``int8`` in each
-formulation this machine can run exactly (u8s8, u8u8, u8s7; see graphc/target.py), and the
+formulation this machine can run exactly (u8s8, u8u8, u8s7; see graphc/core/target.py), and the
 model ``--recipe auto`` wrote (candidates timed at b8 × 128). Median latency, interleaved, at
 batch 8 of real tweets padded to 128 tokens and padded only to the batch's longest tweet; mean
 cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets.
@@ -44,7 +44,8 @@ QUICK = {"reps": 4, "warmup": 2, "sentences": 64}
 EMULATED = r"""
 import json, sys
 import numpy as np
-from graphc import measure, target
+from graphc.checks import measure
+from graphc.core import target
 from graphc.models import get_model_recipe
 from graphc.models.minilm import embed
 recipe = get_model_recipe("minilm")
@@ -58,7 +59,7 @@ print(json.dumps(out))
 
 
 def cpu() -> dict[str, Any]:
-    from graphc import target
+    from graphc.core import target
 
     flags = target.cpu_flags()
     return {"name": target.cpu_name(), "target": target.host().name,
@@ -68,8 +69,8 @@ def cpu() -> dict[str, Any]:
 def build(fp32: Path, work: Path, rep) -> tuple[dict[str, Path], dict[str, Any]]:
     """graphc's models: fuse, int8 in each form exact here, and auto's winner."""
     import graphc
-    from graphc import target
-    from graphc.recipes import Step, get_recipe
+    from graphc.core import target
+    from graphc.core.recipes import Step, get_recipe
     from dataclasses import replace
 
     here = target.host()
@@ -102,7 +103,7 @@ def emulated_cosines(paths: dict[str, Path], n: int, ref, rep) -> dict[str, Any]
     """Each int8 model's embeddings on ``n`` tweets from ORT's AVX2 kernels under qemu-user."""
     import numpy as np
 
-    from graphc import measure
+    from graphc.checks import measure
 
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
@@ -121,8 +122,8 @@ def emulated_cosines(paths: dict[str, Path], n: int, ref, rep) -> dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from graphc import measure
-    from graphc.demo import cached_export
+    from graphc.checks import measure
+    from graphc.front.demo import cached_export
     from graphc.models import get_model_recipe
     from graphc.models.minilm import embed
 

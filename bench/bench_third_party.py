@@ -157,8 +157,8 @@ def silero_feeds():
 
 
 def synth_feeds(path: Path):
-    from graphc import io
-    from graphc.validate import synthesize_inputs
+    from graphc.core import io
+    from graphc.checks.validate import synthesize_inputs
 
     return synthesize_inputs(io.load_model(path), count=4, seed=5)
 
@@ -277,8 +277,8 @@ def one_line(e: BaseException) -> str:
 
 
 def bench(name, path, feeds, calib, metric, source, tmp: Path):
-    from graphc.api import compress
-    from graphc.errors import GraphcError
+    from graphc.front.api import compress
+    from graphc.core.errors import GraphcError
 
     row = {"file": name, "inputs": source, "fp32": {"bytes": path.stat().st_size}}
     ref = outputs(path, feeds)

@@ -9,7 +9,7 @@ Models (built as the other benches build them, and reused from their cache in
 ``.graphc-cache/bench/`` under the same file names when there; ``--rebuild`` names the ones to
 build again: ``int8``, ``int4``, ``fast``, ``fast-prune``, ``plans``, ``all``):
 
-- fp32: graphc's dynamo export (``graphc.demo.cached_export``, as every MiniLM bench);
+- fp32: graphc's dynamo export (``graphc.front.demo.cached_export``, as every MiniLM bench);
 - ORT int8: ``bench_int8.build_ort_int8`` (legacy export → ``optimize_model`` → per-channel
   ``quantize_dynamic``; keyed on its pipeline and library versions);
 - graphc int8 / int4 / fast / fast-prune: the built-in recipes (``minilm-graphc-int8.onnx``,
@@ -133,7 +133,7 @@ def _build_plan(budget: dict[str, Any], fp32: Path, work: Path, rep: h.Reporter,
     """A plan model under ``bench_plan.py``'s file name, reused with its stats file when there."""
     import graphc
     from bench_plan import _label, _plan_stats, plan_recipe_of
-    from graphc.errors import GraphcError
+    from graphc.core.errors import GraphcError
 
     path = work / ("minilm-graphc-plan-" + "-".join(_label(k, v, "") for k, v in budget.items()) + ".onnx")
     stats_path = path.with_suffix(".json")
@@ -160,8 +160,8 @@ def _build_plan(budget: dict[str, Any], fp32: Path, work: Path, rep: h.Reporter,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from graphc import measure
-    from graphc.demo import cached_export
+    from graphc.checks import measure
+    from graphc.front.demo import cached_export
     from graphc.models import get_model_recipe
     from graphc.models.minilm import embed
 

@@ -22,9 +22,9 @@ import numpy as np
 
 def main() -> None:
     model, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    from graphc.api import compress
-    from graphc.target import host
-    from graphc.validate import make_session
+    from graphc.front.api import compress
+    from graphc.core.target import host
+    from graphc.checks.validate import make_session
 
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, h, w)).astype(np.float32)
     with tempfile.TemporaryDirectory() as d:

@@ -101,7 +101,7 @@ def fingerprint(*parts: str) -> str:
 
 def cpu_name() -> str:
     """The CPU's model name, graphc's target for it and the flags that matter for int8."""
-    from graphc.target import cpu_line
+    from graphc.core.target import cpu_line
 
     return cpu_line().removeprefix("CPU: ")
 
@@ -173,7 +173,7 @@ def build_fused(fp32: Path, work: Path, *, fresh: bool) -> Path:
     """graphc's fp32 graph after cleanup, fuse-ort and trim-outputs (cached): what both
     graphc's int4 and (here) ORT's 4-bit quantizers quantize."""
     import graphc
-    from graphc.recipes import BUILTIN
+    from graphc.core.recipes import BUILTIN
 
     out = work / "minilm-fused-fp32.onnx"
     stamp = work / "minilm-fused-fp32.key"
@@ -214,7 +214,7 @@ class TorchReference:
     def embeddings(self, texts: list[str], feeds: list[dict], pool: Callable, progress: Callable | None) -> Any:
         import numpy as np
 
-        from graphc import measure
+        from graphc.checks import measure
         from graphc.models.minilm import model_folder
 
         key = fingerprint("torch-embeddings v1", str(model_folder()), json.dumps([len(f["input_ids"]) for f in feeds]),
@@ -230,7 +230,7 @@ class TorchReference:
 def latency_b1_b8(sessions: dict, recipe: Any, cfg: dict, rep: Reporter) -> dict[str, dict[str, Any]]:
     """Median latency of each session at batch 1 and 8 × SEQ tokens (real tweets padded to SEQ),
     the sessions interleaved run by run: ``{"b1": {name: Latency}, "b8": {...}}``."""
-    from graphc import measure
+    from graphc.checks import measure
 
     latency: dict[str, dict[str, Any]] = {}
     texts8 = recipe.eval_texts(8)
@@ -245,7 +245,7 @@ def latency_b1_b8(sessions: dict, recipe: Any, cfg: dict, rep: Reporter) -> dict
 def cosine_vs_torch(sessions: dict, recipe: Any, torch_ref: TorchReference, cfg: dict, rep: Reporter) -> dict[str, Any]:
     """Mean/min cosine of each session's pooled sentence embeddings vs PyTorch fp32 on
     ``cfg["sentences"]`` eval tweets (batches of 32, padded to the longest)."""
-    from graphc import measure
+    from graphc.checks import measure
     from graphc.models.minilm import embed
 
     eval_texts = recipe.eval_texts(cfg["sentences"])
@@ -264,8 +264,8 @@ def probe_accuracies(sessions: dict, recipe: Any, torch_ref: TorchReference, cfg
     """Accuracy of a sentiment probe (logistic regression) trained on PyTorch fp32 embeddings of
     ``cfg["probe_train"]`` tweets, on PyTorch fp32's and each session's embeddings of
     ``cfg["probe_test"]`` others; and the split (``train``/``test`` texts, ``test_y``)."""
-    from graphc import measure
-    from graphc.demo import length_sorted
+    from graphc.checks import measure
+    from graphc.front.demo import length_sorted
     from graphc.models import data
     from graphc.models.minilm import SentimentProbe, embed
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from graphc.errors import ExportError, GraphcError
+from graphc.core.errors import ExportError, GraphcError
 from graphc.exporters import metadata as meta
 from graphc.exporters.hf import ExportResult, Progress, _first_line, _say, quiet, require_torch
 from graphc.models.base import ModelRecipe
@@ -118,7 +118,7 @@ def export_decoder(
     meta.compact_node_metadata(graph_model, strip_prefix=module.scope_prefix, all_nodes=True)
     meta.write_model_metadata(graph_model, exporter="dynamo", arch_facts=facts, recipe=recipe_name)
     graph_model.metadata_props[KV_CACHE_KEY] = "past_key_values.{i}.key/value -> present.{i}.key/value"
-    from graphc.io import save_model
+    from graphc.core.io import save_model
 
     files = save_model(graph_model, out_path)
     return ExportResult(
@@ -205,7 +205,7 @@ def _require_decoder_family(folder: Path) -> None:
 
 
 def _load_folder(folder: Path) -> Any:
-    from graphc.arch import hf_offline
+    from graphc.core.arch import hf_offline
 
     hf_offline()
     try:

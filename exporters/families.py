@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from graphc.arch import ArchFacts
-from graphc.errors import ExportError, GraphcError
+from graphc.core.arch import ArchFacts
+from graphc.core.errors import ExportError, GraphcError
 
 if TYPE_CHECKING:
     import torch
@@ -252,7 +252,7 @@ def _vision_plan(model: Any, family: Family, facts: ArchFacts) -> Plan:
 def _normalization(folder: Path) -> dict[str, str]:
     """The pixel mean and std of the folder's image processor (``preprocessor_config.json``),
     as model metadata for validation on real images; empty when the folder has none."""
-    from graphc.images import MEAN_KEY, STD_KEY
+    from graphc.checks.images import MEAN_KEY, STD_KEY
 
     path = folder / "preprocessor_config.json"
     if not path.is_file():

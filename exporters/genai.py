@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from graphc.errors import ExportError
+from graphc.core.errors import ExportError
 
 CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
@@ -121,7 +121,7 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
 def tokenizer_source(model: Any, model_path: Path | None, hf_folder: Path | None) -> Path | None:
     """Where the tokenizer files are: the HF folder, a genai folder the model sits in, or the
     model recipe's converted folder."""
-    from graphc import ops
+    from graphc.core import ops
 
     if hf_folder is not None and hf_folder.is_dir():
         return hf_folder
@@ -144,7 +144,7 @@ def write_folder(model: Any, folder: Path, *, source: Path | None, check: bool =
     """Write ``model`` as a genai folder (model.onnx + data, genai_config.json, tokenizer files);
     load it with og.Model when onnxruntime-genai is installed. On any failure the folder's new
     files are removed. Returns the files written."""
-    from graphc.io import save_model
+    from graphc.core.io import save_model
 
     check_decoder(model, folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphc.errors import ExportError, GraphcError, MissingDependencyError
+from graphc.core.errors import ExportError, GraphcError, MissingDependencyError
 from graphc.exporters import metadata as meta
-from graphc.arch import ArchFacts, hf_offline
+from graphc.core.arch import ArchFacts, hf_offline
 from graphc.models.base import ModelRecipe
 
 if TYPE_CHECKING:
@@ -321,7 +321,7 @@ def export_module(
         meta.compact_node_metadata(model, strip_prefix=getattr(module, "scope_prefix", ""), all_nodes=True)
         meta.write_model_metadata(model, exporter=exporter, arch_facts=arch_facts, recipe=recipe)
         model.metadata_props.update(metadata or {})
-        from graphc.io import save_model
+        from graphc.core.io import save_model
 
         files = save_model(model, out_path)
     return ExportResult(

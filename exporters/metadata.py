@@ -9,8 +9,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.arch import ArchFacts
+from graphc.core import ops
+from graphc.core.arch import ArchFacts
 
 SCOPE_KEY = "graphc.scope"  # node metadata: dotted module path the node came from
 EXPORTER_KEY = "graphc.exporter"  # model metadata: "dynamo" or "legacy"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphc.errors import ExportError
+from graphc.core.errors import ExportError
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -94,14 +94,14 @@ class _session:
         self.tmp: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self):  # noqa: ANN204
-        from graphc.io import INLINE_LIMIT, tensor_bytes
-        from graphc.validate import make_session
+        from graphc.core.io import INLINE_LIMIT, tensor_bytes
+        from graphc.checks.validate import make_session
 
         if tensor_bytes(self.model) <= INLINE_LIMIT:
             return make_session(self.model, what="exported model")
         import onnx_ir as ir
 
-        from graphc.io import ort_ir_version
+        from graphc.core.io import ort_ir_version
 
         self.tmp = tempfile.TemporaryDirectory(prefix=".graphc-parity-")
         path = Path(self.tmp.name) / "model.onnx"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from graphc.errors import ExportError
+from graphc.core.errors import ExportError
 
 _ST = "sentence_transformers.models."
 # sentence-transformers' concatenation order of the pooling modes

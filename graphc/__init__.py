@@ -3,15 +3,19 @@
 The API (``compress``, ``validate``, ``export``, ...) is imported on first use, so that
 ``import graphc`` and ``graphc --help`` stay fast (ONNX, onnx_ir and ONNX Runtime load
 only when a model is touched).
+
+Layers: ``graphc.core`` (errors, ops, io, passes' base, registry, manager, recipes,
+sessions, calibration, target), ``graphc.checks`` (validation and its feeds, attribution,
+inspection, provenance), ``graphc.front`` (API, command line, demo), ``graphc.report``;
+``graphc.passes``, ``graphc.exporters`` and ``graphc.models`` beside them. This module only
+re-exports.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING
 
-from graphc.errors import GraphcError
+from graphc.core.errors import GraphcError
 
 
 def _version() -> str:
@@ -27,15 +31,15 @@ __version__ = _version()
 
 __all__ = ["CompressResult", "GraphcError", "__version__", "compress", "export", "validate", "inspect", "list_passes", "list_recipes"]
 
-_LAZY = {"CompressResult": "graphc.api", "compress": "graphc.api", "export": "graphc.api", "validate": "graphc.api"}
+_LAZY = {"CompressResult": "graphc.front.api", "compress": "graphc.front.api", "export": "graphc.front.api", "validate": "graphc.front.api"}
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
-    from graphc.api import CompressResult, compress, export, validate
+    from graphc.front.api import CompressResult, compress, export, validate
 
 
 def __getattr__(name: str):
-    """The API functions and graphc's submodules (``graphc.io``, ...), imported on first
-    access (PEP 562)."""
+    """The API functions and graphc's subpackages (``graphc.core``, ``graphc.checks``,
+    ``graphc.front``, ``graphc.passes``, ...), imported on first access (PEP 562)."""
     import importlib
     import importlib.util
 
@@ -52,24 +56,10 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-class _Package(types.ModuleType):
-    """``graphc.validate`` is the API function, and also the name of a submodule: importing the
-    submodule must not replace the function with the module (the import system sets the parent's
-    attribute). ``from graphc.validate import ...`` is unaffected."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 def inspect(model, diff=None) -> dict:
     """Ops, parameters and bytes by op type and by layer; with ``diff``, what changed."""
-    from graphc import inspection as _inspect
-    from graphc.api import to_ir
+    from graphc.checks import inspection as _inspect
+    from graphc.front.api import to_ir
 
     info = _inspect.inspect_model(to_ir(model)[0])
     if diff is None:
@@ -78,12 +68,12 @@ def inspect(model, diff=None) -> dict:
 
 
 def list_passes() -> dict:
-    from graphc.registry import all_passes
+    from graphc.core.registry import all_passes
 
     return {name: cls.summary for name, cls in all_passes().items()}
 
 
 def list_recipes() -> list:
-    from graphc.recipes import list_recipes as _lr
+    from graphc.core.recipes import list_recipes as _lr
 
     return [r.to_dict() for r in _lr()]

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import RecipeError
+from graphc.core import ops
+from graphc.core.errors import RecipeError
 from graphc.models.base import ArchFacts, ModelRecipe
 
 _RECIPE_CLASSES = {

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from graphc.arch import ArchFacts, hf_offline
+from graphc.core.arch import ArchFacts, hf_offline
 
 __all__ = ["ArchFacts", "ModelRecipe", "hf_offline"]
 

@@ -21,7 +21,7 @@ from typing import Literal, overload
 
 import numpy as np
 
-from graphc.errors import MissingDependencyError, UnsupportedError
+from graphc.core.errors import MissingDependencyError, UnsupportedError
 
 SEED = 20240601
 TWEET_SPLITS = ("eval", "calibration", "probe_train", "probe_test")

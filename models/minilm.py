@@ -121,7 +121,7 @@ class MiniLMRecipe(ModelRecipe):
     ) -> dict[str, Any] | None:
         """Cosine of the rewritten model's sentence embeddings (mean pooling, L2 norm) to the
         original's on the validation sentences."""
-        from graphc import measure
+        from graphc.checks import measure
 
         name = self.output_names[0]
         if not feeds or "attention_mask" not in feeds[0] or name not in reference[0] or name not in outputs[0]:

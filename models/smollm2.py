@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from graphc.errors import ExportError, MissingDependencyError, UnsupportedError
+from graphc.core.errors import ExportError, MissingDependencyError, UnsupportedError
 from graphc.models import data
 from graphc.models.base import ArchFacts, ModelRecipe, hf_offline
 
@@ -221,7 +221,7 @@ class SmolLM2Recipe(ModelRecipe):
     ) -> dict[str, Any] | None:
         """Perplexity of the rewritten model's logits vs the original's on the validation
         windows (token-weighted, the same tokens for both)."""
-        from graphc import measure
+        from graphc.checks import measure
 
         if not feeds or "input_ids" not in feeds[0] or "logits" not in reference[0] or "logits" not in outputs[0]:
             return None
@@ -247,15 +247,15 @@ def _replay(
 
 def token_nll(logits: np.ndarray, input_ids: np.ndarray) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and the number of predicted tokens
-    (:func:`graphc.measure.token_nll`)."""
-    from graphc import measure
+    (:func:`graphc.checks.measure.token_nll`)."""
+    from graphc.checks import measure
 
     return measure.token_nll(logits, input_ids)
 
 
 def perplexity(run: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: Sequence[dict[str, np.ndarray]]) -> float:
     """Perplexity over fixed windows: ``run`` maps a feed to logits (torch or ORT)
-    (:func:`graphc.measure.perplexity`)."""
-    from graphc import measure
+    (:func:`graphc.checks.measure.perplexity`)."""
+    from graphc.checks import measure
 
     return measure.perplexity(run, feeds).perplexity

@@ -1,4 +1,4 @@
-"""Built-in passes. Importing this package registers them (graphc.registry)."""
+"""Built-in passes. Importing this package registers them (graphc.core.registry)."""
 
 from graphc.passes import (  # noqa: F401
     attention_mask_index,

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.pass_base import PassStats
+from graphc.core import ops
+from graphc.core.pass_base import PassStats
 from graphc.passes import _prune
 from graphc.passes._quant import const_array
 

@@ -143,7 +143,7 @@ def factorize(w: np.ndarray, metric: Metric, rank: int | None = None, max_error:
 
 def check_budget(rule: RankRule, max_error: float, param_ratio: float, min_saving: float, pass_name: str) -> None:
     """UnsupportedError for a rank budget no factorization can honour."""
-    from graphc.errors import UnsupportedError
+    from graphc.core.errors import UnsupportedError
 
     if rule is RankRule.ERROR and not 0.0 < max_error < 1.0:
         raise UnsupportedError(f"max_error={max_error}: a relative error budget must lie in (0, 1)", pass_name=pass_name)

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.validate import make_session, synthesize_inputs
+from graphc.core import ops
+from graphc.checks.validate import make_session, synthesize_inputs
 
 _PROBE_SHAPES = ((3, 7), (2, 12))
 

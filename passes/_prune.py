@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError, PreconditionError
+from graphc.core import ops
+from graphc.core.errors import PassError, PreconditionError
 from graphc.passes._quant import const_array, constant
 
 _FLOATS = (np.float32, np.float64)
@@ -113,7 +113,7 @@ def activations(
 ) -> dict[str, np.ndarray]:
     """Rows [tokens, channels] (float32) of each value over the calibration feeds. Values of
     shape [batch, seq, K] leave out padded positions (``attention_mask`` 0)."""
-    from graphc.calibrate import exposing_session
+    from graphc.core.calibrate import exposing_session
 
     if not feeds:
         raise PassError("needs calibration data, and none was given (use a model recipe or pass feeds)",

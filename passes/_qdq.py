@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.pass_base import PassStats, copy_scope
+from graphc.core import ops
+from graphc.core.pass_base import PassStats, copy_scope
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, int8_weight
 
 QUANTIZE_LINEAR = "QuantizeLinear"
@@ -43,7 +43,7 @@ def smooth(model: ir.Model, names: Sequence[str], alpha: float, feeds, pass_name
     """SmoothQuant: x → x / s before the MatMuls that read x, their weight rows × s, with
     s_j = max|x_j|^alpha / max|W_j|^(1-alpha) (calibrated): the activation's outlier channels
     move into the weights, which are quantized per output channel. Returns how many inputs."""
-    from graphc.calibrate import channel_absmax
+    from graphc.core.calibrate import channel_absmax
 
     graph = model.graph
     values = _values_by_name(graph)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
+from graphc.core import ops
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import const_array
 
@@ -201,8 +201,8 @@ def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
     """An ORT session of ``model`` in which the layers' weights are graph inputs."""
     import onnx
 
-    from graphc.io import inline_external_data
-    from graphc.validate import make_session
+    from graphc.core.io import inline_external_data
+    from graphc.checks.validate import make_session
 
     names = {layer.value.name for layer in layers}
     with inline_external_data(model):

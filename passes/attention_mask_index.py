@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.pass_base import GraphcPass, PassStats
+from graphc.core import ops
+from graphc.core.pass_base import GraphcPass, PassStats
 from graphc.passes._padding_mask import mask_index, padding_bias_problem
-from graphc.registry import register
+from graphc.core.registry import register
 
 # com.microsoft op -> (mask_index input, attention_bias input)
 _SLOTS = {"Attention": (3, 5), "MultiHeadAttention": (4, 5)}

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats, choice
+from graphc.core import ops
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
-from graphc.registry import register
+from graphc.core.registry import register
 
 # normalizations: op type -> (gamma input index, beta input index or None)
 _NORMS = {
@@ -110,7 +110,7 @@ class AwqScale(GraphcPass):
         if not groups:
             stats.notes.append("no normalization or gated FFN feeding constant-weight MatMuls only")
             return False
-        from graphc.calibrate import input_moments
+        from graphc.core.calibrate import input_moments
 
         moments = input_moments(model, [g.x for g in groups], feeds, pass_name=self.name)
         changed = False

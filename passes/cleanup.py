@@ -7,8 +7,8 @@ import math
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from graphc.pass_base import GraphcPass, PassStats
-from graphc.registry import register
+from graphc.core.pass_base import GraphcPass, PassStats
+from graphc.core.registry import register
 
 
 def _count_nodes(model: ir.Model) -> int:

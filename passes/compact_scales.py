@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats
+from graphc.core import ops
+from graphc.core.errors import UnsupportedError
+from graphc.core.pass_base import GraphcPass, PassStats
 from graphc.passes._quant import constant
-from graphc.registry import register
+from graphc.core.registry import register
 
 # (op, input index of the scales) whose scales are compacted
 _SCALE_INPUTS = {"MatMulNBits": 2, "GatherBlockQuantized": 2}

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphc.pass_base import GraphcPass, PassStats, copy_scope
-from graphc.registry import register
+from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.core.registry import register
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.pass_base import GraphcPass, PassStats
-from graphc.registry import register
+from graphc.core import ops
+from graphc.core.pass_base import GraphcPass, PassStats
+from graphc.core.registry import register
 from graphc.passes._quant import constant
 
 _FP16_MAX = float(np.finfo(np.float16).max)

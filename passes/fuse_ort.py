@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from graphc.errors import PassError
-from graphc.pass_base import GraphcPass, PassStats, choice
+from graphc.core.errors import PassError
+from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes._fusion_rules import gemm_matmul, gqa_kv, normalize, sym_dims
 from graphc.passes._fusion_rules.table import FUSIONS, function_for, preparation
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
 from graphc.passes._fusion_rules.misses import FAMILIES, anchors, best_partial_match, count_ops, miss_reason
-from graphc.registry import register
+from graphc.core.registry import register
 
 
 _PRIVATE_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate fusion functions

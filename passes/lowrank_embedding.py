@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core import ops
+from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
 from graphc.passes._weights import table_readers
-from graphc.registry import register
+from graphc.core.registry import register
 
 
 class TiedHead(str, enum.Enum):

@@ -47,14 +47,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats, choice
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
 from graphc.passes._plan import precision as pp
 from graphc.passes import _row_use as row_use
 from graphc.passes import _sensitivity as sens
 from graphc.passes._weights import META_BITS, META_BLOCK, META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS
-from graphc.registry import register
+from graphc.core.registry import register
 
 
 @dataclass(frozen=True)

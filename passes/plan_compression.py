@@ -29,7 +29,7 @@ measured sensitivities to an error budget and size / latency targets.
    measured / predicted, and where bytes, parameters or MACs exceed a target that target is
    lowered by the excess; then it plans again, at most ``rounds`` times. A budget still missed
    after that, or targets no plan reaches within the error budget, raise a
-   :class:`~graphc.errors.PassError` that says what the planner could reach.
+   :class:`~graphc.core.errors.PassError` that says what the planner could reach.
 
 So the guarantee is on the calibration feeds the errors are measured on: measured error ≤
 ``max_error`` and bytes ≤ ``max_bytes`` (initializer bytes after this pass; the recipe's later
@@ -54,16 +54,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError, UnsupportedError
-from graphc.manager import SizeFacts
-from graphc.pass_base import GraphcPass, PassResult, PassStats, choice
+from graphc.core import ops
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.manager import SizeFacts
+from graphc.core.pass_base import GraphcPass, PassResult, PassStats, choice
 from graphc.passes import _blockquant as bq
 from graphc.passes._plan import measure as pm
 from graphc.passes._plan import search as ps
 from graphc.passes import _sensitivity as sens
 from graphc.passes._plan.units import Int4, Units, cost_text, graph_macs, layer_name
-from graphc.registry import register
+from graphc.core.registry import register
 
 _ORIGINAL = "graphc.plan.original"  # temporary node tag: "none" = the node had no pass mark before
 _FLOAT = "graphc-plan-float:"  # temporary name prefix of layers a quantizing pass must leave alone
@@ -435,6 +435,6 @@ class PlanCompression(GraphcPass):
 
 
 def _session(model: ir.Model):
-    from graphc.validate import make_session
+    from graphc.checks.validate import make_session
 
     return make_session(model, what="model after the plan")

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from graphc import ops
-from graphc.errors import PreconditionError
-from graphc.pass_base import GraphcPass, PassStats
+from graphc.core import ops
+from graphc.core.errors import PreconditionError
+from graphc.core.pass_base import GraphcPass, PassStats
 from graphc.passes import _prune
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
 from graphc.passes._ffn_blocks import Ffn, find_ffns
-from graphc.registry import register
+from graphc.core.registry import register
 
 # Ops applied channel by channel along the last axis (constants: scalars or [.., I] vectors).
 @dataclass(frozen=True)

@@ -34,13 +34,13 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from graphc import ops
-from graphc.errors import PassError, PreconditionError
-from graphc.pass_base import GraphcPass, PassStats
+from graphc.core import ops
+from graphc.core.errors import PassError, PreconditionError
+from graphc.core.pass_base import GraphcPass, PassStats
 from graphc.passes import _prune
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
 from graphc.passes._attention_blocks import ROTARY, GQA, Block, shape_entries, find_blocks
-from graphc.registry import register
+from graphc.core.registry import register
 
 @dataclass(frozen=True)
 class PruneHeadsOptions:

@@ -48,14 +48,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError
-from graphc.pass_base import GraphcPass, PassStats, choice
+from graphc.core import ops
+from graphc.core.errors import PassError
+from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes._actcalib import ActType, Collector, Method, qparams
 from graphc.passes._qdq import PER_AXIS_OPSET, apply, smooth, weight_candidates
 from graphc.passes._quant import const_array
-from graphc.target import Int8Form, exact_forms
-from graphc.registry import register
+from graphc.core.target import Int8Form, exact_forms
+from graphc.core.registry import register
 
 _GELU_OPS = frozenset({"Gelu", "FastGelu", "BiasGelu", "QuickGelu"})
 _NORM_OPS = frozenset(
@@ -205,7 +205,7 @@ class QuantizeActivations(GraphcPass):
         return params
 
     def _costs(self, model: ir.Model, chosen: dict[str, _Choice], params, per_channel: bool, weights: bool) -> dict[str, float]:
-        from graphc.validate import _row_mask, make_session, output_metrics, run_feeds
+        from graphc.checks.validate import _row_mask, make_session, output_metrics, run_feeds
 
         feeds = list(self.context.calibration or [])[: self.options.cost_feeds]
         with _inline(model) as proto:
@@ -335,7 +335,7 @@ class ValueProbe:
     calibration sweeps over the same feeds more than once."""
 
     def __init__(self, model: ir.Model, names: Sequence[str]) -> None:
-        from graphc.validate import make_session
+        from graphc.checks.validate import make_session
 
         with _inline(model) as proto:
             existing = {o.name for o in proto.graph.output}
@@ -358,7 +358,7 @@ class _inline:
         self.model = model
 
     def __enter__(self) -> onnx.ModelProto:
-        from graphc.io import inline_external_data, max_ir_version
+        from graphc.core.io import inline_external_data, max_ir_version
 
         with inline_external_data(self.model):
             proto = ir.serde.serialize_model(self.model)

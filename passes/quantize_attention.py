@@ -25,10 +25,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from graphc import ops
-from graphc.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.core import ops
+from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes._quant import const_array, constant
-from graphc.registry import register
+from graphc.core.registry import register
 from graphc.passes._padding_mask import mask_index, padding_bias_problem
 
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
-from graphc.registry import register
+from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core.registry import register
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, subgraphs, weight_problem
-from graphc.target import Int8Form, exact_forms
-from graphc.errors import PassError, UnsupportedError
+from graphc.core.target import Int8Form, exact_forms
+from graphc.core.errors import PassError, UnsupportedError
 from graphc.passes._conv_budget import float_fallback
 
 _CONV_OPS = ("Conv", "ConvTranspose")

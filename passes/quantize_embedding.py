@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats, copy_scope
-from graphc.registry import register
+from graphc.core import ops
+from graphc.core.errors import UnsupportedError
+from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.core.registry import register
 from graphc.passes._quant import constant, drop_unused_initializers, embedding_table, scale_dtype_for
 
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core import ops
+from graphc.core.errors import UnsupportedError
+from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, embedding_table, ensure_opset
 from graphc.passes._weights import META_BLOCK, META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS, META_WEIGHT, planned_config, weight_digest
-from graphc.registry import register
+from graphc.core.registry import register
 
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -320,7 +320,7 @@ def _split_plan(node: ir.Node, vocab: int) -> tuple[np.ndarray, int, int] | None
     cold_bits = int(node.metadata_props[META_COLD_BITS])
     cold_block = int(node.metadata_props.get(META_COLD_BLOCK, node.metadata_props.get(META_BLOCK, "32")))
     if cold_bits not in bq.GATHER_BITS or cold_block not in bq.BLOCK_SIZES:
-        from graphc.errors import UnsupportedError
+        from graphc.core.errors import UnsupportedError
 
         raise UnsupportedError(f"{node.name}: planned cold rows bits={cold_bits}, block_size={cold_block}; supported: "
                                f"bits {', '.join(map(str, bq.GATHER_BITS))}, block sizes "

@@ -42,12 +42,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError, UnsupportedError, ValidationError
-from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
-from graphc.registry import register
+from graphc.core import ops
+from graphc.core.errors import PassError, UnsupportedError, ValidationError
+from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core.registry import register
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, int8_weight, subgraphs, weight_problem
-from graphc.target import Int8Form, exact_forms
+from graphc.core.target import Int8Form, exact_forms
 
 
 class Emit(str, enum.Enum):
@@ -215,7 +215,7 @@ class QuantizeInt8(GraphcPass):
         return wq, ws, wzp
 
     def _find_outliers(self, model: ir.Model, groups, stats: PassStats) -> dict[ir.Value, _Outliers]:
-        from graphc.calibrate import channel_absmax
+        from graphc.core.calibrate import channel_absmax
 
         if not self.context.calibration:
             raise PassError(

@@ -35,13 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core import ops
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import constant, drop_unused_initializers, ensure_opset, gemm_terms, release_pages, nonfinite_reason
 from graphc.passes._weights import META_WEIGHT, constant_weight, planned_config, weight_digest
-from graphc.registry import register
+from graphc.core.registry import register
 
 QDQ_OPSET = 21
 _SCALE_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -237,7 +237,7 @@ class QuantizeNBits(GraphcPass):
                 "use a model exported by graphc (its recipe's texts) or pass calibration feeds in the PassContext",
                 pass_name=self.name,
             )
-        from graphc.calibrate import input_moments
+        from graphc.core.calibrate import input_moments
 
         moments = input_moments(model, [c.node.inputs[0] for c in cands], feeds, pass_name=self.name)
         stats.notes.append(f"gptq Hessians from {len(feeds)} calibration batches ({self.context.calibration_source}), "

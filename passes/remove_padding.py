@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.core import ops
+from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes._quant import const_array, constant
-from graphc.registry import register
+from graphc.core.registry import register
 
 _ATTENTION = {"MultiHeadAttention": (0, 1, 2), "Attention": (0,), "QAttention": (0,)}  # com.microsoft op -> activation inputs
 # op -> indices of the inputs that are per-token activations; every other input must be a constant

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.core import ops
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes import _row_use as row_use
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
 from graphc.passes._weights import table_readers
-from graphc.registry import register
+from graphc.core.registry import register
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class SplitVocab(GraphcPass):
 
     def _importance(self, model, rows, gathers, transposed, feeds) -> tuple[np.ndarray, np.ndarray]:
         """(mean next-token probability, share of lookups) per row, each summing to 1 (or 0)."""
-        from graphc.calibrate import exposing_session, token_rows
+        from graphc.core.calibrate import exposing_session, token_rows
 
         heads = [mm.outputs[0].name for _, mm in transposed]
         session, inputs = exposing_session(model, heads)

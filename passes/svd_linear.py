@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core import ops
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
 from graphc.passes._quant import constant, drop_unused_initializers, gemm_weight, weight_problem
 from graphc.passes._weights import constant_weight
-from graphc.registry import register
+from graphc.core.registry import register
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class SvdLinear(GraphcPass):
         return lr.factorize(cand.weight, metric, rank=rank, decomposition=decomposition)
 
     def _moments(self, model: ir.Model, cands: list[_Candidate], stats: PassStats) -> dict:
-        from graphc.calibrate import input_moments
+        from graphc.core.calibrate import input_moments
 
         if not self.context.calibration:
             raise PassError(

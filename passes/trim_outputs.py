@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphc.pass_base import GraphcPass, PassStats, copy_scope
-from graphc.registry import register
+from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.core.registry import register
 
 # (domain, op) → minimum number of outputs the op needs.
 TRIMMABLE = {

@@ -10,11 +10,11 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc import io
-from graphc.attribution import _metrics, attribute, normalize_name
-from graphc.errors import ValidationError
+from graphc.core import io
+from graphc.checks.attribution import _metrics, attribute, normalize_name
+from graphc.core.errors import ValidationError
 from graphc.passes.quantize_int8 import QuantizeInt8
-from graphc.validate import synthesize_inputs
+from graphc.checks.validate import synthesize_inputs
 from tests.passes.graphs import mlp
 
 
@@ -190,7 +190,7 @@ def bert(tmp_path_factory):
 
 
 def _graphc_int8(path, out):
-    from graphc import api
+    from graphc.front import api
 
     # embeddings stay float, so the error enters in the layers only
     return api.compress(path, recipe="int8", force=True, disable=("quantize-embedding",)).model

@@ -5,12 +5,12 @@ import json
 import onnx_ir as ir
 import pytest
 
-from graphc import target as tg
-from graphc.api import compress
-from graphc.auto import choose, Candidate, parse_shape
-from graphc.cli import main
-from graphc.errors import GraphcError, RecipeError
-from graphc.recipes import get_recipe
+from graphc.core import target as tg
+from graphc.front.api import compress
+from graphc.front.auto import choose, Candidate, parse_shape
+from graphc.front.cli import main
+from graphc.core.errors import GraphcError, RecipeError
+from graphc.core.recipes import get_recipe
 
 
 @pytest.fixture(scope="module")

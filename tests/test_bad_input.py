@@ -24,9 +24,9 @@ from tests.conftest import (
     temp_leftovers,
     tiny_model_proto,
 )
-from graphc import io
-from graphc.cli import main
-from graphc.errors import ExternalDataError, GraphcError, InvalidModelError, ModelLoadError, SaveError
+from graphc.core import io
+from graphc.front.cli import main
+from graphc.core.errors import ExternalDataError, GraphcError, InvalidModelError, ModelLoadError, SaveError
 
 # --------------------------------------------------------------------------- bad inputs
 # Each builder writes a bad input under the folder it is given and returns its path and
@@ -247,7 +247,7 @@ def test_bad_input_cli(case, command, tmp_path, tiny_path, capsys):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_api_raises_typed_error(case, tmp_path):
-    from graphc.api import compress
+    from graphc.front.api import compress
 
     bad, fragment = CASES[case](tmp_path)
     before = Snapshot(tmp_path)
@@ -334,7 +334,7 @@ def test_output_aliasing_input_is_refused(kind, tiny_path, tmp_path, capsys, mon
 
 
 def _compress_api(src: Path, out: Path) -> None:
-    from graphc.api import compress
+    from graphc.front.api import compress
 
     compress(src, out, recipe="cleanup", validate=False)
 

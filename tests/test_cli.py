@@ -6,7 +6,7 @@ from pathlib import Path
 import onnx_ir as ir
 import pytest
 
-from graphc.cli import main
+from graphc.front.cli import main
 from tests.passes.graphs import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_compress_works_without_torch_or_transformers(tmp_path):
     ir.save(model, src)
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "from graphc.cli import main\n"
+        "from graphc.front.cli import main\n"
         f"rc = main(['compress', {str(src)!r}, '-o', {str(tmp_path / 'o.onnx')!r}, '--json'])\n"
         "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
         "sys.exit(rc)\n"
@@ -214,7 +214,7 @@ def test_report_is_written_even_when_tolerance_fails(model_path, tmp_path, capsy
 
 
 def test_task_figures_in_one_line():
-    from graphc.cli_text import task_text as _task_text
+    from graphc.front.cli_text import task_text as _task_text
 
     assert _task_text({"metric": "perplexity", "reference": 29.14, "value": 36.93, "relative_rise": 0.2675,
                        "tokens": 1016}) == "perplexity 29.14 → 36.93 (+26.8%)"

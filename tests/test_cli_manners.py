@@ -8,12 +8,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphc.cli import build_parser, main
-from graphc.cli_help import EXIT_CODES
-from graphc.errors import RecipeError
-from graphc.progress import JsonProgress, LineProgress, RichProgress, make_progress
-from graphc.recipe_merge import apply_sets, parse_set
-from graphc.recipes import get_recipe, recipe_from_dict, recipe_names
+from graphc.front.cli import build_parser, main
+from graphc.front.cli_help import EXIT_CODES
+from graphc.core.errors import RecipeError
+from graphc.core.progress import JsonProgress, LineProgress, RichProgress, make_progress
+from graphc.core.recipe_merge import apply_sets, parse_set
+from graphc.core.recipes import get_recipe, recipe_from_dict, recipe_names
 from tests.passes.graphs import mlp
 
 

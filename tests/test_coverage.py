@@ -15,9 +15,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import graphc
-from graphc import io
-from graphc.registry import all_passes
-from graphc.validate import make_session, synthesize_inputs
+from graphc.core import io
+from graphc.core.registry import all_passes
+from graphc.checks.validate import make_session, synthesize_inputs
 from tests.fuzz import harness as H
 from tests.fuzz.strategies import OPSETS, Spec, bert_like, build, llama_like
 

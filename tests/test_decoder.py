@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("transformers")
 
 import graphc  # noqa: E402
-from graphc.errors import InvalidModelError  # noqa: E402
-from graphc.generate import Decoder  # noqa: E402
+from graphc.core.errors import InvalidModelError  # noqa: E402
+from graphc.front.generate import Decoder  # noqa: E402
 
 PROMPT = np.array([[5, 17, 42, 8, 99, 3]])
 
@@ -66,7 +66,7 @@ def test_compressed_decoders_generate_through_the_same_path(tiny, tmp_path, reci
     """The recipes fuse a KV decoder's attention into GroupQueryAttention with the cache,
     validate it (synthesized prefill and decode calls) and the result decodes. Random tiny
     weights: only int8 is expected to keep the tokens."""
-    from graphc.recipes import get_recipe, recipe_from_dict
+    from graphc.core.recipes import get_recipe, recipe_from_dict
 
     model, path = tiny
     out = tmp_path / f"{recipe}.onnx"
@@ -89,7 +89,7 @@ def test_compressed_decoders_generate_through_the_same_path(tiny, tmp_path, reci
 
 
 def test_kv_export_refuses_an_encoder_up_front(tmp_path):
-    from graphc.errors import ExportError
+    from graphc.core.errors import ExportError
     from graphc.exporters.decoder import export_decoder
     from graphc.models.fixtures import tiny_bert
 
@@ -112,7 +112,7 @@ def test_decoder_refuses_a_model_without_cache(tmp_path):
 def test_smollm2_greedy_32_tokens_match_pytorch(tmp_path):
     """fp32 SmolLM2 through ONNX Runtime gives PyTorch's 32 greedy tokens, unfused and with
     fuse-ort's GroupQueryAttention over the cache (GRAPHC_SMOLLM2=1)."""
-    from graphc import io
+    from graphc.core import io
     from graphc.exporters.decoder import export_decoder
     from graphc.models import get_model_recipe
     from graphc.passes.fuse_ort import FuseOrt

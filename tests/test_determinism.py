@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from onnx import numpy_helper
 
 import graphc
-from graphc.errors import GraphcError
+from graphc.core.errors import GraphcError
 from tests.fuzz.strategies import bert_like, build, specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_random_transformers_compress_to_the_same_bytes(spec):
 
 
 def test_calibration_feeds_are_seeded():
-    from graphc.api import calibration_context
+    from graphc.front.api import calibration_context
 
     model = ir.serde.deserialize_model(build(bert_like()))
     a = calibration_context(model).calibration

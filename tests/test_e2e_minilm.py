@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from graphc.cli import main  # noqa: E402
+from graphc.front.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def compressed(exported, tmp_path_factory):
 
 
 def test_export_records_architecture(exported):
-    from graphc import io
+    from graphc.core import io
 
     meta = io.load_model(exported).metadata_props
     assert meta["graphc.model_recipe"] == "minilm"
@@ -56,7 +56,7 @@ def test_int8_is_small_and_validated_on_real_text(compressed, exported):
 def test_sentence_embeddings_stay_close(compressed, exported):
     from graphc.models import get_model_recipe
     from graphc.models.minilm import embed
-    from graphc.validate import make_session
+    from graphc.checks.validate import make_session
 
     out, _ = compressed
     recipe = get_model_recipe("minilm")

@@ -16,12 +16,12 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
-from graphc import ops  # noqa: E402
-from graphc.errors import ExportError, MissingDependencyError  # noqa: E402
+from graphc.core import ops  # noqa: E402
+from graphc.core.errors import ExportError, MissingDependencyError  # noqa: E402
 from graphc.exporters import SCOPE_KEY, export, export_module, read_arch_facts  # noqa: E402
 from graphc.exporters import hf as hf_exporter  # noqa: E402
 from graphc.exporters.metadata import compact_node_metadata, write_model_metadata  # noqa: E402
-from graphc.io import load_model  # noqa: E402
+from graphc.core.io import load_model  # noqa: E402
 from graphc.models import fixtures  # noqa: E402
 from graphc.models.base import ArchFacts  # noqa: E402
 

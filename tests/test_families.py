@@ -21,13 +21,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from graphc import api  # noqa: E402
-from graphc.errors import ExportError, ToleranceError  # noqa: E402
+from graphc.front import api  # noqa: E402
+from graphc.core.errors import ExportError, ToleranceError  # noqa: E402
 from graphc.exporters import families, parity  # noqa: E402
 from graphc.exporters.metadata import read_arch_facts  # noqa: E402
-from graphc.io import load_model  # noqa: E402
+from graphc.core.io import load_model  # noqa: E402
 from graphc.models import tiny_families as tf  # noqa: E402
-from graphc.validate import make_session  # noqa: E402
+from graphc.checks.validate import make_session  # noqa: E402
 
 DEFAULT = ("bert", "vit", "llama", "gpt2")
 ALL = os.environ.get("GRAPHC_FAMILIES") == "1"
@@ -238,7 +238,7 @@ def test_unsupported_model_type_names_it_and_lists_supported(tmp_path):
 
 
 def test_cli_export_refusal_is_one_line(tmp_path, capsys):
-    from graphc.cli import main
+    from graphc.front.cli import main
 
     folder = tmp_path / "t5"
     tf.tiny_config("t5").save_pretrained(folder)
@@ -276,7 +276,7 @@ def test_vision_validation_on_sample_photos_with_task_metric(work):
     assert v.input_source.startswith("images: 24 crops") and v.samples == 3
     assert v.task["metric"] == "embedding_cosine" and v.task["images"] == 24 and v.task["of"] == "pooler_output"
     assert 0.0 < v.task["min"] <= v.task["mean"] <= 1.0
-    from graphc.cli_text import gate_text as _gate_text
+    from graphc.front.cli_text import gate_text as _gate_text
 
     assert _gate_text(v) == " (gate: output cosine ≥ 0.99, worst row cosine ≥ 0.9)"
 
@@ -297,7 +297,7 @@ def test_image_classifier_exports_logits_and_reports_top1_agreement(tmp_path):
     assert exp.output_names == ("logits",) and exp.parity.ok
     onnx_model = load_model(exp.path)
     assert onnx_model.metadata_props["graphc.image.mean"] == "0.485,0.456,0.406"
-    from graphc.images import feeds
+    from graphc.checks.images import feeds
 
     pixels = np.concatenate([f["pixel_values"] for f in feeds(onnx_model)[0]])
     # normalized with the folder's mean and std: photo pixels in [0, 1] map into [-mean/std, (1-mean)/std]
@@ -340,7 +340,7 @@ def _tiny_vision_onnx(size: int = 6) -> object:
 
 
 def test_vision_validation_falls_back_to_synthesized_and_says_why(monkeypatch):
-    from graphc import images
+    from graphc.checks import images
 
     model = _tiny_vision_onnx()
     assert images.pixel_input(model) is not None
@@ -354,7 +354,7 @@ def test_vision_validation_falls_back_to_synthesized_and_says_why(monkeypatch):
 
 def test_sample_photo_feeds_are_distinct_for_calibration():
     pytest.importorskip("PIL")
-    from graphc import images
+    from graphc.checks import images
 
     model = _tiny_vision_onnx()
     val, source = images.feeds(model)

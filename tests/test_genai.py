@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from graphc.errors import GraphcError
+from graphc.core.errors import GraphcError
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
 
@@ -35,7 +35,7 @@ PROMPT = [5, 17, 33, 8, 61]
 
 @pytest.fixture(scope="module")
 def genai_export(llama_folder, tmp_path_factory):
-    from graphc.api import export
+    from graphc.front.api import export
 
     out = tmp_path_factory.mktemp("exp") / "genai"
     export(llama_folder[0], out, kv_cache=True, genai=True)
@@ -57,10 +57,10 @@ def test_export_genai_folder_generates_what_pytorch_does(llama_folder, genai_exp
 
 def test_compress_genai_folder_matches_graphc_generate(llama_folder, genai_export, tmp_path):
     """A fused decoder as a genai folder (the source's genai folder gives the config and tokenizer
-    files): genai's tokens equal graphc.generate's on the same graph, and PyTorch's."""
-    from graphc.api import compress
+    files): genai's tokens equal graphc.front.generate's on the same graph, and PyTorch's."""
+    from graphc.front.api import compress
     from graphc.exporters.genai import generate
-    from graphc.generate import Decoder
+    from graphc.front.generate import Decoder
 
     _, model = llama_folder
     src = genai_export / "model.onnx"
@@ -74,7 +74,7 @@ def test_compress_genai_folder_matches_graphc_generate(llama_folder, genai_expor
 
 
 def test_genai_refuses_what_it_cannot_serve(llama_folder, tmp_path):
-    from graphc.api import compress, export
+    from graphc.front.api import compress, export
     from graphc.models.fixtures import export_tiny
 
     folder, _ = llama_folder

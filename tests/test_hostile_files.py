@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc.cli import main
+from graphc.front.cli import main
 from tests.conftest import GRAPHC_BIN, Snapshot, save_external, temp_leftovers, tiny_model_proto
 
 
@@ -148,8 +148,8 @@ def test_dump_dir_with_other_files_is_used_and_they_stay(model, tmp_path, capsys
 
 def test_dump_save_refuses_a_file_that_appeared_during_the_run(model, tmp_path):
     """The up-front check cannot see a file created later; the save itself links into place."""
-    from graphc import io
-    from graphc.errors import SaveError
+    from graphc.core import io
+    from graphc.core.errors import SaveError
 
     target = tmp_path / "late.onnx"
     target.write_bytes(b"appeared")
@@ -288,8 +288,8 @@ def test_output_name_without_room_for_the_data_sidecar_is_refused(model, tmp_pat
 SAVE_THEN_WAIT = textwrap.dedent("""
     import sys, time
     import onnx_ir
-    from graphc import io
-    from graphc.cli import main
+    from graphc.core import io
+    from graphc.front.cli import main
 
     real_save = onnx_ir.save
 
@@ -506,7 +506,7 @@ def test_sparse_tensors_with_escaping_data_are_refused_unread(where, tmp_path, c
 
 def test_function_external_data_is_an_input_file(tmp_path, capsys):
     """model_files (what -o and --report must never replace) includes a function's data file."""
-    from graphc import io
+    from graphc.core import io
 
     folder = tmp_path / "models"
     src = _function_model("const.bin", folder)

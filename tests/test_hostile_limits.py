@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc.cli import main
+from graphc.front.cli import main
 from tests.conftest import GRAPHC_BIN, Snapshot, tiny_model_proto
 
 
@@ -104,15 +104,15 @@ def test_validate_timeout_must_be_positive_seconds(value, tmp_path, capsys):
 
 
 def test_default_time_limit_grows_with_the_model():
-    from graphc.interrupt import default_time_limit
+    from graphc.core.interrupt import default_time_limit
 
     assert default_time_limit(0) == 300 and default_time_limit(10**9) == 300 + 600
 
 
 SIGNAL_IN_ORT = textwrap.dedent("""
     import sys
-    from graphc import interrupt
-    from graphc.cli import main
+    from graphc.core import interrupt
+    from graphc.front.cli import main
 
     real = interrupt.run_session
 
@@ -189,8 +189,8 @@ def _chain(n: int, start: str):
 
 
 def _fold(model) -> None:
-    from graphc.pass_base import PassContext
-    from graphc.registry import get_pass
+    from graphc.core.pass_base import PassContext
+    from graphc.core.registry import get_pass
 
     get_pass("fold-constants").from_dict({}, PassContext())(model)
 
@@ -263,7 +263,7 @@ def test_mistyped_recipe_fails_before_any_work(case, tmp_path, capsys):
 
 
 def test_well_typed_options_still_load():
-    from graphc.recipes import recipe_from_dict
+    from graphc.core.recipes import recipe_from_dict
 
     recipe = recipe_from_dict({"passes": [{"name": "quantize-int8", "options": {"per_channel": False, "exclude": ["a"]}},
                                           {"name": "fp16-constants", "options": {"max_rel_error": 1}}]})
@@ -324,7 +324,7 @@ def test_library_warnings_and_log_lines_stay_off_the_terminal(monkeypatch, capsy
     import logging
     import warnings
 
-    from graphc import cli
+    from graphc.front import cli
 
     def noisy(args):
         warnings.warn("invalid value encountered in divide", RuntimeWarning)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc.cli import main
+from graphc.front.cli import main
 from tests.conftest import Snapshot, tiny_model_proto
 
 RNG = np.random.default_rng(0)
@@ -80,8 +80,8 @@ def test_a_pass_renaming_an_output_is_refused_by_name(tmp_path):
     """The guard refuses, naming the pass, a signature change it cannot undo."""
     import onnx_ir as ir
 
-    from graphc.errors import PassError
-    from graphc.signature import SignatureGuard
+    from graphc.core.errors import PassError
+    from graphc.core.signature import SignatureGuard
 
     model = ir.serde.deserialize_model(_matmul_model())
     guard = SignatureGuard(model)
@@ -157,7 +157,7 @@ def test_nan_where_the_original_has_a_number_fails_naming_the_output(tmp_path, c
     captured = capsys.readouterr()
     assert code == 3
     assert "y: cosine 0.000000" in captured.out and "NaN/inf where the other has a number at" in captured.out
-    from graphc.api import validate
+    from graphc.front.api import validate
 
     report = validate(src, bad)
     assert report.nonfinite_outputs == ["y"] and not report.passed
@@ -165,7 +165,7 @@ def test_nan_where_the_original_has_a_number_fails_naming_the_output(tmp_path, c
 
 
 def test_nan_metric_unit():
-    from graphc.validate import output_metrics
+    from graphc.checks.validate import output_metrics
 
     ref = np.array([[1.0, np.nan, np.inf, 2.0]])
     same = output_metrics("o", [ref], [ref.copy()])
@@ -204,7 +204,7 @@ def test_sequence_outputs_are_compared(recipe, tmp_path, capsys):
 
 
 def test_sequence_outputs_that_differ_fail():
-    from graphc.validate import compare
+    from graphc.checks.validate import compare
 
     def model(scale):
         graph = helper.make_graph(

@@ -1,4 +1,4 @@
-"""graphc.io: load checks, atomic save, external data, and the external-path guard."""
+"""graphc.core.io: load checks, atomic save, external data, and the external-path guard."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from graphc import io
-from graphc.errors import ExternalDataError, InvalidModelError, ModelLoadError, SaveError
+from graphc.core import io
+from graphc.core.errors import ExternalDataError, InvalidModelError, ModelLoadError, SaveError
 from tests.conftest import Snapshot, save_external, set_external_info, temp_leftovers, tiny_model_proto
 
 
@@ -150,7 +150,7 @@ def test_save_refuses_to_overwrite_input_data(tmp_path):
 
 
 def test_check_output_path(tmp_path):
-    # a missing folder is created by the save (graphc.outputs), not refused
+    # a missing folder is created by the save (graphc.core.outputs), not refused
     assert io.check_output_path(tmp_path / "missing" / "out.onnx") == [tmp_path / "missing" / "out.onnx"]
     assert not (tmp_path / "missing").exists()
     (tmp_path / "file").write_bytes(b"")

@@ -3,14 +3,14 @@ import textwrap
 import numpy as np
 import pytest
 
-from graphc.instruments import NumericCheck
-from graphc.errors import PassError, RecipeError
-from graphc.manager import PassManager
-from graphc.pass_base import GraphcPass, PassStats
+from graphc.checks.instruments import NumericCheck
+from graphc.core.errors import PassError, RecipeError
+from graphc.core.manager import PassManager
+from graphc.core.pass_base import GraphcPass, PassStats
 from graphc.passes.quantize_int8 import QuantizeInt8
 from graphc.passes.cleanup import RemoveUnused
-from graphc.recipes import get_recipe, recipe_from_dict
-from graphc.validate import run_feeds, make_session
+from graphc.core.recipes import get_recipe, recipe_from_dict
+from graphc.checks.validate import run_feeds, make_session
 from tests.passes.graphs import mlp
 
 
@@ -113,7 +113,7 @@ class _ReplaceEveryNode(GraphcPass):
 def test_every_node_a_pass_creates_is_labelled_even_when_ids_are_reused():
     """Regression: GraphcPass once recognised pre-existing nodes by id(); a new node that got
     a deleted node's id went unlabelled (provenance then depended on memory layout)."""
-    from graphc import ops
+    from graphc.core import ops
 
     for _ in range(2):  # each gc.collect() walks the whole heap: slow late in a full run
         model = mlp()
@@ -124,7 +124,7 @@ def test_every_node_a_pass_creates_is_labelled_even_when_ids_are_reused():
 
 def test_builtin_recipe_files_are_exactly_the_listed_built_ins():
     """recipes/builtin/*.toml and BUILTIN_NAMES agree, and each file loads and names itself."""
-    from graphc.recipes import BUILTIN, BUILTIN_NAMES, _builtin_folder
+    from graphc.core.recipes import BUILTIN, BUILTIN_NAMES, _builtin_folder
 
     files = sorted(p.stem for p in _builtin_folder().glob("*.toml"))
     assert files == sorted(BUILTIN_NAMES)

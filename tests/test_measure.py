@@ -1,4 +1,4 @@
-"""graphc.measure on a tiny hand-built encoder-like ONNX model (no torch, fast)."""
+"""graphc.checks.measure on a tiny hand-built encoder-like ONNX model (no torch, fast)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc import measure
-from graphc.errors import ValidationError
+from graphc.checks import measure
+from graphc.core.errors import ValidationError
 
 VOCAB, HIDDEN = 50, 8
 

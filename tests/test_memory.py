@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from graphc import io
+from graphc.core import io
 from graphc.models.synthetic_llama import PRESETS, LlamaConfig, write_synthetic_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +26,15 @@ CONFIG = LlamaConfig(hidden=512, intermediate=1024, layers=24, heads=8, kv_heads
 _CHILD = """
 import json, sys
 import graphc
-from graphc.recipes import recipe_from_dict
+from graphc.core.recipes import recipe_from_dict
 def hwm():
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return int(status["VmHWM"].split()[0]) * 1024
 recipe = recipe_from_dict(json.loads(sys.argv[3]))
-graphc.io.INLINE_LIMIT = 0  # external data out: a single-file save costs 3x the output (tested apart)
-import graphc.api, graphc.registry
-graphc.registry.all_passes()  # imports done: the baseline is the process before any weight is read
-graphc.io.load_model(sys.argv[1])
+graphc.core.io.INLINE_LIMIT = 0  # external data out: a single-file save costs 3x the output (tested apart)
+import graphc.front.api, graphc.core.registry
+graphc.core.registry.all_passes()  # imports done: the baseline is the process before any weight is read
+graphc.core.io.load_model(sys.argv[1])
 base = hwm()
 graphc.compress(sys.argv[1], sys.argv[2], recipe=recipe, validate=False, attribution=False)
 print(json.dumps({"base": base, "peak": hwm()}))

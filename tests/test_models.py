@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from graphc.errors import MissingDependencyError, RecipeError, UnsupportedError
+from graphc.core.errors import MissingDependencyError, RecipeError, UnsupportedError
 from graphc.models import MODEL_RECIPES, get_model_recipe, recipe_for_model
 from graphc.models import data
 
@@ -201,8 +201,8 @@ def test_calibration_feeds_take_the_recipes_batch_and_window(monkeypatch) -> Non
     pytest.importorskip("transformers")
     import onnx_ir as ir
 
-    from graphc import ops
-    from graphc.api import calibration_context
+    from graphc.core import ops
+    from graphc.front.api import calibration_context
     from graphc.models.minilm import MiniLMRecipe
 
     monkeypatch.setattr(MiniLMRecipe, "calibration_batch", 3)

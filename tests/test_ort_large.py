@@ -3,8 +3,8 @@
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ort_large
-from graphc.validate import make_session
+from graphc.core import ort_large
+from graphc.checks.validate import make_session
 from tests.passes.graphs import mlp
 
 

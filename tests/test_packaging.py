@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import graphc
-from graphc.recipes import BUILTIN, file_recipes, get_recipe, list_recipes, recipe_names
+from graphc.core.recipes import BUILTIN, file_recipes, get_recipe, list_recipes, recipe_names
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = ("graphc", "passes", "exporters", "models", "recipes")
@@ -37,15 +37,15 @@ def test_packaged_recipes_by_name():
 
 def test_version_from_metadata():
     assert graphc.__version__ == version("graphc")
-    out = subprocess.run([sys.executable, "-m", "graphc.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "graphc.front.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith(f"graphc {graphc.__version__} (onnx ")
     assert out.stdout.count("\n") == 1
 
 
 def test_import_and_help_load_no_onnx():
     """``import graphc`` and ``graphc --help`` must not import ONNX, onnx_ir or ONNX Runtime."""
-    code = ("import sys, graphc, graphc.cli\n"
-            "try:\n    graphc.cli.build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys, graphc, graphc.front.cli\n"
+            "try:\n    graphc.front.cli.build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = sorted(m for m in ('onnx', 'onnx_ir', 'onnxruntime', 'numpy', 'onnxscript') if m in sys.modules)\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -53,21 +53,21 @@ def test_import_and_help_load_no_onnx():
 
 
 def test_lazy_api_names_resolve():
-    from graphc.api import compress
+    from graphc.front.api import compress
 
     assert graphc.compress is compress and "compress" in dir(graphc)
     import importlib
 
-    from graphc.api import validate
+    from graphc.front.api import validate
 
-    importlib.import_module("graphc.validate")  # the submodule must not hide the function of the same name
+    importlib.import_module("graphc.checks.validate")  # the module of that name lives in graphc.checks
 
-    assert graphc.validate is validate
+    assert graphc.validate is validate and graphc.checks.validate.__name__ == "graphc.checks.validate"
     with pytest.raises(AttributeError):
         graphc.no_such_name  # noqa: B018
-    code = "import graphc; print(graphc.io.load_model.__name__, graphc.measure.__name__)"
+    code = "import graphc; print(graphc.core.io.load_model.__name__, graphc.checks.measure.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.stdout.split() == ["load_model", "graphc.measure"], out.stderr[-500:]
+    assert out.stdout.split() == ["load_model", "graphc.checks.measure"], out.stderr[-500:]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Perplexity (graphc.measure) and the model recipes' task metric in validation."""
+"""Perplexity (graphc.checks.measure) and the model recipes' task metric in validation."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from graphc import measure
-from graphc.errors import ValidationError
+from graphc.checks import measure
+from graphc.core.errors import ValidationError
 
 
 def _torch_perplexity(model, feeds) -> float:
@@ -106,7 +106,7 @@ def test_smollm2_task_metric_is_perplexity_of_both_models(tiny_llama_onnx) -> No
     """The SmolLM2 recipe's task metric on tiny-llama outputs: reference = the original's
     perplexity, value = the rewritten's, rise between them (only feeds and logits are used)."""
     from graphc.models import get_model_recipe
-    from graphc.validate import compare
+    from graphc.checks.validate import compare
 
     path, model = tiny_llama_onnx
     feeds = _feeds(1)
@@ -136,7 +136,7 @@ def test_minilm_task_metric_is_embedding_cosine(tmp_path) -> None:
     from graphc.models import get_model_recipe
     from graphc.models.fixtures import export_tiny
     from graphc.models.minilm import embed
-    from graphc.validate import compare
+    from graphc.checks.validate import compare
 
     path = tmp_path / "tiny_bert.onnx"
     export_tiny("bert", path)
@@ -158,8 +158,8 @@ def test_minilm_task_metric_is_embedding_cosine(tmp_path) -> None:
 
 
 def test_task_metric_only_on_the_recipes_real_texts(tiny_llama_onnx) -> None:
-    from graphc import io, ops
-    from graphc.api import task_metric_for
+    from graphc.core import io, ops
+    from graphc.front.api import task_metric_for
     from graphc.models import get_model_recipe
 
     model = io.load_model(tiny_llama_onnx[0])
@@ -205,7 +205,7 @@ def test_smollm2_int4_recipe_file_loads() -> None:
     576, so the tied table is shared with the head); no block of 32 or less (Q4_1-aligned)."""
     from pathlib import Path
 
-    from graphc.recipes import get_recipe
+    from graphc.core.recipes import get_recipe
 
     recipe = get_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-int4.toml")
     plan = next(s.options for s in recipe.steps if s.pass_name == "mixed-precision")

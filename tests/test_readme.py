@@ -10,8 +10,8 @@ from pathlib import Path
 import onnx_ir as ir
 import pytest
 
-from graphc.cli import build_parser
-from graphc.recipes import recipe_from_dict
+from graphc.front.cli import build_parser
+from graphc.core.recipes import recipe_from_dict
 from tests.passes.graphs import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_no_internal_issue_references_in_docs():
 
 
 def test_extending_recipe_example_merges_as_documented():
-    from graphc.recipes import get_recipe
+    from graphc.core.recipes import get_recipe
 
     (block,) = _blocks("toml", (ROOT / "docs" / "extending.md").read_text(encoding="utf-8"))
     recipe = recipe_from_dict(tomllib.loads(block))
@@ -85,7 +85,7 @@ _NOT_RUN = ("graphc export", "--inputs", "smollm2", "--max-error", "--recipe int
 def test_cli_examples_run(tmp_path, monkeypatch, capsys):
     """Every README command on a model file, run as written (required part) on a tiny stand-in
     with the README's file names: exit 0, or 3 where a tiny random model misses a tolerance."""
-    from graphc.cli import main
+    from graphc.front.cli import main
 
     ir.save(mlp(), tmp_path / "minilm.onnx")
     monkeypatch.chdir(tmp_path)

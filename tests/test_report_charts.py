@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from graphc.errors import GraphcError
+from graphc.core.errors import GraphcError
 from graphc.report.charts import standalone_svg, xy_chart
 
 NS = "{http://www.w3.org/2000/svg}"

@@ -8,10 +8,10 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from graphc import target as tg
-from graphc import target_checks as tc
-from graphc.errors import GraphcError, UnsupportedError
-from graphc.pass_base import PassContext
+from graphc.core import target as tg
+from graphc.checks import target_checks as tc
+from graphc.core.errors import GraphcError, UnsupportedError
+from graphc.core.pass_base import PassContext
 from graphc.passes.quantize_int8 import QuantizeInt8
 from tests.passes.graphs import _model, cosine, run
 
@@ -170,7 +170,7 @@ def test_exact_on_host_rewrite_keeps_the_arithmetic():
 
 
 def test_compress_records_the_target_and_says_when_it_is_not_this_machine(tmp_path):
-    from graphc.api import compress
+    from graphc.front.api import compress
 
     src = tmp_path / "m.onnx"
     ir.save(saturation_prone(), src)
@@ -187,7 +187,7 @@ def test_compress_records_the_target_and_says_when_it_is_not_this_machine(tmp_pa
 
 
 def test_cli_unknown_target_is_one_line(tmp_path, capsys):
-    from graphc.cli import main
+    from graphc.front.cli import main
 
     src = tmp_path / "m.onnx"
     ir.save(saturation_prone(), src)

@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from tests.test_target import saturation_prone, saturation_feed
     from tests.passes.graphs import cosine, run
-    from graphc import target as tg
-    from graphc.api import compress
+    from graphc.core import target as tg
+    from graphc.front.api import compress
 
     out = {"host": tg.host().name, "probe_saturates": tg.u8s8_saturates_here()}
     src, folder = sys.argv[2], sys.argv[3]

@@ -11,15 +11,15 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphc import io
-from graphc.api import compress, validate
-from graphc.cli import main
-from graphc.errors import InputsError, ToleranceError, ValidationError
-from graphc.nonfinite import first_nonfinite
-from graphc.pass_base import PassContext, PassStats
+from graphc.core import io
+from graphc.front.api import compress, validate
+from graphc.front.cli import main
+from graphc.core.errors import InputsError, ToleranceError, ValidationError
+from graphc.checks.nonfinite import first_nonfinite
+from graphc.core.pass_base import PassContext, PassStats
 from graphc.passes.quantize_int8 import Int8Options, QuantizeInt8
-from graphc.recipes import Recipe, Step, Tolerance
-from graphc.validate import compare, output_metrics, synthesize_inputs
+from graphc.core.recipes import Recipe, Step, Tolerance
+from graphc.checks.validate import compare, output_metrics, synthesize_inputs
 from tests import third_party_graphs as tp
 
 
@@ -227,7 +227,7 @@ def test_validation_error_for_unrunnable_custom_op_is_typed(tmp_path):
 
 
 def test_weights_inside_if_branches_are_quantized():
-    from graphc.validate import make_session
+    from graphc.checks.validate import make_session
 
     model = ir.serde.deserialize_model(tp.if_with_weights())
     x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
@@ -259,7 +259,7 @@ def test_a_run_that_shrank_nothing_says_so(tmp_path, capsys):
 
 
 def test_inspect_counts_constant_node_weights_and_groups_foreign_names(tmp_path, capsys):
-    from graphc.inspection import inspect_model, module_of_text
+    from graphc.checks.inspection import inspect_model, module_of_text
 
     info = inspect_model(ir.serde.deserialize_model(tp.paddle_conv(channels=16)))
     assert info.params == 16 * 3 * 3 * 3 + 16 * 16 * 9 + 16 + 16 * 4 + 4 + 4 * 16  # conv2d_0's Constant included

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from graphc.cli import main
+from graphc.front.cli import main
 
 pytestmark = pytest.mark.slow
 

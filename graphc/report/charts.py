@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from graphc.errors import GraphcError
+from graphc.core.errors import GraphcError
 
 Series = tuple[str, str, Sequence[float | None]]  # (name, colour, one value per category)
 XYSeries = tuple[str, str, Sequence[tuple[float | None, float | None]]]  # (name, colour, (x, y) points)

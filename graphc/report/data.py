@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphc import inspection
-from graphc.provenance import read_provenance
+from graphc.checks import inspection
+from graphc.checks.provenance import read_provenance
 
 LATENCY_BATCHES = (1, 8)
 LATENCY_REPS = 10
@@ -21,8 +21,8 @@ LATENCY_REPS = 10
 
 def measure_latency(original: ir.Model, rewritten: ir.Model, feeds: Sequence[dict], *, threads: int = 2) -> dict[str, Any]:
     """Interleaved median latency of both models at batch 1 and 8 on the validation feeds."""
-    from graphc import measure
-    from graphc.io import inline_external_data
+    from graphc.checks import measure
+    from graphc.core.io import inline_external_data
 
     def session(model: ir.Model):
         with inline_external_data(model):

@@ -6,7 +6,7 @@ shape checks (same batch, same sequence for Q, K and V) cannot pass. ONNX Runtim
 shape inference follows Shape → Gather → Concat → Reshape and names the dimensions after the
 graph inputs' (``batch``, ``sequence``). Its shapes are copied back onto the IR values.
 
-This is the one place outside graphc/io.py that builds a protobuf: ORT's tool works on
+This is the one place outside graphc/core/io.py that builds a protobuf: ORT's tool works on
 ``onnx.ModelProto`` only. Large initializers are left out of the copy it sees.
 """
 

@@ -34,8 +34,8 @@ from types import SimpleNamespace
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
-from graphc.errors import PassError
+from graphc.core import ops
+from graphc.core.errors import PassError
 from graphc.passes import _blockquant as bq
 from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
@@ -46,7 +46,7 @@ from graphc.passes._quant import constant, symmetric_int8
 
 def copy_model(model: ir.Model) -> ir.Model:
     """A deep copy (serialized and read back; external data inlined)."""
-    from graphc.io import inline_external_data
+    from graphc.core.io import inline_external_data
 
     with inline_external_data(model):
         return ir.serde.deserialize_model(ir.serde.serialize_model(model))
@@ -169,7 +169,7 @@ class Probe:
     def _moment(self, rec):
         """Input moments of a linear layer over the calibration tokens (computed once for every
         factorizable layer, and every quantizable one when int4 uses GPTQ)."""
-        from graphc.calibrate import input_moments
+        from graphc.core.calibrate import input_moments
 
         if self._moments is None:
             gptq = self.units.int4 is not None and self.units.int4.method == bq.Method.GPTQ.value

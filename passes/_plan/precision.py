@@ -14,7 +14,7 @@ upgraded exactly when that buys more than the many small steps the same bytes wo
 - error budget (``max_error``): the fewest bytes whose predicted error is within the budget;
 - both: the size plan, which must also meet the error budget.
 
-A budget no assignment can meet raises a :class:`~graphc.errors.PassError` saying what the
+A budget no assignment can meet raises a :class:`~graphc.core.errors.PassError` saying what the
 cheapest (or the most accurate) assignment would need.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphc.errors import PassError
+from graphc.core.errors import PassError
 
 
 @dataclass(frozen=True)

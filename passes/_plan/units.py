@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphc import ops
+from graphc.core import ops
 from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
 from graphc.passes._quant import const_array, embedding_table

@@ -80,10 +80,10 @@ def expand_to_gigabytes():
 @case(check="check_reload_after_fuse")
 def llama_simplified_layer_norm():
     """fuse-ort on a Llama graph writes SimplifiedLayerNormalization in the default domain
-    (as ORT's optimizer does; ORT defines it there, onnx does not): graphc.io.load_model
+    (as ORT's optimizer does; ORT defines it there, onnx does not): graphc.core.io.load_model
     refused graphc's own output ("No Op registered for SimplifiedLayerNormalization with
     domain_version of 20"), so validate/inspect/compress could not read it. Fix
-    (graphc/model_checks.py register_ort_onnx_domain_ops): ORT's schemas for the ops it defines in the
+    (graphc/core/model_checks.py register_ort_onnx_domain_ops): ORT's schemas for the ops it defines in the
     ONNX domain are registered with onnx.defs before the checker runs."""
     return build(llama_like(opset=20)).SerializeToString()
 
@@ -92,7 +92,7 @@ def llama_simplified_layer_norm():
 def sparse_initializer():
     """A valid model with a sparse initializer was refused as 'node reads w, which nothing
     produces (dangling input)'; onnx_ir drops sparse initializers, so loading it anyway
-    would have produced a broken graph. Fix (graphc/io.py): refused by name, 'sparse
+    would have produced a broken graph. Fix (graphc/core/io.py): refused by name, 'sparse
     initializer ... store it dense'."""
     sparse = helper.make_sparse_tensor(
         numpy_helper.from_array(np.ones(1, np.float32), "w"), numpy_helper.from_array(np.zeros(1, np.int64), "i"), [4]
@@ -109,7 +109,7 @@ def sparse_initializer():
 def newest_ir_version():
     """onnx.helper.make_model writes IR 14 (onnx 1.23); ORT 1.31 loads up to 13: validation
     failed on the input ("Unsupported model IR version") and outputs kept IR 14. Fix
-    (graphc/io.py max_ir_version + save clamp, graphc/validate.py make_session clamp)."""
+    (graphc/core/io.py max_ir_version + save clamp, graphc/checks/validate.py make_session clamp)."""
     model = build(Spec(hidden=16, heads=2), ir_version=onnx.IR_VERSION)
     return model.SerializeToString()
 
@@ -151,7 +151,7 @@ def function_with_another_opset():
 def node_metadata_key_not_utf8():
     """A node metadata key with invalid UTF-8 (protobuf hands it back as bytes) loaded, and
     compact-metadata crashed on it ("a bytes-like object is required, not 'str'"; found by
-    the loader fuzz). Fix (graphc/io.py check_proto): every string field is checked for
+    the loader fuzz). Fix (graphc/core/io.py check_proto): every string field is checked for
     UTF-8 on load, not only node names and edges."""
     proto = build(Spec(hidden=8, heads=1, vocab=40))
     helper.set_metadata_props(proto.graph.node[1], {"KEYX": "value"})

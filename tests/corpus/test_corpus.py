@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 
 import graphc
-from graphc import io
-from graphc.errors import GraphcError, ModelLoadError
-from graphc.registry import all_passes, get_pass
+from graphc.core import io
+from graphc.core.errors import GraphcError, ModelLoadError
+from graphc.core.registry import all_passes, get_pass
 from tests.corpus.cases import CASES, CHECKS
 from tests.fuzz import harness as H
 
@@ -121,7 +121,7 @@ def check_leftover_sdpa_refused(path: Path, tmp_path: Path) -> None:
 
 
 def check_bad_utf8_metadata_refused(path: Path, tmp_path: Path) -> None:
-    from graphc.errors import InvalidModelError
+    from graphc.core.errors import InvalidModelError
 
     with pytest.raises(InvalidModelError, match=r"metadata_props\[0\]\.key is not valid UTF-8"):
         io.load_model(path)

@@ -1,10 +1,10 @@
 """The per-pass property: run one pass on a model and classify what happened.
 
 Outcome A (``"ok"``): the result passes ``onnx.checker`` after ``ir.serde.serialize_model``,
-graphc saves it (``graphc.io.save_model``) and ONNX Runtime loads the saved file, and its
+graphc saves it (``graphc.core.io.save_model``) and ONNX Runtime loads the saved file, and its
 outputs match the model as it stood before the pass within the pass's tolerance
 (:data:`TOLERANCES`). Outcome B (``"refused"``): the pass raised a
-:class:`graphc.errors.GraphcError` on purpose. Anything else fails the test: another
+:class:`graphc.core.errors.GraphcError` on purpose. Anything else fails the test: another
 exception, a ``PassError`` that only wraps an unexpected exception (a crash that
 ``GraphcPass.call`` dressed up), an invalid or unloadable result, or a mismatch.
 """
@@ -22,11 +22,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphc import io, model_checks
-from graphc.errors import GraphcError, PassError
-from graphc.pass_base import GraphcPass, PassContext
-from graphc.registry import get_pass
-from graphc.validate import output_metrics, run_feeds, session_options, synthesize_inputs
+from graphc.core import io, model_checks
+from graphc.core.errors import GraphcError, PassError
+from graphc.core.pass_base import GraphcPass, PassContext
+from graphc.core.registry import get_pass
+from graphc.checks.validate import output_metrics, run_feeds, session_options, synthesize_inputs
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ TOLERANCES: dict[str, Tol] = {
 # a warning by the test) rather than breaking the suite while it is being written.
 DEFAULT_TOL = Tol(cos=0.95)
 
-# The whole int8 recipe through graphc.api.compress(force=True) on random weights (the
+# The whole int8 recipe through graphc.front.api.compress(force=True) on random weights (the
 # recipe's own tolerance, 0.99 output cosine, is for real models): measured worst 0.967 with
 # outlier norm gains, SwiGLU and an LM head.
 RECIPE_INT8_TOL = Tol(cos=0.95)
@@ -244,7 +244,7 @@ def row_masks(feeds, refs) -> list:
 
 def check_pass(name: str, model: ir.Model, *, feeds=None, tol: Tol | None = None, options: dict | None = None) -> Outcome:
     """Run pass ``name`` (default options, or ``options``) on ``model`` in place; assert outcome A or B."""
-    from graphc.validate import make_session
+    from graphc.checks.validate import make_session
 
     pass_cls = get_pass(name)
     dtype = model_dtype(model)
@@ -261,7 +261,7 @@ def check_pass(name: str, model: ir.Model, *, feeds=None, tol: Tol | None = None
         return Outcome("refused", error=e)
     proto = ir.serde.serialize_model(model)
     # ops ORT defines in the ONNX domain (SimplifiedLayerNormalization from the RMSNorm
-    # fusion) are checked against ORT's schemas, as graphc.io.load_model checks them
+    # fusion) are checked against ORT's schemas, as graphc.core.io.load_model checks them
     model_checks.register_ort_onnx_domain_ops()
     onnx.checker.check_model(proto, full_check=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,7 +288,7 @@ def check_pass(name: str, model: ir.Model, *, feeds=None, tol: Tol | None = None
 def condition(proto: onnx.ModelProto, feeds, reference, eps: float = 1e-3, seed: int = 0) -> float:
     """Relative output change (max error over the output's max) per unit relative Gaussian
     noise on every float initializer."""
-    from graphc.validate import make_session
+    from graphc.checks.validate import make_session
 
     model = ir.serde.deserialize_model(proto)
     rng = np.random.default_rng(seed)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from hypothesis import strategies as st
 
-from graphc.registry import get_pass
+from graphc.core.registry import get_pass
 from tests.fuzz.harness import Tol
 from tests.fuzz.strategies import specs
 

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSETS = tuple(range(17, 24))  # the supported (tested) range, see docs/supported-models.md
 DTYPES = ("float32", "float16")
-MAX_POSITIONS = 32  # >= graphc.validate.SYNTH_SEQ
+MAX_POSITIONS = 32  # >= graphc.checks.validate.SYNTH_SEQ
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Fuzz graphc.io.load_model with mutated model files: a model comes back or graphc's typed
+"""Fuzz graphc.core.io.load_model with mutated model files: a model comes back or graphc's typed
 error (a ModelLoadError, one line naming the file), never another exception, a crash, a hang
 or a large allocation. Each load must finish in LOAD_SECONDS; files that declare huge tensors
 are refused without allocating them (checked under an address-space limit in a child
@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc import io
-from graphc.errors import GraphcError, ModelLoadError
-from graphc.registry import get_pass
+from graphc.core import io
+from graphc.core.errors import GraphcError, ModelLoadError
+from graphc.core.registry import get_pass
 from tests.fuzz.harness import is_crash
 from tests.fuzz.strategies import Spec, build
 
@@ -278,8 +278,8 @@ def _huge_cases() -> dict[str, onnx.ModelProto]:
 
 _CHILD = r"""
 import json, resource, sys, time
-from graphc import io
-from graphc.errors import GraphcError
+from graphc.core import io
+from graphc.core.errors import GraphcError
 io.load_model(sys.argv[2])  # warm up imports and caches before the limit
 soft, hard = resource.getrlimit(resource.RLIMIT_AS)
 with open("/proc/self/status") as f:

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphc
-from graphc.errors import GraphcError
-from graphc.registry import all_passes
-from graphc.validate import make_session, run_feeds, synthesize_inputs
+from graphc.core.errors import GraphcError
+from graphc.core.registry import all_passes
+from graphc.checks.validate import make_session, run_feeds, synthesize_inputs
 from tests.fuzz import harness as H
 from tests.fuzz import plans as P
 from tests.fuzz.strategies import build, specs
@@ -117,7 +117,7 @@ def test_int8_recipe_on_random_transformers(spec):
     except GraphcError as e:
         assert not H.is_crash(e), f"crash: {e!r} from {e.__cause__!r}"
         return
-    graphc.model_checks.register_ort_onnx_domain_ops()
+    graphc.core.model_checks.register_ort_onnx_domain_ops()
     onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=False)
     make_session(result.model)
     cosine = result.validation.output_cosine
@@ -138,7 +138,7 @@ def test_pass_on_real_exports(name, tiny_exports):
     """Fixed examples: tiny BERT and tiny Llama from the dynamo and the legacy exporter."""
     for label, path in tiny_exports.items():
         for prepared in (False, True) if name in H.PREPARE else (False,):
-            model = graphc.io.load_model(path)
+            model = graphc.core.io.load_model(path)
             if prepared and H.prepare(model, H.PREPARE[name]) is not None:
                 continue
             try:

@@ -8,7 +8,7 @@ import onnx
 import onnx_ir as ir
 from hypothesis import HealthCheck, given, settings
 
-from graphc.validate import make_session, synthesize_inputs
+from graphc.checks.validate import make_session, synthesize_inputs
 from tests.fuzz.strategies import OPSETS, bert_like, build, llama_like, specs
 
 

@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("torch")
 
-from graphc import io  # noqa: E402
+from graphc.core import io  # noqa: E402
 from graphc.passes.attention_mask_index import AttentionMaskIndex  # noqa: E402
 from graphc.passes.cleanup import RemoveUnused  # noqa: E402
 from graphc.passes.fuse_ort import FuseOrt  # noqa: E402
-from graphc.validate import make_session  # noqa: E402
+from graphc.checks.validate import make_session  # noqa: E402
 
 
 @pytest.fixture(scope="module")

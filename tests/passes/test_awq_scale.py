@@ -6,12 +6,12 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc import io
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import PassContext
+from graphc.core import io
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import PassContext
 from graphc.passes.awq_scale import AwqScale
 from graphc.passes.quantize_nbits import QuantizeNBits
-from graphc.validate import make_session, synthesize_inputs
+from graphc.checks.validate import make_session, synthesize_inputs
 
 K, F = 64, 128  # hidden, FFN
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphc import io
+from graphc.core import io
 from graphc.passes import _sensitivity as sens
 from graphc.passes.compact_scales import CompactScales, decode, encode
 from graphc.passes.fp16_constants import Fp16Constants
 from graphc.passes.quantize_gather_block import QuantizeGatherBlock
 from graphc.passes.quantize_nbits import QuantizeNBits
-from graphc.validate import make_session
+from graphc.checks.validate import make_session
 from tests.passes.graphs import cosine, run
 from tests.passes.test_quantize_gather_block import _ids, _tied
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphc.passes._fusion_rules import embed_layer_norm
-from graphc.validate import make_session
+from graphc.checks.validate import make_session
 
 VOCAB, TYPES, POSITIONS, HIDDEN = 30, 2, 16, 8
 

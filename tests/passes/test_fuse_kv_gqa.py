@@ -2,7 +2,7 @@
 
 Structural (one GQA a layer, reading the past inputs and writing the present outputs),
 numeric (ORT on the fused graph vs ORT on the unfused one: prefill, decode, a chunk after a
-past, left and right padding; greedy tokens through graphc.generate), and a near miss (a
+past, left and right padding; greedy tokens through graphc.front.generate), and a near miss (a
 cache concatenated the other way round must not become GQA, and says why).
 """
 
@@ -16,10 +16,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from graphc import io  # noqa: E402
-from graphc.generate import Decoder  # noqa: E402
+from graphc.core import io  # noqa: E402
+from graphc.front.generate import Decoder  # noqa: E402
 from graphc.passes.fuse_ort import FuseOrt  # noqa: E402
-from graphc.validate import make_session  # noqa: E402
+from graphc.checks.validate import make_session  # noqa: E402
 
 PROMPT = np.array([[5, 17, 42, 8, 99, 3]])
 

@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from graphc import io  # noqa: E402
+from graphc.core import io  # noqa: E402
 from graphc.passes.fuse_ort import FuseOrt  # noqa: E402
-from graphc.validate import make_session  # noqa: E402
+from graphc.checks.validate import make_session  # noqa: E402
 
 VARIANTS = [("bert", True, "sdpa"), ("bert", True, "eager"), ("bert", False, "eager"), ("bert", False, "sdpa"),
             ("llama", True, "sdpa"), ("llama", True, "eager"), ("llama", False, "eager"), ("llama", False, "sdpa")]
@@ -243,7 +243,7 @@ def test_fusing_after_quantization_gives_a_valid_fused_graph(exported, tmp_path,
     matmuls; int4: MatMulNBits), then fuse. Attention, SkipLayerNorm and BiasGelu still fuse
     around the quantized projections, and the result computes what the quantized graph did."""
     import graphc
-    from graphc.recipes import get_recipe, recipe_from_dict
+    from graphc.core.recipes import get_recipe, recipe_from_dict
 
     steps = [{"name": s.pass_name, "options": {**s.options, **({"method": "rtn"} if s.pass_name == "quantize-nbits" else {})}}
              for s in get_recipe(recipe).steps if s.pass_name not in ("fuse-ort", "mixed-precision")]

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphc.passes._fusion_rules import gelu_tanh
-from graphc.validate import make_session
+from graphc.checks.validate import make_session
 
 
 def _graph(*, cubic: float = 0.044715, swap: bool = False) -> ir.Model:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from graphc.errors import UnsupportedError
+from graphc.core.errors import UnsupportedError
 from graphc.passes.lowrank_embedding import LowRankEmbedding
 from graphc.passes.quantize_nbits import QuantizeNBits
 from tests.passes.graphs import _model, cosine, embedding, ops_of, run

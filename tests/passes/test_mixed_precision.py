@@ -6,8 +6,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from graphc.errors import GraphcError, PassError, UnsupportedError
-from graphc.pass_base import PassContext
+from graphc.core.errors import GraphcError, PassError, UnsupportedError
+from graphc.core.pass_base import PassContext
 from graphc.passes._plan import precision as pp
 from graphc.passes import _sensitivity as sens
 from graphc.passes.mixed_precision import META_BITS, META_BLOCK, MixedPrecision
@@ -405,9 +405,9 @@ def test_minilm_plan_meets_the_bits_budget_and_ranks_ffn_above_attention(tmp_pat
     sensitive than its attention query/key projections, the table is split by row use, and
     the plan stays within the bits budget."""
     pytest.importorskip("transformers")
-    from graphc.api import calibration_context
-    from graphc.cli import main
-    from graphc.io import load_model
+    from graphc.front.api import calibration_context
+    from graphc.front.cli import main
+    from graphc.core.io import load_model
 
     path = tmp_path / "minilm.onnx"
     assert main(["export", "minilm", "-o", str(path)]) == 0
@@ -428,7 +428,7 @@ def test_compress_report_and_json_show_the_plan(tmp_path):
     """compress with a mixed-precision recipe: the JSON summary lists the choices and the HTML
     report draws the sensitivities and the planner."""
     import graphc
-    from graphc.recipes import Recipe, Step, Tolerance
+    from graphc.core.recipes import Recipe, Step, Tolerance
 
     recipe = Recipe("mixed-test", "test", (Step("mixed-precision", {"max_bits": 6.0}),
                                            Step("quantize-nbits", {"method": "rtn"})), Tolerance(min_cosine=0.9))

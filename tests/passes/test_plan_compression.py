@@ -8,10 +8,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphc import io
-from graphc.errors import PassError, PreconditionError, UnsupportedError
-from graphc.manager import SizeFacts
-from graphc.pass_base import PassContext
+from graphc.core import io
+from graphc.core.errors import PassError, PreconditionError, UnsupportedError
+from graphc.core.manager import SizeFacts
+from graphc.core.pass_base import PassContext
 from graphc.passes import _sensitivity as sens
 from graphc.passes._plan.units import graph_macs
 from graphc.passes.fuse_ort import FuseOrt
@@ -20,7 +20,7 @@ from graphc.passes.prune_ffn import PruneFfn
 from graphc.passes._attention_blocks import find_blocks
 from graphc.passes.prune_heads import PruneHeads
 from graphc.passes.svd_linear import SvdLinear
-from graphc.validate import make_session, synthesize_inputs
+from graphc.checks.validate import make_session, synthesize_inputs
 
 pytest.importorskip("torch")
 
@@ -161,7 +161,7 @@ def test_node_marks_name_the_passes_that_made_the_nodes(exports):
 
 def test_recipe_summary_and_report(exports, tmp_path):
     import graphc
-    from graphc.recipes import plan_recipe
+    from graphc.core.recipes import plan_recipe
 
     out, html = tmp_path / "plan.onnx", tmp_path / "plan.html"
     # held-out validation of a random tiny Llama misses 1 - 2 x max_error (0.987 measured): forced
@@ -178,7 +178,7 @@ def test_recipe_summary_and_report(exports, tmp_path):
 
 
 def test_cli_budget_flags(exports, tmp_path, capsys):
-    from graphc.cli import main
+    from graphc.front.cli import main
 
     out = tmp_path / "cli.onnx"
     assert main(["compress", str(exports["bert"]), "-o", str(out), "--max-error", "0.01", "--max-flops", "0.8",
@@ -243,7 +243,7 @@ def test_perplexity_budget_on_a_causal_lm(exports):
 
 
 def test_cli_text_output_shows_the_plan(exports, tmp_path, capsys):
-    from graphc.cli import main
+    from graphc.front.cli import main
 
     assert main(["compress", str(exports["bert"]), "-o", str(tmp_path / "t.onnx"), "--max-flops", "0.8"]) == 0
     text = capsys.readouterr().out
@@ -393,7 +393,7 @@ def test_int4_bad_options(exports):
 
 
 def test_cli_int4_flag(exports, tmp_path, capsys):
-    from graphc.cli import main
+    from graphc.front.cli import main
 
     model = _load(exports, "bert")
     all8, all4 = _quant_reach(model)

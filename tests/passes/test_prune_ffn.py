@@ -6,12 +6,12 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from graphc import io
-from graphc.errors import PreconditionError
-from graphc.pass_base import PassContext
+from graphc.core import io
+from graphc.core.errors import PreconditionError
+from graphc.core.pass_base import PassContext
 from graphc.passes.fuse_ort import FuseOrt
 from graphc.passes.prune_ffn import PruneFfn, find_ffns
-from graphc.validate import make_session, synthesize_inputs
+from graphc.checks.validate import make_session, synthesize_inputs
 
 pytest.importorskip("torch")
 

@@ -5,8 +5,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import PassContext
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import PassContext
 from graphc.passes._actcalib import ActType, Collector, Method, fake_quant, qparams
 from graphc.passes.quantize_activations import QuantizeActivations, select
 from tests.passes.graphs import _model, cosine, mlp, run
@@ -175,7 +175,7 @@ def test_gelu_subgraph_and_softmax_and_layernorm_targets():
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], inits)
     from graphc.passes.quantize_activations import Target
-    from graphc.pass_base import PassStats
+    from graphc.core.pass_base import PassStats
 
     chosen = select(model.graph, [Target.GELU, Target.SOFTMAX, Target.LAYERNORM], (), PassStats())
     assert {n: sorted(c.targets) for n, c in chosen.items()} == {"ln": ["layernorm"], "gelu": ["gelu"], "sm": ["softmax"]}
@@ -237,8 +237,8 @@ def test_minilm_int8_static_recipe(tmp_path):
     from dataclasses import replace
 
     import graphc
-    from graphc.cli import main
-    from graphc.recipes import BUILTIN, Step
+    from graphc.front.cli import main
+    from graphc.core.recipes import BUILTIN, Step
 
     src = tmp_path / "minilm.onnx"
     assert main(["export", "minilm", "-o", str(src)]) == 0

@@ -6,12 +6,12 @@ import pytest
 
 pytest.importorskip("torch")
 
-from graphc import io  # noqa: E402
-from graphc.pass_base import PassContext  # noqa: E402
+from graphc.core import io  # noqa: E402
+from graphc.core.pass_base import PassContext  # noqa: E402
 from graphc.passes.fuse_ort import FuseOrt  # noqa: E402
 from graphc.passes.quantize_attention import QuantizeAttention  # noqa: E402
 from graphc.passes.quantize_int8 import QuantizeInt8  # noqa: E402
-from graphc.validate import make_session  # noqa: E402
+from graphc.checks.validate import make_session  # noqa: E402
 
 
 @pytest.fixture(scope="module")

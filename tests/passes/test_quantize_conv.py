@@ -7,11 +7,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphc.pass_base import PassContext, PassStats
+from graphc.core.pass_base import PassContext, PassStats
 from graphc.passes.fold_batchnorm import FoldBatchNorm
 from graphc.passes.quantize_conv import ConvInt8Options, QuantizeConv
-from graphc.target import resolve
-from graphc.validate import make_session
+from graphc.core.target import resolve
+from graphc.checks.validate import make_session
 from tests import third_party_graphs as tp
 
 
@@ -144,7 +144,7 @@ def test_quantize_conv_error_budget_met_by_int8_keeps_nothing_float():
 
 
 def test_quantize_conv_error_budget_needs_calibration_and_a_fraction():
-    from graphc.errors import GraphcError
+    from graphc.core.errors import GraphcError
 
     model = ir.serde.deserialize_model(tp.paddle_conv(channels=32))
     with pytest.raises(GraphcError, match="needs calibration"):

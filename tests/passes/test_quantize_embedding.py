@@ -2,7 +2,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphc.errors import UnsupportedError
+from graphc.core.errors import UnsupportedError
 from graphc.passes.quantize_embedding import QuantizeEmbedding
 from tests.passes.graphs import cosine, embedding, ops_of, run
 

@@ -4,7 +4,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc.errors import UnsupportedError
+from graphc.core.errors import UnsupportedError
 from graphc.passes import _blockquant as bq
 from graphc.passes.quantize_gather_block import QuantizeGatherBlock
 from graphc.passes.quantize_nbits import QuantizeNBits

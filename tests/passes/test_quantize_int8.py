@@ -2,8 +2,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphc.errors import UnsupportedError
-from graphc.pass_base import PassContext
+from graphc.core.errors import UnsupportedError
+from graphc.core.pass_base import PassContext
 from graphc.passes.quantize_int8 import QuantizeInt8
 from tests.passes.graphs import cosine, gemm, mlp, ops_of, run
 
@@ -92,7 +92,7 @@ def test_bad_emit_is_a_clear_error():
 
 
 def test_unknown_option_is_a_clear_error():
-    from graphc.errors import GraphcError
+    from graphc.core.errors import GraphcError
 
     with pytest.raises(GraphcError, match="unknown option"):
         QuantizeInt8.from_dict({"bits": 4})
@@ -109,7 +109,7 @@ def _outlier_feeds(n=3, k=32, channel=5, size=40.0):
 
 
 def _with_calibration(options, feeds):
-    from graphc.pass_base import PassContext
+    from graphc.core.pass_base import PassContext
 
     return QuantizeInt8(QuantizeInt8.Options(**options), PassContext(calibration=feeds, calibration_source="test"))
 
@@ -132,7 +132,7 @@ def test_outlier_channels_go_through_float_path_and_improve_error():
 
 
 def test_outlier_ratio_without_calibration_is_a_clear_error():
-    from graphc.errors import PassError
+    from graphc.core.errors import PassError
 
     with pytest.raises(PassError, match="needs calibration data"):
         QuantizeInt8(QuantizeInt8.Options(outlier_ratio=4.0))(mlp())

@@ -3,8 +3,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import PassContext
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import PassContext
 from graphc.passes import _blockquant as bq
 from graphc.passes.quantize_nbits import META_WEIGHT, QuantizeNBits
 from tests.passes.graphs import cosine, gemm, mlp, ops_of, run

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphc.passes._fusion_rules import quick_gelu
-from graphc.validate import make_session
+from graphc.checks.validate import make_session
 
 
 def _graph(*, scaled: bool = True, x_first: bool = True) -> ir.Model:

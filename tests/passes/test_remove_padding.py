@@ -10,12 +10,12 @@ from onnx import TensorProto, helper
 
 pytest.importorskip("torch")
 
-from graphc import io  # noqa: E402
+from graphc.core import io  # noqa: E402
 from graphc.passes.attention_mask_index import AttentionMaskIndex  # noqa: E402
 from graphc.passes.fuse_ort import FuseOrt  # noqa: E402
 from graphc.passes.quantize_int8 import QuantizeInt8  # noqa: E402
 from graphc.passes.remove_padding import RemovePadding  # noqa: E402
-from graphc.validate import make_session  # noqa: E402
+from graphc.checks.validate import make_session  # noqa: E402
 
 
 @pytest.fixture(scope="module")

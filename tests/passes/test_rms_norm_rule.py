@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphc.passes._fusion_rules import rms_norm
-from graphc.validate import make_session
+from graphc.checks.validate import make_session
 
 HIDDEN = 8
 

@@ -7,14 +7,14 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import PassContext
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import PassContext
 from graphc.passes import _sensitivity as sens
 from graphc.passes.mixed_precision import MixedPrecision
 from graphc.passes.quantize_gather_block import QuantizeGatherBlock
 from graphc.passes.quantize_nbits import QuantizeNBits
 from graphc.passes.split_vocab import SplitVocab
-from graphc.validate import make_session
+from graphc.checks.validate import make_session
 
 V, H = 512, 32
 HOT = np.arange(7, 7 + 24)  # the ids the calibration text uses most

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from graphc.errors import PassError, UnsupportedError
-from graphc.pass_base import PassContext
+from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.pass_base import PassContext
 from graphc.passes import _lowrank as lr
 from graphc.passes.quantize_int8 import QuantizeInt8
 from graphc.passes.svd_linear import SvdLinear
@@ -196,7 +196,7 @@ def test_compress_recipe_svd_then_int8_on_a_llama_like_graph():
     """End to end through graphc.compress: the recipe's svd-linear asks for calibration
     (synthesized for a bare model), its factors are then quantized by quantize-int8."""
     import graphc
-    from graphc.recipes import recipe_from_dict
+    from graphc.core.recipes import recipe_from_dict
     from tests.fuzz.strategies import Spec, build
 
     proto = build(Spec(hidden=32, layers=2, ffn_mult=4, norm="rmsnorm_decomposed", prenorm=True, act="swiglu",

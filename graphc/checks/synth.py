@@ -1,0 +1,166 @@
+"""Inputs synthesized from a model's signature for validation and calibration when no real
+data is at hand: ids inside the vocabulary, masks with a padded row, images in a plausible
+range, KV-cache decoders' past and present, each bounded in bytes (value_checks)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc.core.errors import ValidationError
+from graphc.checks.value_checks import SYNTH_BYTES_LIMIT, check_synth_size
+
+# Symbolic dims get these sizes when inputs are synthesized.
+SYNTH_BATCH = 2
+SYNTH_SEQ = 16
+SYNTH_PAST = 5  # KV-cache decoders: past_sequence; total_sequence = past + sequence
+
+_NP_TYPES = {
+    ir.DataType.FLOAT: np.float32,
+    ir.DataType.FLOAT16: np.float16,
+    ir.DataType.DOUBLE: np.float64,
+    ir.DataType.INT64: np.int64,
+    ir.DataType.INT32: np.int32,
+    ir.DataType.INT8: np.int8,
+    ir.DataType.UINT8: np.uint8,
+    ir.DataType.BOOL: np.bool_,
+}
+
+
+def _vocab_size(model: ir.Model, input_value: ir.Value) -> int | None:
+    for user, _ in input_value.uses():
+        if user.op_type in ("Gather", "GatherBlockQuantized") and user.inputs[0] is not None:
+            shape = user.inputs[0].shape
+            if shape is not None and len(shape) >= 1 and isinstance(shape[0], int):
+                return shape[0]
+        if user.op_type == "Cast" and user.outputs:
+            found = _vocab_size(model, user.outputs[0])
+            if found:
+                return found
+    return None
+
+
+PAST_PREFIX = "past_key_values."  # KV-cache decoder inputs (graphc.exporters.decoder)
+
+
+def is_kv_decoder(model: ir.Model) -> bool:
+    return any((v.name or "").startswith(PAST_PREFIX) for v in model.graph.inputs)
+
+
+def complete_decoder_feeds(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Text feeds (input_ids, attention_mask) made into prefill calls of a KV-cache decoder:
+    positions from the mask, an empty past. Other models' feeds are returned as they are."""
+    if not is_kv_decoder(model):
+        return list(feeds)
+    out = []
+    for feed in feeds:
+        feed = dict(feed)
+        batch = feed["input_ids"].shape[0]
+        for value in model.graph.inputs:
+            if value.name in feed:
+                continue
+            if value.name == "position_ids" and "attention_mask" in feed:
+                feed[value.name] = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None).astype(np.int64)
+            elif value.name.startswith(PAST_PREFIX) and value.shape is not None:
+                dims = [batch, *(d if isinstance(d, int) else 0 for d in list(value.shape)[1:])]
+                feed[value.name] = np.zeros(dims, _NP_TYPES.get(value.dtype, np.float32))
+        out.append(feed)
+    return out
+
+
+def synthesize_inputs(
+    model: ir.Model, *, count: int = 4, seed: int = 0, batch: int = SYNTH_BATCH, seq: int = SYNTH_SEQ,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Plausible feeds from the input signature (ids within the vocabulary, masks of ones,
+    images [N, 1|3, H, W] uniform on [-1, 1] at 64x64 where H and W are free; symbolic batch
+    and sequence dims take ``batch`` and ``seq``; ``shapes`` fixes an input's dims)."""
+    rng = np.random.default_rng(seed)
+    synth_batch, synth_seq = batch, seq
+    feeds = []
+    kv = is_kv_decoder(model)
+    for k in range(count):
+        # KV-cache decoders get the calls they are made for, prefill (no past) and decode (one
+        # token after a past), in turn: ORT's GroupQueryAttention refuses several new tokens
+        # after a past at batch > 1
+        past, seq = ((0, synth_seq) if k % 2 == 0 else (SYNTH_PAST, 1)) if kv else (SYNTH_PAST, synth_seq)
+        feed: dict[str, np.ndarray] = {}
+        for value in model.graph.inputs:
+            if value.name in model.graph.initializers:
+                continue
+            dtype = _NP_TYPES.get(value.dtype) if value.dtype is not None else np.float32
+            if value.dtype == ir.DataType.STRING:
+                dtype = np.str_
+            if dtype is None:
+                raise ValidationError(f"cannot synthesize input {value.name!r} of type {value.dtype}: "
+                                      "give the inputs (--inputs)")
+            image = _is_image(value)
+            dims = []
+            for i, d in enumerate(value.shape or []):
+                if isinstance(d, int) and d >= 0:  # -1 (Paddle, tf2onnx) means unknown
+                    dims.append(d)
+                else:
+                    dname = str(d).lower() if d is not None else ""
+                    if "past" in dname:
+                        dims.append(past)
+                    elif "total" in dname:
+                        dims.append(past + seq)
+                    elif image and i >= 2:
+                        dims.append(SYNTH_IMAGE)
+                    else:
+                        dims.append(synth_batch if ("batch" in dname or (i == 0 and "seq" not in dname)) else seq)
+            if shapes and value.name in shapes:
+                dims = list(shapes[value.name])
+            budget = SYNTH_BYTES_LIMIT - sum(a.nbytes for a in feed.values())
+            check_synth_size(value.name, dims, dtype, budget)
+            name = value.name.lower()
+            if dtype is np.str_:
+                words = ("the", "model", "reads", "plain", "text", "here", "again", "words")
+                arr = np.array([" ".join(rng.choice(words, 6)) for _ in range(int(np.prod(dims)))],
+                               dtype=object).reshape(dims)
+            elif np.issubdtype(dtype, np.integer):
+                if "mask" in name:
+                    arr = np.ones(dims, dtype=dtype)
+                    if len(dims) == 2 and dims[0] > 1 and dims[1] > 2:
+                        arr[1:, dims[1] // 2 :] = 0  # a padded row exercises masking
+                elif "type" in name:
+                    arr = np.zeros(dims, dtype=dtype)
+                elif "position" in name:
+                    start = past if kv else 0
+                    arr = np.broadcast_to(np.arange(start, start + dims[-1], dtype=dtype), dims).copy()
+                else:
+                    high = _vocab_size(model, value) or 100
+                    arr = rng.integers(0, high, size=dims, dtype=np.int64).astype(dtype)
+            elif dtype == np.bool_:
+                arr = np.ones(dims, dtype=dtype)
+            elif image:  # normalized pixels: (x / 255 - mean) / std lies within about [-2, 2]
+                arr = rng.uniform(-1.0, 1.0, dims).astype(dtype)
+            else:
+                arr = rng.standard_normal(dims).astype(dtype)
+            feed[value.name] = arr
+        feeds.append(feed)
+    return feeds
+
+
+SYNTH_IMAGE = 64  # free H and W of a synthesized image (a multiple of 32: detectors downsample by 32)
+
+
+def _is_image(value: ir.Value) -> bool:
+    """A float [N, C, H, W] input with 1, 3 or 4 channels read by a Conv (through cheap ops)."""
+    shape = value.shape
+    if value.dtype not in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16) or shape is None or len(shape) != 4:
+        return False
+    if shape[1] not in (1, 3, 4):
+        return False
+    frontier, seen = [value], 0
+    while frontier and seen < 8:
+        v = frontier.pop()
+        for user, _ in v.uses():
+            seen += 1
+            if user.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+                return True
+            if user.op_type in ("Mul", "Add", "Sub", "Div", "Cast", "Transpose", "Pad", "Identity"):
+                frontier.extend(user.outputs)
+    return False

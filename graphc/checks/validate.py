@@ -1,0 +1,284 @@
+"""Validation with ONNX Runtime: original vs rewritten, output by output.
+
+Inputs come from the model recipe's real evaluation set when the model carries one
+(``graphc.model_recipe`` metadata and the export extra installed), or are synthesized from
+the input signature for a bare .onnx.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphc.core.errors import GraphcError, ValidationError
+from graphc.core.session import make_session, session_options  # noqa: F401 - imported from here too
+from graphc.checks.value_checks import NotComparable, as_comparable, match_nonfinite, sequence_shapes
+
+# feeds, original outputs, rewritten outputs (per feed, by output name) -> task figures
+TaskMetric = Callable[
+    [Sequence[Mapping[str, np.ndarray]], Sequence[Mapping[str, np.ndarray]], Sequence[Mapping[str, np.ndarray]]],
+    "dict[str, Any] | None",
+]
+
+from graphc.checks.synth import (  # noqa: F401 - the synthesizing half of validation, imported from here too
+    PAST_PREFIX, SYNTH_BATCH, SYNTH_IMAGE, SYNTH_PAST, SYNTH_SEQ, complete_decoder_feeds, is_kv_decoder,
+    synthesize_inputs,
+)
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    max_abs: float
+    mean_abs: float
+    rel_max: float
+    cosine: float
+    min_row_cosine: float
+    nonfinite: int = 0  # places where one model has NaN/inf and the other a number (or another inf)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 7) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class ValidationReport:
+    outputs: list[OutputMetrics]
+    samples: int
+    input_source: str
+    min_cosine_required: float | None = None
+    max_abs_allowed: float | None = None
+    min_output_cosine_required: float | None = None
+    max_ppl_rise_allowed: float | None = None  # relative perplexity rise (task "perplexity")
+    task: dict[str, Any] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # e.g. the target CPU is not this machine
+    first_nonfinite: str | None = None  # "tensor (op)" where the rewritten model first went NaN/inf
+
+    @property
+    def min_cosine(self) -> float:
+        return min(o.min_row_cosine for o in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max(o.max_abs for o in self.outputs)
+
+    @property
+    def output_cosine(self) -> float:
+        return min(o.cosine for o in self.outputs)
+
+    @property
+    def worst_output(self) -> str:
+        """The output with the lowest cosine (the one a tolerance failure is about)."""
+        return min(self.outputs, key=lambda o: o.cosine).name if self.outputs else ""
+
+    @property
+    def nonfinite_outputs(self) -> list[str]:
+        """Outputs with NaN/inf where the original has a number (or the reverse): a failure."""
+        return [o.name for o in self.outputs if o.nonfinite]
+
+    @property
+    def passed(self) -> bool:
+        ok = not self.nonfinite_outputs
+        if self.min_output_cosine_required is not None:
+            ok &= self.output_cosine >= self.min_output_cosine_required
+        if self.min_cosine_required is not None:
+            ok &= self.min_cosine >= self.min_cosine_required
+        if self.max_abs_allowed is not None:
+            ok &= self.max_abs <= self.max_abs_allowed
+        if self.max_ppl_rise_allowed is not None and self.ppl_rise is not None:
+            ok &= self.ppl_rise <= self.max_ppl_rise_allowed
+        return ok
+
+    @property
+    def ppl_rise(self) -> float | None:
+        """Relative perplexity rise on the validation texts, when the task metric measured it."""
+        rise = self.task.get("relative_rise") if self.task.get("metric") == "perplexity" else None
+        return float(rise) if isinstance(rise, (int, float)) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "samples": self.samples,
+            "input_source": self.input_source,
+            "output_cosine": round(self.output_cosine, 7),
+            "min_row_cosine": round(self.min_cosine, 7),
+            "max_abs": round(self.max_abs, 7),
+            **({"nonfinite_outputs": self.nonfinite_outputs} if self.nonfinite_outputs else {}),
+            "tolerance": {
+                "min_cosine": self.min_output_cosine_required,
+                "min_row_cosine": self.min_cosine_required,
+                "max_abs": self.max_abs_allowed,
+                **({"max_ppl_rise": self.max_ppl_rise_allowed} if self.max_ppl_rise_allowed is not None else {}),
+            },
+            "outputs": [o.to_dict() for o in self.outputs],
+            **({"nonfinite_outputs": self.nonfinite_outputs, "first_nonfinite": self.first_nonfinite}
+               if self.nonfinite_outputs else {}),
+            **({"task": self.task} if self.task else {}),
+            **({"notices": list(self.notices)} if self.notices else {}),
+        }
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _row_mask(feed: dict[str, np.ndarray], out: np.ndarray) -> np.ndarray | None:
+    """Rows (tokens) that are real, not padding: from an ``attention_mask`` input whose shape
+    is the output's leading [batch, sequence]. Padded positions carry values nobody reads."""
+    mask = feed.get("attention_mask")
+    if mask is None or out.ndim < 3 or tuple(mask.shape) != tuple(out.shape[:2]):
+        return None
+    return np.asarray(mask).astype(bool)
+
+
+def output_metrics(
+    name: str,
+    refs: Sequence[np.ndarray],
+    gots: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray | None] | None = None,
+) -> OutputMetrics:
+    max_abs = 0.0
+    sum_abs = 0.0
+    count = 0
+    nonfinite = 0
+    ref_max = 0.0
+    row_cos = []
+    flat_r, flat_g = [], []
+    for i, (r, g) in enumerate(zip(refs, gots)):
+        r = np.asarray(r, dtype=np.float64)
+        g = np.asarray(g, dtype=np.float64)
+        if r.shape != g.shape:
+            raise ValidationError(f"output {name!r} has shape {g.shape}, the original {r.shape}")
+        mask = masks[i] if masks is not None else None
+        if mask is not None:
+            r, g = r[mask], g[mask]
+        r, g, bad = match_nonfinite(r, g)
+        nonfinite += bad
+        d = np.abs(r - g)
+        max_abs = max(max_abs, float(d.max(initial=0.0)))
+        sum_abs += float(d.sum())
+        count += d.size
+        ref_max = max(ref_max, float(np.abs(r).max(initial=0.0)))
+        flat_r.append(r.ravel())
+        flat_g.append(g.ravel())
+        rows_r, rows_g = _as_rows(r), _as_rows(g)
+        row_cos.extend(_cos(a, b) for a, b in _signal_rows(rows_r, rows_g))
+    cos = _cos(np.concatenate(flat_r), np.concatenate(flat_g)) if flat_r else 1.0
+    if nonfinite:
+        return OutputMetrics(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0, nonfinite)
+    return OutputMetrics(
+        name,
+        max_abs=max_abs,
+        mean_abs=sum_abs / max(count, 1),
+        rel_max=max_abs / ref_max if ref_max > 0 else max_abs,
+        cosine=cos,
+        min_row_cosine=min(row_cos) if row_cos else cos,
+    )
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """The vectors whose cosines the row gate checks: along the last axis (a token's hidden
+    state, a sample's logits) up to rank 3; for rank 4 and up ([N, C, H, W] maps) one row per
+    sample and channel, the whole map: one line of pixels is not a unit anything reads, and on
+    a probability map its few non-zero values make its cosine noise."""
+    if a.ndim >= 4:
+        return a.reshape(-1, a.shape[-2] * a.shape[-1])
+    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
+
+
+NEGLIGIBLE_ROW = 1e-4  # of the output's largest reference row norm (see _signal_rows)
+
+
+def _signal_rows(rows_r: np.ndarray, rows_g: np.ndarray):
+    """Row pairs whose cosine means something. A row whose reference and error norms are
+    both below NEGLIGIBLE_ROW of the largest reference row (a probability map's background,
+    where a sigmoid underflows to exactly 0 on one side and to 1e-9 on the other) has a
+    direction made of rounding: its cosine (0 or anything) says nothing of the result."""
+    norm_r = np.linalg.norm(rows_r, axis=1)
+    norm_d = np.linalg.norm(rows_r - rows_g, axis=1)
+    floor = NEGLIGIBLE_ROW * float(norm_r.max(initial=0.0))
+    keep = ~((norm_r <= floor) & (norm_d <= floor))
+    if not keep.any():
+        keep[:] = True
+    return zip(rows_r[keep], rows_g[keep])
+
+
+def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarray]], what: str) -> list[list[np.ndarray]]:
+    from graphc.core.interrupt import run_session
+
+    names = {i.name for i in session.get_inputs()}
+    out = []
+    for feed in feeds:
+        try:  # interruptible (Ctrl-C, SIGTERM) and bounded by graphc.core.interrupt.time_limit
+            out.append(run_session(session, {k: v for k, v in feed.items() if k in names}))
+        except GraphcError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValidationError(f"ONNX Runtime failed to run the {what}: {first}") from None
+    return out
+
+
+def compare(
+    original: ir.Model | str | os.PathLike | ort.InferenceSession,
+    rewritten: ir.Model | str | os.PathLike | ort.InferenceSession,
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    input_source: str = "synthesized",
+    reference_outputs: list[list[np.ndarray]] | None = None,
+    min_cosine: float | None = None,
+    max_abs: float | None = None,
+    task: TaskMetric | None = None,
+) -> ValidationReport:
+    """Per-output metrics of ``rewritten`` against ``original`` on the same feeds.
+
+    ``task`` (a model recipe's ``task_metric``) turns both models' outputs, per feed by
+    output name, into the report's ``task`` figures (perplexity, embedding cosine, ...)."""
+    rew = rewritten if isinstance(rewritten, ort.InferenceSession) else make_session(rewritten, what="rewritten model")
+    if reference_outputs is None:
+        orig = original if isinstance(original, ort.InferenceSession) else make_session(original, what="original model")
+        reference_outputs = run_feeds(orig, feeds, "original model")
+        out_names = [o.name for o in orig.get_outputs()]
+    else:
+        out_names = [o.name for o in rew.get_outputs()]
+    got = run_feeds(rew, feeds, "rewritten model")
+    rew_names = [o.name for o in rew.get_outputs()]
+    metrics = []
+    skipped = []
+    for i, name in enumerate(out_names):
+        if name not in rew_names:
+            raise ValidationError(f"the rewritten model lost output {name!r}")
+        j = rew_names.index(name)
+        for r, g in zip(reference_outputs, got):
+            if sequence_shapes(r[i]) != sequence_shapes(g[j]):
+                raise ValidationError(f"output {name!r} is a sequence of shapes {sequence_shapes(g[j])}, "
+                                      f"the original {sequence_shapes(r[i])}")
+        try:  # sequences of tensors are compared element by element, as one flat vector
+            refs = [as_comparable(r[i], name, "original") for r in reference_outputs]
+            gots = [as_comparable(g[j], name, "rewritten") for g in got]
+        except NotComparable as e:
+            skipped.append(str(e))
+            continue
+        masks = [_row_mask(feed, ref) for feed, ref in zip(feeds, refs)]
+        metrics.append(output_metrics(name, refs, gots, masks))
+    if not metrics:
+        raise ValidationError("no output could be compared (" + "; ".join(skipped) + ")")
+    report = ValidationReport(metrics, len(feeds), input_source, min_cosine, max_abs)
+    report.notices += [f"{why}: not compared" for why in skipped]
+    if task is not None:
+        ref_named = [dict(zip(out_names, r)) for r in reference_outputs]
+        got_named = [dict(zip(rew_names, g)) for g in got]
+        report.task = task(feeds, ref_named, got_named) or {}
+    return report
+
+

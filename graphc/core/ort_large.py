@@ -1,0 +1,72 @@
+"""ONNX Runtime sessions for in-memory models whose weights exceed protobuf's 2 GB limit.
+
+An ``ir.Model`` is handed to ONNX Runtime as serialized bytes; a protobuf message cannot exceed
+2 GB, so a larger model failed with "Failed to serialize proto". Here the large initializers
+stay out of the bytes: each is written as an external-data reference (to a location that is
+never read) and its array is supplied to the session through
+``SessionOptions.add_external_initializers``, which shares the numpy memory (memory-mapped
+external data stays on disk until ORT reads it). Nothing is written to disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+PROTO_LIMIT = 1_500_000_000  # bytes of initializers above which the bytes path is not tried
+MIN_EXTERNAL = 1 << 20  # in-memory initializers smaller than this stay inside the bytes
+# (every external-data initializer of the main graph is supplied: the bytes have no folder to
+# resolve its location against; external data inside subgraphs is not handled here)
+
+_PLACEHOLDER = "graphc-supplied-by-session-options"
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def needs_external(model: ir.Model) -> bool:
+    return tensor_bytes(model) > PROTO_LIMIT
+
+
+def session(model: ir.Model, options: Any, providers: list[str]) -> Any:
+    """An InferenceSession for ``model`` with its large main-graph initializers supplied as
+    OrtValues (kept alive on the returned session as ``_graphc_arrays``)."""
+    import onnxruntime as ort
+
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    swapped: list[tuple[ir.Value, Any]] = []
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or not value.name:
+                continue
+            if tensor.nbytes < MIN_EXTERNAL and not isinstance(tensor, ir.ExternalTensor):
+                continue  # small and in memory: it goes inside the bytes
+            array = np.ascontiguousarray(tensor.numpy())
+            names.append(value.name)
+            arrays.append(array)
+            swapped.append((value, tensor))
+            value.const_value = ir.ExternalTensor(
+                _PLACEHOLDER, offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
+                name=value.name, base_dir="",
+            )
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    from graphc.core.io import max_ir_version
+
+    proto.ir_version = min(proto.ir_version, max_ir_version())
+    options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    sess._graphc_arrays = arrays  # the OrtValues share this memory: keep it alive with the session
+    return sess

@@ -1,0 +1,106 @@
+"""ONNX Runtime sessions for graphc's own runs (validation, calibration, measurements): CPU,
+quiet, custom ops of onnxruntime-extensions where installed, models past protobuf's 2 GB
+limit (``ort_large``) and files newer than the IR version ONNX Runtime loads."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphc.core.errors import GraphcError, ValidationError
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # ORT's own error lines would break one-line errors
+    _register_extensions(so)
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def make_session(
+    model: ir.Model | onnx.ModelProto | str | os.PathLike, *, threads: int | None = None, what: str = "model"
+) -> ort.InferenceSession:
+    """An ORT CPU session for a path, an in-memory IR model or a ModelProto.
+
+    A model whose IR version is newer than ONNX Runtime loads (onnx.helper's default) is
+    handed to it with the highest IR version it does load (graphc.core.io.max_ir_version)."""
+    from graphc.core.io import inline_external_data, max_ir_version
+
+    try:
+        if isinstance(model, (ir.Model, onnx.ModelProto)):
+            from graphc.core import ort_large
+            if isinstance(model, ir.Model) and ort_large.needs_external(model):  # > protobuf's 2 GB
+                return ort_large.session(model, session_options(threads), ["CPUExecutionProvider"])
+            if isinstance(model, ir.Model):
+                with inline_external_data(model):
+                    proto = ir.serde.serialize_model(model)
+                proto.ir_version = min(proto.ir_version, max_ir_version())
+            elif model.ir_version > max_ir_version():
+                proto = _with_ir_version(model, max_ir_version())
+            else:
+                proto = model
+            data = proto.SerializeToString()
+            return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(
+                os.fspath(model), session_options(threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception:  # noqa: BLE001
+            if _file_ir_version(model) <= max_ir_version():
+                raise
+        from graphc.core.io import load_model  # a file newer than ORT: through the in-memory path
+
+        return make_session(load_model(model), threads=threads, what=what)
+    except GraphcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValidationError(_custom_op_text(first, what) or f"ONNX Runtime cannot load the {what}: {first}") from None
+
+
+def _register_extensions(so: ort.SessionOptions) -> None:
+    """Custom ops of onnxruntime-extensions (ai.onnx.contrib: tokenizers, audio, image
+    decoding) where that package is installed; nothing otherwise."""
+    try:
+        from onnxruntime_extensions import get_library_path
+    except ImportError:
+        return
+    so.register_custom_ops_library(get_library_path())
+
+
+def _custom_op_text(ort_message: str, what: str) -> str | None:
+    """One line for ORT's refusal of an op from a custom domain, or None for other errors."""
+    import re
+
+    from graphc.core.model_checks import known_domains
+
+    found = re.search(r"([\w.]+):(\w+)\(-?\d+\) is not a registered function/op", ort_message)
+    if found is None or found.group(1) in known_domains():
+        return None
+    domain, op = found.groups()
+    hint = " (pip install onnxruntime-extensions)" if domain == "ai.onnx.contrib" else ""
+    after = "" if "calibration" in what else "; validate where it runs, or pass --no-validate"
+    return f"ONNX Runtime cannot run the {what}: op {op!r} of custom domain {domain!r} has no kernel here{hint}{after}"
+
+
+def _with_ir_version(proto: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """A copy of ``proto`` with another IR version (the caller's proto stays as it is)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    copy.ir_version = version
+    return copy
+
+
+def _file_ir_version(path: str | os.PathLike) -> int:
+    """The IR version of a model file, read without its weights; 0 if it cannot be read
+    (ORT then says why)."""
+    try:
+        return onnx.load(os.fspath(path), load_external_data=False).ir_version
+    except Exception:  # noqa: BLE001
+        return 0

@@ -1,0 +1,390 @@
+"""Python API, mirroring the CLI: compress, validate, inspect, export, passes and recipes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from graphc.core import io
+from graphc.core.errors import GraphcError, MissingDependencyError, ModelLoadError, ToleranceError
+from graphc.checks.instruments import DumpIR, NumericCheck
+from graphc.core.interrupt import default_time_limit, time_limit
+from graphc.core.outputs import plan_compress, plan_outputs
+from graphc.core.signature import SignatureGuard, overridable_initializers
+from graphc.checks.provenance import provenance
+from graphc.core.manager import PassManager, PassRecord, SizeFacts
+from graphc.core.pass_base import PassContext
+from graphc.core.recipes import Recipe, get_recipe
+from graphc.checks.feeds import (  # noqa: F401 - VALIDATION_SAMPLES: part of the API
+    VALIDATION_SAMPLES, calibration_context, task_metric_for, user_inputs, validation_feeds,
+)
+from graphc.core.registry import get_pass
+from graphc.checks.validate import ValidationReport, compare, make_session, run_feeds
+
+ModelLike = Any  # path, ir.Model, onnx.ModelProto or onnx_graphsurgeon.Graph
+
+
+
+@dataclass
+class CompressResult:
+    model: ir.Model
+    recipe: Recipe
+    passes: list[PassRecord]
+    validation: ValidationReport | None
+    bytes_before: int
+    bytes_after: int
+    params_before: int
+    params_after: int
+    written: list[Path] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    attribution: Any = None  # graphc.checks.attribution.Attribution, when validation ran
+    report_path: Path | None = None
+    auto: dict[str, Any] | None = None  # --recipe auto: the candidates and why the winner won
+    left_float: list[dict[str, Any]] = field(default_factory=list)  # graphc.core.leftover: float weights by op, why
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "size_ratio": round(self.bytes_after / self.bytes_before, 4) if self.bytes_before else None,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "passes": [r.to_dict() for r in self.passes],
+            "validation": self.validation.to_dict() if self.validation else None,
+            "worst_layer": self.attribution.worst_layer if self.attribution else None,
+            "attribution": self.attribution.to_dict() if self.attribution else None,
+            "written": [str(p) for p in self.written],
+            "report": str(self.report_path) if self.report_path else None,
+            "notices": self.notices,
+            "left_float": self.left_float,
+            **({"auto": self.auto} if self.auto is not None else {}),
+        }
+
+    def to_graphsurgeon(self):
+        """The result as an onnx_graphsurgeon Graph (for TensorRT-style pipelines)."""
+        gs = _import_graphsurgeon()
+        return gs.import_onnx(ir.serde.serialize_model(self.model))
+
+
+def _import_graphsurgeon():
+    try:
+        import onnx_graphsurgeon as gs
+    except ImportError:
+        raise MissingDependencyError("onnx-graphsurgeon is not installed (pip install graphc[interop])") from None
+    return gs
+
+
+def to_ir(model: ModelLike) -> tuple[ir.Model, Path | None]:
+    """Any accepted model form → (IR model, its path when it came from a file)."""
+    if isinstance(model, ir.Model):
+        return model, None
+    if isinstance(model, (str, os.PathLike)):
+        return io.load_model(model), Path(model)
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model), None
+    if type(model).__module__.startswith("onnx_graphsurgeon"):
+        gs = _import_graphsurgeon()
+        return ir.serde.deserialize_model(gs.export_onnx(model)), None
+    raise ModelLoadError(f"cannot compress a {type(model).__name__}; pass a path, onnx_ir.Model, ModelProto or gs.Graph")
+
+
+def compress(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    recipe: str | os.PathLike | Recipe = "int8",
+    force: bool = False,
+    disable: Sequence[str] = (),
+    check_each_pass: bool = False,
+    validate: bool = True,
+    feeds: Sequence[dict] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    instruments: Sequence[Any] = (),
+    dump_dir: str | os.PathLike | None = None,
+    attribution: bool = True,
+    report: str | os.PathLike | None = None,
+    target: str | None = None,
+    shape_hint: str | Sequence[int] | None = None,
+    genai: bool = False,
+    inputs: str | os.PathLike | None = None,
+    input_shapes: Any = None,
+    validate_timeout: float | None = None,
+) -> CompressResult:
+    """Run a recipe on a model, validate it against the original, and write it.
+
+    The result is written only if validation meets the recipe's tolerance (or ``force``);
+    otherwise :class:`ToleranceError` is raised and no model is written (the ``report``, if
+    asked for, still is: it is how one finds the layer that lost the accuracy).
+    ``attribution``: also compare the two graphs tensor by tensor and name the worst layer.
+    ``target``: the CPU the result is compiled for (``graphc.target``: ``auto``/None is this
+    machine); it picks int8 formulations that are exact there and is written in the provenance.
+    ``recipe="auto"``: the fastest of several recipes that meets its tolerance on the target,
+    timed at ``shape_hint`` (batch × sequence, default 8x128; see graphc.auto).
+    ``feeds`` or ``inputs`` (an .npz/.npy file or a folder, graphc.core.inputs): the user's inputs,
+    for validation and calibration; ``input_shapes`` fixes dims of synthesized inputs.
+    ``validate_timeout``: seconds each model's validation runs may take (default sized to
+    the model, graphc.core.interrupt.default_time_limit); past it ONNX Runtime is stopped and
+    :class:`graphc.core.interrupt.TimeLimitError` raised.
+    """
+    from graphc.core.target import resolve
+
+    target_info = resolve(target)
+    if isinstance(recipe, str) and recipe == "auto":
+        from graphc.front.auto import run_auto
+
+        if genai:
+            raise GraphcError("recipe auto does not write genai folders yet: pick a recipe (e.g. int4) with --genai")
+        if not validate:
+            raise GraphcError("recipe auto chooses among validated candidates: it cannot run with validation off")
+        if inputs is not None:
+            feeds = user_inputs(to_ir(model)[0], inputs)[0]
+        return run_auto(model, output, target=target_info, shape_hint=shape_hint, feeds=feeds, force=force,
+                        progress=progress, report=report)
+    recipe_obj = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
+    unknown = [d for d in disable if d not in recipe_obj.pass_names()]
+    for d in unknown:
+        get_pass(d)  # unknown names raise; known-but-absent are ignored with a notice
+    ir_model, src = to_ir(model)
+    # Every file this run writes, checked against the input's files and each other before any work
+    # (a genai folder is checked as a folder: graphc.exporters.genai.output_folder)
+    plan = plan_compress(src, None if genai else output, report=report, dump_dir=dump_dir,
+                         input_bytes=io.tensor_bytes(ir_model),
+                         pass_names=[s.pass_name for s in recipe_obj.steps if s.pass_name not in disable])
+    report, forbid = plan.report, plan.forbid
+    if genai:
+        from graphc.exporters.genai import check_decoder, output_folder
+
+        check_decoder(ir_model, src or "model")
+        if output is not None:
+            output_folder(output)  # fail fast, before any work
+    else:
+        output = plan.output
+    # A working copy; the caller's model (and its lazily read external data) stays untouched.
+    work = ir.serde.deserialize_model(ir.serde.serialize_model(ir_model))
+    if src is not None:
+        io.set_base_dir(work, src.parent)
+    before = SizeFacts.of(ir_model)
+    notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
+
+    feeds, input_source, shapes = user_inputs(ir_model, inputs, feeds, input_shapes)
+    user_feeds = feeds
+    reference = None
+    limit = validate_timeout if validate_timeout is not None else default_time_limit(io.tensor_bytes(ir_model))
+    if validate or check_each_pass:
+        if feeds is None:
+            try:
+                feeds, input_source = validation_feeds(ir_model, shapes=shapes)
+            except GraphcError as e:  # e.g. an input too large to synthesize: name the model
+                if e.path is None and src is not None:
+                    e.path = os.fspath(src)
+                raise
+        with time_limit(limit, "validation of the original model"):
+            reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
+    from graphc.checks.target_checks import target_notices, validation_model
+
+    context = PassContext(progress=progress, target=target_info)
+    notices += target_notices(target_info, validate)
+    passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
+    calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]
+    if calibrated:
+        wanted = max([32, *(p.calibration_texts for p in calibrated)])
+        if user_feeds is not None:
+            context.calibration, context.calibration_source = user_feeds, input_source
+        else:
+            calib = calibration_context(ir_model, wanted, shapes)
+            context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
+    all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
+    if dump_dir is not None:
+        all_instruments.append(DumpIR(dump_dir, forbid=forbid))
+    # the guard first: it restores the input/output names a pass changed before anything looks at the model
+    with overridable_initializers(work, notices):
+        guard = SignatureGuard(work)
+        records = PassManager(passes, instruments=[guard, *all_instruments], disabled=disable).run(work)
+    after = SizeFacts.of(work)
+
+    checked = None
+    if validate:
+        tol = recipe_obj.tolerance
+        with time_limit(limit, "validation of the compressed model"):
+            checked = compare(None, validation_model(work, notices), feeds, input_source=input_source,
+                              reference_outputs=reference, task=task_metric_for(ir_model, input_source))
+        checked.min_cosine_required = tol.min_row_cosine
+        checked.max_abs_allowed = tol.max_abs
+        checked.min_output_cosine_required = tol.min_cosine
+        if checked.nonfinite_outputs:
+            checked.first_nonfinite = _first_nonfinite(work, feeds, ir_model)
+        checked.max_ppl_rise_allowed = tol.max_ppl_rise
+        if tol.max_ppl_rise is not None and checked.ppl_rise is None:
+            notices.append(f"max_ppl_rise {tol.max_ppl_rise:g} not checked: no perplexity was measured (validation "
+                           f"inputs: {input_source}; perplexity needs a causal LM exported by graphc)")
+    result = CompressResult(work, recipe_obj, records, checked, before.bytes, after.bytes, before.params, after.params, notices=notices)
+    from graphc.core.leftover import left_in_float
+
+    result.left_float = [e.to_dict() for e in left_in_float(work, records)]
+    if checked is not None and attribution:
+        from graphc.checks.attribution import attribute
+
+        # two feeds and a bounded tensor count keep this cheap next to validation itself
+        result.attribution = attribute(ir_model, work, feeds[:2], max_tensors=200)
+    work.metadata_props.update(provenance(recipe_obj, records, checked, ir_model, src, target_info))
+    if report is not None:
+        result.report_path = _write_report(result, ir_model, src, output, feeds, report)
+    if checked is not None and checked.nonfinite_outputs and not force:
+        raise ToleranceError(_nonfinite_text(checked) + "; nothing written (use --force to write anyway)", path=output)
+    if checked is not None and not checked.passed and not force:
+        raise ToleranceError(
+            f"result misses recipe {recipe_obj.name!r} tolerance ({_tolerance_text(checked, recipe_obj)}); "
+            "nothing written (use --force to write anyway)",
+            path=output,
+        )
+    if output is not None and genai:
+        from graphc.exporters.genai import tokenizer_source, write_folder
+
+        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, None))
+        result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
+        if src is not None:
+            result.bytes_before = io.file_bytes(src)
+    elif output is not None:
+        result.written = io.save_model(work, output, forbid=forbid)
+        result.bytes_after = sum(p.stat().st_size for p in result.written)
+        if src is not None:
+            result.bytes_before = io.file_bytes(src)
+    if result.bytes_after >= result.bytes_before:
+        result.notices.append(f"the result is not smaller than the original ({result.bytes_before:,} → "
+                              f"{result.bytes_after:,} bytes): recipe {recipe_obj.name!r} shrank nothing here"
+                              + (" (see: left in float)" if result.left_float else ""))
+    return result
+
+
+def _write_report(result: CompressResult, original: ir.Model, src, output, feeds, path) -> Path:
+    from graphc.report.html import write_report
+    from graphc.report.data import report_data
+
+    data = report_data(
+        original,
+        result.model,
+        model_path=src,
+        output_path=output,
+        feeds=feeds or [],
+        passes=[r.to_dict() for r in result.passes],
+        validation=result.validation.to_dict() if result.validation else None,
+        recipe=result.recipe.to_dict(),
+        attribution=result.attribution.to_dict() if result.attribution else None,
+    )
+    return Path(write_report(data, path))
+
+
+def report(
+    original: ModelLike,
+    rewritten: ModelLike,
+    output: str | os.PathLike,
+    *,
+    feeds: Sequence[dict] | None = None,
+    latency: bool = True,
+) -> Path:
+    """An HTML report comparing two models already on disk (the pass timeline comes from the
+    rewritten model's provenance, without timings)."""
+    from graphc.checks.attribution import attribute
+    from graphc.report.html import write_report
+    from graphc.report.data import report_data
+
+    orig, orig_path = to_ir(original)
+    rew, rew_path = to_ir(rewritten)
+    inputs = [f for p in (orig_path, rew_path) if p is not None for f in io.model_files(p)]
+    output = plan_outputs(inputs, None, report=output).report  # never one of the models, checked before work
+    source = "given"
+    if feeds is None:
+        feeds, source = validation_feeds(orig)
+    with time_limit(2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew))), "validation"):
+        validation = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    data = report_data(
+        orig,
+        rew,
+        model_path=orig_path,
+        output_path=rew_path,
+        feeds=feeds,
+        validation=validation.to_dict(),
+        attribution=attribute(orig, rew, feeds).to_dict(),
+        latency=latency,
+    )
+    return Path(write_report(data, output))
+
+
+def _first_nonfinite(rewritten: ir.Model, feeds: Sequence[dict], original: ir.Model) -> str | None:
+    from graphc.checks.nonfinite import first_nonfinite
+
+    for feed in feeds[:2]:
+        found = first_nonfinite(rewritten, feed, original)
+        if found is not None:
+            return f"{found[0]!r} ({found[1]})"
+    return None
+
+
+def _nonfinite_text(report: ValidationReport) -> str:
+    names = ", ".join(repr(n) for n in report.nonfinite_outputs)
+    where = f"; first non-finite tensor {report.first_nonfinite}" if report.first_nonfinite else ""
+    return f"the result computes NaN or inf where the original is finite (output {names}{where})"
+
+
+def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
+    tol = recipe.tolerance
+    parts = [f"output {name!r} has NaN or inf where the original has a number" for name in report.nonfinite_outputs]
+    if tol.min_cosine is not None:
+        parts.append(f"output {report.worst_output!r} cosine {report.output_cosine:.5f} vs required {tol.min_cosine}")
+    if tol.min_row_cosine is not None:
+        parts.append(f"worst row cosine {report.min_cosine:.5f} vs required {tol.min_row_cosine}")
+    if tol.max_abs is not None:
+        parts.append(f"max abs {report.max_abs:.4g} vs allowed {tol.max_abs}")
+    if tol.max_ppl_rise is not None and report.ppl_rise is not None:
+        parts.append(f"perplexity rise {report.ppl_rise:+.2%} vs allowed {tol.max_ppl_rise:+.2%}")
+    return ", ".join(parts)
+
+
+def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None,
+             inputs: str | os.PathLike | None = None, input_shapes: Any = None,
+             timeout: float | None = None) -> ValidationReport:
+    """Compare two models with ONNX Runtime on the user's inputs (``feeds``, or the ``inputs``
+    file), else on real texts of a model recipe or inputs synthesized (``input_shapes``).
+    ``timeout``: seconds the ORT runs may take (default sized to the larger model)."""
+    orig, _ = to_ir(original)
+    rew, _ = to_ir(rewritten)
+    feeds, source, shapes = user_inputs(orig, inputs, feeds, input_shapes)
+    if feeds is None:
+        feeds, source = validation_feeds(orig, shapes=shapes)
+    if timeout is None:
+        timeout = 2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew)))
+    with time_limit(timeout, "validation"):
+        report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+    from graphc.checks.target_checks import target_check_notices
+
+    report.notices.extend(target_check_notices(rew))
+    return report
+
+
+def export(source: Any, output: str | os.PathLike, **kwargs: Any):
+    """Export a models/ recipe name, an HF folder, or (via graphc.exporters) a torch module.
+    ``kv_cache=True``: a causal LM with past/present key-value inputs and outputs
+    (graphc.exporters.decoder), for generation with graphc.front.generate."""
+    genai = kwargs.pop("genai", False)
+    kv_cache = kwargs.pop("kv_cache", False)
+    if genai and not kv_cache:
+        raise GraphcError("--genai writes an onnxruntime-genai folder for a causal LM with its KV cache: add --kv-cache")
+    try:
+        if kv_cache:
+            from graphc.exporters.decoder import export_decoder as _export
+        else:
+            from graphc.exporters import export as _export
+    except ImportError as e:
+        raise MissingDependencyError(f"export needs the export extra (pip install graphc[export]): {e}") from None
+    if genai:
+        from graphc.exporters.genai import export_folder
+
+        return export_folder(source, output, _export, **kwargs)
+    return _export(source, output, **kwargs)

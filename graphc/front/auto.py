@@ -1,0 +1,228 @@
+"""``--recipe auto``: the fastest recipe that meets its tolerance on the target CPU.
+
+Each candidate recipe is compiled for the target and validated like any ``compress``; the
+ones that pass are timed on this machine at the shape the user names (``shape_hint``, batch ×
+sequence; padded rows as real batches have them), interleaved with the original and each
+other, and the fastest is written. The table of candidates (bytes, validation, latency, why a
+candidate lost) goes into the result and the provenance.
+
+Fused fp32 (``fuse``) is always a candidate, so the winner is never slower than it. Candidates
+on a CPU whose u8×s8 kernel saturates include ``int8`` with 7-bit weights (``u8s7``), which
+keeps the fast kernel exact, beside the default ``u8u8`` form.
+
+Where the target is not this machine (``arm64`` compiled on x86, say), nothing can be timed:
+the candidates are still compiled and validated, and the choice falls back to the first one
+of a fixed preference order that passed (int8, then fuse), with a notice saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from graphc.core.errors import GraphcError, RecipeError
+from graphc.core.recipes import Recipe, Step, get_recipe
+
+DEFAULT_CANDIDATES = ("fuse", "int8", "fast")
+DEFAULT_SHAPE = (8, 128)
+PREFERENCE = ("int8", "int8-u8s7", "fast", "fuse")  # when nothing can be timed
+
+
+@dataclass
+class Candidate:
+    name: str
+    recipe: Recipe
+    status: str = "pending"  # passed | missed tolerance | failed | not applicable
+    reason: str = ""
+    bytes: int | None = None
+    output_cosine: float | None = None
+    latency_ms: float | None = None
+    result: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": self.name,
+            "status": self.status,
+            **({"reason": self.reason} if self.reason else {}),
+            "bytes": self.bytes,
+            "output_cosine": None if self.output_cosine is None else round(self.output_cosine, 6),
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
+        }
+
+
+def parse_shape(text: str | Sequence[int] | None) -> tuple[int, int]:
+    """``"8x128"`` → (8, 128); one-line error otherwise."""
+    if text is None:
+        return DEFAULT_SHAPE
+    if not isinstance(text, str):
+        b, s = text
+        return int(b), int(s)
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        b, s = (int(p) for p in parts)
+    except ValueError:
+        raise RecipeError(f"shape hint {text!r}: expected BATCHxSEQUENCE, e.g. 8x128") from None
+    if b < 1 or s < 1 or b * s > 1 << 20:
+        raise RecipeError(f"shape hint {text!r}: batch and sequence must be >= 1 (and their product <= 1048576)")
+    return b, s
+
+
+def candidates(names: Sequence[str], saturating: bool) -> list[Candidate]:
+    out = []
+    for name in names:
+        out.append(Candidate(name, get_recipe(name)))
+        if name == "int8" and saturating:
+            base = get_recipe("int8")
+            steps = tuple(Step(s.pass_name, {**s.options, "form": "u8s7"}) if s.pass_name == "quantize-int8" else s
+                          for s in base.steps)
+            out.append(Candidate("int8-u8s7", dataclasses.replace(base, name="int8-u8s7", steps=steps,
+                                                                  description=base.description + " (7-bit weights)")))
+    return out
+
+
+def timing_feed(model: ir.Model, batch: int, seq: int) -> dict:
+    """One feed at batch × seq: the model recipe's real texts padded to ``seq`` when it has
+    them (padding as real batches have it), else inputs synthesized at that shape."""
+    from graphc.core import ops
+    from graphc.checks.measure import pad_feed
+    from graphc.checks.validate import synthesize_inputs
+
+    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    if name:
+        try:
+            from graphc.models import get_model_recipe
+
+            recipe = get_model_recipe(name)
+            texts = recipe.eval_texts(batch)
+            feeds = recipe.feeds(texts, batch=batch, max_length=seq)
+            if feeds and next(iter(feeds[0].values())).shape[0] == batch:
+                return pad_feed(feeds[0], seq)
+        except (ImportError, GraphcError, ValueError):
+            pass
+    return synthesize_inputs(model, count=1, seed=3, batch=batch, seq=seq)[0]
+
+
+def choose(rows: list[Candidate], timed: bool) -> Candidate | None:
+    passed = [c for c in rows if c.status == "passed"]
+    if not passed:
+        return None
+    if timed:
+        return min(passed, key=lambda c: c.latency_ms if c.latency_ms is not None else float("inf"))
+    order = {n: i for i, n in enumerate(PREFERENCE)}
+    return min(passed, key=lambda c: order.get(c.name, len(order)))
+
+
+def time_candidates(original: ir.Model, rows: list[Candidate], feed: dict, *, reps: int, threads: int) -> float:
+    """Set each passing candidate's median latency (ms); return the original's."""
+    from graphc.core import io
+    from graphc.checks.measure import interleaved_latency, session
+
+    sessions = {"original": session(_bytes(original, io), threads=threads)}
+    for c in rows:
+        if c.status == "passed":
+            sessions[c.name] = session(_bytes(c.result.model, io), threads=threads)
+    lat = interleaved_latency(sessions, feed, reps=reps, warmup=2)
+    for c in rows:
+        if c.name in lat:
+            c.latency_ms = lat[c.name].median_ms
+    return lat["original"].median_ms
+
+
+def _bytes(model: ir.Model, io) -> bytes:
+    with io.inline_external_data(model):
+        return ir.serde.serialize_model(model).SerializeToString()
+
+
+def run_auto(
+    model: Any,
+    output: Any,
+    *,
+    target: Any,
+    shape_hint: str | Sequence[int] | None = None,
+    names: Sequence[str] = DEFAULT_CANDIDATES,
+    feeds: Sequence[dict] | None = None,
+    reps: int = 20,
+    threads: int = 2,
+    force: bool = False,
+    progress=None,
+    report: Any = None,
+):
+    """Compile every candidate for ``target``, validate, time the passing ones, write the
+    fastest (see the module docstring). Returns the winner's CompressResult with ``auto``
+    holding the candidate table."""
+    import json
+
+    from graphc.front import api
+    from graphc.core import io
+    from graphc.core.errors import ToleranceError
+    from graphc.core.target import resolve, runs_here
+
+    info = resolve(target)
+    batch, seq = parse_shape(shape_hint)
+    ir_model, src = api.to_ir(model)
+    from graphc.core.outputs import plan_compress
+
+    plan = plan_compress(src, output, report=report, input_bytes=io.tensor_bytes(ir_model))
+    output, report, forbid = plan.output, plan.report, plan.forbid
+    rows = candidates(names, info.saturates)
+    source = None
+    if feeds is None:
+        feeds, source = api.validation_feeds(ir_model)
+    for i, c in enumerate(rows):
+        if progress is not None:
+            progress(f"auto: compiling {c.name}", i, len(rows))
+        try:
+            res = api.compress(model, None, recipe=c.recipe, target=info, feeds=feeds, force=True, attribution=False)
+        except GraphcError as e:
+            c.status, c.reason = "failed", str(e)
+            continue
+        c.result = res
+        c.bytes = res.bytes_after
+        c.output_cosine = res.validation.output_cosine
+        c.status = "passed" if res.validation.passed else "missed tolerance"
+        if not res.validation.passed:
+            c.reason = api._tolerance_text(res.validation, c.recipe)
+    timed = runs_here(info)
+    notices = []
+    original_ms = None
+    if timed and any(c.status == "passed" for c in rows):
+        if progress is not None:
+            progress("auto: timing", len(rows), len(rows))
+        original_ms = time_candidates(ir_model, rows, timing_feed(ir_model, batch, seq), reps=reps, threads=threads)
+    elif not timed:
+        notices.append(f"auto: target {info.name} is not this machine: candidates were not timed; chose by the "
+                       f"fixed order {', '.join(PREFERENCE)} among those that passed")
+    winner = choose(rows, timed)
+    table = [c.to_dict() for c in rows]
+    if winner is None:
+        best = max((c for c in rows if c.result is not None), key=lambda c: c.output_cosine or 0, default=None)
+        if best is None or not force:
+            raise ToleranceError("auto: no candidate met its tolerance (" + "; ".join(
+                f"{c.name}: {c.reason or c.status}" for c in rows) + "); nothing written", path=output)
+        winner = best
+        notices.append(f"auto: no candidate met its tolerance; --force wrote the closest, {best.name}")
+    for c in rows:
+        if c is not winner and c.status == "passed" and c.latency_ms is not None and winner.latency_ms is not None:
+            c.reason = f"{c.latency_ms / winner.latency_ms:.2f}x the winner's latency"
+    table = [c.to_dict() for c in rows]
+    result = winner.result
+    if source is not None and result.validation is not None:
+        result.validation.input_source = source
+    result.auto = {"target": info.name, "shape": [batch, seq], "timed": timed, "winner": winner.name,
+                   "original_ms": None if original_ms is None else round(original_ms, 3), "candidates": table}
+    result.notices = [*notices, *result.notices]
+    result.model.metadata_props["graphc.auto"] = json.dumps(
+        {k: v for k, v in result.auto.items() if k != "candidates"} | {"candidates": [
+            {k: r[k] for k in ("candidate", "status", "bytes", "latency_ms")} for r in table]}, sort_keys=True)
+    if report is not None:
+        result.report_path = api._write_report(result, ir_model, src, output, feeds, report)
+    if output is not None:
+        result.written = io.save_model(result.model, output, forbid=forbid)
+        result.bytes_after = sum(p.stat().st_size for p in result.written)
+        if src is not None:
+            result.bytes_before = io.file_bytes(src)
+    return result
