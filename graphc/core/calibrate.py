@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from graphc.core.errors import PassError
 from graphc.core.interrupt import run_session  # interruptible, bounded by time_limit
-from graphc.checks.validate import make_session
+from graphc.core.session import make_session
 
 MIN_CALIBRATION_FEEDS = 1
 
