@@ -105,7 +105,8 @@ def load(model: ir.Model, path: str | os.PathLike, *, model_path: Path | None = 
     split = f"every {HOLD_OUT_EVERY}th {_unit(kind)[:-1]} of {name}, held out from calibration{dupes}"
     if kind == TEXT:
         cal, val, where, task = _text_feeds(model, model_path, tokenizer, cal_items, val_items, path)
-        cal_source = f"{len(cal_items)} texts of {name} (tokenizer: {where}){dupes}"
+        cal_source = f"{len(cal_items)} texts of {name} ({_extent(model, cal, len(cal_items))}tokenizer: {where}){dupes}"
+        split = f"{_extent(model, val, len(val_items))}{split}"
     else:
         from graphc import images
 
@@ -161,7 +162,7 @@ def _texts(files: Sequence[Path]) -> tuple[list[str], int]:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             line = data[:e.start].count(b"\n") + 1
-            raise CalibrationDataError(f"not UTF-8 text (line {line}, byte {e.start})", path=f) from None
+            raise CalibrationDataError(f"not UTF-8 text (line {line}, byte {e.start}): save it as UTF-8", path=f) from None
         if "\x00" in text:
             raise CalibrationDataError("not text (holds NUL bytes)", path=f)
         for line in text.splitlines():
@@ -210,6 +211,18 @@ def _text_feeds(model: ir.Model, model_path: Path | None, tokenizer: Any, cal_te
     if recipe is not None:
         cal, val = cal[:recipe.calibration_max_feeds], val[:max(recipe.validation_max_feeds, 1)]
     return cal, val, where, task
+
+
+def _extent(model: ir.Model, feeds: list[dict[str, np.ndarray]], texts: int) -> str:
+    """What of the texts the feeds hold, where it is not simply all of them: a causal LM's
+    windows, or the rows a model recipe's feed cap kept."""
+    from graphc.text_data import is_causal_lm
+
+    rows = sum(len(f["input_ids"]) for f in feeds)
+    longest = max((f["input_ids"].shape[1] for f in feeds), default=0)
+    if is_causal_lm(model):
+        return f"{rows} window{'s' * (rows != 1)} of up to {longest} tokens; "
+    return f"the first {rows} fed; " if rows < texts else ""
 
 
 def _recipe(model: ir.Model):

@@ -141,7 +141,7 @@ class Plan:
 
     def describe(self) -> str:
         said = lambda vals: ",".join(f"{v:g}" for v in vals)  # noqa: E731
-        default = f"; default {', '.join(self.defaults)}" if self.defaults else ""
+        default = f"; {', '.join(self.defaults)}" if self.defaults else ""
         return (f"{self.height}x{self.width}, resize {self.resize}, mean {said(self.mean)}, std {said(self.std)}, "
                 f"{self.color}, {self.layout}{default}")
 
@@ -169,14 +169,15 @@ def plan(model: ir.Model, spec: Preprocess, where: Path) -> Plan:
     size = spec.size or (tuple(fixed) if None not in fixed else None)
     if size is None:
         raise CalibrationDataError(f"input {value.name!r} leaves H and W free: give --preprocess size=HxW", path=where)
-    defaults = []
+    defaults = []  # said in the source text: a guessed normalization is worth knowing about
     mean, std = spec.mean, spec.std
-    if mean is None:
-        mean = images._floats(model.metadata_props.get(images.MEAN_KEY), images.DEFAULT_MEAN)
-        defaults.append("mean" + ("" if images.MEAN_KEY in model.metadata_props else " (0.5)"))
-    if std is None:
-        std = images._floats(model.metadata_props.get(images.STD_KEY), images.DEFAULT_STD)
-        defaults.append("std" + ("" if images.STD_KEY in model.metadata_props else " (0.5)"))
+    for key, given, meta, default in (("mean", mean, images.MEAN_KEY, images.DEFAULT_MEAN),
+                                      ("std", std, images.STD_KEY, images.DEFAULT_STD)):
+        if given is None:
+            numbers = images._floats(model.metadata_props.get(meta), default)
+            mean, std = (numbers, std) if key == "mean" else (mean, numbers)
+            defaults.append(f"{key} from the model's metadata" if meta in model.metadata_props
+                            else f"{key} not given: ViT's 0.5")
     color = spec.color or ("gray" if channels == 1 else "rgb")
     if (color == "gray") != (channels == 1):
         raise CalibrationDataError(f"--preprocess color={color}, but input {value.name!r} has {channels} channel(s)",

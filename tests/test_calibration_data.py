@@ -207,6 +207,24 @@ def test_kv_decoder_feeds_get_positions_and_empty_pasts(tmp_path, tok):
     np.testing.assert_array_equal(feeds[0]["position_ids"], np.tile(np.arange(16), (2, 1)))
 
 
+def test_tokenizer_of_the_model_recipe_else_of_the_folder_graphc_export_read(tmp_path):
+    pytest.importorskip("torch")
+    from graphc import text_data
+    from graphc.io import load_model
+    from graphc.models import tiny_families as tf
+
+    model = load_model(encoder(tmp_path / "enc.onnx"))
+    model.metadata_props["graphc.model_recipe"] = "minilm"
+    assert text_data.find_tokenizer(model, None, None, "enc.onnx")[1] == "model recipe minilm"
+    folder = make_tokenizer(tf.save_tiny("bert", tmp_path / "hf"))
+    exported = load_model(api.export(str(folder), tmp_path / "bert.onnx").path)
+    assert exported.metadata_props["graphc.source_folder"] == str(folder.resolve())
+    data = tmp_path / "notes.txt"
+    data.write_text("\n".join(lines(12)))
+    result = api.compress(str(tmp_path / "bert.onnx"), None, calibration_data=data, attribution=False)
+    assert result.calibration == f"9 texts of notes.txt (tokenizer: {folder.resolve()})"
+
+
 def test_split_is_deterministic_disjoint_and_drops_repeats(tmp_path, tok):
     from graphc import calibration_data as cd
     from graphc.io import load_model
@@ -295,6 +313,18 @@ def test_images_calibrate_with_declared_preprocessing(tmp_path, recorder):
     assert v.task["metric"] == "embedding_cosine" and v.task["images"] == 3
 
 
+def test_image_normalization_defaults_are_said(tmp_path):
+    pytest.importorskip("PIL")
+    from graphc import calibration_data as cd
+
+    model = onnx_ir_model(vision(tmp_path / "vis.onnx"))
+    model.metadata_props["graphc.image.mean"] = "0.485,0.456,0.406"
+    data = cd.load(model, image_folder(tmp_path / "photos", 8), calibration_count=0)
+    assert data.calibration == [] and data.validation_items == ["img03.png", "img07.png"]
+    assert data.calibration_source.endswith("(8x8, resize 8, mean 0.485,0.456,0.406, std 0.5,0.5,0.5, rgb, NCHW; "
+                                            "mean from the model's metadata, std not given: ViT's 0.5)")
+
+
 def onnx_ir_model(path: Path):
     from graphc.io import load_model
 
@@ -331,7 +361,7 @@ def _bad_cases(tmp_path: Path, tok: Path):
         ("empty folder", ["--calibration-data", str(tmp_path / "emptydir"), *t], enc,
          "emptydir: holds no .txt files or images"),
         ("not utf-8", ["--calibration-data", str(tmp_path / "latin1.txt"), *t], enc,
-         "latin1.txt: not UTF-8 text (line 2, byte 11)"),
+         "latin1.txt: not UTF-8 text (line 2, byte 11): save it as UTF-8"),
         ("too few", ["--calibration-data", str(tmp_path / "few.txt"), *t], enc,
          "few.txt: 7 distinct texts; at least 8 are needed"),
         ("corrupt image", ["--calibration-data", str(broken)], vis, "img03.png: cannot read as an image"),
