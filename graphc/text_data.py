@@ -97,8 +97,10 @@ def _load(folder: str) -> Any:
                                    path=folder) from None
 
 
-def _ids(tokenizer: Any, texts: Sequence[str], special: bool) -> list[list[int]]:
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=special)["input_ids"]]
+def _ids(tokenizer: Any, texts: Sequence[str], special: bool, max_length: int | None = None) -> list[list[int]]:
+    """Token ids per text; ``max_length`` truncates as the tokenizer does (keeping [SEP] and the like)."""
+    cut = {"truncation": True, "max_length": max_length} if max_length else {}
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=special, **cut)["input_ids"]]
 
 
 def _fixed_seq(model: ir.Model) -> int | None:
@@ -124,7 +126,7 @@ def text_feeds(model: ir.Model, tokenizer: Any, texts: Sequence[str], *, batch: 
         full = [r for r in rows if len(r) == length]
         groups = [full[i:i + batch] for i in range(0, len(full), batch)] + [[r] for r in rows if len(r) < length]
     else:
-        rows = [r[:length] for r in _ids(tokenizer, texts, True)]
+        rows = _ids(tokenizer, texts, True, length)
         groups = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     if not groups:
         raise CalibrationDataError(f"the texts give no window of {length} tokens", path=where)

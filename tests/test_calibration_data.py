@@ -225,6 +225,33 @@ def test_tokenizer_of_the_model_recipe_else_of_the_folder_graphc_export_read(tmp
     assert result.calibration == f"9 texts of notes.txt (tokenizer: {folder.resolve()})"
 
 
+def test_kv_cache_llama_export_calibrates_on_windows_and_gates_perplexity(tmp_path):
+    """A real tiny Llama exported with its KV cache: the tokenizer comes from the folder the
+    export recorded, validation runs prefill calls (empty pasts) on the held-out windows."""
+    pytest.importorskip("torch")
+    from graphc.models import tiny_families as tf
+
+    folder = make_tokenizer(tf.save_tiny("llama", tmp_path / "hf"))
+    model = api.export(str(folder), tmp_path / "llama.onnx", kv_cache=True).path
+    data = tmp_path / "notes.txt"
+    data.write_text("\n".join(lines(40)))
+    result = api.compress(str(model), None, recipe="int8", calibration_data=data, attribution=False)
+    assert result.calibration == f"30 texts of notes.txt (2 windows of up to 128 tokens; tokenizer: {folder.resolve()})"
+    task = result.validation.task
+    assert task["metric"] == "perplexity" and task["windows"] == 1 and result.validation.ppl_rise is not None
+
+
+def test_long_texts_are_cut_by_the_tokenizer_keeping_its_end_token(tmp_path, tok):
+    from graphc import text_data
+    from graphc.io import load_model
+
+    model = load_model(encoder(tmp_path / "enc.onnx"))
+    feeds = text_data.text_feeds(model, text_data._load(str(tok)), ["the cat " * 100, "a dog"], batch=16,
+                                 max_length=8, where=tmp_path)
+    assert feeds[0]["input_ids"].tolist() == [[2, 4, 6, 4, 6, 4, 6, 3], [2, 5, 7, 3, 0, 0, 0, 0]]
+    assert feeds[0]["attention_mask"].sum(axis=1).tolist() == [8, 4]
+
+
 def test_split_is_deterministic_disjoint_and_drops_repeats(tmp_path, tok):
     from graphc import calibration_data as cd
     from graphc.io import load_model
