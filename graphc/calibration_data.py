@@ -97,12 +97,12 @@ def load(model: ir.Model, path: str | os.PathLike, *, model_path: Path | None = 
         plan = image_data.plan(model, spec or image_data.Preprocess(), path)
         items, dropped = _images(files)
     if len(items) < MIN_ITEMS:
-        raise CalibrationDataError(f"{len(items)} distinct {_unit(kind)}; at least {MIN_ITEMS} are needed "
+        raise CalibrationDataError(f"{len(items)} distinct {kind}; at least {MIN_ITEMS} are needed "
                                    f"(every {HOLD_OUT_EVERY}th is held out for validation)", path=path)
     cal_items = [x for i, x in enumerate(items) if i % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1][:calibration_count]
     val_items = [x for i, x in enumerate(items) if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1][:validation_count]
-    dupes = f"; {dropped} repeated {_unit(kind)} left out" if dropped else ""
-    split = f"every {HOLD_OUT_EVERY}th {_unit(kind)[:-1]} of {name}, held out from calibration{dupes}"
+    dupes = f"; {dropped} repeated {kind} left out" if dropped else ""
+    split = f"every {HOLD_OUT_EVERY}th {kind[:-1]} of {name}, held out from calibration{dupes}"
     if kind == TEXT:
         cal, val, where, task = _text_feeds(model, model_path, tokenizer, cal_items, val_items, path)
         cal_source = f"{len(cal_items)} texts of {name} ({_extent(model, cal, len(cal_items))}tokenizer: {where}){dupes}"
@@ -114,12 +114,8 @@ def load(model: ir.Model, path: str | os.PathLike, *, model_path: Path | None = 
         val = image_data.feeds(val_items, plan)
         task = images.task_metric
         cal_source = f"{len(cal_items)} images of {name} ({plan.describe()}){dupes}"
-    return CalibrationData(kind, cal, val, cal_source, f"{len(val_items)} held-out {_unit(kind)} ({split})", task,
+    return CalibrationData(kind, cal, val, cal_source, f"{len(val_items)} held-out {kind} ({split})", task,
                            [_label(x) for x in cal_items], [_label(x) for x in val_items])
-
-
-def _unit(kind: str) -> str:
-    return "texts" if kind == TEXT else "images"
 
 
 def _label(item: str | Path) -> str:
@@ -200,7 +196,7 @@ def _text_feeds(model: ir.Model, model_path: Path | None, tokenizer: Any, cal_te
     model_name = os.fspath(model_path) if model_path is not None else (model.graph.name or "the model")
     tok, where = text_data.find_tokenizer(model, model_path, tokenizer, model_name)
     recipe = _recipe(model)
-    task = recipe.task_metric if recipe is not None and tokenizer is None else text_data.text_task(model)
+    task = recipe.task_metric if recipe is not None else text_data.text_task(model)
     causal = text_data.is_causal_lm(model)
     cal_batch = (recipe.calibration_batch or recipe.validation_batch) if recipe else (4 if causal else 16)
     cal_length = recipe.calibration_length if recipe else MAX_LENGTH

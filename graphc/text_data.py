@@ -6,7 +6,7 @@ the model recipe's (``graphc.model_recipe`` metadata); tokenizer files beside th
 (``tokenizer.json`` or ``tokenizer_config.json``: a genai folder, or files copied there); the
 Hugging Face folder ``graphc export`` recorded in the metadata (``graphc.source_folder``).
 
-A causal LM (``logits`` output, and decoder metadata or KV-cache inputs) gets its texts joined
+A causal LM (``input_ids`` in, ``logits`` out, no other kind in its metadata) gets its texts joined
 and cut into windows of ``max_length`` tokens (the tail is a shorter window), as perplexity is
 measured; an encoder gets one row per text, padded to the batch's longest (or to a fixed
 sequence length), truncated at ``max_length``.
@@ -31,11 +31,15 @@ _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def is_causal_lm(model: ir.Model) -> bool:
-    """A decoder whose ``logits`` are next-token scores (perplexity means something)."""
+    """A text model with a ``logits`` output, taken as next-token scores (perplexity means
+    something) unless the metadata names another kind: graphc's exporters give ``logits`` to
+    causal LMs only among text models (a recipe export such as smollm2 writes no kind)."""
     from graphc.synth import is_kv_decoder
 
-    kind = model.metadata_props.get(f"{ops.META_ARCH_PREFIX}kind")
-    return any(v.name == "logits" for v in model.graph.outputs) and (kind == "decoder" or is_kv_decoder(model))
+    kind = model.metadata_props.get(f"{ops.META_ARCH_PREFIX}kind", "")
+    has_ids = any(v.name == "input_ids" for v in model.graph.inputs)
+    logits = any(v.name == "logits" for v in model.graph.outputs)
+    return logits and has_ids and (kind in ("", "decoder") or is_kv_decoder(model))
 
 
 def check_text_model(model: ir.Model, where: Path) -> None:
