@@ -258,6 +258,8 @@ def compress(
         # two feeds and a bounded tensor count keep this cheap next to validation itself
         result.attribution = attribute(ir_model, work, feeds[:2], max_tensors=200)
     work.metadata_props.update(provenance(recipe_obj, records, checked, ir_model, src, target_info))
+    if result.calibration is not None:  # where the result's calibration statistics came from
+        work.metadata_props["graphc.calibration"] = result.calibration
     if report is not None:
         result.report_path = _write_report(result, ir_model, src, output, feeds, report)
     if checked is not None and checked.nonfinite_outputs and not force:

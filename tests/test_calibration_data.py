@@ -304,6 +304,9 @@ def test_cli_json_and_validate_name_the_same_held_out_texts(tmp_path, tok, capsy
     assert result["calibration"] == f"18 texts of notes.txt (tokenizer: {tok})"
     source = result["validation"]["input_source"]
     assert source.startswith("6 held-out texts") and result["validation"]["task"]["sentences"] == 6
+    from graphc.io import load_model
+
+    assert load_model(out).metadata_props["graphc.calibration"] == result["calibration"]  # in the provenance too
     assert main(["--json", "validate", str(model), str(out), *args]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["input_source"] == source and report["task"]["metric"] == "embedding_cosine"
