@@ -104,9 +104,9 @@ def load(model: ir.Model, path: str | os.PathLike, *, model_path: Path | None = 
     dupes = f"; {dropped} repeated {kind} left out" if dropped else ""
     split = f"every {HOLD_OUT_EVERY}th {kind[:-1]} of {name}, held out from calibration{dupes}"
     if kind == TEXT:
-        cal, val, where, task = _text_feeds(model, model_path, tokenizer, cal_items, val_items, path)
-        cal_source = f"{len(cal_items)} texts of {name} ({_extent(model, cal, len(cal_items))}tokenizer: {where}){dupes}"
-        split = f"{_extent(model, val, len(val_items))}{split}"
+        (cal, cal_rows), (val, val_rows), where, task = _text_feeds(model, model_path, tokenizer, cal_items, val_items, path)
+        cal_source = f"{len(cal_items)} texts of {name} ({_extent(model, cal, cal_rows)}tokenizer: {where}){dupes}"
+        split = f"{_extent(model, val, val_rows)}{split}"
     else:
         from graphc import images
 
@@ -189,8 +189,9 @@ def _images(files: Sequence[Path]) -> tuple[list[Path], int]:
 
 def _text_feeds(model: ir.Model, model_path: Path | None, tokenizer: Any, cal_texts: list[str], val_texts: list[str],
                 path: Path):
-    """(calibration feeds, validation feeds, where the tokenizer came from, task metric): the
-    model recipe's batching and task metric when the model has one, else graphc.text_data's."""
+    """((calibration feeds, rows before a cap), (validation feeds, rows), where the tokenizer came
+    from, task metric): the model recipe's batching, feed caps and task metric when the model has
+    one, else graphc.text_data's."""
     from graphc import text_data
 
     model_name = os.fspath(model_path) if model_path is not None else (model.graph.name or "the model")
@@ -204,21 +205,23 @@ def _text_feeds(model: ir.Model, model_path: Path | None, tokenizer: Any, cal_te
     cal = text_data.text_feeds(model, tok, cal_texts, batch=cal_batch, max_length=cal_length, where=path) \
         if cal_texts else []
     val = text_data.text_feeds(model, tok, val_texts, batch=val_batch, max_length=MAX_LENGTH, where=path)
+    rows = [sum(len(f["input_ids"]) for f in feeds) for feeds in (cal, val)]
     if recipe is not None:
         cal, val = cal[:recipe.calibration_max_feeds], val[:max(recipe.validation_max_feeds, 1)]
-    return cal, val, where, task
+    return (cal, rows[0]), (val, rows[1]), where, task
 
 
-def _extent(model: ir.Model, feeds: list[dict[str, np.ndarray]], texts: int) -> str:
-    """What of the texts the feeds hold, where it is not simply all of them: a causal LM's
-    windows, or the rows a model recipe's feed cap kept."""
+def _extent(model: ir.Model, feeds: list[dict[str, np.ndarray]], made: int) -> str:
+    """What of the texts the feeds hold: a causal LM's windows, and the part a model recipe's
+    feed cap kept of the ``made`` rows (texts or windows)."""
     from graphc.text_data import is_causal_lm
 
     rows = sum(len(f["input_ids"]) for f in feeds)
     longest = max((f["input_ids"].shape[1] for f in feeds), default=0)
+    kept = f"the first {rows} of {made}" if rows < made else str(rows)
     if is_causal_lm(model):
-        return f"{rows} window{'s' * (rows != 1)} of up to {longest} tokens; "
-    return f"the first {rows} fed; " if rows < texts else ""
+        return f"{kept} window{'s' if made != 1 else ''} of up to {longest} tokens; "
+    return f"{kept} texts fed; " if rows < made else ""
 
 
 def _recipe(model: ir.Model):

@@ -252,6 +252,31 @@ def test_long_texts_are_cut_by_the_tokenizer_keeping_its_end_token(tmp_path, tok
     assert feeds[0]["attention_mask"].sum(axis=1).tolist() == [8, 4]
 
 
+def test_a_model_recipes_batching_and_caps_are_kept_and_said(tmp_path, tok, monkeypatch):
+    from types import SimpleNamespace
+
+    from graphc import calibration_data as cd
+    from graphc.io import load_model
+
+    recipe = SimpleNamespace(task_metric=lambda *a: None, calibration_batch=1, validation_batch=2,
+                             calibration_length=16, calibration_max_feeds=3, validation_max_feeds=1)
+    monkeypatch.setattr(cd, "_recipe", lambda model: recipe)
+    data = tmp_path / "story.txt"
+    data.write_text("\n".join(lines(200)))
+    got = cd.load(load_model(decoder(tmp_path / "dec.onnx")), data, tokenizer=tok)
+    assert [f["input_ids"].shape for f in got.calibration] == [(1, 16)] * 3 and got.task is recipe.task_metric
+    assert [f["input_ids"].shape for f in got.validation] == [(2, 128)]
+
+    def windows(texts, length):
+        n = len(_ids(tok, ["\n\n".join(texts)], special=False)[0])
+        return n // length + (n % length >= 2)
+
+    cal, val = windows(got.calibration_items, 16), windows(got.validation_items, 128)
+    assert cal > 3 and val > 2
+    assert got.calibration_source.startswith(f"32 texts of story.txt (the first 3 of {cal} windows of up to 16 tokens")
+    assert got.validation_source.startswith(f"50 held-out texts (the first 2 of {val} windows of up to 128 tokens; ")
+
+
 def test_split_is_deterministic_disjoint_and_drops_repeats(tmp_path, tok):
     from graphc import calibration_data as cd
     from graphc.io import load_model
