@@ -380,6 +380,32 @@ def test_image_normalization_defaults_are_said(tmp_path):
                                             "mean from the model's metadata, std not given: ViT's 0.5)")
 
 
+def test_any_model_with_one_image_input_takes_images_in_its_layout(tmp_path):
+    """No vision metadata, input 'x' [N, H, W, 3] with free H and W: NHWC from the shape, H×W
+    from --preprocess size, BGR order as asked."""
+    pytest.importorskip("PIL")
+    from graphc import calibration_data as cd
+
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[1, 2], keepdims=0)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "h", "w", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])])
+    model = onnx_ir_model(_save(graph, tmp_path / "nhwc.onnx"))
+    from PIL import Image
+
+    folder = tmp_path / "solid"
+    folder.mkdir()
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (10, 20, 30), (200, 100, 50), (0, 0, 0), (9, 9, 9)]
+    for i, c in enumerate(colors):
+        Image.new("RGB", (7 + i, 9), c).save(folder / f"c{i}.png")
+    data = cd.load(model, folder, preprocess="size=6x5,mean=0,std=1,color=bgr")
+    pixels = np.concatenate([f["x"] for f in data.calibration])
+    assert pixels.shape == (6, 6, 5, 3) and data.task is not None
+    want = np.array([c[::-1] for i, c in enumerate(colors) if i % 4 != 3], np.float32) / 255  # BGR
+    np.testing.assert_allclose(pixels, np.broadcast_to(want[:, None, None, :], pixels.shape), atol=1e-6)
+    with pytest.raises(Exception, match="leaves H and W free: give --preprocess size=HxW"):
+        cd.load(model, folder)
+
+
 def onnx_ir_model(path: Path):
     from graphc.io import load_model
 
@@ -409,6 +435,8 @@ def _bad_cases(tmp_path: Path, tok: Path):
     broken = image_folder(tmp_path / "broken", 8)
     (broken / "img03.png").write_bytes((broken / "img03.png").read_bytes()[:40])
     np.savez(tmp_path / "x.npz", input_ids=np.ones((1, 4), np.int64))
+    mixed = image_folder(tmp_path / "mixed", 8)
+    (mixed / "notes.txt").write_text("\n".join(lines(8)))
     t = ["--tokenizer", str(tok)]
     return [
         ("missing", ["--calibration-data", str(tmp_path / "nope.txt"), *t], enc, "nope.txt: no such file or folder"),
@@ -430,6 +458,11 @@ def _bad_cases(tmp_path: Path, tok: Path):
         ("preprocess for text", ["--calibration-data", str(good), "--preprocess", "size=8", *t], enc,
          "good.txt: --preprocess applies to images"),
         ("tokenizer alone", t, enc, "--tokenizer goes with --calibration-data"),
+        ("mixed folder", ["--calibration-data", str(mixed)], vis, "mixed: holds both .txt files and images"),
+        ("not txt", ["--calibration-data", str(tmp_path / "x.npz"), *t], enc,
+         "x.npz: expected a .txt file, a folder of .txt files or a folder of images"),
+        ("tokenizer without files", ["--calibration-data", str(good), "--tokenizer", str(tmp_path / "emptydir")], enc,
+         "emptydir: --tokenizer: no tokenizer.json or tokenizer_config.json in this folder"),
         ("size disagrees", ["--calibration-data", str(photos), "--preprocess", "size=16"], vis,
          "--preprocess size=16x16, but input 'pixel_values' is fixed at 8x8"),
     ]
