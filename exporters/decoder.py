@@ -118,6 +118,10 @@ def export_decoder(
     meta.compact_node_metadata(graph_model, strip_prefix=module.scope_prefix, all_nodes=True)
     meta.write_model_metadata(graph_model, exporter="dynamo", arch_facts=facts, recipe=recipe_name)
     graph_model.metadata_props[KV_CACHE_KEY] = "past_key_values.{i}.key/value -> present.{i}.key/value"
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "config.json").is_file():
+        from graphc.core import ops  # the folder, so that --calibration-data finds the tokenizer (graphc.checks.text_data)
+
+        graph_model.metadata_props[ops.META_SOURCE_FOLDER] = os.fspath(Path(source).resolve())
     from graphc.core.io import save_model
 
     files = save_model(graph_model, out_path)

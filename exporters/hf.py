@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from graphc.core import ops
 from graphc.core.errors import ExportError, GraphcError, MissingDependencyError
 from graphc.exporters import metadata as meta
 from graphc.core.arch import ArchFacts, hf_offline
@@ -249,9 +250,11 @@ def export_hf_folder(
         return check_parity(model, lambda feed: families.torch_outputs(plan.module, feed), feeds,
                             what=f"2 random feeds of {shape}")
 
+    # the folder, so that compress --calibration-data finds the model's tokenizer (graphc.checks.text_data)
+    metadata = {**plan.metadata, ops.META_SOURCE_FOLDER: os.fspath(Path(folder).resolve())}
     result = export_module(plan.module, example, out_path, plan.facts, output_names=plan.output_names,
                            opset=opset, dynamic_axes=plan.axes, progress=progress, check=check,
-                           metadata=plan.metadata)
+                           metadata=metadata)
     result.notices[:0] = list(plan.notices)
     return result
 

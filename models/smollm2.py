@@ -220,29 +220,11 @@ class SmolLM2Recipe(ModelRecipe):
         outputs: Sequence[Mapping[str, np.ndarray]],
     ) -> dict[str, Any] | None:
         """Perplexity of the rewritten model's logits vs the original's on the validation
-        windows (token-weighted, the same tokens for both)."""
-        from graphc.checks import measure
+        windows (token-weighted, the same tokens for both): :func:`graphc.checks.text_data.perplexity_task`,
+        the metric any causal LM gets on the user's texts too."""
+        from graphc.checks.text_data import perplexity_task
 
-        if not feeds or "input_ids" not in feeds[0] or "logits" not in reference[0] or "logits" not in outputs[0]:
-            return None
-        ref = measure.perplexity(_replay(feeds, reference, "logits"), feeds)
-        got = measure.perplexity(_replay(feeds, outputs, "logits"), feeds)
-        return {
-            "metric": "perplexity",
-            "reference": round(ref.perplexity, 4),
-            "value": round(got.perplexity, 4),
-            "relative_rise": round(measure.relative_rise(got.perplexity, ref.perplexity), 5),
-            "tokens": got.tokens,
-            "windows": got.windows,
-        }
-
-
-def _replay(
-    feeds: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[Mapping[str, np.ndarray]], name: str
-) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-    """A runner that returns the already computed output ``name`` of each feed."""
-    by_feed = {id(f): o[name] for f, o in zip(feeds, outputs)}
-    return lambda feed: by_feed[id(feed)]
+        return perplexity_task(feeds, reference, outputs)
 
 
 def token_nll(logits: np.ndarray, input_ids: np.ndarray) -> tuple[float, int]:

@@ -79,7 +79,7 @@ def test_python_example_runs(tmp_path, monkeypatch):
 
 
 # the README's commands that need a real model, a user's data or a long run: parsed above, not run
-_NOT_RUN = ("graphc export", "--inputs", "smollm2", "--max-error", "--recipe int4")
+_NOT_RUN = ("graphc export", "--inputs", "--calibration-data", "smollm2", "--max-error", "--recipe int4")
 
 
 def test_cli_examples_run(tmp_path, monkeypatch, capsys):

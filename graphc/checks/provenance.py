@@ -15,7 +15,7 @@ import onnx_ir as ir
 from graphc.core import io
 
 KEYS = ("graphc.version", "graphc.recipe", "graphc.recipe_json", "graphc.passes", "graphc.input_sha256", "graphc.target",
-        "graphc.validation", "graphc.auto")
+        "graphc.validation", "graphc.calibration", "graphc.auto")
 
 
 def input_digest(model: ir.Model, path: Path | None) -> str:

@@ -78,6 +78,11 @@ class InputsError(GraphcError):
     """A feed file (--inputs) or an --input-shape is unreadable or does not fit the model's inputs."""
 
 
+class CalibrationDataError(InputsError):
+    """User calibration data (--calibration-data, --tokenizer, --preprocess) is unreadable, too
+    small, or does not fit the model (texts for an image model, no tokenizer, ...)."""
+
+
 class ValidationError(GraphcError):
     """ONNX Runtime could not run the original or the rewritten model."""
 

@@ -36,3 +36,4 @@ META_PREFIX = "graphc."
 META_PASS = "graphc.pass"  # node metadata: the pass that created the node
 META_MODEL_RECIPE = "graphc.model_recipe"  # model metadata: models/ recipe the model came from
 META_ARCH_PREFIX = "graphc.arch."  # model metadata: architecture facts from the exporter
+META_SOURCE_FOLDER = "graphc.source_folder"  # model metadata: the HF folder graphc export read (its tokenizer)

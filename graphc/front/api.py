@@ -25,6 +25,7 @@ from graphc.checks.feeds import (  # noqa: F401 - VALIDATION_SAMPLES: part of th
     VALIDATION_SAMPLES, calibration_context, task_metric_for, user_inputs, validation_feeds,
 )
 from graphc.core.registry import get_pass
+from graphc.checks.calibration_data import check_options, load as load_calibration_data
 from graphc.checks.validate import ValidationReport, compare, make_session, run_feeds
 
 ModelLike = Any  # path, ir.Model, onnx.ModelProto or onnx_graphsurgeon.Graph
@@ -47,6 +48,7 @@ class CompressResult:
     report_path: Path | None = None
     auto: dict[str, Any] | None = None  # --recipe auto: the candidates and why the winner won
     left_float: list[dict[str, Any]] = field(default_factory=list)  # graphc.core.leftover: float weights by op, why
+    calibration: str | None = None  # where the passes' calibration data came from; None: no pass calibrates
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +66,7 @@ class CompressResult:
             "report": str(self.report_path) if self.report_path else None,
             "notices": self.notices,
             "left_float": self.left_float,
+            "calibration": self.calibration,
             **({"auto": self.auto} if self.auto is not None else {}),
         }
 
@@ -116,6 +119,9 @@ def compress(
     inputs: str | os.PathLike | None = None,
     input_shapes: Any = None,
     validate_timeout: float | None = None,
+    calibration_data: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    preprocess: str | None = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -129,13 +135,17 @@ def compress(
     timed at ``shape_hint`` (batch × sequence, default 8x128; see graphc.auto).
     ``feeds`` or ``inputs`` (an .npz/.npy file or a folder, graphc.core.inputs): the user's inputs,
     for validation and calibration; ``input_shapes`` fixes dims of synthesized inputs.
-    ``validate_timeout``: seconds each model's validation runs may take (default sized to
+    ``calibration_data``: a .txt file, a folder of .txt files or of images (graphc.checks.calibration_data):
+    every 4th item validates (with the task metric that fits the model), the rest calibrates;
+    ``tokenizer`` (a folder) and ``preprocess`` (e.g. ``"size=224,mean=0.485,0.456,0.406"``) say
+    how to read it. ``validate_timeout``: seconds each model's validation runs may take (default sized to
     the model, graphc.core.interrupt.default_time_limit); past it ONNX Runtime is stopped and
     :class:`graphc.core.interrupt.TimeLimitError` raised.
     """
     from graphc.core.target import resolve
 
     target_info = resolve(target)
+    check_options(calibration_data, inputs=inputs, feeds=feeds, tokenizer=tokenizer, preprocess=preprocess)
     if isinstance(recipe, str) and recipe == "auto":
         from graphc.front.auto import run_auto
 
@@ -143,6 +153,8 @@ def compress(
             raise GraphcError("recipe auto does not write genai folders yet: pick a recipe (e.g. int4) with --genai")
         if not validate:
             raise GraphcError("recipe auto chooses among validated candidates: it cannot run with validation off")
+        if calibration_data is not None:
+            raise GraphcError("recipe auto does not take --calibration-data yet: pick a recipe (e.g. int8)")
         if inputs is not None:
             feeds = user_inputs(to_ir(model)[0], inputs)[0]
         return run_auto(model, output, target=target_info, shape_hint=shape_hint, feeds=feeds, force=force,
@@ -174,6 +186,18 @@ def compress(
     notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
 
     feeds, input_source, shapes = user_inputs(ir_model, inputs, feeds, input_shapes)
+    context = PassContext(progress=progress, target=target_info)
+    passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
+    calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]
+    wanted = max([32, *(p.calibration_texts for p in calibrated)])
+    data = None
+    if calibration_data is not None:  # read and checked before any work; validation uses its held-out part
+        data = load_calibration_data(ir_model, calibration_data, model_path=src, tokenizer=tokenizer,
+                                     preprocess=preprocess, calibration_count=wanted if calibrated else 0)
+        feeds, input_source = data.validation, data.validation_source
+        if not calibrated:
+            notices.append(f"--calibration-data: no pass of recipe {recipe_obj.name!r} calibrates; only its held-out "
+                           "part was used (validation)")
     user_feeds = feeds
     reference = None
     limit = validate_timeout if validate_timeout is not None else default_time_limit(io.tensor_bytes(ir_model))
@@ -189,13 +213,11 @@ def compress(
             reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
     from graphc.checks.target_checks import target_notices, validation_model
 
-    context = PassContext(progress=progress, target=target_info)
     notices += target_notices(target_info, validate)
-    passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
-    calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]
     if calibrated:
-        wanted = max([32, *(p.calibration_texts for p in calibrated)])
-        if user_feeds is not None:
+        if data is not None:
+            context.calibration, context.calibration_source = data.calibration, data.calibration_source
+        elif user_feeds is not None:
             context.calibration, context.calibration_source = user_feeds, input_source
         else:
             calib = calibration_context(ir_model, wanted, shapes)
@@ -214,7 +236,8 @@ def compress(
         tol = recipe_obj.tolerance
         with time_limit(limit, "validation of the compressed model"):
             checked = compare(None, validation_model(work, notices), feeds, input_source=input_source,
-                              reference_outputs=reference, task=task_metric_for(ir_model, input_source))
+                              reference_outputs=reference,
+                              task=data.task if data is not None else task_metric_for(ir_model, input_source))
         checked.min_cosine_required = tol.min_row_cosine
         checked.max_abs_allowed = tol.max_abs
         checked.min_output_cosine_required = tol.min_cosine
@@ -225,6 +248,7 @@ def compress(
             notices.append(f"max_ppl_rise {tol.max_ppl_rise:g} not checked: no perplexity was measured (validation "
                            f"inputs: {input_source}; perplexity needs a causal LM exported by graphc)")
     result = CompressResult(work, recipe_obj, records, checked, before.bytes, after.bytes, before.params, after.params, notices=notices)
+    result.calibration = context.calibration_source if calibrated else None
     from graphc.core.leftover import left_in_float
 
     result.left_float = [e.to_dict() for e in left_in_float(work, records)]
@@ -234,6 +258,8 @@ def compress(
         # two feeds and a bounded tensor count keep this cheap next to validation itself
         result.attribution = attribute(ir_model, work, feeds[:2], max_tensors=200)
     work.metadata_props.update(provenance(recipe_obj, records, checked, ir_model, src, target_info))
+    if result.calibration is not None:  # where the result's calibration statistics came from
+        work.metadata_props["graphc.calibration"] = result.calibration
     if report is not None:
         result.report_path = _write_report(result, ir_model, src, output, feeds, report)
     if checked is not None and checked.nonfinite_outputs and not force:
@@ -349,19 +375,27 @@ def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
 
 def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None,
              inputs: str | os.PathLike | None = None, input_shapes: Any = None,
-             timeout: float | None = None) -> ValidationReport:
+             timeout: float | None = None, calibration_data: str | os.PathLike | None = None,
+             tokenizer: str | os.PathLike | None = None, preprocess: str | None = None) -> ValidationReport:
     """Compare two models with ONNX Runtime on the user's inputs (``feeds``, or the ``inputs``
-    file), else on real texts of a model recipe or inputs synthesized (``input_shapes``).
+    file), or the held-out part of ``calibration_data`` (the same items compress validated on),
+    else on real texts of a model recipe or inputs synthesized (``input_shapes``).
     ``timeout``: seconds the ORT runs may take (default sized to the larger model)."""
-    orig, _ = to_ir(original)
+    check_options(calibration_data, inputs=inputs, feeds=feeds, tokenizer=tokenizer, preprocess=preprocess)
+    orig, orig_path = to_ir(original)
     rew, _ = to_ir(rewritten)
     feeds, source, shapes = user_inputs(orig, inputs, feeds, input_shapes)
-    if feeds is None:
+    task = None
+    if calibration_data is not None:
+        data = load_calibration_data(orig, calibration_data, model_path=orig_path, tokenizer=tokenizer,
+                                     preprocess=preprocess, calibration_count=0)
+        feeds, source, task = data.validation, data.validation_source, data.task
+    elif feeds is None:
         feeds, source = validation_feeds(orig, shapes=shapes)
     if timeout is None:
         timeout = 2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew)))
     with time_limit(timeout, "validation"):
-        report = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
+        report = compare(orig, rew, feeds, input_source=source, task=task or task_metric_for(orig, source))
     from graphc.checks.target_checks import target_check_notices
 
     report.notices.extend(target_check_notices(rew))

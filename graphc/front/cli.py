@@ -83,6 +83,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             inputs=args.inputs,
             input_shapes=args.input_shape,
             validate_timeout=args.validate_timeout,
+            calibration_data=args.calibration_data, tokenizer=args.tokenizer, preprocess=args.preprocess,
         )
     finally:
         if progress is not None:
@@ -114,6 +115,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         lines.append("left in float:")
         lines += summary_lines([Leftover(**e) for e in result.left_float], fmt_bytes)
+    lines.append(f"calibration: {result.calibration or 'none (no pass of this recipe calibrates)'}")
     v = result.validation
     if v is not None:
         lines.append(
@@ -150,7 +152,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from graphc.front.api import validate
 
     report = validate(args.original, args.rewritten, inputs=args.inputs, input_shapes=args.input_shape,
-                      timeout=args.validate_timeout)
+                      timeout=args.validate_timeout, calibration_data=args.calibration_data,
+                      tokenizer=args.tokenizer, preprocess=args.preprocess)
     if args.min_cosine is not None:
         report.min_output_cosine_required = args.min_cosine
     lines = [f"validation ({report.samples} feeds, {report.input_source}):"]
@@ -374,6 +377,9 @@ def _add_input_args(sp: argparse.ArgumentParser) -> None:
                          "several feeds as 0/NAME, 1/NAME, ...), an .npy (single-input models) or a folder of them")
     sp.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...",
                     help="dims of a synthesized input, e.g. x=1,3,48,320 (repeatable)")
+    from graphc.front.cli_options import add_data_args
+
+    add_data_args(sp)
 
 
 def _fail(as_json: bool, error: str, exit_code: int, kind: str, path: str | None = None) -> int:

@@ -54,6 +54,7 @@ EXAMPLES = """\
   graphc compress minilm.onnx -o m.onnx --recipe int8 --set quantize-int8.per_channel=false
   graphc compress minilm.onnx -o minilm.plan.onnx --max-error 0.01 --max-flops 0.7
   graphc compress minilm.onnx -o minilm.fast.onnx --recipe auto --target x86-avx2
+  graphc compress model.onnx -o model.int8.onnx --calibration-data notes.txt --tokenizer hf_folder/
   graphc --json compress minilm.onnx -o minilm.int8.onnx --progress 2> events.jsonl
   graphc validate minilm.onnx minilm.int8.onnx --min-cosine 0.99
   graphc passes"""

@@ -11,6 +11,8 @@
 - ``--min-cosine C``: validation requires every output's cosine to the original ≥ C (the
   recipe's own ``min_cosine`` otherwise).
 - ``--set PASS.OPTION=VALUE`` (repeatable): one option of every step of that pass, applied last.
+- ``--calibration-data PATH`` (with ``--tokenizer DIR``, ``--preprocess SPEC``): the user's
+  texts or images, for calibration and, held out, validation (graphc.checks.calibration_data).
 """
 
 from __future__ import annotations
@@ -78,3 +80,16 @@ def compress_recipe(args: argparse.Namespace):
     notices += [f"--set {s}: pass {s.split('.')[0]!r} is disabled (--disable)" for s in sets
                 if s.partition("=")[0].rpartition(".")[0] in disabled]
     return with_tolerance(recipe, **tolerance), notices
+
+
+def add_data_args(sp: argparse.ArgumentParser) -> None:
+    """``--calibration-data``, ``--tokenizer`` and ``--preprocess`` (compress and validate)."""
+    sp.add_argument("--calibration-data", metavar="PATH",
+                    help="your texts (a .txt file, one text a line, or a folder of them) or images (a folder): every "
+                         "4th item is held out for validation, the rest calibrates; not with --inputs")
+    sp.add_argument("--tokenizer", metavar="DIR",
+                    help="texts: the folder of the model's tokenizer.json (default: the model recipe's, files beside "
+                         "the .onnx, or the folder graphc export read)")
+    sp.add_argument("--preprocess", metavar="SPEC",
+                    help="images: e.g. size=224,resize=256,mean=0.485,0.456,0.406,std=0.229,0.224,0.225,layout=NCHW "
+                         "(default: the input's H×W and layout, the model's mean/std or 0.5)")
