@@ -53,7 +53,9 @@ def kv_export(fresh: bool) -> Path:
     if fresh or not path.exists():
         WORK.mkdir(parents=True, exist_ok=True)
         print("exporting SmolLM2 with its KV cache ...", file=sys.stderr, flush=True)
-        export_decoder("smollm2", path)
+        from graphc.models import get_model_spec
+
+        export_decoder(get_model_spec("smollm2"), path)
     return path
 
 
@@ -119,10 +121,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from graphc.front.generate import Decoder
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.checks.validate import make_session
 
-    recipe = get_model_recipe("smollm2")
+    recipe = get_model_spec("smollm2")
     tokenizer = recipe.tokenizer()
     text = " ".join(recipe.eval_texts(40))
     prompt = tokenizer(text, return_tensors="np")["input_ids"][:, : args.context]

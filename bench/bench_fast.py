@@ -88,14 +88,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import graphc
     from graphc.checks import measure
     from graphc.front.demo import cached_export
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.models.minilm import embed
 
     cfg = dict(QUICK if args.quick else FULL)
     rep = h.Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     t_start = time.perf_counter()
     res: dict[str, Any] = {"config": {**cfg, "mode": "quick" if args.quick else "full", "threads": args.threads,
                                       "seq": h.SEQ}}

@@ -48,11 +48,11 @@ QUICK = {"reps": 5, "warmup": 1}
 
 
 def export_variant(model: str, exporter: str, attn: str, work: Path, *, fresh: bool = False) -> Path:
-    """``model`` (a models/ recipe name) exported with ``exporter`` and ``attn`` attention (cached).
+    """``model`` (a models/ spec name) exported with ``exporter`` and ``attn`` attention (cached).
 
     Raises the exporter's error when the export fails (SmolLM2 with the legacy exporter)."""
     from graphc.exporters.hf import export_module
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
     out = work / f"{model}-{exporter}-{attn}.onnx"
     stamp = out.with_suffix(".key")
@@ -60,7 +60,7 @@ def export_variant(model: str, exporter: str, attn: str, work: Path, *, fresh: b
     if not fresh and out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         return out
     stamp.unlink(missing_ok=True)
-    recipe = get_model_recipe(model)
+    recipe = get_model_spec(model)
     with quiet():
         module = recipe.load_torch()
         module.model.set_attn_implementation(attn)
@@ -74,9 +74,9 @@ def ort_optimize(model: str, src: Path, work: Path) -> tuple[Path, dict[str, int
     """ONNX Runtime's transformer optimizer on ``src``: (path, its fused-op statistics)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
-    facts = get_model_recipe(model).arch_facts()
+    facts = get_model_spec(model).arch_facts()
     out = work / f"{src.stem}-ort.onnx"
     with quiet():
         opt = optimize_model(str(src), model_type=ORT_MODEL_TYPE[model], num_heads=facts.num_heads,
@@ -124,12 +124,12 @@ def max_abs(a: Path, b: Path, feed: dict, threads: int) -> float:
 def run_model(model: str, args: argparse.Namespace, rep: Reporter) -> dict[str, Any]:
     """Every export of ``model``: fused-op counts, numerics, interleaved latency."""
     from graphc.checks import measure
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
     cfg = QUICK if args.quick else FULL
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe(model)
+    recipe = get_model_spec(model)
     batch, seq = SHAPES[model]
     feeds = recipe.feeds(recipe.eval_texts(max(batch, 8)), batch=batch, max_length=seq)
     feed = measure.pad_feed(feeds[0], seq)

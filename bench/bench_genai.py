@@ -138,7 +138,7 @@ def decode_speed(folder: Path, prompt: list[int], new_tokens: int) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.models.smollm2 import converted_folder
     from graphc.core.target import cpu_summary
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folders["graphc fp32"] = fp32
     folders[f"graphc {Path(args.recipe).stem}"] = ours
     seconds[f"graphc {Path(args.recipe).stem}"] = secs
-    recipe = get_model_recipe("smollm2")
+    recipe = get_model_spec("smollm2")
     windows = recipe.perplexity_feeds(args.windows, seq=512, split="eval")
     prompt = [int(t) for t in windows[0]["input_ids"][0][: args.prompt]]
     rows = {}

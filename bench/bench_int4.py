@@ -139,13 +139,13 @@ def build_graphc(fp32: Path, work: Path, variant: str) -> tuple[Path, Any, float
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.checks import measure
     from graphc.front.demo import cached_export
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
     cfg = dict(QUICK if args.quick else FULL)
     rep = Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     t_start = time.perf_counter()
 
     # --- models

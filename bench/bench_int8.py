@@ -63,13 +63,13 @@ def build_graphc_int8(fp32: Path, work: Path) -> tuple[Path, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.checks import measure
     from graphc.front.demo import cached_export
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
     cfg = dict(QUICK if args.quick else FULL)
     rep = Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     t_start = time.perf_counter()
 
     # --- models

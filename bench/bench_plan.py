@@ -75,14 +75,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.checks import measure
     from graphc.core.errors import GraphcError
     from graphc.front.demo import cached_export
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.models.minilm import embed
 
     cfg = dict(h.QUICK if args.quick else h.FULL)
     rep = h.Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     t_start = time.perf_counter()
     res: dict[str, Any] = {"config": {**cfg, "mode": "quick" if args.quick else "full", "threads": args.threads,
                                       "seq": h.SEQ, "load_before": os.getloadavg()}}

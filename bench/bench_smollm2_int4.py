@@ -21,7 +21,7 @@ In one process, on CPU with ``--threads`` intra-op threads (default 2):
    head/embedding precision), each built with ``graphc.compress`` on the fp32 export.
 
 Reports bytes on disk, perplexity over ``--windows`` fixed windows of 512 tokens of the
-Wikipedia eval split (``SmolLM2Recipe.perplexity_feeds``; disjoint from the calibration
+Wikipedia eval split (``SmolLM2Spec.perplexity_feeds``; disjoint from the calibration
 split GPTQ uses), its rise vs ONNX Runtime fp32 and vs PyTorch fp32, and median latency at
 batch 1 × 512 tokens (models interleaved; few reps: the machine is shared and noisy).
 
@@ -91,7 +91,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "graphc recipes/smollm2-int4.toml, 2 feeds": {"toml": "recipes/smollm2-int4.toml", "mp": {"feeds": 2}},
     # without the tied table's row tiers (the whole table one planned layer)
     "graphc recipes/smollm2-int4.toml, no split-vocab": {"toml": "recipes/smollm2-int4.toml", "drop": ["split-vocab"]},
-    # calibration windows of 4 x 128 tokens (the model recipe's before 2026-11-22) instead of 1 x 512
+    # calibration windows of 4 x 128 tokens (the model spec's before 2026-11-22) instead of 1 x 512
     "graphc recipes/smollm2-int4.toml, 128-token calibration": {"toml": "recipes/smollm2-int4.toml",
                                                                "calibration": (512, 32, 4, 128)},
     # ablations of the 2026-12-03 change (128 calibration windows of 512 tokens, damp 0.1): GPTQ's usual
@@ -137,7 +137,7 @@ def cached_fp32(work: Path, *, fresh: bool) -> Path:
     if _key_ok(out, stamp, key, fresh):
         return out
     stamp.unlink(missing_ok=True)
-    export("smollm2", out)
+    export(smollm2.SmolLM2Spec(), out)
     stamp.write_text(key + "\n")
     return out
 
@@ -226,9 +226,9 @@ def build_ort_gptq(fused: Path, out: Path, stamp: Path, key: str) -> Path:
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.matmul_nbits_quantizer import GPTQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
-    recipe = get_model_recipe("smollm2")
+    recipe = get_model_spec("smollm2")
     texts = recipe.eval_texts(recipe.calibration_max_texts, split="calibration")
     feeds = recipe.feeds(texts, batch=recipe.validation_batch)[:ORT_GPTQ_FEEDS]
 
@@ -279,7 +279,7 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
 def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fresh: bool) -> tuple[Path, dict]:
     """A graphc variant (cached while the recipe, the pass sources and the export are the same)."""
     import graphc
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
     recipe = variant_recipe(name, spec)
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
@@ -287,7 +287,7 @@ def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fre
     stamp = work / f"smollm2-{slug}.key"
     info = work / f"smollm2-{slug}.json"
     sources = [f.read_text() for p in GRAPHC_SOURCES if (f := ROOT / "passes" / f"{p}.py").is_file()]
-    model_recipe = get_model_recipe("smollm2")
+    model_recipe = get_model_spec("smollm2")
     caps = (model_recipe.calibration_max_texts, model_recipe.calibration_max_feeds,
             model_recipe.calibration_batch, model_recipe.calibration_length)
     key = fingerprint(json.dumps(recipe.to_dict(), sort_keys=True), str(spec.get("calibration") or caps),
@@ -365,14 +365,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import platform
 
     from graphc.checks import measure
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
     global REUSE
     REUSE = args.reuse_built
     rep = Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe("smollm2")
+    recipe = get_model_spec("smollm2")
     t_start = time.perf_counter()
     want = set(args.only or [])
 

@@ -70,9 +70,9 @@ MODELS = (FP32, ORT_DYN, ORT_MINMAX, ORT_PCT, GRAPHC_MSE, GRAPHC)
 
 
 def calibration_feeds() -> list[dict]:
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     texts = recipe.eval_texts(CALIBRATION_TEXTS, split="calibration")
     return recipe.feeds(texts, batch=recipe.validation_batch)
 
@@ -198,13 +198,13 @@ def matmul_out_breakdown(fused: Path, rep: Reporter) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.checks import measure
     from graphc.front.demo import cached_export
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
     cfg = dict(QUICK if args.quick else FULL)
     rep = Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     t_start = time.perf_counter()
 
     with rep.status("fp32: graphc dynamo export"), quiet():

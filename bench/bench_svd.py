@@ -215,9 +215,9 @@ def point_row(method: str, removed: float, int8: bool, stats: dict) -> dict:
 def smollm2(args) -> dict[str, Any]:
     from graphc.checks import measure
     from graphc.front.demo import cached_export
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
-    recipe = get_model_recipe("smollm2")
+    recipe = get_model_spec("smollm2")
     path = Path(args.smollm2_onnx) if args.smollm2_onnx else None
     if path is None:
         path, cached = cached_export("smollm2", WORK)
@@ -267,9 +267,9 @@ def smollm2(args) -> dict[str, Any]:
 def minilm(args) -> dict[str, Any]:
     from graphc.checks import measure
     from graphc.front.demo import cached_export, length_sorted
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     path = Path(args.minilm_onnx) if args.minilm_onnx else None
     if path is None:
         path, cached = cached_export("minilm", WORK)

@@ -46,9 +46,9 @@ import json, sys
 import numpy as np
 from graphc.checks import measure
 from graphc.core import target
-from graphc.models import get_model_recipe
+from graphc.models import get_model_spec
 from graphc.models.minilm import embed
-recipe = get_model_recipe("minilm")
+recipe = get_model_spec("minilm")
 n, paths = int(sys.argv[1]), json.loads(sys.argv[2])
 feeds = recipe.feeds(recipe.eval_texts(n), batch=8, max_length=128)
 out = {"host": target.host().name, "models": {}}
@@ -124,14 +124,14 @@ def emulated_cosines(paths: dict[str, Path], n: int, ref, rep) -> dict[str, Any]
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.checks import measure
     from graphc.front.demo import cached_export
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.models.minilm import embed
 
     cfg = dict(QUICK if args.quick else FULL)
     rep = b8.Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     t_start = time.perf_counter()
     res: dict[str, Any] = {"cpu": cpu(), "config": {**cfg, "mode": "quick" if args.quick else "full",
                                                      "threads": args.threads, "seq": b8.SEQ}}

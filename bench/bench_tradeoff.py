@@ -162,13 +162,13 @@ def _build_plan(budget: dict[str, Any], fp32: Path, work: Path, rep: h.Reporter,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from graphc.checks import measure
     from graphc.front.demo import cached_export
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.models.minilm import embed
 
     rep = h.Reporter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     t_start = time.perf_counter()
     rebuild = set(args.rebuild)
     res: dict[str, Any] = {"config": {"threads": args.threads, "seq": h.SEQ, "batch": 8, "reps": args.reps,

@@ -19,7 +19,7 @@ from typing import Any
 from graphc.core.errors import ExportError, GraphcError
 from graphc.exporters import metadata as meta
 from graphc.exporters.hf import ExportResult, Progress, _first_line, _say, quiet, require_torch
-from graphc.models.base import ModelRecipe
+from graphc.exporters.spec import is_spec
 
 KV_CACHE_KEY = "graphc.decoder.kv_cache"  # model metadata: "past_key_values.{i}.key" naming
 
@@ -162,21 +162,15 @@ def check_cache_parity(graph_model: Any, module: Any, config: Any) -> Any:
 
 def _load(source: Any, progress: Progress | None) -> tuple[str | None, Any]:
     if isinstance(source, (str, os.PathLike)):
-        from graphc.models import MODEL_RECIPES, get_model_recipe
-
-        if os.fspath(source) in MODEL_RECIPES:
-            source = get_model_recipe(os.fspath(source))
-        elif (Path(source) / "config.json").is_file():
-            _require_decoder_family(Path(source))
-            return None, _load_folder(Path(source))
-        else:
-            raise ExportError(f"not a model recipe ({', '.join(MODEL_RECIPES)}) nor a Hugging Face folder "
-                              "with config.json", path=os.fspath(source))
-    if not isinstance(source, ModelRecipe):
+        if not (Path(source) / "config.json").is_file():
+            raise ExportError("not a Hugging Face folder with config.json", path=os.fspath(source))
+        _require_decoder_family(Path(source))
+        return None, _load_folder(Path(source))
+    if not is_spec(source):
         return None, source.eval()
     load = getattr(source, "load_hf", None)
     if load is None:
-        raise ExportError(f"model recipe {source.name!r} has no causal LM to export with a KV cache")
+        raise ExportError(f"model spec {source.name!r} has no causal LM to export with a KV cache")
     _say(progress, f"loading {source.name}")
     try:
         with quiet():

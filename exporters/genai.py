@@ -9,7 +9,7 @@ values appended, also after ``fuse-ort`` turns its attention into GroupQueryAtte
 (``past_present_share_buffer = false``): genai feeds each call's presents back as the next past.
 
 The architecture facts come from the model's metadata (written at export), the I/O names from
-the graph itself; the tokenizer files from the Hugging Face folder (or the model recipe's
+the graph itself; the tokenizer files from the Hugging Face folder (or the model spec's
 converted folder, or a genai folder the input model came from). A folder genai cannot load is
 never left behind: when onnxruntime-genai is installed, the written folder is loaded with
 ``og.Model`` and one greedy step is generated before the call returns.
@@ -119,24 +119,22 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
 
 
 def tokenizer_source(model: Any, model_path: Path | None, hf_folder: Path | None) -> Path | None:
-    """Where the tokenizer files are: the HF folder, a genai folder the model sits in, or the
-    model recipe's converted folder."""
-    from graphc.core import ops
-
+    """Where the tokenizer files are: the HF folder (for a model spec, its converted folder:
+    the caller finds it, ``graphc.models.hf_folder_of``), or a genai folder the model sits in."""
     if hf_folder is not None and hf_folder.is_dir():
         return hf_folder
     if model_path is not None and (model_path.parent / CONFIG).is_file():
         return model_path.parent
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
-    if name:
-        try:
-            from graphc.models import get_model_recipe
-
-            folder = getattr(get_model_recipe(name), "hf_folder", None)
-            return Path(folder()) if callable(folder) else None
-        except Exception:  # noqa: BLE001 - a recipe without a folder: no tokenizer files
-            return None
     return None
+
+
+def spec_folder(spec: Any) -> Path | None:
+    """A model spec's Hugging Face folder (SmolLM2's converted one), or None."""
+    folder = getattr(spec, "hf_folder", None)
+    try:
+        return Path(folder()) if callable(folder) else None
+    except Exception:  # noqa: BLE001 - a spec whose folder cannot be made: no tokenizer files
+        return None
 
 
 def write_folder(model: Any, folder: Path, *, source: Path | None, check: bool = True,
@@ -218,7 +216,7 @@ def export_folder(source: Any, output: str | os.PathLike, export_decoder, **kwar
     with tempfile.TemporaryDirectory(prefix="graphc-genai-") as tmp:
         result = export_decoder(source, Path(tmp) / MODEL_FILE, **kwargs)
         model = ir.load(Path(tmp) / MODEL_FILE)
-        hf = Path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
+        hf = Path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else spec_folder(source)
         created = not folder.exists()
         try:
             result.files = write_folder(model, folder, source=tokenizer_source(model, None, hf))

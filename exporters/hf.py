@@ -1,4 +1,4 @@
-"""Export a model recipe, a Hugging Face folder or a torch module to ONNX.
+"""Export a model spec, a Hugging Face folder or a torch module to ONNX.
 
 The dynamo exporter is tried first (dynamic batch and sequence axes); if it fails the legacy
 TorchScript exporter is used and the result says so in ``notices``. The exported graph goes
@@ -26,7 +26,7 @@ from graphc.core import ops
 from graphc.core.errors import ExportError, GraphcError, MissingDependencyError
 from graphc.exporters import metadata as meta
 from graphc.core.arch import ArchFacts, hf_offline
-from graphc.models.base import ModelRecipe
+from graphc.exporters.spec import ExportSpec, is_spec
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -151,7 +151,7 @@ def text_example_inputs(
 
 
 def export(
-    source: str | os.PathLike | ModelRecipe,
+    source: str | os.PathLike | ExportSpec,
     out_path: str | os.PathLike,
     *,
     opset: int | None = None,
@@ -159,27 +159,19 @@ def export(
     seq: int = 16,
     progress: Progress | None = None,
 ) -> ExportResult:
-    """Export a models/ recipe (by name or instance) or an HF model folder to ``out_path``."""
+    """Export a model spec (``graphc.models.get_model_spec(name)``) or an HF model folder to
+    ``out_path``. ``graphc.export`` also takes a spec's name."""
     require_torch()
-    if isinstance(source, ModelRecipe):
+    if is_spec(source):
         return _export_recipe(source, out_path, opset=opset, batch=batch, seq=seq, progress=progress)
-    from graphc.models import MODEL_RECIPES, get_model_recipe
-
-    text = os.fspath(source)
-    if text in MODEL_RECIPES:
-        recipe = get_model_recipe(text)
-        return _export_recipe(recipe, out_path, opset=opset, batch=batch, seq=seq, progress=progress)
-    folder = Path(text)
+    folder = Path(os.fspath(source))
     if folder.is_dir() and (folder / "config.json").is_file():
         return export_hf_folder(folder, out_path, opset=opset, batch=batch, seq=seq, progress=progress)
-    raise ExportError(
-        f"not a model recipe ({', '.join(MODEL_RECIPES)}) nor a Hugging Face folder with config.json",
-        path=text,
-    )
+    raise ExportError("not a Hugging Face folder with config.json", path=os.fspath(source))
 
 
 def _export_recipe(
-    recipe: ModelRecipe, out_path: str | os.PathLike, *, opset: int | None, batch: int, seq: int,
+    recipe: ExportSpec, out_path: str | os.PathLike, *, opset: int | None, batch: int, seq: int,
     progress: Progress | None,
 ) -> ExportResult:
     _say(progress, f"loading {recipe.name}")

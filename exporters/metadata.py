@@ -86,7 +86,7 @@ def write_model_metadata(
     if arch_facts is not None:
         model.metadata_props.update(arch_facts.to_metadata())
     if recipe:
-        model.metadata_props[ops.META_MODEL_RECIPE] = recipe
+        model.metadata_props[ops.META_MODEL_SPEC] = recipe
 
 
 def compact_node_metadata(model: ir.Model, *, strip_prefix: str = "", all_nodes: bool = False) -> int:

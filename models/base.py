@@ -1,4 +1,4 @@
-"""The model recipe interface: how to load a supported model offline, feed it, and judge it."""
+"""The model spec interface: how to load a supported model offline, feed it, and judge it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 
 from graphc.core.arch import ArchFacts, hf_offline
 
-__all__ = ["ArchFacts", "ModelRecipe", "hf_offline"]
+__all__ = ["ArchFacts", "ModelSpec", "hf_offline"]
 
 
-class ModelRecipe:
+class ModelSpec:
     """One supported model. Subclasses live one per module in models/.
 
     Everything heavy (torch, transformers, model packages) is imported inside methods.

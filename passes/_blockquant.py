@@ -48,7 +48,7 @@ MATMUL_NBITS_BITS = (2, 4, 8)  # what ORT's CPU MatMulNBits kernel runs
 GATHER_BITS = (2, 4, 8)  # GatherBlockQuantized with uint8 data
 QDQ_BITS = (4, 8)  # ONNX has int4/uint4 and int8/uint8 tensors; no 2-bit type
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two the ORT kernels accept
-# calibration texts a GPTQ fit asks for (a model recipe caps them: MiniLM 256, SmolLM2 1024). Its
+# calibration texts a GPTQ fit asks for (a model spec caps them: MiniLM 256, SmolLM2 1024). Its
 # Hessians are K x K (1536 for an FFN): on MiniLM the output cosine went 0.988 -> 0.991 from 32
 # to 256 tweets; SmolLM2's held-out error kept falling up to 64k tokens (models/smollm2.py)
 GPTQ_CALIBRATION_TEXTS = 1024

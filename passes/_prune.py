@@ -116,7 +116,7 @@ def activations(
     from graphc.core.calibrate import exposing_session
 
     if not feeds:
-        raise PassError("needs calibration data, and none was given (use a model recipe or pass feeds)",
+        raise PassError("needs calibration data, and none was given (use a model spec or pass feeds)",
                         pass_name=pass_name)
     names = list(dict.fromkeys(v.name for v in values))
     session, _ = exposing_session(model, names)

@@ -219,7 +219,7 @@ class QuantizeInt8(GraphcPass):
 
         if not self.context.calibration:
             raise PassError(
-                "outlier_ratio > 0 needs calibration data, and none was given (use a model recipe or pass feeds)",
+                "outlier_ratio > 0 needs calibration data, and none was given (use a model spec or pass feeds)",
                 pass_name=self.name,
             )
         eligible = [x for x, cands in groups.items() if len(cands) <= self.options.outlier_max_consumers and x.name]

@@ -83,7 +83,7 @@ def test_tokenizer_of_the_model_recipe_else_of_the_folder_graphc_export_read(tmp
 
     model = load_model(encoder(tmp_path / "enc.onnx"))
     model.metadata_props["graphc.model_recipe"] = "minilm"
-    assert text_data.find_tokenizer(model, None, None, "enc.onnx")[1] == "model recipe minilm"
+    assert text_data.find_tokenizer(model, None, None, "enc.onnx")[1] == "model spec minilm"
     folder = make_tokenizer(tf.save_tiny("bert", tmp_path / "hf"))
     exported = load_model(api.export(str(folder), tmp_path / "bert.onnx").path)
     assert exported.metadata_props["graphc.source_folder"] == str(folder.resolve())
@@ -176,7 +176,7 @@ def test_tokenizer_found_beside_the_model_else_one_line_naming_the_model(tmp_pat
     model = encoder(folder / "enc.onnx")
     assert main(["compress", str(model), "-o", str(tmp_path / "out.onnx"), "--calibration-data", str(data)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"graphc: error: {model}: no tokenizer found for this model (no model recipe, no tokenizer.json "
+    assert err == (f"graphc: error: {model}: no tokenizer found for this model (no model spec, no tokenizer.json "
                    "beside it): pass --tokenizer DIR (a folder with tokenizer.json)")
     assert not (tmp_path / "out.onnx").exists()
     for f in tok.iterdir():

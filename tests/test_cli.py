@@ -138,7 +138,7 @@ def test_python_api_accepts_graphsurgeon_graph(model_path, tmp_path):
 
 def test_compress_works_without_torch_or_transformers(tmp_path):
     """The core needs neither: block both imports in a fresh interpreter and compress a model
-    that names a model recipe (so validation must fall back to synthesized inputs)."""
+    that names a model spec (so validation must fall back to synthesized inputs)."""
     model = mlp()
     model.metadata_props["graphc.model_recipe"] = "minilm"
     src = tmp_path / "m.onnx"

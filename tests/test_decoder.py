@@ -114,10 +114,10 @@ def test_smollm2_greedy_32_tokens_match_pytorch(tmp_path):
     fuse-ort's GroupQueryAttention over the cache (GRAPHC_SMOLLM2=1)."""
     from graphc.core import io
     from graphc.exporters.decoder import export_decoder
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.passes.fuse_ort import FuseOrt
 
-    recipe = get_model_recipe("smollm2")
+    recipe = get_model_spec("smollm2")
     model = recipe.load_hf()
     path = export_decoder(model, tmp_path / "smollm2-kv.onnx").path
     text = recipe.eval_texts(1)[0]

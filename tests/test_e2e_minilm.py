@@ -54,12 +54,12 @@ def test_int8_is_small_and_validated_on_real_text(compressed, exported):
 
 
 def test_sentence_embeddings_stay_close(compressed, exported):
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.models.minilm import embed
     from graphc.checks.validate import make_session
 
     out, _ = compressed
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     feeds = recipe.feeds(recipe.eval_texts(96), batch=32)
     cos = []
     ref_s, got_s = make_session(exported), make_session(out)

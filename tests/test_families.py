@@ -317,7 +317,7 @@ def test_minilm_folder_sentence_embedding_matches_sentence_transformers(tmp_path
     folder = minilm.model_folder()
     result = api.export(str(folder), tmp_path / "minilm.onnx")
     assert result.output_names == ("last_hidden_state", "sentence_embedding") and result.parity.ok
-    texts = minilm.MiniLMRecipe().eval_texts(16)
+    texts = minilm.MiniLMSpec().eval_texts(16)
     model = st.SentenceTransformer(str(folder), device="cpu")
     want = model.encode(texts, convert_to_numpy=True, batch_size=16)
     batch = model.tokenize(texts)

@@ -24,3 +24,11 @@ def test_layer_imports_only_below(layer):
 def test_every_layer_has_modules():
     for layer in ("core", "checks", "front"):
         assert len(list((ROOT / layer).glob("*.py"))) > 3, layer
+
+
+def test_exporters_never_import_the_model_specs():
+    """graphc.models builds on the exporters' wrappers; the exporters take a spec object."""
+    folder = ROOT.parent / "exporters"
+    wrong = [p.name for p in sorted(folder.glob("*.py"))
+             if re.search(r"^\s*(?:from|import)\s+graphc\.models\b", p.read_text(), re.M)]
+    assert not wrong, wrong

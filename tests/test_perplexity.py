@@ -1,4 +1,4 @@
-"""Perplexity (graphc.checks.measure) and the model recipes' task metric in validation."""
+"""Perplexity (graphc.checks.measure) and the model specs' task metric in validation."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_perplexity_bad_input() -> None:
 def test_smollm2_task_metric_is_perplexity_of_both_models(tiny_llama_onnx) -> None:
     """The SmolLM2 recipe's task metric on tiny-llama outputs: reference = the original's
     perplexity, value = the rewritten's, rise between them (only feeds and logits are used)."""
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.checks.validate import compare
 
     path, model = tiny_llama_onnx
@@ -114,7 +114,7 @@ def test_smollm2_task_metric_is_perplexity_of_both_models(tiny_llama_onnx) -> No
     # the "rewritten" model: logits scaled by 0.5 (every prediction flatter)
     reference = [dict(zip(["logits"], sess.run(None, f))) for f in feeds]
     flatter = [{"logits": r["logits"] * 0.5} for r in reference]
-    task = get_model_recipe("smollm2").task_metric(feeds, reference, flatter)
+    task = get_model_spec("smollm2").task_metric(feeds, reference, flatter)
     want_ref = _torch_perplexity(model, feeds)
     flat_iter = iter(flatter)
     ref_hot = measure.perplexity(lambda f: next(flat_iter)["logits"], feeds).perplexity
@@ -125,15 +125,15 @@ def test_smollm2_task_metric_is_perplexity_of_both_models(tiny_llama_onnx) -> No
     assert task["relative_rise"] == pytest.approx((task["value"] - task["reference"]) / task["reference"], abs=1e-4)
     assert task["tokens"] == sum(f["input_ids"].shape[0] * (f["input_ids"].shape[1] - 1) for f in feeds)
     # through validation: a model compared with itself has no rise
-    report = compare(path, path, feeds, task=get_model_recipe("smollm2").task_metric)
+    report = compare(path, path, feeds, task=get_model_spec("smollm2").task_metric)
     assert report.to_dict()["task"]["relative_rise"] == 0.0
     assert report.to_dict()["task"]["reference"] == pytest.approx(want_ref, rel=1e-4)
     # no logits output: no task figure
-    assert get_model_recipe("smollm2").task_metric(feeds, [{"x": 1}] * 3, [{"x": 1}] * 3) is None
+    assert get_model_spec("smollm2").task_metric(feeds, [{"x": 1}] * 3, [{"x": 1}] * 3) is None
 
 
 def test_minilm_task_metric_is_embedding_cosine(tmp_path) -> None:
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
     from graphc.models.fixtures import export_tiny
     from graphc.models.minilm import embed
     from graphc.checks.validate import compare
@@ -145,7 +145,7 @@ def test_minilm_task_metric_is_embedding_cosine(tmp_path) -> None:
     mask = np.ones_like(ids)
     mask[2, 6:] = 0
     feeds = [{"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}]
-    recipe = get_model_recipe("minilm")
+    recipe = get_model_spec("minilm")
     report = compare(path, path, feeds, task=recipe.task_metric)
     assert report.task == {"metric": "embedding_cosine", "mean": 1.0, "min": 1.0, "sentences": 3}
     hidden = measure.session(path).run(None, feeds[0])[0]
@@ -160,14 +160,14 @@ def test_minilm_task_metric_is_embedding_cosine(tmp_path) -> None:
 def test_task_metric_only_on_the_recipes_real_texts(tiny_llama_onnx) -> None:
     from graphc.core import io, ops
     from graphc.front.api import task_metric_for
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
     model = io.load_model(tiny_llama_onnx[0])
     assert task_metric_for(model, "smollm2: 8 real texts") is None  # the model names no recipe
-    model.metadata_props[ops.META_MODEL_RECIPE] = "smollm2"
+    model.metadata_props[ops.META_MODEL_SPEC] = "smollm2"
     assert task_metric_for(model, "synthesized from the input signature") is None
     assert task_metric_for(model, "given") is None
-    assert task_metric_for(model, "smollm2: 8 real texts") == get_model_recipe("smollm2").task_metric
+    assert task_metric_for(model, "smollm2: 8 real texts") == get_model_spec("smollm2").task_metric
 
 
 smollm2 = pytest.mark.skipif(
@@ -181,9 +181,9 @@ def test_smollm2_perplexity_ort_matches_torch(tmp_path) -> None:
     """Real SmolLM2 on fixed Wikipedia windows: ORT fp32 perplexity equals PyTorch's, at the
     level ASSETS.md measured (~24 on Wikipedia), and validation reports it."""
     import graphc
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
-    recipe = get_model_recipe("smollm2")
+    recipe = get_model_spec("smollm2")
     feeds = recipe.perplexity_feeds(4, seq=512)
     assert [f["input_ids"].shape for f in feeds] == [(1, 512)] * 4
     assert np.array_equal(feeds[0]["input_ids"], recipe.perplexity_feeds(1, seq=512)[0]["input_ids"])

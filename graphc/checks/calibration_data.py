@@ -18,7 +18,7 @@ way (``graphc validate`` with the same PATH compares on the same held-out items)
 Texts are tokenized with the model's tokenizer (graphc.checks.text_data); images are preprocessed as
 ``--preprocess`` says (graphc.checks.image_data). Task metric on the held-out part: perplexity rise for
 a causal LM, sentence-embedding cosine for a text encoder, top-1 agreement or image-embedding
-cosine for an image model (graphc.checks.images.task_metric); a model recipe's own metric where the
+cosine for an image model (graphc.checks.images.task_metric); a model spec's own metric where the
 model has a recipe. Every problem is a one-line :class:`CalibrationDataError` naming the file.
 """
 
@@ -39,7 +39,7 @@ from graphc.core.errors import CalibrationDataError
 
 HOLD_OUT_EVERY = 4  # every 4th item is validation
 MIN_ITEMS = 8  # distinct items: 6 calibrate, 2 validate
-VALIDATION_ITEMS = 64  # at most, as many as validation takes of a model recipe's texts
+VALIDATION_ITEMS = 64  # at most, as many as validation takes of a model spec's texts
 MAX_LENGTH = 128  # tokens: the longest text (encoders) or window (causal LMs) fed
 TEXT, IMAGES = "texts", "images"
 
@@ -190,7 +190,7 @@ def _images(files: Sequence[Path]) -> tuple[list[Path], int]:
 def _text_feeds(model: ir.Model, model_path: Path | None, tokenizer: Any, cal_texts: list[str], val_texts: list[str],
                 path: Path):
     """((calibration feeds, rows before a cap), (validation feeds, rows), where the tokenizer came
-    from, task metric): the model recipe's batching, feed caps and task metric when the model has
+    from, task metric): the model spec's batching, feed caps and task metric when the model has
     one, else graphc.checks.text_data's."""
     from graphc.checks import text_data
 
@@ -212,7 +212,7 @@ def _text_feeds(model: ir.Model, model_path: Path | None, tokenizer: Any, cal_te
 
 
 def _extent(model: ir.Model, feeds: list[dict[str, np.ndarray]], made: int) -> str:
-    """What of the texts the feeds hold: a causal LM's windows, and the part a model recipe's
+    """What of the texts the feeds hold: a causal LM's windows, and the part a model spec's
     feed cap kept of the ``made`` rows (texts or windows)."""
     from graphc.checks.text_data import is_causal_lm
 
@@ -225,12 +225,12 @@ def _extent(model: ir.Model, feeds: list[dict[str, np.ndarray]], made: int) -> s
 
 
 def _recipe(model: ir.Model):
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if not name:
         return None
     try:
-        from graphc.models import get_model_recipe
+        from graphc.models import get_model_spec
 
-        return get_model_recipe(name)
+        return get_model_spec(name)
     except Exception:  # noqa: BLE001 - an unknown recipe name: the generic batching
         return None

@@ -19,14 +19,14 @@ VALIDATION_SAMPLES = 64  # real sentences used to validate when the model has a 
 
 def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: int = 0,
                      shapes: dict | None = None) -> tuple[list[dict], str]:
-    """Feeds for validation: the model recipe's real evaluation texts when the model came
+    """Feeds for validation: the model spec's real evaluation texts when the model came
     from a recipe and its packages are installed, else inputs synthesized from the signature."""
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if name:
         try:
-            from graphc.models import get_model_recipe
+            from graphc.models import get_model_spec
 
-            recipe = get_model_recipe(name)
+            recipe = get_model_spec(name)
             texts = recipe.eval_texts(min(count, recipe.validation_texts))
             feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.validation_max_feeds]
             return complete_decoder_feeds(model, feeds), f"{name}: {len(texts)} real texts"
@@ -77,27 +77,27 @@ def _image_feeds(model: ir.Model, split: str) -> tuple[tuple[list[dict], str] | 
 
 
 def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | None:
-    """The model recipe's task metric (perplexity, embedding cosine, ...) when the validation
+    """The model spec's task metric (perplexity, embedding cosine, ...) when the validation
     feeds are that recipe's real texts (see :func:`validation_feeds`), else None."""
     from graphc.checks import images
 
     if input_source.startswith(images.SOURCE_PREFIX):
         return images.task_metric
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if not name or not input_source.startswith(f"{name}: "):
         return None
-    from graphc.models import get_model_recipe
+    from graphc.models import get_model_spec
 
-    return get_model_recipe(name).task_metric
+    return get_model_spec(name).task_metric
 
 
 def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = None) -> PassContext:
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if name:
         try:
-            from graphc.models import get_model_recipe
+            from graphc.models import get_model_spec
 
-            recipe = get_model_recipe(name)
+            recipe = get_model_spec(name)
             texts = recipe.eval_texts(min(count, recipe.calibration_max_texts), split="calibration")
             feeds = recipe.feeds(texts, batch=recipe.calibration_batch or recipe.validation_batch,
                                  max_length=recipe.calibration_length)[: recipe.calibration_max_feeds]

@@ -2,7 +2,7 @@
 metrics that judge a text model on them.
 
 The tokenizer is the model's own, found in this order: ``--tokenizer DIR`` (the user said so);
-the model recipe's (``graphc.model_recipe`` metadata); tokenizer files beside the .onnx
+the model spec's (``graphc.model_recipe`` metadata); tokenizer files beside the .onnx
 (``tokenizer.json`` or ``tokenizer_config.json``: a genai folder, or files copied there); the
 Hugging Face folder ``graphc export`` recorded in the metadata (``graphc.source_folder``).
 
@@ -66,13 +66,13 @@ def find_tokenizer(model: ir.Model, model_path: Path | None, explicit: str | Pat
         if not _has_files(folder):
             raise CalibrationDataError(f"--tokenizer: no {' or '.join(TOKENIZER_FILES)} in this folder", path=folder)
         return _load(str(folder)), str(folder)
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if name:
         try:
-            from graphc.models import get_model_recipe
+            from graphc.models import get_model_spec
 
-            recipe = get_model_recipe(name)
-            return recipe.tokenizer(), f"model recipe {name}"
+            recipe = get_model_spec(name)
+            return recipe.tokenizer(), f"model spec {name}"
         except (ImportError, GraphcError, AttributeError):
             pass
     candidates = [model_path.parent] if model_path is not None else []
@@ -81,7 +81,7 @@ def find_tokenizer(model: ir.Model, model_path: Path | None, explicit: str | Pat
     for folder in candidates:
         if _has_files(folder):
             return _load(str(folder)), str(folder)
-    raise CalibrationDataError(f"{model_name}: no tokenizer found for this model (no model recipe, no tokenizer.json "
+    raise CalibrationDataError(f"{model_name}: no tokenizer found for this model (no model spec, no tokenizer.json "
                                "beside it): pass --tokenizer DIR (a folder with tokenizer.json)")
 
 

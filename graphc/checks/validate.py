@@ -1,6 +1,6 @@
 """Validation with ONNX Runtime: original vs rewritten, output by output.
 
-Inputs come from the model recipe's real evaluation set when the model carries one
+Inputs come from the model spec's real evaluation set when the model carries one
 (``graphc.model_recipe`` metadata and the export extra installed), or are synthesized from
 the input signature for a bare .onnx.
 """
@@ -242,7 +242,7 @@ def compare(
 ) -> ValidationReport:
     """Per-output metrics of ``rewritten`` against ``original`` on the same feeds.
 
-    ``task`` (a model recipe's ``task_metric``) turns both models' outputs, per feed by
+    ``task`` (a model spec's ``task_metric``) turns both models' outputs, per feed by
     output name, into the report's ``task`` figures (perplexity, embedding cosine, ...)."""
     rew = rewritten if isinstance(rewritten, ort.InferenceSession) else make_session(rewritten, what="rewritten model")
     if reference_outputs is None:

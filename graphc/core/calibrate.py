@@ -44,7 +44,7 @@ def channel_absmax(
 ) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of each value over all calibration feeds."""
     if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
-        raise PassError("needs calibration data, and none was given (pass feeds or use a model recipe)", pass_name=pass_name)
+        raise PassError("needs calibration data, and none was given (pass feeds or use a model spec)", pass_name=pass_name)
     names = [v.name for v in values]
     session, inputs = exposing_session(model, names)
     result: dict[str, np.ndarray] = {}
@@ -73,7 +73,7 @@ def input_moments(
     """:class:`InputMoments` of each named value over all calibration feeds; rows at padded
     positions (the feed's ``attention_mask`` is 0) are left out when the value is [batch, seq, K]."""
     if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
-        raise PassError("needs calibration data, and none was given (pass feeds or use a model recipe)", pass_name=pass_name)
+        raise PassError("needs calibration data, and none was given (pass feeds or use a model spec)", pass_name=pass_name)
     names = sorted({v.name for v in values if v.name})
     session, inputs = exposing_session(model, names)
     grams: dict[str, np.ndarray] = {}

@@ -34,6 +34,6 @@ MS_OPSET = 1
 # Metadata keys graphc writes.
 META_PREFIX = "graphc."
 META_PASS = "graphc.pass"  # node metadata: the pass that created the node
-META_MODEL_RECIPE = "graphc.model_recipe"  # model metadata: models/ recipe the model came from
+META_MODEL_SPEC = "graphc.model_recipe"  # model metadata: the models/ spec the model came from (key kept from earlier files)
 META_ARCH_PREFIX = "graphc.arch."  # model metadata: architecture facts from the exporter
 META_SOURCE_FOLDER = "graphc.source_folder"  # model metadata: the HF folder graphc export read (its tokenizer)

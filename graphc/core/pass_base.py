@@ -60,7 +60,7 @@ class PassResult(ir.passes.PassResult):
 class PassContext:
     """What a pass may need beyond the model: calibration feeds, a seed, progress.
 
-    ``calibration`` is a list of ORT feed dicts from the model recipe's real data (or
+    ``calibration`` is a list of ORT feed dicts from the model spec's real data (or
     synthesized inputs for a bare .onnx); ``calibration_source`` says which. ``target`` is the
     CPU the model is compiled for (:mod:`graphc.target`; None: the machine graphc runs on):
     passes whose best or even correct formulation depends on it (int8 GEMMs) read it here.

@@ -57,7 +57,7 @@ class Tolerance:
     min_cosine: float | None = 0.99
     min_row_cosine: float | None = None
     max_abs: float | None = None
-    # relative perplexity rise on the validation texts (model recipes with a perplexity task)
+    # relative perplexity rise on the validation texts (model specs with a perplexity task)
     max_ppl_rise: float | None = None
 
 

@@ -272,8 +272,9 @@ def compress(
         )
     if output is not None and genai:
         from graphc.exporters.genai import tokenizer_source, write_folder
+        from graphc.models import hf_folder_of
 
-        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, None))
+        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, hf_folder_of(ir_model)))
         result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
         if src is not None:
             result.bytes_before = io.file_bytes(src)
@@ -379,7 +380,7 @@ def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict]
              tokenizer: str | os.PathLike | None = None, preprocess: str | None = None) -> ValidationReport:
     """Compare two models with ONNX Runtime on the user's inputs (``feeds``, or the ``inputs``
     file), or the held-out part of ``calibration_data`` (the same items compress validated on),
-    else on real texts of a model recipe or inputs synthesized (``input_shapes``).
+    else on real texts of a model spec or inputs synthesized (``input_shapes``).
     ``timeout``: seconds the ORT runs may take (default sized to the larger model)."""
     check_options(calibration_data, inputs=inputs, feeds=feeds, tokenizer=tokenizer, preprocess=preprocess)
     orig, orig_path = to_ir(original)
@@ -403,7 +404,7 @@ def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict]
 
 
 def export(source: Any, output: str | os.PathLike, **kwargs: Any):
-    """Export a models/ recipe name, an HF folder, or (via graphc.exporters) a torch module.
+    """Export a models/ spec name, an HF folder, or (via graphc.exporters) a torch module.
     ``kv_cache=True``: a causal LM with past/present key-value inputs and outputs
     (graphc.exporters.decoder), for generation with graphc.front.generate."""
     genai = kwargs.pop("genai", False)
@@ -417,6 +418,9 @@ def export(source: Any, output: str | os.PathLike, **kwargs: Any):
             from graphc.exporters import export as _export
     except ImportError as e:
         raise MissingDependencyError(f"export needs the export extra (pip install graphc[export]): {e}") from None
+    from graphc.models import resolve_source
+
+    source = resolve_source(source)
     if genai:
         from graphc.exporters.genai import export_folder
 

@@ -85,18 +85,18 @@ def candidates(names: Sequence[str], saturating: bool) -> list[Candidate]:
 
 
 def timing_feed(model: ir.Model, batch: int, seq: int) -> dict:
-    """One feed at batch × seq: the model recipe's real texts padded to ``seq`` when it has
+    """One feed at batch × seq: the model spec's real texts padded to ``seq`` when it has
     them (padding as real batches have it), else inputs synthesized at that shape."""
     from graphc.core import ops
     from graphc.checks.measure import pad_feed
     from graphc.checks.validate import synthesize_inputs
 
-    name = model.metadata_props.get(ops.META_MODEL_RECIPE)
+    name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if name:
         try:
-            from graphc.models import get_model_recipe
+            from graphc.models import get_model_spec
 
-            recipe = get_model_recipe(name)
+            recipe = get_model_spec(name)
             texts = recipe.eval_texts(batch)
             feeds = recipe.feeds(texts, batch=batch, max_length=seq)
             if feeds and next(iter(feeds[0].values())).shape[0] == batch:

@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print one JSON object on stdout (errors too)")
         return sp
 
-    sp = add("export", "export a models/ recipe (minilm, smollm2) or an HF model folder to ONNX")
-    sp.add_argument("source", help="a models/ recipe name (minilm, smollm2) or a Hugging Face model folder")
+    sp = add("export", "export a models/ spec (minilm, smollm2) or an HF model folder to ONNX")
+    sp.add_argument("source", help="a models/ spec name (minilm, smollm2) or a Hugging Face model folder")
     sp.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     sp.add_argument("--kv-cache", action="store_true",
                     help="causal LMs: past_key_values.* inputs and present.* outputs, for prefill and decode")

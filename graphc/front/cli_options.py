@@ -88,7 +88,7 @@ def add_data_args(sp: argparse.ArgumentParser) -> None:
                     help="your texts (a .txt file, one text a line, or a folder of them) or images (a folder): every "
                          "4th item is held out for validation, the rest calibrates; not with --inputs")
     sp.add_argument("--tokenizer", metavar="DIR",
-                    help="texts: the folder of the model's tokenizer.json (default: the model recipe's, files beside "
+                    help="texts: the folder of the model's tokenizer.json (default: the model spec's, files beside "
                          "the .onnx, or the folder graphc export read)")
     sp.add_argument("--preprocess", metavar="SPEC",
                     help="images: e.g. size=224,resize=256,mean=0.485,0.456,0.406,std=0.229,0.224,0.225,layout=NCHW "

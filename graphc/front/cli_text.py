@@ -70,7 +70,7 @@ def gate_text(v: Any) -> str:
 
 
 def task_text(task: dict) -> str:
-    """One line for a model recipe's task figures (perplexity, embedding cosine, ...)."""
+    """One line for a model spec's task figures (perplexity, embedding cosine, ...)."""
     metric = task.get("metric", "task")
     if "reference" in task and "value" in task:
         rise = f" ({task['relative_rise']:+.1%})" if isinstance(task.get("relative_rise"), (int, float)) else ""

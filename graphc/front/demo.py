@@ -50,12 +50,13 @@ def _fingerprint(name: str) -> str:
 
 def cached_export(name: str, folder: str | os.PathLike, *, fresh: bool = False,
                   progress: Callable[[str], None] | None = None) -> tuple[Path, bool]:
-    """Export model recipe ``name`` with graphc's exporter to ``folder/<name>-fp32.onnx``,
+    """Export model spec ``name`` with graphc's exporter to ``folder/<name>-fp32.onnx``,
     reusing an earlier export made by the same exporter sources and library versions.
 
     Returns (path, whether it came from the cache).
     """
     from graphc.exporters import export
+    from graphc.models import get_model_spec
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def cached_export(name: str, folder: str | os.PathLike, *, fresh: bool = False,
     if not fresh and path.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
         return path, True
     stamp.unlink(missing_ok=True)
-    export(name, path, progress=progress)
+    export(get_model_spec(name), path, progress=progress)
     stamp.write_text(key + "\n")
     return path, False
 
@@ -121,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[green]✓[/] {text} [dim]({time.perf_counter() - t0:.1f} s)[/]")
 
     try:
-        from graphc.models import data, get_model_recipe
+        from graphc.models import data, get_model_spec
         from graphc.models.minilm import SentimentProbe, embed
 
-        recipe = get_model_recipe("minilm")
+        recipe = get_model_spec("minilm")
         folder = CACHE / "demo"
         console.rule("[bold]graphc demo: all-MiniLM-L6-v2 → int8")
 
