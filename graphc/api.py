@@ -116,6 +116,9 @@ def compress(
     inputs: str | os.PathLike | None = None,
     input_shapes: Any = None,
     validate_timeout: float | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
+    executor: Any = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -132,7 +135,52 @@ def compress(
     ``validate_timeout``: seconds each model's validation runs may take (default sized to
     the model, graphc.interrupt.default_time_limit); past it ONNX Runtime is stopped and
     :class:`graphc.interrupt.TimeLimitError` raised.
+    ``workers``: a local Ray instance with that many CPUs runs the passes' independent
+    measurements (mixed-precision's sensitivity probes); ``ray``: ``auto`` or the address of a
+    running Ray cluster instead (graphc.ray_executor; the extra ``graphc[distributed]``);
+    ``executor``: a ``graphc.executor`` object of one's own, left open. The written model is
+    byte-identical with or without them. The cluster is reached before any work.
     """
+    from graphc.executor import make_executor
+
+    if recipe == "auto" and (workers is not None or ray or executor is not None):
+        raise GraphcError("recipe auto does not send work to Ray workers yet: pick a recipe (e.g. int4) with "
+                          "--workers/--ray")
+    owned = make_executor(workers, ray) if executor is None else None
+    try:
+        return _compress(model, output, recipe=recipe, force=force, disable=disable, check_each_pass=check_each_pass,
+                         validate=validate, feeds=feeds, progress=progress, instruments=instruments,
+                         dump_dir=dump_dir, attribution=attribution, report=report, target=target,
+                         shape_hint=shape_hint, genai=genai, inputs=inputs, input_shapes=input_shapes,
+                         validate_timeout=validate_timeout, executor=executor or owned)
+    finally:
+        if owned is not None:
+            owned.close()
+
+
+def _compress(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    recipe: str | os.PathLike | Recipe = "int8",
+    force: bool = False,
+    disable: Sequence[str] = (),
+    check_each_pass: bool = False,
+    validate: bool = True,
+    feeds: Sequence[dict] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    instruments: Sequence[Any] = (),
+    dump_dir: str | os.PathLike | None = None,
+    attribution: bool = True,
+    report: str | os.PathLike | None = None,
+    target: str | None = None,
+    shape_hint: str | Sequence[int] | None = None,
+    genai: bool = False,
+    inputs: str | os.PathLike | None = None,
+    input_shapes: Any = None,
+    validate_timeout: float | None = None,
+    executor: Any = None,
+) -> CompressResult:
     from graphc.target import resolve
 
     target_info = resolve(target)
@@ -189,7 +237,7 @@ def compress(
             reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
     from graphc.target_checks import target_notices, validation_model
 
-    context = PassContext(progress=progress, target=target_info)
+    context = PassContext(progress=progress, target=target_info, executor=executor)
     notices += target_notices(target_info, validate)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
     calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]

@@ -83,6 +83,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             inputs=args.inputs,
             input_shapes=args.input_shape,
             validate_timeout=args.validate_timeout,
+            workers=args.workers,
+            ray=args.ray,
         )
     finally:
         if progress is not None:
@@ -260,6 +262,12 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def _add_timeout(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--validate-timeout", type=_seconds, default=None, metavar="SECONDS",
                     help="stop ONNX Runtime and fail when a model's validation runs take longer (default: "
@@ -340,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-validate", action="store_true",
                     help="skip validation (ONNX Runtime would load the original and the result: the whole "
                          "model in memory); for models larger than memory allows. Nothing is checked.")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_positive, metavar="N", help="run the sensitivity probes on a local Ray "
+                       "instance with N CPUs (pip install graphc[distributed]); same output bytes")
+    where.add_argument("--ray", metavar="ADDRESS", help="... on a running Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
     _add_timeout(sp)
     sp.set_defaults(func=cmd_compress)
 

@@ -197,12 +197,12 @@ class Measurement:
     weight_error: float  # ||W - Q(W)|| / ||W||
 
 
-def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
-    """An ORT session of ``model`` in which the layers' weights are graph inputs."""
+def weight_input_proto(model: ir.Model, layers: Sequence[Layer]):
+    """``model`` as a ModelProto in which the layers' weights are graph inputs (their
+    initializers removed): one ORT session then serves every measurement."""
     import onnx
 
     from graphc.io import inline_external_data
-    from graphc.validate import make_session
 
     names = {layer.value.name for layer in layers}
     with inline_external_data(model):
@@ -213,7 +213,14 @@ def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
     proto.graph.initializer.extend(kept)
     for t in moved:
         proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return make_session(proto, what="model during sensitivity measurement")
+    return proto
+
+
+def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
+    """An ORT session of ``model`` in which the layers' weights are graph inputs."""
+    from graphc.validate import make_session
+
+    return make_session(weight_input_proto(model, layers), what="model during sensitivity measurement")
 
 
 def row_errors(out: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -264,14 +271,21 @@ class Evaluator:
     """Output error of the model with some layers' weights replaced, on calibration feeds.
 
     ``metric``: ``cosine`` (mean 1 - cosine of output rows) or ``kl`` (mean KL divergence of
-    the rows' softmax from the reference's, in nats: for logits of a language model)."""
+    the rows' softmax from the reference's, in nats: for logits of a language model).
+
+    :meth:`payload` is everything a worker process needs to rebuild it
+    (:meth:`from_payload`) without the IR model: the ORT model with the weights as inputs,
+    the weights, feeds and the reference outputs (computed once, here)."""
 
     def __init__(self, model: ir.Model, layers: Sequence[Layer], feeds: Sequence[dict], metric: str = "cosine"):
         if metric not in METRICS:
             raise ValueError(f"metric={metric!r}; supported: {', '.join(METRICS)}")
+        from graphc.validate import make_session
+
         self.metric = metric
         self.layers = list(layers)
-        self.session = weight_input_session(model, self.layers)
+        self.proto = weight_input_proto(model, self.layers)
+        self.session = make_session(self.proto, what="model during sensitivity measurement")
         inputs = {i.name for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.weights = {layer.value.name: layer.value.const_value.numpy() for layer in self.layers}
@@ -281,6 +295,28 @@ class Evaluator:
         if metric == "kl":  # the reference's log-probabilities, once
             self.reference = [[log_softmax(_rows(r, mask)) for r in refs]
                               for refs, mask in zip(self.reference, self.masks)]
+
+    def payload(self) -> dict:
+        """Picklable parts for :meth:`from_payload` (numpy arrays travel zero-copy through Ray)."""
+        model = np.frombuffer(self.proto.SerializeToString(), np.uint8)  # an array: not copied per task
+        return {"model": model, "metric": self.metric, "outputs": self.outputs,
+                "weights": {k: np.asarray(v) for k, v in self.weights.items()}, "feeds": self.feeds,
+                "masks": self.masks, "reference": self.reference}
+
+    @classmethod
+    def from_payload(cls, payload: dict, threads: int | None = None) -> Evaluator:
+        """The evaluator in another process; ``threads``: ONNX Runtime's intra-op threads."""
+        import onnx
+
+        from graphc.validate import make_session
+
+        self = cls.__new__(cls)
+        self.metric, self.outputs, self.layers = payload["metric"], payload["outputs"], []
+        self.proto = onnx.ModelProto.FromString(payload["model"].tobytes())
+        self.session = make_session(self.proto, threads=threads, what="model during sensitivity measurement")
+        self.weights, self.feeds = payload["weights"], payload["feeds"]
+        self.masks, self.reference = payload["masks"], payload["reference"]
+        return self
 
     def error(self, replaced: dict[str, np.ndarray]) -> float:
         """Mean over every output row of every feed of the metric vs the unquantized model."""

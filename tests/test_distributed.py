@@ -1,0 +1,186 @@
+"""The executor seam (graphc.executor) and mixed-precision's probes on a real local Ray instance.
+
+Ray starts once for this module (2 CPUs, no dashboard) and is shut down at its end; the CLI
+(``--workers``/``--ray``, its own Ray instance in a subprocess) is in test_distributed_cli.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphc
+from graphc.errors import DistributedError, GraphcError, MissingDependencyError, UnsupportedError
+from graphc.executor import LocalExecutor, make_executor
+
+
+def deep_mlp(layers: int = 6, vocab: int = 256, hidden: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """ids -> Gather(emb) -> layers x (x + tanh(x @ W_i)): one table and ``layers`` MatMuls for
+    mixed-precision to probe, each more sensitive than the last."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h0"], name="embed")]
+    for i in range(layers):
+        w = rng.standard_normal((hidden, hidden)) / np.sqrt(hidden) * (1 + i)
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"], name=f"layer{i}.matmul"),
+                  helper.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"layer{i}.tanh"),
+                  helper.make_node("Add", [f"t{i}", f"h{i}"], [f"h{i + 1}"], name=f"layer{i}.add")]
+    nodes.append(helper.make_node("Identity", [f"h{layers}"], ["out"]))
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s", hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("deep") / "deep.onnx"
+    onnx.save(deep_mlp(), path)
+    return path
+
+
+def _compress(path: Path, out: Path, **kw):
+    return graphc.compress(path, out, recipe="int4", force=True, validate=False, attribution=False, **kw)
+
+
+def _sensitivities(result) -> list:
+    (mp,) = [r for r in result.passes if r.name == "mixed-precision"]
+    return mp.stats["sensitivities"]
+
+
+@pytest.fixture(scope="module")
+def local_run(deep, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "local.onnx"
+    return out, _compress(deep, out)
+
+
+# ------------------------------------------------------------------ without Ray
+
+
+def test_local_executor_keeps_order_and_reports_each_result():
+    seen = []
+    out = LocalExecutor().map(lambda shared, x: shared * x, [3, 1, 2], shared=10, on_result=lambda i, r: seen.append((i, r)))
+    assert out == [30, 10, 20] and seen == [(0, 30), (1, 10), (2, 20)]
+
+
+def test_make_executor_without_workers_is_none_and_refuses_bad_requests():
+    assert make_executor() is None
+    with pytest.raises(UnsupportedError, match="positive"):
+        make_executor(workers=0)
+    with pytest.raises(UnsupportedError, match="exclusive"):
+        make_executor(workers=2, ray="auto")
+
+
+def test_missing_ray_is_one_line_naming_the_extra(deep, tmp_path, monkeypatch, capsys):
+    from graphc.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install graphc\[distributed\]"):
+        _compress(deep, tmp_path / "api.onnx", workers=2)
+    out = tmp_path / "cli.onnx"
+    assert main(["compress", str(deep), "-o", str(out), "--recipe", "int4", "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install graphc[distributed]" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "api.onnx").exists()
+
+
+# ------------------------------------------------------------------ on Ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="Ray is the distributed extra (make install installs it)")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_map_returns_input_order_and_reads_shared_from_the_object_store(ray_cluster, monkeypatch):
+    from graphc.ray_executor import RayExecutor
+
+    puts = []
+    real_put = ray_cluster.put
+    monkeypatch.setattr(ray_cluster, "put", lambda obj, **kw: puts.append(obj) or real_put(obj, **kw))
+
+    def work(shared, item):  # the first item sleeps longest: it finishes last
+        time.sleep(0.3 * (3 - item))
+        return item, float(shared[item]), shared.flags.writeable
+
+    shared = np.arange(1 << 20, dtype=np.float32)  # 4 MB
+    arrived = []
+    out = RayExecutor().map(work, [0, 1, 2, 3], shared=shared, on_result=lambda i, r: arrived.append(i))
+    assert [r[:2] for r in out] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    assert sorted(arrived) == [0, 1, 2, 3] and arrived != [0, 1, 2, 3]  # arrival order, results in input order
+    assert len(puts) == 1  # one put for four tasks
+    assert not any(r[2] for r in out)  # read-only: mapped from the object store, not unpickled per task
+
+
+class _CrashOnce:
+    """A RayExecutor whose work exits its worker process (os._exit) the first time any item
+    runs: Ray must retry that task on a new worker."""
+
+    def __init__(self, marker: Path):
+        from graphc.ray_executor import RayExecutor
+
+        self.inner, self.marker = RayExecutor(), str(marker)
+        self.threads_per_item, self.workers = self.inner.threads_per_item, self.inner.workers
+
+    def map(self, fn, items, **kw):
+        marker = self.marker
+
+        def crash_first(shared, item):
+            import os
+
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return fn(shared, item)
+
+        return self.inner.map(crash_first, items, **kw)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_probes_on_workers_give_the_same_bytes_even_when_a_worker_dies(ray_cluster, deep, local_run, tmp_path):
+    local_out, local = local_run
+    marker = tmp_path / "crashed"
+    events = []
+    result = _compress(deep, tmp_path / "ray.onnx", executor=_CrashOnce(marker),
+                       progress=lambda what, done, total: events.append((what, done, total)))
+    assert marker.exists()  # a worker really died mid-run
+    assert (tmp_path / "ray.onnx").read_bytes() == local_out.read_bytes()
+    assert _sensitivities(result) == _sensitivities(local)  # every measured float, not only the plan
+    probes = [e for e in events if e[0].startswith("probes on 2 workers")]
+    assert probes[0][1] == 0 and probes[-1][1:] == (7, 7) and [d for _, d, _ in probes] == sorted(d for _, d, _ in probes)
+
+
+@pytest.mark.parametrize("error, match", [
+    (ValueError("boom"), r"probe of layer w3 failed on a Ray worker: ValueError: boom"),
+    (MemoryError(), r"probe of layer w3: out of memory on a Ray worker"),
+])
+def test_a_failing_probe_is_one_line_naming_the_layer(ray_cluster, deep, tmp_path, error, match):
+    from graphc.ray_executor import RayExecutor
+
+    class FailOn(RayExecutor):
+        def map(self, fn, items, **kw):
+            def fail_w3(shared, item):
+                if item.weight == "w3":
+                    raise error
+                return fn(shared, item)
+
+            return super().map(fail_w3, items, **kw)
+
+    with pytest.raises(DistributedError, match=match) as info:
+        _compress(deep, tmp_path / "out.onnx", executor=FailOn())
+    assert "\n" not in str(info.value) and str(info.value).startswith("pass mixed-precision: ")
+    assert not (tmp_path / "out.onnx").exists()
+    assert isinstance(info.value, GraphcError)
