@@ -85,7 +85,12 @@ class RayExecutor:
                                        "to use that instance, or call ray.shutdown() first")
             try:
                 ray.init(**kwargs)
-            except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError from Ray
+            except ConnectionError:
+                if address != "auto":
+                    raise DistributedError(f"cannot reach the Ray cluster at {address}; nothing was done") from None
+                raise DistributedError("--ray auto: no running Ray cluster found on this machine (start one with "
+                                       "`ray start --head`, or give its address); nothing was done") from None
+            except Exception as e:  # noqa: BLE001 - RuntimeError, ValueError from Ray
                 where = f"the Ray cluster at {address}" if address else f"a local Ray instance with {workers} CPUs"
                 raise DistributedError(f"cannot start or reach {where}: {_one_line(e)}; nothing was done") from None
             self._owned = True

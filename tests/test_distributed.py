@@ -13,29 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import graphc
 from graphc.errors import DistributedError, GraphcError, MissingDependencyError, UnsupportedError
 from graphc.executor import LocalExecutor, make_executor
-
-
-def deep_mlp(layers: int = 6, vocab: int = 256, hidden: int = 64, seed: int = 0) -> onnx.ModelProto:
-    """ids -> Gather(emb) -> layers x (x + tanh(x @ W_i)): one table and ``layers`` MatMuls for
-    mixed-precision to probe, each more sensitive than the last."""
-    rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb")]
-    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h0"], name="embed")]
-    for i in range(layers):
-        w = rng.standard_normal((hidden, hidden)) / np.sqrt(hidden) * (1 + i)
-        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
-        nodes += [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"], name=f"layer{i}.matmul"),
-                  helper.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"layer{i}.tanh"),
-                  helper.make_node("Add", [f"t{i}", f"h{i}"], [f"h{i + 1}"], name=f"layer{i}.add")]
-    nodes.append(helper.make_node("Identity", [f"h{layers}"], ["out"]))
-    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s", hidden])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+from tests.conftest import deep_mlp
 
 
 @pytest.fixture(scope="module")
