@@ -298,7 +298,9 @@ class MixedPrecision(GraphcPass):
             probes = list(mine) if o.measure_all else [sens.QuantConfig(b, o.probe_block) for b in sorted(set(o.probe_bits))]
             runs.append((layer, probes))
         total = sum(len(p) for _, p in runs)
-        results = self._probe(evaluator, runs, cands, method, hessians, total)
+        start = time.perf_counter()
+        results = self._probe(evaluator, runs, cands, method, hessians, total, stats)
+        stats.counts["probe_s"] = round(time.perf_counter() - start, 2)
         measured: dict[int, dict] = {}
         predicted: dict[int, dict] = {}
         for (layer, _), result in zip(runs, results):
@@ -316,13 +318,14 @@ class MixedPrecision(GraphcPass):
         return measured, predicted
 
     def _probe(self, evaluator: sens.Evaluator, runs: list, cands: dict, method: bq.Method,
-               hessians: dict, total: int) -> list[_probes.ProbeResult]:
+               hessians: dict, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
         """Every layer's probes through the context's executor (this process unless the run has
         workers): the model and feeds are shared once, each layer is one small item, and the
         results come back in layer order whatever order the workers finish in."""
         o = self.options
         gptq = method is bq.Method.GPTQ
         executor = resolve_executor(self.context.executor)
+        stats.counts["probe_workers"] = executor.workers
         key = uuid.uuid4().hex
         shared = _probes.ProbeShared(
             key, evaluator.payload(),
