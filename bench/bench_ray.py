@@ -13,7 +13,7 @@ copy of the model:
 ``probe_s`` is the probe phase (the executor's map: sharing the model, building each worker's
 session, every probe, results back); the Hessians (GPTQ) and the reference outputs are computed
 before it in this process and are not part of it. The plan must be identical in every
-configuration (checked). The load average before and after is printed: the machine may be
+configuration, and every probe's result bit-identical (checked). The load average before and after is printed: the machine may be
 shared, and a busy neighbour slows the 2-worker run most. Markdown on stdout, JSON to --json.
 """
 
@@ -28,13 +28,27 @@ import time
 import harness as h
 
 
+class Capture:
+    """Keeps the raw probe results (exact floats) of the executor it wraps."""
+
+    def __init__(self, inner):
+        self.inner, self.results = inner, []
+        self.threads_per_item, self.workers = inner.threads_per_item, inner.workers
+
+    def map(self, fn, items, **kw):
+        out = self.inner.map(fn, items, **kw)
+        self.results.append([(r.measured, r.weight_error) for r in out])
+        return out
+
+
 def run_once(model_path, calibration, executor, method: str, feeds: int) -> dict:
     from graphc.io import load_model
     from graphc.pass_base import PassContext
     from graphc.passes.mixed_precision import MixedPrecision
 
     model = load_model(model_path)
-    ctx = PassContext(calibration=calibration, calibration_source="tweets", executor=executor)
+    capture = Capture(executor)
+    ctx = PassContext(calibration=calibration, calibration_source="tweets", executor=capture)
     options = MixedPrecision.Options(max_bits=3.95, method=method, scale_dtype="log8", feeds=feeds)
     start = time.perf_counter()
     stats = MixedPrecision(options, ctx)(model).stats.to_dict()
@@ -42,7 +56,7 @@ def run_once(model_path, calibration, executor, method: str, feeds: int) -> dict
     return {"pass_s": round(wall, 2), "measure_s": stats["measure_s"], "probe_s": stats["probe_s"],
             "probes": stats["measurement_runs"], "layers": stats["layers_planned"],
             "plan": [(c["layer"], c["bits"], c["block_size"]) for c in stats["choices"]],
-            "sensitivities": [r["error"] for r in stats["sensitivities"]]}
+            "exact": repr(capture.results)}
 
 
 def main() -> int:
@@ -82,7 +96,7 @@ def main() -> int:
         rows[name] = {**best, **({"ray_start_s": start_s} if start_s is not None else {})}
         print(f"{name}: probes {best['probe_s']:.1f} s", file=sys.stderr)
     load["after"] = os.getloadavg()
-    plans = {json.dumps([r["plan"], r["sensitivities"]]) for r in rows.values()}
+    plans = {json.dumps([r["plan"], r.pop("exact")]) for r in rows.values()}
     base = rows.get("ray-1") or rows.get("local")
     print(f"MiniLM mixed-precision probes ({args.method}, {args.feeds} feeds); CPU: {h.cpu_name()}; "
           f"{os.cpu_count()} CPUs; load average before {load['before'][0]:.2f}, after {load['after'][0]:.2f}\n")
@@ -91,7 +105,7 @@ def main() -> int:
     for name, r in rows.items():
         speed = f"{base['probe_s'] / r['probe_s']:.2f}x" if base else "-"
         print(f"| {name} | {r['probes']} | {r['probe_s']:.1f} | {speed} | {r['pass_s']:.1f} | {r.get('ray_start_s', '-')} |")
-    print(f"\nsame plan and sensitivities in every run: {len(plans) == 1}")
+    print(f"\nsame plan and bit-identical probe results in every run: {len(plans) == 1}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "load": load, "cpu": h.cpu_name(), "same_plan": len(plans) == 1}, f, indent=1)

@@ -350,9 +350,10 @@ def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None
     """||W - Q(W)|| / ||W||; with a Hessian H of the layer's input, the output-weighted form
     sqrt(tr(D H D^T) / tr(W H W^T)) (what GPTQ minimises)."""
     d = np.asarray(view, np.float64) - deq
-    if hessian is None:
-        den = float(np.linalg.norm(view))
-        return float(np.linalg.norm(d)) / den if den > 0 else 0.0
+    if hessian is None:  # not np.linalg.norm: a whole-array norm is BLAS's dot, whose sum order
+        # depends on its thread count (1 in a Ray worker), and the plan must not depend on where it ran
+        den = float(np.sqrt(np.square(np.asarray(view, np.float64)).sum()))
+        return float(np.sqrt(np.square(d).sum())) / den if den > 0 else 0.0
     h = np.asarray(hessian, np.float64)
     den = float(((view @ h) * view).sum())
     return float(np.sqrt(max(((d @ h) * d).sum(), 0.0) / den)) if den > 0 else 0.0

@@ -36,10 +36,27 @@ def _sensitivities(result) -> list:
     return mp.stats["sensitivities"]
 
 
+class Capture:
+    """An executor that keeps the raw results of every map of the executor it wraps."""
+
+    def __init__(self, inner):
+        self.inner, self.results = inner, []
+        self.threads_per_item, self.workers = inner.threads_per_item, inner.workers
+
+    def map(self, fn, items, **kw):
+        out = self.inner.map(fn, items, **kw)
+        self.results.append(out)
+        return out
+
+    def close(self):
+        self.inner.close()
+
+
 @pytest.fixture(scope="module")
 def local_run(deep, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "local.onnx"
-    return out, _compress(deep, out)
+    capture = Capture(LocalExecutor())
+    return out, _compress(deep, out, executor=capture), capture.results
 
 
 # ------------------------------------------------------------------ without Ray
@@ -133,14 +150,16 @@ class _CrashOnce:
 
 
 def test_probes_on_workers_give_the_same_bytes_even_when_a_worker_dies(ray_cluster, deep, local_run, tmp_path):
-    local_out, local = local_run
+    local_out, local, local_results = local_run
     marker = tmp_path / "crashed"
     events = []
-    result = _compress(deep, tmp_path / "ray.onnx", executor=_CrashOnce(marker),
+    capture = Capture(_CrashOnce(marker))
+    result = _compress(deep, tmp_path / "ray.onnx", executor=capture,
                        progress=lambda what, done, total: events.append((what, done, total)))
     assert marker.exists()  # a worker really died mid-run
     assert (tmp_path / "ray.onnx").read_bytes() == local_out.read_bytes()
-    assert _sensitivities(result) == _sensitivities(local)  # every measured float, not only the plan
+    assert capture.results == local_results  # every measured float exactly (one ORT thread vs all)
+    assert _sensitivities(result) == _sensitivities(local)
     probes = [e for e in events if e[0].startswith("probes on 2 workers")]
     assert probes[0][1] == 0 and probes[-1][1:] == (7, 7) and [d for _, d, _ in probes] == sorted(d for _, d, _ in probes)
 
