@@ -11,6 +11,8 @@ is the one a single process makes and the written model is byte-identical.
   calibration feeds): :class:`LocalExecutor` hands it over as is, :class:`RayExecutor` puts it
   in Ray's object store once and sends each task a reference (numpy arrays are then read
   zero-copy from shared memory by the workers of a node);
+- ``items`` may be a generator: it is consumed once, in order (the Ray executor submits each
+  item as it comes, so workers start while the rest is computed);
 - ``labels`` name the items in errors ("layer encoder.layer.3.output.dense"), and
   ``on_result(index, result)`` is called as each result arrives, in arrival order (progress).
 
@@ -20,7 +22,7 @@ when workers or a cluster address are asked for, so a run without them loads no 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from graphc.errors import DistributedError, GraphcError, UnsupportedError
@@ -40,7 +42,7 @@ class Executor(Protocol):
     @property
     def workers(self) -> int: ...
 
-    def map(self, fn: Callable[[Any, T], R], items: Sequence[T], *, shared: Any = None,
+    def map(self, fn: Callable[[Any, T], R], items: Iterable[T], *, shared: Any = None,
             labels: Sequence[str] | None = None, on_result: OnResult | None = None) -> list[R]: ...
 
     def close(self) -> None: ...
@@ -55,7 +57,7 @@ class LocalExecutor:
     def workers(self) -> int:
         return 1
 
-    def map(self, fn: Callable[[Any, T], R], items: Sequence[T], *, shared: Any = None,
+    def map(self, fn: Callable[[Any, T], R], items: Iterable[T], *, shared: Any = None,
             labels: Sequence[str] | None = None, on_result: OnResult | None = None) -> list[R]:
         results: list[R] = []
         for i, item in enumerate(items):

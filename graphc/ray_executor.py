@@ -19,7 +19,7 @@ it; Ray itself is the optional extra ``graphc[distributed]``.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from graphc.errors import DistributedError, GraphcError, MissingDependencyError
@@ -101,12 +101,13 @@ class RayExecutor:
         """CPUs of the cluster (tasks that can run at once)."""
         return int(self._ray.cluster_resources().get("CPU", 1))
 
-    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], *, shared: Any = None,
+    def map(self, fn: Callable[[Any, Any], Any], items: Iterable[Any], *, shared: Any = None,
             labels: Sequence[str] | None = None, on_result: OnResult | None = None) -> list[Any]:
         ray = self._ray
         shared_ref = ray.put(shared)  # once: every task gets the reference, not a copy
+        # submitted as ``items`` yields them: workers start while a generator computes the rest
         pending = {self._task.remote(fn, shared_ref, item): i for i, item in enumerate(items)}
-        results: list[Any] = [None] * len(items)
+        results: list[Any] = [None] * len(pending)
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)

@@ -1,4 +1,5 @@
-"""Sensitivity probes of ``mixed-precision`` as independent work items (``graphc.executor``).
+"""Sensitivity probes of ``mixed-precision`` (and the planner's action measurements) as
+independent work items (``graphc.executor``).
 
 One item is one layer: quantize its weight at each probe configuration, run the model with
 only that weight replaced (``_sensitivity.Evaluator``), and compute the round-to-nearest
@@ -11,7 +12,8 @@ A worker process builds its ONNX Runtime session from the shared payload once an
 (``_EVALUATORS``, keyed by the payload's ``key``) for the items that follow; in this process
 the pass registers the evaluator it already has under that key, so nothing is built twice.
 The arithmetic is the single-process one, item by item, so the results are identical
-wherever an item runs (the tests compare the written model's bytes).
+wherever an item runs (the tests compare the written model's bytes). The planner's items
+(:func:`output_error`) are the replaced weights of one action, computed in the driver.
 """
 
 from __future__ import annotations
@@ -105,3 +107,8 @@ def probe_layer(shared: ProbeShared, item: ProbeItem) -> ProbeResult:
         _, deq = sens.quantize_view(layer, view, c, method=bq.Method.RTN, **kw)
         werr[c] = sens.relative_error(view, deq, h)
     return ProbeResult(measured, werr)
+
+
+def output_error(shared: ProbeShared, replaced: dict[str, np.ndarray]) -> float:
+    """The model's output error with the named constants replaced (one planner action alone)."""
+    return _evaluator(shared).error(replaced)

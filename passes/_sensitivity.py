@@ -304,16 +304,19 @@ class Evaluator:
                 "masks": self.masks, "reference": self.reference}
 
     @classmethod
-    def from_payload(cls, payload: dict, threads: int | None = None) -> Evaluator:
-        """The evaluator in another process; ``threads``: ONNX Runtime's intra-op threads."""
+    def from_payload(cls, payload: dict, threads: int | None = None, session=None) -> Evaluator:
+        """The evaluator in another process; ``threads``: ONNX Runtime's intra-op threads
+        (``session``: one already made of the payload's model, in this process)."""
         import onnx
 
         from graphc.validate import make_session
 
         self = cls.__new__(cls)
         self.metric, self.outputs, self.layers = payload["metric"], payload["outputs"], []
-        self.proto = onnx.ModelProto.FromString(payload["model"].tobytes())
-        self.session = make_session(self.proto, threads=threads, what="model during sensitivity measurement")
+        self.proto = None if session is not None else onnx.ModelProto.FromString(payload["model"].tobytes())
+        if session is None:
+            session = make_session(self.proto, threads=threads, what="model during sensitivity measurement")
+        self.session = session
         self.weights, self.feeds = payload["weights"], payload["feeds"]
         self.masks, self.reference = payload["masks"], payload["reference"]
         return self

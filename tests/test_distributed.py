@@ -6,6 +6,7 @@ Ray starts once for this module (2 CPUs, no dashboard) and is shut down at its e
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -185,3 +186,25 @@ def test_a_failing_probe_is_one_line_naming_the_layer(ray_cluster, deep, tmp_pat
     assert "\n" not in str(info.value) and str(info.value).startswith("pass mixed-precision: ")
     assert not (tmp_path / "out.onnx").exists()
     assert isinstance(info.value, GraphcError)
+
+
+def test_planner_measurements_on_workers_give_the_same_plan_and_bytes(ray_cluster):
+    """plan's action measurements (low rank, int8 and int4 of each layer, the table) through the
+    Ray executor: every raw error, the decisions and the planned model's bytes as in this process."""
+    import onnx_ir as ir
+
+    from graphc.pass_base import PassContext
+    from graphc.passes.plan_compression import PlanCompression
+    from graphc.ray_executor import RayExecutor
+    from graphc.validate import synthesize_inputs
+
+    runs = []
+    for executor in (Capture(LocalExecutor()), Capture(RayExecutor())):
+        model = ir.serde.deserialize_model(deep_mlp())
+        ctx = PassContext(calibration=synthesize_inputs(model, count=6, seed=1), executor=executor)
+        details = PlanCompression(PlanCompression.Options(max_error=0.02, int4=True), ctx)(model).stats.details["plan"]
+        runs.append((executor.results, json.dumps(details["decisions"]),
+                     ir.serde.serialize_model(model).SerializeToString()))
+    assert len(runs[0][0]) == 1 and len(runs[0][0][0]) == 26  # one map of every action
+    assert json.loads(runs[0][1])  # the plan took actions
+    assert runs[0] == runs[1]
