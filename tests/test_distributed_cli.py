@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.conftest import GRAPHC_BIN, deep_mlp
+from tests.conftest import deep_mlp
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def deep(tmp_path_factory) -> Path:
 
 
 def _graphc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(GRAPHC_BIN), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "graphc.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_workers_write_the_same_bytes_and_report_probe_progress(deep, tmp_path):
