@@ -16,6 +16,7 @@ from typing import Any
 from graphc.cli_text import (
     auto_text, field, fmt_bytes, gate_text, plan_text, printable, short, task_text,
 )
+from graphc.cli_options import positive_int
 from graphc.errors import GraphcError
 
 
@@ -262,12 +263,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
-
-
 def _add_timeout(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--validate-timeout", type=_seconds, default=None, metavar="SECONDS",
                     help="stop ONNX Runtime and fail when a model's validation runs take longer (default: "
@@ -349,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip validation (ONNX Runtime would load the original and the result: the whole "
                          "model in memory); for models larger than memory allows. Nothing is checked.")
     where = sp.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=_positive, metavar="N", help="run the sensitivity probes on a local Ray "
-                       "instance with N CPUs (pip install graphc[distributed]); same output bytes")
+    where.add_argument("--workers", type=positive_int, metavar="N", help="run the calibrating measurements (sensitivity "
+                       "probes, plan actions) on a local Ray instance with N CPUs (pip install "
+                       "graphc[distributed]); same output bytes")
     where.add_argument("--ray", metavar="ADDRESS", help="... on a running Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
     _add_timeout(sp)
     sp.set_defaults(func=cmd_compress)

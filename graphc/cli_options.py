@@ -78,3 +78,10 @@ def compress_recipe(args: argparse.Namespace):
     notices += [f"--set {s}: pass {s.split('.')[0]!r} is disabled (--disable)" for s in sets
                 if s.partition("=")[0].rpartition(".")[0] in disabled]
     return with_tolerance(recipe, **tolerance), notices
+
+
+def positive_int(text: str) -> int:
+    """argparse type of ``--workers``: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
