@@ -165,6 +165,20 @@ def test_probes_on_workers_give_the_same_bytes_even_when_a_worker_dies(ray_clust
     assert probes[0][1] == 0 and probes[-1][1:] == (7, 7) and [d for _, d, _ in probes] == sorted(d for _, d, _ in probes)
 
 
+def test_cli_ray_address_runs_on_a_running_cluster_and_leaves_it_running(ray_cluster, deep, local_run, tmp_path):
+    """``--ray HOST:PORT`` of the cluster this test process started: the subprocess connects,
+    writes the same bytes, and only disconnects (the cluster still runs tasks afterwards)."""
+    import subprocess
+
+    address = ray_cluster.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-m", "graphc.cli", "compress", str(deep), "-o", str(tmp_path / "o.onnx"),
+                          "--recipe", "int4", "--force", "--no-validate", "--ray", address],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert (tmp_path / "o.onnx").read_bytes() == local_run[0].read_bytes()
+    assert ray_cluster.get(ray_cluster.remote(lambda: 42).remote()) == 42
+
+
 @pytest.mark.parametrize("error, match", [
     (ValueError("boom"), r"probe of layer w3 failed on a Ray worker: ValueError: boom"),
     (MemoryError(), r"probe of layer w3: out of memory on a Ray worker"),

@@ -26,13 +26,33 @@ def _graphc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "graphc.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_workers_write_the_same_bytes_and_report_probe_progress(deep, tmp_path):
+COMMON = ["--recipe", "int4", "--force", "--no-validate"]
+
+
+@pytest.fixture(scope="module")
+def single(deep, tmp_path_factory) -> tuple[Path, str]:
+    """A run without --workers/--ray, in a fresh interpreter: its output, and whether it imported Ray."""
+    out = tmp_path_factory.mktemp("single") / "one.onnx"
+    code = ("import sys, graphc, graphc.cli\n"
+            f"rc = graphc.cli.main(['compress', {str(deep)!r}, '-o', {str(out)!r}, *{COMMON!r}])\n"
+            "assert rc == 0, rc\n"
+            "print('RAY', 'ray' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-500:]
+    return out, run.stdout
+
+
+def test_a_run_without_workers_never_imports_ray(single):
+    out, stdout = single
+    assert "RAY False" in stdout and out.exists()
+
+
+def test_workers_write_the_same_bytes_and_report_probe_progress(deep, single, tmp_path):
     pytest.importorskip("ray", reason="Ray is the distributed extra (make install installs it)")
-    common = ["compress", str(deep), "--recipe", "int4", "--force", "--no-validate"]
-    one = _graphc(*common, "-o", str(tmp_path / "one.onnx"))
-    two = _graphc("--json", *common, "-o", str(tmp_path / "two.onnx"), "--workers", "2", "--progress")
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "two.onnx").read_bytes()
+    two = _graphc("--json", "compress", str(deep), *COMMON, "-o", str(tmp_path / "two.onnx"), "--workers", "2",
+                  "--progress")
+    assert two.returncode == 0, two.stderr
+    assert single[0].read_bytes() == (tmp_path / "two.onnx").read_bytes()
     events = [json.loads(line) for line in two.stderr.splitlines()]  # every stderr line is an event: no Ray noise
     probes = [e for e in events if e["event"] == "progress" and e["name"] == "mixed-precision"]
     assert probes and all(e["what"] == "probes on 2 workers" for e in probes)
@@ -61,14 +81,3 @@ def test_workers_and_ray_are_exclusive_flags(deep, tmp_path):
     assert out.returncode == 2 and "not allowed with" in out.stderr
     out = _graphc("compress", str(deep), "-o", str(tmp_path / "o.onnx"), "--workers", "0")
     assert out.returncode == 2 and "positive" in out.stderr
-
-
-def test_a_run_without_workers_never_imports_ray(deep, tmp_path):
-    code = ("import sys, graphc, graphc.cli\n"
-            f"rc = graphc.cli.main(['compress', {str(deep)!r}, '-o', {str(tmp_path / 'o.onnx')!r}, "
-            "'--recipe', 'int4', '--force'])\n"
-            "assert rc == 0, rc\n"
-            "print('RAY', 'ray' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-500:]
-    assert "RAY False" in out.stdout and (tmp_path / "o.onnx").exists()
