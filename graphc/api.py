@@ -241,6 +241,8 @@ def _compress(
     notices += target_notices(target_info, validate)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
     calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]
+    if executor is not None and not any(p.uses_executor for p in passes if p.name not in disable):
+        notices.append(f"--workers/--ray: no pass of recipe {recipe_obj.name!r} sends work to workers")
     if calibrated:
         wanted = max([32, *(p.calibration_texts for p in calibrated)])
         if user_feeds is not None:

@@ -101,6 +101,8 @@ class GraphcPass(ir.passes.InPlacePass):
     # wants (compress gathers the largest number any enabled pass asks for, at least 32).
     needs_calibration: bool = False
     calibration_texts: int = 0
+    # The pass sends independent work to ``context.executor`` (--workers/--ray have an effect)
+    uses_executor: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, context: PassContext | None = None) -> None:
         self.options = options if options is not None else self.Options()

@@ -95,6 +95,7 @@ class MixedPrecision(GraphcPass):
                "error budget; drives quantize-nbits and quantize-gather-block")
     Options = MixedPrecisionOptions
     needs_calibration = True
+    uses_executor = True  # the probes, one work item a layer
 
     @property
     def calibration_texts(self) -> int:

@@ -104,6 +104,7 @@ class PlanCompression(GraphcPass):
                "applies and checks it")
     Options = PlanOptions
     calibration_texts = 256
+    uses_executor = True  # the action measurements, one work item an action
 
     @property
     def needs_calibration(self) -> bool:

@@ -77,6 +77,13 @@ def test_make_executor_without_workers_is_none_and_refuses_bad_requests():
         make_executor(workers=2, ray="auto")
 
 
+def test_a_recipe_without_distributed_work_says_the_workers_do_nothing(deep, tmp_path):
+    result = graphc.compress(deep, tmp_path / "o.onnx", recipe="int8", validate=False, executor=LocalExecutor())
+    assert "--workers/--ray: no pass of recipe 'int8' sends work to workers" in result.notices
+    result = _compress(deep, tmp_path / "o4.onnx", executor=LocalExecutor())
+    assert not any("--workers" in n for n in result.notices)
+
+
 def test_missing_ray_is_one_line_naming_the_extra(deep, tmp_path, monkeypatch, capsys):
     from graphc.cli import main
 
