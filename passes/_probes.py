@@ -4,9 +4,9 @@ independent work items (``graphc.executor``).
 One item is one layer: quantize its weight at each probe configuration, run the model with
 only that weight replaced (``_sensitivity.Evaluator``), and compute the round-to-nearest
 weight error of every candidate (what the untested candidates are predicted from). Items
-share nothing but the read-only :class:`ProbeShared` (the ORT model with the planned weights
-as inputs, the weights, the calibration feeds and reference outputs, GPTQ Hessians), which an
-executor sends to each worker once; an item itself is a few hundred bytes.
+share the read-only :class:`ProbeShared` (the ORT model with the planned weights as inputs,
+the weights, the calibration feeds and reference outputs), which an executor sends to each
+worker once; an item is a few hundred bytes plus, for GPTQ probes, its layer's Hessian.
 
 A worker process builds its ONNX Runtime session from the shared payload once and keeps it
 (``_EVALUATORS``, keyed by the payload's ``key``) for the items that follow; in this process
@@ -18,7 +18,7 @@ wherever an item runs (the tests compare the written model's bytes). The planner
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,22 +46,23 @@ class ProbeShared:
 
     key: str
     evaluator: dict[str, Any]  # sens.Evaluator.payload()
-    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # by weight name (GPTQ probes)
     symmetric: bool = False
     scale_dtype: str = "float16"
     damp: float = 0.01
     threads: int | None = None  # ONNX Runtime threads in a worker (None: ORT's default)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ProbeItem:
-    """One layer's probes: small, pickled per task."""
+    """One layer's probes, sent per task: a few hundred bytes, plus the layer's input Hessian
+    for GPTQ probes (only the worker that quantizes the layer receives it)."""
 
-    weight: str  # the initializer's name (key of the weights and Hessians)
+    weight: str  # the initializer's name (key of the shared weights)
     transposed: bool
     method: str  # bq.Method value of the measured probes
     probes: tuple[sens.QuantConfig, ...]
     candidates: tuple[sens.QuantConfig, ...]  # whose weight errors are wanted (probes included)
+    hessian: np.ndarray | None = None  # [cols, cols] float64, GPTQ probes only
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def probe_layer(shared: ProbeShared, item: ProbeItem) -> ProbeResult:
     layer = Oriented(item.transposed)
     view = np.ascontiguousarray(np.asarray(stored, dtype=np.float32).T if item.transposed
                                 else np.asarray(stored, dtype=np.float32))
-    h = shared.hessians.get(item.weight)
+    h = item.hessian
     kw = {"symmetric": shared.symmetric, "scale_dtype": shared.scale_dtype}
     method = bq.Method(item.method)
     measured: dict[sens.QuantConfig, float] = {}

@@ -321,22 +321,20 @@ class MixedPrecision(GraphcPass):
     def _probe(self, evaluator: sens.Evaluator, runs: list, cands: dict, method: bq.Method,
                hessians: dict, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
         """Every layer's probes through the context's executor (this process unless the run has
-        workers): the model and feeds are shared once, each layer is one small item, and the
-        results come back in layer order whatever order the workers finish in."""
+        workers): the model and feeds are shared once, each layer is one item (with its Hessian for
+        GPTQ), and the results come back in layer order whatever order the workers finish in."""
         o = self.options
         gptq = method is bq.Method.GPTQ
         executor = resolve_executor(self.context.executor)
         stats.counts["probe_workers"] = executor.workers
         key = uuid.uuid4().hex
-        shared = _probes.ProbeShared(
-            key, evaluator.payload(),
-            {layer.value.name: hessians[id(layer)] for layer, _ in runs if id(layer) in hessians},
-            symmetric=o.symmetric, scale_dtype=o.scale_dtype, damp=o.damp, threads=executor.threads_per_item)
+        shared = _probes.ProbeShared(key, evaluator.payload(), symmetric=o.symmetric, scale_dtype=o.scale_dtype,
+                                     damp=o.damp, threads=executor.threads_per_item)
         items = []
         for layer, probes in runs:
             probe_method = method if (id(layer) in hessians or not gptq) else bq.Method.MSE  # tables: as gather-block
             items.append(_probes.ProbeItem(layer.value.name, layer.transposed, probe_method.value, tuple(probes),
-                                           tuple(sorted({*cands[id(layer)], *probes}))))
+                                           tuple(sorted({*cands[id(layer)], *probes})), hessians.get(id(layer))))
         done, what = 0, "probes" + (f" on {executor.workers} workers" if executor.workers > 1 else "")
         self.context.report(what, 0, total)
 
