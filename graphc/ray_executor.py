@@ -68,7 +68,7 @@ class RayExecutor:
         self._ray = ray
         self.max_retries = max_retries
         self.address = address
-        self._owned = False
+        self._initialized_here = False
         if ray.is_initialized() and address is None and workers is None:
             pass  # the caller's own ray.init: use it, leave it running
         else:
@@ -93,7 +93,7 @@ class RayExecutor:
             except Exception as e:  # noqa: BLE001 - RuntimeError, ValueError from Ray
                 where = f"the Ray cluster at {address}" if address else f"a local Ray instance with {workers} CPUs"
                 raise DistributedError(f"cannot start or reach {where}: {_one_line(e)}; nothing was done") from None
-            self._owned = True
+            self._initialized_here = True
         self._task = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=False)(_call)
 
     @property
@@ -146,9 +146,9 @@ class RayExecutor:
 
     def close(self) -> None:
         """Stop the local instance this executor started, or disconnect from the cluster."""
-        if self._owned and self._ray.is_initialized():
+        if self._initialized_here and self._ray.is_initialized():
             self._ray.shutdown()
-        self._owned = False
+        self._initialized_here = False
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, workers={self.workers})"
