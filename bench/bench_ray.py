@@ -13,7 +13,9 @@ copy of the model:
 ``probe_s`` is the probe phase (the executor's map: sharing the model, building each worker's
 session, every probe, results back); the Hessians (GPTQ) and the reference outputs are computed
 before it in this process and are not part of it. The plan must be identical in every
-configuration, and every probe's result bit-identical (checked). The load average before and after is printed: the machine may be
+configuration, and every probe's result bit-identical (checked). The CPU seconds the work items
+took where they ran are summed too: on a loaded machine wall time says more about the
+neighbours than about the work, and the CPU time of 1 vs 2 workers shows what distributing costs. The load average before and after is printed: the machine may be
 shared, and a busy neighbour slows the 2-worker run most. Markdown on stdout, JSON to --json.
 """
 
@@ -29,16 +31,27 @@ import harness as h
 
 
 class Capture:
-    """Keeps the raw probe results (exact floats) of the executor it wraps."""
+    """Keeps the raw probe results (exact floats) of the executor it wraps, and the CPU seconds
+    each work item took where it ran (``time.process_time`` of its process, every thread)."""
 
     def __init__(self, inner):
-        self.inner, self.results = inner, []
+        self.inner, self.results, self.cpu = inner, [], []
         self.threads_per_item, self.workers = inner.threads_per_item, inner.workers
 
-    def map(self, fn, items, **kw):
-        out = self.inner.map(fn, items, **kw)
-        self.results.append([(r.measured, r.weight_error) for r in out])
-        return out
+    def map(self, fn, items, *, on_result=None, **kw):
+        def timed(shared, item):
+            import time
+
+            start = time.process_time()
+            out = fn(shared, item)
+            return out, time.process_time() - start
+
+        report = None if on_result is None else (lambda i, r: on_result(i, r[0]))
+        out = self.inner.map(timed, items, on_result=report, **kw)
+        self.cpu.append([c for _, c in out])
+        results = [r for r, _ in out]
+        self.results.append([(r.measured, r.weight_error) for r in results])
+        return results
 
 
 def run_once(model_path, calibration, executor, method: str, feeds: int) -> dict:
@@ -56,6 +69,7 @@ def run_once(model_path, calibration, executor, method: str, feeds: int) -> dict
     return {"pass_s": round(wall, 2), "measure_s": stats["measure_s"], "probe_s": stats["probe_s"],
             "probes": stats["measurement_runs"], "layers": stats["layers_planned"],
             "plan": [(c["layer"], c["bits"], c["block_size"]) for c in stats["choices"]],
+            "task_cpu_s": round(sum(capture.cpu[0]), 2), "longest_task_cpu_s": round(max(capture.cpu[0]), 2),
             "exact": repr(capture.results)}
 
 
@@ -100,11 +114,17 @@ def main() -> int:
     base = rows.get("ray-1") or rows.get("local")
     print(f"MiniLM mixed-precision probes ({args.method}, {args.feeds} feeds); CPU: {h.cpu_name()}; "
           f"{os.cpu_count()} CPUs; load average before {load['before'][0]:.2f}, after {load['after'][0]:.2f}\n")
-    print("| run | probes | probe phase s | speed-up vs ray-1 | whole pass s | Ray start s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| run | probes | probe phase s | speed-up vs ray-1 | CPU s in the tasks | whole pass s | Ray start s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         speed = f"{base['probe_s'] / r['probe_s']:.2f}x" if base else "-"
-        print(f"| {name} | {r['probes']} | {r['probe_s']:.1f} | {speed} | {r['pass_s']:.1f} | {r.get('ray_start_s', '-')} |")
+        print(f"| {name} | {r['probes']} | {r['probe_s']:.1f} | {speed} | {r['task_cpu_s']:.1f} | {r['pass_s']:.1f} "
+              f"| {r.get('ray_start_s', '-')} |")
+    if "ray-1" in rows and "ray-2" in rows:  # what 2 idle cores would give: the tasks' CPU time split in two
+        one, two = rows["ray-1"], rows["ray-2"]
+        bound = max(two["task_cpu_s"] / 2, two["longest_task_cpu_s"])
+        print(f"\nCPU-bound estimate for 2 idle cores (not a measurement): 1 worker {one['task_cpu_s']:.1f} CPU s, "
+              f"2 workers {two['task_cpu_s']:.1f} CPU s -> {one['task_cpu_s'] / bound:.2f}x")
     print(f"\nsame plan and bit-identical probe results in every run: {len(plans) == 1}")
     if args.json:
         with open(args.json, "w") as f:
