@@ -7,6 +7,7 @@ Ray starts once for this module (2 CPUs, no dashboard) and is shut down at its e
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -207,6 +208,22 @@ def test_a_failing_probe_is_one_line_naming_the_layer(ray_cluster, deep, tmp_pat
     assert "\n" not in str(info.value) and str(info.value).startswith("pass mixed-precision: ")
     assert not (tmp_path / "out.onnx").exists()
     assert isinstance(info.value, GraphcError)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("OutOfMemoryError", r"^probe of layer w1: a Ray worker ran out of memory .*use fewer workers"),
+    ("WorkerCrashedError", r"^probe of layer w1: its Ray worker process died on each of 4 attempts"),
+])
+def test_ray_failures_after_retries_are_one_line_naming_the_item(kind, match):
+    ray = pytest.importorskip("ray", reason="Ray is the distributed extra (make install installs it)")
+    from graphc.ray_executor import RayExecutor
+
+    executor = RayExecutor.__new__(RayExecutor)  # only the mapping of Ray's errors, no cluster
+    executor._ray, executor.max_retries = ray, 3
+    cls = getattr(ray.exceptions, kind)
+    error = executor._error(cls("task killed") if kind == "OutOfMemoryError" else cls(), "probe of layer w1")
+    assert isinstance(error, DistributedError) and "\n" not in str(error)
+    assert re.match(match, str(error)), str(error)
 
 
 def test_planner_measurements_on_workers_give_the_same_plan_and_bytes(ray_cluster):
