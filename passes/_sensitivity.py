@@ -197,12 +197,12 @@ class Measurement:
     weight_error: float  # ||W - Q(W)|| / ||W||
 
 
-def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
-    """An ORT session of ``model`` in which the layers' weights are graph inputs."""
+def weight_input_proto(model: ir.Model, layers: Sequence[Layer]):
+    """``model`` as a ModelProto in which the layers' weights are graph inputs (their
+    initializers removed): one ORT session then serves every measurement."""
     import onnx
 
     from graphc.core.io import inline_external_data
-    from graphc.checks.validate import make_session
 
     names = {layer.value.name for layer in layers}
     with inline_external_data(model):
@@ -213,7 +213,14 @@ def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
     proto.graph.initializer.extend(kept)
     for t in moved:
         proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return make_session(proto, what="model during sensitivity measurement")
+    return proto
+
+
+def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
+    """An ORT session of ``model`` in which the layers' weights are graph inputs."""
+    from graphc.checks.validate import make_session
+
+    return make_session(weight_input_proto(model, layers), what="model during sensitivity measurement")
 
 
 def row_errors(out: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -276,14 +283,21 @@ class Evaluator:
 
     ``metric``: ``cosine`` (mean 1 - cosine of output rows), ``kl`` (mean KL divergence of
     the rows' softmax from the reference's, in nats: for logits of a language model) or
-    ``tensor`` (mean 1 - cosine of whole outputs)."""
+    ``tensor`` (mean 1 - cosine of whole outputs).
+
+    :meth:`payload` is everything a worker process needs to rebuild it
+    (:meth:`from_payload`) without the IR model: the ORT model with the weights as inputs,
+    the weights, feeds and the reference outputs (computed once, here)."""
 
     def __init__(self, model: ir.Model, layers: Sequence[Layer], feeds: Sequence[dict], metric: str = "cosine"):
         if metric not in METRICS:
             raise ValueError(f"metric={metric!r}; supported: {', '.join(METRICS)}")
+        from graphc.checks.validate import make_session
+
         self.metric = metric
         self.layers = list(layers)
-        self.session = weight_input_session(model, self.layers)
+        self.proto = weight_input_proto(model, self.layers)
+        self.session = make_session(self.proto, what="model during sensitivity measurement")
         inputs = {i.name for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.weights = {layer.value.name: layer.value.const_value.numpy() for layer in self.layers}
@@ -293,6 +307,31 @@ class Evaluator:
         if metric == "kl":  # the reference's log-probabilities, once
             self.reference = [[log_softmax(_rows(r, mask)) for r in refs]
                               for refs, mask in zip(self.reference, self.masks)]
+
+    def payload(self) -> dict:
+        """Picklable parts for :meth:`from_payload` (numpy arrays travel zero-copy through Ray)."""
+        model = np.frombuffer(self.proto.SerializeToString(), np.uint8)  # an array: not copied per task
+        return {"model": model, "metric": self.metric, "outputs": self.outputs,
+                "weights": {k: np.asarray(v) for k, v in self.weights.items()}, "feeds": self.feeds,
+                "masks": self.masks, "reference": self.reference}
+
+    @classmethod
+    def from_payload(cls, payload: dict, threads: int | None = None, session=None) -> Evaluator:
+        """The evaluator in another process; ``threads``: ONNX Runtime's intra-op threads
+        (``session``: one already made of the payload's model, in this process)."""
+        import onnx
+
+        from graphc.checks.validate import make_session
+
+        self = cls.__new__(cls)
+        self.metric, self.outputs, self.layers = payload["metric"], payload["outputs"], []
+        self.proto = None if session is not None else onnx.ModelProto.FromString(payload["model"].tobytes())
+        if session is None:
+            session = make_session(self.proto, threads=threads, what="model during sensitivity measurement")
+        self.session = session
+        self.weights, self.feeds = payload["weights"], payload["feeds"]
+        self.masks, self.reference = payload["masks"], payload["reference"]
+        return self
 
     def error(self, replaced: dict[str, np.ndarray]) -> float:
         """Mean over every output row of every feed of the metric vs the unquantized model."""
@@ -328,9 +367,10 @@ def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None
     """||W - Q(W)|| / ||W||; with a Hessian H of the layer's input, the output-weighted form
     sqrt(tr(D H D^T) / tr(W H W^T)) (what GPTQ minimises)."""
     d = np.asarray(view, np.float64) - deq
-    if hessian is None:
-        den = float(np.linalg.norm(view))
-        return float(np.linalg.norm(d)) / den if den > 0 else 0.0
+    if hessian is None:  # not np.linalg.norm: a whole-array norm is BLAS's dot, whose sum order
+        # depends on its thread count (1 in a Ray worker), and the plan must not depend on where it ran
+        den = float(np.sqrt(np.square(np.asarray(view, np.float64)).sum()))
+        return float(np.sqrt(np.square(d).sum())) / den if den > 0 else 0.0
     h = np.asarray(hessian, np.float64)
     den = float(((view @ h) * view).sum())
     return float(np.sqrt(max(((d @ h) * d).sum(), 0.0) / den)) if den > 0 else 0.0

@@ -42,14 +42,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.executor import resolve as resolve_executor
 from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
+from graphc.passes import _probes
 from graphc.passes._plan import precision as pp
 from graphc.passes import _row_use as row_use
 from graphc.passes import _sensitivity as sens
@@ -92,6 +95,7 @@ class MixedPrecision(GraphcPass):
                "error budget; drives quantize-nbits and quantize-gather-block")
     Options = MixedPrecisionOptions
     needs_calibration = True
+    uses_executor = True  # the probes, one work item a layer
 
     @property
     def calibration_texts(self) -> int:
@@ -295,24 +299,13 @@ class MixedPrecision(GraphcPass):
             probes = list(mine) if o.measure_all else [sens.QuantConfig(b, o.probe_block) for b in sorted(set(o.probe_bits))]
             runs.append((layer, probes))
         total = sum(len(p) for _, p in runs)
+        start = time.perf_counter()
+        results = self._probe(evaluator, runs, cands, method, hessians, total, stats)
+        stats.counts["probe_s"] = round(time.perf_counter() - start, 2)
         measured: dict[int, dict] = {}
         predicted: dict[int, dict] = {}
-        done = 0
-        for layer, probes in runs:
-            view = layer.view()
-            h = hessians.get(id(layer))
-            probe_method = method if (h is not None or not gptq) else bq.Method.MSE  # tables: mse, as gather-block
-            kw = {"symmetric": o.symmetric, "scale_dtype": o.scale_dtype}
-            m: dict[sens.QuantConfig, float] = {}
-            for c in probes:
-                self.context.report(self.name, done, total)
-                stored, _ = sens.quantize_view(layer, view, c, method=probe_method, hessian=h, damp=o.damp, **kw)
-                m[c] = evaluator.error({layer.value.name: stored})
-                done += 1
-            werr = {}
-            for c in {*cands[id(layer)], *m}:
-                _, deq = sens.quantize_view(layer, view, c, method=bq.Method.RTN, **kw)
-                werr[c] = sens.relative_error(view, deq, h)
+        for (layer, _), result in zip(runs, results):
+            m, werr = result.measured, result.weight_error
             p = {}
             for c in cands[id(layer)]:
                 if c in m:
@@ -322,9 +315,40 @@ class MixedPrecision(GraphcPass):
                 ratio = werr[c] / werr[probe] if werr[probe] > 0 else 0.0
                 p[c] = m[probe] * ratio * ratio
             measured[id(layer)], predicted[id(layer)] = m, p
-        self.context.report(self.name, total, total)
         stats.counts["measurement_runs"] = total
         return measured, predicted
+
+    def _probe(self, evaluator: sens.Evaluator, runs: list, cands: dict, method: bq.Method,
+               hessians: dict, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
+        """Every layer's probes through the context's executor (this process unless the run has
+        workers): the model and feeds are shared once, each layer is one item (with its Hessian for
+        GPTQ), and the results come back in layer order whatever order the workers finish in."""
+        o = self.options
+        gptq = method is bq.Method.GPTQ
+        executor = resolve_executor(self.context.executor)
+        stats.counts["probe_workers"] = executor.workers
+        key = uuid.uuid4().hex
+        shared = _probes.ProbeShared(key, evaluator.payload(), symmetric=o.symmetric, scale_dtype=o.scale_dtype,
+                                     damp=o.damp, threads=executor.threads_per_item)
+        items = []
+        for layer, probes in runs:
+            probe_method = method if (id(layer) in hessians or not gptq) else bq.Method.MSE  # tables: as gather-block
+            items.append(_probes.ProbeItem(layer.value.name, layer.transposed, probe_method.value, tuple(probes),
+                                           tuple(sorted({*cands[id(layer)], *probes})), hessians.get(id(layer))))
+        done, what = 0, "probes" + (f" on {executor.workers} workers" if executor.workers > 1 else "")
+        self.context.report(what, 0, total)
+
+        def arrived(i: int, result: _probes.ProbeResult) -> None:  # as each layer's result comes back
+            nonlocal done
+            done += len(runs[i][1])
+            self.context.report(what, done, total)
+
+        _probes.register_local(key, evaluator)
+        try:
+            return executor.map(_probes.probe_layer, items, shared=shared,
+                                labels=[f"probe of layer {layer.name}" for layer, _ in runs], on_result=arrived)
+        finally:
+            _probes.forget(key)
 
     def _hessians(self, model: ir.Model, layers: list[sens.Layer], stats: PassStats) -> dict[int, np.ndarray]:
         """Each MatMul layer's input Hessian (quantize-nbits' own, from the calibration feeds)."""

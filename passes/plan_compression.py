@@ -56,6 +56,7 @@ import onnx_ir as ir
 
 from graphc.core import ops
 from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.executor import resolve as resolve_executor
 from graphc.core.manager import SizeFacts
 from graphc.core.pass_base import GraphcPass, PassResult, PassStats, choice
 from graphc.passes import _blockquant as bq
@@ -103,6 +104,7 @@ class PlanCompression(GraphcPass):
                "applies and checks it")
     Options = PlanOptions
     calibration_texts = 256
+    uses_executor = True  # the action measurements, one work item an action
 
     @property
     def needs_calibration(self) -> bool:
@@ -179,7 +181,8 @@ class PlanCompression(GraphcPass):
         start = time.perf_counter()
         probe = pm.Probe(model, units, feeds, calibration, pass_name=self.name, correct=o.correct, ridge=o.ridge,
                          metric=self._metric())
-        errors, sensitivities = self._measure(units, probe)
+        errors, sensitivities = pm.measure_all(probe, units, resolve_executor(self.context.executor),
+                                               self.context.report)
         factors = self._quant_factors(model, units, errors, probe)
         stats.counts["measurement_runs"] = len(sensitivities)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
@@ -212,24 +215,6 @@ class PlanCompression(GraphcPass):
         return True
 
     # ------------------------------------------------------------------ steps
-    def _measure(self, units: Units, probe: pm.Probe) -> tuple[dict[str, list[float]], list[dict]]:
-        errors: dict[str, list[float]] = {}
-        rows: list[dict] = []
-        total = sum(len(u.levels) - 1 for u in units.units)
-        done = 0
-        for unit in units.units:
-            errs = [0.0]
-            for level in range(1, len(unit.levels)):
-                self.context.report(self.name, done, total)
-                replaced, facts = probe.replacement(unit, level)
-                e = probe.error(replaced)
-                errs.append(e)
-                rows.append({"unit": unit.key, "action": unit.label(level), "error": float(f"{e:.4g}"), **facts})
-                done += 1
-            errors[unit.key] = errs
-        self.context.report(self.name, total, total)
-        return errors, rows
-
     def _int4(self) -> Int4 | None:
         o = self.options
         return Int4(o.int4_block, o.int4_symmetric, o.int4_method) if o.int4 else None

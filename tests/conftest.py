@@ -46,6 +46,24 @@ def tiny_model_proto(
     return model
 
 
+def deep_mlp(layers: int = 6, vocab: int = 256, hidden: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """ids -> Gather(emb) -> layers x (x + tanh(x @ W_i)): one table and ``layers`` MatMuls for
+    mixed-precision to probe, each more sensitive than the last."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h0"], name="embed")]
+    for i in range(layers):
+        w = rng.standard_normal((hidden, hidden)) / np.sqrt(hidden) * (1 + i)
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"], name=f"layer{i}.matmul"),
+                  helper.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"layer{i}.tanh"),
+                  helper.make_node("Add", [f"t{i}", f"h{i}"], [f"h{i + 1}"], name=f"layer{i}.add")]
+    nodes.append(helper.make_node("Identity", [f"h{layers}"], ["out"]))
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s", hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def save_external(model: onnx.ModelProto, path: Path, location: str | None = None) -> Path:
     """Save with every initializer in one external file (default ``<name>.data``)."""
     path.parent.mkdir(parents=True, exist_ok=True)

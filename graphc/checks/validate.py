@@ -282,3 +282,32 @@ def compare(
     return report
 
 
+def first_nonfinite_text(rewritten: ir.Model, feeds: Sequence[dict], original: ir.Model) -> str | None:
+    """The first tensor of the rewritten model that goes non-finite on the first feeds, quoted."""
+    from graphc.checks.nonfinite import first_nonfinite
+
+    for feed in feeds[:2]:
+        found = first_nonfinite(rewritten, feed, original)
+        if found is not None:
+            return f"{found[0]!r} ({found[1]})"
+    return None
+
+
+def nonfinite_text(report: ValidationReport) -> str:
+    names = ", ".join(repr(n) for n in report.nonfinite_outputs)
+    where = f"; first non-finite tensor {report.first_nonfinite}" if report.first_nonfinite else ""
+    return f"the result computes NaN or inf where the original is finite (output {names}{where})"
+
+
+def tolerance_text(report: ValidationReport, tol: Any) -> str:
+    """What missed the tolerance ``tol`` (a recipe's), one clause per check."""
+    parts = [f"output {name!r} has NaN or inf where the original has a number" for name in report.nonfinite_outputs]
+    if tol.min_cosine is not None:
+        parts.append(f"output {report.worst_output!r} cosine {report.output_cosine:.5f} vs required {tol.min_cosine}")
+    if tol.min_row_cosine is not None:
+        parts.append(f"worst row cosine {report.min_cosine:.5f} vs required {tol.min_row_cosine}")
+    if tol.max_abs is not None:
+        parts.append(f"max abs {report.max_abs:.4g} vs allowed {tol.max_abs}")
+    if tol.max_ppl_rise is not None and report.ppl_rise is not None:
+        parts.append(f"perplexity rise {report.ppl_rise:+.2%} vs allowed {tol.max_ppl_rise:+.2%}")
+    return ", ".join(parts)

@@ -99,3 +99,8 @@ class ExportError(GraphcError):
 
 class MissingDependencyError(GraphcError):
     """An optional dependency (torch, transformers, a model package) is not installed."""
+
+
+class DistributedError(GraphcError):
+    """Work sent to other processes or machines (``--workers``, ``--ray``) failed: the cluster
+    cannot be reached, or a work item failed on a worker after its retries (names the item)."""

@@ -64,6 +64,8 @@ class PassContext:
     synthesized inputs for a bare .onnx); ``calibration_source`` says which. ``target`` is the
     CPU the model is compiled for (:mod:`graphc.target`; None: the machine graphc runs on):
     passes whose best or even correct formulation depends on it (int8 GEMMs) read it here.
+    ``executor`` (:mod:`graphc.core.executor`) runs a pass's independent measurements, here or on
+    Ray workers; results come back in input order, so the output does not depend on it.
     """
 
     calibration: Sequence[dict[str, Any]] | None = None
@@ -71,6 +73,8 @@ class PassContext:
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None
     target: Any = None  # graphc.target.TargetInfo, or None for the running machine
+    # graphc.core.executor.Executor for a pass's independent work items (None: this process, in turn)
+    executor: Any = None
 
     def target_info(self):
         from graphc.core.target import resolve
@@ -97,6 +101,8 @@ class GraphcPass(ir.passes.InPlacePass):
     # wants (compress gathers the largest number any enabled pass asks for, at least 32).
     needs_calibration: bool = False
     calibration_texts: int = 0
+    # The pass sends independent work to ``context.executor`` (--workers/--ray have an effect)
+    uses_executor: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, context: PassContext | None = None) -> None:
         self.options = options if options is not None else self.Options()

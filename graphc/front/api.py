@@ -26,7 +26,9 @@ from graphc.checks.feeds import (  # noqa: F401 - VALIDATION_SAMPLES: part of th
 )
 from graphc.core.registry import get_pass
 from graphc.checks.calibration_data import check_options, load as load_calibration_data
-from graphc.checks.validate import ValidationReport, compare, make_session, run_feeds
+from graphc.checks.validate import (ValidationReport, compare, first_nonfinite_text, make_session, nonfinite_text, run_feeds,
+                                    tolerance_text)
+from graphc.front.reports import report, write_compress_report  # noqa: F401 - report: part of the API
 
 ModelLike = Any  # path, ir.Model, onnx.ModelProto or onnx_graphsurgeon.Graph
 
@@ -122,6 +124,9 @@ def compress(
     calibration_data: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
     preprocess: str | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
+    executor: Any = None,
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -141,7 +146,56 @@ def compress(
     how to read it. ``validate_timeout``: seconds each model's validation runs may take (default sized to
     the model, graphc.core.interrupt.default_time_limit); past it ONNX Runtime is stopped and
     :class:`graphc.core.interrupt.TimeLimitError` raised.
+    ``workers``: a local Ray instance with that many CPUs runs the passes' independent
+    measurements (mixed-precision's sensitivity probes); ``ray``: ``auto`` or the address of a
+    running Ray cluster instead (graphc.core.ray_executor; the extra ``graphc[distributed]``);
+    ``executor``: a ``graphc.core.executor`` object of one's own, left open. The written model is
+    byte-identical with or without them. The cluster is reached before any work.
     """
+    from graphc.core.executor import make_executor
+
+    if recipe == "auto" and (workers is not None or ray or executor is not None):
+        raise GraphcError("recipe auto does not send work to Ray workers yet: pick a recipe (e.g. int4) with "
+                          "--workers/--ray")
+    owned = make_executor(workers, ray) if executor is None else None
+    try:
+        return _compress(model, output, recipe=recipe, force=force, disable=disable, check_each_pass=check_each_pass,
+                         validate=validate, feeds=feeds, progress=progress, instruments=instruments,
+                         dump_dir=dump_dir, attribution=attribution, report=report, target=target,
+                         shape_hint=shape_hint, genai=genai, inputs=inputs, input_shapes=input_shapes,
+                         validate_timeout=validate_timeout, calibration_data=calibration_data, tokenizer=tokenizer,
+                         preprocess=preprocess, executor=executor or owned)
+    finally:
+        if owned is not None:
+            owned.close()
+
+
+def _compress(
+    model: ModelLike,
+    output: str | os.PathLike | None = None,
+    *,
+    recipe: str | os.PathLike | Recipe = "int8",
+    force: bool = False,
+    disable: Sequence[str] = (),
+    check_each_pass: bool = False,
+    validate: bool = True,
+    feeds: Sequence[dict] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    instruments: Sequence[Any] = (),
+    dump_dir: str | os.PathLike | None = None,
+    attribution: bool = True,
+    report: str | os.PathLike | None = None,
+    target: str | None = None,
+    shape_hint: str | Sequence[int] | None = None,
+    genai: bool = False,
+    inputs: str | os.PathLike | None = None,
+    input_shapes: Any = None,
+    validate_timeout: float | None = None,
+    calibration_data: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    preprocess: str | None = None,
+    executor: Any = None,
+) -> CompressResult:
     from graphc.core.target import resolve
 
     target_info = resolve(target)
@@ -186,7 +240,7 @@ def compress(
     notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
 
     feeds, input_source, shapes = user_inputs(ir_model, inputs, feeds, input_shapes)
-    context = PassContext(progress=progress, target=target_info)
+    context = PassContext(progress=progress, target=target_info, executor=executor)
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
     calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]
     wanted = max([32, *(p.calibration_texts for p in calibrated)])
@@ -214,6 +268,8 @@ def compress(
     from graphc.checks.target_checks import target_notices, validation_model
 
     notices += target_notices(target_info, validate)
+    if executor is not None and not any(p.uses_executor for p in passes if p.name not in disable):
+        notices.append(f"--workers/--ray: no pass of recipe {recipe_obj.name!r} sends work to workers")
     if calibrated:
         if data is not None:
             context.calibration, context.calibration_source = data.calibration, data.calibration_source
@@ -242,7 +298,7 @@ def compress(
         checked.max_abs_allowed = tol.max_abs
         checked.min_output_cosine_required = tol.min_cosine
         if checked.nonfinite_outputs:
-            checked.first_nonfinite = _first_nonfinite(work, feeds, ir_model)
+            checked.first_nonfinite = first_nonfinite_text(work, feeds, ir_model)
         checked.max_ppl_rise_allowed = tol.max_ppl_rise
         if tol.max_ppl_rise is not None and checked.ppl_rise is None:
             notices.append(f"max_ppl_rise {tol.max_ppl_rise:g} not checked: no perplexity was measured (validation "
@@ -261,12 +317,12 @@ def compress(
     if result.calibration is not None:  # where the result's calibration statistics came from
         work.metadata_props["graphc.calibration"] = result.calibration
     if report is not None:
-        result.report_path = _write_report(result, ir_model, src, output, feeds, report)
+        result.report_path = write_compress_report(result, ir_model, src, output, feeds, report)
     if checked is not None and checked.nonfinite_outputs and not force:
-        raise ToleranceError(_nonfinite_text(checked) + "; nothing written (use --force to write anyway)", path=output)
+        raise ToleranceError(nonfinite_text(checked) + "; nothing written (use --force to write anyway)", path=output)
     if checked is not None and not checked.passed and not force:
         raise ToleranceError(
-            f"result misses recipe {recipe_obj.name!r} tolerance ({_tolerance_text(checked, recipe_obj)}); "
+            f"result misses recipe {recipe_obj.name!r} tolerance ({tolerance_text(checked, recipe_obj.tolerance)}); "
             "nothing written (use --force to write anyway)",
             path=output,
         )
@@ -288,90 +344,6 @@ def compress(
                               f"{result.bytes_after:,} bytes): recipe {recipe_obj.name!r} shrank nothing here"
                               + (" (see: left in float)" if result.left_float else ""))
     return result
-
-
-def _write_report(result: CompressResult, original: ir.Model, src, output, feeds, path) -> Path:
-    from graphc.report.html import write_report
-    from graphc.report.data import report_data
-
-    data = report_data(
-        original,
-        result.model,
-        model_path=src,
-        output_path=output,
-        feeds=feeds or [],
-        passes=[r.to_dict() for r in result.passes],
-        validation=result.validation.to_dict() if result.validation else None,
-        recipe=result.recipe.to_dict(),
-        attribution=result.attribution.to_dict() if result.attribution else None,
-    )
-    return Path(write_report(data, path))
-
-
-def report(
-    original: ModelLike,
-    rewritten: ModelLike,
-    output: str | os.PathLike,
-    *,
-    feeds: Sequence[dict] | None = None,
-    latency: bool = True,
-) -> Path:
-    """An HTML report comparing two models already on disk (the pass timeline comes from the
-    rewritten model's provenance, without timings)."""
-    from graphc.checks.attribution import attribute
-    from graphc.report.html import write_report
-    from graphc.report.data import report_data
-
-    orig, orig_path = to_ir(original)
-    rew, rew_path = to_ir(rewritten)
-    inputs = [f for p in (orig_path, rew_path) if p is not None for f in io.model_files(p)]
-    output = plan_outputs(inputs, None, report=output).report  # never one of the models, checked before work
-    source = "given"
-    if feeds is None:
-        feeds, source = validation_feeds(orig)
-    with time_limit(2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew))), "validation"):
-        validation = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
-    data = report_data(
-        orig,
-        rew,
-        model_path=orig_path,
-        output_path=rew_path,
-        feeds=feeds,
-        validation=validation.to_dict(),
-        attribution=attribute(orig, rew, feeds).to_dict(),
-        latency=latency,
-    )
-    return Path(write_report(data, output))
-
-
-def _first_nonfinite(rewritten: ir.Model, feeds: Sequence[dict], original: ir.Model) -> str | None:
-    from graphc.checks.nonfinite import first_nonfinite
-
-    for feed in feeds[:2]:
-        found = first_nonfinite(rewritten, feed, original)
-        if found is not None:
-            return f"{found[0]!r} ({found[1]})"
-    return None
-
-
-def _nonfinite_text(report: ValidationReport) -> str:
-    names = ", ".join(repr(n) for n in report.nonfinite_outputs)
-    where = f"; first non-finite tensor {report.first_nonfinite}" if report.first_nonfinite else ""
-    return f"the result computes NaN or inf where the original is finite (output {names}{where})"
-
-
-def _tolerance_text(report: ValidationReport, recipe: Recipe) -> str:
-    tol = recipe.tolerance
-    parts = [f"output {name!r} has NaN or inf where the original has a number" for name in report.nonfinite_outputs]
-    if tol.min_cosine is not None:
-        parts.append(f"output {report.worst_output!r} cosine {report.output_cosine:.5f} vs required {tol.min_cosine}")
-    if tol.min_row_cosine is not None:
-        parts.append(f"worst row cosine {report.min_cosine:.5f} vs required {tol.min_row_cosine}")
-    if tol.max_abs is not None:
-        parts.append(f"max abs {report.max_abs:.4g} vs allowed {tol.max_abs}")
-    if tol.max_ppl_rise is not None and report.ppl_rise is not None:
-        parts.append(f"perplexity rise {report.ppl_rise:+.2%} vs allowed {tol.max_ppl_rise:+.2%}")
-    return ", ".join(parts)
 
 
 def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None,

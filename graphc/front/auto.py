@@ -165,6 +165,8 @@ def run_auto(
     batch, seq = parse_shape(shape_hint)
     ir_model, src = api.to_ir(model)
     from graphc.core.outputs import plan_compress
+    from graphc.checks.validate import tolerance_text
+    from graphc.front.reports import write_compress_report
 
     plan = plan_compress(src, output, report=report, input_bytes=io.tensor_bytes(ir_model))
     output, report, forbid = plan.output, plan.report, plan.forbid
@@ -185,7 +187,7 @@ def run_auto(
         c.output_cosine = res.validation.output_cosine
         c.status = "passed" if res.validation.passed else "missed tolerance"
         if not res.validation.passed:
-            c.reason = api._tolerance_text(res.validation, c.recipe)
+            c.reason = tolerance_text(res.validation, c.recipe.tolerance)
     timed = runs_here(info)
     notices = []
     original_ms = None
@@ -219,7 +221,7 @@ def run_auto(
         {k: v for k, v in result.auto.items() if k != "candidates"} | {"candidates": [
             {k: r[k] for k in ("candidate", "status", "bytes", "latency_ms")} for r in table]}, sort_keys=True)
     if report is not None:
-        result.report_path = api._write_report(result, ir_model, src, output, feeds, report)
+        result.report_path = write_compress_report(result, ir_model, src, output, feeds, report)
     if output is not None:
         result.written = io.save_model(result.model, output, forbid=forbid)
         result.bytes_after = sum(p.stat().st_size for p in result.written)

@@ -16,6 +16,7 @@ from typing import Any
 from graphc.front.cli_text import (
     auto_text, field, fmt_bytes, gate_text, plan_text, printable, short, task_text,
 )
+from graphc.front.cli_options import positive_int
 from graphc.core.errors import GraphcError
 
 
@@ -84,6 +85,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             input_shapes=args.input_shape,
             validate_timeout=args.validate_timeout,
             calibration_data=args.calibration_data, tokenizer=args.tokenizer, preprocess=args.preprocess,
+            workers=args.workers,
+            ray=args.ray,
         )
     finally:
         if progress is not None:
@@ -343,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-validate", action="store_true",
                     help="skip validation (ONNX Runtime would load the original and the result: the whole "
                          "model in memory); for models larger than memory allows. Nothing is checked.")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=positive_int, metavar="N", help="run the calibrating measurements (sensitivity "
+                       "probes, plan actions) on a local Ray instance with N CPUs (pip install "
+                       "graphc[distributed]); same output bytes")
+    where.add_argument("--ray", metavar="ADDRESS", help="... on a running Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
     _add_timeout(sp)
     sp.set_defaults(func=cmd_compress)
 

@@ -93,3 +93,8 @@ def add_data_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--preprocess", metavar="SPEC",
                     help="images: e.g. size=224,resize=256,mean=0.485,0.456,0.406,std=0.229,0.224,0.225,layout=NCHW "
                          "(default: the input's H×W and layout, the model's mean/std or 0.5)")
+def positive_int(text: str) -> int:
+    """argparse type of ``--workers``: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)

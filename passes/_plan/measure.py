@@ -36,12 +36,56 @@ import onnx_ir as ir
 
 from graphc.core import ops
 from graphc.core.errors import PassError
+from graphc.checks.validate import make_session
 from graphc.passes import _blockquant as bq
 from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
+from graphc.passes import _probes
 from graphc.passes import _sensitivity as sens
 from graphc.passes._plan.units import Unit, Units
 from graphc.passes._quant import constant, symmetric_int8
+
+
+def measure_all(probe: Probe, units: Units, executor, report) -> tuple[dict[str, list[float]], list[dict]]:
+    """Every unit's actions (levels above 0), each applied alone: errors[unit key] (0.0 first, for
+    level 0) and one row per action. The replacements are computed here in turn; their output
+    errors go through ``executor`` (``graphc.core.executor``: Ray workers when the run has them, fed as
+    the replacements are computed) and are reduced in unit order, so the plan does not depend
+    on where they ran. ``report(what, done, total)`` as results come back."""
+    import uuid
+
+    jobs = [(unit, level) for unit in units.units for level in range(1, len(unit.levels))]
+    facts: list[dict] = []
+
+    def replacements():
+        for unit, level in jobs:
+            replaced, f = probe.replacement(unit, level)
+            facts.append(f)
+            yield replaced
+
+    what = "measurements" + (f" on {executor.workers} workers" if executor.workers > 1 else "")
+    done = 0
+    report(what, 0, len(jobs))
+
+    def arrived(i: int, error: float) -> None:
+        nonlocal done
+        done += 1
+        report(what, done, len(jobs))
+
+    key = uuid.uuid4().hex
+    shared = _probes.ProbeShared(key, probe.payload(), threads=executor.threads_per_item)
+    _probes.register_local(key, probe.evaluator)
+    try:
+        errs = executor.map(_probes.output_error, replacements(), shared=shared, on_result=arrived,
+                            labels=[f"measurement of {unit.label(level)} on {unit.key}" for unit, level in jobs])
+    finally:
+        _probes.forget(key)
+    errors: dict[str, list[float]] = {unit.key: [0.0] for unit in units.units}
+    rows = []
+    for (unit, level), e, f in zip(jobs, errs, facts):
+        errors[unit.key].append(e)
+        rows.append({"unit": unit.key, "action": unit.label(level), "error": float(f"{e:.4g}"), **f})
+    return errors, rows
 
 
 def copy_model(model: ir.Model) -> ir.Model:
@@ -105,18 +149,30 @@ class Probe:
         values = [work.graph.initializers[n] for n in sorted(swapped)]
         values += [work.graph.initializers[n] for n in sorted(self.deltas.values())]
         self.constants = {v.name: v.const_value.numpy() for v in values}
-        self.session = sens.weight_input_session(work, [SimpleNamespace(value=v) for v in values])
+        self.proto = sens.weight_input_proto(work, [SimpleNamespace(value=v) for v in values])
+        self.session = make_session(self.proto, what="model during sensitivity measurement")
         self.feeds = list(feeds)
         inputs = {i.name for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.reference = [self.session.run(outputs, {**{k: v for k, v in f.items() if k in inputs}, **self.constants})
-                          for f in self.feeds]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.inputs = [{k: v for k, v in f.items() if k in inputs} for f in self.feeds]
+        self.reference = [self.session.run(self.outputs, {**f, **self.constants}) for f in self.inputs]
+        self.evaluator = sens.Evaluator.from_payload(self.payload(serialized=False), session=self.session)
         self._acts: dict[str, np.ndarray] | None = None
         self._moments: dict | None = None
 
+    def payload(self, serialized: bool = True) -> dict:
+        """``sens.Evaluator.payload()`` of the measuring session: what a worker needs to measure
+        an action (``_probes.output_error``); the same arithmetic as :func:`output_errors`."""
+        masks = [f.get("attention_mask") for f in self.feeds]
+        reference = self.reference if self.metric != "kl" else [
+            [sens.log_softmax(sens._rows(r, mask)) for r in refs] for refs, mask in zip(self.reference, masks)]
+        model = np.frombuffer(self.proto.SerializeToString(), np.uint8) if serialized else None
+        return {"model": model, "metric": self.metric, "outputs": self.outputs, "weights": self.constants,
+                "feeds": self.inputs, "masks": masks, "reference": reference}
+
     def error(self, replaced: dict[str, np.ndarray]) -> float:
         """Output error with the named constants replaced (the others as in the model)."""
-        return output_errors(self.session, self.feeds, self.reference, {**self.constants, **replaced}, self.metric)
+        return self.evaluator.error(replaced)
 
     # ------------------------------------------------------------------ actions
     def replacement(self, unit: Unit, level: int) -> tuple[dict[str, np.ndarray], dict]:

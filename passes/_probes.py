@@ -1,0 +1,115 @@
+"""Sensitivity probes of ``mixed-precision`` (and the planner's action measurements) as
+independent work items (``graphc.core.executor``).
+
+One item is one layer: quantize its weight at each probe configuration, run the model with
+only that weight replaced (``_sensitivity.Evaluator``), and compute the round-to-nearest
+weight error of every candidate (what the untested candidates are predicted from). Items
+share the read-only :class:`ProbeShared` (the ORT model with the planned weights as inputs,
+the weights, the calibration feeds and reference outputs), which an executor sends to each
+worker once; an item is a few hundred bytes plus, for GPTQ probes, its layer's Hessian.
+
+A worker process builds its ONNX Runtime session from the shared payload once and keeps it
+(``_EVALUATORS``, keyed by the payload's ``key``) for the items that follow; in this process
+the pass registers the evaluator it already has under that key, so nothing is built twice.
+The arithmetic is the single-process one, item by item, so the results are identical
+wherever an item runs (the tests compare the written model's bytes). The planner's items
+(:func:`output_error`) are the replaced weights of one action, computed in the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from graphc.passes import _blockquant as bq
+from graphc.passes import _sensitivity as sens
+
+# worker-side cache: payload key -> Evaluator (one entry: a new run's payload replaces it)
+_EVALUATORS: dict[str, sens.Evaluator] = {}
+
+
+@dataclass(frozen=True)
+class Oriented:
+    """How a layer's weight is stored relative to the quantizer's [rows, cols] view."""
+
+    transposed: bool
+
+    def stored(self, view: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(view.T if self.transposed else view, dtype=np.float32)
+
+
+@dataclass
+class ProbeShared:
+    """Read-only inputs every probe needs: sent to each worker once."""
+
+    key: str
+    evaluator: dict[str, Any]  # sens.Evaluator.payload()
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+    damp: float = 0.01
+    threads: int | None = None  # ONNX Runtime threads in a worker (None: ORT's default)
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeItem:
+    """One layer's probes, sent per task: a few hundred bytes, plus the layer's input Hessian
+    for GPTQ probes (only the worker that quantizes the layer receives it)."""
+
+    weight: str  # the initializer's name (key of the shared weights)
+    transposed: bool
+    method: str  # bq.Method value of the measured probes
+    probes: tuple[sens.QuantConfig, ...]
+    candidates: tuple[sens.QuantConfig, ...]  # whose weight errors are wanted (probes included)
+    hessian: np.ndarray | None = None  # [cols, cols] float64, GPTQ probes only
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    measured: dict  # QuantConfig -> output error, in probe order
+    weight_error: dict  # QuantConfig -> relative (Hessian-weighted for GPTQ) weight error
+
+
+def register_local(key: str, evaluator: sens.Evaluator) -> None:
+    """Use ``evaluator`` (this process's) for the items of payload ``key``."""
+    _EVALUATORS.clear()
+    _EVALUATORS[key] = evaluator
+
+
+def forget(key: str) -> None:
+    _EVALUATORS.pop(key, None)
+
+
+def _evaluator(shared: ProbeShared) -> sens.Evaluator:
+    ev = _EVALUATORS.get(shared.key)
+    if ev is None:
+        _EVALUATORS.clear()  # one model at a time per worker
+        ev = _EVALUATORS[shared.key] = sens.Evaluator.from_payload(shared.evaluator, threads=shared.threads)
+    return ev
+
+
+def probe_layer(shared: ProbeShared, item: ProbeItem) -> ProbeResult:
+    """The measured output errors of one layer's probes and its candidates' weight errors."""
+    evaluator = _evaluator(shared)
+    stored = evaluator.weights[item.weight]
+    layer = Oriented(item.transposed)
+    view = np.ascontiguousarray(np.asarray(stored, dtype=np.float32).T if item.transposed
+                                else np.asarray(stored, dtype=np.float32))
+    h = item.hessian
+    kw = {"symmetric": shared.symmetric, "scale_dtype": shared.scale_dtype}
+    method = bq.Method(item.method)
+    measured: dict[sens.QuantConfig, float] = {}
+    for c in item.probes:
+        q, _ = sens.quantize_view(layer, view, c, method=method, hessian=h, damp=shared.damp, **kw)
+        measured[c] = evaluator.error({item.weight: q})
+    werr = {}
+    for c in item.candidates:
+        _, deq = sens.quantize_view(layer, view, c, method=bq.Method.RTN, **kw)
+        werr[c] = sens.relative_error(view, deq, h)
+    return ProbeResult(measured, werr)
+
+
+def output_error(shared: ProbeShared, replaced: dict[str, np.ndarray]) -> float:
+    """The model's output error with the named constants replaced (one planner action alone)."""
+    return _evaluator(shared).error(replaced)
