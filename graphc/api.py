@@ -247,7 +247,8 @@ def compress(
     if output is not None and genai:
         from graphc.exporters.genai import tokenizer_source, write_folder
 
-        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, None))
+        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, None),
+                                      notices=result.notices)
         result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
         if src is not None:
             result.bytes_before = io.file_bytes(src)
