@@ -255,10 +255,54 @@ def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length
         node.metadata_props[ops.META_PASS] = STEP
         for present in node.outputs[1:3]:
             present.shape = ir.Shape([present.shape[0], present.shape[1], "present_sequence_length", present.shape[3]])
+        _drop_reshape_round_trips(node, plan.query)
     common.RemoveUnusedNodesPass()(model)
     unused = [v for v in graph.inputs if v.name == "position_ids" and not v.uses()]
     for value in unused:  # genai then feeds no positions (the op derives them)
         graph.inputs.remove(value)
+
+
+def _drop_reshape_round_trips(node: ir.Node, query: ir.Value) -> None:
+    """The value goes in, and the output comes out, through Reshape pairs that end where they
+    started ([B, S, n·D] → [B, S, n, D] → [B, S, n·D], left by the Transposes that cancelled
+    around the fused op): each costs a kernel call per layer and decode step for nothing."""
+    source = _round_trip(node.inputs[2])
+    if source is not None:
+        node.replace_input_with(2, source)
+    out = node.outputs[0]
+    users = [user for user, _ in out.uses()]
+    if len(users) != 1 or users[0].op_type != "Reshape" or users[0].domain != "":
+        return
+    for user, _ in list(users[0].outputs[0].uses()):
+        if user.op_type == "Reshape" and user.domain == "" and _round_trip(user.outputs[0], query) is not None:
+            end = user.outputs[0]
+            if not end.is_graph_output():
+                out.shape = end.shape
+                ir.convenience.replace_all_uses_with(end, out)
+
+
+def _round_trip(value: ir.Value | None, start: ir.Value | None = None) -> ir.Value | None:
+    """``x`` when ``value = Reshape(Reshape(x))`` has ``x``'s (or ``start``'s) known shape."""
+    second = value.producer() if value is not None else None
+    first = second.inputs[0].producer() if second is not None and second.op_type == "Reshape" else None
+    if first is None or first.op_type != "Reshape" or second.domain or first.domain:
+        return None
+    source = first.inputs[0]
+    reference = start if start is not None else source
+    return source if _same_shape(reference.shape, value.shape) else None
+
+
+def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
+    """Equal by construction: static dims equal, symbolic dims named alike by shape inference."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, int) or isinstance(y, int):
+            if x != y:
+                return False
+        elif x.value is None or x.value != y.value:
+            return False
+    return True
 
 
 def _fresh(name: str, taken: set[str]) -> str:

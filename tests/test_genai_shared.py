@@ -81,6 +81,9 @@ def _assert_shared_form(folder, rotary_rows):
         seqlens, total = node.inputs[5].producer(), node.inputs[6].producer()
         assert seqlens.op_type == "Cast" and total.op_type == "Cast"  # from attention_mask, as the builder
         assert "attention_mask" in {v.name for v in _ancestors(node.inputs[5])}
+        # value in and output out as [B, S, n·D], with no Reshape pair there and back
+        assert node.inputs[2].producer().op_type in ("MatMul", "MatMulNBits")
+        assert {user.op_type for user, _ in node.outputs[0].uses()} <= {"MatMul", "MatMulNBits"}
 
 
 def _ancestors(value):
