@@ -185,6 +185,20 @@ def write_folder(model: Any, folder: Path, *, source: Path | None, check: bool =
     return written
 
 
+def rewrite_folder(source: str | os.PathLike, output: str | os.PathLike) -> list[str]:
+    """Write the genai folder ``source`` again as ``output`` with this version's writer (the
+    shared-buffer form where the graph allows it), without recompressing. Returns the notices."""
+    import onnx_ir as ir
+
+    src = Path(source)
+    config = json.loads((src / CONFIG).read_text())
+    model = ir.load(src / config["model"]["decoder"]["filename"])
+    folder = output_folder(output)
+    notices: list[str] = []
+    write_folder(model, folder, source=src, context_length=config["model"].get("context_length"), notices=notices)
+    return notices
+
+
 def _hf_config(folder: Path | None) -> dict[str, Any]:
     if folder is not None and (folder / "config.json").is_file():
         return json.loads((folder / "config.json").read_text())
