@@ -2,6 +2,7 @@
 
     python bench/bench_genai.py [--recipe recipes/smollm2-int4.toml] [--windows 8] [--new-tokens 128]
                                 [--prompt 512] [--reps 3] [--builder-variants default,k_quant_mixed] [--json OUT]
+                                [--folder LABEL=PATH ...]
 
 In one process, on this machine's CPU (named in the output):
 
@@ -223,6 +224,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds[f"{name} (separate buffers)"] = secs
     folders[name] = served or ours
     seconds[name] = secs
+    for extra in args.folder:
+        label, _, path = extra.partition("=")
+        folders[label] = Path(path)
     res["load_before"] = os.getloadavg()
     res["bandwidth_gb_s"] = copy_bandwidth() / 1e9
     recipe = get_model_recipe("smollm2")
@@ -281,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--builder-variants", default="default,k_quant_mixed")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--folder", action="append", default=[], metavar="LABEL=PATH",
+                        help="also measure this genai folder (e.g. one compressed by `graphc compress --genai`)")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
     res = run(args)
