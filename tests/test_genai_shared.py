@@ -12,6 +12,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from graphc.errors import GraphcError
+
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
 
 PROMPT = [5, 17, 33, 8, 61, 90, 2, 44]
@@ -128,6 +130,8 @@ def test_compressed_folder_takes_the_shared_buffer_form(llama16, exported, tmp_p
     ours = Decoder(tmp_path / "plain.onnx").greedy(np.array([PROMPT]), NEW).tokens[0].tolist()
     tokens = generate(tmp_path / "genai", PROMPT, NEW)
     assert tokens == ours
+    with pytest.raises(GraphcError, match="shared past/present buffer form"):
+        Decoder(tmp_path / "genai" / "model.onnx")  # genai's buffers, not graphc.generate's
     if "int4" in recipe:
         assert any(n.op_type == "MatMulNBits" for n in result.model.graph)
     else:
