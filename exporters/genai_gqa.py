@@ -93,7 +93,7 @@ def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None) -> 
     if a.get_int("do_rotary", 0) or a.get_int("local_window_size", -1) != -1 or a.get_float("softcap", 0.0):
         raise _Refused(f"{node.name}: attention already has rotary, a local window or a softcap")
     ins = list(node.inputs) + [None] * (12 - len(node.inputs))
-    if any(v is None for v in ins[:5]) or any(v is not None for v in ins[7:10]) or any(ins[11:]):
+    if any(v is None for v in ins[:5]) or any(v is not None for v in ins[7:10] + ins[11:]):
         raise _Refused(f"{node.name}: not query, key, value and the past without rotary caches")
     past_key, past_value = ins[3], ins[4]
     if not (past_key.is_graph_input() and past_value.is_graph_input()):
@@ -227,8 +227,9 @@ def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length
     graph = model.graph
     first = plans[0].node
     tape = ir.tape.Tape()
-    one = tape.op("Constant", [], {"value": ir.tensor(np.array([1], np.int64))})
-    length = tape.op("ReduceSum", [mask, one], {"keepdims": 0})
+    axis = tape.op("Constant", [], {"value": ir.tensor(np.array([1], np.int64))})
+    one = tape.op("Constant", [], {"value": ir.tensor(np.array([1], ir.DataType(mask.dtype or ir.DataType.INT64).numpy()))})
+    length = tape.op("ReduceSum", [mask, axis], {"keepdims": 0})
     seqlens = tape.op("Cast", [tape.op("Sub", [length, one])], {"to": ir.DataType.INT32})
     width = tape.op("Shape", [mask], {"start": 1, "end": 2})
     total = tape.op("Cast", [tape.op("Squeeze", [width])], {"to": ir.DataType.INT32})
