@@ -2,6 +2,7 @@
 
     python bench/bench_genai.py [--recipe recipes/smollm2-int4.toml] [--windows 8] [--new-tokens 128]
                                 [--prompt 512] [--reps 3] [--builder-variants default,k_quant_mixed] [--json OUT]
+                                [--folder LABEL=PATH ...]
 
 In one process, on this machine's CPU (named in the output):
 
@@ -9,10 +10,17 @@ In one process, on this machine's CPU (named in the output):
   converted SmolLM2 folder (and ``--extra_options algo_config=...`` variants), timed;
 - graphc: ``graphc export smollm2 --kv-cache --genai`` (fp32 folder), then ``graphc compress
   --genai --recipe RECIPE`` on its model, timed;
+- a cached graphc folder written by an earlier version in the separate-buffer form is written
+  again (``graphc.exporters.genai.rewrite_folder``: the same compressed graph, this version's
+  genai writer, no recompression) and both are measured;
 - per folder: bytes of the ONNX files; perplexity on held-out Wikipedia windows (the eval split,
   which calibration never reads) from one prefill call per window through ONNX Runtime; decode
   tokens/s and prefill time through ``og.Generator`` (batch 1, a ``--prompt``-token prompt,
-  ``--new-tokens`` greedy tokens), folders interleaved ``--reps`` times, median.
+  ``--new-tokens`` greedy tokens), folders interleaved ``--reps`` times, median;
+- decode as a fraction of the memory-bandwidth bound: bytes one decode step must read (every
+  weight outside embedding lookups, plus the KV cache at the mean context) times tokens/s,
+  over the copy bandwidth measured here (numpy, 256 MB, bytes read + written, best of 1 and 2
+  threads); the load average before and after.
 """
 
 from __future__ import annotations
@@ -78,6 +86,64 @@ def build_graphc(recipe: str, fresh: bool) -> tuple[Path, Path, float]:
     elif (WORK / f"{out.name}.seconds").is_file():
         seconds = float((WORK / f"{out.name}.seconds").read_text())
     return fp32, out, seconds
+
+
+def served_form(folder: Path) -> Path | None:
+    """The folder written again in this version's genai form, when ``folder`` was written in the
+    separate-buffer form (an earlier version's cached build); None when it already is."""
+    from graphc.exporters.genai import rewrite_folder
+
+    config = json.loads((folder / "genai_config.json").read_text())
+    if config["search"].get("past_present_share_buffer"):
+        return None
+    out = folder.with_name(f"{folder.name}-shared")
+    if not (out / "genai_config.json").is_file():
+        with b8.quiet():
+            notices = rewrite_folder(folder, out)
+        if notices:
+            print("\n".join(notices), file=sys.stderr)
+    return out
+
+
+def bytes_per_token(folder: Path, context: int) -> int:
+    """Bytes one decode step reads: every initializer except the tables only gathered from (one
+    row a token), plus fp32 keys and values of every layer at ``context`` tokens."""
+    import onnx_ir as ir
+
+    config = json.loads((folder / "genai_config.json").read_text())
+    dec = config["model"]["decoder"]
+    model = ir.load(folder / dec["filename"])
+    total = 0
+    for value in model.graph.initializers.values():
+        uses = value.uses()
+        gathered = uses and all(u.op_type in ("Gather", "GatherBlockQuantized") and i == 0 for u, i in uses)
+        if uses and not gathered and value.const_value is not None:
+            total += value.const_value.nbytes
+    kv = dec["num_hidden_layers"] * 2 * dec["num_key_value_heads"] * dec["head_size"] * context * 4
+    return total + kv
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 256 MB numpy copy (read + written), best of 5, in 1 and 2 threads."""
+    import threading
+
+    import numpy as np
+
+    n = 64 * 1024 * 1024
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for threads in (1, 2):
+        bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+        for _ in range(5):
+            workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
+            t0 = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
 
 
 def prefill_feed(session, ids, config: dict) -> dict:
@@ -151,8 +217,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         folders[f"builder int4 {variant}"], seconds[f"builder int4 {variant}"] = build_builder(hf, variant, args.fresh)
     fp32, ours, secs = build_graphc(args.recipe, args.fresh)
     folders["graphc fp32"] = fp32
-    folders[f"graphc {Path(args.recipe).stem}"] = ours
-    seconds[f"graphc {Path(args.recipe).stem}"] = secs
+    name = f"graphc {Path(args.recipe).stem}"
+    served = served_form(ours)
+    if served is not None:
+        folders[f"{name} (separate buffers)"] = ours
+        seconds[f"{name} (separate buffers)"] = secs
+    folders[name] = served or ours
+    seconds[name] = secs
+    for extra in args.folder:
+        label, _, path = extra.partition("=")
+        folders[label] = Path(path)
+    res["load_before"] = os.getloadavg()
+    res["bandwidth_gb_s"] = copy_bandwidth() / 1e9
     recipe = get_model_spec("smollm2")
     windows = recipe.perplexity_feeds(args.windows, seq=512, split="eval")
     prompt = [int(t) for t in windows[0]["input_ids"][0][: args.prompt]]
@@ -169,6 +245,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows[name]["prefill_ms"] = statistics.median(s["prefill_ms"] for s in speed[name])
         rows[name]["decode_tok_s"] = statistics.median(s["decode_tok_s"] for s in speed[name])
         rows[name]["ppl_rise"] = rows[name]["perplexity"] / fp32_ppl - 1
+        rows[name]["bytes_per_token"] = bytes_per_token(folders[name], args.prompt + args.new_tokens // 2)
+        bound = res["bandwidth_gb_s"] * 1e9 / rows[name]["bytes_per_token"]
+        rows[name]["bound_fraction"] = rows[name]["decode_tok_s"] / bound
+    base = next((r["decode_tok_s"] for n, r in rows.items() if n.startswith("builder int4 default")), None)
+    for r in rows.values():
+        r["decode_vs_builder"] = r["decode_tok_s"] / base if base else None
+    res["load_after"] = os.getloadavg()
     res["rows"] = rows
     return res
 
@@ -177,13 +260,18 @@ def markdown(res: dict[str, Any]) -> str:
     c = res["cpu"]
     cfg = res["config"]
     lines = [f"CPU: {c['name']} (graphc target {c['target']}). SmolLM2-135M, {cfg['windows']} eval windows of 512 tokens, "
-             f"prompt {cfg['prompt']}, {cfg['new_tokens']} new tokens, {cfg['reps']} interleaved reps (median).", "",
-             "| folder | ONNX bytes | perplexity | rise vs fp32 | prefill (ms) | decode tok/s | build (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"prompt {cfg['prompt']}, {cfg['new_tokens']} new tokens, {cfg['reps']} interleaved reps (median). "
+             f"Load average before {res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f}; copy bandwidth "
+             f"{res['bandwidth_gb_s']:.1f} GB/s.", "",
+             "| folder | ONNX bytes | perplexity | rise vs fp32 | prefill (ms) | decode tok/s | vs builder | "
+             "bytes/token | of bound | build (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res["rows"].items():
         build = f"{r['compress_s']:.0f}" if r.get("compress_s") == r.get("compress_s") and r.get("compress_s") else "-"
+        ratio = f"{r['decode_vs_builder']:.2f}x" if r.get("decode_vs_builder") else "-"
         lines.append(f"| {name} | {r['bytes']:,} | {r['perplexity']:.3f} | {r['ppl_rise']:+.2%} | {r['prefill_ms']:.0f} "
-                     f"| {r['decode_tok_s']:.1f} | {build} |")
+                     f"| {r['decode_tok_s']:.1f} | {ratio} | {r['bytes_per_token'] / 1e6:.1f} MB "
+                     f"| {r['bound_fraction']:.1%} | {build} |")
     return "\n".join(lines)
 
 
@@ -197,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--builder-variants", default="default,k_quant_mixed")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--folder", action="append", default=[], metavar="LABEL=PATH",
+                        help="also measure this genai folder (e.g. one compressed by `graphc compress --genai`)")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
     res = run(args)

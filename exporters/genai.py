@@ -5,8 +5,11 @@ files. graphc's KV-cache export already uses genai's default I/O names (``input_
 ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value`` → ``logits``,
 ``present.{i}.key/value``) and computes each present as the past with this call's keys and
 values appended, also after ``fuse-ort`` turns its attention into GroupQueryAttention (see
-``passes/_fusion_rules/gqa_kv.py``). So the config declares separate past and present buffers
-(``past_present_share_buffer = false``): genai feeds each call's presents back as the next past.
+``passes/_fusion_rules/gqa_kv.py``): the contract ``graphc.front.generate`` drives. A fused graph is
+written in the form genai serves fastest instead (``genai_gqa.py``: rotary inside the op over
+a shared past/present buffer, ``past_present_share_buffer = true``); a graph that cannot take
+that form keeps separate buffers (``false``: genai feeds each call's presents back as the next
+past) and the reason becomes a notice.
 
 The architecture facts come from the model's metadata (written at export), the I/O names from
 the graph itself; the tokenizer files from the Hugging Face folder (or the model spec's
@@ -63,15 +66,18 @@ def check_decoder(model: Any, path: str | os.PathLike) -> dict[str, str]:
     return names
 
 
-def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: int | None = None) -> dict[str, Any]:
-    """genai_config.json for a graphc KV-cache decoder (facts from the model's metadata)."""
+def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: int | None = None,
+                 shared_buffer: bool = False) -> dict[str, Any]:
+    """genai_config.json for a graphc KV-cache decoder (facts from the model's metadata);
+    ``shared_buffer``: the graph is in ``genai_gqa``'s shared-buffer form."""
     from graphc.exporters.metadata import read_arch_facts
 
     arch = read_arch_facts(model)
     facts: dict[str, Any] = dict(arch.__dict__) if arch is not None else {}
-    hf: dict[str, Any] = {}
-    if tokenizer_folder is not None and (tokenizer_folder / "config.json").is_file():
-        hf = json.loads((tokenizer_folder / "config.json").read_text())
+    hf = _hf_config(tokenizer_folder)
+    if context_length is None and tokenizer_folder is not None and (tokenizer_folder / CONFIG).is_file():
+        # a genai folder the model came from: keep its context (sizes the rotary caches)
+        context_length = json.loads((tokenizer_folder / CONFIG).read_text()).get("model", {}).get("context_length")
     layers = sum(1 for v in model.graph.inputs if v.name.endswith(".key") and v.name.startswith("past_key_values."))
     heads = facts.get("num_heads") or hf.get("num_attention_heads")
     kv_heads = facts.get("num_kv_heads") or hf.get("num_key_value_heads") or heads
@@ -113,7 +119,7 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
             },
         },
         "search": {"do_sample": False, "max_length": int(context_length or hf.get("max_position_embeddings") or 2048),
-                   "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": shared_buffer,
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 
@@ -138,10 +144,15 @@ def spec_folder(spec: Any) -> Path | None:
 
 
 def write_folder(model: Any, folder: Path, *, source: Path | None, check: bool = True,
-                 context_length: int | None = None) -> list[Path]:
+                 context_length: int | None = None, shared_buffer: bool = True,
+                 notices: list[str] | None = None) -> list[Path]:
     """Write ``model`` as a genai folder (model.onnx + data, genai_config.json, tokenizer files);
     load it with og.Model when onnxruntime-genai is installed. On any failure the folder's new
-    files are removed. Returns the files written."""
+    files are removed. Returns the files written.
+
+    ``shared_buffer``: first rewrite ``model`` in place into genai's shared-buffer form
+    (``genai_gqa.py``); where it cannot take that form, why is appended to ``notices``."""
+    from graphc.exporters.genai_gqa import shared_buffer_form
     from graphc.core.io import save_model
 
     check_decoder(model, folder)
@@ -149,6 +160,12 @@ def write_folder(model: Any, folder: Path, *, source: Path | None, check: bool =
     written: list[Path] = []
     try:
         config = genai_config(model, source, context_length=context_length)
+        if shared_buffer:
+            reason = shared_buffer_form(model, config["model"]["context_length"], _hf_config(source))
+            if reason is None:
+                config = genai_config(model, source, context_length=context_length, shared_buffer=True)
+            elif notices is not None:
+                notices.append(f"genai folder keeps separate past/present buffers and rotary (slower decode): {reason}")
         written += save_model(model, folder / MODEL_FILE)
         (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         written.append(folder / CONFIG)
@@ -164,6 +181,26 @@ def write_folder(model: Any, folder: Path, *, source: Path | None, check: bool =
             path.unlink(missing_ok=True)
         raise
     return written
+
+
+def rewrite_folder(source: str | os.PathLike, output: str | os.PathLike) -> list[str]:
+    """Write the genai folder ``source`` again as ``output`` with this version's writer (the
+    shared-buffer form where the graph allows it), without recompressing. Returns the notices."""
+    import onnx_ir as ir
+
+    src = Path(source)
+    config = json.loads((src / CONFIG).read_text())
+    model = ir.load(src / config["model"]["decoder"]["filename"])
+    folder = output_folder(output)
+    notices: list[str] = []
+    write_folder(model, folder, source=src, context_length=config["model"].get("context_length"), notices=notices)
+    return notices
+
+
+def _hf_config(folder: Path | None) -> dict[str, Any]:
+    if folder is not None and (folder / "config.json").is_file():
+        return json.loads((folder / "config.json").read_text())
+    return {}
 
 
 def load_check(folder: Path) -> bool:
@@ -219,7 +256,8 @@ def export_folder(source: Any, output: str | os.PathLike, export_decoder, **kwar
         hf = Path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else spec_folder(source)
         created = not folder.exists()
         try:
-            result.files = write_folder(model, folder, source=tokenizer_source(model, None, hf))
+            result.files = write_folder(model, folder, source=tokenizer_source(model, None, hf),
+                                        notices=result.notices)
         except BaseException:
             if created:
                 shutil.rmtree(folder, ignore_errors=True)

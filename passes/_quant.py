@@ -83,6 +83,17 @@ def weight_problem(w: np.ndarray, min_elements: int) -> str | None:
     return nonfinite_reason(w)
 
 
+def outer_product_reason(node: ir.Node, w: np.ndarray) -> str | None:
+    """Why a 2-D constant weight with one input row (K = 1: no sum, an outer product) is no
+    linear layer to quantize, or None. fuse-ort builds rotary's caches as positions [N, 1] x
+    inv_freq [1, D/2]: a quantized inverse frequency (or int8 positions) turns every angle by
+    position x its error."""
+    rows = w.shape[1] if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w.shape[0]
+    if rows != 1:
+        return None
+    return "K=1 input rows: an outer product (such as rotary's positions x inv_freq), not a linear layer"
+
+
 def subgraphs(graph: ir.Graph):
     """The bodies of If/Loop/Scan nodes in ``graph``, nested ones included."""
     for node in graph:

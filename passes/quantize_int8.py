@@ -46,7 +46,7 @@ from graphc.core import ops
 from graphc.core.errors import PassError, UnsupportedError, ValidationError
 from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.core.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, int8_weight, subgraphs, weight_problem
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, ensure_opset, gemm_weight, int8_weight, outer_product_reason, subgraphs, weight_problem
 from graphc.core.target import Int8Form, exact_forms
 
 
@@ -277,7 +277,7 @@ class QuantizeInt8(GraphcPass):
         if w.ndim != 2:
             stats.skip(label, f"weight is {w.ndim}-D, not 2-D")
             return None
-        if (reason := weight_problem(w, self.options.min_elements)) is not None:
+        if (reason := weight_problem(w, self.options.min_elements) or outer_product_reason(node, w)) is not None:
             stats.skip(label, reason)
             return None
         in_dtype = node.inputs[0].dtype

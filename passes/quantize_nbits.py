@@ -39,7 +39,8 @@ from graphc.core import ops
 from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
-from graphc.passes._quant import constant, drop_unused_initializers, ensure_opset, gemm_terms, release_pages, nonfinite_reason
+from graphc.passes._quant import (constant, drop_unused_initializers, ensure_opset, gemm_terms, nonfinite_reason,
+                                  outer_product_reason, release_pages)
 from graphc.passes._weights import META_WEIGHT, constant_weight, planned_config, weight_digest
 from graphc.core.registry import register
 
@@ -271,6 +272,9 @@ class QuantizeNBits(GraphcPass):
             return None
         if w.size < self.options.min_elements:
             stats.skip(label, f"weight has {w.size} elements < min_elements={self.options.min_elements}")
+            return None
+        if (reason := outer_product_reason(node, w)) is not None:
+            stats.skip(label, reason)
             return None
         reason = nonfinite_reason(w)
         release_pages(node.inputs[1])  # the scan read every page: let them go (bounded memory)

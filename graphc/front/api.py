@@ -330,7 +330,8 @@ def _compress(
         from graphc.exporters.genai import tokenizer_source, write_folder
         from graphc.models import hf_folder_of
 
-        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, hf_folder_of(ir_model)))
+        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, hf_folder_of(ir_model)),
+                                      notices=result.notices)
         result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
         if src is not None:
             result.bytes_before = io.file_bytes(src)

@@ -43,6 +43,11 @@ class Decoder:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith(_PAST)]
         missing = {"input_ids", "attention_mask", "position_ids"} - set(inputs)
+        if missing == {"position_ids"} and self.past_names and "input_ids" in inputs:
+            # graphc.exporters.genai_gqa's form: past and present are one buffer genai allocates
+            raise InvalidModelError(
+                "a genai folder's model in the shared past/present buffer form: generate with onnxruntime-genai "
+                "(graphc.exporters.genai.generate), or compress without --genai for graphc.front.generate", path=model)
         if missing or not self.past_names:
             raise InvalidModelError(
                 "not a KV-cache decoder (export one with `graphc export ... --kv-cache`): "

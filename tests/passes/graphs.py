@@ -95,3 +95,14 @@ def ops_of(model: ir.Model) -> list[str]:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def rotary_angles(half: int = 32) -> tuple[ir.Model, np.ndarray]:
+    """cos(positions [N, 1] @ inv_freq [1, half]): the rotary cache fuse-ort builds (an outer
+    product that quantizers must leave in float)."""
+    freq = (1.0 / 10000 ** (np.arange(half) / half)).astype(np.float32).reshape(1, half)
+    nodes = [helper.make_node("MatMul", ["pos", "inv_freq"], ["angles"], name="rotary_angles"),
+             helper.make_node("Cos", ["angles"], ["cos"])]
+    model = _model(nodes, [helper.make_tensor_value_info("pos", TensorProto.FLOAT, ["n", 1])],
+                   [helper.make_tensor_value_info("cos", TensorProto.FLOAT, ["n", half])], {"inv_freq": freq})
+    return model, freq

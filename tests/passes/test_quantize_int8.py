@@ -5,7 +5,7 @@ import pytest
 from graphc.core.errors import UnsupportedError
 from graphc.core.pass_base import PassContext
 from graphc.passes.quantize_int8 import QuantizeInt8
-from tests.passes.graphs import cosine, gemm, mlp, ops_of, run
+from tests.passes.graphs import cosine, gemm, mlp, ops_of, rotary_angles, run
 
 
 def _feed(seed=0, k=32):
@@ -200,3 +200,14 @@ def test_matmul_feeding_matmul_quantizes_the_live_input():
     assert ops_of(model).count("DynamicQuantizeLinear") == 2
     got = run(model, _feed())
     assert cosine(ref[0], got[0]) > 0.999
+
+
+def test_outer_product_of_rotary_left_in_float():
+    """positions [N, 1] x inv_freq [1, D/2]: dynamic uint8 positions would round them to
+    multiples of max/255 (every rotary angle off)."""
+    model, freq = rotary_angles()
+    result = QuantizeInt8()(model)
+    assert not result.modified and "MatMulIntegerToFloat" not in ops_of(model)
+    assert "K=1 input rows" in result.stats.skipped[0]["reason"]
+    pos = np.arange(2048, dtype=np.float32).reshape(-1, 1)
+    np.testing.assert_allclose(run(model, {"pos": pos})[0], np.cos(pos * freq), rtol=0, atol=1e-5)

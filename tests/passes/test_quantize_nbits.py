@@ -7,7 +7,7 @@ from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import PassContext
 from graphc.passes import _blockquant as bq
 from graphc.passes.quantize_nbits import META_WEIGHT, QuantizeNBits
-from tests.passes.graphs import cosine, gemm, mlp, ops_of, run
+from tests.passes.graphs import cosine, gemm, mlp, ops_of, rotary_angles, run
 
 Opts = QuantizeNBits.Options
 
@@ -271,3 +271,14 @@ def test_shared_weight_quantized_once():
     packed = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.UINT8]
     assert len(packed) == 1 and result.stats.counts["weight_bytes_before"] == w.nbytes
     np.testing.assert_allclose(bq.unpack(packed[0].const_value.numpy(), 4, 16).shape, (16, 2, 16))
+
+
+def test_outer_product_of_rotary_left_in_float():
+    """positions [N, 1] x inv_freq [1, D/2]: no linear layer, and a 4-bit inverse frequency
+    would turn every rotary angle by position x its error."""
+    model, freq = rotary_angles()
+    result = QuantizeNBits(Opts(bits=4, block_size=16))(model)
+    assert not result.modified and not _nbits_nodes(model)
+    assert "K=1 input rows" in result.stats.skipped[0]["reason"]
+    pos = np.arange(2048, dtype=np.float32).reshape(-1, 1)
+    np.testing.assert_allclose(run(model, {"pos": pos})[0], np.cos(pos * freq), rtol=0, atol=1e-5)  # int4: ~0.5 rad

@@ -1,0 +1,331 @@
+"""GroupQueryAttention in the form onnxruntime-genai serves fastest: rotary inside the op over a
+shared past/present buffer.
+
+``fuse-ort`` (``passes/_fusion_rules/gqa_kv.py``) leaves a KV-cache decoder with a contract any
+caller can drive (``graphc.front.generate`` feeds each call's presents back as the next pasts): the
+present is the past with this call's keys appended, rotary runs in separate ``RotaryEmbedding``
+nodes on the model's ``position_ids`` and the model's mask goes into the op as an additive bias.
+Each decode step then copies the whole cache into a new present and rebuilds the
+[B, 1, S, total] mask. onnxruntime-genai's model builder writes the other form, and genai runs
+it faster: with ``past_present_share_buffer = true`` genai allocates each cache once at the
+maximum length and passes the same buffer as past and present, so the op appends the new keys
+in place. This module rewrites a fused graph into that form, for genai folders only:
+
+- ``do_rotary = 1`` with ``cos_cache``/``sin_cache`` initializers of ``context_length`` rows
+  (computed as the graph computed them: ``cos(position · inv_freq)`` in float32) and the
+  ``interleaved`` flag of the model's rotary nodes; the pre-rotary projections go straight in;
+- ``seqlens_k = ReduceSum(attention_mask) - 1`` and ``total_sequence_length =
+  attention_mask.shape[1]`` (int32), as the builder computes them; no attention bias, causal.
+
+The op then derives each token's position from ``seqlens_k`` (the past length plus its index),
+which is what genai feeds as ``position_ids`` for a batch without padding: the same tokens as
+the separate rotary, and the same semantics as the builder's folders for padded batches.
+
+All or nothing: when any attention cannot take this form (no GroupQueryAttention, rotary that
+is not a whole-head ``RotaryEmbedding`` over the graph's ``position_ids``, rotary caches scaled
+after the cosine, a sliding window, a past read by anything but its attention) the graph is
+left as it was and the reason is returned, so the folder keeps separate buffers
+(``past_present_share_buffer = false``), slower but exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from graphc.core import ops
+
+MS = "com.microsoft"
+STEP = "genai-shared-buffer"  # recorded on each rewritten node
+
+
+@dataclass
+class _Plan:
+    """One GroupQueryAttention and what its rewritten form reads."""
+
+    node: ir.Node
+    query: ir.Value  # [B, S, H·D] before rotary
+    key: ir.Value  # [B, S, Hkv·D] before rotary
+    freq: np.ndarray  # inv_freq, [D / 2]
+    interleaved: int
+
+
+class _Refused(Exception):
+    """A reason the graph keeps separate rotary and buffers."""
+
+
+def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str, Any] | None = None) -> str | None:
+    """Rewrite ``model`` in place into genai's shared-buffer GroupQueryAttention form.
+
+    Returns None when rewritten, else why not (the graph is then unchanged)."""
+    try:
+        plans, mask = _plan(model, hf_config or {})
+    except _Refused as reason:
+        return str(reason)
+    _rewrite(model, plans, mask, context_length)
+    return None
+
+
+def _plan(model: ir.Model, hf: dict[str, Any]) -> tuple[list[_Plan], ir.Value]:
+    graph = model.graph
+    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
+        raise _Refused("the model attends over a sliding window, which the mask carries")
+    inputs = {v.name: v for v in graph.inputs}
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        raise _Refused("the decoder has no attention_mask input to derive seqlens_k from")
+    nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS]
+    if not nodes:
+        raise _Refused("attention is not GroupQueryAttention (compress with a fuse or int4 recipe for it)")
+    plans = [_plan_one(n, graph, inputs.get("position_ids")) for n in nodes]
+    _check_pasts_read_only_by(graph, plans, mask)
+    return plans, mask
+
+
+def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None) -> _Plan:
+    if node.graph is not graph:
+        raise _Refused(f"{node.name}: attention inside a subgraph")
+    a = node.attributes
+    if a.get_int("do_rotary", 0) or a.get_int("local_window_size", -1) != -1 or a.get_float("softcap", 0.0):
+        raise _Refused(f"{node.name}: attention already has rotary, a local window or a softcap")
+    ins = list(node.inputs) + [None] * (12 - len(node.inputs))
+    if any(v is None for v in ins[:5]) or any(v is not None for v in ins[7:10] + ins[11:]):
+        raise _Refused(f"{node.name}: not query, key, value and the past without rotary caches")
+    past_key, past_value = ins[3], ins[4]
+    if not (past_key.is_graph_input() and past_value.is_graph_input()):
+        raise _Refused(f"{node.name}: its past keys and values are not graph inputs")
+    if not all(out.is_graph_output() for out in node.outputs[1:3]):
+        raise _Refused(f"{node.name}: its presents are not graph outputs")
+    head = _head_size(node)
+    if head % 16:
+        raise _Refused(f"head size {head} is not a multiple of 16 (ONNX Runtime's rotary inside the op)")
+    q_rot, k_rot = (_whole_head_rotary(v, head, position_ids, node.name) for v in ins[:2])
+    if (q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]
+            or q_rot.attributes.get_int("interleaved", 0) != k_rot.attributes.get_int("interleaved", 0)):
+        raise _Refused(f"{node.name}: query and key rotate with different caches")
+    freq = _inv_freq(q_rot.inputs[2], q_rot.inputs[3], head)
+    return _Plan(node, q_rot.inputs[0], k_rot.inputs[0], freq, q_rot.attributes.get_int("interleaved", 0))
+
+
+def _head_size(node: ir.Node) -> int:
+    past = node.inputs[3]
+    if past.shape is None or len(past.shape) != 4 or not isinstance(past.shape[3], int):
+        raise _Refused(f"{node.name}: the past's head size is not static")
+    return past.shape[3]
+
+
+def _whole_head_rotary(value: ir.Value, head: int, position_ids: ir.Value | None, where: str) -> ir.Node:
+    """The ``RotaryEmbedding`` on [B, S, heads·D] that produced ``value``, rotating the whole head
+    at the graph's own ``position_ids`` with an unscaled output."""
+    rot = value.producer()
+    if rot is None or rot.op_type != "RotaryEmbedding" or rot.domain != MS or len(rot.inputs) != 4:
+        raise _Refused(f"{where}: query or key is not rotated by a RotaryEmbedding the op can take in "
+                       "(partial rotary, or rotary left as primitive ops)")
+    x = rot.inputs[0]
+    if x is None or x.shape is None or len(x.shape) != 3:
+        raise _Refused(f"{where}: rotary input is not [B, S, heads·D]")
+    if (rot.attributes.get_int("rotary_embedding_dim", 0) not in (0, head)
+            or rot.attributes.get_int("is_packed_batching", 0) or rot.attributes.get_float("scale", 1.0) != 1.0):
+        raise _Refused(f"{where}: rotary over part of the head, packed batches or a scale")
+    pos = rot.inputs[1]
+    while pos is not None and pos.producer() is not None and pos.producer().op_type in ("Cast", "Expand"):
+        pos = pos.producer().inputs[0]
+    if position_ids is None or pos is not position_ids:
+        raise _Refused(f"{where}: rotary positions are not the graph's position_ids")
+    return rot
+
+
+def _inv_freq(cos: ir.Value, sin: ir.Value, head: int) -> np.ndarray:
+    """inv_freq from ``Cos(MatMul(positions, inv_freq))`` / ``Sin(same)`` (``rotary_cache.py``'s
+    caches), or from constant caches of consecutive positions."""
+    c, s = cos.producer(), sin.producer()
+    if c is not None and s is not None and c.op_type == "Cos" and s.op_type == "Sin" and c.inputs[0] is s.inputs[0]:
+        angles = c.inputs[0].producer()
+        freq = _matmul_weight(angles) if angles is not None else None
+        if freq is not None and freq.shape[0] == 1 and 2 * freq.size == head:
+            return freq.reshape(-1)
+    raise _Refused("rotary caches are not cos/sin of positions × inv_freq over the whole head "
+                   "(scaled or precomputed caches)")
+
+
+def _matmul_weight(node: ir.Node) -> np.ndarray | None:
+    """The constant [K, N] weight of a ``MatMul``, or of a ``MatMulNBits`` dequantized (a
+    quantizer may have taken the [1, D/2] inv_freq for a linear layer: the caches are then
+    what that graph computed)."""
+    if node.op_type == "MatMul" and node.domain == "":
+        return _constant(node.inputs[1])
+    if node.op_type != "MatMulNBits" or node.domain != MS or len(node.inputs) > 4:
+        return None
+    from graphc.passes._blockquant import BlockQuant, unpack
+
+    a = node.attributes
+    k, n, bits, block = (a.get_int(name, 0) for name in ("K", "N", "bits", "block_size"))
+    packed, scales = _constant(node.inputs[1]), _constant(node.inputs[2])
+    zero_value = node.inputs[3] if len(node.inputs) > 3 else None
+    zeros = _constant(zero_value) if zero_value is not None else None
+    if packed is None or scales is None or (zero_value is not None and zeros is None) or bits not in (2, 4, 8):
+        return None
+    blocks = -(-k // block)
+    q = unpack(packed.reshape(n, blocks, -1), bits, block)
+    zero = (unpack(zeros.reshape(n, -1), bits, blocks) if zeros is not None
+            else np.full((n, blocks), 1 << (bits - 1), np.uint8))
+    quant = BlockQuant(q, scales.reshape(n, blocks), zero, bits, block, k, zeros is None)
+    return quant.dequantize().T
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """A constant as float32 (through one Cast, as fp16 scales are stored)."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Cast" and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+        return node.inputs[0].const_value.numpy().astype(np.float32)
+    return None
+
+
+def _check_pasts_read_only_by(graph: ir.Graph, plans: list[_Plan], mask: ir.Value) -> None:
+    """A shared buffer holds ``max_length`` rows, most of them not yet written: any node that
+    would still read a past (its shape included) after the rewrite would see them."""
+    new_inputs = {id(p.node): [p.query, p.key, p.node.inputs[2], p.node.inputs[3], p.node.inputs[4], mask]
+                  for p in plans}
+    live: set[int] = set()
+    stack = [v.producer() for v in graph.outputs if v.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in live:
+            continue
+        live.add(id(node))
+        for v in new_inputs.get(id(node), node.inputs):
+            if v is not None and v.producer() is not None:
+                stack.append(v.producer())
+    attention = {id(p.node) for p in plans}
+    for p in plans:
+        for past in p.node.inputs[3:5]:
+            for user, _ in past.uses():
+                if id(user) in live and id(user) not in attention and not _reads_no_length(user):
+                    raise _Refused(f"{past.name} is also read by {user.op_type} {user.name!r}")
+
+
+def _reads_no_length(node: ir.Node) -> bool:
+    """A ``Shape`` of a past that leaves out its sequence axis (2): batch, heads and head size
+    are the same in a shared buffer."""
+    if node.op_type != "Shape" or node.domain != "":
+        return False
+    start = node.attributes.get_int("start", 0) % 4
+    end = node.attributes.get_int("end", 4)
+    end = end % 4 if end < 0 else min(end, 4)
+    return not start <= 2 < end
+
+
+def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length: int) -> None:
+    graph = model.graph
+    first = plans[0].node
+    tape = ir.tape.Tape()
+    axis = tape.op("Constant", [], {"value": ir.tensor(np.array([1], np.int64))})
+    one = tape.op("Constant", [], {"value": ir.tensor(np.array([1], ir.DataType(mask.dtype or ir.DataType.INT64).numpy()))})
+    length = tape.op("ReduceSum", [mask, axis], {"keepdims": 0})
+    seqlens = tape.op("Cast", [tape.op("Sub", [length, one])], {"to": ir.DataType.INT32})
+    width = tape.op("Shape", [mask], {"start": 1, "end": 2})
+    total = tape.op("Cast", [tape.op("Squeeze", [width])], {"to": ir.DataType.INT32})
+    taken = {v.name for n in graph.all_nodes() for v in n.outputs} | {v.name for v in graph.inputs} | set(graph.initializers)
+    for i, node in enumerate(tape.nodes):  # unnamed values would take names the graph already uses
+        node.name = _fresh(f"genai_seqlens_{i}", taken)
+        node.outputs[0].name = _fresh(f"genai_seqlens_{i}_{node.op_type.lower()}", taken)
+        node.metadata_props[ops.META_PASS] = STEP
+    seqlens.name, total.name = _fresh("seqlens_k", taken), _fresh("total_sequence_length", taken)
+    graph.insert_before(first, tape.nodes)
+    caches: dict[bytes, tuple[ir.Value, ir.Value]] = {}
+    for i, plan in enumerate(plans):
+        node = plan.node
+        key = plan.freq.tobytes()
+        if key not in caches:
+            caches[key] = _caches(graph, plan.freq, context_length, node.inputs[0].dtype, taken)
+        cos, sin = caches[key]
+        node.resize_inputs(9)
+        for index, value in ((0, plan.query), (1, plan.key), (5, seqlens), (6, total), (7, cos), (8, sin)):
+            node.replace_input_with(index, value)
+        node.attributes.pop("causal", None)  # the op's default: causal
+        node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
+        node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", plan.interleaved)
+        node.metadata_props[ops.META_PASS] = STEP
+        for present in node.outputs[1:3]:
+            present.shape = ir.Shape([present.shape[0], present.shape[1], "present_sequence_length", present.shape[3]])
+        _drop_reshape_round_trips(node, plan.query)
+    common.RemoveUnusedNodesPass()(model)
+    unused = [v for v in graph.inputs if v.name == "position_ids" and not v.uses()]
+    for value in unused:  # genai then feeds no positions (the op derives them)
+        graph.inputs.remove(value)
+
+
+def _drop_reshape_round_trips(node: ir.Node, query: ir.Value) -> None:
+    """The value goes in, and the output comes out, through Reshape pairs that end where they
+    started ([B, S, n·D] → [B, S, n, D] → [B, S, n·D], left by the Transposes that cancelled
+    around the fused op): each costs a kernel call per layer and decode step for nothing."""
+    source = _round_trip(node.inputs[2])
+    if source is not None:
+        node.replace_input_with(2, source)
+    out = node.outputs[0]
+    users = [user for user, _ in out.uses()]
+    if len(users) != 1 or users[0].op_type != "Reshape" or users[0].domain != "":
+        return
+    for user, _ in list(users[0].outputs[0].uses()):
+        if user.op_type == "Reshape" and user.domain == "" and _round_trip(user.outputs[0], query) is not None:
+            end = user.outputs[0]
+            if not end.is_graph_output():
+                out.shape = end.shape
+                ir.convenience.replace_all_uses_with(end, out)
+
+
+def _round_trip(value: ir.Value | None, start: ir.Value | None = None) -> ir.Value | None:
+    """``x`` when ``value = Reshape(Reshape(x))`` has ``x``'s (or ``start``'s) known shape."""
+    second = value.producer() if value is not None else None
+    first = second.inputs[0].producer() if second is not None and second.op_type == "Reshape" else None
+    if first is None or first.op_type != "Reshape" or second.domain or first.domain:
+        return None
+    source = first.inputs[0]
+    reference = start if start is not None else source
+    return source if _same_shape(reference.shape, value.shape) else None
+
+
+def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
+    """Equal by construction: static dims equal, symbolic dims named alike by shape inference."""
+    if a is None or b is None or len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, int) or isinstance(y, int):
+            if x != y:
+                return False
+        elif x.value is None or x.value != y.value:
+            return False
+    return True
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``... : the first not yet in ``taken`` (then taken)."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _caches(graph: ir.Graph, freq: np.ndarray, rows: int, dtype: ir.DataType | None,
+            taken: set[str]) -> tuple[ir.Value, ir.Value]:
+    """cos/sin caches [rows, D/2], computed in float32 as the graph did (then in the model's dtype)."""
+    angles = np.arange(rows, dtype=np.float32)[:, None] * freq[None, :]
+    np_type = ir.DataType(dtype).numpy() if dtype is not None else np.float32
+    values = []
+    for name, fn in (("cos_cache", np.cos), ("sin_cache", np.sin)):
+        tensor = ir.tensor(fn(angles).astype(np_type), name=_fresh(name, taken))
+        value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        graph.register_initializer(value)
+        values.append(value)
+    return values[0], values[1]

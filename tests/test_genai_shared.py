@@ -1,0 +1,178 @@
+"""genai folders in the shared-buffer form (exporters/genai_gqa.py): GroupQueryAttention with
+rotary inside over one past/present buffer, and the clean fallback where a graph cannot take it.
+
+Tiny random decoders with a head size of 16 (ONNX Runtime's rotary inside the op needs a
+multiple of 16). Tokens are greedy through og.Generator, compared with PyTorch's generate and
+with graphc.front.generate on the same compressed graph before the rewrite.
+"""
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graphc.core.errors import GraphcError
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
+
+PROMPT = [5, 17, 33, 8, 61, 90, 2, 44]
+NEW = 16
+SHARED_NOTICE = "keeps separate past/present buffers"
+
+
+def _save(folder, config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def llama16(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=100, max_position_embeddings=128)
+    return _save(tmp_path_factory.mktemp("hf") / "llama16", config)
+
+
+@pytest.fixture(scope="module")
+def exported(llama16, tmp_path_factory):
+    from graphc.front.api import export
+
+    out = tmp_path_factory.mktemp("exp") / "genai"
+    result = export(llama16[0], out, kv_cache=True, genai=True)
+    return out, result
+
+
+def _torch_greedy(model, prompt, n):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _attention(folder):
+    model = ir.load(folder / "model.onnx")
+    return model, [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+
+
+def _assert_shared_form(folder, rotary_rows):
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert "position_ids" not in config["model"]["decoder"]["inputs"]
+    model, attention = _attention(folder)
+    assert len(attention) == 2
+    assert not [n for n in model.graph if n.op_type == "RotaryEmbedding"]
+    assert "position_ids" not in [v.name for v in model.graph.inputs]
+    for node in attention:
+        assert node.attributes.get_int("do_rotary") == 1 and node.attributes.get_int("rotary_interleaved") == 0
+        assert node.attributes.get_int("causal", 1) == 1 and len(node.inputs) == 9
+        cos, sin = node.inputs[7], node.inputs[8]
+        assert cos.const_value is not None and list(cos.shape) == [rotary_rows, 8] and sin.const_value is not None
+        seqlens, total = node.inputs[5].producer(), node.inputs[6].producer()
+        assert seqlens.op_type == "Cast" and total.op_type == "Cast"  # from attention_mask, as the builder
+        assert "attention_mask" in {v.name for v in _ancestors(node.inputs[5])}
+        # value in and output out as [B, S, n·D], with no Reshape pair there and back
+        assert node.inputs[2].producer().op_type in ("MatMul", "MatMulNBits")
+        assert {user.op_type for user, _ in node.outputs[0].uses()} <= {"MatMul", "MatMulNBits"}
+
+
+def _ancestors(value):
+    seen, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        seen.append(v)
+        if v.producer() is not None:
+            stack.extend(i for i in v.producer().inputs if i is not None)
+    return seen
+
+
+def test_exported_folder_keeps_separate_buffers_with_a_notice(llama16, exported):
+    from graphc.exporters.genai import generate
+
+    out, result = exported
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert any(SHARED_NOTICE in n and "not GroupQueryAttention" in n for n in result.notices)
+    assert generate(out, PROMPT, NEW) == _torch_greedy(llama16[1], PROMPT, NEW)
+
+
+@pytest.mark.parametrize("recipe", ["fuse", "int4-rtn"])
+def test_compressed_folder_takes_the_shared_buffer_form(llama16, exported, tmp_path, recipe):
+    """Rotary inside the op over a shared buffer: genai's tokens equal graphc.front.generate's on the
+    same recipe's graph written without the rewrite (and, unquantized, PyTorch's)."""
+    from graphc.front.api import compress
+    from graphc.exporters.genai import generate
+    from graphc.front.generate import Decoder
+
+    src = exported[0] / "model.onnx"
+    if recipe == "int4-rtn":
+        path = tmp_path / "int4-rtn.toml"
+        path.write_text('name = "int4-rtn"\n[tolerance]\nmin_cosine = 0.9\n'
+                        '[[passes]]\nname = "fuse-ort"\n'
+                        '[[passes]]\nname = "quantize-nbits"\noptions = { bits = 4, block_size = 16, method = "rtn" }\n')
+        recipe = str(path)
+    result = compress(src, tmp_path / "genai", recipe=recipe, genai=True)
+    assert not [n for n in result.notices if SHARED_NOTICE in n]
+    _assert_shared_form(tmp_path / "genai", rotary_rows=128)
+    plain = compress(src, tmp_path / "plain.onnx", recipe=recipe)
+    ours = Decoder(tmp_path / "plain.onnx").greedy(np.array([PROMPT]), NEW).tokens[0].tolist()
+    tokens = generate(tmp_path / "genai", PROMPT, NEW)
+    assert tokens == ours
+    with pytest.raises(GraphcError, match="shared past/present buffer form"):
+        Decoder(tmp_path / "genai" / "model.onnx")  # genai's buffers, not graphc.front.generate's
+    if "int4" in recipe:
+        assert any(n.op_type == "MatMulNBits" for n in result.model.graph)
+    else:
+        assert tokens == _torch_greedy(llama16[1], PROMPT, NEW)
+
+
+def test_rotary_left_unfused_falls_back_with_a_notice(llama16, exported, tmp_path):
+    """GroupQueryAttention whose rotary stayed primitive ops (fuse-ort's rotary off): the folder
+    keeps separate buffers and the model's own rotary, and says why; tokens stay PyTorch's."""
+    from graphc.front.api import compress
+    from graphc.exporters.genai import generate
+
+    path = tmp_path / "fuse-norotary.toml"
+    path.write_text('name = "fuse-norotary"\n[[passes]]\nname = "fuse-ort"\noptions = { rotary = false }\n')
+    result = compress(exported[0] / "model.onnx", tmp_path / "genai", recipe=str(path), genai=True)
+    _, attention = _attention(tmp_path / "genai")
+    assert attention and all(n.attributes.get_int("do_rotary", 0) == 0 for n in attention)
+    config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert any(SHARED_NOTICE in n and "RotaryEmbedding" in n for n in result.notices)
+    assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(llama16[1], PROMPT, NEW)
+
+
+def test_partial_rotary_falls_back_with_a_notice(tmp_path):
+    """Phi-3 rotating half of each head: the op's rotary would rotate all of it, so the folder
+    keeps the model's rotary and separate buffers; tokens stay PyTorch's."""
+    from transformers import Phi3Config
+
+    from graphc.front.api import compress, export
+    from graphc.exporters.genai import generate
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    config = Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=100, max_position_embeddings=128,
+                        partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    folder, model = _save(tmp_path / "phi3", config)
+    export(folder, tmp_path / "exp", kv_cache=True, genai=True)
+    result = compress(tmp_path / "exp" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+    assert [n for n in result.model.graph if n.op_type == "GroupQueryAttention"]  # attention itself fused
+    config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert any(SHARED_NOTICE in n for n in result.notices)
+    assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
