@@ -4,13 +4,21 @@ statistics, the deployment target, and where a run may write. Nothing here impor
 ``graphc.checks`` or ``graphc.front``."""
 
 
-def __getattr__(name: str):
-    """Submodules on first access (``import graphc; graphc.core.io``), as the package does."""
-    import importlib
+def submodules_on_access(package: str):
+    """A PEP 562 ``__getattr__`` for ``package``: its submodules imported on first access
+    (``import graphc; graphc.core.io``); ``graphc.checks`` and ``graphc.front`` use it too."""
 
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    def get(name: str):
+        import importlib
+
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{package}.{name}":
+                raise
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return get
+
+
+__getattr__ = submodules_on_access(__name__)

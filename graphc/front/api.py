@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,29 @@ def to_ir(model: ModelLike) -> tuple[ir.Model, Path | None]:
     raise ModelLoadError(f"cannot compress a {type(model).__name__}; pass a path, onnx_ir.Model, ModelProto or gs.Graph")
 
 
+def _with_executor(run: Callable[..., CompressResult]) -> Callable[..., CompressResult]:
+    """``compress``'s ``workers``/``ray``: an executor made for the call (and closed after it),
+    or the caller's own ``executor``, left open."""
+
+    @functools.wraps(run)
+    def call(model: ModelLike, output: str | os.PathLike | None = None, *, workers: int | None = None,
+             ray: str | None = None, executor: Any = None, **options: Any) -> CompressResult:
+        from graphc.core.executor import make_executor
+
+        if options.get("recipe") == "auto" and (workers is not None or ray or executor is not None):
+            raise GraphcError("recipe auto does not send work to Ray workers yet: pick a recipe (e.g. int4) with "
+                              "--workers/--ray")
+        owned = make_executor(workers, ray) if executor is None else None
+        try:
+            return run(model, output, executor=executor or owned, **options)
+        finally:
+            if owned is not None:
+                owned.close()
+
+    return call
+
+
+@_with_executor
 def compress(
     model: ModelLike,
     output: str | os.PathLike | None = None,
@@ -124,7 +148,7 @@ def compress(
     calibration_data: str | os.PathLike | None = None,
     tokenizer: str | os.PathLike | None = None,
     preprocess: str | None = None,
-    workers: int | None = None,
+    workers: int | None = None,  # these two are taken by _with_executor, which passes ``executor``
     ray: str | None = None,
     executor: Any = None,
 ) -> CompressResult:
@@ -152,50 +176,6 @@ def compress(
     ``executor``: a ``graphc.core.executor`` object of one's own, left open. The written model is
     byte-identical with or without them. The cluster is reached before any work.
     """
-    from graphc.core.executor import make_executor
-
-    if recipe == "auto" and (workers is not None or ray or executor is not None):
-        raise GraphcError("recipe auto does not send work to Ray workers yet: pick a recipe (e.g. int4) with "
-                          "--workers/--ray")
-    owned = make_executor(workers, ray) if executor is None else None
-    try:
-        return _compress(model, output, recipe=recipe, force=force, disable=disable, check_each_pass=check_each_pass,
-                         validate=validate, feeds=feeds, progress=progress, instruments=instruments,
-                         dump_dir=dump_dir, attribution=attribution, report=report, target=target,
-                         shape_hint=shape_hint, genai=genai, inputs=inputs, input_shapes=input_shapes,
-                         validate_timeout=validate_timeout, calibration_data=calibration_data, tokenizer=tokenizer,
-                         preprocess=preprocess, executor=executor or owned)
-    finally:
-        if owned is not None:
-            owned.close()
-
-
-def _compress(
-    model: ModelLike,
-    output: str | os.PathLike | None = None,
-    *,
-    recipe: str | os.PathLike | Recipe = "int8",
-    force: bool = False,
-    disable: Sequence[str] = (),
-    check_each_pass: bool = False,
-    validate: bool = True,
-    feeds: Sequence[dict] | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-    instruments: Sequence[Any] = (),
-    dump_dir: str | os.PathLike | None = None,
-    attribution: bool = True,
-    report: str | os.PathLike | None = None,
-    target: str | None = None,
-    shape_hint: str | Sequence[int] | None = None,
-    genai: bool = False,
-    inputs: str | os.PathLike | None = None,
-    input_shapes: Any = None,
-    validate_timeout: float | None = None,
-    calibration_data: str | os.PathLike | None = None,
-    tokenizer: str | os.PathLike | None = None,
-    preprocess: str | None = None,
-    executor: Any = None,
-) -> CompressResult:
     from graphc.core.target import resolve
 
     target_info = resolve(target)
