@@ -85,3 +85,27 @@ def table_readers(value: ir.Value):
         else:
             return f"also read by {node.op_type} {node.name or ''} (input {index})".rstrip()
     return gathers, direct, transposed
+
+
+def readable_tables(values, stats):
+    """(value, label, gathers, direct, transposed, table array) for each table of ``values``
+    that may be rewritten; the others are skipped in ``stats`` with the reason
+    (:func:`table_readers`)."""
+    from graphc.passes._quant import const_array
+
+    for value in values:
+        label = value.name or "table"
+        readers = table_readers(value)
+        if isinstance(readers, str):
+            stats.skip(label, readers)
+            continue
+        yield (value, label, *readers, const_array(value))
+
+
+def node_candidates(graph, candidate, stats, nothing: str) -> list:
+    """``candidate(graph, node, stats)`` of every node that gives one; ``nothing`` noted in
+    ``stats`` when none does."""
+    found = [c for n in list(graph) if (c := candidate(graph, n, stats)) is not None]
+    if not found:
+        stats.notes.append(nothing)
+    return found

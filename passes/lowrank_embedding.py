@@ -30,7 +30,7 @@ from graphc.core import ops
 from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
-from graphc.passes._weights import table_readers
+from graphc.passes._weights import readable_tables
 from graphc.core.registry import register
 
 
@@ -72,14 +72,7 @@ class LowRankEmbedding(GraphcPass):
                 if table is not None and table.ndim == 2 and np.issubdtype(table.dtype, np.floating):
                     tables.setdefault(id(node.inputs[0]), node.inputs[0])
         modified = False
-        for value in tables.values():
-            label = value.name or "table"
-            readers = table_readers(value)
-            if isinstance(readers, str):
-                stats.skip(label, readers)
-                continue
-            gathers, direct, transposed = readers
-            table = const_array(value)
+        for value, label, gathers, direct, transposed, table in readable_tables(tables.values(), stats):
             vocab, dim = table.shape
             if table.dtype != np.float32:
                 stats.skip(label, f"table dtype {table.dtype} is not float32")

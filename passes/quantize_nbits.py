@@ -41,7 +41,7 @@ from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import (constant, drop_unused_initializers, ensure_opset, gemm_terms, nonfinite_reason,
                                   outer_product_reason, release_pages)
-from graphc.passes._weights import META_WEIGHT, constant_weight, planned_config, weight_digest
+from graphc.passes._weights import META_WEIGHT, constant_weight, planned_config, weight_digest, node_candidates
 from graphc.core.registry import register
 
 QDQ_OPSET = 21
@@ -164,9 +164,8 @@ class QuantizeNBits(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         emit, method = self._validate()
         graph = model.graph
-        cands = [c for n in list(graph) if (c := self._candidate(graph, n, stats)) is not None]
+        cands = node_candidates(graph, self._candidate, stats, "no constant-weight MatMul/Gemm found")
         if not cands:
-            stats.notes.append("no constant-weight MatMul/Gemm found")
             return False
         if emit is Emit.MS:
             ensure_opset(model, ops.MS_DOMAIN, ops.MS_OPSET)

@@ -42,7 +42,7 @@ from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes import _row_use as row_use
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
-from graphc.passes._weights import table_readers
+from graphc.passes._weights import readable_tables
 from graphc.core.registry import register
 
 
@@ -79,14 +79,7 @@ class SplitVocab(GraphcPass):
         fractions = self._validate()
         graph = model.graph
         found = []
-        for value in _tables(graph):
-            label = value.name or "table"
-            readers = table_readers(value)
-            if isinstance(readers, str):
-                stats.skip(label, readers)
-                continue
-            gathers, direct, transposed = readers
-            table = const_array(value)
+        for value, label, gathers, direct, transposed, table in readable_tables(_tables(graph), stats):
             if direct or not transposed or not gathers:
                 stats.skip(label, "not a table tied to an LM head (a Gather and a MatMul through a Transpose)")
                 continue

@@ -39,7 +39,7 @@ from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
 from graphc.passes._quant import constant, drop_unused_initializers, gemm_weight, weight_problem
-from graphc.passes._weights import constant_weight
+from graphc.passes._weights import constant_weight, node_candidates
 from graphc.core.registry import register
 
 
@@ -93,9 +93,8 @@ class SvdLinear(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         method, rule = self._validate()
         graph = model.graph
-        cands = [c for n in list(graph) if (c := self._candidate(graph, n, stats)) is not None]
+        cands = node_candidates(graph, self._candidate, stats, "no constant-weight MatMul/Gemm to factorize")
         if not cands:
-            stats.notes.append("no constant-weight MatMul/Gemm to factorize")
             return False
         moments = self._moments(model, cands, stats) if method is not lr.Method.PLAIN else {}
         producers = [c.node.inputs[1].producer() for c in cands]
