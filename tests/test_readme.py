@@ -78,8 +78,29 @@ def test_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "minilm.int8.onnx").exists()
 
 
-# the README's commands that need a real model, a user's data or a long run: parsed above, not run
-_NOT_RUN = ("graphc export", "--inputs", "--calibration-data", "smollm2", "--max-error", "--recipe int4")
+# the README's commands that need a real model or a long run: parsed above, not run
+_NOT_RUN = ("graphc export", "smollm2", "--max-error", "--recipe int4")
+
+
+def _stand_ins(folder: Path) -> None:
+    """The README's file names as tiny models and data: minilm.onnx and any.onnx (an MLP) with
+    feeds.npz, model.onnx (an encoder) with its tokenizer beside it and notes.txt, vit.onnx (a
+    Conv image model) with photos/."""
+    import numpy as np
+
+    from tests import calibration_builders as cb
+
+    ir.save(mlp(), folder / "minilm.onnx")
+    model = mlp()
+    ir.save(model, folder / "any.onnx")
+    feed = {v.name: np.random.default_rng(0).standard_normal([d if isinstance(d, int) else 2 for d in v.shape])
+            .astype(np.float32) for v in model.graph.inputs}
+    np.savez(folder / "feeds.npz", **feed)
+    cb.encoder(folder / "model.onnx")
+    cb.make_tokenizer(folder)
+    (folder / "notes.txt").write_text("\n".join(cb.lines(40)) + "\n")
+    cb.vision(folder / "vit.onnx")
+    cb.image_folder(folder / "photos")
 
 
 def test_cli_examples_run(tmp_path, monkeypatch, capsys):
@@ -87,7 +108,7 @@ def test_cli_examples_run(tmp_path, monkeypatch, capsys):
     with the README's file names: exit 0, or 3 where a tiny random model misses a tolerance."""
     from graphc.front.cli import main
 
-    ir.save(mlp(), tmp_path / "minilm.onnx")
+    _stand_ins(tmp_path)
     monkeypatch.chdir(tmp_path)
     lines = [l.split("#")[0].strip() for b in _blocks("sh") for l in b.splitlines()]
     commands = [re.sub(r"\[[^\]]*\]", "", l) for l in lines if l.startswith("graphc ")]
@@ -97,6 +118,7 @@ def test_cli_examples_run(tmp_path, monkeypatch, capsys):
             continue
         argv = shlex.split(line)[1:]
         assert main(argv) in (0, 3), line
-        ran.append(argv[0] if argv[0] != "--json" else argv[1])
+        ran.append(argv)
     capsys.readouterr()
-    assert {"compress", "validate", "inspect", "report", "passes"} <= set(ran)
+    assert {"compress", "validate", "inspect", "report", "passes"} <= {a[0] if a[0] != "--json" else a[1] for a in ran}
+    assert sum("--calibration-data" in a for a in ran) == 2 and any("--inputs" in a for a in ran)
