@@ -40,7 +40,8 @@ class Fallback:
 def float_fallback(model: ir.Model, weights: Mapping[str, ir.Value], dequantized: Mapping[str, np.ndarray],
                    feeds: Sequence[dict], max_error: float,
                    report: Callable[[int, int], None] | None = None) -> Fallback:
-    """``weights``: initializer name → value (main graph); ``dequantized``: name → the weight
+    """``weights``: weight name → its value (``.name``, ``.const_value``: an initializer or a
+    Constant node's output, in the main graph or a subgraph); ``dequantized``: name → the weight
     as int8 would store it, back in float."""
     layers = [SimpleNamespace(value=v) for v in weights.values()]
     evaluator = Evaluator(model, layers, list(feeds)[:MAX_FEEDS], metric="tensor")

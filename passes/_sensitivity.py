@@ -211,9 +211,45 @@ def weight_input_proto(model: ir.Model, layers: Sequence[Layer]):
     moved = [t for t in proto.graph.initializer if t.name in names]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
+    moved += _constants_out(proto.graph, names - {t.name for t in moved})
     for t in moved:
         proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return proto
+
+
+def _constants_out(graph, names: set[str]) -> list:
+    """Tensors of the ``Constant`` nodes (in ``graph`` or any subgraph below it) whose outputs
+    are among ``names``, their nodes removed: the main graph's inputs of the same names take
+    their place (a subgraph reads an outer-scope value by name)."""
+    import onnx
+
+    found = []
+    if not names:
+        return found
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] in names:
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(value.t)
+                tensor.name = node.output[0]
+                found.append(tensor)
+                continue
+        keep.append(node)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                found += _constants_out(sub, names)
+                sub_init = [t for t in sub.initializer if t.name in names]
+                if sub_init:
+                    rest = [t for t in sub.initializer if t.name not in names]
+                    del sub.initializer[:]
+                    sub.initializer.extend(rest)
+                    found += sub_init
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    return found
 
 
 def weight_input_session(model: ir.Model, layers: Sequence[Layer]):

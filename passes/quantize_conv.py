@@ -18,6 +18,7 @@ per-layer calibrated ranges and, on saturating targets, the slower u8u8 kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import onnx_ir as ir
@@ -66,7 +67,7 @@ class QuantizeConv(GraphcPass):
                 w = self._weight(node, stats)
                 if w is None:
                     continue
-                if graph is model.graph and node.inputs[1].name in kept:
+                if node.inputs[1].name in kept:
                     stats.skip(node.name or node.op_type, kept[node.inputs[1].name])
                     continue
                 value = node.inputs[1]
@@ -116,14 +117,17 @@ class QuantizeConv(GraphcPass):
                             "(pass --inputs or a model with real data)", pass_name=self.name)
         weights: dict[str, ir.Value] = {}
         deq: dict[str, np.ndarray] = {}
-        for node in model.graph:
-            value = node.inputs[1] if len(node.inputs) > 1 else None
-            w = self._weight(node, None)
-            if w is None or value is None or not value.is_initializer() or value.name in deq:
-                continue
-            q, scale, zp = int8_weight(w, _channel_axis(node), form.value)
-            weights[value.name] = value
-            deq[value.name] = ((q.astype(np.float32) - (float(zp) if zp is not None else 0.0)) * scale).astype(np.float32)
+        for graph in [model.graph, *subgraphs(model.graph)]:
+            for node in graph:
+                value = node.inputs[1] if len(node.inputs) > 1 else None
+                w = self._weight(node, None)
+                if w is None or value is None or not value.name or value.name in deq:
+                    continue
+                q, scale, zp = int8_weight(w, _channel_axis(node), form.value)
+                # initializers and Constant nodes, in the main graph or in If/Loop bodies: the
+                # measuring copy feeds each as a main-graph input of its name (_sensitivity)
+                weights[value.name] = SimpleNamespace(name=value.name, const_value=ir.tensor(w))
+                deq[value.name] = ((q.astype(np.float32) - (float(zp) if zp is not None else 0.0)) * scale).astype(np.float32)
         if not deq:
             return {}
         result = float_fallback(model, weights, deq, self.context.calibration, self.options.max_error,

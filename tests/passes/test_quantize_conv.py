@@ -151,3 +151,48 @@ def test_quantize_conv_error_budget_needs_calibration_and_a_fraction():
         QuantizeConv(ConvInt8Options(max_error=0.01)).run(model, PassStats())
     with pytest.raises(GraphcError, match="max_error"):
         QuantizeConv.from_dict({"max_error": 1.5})
+
+
+def _if_conv_model() -> ir.Model:
+    """x [1, 3, 8, 8] → If(cond): then Conv(x, W_then), else Conv(x, W_else); both weights in
+    Constant nodes inside the branches (silero-vad's layout). W_then reads input channel 0 with
+    a weight of 30 and the feeds keep that channel at 0: free in float, costly at int8."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w_then = (rng.standard_normal((8, 3, 3, 3)) * 0.1).astype(np.float32)
+    w_then[:, 0, 0, 0] = 30.0
+    w_else = (rng.standard_normal((8, 3, 3, 3)) * 0.1).astype(np.float32)
+
+    def branch(name, w):
+        return helper.make_graph(
+            [helper.make_node("Constant", [], [f"{name}_w"], value=numpy_helper.from_array(w, f"{name}_w")),
+             helper.make_node("Conv", ["x", f"{name}_w"], [f"{name}_y"], name=f"{name}_conv", pads=[1, 1, 1, 1])],
+            name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 8, 8, 8])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", w_then), else_branch=branch("else", w_else))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+def test_quantize_conv_error_budget_reaches_constants_inside_if_branches():
+    def feed(seed):
+        x = np.random.default_rng(seed).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
+        x[:, 0] = 0.0
+        return {"x": x, "cond": np.array(True)}
+
+    model = _if_conv_model()
+    ref = make_session(model).run(None, feed(9))[0]
+    stats = PassStats()
+    context = PassContext(calibration=[feed(1), feed(2)], calibration_source="two test feeds")
+    QuantizeConv(ConvInt8Options(max_error=1e-4, min_elements=16), context).run(model, stats)
+    kept = [s for s in stats.skipped if "error budget" in str(s)]
+    assert len(kept) == 1 and "then_conv" in str(kept[0])
+    assert stats.counts["convs_quantized"] == 1  # the else branch's: the feeds never take it, its error is 0
+    got = make_session(model).run(None, feed(9))[0]
+    assert 1 - float(np.dot(ref.ravel(), got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got)) < 1e-4
