@@ -76,6 +76,19 @@ def test_unreachable_cluster_fails_in_one_line_before_any_work(deep, tmp_path, a
     assert time.monotonic() - start < 30
 
 
+def test_native_lines_while_ray_connects_do_not_reach_the_terminal():
+    """Ray's C++ client logs a line a second while it retries an address that accepts TCP but
+    does not answer as Ray (seen through a proxy): graphc hides file descriptor 2 around
+    ``ray.init`` and keeps its own one-line error."""
+    code = ("import os, sys\n"
+            "from graphc.core.ray_executor import _native_stderr_hidden\n"
+            "with _native_stderr_hidden():\n"
+            "    os.write(2, b'native noise\\n'); print('python noise', file=sys.stderr)\n"
+            "print('after', file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "after\n", out.stderr
+
+
 def test_workers_and_ray_are_exclusive_flags(deep, tmp_path):
     out = _graphc("compress", str(deep), "-o", str(tmp_path / "o.onnx"), "--workers", "2", "--ray", "auto")
     assert out.returncode == 2 and "not allowed with" in out.stderr

@@ -18,7 +18,11 @@ it; Ray itself is the optional extra ``graphc[distributed]``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -84,7 +88,8 @@ class RayExecutor:
                 raise DistributedError("Ray is already initialized in this process: pass executor=RayExecutor() "
                                        "to use that instance, or call ray.shutdown() first")
             try:
-                ray.init(**kwargs)
+                with _native_stderr_hidden():  # Ray's C++ client logs a line a second while it retries
+                    ray.init(**kwargs)
             except ConnectionError:
                 if address != "auto":
                     raise DistributedError(f"cannot reach the Ray cluster at {address}; nothing was done") from None
@@ -152,6 +157,25 @@ class RayExecutor:
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, workers={self.workers})"
+
+
+@contextlib.contextmanager
+def _native_stderr_hidden():
+    """File descriptor 2 pointed at a scratch file for the block: native code (Ray's C++ core
+    worker, which retries a GCS that does not answer as Ray for ~20 s) writes there, not on the
+    user's terminal, where graphc's own failure is one line. Python's ``sys.stderr`` is flushed
+    first; what went to the scratch file is dropped."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as scratch:
+            os.dup2(scratch.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _one_line(e: BaseException) -> str:
