@@ -95,7 +95,7 @@ class _session:
 
     def __enter__(self):  # noqa: ANN204
         from graphc.core.io import INLINE_LIMIT, tensor_bytes
-        from graphc.checks.validate import make_session
+        from graphc.core.session import make_session
 
         if tensor_bytes(self.model) <= INLINE_LIMIT:
             return make_session(self.model, what="exported model")

@@ -16,7 +16,8 @@ import onnx
 import onnx_ir as ir
 
 from graphc.core import ops
-from graphc.checks.validate import make_session, synthesize_inputs
+from graphc.checks.synth import synthesize_inputs
+from graphc.core.session import make_session
 
 _PROBE_SHAPES = ((3, 7), (2, 12))
 

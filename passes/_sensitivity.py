@@ -254,7 +254,7 @@ def _constants_out(graph, names: set[str]) -> list:
 
 def weight_input_session(model: ir.Model, layers: Sequence[Layer]):
     """An ORT session of ``model`` in which the layers' weights are graph inputs."""
-    from graphc.checks.validate import make_session
+    from graphc.core.session import make_session
 
     return make_session(weight_input_proto(model, layers), what="model during sensitivity measurement")
 
@@ -328,7 +328,7 @@ class Evaluator:
     def __init__(self, model: ir.Model, layers: Sequence[Layer], feeds: Sequence[dict], metric: str = "cosine"):
         if metric not in METRICS:
             raise ValueError(f"metric={metric!r}; supported: {', '.join(METRICS)}")
-        from graphc.checks.validate import make_session
+        from graphc.core.session import make_session
 
         self.metric = metric
         self.layers = list(layers)
@@ -357,7 +357,7 @@ class Evaluator:
         (``session``: one already made of the payload's model, in this process)."""
         import onnx
 
-        from graphc.checks.validate import make_session
+        from graphc.core.session import make_session
 
         self = cls.__new__(cls)
         self.metric, self.outputs, self.layers = payload["metric"], payload["outputs"], []

@@ -420,6 +420,6 @@ class PlanCompression(GraphcPass):
 
 
 def _session(model: ir.Model):
-    from graphc.checks.validate import make_session
+    from graphc.core.session import make_session
 
     return make_session(model, what="model after the plan")

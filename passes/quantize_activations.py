@@ -335,7 +335,7 @@ class ValueProbe:
     calibration sweeps over the same feeds more than once."""
 
     def __init__(self, model: ir.Model, names: Sequence[str]) -> None:
-        from graphc.checks.validate import make_session
+        from graphc.core.session import make_session
 
         with _inline(model) as proto:
             existing = {o.name for o in proto.graph.output}

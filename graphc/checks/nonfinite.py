@@ -28,7 +28,7 @@ def _float_outputs(model: ir.Model) -> list[tuple[str, str]]:
 
 def _run_all(model: ir.Model, names: Sequence[str], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     from graphc.core.io import inline_external_data
-    from graphc.checks.validate import make_session
+    from graphc.core.session import make_session
 
     with inline_external_data(model):
         proto = ir.serde.serialize_model(model)

@@ -36,7 +36,7 @@ class Decoder:
     """An ONNX Runtime session over a KV-cache decoder, with greedy generation."""
 
     def __init__(self, model: str | os.PathLike, *, threads: int | None = None, session=None) -> None:
-        from graphc.checks.validate import make_session
+        from graphc.core.session import make_session
 
         self.path = model
         self.session = session or make_session(model, threads=threads, what="KV-cache decoder")

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from graphc.core import ops
 from graphc.core.errors import PassError
-from graphc.checks.validate import make_session
+from graphc.core.session import make_session
 from graphc.passes import _blockquant as bq
 from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
