@@ -108,3 +108,23 @@ def save_tiny_sentence_transformer(folder: str | os.PathLike, *, pooling: str | 
     pooling_config = {"word_embedding_dimension": 32, **{f"pooling_mode_{m}": m in wanted for m in chosen.values()}}
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
     return folder
+
+
+def save_tiny_tokenizer(folder: str | os.PathLike, *, vocab_size: int = TINY_VOCAB) -> Path:
+    """A BPE tokenizer of ``vocab_size`` tokens (the tiny configs' vocabulary) trained on a few
+    Wikipedia paragraphs, saved as tokenizer.json + tokenizer_config.json: what a model folder
+    carries, so that graphc finds the model's own tokenizer."""
+    hf_offline()
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from graphc.models import data
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], limit_alphabet=vocab_size // 2,
+                                  show_progress=False)
+    tok.train_from_iterator(data.wiki_text("calibration")[:200], trainer)
+    folder = Path(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+    return folder

@@ -75,6 +75,9 @@ class AwqScale(GraphcPass):
     summary = "AWQ: scale weight rows by activation size, fold the inverse into the norm / gated FFN (float, exact)"
     Options = AwqScaleOptions
     needs_calibration = True
+    # x becomes x / s on each scaled group's input, everything else stays equal; the run's
+    # moments cache is rescaled to match (graphc.core.moments)
+    keeps_activations = True
 
     @property
     def calibration_texts(self) -> int:
@@ -112,7 +115,7 @@ class AwqScale(GraphcPass):
             return False
         from graphc.core.calibrate import input_moments
 
-        moments = input_moments(model, [g.x for g in groups], feeds, pass_name=self.name)
+        moments = input_moments(model, [g.x for g in groups], feeds, pass_name=self.name, cache=self.context.moments)
         changed = False
         alphas = np.arange(self.options.grid) / self.options.grid
         for i, g in enumerate(groups):
@@ -122,7 +125,8 @@ class AwqScale(GraphcPass):
                 stats.skip(g.x.name, "no calibration statistics")
                 continue
             weights = [_weight(n) for n in g.matmuls]
-            errors = [self._error(weights, m.gram, _scale(m.abs_mean, a), method) for a in alphas]
+            gram = m.gram.astype(np.float32)  # the search compares errors: float32 GEMMs are plenty
+            errors = [self._error(weights, gram, _scale(m.abs_mean, a), method) for a in alphas]
             best = int(np.argmin(errors))
             gain = 1.0 - errors[best] / errors[0] if errors[0] > 0 else 0.0
             label = g.matmuls[0].name or g.x.name
@@ -131,6 +135,8 @@ class AwqScale(GraphcPass):
                 continue
             s = _scale(m.abs_mean, alphas[best])
             self._apply(graph, g, s, weights)
+            if self.context.moments is not None:
+                self.context.moments.rescale(g.x.name, s)
             stats.add("groups_scaled")
             stats.add("matmuls_scaled", len(g.matmuls))
             stats.details.setdefault("groups", []).append(
@@ -149,8 +155,8 @@ class AwqScale(GraphcPass):
         for w in weights:  # [K, N]
             q = bq.quantize((w * s[:, None]).T, o.bits, o.block_size, symmetric=o.symmetric, method=method,
                             scale_dtype=np.float16)
-            d = (w - q.dequantize().T / s[:, None]).astype(np.float64)
-            total += float(np.einsum("kn,kn->", gram @ d, d))
+            d = (w - q.dequantize().T / s[:, None]).astype(np.float32)
+            total += float(np.sum((gram @ d) * d, dtype=np.float64))
         return total
 
     # ------------------------------------------------------------------ matching

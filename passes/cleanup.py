@@ -80,6 +80,7 @@ class RemoveUnused(GraphcPass):
     name = "remove-unused"
     summary = "remove dead nodes, unused initializers, functions and opset imports"
     dtypes = ("float32", "float16")
+    keeps_activations = True
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         nodes = _count_nodes(model)
@@ -124,6 +125,7 @@ class CompactMetadata(GraphcPass):
     name = "compact-metadata"
     summary = "replace the torch exporter's per-node debug metadata with one short graphc.scope"
     dtypes = ("float32", "float16")
+    keeps_activations = True
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         from graphc.exporters.metadata import compact_node_metadata

@@ -18,6 +18,15 @@ A planner (``_plan.precision``) then picks one candidate per layer to meet the b
   4.0; portable across models;
 - ``max_bytes``: the whole model's bytes: the planned weights plus every other initializer at
   its current size (an upper bound when ``fp16-constants`` runs later);
+- ``size_like = "rtn4-b128"``: the whole model's bytes (as ``max_bytes``) that ONNX Runtime's
+  default 4-bit quantizer (``MatMulNBitsQuantizer``: round to nearest, 4 bits, blocks of 128,
+  symmetric, float16 scales, MatMul and Gather) gives this model: every planned weight at that
+  size, a table both looked up and read as the LM head twice (that quantizer stores each use),
+  the other initializers as they are, less 0.5% of the planned weights' bytes for what graphc's
+  graph adds (block-scale decoders, a split head's map: ~0.4 MB on SmolLM2-135M). A budget from
+  the model itself, so that one recipe fits every decoder and is not larger than the 4-bit
+  model users compare with (weights too small for the plan's blocks stay float and count as
+  they are: on toy models the result can then be larger);
 - ``max_error``: predicted output error (mean 1 - cosine of output rows, the sum of the
   layers' errors: 0.01 is a cosine of about 0.99); alone it buys the fewest bytes that meet it,
   with a size budget it is checked.
@@ -60,10 +69,16 @@ from graphc.passes._weights import META_BITS, META_BLOCK, META_COLD_BITS, META_C
 from graphc.core.registry import register
 
 
+# size_like references: (bits, block) of a symmetric round-to-nearest quantizer with float16 scales
+SIZE_LIKE = {"": (0, 0), "rtn4-b128": (4, 128)}
+GRAPH_MARGIN = 0.005  # of a size_like budget, left for the graph graphc's passes add
+
+
 @dataclass(frozen=True)
 class MixedPrecisionOptions:
     max_bits: float = 4.5  # budget: mean stored bits per planned weight (4.5: int4/b32 asymmetric's size); 0 = none
     max_bytes: int = 0  # budget: whole-model bytes; 0 = none
+    size_like: str = ""  # budget: whole-model bytes of a reference quantizer ("rtn4-b128"); "" = none
     max_error: float = 0.0  # budget: predicted mean 1 - cosine of output rows; 0 = none
     bits: tuple[int, ...] = (2, 4, 8)
     block_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -96,6 +111,13 @@ class MixedPrecision(GraphcPass):
     Options = MixedPrecisionOptions
     needs_calibration = True
     uses_executor = True  # the probes, one work item a layer
+    keeps_activations = True  # annotates nodes with their planned bits, changes no value
+
+    @property
+    def held_out_feeds(self) -> int:
+        """GPTQ probes' Hessians leave out the feeds the probes are measured on (see _hessians)."""
+        o = self.options
+        return o.feeds if o.held_out and o.method == "gptq" else 0
 
     @property
     def calibration_texts(self) -> int:
@@ -111,11 +133,15 @@ class MixedPrecision(GraphcPass):
             if getattr(o, name) < 0:
                 raise UnsupportedError(f"{name}={getattr(o, name)} is negative; a budget is > 0 (0 = unset)",
                                        pass_name=self.name)
-        if not (o.max_bits or o.max_bytes or o.max_error):
-            raise UnsupportedError("no budget: set max_bits (mean bits per weight), max_bytes (model bytes) "
-                                   "or max_error (predicted mean 1 - cosine)", pass_name=self.name)
-        if o.max_bits and o.max_bytes:
-            raise UnsupportedError("max_bits and max_bytes are both size budgets: set one", pass_name=self.name)
+        if o.size_like not in SIZE_LIKE:
+            raise UnsupportedError(f"size_like={o.size_like!r}; supported: {', '.join(repr(k) for k in SIZE_LIKE)}",
+                                   pass_name=self.name)
+        if not (o.max_bits or o.max_bytes or o.size_like or o.max_error):
+            raise UnsupportedError("no budget: set max_bits (mean bits per weight), max_bytes (model bytes), "
+                                   "size_like or max_error (predicted mean 1 - cosine)", pass_name=self.name)
+        if sum(map(bool, (o.max_bits, o.max_bytes, o.size_like))) > 1:
+            given = [k for k in ("max_bits", "max_bytes", "size_like") if getattr(o, k)]
+            raise UnsupportedError(f"{' and '.join(given)} are size budgets: set one", pass_name=self.name)
         if o.max_error >= 1 and o.metric == "cosine":
             raise UnsupportedError(f"max_error={o.max_error} is not below 1 (it is 1 - cosine)", pass_name=self.name)
         bad = [b for b in o.bits if b not in bq.MATMUL_NBITS_BITS]
@@ -165,6 +191,17 @@ class MixedPrecision(GraphcPass):
             # (one byte per row and block; quantize-gather-block._emit_tied)
             nbytes += rows * -(-cols // c.block_size)
         return nbytes
+
+    def _size_like(self, layers: list[sens.Layer], fixed: int) -> int:
+        """The ``size_like`` budget in bytes (see the module doc)."""
+        bits, block = SIZE_LIKE[self.options.size_like]
+        ref = sens.QuantConfig(bits, block)
+        planned = 0
+        for layer in layers:
+            rows, cols = layer.shape
+            uses = 2 if layer.tied else 1
+            planned += uses * sens.config_bytes(rows, cols, ref, symmetric=True, scale_dtype="float16")
+        return fixed + int(planned * (1 - GRAPH_MARGIN))
 
     def _bytes_rows(self, rows: int, cols: int, c: sens.QuantConfig) -> int:
         return sens.config_bytes(rows, cols, c, symmetric=self.options.symmetric, scale_dtype=self.options.scale_dtype)
@@ -226,6 +263,14 @@ class MixedPrecision(GraphcPass):
             max_bytes, fixed_bytes = int(o.max_bits * params / 8), 0
         elif o.max_bytes:
             max_bytes, fixed_bytes = o.max_bytes, fixed
+        elif o.size_like:
+            max_bytes, fixed_bytes = self._size_like(layers, fixed), fixed
+            smallest = fixed + sum(min(opt.nbytes for opt in opts) for opts in options)
+            if smallest > max_bytes:  # e.g. toy models whose weights are mostly too small for the blocks
+                stats.notes.append(f"size_like {o.size_like}: {max_bytes:,} bytes cannot be met (the smallest plan "
+                                   f"takes {smallest:,.0f}); the smallest plan is taken")
+                max_bytes = int(smallest)
+            stats.counts["budget_bytes"] = max_bytes
         else:
             max_bytes, fixed_bytes = None, 0
         pick = pp.plan(options, max_bytes=max_bytes, max_error=o.max_error or None, fixed_bytes=fixed_bytes,
@@ -269,7 +314,7 @@ class MixedPrecision(GraphcPass):
             **({"predicted_cosine": round(1.0 - error, 6)} if o.metric == "cosine" else
                {"predicted_kl": float(f"{error:.4g}"), "predicted_perplexity_rise": round(float(np.expm1(error)), 5)}),
         })
-        if o.max_bytes:
+        if o.max_bytes or o.size_like:
             stats.counts["other_bytes"] = fixed
         stats.details["choices"] = choices
         stats.details["sensitivities"] = [
@@ -280,7 +325,7 @@ class MixedPrecision(GraphcPass):
         stats.notes.append(
             f"sensitivity ({o.metric}) on {len(feeds)} calibration feeds ({self.context.calibration_source}), "
             f"quantizer {method.value}; budget " + ", ".join(
-                f"{k}={getattr(o, k)}" for k in ("max_bits", "max_bytes", "max_error") if getattr(o, k))
+                f"{k}={getattr(o, k)}" for k in ("max_bits", "max_bytes", "size_like", "max_error") if getattr(o, k))
         )
         return True
 

@@ -59,6 +59,7 @@ class SplitVocab(GraphcPass):
     summary = "tied embedding/LM-head table split into row tiers by token importance (for per-tier bits)"
     Options = SplitVocabOptions
     needs_calibration = True
+    keeps_activations = True  # float-exact: the head's tiers read the same input, the lookup sums to the same rows
 
     def _validate(self) -> list[float]:
         o = self.options

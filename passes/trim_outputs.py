@@ -29,6 +29,7 @@ class TrimUnusedOutputs(GraphcPass):
     name = "trim-outputs"
     summary = "drop unused optional outputs of normalization ops (saves an activation write each)"
     dtypes = ("float32", "float16")
+    keeps_activations = True
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         graph = model.graph

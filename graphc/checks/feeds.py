@@ -18,9 +18,12 @@ VALIDATION_SAMPLES = 64  # real sentences used to validate when the model has a 
 
 
 def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: int = 0,
-                     shapes: dict | None = None) -> tuple[list[dict], str]:
+                     shapes: dict | None = None, model_path=None) -> tuple[list[dict], str]:
     """Feeds for validation: the model spec's real evaluation texts when the model came
-    from a recipe and its packages are installed, else inputs synthesized from the signature."""
+    from a recipe and its packages are installed; for another causal LM with its tokenizer
+    at hand (beside ``model_path`` or in the folder it was exported from), Wikipedia text
+    through that tokenizer (graphc.checks.default_text); crops of photos for vision models;
+    else inputs synthesized from the signature."""
     name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if name:
         try:
@@ -32,6 +35,12 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
             return complete_decoder_feeds(model, feeds), f"{name}: {len(texts)} real texts"
         except (ImportError, GraphcError):
             pass
+    if not shapes:
+        from graphc.checks.default_text import decoder_text_feeds
+
+        text = decoder_text_feeds(model, model_path, "validation", 0)
+        if text is not None:
+            return text
     image_feeds, why_not = _image_feeds(model, "validation") if not shapes else (None, "")
     if image_feeds is not None:
         return image_feeds
@@ -81,8 +90,12 @@ def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | 
     feeds are that recipe's real texts (see :func:`validation_feeds`), else None."""
     from graphc.checks import images
 
+    from graphc.checks import default_text
+
     if input_source.startswith(images.SOURCE_PREFIX):
         return images.task_metric
+    if default_text.task_for(input_source) is not None:
+        return default_text.task_for(input_source)
     name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if not name or not input_source.startswith(f"{name}: "):
         return None
@@ -91,7 +104,7 @@ def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | 
     return get_model_spec(name).task_metric
 
 
-def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = None) -> PassContext:
+def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = None, model_path=None) -> PassContext:
     name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if name:
         try:
@@ -104,6 +117,12 @@ def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = 
             return PassContext(calibration=complete_decoder_feeds(model, feeds), calibration_source=f"{name}: {len(texts)} calibration texts")
         except (ImportError, GraphcError):
             pass
+    if not shapes:
+        from graphc.checks.default_text import decoder_text_feeds
+
+        text = decoder_text_feeds(model, model_path, "calibration", count)
+        if text is not None:
+            return PassContext(calibration=text[0], calibration_source=text[1])
     image_feeds, _ = _image_feeds(model, "calibration") if not shapes else (None, "")
     if image_feeds is not None:
         return PassContext(calibration=image_feeds[0], calibration_source=image_feeds[1])

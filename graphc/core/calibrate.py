@@ -11,24 +11,62 @@ import onnx_ir as ir
 
 from graphc.core.errors import PassError
 from graphc.core.interrupt import run_session  # interruptible, bounded by time_limit
+from graphc.core.moments import MomentsCache, Sums
 from graphc.core.session import make_session
 
 MIN_CALIBRATION_FEEDS = 1
 
 
-def exposing_session(model: ir.Model, names: Sequence[str]) -> tuple[object, set[str]]:
+def exposing_session(model: ir.Model, names: Sequence[str], *, only: bool = False) -> tuple[object, set[str]]:
     """An ORT session over the model as it stands, with the named intermediate values added
-    as outputs; and the names of its inputs (feeds may carry more)."""
+    as outputs; and the names of its inputs (feeds may carry more). ``only``: the named values
+    are the session's only outputs and the nodes that do not lead to them are left out (ONNX
+    Runtime runs every node of a graph whatever is fetched: a decoder's LM head is ~20% of its
+    forward pass, and a sweep over the body's inputs does not need it)."""
     from graphc.core.io import inline_external_data
 
     with inline_external_data(model):
         proto = ir.serde.serialize_model(model)
+    if only:
+        del proto.graph.output[:]
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    if only:
+        _drop_dead_nodes(proto.graph)
     session = make_session(proto, what="model during calibration")
     return session, {i.name for i in session.get_inputs()}
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove the nodes none of the graph's outputs depend on (nodes are in topological order;
+    a node with subgraphs keeps every name they read from the outer scope alive)."""
+    live = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if not any(o and o in live for o in node.output):
+            continue
+        keep.append(node)
+        live.update(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                live.update(_names_read(sub))
+    if len(keep) < len(graph.node):
+        kept = list(reversed(keep))
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names.update(_names_read(sub))
+    names.update(o.name for o in graph.output)
+    return names
 
 
 def token_rows(out: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -68,29 +106,89 @@ class InputMoments:
 
 
 def input_moments(
-    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str
+    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str,
+    cache: MomentsCache | None = None,
 ) -> dict[str, InputMoments]:
     """:class:`InputMoments` of each named value over all calibration feeds; rows at padded
-    positions (the feed's ``attention_mask`` is 0) are left out when the value is [batch, seq, K]."""
+    positions (the feed's ``attention_mask`` is 0) are left out when the value is [batch, seq, K].
+
+    ``cache`` (the run's :class:`~graphc.core.moments.MomentsCache`, ``context.moments``): read
+    from it when it holds these values over these feeds; else one sweep collects them together
+    with every other constant-weight MatMul input of the model and keeps the sums there."""
     if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
         raise PassError("needs calibration data, and none was given (pass feeds or use a model spec)", pass_name=pass_name)
     names = sorted({v.name for v in values if v.name})
-    session, inputs = exposing_session(model, names)
-    grams: dict[str, np.ndarray] = {}
-    abs_sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for feed in feeds:
+    if cache is not None:
+        found = cache.lookup(names, feeds)
+        cache.hits += found is not None
+        full = cache.sweep_for(feeds) if found is None else None
+        if full is not None:
+            known = {v.name: k for v, k in weight_inputs(model) if v.name}
+            wanted = sorted({*names, *known})
+            sizes = [known.get(n) or _channels(model, n) for n in wanted]
+            if all(k > 0 for k in sizes) and cache.fits(sizes):
+                total, heads = _sweep(model, wanted, full, sorted(cache.held_out))
+                cache.store(full, total, heads)
+                found = cache.lookup(names, feeds)
+        if found is not None:
+            return {n: _moments(s) for n, s in found.items() if s.tokens > 0}
+    total, _ = _sweep(model, names, feeds, [])
+    return {n: _moments(s) for n, s in total.items() if s.tokens > 0}
+
+
+def weight_inputs(model: ir.Model) -> list[tuple[ir.Value, int]]:
+    """The data input of every MatMul whose weight (input 1) is a 2-D constant, in the main
+    graph, with its channel count (the weight's first axis)."""
+    seen: dict[int, tuple[ir.Value, int]] = {}
+    for node in model.graph:
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.inputs) >= 2:
+            x, w = node.inputs[0], node.inputs[1]
+            if x is not None and w is not None and w.const_value is not None and len(w.const_value.shape) == 2:
+                seen.setdefault(id(x), (x, int(w.const_value.shape[0])))
+    return list(seen.values())
+
+
+def _channels(model: ir.Model, name: str) -> int:
+    """The last-axis size of a value when the graph knows it (0: unknown)."""
+    value = next((v for n in model.graph for v in n.outputs if v.name == name), None)
+    if value is None:
+        value = next((v for v in model.graph.inputs if v.name == name), None)
+    shape = value.shape if value is not None else None
+    if shape is None or len(shape) == 0 or not isinstance(shape[-1], int):
+        return 0
+    return int(shape[-1])
+
+
+def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarray]],
+           heads_at: Sequence[int]) -> tuple[dict[str, Sums], dict[int, dict[str, Sums]]]:
+    """Sums of each named value over the feeds (one ORT run a feed), and copies of them after
+    the first n feeds for each n in ``heads_at``. Each feed's x^T x is one float32 GEMM (its
+    rows are float32 already; a feed holds at most a few thousand rows), added up in float64."""
+    session, inputs = exposing_session(model, names, only=True)
+    total: dict[str, Sums] = {}
+    heads: dict[int, dict[str, Sums]] = {}
+    for i, feed in enumerate(feeds):
         outs = run_session(session, {k: v for k, v in feed.items() if k in inputs}, names)
         mask = feed.get("attention_mask")
         for name, out in zip(names, outs):
             out = np.asarray(out)
             if out.ndim == 0:
                 continue
-            rows = token_rows(out, mask).astype(np.float64)
-            grams[name] = grams.get(name, 0) + rows.T @ rows
-            abs_sums[name] = abs_sums.get(name, 0) + np.abs(rows).sum(axis=0)
-            counts[name] = counts.get(name, 0) + rows.shape[0]
-    return {
-        name: InputMoments(grams[name] / max(counts[name], 1), abs_sums[name] / max(counts[name], 1), counts[name])
-        for name in grams
-    }
+            rows = np.ascontiguousarray(token_rows(out, mask), dtype=np.float32)
+            gram = (rows.T @ rows).astype(np.float64)
+            absum = np.abs(rows).sum(axis=0, dtype=np.float64)
+            if name in total:
+                s = total[name]
+                s.gram += gram
+                s.abs_sum += absum
+                s.tokens += rows.shape[0]
+            else:
+                total[name] = Sums(gram, absum, rows.shape[0])
+        if i + 1 in heads_at and i + 1 < len(feeds):
+            heads[i + 1] = {n: s.copy() for n, s in total.items()}
+    return total, heads
+
+
+def _moments(s: Sums) -> InputMoments:
+    n = max(s.tokens, 1)
+    return InputMoments(s.gram / n, s.abs_sum / n, s.tokens)

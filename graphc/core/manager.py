@@ -88,7 +88,11 @@ class PassManager:
     def run(self, model: ir.Model) -> list[PassRecord]:
         records: list[PassRecord] = []
         size = SizeFacts.of(model)
+        for pass_ in self.passes:  # held-out feeds announced before the first sweep
+            if pass_.context.moments is not None and pass_.name not in self.disabled:
+                pass_.context.moments.prepare(pass_.context.calibration, [pass_.held_out_feeds])
         for pass_ in self.passes:
+            moments = pass_.context.moments
             record = PassRecord(
                 pass_.name,
                 params_before=size.params,
@@ -108,6 +112,8 @@ class PassManager:
             result = pass_(model)
             record.wall_s = time.perf_counter() - start
             record.modified = result.modified
+            if result.modified and not pass_.keeps_activations and moments is not None:
+                moments.clear()
             if isinstance(result, PassResult):
                 record.stats = result.stats.to_dict()
             size = SizeFacts.of(model)

@@ -75,6 +75,9 @@ class PassContext:
     target: Any = None  # graphc.target.TargetInfo, or None for the running machine
     # graphc.core.executor.Executor for a pass's independent work items (None: this process, in turn)
     executor: Any = None
+    # graphc.core.moments.MomentsCache: MatMul input moments shared by the passes of one run
+    # (None: each pass that needs them sweeps the calibration feeds itself)
+    moments: Any = None
 
     def target_info(self):
         from graphc.core.target import resolve
@@ -101,6 +104,12 @@ class GraphcPass(ir.passes.InPlacePass):
     # wants (compress gathers the largest number any enabled pass asks for, at least 32).
     needs_calibration: bool = False
     calibration_texts: int = 0
+    # Moments caching (graphc.core.moments): a pass that modifies the model but leaves every
+    # activation equal (or updates the cache for the ones it changes) says so; the manager
+    # empties the cache after any other pass that modified the model.
+    keeps_activations: ClassVar[bool] = False
+    # calibration feeds at the head of the list the pass will ask moments without (held out)
+    held_out_feeds: int = 0
     # The pass sends independent work to ``context.executor`` (--workers/--ray have an effect)
     uses_executor: ClassVar[bool] = False
 

@@ -112,25 +112,31 @@ def parse_set(text: str) -> tuple[str, str, Any]:
 
 
 def apply_sets(recipe: Recipe, sets: Sequence[str]) -> Recipe:
-    """The recipe with each ``--set PASS.OPTION=VALUE`` applied to every step of that pass."""
+    """The recipe with each ``--set PASS.OPTION=VALUE`` applied to every step of that pass, in
+    the recipe and in its decoder variant (the pass must be in one of them)."""
     if not sets:
         return recipe
-    steps = list(recipe.steps)
+    forms = [recipe, *([recipe.decoder] if recipe.decoder is not None else [])]
+    steps = [list(f.steps) for f in forms]
     for text in sets:
         pass_name, option, value = parse_set(text)
-        if pass_name not in recipe.pass_names():
+        names = [n for f in forms for n in f.pass_names()]
+        if pass_name not in names:
             from graphc.core.registry import all_passes
 
             what = "is not in recipe" if pass_name in all_passes() else "is not a pass; recipe"
             raise RecipeError(f"--set {text}: {pass_name!r} {what} {recipe.name!r} (its passes: "
-                              f"{', '.join(dict.fromkeys(recipe.pass_names()))})")
-        steps = [replace(s, options={**s.options, option: value}) if s.pass_name == pass_name else s for s in steps]
+                              f"{', '.join(dict.fromkeys(names))})")
+        for i, form_steps in enumerate(steps):
+            steps[i] = [replace(s, options={**s.options, option: value}) if s.pass_name == pass_name else s
+                        for s in form_steps]
         try:
-            check_steps([s for s in steps if s.pass_name == pass_name][:1], {})
+            check_steps([s for form_steps in steps for s in form_steps if s.pass_name == pass_name][:1], {})
         except RecipeError as e:
             raise RecipeError(f"--set {text}: {e}") from None
     label = ", ".join(sets)
-    return replace(recipe, name=f"{recipe.name}[{label}]", steps=tuple(steps))
+    decoder = replace(recipe.decoder, name=f"{recipe.name}[{label}]", steps=tuple(steps[1])) if len(forms) > 1 else None
+    return replace(recipe, name=f"{recipe.name}[{label}]", steps=tuple(steps[0]), decoder=decoder)
 
 
 BUDGETS = ("max_error", "max_bytes", "max_flops", "max_params", "max_ppl_rise")
@@ -157,4 +163,5 @@ def with_tolerance(recipe: Recipe, **limits: float | None) -> Recipe:
     given = {k: v for k, v in limits.items() if v is not None}
     if not given:
         return recipe
-    return replace(recipe, tolerance=replace(recipe.tolerance, **given))
+    decoder = with_tolerance(recipe.decoder, **given) if recipe.decoder is not None else None
+    return replace(recipe, tolerance=replace(recipe.tolerance, **given), decoder=decoder)

@@ -19,12 +19,26 @@ TOML files of the same shape::
     name = "quantize-int8"
     options = { per_channel = true }
 
+    [decoder]                        # optional: what changes when the model is a causal LM
+    description = "..."
+    disable = ["..."]
+    tolerance = { max_ppl_rise = 0.05 }
+    [[decoder.passes]]               # merged into the steps above by pass name, as with extends
+    name = "quantize-int8"
+    options = { per_channel = false }
+
 How ``[[passes]]`` combines with ``extends`` (:func:`graphc.core.recipe_merge.merge_steps`): an
 entry naming a pass the base recipe has changes that step's options (the keys it gives replace
 the base's, the others stay; a pass the base runs twice has both steps changed); an entry naming
 a pass the base lacks adds a step, after the step named by its ``after`` key, before the one
 named by ``before``, or else at the end. ``disable`` then removes steps by name. Without
 ``extends``, ``[[passes]]`` is the whole pipeline.
+
+A recipe adapts to the model through its ``[decoder]`` table: for a causal LM (a text model
+whose ``logits`` are next-token scores, graphc.checks.text_data.is_causal_lm) compress runs
+:meth:`Recipe.for_model` 's variant, the recipe with that table merged in by the same rule
+(its passes by name, ``after``/``before`` placing new ones, ``disable``, tolerance fields
+replaced). A variant is checked when the recipe is read, like the recipe itself.
 """
 
 from __future__ import annotations
@@ -68,9 +82,16 @@ class Recipe:
     steps: tuple[Step, ...]
     tolerance: Tolerance = Tolerance()
     source: str = "built-in"
+    # the recipe as it runs on a causal LM (its [decoder] table merged in), or None: the same
+    decoder: Recipe | None = None
 
     def pass_names(self) -> list[str]:
         return [s.pass_name for s in self.steps]
+
+    def for_model(self, *, causal_lm: bool) -> Recipe:
+        """The recipe that runs on a model of this kind: the decoder variant for a causal LM
+        when the recipe has one, else the recipe itself."""
+        return self.decoder if causal_lm and self.decoder is not None else self
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +100,9 @@ class Recipe:
             "source": self.source,
             "passes": [{"name": s.pass_name, "options": dict(s.options)} for s in self.steps],
             "tolerance": self.tolerance.__dict__,
+            **({"decoder": {"description": self.decoder.description,
+                            "passes": [{"name": s.pass_name, "options": dict(s.options)} for s in self.decoder.steps],
+                            "tolerance": self.decoder.tolerance.__dict__}} if self.decoder is not None else {}),
         }
 
 
@@ -182,7 +206,8 @@ def load_recipe_file(path: Path, _extending: tuple[str, ...] = ()) -> Recipe:
     return recipe_from_dict(data, source=str(path), _extending=_extending)
 
 
-_TOP_KEYS = {"name", "description", "extends", "disable", "tolerance", "passes"}
+_TOP_KEYS = {"name", "description", "extends", "disable", "tolerance", "passes", "decoder"}
+_VARIANT_KEYS = {"description", "disable", "tolerance", "passes"}
 _TOLERANCE_KEYS = {"min_cosine", "min_row_cosine", "max_abs", "max_ppl_rise"}
 
 
@@ -218,12 +243,23 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict", _extending: 
         steps = [step for step, _ in entries]
     else:
         raise RecipeError("a recipe needs 'passes' or 'extends'", **where)
-    disable = data.get("disable", [])
+    steps = _disabled(steps, data.get("disable", []), where)
+    check_steps(steps, where)
+    tolerance = _tolerance(base.tolerance if base else Tolerance(), data.get("tolerance", {}), where)
+    name = str(data.get("name", Path(source).stem if source != "dict" else "custom"))
+    description = str(data.get("description", base.description if base else ""))
+    decoder = _decoder_variant(data, base, entries, steps, name, tolerance, source, where)
+    return Recipe(name=name, description=description, steps=tuple(steps), tolerance=tolerance, source=source,
+                  decoder=decoder)
+
+
+def _disabled(steps: list[Step], disable: Any, where: dict[str, str]) -> list[Step]:
     if not isinstance(disable, list) or not all(isinstance(d, str) for d in disable):
         raise RecipeError("'disable' must be a list of pass names", **where)
-    steps = [s for s in steps if s.pass_name not in set(disable)]
-    check_steps(steps, where)
-    tol_data = data.get("tolerance", {})
+    return [s for s in steps if s.pass_name not in set(disable)]
+
+
+def _tolerance(base: Tolerance, tol_data: Any, where: dict[str, str]) -> Tolerance:
     if not isinstance(tol_data, dict):
         raise RecipeError("'tolerance' must be a table", **where)
     bad = sorted(set(tol_data) - _TOLERANCE_KEYS)
@@ -233,11 +269,41 @@ def recipe_from_dict(data: dict[str, Any], *, source: str = "dict", _extending: 
     for key, value in tol_data.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise RecipeError(f"tolerance {key} must be a number, not {value!r}", **where)
-    tolerance = replace(base.tolerance if base else Tolerance(), **tol_data)
-    return Recipe(
-        name=str(data.get("name", Path(source).stem if source != "dict" else "custom")),
-        description=str(data.get("description", base.description if base else "")),
-        steps=tuple(steps),
-        tolerance=tolerance,
-        source=source,
-    )
+    return replace(base, **tol_data)
+
+
+def _decoder_variant(data: dict[str, Any], base: Recipe | None, entries: list | None, own: list[Step], name: str,
+                     tolerance: Tolerance, source: str, where: dict[str, str]) -> Recipe | None:
+    """The recipe for causal LMs (None when neither this recipe nor its base has a
+    ``[decoder]`` table): extending a recipe extends both of its forms, so it starts from the
+    base's decoder variant, takes this recipe's ``[[passes]]``, ``disable`` and tolerance the
+    way the recipe itself does, then this recipe's own ``[decoder]`` table."""
+    from graphc.core.recipe_merge import check_steps, merge_steps, parse_steps
+
+    table = data.get("decoder")
+    inherited = base.decoder if base is not None else None
+    if table is None and inherited is None:
+        return None
+    if table is None:
+        table = {}
+    if not isinstance(table, dict):
+        raise RecipeError("'decoder' must be a table ([decoder])", **where)
+    unknown = sorted(set(table) - _VARIANT_KEYS)
+    if unknown:
+        raise RecipeError(f"unknown [decoder] key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_VARIANT_KEYS))}",
+                          **where)
+    if "description" in table and not isinstance(table["description"], str):
+        raise RecipeError("decoder.description must be a string", **where)
+    if inherited is not None:
+        start = _disabled(merge_steps(inherited.steps, entries or [], where), data.get("disable", []), where)
+        tol = _tolerance(inherited.tolerance, data.get("tolerance", {}), where)
+        description = inherited.description
+    else:  # the recipe's own steps and tolerance are the start
+        start, tol, description = list(own), tolerance, ""
+    vwhere = {"path": f"{where['path']} [decoder]"} if where else {}
+    ventries = parse_steps(table["passes"], vwhere, placed=True) if "passes" in table else []
+    vsteps = _disabled(merge_steps(start, ventries, vwhere), table.get("disable", []), vwhere)
+    check_steps(vsteps, vwhere)
+    vtol = _tolerance(tol, table.get("tolerance", {}), vwhere)
+    return Recipe(name=name, description=str(table.get("description", description)), steps=tuple(vsteps),
+                  tolerance=vtol, source=source)

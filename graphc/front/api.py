@@ -20,6 +20,7 @@ from graphc.core.outputs import plan_compress, plan_outputs
 from graphc.core.signature import SignatureGuard, overridable_initializers
 from graphc.checks.provenance import provenance
 from graphc.core.manager import PassManager, PassRecord, SizeFacts
+from graphc.core.moments import MomentsCache
 from graphc.core.pass_base import PassContext
 from graphc.core.recipes import Recipe, get_recipe
 from graphc.checks.feeds import (  # noqa: F401 - VALIDATION_SAMPLES: part of the API
@@ -194,10 +195,16 @@ def compress(
         return run_auto(model, output, target=target_info, shape_hint=shape_hint, feeds=feeds, force=force,
                         progress=progress, report=report)
     recipe_obj = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
+    ir_model, src = to_ir(model)
+    adapted = None
+    if recipe_obj.decoder is not None:  # the recipe's form for the model's kind
+        from graphc.checks.text_data import is_causal_lm
+
+        if is_causal_lm(ir_model):
+            recipe_obj, adapted = recipe_obj.for_model(causal_lm=True), "causal LM"
     unknown = [d for d in disable if d not in recipe_obj.pass_names()]
     for d in unknown:
         get_pass(d)  # unknown names raise; known-but-absent are ignored with a notice
-    ir_model, src = to_ir(model)
     # Every file this run writes, checked against the input's files and each other before any work
     # (a genai folder is checked as a folder: graphc.exporters.genai.output_folder)
     plan = plan_compress(src, None if genai else output, report=report, dump_dir=dump_dir,
@@ -218,9 +225,12 @@ def compress(
         io.set_base_dir(work, src.parent)
     before = SizeFacts.of(ir_model)
     notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
+    if adapted:
+        notices.append(f"recipe {recipe_obj.name!r}: its {adapted} form ({recipe_obj.description})")
 
     feeds, input_source, shapes = user_inputs(ir_model, inputs, feeds, input_shapes)
-    context = PassContext(progress=progress, target=target_info, executor=executor)
+    # one moments cache a run: the passes that read MatMul input moments share one sweep
+    context = PassContext(progress=progress, target=target_info, executor=executor, moments=MomentsCache())
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
     calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]
     wanted = max([32, *(p.calibration_texts for p in calibrated)])
@@ -238,7 +248,7 @@ def compress(
     if validate or check_each_pass:
         if feeds is None:
             try:
-                feeds, input_source = validation_feeds(ir_model, shapes=shapes)
+                feeds, input_source = validation_feeds(ir_model, shapes=shapes, model_path=src)
             except GraphcError as e:  # e.g. an input too large to synthesize: name the model
                 if e.path is None and src is not None:
                     e.path = os.fspath(src)
@@ -256,7 +266,7 @@ def compress(
         elif user_feeds is not None:
             context.calibration, context.calibration_source = user_feeds, input_source
         else:
-            calib = calibration_context(ir_model, wanted, shapes)
+            calib = calibration_context(ir_model, wanted, shapes, model_path=src)
             context.calibration, context.calibration_source = calib.calibration, calib.calibration_source
     all_instruments = [*instruments, *([NumericCheck(feeds, reference)] if check_each_pass else [])]
     if dump_dir is not None:
@@ -265,6 +275,7 @@ def compress(
     with overridable_initializers(work, notices):
         guard = SignatureGuard(work)
         records = PassManager(passes, instruments=[guard, *all_instruments], disabled=disable).run(work)
+    context.moments = None  # its sums can take a few hundred MB
     after = SizeFacts.of(work)
 
     checked = None
@@ -345,7 +356,7 @@ def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict]
                                      preprocess=preprocess, calibration_count=0)
         feeds, source, task = data.validation, data.validation_source, data.task
     elif feeds is None:
-        feeds, source = validation_feeds(orig, shapes=shapes)
+        feeds, source = validation_feeds(orig, shapes=shapes, model_path=orig_path)
     if timeout is None:
         timeout = 2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew)))
     with time_limit(timeout, "validation"):

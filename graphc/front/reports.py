@@ -58,7 +58,7 @@ def report(
     output = plan_outputs(inputs, None, report=output).report  # never one of the models, checked before work
     source = "given"
     if feeds is None:
-        feeds, source = validation_feeds(orig)
+        feeds, source = validation_feeds(orig, model_path=orig_path)
     with time_limit(2 * default_time_limit(max(io.tensor_bytes(orig), io.tensor_bytes(rew))), "validation"):
         validation = compare(orig, rew, feeds, input_source=source, task=task_metric_for(orig, source))
     data = report_data(

@@ -189,7 +189,7 @@ def test_error_budget_through_the_pass():
         ({"max_bits": -1.0}, UnsupportedError, "negative"),
         ({"max_bytes": -5}, UnsupportedError, "negative"),
         ({"max_bits": 0}, UnsupportedError, "no budget"),
-        ({"max_bytes": 10}, UnsupportedError, "both size budgets"),
+        ({"max_bytes": 10}, UnsupportedError, "max_bits and max_bytes are size budgets"),
         ({"max_error": 1.5}, UnsupportedError, "not below 1"),
         ({"max_bits": 4.0, "bits": [3]}, UnsupportedError, "supported: 2, 4, 8"),
         ({"max_bits": 4.0, "block_sizes": [48]}, UnsupportedError, "supported: 16"),

@@ -1,0 +1,126 @@
+"""Input moments gathered once a run and shared by the passes that want them.
+
+A calibrated 4-bit recipe on a decoder reads the second moments of the same MatMul inputs three
+times: ``awq-scale`` (channel sizes, the error search), ``mixed-precision`` (its GPTQ probes'
+Hessians, without the feeds it measures on) and ``quantize-nbits`` (GPTQ's Hessians). Each read
+was one full sweep of the float model over every calibration window (SmolLM2-135M: ~3 minutes of
+its ~14 on two cores). With a :class:`MomentsCache` in the :class:`~graphc.core.pass_base.PassContext`
+the first sweep collects every constant-weight MatMul input at once, and the later passes read
+it, provided that the model's activations did not change in between:
+
+- the :class:`~graphc.core.manager.PassManager` empties the cache after a pass that modified the
+  model, unless the pass says ``keeps_activations`` (its rewrite leaves every value it does not
+  name equal: ``split-vocab``, the planners that only annotate nodes);
+- a pass that changes a value by a known per-channel factor (``awq-scale``: x becomes x / s)
+  says ``keeps_activations`` and updates that value's entry with :meth:`MomentsCache.rescale`.
+
+Sums are kept, not means, so that a consumer can leave out the first ``n`` feeds (the held-out
+feeds of ``mixed-precision``'s probes): :meth:`MomentsCache.prepare` announces those ``n``
+before the first sweep, which then also snapshots the sums after ``n`` feeds. Memory is bounded:
+a sweep whose sums would pass ``max_bytes`` is not kept (each pass then sweeps for itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MAX_BYTES = 4 << 30
+
+
+class Sums:
+    """Running sums of one value's rows: sum x x^T [K, K] (float64), sum |x| [K], rows."""
+
+    __slots__ = ("gram", "abs_sum", "tokens")
+
+    def __init__(self, gram: np.ndarray, abs_sum: np.ndarray, tokens: int) -> None:
+        self.gram, self.abs_sum, self.tokens = gram, abs_sum, tokens
+
+    def copy(self) -> Sums:
+        return Sums(self.gram.copy(), self.abs_sum.copy(), self.tokens)
+
+    def minus(self, other: Sums) -> Sums:
+        return Sums(self.gram - other.gram, self.abs_sum - other.abs_sum, self.tokens - other.tokens)
+
+    def nbytes(self) -> int:
+        return self.gram.nbytes + self.abs_sum.nbytes
+
+
+def feed_key(feeds: Sequence[Any]) -> tuple[int, ...]:
+    """Which feeds (by identity: passes slice one list of feed dicts, never copy them)."""
+    return tuple(id(f) for f in feeds)
+
+
+class MomentsCache:
+    """Sums of every collected value over one list of calibration feeds, plus snapshots after
+    the first ``n`` feeds for each announced ``n`` (see the module doc)."""
+
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.held_out: set[int] = set()
+        self.feeds: list[Any] = []
+        self.sweeps = 0  # full sweeps run while this cache was attached (for stats and tests)
+        self.hits = 0
+        self.clear()
+
+    def prepare(self, feeds: Sequence[Any] | None, held_out: Iterable[int] = ()) -> None:
+        """The run's calibration feeds (the list sweeps cover), and the ``n`` for which consumers
+        will ask for them without their first ``n`` feeds."""
+        self.feeds = list(feeds or [])
+        self.held_out.update(int(n) for n in held_out if int(n) > 0)
+
+    def sweep_for(self, feeds: Sequence[Any]) -> list[Any] | None:
+        """The feeds a sweep should cover to answer a request for ``feeds`` (the run's whole
+        list, when the request is it or it without an announced head), else None: not cached."""
+        key, full = feed_key(feeds), feed_key(self.feeds)
+        if full and (key == full or any(key == full[n:] for n in self.held_out)):
+            return self.feeds
+        return None
+
+    def clear(self) -> None:
+        self._key: tuple[int, ...] | None = None
+        self._total: dict[str, Sums] = {}
+        self._heads: dict[int, dict[str, Sums]] = {}
+
+    def __len__(self) -> int:
+        return len(self._total)
+
+    # ------------------------------------------------------------------ reading
+    def lookup(self, names: Iterable[str], feeds: Sequence[Any]) -> dict[str, Sums] | None:
+        """The sums of every named value over exactly ``feeds``, or None when the cache cannot
+        give all of them (other feeds, a value not collected, a snapshot not taken)."""
+        if self._key is None:
+            return None
+        names = list(names)
+        if any(n not in self._total for n in names):
+            return None
+        key = feed_key(feeds)
+        if key == self._key:
+            return {n: self._total[n] for n in names}
+        skip = len(self._key) - len(key)
+        if skip in self._heads and key == self._key[skip:]:
+            head = self._heads[skip]
+            return {n: self._total[n].minus(head[n]) for n in names}
+        return None
+
+    # ------------------------------------------------------------------ writing
+    def fits(self, sizes: Iterable[int]) -> bool:
+        """Whether sums of values with these channel counts (with their snapshots) stay in bounds."""
+        per_copy = sum(8 * k * (k + 1) for k in sizes)
+        return per_copy * (1 + len(self.held_out)) <= self.max_bytes
+
+    def store(self, feeds: Sequence[Any], total: dict[str, Sums], heads: dict[int, dict[str, Sums]]) -> None:
+        self._key = feed_key(feeds)
+        self._total = dict(total)
+        self._heads = {n: dict(h) for n, h in heads.items()}
+        self.sweeps += 1
+
+    def rescale(self, name: str, s: np.ndarray) -> None:
+        """The value ``name`` became x / s (per channel, its last axis): its sums follow exactly."""
+        inv = 1.0 / np.asarray(s, np.float64)
+        for table in (self._total, *self._heads.values()):
+            sums = table.get(name)
+            if sums is not None:
+                table[name] = Sums(sums.gram * np.outer(inv, inv), sums.abs_sum * inv, sums.tokens)

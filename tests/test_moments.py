@@ -1,0 +1,150 @@
+"""The run's moments cache: one calibration sweep serves awq-scale, mixed-precision's held-out
+GPTQ probes and quantize-nbits, with the same result as each pass sweeping for itself."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graphc.checks.validate import make_session, synthesize_inputs
+from graphc.core.calibrate import exposing_session, input_moments
+from graphc.core.manager import PassManager
+from graphc.core.moments import MomentsCache
+from graphc.core.pass_base import PassContext
+from graphc.core.registry import get_pass
+from tests.passes.test_awq_scale import _block
+
+STEPS = [
+    ("awq-scale", {"bits": 4, "block_size": 32, "symmetric": False, "method": "rtn"}),
+    ("mixed-precision", {"max_bits": 5.0, "bits": [4, 8], "block_sizes": [32], "method": "gptq", "probe_block": 32,
+                         "feeds": 1, "held_out": True, "embeddings": False}),
+    ("quantize-nbits", {"bits": 4, "block_size": 32, "symmetric": False, "method": "gptq", "act_order": True}),
+]
+
+
+def _feeds(model, count=5):
+    return synthesize_inputs(model, count=count, seed=3, shapes={"x": [2, 16, 64]})
+
+
+def _run(cache):
+    model = _block(seed=1)
+    feeds = _feeds(model)
+    context = PassContext(calibration=feeds, calibration_source="synthetic", moments=cache)
+    passes = [get_pass(name).from_dict(options, context) for name, options in STEPS]
+    records = PassManager(passes).run(model)
+    return model, feeds, records
+
+
+def _weights(model):
+    return {name: v.const_value.numpy().copy() for name, v in sorted(model.graph.initializers.items())
+            if v.const_value is not None}
+
+
+def test_one_sweep_serves_three_passes_with_the_same_result():
+    cache = MomentsCache()
+    cached, feeds, records = _run(cache)
+    plain, _, plain_records = _run(None)
+    assert cache.sweeps == 1  # awq's sweep; mixed-precision (held out) and quantize-nbits read it
+    assert cache.hits == 2
+    assert [r.modified for r in records] == [r.modified for r in plain_records] == [True, True, True]
+    plan = records[1].stats["choices"]
+    assert [c["bits"] for c in plan] == [c["bits"] for c in plain_records[1].stats["choices"]]
+    a, b = _weights(cached), _weights(plain)
+    assert a.keys() == b.keys()
+    for name in a:  # float32 vs float64 Gram products: the same codes, scales to float rounding
+        if a[name].dtype == np.uint8:
+            assert np.mean(a[name] != b[name]) < 0.01, name
+        else:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-6, err_msg=name)
+    out = make_session(cached).run(None, feeds[0])[0]
+    ref = make_session(plain).run(None, feeds[0])[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-3)
+
+
+def test_held_out_sums_equal_a_sweep_of_the_remaining_feeds():
+    model = _block(seed=2)
+    feeds = _feeds(model)
+    values = [n.inputs[0] for n in model.graph if n.op_type == "MatMul"]
+    cache = MomentsCache()
+    cache.prepare(feeds, [2])
+    whole = input_moments(model, values, feeds, pass_name="t", cache=cache)
+    tail = input_moments(model, values, feeds[2:], pass_name="t", cache=cache)
+    assert cache.sweeps == 1 and cache.hits == 1
+    direct_tail = input_moments(model, values, feeds[2:], pass_name="t")
+    direct_whole = input_moments(model, values, feeds, pass_name="t")
+    for name in direct_tail:
+        assert tail[name].tokens == direct_tail[name].tokens == 3 * 2 * 16
+        np.testing.assert_allclose(tail[name].gram, direct_tail[name].gram, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(tail[name].abs_mean, direct_tail[name].abs_mean, rtol=1e-6)
+        np.testing.assert_allclose(whole[name].gram, direct_whole[name].gram, rtol=1e-6, atol=1e-6)
+
+
+def test_other_feeds_and_other_values_are_not_answered_from_the_cache():
+    model = _block(seed=2)
+    feeds = _feeds(model)
+    values = [n.inputs[0] for n in model.graph if n.op_type == "MatMul"]
+    cache = MomentsCache()
+    cache.prepare(feeds, [])
+    input_moments(model, values, feeds, pass_name="t", cache=cache)
+    assert cache.lookup(["n1"], feeds[1:]) is None  # no snapshot announced for 1 held-out feed
+    assert cache.lookup(["n1"], feeds[::-1]) is None
+    assert cache.lookup(["h"], feeds) is None  # not a MatMul input: not collected
+    assert cache.lookup(["n1", "prod"], feeds) is not None  # every MatMul input was collected at once
+    # a request the cache cannot serve sweeps for itself and leaves the cache as it was
+    input_moments(model, values, feeds[::-1], pass_name="t", cache=cache)
+    assert cache.sweeps == 1
+
+
+def test_rescale_follows_a_value_divided_per_channel():
+    model = _block(seed=4)
+    feeds = _feeds(model)
+    n1 = next(n.inputs[0] for n in model.graph if n.name == "q_proj")
+    cache = MomentsCache()
+    cache.prepare(feeds, [1])
+    before = input_moments(model, [n1], feeds, pass_name="t", cache=cache)[n1.name]
+    s = np.linspace(0.5, 2.0, 64)
+    cache.rescale(n1.name, s)
+    after = input_moments(model, [n1], feeds, pass_name="t", cache=cache)[n1.name]
+    np.testing.assert_allclose(after.gram, before.gram / np.outer(s, s), rtol=1e-12)
+    np.testing.assert_allclose(after.abs_mean, before.abs_mean / s, rtol=1e-12)
+    held = input_moments(model, [n1], feeds[1:], pass_name="t", cache=cache)[n1.name]
+    direct = input_moments(model, [n1], feeds[1:], pass_name="t")[n1.name]
+    np.testing.assert_allclose(held.gram, direct.gram / np.outer(s, s), rtol=1e-5, atol=1e-6)
+
+
+def test_a_pass_that_changes_activations_empties_the_cache():
+    model = _block(seed=5)
+    feeds = _feeds(model)
+    cache = MomentsCache()
+    context = PassContext(calibration=feeds, calibration_source="synthetic", moments=cache)
+    steps = [("awq-scale", STEPS[0][1]), ("quantize-nbits", {"bits": 4, "block_size": 32, "method": "rtn"}),
+             ("quantize-nbits", STEPS[2][1])]
+    passes = [get_pass(name).from_dict(options, context) for name, options in steps]
+    PassManager(passes).run(model)
+    # awq swept (and kept the cache), the RTN quantize-nbits changed the activations (cache emptied),
+    # the GPTQ one (nothing left to quantize) asked nothing
+    assert cache.sweeps == 1 and len(cache) == 0
+
+
+@pytest.mark.parametrize("only", [False, True])
+def test_exposing_session_only_runs_what_the_values_need(only):
+    model = _block(seed=6)
+    feeds = _feeds(model, count=1)
+    session, _ = exposing_session(model, ["n2"], only=only)
+    names = [o.name for o in session.get_outputs()]
+    assert names == (["n2"] if only else ["y", "n2"])
+    got = session.run(["n2"], feeds[0])[0]
+    ref, _ = exposing_session(model, ["n2"])
+    np.testing.assert_array_equal(got, ref.run(["n2"], feeds[0])[0])
+
+
+def test_dead_nodes_are_left_out_of_a_sweep():
+    from graphc.core import calibrate
+
+    model = _block(seed=6)
+    proto = ir.serde.serialize_model(model)
+    del proto.graph.output[:]
+    proto.graph.output.add().name = "n2"
+    calibrate._drop_dead_nodes(proto.graph)
+    kept = {n.name for n in proto.graph.node if n.name}
+    assert "rms" in kept and "q_proj" in kept
+    assert not kept & {"gate_proj", "up_proj", "down_proj"}
