@@ -48,10 +48,11 @@ from harness import ROOT, WORK, Reporter, cpu_name, fingerprint, quiet
 
 SEQ = 512
 PPL_TARGET = 0.05  # perplexity within 5% of fp32
-FUSED_PIPELINE = "graphc cleanup+fuse-ort(mha)+trim-outputs, head as initializer v1"
+FUSED_PIPELINE = "graphc cleanup+fuse-ort(mha)+trim-outputs, head as initializer v2"
 
 # what a graphc variant's bytes depend on (besides the recipe and the export)
 GRAPHC_SOURCES = ("cleanup", "fuse_ort", "trim_outputs", "quantize_nbits", "quantize_gather_block", "_blockquant",
+                  "../graphc/core/calibrate", "../graphc/core/moments",
                   "_quant", "fp16_constants", "mixed_precision", "_sensitivity", "_plan/precision", "awq_scale",
                   "split_vocab", "compact_scales")
 
@@ -64,6 +65,8 @@ ORT_GPTQ_FEEDS = 8  # its calibration batches (4 x 128 tokens each): ORT keeps e
 # graphc variants: quantize-nbits options, quantize-gather-block options (None: recipe's),
 # whether the weights' Q4_1 grid makes the variant look better than it is.
 VARIANTS: dict[str, dict[str, Any]] = {
+    # the built-in int4 recipe as a user runs it: on a causal LM, its decoder form (recipes/builtin/int4.toml)
+    "graphc int4 (built-in)": {"builtin": "int4"},
     "graphc int4 (recipe)": {"nbits": None, "gather": None, "aligned": True},
     "graphc rtn b128 sym": {
         "nbits": {"bits": 4, "block_size": 128, "symmetric": True, "method": "rtn"},
@@ -171,8 +174,15 @@ def build_fused(fp32: Path, work: Path, *, fresh: bool) -> Path:
     key = fingerprint(FUSED_PIPELINE, _read(fp32.with_suffix(".key")), *sources)
     if _key_ok(out, stamp, key, fresh):
         return out
-    steps = [s for s in BUILTIN["int4"].steps if not s.pass_name.startswith("quantize") and s.pass_name != "fp16-constants"]
-    recipe = replace(BUILTIN["int4"], name="fused-fp32", steps=tuple(steps))
+    # the int4 recipe's graph steps up to its first weight change: no awq-scale (which would make
+    # ORT's round-to-nearest better than on the export; it did in this bench until 2026-12-05), no
+    # planning, no quantization; the encoder form's steps (no decoder form)
+    steps = []
+    for s in BUILTIN["int4"].steps:
+        if s.pass_name in ("awq-scale", "split-vocab", "mixed-precision") or s.pass_name.startswith("quantize"):
+            break
+        steps.append(s)
+    recipe = replace(BUILTIN["int4"], name="fused-fp32", steps=tuple(steps), decoder=None)
     with quiet():
         result = graphc.compress(fp32, recipe=recipe, force=True, validate=False, attribution=False)
     model = result.model
@@ -257,6 +267,8 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
     options, ``spec["nb"]`` into its quantize-nbits options."""
     from graphc.core.recipes import BUILTIN, Step, get_recipe
 
+    if spec.get("builtin"):
+        return BUILTIN[spec["builtin"]]
     if spec.get("toml"):
         base = get_recipe(ROOT / spec["toml"])
         steps = [Step(s.pass_name, {**s.options, "method": spec["method"]})
@@ -273,7 +285,8 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
         elif s.pass_name == "quantize-gather-block" and spec.get("gather") is not None:
             s = Step(s.pass_name, dict(spec["gather"]))
         steps.append(s)
-    return replace(BUILTIN["int4"], name=name, steps=tuple(steps))
+    # the encoder form's steps as written (no decoder form: these variants are explicit pipelines)
+    return replace(BUILTIN["int4"], name=name, steps=tuple(steps), decoder=None)
 
 
 def build_graphc(fp32: Path, work: Path, name: str, spec: dict[str, Any], *, fresh: bool) -> tuple[Path, dict]:

@@ -363,6 +363,9 @@ def gptq(
     except np.linalg.LinAlgError:
         h[np.diag_indices(k)] += 0.1 * float(np.mean(np.diag(h)))
         hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    # the column loop in float32 (the reference implementation's precision; the Hessian work
+    # above stays float64): half the memory traffic of the per-column rank-1 updates
+    w, hinv = w.astype(np.float32), hinv.astype(np.float32)
     lazy = max(block, (lazy_block // block) * block) if block < k else k
     s = z = None
     for i1 in range(0, k, lazy):
@@ -374,14 +377,14 @@ def gptq(
             col = int(perm[i1 + i])
             g = col // block
             if act_order:
-                s, z = scales[:, g].astype(np.float64), zeros[:, g].astype(np.float64)
+                s, z = scales[:, g], zeros[:, g]
             elif col % block == 0:
                 grp = w1[:, i : i + block].astype(np.float32)
                 if grp.shape[1] < block:  # last, partial block: edge-pad like quantize()
                     grp = np.concatenate([grp, np.repeat(grp[:, -1:], block - grp.shape[1], axis=1)], axis=1)
                 _, s16, z8 = _quantize_blocks(grp, bits, symmetric, search, scale_dtype)
-                s = s16.astype(np.float64)
-                z = z8.astype(np.float64)
+                s = s16.astype(np.float32)
+                z = z8.astype(np.float32)
                 scales[:, g], zeros[:, g] = s16, z8
             x = w1[:, i]
             q = np.clip(np.rint(x / s) + z, 0, qmax)

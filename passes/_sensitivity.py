@@ -300,6 +300,36 @@ def row_kl(out: np.ndarray, ref_logp: np.ndarray) -> np.ndarray:
     return (np.exp(ref_logp) * (ref_logp - logq)).sum(axis=-1, dtype=np.float64)
 
 
+class SoftmaxRef:
+    """The reference rows' next-token distributions for :func:`kl_rows`: ``p`` [rows, vocab]
+    float32, ``plogp`` = sum p log p and ``psum`` = sum p per row (float64; 1 up to float32
+    rounding, kept exact so that small KLs are not swamped), computed once per evaluator."""
+
+    __slots__ = ("p", "plogp", "psum")
+
+    def __init__(self, logits: np.ndarray) -> None:
+        logp = log_softmax(logits)
+        self.p = np.exp(logp)
+        self.plogp = np.einsum("ij,ij->i", self.p, logp, dtype=np.float64)
+        self.psum = self.p.sum(axis=-1, dtype=np.float64)
+
+    def __getstate__(self):
+        return (self.p, self.plogp, self.psum)
+
+    def __setstate__(self, state) -> None:
+        self.p, self.plogp, self.psum = state
+
+
+def kl_rows(out: np.ndarray, ref: SoftmaxRef) -> np.ndarray:
+    """:func:`row_kl` from a :class:`SoftmaxRef`: KL = sum p log p - sum p out + sum p x
+    logsumexp(out), four passes over the logits instead of ten (a 512 x 49152 block: 0.11 s
+    instead of 0.18 s)."""
+    out = np.asarray(out, dtype=np.float32)
+    top = out.max(axis=-1)
+    lse = np.log(np.exp(out - top[:, None]).sum(axis=-1, dtype=np.float64)) + top
+    return ref.plogp - np.einsum("ij,ij->i", ref.p, out, dtype=np.float64) + ref.psum * lse
+
+
 METRICS = ("cosine", "kl", "tensor")
 
 
@@ -340,8 +370,8 @@ class Evaluator:
         self.feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in feeds]
         self.masks = [feed.get("attention_mask") for feed in feeds]
         self.reference = [self.session.run(self.outputs, {**feed, **self.weights}) for feed in self.feeds]
-        if metric == "kl":  # the reference's log-probabilities, once
-            self.reference = [[log_softmax(_rows(r, mask)) for r in refs]
+        if metric == "kl":  # the reference's distributions, once
+            self.reference = [[SoftmaxRef(_rows(r, mask)) for r in refs]
                               for refs, mask in zip(self.reference, self.masks)]
 
     def payload(self) -> dict:
@@ -376,7 +406,7 @@ class Evaluator:
         for feed, mask, ref in zip(self.feeds, self.masks, self.reference):
             outs = self.session.run(self.outputs, {**feed, **weights})
             if self.metric == "kl":
-                errs += [row_kl(_rows(o, mask), r) for o, r in zip(outs, ref)]
+                errs += [kl_rows(_rows(o, mask), r) for o, r in zip(outs, ref)]
             elif self.metric == "tensor":
                 errs += [tensor_error(o, r) for o, r in zip(outs, ref)]
             else:

@@ -148,3 +148,20 @@ def test_dead_nodes_are_left_out_of_a_sweep():
     kept = {n.name for n in proto.graph.node if n.name}
     assert "rms" in kept and "q_proj" in kept
     assert not kept & {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_a_tied_head_reading_the_table_through_a_transpose_is_collected():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphc.core.calibrate import weight_inputs
+
+    table = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"]),
+         helper.make_node("Transpose", ["table"], ["tt"], perm=[1, 0]),
+         helper.make_node("MatMul", ["e", "tt"], ["logits"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 50])],
+        [numpy_helper.from_array(table, "table")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [(v.name, k) for v, k in weight_inputs(model)] == [("e", 16)]

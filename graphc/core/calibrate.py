@@ -137,15 +137,32 @@ def input_moments(
 
 
 def weight_inputs(model: ir.Model) -> list[tuple[ir.Value, int]]:
-    """The data input of every MatMul whose weight (input 1) is a 2-D constant, in the main
-    graph, with its channel count (the weight's first axis)."""
+    """The data input of every MatMul whose weight (input 1) is a 2-D constant, or the
+    transpose of one (a tied LM head reads the embedding table so), in the main graph, with
+    its channel count (the weight's first axis)."""
     seen: dict[int, tuple[ir.Value, int]] = {}
     for node in model.graph:
         if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.inputs) >= 2:
-            x, w = node.inputs[0], node.inputs[1]
-            if x is not None and w is not None and w.const_value is not None and len(w.const_value.shape) == 2:
-                seen.setdefault(id(x), (x, int(w.const_value.shape[0])))
+            x, k = node.inputs[0], _weight_rows(node.inputs[1])
+            if x is not None and k:
+                seen.setdefault(id(x), (x, k))
     return list(seen.values())
+
+
+def _weight_rows(w: ir.Value | None) -> int:
+    """K of a MatMul weight [K, N] that is a constant or a Transpose of one; 0 otherwise."""
+    if w is None:
+        return 0
+    if w.const_value is not None:
+        shape = w.const_value.shape
+        return int(shape[0]) if len(shape) == 2 else 0
+    node = w.producer()
+    if node is not None and node.op_type == "Transpose" and node.inputs and node.inputs[0] is not None:
+        src = node.inputs[0].const_value
+        perm = node.attributes.get_ints("perm", None)
+        if src is not None and len(src.shape) == 2 and (perm is None or list(perm) == [1, 0]):
+            return int(src.shape[1])
+    return 0
 
 
 def _channels(model: ir.Model, name: str) -> int:

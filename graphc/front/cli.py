@@ -37,7 +37,11 @@ def cmd_passes(args: argparse.Namespace) -> int:
     passes = all_passes()
     recipes = list_recipes()
     lines = ["passes:"] + [f"  {name:20s} {cls.summary}" for name, cls in passes.items()]
-    lines += ["recipes:"] + [f"  {r.name:20s} {r.description} [{' → '.join(r.pass_names())}]" for r in recipes]
+    lines += ["recipes:"]
+    for r in recipes:
+        lines.append(f"  {r.name:20s} {r.description} [{' → '.join(r.pass_names())}]")
+        if r.decoder is not None:
+            lines.append(f"  {'':20s} on a causal LM: {r.decoder.description} [{' → '.join(r.decoder.pass_names())}]")
     data = {
         "passes": [{"name": n, "summary": c.summary} for n, c in passes.items()],
         "recipes": [r.to_dict() for r in recipes],

@@ -479,3 +479,63 @@ def test_plan_accepts_fractional_byte_estimates_and_a_float_budget():
     assert pp.plan(layers, max_bytes=392.0) == [1, 1]  # 301 + 91 whole bytes: exactly the budget
     assert pp.plan(layers, max_bytes=390.5) == [1, 0]  # 300.25 + 90.7 would not fit
     assert pp.plan(layers, max_error=0.75) == [1, 0]
+
+
+def test_kl_from_a_cached_reference_matches_float64_kl():
+    import pickle
+
+    from graphc.passes import _sensitivity as sens
+
+    def truth(out, ref):
+        lp, lq = (a.astype(np.float64) for a in (ref, out))
+        lp = lp - lp.max(-1, keepdims=True)
+        lq = lq - lq.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+        return (np.exp(lp) * (lp - lq)).sum(-1)
+
+    rng = np.random.default_rng(0)
+    ref = (rng.standard_normal((64, 3000)) * 4).astype(np.float32)
+    for noise in (1e-3, 0.3):  # KLs of ~4e-7 and ~0.035 nats a row
+        out = ref + (rng.standard_normal(ref.shape) * noise).astype(np.float32)
+        cached = pickle.loads(pickle.dumps(sens.SoftmaxRef(ref)))  # travels to Ray workers
+        expected = truth(out, ref)
+        np.testing.assert_allclose(sens.kl_rows(out, cached), expected, rtol=1e-4, atol=3e-7)
+        # no worse than the direct float32 formula it replaces
+        direct = np.abs(sens.row_kl(out, sens.log_softmax(ref)) - expected).max()
+        assert np.abs(sens.kl_rows(out, cached) - expected).max() <= direct * 1.01
+    np.testing.assert_allclose(sens.kl_rows(ref, sens.SoftmaxRef(ref)), 0.0, atol=3e-7)
+
+
+def test_size_like_is_the_bytes_ort_own_4bit_quantizer_writes(tmp_path):
+    """size_like = "rtn4-b128" against ONNX Runtime's MatMulNBitsQuantizer (RTN, 4 bits, block 128,
+    symmetric, MatMul and Gather) on the same graph: K not a multiple of the block included."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from graphc.passes import _sensitivity as sens
+    from graphc.passes.mixed_precision import MixedPrecision
+
+    rng = np.random.default_rng(0)
+    inits = {"table": rng.standard_normal((300, 192)), "w1": rng.standard_normal((192, 320)),
+             "w2": rng.standard_normal((320, 192)), "head": rng.standard_normal((192, 300))}
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["h"]),
+         helper.make_node("MatMul", ["h", "w2"], ["g"]), helper.make_node("MatMul", ["g", "head"], ["logits"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 300])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = ir.serde.deserialize_model(proto)  # first: ORT's quantizer rewrites the proto it is given
+    config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"))
+    quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
+    quantizer.process()
+    ort_bytes = 0
+    for t in quantizer.model.model.graph.initializer:
+        a = numpy_helper.to_array(t)
+        ort_bytes += (a.size + 1) // 2 if t.data_type in (TensorProto.INT4, TensorProto.UINT4) else a.nbytes
+    layers, _ = sens.find_layers(model.graph, min_cols=64)
+    assert sorted(layer.kind for layer in layers) == ["embedding", "matmul", "matmul", "matmul"]
+    budget = MixedPrecision(MixedPrecision.Options(max_bits=0, size_like="rtn4-b128"))._size_like(layers, 0)
+    assert budget == pytest.approx(ort_bytes * 0.995, rel=1e-3)
