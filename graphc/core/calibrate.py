@@ -192,7 +192,7 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
             if out.ndim == 0:
                 continue
             rows = np.ascontiguousarray(token_rows(out, mask), dtype=np.float32)
-            gram = (rows.T @ rows).astype(np.float64)
+            gram = _gram(rows)
             absum = np.abs(rows).sum(axis=0, dtype=np.float64)
             if name in total:
                 s = total[name]
@@ -204,6 +204,18 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
         if i + 1 in heads_at and i + 1 < len(feeds):
             heads[i + 1] = {n: s.copy() for n, s in total.items()}
     return total, heads
+
+
+def _gram(rows: np.ndarray) -> np.ndarray:
+    """rows^T rows [K, K] float64, from a float32 product: BLAS's symmetric rank-k update
+    (half the multiplications of a GEMM) where SciPy is installed, else a GEMM."""
+    try:
+        from scipy.linalg.blas import ssyrk
+    except ImportError:
+        return (rows.T @ rows).astype(np.float64)
+    upper = ssyrk(1.0, np.asfortranarray(rows), trans=1).astype(np.float64)  # upper triangle filled
+    lower = np.triu(upper, 1).T
+    return upper + lower - np.tril(upper, -1)
 
 
 def _moments(s: Sums) -> InputMoments:

@@ -202,6 +202,8 @@ def compress(
 
         if is_causal_lm(ir_model):
             recipe_obj, adapted = recipe_obj.for_model(causal_lm=True), "causal LM"
+            if getattr(progress, "total", None) is not None:  # counted by the caller on the recipe as written
+                progress.total = len(recipe_obj.steps)
     unknown = [d for d in disable if d not in recipe_obj.pass_names()]
     for d in unknown:
         get_pass(d)  # unknown names raise; known-but-absent are ignored with a notice
