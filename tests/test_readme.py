@@ -39,8 +39,11 @@ def test_no_internal_issue_references_in_docs():
 def test_extending_recipe_example_merges_as_documented():
     from graphc.core.recipes import get_recipe
 
-    (block,) = _blocks("toml", (ROOT / "docs" / "extending.md").read_text(encoding="utf-8"))
+    block, decoder = _blocks("toml", (ROOT / "docs" / "extending.md").read_text(encoding="utf-8"))
     recipe = recipe_from_dict(tomllib.loads(block))
+    # the [decoder] example is a valid table of a recipe that extends a built-in
+    variant = recipe_from_dict({"name": "x", "extends": "int4", **tomllib.loads(decoder)}).decoder
+    assert variant is not None and variant.tolerance.max_ppl_rise == 0.05
     base = get_recipe("int8").pass_names()
     assert recipe.pass_names() == [*base[:2], "cse", *[n for n in base[2:] if n != "quantize-embedding"]]
     step = next(s for s in recipe.steps if s.pass_name == "quantize-int8")

@@ -122,7 +122,7 @@ def output_errors(session, feeds: Sequence[dict], reference: Sequence[list], ext
         outs = session.run(outputs, {**{k: v for k, v in feed.items() if k in inputs}, **(extra or {})})
         mask = feed.get("attention_mask")
         if metric == "kl":
-            errs += [sens.row_kl(sens._rows(o, mask), sens.log_softmax(sens._rows(r, mask))) for o, r in zip(outs, ref)]
+            errs += [sens.kl_rows(sens._rows(o, mask), sens.SoftmaxRef(sens._rows(r, mask))) for o, r in zip(outs, ref)]
         else:
             errs += [sens.row_errors(o, r, mask) for o, r in zip(outs, ref)]
     return float(np.concatenate(errs).mean()) if errs else 0.0
@@ -165,7 +165,7 @@ class Probe:
         an action (``_probes.output_error``); the same arithmetic as :func:`output_errors`."""
         masks = [f.get("attention_mask") for f in self.feeds]
         reference = self.reference if self.metric != "kl" else [
-            [sens.log_softmax(sens._rows(r, mask)) for r in refs] for refs, mask in zip(self.reference, masks)]
+            [sens.SoftmaxRef(sens._rows(r, mask)) for r in refs] for refs, mask in zip(self.reference, masks)]
         model = np.frombuffer(self.proto.SerializeToString(), np.uint8) if serialized else None
         return {"model": model, "metric": self.metric, "outputs": self.outputs, "weights": self.constants,
                 "feeds": self.inputs, "masks": masks, "reference": reference}
