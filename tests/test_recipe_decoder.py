@@ -131,3 +131,17 @@ def test_an_encoder_keeps_the_recipe_as_written(tmp_path):
     result = api.compress(str(src), str(tmp_path / "q.onnx"), recipe="int4", attribution=False, force=True)
     assert not any("causal LM form" in n for n in result.notices)
     assert "split-vocab" not in [r.name for r in result.passes]
+
+
+def test_an_encoder_with_its_tokenizer_is_judged_on_sentence_embeddings_of_real_text(tmp_path):
+    from graphc.front import api
+    from graphc.models import tiny_families as tf
+
+    folder = tf.save_tiny("bert", tmp_path / "bert")
+    tf.save_tiny_tokenizer(folder)
+    src = api.export(str(folder), tmp_path / "bert.onnx").path
+    result = api.compress(str(src), str(tmp_path / "q.onnx"), recipe="int8", attribution=False)
+    v = result.validation
+    assert v.input_source.startswith("Wikipedia text") and "paragraphs" in v.input_source
+    assert v.task["metric"] == "embedding_cosine" and v.task["sentences"] == 64
+    assert result.calibration.startswith("Wikipedia text")

@@ -1,14 +1,21 @@
-"""Real text for a causal LM without a model spec: paragraphs of Wikipedia articles (the
+"""Real text for a text model without a model spec: paragraphs of Wikipedia articles (the
 offline data package the model specs read) tokenized by the model's own tokenizer, found
 beside the .onnx or in the folder ``graphc export`` read.
 
-A decoder judged on synthesized token ids is judged on noise: its perplexity means nothing
-and a 4-bit plan measured on random ids spends bytes where real text does not need them. With
-a tokenizer at hand, calibration takes windows of the Wikipedia calibration split (articles
-disjoint from the evaluation split) and validation measures the perplexity rise on windows of
-the evaluation split. The shape follows the SmolLM2 model spec, whose numbers were measured
-(models/smollm2.py): calibration windows of 512 tokens, one a feed, up to 128 of them (GPTQ's
-Hessians want tens of thousands of tokens); validation 2 feeds of 4 windows of 128 tokens.
+A model judged on synthesized token ids is judged on noise: a decoder's perplexity means
+nothing there, an encoder's embeddings of random ids say little about its embeddings of
+sentences, and a plan measured on random ids spends bytes where real text does not need them.
+With a tokenizer at hand, calibration takes the Wikipedia calibration split and validation the
+evaluation split (disjoint articles):
+
+- a causal LM: windows of the joined text, judged by the perplexity rise. The shape follows the
+  SmolLM2 model spec, whose numbers were measured (models/smollm2.py): calibration windows of
+  512 tokens, one a feed, up to 128 of them (GPTQ's Hessians want tens of thousands of tokens);
+  validation 2 feeds of 4 windows of 128 tokens;
+- a text encoder: one paragraph a row (truncated at 128 tokens), 16 a feed, judged by the
+  cosine of the pooled embeddings, as the MiniLM model spec is (64 validation paragraphs,
+  calibration capped at 16 feeds).
+
 Windows are cut shorter where the model's ``config.json`` allows fewer positions.
 """
 
@@ -30,6 +37,10 @@ VALIDATION_TEXTS = 8
 VALIDATION_BATCH = 4
 VALIDATION_LENGTH = 128
 VALIDATION_MAX_FEEDS = 2
+ENCODER_BATCH = 16
+ENCODER_LENGTH = 128
+ENCODER_VALIDATION_TEXTS = 64
+ENCODER_CALIBRATION_MAX_FEEDS = 16
 
 
 def _max_positions(model: ir.Model) -> int | None:
@@ -50,15 +61,17 @@ def _max_positions(model: ir.Model) -> int | None:
     return None
 
 
-def decoder_text_feeds(model: ir.Model, model_path: Path | None, split: str,
-                       count: int) -> tuple[list[dict[str, np.ndarray]], str] | None:
+def text_feeds(model: ir.Model, model_path: Path | None, split: str,
+               count: int) -> tuple[list[dict[str, np.ndarray]], str] | None:
     """(feeds, source) of ``split`` ("calibration": up to ``count`` paragraphs; "validation")
-    for a causal LM with a findable tokenizer and the text package installed; else None."""
+    for a text model (inputs text can fill) with a findable tokenizer and the text package
+    installed; else None."""
     from graphc.checks import text_data
 
-    if not text_data.is_causal_lm(model):
+    if not any(v.name == "input_ids" for v in model.graph.inputs):
         return None
     try:
+        text_data.check_text_model(model, Path(model_path or "model"))
         tok, where = text_data.find_tokenizer(model, model_path, None, "model")
         from graphc.models import data
 
@@ -66,29 +79,31 @@ def decoder_text_feeds(model: ir.Model, model_path: Path | None, split: str,
     except (GraphcError, ImportError, OSError):
         return None
     limit = _max_positions(model)
+    causal = text_data.is_causal_lm(model)
+    if causal and split == "calibration":
+        length, batch, texts, cap = CALIBRATION_LENGTH, 1, texts[:max(count, 1)], CALIBRATION_MAX_FEEDS
+    elif causal:
+        length, batch, texts, cap = VALIDATION_LENGTH, VALIDATION_BATCH, texts[:VALIDATION_TEXTS], VALIDATION_MAX_FEEDS
+    elif split == "calibration":
+        length, batch, texts, cap = ENCODER_LENGTH, ENCODER_BATCH, texts[:max(count, 1)], ENCODER_CALIBRATION_MAX_FEEDS
+    else:
+        length, batch, texts, cap = ENCODER_LENGTH, ENCODER_BATCH, texts[:ENCODER_VALIDATION_TEXTS], None
+    length = min(length, limit or length)
     try:
-        if split == "calibration":
-            length = min(CALIBRATION_LENGTH, limit or CALIBRATION_LENGTH)
-            texts = texts[:max(count, 1)]
-            feeds = text_data.text_feeds(model, tok, texts, batch=1, max_length=length, where=Path(where))
-            feeds = feeds[:CALIBRATION_MAX_FEEDS]
-        else:
-            length = min(VALIDATION_LENGTH, limit or VALIDATION_LENGTH)
-            texts = texts[:VALIDATION_TEXTS]
-            feeds = text_data.text_feeds(model, tok, texts, batch=VALIDATION_BATCH, max_length=length,
-                                         where=Path(where))[:VALIDATION_MAX_FEEDS]
+        feeds = text_data.text_feeds(model, tok, texts, batch=batch, max_length=length, where=Path(where))[:cap]
     except GraphcError:
         return None
-    windows = sum(len(f["input_ids"]) for f in feeds)
+    rows = sum(len(f["input_ids"]) for f in feeds)
     longest = max(f["input_ids"].shape[1] for f in feeds)
-    return feeds, (f"{SOURCE_PREFIX}: {len(texts)} paragraphs, {windows} windows of up to {longest} tokens "
-                   f"(the model's tokenizer: {where})")
+    what = f"{rows} windows of up to {longest} tokens" if causal else f"{rows} paragraphs of up to {longest} tokens"
+    return feeds, f"{SOURCE_PREFIX}: {what} (the model's tokenizer: {where})"
 
 
-def task_for(input_source: str) -> Any:
-    """The task metric for feeds this module made (perplexity), else None."""
+def task_for(model: ir.Model, input_source: str) -> Any:
+    """The task metric for feeds this module made (perplexity for a causal LM, pooled-embedding
+    cosine for an encoder), else None."""
     if input_source.startswith(SOURCE_PREFIX):
-        from graphc.checks.text_data import perplexity_task
+        from graphc.checks.text_data import text_task
 
-        return perplexity_task
+        return text_task(model)
     return None

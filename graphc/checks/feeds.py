@@ -20,7 +20,7 @@ VALIDATION_SAMPLES = 64  # real sentences used to validate when the model has a 
 def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: int = 0,
                      shapes: dict | None = None, model_path=None) -> tuple[list[dict], str]:
     """Feeds for validation: the model spec's real evaluation texts when the model came
-    from a recipe and its packages are installed; for another causal LM with its tokenizer
+    from a recipe and its packages are installed; for another text model with its tokenizer
     at hand (beside ``model_path`` or in the folder it was exported from), Wikipedia text
     through that tokenizer (graphc.checks.default_text); crops of photos for vision models;
     else inputs synthesized from the signature."""
@@ -36,9 +36,9 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
         except (ImportError, GraphcError):
             pass
     if not shapes:
-        from graphc.checks.default_text import decoder_text_feeds
+        from graphc.checks.default_text import text_feeds
 
-        text = decoder_text_feeds(model, model_path, "validation", 0)
+        text = text_feeds(model, model_path, "validation", 0)
         if text is not None:
             return text
     image_feeds, why_not = _image_feeds(model, "validation") if not shapes else (None, "")
@@ -94,8 +94,8 @@ def task_metric_for(model: ir.Model, input_source: str) -> Callable[..., Any] | 
 
     if input_source.startswith(images.SOURCE_PREFIX):
         return images.task_metric
-    if default_text.task_for(input_source) is not None:
-        return default_text.task_for(input_source)
+    if default_text.task_for(model, input_source) is not None:
+        return default_text.task_for(model, input_source)
     name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if not name or not input_source.startswith(f"{name}: "):
         return None
@@ -118,9 +118,9 @@ def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = 
         except (ImportError, GraphcError):
             pass
     if not shapes:
-        from graphc.checks.default_text import decoder_text_feeds
+        from graphc.checks.default_text import text_feeds
 
-        text = decoder_text_feeds(model, model_path, "calibration", count)
+        text = text_feeds(model, model_path, "calibration", count)
         if text is not None:
             return PassContext(calibration=text[0], calibration_source=text[1])
     image_feeds, _ = _image_feeds(model, "calibration") if not shapes else (None, "")
