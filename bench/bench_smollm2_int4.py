@@ -67,6 +67,8 @@ ORT_GPTQ_FEEDS = 8  # its calibration batches (4 x 128 tokens each): ORT keeps e
 VARIANTS: dict[str, dict[str, Any]] = {
     # the built-in int4 recipe as a user runs it: on a causal LM, its decoder form (recipes/builtin/int4.toml)
     "graphc int4 (built-in)": {"builtin": "int4"},
+    # its KL probes on the first 256 of each window's 512 tokens (half the probe time)
+    "graphc int4 (built-in), 256-token probes": {"builtin": "int4", "sets": ["mixed-precision.probe_tokens=256"]},
     "graphc int4 (recipe)": {"nbits": None, "gather": None, "aligned": True},
     "graphc rtn b128 sym": {
         "nbits": {"bits": 4, "block_size": 128, "symmetric": True, "method": "rtn"},
@@ -268,7 +270,10 @@ def variant_recipe(name: str, spec: dict[str, Any]) -> Any:
     from graphc.core.recipes import BUILTIN, Step, get_recipe
 
     if spec.get("builtin"):
-        return BUILTIN[spec["builtin"]]
+        from graphc.core.recipe_merge import apply_sets
+
+        recipe = apply_sets(BUILTIN[spec["builtin"]], spec.get("sets", []))
+        return replace(recipe, name=name) if spec.get("sets") else recipe
     if spec.get("toml"):
         base = get_recipe(ROOT / spec["toml"])
         steps = [Step(s.pass_name, {**s.options, "method": spec["method"]})

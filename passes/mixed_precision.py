@@ -73,6 +73,7 @@ from graphc.core.registry import register
 # size_like references: (bits, block) of a symmetric round-to-nearest quantizer with float16 scales
 SIZE_LIKE = {"": (0, 0), "rtn4-b128": (4, 128)}
 GRAPH_MARGIN = 0.005  # of a size_like budget, left for the graph graphc's passes add
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class MixedPrecisionOptions:
     probe_block: int = 32
     measure_all: bool = False  # measure every candidate instead of predicting from probes
     feeds: int = 2  # calibration feeds used (each measurement runs them all)
+    # measure on the first N tokens of each feed's sequences (0: all): fewer tokens, cheaper probes,
+    # noisier estimates; token inputs only (not a KV-cache graph's past)
+    probe_tokens: int = 0
     matmuls: bool = True
     embeddings: bool = True
     min_rows: int = 64  # smaller tables are not planned (quantize-gather-block's default)
@@ -166,6 +170,8 @@ class MixedPrecision(GraphcPass):
                                    pass_name=self.name)
         if o.feeds < 1:
             raise UnsupportedError(f"feeds={o.feeds}; at least 1", pass_name=self.name)
+        if o.probe_tokens < 0 or o.probe_tokens == 1:
+            raise UnsupportedError(f"probe_tokens={o.probe_tokens}; 0 (all) or at least 2", pass_name=self.name)
         configs = sorted({sens.QuantConfig(b, k) for b in o.bits for k in o.block_sizes})
         return method, configs
 
@@ -192,6 +198,18 @@ class MixedPrecision(GraphcPass):
             # (one byte per row and block; quantize-gather-block._emit_tied)
             nbytes += rows * -(-cols // c.block_size)
         return nbytes
+
+    def _cropped(self, feeds: list[dict], stats: PassStats) -> list[dict]:
+        """The feeds cut to their first ``probe_tokens`` positions (token inputs [batch, seq] only;
+        a feed with other inputs, such as a KV cache's past, is kept whole)."""
+        n, out = self.options.probe_tokens, []
+        for feed in feeds:
+            if any(k not in _TOKEN_INPUTS for k in feed) or any(np.ndim(v) != 2 for v in feed.values()):
+                stats.notes.append(f"probe_tokens={n}: feeds with inputs other than tokens are measured whole")
+                return feeds
+            out.append({k: np.ascontiguousarray(v[:, :n]) for k, v in feed.items()})
+        stats.notes.append(f"probes measured on the first {n} tokens of each sequence")
+        return out
 
     def _size_like(self, layers: list[sens.Layer], fixed: int) -> int:
         """The ``size_like`` budget in bytes (see the module doc), laid out as ONNX Runtime's
@@ -229,6 +247,8 @@ class MixedPrecision(GraphcPass):
             raise PassError("needs calibration data (the output error of each layer is measured on it), and none "
                             "was given: use a model exported by graphc (its recipe's texts) or pass calibration "
                             "feeds in the PassContext", pass_name=self.name)
+        if o.probe_tokens:
+            feeds = self._cropped(feeds, stats)
         layers, skipped = sens.find_layers(model.graph, matmuls=o.matmuls, embeddings=o.embeddings,
                                            min_rows=o.min_rows, min_cols=min(o.block_sizes), exclude=o.exclude)
         for what, why in skipped:

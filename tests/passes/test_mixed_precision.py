@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphc.core.errors import GraphcError, PassError, UnsupportedError
-from graphc.core.pass_base import PassContext
+from graphc.core.pass_base import PassContext, PassStats
 from graphc.passes._plan import precision as pp
 from graphc.passes import _sensitivity as sens
 from graphc.passes.mixed_precision import META_BITS, META_BLOCK, MixedPrecision
@@ -539,3 +539,17 @@ def test_size_like_is_the_bytes_ort_own_4bit_quantizer_writes(tmp_path):
     assert sorted(layer.kind for layer in layers) == ["embedding", "matmul", "matmul", "matmul"]
     budget = MixedPrecision(MixedPrecision.Options(max_bits=0, size_like="rtn4-b128"))._size_like(layers, 0)
     assert budget == pytest.approx(ort_bytes * 0.995, rel=1e-3)
+
+
+def test_probe_tokens_measures_on_the_first_tokens_only():
+    from graphc.passes.mixed_precision import MixedPrecision
+
+    mp = MixedPrecision(MixedPrecision.Options(max_bits=4.0, probe_tokens=16))
+    stats = PassStats()
+    feeds = [{"input_ids": np.arange(64).reshape(2, 32), "attention_mask": np.ones((2, 32), np.int64)}]
+    cut = mp._cropped(feeds, stats)
+    assert cut[0]["input_ids"].shape == (2, 16) and (cut[0]["input_ids"] == feeds[0]["input_ids"][:, :16]).all()
+    kv = [{**feeds[0], "past_key_values.0.key": np.zeros((2, 1, 0, 8), np.float32)}]
+    assert mp._cropped(kv, stats) is kv and "measured whole" in stats.notes[-1]
+    with pytest.raises(UnsupportedError, match="probe_tokens"):
+        MixedPrecision(MixedPrecision.Options(max_bits=4.0, probe_tokens=1))._validate()
