@@ -331,6 +331,16 @@ def kl_rows(out: np.ndarray, ref: SoftmaxRef) -> np.ndarray:
 
 
 METRICS = ("cosine", "kl", "tensor")
+LOGITS = "logits"
+
+
+def measured_outputs(outputs: Sequence[str], metric: str) -> list[str]:
+    """The outputs a metric is taken on: KL is defined on next-token scores, so a language
+    model's ``logits`` alone when it has them (a KV-cache decoder's ``present.*`` tensors are not
+    distributions); every output otherwise."""
+    if metric == "kl" and LOGITS in outputs:
+        return [LOGITS]
+    return list(outputs)
 
 
 def tensor_error(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -365,7 +375,7 @@ class Evaluator:
         self.proto = weight_input_proto(model, self.layers)
         self.session = make_session(self.proto, what="model during sensitivity measurement")
         inputs = {i.name for i in self.session.get_inputs()}
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.outputs = measured_outputs([o.name for o in self.session.get_outputs()], metric)
         self.weights = {layer.value.name: layer.value.const_value.numpy() for layer in self.layers}
         self.feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in feeds]
         self.masks = [feed.get("attention_mask") for feed in feeds]

@@ -115,7 +115,7 @@ def output_errors(session, feeds: Sequence[dict], reference: Sequence[list], ext
     """Mean over every output row of every feed (padding rows, by the feed's ``attention_mask``,
     left out) of 1 - cosine against ``reference``, or with ``metric="kl"`` of the KL divergence
     of the rows' softmax from the reference's (nats; logits of a language model)."""
-    outputs = [o.name for o in session.get_outputs()]
+    outputs = sens.measured_outputs([o.name for o in session.get_outputs()], metric)
     inputs = {i.name for i in session.get_inputs()}
     errs = []
     for feed, ref in zip(feeds, reference):
@@ -153,7 +153,7 @@ class Probe:
         self.session = make_session(self.proto, what="model during sensitivity measurement")
         self.feeds = list(feeds)
         inputs = {i.name for i in self.session.get_inputs()}
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.outputs = sens.measured_outputs([o.name for o in self.session.get_outputs()], self.metric)
         self.inputs = [{k: v for k, v in f.items() if k in inputs} for f in self.feeds]
         self.reference = [self.session.run(self.outputs, {**f, **self.constants}) for f in self.inputs]
         self.evaluator = sens.Evaluator.from_payload(self.payload(serialized=False), session=self.session)

@@ -553,3 +553,12 @@ def test_probe_tokens_measures_on_the_first_tokens_only():
     assert mp._cropped(kv, stats) is kv and "measured whole" in stats.notes[-1]
     with pytest.raises(UnsupportedError, match="probe_tokens"):
         MixedPrecision(MixedPrecision.Options(max_bits=4.0, probe_tokens=1))._validate()
+
+
+def test_kl_is_taken_on_the_logits_alone():
+    from graphc.passes import _sensitivity as sens
+
+    kv = ["logits", "present.0.key", "present.0.value"]
+    assert sens.measured_outputs(kv, "kl") == ["logits"]
+    assert sens.measured_outputs(kv, "cosine") == kv
+    assert sens.measured_outputs(["y"], "kl") == ["y"]  # no logits: every output, as before
