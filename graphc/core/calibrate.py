@@ -48,24 +48,21 @@ def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
         if not any(o and o in live for o in node.output):
             continue
         keep.append(node)
-        live.update(i for i in node.input if i)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                live.update(_names_read(sub))
+        live.update(_names_read(node))
     if len(keep) < len(graph.node):
         kept = list(reversed(keep))
         del graph.node[:]
         graph.node.extend(kept)
 
 
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(i for i in node.input if i)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names.update(_names_read(sub))
-    names.update(o.name for o in graph.output)
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """The names a node reads: its inputs, and every name its subgraphs read or output."""
+    names = {i for i in node.input if i}
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in sub.node:
+                names |= _names_read(inner)
+            names.update(o.name for o in sub.output)
     return names
 
 
