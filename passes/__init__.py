@@ -19,6 +19,7 @@ from graphc.passes import (  # noqa: F401
     quantize_embedding,
     quantize_gather_block,
     quantize_int8,
+    quantize_lstm,
     quantize_nbits,
     remove_padding,
     split_vocab,

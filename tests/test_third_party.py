@@ -249,6 +249,23 @@ def test_gru_is_left_in_float_with_the_reason(tmp_path, capsys):
     assert "left in float:" in text and "GRU" in text
 
 
+def test_lstm_is_quantized_by_int8_and_validated(tmp_path, capsys):
+    path = tp.save(tp.lstm(hidden=48, width=24), tmp_path / "lstm.onnx")
+    out = tmp_path / "o.onnx"
+    assert main(["compress", path, "-o", str(out), "--json"]) == 0
+    result = _json(capsys)
+    assert "LSTM" not in {e["op"] for e in result.get("left_float", [])}
+    model = onnx.load(str(out))
+    assert [n.op_type for n in model.graph.node if "LSTM" in n.op_type] == ["DynamicQuantizeLSTM"]
+    assert out.stat().st_size < 0.45 * (tmp_path / "lstm.onnx").stat().st_size
+    # batch-first LSTMs have no quantized kernel (ONNX Runtime runs none at all): left float,
+    # and the summary says why
+    path = tp.save(tp.lstm(hidden=48, width=24, layout=1), tmp_path / "lstm_bf.onnx")
+    assert main(["compress", path, "-o", str(tmp_path / "o2.onnx"), "--json", "--no-validate"]) == 0
+    left = {e["op"]: e for e in _json(capsys)["left_float"]}
+    assert "layout=1" in left["LSTM"]["reasons"][0]
+
+
 def test_a_run_that_shrank_nothing_says_so(tmp_path, capsys):
     path = tp.save(tp.gru(), tmp_path / "gru.onnx")
     assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--recipe", "cleanup"]) == 0

@@ -157,6 +157,46 @@ def gru(seed: int = 0, hidden: int = 32, width: int = 16) -> onnx.ModelProto:
     )
 
 
+def lstm(seed: int = 0, hidden: int = 32, width: int = 16, direction: str = "bidirectional",
+         layout: int = 0, peepholes: bool = True) -> onnx.ModelProto:
+    """x[seq, batch, width] (or [batch, seq, width] with ``layout=1``) → LSTM (weights, bias
+    and peepholes as initializers, the initial state as an input) → Y → ReduceMean over time →
+    Gemm head. The layers an older torch exporter writes for ``nn.LSTM``."""
+    rng = np.random.default_rng(seed)
+    d = 2 if direction == "bidirectional" else 1
+    inits = {
+        "W": (rng.standard_normal((d, 4 * hidden, width)) * 0.3).astype(np.float32),
+        "R": (rng.standard_normal((d, 4 * hidden, hidden)) * 0.2).astype(np.float32),
+        "B": (rng.standard_normal((d, 8 * hidden)) * 0.1).astype(np.float32),
+        "head_w": (rng.standard_normal((4, d * hidden)) * 0.3).astype(np.float32),
+        "head_b": np.zeros(4, np.float32),
+    }
+    inputs = ["x", "W", "R", "B", "", "h0", ""]
+    if peepholes:
+        inits["P"] = (rng.standard_normal((d, 3 * hidden)) * 0.1).astype(np.float32)
+        inputs.append("P")
+    time_axis = 1 if layout else 0
+    nodes = [
+        helper.make_node("LSTM", inputs, ["y", "h", "c"], name="/encoder/lstm/LSTM", hidden_size=hidden,
+                         direction=direction, layout=layout),
+        # Y: [seq, D, batch, H] (layout 0) or [batch, seq, D, H] (layout 1)
+        helper.make_node("ReduceMean", ["y"], ["pooled"], name="pool", axes=[time_axis], keepdims=0),
+        helper.make_node("Transpose", ["pooled"], ["pooled_t"], name="to_batch", perm=[1, 0, 2] if not layout else [0, 1, 2]),
+        helper.make_node("Flatten", ["pooled_t"], ["flat"], name="flat", axis=1),
+        helper.make_node("Gemm", ["flat", "head_w", "head_b"], ["out"], name="head", transB=1),
+    ]
+    h0_shape = ["batch", d, hidden] if layout else [d, "batch", hidden]
+    x_shape = ["batch", "seq", width] if layout else ["seq", "batch", width]
+    return _finish(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
+         helper.make_tensor_value_info("h0", TensorProto.FLOAT, h0_shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, h0_shape)],
+        inits, opset=14,
+    )
+
+
 def save(proto: onnx.ModelProto, path) -> str:
     onnx.save(proto, str(path))
     return str(path)

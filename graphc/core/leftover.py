@@ -22,7 +22,7 @@ _GENERIC = {
     "Conv": "no pass of this recipe quantizes Conv",
     "ConvTranspose": "no pass of this recipe quantizes ConvTranspose",
     "GRU": "recurrent weights stay float: ONNX Runtime has no int8 GRU kernel",
-    "LSTM": "recurrent weights stay float: graphc does not emit ONNX Runtime's DynamicQuantizeLSTM",
+    "LSTM": "no pass of this recipe quantizes LSTM (quantize-lstm does: DynamicQuantizeLSTM, in int8)",
     "RNN": "recurrent weights stay float: ONNX Runtime has no int8 RNN kernel",
     "Gather": "table not quantized by this recipe",
     "MatMul": "no pass of this recipe quantized it",

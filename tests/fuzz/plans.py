@@ -115,6 +115,8 @@ PLANS: dict[str, Plan] = {
     # tests/third_party_graphs.py
     "fold-batchnorm": Plan(min_transformed=0.0, why="no drawn graph has a Conv followed by BatchNormalization"),
     "quantize-conv": Plan(min_transformed=0.0, why="no drawn graph has a Conv or ConvTranspose"),
+    # likewise recurrent layers: tests/passes/test_quantize_lstm.py and tests/third_party_graphs.lstm
+    "quantize-lstm": Plan(min_transformed=0.0, why="no drawn graph has an LSTM"),
 }
 
 
