@@ -26,6 +26,8 @@ import onnx_ir as ir
 
 from graphc.passes._sensitivity import Evaluator
 
+# an error this small is rounding of identical outputs: quantizing the weight changed nothing
+UNCHANGED = 1e-12
 MAX_FEEDS = 4  # calibration feeds measured per candidate: the cost is (weights + 2) x this many runs
 
 
@@ -39,15 +41,17 @@ class Fallback:
 
 def float_fallback(model: ir.Model, weights: Mapping[str, ir.Value], dequantized: Mapping[str, np.ndarray],
                    feeds: Sequence[dict], max_error: float,
-                   report: Callable[[int, int], None] | None = None) -> Fallback:
+                   report: Callable[[int, int], None] | None = None, always_alone: Sequence[str] = ()) -> Fallback:
     """``weights``: weight name → its value (``.name``, ``.const_value``: an initializer or a
     Constant node's output, in the main graph or a subgraph); ``dequantized``: name → the weight
-    as int8 would store it, back in float."""
+    as int8 would store it, back in float. ``always_alone``: weights measured alone even when
+    the whole set fits (those in If/Loop bodies: an error of exactly 0 says no feed ran them)."""
     layers = [SimpleNamespace(value=v) for v in weights.values()]
     evaluator = Evaluator(model, layers, list(feeds)[:MAX_FEEDS], metric="tensor")
     all_error = evaluator.error(dict(dequantized))
     if all_error <= max_error:
-        return Fallback(all_error, all_error, {}, [])
+        alone = {n: evaluator.error({n: dequantized[n]}) for n in always_alone if n in dequantized}
+        return Fallback(all_error, all_error, alone, [])
     alone = {}
     for i, name in enumerate(dequantized):
         alone[name] = evaluator.error({name: dequantized[name]})
@@ -61,3 +65,9 @@ def float_fallback(model: ir.Model, weights: Mapping[str, ir.Value], dequantized
         kept.append(name)
         joint = evaluator.error({n: d for n, d in dequantized.items() if n not in kept})
     return Fallback(joint, all_error, alone, kept)
+
+
+def unreached_note(count: int, what: str, source: str) -> str:
+    """The note for weights whose quantization changed no output on the calibration feeds."""
+    return (f"{count} {what} in If/Loop bodies quantized unmeasured: no feed of {source} runs their branch "
+            "(validation on them neither); give inputs that take every branch")

@@ -109,3 +109,83 @@ def node_candidates(graph, candidate, stats, nothing: str) -> list:
     if not found:
         stats.notes.append(nothing)
     return found
+
+
+# ops that only rearrange or relabel constants: an exporter's weight preparation (torch's old
+# exporter reorders LSTM gates with Slice + Concat + Unsqueeze, inside If bodies where the
+# optimizer leaves a large multi-use constant alone)
+_REARRANGING = frozenset({"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten",
+                          "Cast"})
+
+
+def rearranged_constant(value: ir.Value | None, opset: int, max_nodes: int = 64) -> tuple[np.ndarray, list[ir.Node]] | None:
+    """The array behind ``value`` when it is a constant, or is computed from constants by
+    rearranging ops only (Slice, Concat, Unsqueeze, Reshape, Transpose, ...), evaluated with
+    ONNX's reference evaluator at the model's default-domain ``opset``; with the nodes of that computation (empty for a constant), so
+    a pass that reads the array in their place can remove the ones nothing else reads."""
+    arr = const_array(value)
+    if arr is not None:
+        return arr, []
+    if value is None:
+        return None
+    cone: list[ir.Node] = []
+    leaves: dict[str, np.ndarray] = {}
+    stack = [value]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        leaf = const_array(v)
+        if leaf is not None:
+            if not v.name:
+                return None
+            leaves[v.name] = leaf
+            continue
+        node = v.producer()
+        if (node is None or node.op_type not in _REARRANGING or node.domain not in ("", "ai.onnx")
+                or len(cone) >= max_nodes or any(o is not None and not o.name for o in node.outputs)):
+            return None
+        cone.append(node)
+        stack.extend(i for i in node.inputs if i is not None)
+    return _evaluate(cone, leaves, value, opset), cone
+
+
+def _evaluate(cone: list[ir.Node], leaves: dict[str, np.ndarray], value: ir.Value, opset: int) -> np.ndarray:
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    order = _topological([ir.serde.serialize_node(n) for n in reversed(cone)])
+    proto = helper.make_graph(order, "cone", [], [helper.make_tensor_value_info(value.name, 0, None)],
+                              [numpy_helper.from_array(a, name) for name, a in leaves.items()])
+    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", opset)])
+    return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+
+
+def _topological(nodes):
+    produced = {o for n in nodes for o in n.output}
+    done: set[str] = set()
+    order, pending = [], list(nodes)
+    while pending:
+        ready = [n for n in pending if all(i in done or i not in produced for i in n.input if i)]
+        if not ready:
+            raise ValueError("cycle in a constant computation")
+        for n in ready:
+            order.append(n)
+            done.update(n.output)
+            pending.remove(n)
+    return order
+
+
+def drop_dead(nodes: list[ir.Node]) -> None:
+    """Remove those of ``nodes`` whose outputs nothing reads any more (repeatedly: a chain)."""
+    alive = list(nodes)
+    removed = True
+    while removed:
+        removed = False
+        for node in list(alive):
+            if node.graph is not None and not any(o.uses() or o.is_graph_output() for o in node.outputs):
+                node.graph.remove(node, safe=True)
+                alive.remove(node)
+                removed = True

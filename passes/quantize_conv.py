@@ -28,7 +28,7 @@ from graphc.core.registry import register
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, subgraphs, weight_problem
 from graphc.core.target import Int8Form, exact_forms
 from graphc.core.errors import PassError, UnsupportedError
-from graphc.passes._conv_budget import float_fallback
+from graphc.passes._conv_budget import UNCHANGED, float_fallback, unreached_note
 
 _CONV_OPS = ("Conv", "ConvTranspose")
 
@@ -117,6 +117,7 @@ class QuantizeConv(GraphcPass):
                             "(pass --inputs or a model with real data)", pass_name=self.name)
         weights: dict[str, ir.Value] = {}
         deq: dict[str, np.ndarray] = {}
+        in_bodies: list[str] = []
         for graph in [model.graph, *subgraphs(model.graph)]:
             for node in graph:
                 value = node.inputs[1] if len(node.inputs) > 1 else None
@@ -128,10 +129,17 @@ class QuantizeConv(GraphcPass):
                 # measuring copy feeds each as a main-graph input of its name (_sensitivity)
                 weights[value.name] = SimpleNamespace(name=value.name, const_value=ir.tensor(w))
                 deq[value.name] = ((q.astype(np.float32) - (float(zp) if zp is not None else 0.0)) * scale).astype(np.float32)
+                if graph is not model.graph:
+                    in_bodies.append(value.name)
         if not deq:
             return {}
         result = float_fallback(model, weights, deq, self.context.calibration, self.options.max_error,
-                                report=lambda done, total: self.context.report("Conv weights, error alone", done, total))
+                                report=lambda done, total: self.context.report("Conv weights, error alone", done, total),
+                                always_alone=in_bodies)
+        unreached = sorted(n for n in in_bodies if result.alone.get(n, 1.0) <= UNCHANGED)
+        if unreached:
+            stats.details["conv_unmeasured"] = unreached
+            stats.details.setdefault("notices", []).append(unreached_note(len(unreached), "Conv weight(s)", self.context.calibration_source))
         stats.details["conv_error_all_int8"] = round(result.all_error, 6)
         stats.details["conv_error"] = round(result.joint_error, 6)
         stats.notes.append(f"Conv error budget {self.options.max_error:g} on {self.context.calibration_source}: "

@@ -12,6 +12,10 @@ That GEMM is the same u8×s8 kernel as ``MatMulInteger``'s, so the weights follo
 int8 formulation (``graphc.core.target``): ``u8s8`` where it is exact, ``u8u8`` (codes + 128
 as uint8, zero point 128) where the u8×s8 pair sums saturate (AVX2, AVX-512 without VNNI).
 
+Its error is mostly the per-step uint8 activations, not the weights; ``max_error`` (the
+``int8`` recipe: a fifth of its gate, as for Conv weights) keeps the LSTMs that cost the
+most in float, measured on the calibration feeds with the real op.
+
 Left alone, with the reason: ``layout = 1`` (batch-first; the contrib op has no such
 attribute), weights that are not float32 constants, and ``GRU``/``RNN`` (ONNX Runtime has no
 integer kernel for them).
@@ -24,12 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc.core.errors import UnsupportedError
+from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.core.registry import register
 from graphc.core.target import Int8Form, exact_forms
+from graphc.passes._conv_budget import UNCHANGED, unreached_note
+from graphc.passes._weights import drop_dead, rearranged_constant
 from graphc.passes._quant import (
-    const_array,
     constant,
     drop_unused_initializers,
     ensure_opset,
@@ -40,6 +45,7 @@ from graphc.passes._quant import (
 
 _MS = "com.microsoft"
 _INPUTS = 8  # X, W, R, B, sequence_lens, initial_h, initial_c, P
+MAX_FEEDS = 4  # calibration feeds per error measurement (there are 1 + LSTMs + kept ones of them)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,13 @@ class LstmInt8Options:
     min_elements: int = 1024  # smaller W/R pairs stay float: the op's per-step quantization costs more
     exclude: tuple[str, ...] = ()  # substrings of node names to leave in float
     form: str = "auto"  # u8s8 | u8u8 | u8s7 | auto (the target's form)
+    # > 0: keep the LSTMs that cost the most in float until the output error (1 - cosine of
+    # each output over the calibration feeds, the worst output) is at most this
+    max_error: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_error < 1.0:
+            raise ValueError(f"max_error={self.max_error}; a mean 1 - cosine in [0, 1) (0: quantize every LSTM)")
 
 
 @register
@@ -55,25 +68,103 @@ class QuantizeLstm(GraphcPass):
     summary = "int8 LSTM weights per gate row (ONNX Runtime's DynamicQuantizeLSTM, the target's int8 form)"
     Options = LstmInt8Options
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.options.max_error > 0
+
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         form = self._form(stats)
+        opset = model.opset_imports.get("", 1)
+        cands = self._candidates(model, opset, stats)
+        kept = self._kept_float(model, cands, form, stats) if cands and self.options.max_error > 0 else {}
         changed = False
-        for graph in [model.graph, *subgraphs(model.graph)]:
-            touched = False
-            for node in list(graph):
-                weights = self._weights(node, stats)
-                if weights is None:
-                    continue
-                self._replace(graph, node, *weights, form, stats)
-                touched = True
-            if touched:
-                drop_unused_initializers(graph)
-                changed = True
+        for key, (graph, node, w, r, cone) in cands.items():
+            if key in kept:
+                stats.skip(node.name or node.op_type, kept[key])
+                continue
+            self._replace(graph, node, w, r, form, stats)
+            drop_dead(cone)  # the exporter's gate reordering of W and R, now unread
+            changed = True
         if changed:
+            for graph in [model.graph, *subgraphs(model.graph)]:  # a body's weights may be outer-scope
+                drop_unused_initializers(graph)
             ensure_opset(model, _MS, 1)
         elif not stats.skipped:
             stats.notes.append("no LSTM with constant weights found")
         return changed
+
+    def _candidates(self, model: ir.Model, opset: int, stats: PassStats | None) -> dict[tuple[int, int], tuple]:
+        """(graph index, node index) → (graph, LSTM, W, R, the nodes computing W and R) of each
+        LSTM this pass can replace, in the main graph and in subgraphs; the same keys on a
+        copy of the model name the same nodes."""
+        found = {}
+        for gi, graph in enumerate([model.graph, *subgraphs(model.graph)]):
+            for ni, node in enumerate(graph):
+                weights = self._weights(node, opset, stats)
+                if weights is not None:
+                    found[(gi, ni)] = (graph, node, *weights)
+        return found
+
+    def _kept_float(self, model: ir.Model, cands: dict, form: Int8Form, stats: PassStats) -> dict[tuple[int, int], str]:
+        """Candidates to leave in float so that the output error (1 - cosine of each output over
+        all calibration feeds, the worst output) stays within ``max_error``:
+        measured on copies of the model holding the real DynamicQuantizeLSTM (whose error is
+        mostly its per-step uint8 activations, which a weight-only simulation would miss)."""
+        from graphc.checks.validate import make_session
+        from graphc.passes._sensitivity import tensor_error
+
+        if not self.context.calibration:
+            raise PassError(f"max_error={self.options.max_error:g} needs calibration data, and none was given "
+                            "(pass --inputs or a model with real data)", pass_name=self.name)
+        feeds = list(self.context.calibration)[:MAX_FEEDS]
+        proto = ir.serde.serialize_model(model)
+        reference = make_session(proto)
+        refs = [reference.run(None, f) for f in feeds]
+        del reference
+        opset = model.opset_imports.get("", 1)
+
+        def error(keys) -> float:
+            trial = ir.serde.deserialize_model(proto)
+            found = self._candidates(trial, opset, None)
+            for key in keys:
+                graph, node, w, r, _ = found[key]
+                self._replace(graph, node, w, r, form, PassStats())
+            ensure_opset(trial, _MS, 1)
+            session = make_session(trial)
+            outs = [session.run(None, f) for f in feeds]
+            # per output, over every feed at once (as the validation gate's output cosine; a
+            # [1, 1] probability per feed has no cosine of its own), the worst output counts
+            return max(float(tensor_error(np.concatenate([o[i].ravel() for o in outs]),
+                                          np.concatenate([r[i].ravel() for r in refs]))[0])
+                       for i in range(len(refs[0])))
+
+        budget = self.options.max_error
+        keys = list(cands)
+        joint = all_error = error(keys)
+        kept: dict[tuple[int, int], str] = {}
+        # alone: every LSTM when the whole set misses the budget, else those in If/Loop bodies
+        # (an error of exactly 0 says no feed ran them)
+        alone = {}
+        measured = keys if all_error > budget else [k for k in keys if k[0] > 0]
+        for i, key in enumerate(measured):
+            alone[key] = error([key])
+            self.context.report("LSTMs, error alone", i + 1, len(measured))
+        unreached = [cands[k][1].name or "LSTM" for k in measured if alone[k] <= UNCHANGED]
+        if unreached:
+            stats.details["lstm_unmeasured"] = unreached
+            stats.details.setdefault("notices", []).append(unreached_note(len(unreached), "LSTM(s)", self.context.calibration_source))
+        if all_error > budget:
+            for key in sorted(keys, key=lambda k: -alone[k]):
+                if joint <= budget:
+                    break
+                kept[key] = f"kept float for the error budget: alone it costs {alone[key]:.5f} (budget {budget:g})"
+                rest = [k for k in keys if k not in kept]
+                joint = error(rest) if rest else 0.0
+        stats.details["lstm_error_all_int8"] = round(all_error, 6)
+        stats.details["lstm_error"] = round(joint, 6)
+        stats.notes.append(f"LSTM error budget {budget:g} on {self.context.calibration_source}: all int8 "
+                           f"{all_error:.5f}, with {len(kept)} kept float {joint:.5f}")
+        return kept
 
     def _form(self, stats: PassStats) -> Int8Form:
         target = self.context.target_info()
@@ -83,12 +174,16 @@ class QuantizeLstm(GraphcPass):
         stats.details["int8_form"] = form.value
         return form
 
-    def _weights(self, node: ir.Node, stats: PassStats) -> tuple[np.ndarray, np.ndarray] | None:
-        """(W, R) float32 of an LSTM this pass can replace, else None (the reason in ``stats``)."""
+    def _weights(self, node: ir.Node, opset: int, stats: PassStats | None) -> tuple[np.ndarray, np.ndarray, list] | None:
+        """(W, R) float32 of an LSTM this pass can replace, and the nodes that computed them
+        from constants (an exporter reordering gates), else None (the reason in ``stats``)."""
         if node.op_type != "LSTM" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
             return None
         label = node.name or node.op_type
-        w, r = const_array(node.inputs[1]), const_array(node.inputs[2])
+        found_w = rearranged_constant(node.inputs[1], opset)
+        found_r = rearranged_constant(node.inputs[2], opset)
+        w = found_w[0] if found_w else None
+        r = found_r[0] if found_r else None
         reason = None
         if any(s in label for s in self.options.exclude):
             reason = "excluded by option"
@@ -96,7 +191,7 @@ class QuantizeLstm(GraphcPass):
             reason = ("layout=1 (batch first): DynamicQuantizeLSTM takes sequence-first inputs only "
                       "(ONNX Runtime runs no batch-first LSTM at all)")
         elif w is None or r is None:
-            reason = "W or R is not a constant"
+            reason = "W or R is not a constant (nor computed from constants by Slice/Concat/Reshape-like ops)"
         elif w.dtype != np.float32 or r.dtype != np.float32:
             reason = f"weights are {w.dtype}/{r.dtype}, not float32"
         elif w.ndim != 3 or r.ndim != 3:
@@ -106,9 +201,10 @@ class QuantizeLstm(GraphcPass):
             if reason is None and w.size + r.size < self.options.min_elements:
                 reason = f"W and R have {w.size + r.size} elements < min_elements={self.options.min_elements}"
         if reason is not None:
-            stats.skip(label, reason)
+            if stats is not None:
+                stats.skip(label, reason)
             return None
-        return w, r
+        return w, r, found_w[1] + found_r[1]
 
     def _replace(self, graph: ir.Graph, node: ir.Node, w: np.ndarray, r: np.ndarray, form: Int8Form,
                  stats: PassStats) -> None:

@@ -266,6 +266,38 @@ def test_lstm_is_quantized_by_int8_and_validated(tmp_path, capsys):
     assert "layout=1" in left["LSTM"]["reasons"][0]
 
 
+def test_lstms_in_a_branch_no_feed_takes_are_named_unmeasured(tmp_path, capsys):
+    path = tp.save(tp.if_with_lstms(), tmp_path / "vad.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {f"{i}/{k}": v for i in range(3) for k, v in
+             {"x": rng.standard_normal((6, 1, 16)).astype(np.float32), "sr": np.array(16000)}.items()}
+    np.savez(tmp_path / "in.npz", **feeds)
+    assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--inputs", str(tmp_path / "in.npz"), "--json"]) == 0
+    result = _json(capsys)
+    lstm = next(p for p in result["passes"] if p["name"] == "quantize-lstm")["stats"]
+    assert lstm["lstms_quantized"] == 2 and lstm["lstm_unmeasured"] == ["rnn_b/LSTM"]  # the 8 kHz branch
+    assert any("quantize-lstm: 1 LSTM(s) in If/Loop bodies quantized unmeasured" in n for n in result["notices"])
+    # feeds that take both branches measure both: no such notice
+    feeds.update({f"3/{k}": v for k, v in {"x": rng.standard_normal((6, 1, 16)).astype(np.float32),
+                                           "sr": np.array(8000)}.items()})
+    np.savez(tmp_path / "in2.npz", **feeds)
+    assert main(["compress", path, "-o", str(tmp_path / "o2.onnx"), "--inputs", str(tmp_path / "in2.npz"), "--json"]) == 0
+    result = _json(capsys)
+    assert not any("unmeasured" in n for n in result["notices"])
+
+
+def test_folding_a_constant_if_drops_the_weights_only_the_other_branch_read(tmp_path):
+    from graphc.passes.cleanup import FoldConstants
+
+    model = ir.serde.deserialize_model(tp.if_with_lstms(const_cond=True))
+    FoldConstants().call(model)
+    assert "If" not in [n.op_type for n in model.graph]
+    from graphc.passes.cleanup import RemoveUnused
+
+    RemoveUnused().call(model)
+    assert sorted(model.graph.initializers) == ["R_a", "W_a"]  # the else branch's weights are gone
+
+
 def test_a_run_that_shrank_nothing_says_so(tmp_path, capsys):
     path = tp.save(tp.gru(), tmp_path / "gru.onnx")
     assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--recipe", "cleanup"]) == 0

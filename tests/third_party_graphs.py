@@ -197,6 +197,40 @@ def lstm(seed: int = 0, hidden: int = 32, width: int = 16, direction: str = "bid
     )
 
 
+def if_with_lstms(seed: int = 0, hidden: int = 32, width: int = 16, const_cond: bool = False) -> onnx.ModelProto:
+    """silero-vad's layout: x[seq, 1, width], sr[] → If(sr == 16000) with an LSTM in each
+    branch, both reading weights held in the main graph (outer scope) → y. With
+    ``const_cond`` the condition is a constant (an exporter's leftover: folding keeps one
+    branch)."""
+    rng = np.random.default_rng(seed)
+    inits = {}
+    for tag in ("a", "b"):
+        inits[f"W_{tag}"] = (rng.standard_normal((1, 4 * hidden, width)) * 0.3).astype(np.float32)
+        inits[f"R_{tag}"] = (rng.standard_normal((1, 4 * hidden, hidden)) * 0.2).astype(np.float32)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("LSTM", ["x", f"W_{tag}", f"R_{tag}"], ["", f"h_{tag}"], name=f"rnn_{tag}/LSTM",
+                              hidden_size=hidden)],
+            f"branch_{tag}", [], [helper.make_tensor_value_info(f"h_{tag}", TensorProto.FLOAT, [1, 1, hidden])])
+
+    if const_cond:
+        inits["sixteen_k"] = np.array(True)
+        cond = []
+    else:
+        inits["k16"] = np.array(16000, np.int64)
+        cond = [helper.make_node("Equal", ["sr", "k16"], ["sixteen_k"], name="is_16k")]
+    nodes = [*cond, helper.make_node("If", ["sixteen_k"], ["y"], name="by_rate",
+                                     then_branch=branch("a"), else_branch=branch("b"))]
+    return _finish(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", 1, width]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, hidden])],
+        inits, opset=14,
+    )
+
+
 def save(proto: onnx.ModelProto, path) -> str:
     onnx.save(proto, str(path))
     return str(path)

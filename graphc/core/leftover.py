@@ -15,7 +15,12 @@ import numpy as np
 import onnx_ir as ir
 
 MIN_ELEMENTS = 1024  # smaller float tensors (biases, norms, scales) are not weights worth counting
-_THROUGH = ("Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten")
+# ops that only rearrange a weight on its way to the op that uses it (an exporter's LSTM gate
+# reordering is Slice + Concat + Unsqueeze)
+_THROUGH = ("Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Slice", "Concat")
+# recurrent ops: inputs from index 3 on (bias, sequence lengths, initial states, peepholes,
+# a quantized op's scales) are not the weights a quantizer takes
+_RECURRENT = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 
 # Why an op's weights stay float when no pass recorded a reason of its own.
 _GENERIC = {
@@ -57,12 +62,13 @@ def _float_weights(graph: ir.Graph):
 
 
 def _readers(value: ir.Value, depth: int = 0) -> list[ir.Node]:
-    """The nodes that use ``value`` as data, looking through casts and reshapes."""
+    """The nodes that use ``value`` as a weight, looking through casts, reshapes and slices
+    (not as a recurrent op's bias or state)."""
     found = []
-    for user, _ in value.uses():
+    for user, index in value.uses():
         if user.op_type in _THROUGH and depth < 4 and user.outputs:
             found.extend(_readers(user.outputs[0], depth + 1))
-        else:
+        elif not (user.op_type in _RECURRENT and index >= 3):
             found.append(user)
     return found
 

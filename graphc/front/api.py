@@ -296,6 +296,8 @@ def compress(
         if tol.max_ppl_rise is not None and checked.ppl_rise is None:
             notices.append(f"max_ppl_rise {tol.max_ppl_rise:g} not checked: no perplexity was measured (validation "
                            f"inputs: {input_source}; perplexity needs a causal LM exported by graphc)")
+    for record in records:  # what a pass wants said on the terminal, not only in --json
+        notices += [f"{record.name}: {n}" for n in (record.stats or {}).get("notices", [])]
     result = CompressResult(work, recipe_obj, records, checked, before.bytes, after.bytes, before.params, after.params, notices=notices)
     result.calibration = context.calibration_source if calibrated else None
     from graphc.core.leftover import left_in_float
