@@ -8,6 +8,7 @@ from graphc.passes import (  # noqa: F401
     fold_batchnorm,
     fp16_constants,
     fuse_ort,
+    gemm_to_matmul,
     lowrank_embedding,
     mixed_precision,
     plan_compression,
