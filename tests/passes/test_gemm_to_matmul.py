@@ -64,3 +64,36 @@ def test_gemms_it_cannot_express_stay_with_reasons():
     stats = PassStats()
     assert not GemmToMatMul().run(model, stats)
     assert "beta" in stats.skipped[0]["reason"]
+
+
+def _gemm_mlp(tmp_path) -> str:
+    """x [m, 64] → Gemm (transB) → Relu → Gemm → y: a dense net as tf2onnx or Paddle write it."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array((rng.standard_normal((128, 64)) * 0.1).astype(np.float32), "fc1.w"),
+             numpy_helper.from_array(np.zeros(128, np.float32), "fc1.b"),
+             numpy_helper.from_array((rng.standard_normal((128, 32)) * 0.1).astype(np.float32), "fc2.w")]
+    nodes = [helper.make_node("Gemm", ["x", "fc1.w", "fc1.b"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "fc2.w"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 32])], inits)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    return str(path)
+
+
+def test_the_planner_and_int4_quantize_gemm_layers(tmp_path, capsys):
+    import json
+
+    import graphc
+    from graphc.front.cli import main
+
+    path = _gemm_mlp(tmp_path)
+    assert main(["compress", path, "-o", str(tmp_path / "plan.onnx"), "--max-error", "0.02", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert not any(e["op"] == "Gemm" for e in planned["left_float"])
+    decisions = next(r for r in planned["passes"] if r["name"] == "plan")["stats"]["plan"]["decisions"]
+    assert len([d for d in decisions if d["unit"].startswith("quant:")]) == 2  # both former Gemms planned
+    graphc.compress(path, tmp_path / "int4.onnx", recipe="int4")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "Gemm" not in ops
