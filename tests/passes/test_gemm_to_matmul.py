@@ -94,6 +94,7 @@ def test_the_planner_and_int4_quantize_gemm_layers(tmp_path, capsys):
     assert not any(e["op"] == "Gemm" for e in planned["left_float"])
     decisions = next(r for r in planned["passes"] if r["name"] == "plan")["stats"]["plan"]["decisions"]
     assert len([d for d in decisions if d["unit"].startswith("quant:")]) == 2  # both former Gemms planned
-    graphc.compress(path, tmp_path / "int4.onnx", recipe="int4")
+    # structure only (4-bit random weights of a toy net miss the int4 gate)
+    graphc.compress(path, tmp_path / "int4.onnx", recipe="int4", force=True)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node}
     assert "MatMulNBits" in ops and "Gemm" not in ops
