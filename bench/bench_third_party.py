@@ -220,7 +220,11 @@ def embedding_metric(index):
 
 
 def cosine_metric(ref, got):
-    return {"output cosine": f"{min(_cos(r[0], g[0]) for r, g in zip(ref, got)):.5f} (min over feeds)"}
+    """The first output's cosine, per feed (min) and over all feeds at once: an output of one
+    value per feed (silero-vad's speech probability) has a cosine only across feeds."""
+    whole = _cos(np.concatenate([r[0].ravel() for r in ref]), np.concatenate([g[0].ravel() for g in got]))
+    return {"output cosine": f"{min(_cos(r[0], g[0]) for r, g in zip(ref, got)):.5f} (min over feeds), "
+                             f"{whole:.5f} (all feeds)"}
 
 
 # ----------------------------------------------------------------------------- runs
