@@ -62,6 +62,9 @@ _DECODER_OPS = {"GroupQueryAttention", "RotaryEmbedding"}
 @dataclass(frozen=True)
 class RemovePaddingOptions:
     mask_input: str = "attention_mask"  # the [batch, sequence] graph input whose zeros mark padding
+    # MultiHeadAttention on the batch cut to its longest row (L = the last real position + 1),
+    # not the padded length: its masks are sliced to [.., L, L] (exact: no real token sits past L)
+    trim_attention: bool = True
 
 
 @register
@@ -101,12 +104,20 @@ class RemovePadding(GraphcPass):
                     o.shape = _packed_shape(o.shape)
                 stats.add("nodes_on_real_tokens")
                 continue
-            if node.op_type == "MultiHeadAttention" and ins == [0, 1, 2] and rw.merge_qkv(node):
+            trim = (self.options.trim_attention and node.domain == ops.MS_DOMAIN
+                    and set(ins) <= {0, 1, 2} and _trimmable_masks(node))
+            unpack = rw.unpack_trimmed if trim else rw.unpack
+            if node.op_type == "MultiHeadAttention" and ins == [0, 1, 2] and rw.merge_qkv(node, unpack):
                 stats.add("qkv_matmuls_merged")
                 ins = []
             for i in ins:
-                node.replace_input_with(i, rw.unpack(node.inputs[i]))
-            if node.domain == ops.MS_DOMAIN and node.op_type in _ATTENTION:
+                node.replace_input_with(i, unpack(node.inputs[i]))
+            if trim:
+                for i, axes in trim:
+                    node.replace_input_with(i, rw.trimmed_mask(node.inputs[i], axes))
+                packed.add(id(rw.pack(node.outputs[0], trimmed=True)))
+                stats.add("attention_on_longest_row")
+            elif node.domain == ops.MS_DOMAIN and node.op_type in _ATTENTION:
                 packed.add(id(rw.pack(node.outputs[0])))
                 stats.add("attention_on_padded_batch")
             else:
@@ -119,6 +130,37 @@ class RemovePadding(GraphcPass):
         stats.add("packs", rw.packs)
         stats.add("unpacks", rw.unpacks)
         return rw.packs > 0
+
+
+def _trimmable_masks(node: ir.Node) -> list[tuple[int, list[int]]] | None:
+    """For a MultiHeadAttention without a past, the inputs to slice to the longest row and
+    along which axes: key_padding_mask [B, S] on its last axis, attention_bias [B|1, N|1,
+    S|1, S] on its last two (a size-1 axis stays 1). None where that cannot be said (another
+    op, a past, a mask of another rank)."""
+    if node.op_type != "MultiHeadAttention":
+        return None
+    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+    if ins[6] is not None or ins[7] is not None:
+        return None
+    found = []
+    for i, rank, axes in ((4, 2, [-1]), (5, 4, [-2, -1])):
+        v = ins[i]
+        if v is None:
+            continue
+        if _rank(v) != rank:
+            return None
+        found.append((i, axes))
+    return found
+
+
+def _rank(v: ir.Value, depth: int = 3) -> int | None:
+    """The rank of v where recorded, looking through Cast/Identity (a mask cast to int32)."""
+    if v.shape is not None:
+        return len(v.shape)
+    p = v.producer()
+    if depth and p is not None and p.op_type in ("Cast", "Identity") and p.domain in ("", "ai.onnx") and p.inputs[0]:
+        return _rank(p.inputs[0], depth - 1)
+    return None
 
 
 def _problem(model: ir.Model, mask: ir.Value | None, name: str) -> str | None:
@@ -259,13 +301,55 @@ class _Rewriter:
         self.added: set[ir.Node] = set()
         self.packs = self.unpacks = 0
         self._unpacked: dict[int, ir.Value] = {}
-        c = lambda n, a: constant(graph, f"remove_padding_{n}", np.asarray(a, np.int64))  # noqa: E731
+        self._consts: dict[str, ir.Value] = {}
+        c = self._const
         self._axis0 = c("axis0", [0])
         flat = self._node("Reshape", [mask, c("flat", [-1])])
         self.idx = self._node("Squeeze", [self._node("NonZero", [flat]), self._axis0])
         self.idx2 = self._node("Unsqueeze", [self.idx, c("axis1", [1])])
         self.tokens1 = self._node("Unsqueeze", [self._node("Size", [mask]), self._axis0])
         self.mask_shape = self._node("Shape", [mask])
+        self._trim: dict[str, ir.Value] | None = None
+        self._trimmed: dict[int, ir.Value] = {}
+
+    def _const(self, name: str, values) -> ir.Value:
+        if name not in self._consts:
+            self._consts[name] = constant(self.graph, f"remove_padding_{name}", np.asarray(values, np.int64))
+        return self._consts[name]
+
+    def _trim_values(self) -> dict[str, ir.Value]:
+        """L = the last real position + 1 ([1]; at least 1), the real tokens' flat positions in
+        the [B, L] layout, and the shapes that go with it (built once, on first use)."""
+        if self._trim is None:
+            c = self._const
+            seq = self._node("Slice", [self.mask_shape, c("one", [1]), c("two", [2])])
+            batch = self._node("Slice", [self.mask_shape, c("zero", [0]), c("one", [1])])
+            pos = self._node("Mod", [self.idx, seq])
+            last = self._node("ReduceMax", [self._node("Concat", [pos, c("zero", [0])], {"axis": 0})],
+                              {"keepdims": 1})
+            length = self._node("Add", [last, c("one", [1])])
+            rows = self._node("Add", [self._node("Mul", [self._node("Div", [self.idx, seq]), length]), pos])
+            self._trim = {"length": length, "rows": rows,
+                          "rows2": self._node("Unsqueeze", [rows, c("axis1", [1])]),
+                          "tokens": self._node("Mul", [batch, length]),
+                          "shape": self._node("Concat", [batch, length], {"axis": 0})}
+        return self._trim
+
+    def trimmed_mask(self, v: ir.Value, axes: list[int]) -> ir.Value:
+        """v sliced to the longest row along ``axes``."""
+        t = self._trim_values()
+        ends = self._node("Concat", [t["length"]] * len(axes), {"axis": 0})
+        starts = self._const(f"zeros{len(axes)}", [0] * len(axes))
+        out = self._node("Slice", [v, starts, ends, self._const("axes" + "_".join(map(str, axes)).replace("-", "m"), axes)])
+        out.type = v.type
+        return out
+
+    def unpack_trimmed(self, p: ir.Value) -> ir.Value:
+        """[1, T, H] → [B, L, H]: the batch cut to its longest row."""
+        if id(p) not in self._trimmed:
+            t = self._trim_values()
+            self._trimmed[id(p)] = self._unpack_nodes(p, t["tokens"], t["rows2"], t["shape"])
+        return self._trimmed[id(p)]
 
     def _node(self, op: str, inputs: list, attrs: dict | None = None) -> ir.Value:
         n = ir.node(op, inputs, attributes=attrs or {})
@@ -274,7 +358,7 @@ class _Rewriter:
         self.graph.append(n)
         return n.outputs[0]
 
-    def merge_qkv(self, mha: ir.Node) -> bool:
+    def merge_qkv(self, mha: ir.Node, unpack=None) -> bool:
         """Q, K and V = MatMul(x, W_q / W_k / W_v) on one packed x, each read only by this
         attention: one MatMul by [W_q | W_k | W_v] on the packed rows, one unpack, a Split (one
         GEMM and one ScatterND instead of three each)."""
@@ -296,7 +380,7 @@ class _Rewriter:
         copy_scope(mms[0], mm)
         packed.type, packed.shape = mms[0].outputs[0].type, _packed_shape(mms[0].outputs[0].shape)
         sizes = constant(self.graph, "remove_padding_qkv_sizes", np.array([a.shape[1] for a in weights], np.int64))
-        split = ir.node("Split", [self.unpack(packed), sizes], attributes={"axis": -1}, num_outputs=3)
+        split = ir.node("Split", [(self.unpack if unpack is None else unpack)(packed), sizes], attributes={"axis": -1}, num_outputs=3)
         split.name = f"remove_padding/Split_{len(self.added)}"
         self.added.add(split)
         self.graph.append(split)
@@ -306,10 +390,12 @@ class _Rewriter:
             self.graph.remove(m, safe=True)
         return True
 
-    def pack(self, v: ir.Value) -> ir.Value:
-        """Every reader of v now reads [1, T, H] (v itself stays the padded tensor)."""
+    def pack(self, v: ir.Value, trimmed: bool = False) -> ir.Value:
+        """Every reader of v now reads [1, T, H] (v itself stays the padded tensor, [B, L, H]
+        when ``trimmed``)."""
         users = list(v.uses())
-        rows = self._node("Gather", [self._node("Flatten", [v], {"axis": 2}), self.idx], {"axis": 0})
+        index = self._trim_values()["rows"] if trimmed else self.idx
+        rows = self._node("Gather", [self._node("Flatten", [v], {"axis": 2}), index], {"axis": 0})
         out = self._node("Unsqueeze", [rows, self._axis0])
         out.name = f"{v.name}_packed"
         out.type = v.type
@@ -319,17 +405,18 @@ class _Rewriter:
         self.packs += 1
         return out
 
-    def _unpack_nodes(self, p: ir.Value) -> ir.Value:
+    def _unpack_nodes(self, p: ir.Value, tokens=None, index=None, shape=None) -> ir.Value:
         rows = self._node("Squeeze", [p, self._axis0])
         width = self._node("Shape", [p], {"start": 2})
-        flat_shape = self._node("Concat", [self.tokens1, width], {"axis": 0})
+        flat_shape = self._node("Concat", [self.tokens1 if tokens is None else tokens, width], {"axis": 0})
         producer = p.producer()
         dtype = p.dtype or (ir.DataType.UINT8 if producer is not None and producer.op_type == "DynamicQuantizeLinear"
                             else ir.DataType.FLOAT)
         zero = ir.tensor(np.zeros(1, dtype.numpy()))
         zeros = self._node("ConstantOfShape", [flat_shape], {"value": zero})
-        scattered = self._node("ScatterND", [zeros, self.idx2, rows])
-        out = self._node("Reshape", [scattered, self._node("Concat", [self.mask_shape, width], {"axis": 0})])
+        scattered = self._node("ScatterND", [zeros, self.idx2 if index is None else index, rows])
+        shape = self.mask_shape if shape is None else shape
+        out = self._node("Reshape", [scattered, self._node("Concat", [shape, width], {"axis": 0})])
         out.type = p.type
         self.unpacks += 1
         return out

@@ -44,18 +44,29 @@ def _fused(path, attention="mha"):
     return model
 
 
-@pytest.mark.parametrize("attention", ["attention", "mha", "mha+mask_index"])
+def _short_batch():
+    """Every row padded at the end: the longest row (7) is shorter than the padded length (10)."""
+    feed = _feed(3, batch=3, seq=10)
+    feed["attention_mask"][:, 7:] = 0
+    feed["attention_mask"][1, 5:] = 0
+    return feed
+
+
+@pytest.mark.parametrize("attention", ["attention", "mha", "mha+mask_index", "mha+untrimmed"])
 def test_real_tokens_unchanged_and_matmuls_on_packed_rows(bert, attention):
     model = _fused(bert, attention.split("+")[0])
     if attention.endswith("mask_index"):
         AttentionMaskIndex()(model)
-    feeds = [_feed(), _feed(1, batch=1, seq=5, pad=False), _feed(2, batch=4, seq=16)]
+    feeds = [_feed(), _feed(1, batch=1, seq=5, pad=False), _feed(2, batch=4, seq=16), _short_batch()]
     refs = [make_session(model).run(None, f)[0] for f in feeds]
-    result = RemovePadding()(model)
+    result = RemovePadding(RemovePadding.Options(trim_attention=not attention.endswith("untrimmed")))(model)
     assert result.modified, result.stats
     counts = result.stats.counts
     assert counts["packs"] == 1 + 2 and counts["outputs_unpacked"] == 1  # the first input, after each attention
-    assert counts["attention_on_padded_batch"] == 2 and counts["nodes_on_real_tokens"] >= 8
+    # MultiHeadAttention runs on the batch cut to its longest row; Attention on the padded batch
+    trimmed = attention in ("mha", "mha+mask_index")
+    assert counts["attention_on_longest_row" if trimmed else "attention_on_padded_batch"] == 2
+    assert counts["nodes_on_real_tokens"] >= 8
     packed_matmuls = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[0].shape is not None
                       and n.inputs[0].shape[1] == "packed_tokens"]
     # MHA: Q/K/V merged into one, output, FFN in and out per layer; packed Attention does Q/K/V itself
@@ -142,7 +153,7 @@ def test_a_finished_int4_model_runs_on_real_tokens(bert):
     ref = make_session(model).run(None, feed)[0]
     result = RemovePadding()(model)
     counts = result.stats.counts
-    assert result.modified and counts["attention_on_padded_batch"] == 2, counts
+    assert result.modified and counts["attention_on_longest_row"] == 2, counts
     assert not any(k.startswith("unpacked_for_") for k in counts), counts
     packed_nbits = [n for n in model.graph if n.op_type == "MatMulNBits" and n.inputs[0].shape is not None
                     and n.inputs[0].shape[1] == "packed_tokens"]
