@@ -12,6 +12,14 @@ attention do; ORT's CPU kernels have no such mode, so this pass writes it into t
 - **unpack** back: ``Reshape(ScatterND(zeros[B*S, H], idx[:, None], x[0]), [B, S, H])`` (padded
   positions get zeros; their values were never meaningful: every reader masks them).
 
+Attention runs on a batch cut to its longest row: with ``L`` = the last real position + 1
+(computed from the mask each call), a ``MultiHeadAttention``'s inputs are unpacked to [B, L, H]
+instead of [B, S, H] and its ``key_padding_mask`` / ``attention_bias`` sliced to L (a bias
+[B|1, N|1, S|1, S] on its last two axes). Exact: no real token sits at or past L, so no real
+query or key is cut. A batch padded to a fixed 128 then pays attention for its longest
+sentence, not for 128 (``Attention``/``QAttention`` and MHA with a past or a mask of another
+layout keep the padded batch).
+
 The activation read by the first attention block's Q/K/V MatMuls is packed. Then, in graph
 order, a node whose per-token inputs are all packed and whose other inputs are constants that
 broadcast along the last axis only (MatMul by a constant matrix, bias Add / Mul, LayerNorm and
@@ -70,7 +78,7 @@ class RemovePaddingOptions:
 @register
 class RemovePadding(GraphcPass):
     name = "remove-padding"
-    summary = "MatMuls, norms and activations on the real tokens only (padding removed), attention on the padded batch"
+    summary = "MatMuls, norms and activations on the real tokens only (padding removed), attention on the batch cut to its longest row"
     Options = RemovePaddingOptions
     dtypes = ("float32", "float16")
 
