@@ -29,6 +29,8 @@ load); the codes are fitted to the rounded scales.
 
 from __future__ import annotations
 
+import dataclasses
+
 import enum
 from dataclasses import dataclass
 
@@ -40,8 +42,8 @@ from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import (constant, drop_unused_initializers, ensure_opset, gemm_terms, nonfinite_reason,
-                                  outer_product_reason, release_pages)
-from graphc.passes._weights import META_WEIGHT, constant_weight, planned_config, weight_digest, node_candidates
+                                  outer_product_reason, release_pages, subgraphs)
+from graphc.passes._weights import META_WEIGHT, constant_weight, planned_config, weight_digest
 from graphc.core.registry import register
 
 QDQ_OPSET = 21
@@ -164,31 +166,47 @@ class QuantizeNBits(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         emit, method = self._validate()
         graph = model.graph
-        cands = node_candidates(graph, self._candidate, stats, "no constant-weight MatMul/Gemm found")
-        if not cands:
+        cands = [c for n in list(graph) if (c := self._candidate(graph, n, stats)) is not None]
+        # If/Loop/Scan bodies: no calibration statistics reach inside, so GPTQ's Hessians do
+        # not exist there; those weights take the clipping search (mse) instead
+        bodies = [(g, dataclasses.replace(c, head=False))  # a body's output is no LM head
+                  for g in subgraphs(graph) for n in list(g) if (c := self._candidate(g, n, stats)) is not None]
+        if not cands and not bodies:
+            stats.notes.append("no constant-weight MatMul/Gemm found")
             return False
         if emit is Emit.MS:
             ensure_opset(model, ops.MS_DOMAIN, ops.MS_OPSET)
         else:
             _ensure_qdq_opset(model, self.name)
         gptq = method is bq.Method.GPTQ
-        hessians = self._hessians(model, cands, stats) if gptq else {}
-        producers = [c.node.inputs[1].producer() for c in cands]
-        done: dict[tuple[int, int], tuple[bq.BlockQuant, dict[str, ir.Value]]] = {}
+        hessians = self._hessians(model, cands, stats) if gptq and cands else {}
+        if bodies:
+            body_method = bq.Method.MSE if gptq else method
+            stats.add("subgraph_matmuls", len(bodies))
+            if gptq:
+                stats.notes.append(f"{len(bodies)} MatMul/Gemm weights in If/Loop/Scan bodies quantized with mse, "
+                                   "not gptq (no calibration statistics inside bodies)")
+        work = [(graph, c, method) for c in cands] + [(g, c, body_method) for g, c in bodies]
+        producers = [(g, c.node.inputs[1].producer()) for g, c, _ in work]
+        done: dict[tuple[int, int, int, int], tuple[bq.BlockQuant, dict[str, ir.Value]]] = {}
         errors: list[float] = []
-        for i, cand in enumerate(cands):
-            self.context.report(self.name, i, len(cands))
+        for i, (where, cand, how) in enumerate(work):
+            self.context.report(self.name, i, len(work))
             bits = self.options.head_bits if cand.head and self.options.head_bits else self.options.bits
             bits, block, is_planned = planned_config(cand.node, bits, self.options.block_size)
             if is_planned:
                 check_block(bits, block, emit, self.name)
                 stats.add("matmuls_at_planned_precision")
-            key = (cand.key, bits, block)
+            # codes are shared where the float weight was: a body may read the main graph's
+            # (outer scope), never a sibling body's
+            key = (cand.key, bits, block, 0 if where is graph else id(where))
+            if where is not graph and (cand.key, bits, block, 0) in done:
+                key = (cand.key, bits, block, 0)
             if key not in done:
                 w_t = np.ascontiguousarray(cand.weight.T)
                 release_pages(cand.node.inputs[1])
                 scale_dtype = _SCALE_DTYPES[self.options.scale_dtype]
-                if gptq:
+                if how is bq.Method.GPTQ:
                     quant = bq.gptq(w_t, hessians[cand.node.inputs[0].name], bits, block,
                                     symmetric=self.options.symmetric, scale_dtype=scale_dtype, damp=self.options.damp,
                                     act_order=self.options.act_order)
@@ -196,35 +214,36 @@ class QuantizeNBits(GraphcPass):
                         quant = bq.refit_scales(w_t, hessians[cand.node.inputs[0].name], quant)
                 else:
                     quant = bq.quantize(w_t, bits, block, symmetric=self.options.symmetric,
-                                        method=method, scale_dtype=scale_dtype)
+                                        method=how, scale_dtype=scale_dtype)
                 errors.append(quant.relative_error(w_t))
                 stats.add("weight_bytes_before", int(w_t.size * 4))
                 stats.add("weight_bytes_after", quant.nbytes())
                 done[key] = quant, {"digest": weight_digest(w_t)}
             quant, cache = done[key]
             if emit is Emit.MS:
-                new = self._emit_nbits(graph, cand, quant, cache)
+                new = self._emit_nbits(where, cand, quant, cache)
             else:
-                new = self._emit_qdq(graph, cand, quant, cache)
+                new = self._emit_qdq(where, cand, quant, cache)
             # the codes now live in the graph, packed: a shared weight's later uses read only
             # bits/block/symmetric, so drop the unpacked arrays (a byte per weight) now
             done[key] = _emptied(quant), cache
             for n in new:
                 copy_scope(cand.node, n)
             ir.convenience.replace_nodes_and_values(
-                graph, cand.node, [cand.node], new, cand.node.outputs, [new[-1].outputs[0]]
+                where, cand.node, [cand.node], new, cand.node.outputs, [new[-1].outputs[0]]
             )
             stats.add("gemms_quantized" if cand.node.op_type == ops.GEMM else "matmuls_quantized")
             if cand.head and self.options.head_bits and not is_planned:
                 stats.add("head_matmuls_at_head_bits")
         stats.counts["mean_rel_weight_error"] = round(float(np.mean(errors)), 6)
         stats.counts["max_rel_weight_error"] = round(float(np.max(errors)), 6)
-        for producer in {id(p): p for p in producers if p is not None}.values():
+        for where, producer in {id(p): (g, p) for g, p in producers if p is not None}.values():
             # a Transpose/Cast that only fed a replaced weight is dead now
-            if (producer.graph is graph and producer.op_type in ("Transpose", ops.CAST)
-                    and not any(o.uses() or o in graph.outputs for o in producer.outputs)):
-                graph.remove(producer, safe=True)
-        drop_unused_initializers(graph)
+            if (producer.graph is where and producer.op_type in ("Transpose", ops.CAST)
+                    and not any(o.uses() or o in where.outputs for o in producer.outputs)):
+                where.remove(producer, safe=True)
+        for g in [graph, *subgraphs(graph)]:  # a body's weights may be outer-scope initializers
+            drop_unused_initializers(g)
         return True
 
     def _hessians(self, model: ir.Model, cands: list[_Candidate], stats: PassStats) -> dict[str, np.ndarray]:

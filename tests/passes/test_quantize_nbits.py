@@ -282,3 +282,29 @@ def test_outer_product_of_rotary_left_in_float():
     assert "K=1 input rows" in result.stats.skipped[0]["reason"]
     pos = np.arange(2048, dtype=np.float32).reshape(-1, 1)
     np.testing.assert_allclose(run(model, {"pos": pos})[0], np.cos(pos * freq), rtol=0, atol=1e-5)  # int4: ~0.5 rad
+
+
+def test_weights_in_if_bodies_are_quantized_without_calibration_statistics():
+    """Each branch's MatMul becomes MatMulNBits inside its body; gptq falls back to mse there
+    (no calibration statistics inside bodies), said in a note; both branches still compute
+    their float result within 4-bit error."""
+    import onnx_ir as ir
+
+    from graphc.checks.validate import make_session
+    from tests import third_party_graphs as tp
+
+    model = ir.serde.deserialize_model(tp.if_with_weights(k=64, n=96))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    refs = [make_session(model).run(None, {"x": x, "sr": np.array(sr)})[0] for sr in (16000, 8000)]
+    result = QuantizeNBits(QuantizeNBits.Options(bits=4, block_size=32, method="gptq"),
+                           context=PassContext(calibration=[{"x": x, "sr": np.array(16000)}])).call(model)
+    stats = result.stats
+    assert result.modified and stats.counts["subgraph_matmuls"] == 2 and stats.counts["matmuls_quantized"] == 2
+    assert any("quantized with mse, not gptq" in n for n in stats.notes)
+    bodies = [a.value for n in model.graph for a in n.attributes.values() if a.type == ir.AttributeType.GRAPH]
+    assert all(any(n.op_type == "MatMulNBits" for n in b) for b in bodies) and len(bodies) == 2
+    for sr, ref in zip((16000, 8000), refs):
+        got = make_session(model).run(None, {"x": x, "sr": np.array(sr)})[0]
+        cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
+        assert cos > 0.99, (sr, cos)
