@@ -9,8 +9,10 @@ attention do; ORT's CPU kernels have no such mode, so this pass writes it into t
 - ``idx = Squeeze(NonZero(Reshape(attention_mask, [-1])))``: the flat positions of the T real
   tokens, computed once a call;
 - **pack** a [B, S, H] activation: ``Unsqueeze(Gather(Flatten(x, 2), idx), 0)`` -> [1, T, H];
-- **unpack** back: ``Reshape(ScatterND(zeros[B*S, H], idx[:, None], x[0]), [B, S, H])`` (padded
-  positions get zeros; their values were never meaningful: every reader masks them).
+- **unpack** back: ``Reshape(Gather(Pad(x[0], one zero row after), inverse), [B, S, H])``, where
+  ``inverse`` gives each position its packed row (a cumulative count of real positions) or the
+  zero row (padded positions get zeros; their values were never meaningful: every reader masks
+  them).
 
 Attention runs on a batch cut to its longest row: with ``L`` = the last real position + 1
 (computed from the mask each call), a ``MultiHeadAttention``'s inputs are unpacked to [B, L, H]
@@ -38,7 +40,7 @@ not the padded batch: not bit-exact, and no worse), ``MatMulIntegerToFloat`` and
 attention's float Q/K/V MatMuls on one input merge into one MatMul on the packed rows, one
 unpack and a Split.
 
-What it costs: a Gather after, ScatterNDs before each attention, one at each output; what it
+What it costs: a Gather after each attention, a Pad + Gather before it and at each output; what it
 saves: the MatMuls' rows at padded positions. With no padding it is a loss (MiniLM int8, 8 x 128
 real tokens: 1.12x). KV-cache decoders (past inputs, GroupQueryAttention) are left alone: their
 token count is not the mask's. Run it after pruning (whose matchers expect MatMul -> attention).
@@ -314,11 +316,10 @@ class _Rewriter:
         self._axis0 = c("axis0", [0])
         flat = self._node("Reshape", [mask, c("flat", [-1])])
         self.idx = self._node("Squeeze", [self._node("NonZero", [flat]), self._axis0])
-        self.idx2 = self._node("Unsqueeze", [self.idx, c("axis1", [1])])
-        self.tokens1 = self._node("Unsqueeze", [self._node("Size", [mask]), self._axis0])
         self.mask_shape = self._node("Shape", [mask])
         self._trim: dict[str, ir.Value] | None = None
         self._trimmed: dict[int, ir.Value] = {}
+        self._inverse_full: ir.Value | None = None
 
     def _const(self, name: str, values) -> ir.Value:
         if name not in self._consts:
@@ -337,11 +338,22 @@ class _Rewriter:
                               {"keepdims": 1})
             length = self._node("Add", [last, c("one", [1])])
             rows = self._node("Add", [self._node("Mul", [self._node("Div", [self.idx, seq]), length]), pos])
-            self._trim = {"length": length, "rows": rows,
-                          "rows2": self._node("Unsqueeze", [rows, c("axis1", [1])]),
-                          "tokens": self._node("Mul", [batch, length]),
+            cut = self._node("Slice", [self.mask, c("zero", [0]), length, c("one", [1])])
+            self._trim = {"length": length, "rows": rows, "inverse": self._inverse(cut),
                           "shape": self._node("Concat", [batch, length], {"axis": 0})}
         return self._trim
+
+    def _inverse(self, mask: ir.Value) -> ir.Value:
+        """For each position of ``mask`` flattened, its row among the packed real tokens, or T
+        (the zero row the unpack appends) for a padded one. Packed rows are in NonZero's
+        row-major order, which a cumulative count of real positions reproduces."""
+        c = self._const
+        real = self._node("Not", [self._node("Equal", [self._node("Reshape", [mask, c("flat", [-1])]),
+                                                       self._node("Cast", [c("zero", [0])], {"to": mask.dtype or ir.DataType.INT64})])])
+        before = self._node("CumSum", [self._node("Cast", [real], {"to": ir.DataType.INT64}), c("zero_scalar", 0)],
+                            {"exclusive": 1})
+        tokens = self._node("Shape", [self.idx])
+        return self._node("Where", [real, before, tokens])
 
     def trimmed_mask(self, v: ir.Value, axes: list[int]) -> ir.Value:
         """v sliced to the longest row along ``axes``."""
@@ -356,7 +368,7 @@ class _Rewriter:
         """[1, T, H] → [B, L, H]: the batch cut to its longest row."""
         if id(p) not in self._trimmed:
             t = self._trim_values()
-            self._trimmed[id(p)] = self._unpack_nodes(p, t["tokens"], t["rows2"], t["shape"])
+            self._trimmed[id(p)] = self._unpack_nodes(p, t["inverse"], t["shape"])
         return self._trimmed[id(p)]
 
     def _node(self, op: str, inputs: list, attrs: dict | None = None) -> ir.Value:
@@ -369,7 +381,7 @@ class _Rewriter:
     def merge_qkv(self, mha: ir.Node, unpack=None) -> bool:
         """Q, K and V = MatMul(x, W_q / W_k / W_v) on one packed x, each read only by this
         attention: one MatMul by [W_q | W_k | W_v] on the packed rows, one unpack, a Split (one
-        GEMM and one ScatterND instead of three each)."""
+        GEMM and one unpack instead of three each)."""
         mms = [v.producer() for v in mha.inputs[:3]]
         if any(m is None or m.op_type != ops.MATMUL or m.domain not in ("", "ai.onnx") for m in mms):
             return False
@@ -413,18 +425,18 @@ class _Rewriter:
         self.packs += 1
         return out
 
-    def _unpack_nodes(self, p: ir.Value, tokens=None, index=None, shape=None) -> ir.Value:
+    def _unpack_nodes(self, p: ir.Value, inverse=None, shape=None) -> ir.Value:
+        """[1, T, W] → [B, S, W] (or [B, L, W] with the trimmed layout's inverse and shape): one
+        zero row appended to the packed rows, then a Gather of each position's row."""
+        if inverse is None:
+            if self._inverse_full is None:
+                self._inverse_full = self._inverse(self.mask)
+            inverse, shape = self._inverse_full, self.mask_shape
         rows = self._node("Squeeze", [p, self._axis0])
+        padded = self._node("Pad", [rows, self._const("one_row_after", [0, 0, 1, 0])])
         width = self._node("Shape", [p], {"start": 2})
-        flat_shape = self._node("Concat", [self.tokens1 if tokens is None else tokens, width], {"axis": 0})
-        producer = p.producer()
-        dtype = p.dtype or (ir.DataType.UINT8 if producer is not None and producer.op_type == "DynamicQuantizeLinear"
-                            else ir.DataType.FLOAT)
-        zero = ir.tensor(np.zeros(1, dtype.numpy()))
-        zeros = self._node("ConstantOfShape", [flat_shape], {"value": zero})
-        scattered = self._node("ScatterND", [zeros, self.idx2 if index is None else index, rows])
-        shape = self.mask_shape if shape is None else shape
-        out = self._node("Reshape", [scattered, self._node("Concat", [shape, width], {"axis": 0})])
+        gathered = self._node("Gather", [padded, inverse], {"axis": 0})
+        out = self._node("Reshape", [gathered, self._node("Concat", [shape, width], {"axis": 0})])
         out.type = p.type
         self.unpacks += 1
         return out
