@@ -45,6 +45,29 @@ def scale_dtype_for(scale: np.ndarray, wanted) -> type:
     return np.float16
 
 
+def target_form(context, option: str, pass_name: str, stats=None):
+    """The int8 formulation a weight-quantizing pass writes: ``option`` (u8s8 | u8u8 | u8s7), or
+    the target's own for ``auto``; one that saturates on the target is refused. Recorded in
+    ``stats.details["int8_form"]`` when ``stats`` is given."""
+    from graphc.core.errors import UnsupportedError
+    from graphc.core.pass_base import choice
+    from graphc.core.target import Int8Form, exact_forms
+
+    target = context.target_info()
+    form = target.int8_form if option == "auto" else choice(Int8Form, option, "form", pass_name)
+    if form not in exact_forms(target):
+        raise UnsupportedError(f"form={form.value!r} saturates on target {target.name}", pass_name=pass_name)
+    if stats is not None:
+        stats.details["int8_form"] = form.value
+    return form
+
+
+def check_max_error(value: float, what: str) -> None:
+    """An error budget option: a mean 1 - cosine in [0, 1), 0 meaning no budget."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"max_error={value}; a mean 1 - cosine in [0, 1) (0: quantize every {what})")
+
+
 U8U8_ZERO_POINT = 128  # int8 codes stored as uint8: code + 128, read back with this zero point
 
 

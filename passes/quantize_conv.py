@@ -23,11 +23,12 @@ from types import SimpleNamespace
 import numpy as np
 import onnx_ir as ir
 
-from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
-from graphc.passes._quant import const_array, constant, drop_unused_initializers, int8_weight, subgraphs, weight_problem
-from graphc.core.target import Int8Form, exact_forms
-from graphc.core.errors import PassError, UnsupportedError
+from graphc.passes._quant import (check_max_error, const_array, constant, drop_unused_initializers, int8_weight,
+                                  subgraphs, target_form, weight_problem)
+from graphc.core.target import Int8Form
+from graphc.core.errors import PassError
 from graphc.passes._conv_budget import UNCHANGED, float_fallback, unreached_note
 
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -43,8 +44,7 @@ class ConvInt8Options:
     max_error: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.max_error < 1.0:
-            raise ValueError(f"max_error={self.max_error}; a mean 1 - cosine in [0, 1) (0: quantize every Conv)")
+        check_max_error(self.max_error, "Conv")
 
 
 @register
@@ -58,7 +58,7 @@ class QuantizeConv(GraphcPass):
         return self.options.max_error > 0
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
-        form = self._form(stats)
+        form = target_form(self.context, self.options.form, self.name, stats)
         kept = self._kept_float(model, form, stats) if self.options.max_error > 0 else {}
         changed = False
         for graph in [model.graph, *subgraphs(model.graph)]:
@@ -81,14 +81,6 @@ class QuantizeConv(GraphcPass):
         if not changed and not stats.skipped:
             stats.notes.append("no Conv/ConvTranspose with a constant weight found")
         return changed
-
-    def _form(self, stats: PassStats) -> Int8Form:
-        target = self.context.target_info()
-        form = target.int8_form if self.options.form == "auto" else choice(Int8Form, self.options.form, "form", self.name)
-        if form not in exact_forms(target):
-            raise UnsupportedError(f"form={form.value!r} saturates on target {target.name}", pass_name=self.name)
-        stats.details["int8_form"] = form.value
-        return form
 
     def _weight(self, node: ir.Node, stats: PassStats | None) -> np.ndarray | None:
         """The float32 weight to quantize, or None (with the reason in ``stats`` when given)."""

@@ -28,18 +28,20 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc.core.errors import PassError, UnsupportedError
-from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core.errors import PassError
+from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
-from graphc.core.target import Int8Form, exact_forms
+from graphc.core.target import Int8Form
 from graphc.passes._conv_budget import UNCHANGED, unreached_note
 from graphc.passes._weights import drop_dead, rearranged_constant
 from graphc.passes._quant import (
+    check_max_error,
     constant,
     drop_unused_initializers,
     ensure_opset,
     int8_weight,
     subgraphs,
+    target_form,
     weight_problem,
 )
 
@@ -58,8 +60,7 @@ class LstmInt8Options:
     max_error: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.max_error < 1.0:
-            raise ValueError(f"max_error={self.max_error}; a mean 1 - cosine in [0, 1) (0: quantize every LSTM)")
+        check_max_error(self.max_error, "LSTM")
 
 
 @register
@@ -73,7 +74,7 @@ class QuantizeLstm(GraphcPass):
         return self.options.max_error > 0
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
-        form = self._form(stats)
+        form = target_form(self.context, self.options.form, self.name, stats)
         opset = model.opset_imports.get("", 1)
         cands = self._candidates(model, opset, stats)
         kept = self._kept_float(model, cands, form, stats) if cands and self.options.max_error > 0 else {}
@@ -165,14 +166,6 @@ class QuantizeLstm(GraphcPass):
         stats.notes.append(f"LSTM error budget {budget:g} on {self.context.calibration_source}: all int8 "
                            f"{all_error:.5f}, with {len(kept)} kept float {joint:.5f}")
         return kept
-
-    def _form(self, stats: PassStats) -> Int8Form:
-        target = self.context.target_info()
-        form = target.int8_form if self.options.form == "auto" else choice(Int8Form, self.options.form, "form", self.name)
-        if form not in exact_forms(target):
-            raise UnsupportedError(f"form={form.value!r} saturates on target {target.name}", pass_name=self.name)
-        stats.details["int8_form"] = form.value
-        return form
 
     def _weights(self, node: ir.Node, opset: int, stats: PassStats | None) -> tuple[np.ndarray, np.ndarray, list] | None:
         """(W, R) float32 of an LSTM this pass can replace, and the nodes that computed them

@@ -15,17 +15,22 @@ from graphc.front.cli import main
 pytestmark = pytest.mark.slow
 
 
+def _onnx_files_of(requirement: str, folder: Path) -> Path:
+    """The .onnx files of a wheel from PyPI, extracted under ``folder`` (skips when the
+    registry cannot be reached)."""
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", requirement,
+                           "-d", str(folder)], capture_output=True, timeout=300)
+    wheels = list(folder.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        pytest.skip(f"PyPI not reachable: {requirement} not downloaded")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extractall(folder, [n for n in z.namelist() if n.endswith(".onnx")])
+    return folder
+
+
 @pytest.fixture(scope="module")
 def rapidocr(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("wheels")
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "rapidocr-onnxruntime==1.4.4",
-                           "-d", str(d)], capture_output=True, timeout=300)
-    wheels = list(d.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        pytest.skip("PyPI not reachable: rapidocr-onnxruntime wheel not downloaded")
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extractall(d, [n for n in z.namelist() if n.endswith(".onnx")])
-    return d / "rapidocr_onnxruntime/models"
+    return _onnx_files_of("rapidocr-onnxruntime==1.4.4", tmp_path_factory.mktemp("wheels")) / "rapidocr_onnxruntime/models"
 
 
 def test_ppocr_cls_with_minus_one_dims_compresses(rapidocr, tmp_path, capsys):
@@ -46,15 +51,7 @@ def test_ppocr_rec_conv_weights_int8(rapidocr, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def silero(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("silero")
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "silero-vad==6.2.3",
-                           "-d", str(d)], capture_output=True, timeout=300)
-    wheels = list(d.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        pytest.skip("PyPI not reachable: silero-vad wheel not downloaded")
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extract("silero_vad/data/silero_vad.onnx", d)
-    return d / "silero_vad/data/silero_vad.onnx"
+    return _onnx_files_of("silero-vad==6.2.3", tmp_path_factory.mktemp("silero")) / "silero_vad/data/silero_vad.onnx"
 
 
 def test_silero_vad_lstms_in_if_bodies(silero, tmp_path, capsys):
