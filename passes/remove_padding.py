@@ -398,7 +398,8 @@ class _Rewriter:
         mm = packed.producer()
         mm.name = f"{base}_qkv"
         copy_scope(mms[0], mm)
-        packed.type, packed.shape = mms[0].outputs[0].type, _packed_shape(mms[0].outputs[0].shape)
+        packed.type = mms[0].outputs[0].type  # [1, T, N_q + N_k + N_v], not Q's width
+        packed.shape = ir.Shape([1, "packed_tokens", sum(int(a.shape[1]) for a in weights)])
         sizes = constant(self.graph, "remove_padding_qkv_sizes", np.array([a.shape[1] for a in weights], np.int64))
         split = ir.node("Split", [(self.unpack if unpack is None else unpack)(packed), sizes], attributes={"axis": -1}, num_outputs=3)
         split.name = f"remove_padding/Split_{len(self.added)}"

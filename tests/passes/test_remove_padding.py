@@ -72,6 +72,8 @@ def test_real_tokens_unchanged_and_matmuls_on_packed_rows(bert, attention):
     # MHA: Q/K/V merged into one, output, FFN in and out per layer; packed Attention does Q/K/V itself
     assert len(packed_matmuls) == (8 if attention.startswith("mha") else 6)
     assert counts.get("qkv_matmuls_merged", 0) == (2 if attention.startswith("mha") else 0)
+    for mm in packed_matmuls:  # recorded shapes are the real ones (ORT warns on a wrong one)
+        assert mm.outputs[0].shape[-1] == mm.inputs[1].const_value.shape[1], mm.name
     sess = make_session(model)
     for f, ref in zip(feeds, refs):
         got = sess.run(None, f)[0]
