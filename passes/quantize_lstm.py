@@ -32,7 +32,8 @@ from graphc.core.errors import PassError
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
 from graphc.core.target import Int8Form
-from graphc.passes._conv_budget import UNCHANGED, unreached_note
+from graphc.passes._conv_budget import unreached_note
+from graphc.passes._trial_budget import trial_budget
 from graphc.passes._weights import drop_dead, rearranged_constant
 from graphc.passes._quant import (
     check_max_error,
@@ -47,7 +48,6 @@ from graphc.passes._quant import (
 
 _MS = "com.microsoft"
 _INPUTS = 8  # X, W, R, B, sequence_lens, initial_h, initial_c, P
-MAX_FEEDS = 4  # calibration feeds per error measurement (there are 1 + LSTMs + kept ones of them)
 
 
 @dataclass(frozen=True)
@@ -107,65 +107,35 @@ class QuantizeLstm(GraphcPass):
         return found
 
     def _kept_float(self, model: ir.Model, cands: dict, form: Int8Form, stats: PassStats) -> dict[tuple[int, int], str]:
-        """Candidates to leave in float so that the output error (1 - cosine of each output over
-        all calibration feeds, the worst output) stays within ``max_error``:
-        measured on copies of the model holding the real DynamicQuantizeLSTM (whose error is
-        mostly its per-step uint8 activations, which a weight-only simulation would miss)."""
-        from graphc.checks.validate import make_session
-        from graphc.passes._sensitivity import tensor_error
-
+        """Candidates to leave in float so that the output error stays within ``max_error``
+        (``_trial_budget``: measured on copies holding the real DynamicQuantizeLSTM, whose error
+        is mostly its per-step uint8 activations, which a weight-only simulation would miss)."""
         if not self.context.calibration:
             raise PassError(f"max_error={self.options.max_error:g} needs calibration data, and none was given "
                             "(pass --inputs or a model with real data)", pass_name=self.name)
-        feeds = list(self.context.calibration)[:MAX_FEEDS]
-        proto = ir.serde.serialize_model(model)
-        reference = make_session(proto)
-        refs = [reference.run(None, f) for f in feeds]
-        del reference
         opset = model.opset_imports.get("", 1)
 
-        def error(keys) -> float:
-            trial = ir.serde.deserialize_model(proto)
+        def apply(trial: ir.Model, keys) -> None:
             found = self._candidates(trial, opset, None)
             for key in keys:
                 graph, node, w, r, _ = found[key]
                 self._replace(graph, node, w, r, form, PassStats())
             ensure_opset(trial, _MS, 1)
-            session = make_session(trial)
-            outs = [session.run(None, f) for f in feeds]
-            # per output, over every feed at once (as the validation gate's output cosine; a
-            # [1, 1] probability per feed has no cosine of its own), the worst output counts
-            return max(float(tensor_error(np.concatenate([o[i].ravel() for o in outs]),
-                                          np.concatenate([r[i].ravel() for r in refs]))[0])
-                       for i in range(len(refs[0])))
 
         budget = self.options.max_error
-        keys = list(cands)
-        joint = all_error = error(keys)
-        kept: dict[tuple[int, int], str] = {}
-        # alone: every LSTM when the whole set misses the budget, else those in If/Loop bodies
-        # (an error of exactly 0 says no feed ran them)
-        alone = {}
-        measured = keys if all_error > budget else [k for k in keys if k[0] > 0]
-        for i, key in enumerate(measured):
-            alone[key] = error([key])
-            self.context.report("LSTMs, error alone", i + 1, len(measured))
-        unreached = [cands[k][1].name or "LSTM" for k in measured if alone[k] <= UNCHANGED]
-        if unreached:
-            stats.details["lstm_unmeasured"] = unreached
-            stats.details.setdefault("notices", []).append(unreached_note(len(unreached), "LSTM(s)", self.context.calibration_source))
-        if all_error > budget:
-            for key in sorted(keys, key=lambda k: -alone[k]):
-                if joint <= budget:
-                    break
-                kept[key] = f"kept float for the error budget: alone it costs {alone[key]:.5f} (budget {budget:g})"
-                rest = [k for k in keys if k not in kept]
-                joint = error(rest) if rest else 0.0
-        stats.details["lstm_error_all_int8"] = round(all_error, 6)
-        stats.details["lstm_error"] = round(joint, 6)
+        result = trial_budget(model, list(cands), apply, self.context.calibration, budget,
+                              in_bodies=[k for k in cands if k[0] > 0],
+                              report=lambda done, total: self.context.report("LSTMs, error alone", done, total))
+        if result.unreached:
+            stats.details["lstm_unmeasured"] = [cands[k][1].name or "LSTM" for k in result.unreached]
+            stats.details.setdefault("notices", []).append(
+                unreached_note(len(result.unreached), "LSTM(s)", self.context.calibration_source))
+        stats.details["lstm_error_all_int8"] = round(result.all_error, 6)
+        stats.details["lstm_error"] = round(result.joint_error, 6)
         stats.notes.append(f"LSTM error budget {budget:g} on {self.context.calibration_source}: all int8 "
-                           f"{all_error:.5f}, with {len(kept)} kept float {joint:.5f}")
-        return kept
+                           f"{result.all_error:.5f}, with {len(result.kept)} kept float {result.joint_error:.5f}")
+        return {k: f"kept float for the error budget: alone it costs {e:.5f} (budget {budget:g})"
+                for k, e in result.kept.items()}
 
     def _weights(self, node: ir.Node, opset: int, stats: PassStats | None) -> tuple[np.ndarray, np.ndarray, list] | None:
         """(W, R) float32 of an LSTM this pass can replace, and the nodes that computed them

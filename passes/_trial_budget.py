@@ -1,0 +1,74 @@
+"""Which rewrites to leave out so that a model's output error stays within a budget, measured
+on copies of the model with the rewrites really applied (not simulated): for ops whose error is
+not a weight's alone (``DynamicQuantizeLSTM`` quantizes activations each step) or whose weights
+the weights-as-inputs session of ``_conv_budget`` cannot reach.
+
+The error of a trial is 1 - cosine of each output over all calibration feeds at once (as the
+validation gate's output cosine: an output of one value per feed has a cosine only across
+feeds), the worst output. The search: every candidate at once; if that misses the budget, each
+alone, then the costliest left out one at a time until the measured joint error fits. Candidates
+in If/Loop bodies are measured alone in any case: an error of (nearly) zero says no feed ran
+them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc.passes._conv_budget import UNCHANGED, MAX_FEEDS
+
+
+@dataclass
+class TrialResult:
+    all_error: float
+    joint_error: float
+    kept: dict[Hashable, float] = field(default_factory=dict)  # left out → its error alone
+    unreached: list[Hashable] = field(default_factory=list)  # in a body no feed runs
+
+
+def trial_budget(model: ir.Model, keys: Sequence[Hashable], apply: Callable[[ir.Model, Sequence[Hashable]], None],
+                 feeds: Sequence[dict], budget: float, in_bodies: Sequence[Hashable] = (),
+                 report: Callable[[int, int], None] | None = None) -> TrialResult:
+    """``apply(copy, keys)`` rewrites the named candidates in a fresh copy of ``model``."""
+    from graphc.checks.validate import make_session
+    from graphc.passes._sensitivity import tensor_error
+
+    feeds = list(feeds)[:MAX_FEEDS]
+    proto = ir.serde.serialize_model(model)
+    reference = make_session(proto)
+    refs = [reference.run(None, f) for f in feeds]
+    del reference
+
+    def error(chosen: Sequence[Hashable]) -> float:
+        trial = ir.serde.deserialize_model(proto)
+        apply(trial, chosen)
+        session = make_session(trial)
+        outs = [session.run(None, f) for f in feeds]
+        return max(float(tensor_error(np.concatenate([o[i].ravel() for o in outs]),
+                                      np.concatenate([r[i].ravel() for r in refs]))[0])
+                   for i in range(len(refs[0])))
+
+    keys = list(keys)
+    all_error = joint = error(keys)
+    over = all_error > budget
+    measured = keys if over else [k for k in keys if k in set(in_bodies)]
+    alone = {}
+    for i, key in enumerate(measured):
+        alone[key] = error([key])
+        if report is not None:
+            report(i + 1, len(measured))
+    result = TrialResult(all_error, joint, unreached=[k for k in measured if k in set(in_bodies)
+                                                      and alone[k] <= UNCHANGED])
+    if over:
+        for key in sorted(keys, key=lambda k: -alone[k]):
+            if joint <= budget:
+                break
+            result.kept[key] = alone[key]
+            rest = [k for k in keys if k not in result.kept]
+            joint = error(rest) if rest else 0.0
+    result.joint_error = joint
+    return result
