@@ -22,6 +22,7 @@ from graphc.passes import (  # noqa: F401
     quantize_int8,
     quantize_lstm,
     quantize_nbits,
+    quantize_rnn_weights,
     remove_padding,
     split_vocab,
     svd_linear,

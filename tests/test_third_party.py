@@ -239,14 +239,16 @@ def test_weights_inside_if_branches_are_quantized():
         assert np.abs(got - r).max() < 0.02 * np.abs(r).max()
 
 
-def test_gru_is_left_in_float_with_the_reason(tmp_path, capsys):
-    path = tp.save(tp.gru(), tmp_path / "gru.onnx")
+def test_gru_weights_are_int8_dequantized_at_load_and_other_recipes_say_why_not(tmp_path, capsys):
+    path = tp.save(tp.gru(hidden=48, width=24), tmp_path / "gru.onnx")
     assert main(["compress", path, "-o", str(tmp_path / "o.onnx"), "--json"]) == 0
-    left = {e["op"]: e for e in _json(capsys)["left_float"]}
-    assert left["GRU"]["tensors"] == 2 and "no int8 GRU kernel" in left["GRU"]["reasons"][0]
-    assert main(["compress", path, "-o", str(tmp_path / "o2.onnx")]) == 0
+    result = _json(capsys)
+    assert "GRU" not in {e["op"] for e in result.get("left_float", [])}
+    rnn = next(p for p in result["passes"] if p["name"] == "quantize-rnn-weights")["stats"]
+    assert rnn["grus_quantized"] == 1
+    assert main(["compress", path, "-o", str(tmp_path / "o2.onnx"), "--recipe", "fuse"]) == 0
     text = capsys.readouterr().out
-    assert "left in float:" in text and "GRU" in text
+    assert "left in float:" in text and "GRU" in text and "quantize-rnn-weights" in text
 
 
 def test_lstm_is_quantized_by_int8_and_validated(tmp_path, capsys):

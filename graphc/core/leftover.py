@@ -26,9 +26,9 @@ _RECURRENT = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 _GENERIC = {
     "Conv": "no pass of this recipe quantizes Conv",
     "ConvTranspose": "no pass of this recipe quantizes ConvTranspose",
-    "GRU": "recurrent weights stay float: ONNX Runtime has no int8 GRU kernel",
+    "GRU": "no pass of this recipe quantizes GRU (quantize-rnn-weights does, in int8: ONNX Runtime has no int8 GRU kernel, so the weights are dequantized at load)",
     "LSTM": "no pass of this recipe quantizes LSTM (quantize-lstm does: DynamicQuantizeLSTM, in int8)",
-    "RNN": "recurrent weights stay float: ONNX Runtime has no int8 RNN kernel",
+    "RNN": "no pass of this recipe quantizes RNN (quantize-rnn-weights does, in int8)",
     "Gather": "table not quantized by this recipe",
     "MatMul": "no pass of this recipe quantized it",
     "Gemm": "no pass of this recipe quantized it",

@@ -117,6 +117,7 @@ PLANS: dict[str, Plan] = {
     "quantize-conv": Plan(min_transformed=0.0, why="no drawn graph has a Conv or ConvTranspose"),
     # likewise recurrent layers: tests/passes/test_quantize_lstm.py and tests/third_party_graphs.lstm
     "quantize-lstm": Plan(min_transformed=0.0, why="no drawn graph has an LSTM"),
+    "quantize-rnn-weights": Plan(min_transformed=0.0, why="no drawn graph has a recurrent layer"),
     # graphs whose projections are Gemm (legacy exports)
     "gemm-to-matmul": Plan(spec={"style": "legacy", "linear": "gemm"}, min_transformed=0.5),
 }
