@@ -72,3 +72,29 @@ def trial_budget(model: ir.Model, keys: Sequence[Hashable], apply: Callable[[ir.
             joint = error(rest) if rest else 0.0
     result.joint_error = joint
     return result
+
+
+def kept_float(pass_, model: ir.Model, keys: Sequence[Hashable], apply: Callable[[ir.Model, Sequence[Hashable]], None],
+               in_bodies: Sequence[Hashable], names: dict, tag: str, what: str, stats) -> dict[Hashable, str]:
+    """:func:`trial_budget` for a pass with a ``max_error`` option, its findings in ``stats``
+    (``{tag}_error_all_int8``, ``{tag}_error``, ``{tag}_unmeasured`` with a notice, a note);
+    returns the candidates left float with the reason. ``names``: key → the name to report."""
+    from graphc.core.errors import PassError
+    from graphc.passes._conv_budget import unreached_note
+
+    context, budget = pass_.context, pass_.options.max_error
+    if not context.calibration:
+        raise PassError(f"max_error={budget:g} needs calibration data, and none was given "
+                        "(pass --inputs or a model with real data)", pass_name=pass_.name)
+    result = trial_budget(model, keys, apply, context.calibration, budget, in_bodies=in_bodies,
+                          report=lambda done, total: context.report(f"{what}, error alone", done, total))
+    if result.unreached:
+        stats.details[f"{tag}_unmeasured"] = [names[k] for k in result.unreached]
+        stats.details.setdefault("notices", []).append(
+            unreached_note(len(result.unreached), what, context.calibration_source))
+    stats.details[f"{tag}_error_all_int8"] = round(result.all_error, 6)
+    stats.details[f"{tag}_error"] = round(result.joint_error, 6)
+    stats.notes.append(f"{what}: error budget {budget:g} on {context.calibration_source}: all int8 "
+                       f"{result.all_error:.5f}, with {len(result.kept)} kept float {result.joint_error:.5f}")
+    return {k: f"kept float for the error budget: alone it costs {e:.5f} (budget {budget:g})"
+            for k, e in result.kept.items()}

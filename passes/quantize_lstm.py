@@ -28,12 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc.core.errors import PassError
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
 from graphc.core.target import Int8Form
-from graphc.passes._conv_budget import unreached_note
-from graphc.passes._trial_budget import trial_budget
+from graphc.passes._trial_budget import kept_float
 from graphc.passes._weights import drop_dead, rearranged_constant
 from graphc.passes._quant import (
     check_max_error,
@@ -107,12 +105,9 @@ class QuantizeLstm(GraphcPass):
         return found
 
     def _kept_float(self, model: ir.Model, cands: dict, form: Int8Form, stats: PassStats) -> dict[tuple[int, int], str]:
-        """Candidates to leave in float so that the output error stays within ``max_error``
-        (``_trial_budget``: measured on copies holding the real DynamicQuantizeLSTM, whose error
-        is mostly its per-step uint8 activations, which a weight-only simulation would miss)."""
-        if not self.context.calibration:
-            raise PassError(f"max_error={self.options.max_error:g} needs calibration data, and none was given "
-                            "(pass --inputs or a model with real data)", pass_name=self.name)
+        """Candidates left float by ``max_error``, measured on copies holding the real
+        DynamicQuantizeLSTM (its error is mostly its per-step uint8 activations, which a
+        weight-only simulation would miss)."""
         opset = model.opset_imports.get("", 1)
 
         def apply(trial: ir.Model, keys) -> None:
@@ -122,20 +117,8 @@ class QuantizeLstm(GraphcPass):
                 self._replace(graph, node, w, r, form, PassStats())
             ensure_opset(trial, _MS, 1)
 
-        budget = self.options.max_error
-        result = trial_budget(model, list(cands), apply, self.context.calibration, budget,
-                              in_bodies=[k for k in cands if k[0] > 0],
-                              report=lambda done, total: self.context.report("LSTMs, error alone", done, total))
-        if result.unreached:
-            stats.details["lstm_unmeasured"] = [cands[k][1].name or "LSTM" for k in result.unreached]
-            stats.details.setdefault("notices", []).append(
-                unreached_note(len(result.unreached), "LSTM(s)", self.context.calibration_source))
-        stats.details["lstm_error_all_int8"] = round(result.all_error, 6)
-        stats.details["lstm_error"] = round(result.joint_error, 6)
-        stats.notes.append(f"LSTM error budget {budget:g} on {self.context.calibration_source}: all int8 "
-                           f"{result.all_error:.5f}, with {len(result.kept)} kept float {result.joint_error:.5f}")
-        return {k: f"kept float for the error budget: alone it costs {e:.5f} (budget {budget:g})"
-                for k, e in result.kept.items()}
+        return kept_float(self, model, list(cands), apply, [k for k in cands if k[0] > 0],
+                          {k: c[1].name or "LSTM" for k, c in cands.items()}, "lstm", "LSTM(s)", stats)
 
     def _weights(self, node: ir.Node, opset: int, stats: PassStats | None) -> tuple[np.ndarray, np.ndarray, list] | None:
         """(W, R) float32 of an LSTM this pass can replace, and the nodes that computed them

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphc.core.errors import PassError
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
-from graphc.passes._conv_budget import unreached_note
 from graphc.passes._quant import (check_max_error, constant, drop_unused_initializers, subgraphs, symmetric_int8,
                                   weight_problem)
-from graphc.passes._trial_budget import trial_budget
+from graphc.passes._trial_budget import kept_float
 from graphc.passes._weights import drop_dead, rearranged_constant
 
 _RECURRENT = ("GRU", "RNN", "LSTM")
@@ -116,9 +114,6 @@ class QuantizeRnnWeights(GraphcPass):
         return weights, cone
 
     def _kept_float(self, model: ir.Model, cands: dict, stats: PassStats) -> dict[tuple[int, int], str]:
-        if not self.context.calibration:
-            raise PassError(f"max_error={self.options.max_error:g} needs calibration data, and none was given "
-                            "(pass --inputs or a model with real data)", pass_name=self.name)
         opset = model.opset_imports.get("", 1)
 
         def apply(trial: ir.Model, keys) -> None:
@@ -127,20 +122,9 @@ class QuantizeRnnWeights(GraphcPass):
                 graph, node, weights, _ = found[key]
                 self._replace(graph, node, weights, PassStats())
 
-        budget = self.options.max_error
-        result = trial_budget(model, list(cands), apply, self.context.calibration, budget,
-                              in_bodies=[k for k in cands if k[0] > 0],
-                              report=lambda done, total: self.context.report("recurrent layers, error alone", done, total))
-        if result.unreached:
-            stats.details["rnn_unmeasured"] = [cands[k][1].name or cands[k][1].op_type for k in result.unreached]
-            stats.details.setdefault("notices", []).append(
-                unreached_note(len(result.unreached), "recurrent layer(s)", self.context.calibration_source))
-        stats.details["rnn_error_all_int8"] = round(result.all_error, 6)
-        stats.details["rnn_error"] = round(result.joint_error, 6)
-        stats.notes.append(f"recurrent-weight error budget {budget:g} on {self.context.calibration_source}: all int8 "
-                           f"{result.all_error:.5f}, with {len(result.kept)} kept float {result.joint_error:.5f}")
-        return {k: f"kept float for the error budget: alone it costs {e:.5f} (budget {budget:g})"
-                for k, e in result.kept.items()}
+        return kept_float(self, model, list(cands), apply, [k for k in cands if k[0] > 0],
+                          {k: c[1].name or c[1].op_type for k, c in cands.items()}, "rnn", "recurrent layer(s)",
+                          stats)
 
     def _replace(self, graph: ir.Graph, node: ir.Node, weights: dict[int, np.ndarray], stats: PassStats) -> None:
         base = node.name or node.op_type.lower()
