@@ -20,6 +20,16 @@ import numpy as np
 import onnx_ir as ir
 
 from graphc.passes._conv_budget import UNCHANGED, MAX_FEEDS
+from graphc.passes._quant import subgraphs
+
+
+def keyed_nodes(model: ir.Model):
+    """(key, graph, node) of every node of the main graph and its If/Loop/Scan bodies, keyed
+    (graph index, node index): the same keys name the same nodes on a copy of the model, which
+    is how a trial applies a rewrite; a key whose graph index is not 0 is inside a body."""
+    for gi, graph in enumerate([model.graph, *subgraphs(model.graph)]):
+        for ni, node in enumerate(graph):
+            yield (gi, ni), graph, node
 
 
 @dataclass
@@ -74,11 +84,12 @@ def trial_budget(model: ir.Model, keys: Sequence[Hashable], apply: Callable[[ir.
     return result
 
 
-def kept_float(pass_, model: ir.Model, keys: Sequence[Hashable], apply: Callable[[ir.Model, Sequence[Hashable]], None],
-               in_bodies: Sequence[Hashable], names: dict, tag: str, what: str, stats) -> dict[Hashable, str]:
-    """:func:`trial_budget` for a pass with a ``max_error`` option, its findings in ``stats``
-    (``{tag}_error_all_int8``, ``{tag}_error``, ``{tag}_unmeasured`` with a notice, a note);
-    returns the candidates left float with the reason. ``names``: key → the name to report."""
+def kept_float(pass_, model: ir.Model, keys: Sequence[tuple[int, int]], apply: Callable[[ir.Model, Sequence], None],
+               names: dict, tag: str, what: str, stats) -> dict[tuple[int, int], str]:
+    """:func:`trial_budget` for a pass with a ``max_error`` option over candidates keyed as
+    :func:`keyed_nodes` keys them, its findings in ``stats`` (``{tag}_error_all_int8``,
+    ``{tag}_error``, ``{tag}_unmeasured`` with a notice, a note); returns the candidates left
+    float with the reason. ``names``: key → the name to report."""
     from graphc.core.errors import PassError
     from graphc.passes._conv_budget import unreached_note
 
@@ -86,7 +97,7 @@ def kept_float(pass_, model: ir.Model, keys: Sequence[Hashable], apply: Callable
     if not context.calibration:
         raise PassError(f"max_error={budget:g} needs calibration data, and none was given "
                         "(pass --inputs or a model with real data)", pass_name=pass_.name)
-    result = trial_budget(model, keys, apply, context.calibration, budget, in_bodies=in_bodies,
+    result = trial_budget(model, keys, apply, context.calibration, budget, in_bodies=[k for k in keys if k[0] > 0],
                           report=lambda done, total: context.report(f"{what}, error alone", done, total))
     if result.unreached:
         stats.details[f"{tag}_unmeasured"] = [names[k] for k in result.unreached]

@@ -56,6 +56,7 @@ def optimize(model: ir.Model, num_iterations: int = 2) -> None:
 
     inline = not uninlinable_functions(model)
     optimize_ir(model, num_iterations=num_iterations, should_fold=_should_fold, inline=inline)
+    forget_dropped_bodies(model)  # an If folded to one branch: the other's reads are gone too
 
 
 def forget_dropped_bodies(model: ir.Model) -> int:
@@ -64,34 +65,17 @@ def forget_dropped_bodies(model: ir.Model) -> int:
     Folding an ``If`` whose condition is constant keeps one branch; the other branch's nodes
     still count as users of the outer values they read (weights in the main graph, for one),
     so those weights would look used and stay in the file. Returns how many uses were dropped."""
-    live: set[int] = set()
+    from graphc.passes._quant import subgraphs
 
-    def collect(graph: ir.Graph) -> None:
-        live.add(id(graph))
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    collect(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    for g in attr.value:
-                        collect(g)
-
-    collect(model.graph)
-    graphs = [model.graph]
+    graphs = [model.graph, *subgraphs(model.graph)]
+    live = {id(g) for g in graphs}
     dropped = 0
     for graph in graphs:
-        values = [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]
-        for value in values:
+        for value in [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]:
             for user, index in list(value.uses()):
                 if user.graph is None or id(user.graph) not in live:
                     user.replace_input_with(index, None)
                     dropped += 1
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    graphs.append(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    graphs.extend(attr.value)
     return dropped
 
 
@@ -107,7 +91,6 @@ class FoldConstants(GraphcPass):
         if kept:
             stats.notes.append(f"functions not inlined (another opset version than the model): {', '.join(kept)}")
         optimize(model, num_iterations=2)
-        forget_dropped_bodies(model)
         after = _count_nodes(model)
         stats.add("nodes_removed", before - after)
         return before != after

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
 from graphc.core.target import Int8Form
-from graphc.passes._trial_budget import kept_float
+from graphc.passes._trial_budget import kept_float, keyed_nodes
 from graphc.passes._weights import drop_dead, rearranged_constant
 from graphc.passes._quant import (
     check_max_error,
@@ -93,16 +93,10 @@ class QuantizeLstm(GraphcPass):
         return changed
 
     def _candidates(self, model: ir.Model, opset: int, stats: PassStats | None) -> dict[tuple[int, int], tuple]:
-        """(graph index, node index) → (graph, LSTM, W, R, the nodes computing W and R) of each
-        LSTM this pass can replace, in the main graph and in subgraphs; the same keys on a
-        copy of the model name the same nodes."""
-        found = {}
-        for gi, graph in enumerate([model.graph, *subgraphs(model.graph)]):
-            for ni, node in enumerate(graph):
-                weights = self._weights(node, opset, stats)
-                if weights is not None:
-                    found[(gi, ni)] = (graph, node, *weights)
-        return found
+        """Key (``_trial_budget.keyed_nodes``) → (graph, LSTM, W, R, the nodes computing W and R)
+        of each LSTM this pass can replace, in the main graph and in subgraphs."""
+        return {key: (graph, node, *weights) for key, graph, node in keyed_nodes(model)
+                if (weights := self._weights(node, opset, stats)) is not None}
 
     def _kept_float(self, model: ir.Model, cands: dict, form: Int8Form, stats: PassStats) -> dict[tuple[int, int], str]:
         """Candidates left float by ``max_error``, measured on copies holding the real
@@ -117,7 +111,7 @@ class QuantizeLstm(GraphcPass):
                 self._replace(graph, node, w, r, form, PassStats())
             ensure_opset(trial, _MS, 1)
 
-        return kept_float(self, model, list(cands), apply, [k for k in cands if k[0] > 0],
+        return kept_float(self, model, list(cands), apply,
                           {k: c[1].name or "LSTM" for k, c in cands.items()}, "lstm", "LSTM(s)", stats)
 
     def _weights(self, node: ir.Node, opset: int, stats: PassStats | None) -> tuple[np.ndarray, np.ndarray, list] | None:

@@ -29,10 +29,8 @@ load); the codes are fitted to the rounded scales.
 
 from __future__ import annotations
 
-import dataclasses
-
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -169,7 +167,7 @@ class QuantizeNBits(GraphcPass):
         cands = [c for n in list(graph) if (c := self._candidate(graph, n, stats)) is not None]
         # If/Loop/Scan bodies: no calibration statistics reach inside, so GPTQ's Hessians do
         # not exist there; those weights take the clipping search (mse) instead
-        bodies = [(g, dataclasses.replace(c, head=False))  # a body's output is no LM head
+        bodies = [(g, replace(c, head=False))  # a body's output is no LM head
                   for g in subgraphs(graph) for n in list(g) if (c := self._candidate(g, n, stats)) is not None]
         if not cands and not bodies:
             stats.notes.append("no constant-weight MatMul/Gemm found")

@@ -25,7 +25,7 @@ from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
 from graphc.passes._quant import (check_max_error, constant, drop_unused_initializers, subgraphs, symmetric_int8,
                                   weight_problem)
-from graphc.passes._trial_budget import kept_float
+from graphc.passes._trial_budget import kept_float, keyed_nodes
 from graphc.passes._weights import drop_dead, rearranged_constant
 
 _RECURRENT = ("GRU", "RNN", "LSTM")
@@ -73,17 +73,11 @@ class QuantizeRnnWeights(GraphcPass):
         return changed
 
     def _candidates(self, model: ir.Model, opset: int, stats: PassStats | None) -> dict[tuple[int, int], tuple]:
-        """(graph index, node index) → (graph, node, {input index: float weight}, the nodes
-        computing the weights); the same keys on a copy of the model name the same nodes."""
-        found = {}
-        for gi, graph in enumerate([model.graph, *subgraphs(model.graph)]):
-            for ni, node in enumerate(graph):
-                if node.op_type not in _RECURRENT or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
-                    continue
-                got = self._weights(node, opset, stats)
-                if got is not None:
-                    found[(gi, ni)] = (graph, node, *got)
-        return found
+        """Key (``_trial_budget.keyed_nodes``) → (graph, node, {input index: float weight}, the
+        nodes computing the weights) of each recurrent layer this pass can rewrite."""
+        return {key: (graph, node, *got) for key, graph, node in keyed_nodes(model)
+                if node.op_type in _RECURRENT and node.domain in ("", "ai.onnx") and len(node.inputs) >= 3
+                and (got := self._weights(node, opset, stats)) is not None}
 
     def _weights(self, node: ir.Node, opset: int, stats: PassStats | None):
         label = node.name or node.op_type
@@ -122,7 +116,7 @@ class QuantizeRnnWeights(GraphcPass):
                 graph, node, weights, _ = found[key]
                 self._replace(graph, node, weights, PassStats())
 
-        return kept_float(self, model, list(cands), apply, [k for k in cands if k[0] > 0],
+        return kept_float(self, model, list(cands), apply,
                           {k: c[1].name or c[1].op_type for k, c in cands.items()}, "rnn", "recurrent layer(s)",
                           stats)
 

@@ -358,7 +358,10 @@ class _Rewriter:
     def trimmed_mask(self, v: ir.Value, axes: list[int]) -> ir.Value:
         """v sliced to the longest row along ``axes``."""
         t = self._trim_values()
-        ends = self._node("Concat", [t["length"]] * len(axes), {"axis": 0})
+        key = f"ends{len(axes)}"  # L repeated per axis: made once, shared by every attention
+        if key not in t:
+            t[key] = self._node("Concat", [t["length"]] * len(axes), {"axis": 0})
+        ends = t[key]
         starts = self._const(f"zeros{len(axes)}", [0] * len(axes))
         out = self._node("Slice", [v, starts, ends, self._const("axes" + "_".join(map(str, axes)).replace("-", "m"), axes)])
         out.type = v.type
