@@ -32,10 +32,12 @@ _CHILD = """
 import json, sys, time
 import graphc
 t = time.perf_counter()
-r = graphc.compress(sys.argv[1], sys.argv[2], recipe=sys.argv[3], validate=False, attribution=False)
+r = graphc.compress(sys.argv[1], sys.argv[2], recipe=sys.argv[3], validate=sys.argv[4] == "1", attribution=False,
+                    stream=sys.argv[5], force=True)
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"peak_bytes": int(status["VmHWM"].split()[0]) * 1024, "seconds": time.perf_counter() - t,
                   "passes": {p.name: round(p.wall_s, 1) for p in r.passes},
+                  "validation": r.validation.to_dict() if r.validation is not None else None,
                   "written": [str(p) for p in r.written]}))
 """
 
@@ -56,10 +58,11 @@ def largest_tensor(size: str) -> int:
     return max(4 * math.prod(shape) for _, shape in PRESETS[size].tensor_shapes())
 
 
-def run(model: Path, recipe: str, out_dir: Path) -> dict:
+def run(model: Path, recipe: str, out_dir: Path, validate: bool = False, stream: str = "auto") -> dict:
     out = out_dir / f"{model.stem}-{recipe}.onnx"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(out), RECIPES.get(recipe, recipe)],
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(out), RECIPES.get(recipe, recipe),
+                           "1" if validate else "0", stream],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -74,6 +77,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1gb,4gb,8gb")
     parser.add_argument("--recipes", default="cleanup,int4-nocalib")
+    parser.add_argument("--validate", action="store_true", help="validate each result against the original "
+                        "(off by default: the figures in docs/results.md's first table were taken without)")
+    parser.add_argument("--stream", default="auto", choices=("auto", "always", "never"),
+                        help="graphc.compress's stream option (segment-by-segment runs; auto: over 1 GiB)")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     rows = []
@@ -83,9 +90,9 @@ def main() -> int:
             model_bytes = model.stat().st_size + (model.parent / (model.name + ".data")).stat().st_size
             for recipe in args.recipes.split(","):
                 t = time.perf_counter()
-                result = run(model, recipe, Path(tmp))
+                result = run(model, recipe, Path(tmp), args.validate, args.stream)
                 row = {"model": size, "model_bytes": model_bytes, "largest_tensor": largest_tensor(size),
-                       "recipe": recipe, "wall_s": round(time.perf_counter() - t, 1), **result}
+                       "recipe": recipe, "validate": args.validate, "stream": args.stream, "wall_s": round(time.perf_counter() - t, 1), **result}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     from graphc.core.target import cpu_line

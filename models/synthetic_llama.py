@@ -52,6 +52,7 @@ class LlamaConfig:
 # About 1, 4 and 8 GB of float32 weights.
 PRESETS: dict[str, LlamaConfig] = {
     "1gb": LlamaConfig(hidden=2048, intermediate=5632, layers=3, heads=16, kv_heads=4, vocab=32000),
+    "2gb": LlamaConfig(hidden=2048, intermediate=5632, layers=10, heads=16, kv_heads=4, vocab=32000),
     "4gb": LlamaConfig(hidden=4096, intermediate=11008, layers=4, heads=32, kv_heads=8, vocab=32000),
     "8gb": LlamaConfig(hidden=4096, intermediate=11008, layers=10, heads=32, kv_heads=8, vocab=32000),
     "tiny": LlamaConfig(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=256),

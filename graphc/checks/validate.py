@@ -229,6 +229,43 @@ def run_feeds(session: ort.InferenceSession, feeds: Sequence[dict[str, np.ndarra
     return out
 
 
+def _runnable(model: Any, what: str) -> Any:
+    """A session for a path or a model, or, for a model that streams (graphc.core.streaming),
+    the model run segment by segment."""
+    from graphc.core import streaming
+
+    if isinstance(model, ort.InferenceSession):
+        return model
+    if isinstance(model, ir.Model) and streaming.applies(model):
+        try:
+            return streaming.StreamedModel(model, what=what)
+        except streaming.NotStreamable:
+            pass  # the whole model in one session
+    return make_session(model, what=what)
+
+
+def _output_names(runnable: Any) -> list[str]:
+    from graphc.core.streaming import StreamedModel
+
+    if isinstance(runnable, StreamedModel):
+        return list(runnable.outputs)
+    return [o.name for o in runnable.get_outputs()]
+
+
+def model_outputs(model: Any, feeds: Sequence[dict[str, np.ndarray]], what: str) -> tuple[list[str], list[list[np.ndarray]]]:
+    """The output names of ``model`` (a session, a path, an IR model, or a streamed model) and
+    its outputs on each feed; an IR model that is large enough streams segment by segment."""
+    from graphc.core.streaming import NotStreamable, StreamedModel
+
+    runnable = _runnable(model, what) if not isinstance(model, StreamedModel) else model
+    if isinstance(runnable, StreamedModel):
+        try:
+            return list(runnable.outputs), runnable.run(feeds)
+        except NotStreamable:  # a sequence crosses a cut: the whole model in one session
+            runnable = make_session(model, what=what)
+    return _output_names(runnable), run_feeds(runnable, feeds, what)
+
+
 def compare(
     original: ir.Model | str | os.PathLike | ort.InferenceSession,
     rewritten: ir.Model | str | os.PathLike | ort.InferenceSession,
@@ -244,15 +281,12 @@ def compare(
 
     ``task`` (a model spec's ``task_metric``) turns both models' outputs, per feed by
     output name, into the report's ``task`` figures (perplexity, embedding cosine, ...)."""
-    rew = rewritten if isinstance(rewritten, ort.InferenceSession) else make_session(rewritten, what="rewritten model")
+    rew = _runnable(rewritten, "rewritten model")
     if reference_outputs is None:
-        orig = original if isinstance(original, ort.InferenceSession) else make_session(original, what="original model")
-        reference_outputs = run_feeds(orig, feeds, "original model")
-        out_names = [o.name for o in orig.get_outputs()]
+        out_names, reference_outputs = model_outputs(_runnable(original, "original model"), feeds, "original model")
     else:
-        out_names = [o.name for o in rew.get_outputs()]
-    got = run_feeds(rew, feeds, "rewritten model")
-    rew_names = [o.name for o in rew.get_outputs()]
+        out_names = _output_names(rew)
+    rew_names, got = model_outputs(rew, feeds, "rewritten model")
     metrics = []
     skipped = []
     for i, name in enumerate(out_names):

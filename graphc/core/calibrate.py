@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graphc.core import streaming
 from graphc.core.errors import PassError
 from graphc.core.interrupt import run_session  # interruptible, bounded by time_limit
 from graphc.core.moments import MomentsCache, Sums
@@ -81,13 +82,20 @@ def channel_absmax(
     if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
         raise PassError("needs calibration data, and none was given (pass feeds or use a model spec)", pass_name=pass_name)
     names = [v.name for v in values]
-    session, inputs = exposing_session(model, names)
     result: dict[str, np.ndarray] = {}
+
+    def add(i: int, name: str, out: np.ndarray) -> None:
+        amax = np.abs(out.reshape(-1, out.shape[-1])).max(axis=0)
+        result[name] = amax if name not in result else np.maximum(result[name], amax)
+
+    if streaming.applies(model):
+        streaming.StreamedModel(model, observe=names, what="model during calibration").run(feeds, on_value=add, outputs=False)
+        return result
+    session, inputs = exposing_session(model, names)
     for feed in feeds:
         outs = run_session(session, {k: v for k, v in feed.items() if k in inputs}, names)
         for name, out in zip(names, outs):
-            amax = np.abs(out.reshape(-1, out.shape[-1])).max(axis=0)
-            result[name] = amax if name not in result else np.maximum(result[name], amax)
+            add(0, name, out)
     return result
 
 
@@ -178,28 +186,34 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
     """Sums of each named value over the feeds (one ORT run a feed), and copies of them after
     the first n feeds for each n in ``heads_at``. Each feed's x^T x is one float32 GEMM (its
     rows are float32 already; a feed holds at most a few thousand rows), added up in float64."""
-    session, inputs = exposing_session(model, names, only=True)
     total: dict[str, Sums] = {}
     heads: dict[int, dict[str, Sums]] = {}
+
+    def add(i: int, name: str, out: np.ndarray) -> None:
+        out = np.asarray(out)
+        if out.ndim == 0:
+            return
+        rows = np.ascontiguousarray(token_rows(out, feeds[i].get("attention_mask")), dtype=np.float32)
+        gram = _gram(rows)
+        absum = np.abs(rows).sum(axis=0, dtype=np.float64)
+        if name in total:
+            s = total[name]
+            s.gram += gram
+            s.abs_sum += absum
+            s.tokens += rows.shape[0]
+        else:
+            total[name] = Sums(gram, absum, rows.shape[0])
+        if i + 1 in heads_at and i + 1 < len(feeds):  # each value is seen feed by feed, in order
+            heads.setdefault(i + 1, {})[name] = total[name].copy()
+
+    if streaming.applies(model):  # segment by segment: one segment's weights in memory at a time
+        streaming.StreamedModel(model, observe=names, what="model during calibration").run(feeds, on_value=add, outputs=False)
+        return total, heads
+    session, inputs = exposing_session(model, names, only=True)
     for i, feed in enumerate(feeds):
         outs = run_session(session, {k: v for k, v in feed.items() if k in inputs}, names)
-        mask = feed.get("attention_mask")
         for name, out in zip(names, outs):
-            out = np.asarray(out)
-            if out.ndim == 0:
-                continue
-            rows = np.ascontiguousarray(token_rows(out, mask), dtype=np.float32)
-            gram = _gram(rows)
-            absum = np.abs(rows).sum(axis=0, dtype=np.float64)
-            if name in total:
-                s = total[name]
-                s.gram += gram
-                s.abs_sum += absum
-                s.tokens += rows.shape[0]
-            else:
-                total[name] = Sums(gram, absum, rows.shape[0])
-        if i + 1 in heads_at and i + 1 < len(feeds):
-            heads[i + 1] = {n: s.copy() for n, s in total.items()}
+            add(i, name, out)
     return total, heads
 
 

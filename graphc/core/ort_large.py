@@ -36,24 +36,20 @@ def needs_external(model: ir.Model) -> bool:
     return tensor_bytes(model) > PROTO_LIMIT
 
 
-def session(model: ir.Model, options: Any, providers: list[str]) -> Any:
-    """An InferenceSession for ``model`` with its large main-graph initializers supplied as
-    OrtValues (kept alive on the returned session as ``_graphc_arrays``)."""
-    import onnxruntime as ort
-
-    names: list[str] = []
-    arrays: list[np.ndarray] = []
+def weightless_proto(model: ir.Model, *, min_bytes: int = MIN_EXTERNAL) -> tuple[Any, dict[str, np.ndarray]]:
+    """The model's protobuf with each main-graph initializer of at least ``min_bytes`` (and
+    every external one) written as a placeholder reference, and those initializers' arrays by
+    name (memory-mapped where the weights are external data: nothing is read here)."""
+    arrays: dict[str, np.ndarray] = {}
     swapped: list[tuple[ir.Value, Any]] = []
     try:
         for value in model.graph.initializers.values():
             tensor = value.const_value
             if tensor is None or not value.name:
                 continue
-            if tensor.nbytes < MIN_EXTERNAL and not isinstance(tensor, ir.ExternalTensor):
+            if tensor.nbytes < min_bytes and not isinstance(tensor, ir.ExternalTensor):
                 continue  # small and in memory: it goes inside the bytes
-            array = np.ascontiguousarray(tensor.numpy())
-            names.append(value.name)
-            arrays.append(array)
+            arrays[value.name] = np.ascontiguousarray(tensor.numpy())
             swapped.append((value, tensor))
             value.const_value = ir.ExternalTensor(
                 _PLACEHOLDER, offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
@@ -66,7 +62,29 @@ def session(model: ir.Model, options: Any, providers: list[str]) -> Any:
     from graphc.core.io import max_ir_version
 
     proto.ir_version = min(proto.ir_version, max_ir_version())
-    options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
-    sess._graphc_arrays = arrays  # the OrtValues share this memory: keep it alive with the session
+    return proto, arrays
+
+
+def session_from_proto(proto: Any, arrays: dict[str, np.ndarray], *, threads: int | None = None,
+                       providers: list[str] | None = None, options: Any = None) -> Any:
+    """An InferenceSession for a protobuf whose placeholder initializers are given as
+    ``arrays`` (shared, not copied: kept alive on the session as ``_graphc_arrays``)."""
+    import onnxruntime as ort
+
+    from graphc.core.session import session_options
+
+    options = options or session_options(threads)
+    names = list(arrays)
+    values = [np.ascontiguousarray(arrays[n]) for n in names]
+    if names:
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in values])
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
+    sess._graphc_arrays = values  # the OrtValues share this memory: keep it alive with the session
     return sess
+
+
+def session(model: ir.Model, options: Any, providers: list[str]) -> Any:
+    """An InferenceSession for ``model`` with its large main-graph initializers supplied as
+    OrtValues (kept alive on the returned session as ``_graphc_arrays``)."""
+    proto, arrays = weightless_proto(model)
+    return session_from_proto(proto, arrays, options=options, providers=providers)

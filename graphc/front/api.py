@@ -28,7 +28,7 @@ from graphc.checks.feeds import (  # noqa: F401 - VALIDATION_SAMPLES: part of th
 )
 from graphc.core.registry import get_pass
 from graphc.checks.calibration_data import check_options, load as load_calibration_data
-from graphc.checks.validate import (ValidationReport, compare, first_nonfinite_text, make_session, nonfinite_text, run_feeds,
+from graphc.checks.validate import (ValidationReport, compare, first_nonfinite_text, model_outputs, nonfinite_text,
                                     tolerance_text)
 from graphc.front.reports import report, write_compress_report  # noqa: F401 - report: part of the API
 
@@ -124,6 +124,23 @@ def _with_executor(run: Callable[..., CompressResult]) -> Callable[..., Compress
     return call
 
 
+def _with_streaming(run: Callable[..., CompressResult]) -> Callable[..., CompressResult]:
+    """``compress``'s ``stream``: whether its ONNX Runtime runs go segment by segment
+    (graphc.core.streaming), for the whole call."""
+
+    @functools.wraps(run)
+    def call(*args: Any, stream: str | None = None, **options: Any) -> CompressResult:
+        from graphc.core.streaming import streaming
+
+        if stream is None:  # the policy in force (``auto`` unless a caller set one)
+            return run(*args, **options)
+        with streaming(stream):
+            return run(*args, **options)
+
+    return call
+
+
+@_with_streaming
 @_with_executor
 def compress(
     model: ModelLike,
@@ -152,6 +169,7 @@ def compress(
     workers: int | None = None,  # these two are taken by _with_executor, which passes ``executor``
     ray: str | None = None,
     executor: Any = None,
+    stream: str | None = None,  # taken by _with_streaming
 ) -> CompressResult:
     """Run a recipe on a model, validate it against the original, and write it.
 
@@ -176,6 +194,9 @@ def compress(
     running Ray cluster instead (graphc.core.ray_executor; the extra ``graphc[distributed]``);
     ``executor``: a ``graphc.core.executor`` object of one's own, left open. The written model is
     byte-identical with or without them. The cluster is reached before any work.
+    ``stream``: ``auto`` (the default: models with over 1 GiB of weights), ``always`` or ``never``: calibration
+    sweeps, the reference run and validation run the model segment by segment (cut between
+    transformer blocks, ~256 MB of weights each), so that memory follows one segment, not the model.
     """
     from graphc.core.target import resolve
 
@@ -256,7 +277,7 @@ def compress(
                     e.path = os.fspath(src)
                 raise
         with time_limit(limit, "validation of the original model"):
-            reference = run_feeds(make_session(ir_model, what="original model"), feeds, "original model")
+            reference = model_outputs(ir_model, feeds, "original model")[1]
     from graphc.checks.target_checks import target_notices, validation_model
 
     notices += target_notices(target_info, validate)

@@ -91,6 +91,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             calibration_data=args.calibration_data, tokenizer=args.tokenizer, preprocess=args.preprocess,
             workers=args.workers,
             ray=args.ray,
+            stream=args.stream,
         )
     finally:
         if progress is not None:
@@ -348,8 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "seconds elsewhere (logs), JSON lines with --json")
     sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     sp.add_argument("--no-validate", action="store_true",
-                    help="skip validation (ONNX Runtime would load the original and the result: the whole "
-                         "model in memory); for models larger than memory allows. Nothing is checked.")
+                    help="skip validation (it runs the original and the result in ONNX Runtime; large models "
+                         "segment by segment, see --stream). Nothing is checked.")
+    sp.add_argument("--stream", choices=("auto", "always", "never"), default="auto",
+                    help="run calibration, the reference and validation segment by segment (cut between "
+                         "transformer blocks, ~256 MB of weights each) so that memory follows one segment: "
+                         "auto (the default) for models with over 1 GiB of weights")
     where = sp.add_mutually_exclusive_group()
     where.add_argument("--workers", type=positive_int, metavar="N", help="run the calibrating measurements (sensitivity "
                        "probes, plan actions) on a local Ray instance with N CPUs (pip install "

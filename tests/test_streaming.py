@@ -1,0 +1,176 @@
+"""Runs segment by segment (graphc.core.streaming): the same outputs, sums and written bytes as
+the whole-model session, with one segment's weights loaded at a time."""
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import graphc
+from graphc.checks.validate import make_session, synthesize_inputs
+from graphc.core import ort_large, streaming
+from graphc.core.calibrate import input_moments
+from graphc.core.io import load_model
+from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
+
+SEGMENT = 40_000  # bytes of weights: a tiny Llama layer is ~100 kB, so each layer is cut in pieces
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    write_synthetic_llama(path, PRESETS["tiny"])
+    return path
+
+
+def _feeds(model, count=3):
+    return synthesize_inputs(model, count=count, seed=0)
+
+
+def test_cuts_fall_where_few_values_cross_and_cover_every_node_once(tiny):
+    model = load_model(tiny)
+    runner = streaming.StreamedModel(model, segment_bytes=SEGMENT)
+    assert len(runner.segments) >= 6
+    graph = runner.proto.graph
+    own = [i for seg in runner.segments for i in range(seg.start, seg.stop)]
+    assert own == list(range(len(graph.node)))  # consecutive, no gap, no overlap
+    for seg in runner.segments:
+        # what crosses a cut: the residual stream (and the projections' shared inputs), never a weight
+        assert 1 <= len(seg.reads) <= 3, seg
+        assert not set(seg.reads) & {t.name for t in graph.initializer}
+        sizes = sum(runner.arrays[w].nbytes if w in runner.arrays else 0 for w in seg.weights)
+        assert sizes <= SEGMENT * 2
+
+
+def test_streamed_outputs_equal_the_whole_session(tiny):
+    model = load_model(tiny)
+    feeds = _feeds(model)
+    ref = [make_session(model).run(None, f) for f in feeds]
+    got = streaming.StreamedModel(model, segment_bytes=SEGMENT).run(feeds)
+    for r, g in zip(ref, got):
+        for a, b in zip(r, g):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_activations_past_the_bound_go_to_a_temporary_folder_and_are_removed(tiny, monkeypatch):
+    model = load_model(tiny)
+    feeds = _feeds(model)
+    made = []
+    original = streaming.ActivationCache.put
+
+    def put(self, i, name, array):
+        original(self, i, name, array)
+        made.append(self._folder.name if self._folder is not None else None)
+
+    monkeypatch.setattr(streaming.ActivationCache, "put", put)
+    ref = streaming.StreamedModel(model, segment_bytes=SEGMENT).run(feeds)
+    with streaming.streaming("always", cache_bytes=1):
+        got = streaming.StreamedModel(model, segment_bytes=SEGMENT).run(feeds)
+    folders = {f for f in made if f is not None}
+    assert len(folders) == 1  # the second run spilled
+    assert not os.path.exists(folders.pop())
+    for r, g in zip(ref, got):
+        for a, b in zip(r, g):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_each_session_holds_one_segment_of_weights(tiny, monkeypatch):
+    """Bounded memory, structurally: the weights handed to any one session stay within a segment."""
+    model = load_model(tiny)
+    monkeypatch.setattr(ort_large, "MIN_EXTERNAL", 1)  # every weight is supplied beside the bytes
+    held = []
+    real = ort_large.session_from_proto
+
+    def recording(proto, arrays, **kw):
+        held.append(sum(a.nbytes for a in arrays.values()))
+        return real(proto, arrays, **kw)
+
+    monkeypatch.setattr(ort_large, "session_from_proto", recording)
+    streaming.StreamedModel(model, segment_bytes=SEGMENT).run(_feeds(model, 1))
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    largest = max(v.const_value.nbytes for v in model.graph.initializers.values())
+    assert len(held) >= 6
+    assert max(held) <= SEGMENT + largest < total / 2
+
+
+def test_moments_equal_the_whole_model_sweep(tiny):
+    model = load_model(tiny)
+    feeds = _feeds(model)
+    values = [n.inputs[0] for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    with streaming.streaming("never"):
+        whole = input_moments(model, values, feeds, pass_name="t")
+    with streaming.streaming("always", segment_bytes=SEGMENT):
+        streamed = input_moments(model, values, feeds, pass_name="t")
+    assert whole.keys() == streamed.keys() and len(whole) >= 5
+    for name in whole:
+        assert whole[name].tokens == streamed[name].tokens
+        np.testing.assert_allclose(streamed[name].gram, whole[name].gram, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(streamed[name].abs_mean, whole[name].abs_mean, rtol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_compress_writes_the_same_bytes_streamed(tiny, tmp_path, recipe):
+    """Calibration (GPTQ Hessians, AWQ, the probes' held-out sums), the reference run and
+    validation all stream; the written file is the whole-model run's, byte for byte."""
+    results = {}
+    for mode in ("never", "always"):
+        with streaming.streaming(mode, segment_bytes=SEGMENT):
+            r = graphc.compress(tiny, tmp_path / f"{mode}.onnx", recipe=recipe, attribution=False)
+        results[mode] = r
+    assert (tmp_path / "never.onnx").read_bytes() == (tmp_path / "always.onnx").read_bytes()
+    a, b = results["never"].validation, results["always"].validation
+    assert a.output_cosine == pytest.approx(b.output_cosine, abs=1e-6)
+    assert a.max_abs == pytest.approx(b.max_abs, rel=1e-4, abs=1e-6)
+
+
+def test_weights_decoded_at_load_are_recomputed_in_each_segment(tiny, tmp_path):
+    """An int4 model's scales are computed from constants (log8 codes): ONNX Runtime folds them
+    at load. Handed over a cut as a segment input they would not be constants; each segment
+    that reads them recomputes them instead, and the outputs stay the whole model's."""
+    out = tmp_path / "q.onnx"
+    graphc.compress(tiny, out, recipe="int4", attribution=False)
+    model = load_model(out)
+    runner = streaming.StreamedModel(model, segment_bytes=SEGMENT)
+    graph = runner.proto.graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    for seg in runner.segments:
+        for name in seg.reads:
+            assert name not in made_by or made_by[name].input, name
+    feeds = _feeds(model, 2)
+    ref = [make_session(model).run(None, f) for f in feeds]
+    for r, g in zip(ref, runner.run(feeds)):
+        np.testing.assert_allclose(r[0], g[0], rtol=1e-5, atol=1e-6)
+
+
+def test_nodes_out_of_order_are_not_streamed():
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["t"], ["y"]), onnx.helper.make_node("Neg", ["x"], ["t"])],
+                                   "g", [x], [y])
+    with pytest.raises(streaming.NotStreamable, match="before it is made"):
+        streaming.plan_segments(graph, {}, 1)
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(graphc.GraphcError, match="supported: auto, always, never"):
+        with streaming.streaming("sometimes"):
+            pass
+
+
+def test_auto_streams_only_large_models(tiny, monkeypatch):
+    model = load_model(tiny)
+    assert not streaming.applies(model)
+    monkeypatch.setattr(streaming, "AUTO_BYTES", 1000)
+    assert streaming.applies(model)
+    with streaming.streaming("never"):
+        assert not streaming.applies(model)
+
+
+def test_cli_stream_option(tiny, tmp_path):
+    from graphc.front.cli import main
+
+    assert main(["compress", str(tiny), "-o", str(tmp_path / "q.onnx"), "--recipe", "int8", "--stream", "always",
+                 "--no-progress"]) == 0
+    assert ir.load(tmp_path / "q.onnx").graph is not None
