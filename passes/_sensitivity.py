@@ -414,14 +414,18 @@ class Evaluator:
         weights = {**self.weights, **replaced}
         errs = []
         for feed, mask, ref in zip(self.feeds, self.masks, self.reference):
-            outs = self.session.run(self.outputs, {**feed, **weights})
-            if self.metric == "kl":
-                errs += [kl_rows(_rows(o, mask), r) for o, r in zip(outs, ref)]
-            elif self.metric == "tensor":
-                errs += [tensor_error(o, r) for o, r in zip(outs, ref)]
-            else:
-                errs += [row_errors(o, r, mask) for o, r in zip(outs, ref)]
+            errs += feed_errors(self.metric, self.session.run(self.outputs, {**feed, **weights}), ref, mask)
         return float(np.concatenate(errs).mean()) if errs else 0.0
+
+
+def feed_errors(metric: str, got: Sequence[np.ndarray], ref: Sequence, mask: np.ndarray | None) -> list[np.ndarray]:
+    """``metric`` of each output row of one feed's outputs against the reference's (SoftmaxRef
+    for ``kl``, arrays otherwise); :meth:`Evaluator.error` is the mean over every feed's."""
+    if metric == "kl":
+        return [kl_rows(_rows(o, mask), r) for o, r in zip(got, ref)]
+    if metric == "tensor":
+        return [tensor_error(o, r) for o, r in zip(got, ref)]
+    return [row_errors(o, r, mask) for o, r in zip(got, ref)]
 
 
 def quantize_view(layer: Layer, view: np.ndarray, config: QuantConfig, *, symmetric: bool, method: bq.Method,

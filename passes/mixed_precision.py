@@ -259,8 +259,11 @@ class MixedPrecision(GraphcPass):
             stats.notes.append("no quantizable weight found")
             return False
         start = time.perf_counter()
-        evaluator = sens.Evaluator(model, layers, feeds, metric=o.metric)
-        measured, predicted = self._measure(model, evaluator, cands, method, stats)
+        from graphc.core import streaming
+
+        # a large model streams (graphc.core.streaming): its probes go segment by segment, in this process
+        evaluator = None if streaming.applies(model) else sens.Evaluator(model, layers, feeds, metric=o.metric)
+        measured, predicted = self._measure(model, evaluator, layers, feeds, cands, method, stats)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
 
         options, combos = [], []
@@ -357,23 +360,26 @@ class MixedPrecision(GraphcPass):
         )
         return True
 
-    def _measure(self, model: ir.Model, evaluator: sens.Evaluator, cands: dict, method: bq.Method,
-                 stats: PassStats):
+    def _measure(self, model: ir.Model, evaluator: sens.Evaluator | None, layers: list[sens.Layer], feeds: list[dict],
+                 cands: dict, method: bq.Method, stats: PassStats):
         """measured[id(layer)][config] (output error runs) and predicted[id(layer)][config] for
         every candidate: measured where measured, else the probe of the nearest bit width times
         the squared ratio of round-to-nearest weight errors (Hessian-weighted for MatMuls when
         measuring GPTQ, whose gain is taken to hold across configurations)."""
         o = self.options
         gptq = method is bq.Method.GPTQ
-        hessians = self._hessians(model, evaluator.layers, stats) if gptq else {}
+        hessians = self._hessians(model, layers, stats) if gptq else {}
         runs = []
-        for layer in evaluator.layers:
+        for layer in layers:
             mine = cands[id(layer)]
             probes = list(mine) if o.measure_all else [sens.QuantConfig(b, o.probe_block) for b in sorted(set(o.probe_bits))]
             runs.append((layer, probes))
         total = sum(len(p) for _, p in runs)
         start = time.perf_counter()
-        results = self._probe(evaluator, runs, cands, method, hessians, total, stats)
+        if evaluator is None:
+            results = self._probe_streamed(model, feeds, runs, cands, method, hessians, total, stats)
+        else:
+            results = self._probe(evaluator, runs, cands, method, hessians, total, stats)
         stats.counts["probe_s"] = round(time.perf_counter() - start, 2)
         measured: dict[int, dict] = {}
         predicted: dict[int, dict] = {}
@@ -397,17 +403,12 @@ class MixedPrecision(GraphcPass):
         workers): the model and feeds are shared once, each layer is one item (with its Hessian for
         GPTQ), and the results come back in layer order whatever order the workers finish in."""
         o = self.options
-        gptq = method is bq.Method.GPTQ
         executor = resolve_executor(self.context.executor)
         stats.counts["probe_workers"] = executor.workers
         key = uuid.uuid4().hex
         shared = _probes.ProbeShared(key, evaluator.payload(), symmetric=o.symmetric, scale_dtype=o.scale_dtype,
                                      damp=o.damp, threads=executor.threads_per_item)
-        items = []
-        for layer, probes in runs:
-            probe_method = method if (id(layer) in hessians or not gptq) else bq.Method.MSE  # tables: as gather-block
-            items.append(_probes.ProbeItem(layer.value.name, layer.transposed, probe_method.value, tuple(probes),
-                                           tuple(sorted({*cands[id(layer)], *probes})), hessians.get(id(layer))))
+        items = self._items(runs, cands, method, hessians)
         done, what = 0, "probes" + (f" on {executor.workers} workers" if executor.workers > 1 else "")
         self.context.report(what, 0, total)
 
@@ -422,6 +423,37 @@ class MixedPrecision(GraphcPass):
                                 labels=[f"probe of layer {layer.name}" for layer, _ in runs], on_result=arrived)
         finally:
             _probes.forget(key)
+
+    @staticmethod
+    def _items(runs: list, cands: dict, method: bq.Method, hessians: dict) -> list[_probes.ProbeItem]:
+        """One work item a layer: its probes, the candidates whose weight errors are wanted, its Hessian."""
+        gptq = method is bq.Method.GPTQ
+        items = []
+        for layer, probes in runs:
+            probe_method = method if (id(layer) in hessians or not gptq) else bq.Method.MSE  # tables: as gather-block
+            items.append(_probes.ProbeItem(layer.value.name, layer.transposed, probe_method.value, tuple(probes),
+                                           tuple(sorted({*cands[id(layer)], *probes})), hessians.get(id(layer))))
+        return items
+
+    def _probe_streamed(self, model: ir.Model, feeds: list[dict], runs: list, cands: dict, method: bq.Method,
+                        hessians: dict, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
+        """The probes with the model run segment by segment (passes/_streamed_probes.py), in this
+        process: a model that streams is too large for one session, and workers run whole models."""
+        from graphc.passes import _streamed_probes
+
+        o = self.options
+        if resolve_executor(self.context.executor).workers > 1:
+            stats.details.setdefault("notices", []).append(
+                "probes ran in this process, segment by segment: the model is large enough to stream, "
+                "and workers would each hold it whole")
+        stats.counts["probe_workers"] = 1
+        stats.counts["probe_streamed"] = 1
+        what = "probes (streamed)"
+        self.context.report(what, 0, total)
+        return _streamed_probes.probe_results(
+            model, self._items(runs, cands, method, hessians), feeds, o.metric, symmetric=o.symmetric,
+            scale_dtype=o.scale_dtype, damp=o.damp,
+            report=lambda done, runs_total: self.context.report(what, round(total * done / runs_total), total))
 
     def _hessians(self, model: ir.Model, layers: list[sens.Layer], stats: PassStats) -> dict[int, np.ndarray]:
         """Each MatMul layer's input Hessian (quantize-nbits' own, from the calibration feeds)."""

@@ -174,3 +174,53 @@ def test_cli_stream_option(tiny, tmp_path):
     assert main(["compress", str(tiny), "-o", str(tmp_path / "q.onnx"), "--recipe", "int8", "--stream", "always",
                  "--no-progress"]) == 0
     assert ir.load(tmp_path / "q.onnx").graph is not None
+
+
+def _probe_items(layers, configs, method="rtn", hessians=None):
+    from graphc.passes import _probes
+
+    hessians = hessians or {}
+    return [_probes.ProbeItem(layer.value.name, layer.transposed, method, tuple(configs), tuple(configs),
+                              hessians.get(layer.value.name)) for layer in layers]
+
+
+@pytest.mark.parametrize("metric", ["kl", "cosine"])
+def test_streamed_probes_measure_what_the_whole_model_session_measures(tiny, metric):
+    """Each probe starts at its layer's segment from the reference's values and runs to the end;
+    the errors are the whole-model session's (same numbers: the arithmetic is node for node)."""
+    from graphc.passes import _probes, _streamed_probes
+    from graphc.passes import _sensitivity as sens
+
+    model = load_model(tiny)
+    layers, _ = sens.find_layers(model.graph, matmuls=True, embeddings=True, min_rows=1, min_cols=32, exclude=())
+    feeds = _feeds(model, 2)
+    configs = (sens.QuantConfig(4, 32), sens.QuantConfig(2, 32))
+    items = _probe_items(layers, configs)
+    with streaming.streaming("always", segment_bytes=SEGMENT):
+        streamed = _streamed_probes.probe_results(model, items, feeds, metric, symmetric=False, scale_dtype="float16",
+                                                  damp=0.01)
+    evaluator = sens.Evaluator(model, layers, feeds, metric=metric)
+    shared = _probes.ProbeShared(f"streaming-{metric}", evaluator.payload())  # one key per evaluator
+    assert len(streamed) == len(layers) >= 10
+    for item, got in zip(items, streamed):
+        want = _probes.probe_layer(shared, item)
+        for c in configs:
+            assert got.measured[c] == pytest.approx(want.measured[c], rel=1e-4, abs=1e-9), (item.weight, c)
+        assert got.weight_error == want.weight_error
+
+
+def test_a_tied_table_is_replaced_at_the_lookup_and_at_the_head():
+    from graphc.passes.mixed_precision import MixedPrecision
+    from tests.passes.test_mixed_precision import _tied
+
+    stats = {}
+    for mode in ("never", "always"):
+        model, ctx = _tied()
+        with streaming.streaming(mode, segment_bytes=1):  # the lookup and the head in different segments
+            result = MixedPrecision(MixedPrecision.Options(max_bits=8.5, bits=(2, 4), block_sizes=(32,)), ctx)(model)
+        stats[mode] = result.stats.to_dict()
+    assert stats["always"].get("probe_streamed") == 1 and "probe_streamed" not in stats["never"]
+    errors = {mode: [r["error"] for r in s["sensitivities"]] for mode, s in stats.items()}
+    assert errors["always"] == pytest.approx(errors["never"], rel=1e-5)
+    assert min(errors["always"]) > 0  # the table was replaced (in both places: see the next line)
+    assert stats["always"]["choices"] == stats["never"]["choices"]

@@ -21,6 +21,17 @@ MIN_EXTERNAL = 1 << 20  # in-memory initializers smaller than this stay inside t
 # resolve its location against; external data inside subgraphs is not handled here)
 
 _PLACEHOLDER = "graphc-supplied-by-session-options"
+SHAPE_BYTES = 1 << 16  # integer tensors below this stay in the bytes: ONNX Runtime reads shapes at load
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, shape kept (np.ascontiguousarray makes a scalar 1-D)."""
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def _integer(tensor: Any) -> bool:
+    return np.issubdtype(tensor.dtype.numpy(), np.integer) if tensor.dtype != ir.DataType.STRING else False
 
 
 def tensor_bytes(model: ir.Model) -> int:
@@ -36,10 +47,13 @@ def needs_external(model: ir.Model) -> bool:
     return tensor_bytes(model) > PROTO_LIMIT
 
 
-def weightless_proto(model: ir.Model, *, min_bytes: int = MIN_EXTERNAL) -> tuple[Any, dict[str, np.ndarray]]:
-    """The model's protobuf with each main-graph initializer of at least ``min_bytes`` (and
-    every external one) written as a placeholder reference, and those initializers' arrays by
-    name (memory-mapped where the weights are external data: nothing is read here)."""
+def weightless_proto(model: ir.Model, *, min_bytes: int | None = None, always: Any = ()) -> tuple[Any, dict[str, np.ndarray]]:
+    """The model's protobuf with each main-graph initializer of at least ``min_bytes`` (default
+    :data:`MIN_EXTERNAL`), every external one and those named in ``always`` written as a
+    placeholder reference, and those initializers' arrays by name (memory-mapped where the
+    weights are external data: nothing is read here)."""
+    min_bytes = MIN_EXTERNAL if min_bytes is None else min_bytes
+    always = set(always)
     arrays: dict[str, np.ndarray] = {}
     swapped: list[tuple[ir.Value, Any]] = []
     try:
@@ -47,9 +61,15 @@ def weightless_proto(model: ir.Model, *, min_bytes: int = MIN_EXTERNAL) -> tuple
             tensor = value.const_value
             if tensor is None or not value.name:
                 continue
-            if tensor.nbytes < min_bytes and not isinstance(tensor, ir.ExternalTensor):
-                continue  # small and in memory: it goes inside the bytes
-            arrays[value.name] = np.ascontiguousarray(tensor.numpy())
+            if value.name not in always:
+                if isinstance(tensor, ir.ExternalTensor):
+                    if _integer(tensor) and tensor.nbytes < SHAPE_BYTES:  # shapes ORT reads at load: into the bytes
+                        swapped.append((value, tensor))
+                        value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
+                        continue
+                elif tensor.nbytes < min_bytes or (_integer(tensor) and tensor.nbytes < SHAPE_BYTES):
+                    continue  # small and in memory: it goes inside the bytes
+            arrays[value.name] = _contiguous(tensor.numpy())
             swapped.append((value, tensor))
             value.const_value = ir.ExternalTensor(
                 _PLACEHOLDER, offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
@@ -75,7 +95,7 @@ def session_from_proto(proto: Any, arrays: dict[str, np.ndarray], *, threads: in
 
     options = options or session_options(threads)
     names = list(arrays)
-    values = [np.ascontiguousarray(arrays[n]) for n in names]
+    values = [_contiguous(arrays[n]) for n in names]
     if names:
         options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in values])
     sess = ort.InferenceSession(proto.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])

@@ -256,16 +256,30 @@ class ActivationCache:
 
 
 # ---------------------------------------------------------------------------- running
+@dataclass
+class SegmentSession:
+    """One segment's ORT session: ``reads`` come from earlier segments or the feed,
+    ``switched`` are weights given at each run (a caller may replace them), ``fetch`` what it makes."""
+
+    session: Any
+    reads: list[str]
+    switched: list[str]
+    fetch: list[str]
+
+
 class StreamedModel:
     """A model run segment by segment (see the module doc). ``observe``: intermediate values
-    to hand to the ``on_value`` callback of :meth:`run` as each segment makes them."""
+    to hand to the ``on_value`` callback of :meth:`run` as each segment makes them;
+    ``switchable``: initializers that are session inputs instead (given from the model's arrays
+    unless a run replaces them: the sensitivity probes' quantized weights)."""
 
     def __init__(self, model: ir.Model, *, observe: Sequence[str] = (), segment_bytes: int | None = None,
-                 what: str = "model") -> None:
+                 what: str = "model", switchable: Sequence[str] = ()) -> None:
         from graphc.core.ort_large import weightless_proto
 
         self.what = what
-        self.proto, self.arrays = weightless_proto(model)
+        self.switchable = set(switchable)
+        self.proto, self.arrays = weightless_proto(model, always=self.switchable)
         graph = self.proto.graph
         sizes = {name: a.nbytes for name, a in self.arrays.items()}
         sizes.update({t.name: _inline_bytes(t) for t in graph.initializer if t.name not in sizes})
@@ -287,69 +301,72 @@ class StreamedModel:
             if name not in made_anywhere and name not in self.inputs:
                 raise NotStreamable(f"output {name!r} is a constant, not made by a node")
 
+    def needed_after(self, k: int, outputs: bool = True) -> set[str]:
+        """Values read after segment ``k`` (the graph's outputs too, when ``outputs``)."""
+        later = set(self.outputs) if outputs else set()
+        for nxt in self.segments[k + 1:]:
+            later.update(nxt.reads)
+        return later
+
     def run(self, feeds: Sequence[dict[str, np.ndarray]], *, on_value: Callable[[int, str, np.ndarray], None] | None = None,
             outputs: bool = True, progress: Callable[[int, int], None] | None = None) -> list[list[Any]]:
         """Every feed through every segment; ``on_value(feed index, name, array)`` for each
         observed value (and observed graph inputs, first). Returns each feed's graph outputs
         (in the graph's order) when ``outputs``, else empty lists."""
-        from graphc.core.interrupt import run_session
-
         cache = ActivationCache(len(feeds), policy().cache_bytes)
         try:
             if on_value is not None:
-                wanted = set(self.observe_inputs())
                 for i, feed in enumerate(feeds):
-                    for name in wanted:
+                    for name in self.observe.get(-1, []):
                         on_value(i, name, np.asarray(feed[name]))
-            for k, seg in enumerate(self.segments):
-                later = set(self.outputs) if outputs else set()
-                for nxt in self.segments[k + 1:]:
-                    later.update(nxt.reads)
-                fetch = [n for n in seg.keeps if n in later] + [n for n in self.observe.get(k, []) if n not in later]
+            for k in range(len(self.segments)):
+                later = self.needed_after(k, outputs)
+                seen = self.observe.get(k, [])
+                fetch = [n for n in self.segments[k].keeps if n in later] + [n for n in seen if n not in later]
                 if not fetch:
                     continue
-                session, names = self._session(k, fetch, feeds, cache)
+                part = self.segment_session(k, fetch, lambda name: cache.get(0, name))
                 for i, feed in enumerate(feeds):
-                    given = {n: (feed[n] if n in feed and n in self.inputs else cache.get(i, n)) for n in names}
-                    try:
-                        got = run_session(session, given, fetch)
-                    except GraphcError:
-                        raise
-                    except Exception as e:  # noqa: BLE001 - ORT's own exception types
-                        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                        from graphc.core.errors import ValidationError
-
-                        raise ValidationError(f"ONNX Runtime failed to run the {self.what}: {first}") from None
+                    got = self.step(part, feed, lambda name, i=i: cache.get(i, name))
                     for name, value in zip(fetch, got):
-                        if on_value is not None and name in self.observe.get(k, ()):
+                        if on_value is not None and name in seen:
                             on_value(i, name, value)
                         if name in later:
                             cache.put(i, name, value)
                     for name in list(cache.values[i]):
                         if name not in later:
                             cache.drop(i, name)
-                del session
+                del part
                 if progress is not None:
                     progress(k + 1, len(self.segments))
             if not outputs:
                 return [[] for _ in feeds]
-            result = []
-            for i, feed in enumerate(feeds):
-                row = []
-                for name in self.outputs:
-                    row.append(np.asarray(feed[name]) if name in self.inputs and name not in cache.values[i]
-                               else np.array(cache.get(i, name)))
-                result.append(row)
-            return result
+            return [[np.asarray(feed[name]) if name in self.inputs and name not in cache.values[i]
+                     else np.array(cache.get(i, name)) for name in self.outputs] for i, feed in enumerate(feeds)]
         finally:
             cache.close()
 
-    def observe_inputs(self) -> list[str]:
-        return [n for n in self.observe.get(-1, [])]
+    def step(self, part: SegmentSession, feed: dict, value: Callable[[str], np.ndarray],
+             replaced: dict[str, np.ndarray] | None = None) -> list[Any]:
+        """One run of a segment: graph inputs from ``feed``, earlier values from ``value(name)``,
+        switched weights from ``replaced`` or the model."""
+        from graphc.core.errors import ValidationError
+        from graphc.core.interrupt import run_session
 
-    def _session(self, k: int, fetch: list[str], feeds: Sequence[dict], cache: ActivationCache) -> tuple[Any, list[str]]:
+        given = {n: (feed[n] if n in self.inputs else value(n)) for n in part.reads}
+        for n in part.switched:
+            given[n] = replaced[n] if replaced and n in replaced else self.arrays[n]
+        try:
+            return run_session(part.session, given, part.fetch)
+        except GraphcError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ORT's own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValidationError(f"ONNX Runtime failed to run the {self.what}: {first}") from None
+
+    def segment_session(self, k: int, fetch: list[str], sample: Callable[[str], np.ndarray]) -> SegmentSession:
         """An ORT session over segment ``k`` that makes ``fetch`` (nodes that lead elsewhere
-        left out), its inputs typed from the values at hand; and the names it reads."""
+        left out), its inputs typed from ``sample(name)``, a value at hand for each."""
         from graphc.core.calibrate import _drop_dead_nodes
         from graphc.core.ort_large import session_from_proto
 
@@ -362,7 +379,8 @@ class StreamedModel:
         _drop_dead_nodes(sub)
         read = set().union(*(_names_read(node) for node in sub.node)) if len(sub.node) else set()
         reads = [n for n in seg.reads if n in read]
-        weights = [n for n in seg.weights if n in read]
+        weights = [n for n in seg.weights if n in read and n not in self.switchable]
+        switched = [n for n in seg.weights if n in read and n in self.switchable]
         wanted = set(weights)
         sub.initializer.extend(t for t in graph.initializer if t.name in wanted)
         sub.sparse_initializer.extend(t for t in graph.sparse_initializer if t.name in wanted)
@@ -370,11 +388,14 @@ class StreamedModel:
             if name in self._input_types:
                 sub.input.append(onnx.ValueInfoProto(name=name, type=self._input_types[name]))
                 continue
-            sample = cache.get(0, name) if feeds else None
-            if sample is None or not isinstance(sample, np.ndarray):
+            value = sample(name)
+            if not isinstance(value, np.ndarray):
                 raise NotStreamable(f"value {name!r} crosses a segment cut and is not a tensor")
-            elem = onnx.helper.np_dtype_to_tensor_dtype(sample.dtype)
-            sub.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
+            sub.input.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), None))
+        for name in switched:
+            array = self.arrays[name]
+            sub.input.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                                                list(array.shape)))
         model = onnx.ModelProto()
         model.ir_version = self.proto.ir_version
         model.opset_import.extend(self.proto.opset_import)
@@ -382,7 +403,7 @@ class StreamedModel:
         model.graph.CopyFrom(sub)
         arrays = {name: self.arrays[name] for name in weights if name in self.arrays}
         try:
-            return session_from_proto(model, arrays), reads
+            return SegmentSession(session_from_proto(model, arrays), reads, switched, list(fetch))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             from graphc.core.errors import ValidationError
 

@@ -1,0 +1,130 @@
+"""``mixed-precision``'s sensitivity probes on a model that streams (graphc.core.streaming).
+
+A probe is the model's output with one weight quantized. The whole-model path
+(``_sensitivity.Evaluator``) runs every probe through one ONNX Runtime session that holds every
+weight; here the model goes segment by segment, and all probes move through it together:
+
+- the float reference runs through segment ``j``; its values at the next cut are kept;
+- a probe whose weight is first read in segment ``j`` starts there, from the reference's values
+  at that cut (everything before is the float model's, exactly): its weight is quantized (GPTQ
+  with the layer's Hessian, as the whole-model path does) and replaces the float one in every
+  segment that reads it (a tied table: the lookup and the LM head);
+- probes that started earlier run segment ``j`` from their own values.
+
+So a probe runs only the segments from its layer to the end (the layers before it are the
+reference's, computed once: on a decoder about half the work of a whole-model probe), one
+segment's weights are loaded at a time, and a quantized weight lives only while the segments
+that read it run (it is recomputed, deterministically, for a table read again at the end). The
+values kept between cuts (the reference's and each running probe's) go through one
+:class:`~graphc.core.streaming.ActivationCache`, spilled to a temporary folder past its bound.
+The error of each probe is the whole-model path's metric on the final outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphc.core import streaming
+from graphc.passes import _blockquant as bq
+from graphc.passes import _probes
+from graphc.passes import _sensitivity as sens
+
+
+def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Sequence[dict], metric: str, *,
+                  symmetric: bool, scale_dtype: str, damp: float,
+                  report: Callable[[int, int], None] | None = None) -> list[_probes.ProbeResult]:
+    """The :class:`~graphc.passes._probes.ProbeResult` of every item (one layer's probes), as
+    :func:`_probes.probe_layer` computes them, with the model run segment by segment."""
+    names = [item.weight for item in items]
+    runner = streaming.StreamedModel(model, switchable=names, what="model during sensitivity measurement")
+    outputs = sens.measured_outputs(runner.outputs, metric)
+    out_index = [runner.outputs.index(n) for n in outputs]
+    inputs = set(runner.inputs)
+    feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in feeds]
+    masks = [feed.get("attention_mask") for feed in feeds]
+    segments = runner.segments
+    reads_weight = {name: [k for k, seg in enumerate(segments) if name in seg.weights] for name in names}
+    # the probes: (item index, config); each starts at the first segment reading its weight
+    probes = [(i, c) for i, item in enumerate(items) for c in item.probes]
+    start = {p: (reads_weight[items[p[0]].weight] or [len(segments)])[0] for p in probes}
+    streams = ["ref", *probes]
+    index = {s: n for n, s in enumerate(streams)}
+    cache = streaming.ActivationCache(len(streams) * len(feeds), streaming.policy().cache_bytes)
+    slot = lambda s, i: index[s] * len(feeds) + i  # noqa: E731 - one row of the cache per (stream, feed)
+    measured: dict[tuple, float] = {}
+    reference: list | None = None
+    total_runs = sum(len(segments) - start[p] for p in probes) + len(segments)
+    done = 0
+    try:
+        for k, seg in enumerate(segments):
+            later = runner.needed_after(k, outputs=False) | set(outputs)  # a KV cache's presents are not measured
+            fetch = [n for n in seg.keeps if n in later]
+            if not fetch:
+                continue
+            part = runner.segment_session(k, fetch, lambda name: cache.get(slot("ref", 0), name))
+            running = [p for p in probes if start[p] <= k]
+            quantized = {p: _quantized(items[p[0]], p[1], runner, symmetric, scale_dtype, damp)
+                         for p in running if k in reads_weight[items[p[0]].weight]}
+            for stream in [*running, "ref"]:  # the reference last: probes starting here read its values at this cut
+                source = "ref" if stream != "ref" and start[stream] == k else stream
+                replaced = {items[stream[0]].weight: quantized[stream]} if stream in quantized else None
+                for i, feed in enumerate(feeds):
+                    got = runner.step(part, feed, lambda name, s=source, i=i: cache.get(slot(s, i), name), replaced)
+                    row = slot(stream, i)
+                    if source != stream:  # a probe starting here: what passes this segment by is the reference's
+                        for name in [n for n in cache.values[slot(source, i)] if n in later and n not in fetch]:
+                            cache.put(row, name, cache.get(slot(source, i), name))
+                    for name, value in zip(fetch, got):
+                        cache.put(row, name, value)
+                    for name in list(cache.values[row]):
+                        if name not in later:
+                            cache.drop(row, name)
+                done += 1
+                if report is not None:
+                    report(done, total_runs)
+            del part, quantized
+        ref_out = [[np.asarray(cache.get(slot("ref", i), runner.outputs[j])) for j in out_index] for i in range(len(feeds))]
+        if metric == "kl":
+            reference = [[sens.SoftmaxRef(sens._rows(r, mask)) for r in refs] for refs, mask in zip(ref_out, masks)]
+        else:
+            reference = ref_out
+        for p in probes:
+            if start[p] == len(segments):  # a weight no node reads: quantizing it changes nothing
+                measured[p] = 0.0
+                continue
+            errs = []
+            for i in range(len(feeds)):
+                got = [np.asarray(cache.get(slot(p, i), runner.outputs[j])) for j in out_index]
+                errs += sens.feed_errors(metric, got, reference[i], masks[i])
+            measured[p] = float(np.concatenate(errs).mean()) if errs else 0.0
+    finally:
+        cache.close()
+    results = []
+    for i, item in enumerate(items):
+        weight = runner.arrays[item.weight]
+        layer = _probes.Oriented(item.transposed)
+        view = _view(weight, item.transposed)
+        werr = {}
+        for c in item.candidates:
+            _, deq = sens.quantize_view(layer, view, c, method=bq.Method.RTN, symmetric=symmetric, scale_dtype=scale_dtype)
+            werr[c] = sens.relative_error(view, deq, item.hessian)
+        results.append(_probes.ProbeResult({c: measured[(i, c)] for c in item.probes}, werr))
+    return results
+
+
+def _view(stored: np.ndarray, transposed: bool) -> np.ndarray:
+    a = np.asarray(stored, dtype=np.float32)
+    return np.ascontiguousarray(a.T if transposed else a)
+
+
+def _quantized(item: _probes.ProbeItem, config: sens.QuantConfig, runner: streaming.StreamedModel, symmetric: bool,
+               scale_dtype: str, damp: float) -> np.ndarray:
+    """The item's weight quantized at ``config`` and dequantized, in its stored orientation
+    (what :func:`_probes.probe_layer` puts in the whole model)."""
+    view = _view(runner.arrays[item.weight], item.transposed)
+    q, _ = sens.quantize_view(_probes.Oriented(item.transposed), view, config, method=bq.Method(item.method),
+                              hessian=item.hessian, damp=damp, symmetric=symmetric, scale_dtype=scale_dtype)
+    return q.astype(runner.arrays[item.weight].dtype, copy=False)
