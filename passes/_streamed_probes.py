@@ -35,9 +35,32 @@ from graphc.passes import _sensitivity as sens
 
 def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Sequence[dict], metric: str, *,
                   symmetric: bool, scale_dtype: str, damp: float,
+                  hessian: Callable[[int], np.ndarray | None] | None = None,
                   report: Callable[[int, int], None] | None = None) -> list[_probes.ProbeResult]:
     """The :class:`~graphc.passes._probes.ProbeResult` of every item (one layer's probes), as
-    :func:`_probes.probe_layer` computes them, with the model run segment by segment."""
+    :func:`_probes.probe_layer` computes them, with the model run segment by segment.
+    ``hessian(i)``: item ``i``'s Hessian when the items carry none (read once, when its layer
+    is reached, and let go: a large model's Hessians do not fit in memory together)."""
+    hessian_of = hessian or (lambda i: items[i].hessian)
+    kw = {"symmetric": symmetric, "scale_dtype": scale_dtype}
+    weight_errors: dict[int, dict] = {}
+
+    def quantize_item(i: int, configs: Sequence[sens.QuantConfig]) -> dict:
+        """Item ``i``'s weight at each config (dequantized, stored orientation); its candidates'
+        weight errors on first call."""
+        item = items[i]
+        stored = runner.arrays[item.weight]
+        view = _view(stored, item.transposed)
+        layer = _probes.Oriented(item.transposed)
+        h = hessian_of(i)
+        out = {c: sens.quantize_view(layer, view, c, method=bq.Method(item.method), hessian=h, damp=damp, **kw)[0]
+               .astype(stored.dtype, copy=False) for c in configs}
+        if i not in weight_errors:
+            weight_errors[i] = {c: sens.relative_error(view, sens.quantize_view(layer, view, c, method=bq.Method.RTN,
+                                                                                 **kw)[1], h)
+                                for c in item.candidates}
+        return out
+
     names = [item.weight for item in items]
     runner = streaming.StreamedModel(model, switchable=names, what="model during sensitivity measurement")
     outputs = sens.measured_outputs(runner.outputs, metric)
@@ -66,8 +89,11 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                 continue
             part = runner.segment_session(k, fetch, lambda name: cache.get(slot("ref", 0), name))
             running = [p for p in probes if start[p] <= k]
-            quantized = {p: _quantized(items[p[0]], p[1], runner, symmetric, scale_dtype, damp)
-                         for p in running if k in reads_weight[items[p[0]].weight]}
+            here = sorted({p[0] for p in running if k in reads_weight[items[p[0]].weight]})
+            quantized = {}
+            for i in here:
+                for c, q in quantize_item(i, [p[1] for p in running if p[0] == i]).items():
+                    quantized[(i, c)] = q
             for stream in [*running, "ref"]:  # the reference last: probes starting here read its values at this cut
                 source = "ref" if stream != "ref" and start[stream] == k else stream
                 replaced = {items[stream[0]].weight: quantized[stream]} if stream in quantized else None
@@ -86,6 +112,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                 if report is not None:
                     report(done, total_runs)
             del part, quantized
+            runner.release(k)
         ref_out = [[np.asarray(cache.get(slot("ref", i), runner.outputs[j])) for j in out_index] for i in range(len(feeds))]
         if metric == "kl":
             reference = [[sens.SoftmaxRef(sens._rows(r, mask)) for r in refs] for refs, mask in zip(ref_out, masks)]
@@ -102,29 +129,13 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             measured[p] = float(np.concatenate(errs).mean()) if errs else 0.0
     finally:
         cache.close()
-    results = []
-    for i, item in enumerate(items):
-        weight = runner.arrays[item.weight]
-        layer = _probes.Oriented(item.transposed)
-        view = _view(weight, item.transposed)
-        werr = {}
-        for c in item.candidates:
-            _, deq = sens.quantize_view(layer, view, c, method=bq.Method.RTN, symmetric=symmetric, scale_dtype=scale_dtype)
-            werr[c] = sens.relative_error(view, deq, item.hessian)
-        results.append(_probes.ProbeResult({c: measured[(i, c)] for c in item.probes}, werr))
-    return results
+    for i in range(len(items)):
+        if i not in weight_errors:  # a weight no segment reads
+            quantize_item(i, [])
+    return [_probes.ProbeResult({c: measured[(i, c)] for c in item.probes}, weight_errors[i])
+            for i, item in enumerate(items)]
 
 
 def _view(stored: np.ndarray, transposed: bool) -> np.ndarray:
     a = np.asarray(stored, dtype=np.float32)
     return np.ascontiguousarray(a.T if transposed else a)
-
-
-def _quantized(item: _probes.ProbeItem, config: sens.QuantConfig, runner: streaming.StreamedModel, symmetric: bool,
-               scale_dtype: str, damp: float) -> np.ndarray:
-    """The item's weight quantized at ``config`` and dequantized, in its stored orientation
-    (what :func:`_probes.probe_layer` puts in the whole model)."""
-    view = _view(runner.arrays[item.weight], item.transposed)
-    q, _ = sens.quantize_view(_probes.Oriented(item.transposed), view, config, method=bq.Method(item.method),
-                              hessian=item.hessian, damp=damp, symmetric=symmetric, scale_dtype=scale_dtype)
-    return q.astype(runner.arrays[item.weight].dtype, copy=False)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -398,7 +399,7 @@ class MixedPrecision(GraphcPass):
         return measured, predicted
 
     def _probe(self, evaluator: sens.Evaluator, runs: list, cands: dict, method: bq.Method,
-               hessians: dict, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
+               hessians: Mapping, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
         """Every layer's probes through the context's executor (this process unless the run has
         workers): the model and feeds are shared once, each layer is one item (with its Hessian for
         GPTQ), and the results come back in layer order whatever order the workers finish in."""
@@ -425,18 +426,21 @@ class MixedPrecision(GraphcPass):
             _probes.forget(key)
 
     @staticmethod
-    def _items(runs: list, cands: dict, method: bq.Method, hessians: dict) -> list[_probes.ProbeItem]:
-        """One work item a layer: its probes, the candidates whose weight errors are wanted, its Hessian."""
+    def _items(runs: list, cands: dict, method: bq.Method, hessians: Mapping, *, with_hessians: bool = True
+               ) -> list[_probes.ProbeItem]:
+        """One work item a layer: its probes, the candidates whose weight errors are wanted, its
+        Hessian (unless ``with_hessians`` is False: the caller reads them one at a time)."""
         gptq = method is bq.Method.GPTQ
         items = []
         for layer, probes in runs:
             probe_method = method if (id(layer) in hessians or not gptq) else bq.Method.MSE  # tables: as gather-block
             items.append(_probes.ProbeItem(layer.value.name, layer.transposed, probe_method.value, tuple(probes),
-                                           tuple(sorted({*cands[id(layer)], *probes})), hessians.get(id(layer))))
+                                           tuple(sorted({*cands[id(layer)], *probes})),
+                                           hessians.get(id(layer)) if with_hessians else None))
         return items
 
     def _probe_streamed(self, model: ir.Model, feeds: list[dict], runs: list, cands: dict, method: bq.Method,
-                        hessians: dict, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
+                        hessians: Mapping, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
         """The probes with the model run segment by segment (passes/_streamed_probes.py), in this
         process: a model that streams is too large for one session, and workers run whole models."""
         from graphc.passes import _streamed_probes
@@ -451,11 +455,12 @@ class MixedPrecision(GraphcPass):
         what = "probes (streamed)"
         self.context.report(what, 0, total)
         return _streamed_probes.probe_results(
-            model, self._items(runs, cands, method, hessians), feeds, o.metric, symmetric=o.symmetric,
-            scale_dtype=o.scale_dtype, damp=o.damp,
+            model, self._items(runs, cands, method, hessians, with_hessians=False), feeds, o.metric,
+            symmetric=o.symmetric, scale_dtype=o.scale_dtype, damp=o.damp,
+            hessian=lambda i: hessians.get(id(runs[i][0])),
             report=lambda done, runs_total: self.context.report(what, round(total * done / runs_total), total))
 
-    def _hessians(self, model: ir.Model, layers: list[sens.Layer], stats: PassStats) -> dict[int, np.ndarray]:
+    def _hessians(self, model: ir.Model, layers: list[sens.Layer], stats: PassStats) -> Mapping[int, np.ndarray]:
         """Each MatMul layer's input Hessian (quantize-nbits' own, from the calibration feeds)."""
         from types import SimpleNamespace
 
@@ -482,7 +487,24 @@ class MixedPrecision(GraphcPass):
                                "GPTQ probes look better than on new text")
         nbits = QuantizeNBits(QuantizeNBits.Options(method="gptq"), ctx)
         by_input = nbits._hessians(model, [SimpleNamespace(node=layer.nodes[0]) for layer in mm], stats)
-        return {id(layer): by_input[layer.nodes[0].inputs[0].name] for layer in mm}
+        return _LayerGrams(by_input, {id(layer): layer.nodes[0].inputs[0].name for layer in mm})
+
+
+class _LayerGrams(Mapping):
+    """``{id(layer): Hessian}``, each read from the pass's input moments when asked for (a
+    streamed sweep keeps them on disk)."""
+
+    def __init__(self, by_input: Mapping[str, np.ndarray], names: dict[int, str]) -> None:
+        self._by_input, self._names = by_input, names
+
+    def __getitem__(self, key: int) -> np.ndarray:
+        return self._by_input[self._names[key]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _nbytes(value: ir.Value) -> int:

@@ -30,6 +30,7 @@ load); the codes are fitted to the rounded scales.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -205,11 +206,13 @@ class QuantizeNBits(GraphcPass):
                 release_pages(cand.node.inputs[1])
                 scale_dtype = _SCALE_DTYPES[self.options.scale_dtype]
                 if how is bq.Method.GPTQ:
-                    quant = bq.gptq(w_t, hessians[cand.node.inputs[0].name], bits, block,
+                    h = hessians[cand.node.inputs[0].name]  # read once (it may come from disk)
+                    quant = bq.gptq(w_t, h, bits, block,
                                     symmetric=self.options.symmetric, scale_dtype=scale_dtype, damp=self.options.damp,
                                     act_order=self.options.act_order)
                     if self.options.refit_scales:
-                        quant = bq.refit_scales(w_t, hessians[cand.node.inputs[0].name], quant)
+                        quant = bq.refit_scales(w_t, h, quant)
+                    del h
                 else:
                     quant = bq.quantize(w_t, bits, block, symmetric=self.options.symmetric,
                                         method=how, scale_dtype=scale_dtype)
@@ -244,7 +247,7 @@ class QuantizeNBits(GraphcPass):
             drop_unused_initializers(g)
         return True
 
-    def _hessians(self, model: ir.Model, cands: list[_Candidate], stats: PassStats) -> dict[str, np.ndarray]:
+    def _hessians(self, model: ir.Model, cands: list[_Candidate], stats: PassStats) -> Mapping[str, np.ndarray]:
         """H = mean over calibration tokens of x x^T for each distinct MatMul input x
         (padding positions, where the feed's attention_mask is 0, left out)."""
         feeds = self.context.calibration
@@ -263,7 +266,9 @@ class QuantizeNBits(GraphcPass):
         missing = [c.node.name for c in cands if c.node.inputs[0].name not in moments]
         if missing:
             raise PassError(f"no calibration statistics for the inputs of {', '.join(missing[:3])}", pass_name=self.name)
-        return {name: m.gram for name, m in moments.items()}
+        from graphc.core.calibrate import Grams
+
+        return Grams(moments)  # each read when a weight is quantized
 
     # ------------------------------------------------------------------ matching
     def _candidate(self, graph: ir.Graph, node: ir.Node, stats: PassStats) -> _Candidate | None:

@@ -3,7 +3,7 @@ feeds and reduce chosen intermediate values, without keeping them all in memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphc.core import streaming
 from graphc.core.errors import PassError
 from graphc.core.interrupt import run_session  # interruptible, bounded by time_limit
-from graphc.core.moments import MomentsCache, Sums
+from graphc.core.moments import MomentsCache, SpillFolder, Sums
 from graphc.core.session import make_session
 
 MIN_CALIBRATION_FEEDS = 1
@@ -102,12 +102,34 @@ def channel_absmax(
 class InputMoments:
     """Second moments of one value's last axis over the calibration tokens (padding left out):
     ``gram`` = mean of x x^T [K, K] (float64), ``abs_mean`` = mean |x| per channel [K], and
-    ``tokens``, how many rows went in."""
+    ``tokens``, how many rows went in. From sums kept on disk (a streamed sweep), ``gram`` is
+    computed on each access: read it once per use, and let it go."""
 
-    __slots__ = ("gram", "abs_mean", "tokens")
+    __slots__ = ("_gram", "abs_mean", "tokens")
 
-    def __init__(self, gram: np.ndarray, abs_mean: np.ndarray, tokens: int) -> None:
-        self.gram, self.abs_mean, self.tokens = gram, abs_mean, tokens
+    def __init__(self, gram: np.ndarray | Callable[[], np.ndarray], abs_mean: np.ndarray, tokens: int) -> None:
+        self._gram, self.abs_mean, self.tokens = gram, abs_mean, tokens
+
+    @property
+    def gram(self) -> np.ndarray:
+        return self._gram() if callable(self._gram) else self._gram
+
+
+class Grams(Mapping):
+    """``{value name: gram}`` of :class:`InputMoments`, each read when asked for (a streamed
+    sweep's grams are on disk: a large model's would not fit in memory all at once)."""
+
+    def __init__(self, moments: Mapping[str, InputMoments]) -> None:
+        self._moments = moments
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._moments[name].gram
+
+    def __iter__(self):
+        return iter(self._moments)
+
+    def __len__(self) -> int:
+        return len(self._moments)
 
 
 def input_moments(
@@ -131,7 +153,7 @@ def input_moments(
             known = {v.name: k for v, k in weight_inputs(model) if v.name}
             wanted = sorted({*names, *known})
             sizes = [known.get(n) or _channels(model, n) for n in wanted]
-            if all(k > 0 for k in sizes) and cache.fits(sizes):
+            if all(k > 0 for k in sizes) and (streaming.applies(model) or cache.fits(sizes)):  # streamed: on disk
                 total, heads = _sweep(model, wanted, full, sorted(cache.held_out))
                 cache.store(full, total, heads)
                 found = cache.lookup(names, feeds)
@@ -207,7 +229,16 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
             heads.setdefault(i + 1, {})[name] = total[name].copy()
 
     if streaming.applies(model):  # segment by segment: one segment's weights in memory at a time
-        streaming.StreamedModel(model, observe=names, what="model during calibration").run(feeds, on_value=add, outputs=False)
+        runner = streaming.StreamedModel(model, observe=names, what="model during calibration")
+        folder = SpillFolder()
+
+        def spill(done: int, _total: int) -> None:  # a segment's values are complete: their sums go to disk
+            for name in runner.observe.get(done - 1, []) + (runner.observe.get(-1, []) if done == 1 else []):
+                for table in (total, *heads.values()):
+                    if name in table:
+                        table[name].spill(folder)
+
+        runner.run(feeds, on_value=add, outputs=False, progress=spill)
         return total, heads
     session, inputs = exposing_session(model, names, only=True)
     for i, feed in enumerate(feeds):
@@ -226,4 +257,6 @@ def _gram(rows: np.ndarray) -> np.ndarray:
 
 def _moments(s: Sums) -> InputMoments:
     n = max(s.tokens, 1)
+    if s.spilled:
+        return InputMoments(lambda: s.gram / n, s.abs_sum / n, s.tokens)
     return InputMoments(s.gram / n, s.abs_sum / n, s.tokens)

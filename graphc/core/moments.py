@@ -22,7 +22,7 @@ a sweep whose sums would pass ``max_bytes`` is not kept (each pass then sweeps f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,21 +31,76 @@ DEFAULT_MAX_BYTES = 4 << 30
 
 
 class Sums:
-    """Running sums of one value's rows: sum x x^T [K, K] (float64), sum |x| [K], rows."""
+    """Running sums of one value's rows: sum x x^T [K, K] (float64), sum |x| [K], rows.
 
-    __slots__ = ("gram", "abs_sum", "tokens")
+    ``gram`` may live on disk (:meth:`spill`: a streamed sweep's sums, which for a large model
+    pass the memory a run may use): it is then read on each access, and what derives from it
+    (:meth:`minus`, a rescaled copy) is computed on access too, never held."""
 
-    def __init__(self, gram: np.ndarray, abs_sum: np.ndarray, tokens: int) -> None:
-        self.gram, self.abs_sum, self.tokens = gram, abs_sum, tokens
+    __slots__ = ("_gram", "abs_sum", "tokens")
+
+    def __init__(self, gram: np.ndarray | Callable[[], np.ndarray], abs_sum: np.ndarray, tokens: int) -> None:
+        self._gram, self.abs_sum, self.tokens = gram, abs_sum, tokens
+
+    @property
+    def gram(self) -> np.ndarray:
+        return self._gram() if callable(self._gram) else self._gram
+
+    @gram.setter
+    def gram(self, value: np.ndarray) -> None:
+        self._gram = value
+
+    @property
+    def spilled(self) -> bool:
+        return callable(self._gram)
+
+    def spill(self, folder: SpillFolder) -> None:
+        """Keep ``gram`` in ``folder`` instead of memory."""
+        if not self.spilled:
+            self._gram = folder.keep(self._gram)
 
     def copy(self) -> Sums:
-        return Sums(self.gram.copy(), self.abs_sum.copy(), self.tokens)
+        return Sums(self._gram if self.spilled else self._gram.copy(), self.abs_sum.copy(), self.tokens)
 
     def minus(self, other: Sums) -> Sums:
-        return Sums(self.gram - other.gram, self.abs_sum - other.abs_sum, self.tokens - other.tokens)
+        abs_sum, tokens = self.abs_sum - other.abs_sum, self.tokens - other.tokens
+        if self.spilled or other.spilled:
+            return Sums(lambda: self.gram - other.gram, abs_sum, tokens)
+        return Sums(self.gram - other.gram, abs_sum, tokens)
+
+    def scaled(self, inv: np.ndarray) -> Sums:
+        """The sums of x * inv (per channel)."""
+        if self.spilled:
+            return Sums(lambda: self.gram * np.outer(inv, inv), self.abs_sum * inv, self.tokens)
+        return Sums(self.gram * np.outer(inv, inv), self.abs_sum * inv, self.tokens)
 
     def nbytes(self) -> int:
-        return self.gram.nbytes + self.abs_sum.nbytes
+        return (0 if self.spilled else self.gram.nbytes) + self.abs_sum.nbytes
+
+
+class SpillFolder:
+    """A temporary folder of arrays, removed once nothing reads from it any more (each loader
+    holds the folder)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="graphc-moments-")
+        self._count = 0
+
+    def keep(self, array: np.ndarray) -> Callable[[], np.ndarray]:
+        import os
+
+        path = os.path.join(self._dir.name, f"{self._count}.npy")
+        self._count += 1
+        np.save(path, array)
+        folder = self  # the loader keeps the folder (and its files) alive
+
+        def load() -> np.ndarray:
+            assert folder is not None
+            return np.load(path)
+
+        return load
 
 
 def feed_key(feeds: Sequence[Any]) -> tuple[int, ...]:
@@ -123,4 +178,4 @@ class MomentsCache:
         for table in (self._total, *self._heads.values()):
             sums = table.get(name)
             if sums is not None:
-                table[name] = Sums(sums.gram * np.outer(inv, inv), sums.abs_sum * inv, sums.tokens)
+                table[name] = sums.scaled(inv)

@@ -280,6 +280,8 @@ class StreamedModel:
         self.what = what
         self.switchable = set(switchable)
         self.proto, self.arrays = weightless_proto(model, always=self.switchable)
+        self._mapped = {name: v.const_value for name, v in model.graph.initializers.items()
+                        if isinstance(v.const_value, ir.ExternalTensor)}
         graph = self.proto.graph
         sizes = {name: a.nbytes for name, a in self.arrays.items()}
         sizes.update({t.name: _inline_bytes(t) for t in graph.initializer if t.name not in sizes})
@@ -300,6 +302,18 @@ class StreamedModel:
         for name in self.outputs:
             if name not in made_anywhere and name not in self.inputs:
                 raise NotStreamable(f"output {name!r} is a constant, not made by a node")
+
+    def release(self, k: int) -> None:
+        """Let the OS drop the memory-mapped pages of segment ``k``'s external weights (read
+        again from the file if a later segment needs them): without this the pages every
+        segment touched stay resident, and the peak grows with the model."""
+        import mmap
+
+        later = set().union(*(seg.weights for seg in self.segments[k + 1:])) if k + 1 < len(self.segments) else set()
+        for name in self.segments[k].weights:
+            raw = getattr(self._mapped.get(name), "raw", None)
+            if raw is not None and name not in later and hasattr(mmap, "MADV_DONTNEED"):
+                raw.madvise(mmap.MADV_DONTNEED)
 
     def needed_after(self, k: int, outputs: bool = True) -> set[str]:
         """Values read after segment ``k`` (the graph's outputs too, when ``outputs``)."""
@@ -324,6 +338,8 @@ class StreamedModel:
                 seen = self.observe.get(k, [])
                 fetch = [n for n in self.segments[k].keeps if n in later] + [n for n in seen if n not in later]
                 if not fetch:
+                    if progress is not None:
+                        progress(k + 1, len(self.segments))
                     continue
                 part = self.segment_session(k, fetch, lambda name: cache.get(0, name))
                 for i, feed in enumerate(feeds):
@@ -337,6 +353,7 @@ class StreamedModel:
                         if name not in later:
                             cache.drop(i, name)
                 del part
+                self.release(k)
                 if progress is not None:
                     progress(k + 1, len(self.segments))
             if not outputs:
