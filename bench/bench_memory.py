@@ -31,16 +31,40 @@ RECIPES = {"int4-nocalib": str(ROOT / "bench" / "recipes" / "int4-nocalib.toml")
 _CHILD = """
 import json, sys, time
 import graphc
+
+def hwm():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmHWM"].split()[0]) * 1024
+
+def reset():  # the peak so far starts again from the current resident set (Linux)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+stages, overall = {}, [0]
+
+class Peaks:  # the peak resident memory of each stage: setup (load, reference run), each pass, the rest
+    current = "setup"
+    def _close(self, next_stage):
+        stages[self.current] = max(stages.get(self.current, 0), hwm())
+        overall[0] = max(overall[0], stages[self.current])
+        reset()
+        self.current = next_stage
+    def before_pass(self, pass_, model):
+        self._close(pass_.name)
+    def after_pass(self, pass_, model, record):
+        self._close("validation and save")
+
+peaks = Peaks()
 t = time.perf_counter()
 r = graphc.compress(sys.argv[1], sys.argv[2], recipe=sys.argv[3], validate=sys.argv[4] == "1", attribution=False,
-                    stream=sys.argv[5], force=True)
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(json.dumps({"peak_bytes": int(status["VmHWM"].split()[0]) * 1024, "seconds": time.perf_counter() - t,
+                    stream=sys.argv[5], force=True, instruments=[peaks])
+peaks._close("done")
+print(json.dumps({"peak_bytes": overall[0], "seconds": time.perf_counter() - t,
+                  "stage_peaks": stages,
                   "passes": {p.name: round(p.wall_s, 1) for p in r.passes},
                   "validation": r.validation.to_dict() if r.validation is not None else None,
                   "written": [str(p) for p in r.written]}))
 """
-
 
 def synthetic(size: str) -> Path:
     from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama

@@ -137,7 +137,13 @@ def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     while name in graph.initializers:
         name = f"{base}_{i}"
         i += 1
-    tensor = ir.tensor(array, name=name)
+    from graphc.core import scratch
+
+    store = scratch.current()  # a large model's new float weights go to a temporary file
+    if store is not None and isinstance(array, np.ndarray) and store.wants(array):
+        tensor = store.tensor(array, name)
+    else:
+        tensor = ir.tensor(array, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value

@@ -224,3 +224,26 @@ def test_a_tied_table_is_replaced_at_the_lookup_and_at_the_head():
     assert errors["always"] == pytest.approx(errors["never"], rel=1e-5)
     assert min(errors["always"]) > 0  # the table was replaced (in both places: see the next line)
     assert stats["always"]["choices"] == stats["never"]["choices"]
+
+
+def test_new_large_weights_of_a_streamed_model_live_in_a_temporary_file(tiny, tmp_path, monkeypatch):
+    """awq-scale rewrites every projection of a decoder: on a model that streams the new arrays
+    go to the run's temporary weights file, not memory; the written model is the same."""
+    from graphc.core import scratch
+
+    monkeypatch.setattr(scratch, "MIN_BYTES", 1024)
+    results = {}
+    for mode in ("never", "always"):
+        with streaming.streaming(mode, segment_bytes=SEGMENT):
+            results[mode] = graphc.compress(tiny, tmp_path / f"{mode}.onnx", recipe="int4", attribution=False)
+    assert results["never"].scratch is None
+    store = results["always"].scratch
+    assert store.count >= 4  # awq's scaled projections
+    assert (tmp_path / "never.onnx").read_bytes() == (tmp_path / "always.onnx").read_bytes()
+    folder = store._dir.name
+    assert os.path.isdir(folder)
+    del results, store
+    import gc
+
+    gc.collect()
+    assert not os.path.exists(folder)  # removed with the result

@@ -53,6 +53,7 @@ class CompressResult:
     auto: dict[str, Any] | None = None  # --recipe auto: the candidates and why the winner won
     left_float: list[dict[str, Any]] = field(default_factory=list)  # graphc.core.leftover: float weights by op, why
     calibration: str | None = None  # where the passes' calibration data came from; None: no pass calibrates
+    scratch: Any = None  # graphc.core.scratch.ScratchStore holding the model's large new weights (large models)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -295,7 +296,11 @@ def compress(
     if dump_dir is not None:
         all_instruments.append(DumpIR(dump_dir, forbid=forbid))
     # the guard first: it restores the input/output names a pass changed before anything looks at the model
-    with overridable_initializers(work, notices):
+    from graphc.core import scratch, streaming
+
+    # a model that streams keeps the large float weights the passes make in a temporary file
+    store = scratch.ScratchStore() if streaming.applies(ir_model) else None
+    with overridable_initializers(work, notices), scratch.scratch_weights(store):
         guard = SignatureGuard(work)
         records = PassManager(passes, instruments=[guard, *all_instruments], disabled=disable).run(work)
     context.moments = None  # its sums can take a few hundred MB
@@ -320,6 +325,7 @@ def compress(
     for record in records:  # what a pass wants said on the terminal, not only in --json
         notices += [f"{record.name}: {n}" for n in (record.stats or {}).get("notices", [])]
     result = CompressResult(work, recipe_obj, records, checked, before.bytes, after.bytes, before.params, after.params, notices=notices)
+    result.scratch = store  # the model's weights that live in its temporary file: kept while the result lives
     result.calibration = context.calibration_source if calibrated else None
     from graphc.core.leftover import left_in_float
 
