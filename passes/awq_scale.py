@@ -37,7 +37,7 @@ from graphc.core import ops
 from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
-from graphc.passes._quant import const_array, constant, drop_unused_initializers
+from graphc.passes._quant import const_array, constant, drop_unused_initializers, release_pages
 from graphc.core.registry import register
 
 # normalizations: op type -> (gamma input index, beta input index or None)
@@ -124,17 +124,23 @@ class AwqScale(GraphcPass):
             if m is None or m.tokens == 0:
                 stats.skip(g.x.name, "no calibration statistics")
                 continue
+            read = [n.inputs[1] for n in g.matmuls] + ([g.source.inputs[1]] if g.kind == "gated" else [])
             weights = [_weight(n) for n in g.matmuls]
             gram = m.gram.astype(np.float32)  # the search compares errors: float32 GEMMs are plenty
             errors = [self._error(weights, gram, _scale(m.abs_mean, a), method) for a in alphas]
+            del gram
             best = int(np.argmin(errors))
             gain = 1.0 - errors[best] / errors[0] if errors[0] > 0 else 0.0
             label = g.matmuls[0].name or g.x.name
             if best == 0 or gain < self.options.min_gain:
                 stats.skip(label, f"scaling lowers the quantization error by {gain:.1%} < min_gain")
+                for value in read:
+                    release_pages(value)
                 continue
             s = _scale(m.abs_mean, alphas[best])
             self._apply(graph, g, s, weights)
+            for value in read:  # a large model's mapped weight pages, read once, need not stay resident
+                release_pages(value)
             if self.context.moments is not None:
                 self.context.moments.rescale(g.x.name, s)
             stats.add("groups_scaled")

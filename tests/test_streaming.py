@@ -247,3 +247,16 @@ def test_new_large_weights_of_a_streamed_model_live_in_a_temporary_file(tiny, tm
 
     gc.collect()
     assert not os.path.exists(folder)  # removed with the result
+
+
+def test_attribution_of_a_streamed_model_names_the_same_layers(tiny, tmp_path):
+    found = {}
+    for mode in ("never", "always"):
+        with streaming.streaming(mode, segment_bytes=SEGMENT, cache_bytes=1 if mode == "always" else None):
+            r = graphc.compress(tiny, tmp_path / f"{mode}.onnx", recipe="int8")
+        found[mode] = r.attribution
+    a, b = found["never"], found["always"]
+    assert a.worst_layer == b.worst_layer and len(a.tensors) == len(b.tensors) >= 10
+    for x, y in zip(a.tensors, b.tensors):
+        assert x.name == y.name
+        assert x.cosine == pytest.approx(y.cosine, abs=1e-6)

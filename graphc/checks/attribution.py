@@ -244,14 +244,49 @@ def _metrics(ref: np.ndarray, got: np.ndarray, mask: np.ndarray | None) -> tuple
     return min(cos, 1.0), max_abs, nd / nr if nr > 0 else nd
 
 
+class _Values:
+    """The named values and outputs of a model on each feed: one session, run feed by feed; or,
+    for a model that streams (graphc.core.streaming), one pass segment by segment over all
+    feeds, the values kept in an activation cache (spilled to a temporary folder past its bound)."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str], feeds: Sequence[dict], what: str) -> None:
+        from graphc.core import streaming
+
+        self.feeds, self.what, self._cache = feeds, what, None
+        if streaming.applies(model):
+            try:
+                runner = streaming.StreamedModel(model, observe=[n for n in dict.fromkeys(names)
+                                                                 if n not in {o.name for o in model.graph.outputs}],
+                                                 what=what)
+                cache = streaming.ActivationCache(len(feeds), streaming.policy().cache_bytes)
+                outs = runner.run(feeds, on_value=lambda i, name, value: cache.put(i, name, np.asarray(value)))
+                for i, row in enumerate(outs):
+                    for name, value in zip(runner.outputs, row):
+                        cache.put(i, name, value)
+                self._cache = cache
+                return
+            except streaming.NotStreamable:
+                pass
+        self.session = _session(model, names, what)
+
+    def of(self, i: int) -> dict[str, Any]:
+        if self._cache is None:
+            return _outputs(self.session, self.feeds[i], self.what)
+        return {name: self._cache.get(i, name) for name in self._cache.values[i]}
+
+    def __del__(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+
+
 def _measure(original: ir.Model, rewritten: ir.Model, pairs: dict[str, str], feeds: Sequence[dict]):
     """Per original name, the (cosine, max_abs, rel) of each feed; and the pairs that could not be compared."""
-    orig = _session(original, list(pairs), "original model")
-    rew = _session(rewritten, list(pairs.values()), "rewritten model")
+    orig = _Values(original, list(pairs), feeds, "original model")
+    rew = _Values(rewritten, list(pairs.values()), feeds, "rewritten model")
     per: dict[str, list[tuple[float, float, float]]] = {name: [] for name in pairs}
     reasons: dict[str, str] = {}
-    for feed in feeds:
-        ref, got = _outputs(orig, feed, "original model"), _outputs(rew, feed, "rewritten model")
+    for i, feed in enumerate(feeds):
+        ref, got = orig.of(i), rew.of(i)
         for name, rname in pairs.items():
             if name in reasons:
                 continue
