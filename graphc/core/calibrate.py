@@ -210,6 +210,8 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
     rows are float32 already; a feed holds at most a few thousand rows), added up in float64."""
     total: dict[str, Sums] = {}
     heads: dict[int, dict[str, Sums]] = {}
+    streamed = streaming.applies(model)
+    folder = SpillFolder() if streamed else None  # a streamed sweep's sums go to disk (a large model's)
 
     def add(i: int, name: str, out: np.ndarray) -> None:
         out = np.asarray(out)
@@ -220,17 +222,17 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
         absum = np.abs(rows).sum(axis=0, dtype=np.float64)
         if name in total:
             s = total[name]
-            s.gram += gram
+            np.add(s.gram, gram, out=s.gram)  # float64 += float32, without a float64 copy of the GEMM
             s.abs_sum += absum
             s.tokens += rows.shape[0]
         else:
-            total[name] = Sums(gram, absum, rows.shape[0])
+            total[name] = Sums(gram.astype(np.float64), absum, rows.shape[0])
         if i + 1 in heads_at and i + 1 < len(feeds):  # each value is seen feed by feed, in order
-            heads.setdefault(i + 1, {})[name] = total[name].copy()
+            s = total[name]
+            heads.setdefault(i + 1, {})[name] = s.snapshot(folder) if folder is not None else s.copy()
 
-    if streaming.applies(model):  # segment by segment: one segment's weights in memory at a time
+    if streamed:  # segment by segment: one segment's weights in memory at a time
         runner = streaming.StreamedModel(model, observe=names, what="model during calibration")
-        folder = SpillFolder()
 
         def spill(done: int, _total: int) -> None:  # a segment's values are complete: their sums go to disk
             for name in runner.observe.get(done - 1, []) + (runner.observe.get(-1, []) if done == 1 else []):
@@ -249,10 +251,10 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
 
 
 def _gram(rows: np.ndarray) -> np.ndarray:
-    """rows^T rows [K, K] float64, from a float32 GEMM. (BLAS's symmetric rank-k update through
+    """rows^T rows [K, K] as one float32 GEMM, for sums kept in float64. (BLAS's symmetric rank-k update through
     SciPy does half the multiplications and was 2x faster alone, but made the SmolLM2 sweep 2.5x
     slower inside a run: SciPy's own BLAS threads contend with numpy's and ONNX Runtime's.)"""
-    return (rows.T @ rows).astype(np.float64)
+    return rows.T @ rows
 
 
 def _moments(s: Sums) -> InputMoments:

@@ -59,6 +59,10 @@ class Sums:
         if not self.spilled:
             self._gram = folder.keep(self._gram)
 
+    def snapshot(self, folder: SpillFolder) -> Sums:
+        """A copy whose ``gram`` is on disk (written from this one's, never copied in memory)."""
+        return Sums(self._gram if self.spilled else folder.keep(self._gram), self.abs_sum.copy(), self.tokens)
+
     def copy(self) -> Sums:
         return Sums(self._gram if self.spilled else self._gram.copy(), self.abs_sum.copy(), self.tokens)
 
