@@ -357,15 +357,17 @@ def gptq(
         scales[:], zeros[:] = start.scale, start.zero
         perm = np.argsort(-np.diag(h), kind="stable")
         w, h = w[:, perm], h[np.ix_(perm, perm)]
-    # upper Cholesky factor of H^-1 (as in the reference implementation)
+    # upper Cholesky factor of H^-1 (as in the reference implementation); each K x K float64
+    # array let go as soon as the next exists (a 5632-wide input's is 254 MB)
     try:
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+        hinv = _upper_inverse_factor(h)
     except np.linalg.LinAlgError:
         h[np.diag_indices(k)] += 0.1 * float(np.mean(np.diag(h)))
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+        hinv = _upper_inverse_factor(h)
+    del h
     # the column loop in float32 (the reference implementation's precision; the Hessian work
     # above stays float64): half the memory traffic of the per-column rank-1 updates
-    w, hinv = w.astype(np.float32), hinv.astype(np.float32)
+    w, hinv = w.astype(np.float32), hinv.T.astype(np.float32)
     lazy = max(block, (lazy_block // block) * block) if block < k else k
     s = z = None
     for i1 in range(0, k, lazy):
@@ -398,6 +400,13 @@ def gptq(
     return BlockQuant(
         codes.reshape(n, n_blocks, block), scales.astype(scale_dtype), zeros.astype(np.uint8), bits, block, k, symmetric
     )
+
+
+def _upper_inverse_factor(h: np.ndarray) -> np.ndarray:
+    """The lower Cholesky factor L of H^-1 (H^-1 = L L^T; GPTQ uses its transpose); the inverse
+    is let go as soon as the factor exists."""
+    inverse = np.linalg.inv(h)
+    return np.linalg.cholesky(inverse)
 
 
 def refit_scales(w_t: np.ndarray, hessian: np.ndarray, quant: BlockQuant, *, passes: int = 2) -> BlockQuant:

@@ -259,6 +259,6 @@ def _gram(rows: np.ndarray) -> np.ndarray:
 
 def _moments(s: Sums) -> InputMoments:
     n = max(s.tokens, 1)
-    if s.spilled:
-        return InputMoments(lambda: s.gram / n, s.abs_sum / n, s.tokens)
+    if s.spilled:  # read and divided in place on each access
+        return InputMoments(lambda: np.divide(g := s.fresh_gram(), n, out=g), s.abs_sum / n, s.tokens)
     return InputMoments(s.gram / n, s.abs_sum / n, s.tokens)

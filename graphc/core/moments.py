@@ -66,16 +66,26 @@ class Sums:
     def copy(self) -> Sums:
         return Sums(self._gram if self.spilled else self._gram.copy(), self.abs_sum.copy(), self.tokens)
 
+    def fresh_gram(self) -> np.ndarray:
+        """``gram`` as an array the caller owns (a spilled one is read anew on every access)."""
+        return self._gram() if self.spilled else self._gram.copy()
+
     def minus(self, other: Sums) -> Sums:
         abs_sum, tokens = self.abs_sum - other.abs_sum, self.tokens - other.tokens
-        if self.spilled or other.spilled:
-            return Sums(lambda: self.gram - other.gram, abs_sum, tokens)
+        if self.spilled or other.spilled:  # computed on access, in place: two K x K arrays at most
+            return Sums(lambda: np.subtract(g := self.fresh_gram(), other.gram, out=g), abs_sum, tokens)
         return Sums(self.gram - other.gram, abs_sum, tokens)
 
     def scaled(self, inv: np.ndarray) -> Sums:
         """The sums of x * inv (per channel)."""
         if self.spilled:
-            return Sums(lambda: self.gram * np.outer(inv, inv), self.abs_sum * inv, self.tokens)
+            def gram() -> np.ndarray:  # row by row: the in-memory form's gram * outer(inv, inv), bit for bit
+                g = self.fresh_gram()
+                for i in range(g.shape[0]):
+                    g[i] *= inv[i] * inv
+                return g
+
+            return Sums(gram, self.abs_sum * inv, self.tokens)
         return Sums(self.gram * np.outer(inv, inv), self.abs_sum * inv, self.tokens)
 
     def nbytes(self) -> int:
