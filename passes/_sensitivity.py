@@ -445,7 +445,20 @@ def quantize_view(layer: Layer, view: np.ndarray, config: QuantConfig, *, symmet
 
 def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None = None) -> float:
     """||W - Q(W)|| / ||W||; with a Hessian H of the layer's input, the output-weighted form
-    sqrt(tr(D H D^T) / tr(W H W^T)) (what GPTQ minimises)."""
+    sqrt(tr(D H D^T) / tr(W H W^T)) (what GPTQ minimises). A weight of more than
+    CHUNKED_ABOVE elements (a large model's LM head) is summed a block of rows at a time."""
+    if view.size > CHUNKED_ABOVE:
+        rows = max(1, CHUNKED_ABOVE // max(view.shape[1], 1) // 4)
+        den = num = 0.0
+        h = None if hessian is None else np.asarray(hessian, np.float64)
+        for i in range(0, view.shape[0], rows):
+            v = np.asarray(view[i:i + rows], np.float64)
+            e = v - deq[i:i + rows]
+            den += float(np.square(v).sum() if h is None else ((v @ h) * v).sum())
+            num += float(np.square(e).sum() if h is None else ((e @ h) * e).sum())
+        if h is None:
+            return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else 0.0
+        return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
     d = np.asarray(view, np.float64) - deq
     if hessian is None:  # not np.linalg.norm: a whole-array norm is BLAS's dot, whose sum order
         # depends on its thread count (1 in a Ray worker), and the plan must not depend on where it ran
@@ -454,3 +467,6 @@ def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None
     h = np.asarray(hessian, np.float64)
     den = float(((view @ h) * view).sum())
     return float(np.sqrt(max(((d @ h) * d).sum(), 0.0) / den)) if den > 0 else 0.0
+
+
+CHUNKED_ABOVE = 1 << 26  # weights with more elements: relative_error sums by row chunks
