@@ -45,6 +45,8 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
     kw = {"symmetric": symmetric, "scale_dtype": scale_dtype}
     weight_errors: dict[int, dict] = {}
 
+    held: dict[int, np.ndarray | None] = {}  # the last item's Hessian (its probes run one after another)
+
     def quantize_item(i: int, configs: Sequence[sens.QuantConfig]) -> dict:
         """Item ``i``'s weight at each config (dequantized, stored orientation); its candidates'
         weight errors on first call."""
@@ -52,7 +54,10 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
         stored = runner.arrays[item.weight]
         view = _view(stored, item.transposed)
         layer = _probes.Oriented(item.transposed)
-        h = hessian_of(i)
+        if i not in held:
+            held.clear()  # one Hessian at a time
+            held[i] = hessian_of(i)
+        h = held[i]
         out = {c: sens.quantize_view(layer, view, c, method=bq.Method(item.method), hessian=h, damp=damp, **kw)[0]
                .astype(stored.dtype, copy=False) for c in configs}
         if i not in weight_errors:
@@ -89,14 +94,11 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                 continue
             part = runner.segment_session(k, fetch, lambda name: cache.get(slot("ref", 0), name))
             running = [p for p in probes if start[p] <= k]
-            here = sorted({p[0] for p in running if k in reads_weight[items[p[0]].weight]})
-            quantized = {}
-            for i in here:
-                for c, q in quantize_item(i, [p[1] for p in running if p[0] == i]).items():
-                    quantized[(i, c)] = q
             for stream in [*running, "ref"]:  # the reference last: probes starting here read its values at this cut
                 source = "ref" if stream != "ref" and start[stream] == k else stream
-                replaced = {items[stream[0]].weight: quantized[stream]} if stream in quantized else None
+                replaced = None  # one quantized weight at a time, made when its stream runs a segment reading it
+                if stream != "ref" and k in reads_weight[items[stream[0]].weight]:
+                    replaced = {items[stream[0]].weight: quantize_item(stream[0], [stream[1]])[stream[1]]}
                 for i, feed in enumerate(feeds):
                     got = runner.step(part, feed, lambda name, s=source, i=i: cache.get(slot(s, i), name), replaced)
                     row = slot(stream, i)
@@ -111,7 +113,8 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                 done += 1
                 if report is not None:
                     report(done, total_runs)
-            del part, quantized
+            del part, replaced
+            held.clear()
             runner.release(k)
         ref_out = [[np.asarray(cache.get(slot("ref", i), runner.outputs[j])) for j in out_index] for i in range(len(feeds))]
         if metric == "kl":
