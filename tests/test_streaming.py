@@ -260,3 +260,12 @@ def test_attribution_of_a_streamed_model_names_the_same_layers(tiny, tmp_path):
     for x, y in zip(a.tensors, b.tensors):
         assert x.name == y.name
         assert x.cosine == pytest.approx(y.cosine, abs=1e-6)
+
+
+def test_a_streamed_run_says_so(tiny, tmp_path):
+    with streaming.streaming("always", segment_bytes=SEGMENT):
+        r = graphc.compress(tiny, tmp_path / "q.onnx", recipe="int8", attribution=False)
+    assert any("segment by segment" in n for n in r.notices)
+    with streaming.streaming("never"):
+        r = graphc.compress(tiny, tmp_path / "p.onnx", recipe="int8", attribution=False)
+    assert not any("segment by segment" in n for n in r.notices)

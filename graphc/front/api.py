@@ -300,6 +300,11 @@ def compress(
 
     # a model that streams keeps the large float weights the passes make in a temporary file
     store = scratch.ScratchStore() if streaming.applies(ir_model) else None
+    if store is not None:
+        why = ("--stream always" if streaming.policy().mode == "always"
+               else f"{io.tensor_bytes(ir_model) / 2**30:.2f} GiB of weights (--stream never: one session)")
+        notices.append(f"{why}: calibration, probes, the reference and validation run the model segment by segment "
+                       f"(~{streaming.policy().segment_bytes >> 20} MB of weights each)")
     with overridable_initializers(work, notices), scratch.scratch_weights(store):
         guard = SignatureGuard(work)
         records = PassManager(passes, instruments=[guard, *all_instruments], disabled=disable).run(work)
