@@ -111,22 +111,33 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_ray_map_returns_input_order_and_reads_shared_from_the_object_store(ray_cluster, monkeypatch):
+def test_ray_map_returns_input_order_and_reads_shared_from_the_object_store(ray_cluster, monkeypatch, tmp_path):
     from graphc.core.ray_executor import RayExecutor
 
     puts = []
     real_put = ray_cluster.put
     monkeypatch.setattr(ray_cluster, "put", lambda obj, **kw: puts.append(obj) or real_put(obj, **kw))
 
-    def work(shared, item):  # the first item sleeps longest: it finishes last
-        time.sleep(0.3 * (3 - item))
+    marker = tmp_path / "another-item-reported"
+
+    def work(shared, item):  # item 0 waits until another item's result has been reported (not a timed race:
+        # on a loaded machine a sleep-based order came out in input order)
+        if item == 0:
+            deadline = time.monotonic() + 60
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         return item, float(shared[item]), shared.flags.writeable
+
+    def on_result(i, r):
+        arrived.append(i)
+        if i != 0:
+            marker.touch()
 
     shared = np.arange(1 << 20, dtype=np.float32)  # 4 MB
     arrived = []
-    out = RayExecutor().map(work, [0, 1, 2, 3], shared=shared, on_result=lambda i, r: arrived.append(i))
+    out = RayExecutor().map(work, [0, 1, 2, 3], shared=shared, on_result=on_result)
     assert [r[:2] for r in out] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
-    assert sorted(arrived) == [0, 1, 2, 3] and arrived != [0, 1, 2, 3]  # arrival order, results in input order
+    assert sorted(arrived) == [0, 1, 2, 3] and arrived[0] != 0  # arrival order, results in input order
     assert len(puts) == 1  # one put for four tasks
     assert not any(r[2] for r in out)  # read-only: mapped from the object store, not unpickled per task
 
