@@ -83,7 +83,6 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
     cache = streaming.ActivationCache(len(streams) * len(feeds), streaming.policy().cache_bytes)
     slot = lambda s, i: index[s] * len(feeds) + i  # noqa: E731 - one row of the cache per (stream, feed)
     measured: dict[tuple, float] = {}
-    reference: list | None = None
     total_runs = sum(len(segments) - start[p] for p in probes) + len(segments)
     done = 0
     try:

@@ -217,7 +217,6 @@ class ActivationCache:
         self.values: list[dict[str, Any]] = [{} for _ in range(count)]
         self.max_bytes = max_bytes
         self.in_memory = 0
-        self.spilled = 0
         self._folder: tempfile.TemporaryDirectory | None = None
         self._files = 0
 
@@ -231,7 +230,6 @@ class ActivationCache:
             self._files += 1
             np.save(path, array)
             self.values[i][name] = ("file", path)
-            self.spilled += array.nbytes
             return
         self.values[i][name] = array
         self.in_memory += array.nbytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -133,9 +134,8 @@ def _with_streaming(run: Callable[..., CompressResult]) -> Callable[..., Compres
     def call(*args: Any, stream: str | None = None, **options: Any) -> CompressResult:
         from graphc.core.streaming import streaming
 
-        if stream is None:  # the policy in force (``auto`` unless a caller set one)
-            return run(*args, **options)
-        with streaming(stream):
+        # None: the policy in force (``auto`` unless a caller set one)
+        with contextlib.nullcontext() if stream is None else streaming(stream):
             return run(*args, **options)
 
     return call
