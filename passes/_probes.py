@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from graphc.passes import _blockquant as bq
+from graphc.passes import _cut_evaluator
 from graphc.passes import _sensitivity as sens
 
 # worker-side cache: payload key -> Evaluator (one entry: a new run's payload replaces it)
@@ -85,7 +86,11 @@ def _evaluator(shared: ProbeShared) -> sens.Evaluator:
     ev = _EVALUATORS.get(shared.key)
     if ev is None:
         _EVALUATORS.clear()  # one model at a time per worker
-        ev = _EVALUATORS[shared.key] = sens.Evaluator.from_payload(shared.evaluator, threads=shared.threads)
+        if shared.evaluator.get("kind") == _cut_evaluator.KIND:
+            ev = _cut_evaluator.CutEvaluator.from_payload(shared.evaluator, threads=shared.threads)
+        else:
+            ev = sens.Evaluator.from_payload(shared.evaluator, threads=shared.threads)
+        _EVALUATORS[shared.key] = ev
     return ev
 
 

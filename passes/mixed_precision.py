@@ -63,6 +63,7 @@ from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.executor import resolve as resolve_executor
 from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
+from graphc.passes import _cut_evaluator
 from graphc.passes import _probes
 from graphc.passes._plan import precision as pp
 from graphc.passes import _row_use as row_use
@@ -107,6 +108,9 @@ class MixedPrecisionOptions:
     # so measured on them it looks ~2x better than on new text (SmolLM2, see _hessians)
     held_out: bool = True
     damp: float = 0.01  # gptq probes' Hessian damping (as quantize-nbits' damp)
+    # each probe runs from the first block reading its weight, from the float model's values there
+    # (the same errors to float rounding, ~0.7x the time on SmolLM2); false: whole forward passes
+    cut_probes: bool = True
 
 
 @register
@@ -262,8 +266,13 @@ class MixedPrecision(GraphcPass):
         start = time.perf_counter()
         from graphc.core import streaming
 
-        # a large model streams (graphc.core.streaming): its probes go segment by segment, in this process
-        evaluator = None if streaming.applies(model) else sens.Evaluator(model, layers, feeds, metric=o.metric)
+        # a large model streams (graphc.core.streaming): its probes go segment by segment, in this process;
+        # one that fits keeps every segment's session, and each probe starts at its layer's (_cut_evaluator)
+        evaluator = None
+        if not streaming.applies(model):
+            evaluator = _cut_evaluator.evaluator(model, layers, feeds, o.metric, cut=o.cut_probes)
+            if isinstance(evaluator, _cut_evaluator.CutEvaluator):
+                stats.counts["probe_segments"] = evaluator.segments
         measured, predicted = self._measure(model, evaluator, layers, feeds, cands, method, stats)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
 
@@ -361,7 +370,7 @@ class MixedPrecision(GraphcPass):
         )
         return True
 
-    def _measure(self, model: ir.Model, evaluator: sens.Evaluator | None, layers: list[sens.Layer], feeds: list[dict],
+    def _measure(self, model: ir.Model, evaluator: sens.Evaluator | _cut_evaluator.CutEvaluator | None, layers: list[sens.Layer], feeds: list[dict],
                  cands: dict, method: bq.Method, stats: PassStats):
         """measured[id(layer)][config] (output error runs) and predicted[id(layer)][config] for
         every candidate: measured where measured, else the probe of the nearest bit width times
@@ -398,7 +407,7 @@ class MixedPrecision(GraphcPass):
         stats.counts["measurement_runs"] = total
         return measured, predicted
 
-    def _probe(self, evaluator: sens.Evaluator, runs: list, cands: dict, method: bq.Method,
+    def _probe(self, evaluator: sens.Evaluator | _cut_evaluator.CutEvaluator, runs: list, cands: dict, method: bq.Method,
                hessians: Mapping, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
         """Every layer's probes through the context's executor (this process unless the run has
         workers): the model and feeds are shared once, each layer is one item (with its Hessian for

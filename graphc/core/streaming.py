@@ -379,11 +379,28 @@ class StreamedModel:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValidationError(f"ONNX Runtime failed to run the {self.what}: {first}") from None
 
-    def segment_session(self, k: int, fetch: list[str], sample: Callable[[str], np.ndarray]) -> SegmentSession:
+    def segment_session(self, k: int, fetch: list[str], sample: Callable[[str], np.ndarray], *,
+                        threads: int | None = None) -> SegmentSession:
         """An ORT session over segment ``k`` that makes ``fetch`` (nodes that lead elsewhere
         left out), its inputs typed from ``sample(name)``, a value at hand for each."""
-        from graphc.core.calibrate import _drop_dead_nodes
         from graphc.core.ort_large import session_from_proto
+
+        model, arrays, reads, switched = self.segment_model(k, fetch, sample)
+        try:
+            return SegmentSession(session_from_proto(model, arrays, threads=threads), reads, switched, list(fetch))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            from graphc.core.errors import ValidationError
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValidationError(f"ONNX Runtime cannot load the {self.what} (segment {k + 1} of "
+                                  f"{len(self.segments)}): {first}") from None
+
+    def segment_model(self, k: int, fetch: list[str], sample: Callable[[str], np.ndarray]
+                      ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str], list[str]]:
+        """Segment ``k`` as its own model (see :meth:`segment_session`): the protobuf, the
+        weights it reads from this model's arrays (placeholders in the protobuf), the values
+        it reads from earlier segments or the feed, and the switchable weights it takes as inputs."""
+        from graphc.core.calibrate import _drop_dead_nodes
 
         seg = self.segments[k]
         graph = self.proto.graph
@@ -417,14 +434,7 @@ class StreamedModel:
         model.functions.extend(self.proto.functions)
         model.graph.CopyFrom(sub)
         arrays = {name: self.arrays[name] for name in weights if name in self.arrays}
-        try:
-            return SegmentSession(session_from_proto(model, arrays), reads, switched, list(fetch))
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            from graphc.core.errors import ValidationError
-
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValidationError(f"ONNX Runtime cannot load the {self.what} (segment {k + 1} of "
-                                  f"{len(self.segments)}): {first}") from None
+        return model, arrays, reads, switched
 
 
 def _inline_bytes(t: onnx.TensorProto) -> int:
