@@ -3,22 +3,28 @@
 A probe is the model's output with one weight replaced (``_sensitivity.Evaluator``: one ONNX
 Runtime session over the whole model, every probe a whole forward pass). Everything before the
 first node that reads the replaced weight is the float model's, exactly, so it need not be run
-again: here the model is cut as :mod:`graphc.core.streaming` cuts a large one (between nodes,
+again. Here the model is cut as :mod:`graphc.core.streaming` cuts a large one (between nodes,
 where the fewest values cross: the residual stream between blocks), into about
-:data:`SEGMENTS` segments, each its own session, all kept. The float reference runs once through
-them and its values at every cut are kept; a probe runs from the first segment that reads one
-of its replaced weights, starting from the reference's values at that cut. On a decoder that
-is about half the work of a whole pass per probe (the LM head runs every time): SmolLM2-135M's
-211 probes took 0.69x the whole-model time (``bench/bench_streamed_probes.py``).
+:data:`SEGMENTS` segments; the float model runs once segment by segment and its values at
+each cut are kept; then one session is built from each cut where a planned weight is first
+read to the outputs, and a probe runs that session from the reference's values at its cut.
+
+One session per start, not one per segment: chaining 16 segment sessions per probe cost more
+than the work it skipped on SmolLM2-135M (Python hops, and 16 thread pools spinning against
+each other), while a suffix session per cut took 0.72-0.78x the whole-model time per probe
+over a spread of layers (``bench/bench_streamed_probes.py`` measures the segment-by-segment
+form a model too large for memory uses). The sessions run without ORT's memory arena and
+without spinning threads: all are kept, and with the arena they held 2.6 GB more between
+probes on SmolLM2 (3.0 GB peak for the evaluator against 2.3 GB for the whole-model one).
 
 The errors are the whole-model path's up to float rounding (ONNX Runtime may pick other kernels
-for a segment than for the whole graph; 6e-5 relative on SmolLM2). They are the same numbers
-wherever a probe runs: a worker rebuilds the segments' sessions from :meth:`CutEvaluator.payload`
-and runs the same arithmetic from the same cut values (the tests compare written bytes).
+for a part of a graph than for the whole; ~1e-6 relative on SmolLM2). They are the same numbers
+wherever a probe runs: a worker rebuilds the sessions from :meth:`CutEvaluator.payload` and runs
+the same arithmetic from the same cut values (the tests compare written bytes).
 
 The interface is ``Evaluator``'s (``weights``, ``error``, ``payload``, ``from_payload``);
-:func:`evaluator` picks this form when the graph can be cut into at least
-:data:`MIN_SEGMENTS` segments, else the whole-model one.
+:func:`evaluator` picks this form when the graph cuts into at least :data:`MIN_SEGMENTS`
+segments, else the whole-model one.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import onnx_ir as ir
 from graphc.passes import _sensitivity as sens
 
 SEGMENTS = 16  # the model's weights are cut into about this many segments
-MIN_SEGMENTS = 3  # fewer: the whole-model evaluator (little to skip, a session per segment to build)
+MIN_SEGMENTS = 3  # fewer: the whole-model evaluator (little to skip, a session per cut to build)
 KIND = "cut"  # payload["kind"]
 
 
@@ -75,59 +81,53 @@ class CutEvaluator:
         self.weights = {layer.value.name: layer.value.const_value.numpy() for layer in layers}
         self.feeds = [{k: v for k, v in feed.items() if k in self.inputs} for feed in feeds]
         self.masks = [feed.get("attention_mask") for feed in self.feeds]
-        # the float reference through every segment; the live values at each cut kept
+        # the float model segment by segment: the live values at each cut, and where each weight is first read
         values: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
-        self.cuts: list[list[dict[str, np.ndarray]]] = []
-        self.parts: list[dict | None] = []
-        self._sessions: list[Any] = []
+        cuts: list[list[dict[str, np.ndarray]]] = []
+        self.first: dict[str, int] = {}
         for k in range(len(runner.segments)):
-            self.cuts.append([dict(v) for v in values])
+            cuts.append([dict(v) for v in values])
             later = runner.needed_after(k, outputs=False) | set(self.outputs)
             fetch = [n for n in runner.segments[k].keeps if n in later]
             if not fetch:
-                self.parts.append(None)
-                self._sessions.append(None)
                 continue
             proto, arrays, reads, switched = runner.segment_model(k, fetch, lambda name: values[0][name])
-            part = {"model": np.frombuffer(proto.SerializeToString(), np.uint8), "arrays": arrays,
-                    "reads": reads, "switched": switched, "fetch": fetch}
-            self.parts.append(part)
-            self._sessions.append(_session(part, None, runner.what, k, len(runner.segments)))
+            for name in switched:
+                self.first.setdefault(name, k)
+            part = {"model": proto, "arrays": arrays, "reads": reads, "switched": switched, "fetch": fetch}
+            session = _session(part, None, k)
             for i, feed in enumerate(self.feeds):
-                values[i].update(zip(fetch, self._step(k, feed, values[i], {})))
+                values[i].update(zip(fetch, _run(session, part, feed, values[i], self.weights, {}, self.inputs)))
                 for name in [n for n in values[i] if n not in later]:
                     del values[i][name]
-        self.reference = [[np.asarray(feed[o]) if o in self.inputs and o not in v else v[o] for o in self.outputs]
-                          for feed, v in zip(self.feeds, values)]
-        self.first = _first_reads(self.parts)
+            del session
+        # one session from each cut where a probe starts to the outputs
+        self.starts = sorted({0, *self.first.values()})
+        self.cuts = {k: cuts[k] for k in self.starts}
+        self.parts: dict[int, dict] = {}
+        for k in self.starts:
+            proto, arrays, reads, switched = runner.segment_model(runner.suffix(k), self.outputs,
+                                                                  lambda name, k=k: cuts[k][0][name])
+            self.parts[k] = {"model": np.frombuffer(proto.SerializeToString(), np.uint8), "arrays": arrays,
+                             "reads": reads, "switched": switched, "fetch": list(self.outputs)}
+        self._sessions = {k: _session(part, None, k) for k, part in self.parts.items()}
+        self.reference = [self._outputs(0, i, {}) for i in range(len(self.feeds))]
         if self.metric == "kl":  # the reference's distributions, once
             self.reference = [[sens.SoftmaxRef(sens._rows(r, mask)) for r in refs]
                               for refs, mask in zip(self.reference, self.masks)]
 
     @property
     def segments(self) -> int:
-        return len(self.parts)
+        """Cuts a probe can start at (the first, and each one before a planned weight's first reader)."""
+        return len(self.starts)
 
-    def _step(self, k: int, feed: dict, values: dict, replaced: dict) -> list[np.ndarray]:
-        from graphc.core.interrupt import run_session
-
-        part = self.parts[k]
-        given = {n: (feed[n] if n in self.inputs and n not in values else values[n]) for n in part["reads"]}
-        for n in part["switched"]:
-            given[n] = replaced.get(n, self.weights[n])
-        try:
-            return run_session(self._sessions[k], given, part["fetch"])
-        except Exception as e:  # noqa: BLE001 - ORT's own exception types
-            from graphc.core.errors import GraphcError, ValidationError
-
-            if isinstance(e, GraphcError):
-                raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValidationError(f"ONNX Runtime failed to run the model during sensitivity measurement: "
-                                  f"{first}") from None
+    def _outputs(self, k: int, i: int, replaced: dict) -> list[np.ndarray]:
+        feed, values = self.feeds[i], self.cuts[k][i]
+        got = _run(self._sessions[k], self.parts[k], feed, values, self.weights, replaced, self.inputs)
+        return [np.asarray(g) for g in got]
 
     def start(self, replaced: dict[str, np.ndarray]) -> int | None:
-        """The first segment a probe replacing these weights runs (None: no segment reads them)."""
+        """The cut a probe replacing these weights starts at (None: no node reads them)."""
         found = [self.first[n] for n in replaced if n in self.first]
         return min(found) if found else None
 
@@ -137,20 +137,16 @@ class CutEvaluator:
         if k0 is None:
             return 0.0
         errs = []
-        for i, (feed, mask, ref) in enumerate(zip(self.feeds, self.masks, self.reference)):
-            values = dict(self.cuts[k0][i])
-            for k in range(k0, len(self.parts)):
-                if self.parts[k] is not None:
-                    values.update(zip(self.parts[k]["fetch"], self._step(k, feed, values, replaced)))
-            got = [np.asarray(feed[o]) if o in self.inputs and o not in values else values[o] for o in self.outputs]
-            errs += sens.feed_errors(self.metric, got, ref, mask)
+        for i, (mask, ref) in enumerate(zip(self.masks, self.reference)):
+            errs += sens.feed_errors(self.metric, self._outputs(k0, i, replaced), ref, mask)
         return float(np.concatenate(errs).mean()) if errs else 0.0
 
     def payload(self) -> dict:
         """Picklable parts for :meth:`from_payload` (numpy arrays travel zero-copy through Ray)."""
         return {"kind": KIND, "metric": self.metric, "outputs": self.outputs, "inputs": sorted(self.inputs),
                 "weights": {k: np.asarray(v) for k, v in self.weights.items()}, "feeds": self.feeds,
-                "masks": self.masks, "reference": self.reference, "cuts": self.cuts, "parts": self.parts}
+                "masks": self.masks, "reference": self.reference, "cuts": self.cuts, "parts": self.parts,
+                "first": self.first}
 
     @classmethod
     def from_payload(cls, payload: dict, threads: int | None = None) -> CutEvaluator:
@@ -159,30 +155,48 @@ class CutEvaluator:
         self.metric, self.outputs, self.inputs = payload["metric"], payload["outputs"], set(payload["inputs"])
         self.weights, self.feeds, self.masks = payload["weights"], payload["feeds"], payload["masks"]
         self.reference, self.cuts, self.parts = payload["reference"], payload["cuts"], payload["parts"]
-        n = len(self.parts)
-        self._sessions = [None if part is None else _session(part, threads, "model during sensitivity measurement", k, n)
-                          for k, part in enumerate(self.parts)]
-        self.first = _first_reads(self.parts)
+        self.first, self.starts = payload["first"], sorted(payload["parts"])
+        self._sessions = {k: _session(part, threads, k) for k, part in self.parts.items()}
         return self
 
 
-def _first_reads(parts: list[dict | None]) -> dict[str, int]:
-    """The first segment whose session takes each planned weight as an input."""
-    first: dict[str, int] = {}
-    for k, part in enumerate(parts):
-        for name in part["switched"] if part else ():
-            first.setdefault(name, k)
-    return first
+def _run(session: Any, part: dict, feed: dict, values: dict, weights: dict, replaced: dict, inputs: set) -> list:
+    """One run of a segment's session: graph inputs from ``feed``, values from earlier
+    segments from ``values``, planned weights from ``replaced`` or the model's."""
+    from graphc.core.errors import GraphcError, ValidationError
+    from graphc.core.interrupt import run_session
+
+    given = {n: (feed[n] if n in inputs and n not in values else values[n]) for n in part["reads"]}
+    for n in part["switched"]:
+        given[n] = replaced.get(n, weights[n])
+    try:
+        return run_session(session, given, part["fetch"])
+    except GraphcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT's own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValidationError(f"ONNX Runtime failed to run the model during sensitivity measurement: {first}") from None
 
 
-def _session(part: dict, threads: int | None, what: str, k: int, n: int) -> Any:
+def _session(part: dict, threads: int | None, k: int) -> Any:
     import onnx
 
     from graphc.core.errors import ValidationError
     from graphc.core.ort_large import session_from_proto
 
+    model = part["model"]
+    if isinstance(model, np.ndarray):
+        model = onnx.ModelProto.FromString(model.tobytes())
+    from graphc.core.session import session_options
+
+    options = session_options(threads)
+    # one session per cut, all kept: without ORT's arena each frees its activations after a run
+    # (with it, SmolLM2's 16 sessions held 2.6 GB more between probes)
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return session_from_proto(onnx.ModelProto.FromString(part["model"].tobytes()), part["arrays"], threads=threads)
+        return session_from_proto(model, part["arrays"], options=options)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(f"ONNX Runtime cannot load the {what} (segment {k + 1} of {n}): {first}") from None
+        raise ValidationError(f"ONNX Runtime cannot load the model during sensitivity measurement (from cut {k}): "
+                              f"{first}") from None

@@ -395,14 +395,26 @@ class StreamedModel:
             raise ValidationError(f"ONNX Runtime cannot load the {self.what} (segment {k + 1} of "
                                   f"{len(self.segments)}): {first}") from None
 
-    def segment_model(self, k: int, fetch: list[str], sample: Callable[[str], np.ndarray]
+    def suffix(self, k: int) -> Segment:
+        """Segments ``k`` to the last as one (a run from cut ``k`` to the graph's outputs)."""
+        graph = self.proto.graph
+        members = sorted(set().union(*(seg.nodes for seg in self.segments[k:])))
+        initializers = {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer}
+        inside = {o for i in members for o in graph.node[i].output if o}
+        read_here: set[str] = set().union(*(_names_read(graph.node[i]) for i in members))
+        return Segment(self.segments[k].start, self.segments[-1].stop, members,
+                       reads=sorted(read_here - inside - initializers),
+                       keeps=[o for o in self.outputs if o in inside], weights=sorted(read_here & initializers))
+
+    def segment_model(self, k: int | Segment, fetch: list[str], sample: Callable[[str], np.ndarray]
                       ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str], list[str]]:
-        """Segment ``k`` as its own model (see :meth:`segment_session`): the protobuf, the
-        weights it reads from this model's arrays (placeholders in the protobuf), the values
-        it reads from earlier segments or the feed, and the switchable weights it takes as inputs."""
+        """Segment ``k`` (or a :class:`Segment`, such as :meth:`suffix`'s) as its own model (see
+        :meth:`segment_session`): the protobuf, the weights it reads from this model's arrays
+        (placeholders in the protobuf), the values it reads from earlier segments or the feed,
+        and the switchable weights it takes as inputs."""
         from graphc.core.calibrate import _drop_dead_nodes
 
-        seg = self.segments[k]
+        seg = self.segments[k] if isinstance(k, int) else k
         graph = self.proto.graph
         sub = onnx.GraphProto(name=f"{graph.name}-segment-{seg.start}")
         sub.node.extend(graph.node[i] for i in seg.nodes)

@@ -46,7 +46,8 @@ def test_cut_probes_measure_what_whole_passes_measure(tiny, metric):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-10), layer.name
     assert sum(w > 1e-6 for w in wanted) >= len(layers) // 2  # (this random model barely uses q and k)
     # the table starts at the first segment, later layers later: most probes skip part of the model
-    assert starts[0] == 0 and starts[1:] == sorted(starts[1:]) and starts[-1] == ev.segments - 1
+    assert starts[0] == 0 and starts[1:] == sorted(starts[1:]) and starts[-1] == max(ev.starts)
+    assert sorted(set(starts)) == ev.starts
     # two weights at once start at the earlier one's segment
     a, b = layers[1], layers[-1]
     pair = {a.value.name: _quantized(a), b.value.name: _quantized(b)}
@@ -79,7 +80,7 @@ def test_a_model_that_does_not_cut_gets_the_whole_model_evaluator(tiny):
     model, layers, feeds = _setup(tiny, "kl")
     assert isinstance(cut.evaluator(model, layers, feeds, "kl", cut=False), sens.Evaluator)
     head = cut.evaluator(model, layers[-1:], feeds, "kl")  # only the head planned: its probe runs the last segment
-    assert isinstance(head, cut.CutEvaluator) and head.start({"lm_head": _quantized(layers[-1])}) == head.segments - 1
+    assert isinstance(head, cut.CutEvaluator) and head.starts == [0, head.start({"lm_head": _quantized(layers[-1])})]
     model, ctx = _tied()  # a lookup and a head: too few segments to be worth a session each
     layers, _ = sens.find_layers(model.graph, matmuls=True, embeddings=True, min_rows=1, min_cols=32, exclude=())
     assert isinstance(cut.evaluator(model, layers, ctx.calibration, "kl"), sens.Evaluator)
