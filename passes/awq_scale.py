@@ -115,7 +115,8 @@ class AwqScale(GraphcPass):
             return False
         from graphc.core.calibrate import input_moments
 
-        moments = input_moments(model, [g.x for g in groups], feeds, pass_name=self.name, cache=self.context.moments)
+        moments = input_moments(model, [g.x for g in groups], feeds, pass_name=self.name, cache=self.context.moments,
+                               report=lambda done, total: self.context.report("calibration sweep", done, total))
         changed = False
         alphas = np.arange(self.options.grid) / self.options.grid
         for i, g in enumerate(groups):

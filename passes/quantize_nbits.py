@@ -260,7 +260,8 @@ class QuantizeNBits(GraphcPass):
         from graphc.core.calibrate import input_moments
 
         moments = input_moments(model, [c.node.inputs[0] for c in cands], feeds, pass_name=self.name,
-                                cache=self.context.moments)
+                                cache=self.context.moments,
+                                report=lambda done, total: self.context.report("calibration sweep", done, total))
         stats.notes.append(f"gptq Hessians from {len(feeds)} calibration batches ({self.context.calibration_source}), "
                            f"{max((m.tokens for m in moments.values()), default=0)} tokens")
         missing = [c.node.name for c in cands if c.node.inputs[0].name not in moments]

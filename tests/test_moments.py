@@ -78,6 +78,23 @@ def test_held_out_sums_equal_a_sweep_of_the_remaining_feeds():
         np.testing.assert_allclose(whole[name].gram, direct_whole[name].gram, rtol=1e-6, atol=1e-6)
 
 
+def test_the_sweep_reports_its_progress_feed_by_feed_and_segment_by_segment():
+    from graphc.core import streaming
+
+    model = _block(seed=2)
+    feeds = _feeds(model)
+    values = [n.inputs[0] for n in model.graph if n.op_type == "MatMul"]
+    seen = []
+    cache = MomentsCache()
+    cache.prepare(feeds, [])
+    input_moments(model, values, feeds, pass_name="t", cache=cache, report=lambda d, t: seen.append((d, t)))
+    assert seen == [(i + 1, len(feeds)) for i in range(len(feeds))]
+    seen.clear()
+    with streaming.streaming("always", segment_bytes=1):
+        input_moments(model, values, feeds, pass_name="t", report=lambda d, t: seen.append((d, t)))
+    assert len(seen) >= 2 and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))
+
+
 def test_other_feeds_and_other_values_are_not_answered_from_the_cache():
     model = _block(seed=2)
     feeds = _feeds(model)

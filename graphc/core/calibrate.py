@@ -134,14 +134,15 @@ class Grams(Mapping):
 
 def input_moments(
     model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str,
-    cache: MomentsCache | None = None,
+    cache: MomentsCache | None = None, report: Callable[[int, int], None] | None = None,
 ) -> dict[str, InputMoments]:
     """:class:`InputMoments` of each named value over all calibration feeds; rows at padded
     positions (the feed's ``attention_mask`` is 0) are left out when the value is [batch, seq, K].
 
     ``cache`` (the run's :class:`~graphc.core.moments.MomentsCache`, ``context.moments``): read
     from it when it holds these values over these feeds; else one sweep collects them together
-    with every other constant-weight MatMul input of the model and keeps the sums there."""
+    with every other constant-weight MatMul input of the model and keeps the sums there.
+    ``report(done, total)``: the sweep's progress, feed by feed (segment by segment when streamed)."""
     if not feeds or len(feeds) < MIN_CALIBRATION_FEEDS:
         raise PassError("needs calibration data, and none was given (pass feeds or use a model spec)", pass_name=pass_name)
     names = sorted({v.name for v in values if v.name})
@@ -154,12 +155,12 @@ def input_moments(
             wanted = sorted({*names, *known})
             sizes = [known.get(n) or _channels(model, n) for n in wanted]
             if all(k > 0 for k in sizes) and (streaming.applies(model) or cache.fits(sizes)):  # streamed: on disk
-                total, heads = _sweep(model, wanted, full, sorted(cache.held_out))
+                total, heads = _sweep(model, wanted, full, sorted(cache.held_out), report)
                 cache.store(full, total, heads)
                 found = cache.lookup(names, feeds)
         if found is not None:
             return {n: _moments(s) for n, s in found.items() if s.tokens > 0}
-    total, _ = _sweep(model, names, feeds, [])
+    total, _ = _sweep(model, names, feeds, [], report)
     return {n: _moments(s) for n, s in total.items() if s.tokens > 0}
 
 
@@ -204,7 +205,8 @@ def _channels(model: ir.Model, name: str) -> int:
 
 
 def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarray]],
-           heads_at: Sequence[int]) -> tuple[dict[str, Sums], dict[int, dict[str, Sums]]]:
+           heads_at: Sequence[int], report: Callable[[int, int], None] | None = None
+           ) -> tuple[dict[str, Sums], dict[int, dict[str, Sums]]]:
     """Sums of each named value over the feeds (one ORT run a feed), and copies of them after
     the first n feeds for each n in ``heads_at``. Each feed's x^T x is one float32 GEMM (its
     rows are float32 already; a feed holds at most a few thousand rows), added up in float64."""
@@ -234,11 +236,13 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
     if streamed:  # segment by segment: one segment's weights in memory at a time
         runner = streaming.StreamedModel(model, observe=names, what="model during calibration")
 
-        def spill(done: int, _total: int) -> None:  # a segment's values are complete: their sums go to disk
+        def spill(done: int, segments: int) -> None:  # a segment's values are complete: their sums go to disk
             for name in runner.observe.get(done - 1, []) + (runner.observe.get(-1, []) if done == 1 else []):
                 for table in (total, *heads.values()):
                     if name in table:
                         table[name].spill(folder)
+            if report is not None:
+                report(done, segments)
 
         runner.run(feeds, on_value=add, outputs=False, progress=spill)
         return total, heads
@@ -247,6 +251,8 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
         outs = run_session(session, {k: v for k, v in feed.items() if k in inputs}, names)
         for name, out in zip(names, outs):
             add(i, name, out)
+        if report is not None:
+            report(i + 1, len(feeds))
     return total, heads
 
 
