@@ -1,15 +1,18 @@
-"""Sensitivity probes on one whole-model session vs segment by segment, on SmolLM2-135M.
+"""Sensitivity probes on one whole-model session vs from each layer's cut vs segment by segment, on SmolLM2-135M.
 
-    python bench/bench_streamed_probes.py [--segment-mb 64,128] [--layers 0] [--json OUT]
+    python bench/bench_streamed_probes.py [--segment-mb 64,128] [--layers 0] [--fused] [--json OUT]
 
 The fp32 SmolLM2 export of bench/bench_smollm2_int4.py (cached in ``.graphc-cache/bench/``; tied table)
 and the probe feed the built-in ``int4`` recipe measures on (one 512-token window of its
 calibration text): every planned weight probed at 4-bit, block 64, round to nearest, with the KL
 metric, (a) as ``mixed-precision`` does on a model that fits (``_sensitivity.Evaluator``: one
-session, the weights as inputs, every probe a whole forward pass) and (b) streamed
-(``passes/_streamed_probes.py``: each probe from its layer's segment on). Reports wall time of
-each, the largest difference between their errors, the CPU, and the segment count. In one
-process, the paths alternating; ``--layers N`` probes only the first N layers (0: all).
+session, the weights as inputs, every probe a whole forward pass), (b) as it does by default
+(``passes/_cut_evaluator.py``: one session from each cut to the outputs, each probe from its
+layer's cut), the two alternating probe by probe, and (c) streamed, as on a model too large for
+memory (``passes/_streamed_probes.py``: segment by segment; ``--segment-mb ""`` skips it).
+Reports wall time of each, the largest difference between their errors, the CPU, and the
+segment count. ``--layers N`` probes only the first N layers (0: all); ``--fused``: the graph
+after ``fuse-ort`` (what the ``int4`` recipe probes), not the plain export.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--segment-mb", default="64,128")
     parser.add_argument("--layers", type=int, default=0)
+    parser.add_argument("--fused", action="store_true")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
 
@@ -36,10 +40,15 @@ def main() -> int:
     from graphc.core import streaming
     from graphc.core.io import load_model
     from graphc.core.target import cpu_line
-    from graphc.passes import _probes, _streamed_probes
+    from graphc.passes import _cut_evaluator, _probes, _streamed_probes
     from graphc.passes import _sensitivity as sens
 
     model = load_model(cached_fp32(ROOT / ".graphc-cache" / "bench", fresh=False))
+    if args.fused:
+        from graphc.core.pass_base import PassContext
+        from graphc.passes.fuse_ort import FuseOrt
+
+        model = FuseOrt(FuseOrt.Options(), PassContext())(model).model
     feeds = list(calibration_context(model, 32).calibration)[:1]
     layers, _ = sens.find_layers(model.graph, matmuls=True, embeddings=True, min_rows=1, min_cols=64, exclude=())
     if args.layers:
@@ -49,14 +58,30 @@ def main() -> int:
     rows = []
     start = time.perf_counter()
     evaluator = sens.Evaluator(model, layers, feeds, metric="kl")
-    shared = _probes.ProbeShared("bench", evaluator.payload())
-    _probes.register_local("bench", evaluator)
-    whole = [_probes.probe_layer(shared, item).measured[config] for item in items]
-    whole_s = time.perf_counter() - start
+    whole_build = time.perf_counter() - start
+    start = time.perf_counter()
+    cut = _cut_evaluator.CutEvaluator(model, layers, feeds, "kl")
+    cut_build = time.perf_counter() - start
+    shared = {"whole": _probes.ProbeShared("bench-whole", {}), "cut": _probes.ProbeShared("bench-cut", {})}
+    seconds = {"whole": whole_build, "cut": cut_build}
+    errors: dict[str, list] = {"whole": [], "cut": []}
+    for item in items:  # alternating, probe by probe: the machine's drift hits both alike
+        for name, ev in (("whole", evaluator), ("cut", cut)):
+            _probes.register_local(shared[name].key, ev)
+            start = time.perf_counter()
+            errors[name].append(_probes.probe_layer(shared[name], item).measured[config])
+            seconds[name] += time.perf_counter() - start
+    whole, whole_s = errors["whole"], seconds["whole"]
     del evaluator
-    rows.append({"path": "whole model", "seconds": round(whole_s, 1)})
+    rows.append({"path": "whole model", "seconds": round(whole_s, 1), "build_s": round(whole_build, 1)})
     print(json.dumps(rows[-1]), flush=True)
-    for mb in [int(x) for x in args.segment_mb.split(",")]:
+    diff = max(abs(g - w) / max(abs(w), 1e-12) for g, w in zip(errors["cut"], whole))
+    rows.append({"path": "from each layer's cut", "cuts": cut.segments, "seconds": round(seconds["cut"], 1),
+                 "build_s": round(cut_build, 1), "ratio_to_whole": round(seconds["cut"] / whole_s, 3),
+                 "max_rel_diff": float(f"{diff:.3g}")})
+    print(json.dumps(rows[-1]), flush=True)
+    del cut
+    for mb in [int(x) for x in args.segment_mb.split(",") if x]:
         start = time.perf_counter()
         with streaming.streaming("always", segment_bytes=mb << 20):
             runner_segments = len(streaming.StreamedModel(model).segments)
@@ -70,7 +95,8 @@ def main() -> int:
     print(cpu_line())
     print(f"{len(items)} probes, feed {[tuple(v.shape) for v in feeds[0].values()]}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_line(), "probes": len(items), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_line(), "probes": len(items), "fused": args.fused,
+                                               "rows": rows}, indent=1))
     return 0
 
 

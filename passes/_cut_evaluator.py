@@ -48,11 +48,12 @@ def evaluator(model: ir.Model, layers: Sequence[sens.Layer], feeds: Sequence[dic
     (and ``cut``), else a whole-model :class:`~graphc.passes._sensitivity.Evaluator`."""
     if cut:
         from graphc.core import streaming
+        from graphc.core.errors import ValidationError
 
         try:
             return CutEvaluator(model, layers, feeds, metric)
-        except (_TooFewSegments, streaming.NotStreamable):
-            pass
+        except (_TooFewSegments, streaming.NotStreamable, ValidationError):  # not cut, or a part ORT would
+            pass  # not load or run: the whole-model evaluator measures it, or says what is wrong
     return sens.Evaluator(model, layers, feeds, metric=metric)
 
 

@@ -100,3 +100,15 @@ def test_mixed_precision_plans_the_same_with_and_without_cut_probes(tiny):
     errors = {on: np.array([r["error"] for r in s["sensitivities"]]) for on, s in stats.items()}
     np.testing.assert_allclose(errors[True], errors[False], rtol=1e-4)
     assert stats[True]["choices"] == stats[False]["choices"]
+
+
+def test_a_part_onnx_runtime_refuses_falls_back_to_the_whole_model(tiny, monkeypatch):
+    from graphc.core.errors import ValidationError
+
+    model, layers, feeds = _setup(tiny, "kl")
+
+    def refuse(*args, **kwargs):
+        raise ValidationError("ONNX Runtime cannot load the model during sensitivity measurement (from cut 3): no")
+
+    monkeypatch.setattr(cut, "_session", refuse)
+    assert isinstance(cut.evaluator(model, layers, feeds, "kl"), sens.Evaluator)
