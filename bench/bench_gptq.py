@@ -1,13 +1,14 @@
-"""GPTQ's speed against an earlier commit's implementation, on SmolLM2-135M's layer shapes.
+"""GPTQ's speed against another commit's implementation, on SmolLM2-135M's layer shapes.
 
     python bench/bench_gptq.py [--against COMMIT] [--reps 3] [--json OUT]
 
-The ``gptq`` of ``passes/_blockquant.py`` as it is and as it was at ``--against`` (read with
-``git show``), on random weights with the shapes of SmolLM2-135M's projections (q/o 576x576,
-k/v 192x576, gate/up 1536x576, down 576x1536) and a correlated Hessian, with the decoder
-``int4`` recipe's settings (4 bits, block 64, act order, damp 0.1). In one process, the two
-alternating; reports the best of ``--reps`` per shape, the codes that differ and the output
-losses tr(D H D^T) of both, and the CPU.
+The ``gptq`` of ``passes/_blockquant.py`` as it is ("old" below) and as it is at ``--against``
+("new", read with ``git show``; default: 1ca9bdb, two-level lazy updates and the inverse
+factor from a reversed Cholesky, not adopted: see docs/results.md), on random weights with the
+shapes of SmolLM2-135M's projections (q/o 576x576, k/v 192x576, gate/up 1536x576, down
+576x1536) and a correlated Hessian, with the decoder ``int4`` recipe's settings (4 bits, block
+64, act order, damp 0.1). In one process, the two alternating; reports the best of ``--reps``
+per shape, the codes that differ and the output losses tr(D H D^T) of both, and the CPU.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536)}
 
 
-def _old_module(commit: str, folder: Path):
+def _other_module(commit: str, folder: Path):
     source = subprocess.run(["git", "show", f"{commit}:passes/_blockquant.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
-    path = folder / "_blockquant_old.py"
+    path = folder / "_blockquant_other.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("graphc.passes._blockquant_old", path)
+    spec = importlib.util.spec_from_file_location("graphc.passes._blockquant_other", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -43,17 +44,17 @@ def _old_module(commit: str, folder: Path):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", default="28e6cc9")
+    parser.add_argument("--against", default="1ca9bdb")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
 
     from graphc.core.target import cpu_line
-    from graphc.passes import _blockquant as new
+    from graphc.passes import _blockquant as old
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        old = _old_module(args.against, Path(tmp))
+        new = _other_module(args.against, Path(tmp))
         rng = np.random.default_rng(0)
         for label, (n, k) in SHAPES.items():
             mix = rng.standard_normal((k, k)) * 0.2 + np.eye(k)

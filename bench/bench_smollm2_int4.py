@@ -419,6 +419,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         with rep.status(f"{name}: graphc.compress"):
             paths[name], built[name] = build_graphc(fp32_path, work, name, spec, fresh=args.fresh)
+    for name, path in args.file:
+        paths[name] = Path(path)
     sizes = {k: measure.files_bytes(p) for k, p in paths.items()}
 
     feeds = recipe.perplexity_feeds(args.windows, seq=SEQ)
@@ -509,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--work", default=str(WORK), help=f"work folder (default {WORK.relative_to(ROOT)})")
     parser.add_argument("--fresh", action="store_true", help="rebuild cached exports, models and references")
+    parser.add_argument("--file", nargs=2, action="append", default=[], metavar=("NAME", "PATH"),
+                        help="also measure this model file (e.g. the output of a `graphc compress` run)")
     parser.add_argument("--reuse-built", action="store_true",
                         help="reuse every cached export and build even if the sources changed since "
                              "(the repository changes under a long session)")

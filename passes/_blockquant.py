@@ -337,8 +337,10 @@ def gptq(
     channels). Updates are applied lazily per ``lazy_block`` columns (a multiple of the block).
     """
     search = Method(search)
-    w_t = np.asarray(w_t)
-    n, k = w_t.shape
+    # working copy [N, K], float32: before the column loop it is only zeroed and permuted (a
+    # float64 copy gave the same bits at twice the memory: 0.5 GB for a 32000-row LM head)
+    w = np.array(w_t, dtype=np.float32)
+    n, k = w.shape
     block = block_size or k
     # the Hessian's algebra in float64, or float32 past LARGE_HESSIAN inputs (the reference
     # implementation's precision): inverting a K x K float64 matrix takes ~4 copies of it, 1 GB
@@ -348,25 +350,21 @@ def gptq(
         raise ValueError(f"hessian is {h.shape}, expected {(k, k)}")
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
+    w[:, dead] = 0.0
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     n_blocks = -(-k // block)
     qmax = (1 << bits) - 1
-    codes = np.zeros((n_blocks * block, n), np.uint8)  # transposed: one input channel a row
+    codes = np.zeros((n, n_blocks * block), np.uint8)
     scales = np.zeros((n, n_blocks), np.float32)
     zeros = np.zeros((n, n_blocks), np.float32)
     perm = np.arange(k)
-    # working copy, float32, transposed [K, N] (one input channel a contiguous row): before the
-    # column loop it is only zeroed and permuted (a float64 copy gave the same bits at twice the
-    # memory: 0.5 GB for a 32000-row LM head)
-    w = np.array(w_t.T, dtype=np.float32)
-    w[dead] = 0.0
     if act_order:
         # "static groups": block parameters from the original weights, then the columns in
         # order of decreasing Hessian diagonal (the blocks stay contiguous: no g_idx needed)
-        start = quantize(w.T, bits, block, symmetric=symmetric, method=search, scale_dtype=scale_dtype)
+        start = quantize(w, bits, block, symmetric=symmetric, method=search, scale_dtype=scale_dtype)
         scales[:], zeros[:] = start.scale, start.zero
         perm = np.argsort(-np.diag(h), kind="stable")
-        w, h = w[perm], h[np.ix_(perm, perm)]
+        w, h = w[:, perm], h[np.ix_(perm, perm)]
     # upper Cholesky factor of H^-1 (as in the reference implementation); each K x K float64
     # array let go as soon as the next exists (a 5632-wide input's is 254 MB)
     try:
@@ -376,77 +374,47 @@ def gptq(
         hinv = _upper_inverse_factor(h)
     del h
     # the column loop in float32 (the reference implementation's precision; the Hessian work
-    # above stays float64). Updates are lazy at two levels: a column's rounding error goes at
-    # once only onto the rest of its SUB_BLOCK columns, a sub-block's onto the rest of its lazy
-    # block by one GEMM, a lazy block's onto every later column by one GEMM (the same sums in
-    # another order; 2-4x faster than per-column updates over the whole lazy block)
+    # above stays float64): half the memory traffic of the per-column rank-1 updates
     hinv = hinv.T.astype(np.float32)
     lazy = max(block, (lazy_block // block) * block) if block < k else k
-    sub = SUB_BLOCK if block % SUB_BLOCK == 0 else block
     s = z = None
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
-        w1 = w[i1:i2]  # a view: updated in place
+        w1 = w[:, i1:i2].copy()
         err1 = np.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        for j1 in range(0, i2 - i1, sub):
-            j2 = min(j1 + sub, i2 - i1)
-            for i in range(j1, j2):
-                col = int(perm[i1 + i])
-                g = col // block
-                if act_order:
-                    s, z = scales[:, g], zeros[:, g]
-                elif col % block == 0:  # a block starts where a sub-block does: nothing pending
-                    grp = w1[i : i + block].T.astype(np.float32)
-                    if grp.shape[1] < block:  # last, partial block: edge-pad like quantize()
-                        grp = np.concatenate([grp, np.repeat(grp[:, -1:], block - grp.shape[1], axis=1)], axis=1)
-                    _, s16, z8 = _quantize_blocks(np.ascontiguousarray(grp), bits, symmetric, search, scale_dtype)
-                    s = s16.astype(np.float32)
-                    z = z8.astype(np.float32)
-                    scales[:, g], zeros[:, g] = s16, z8
-                x = w1[i]
-                q = np.clip(np.rint(x / s) + z, 0, qmax)
-                codes[col] = q
-                e = (x - (q - z) * s) / h1[i, i]
-                w1[i:j2] -= h1[i, i:j2, None] * e
-                err1[i] = e
-            if j2 < i2 - i1:
-                w1[j2:] -= h1[j1:j2, j2:].T @ err1[j1:j2]
-        if i2 < k:
-            w[i2:] -= hinv[i1:i2, i2:].T @ err1
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // block
+            if act_order:
+                s, z = scales[:, g], zeros[:, g]
+            elif col % block == 0:
+                grp = w1[:, i : i + block].astype(np.float32)
+                if grp.shape[1] < block:  # last, partial block: edge-pad like quantize()
+                    grp = np.concatenate([grp, np.repeat(grp[:, -1:], block - grp.shape[1], axis=1)], axis=1)
+                _, s16, z8 = _quantize_blocks(grp, bits, symmetric, search, scale_dtype)
+                s = s16.astype(np.float32)
+                z = z8.astype(np.float32)
+                scales[:, g], zeros[:, g] = s16, z8
+            x = w1[:, i]
+            q = np.clip(np.rint(x / s) + z, 0, qmax)
+            codes[:, col] = q
+            e = (x - (q - z) * s) / h1[i, i]
+            w1[:, i:] -= np.outer(e, h1[i, i:])
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if n_blocks * block > k:  # padding codes: the zero point (dequantize to 0)
-        codes[k:] = zeros[:, -1].astype(np.uint8)
+        codes[:, k:] = np.repeat(zeros[:, -1:], n_blocks * block - k, axis=1).astype(np.uint8)
     return BlockQuant(
-        np.ascontiguousarray(codes.T).reshape(n, n_blocks, block), scales.astype(scale_dtype), zeros.astype(np.uint8),
-        bits, block, k, symmetric
+        codes.reshape(n, n_blocks, block), scales.astype(scale_dtype), zeros.astype(np.uint8), bits, block, k, symmetric
     )
 
 
-SUB_BLOCK = 16  # GPTQ's inner lazy block (columns whose errors are applied one by one)
-
-
 def _upper_inverse_factor(h: np.ndarray) -> np.ndarray:
-    """The lower Cholesky factor L of H^-1 (H^-1 = L L^T; GPTQ uses its transpose), from the
-    Cholesky factor of H in reversed order: with J the order reversal and J H J = M M^T,
-    H^-1 = (J M^-T J)(J M^-T J)^T, so L = J M^-T J. One Cholesky and one triangular inverse
-    (~K^3/3 operations each) instead of a general inverse (~2K^3) then a Cholesky: 1536 inputs
-    took 0.16 s instead of 0.34 s on 2 cores."""
-    m = np.linalg.cholesky(h[::-1, ::-1])
-    return np.ascontiguousarray(_lower_inverse(m).T[::-1, ::-1])
-
-
-def _lower_inverse(m: np.ndarray) -> np.ndarray:
-    """The inverse of a lower-triangular matrix, by halves: [[A, 0], [C, D]]^-1 =
-    [[A^-1, 0], [-D^-1 C A^-1, D^-1]] (GEMMs; LAPACK's general inverse below 256)."""
-    n = m.shape[0]
-    if n <= 256:
-        return np.tril(np.linalg.inv(m))
-    half = n // 2
-    a_inv, d_inv = _lower_inverse(m[:half, :half]), _lower_inverse(m[half:, half:])
-    out = np.zeros_like(m)
-    out[:half, :half], out[half:, half:] = a_inv, d_inv
-    out[half:, :half] = -(d_inv @ m[half:, :half]) @ a_inv
-    return out
+    """The lower Cholesky factor L of H^-1 (H^-1 = L L^T; GPTQ uses its transpose); the inverse
+    is let go as soon as the factor exists."""
+    inverse = np.linalg.inv(h)
+    return np.linalg.cholesky(inverse)
 
 
 def refit_scales(w_t: np.ndarray, hessian: np.ndarray, quant: BlockQuant, *, passes: int = 2) -> BlockQuant:

@@ -11,14 +11,16 @@ read to the outputs, and a probe runs that session from the reference's values a
 
 One session per start, not one per segment: chaining 16 segment sessions per probe cost more
 than the work it skipped on SmolLM2-135M (Python hops, and 16 thread pools spinning against
-each other), while a suffix session per cut took 0.72-0.78x the whole-model time per probe
-over a spread of layers (``bench/bench_streamed_probes.py`` measures the segment-by-segment
-form a model too large for memory uses). The sessions run without ORT's memory arena and
-without spinning threads: all are kept, and with the arena they held 2.6 GB more between
-probes on SmolLM2 (3.0 GB peak for the evaluator against 2.3 GB for the whole-model one).
+each other), while a session per cut took 0.736x the whole-model time over all 211 of its
+probes on the fused graph, alternating probe by probe (``bench/bench_streamed_probes.py
+--fused``: the LM head and the KL over 49,152 tokens run in every probe, so about half the
+whole pass cannot be skipped). The sessions run without ORT's memory arena and without
+spinning threads: all are kept, and with the arena they held 2.6 GB more between probes on
+SmolLM2 (3.0 GB peak for the evaluator against 2.3 GB for the whole-model one).
 
 The errors are the whole-model path's up to float rounding (ONNX Runtime may pick other kernels
-for a part of a graph than for the whole; ~1e-6 relative on SmolLM2). They are the same numbers
+for a part of a graph than for the whole: equal on SmolLM2's fused graph, ~1e-6 relative on
+its plain export). They are the same numbers
 wherever a probe runs: a worker rebuilds the sessions from :meth:`CutEvaluator.payload` and runs
 the same arithmetic from the same cut values (the tests compare written bytes).
 
