@@ -109,7 +109,7 @@ class MixedPrecisionOptions:
     held_out: bool = True
     damp: float = 0.01  # gptq probes' Hessian damping (as quantize-nbits' damp)
     # each probe runs from the first block reading its weight, from the float model's values there
-    # (the same errors to float rounding, ~0.7x the time on SmolLM2); false: whole forward passes
+    # (the same errors to float rounding, 0.74x the time on SmolLM2); false: whole forward passes
     cut_probes: bool = True
 
 
@@ -267,7 +267,7 @@ class MixedPrecision(GraphcPass):
         from graphc.core import streaming
 
         # a large model streams (graphc.core.streaming): its probes go segment by segment, in this process;
-        # one that fits keeps every segment's session, and each probe starts at its layer's (_cut_evaluator)
+        # one that fits keeps a session from each cut, and each probe starts at its layer's (_cut_evaluator)
         evaluator = None
         if not streaming.applies(model):
             evaluator = _cut_evaluator.evaluator(model, layers, feeds, o.metric, cut=o.cut_probes)
@@ -370,8 +370,8 @@ class MixedPrecision(GraphcPass):
         )
         return True
 
-    def _measure(self, model: ir.Model, evaluator: sens.Evaluator | _cut_evaluator.CutEvaluator | None, layers: list[sens.Layer], feeds: list[dict],
-                 cands: dict, method: bq.Method, stats: PassStats):
+    def _measure(self, model: ir.Model, evaluator: sens.Evaluator | _cut_evaluator.CutEvaluator | None,
+                 layers: list[sens.Layer], feeds: list[dict], cands: dict, method: bq.Method, stats: PassStats):
         """measured[id(layer)][config] (output error runs) and predicted[id(layer)][config] for
         every candidate: measured where measured, else the probe of the nearest bit width times
         the squared ratio of round-to-nearest weight errors (Hessian-weighted for MatMuls when
@@ -407,8 +407,8 @@ class MixedPrecision(GraphcPass):
         stats.counts["measurement_runs"] = total
         return measured, predicted
 
-    def _probe(self, evaluator: sens.Evaluator | _cut_evaluator.CutEvaluator, runs: list, cands: dict, method: bq.Method,
-               hessians: Mapping, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
+    def _probe(self, evaluator: sens.Evaluator | _cut_evaluator.CutEvaluator, runs: list, cands: dict,
+               method: bq.Method, hessians: Mapping, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
         """Every layer's probes through the context's executor (this process unless the run has
         workers): the model and feeds are shared once, each layer is one item (with its Hessian for
         GPTQ), and the results come back in layer order whatever order the workers finish in."""
