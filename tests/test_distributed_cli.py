@@ -54,8 +54,10 @@ def test_workers_write_the_same_bytes_and_report_probe_progress(deep, single, tm
     assert two.returncode == 0, two.stderr
     assert single[0].read_bytes() == (tmp_path / "two.onnx").read_bytes()
     events = [json.loads(line) for line in two.stderr.splitlines()]  # every stderr line is an event: no Ray noise
-    probes = [e for e in events if e["event"] == "progress" and e["name"] == "mixed-precision"]
+    mine = [e for e in events if e["event"] == "progress" and e["name"] == "mixed-precision"]
+    probes = [e for e in mine if e["what"] != "calibration sweep"]  # its Hessians' sweep reports first
     assert probes and all(e["what"] == "probes on 2 workers" for e in probes)
+    assert mine.index(probes[0]) > 0 and mine[0]["what"] == "calibration sweep"
     assert probes[-1]["done"] == probes[-1]["total"] == 7 and probes[-1]["eta_s"] == 0.0
     assert json.loads(two.stdout)["written"] == [str(tmp_path / "two.onnx")]
 
