@@ -120,7 +120,7 @@ class CutEvaluator:
                               for refs, mask in zip(self.reference, self.masks)]
 
     @property
-    def segments(self) -> int:
+    def start_count(self) -> int:
         """Cuts a probe can start at (the first, and each one before a planned weight's first reader)."""
         return len(self.starts)
 

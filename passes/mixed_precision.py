@@ -272,7 +272,7 @@ class MixedPrecision(GraphcPass):
         if not streaming.applies(model):
             evaluator = _cut_evaluator.evaluator(model, layers, feeds, o.metric, cut=o.cut_probes)
             if isinstance(evaluator, _cut_evaluator.CutEvaluator):
-                stats.counts["probe_segments"] = evaluator.segments
+                stats.counts["probe_cuts"] = evaluator.start_count
         measured, predicted = self._measure(model, evaluator, layers, feeds, cands, method, stats)
         stats.counts["measure_s"] = round(time.perf_counter() - start, 1)
 

@@ -181,7 +181,7 @@ def test_probes_on_workers_give_the_same_bytes_even_when_a_worker_dies(ray_clust
     assert capture.results == local_results  # every measured float exactly (one ORT thread vs all)
     assert _sensitivities(result) == _sensitivities(local)
     (mp,) = [r for r in result.passes if r.name == "mixed-precision"]
-    assert mp.stats["probe_segments"] >= 3  # the probes started at their layers' cuts, in the workers too
+    assert mp.stats["probe_cuts"] >= 3  # the probes started at their layers' cuts, in the workers too
     probes = [e for e in events if e[0].startswith("probes on 2 workers")]
     assert probes[0][1] == 0 and probes[-1][1:] == (7, 7) and [d for _, d, _ in probes] == sorted(d for _, d, _ in probes)
 

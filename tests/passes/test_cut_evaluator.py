@@ -35,7 +35,7 @@ def _quantized(layer, bits=4):
 def test_cut_probes_measure_what_whole_passes_measure(tiny, metric):
     model, layers, feeds = _setup(tiny, metric)
     ev = cut.evaluator(model, layers, feeds, metric)
-    assert isinstance(ev, cut.CutEvaluator) and ev.segments >= cut.MIN_SEGMENTS
+    assert isinstance(ev, cut.CutEvaluator) and ev.start_count >= cut.MIN_SEGMENTS
     whole = sens.Evaluator(model, layers, feeds, metric=metric)
     starts, wanted = [], []
     for layer in layers:
@@ -96,7 +96,7 @@ def test_mixed_precision_plans_the_same_with_and_without_cut_probes(tiny):
         ctx = PassContext(calibration=synthesize_inputs(model, count=2, seed=1), calibration_source="test")
         options = MixedPrecision.Options(max_bits=5, bits=(2, 4, 8), block_sizes=(32,), metric="kl", cut_probes=on)
         stats[on] = MixedPrecision(options, ctx)(model).stats.to_dict()
-    assert stats[True]["probe_segments"] >= cut.MIN_SEGMENTS and "probe_segments" not in stats[False]
+    assert stats[True]["probe_cuts"] >= cut.MIN_SEGMENTS and "probe_cuts" not in stats[False]
     errors = {on: np.array([r["error"] for r in s["sensitivities"]]) for on, s in stats.items()}
     np.testing.assert_allclose(errors[True], errors[False], rtol=1e-4)
     assert stats[True]["choices"] == stats[False]["choices"]
