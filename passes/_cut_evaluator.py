@@ -42,6 +42,7 @@ from graphc.passes import _sensitivity as sens
 SEGMENTS = 16  # the model's weights are cut into about this many segments
 MIN_SEGMENTS = 3  # fewer: the whole-model evaluator (little to skip, a session per cut to build)
 KIND = "cut"  # payload["kind"]
+WHAT = "model during sensitivity measurement"
 
 
 def evaluator(model: ir.Model, layers: Sequence[sens.Layer], feeds: Sequence[dict], metric: str = "cosine",
@@ -75,7 +76,7 @@ class CutEvaluator:
         names = [layer.value.name for layer in layers]
         total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         runner = streaming.StreamedModel(model, switchable=names, segment_bytes=max(total // SEGMENTS, 1),
-                                         what="model during sensitivity measurement")
+                                         what=WHAT)
         if len(runner.segments) < MIN_SEGMENTS:
             raise _TooFewSegments
         self.metric = metric
@@ -94,16 +95,14 @@ class CutEvaluator:
             fetch = [n for n in runner.segments[k].keeps if n in later]
             if not fetch:
                 continue
-            proto, arrays, reads, switched = runner.segment_model(k, fetch, lambda name: values[0][name])
-            for name in switched:
+            part = runner.segment_session(k, fetch, lambda name: values[0][name])
+            for name in part.switched:
                 self.first.setdefault(name, k)
-            part = {"model": proto, "arrays": arrays, "reads": reads, "switched": switched, "fetch": fetch}
-            session = _session(part, None, k)
             for i, feed in enumerate(self.feeds):
-                values[i].update(zip(fetch, _run(session, part, feed, values[i], self.weights, {}, self.inputs)))
+                values[i].update(zip(fetch, runner.step(part, feed, values[i].__getitem__)))
                 for name in [n for n in values[i] if n not in later]:
                     del values[i][name]
-            del session
+            del part
         # one session from each cut where a probe starts to the outputs
         self.starts = sorted({0, *self.first.values()})
         self.cuts = {k: cuts[k] for k in self.starts}
@@ -113,7 +112,7 @@ class CutEvaluator:
                                                                   lambda name, k=k: cuts[k][0][name])
             self.parts[k] = {"model": np.frombuffer(proto.SerializeToString(), np.uint8), "arrays": arrays,
                              "reads": reads, "switched": switched, "fetch": list(self.outputs)}
-        self._sessions = {k: _session(part, None, k) for k, part in self.parts.items()}
+        self._sessions = _sessions(self.parts, None)
         self.reference = [self._outputs(0, i, {}) for i in range(len(self.feeds))]
         if self.metric == "kl":  # the reference's distributions, once
             self.reference = [[sens.SoftmaxRef(sens._rows(r, mask)) for r in refs]
@@ -125,8 +124,10 @@ class CutEvaluator:
         return len(self.starts)
 
     def _outputs(self, k: int, i: int, replaced: dict) -> list[np.ndarray]:
-        feed, values = self.feeds[i], self.cuts[k][i]
-        got = _run(self._sessions[k], self.parts[k], feed, values, self.weights, replaced, self.inputs)
+        from graphc.core import streaming
+
+        got = streaming.step(self._sessions[k], self.feeds[i], self.cuts[k][i].__getitem__, self.weights, self.inputs,
+                             replaced, what=WHAT)
         return [np.asarray(g) for g in got]
 
     def start(self, replaced: dict[str, np.ndarray]) -> int | None:
@@ -159,47 +160,24 @@ class CutEvaluator:
         self.weights, self.feeds, self.masks = payload["weights"], payload["feeds"], payload["masks"]
         self.reference, self.cuts, self.parts = payload["reference"], payload["cuts"], payload["parts"]
         self.first, self.starts = payload["first"], sorted(payload["parts"])
-        self._sessions = {k: _session(part, threads, k) for k, part in self.parts.items()}
+        self._sessions = _sessions(self.parts, threads)
         return self
 
 
-def _run(session: Any, part: dict, feed: dict, values: dict, weights: dict, replaced: dict, inputs: set) -> list:
-    """One run of a segment's session: graph inputs from ``feed``, values from earlier
-    segments from ``values``, planned weights from ``replaced`` or the model's."""
-    from graphc.core.errors import GraphcError, ValidationError
-    from graphc.core.interrupt import run_session
-
-    given = {n: (feed[n] if n in inputs and n not in values else values[n]) for n in part["reads"]}
-    for n in part["switched"]:
-        given[n] = replaced.get(n, weights[n])
-    try:
-        return run_session(session, given, part["fetch"])
-    except GraphcError:
-        raise
-    except Exception as e:  # noqa: BLE001 - ORT's own exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(f"ONNX Runtime failed to run the model during sensitivity measurement: {first}") from None
-
-
-def _session(part: dict, threads: int | None, k: int) -> Any:
+def _sessions(parts: dict[int, dict], threads: int | None) -> dict:
+    """Each start's ORT session: without ORT's memory arena and spinning threads (all are kept;
+    with the arena they held 2.6 GB more between probes on SmolLM2)."""
     import onnx
 
-    from graphc.core.errors import ValidationError
-    from graphc.core.ort_large import session_from_proto
-
-    model = part["model"]
-    if isinstance(model, np.ndarray):
-        model = onnx.ModelProto.FromString(model.tobytes())
+    from graphc.core import streaming
     from graphc.core.session import session_options
 
-    options = session_options(threads)
-    # one session per cut, all kept: without ORT's arena each frees its activations after a run
-    # (with it, SmolLM2's 16 sessions held 2.6 GB more between probes)
-    options.enable_cpu_mem_arena = False
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return session_from_proto(model, part["arrays"], options=options)
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValidationError(f"ONNX Runtime cannot load the model during sensitivity measurement (from cut {k}): "
-                              f"{first}") from None
+    out = {}
+    for k, part in parts.items():
+        options = session_options(threads)
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        model = onnx.ModelProto.FromString(part["model"].tobytes())
+        session = streaming.load(model, part["arrays"], what=WHAT, where=f"from cut {k}", options=options)
+        out[k] = streaming.SegmentSession(session, part["reads"], part["switched"], part["fetch"])
+    return out

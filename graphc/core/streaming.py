@@ -26,7 +26,7 @@ import contextlib
 import contextvars
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,15 +197,20 @@ def plan_segments(graph: onnx.GraphProto, weight_bytes: dict[str, int], segment_
             for r in reads[i]:
                 if r in const_of:
                     members |= cone[made_at[r]]
-        inside = {o for i in members for o in nodes[i].output if o}
-        read_here: set[str] = set().union(*(reads[i] for i in members))
-        seg = Segment(s, e, sorted(members))
-        seg.weights = sorted(read_here & initializers)
-        seg.reads = sorted(read_here - inside - initializers)
-        seg.keeps = sorted(name for name in inside if last_use.get(name, -1) >= e
-                           and (name not in const_of or name in outputs))
+        seg = _segment(s, e, members, nodes, reads, initializers,
+                       keep=lambda name, e=e: last_use.get(name, -1) >= e and (name not in const_of or name in outputs))
         segments.append(seg)
     return segments
+
+
+def _segment(start: int, stop: int, members: set[int], nodes: Sequence[onnx.NodeProto], reads: Any,
+             initializers: set[str], keep: Callable[[str], bool]) -> Segment:
+    """The :class:`Segment` of nodes ``members`` (``reads[i]``: the names node ``i`` reads):
+    what they read from outside, the weights among it, and the values they make that ``keep``."""
+    inside = {o for i in members for o in nodes[i].output if o}
+    read_here: set[str] = set().union(*(reads[i] for i in members))
+    return Segment(start, stop, sorted(members), reads=sorted(read_here - inside - initializers),
+                   keeps=sorted(name for name in inside if keep(name)), weights=sorted(read_here & initializers))
 
 
 # ---------------------------------------------------------------------------- the cache
@@ -365,46 +370,24 @@ class StreamedModel:
              replaced: dict[str, np.ndarray] | None = None) -> list[Any]:
         """One run of a segment: graph inputs from ``feed``, earlier values from ``value(name)``,
         switched weights from ``replaced`` or the model."""
-        from graphc.core.errors import ValidationError
-        from graphc.core.interrupt import run_session
+        return step(part, feed, value, self.arrays, self.inputs, replaced, what=self.what)
 
-        given = {n: (feed[n] if n in self.inputs else value(n)) for n in part.reads}
-        for n in part.switched:
-            given[n] = replaced[n] if replaced and n in replaced else self.arrays[n]
-        try:
-            return run_session(part.session, given, part.fetch)
-        except GraphcError:
-            raise
-        except Exception as e:  # noqa: BLE001 - ORT's own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValidationError(f"ONNX Runtime failed to run the {self.what}: {first}") from None
-
-    def segment_session(self, k: int, fetch: list[str], sample: Callable[[str], np.ndarray], *,
-                        threads: int | None = None) -> SegmentSession:
+    def segment_session(self, k: int, fetch: list[str], sample: Callable[[str], np.ndarray]) -> SegmentSession:
         """An ORT session over segment ``k`` that makes ``fetch`` (nodes that lead elsewhere
         left out), its inputs typed from ``sample(name)``, a value at hand for each."""
-        from graphc.core.ort_large import session_from_proto
-
         model, arrays, reads, switched = self.segment_model(k, fetch, sample)
-        try:
-            return SegmentSession(session_from_proto(model, arrays, threads=threads), reads, switched, list(fetch))
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            from graphc.core.errors import ValidationError
-
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValidationError(f"ONNX Runtime cannot load the {self.what} (segment {k + 1} of "
-                                  f"{len(self.segments)}): {first}") from None
+        where = f"segment {k + 1} of {len(self.segments)}"
+        return SegmentSession(load(model, arrays, what=self.what, where=where), reads, switched, list(fetch))
 
     def suffix(self, k: int) -> Segment:
         """Segments ``k`` to the last as one (a run from cut ``k`` to the graph's outputs)."""
         graph = self.proto.graph
-        members = sorted(set().union(*(seg.nodes for seg in self.segments[k:])))
+        members = set().union(*(seg.nodes for seg in self.segments[k:]))
         initializers = {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer}
-        inside = {o for i in members for o in graph.node[i].output if o}
-        read_here: set[str] = set().union(*(_names_read(graph.node[i]) for i in members))
-        return Segment(self.segments[k].start, self.segments[-1].stop, members,
-                       reads=sorted(read_here - inside - initializers),
-                       keeps=[o for o in self.outputs if o in inside], weights=sorted(read_here & initializers))
+        reads = {i: _names_read(graph.node[i]) for i in members}
+        outputs = set(self.outputs)
+        return _segment(self.segments[k].start, self.segments[-1].stop, members, graph.node, reads, initializers,
+                        keep=outputs.__contains__)
 
     def segment_model(self, k: int | Segment, fetch: list[str], sample: Callable[[str], np.ndarray]
                       ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str], list[str]]:
@@ -447,6 +430,38 @@ class StreamedModel:
         model.graph.CopyFrom(sub)
         arrays = {name: self.arrays[name] for name in weights if name in self.arrays}
         return model, arrays, reads, switched
+
+
+def step(part: SegmentSession, feed: dict, value: Callable[[str], np.ndarray], weights: dict[str, np.ndarray],
+         inputs: Collection[str], replaced: dict[str, np.ndarray] | None = None, *, what: str = "model") -> list[Any]:
+    """One run of a part of a model: graph ``inputs`` from ``feed``, earlier values from
+    ``value(name)``, switched weights from ``replaced`` or ``weights``."""
+    from graphc.core.errors import ValidationError
+    from graphc.core.interrupt import run_session
+
+    given = {n: (feed[n] if n in inputs else value(n)) for n in part.reads}
+    for n in part.switched:
+        given[n] = replaced[n] if replaced and n in replaced else weights[n]
+    try:
+        return run_session(part.session, given, part.fetch)
+    except GraphcError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT's own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValidationError(f"ONNX Runtime failed to run the {what}: {first}") from None
+
+
+def load(model: onnx.ModelProto, arrays: dict[str, np.ndarray], *, what: str, where: str, options: Any = None) -> Any:
+    """An ORT session over a part of a model (:meth:`StreamedModel.segment_model`), its
+    placeholder weights given as ``arrays``; a load failure is one line naming ``where``."""
+    from graphc.core.errors import ValidationError
+    from graphc.core.ort_large import session_from_proto
+
+    try:
+        return session_from_proto(model, arrays, options=options)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValidationError(f"ONNX Runtime cannot load the {what} ({where}): {first}") from None
 
 
 def _inline_bytes(t: onnx.TensorProto) -> int:

@@ -110,5 +110,7 @@ def test_a_part_onnx_runtime_refuses_falls_back_to_the_whole_model(tiny, monkeyp
     def refuse(*args, **kwargs):
         raise ValidationError("ONNX Runtime cannot load the model during sensitivity measurement (from cut 3): no")
 
-    monkeypatch.setattr(cut, "_session", refuse)
+    from graphc.core import streaming
+
+    monkeypatch.setattr(streaming, "load", refuse)  # every part's session
     assert isinstance(cut.evaluator(model, layers, feeds, "kl"), sens.Evaluator)
