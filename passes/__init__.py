@@ -11,6 +11,7 @@ from graphc.passes import (  # noqa: F401
     gemm_to_matmul,
     lowrank_embedding,
     mixed_precision,
+    pack_nbits,
     plan_compression,
     prune_ffn,
     prune_heads,

@@ -3,7 +3,10 @@ independent work items (``graphc.core.executor``).
 
 One item is one layer: quantize its weight at each probe configuration, run the model with
 only that weight replaced (``_sensitivity.Evaluator``), and compute the round-to-nearest
-weight error of every candidate (what the untested candidates are predicted from). Items
+weight error of every candidate (what the untested candidates are predicted from). A layer may
+be several weights that read one input (``mixed-precision``'s ``siblings``: Q, K and V; gate
+and up): they are quantized as one matrix, their rows stacked (rows are quantized independently,
+GPTQ's too, with the input's one Hessian), and replaced together. Items
 share the read-only :class:`ProbeShared` (the ORT model with the planned weights as inputs,
 the weights, the calibration feeds and reference outputs), which an executor sends to each
 worker once; an item is a few hundred bytes plus, for GPTQ probes, its layer's Hessian.
@@ -18,6 +21,7 @@ wherever an item runs (the tests compare the written model's bytes). The planner
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +68,38 @@ class ProbeItem:
     probes: tuple[sens.QuantConfig, ...]
     candidates: tuple[sens.QuantConfig, ...]  # whose weight errors are wanted (probes included)
     hessian: np.ndarray | None = None  # [cols, cols] float64, GPTQ probes only
+    # several weights reading one input, planned as one (name, transposed), ``weight`` first;
+    # () for a single weight
+    members: tuple[tuple[str, bool], ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The weights this item replaces."""
+        return tuple(m[0] for m in self.members) if self.members else (self.weight,)
+
+
+def item_view(item: ProbeItem, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The quantizer's float32 [rows, cols] view of the item's weight(s): members' rows stacked."""
+    members = item.members or ((item.weight, item.transposed),)
+    views = [_oriented_view(arrays[name], transposed) for name, transposed in members]
+    return views[0] if len(views) == 1 else np.ascontiguousarray(np.concatenate(views, axis=0))
+
+
+def item_stored(item: ProbeItem, arrays: Mapping[str, np.ndarray], deq: np.ndarray) -> dict[str, np.ndarray]:
+    """A dequantized view (as :func:`item_view`) back as each weight in its stored orientation."""
+    members = item.members or ((item.weight, item.transposed),)
+    out, row = {}, 0
+    for name, transposed in members:
+        stored = arrays[name]
+        rows = stored.shape[1] if transposed else stored.shape[0]
+        out[name] = Oriented(transposed).stored(deq[row:row + rows])
+        row += rows
+    return out
+
+
+def _oriented_view(stored: np.ndarray, transposed: bool) -> np.ndarray:
+    a = np.asarray(stored, dtype=np.float32)
+    return np.ascontiguousarray(a.T if transposed else a)
 
 
 @dataclass(frozen=True)
@@ -97,20 +133,17 @@ def _evaluator(shared: ProbeShared) -> sens.Evaluator:
 def probe_layer(shared: ProbeShared, item: ProbeItem) -> ProbeResult:
     """The measured output errors of one layer's probes and its candidates' weight errors."""
     evaluator = _evaluator(shared)
-    stored = evaluator.weights[item.weight]
-    layer = Oriented(item.transposed)
-    view = np.ascontiguousarray(np.asarray(stored, dtype=np.float32).T if item.transposed
-                                else np.asarray(stored, dtype=np.float32))
+    view = item_view(item, evaluator.weights)
     h = item.hessian
     kw = {"symmetric": shared.symmetric, "scale_dtype": shared.scale_dtype}
     method = bq.Method(item.method)
     measured: dict[sens.QuantConfig, float] = {}
     for c in item.probes:
-        q, _ = sens.quantize_view(layer, view, c, method=method, hessian=h, damp=shared.damp, **kw)
-        measured[c] = evaluator.error({item.weight: q})
+        _, deq = sens.quantize_view(Oriented(False), view, c, method=method, hessian=h, damp=shared.damp, **kw)
+        measured[c] = evaluator.error(item_stored(item, evaluator.weights, deq))
     werr = {}
     for c in item.candidates:
-        _, deq = sens.quantize_view(layer, view, c, method=bq.Method.RTN, **kw)
+        _, deq = sens.quantize_view(Oriented(False), view, c, method=bq.Method.RTN, **kw)
         werr[c] = sens.relative_error(view, deq, h)
     return ProbeResult(measured, werr)
 

@@ -48,25 +48,27 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
     held: dict[int, np.ndarray | None] = {}  # the last item's Hessian (its probes run one after another)
 
     def quantize_item(i: int, configs: Sequence[sens.QuantConfig]) -> dict:
-        """Item ``i``'s weight at each config (dequantized, stored orientation); its candidates'
-        weight errors on first call."""
+        """Item ``i``'s weight(s) at each config ({name: dequantized, stored orientation and
+        dtype}); its candidates' weight errors on first call."""
         item = items[i]
-        stored = runner.arrays[item.weight]
-        view = _view(stored, item.transposed)
-        layer = _probes.Oriented(item.transposed)
+        view = _probes.item_view(item, runner.arrays)
+        flat = _probes.Oriented(False)
         if i not in held:
             held.clear()  # one Hessian at a time
             held[i] = hessian_of(i)
         h = held[i]
-        out = {c: sens.quantize_view(layer, view, c, method=bq.Method(item.method), hessian=h, damp=damp, **kw)[0]
-               .astype(stored.dtype, copy=False) for c in configs}
+        out = {}
+        for c in configs:
+            deq = sens.quantize_view(flat, view, c, method=bq.Method(item.method), hessian=h, damp=damp, **kw)[1]
+            out[c] = {name: q.astype(runner.arrays[name].dtype, copy=False)
+                      for name, q in _probes.item_stored(item, runner.arrays, deq).items()}
         if i not in weight_errors:
-            weight_errors[i] = {c: sens.relative_error(view, sens.quantize_view(layer, view, c, method=bq.Method.RTN,
+            weight_errors[i] = {c: sens.relative_error(view, sens.quantize_view(flat, view, c, method=bq.Method.RTN,
                                                                                  **kw)[1], h)
                                 for c in item.candidates}
         return out
 
-    names = [item.weight for item in items]
+    names = [name for item in items for name in item.names]
     runner = streaming.StreamedModel(model, switchable=names, what="model during sensitivity measurement")
     outputs = sens.measured_outputs(runner.outputs, metric)
     out_index = [runner.outputs.index(n) for n in outputs]
@@ -75,9 +77,10 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
     masks = [feed.get("attention_mask") for feed in feeds]
     segments = runner.segments
     reads_weight = {name: [k for k, seg in enumerate(segments) if name in seg.weights] for name in names}
+    reads_item = [sorted({k for name in item.names for k in reads_weight[name]}) for item in items]
     # the probes: (item index, config); each starts at the first segment reading its weight
     probes = [(i, c) for i, item in enumerate(items) for c in item.probes]
-    start = {p: (reads_weight[items[p[0]].weight] or [len(segments)])[0] for p in probes}
+    start = {p: (reads_item[p[0]] or [len(segments)])[0] for p in probes}
     streams = ["ref", *probes]
     index = {s: n for n, s in enumerate(streams)}
     cache = streaming.ActivationCache(len(streams) * len(feeds), streaming.policy().cache_bytes)
@@ -96,8 +99,8 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             for stream in [*running, "ref"]:  # the reference last: probes starting here read its values at this cut
                 source = "ref" if stream != "ref" and start[stream] == k else stream
                 replaced = None  # one quantized weight at a time, made when its stream runs a segment reading it
-                if stream != "ref" and k in reads_weight[items[stream[0]].weight]:
-                    replaced = {items[stream[0]].weight: quantize_item(stream[0], [stream[1]])[stream[1]]}
+                if stream != "ref" and k in reads_item[stream[0]]:
+                    replaced = quantize_item(stream[0], [stream[1]])[stream[1]]
                 for i, feed in enumerate(feeds):
                     got = runner.step(part, feed, lambda name, s=source, i=i: cache.get(slot(s, i), name), replaced)
                     row = slot(stream, i)
@@ -137,7 +140,3 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
     return [_probes.ProbeResult({c: measured[(i, c)] for c in item.probes}, weight_errors[i])
             for i, item in enumerate(items)]
 
-
-def _view(stored: np.ndarray, transposed: bool) -> np.ndarray:
-    a = np.asarray(stored, dtype=np.float32)
-    return np.ascontiguousarray(a.T if transposed else a)

@@ -67,6 +67,7 @@ from graphc.passes import _cut_evaluator
 from graphc.passes import _probes
 from graphc.passes._plan import precision as pp
 from graphc.passes import _row_use as row_use
+from graphc.passes import _siblings
 from graphc.passes import _sensitivity as sens
 from graphc.passes._weights import META_BITS, META_BLOCK, META_COLD_BITS, META_COLD_BLOCK, META_HOT_ROWS
 from graphc.core.registry import register
@@ -111,6 +112,9 @@ class MixedPrecisionOptions:
     # each probe runs from the first block reading its weight, from the float model's values there
     # (the same errors to float rounding, 0.74x the time on SmolLM2); false: whole forward passes
     cut_probes: bool = True
+    # MatMuls that read one input (Q/K/V, gate/up) planned as one layer: one probe with all of them
+    # quantized, one choice of bits and block, so that pack-nbits can store them as one MatMulNBits
+    siblings: bool = False
 
 
 @register
@@ -258,6 +262,9 @@ class MixedPrecision(GraphcPass):
                                            min_rows=o.min_rows, min_cols=min(o.block_sizes), exclude=o.exclude)
         for what, why in skipped:
             stats.skip(what, why)
+        if o.siblings:
+            layers = _siblings.group(layers)
+            stats.counts["sibling_groups"] = sum(isinstance(u, _siblings.Siblings) for u in layers)
         cands = {id(layer): self._candidates(layer, configs) for layer in layers}
         layers = [layer for layer in layers if cands[id(layer)]]
         if not layers:
@@ -270,7 +277,7 @@ class MixedPrecision(GraphcPass):
         # one that fits keeps a session from each cut, and each probe starts at its layer's (_cut_evaluator)
         evaluator = None
         if not streaming.applies(model):
-            evaluator = _cut_evaluator.evaluator(model, layers, feeds, o.metric, cut=o.cut_probes)
+            evaluator = _cut_evaluator.evaluator(model, _siblings.flatten(layers), feeds, o.metric, cut=o.cut_probes)
             if isinstance(evaluator, _cut_evaluator.CutEvaluator):
                 stats.counts["probe_cuts"] = evaluator.start_count
         measured, predicted = self._measure(model, evaluator, layers, feeds, cands, method, stats)
@@ -298,7 +305,7 @@ class MixedPrecision(GraphcPass):
             options.append(opts)
             combos.append(combo)
         params = sum(layer.params for layer in layers)
-        planned = {layer.value.name for layer in layers}
+        planned = {layer.value.name for layer in _siblings.flatten(layers)}
         fixed = sum(_nbytes(v) for v in model.graph.initializers.values() if v.name not in planned)
         if o.max_bits:
             max_bytes, fixed_bytes = int(o.max_bits * params / 8), 0
@@ -445,7 +452,8 @@ class MixedPrecision(GraphcPass):
             probe_method = method if (id(layer) in hessians or not gptq) else bq.Method.MSE  # tables: as gather-block
             items.append(_probes.ProbeItem(layer.value.name, layer.transposed, probe_method.value, tuple(probes),
                                            tuple(sorted({*cands[id(layer)], *probes})),
-                                           hessians.get(id(layer)) if with_hessians else None))
+                                           hessians.get(id(layer)) if with_hessians else None,
+                                           layer.member_keys if isinstance(layer, _siblings.Siblings) else ()))
         return items
 
     def _probe_streamed(self, model: ir.Model, feeds: list[dict], runs: list, cands: dict, method: bq.Method,

@@ -177,31 +177,36 @@ def test_cli_stream_option(tiny, tmp_path):
 
 
 def _probe_items(layers, configs, method="rtn", hessians=None):
-    from graphc.passes import _probes
+    from graphc.passes import _probes, _siblings
 
     hessians = hessians or {}
     return [_probes.ProbeItem(layer.value.name, layer.transposed, method, tuple(configs), tuple(configs),
-                              hessians.get(layer.value.name)) for layer in layers]
+                              hessians.get(layer.value.name),
+                              layer.member_keys if isinstance(layer, _siblings.Siblings) else ())
+            for layer in layers]
 
 
-@pytest.mark.parametrize("metric", ["kl", "cosine"])
-def test_streamed_probes_measure_what_the_whole_model_session_measures(tiny, metric):
+@pytest.mark.parametrize("metric,siblings", [("kl", False), ("cosine", False), ("kl", True)])
+def test_streamed_probes_measure_what_the_whole_model_session_measures(tiny, metric, siblings):
     """Each probe starts at its layer's segment from the reference's values and runs to the end;
-    the errors are the whole-model session's (same numbers: the arithmetic is node for node)."""
-    from graphc.passes import _probes, _streamed_probes
+    the errors are the whole-model session's (same numbers: the arithmetic is node for node).
+    ``siblings``: Q/K/V and gate/up probed as groups (every member replaced)."""
+    from graphc.passes import _probes, _siblings, _streamed_probes
     from graphc.passes import _sensitivity as sens
 
     model = load_model(tiny)
     layers, _ = sens.find_layers(model.graph, matmuls=True, embeddings=True, min_rows=1, min_cols=32, exclude=())
+    units = _siblings.group(layers) if siblings else layers
+    assert any(isinstance(u, _siblings.Siblings) for u in units) == siblings
     feeds = _feeds(model, 2)
     configs = (sens.QuantConfig(4, 32), sens.QuantConfig(2, 32))
-    items = _probe_items(layers, configs)
+    items = _probe_items(units, configs)
     with streaming.streaming("always", segment_bytes=SEGMENT):
         streamed = _streamed_probes.probe_results(model, items, feeds, metric, symmetric=False, scale_dtype="float16",
                                                   damp=0.01)
     evaluator = sens.Evaluator(model, layers, feeds, metric=metric)
-    shared = _probes.ProbeShared(f"streaming-{metric}", evaluator.payload())  # one key per evaluator
-    assert len(streamed) == len(layers) >= 10
+    shared = _probes.ProbeShared(f"streaming-{metric}-{siblings}", evaluator.payload())  # one key per evaluator
+    assert len(streamed) == len(units) >= 6
     for item, got in zip(items, streamed):
         want = _probes.probe_layer(shared, item)
         for c in configs:
