@@ -257,10 +257,33 @@ def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length
         for present in node.outputs[1:3]:
             present.shape = ir.Shape([present.shape[0], present.shape[1], "present_sequence_length", present.shape[3]])
         _drop_reshape_round_trips(node, plan.query)
-    common.RemoveUnusedNodesPass()(model)
+    common.RemoveUnusedNodesPass()(model)  # the separate rotary goes: Q and K have one reader each
+    if sum(_packed_qkv(plan.node) for plan in plans):
+        common.RemoveUnusedNodesPass()(model)
     unused = [v for v in graph.inputs if v.name == "position_ids" and not v.uses()]
     for value in unused:  # genai then feeds no positions (the op derives them)
         graph.inputs.remove(value)
+
+
+def _packed_qkv(node: ir.Node) -> bool:
+    """Query, key and value that are one ``Split`` of one projection (``pack-nbits``' packed
+    Q/K/V ``MatMulNBits``) go in as the op's packed input, as the builder's folders feed it: the
+    Split's copies go."""
+    q, k, v = node.inputs[:3]
+    split = q.producer() if q is not None else None
+    if split is None or split.op_type != "Split" or split.domain != "" or len(split.outputs) != 3:
+        return False
+    if list(split.outputs) != [q, k, v] or any(len(o.uses()) != 1 or o.is_graph_output() for o in split.outputs):
+        return False
+    source = split.inputs[0]
+    rank = len(source.shape) if source is not None and source.shape is not None else 0
+    if source is None or rank != 3 or split.attributes.get_int("axis", 0) not in (-1, 2):
+        return False
+    node.replace_input_with(0, source)
+    node.replace_input_with(1, None)
+    node.replace_input_with(2, None)
+    node.metadata_props["graphc.genai.packed_qkv"] = "1"
+    return True
 
 
 def _drop_reshape_round_trips(node: ir.Node, query: ir.Value) -> None:

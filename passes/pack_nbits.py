@@ -112,6 +112,10 @@ class PackNBits(GraphcPass):
         packed = ir.node(ops.MATMUL_NBITS, inputs, domain=ops.MS_DOMAIN, attributes={**attrs, "N": sum(sizes)},
                          name=f"{base}_packed")
         copy_scope(first, packed)
+        out = first.outputs[0]
+        packed.outputs[0].type = out.type or first.inputs[0].type
+        if out.shape is not None and len(out.shape) >= 1:
+            packed.outputs[0].shape = ir.Shape([*out.shape[:-1], sum(sizes)])
         packed.metadata_props[META_PACKED] = ",".join(m.node.name or "?" for m in members)
         if split_as_input:
             split_sizes = constant(graph, f"{base}_packed_split", np.asarray(sizes, np.int64))
@@ -125,7 +129,7 @@ class PackNBits(GraphcPass):
         for m, out in zip(members, split.outputs):
             old = m.node.outputs[0]
             name, old.name = old.name, None
-            out.name, out.shape, out.type = name, old.shape, old.type
+            out.name, out.shape, out.type = name, old.shape, old.type or first.inputs[0].type
             old.replace_all_uses_with(out)
         dropped = []
         for m in members:

@@ -67,7 +67,7 @@ def _attention(folder):
     return model, [n for n in model.graph if n.op_type == "GroupQueryAttention"]
 
 
-def _assert_shared_form(folder, rotary_rows):
+def _assert_shared_form(folder, rotary_rows, packed=False):
     config = json.loads((folder / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True
     assert "position_ids" not in config["model"]["decoder"]["inputs"]
@@ -83,8 +83,14 @@ def _assert_shared_form(folder, rotary_rows):
         seqlens, total = node.inputs[5].producer(), node.inputs[6].producer()
         assert seqlens.op_type == "Cast" and total.op_type == "Cast"  # from attention_mask, as the builder
         assert "attention_mask" in {v.name for v in _ancestors(node.inputs[5])}
-        # value in and output out as [B, S, n·D], with no Reshape pair there and back
-        assert node.inputs[2].producer().op_type in ("MatMul", "MatMulNBits")
+        # value in and output out as [B, S, n·D], with no Reshape pair there and back; a packed
+        # Q/K/V projection (pack-nbits) goes in whole, as the op's packed query
+        if packed:
+            assert node.inputs[1] is None and node.inputs[2] is None
+            assert node.inputs[0].producer().op_type == "MatMulNBits"
+            assert node.inputs[0].producer().attributes.get_int("N") == 64 + 2 * 32  # hidden + 2 KV heads x 16
+        else:
+            assert node.inputs[2].producer().op_type in ("MatMul", "MatMulNBits")
         assert {user.op_type for user, _ in node.outputs[0].uses()} <= {"MatMul", "MatMulNBits"}
 
 
@@ -108,7 +114,7 @@ def test_exported_folder_keeps_separate_buffers_with_a_notice(llama16, exported)
     assert generate(out, PROMPT, NEW) == _torch_greedy(llama16[1], PROMPT, NEW)
 
 
-@pytest.mark.parametrize("recipe", ["fuse", "int4-rtn"])
+@pytest.mark.parametrize("recipe", ["fuse", "int4-rtn", "int4-rtn-packed"])
 def test_compressed_folder_takes_the_shared_buffer_form(llama16, exported, tmp_path, recipe):
     """Rotary inside the op over a shared buffer: genai's tokens equal graphc.front.generate's on the
     same recipe's graph written without the rewrite (and, unquantized, PyTorch's)."""
@@ -117,15 +123,17 @@ def test_compressed_folder_takes_the_shared_buffer_form(llama16, exported, tmp_p
     from graphc.front.generate import Decoder
 
     src = exported[0] / "model.onnx"
-    if recipe == "int4-rtn":
+    packed = recipe.endswith("packed")
+    if recipe.startswith("int4-rtn"):
         path = tmp_path / "int4-rtn.toml"
         path.write_text('name = "int4-rtn"\n[tolerance]\nmin_cosine = 0.9\n'
                         '[[passes]]\nname = "fuse-ort"\n'
-                        '[[passes]]\nname = "quantize-nbits"\noptions = { bits = 4, block_size = 16, method = "rtn" }\n')
+                        '[[passes]]\nname = "quantize-nbits"\noptions = { bits = 4, block_size = 16, method = "rtn" }\n'
+                        + ('[[passes]]\nname = "pack-nbits"\n' if packed else ''))
         recipe = str(path)
     result = compress(src, tmp_path / "genai", recipe=recipe, genai=True)
     assert not [n for n in result.notices if SHARED_NOTICE in n]
-    _assert_shared_form(tmp_path / "genai", rotary_rows=128)
+    _assert_shared_form(tmp_path / "genai", rotary_rows=128, packed=packed)
     plain = compress(src, tmp_path / "plain.onnx", recipe=recipe)
     ours = Decoder(tmp_path / "plain.onnx").greedy(np.array([PROMPT]), NEW).tokens[0].tolist()
     tokens = generate(tmp_path / "genai", PROMPT, NEW)
