@@ -42,6 +42,14 @@ A table tied to an LM head (``Gather(table)`` and ``MatMul(x, Transpose(table))`
 layer: its precision goes on the head, and ``quantize-gather-block`` reads the head's
 ``MatMulNBits`` weights, so only blocks that divide the hidden size are candidates.
 
+With ``siblings = true`` the MatMuls that read one input (a block's Q, K and V; a gated MLP's
+gate and up: ``_siblings``) are one layer: one probe with all of them quantized (their rows
+stacked: each row is quantized on its own, GPTQ's too, so the probe is exactly the members
+quantized apart and replaced together), one choice of bits and block size, bytes and weight
+errors summed. That saves probes (SmolLM2-135M: 126 instead of 216, the probe phase 190 s instead
+of ~320 s) but costs the plan its freedom to give V more bits than Q and K: on SmolLM2 the
+perplexity rise went from +4.30% to +5.87% (docs/results.md), so the int4 recipe leaves it off.
+
 The choice is written on each reading node as metadata (``graphc.quant.bits``,
 ``graphc.quant.block_size``) which ``quantize-nbits`` and ``quantize-gather-block`` follow
 over their own ``bits``/``block_size``; run this pass just before them. The stats list every

@@ -86,6 +86,10 @@ class PackNBits(GraphcPass):
             stats.add("groups_packed")
             stats.add("nodes_packed", len(members))
             modified = True
+        if not modified:
+            any_nbits = any(n.op_type == ops.MATMUL_NBITS and n.domain == ops.MS_DOMAIN for n in graph)
+            stats.notes.append("no two MatMulNBits read one input with one layout" if any_nbits else
+                               "no MatMulNBits in the graph (run quantize-nbits first)")
         return modified
 
     @staticmethod

@@ -120,6 +120,9 @@ TOLERANCES: dict[str, Tol] = {
     # compared with the quantize-nbits model it runs on. Defaults leave tensors of under 64
     # scales alone (most drawn graphs): skip paths; tests/passes/test_compact_scales.py compacts
     "compact-scales": Tol(cos=0.9999),
+    # codes, scales and zero points concatenated along N, then a Split: the same per-column sums
+    # (compared with the quantize-nbits model it runs on; ORT may tile a wider N differently)
+    "pack-nbits": Tol(rel=1e-4, cos=0.99999),
     # rank per layer from a 5% relative output error budget (whitened on the calibration
     # activations; plain SVD below 2 calibration tokens per channel): random weights have flat
     # spectra, so only layers behind outlier-gain inputs factorize (6 of 60 drawn fp32 graphs),
@@ -178,6 +181,7 @@ PREPARE: dict[str, tuple[str, ...]] = {
     "attention-mask-index": ("fold-constants", "fuse-ort"),
     "remove-padding": ("fold-constants", "fuse-ort"),
     "compact-scales": ("fold-constants", "quantize-nbits"),
+    "pack-nbits": ("fold-constants", "quantize-nbits"),
 }
 
 

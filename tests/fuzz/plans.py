@@ -78,6 +78,8 @@ PLANS: dict[str, Plan] = {
     # compact-scales works on quantize-nbits' block scales; defaults skip tensors of under 64
     # scales (all of these graphs): 20/20 with min_elements=4
     "compact-scales": Plan(prepared=True, options={"min_elements": 4}, min_transformed=0.5),
+    # pack-nbits packs MatMulNBits that read one input (Q/K/V of a drawn attention)
+    "pack-nbits": Plan(prepared=True, min_transformed=0.5),
     # structured pruning acts only when asked: one head of four, a quarter of the FFN
     # neurons (least-squares corrected). On random weights every head matters alike: measured
     # worst output cosine 0.515 (heads) and 0.969 (FFN) over 20 graphs; a wrong slice or a

@@ -81,3 +81,38 @@ def test_nothing_to_pack_changes_nothing(tiny):
     model = load_model(tiny)
     result = PackNBits().call(model)
     assert not result.modified and "groups_packed" not in result.stats.counts
+
+
+def test_biases_an_old_opset_and_a_graph_output():
+    """Gemms with biases (MatMulNBits' bias input) at opset 11 (Split takes sizes as an attribute);
+    a node whose output is a graph output keeps its name there and is not packed."""
+    from onnx import TensorProto, helper
+
+    from tests.passes.graphs import _model
+
+    rng = np.random.default_rng(3)
+    inits = {}
+    nodes = []
+    for i, n in enumerate((48, 32, 40)):
+        inits[f"W{i}"] = rng.standard_normal((n, 64)).astype(np.float32)
+        inits[f"C{i}"] = rng.standard_normal(n).astype(np.float32)
+        nodes.append(helper.make_node("Gemm", ["x", f"W{i}", f"C{i}"], [f"g{i}"], name=f"gemm{i}", transB=1))
+    nodes += [helper.make_node("ReduceSum", ["g0"], ["s0"], keepdims=1, axes=[1]),
+              helper.make_node("ReduceSum", ["g1"], ["s1"], keepdims=1, axes=[1]),
+              helper.make_node("Add", ["s0", "s1"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1]),
+                    helper.make_tensor_value_info("g2", TensorProto.FLOAT, ["batch", 40])], inits, opset=11)
+    QuantizeNBits(QuantizeNBits.Options(bits=4, block_size=32)).call(model)
+    feeds = [{"x": rng.standard_normal((3, 64)).astype(np.float32)}]
+    before = _outputs(model, feeds)[0]
+    stats = PackNBits().call(model).stats
+    assert stats.counts["groups_packed"] == 1 and stats.counts["nodes_packed"] == 2
+    (split,) = [n for n in model.graph if n.op_type == "Split"]
+    assert list(split.attributes.get_ints("split")) == [48, 32] and len(split.inputs) == 1
+    (packed,) = [n for n in _nbits(model) if META_PACKED in n.metadata_props]
+    assert packed.inputs[5] is not None and packed.attributes.get_int("N") == 80
+    assert [v.name for v in model.graph.outputs] == ["y", "g2"]
+    after = _outputs(model, feeds)[0]
+    for got, want in zip(after, before):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
