@@ -1,0 +1,123 @@
+"""Where one decode step of an onnxruntime-genai folder goes, by op type: ONNX Runtime's profiler
+over 40 single-token steps (after 5 warm-up steps) at a past of 512 tokens, 2 threads. A folder
+in the ``past_present_share_buffer`` form gets what genai gives it: one buffer of ``max_buffer``
+positions bound as both past and present (I/O binding); a separate-buffer folder gets pasts of
+exactly 512 and new presents.
+
+    python bench/profile_decode.py FOLDER [FOLDER ...]
+
+Prints, per folder, the kernel time per step, the number of kernels run per step, and the op
+types that take the most of it (same inputs for every folder: run them in one call to compare);
+then what a split LM head's logits reorder alone costs at 1 and at 512 tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+STEPS, WARMUP, PAST = 40, 5, 512
+
+
+def _feed(session: ort.InferenceSession, decoder: dict, shared: bool, max_buffer: int) -> dict:
+    feed = {}
+    heads, size = decoder["num_key_value_heads"], decoder["head_size"]
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            feed[i.name] = np.array([[42]], np.int64)
+        elif i.name == "attention_mask":
+            feed[i.name] = np.ones((1, PAST + 1), np.int64)
+        elif i.name == "position_ids":
+            feed[i.name] = np.array([[PAST]], np.int64)
+        elif i.name.startswith("past_key_values"):
+            length = max_buffer if shared else PAST
+            feed[i.name] = np.random.default_rng(0).standard_normal((1, heads, length, size)).astype(np.float32)
+    return feed
+
+
+def profile(folder: Path, threads: int = 2, max_buffer: int = 1024) -> tuple[float, int, list[tuple[str, float, int]]]:
+    config = json.loads((folder / "genai_config.json").read_text())
+    shared = bool(config["search"].get("past_present_share_buffer"))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.enable_profiling, so.log_severity_level = threads, True, 3
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "profile")
+    session = ort.InferenceSession(str(folder / config["model"]["decoder"]["filename"]), so,
+                                   providers=["CPUExecutionProvider"])
+    feed = _feed(session, config["model"]["decoder"], shared, max_buffer)
+    binding = session.io_binding()  # as genai runs it: each past and its present are one buffer (shared form)
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feed.items()}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    for out in session.get_outputs():
+        past = out.name.replace("present.", "past_key_values.")
+        if shared and past in values:
+            binding.bind_ortvalue_output(out.name, values[past])
+        else:
+            binding.bind_output(out.name, "cpu")
+    for _ in range(WARMUP + STEPS):
+        session.run_with_iobinding(binding)  # the same step again: the buffer's slot is overwritten in place
+    trace = session.end_profiling()
+    with open(trace, encoding="utf-8") as f:
+        events = json.load(f)
+    os.remove(trace)
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    after = starts[WARMUP] if len(starts) > WARMUP else 0
+    by_op: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= after:
+            by_op[e["args"]["op_name"]] += e["dur"]
+            calls[e["args"]["op_name"]] += 1
+    total = sum(by_op.values())
+    ops = [(op, d / STEPS / 1000, calls[op] // STEPS) for op, d in by_op.most_common(12)]
+    return total / STEPS / 1000, sum(calls.values()) // STEPS, ops
+
+
+def reorder_ms(seq: int, vocab: int = 49152, threads: int = 2, reps: int = 5) -> float:
+    """Median time of a last-axis ``Gather`` of [1, seq, vocab] by a permutation: what a split LM
+    head's logits reorder (``split-vocab``) costs per run."""
+    import time
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    perm = numpy_helper.from_array(np.random.default_rng(0).permutation(vocab).astype(np.int64), "perm")
+    graph = helper.make_graph([helper.make_node("Gather", ["x", "perm"], ["y"], axis=-1)], "reorder",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, vocab])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, vocab])], [perm])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = {"x": np.random.default_rng(1).random((1, seq, vocab), dtype=np.float32)}
+    session.run(None, x)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        session.run(None, x)
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import harness
+
+    print(f"CPU: {harness.cpu_name()}; one token after a past of {PAST}; {STEPS} steps, 2 threads")
+    for path in sys.argv[1:]:
+        total, kernels, ops = profile(Path(path))
+        print(f"{path}: {total:.2f} ms a step in {kernels} kernels")
+        for op, ms, n in ops:
+            print(f"  {op:34s} {ms:7.3f} ms  {ms / total:6.1%}  ({n} calls)")
+    print(f"a split head's logits reorder (last-axis Gather over 49,152 columns): {reorder_ms(1):.2f} ms at "
+          f"1 token, {reorder_ms(512):.1f} ms at 512")
+
+
+if __name__ == "__main__":
+    main()
