@@ -291,14 +291,16 @@ SAVE_THEN_WAIT = textwrap.dedent("""
     from graphc.core import io
     from graphc.front.cli import main
 
-    real_save = onnx_ir.save
+    real_save, real_single = onnx_ir.save, io.write_single_file
 
-    def slow_save(*args, **kwargs):
-        real_save(*args, **kwargs)      # a complete model sits in the temporary folder
-        print("SAVING", flush=True)
-        time.sleep(60)                   # ... when the signal arrives
+    def slow(real):
+        def save(*args, **kwargs):
+            real(*args, **kwargs)           # a complete model sits in the temporary folder
+            print("SAVING", flush=True)
+            time.sleep(60)                   # ... when the signal arrives
+        return save
 
-    io.ir.save = slow_save
+    io.ir.save, io.write_single_file = slow(real_save), slow(real_single)
     sys.exit(main(sys.argv[1:]))
 """)
 

@@ -101,6 +101,7 @@ def test_failed_save_leaves_nothing(tiny_path, tmp_path, monkeypatch):
         raise RuntimeError("disk on fire\nsecond line")
 
     monkeypatch.setattr(ir, "save", boom)
+    monkeypatch.setattr(io, "write_single_file", boom)
     for out, external in [(existing, False), (tmp_path / "new.onnx", False), (tmp_path / "ext.onnx", True)]:
         with pytest.raises(SaveError) as info:
             io.save_model(model, out, external_data=external)
@@ -353,3 +354,33 @@ def test_model_with_no_opset(tmp_path, tiny_proto):
     del tiny_proto.opset_import[:]
     with pytest.raises(ModelLoadError, match=r"not an ONNX model \(no opset import\)"):
         io.load_model(_save_proto(tiny_proto, tmp_path / "m.onnx"))
+
+
+def test_single_file_writer_gives_the_model_ir_save_gives(tmp_path):
+    """write_single_file (one initializer's bytes at a time) parses to the ModelProto ir.save
+    writes, external weights included; ONNX Runtime runs it with the same outputs."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from graphc.core.io import load_model, write_single_file
+    from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
+
+    src = tmp_path / "tiny.onnx"
+    write_synthetic_llama(src, PRESETS["tiny"])  # weights in tiny.onnx.data
+    model = load_model(src)
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    write_single_file(model, tmp_path / "ours.onnx")
+    from graphc.core.io import inline_external_data
+
+    with inline_external_data(model):
+        ir.save(model, tmp_path / "ir.onnx")
+    ours, theirs = onnx.load(tmp_path / "ours.onnx"), onnx.load(tmp_path / "ir.onnx")
+    assert not [t for t in ours.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+    assert len(ours.graph.initializer) == len(model.graph.initializers) > 10
+    ids = {"input_ids": np.array([[1, 5, 7, 9]], np.int64), "attention_mask": np.ones((1, 4), np.int64)}
+    a = ort.InferenceSession(str(tmp_path / "ours.onnx"), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    feed = {k: v for k, v in ids.items() if k in {i.name for i in a.get_inputs()}}
+    np.testing.assert_array_equal(a.run(None, feed)[0], b.run(None, feed)[0])

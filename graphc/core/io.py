@@ -25,9 +25,9 @@ from graphc.core.model_checks import (  # noqa: F401 - safe_external_path: io's 
     bad_utf8_field, check_proto, model_tensors, one_line, root_cause, safe_external_path,
 )
 
-# A single-file save holds the weights about three times over (tensors, proto, bytes); above
-# this many bytes of weights the output gets external data instead, so that saving a large
-# model needs little more memory than its largest tensor.
+# Above this many bytes of weights the output gets external data: a reader parses a single file
+# whole (protobuf's limit is 2 GB) and holds it while it loads, while external data can be
+# mapped. (Writing holds one tensor at a time either way: write_single_file.)
 INLINE_LIMIT = 512 * 2**20
 
 
@@ -202,9 +202,8 @@ def save_model(
 ) -> list[Path]:
     """Save atomically; returns the files written.
 
-    ``external_data``: None chooses it when the weights exceed :data:`INLINE_LIMIT` (a
-    single-file save would hold them three times over; protobuf's 2 GB limit is further
-    up). The external file is ``<name>.data`` beside the model, with a relative location;
+    ``external_data``: None chooses it when the weights exceed :data:`INLINE_LIMIT`. A single
+    file is written a tensor at a time (:func:`write_single_file`). The external file is ``<name>.data`` beside the model, with a relative location;
     without it, weights that were external in the input are pulled into the single file.
     ``forbid``: paths the output must not overwrite (the input model and its data).
     ``must_be_new``: never replace a file (the final rename is a link that fails if the
@@ -230,8 +229,8 @@ def save_model(
                 if external_data:
                     ir.save(model, tmp_dir / path.name, external_data=targets[1].name)
                 else:
-                    with inline_external_data(model):
-                        ir.save(model, tmp_dir / path.name)
+                    with inline_external_data(model, initializers=False):
+                        write_single_file(model, tmp_dir / path.name)
         except Exception as e:  # noqa: BLE001 - surface as a typed one-line error
             raise SaveError(f"could not serialize the model: {one_line(str(e)) or type(e).__name__}", path=path) from None
         # The data file first: once the model file appears, everything it refers to is there.
@@ -246,6 +245,67 @@ def save_model(
             for folder in created:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def write_single_file(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write ``model`` as one .onnx file, holding one main-graph initializer's bytes at a time.
+
+    Serializing the whole ModelProto holds every weight three times (the model, the protobuf,
+    its bytes). Protobuf merges a message field that occurs several times, repeated fields
+    concatenated in order, so the file is written as: a graph holding the initializers' value
+    infos; the model without the main graph's initializers; then one graph per initializer,
+    each holding that one tensor (an external one is read only then). Parsed, it is the
+    ModelProto ``ir.save`` writes. A model whose initializers carry quantization annotations
+    is saved by ``ir.save`` (those annotations follow the initializers there)."""
+    from onnx_ir import serde
+
+    graph = model.graph
+    values = list(graph.initializers.values())
+    if any(v.meta.get("quant_parameter_tensor_names") for v in values):
+        ir.save(model, path)
+        return
+    inputs = {v.name for v in graph.inputs}
+    infos = onnx.GraphProto()
+    for value in values:
+        if value.name and value.name not in inputs and (value.shape is not None or value.type is not None
+                                                        or value.metadata_props or value.doc_string):
+            serde.serialize_value_into(infos.value_info.add(), value)
+    graph.initializers.clear()
+    try:
+        proto = serde.serialize_model(model)
+    finally:
+        for value in values:
+            graph.register_initializer(value)
+    tag = _varint((7 << 3) | 2)  # ModelProto.graph, length-delimited
+    with open(path, "wb") as f:
+        chunk = infos.SerializeToString()
+        f.write(tag + _varint(len(chunk)) + chunk)
+        f.write(proto.SerializeToString())
+        del proto, infos
+        for value in values:
+            if value.const_value is None:
+                continue
+            one = onnx.GraphProto()
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor = ir.Tensor(tensor.numpy(), dtype=tensor.dtype)
+            tensor.name = value.name
+            serde.serialize_tensor_into(one.initializer.add(), tensor)
+            chunk = one.SerializeToString()
+            del one, tensor
+            f.write(tag + _varint(len(chunk)))
+            f.write(chunk)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 def _make_folder(path: Path) -> list[Path]:
@@ -284,10 +344,12 @@ def _move_into_place(tmp: Path, target: Path, path: Path, must_be_new: bool) -> 
 
 
 @contextlib.contextmanager
-def inline_external_data(model: ir.Model) -> Iterator[None]:
+def inline_external_data(model: ir.Model, *, initializers: bool = True) -> Iterator[None]:
     """Temporarily swap external tensors (initializers and tensor attributes) for in-memory
     copies, so that a single-file save, or a model handed to ONNX Runtime as bytes, holds
-    the weights instead of references relative to the input's folder."""
+    the weights instead of references relative to the input's folder. ``initializers=False``:
+    tensor attributes and subgraphs' initializers only (:func:`write_single_file` reads the main
+    graph's one at a time)."""
 
     def loaded(t: ir.ExternalTensor) -> ir.Tensor:
         return ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name)
@@ -295,6 +357,8 @@ def inline_external_data(model: ir.Model) -> Iterator[None]:
     undo: list[tuple[ir.Value | ir.Node, object]] = []
     try:
         for graph in model.graphs():
+            if graph is model.graph and not initializers:
+                continue
             for value in graph.initializers.values():
                 if isinstance(value.const_value, ir.ExternalTensor):
                     undo.append((value, value.const_value))
