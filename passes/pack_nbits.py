@@ -77,6 +77,15 @@ class PackNBits(GraphcPass):
             key = (id(node.inputs[0]), layout, member.zp is not None, member.bias is not None,
                    member.scales.dtype.str, member.cast is not None)
             groups.setdefault(key, []).append(member)
+        by_input: dict[int, list[tuple]] = {}
+        for key, members in groups.items():
+            by_input.setdefault(key[0], []).append(key)
+        for keys in by_input.values():
+            if len(keys) > 1:  # siblings that differ in layout: packed per layout at most
+                layouts = [f"{len(groups[k])} x {k[1][1]}-bit b{k[1][2]}" for k in keys]
+                first = groups[keys[0]][0].node
+                stats.skip(first.name or "MatMulNBits", f"siblings of other layouts stay apart: {', '.join(layouts)}")
+                stats.add("sibling_groups_split")
         modified = False
         split_as_input = model.opset_imports.get("", 0) >= 13
         for members in groups.values():

@@ -72,6 +72,9 @@ def test_different_layouts_are_not_packed(tiny):
     stats = PackNBits().call(model).stats
     layers = PRESETS["tiny"].layers
     assert stats.counts["nodes_packed"] == 4 * layers  # K+V and gate+up per layer
+    assert stats.counts["sibling_groups_split"] == layers  # Q apart from K+V, said per layer
+    reasons = [s["reason"] for s in stats.skipped]
+    assert sum("1 x 8-bit b32, 2 x 4-bit b32" in r for r in reasons) == layers, reasons
     eights = [n for n in _nbits(model) if n.attributes.get_int("bits", 0) == 8]
     assert len(eights) == layers and not any(META_PACKED in n.metadata_props for n in eights)
     np.testing.assert_allclose(_outputs(model, feeds)[0][0], before[0][0], rtol=1e-5, atol=1e-4)
