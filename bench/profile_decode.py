@@ -13,7 +13,6 @@ then what a split LM head's logits reorder alone costs at 1 and at 512 tokens.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import sys
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profile_ops import kernel_times  # noqa: E402 - bench/ is not a package
 
 STEPS, WARMUP, PAST = 40, 5, 512
 
@@ -63,18 +65,7 @@ def profile(folder: Path, threads: int = 2, max_buffer: int = 1024) -> tuple[flo
             binding.bind_output(out.name, "cpu")
     for _ in range(WARMUP + STEPS):
         session.run_with_iobinding(binding)  # the same step again: the buffer's slot is overwritten in place
-    trace = session.end_profiling()
-    with open(trace, encoding="utf-8") as f:
-        events = json.load(f)
-    os.remove(trace)
-    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
-    after = starts[WARMUP] if len(starts) > WARMUP else 0
-    by_op: collections.Counter = collections.Counter()
-    calls: collections.Counter = collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= after:
-            by_op[e["args"]["op_name"]] += e["dur"]
-            calls[e["args"]["op_name"]] += 1
+    by_op, calls = kernel_times(session, WARMUP)
     total = sum(by_op.values())
     ops = [(op, d / STEPS / 1000, calls[op] // STEPS) for op, d in by_op.most_common(12)]
     return total / STEPS / 1000, sum(calls.values()) // STEPS, ops
@@ -106,7 +97,6 @@ def reorder_ms(seq: int, vocab: int = 49152, threads: int = 2, reps: int = 5) ->
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     import harness
 
     print(f"CPU: {harness.cpu_name()}; one token after a past of {PAST}; {STEPS} steps, 2 threads")

@@ -23,6 +23,24 @@ from graphc.models import get_model_spec
 RUNS, WARMUP = 30, 5  # runs profiled, after warm-up runs left out
 
 
+def kernel_times(session: ort.InferenceSession, warmup: int) -> tuple[collections.Counter, collections.Counter]:
+    """Ends ``session``'s profiling: microseconds in kernels and kernel calls per op type, over
+    the runs after the first ``warmup``."""
+    trace = session.end_profiling()
+    with open(trace, encoding="utf-8") as f:
+        events = json.load(f)
+    os.remove(trace)
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    after = starts[warmup] if len(starts) > warmup else 0
+    by_op: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= after:
+            by_op[e["args"]["op_name"]] += e["dur"]
+            calls[e["args"]["op_name"]] += 1
+    return by_op, calls
+
+
 def profile(path: str, feed: dict, threads: int = 2) -> tuple[float, list[tuple[str, float]]]:
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.enable_profiling, so.log_severity_level = threads, True, 3
@@ -32,16 +50,7 @@ def profile(path: str, feed: dict, threads: int = 2) -> tuple[float, list[tuple[
     inputs = {k: v for k, v in feed.items() if k in names}
     for _ in range(WARMUP + RUNS):
         session.run(None, inputs)
-    trace = session.end_profiling()
-    with open(trace, encoding="utf-8") as f:
-        events = json.load(f)
-    os.remove(trace)
-    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
-    after = starts[WARMUP] if len(starts) > WARMUP else 0
-    by_op: collections.Counter = collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= after:
-            by_op[e["args"]["op_name"]] += e["dur"]
+    by_op, _ = kernel_times(session, WARMUP)
     total = sum(by_op.values())
     return total / RUNS / 1000, [(op, d / RUNS / 1000) for op, d in by_op.most_common(14)]
 

@@ -6,17 +6,9 @@ import pytest
 
 from graphc.checks.validate import synthesize_inputs
 from graphc.core.io import load_model
-from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
 from graphc.passes import _cut_evaluator as cut
 from graphc.passes import _probes
 from graphc.passes import _sensitivity as sens
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
-    write_synthetic_llama(path, PRESETS["tiny"])
-    return path
 
 
 def _setup(path, metric):
@@ -32,8 +24,8 @@ def _quantized(layer, bits=4):
 
 
 @pytest.mark.parametrize("metric", ["kl", "cosine"])
-def test_cut_probes_measure_what_whole_passes_measure(tiny, metric):
-    model, layers, feeds = _setup(tiny, metric)
+def test_cut_probes_measure_what_whole_passes_measure(tiny_llama, metric):
+    model, layers, feeds = _setup(tiny_llama, metric)
     ev = cut.evaluator(model, layers, feeds, metric)
     assert isinstance(ev, cut.CutEvaluator) and ev.start_count >= cut.MIN_SEGMENTS
     whole = sens.Evaluator(model, layers, feeds, metric=metric)
@@ -56,10 +48,10 @@ def test_cut_probes_measure_what_whole_passes_measure(tiny, metric):
     assert ev.error({}) == 0.0
 
 
-def test_a_worker_rebuilt_from_the_payload_gets_the_same_numbers(tiny):
+def test_a_worker_rebuilt_from_the_payload_gets_the_same_numbers(tiny_llama):
     import pickle
 
-    model, layers, feeds = _setup(tiny, "kl")
+    model, layers, feeds = _setup(tiny_llama, "kl")
     ev = cut.evaluator(model, layers, feeds, "kl")
     payload = pickle.loads(pickle.dumps(ev.payload()))
     shared = _probes.ProbeShared("cut-payload", payload, threads=1)
@@ -74,10 +66,10 @@ def test_a_worker_rebuilt_from_the_payload_gets_the_same_numbers(tiny):
     _probes.forget("cut-local")
 
 
-def test_a_model_that_does_not_cut_gets_the_whole_model_evaluator(tiny):
+def test_a_model_that_does_not_cut_gets_the_whole_model_evaluator(tiny_llama):
     from tests.passes.test_mixed_precision import _tied
 
-    model, layers, feeds = _setup(tiny, "kl")
+    model, layers, feeds = _setup(tiny_llama, "kl")
     assert isinstance(cut.evaluator(model, layers, feeds, "kl", cut=False), sens.Evaluator)
     head = cut.evaluator(model, layers[-1:], feeds, "kl")  # only the head planned: its probe runs the last segment
     assert isinstance(head, cut.CutEvaluator) and head.starts == [0, head.start({"lm_head": _quantized(layers[-1])})]
@@ -86,13 +78,13 @@ def test_a_model_that_does_not_cut_gets_the_whole_model_evaluator(tiny):
     assert isinstance(cut.evaluator(model, layers, ctx.calibration, "kl"), sens.Evaluator)
 
 
-def test_mixed_precision_plans_the_same_with_and_without_cut_probes(tiny):
+def test_mixed_precision_plans_the_same_with_and_without_cut_probes(tiny_llama):
     from graphc.core.pass_base import PassContext
     from graphc.passes.mixed_precision import MixedPrecision
 
     stats = {}
     for on in (True, False):
-        model = load_model(tiny)
+        model = load_model(tiny_llama)
         ctx = PassContext(calibration=synthesize_inputs(model, count=2, seed=1), calibration_source="test")
         options = MixedPrecision.Options(max_bits=5, bits=(2, 4, 8), block_sizes=(32,), metric="kl", cut_probes=on)
         stats[on] = MixedPrecision(options, ctx)(model).stats.to_dict()
@@ -102,10 +94,10 @@ def test_mixed_precision_plans_the_same_with_and_without_cut_probes(tiny):
     assert stats[True]["choices"] == stats[False]["choices"]
 
 
-def test_a_part_onnx_runtime_refuses_falls_back_to_the_whole_model(tiny, monkeypatch):
+def test_a_part_onnx_runtime_refuses_falls_back_to_the_whole_model(tiny_llama, monkeypatch):
     from graphc.core.errors import ValidationError
 
-    model, layers, feeds = _setup(tiny, "kl")
+    model, layers, feeds = _setup(tiny_llama, "kl")
 
     def refuse(*args, **kwargs):
         raise ValidationError("ONNX Runtime cannot load the model during sensitivity measurement (from cut 3): no")

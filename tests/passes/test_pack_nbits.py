@@ -8,17 +8,10 @@ import pytest
 
 from graphc.checks.validate import make_session, synthesize_inputs
 from graphc.core.io import load_model
-from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
+from graphc.models.synthetic_llama import PRESETS
 from graphc.passes.pack_nbits import META_PACKED, PackNBits
 from graphc.passes.quantize_nbits import QuantizeNBits
 from graphc.passes._weights import META_BITS, META_BLOCK
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pack") / "tiny.onnx"
-    write_synthetic_llama(path, PRESETS["tiny"])
-    return path
 
 
 def _nbits(model):
@@ -31,8 +24,8 @@ def _outputs(model, feeds):
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_qkv_and_gate_up_become_one_node_each_with_the_same_outputs(tiny, symmetric):
-    model = load_model(tiny)
+def test_qkv_and_gate_up_become_one_node_each_with_the_same_outputs(tiny_llama, symmetric):
+    model = load_model(tiny_llama)
     QuantizeNBits(QuantizeNBits.Options(bits=4, block_size=32, symmetric=symmetric)).call(model)
     feeds = synthesize_inputs(model, count=2, seed=0)
     before, count = _outputs(model, feeds), len(_nbits(model))
@@ -60,8 +53,8 @@ def test_qkv_and_gate_up_become_one_node_each_with_the_same_outputs(tiny, symmet
                    for n in names)
 
 
-def test_different_layouts_are_not_packed(tiny):
-    model = load_model(tiny)
+def test_different_layouts_are_not_packed(tiny_llama):
+    model = load_model(tiny_llama)
     # plan Q at 8 bits, K and V at 4: only K and V can share a node
     for node in model.graph:
         if node.op_type == "MatMul" and "q_proj" in (node.inputs[1].name or ""):
@@ -80,8 +73,8 @@ def test_different_layouts_are_not_packed(tiny):
     np.testing.assert_allclose(_outputs(model, feeds)[0][0], before[0][0], rtol=1e-5, atol=1e-4)
 
 
-def test_nothing_to_pack_changes_nothing(tiny):
-    model = load_model(tiny)
+def test_nothing_to_pack_changes_nothing(tiny_llama):
+    model = load_model(tiny_llama)
     result = PackNBits().call(model)
     assert not result.modified and "groups_packed" not in result.stats.counts
 

@@ -9,7 +9,7 @@ import pytest
 from graphc.checks.validate import synthesize_inputs
 from graphc.core.io import load_model
 from graphc.core.pass_base import PassContext
-from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
+from graphc.models.synthetic_llama import PRESETS
 from graphc.passes import _blockquant as bq
 from graphc.passes import _probes
 from graphc.passes import _sensitivity as sens
@@ -19,20 +19,13 @@ from graphc.passes.pack_nbits import META_PACKED, PackNBits
 from graphc.passes.quantize_nbits import QuantizeNBits
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("siblings") / "tiny.onnx"
-    write_synthetic_llama(path, PRESETS["tiny"])
-    return path
-
-
 def _layers(model):
     layers, _ = sens.find_layers(model.graph, matmuls=True, embeddings=True, min_rows=1, min_cols=32, exclude=())
     return layers
 
 
-def test_groups_are_the_projections_of_one_input(tiny):
-    model = load_model(tiny)
+def test_groups_are_the_projections_of_one_input(tiny_llama):
+    model = load_model(tiny_llama)
     units = _siblings.group(_layers(model))
     groups = [u for u in units if isinstance(u, _siblings.Siblings)]
     names = [sorted(m.value.name.split(".")[-1] for m in g.members) for g in groups]
@@ -54,8 +47,8 @@ def test_gptq_on_stacked_rows_is_gptq_on_each():
     np.testing.assert_array_equal(both[48:], bq.gptq(b, h, **kw).dequantize())
 
 
-def test_a_group_probe_replaces_every_member(tiny):
-    model = load_model(tiny)
+def test_a_group_probe_replaces_every_member(tiny_llama):
+    model = load_model(tiny_llama)
     units = _siblings.group(_layers(model))
     g = next(u for u in units if isinstance(u, _siblings.Siblings))
     feeds = synthesize_inputs(model, count=2, seed=0)
@@ -74,15 +67,15 @@ def test_a_group_probe_replaces_every_member(tiny):
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_planned_groups_share_a_precision_and_are_packed(tiny, method):
-    model = load_model(tiny)
+def test_planned_groups_share_a_precision_and_are_packed(tiny_llama, method):
+    model = load_model(tiny_llama)
     ctx = PassContext(calibration=synthesize_inputs(model, count=6, seed=1), calibration_source="test")
     options = MixedPrecision.Options(max_bits=5, bits=(2, 4, 8), block_sizes=(32,), metric="kl", siblings=True,
                                      method=method, feeds=2)
     stats = MixedPrecision(options, ctx).call(model).stats.to_dict()
     layers = PRESETS["tiny"].layers
     assert stats["sibling_groups"] == 2 * layers
-    assert stats["measurement_runs"] == len(stats["choices"]) == len(_layers(load_model(tiny))) - 3 * layers
+    assert stats["measurement_runs"] == len(stats["choices"]) == len(_layers(load_model(tiny_llama))) - 3 * layers
     planned = {}
     for node in model.graph:
         if node.op_type == "MatMul" and "graphc.quant.bits" in node.metadata_props:
