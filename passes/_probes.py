@@ -44,6 +44,11 @@ class Oriented:
     def stored(self, view: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(view.T if self.transposed else view, dtype=np.float32)
 
+    def view(self, stored: np.ndarray) -> np.ndarray:
+        """The quantizer's float32 [rows, cols] view of a stored weight (the inverse of :meth:`stored`)."""
+        a = np.asarray(stored, dtype=np.float32)
+        return np.ascontiguousarray(a.T if self.transposed else a)
+
 
 @dataclass
 class ProbeShared:
@@ -81,7 +86,7 @@ class ProbeItem:
 def item_view(item: ProbeItem, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """The quantizer's float32 [rows, cols] view of the item's weight(s): members' rows stacked."""
     members = item.members or ((item.weight, item.transposed),)
-    views = [_oriented_view(arrays[name], transposed) for name, transposed in members]
+    views = [Oriented(transposed).view(arrays[name]) for name, transposed in members]
     return views[0] if len(views) == 1 else np.ascontiguousarray(np.concatenate(views, axis=0))
 
 
@@ -95,11 +100,6 @@ def item_stored(item: ProbeItem, arrays: Mapping[str, np.ndarray], deq: np.ndarr
         out[name] = Oriented(transposed).stored(deq[row:row + rows])
         row += rows
     return out
-
-
-def _oriented_view(stored: np.ndarray, transposed: bool) -> np.ndarray:
-    a = np.asarray(stored, dtype=np.float32)
-    return np.ascontiguousarray(a.T if transposed else a)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from graphc.core import ops
 from graphc.core.errors import UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
-from graphc.passes._quant import constant
+from graphc.passes._quant import constant, drop_unused_initializers
 
 META_PACKED = "graphc.nbits.packed"
 _LAYOUT = ("K", "bits", "block_size", "accuracy_level")
@@ -95,6 +95,8 @@ class PackNBits(GraphcPass):
             stats.add("groups_packed")
             stats.add("nodes_packed", len(members))
             modified = True
+        if modified:
+            drop_unused_initializers(graph)  # the members' codes, scales, zero points and biases
         if not modified:
             any_nbits = any(n.op_type == ops.MATMUL_NBITS and n.domain == ops.MS_DOMAIN for n in graph)
             stats.notes.append("no two MatMulNBits read one input with one layout" if any_nbits else
@@ -144,18 +146,10 @@ class PackNBits(GraphcPass):
             name, old.name = old.name, None
             out.name, out.shape, out.type = name, old.shape, old.type or first.inputs[0].type
             old.replace_all_uses_with(out)
-        dropped = []
         for m in members:
-            stored = [v for v in m.node.inputs[1:] if v is not None and v.const_value is not None]
-            if m.cast is not None:
-                stored.append(m.cast.inputs[0])
             graph.remove(m.node, safe=True)
             if m.cast is not None:
                 graph.remove(m.cast, safe=True)
-            dropped += stored
-        for v in dropped:
-            if not v.uses() and v.name in graph.initializers:
-                graph.initializers.pop(v.name)
 
 
 def _member(node: ir.Node, graph: ir.Graph) -> _Member | None:
