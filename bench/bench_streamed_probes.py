@@ -1,6 +1,6 @@
 """Sensitivity probes on one whole-model session vs from each layer's cut vs segment by segment, on SmolLM2-135M.
 
-    python bench/bench_streamed_probes.py [--segment-mb 64,128] [--layers 0] [--fused] [--json OUT]
+    python bench/bench_streamed_probes.py [--segment-mb 64,128] [--layers 0] [--fused] [--workers N] [--json OUT]
 
 The fp32 SmolLM2 export of bench/bench_smollm2_int4.py (cached in ``.graphc-cache/bench/``; tied table)
 and the probe feed the built-in ``int4`` recipe measures on (one 512-token window of its
@@ -12,7 +12,10 @@ layer's cut), the two alternating probe by probe, and (c) streamed, as on a mode
 memory (``passes/_streamed_probes.py``: segment by segment; ``--segment-mb ""`` skips it).
 Reports wall time of each, the largest difference between their errors, the CPU, and the
 segment count. ``--layers N`` probes only the first N layers (0: all); ``--fused``: the graph
-after ``fuse-ort`` (what the ``int4`` recipe probes), not the plain export.
+after ``fuse-ort`` (what the ``int4`` recipe probes), not the plain export. ``--workers N``: the
+streamed probes also on a local Ray instance (``_streamed_probes.probe_on_workers``: the reference
+once in this process, the probes of each start segment one task), with 1 and with N workers, each
+compared with the in-process streamed errors.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> int:
     parser.add_argument("--segment-mb", default="64,128")
     parser.add_argument("--layers", type=int, default=0)
     parser.add_argument("--fused", action="store_true")
+    parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
 
@@ -92,6 +96,26 @@ def main() -> int:
         rows.append({"path": f"streamed, {mb} MB segments", "segments": runner_segments, "seconds": round(seconds, 1),
                      "ratio_to_whole": round(seconds / whole_s, 3), "max_rel_diff": float(f"{diff:.3g}")})
         print(json.dumps(rows[-1]), flush=True)
+        for workers in ([1, args.workers] if args.workers else []):
+            from graphc.core.ray_executor import RayExecutor
+
+            executor = RayExecutor(workers=workers)
+            try:
+                start = time.perf_counter()
+                with streaming.streaming("always", segment_bytes=mb << 20):
+                    spread = _streamed_probes.probe_on_workers(
+                        model, items, feeds, "kl", executor, symmetric=False, scale_dtype="float16", damp=0.01,
+                        hessian=lambda i: None, hessian_key=lambda i: None)
+                seconds = time.perf_counter() - start
+            finally:
+                executor.close()
+            same = all(a.measured == b.measured and a.weight_error == b.weight_error for a, b in zip(spread, got))
+            rows.append({"path": f"streamed, {mb} MB segments, on {workers} Ray worker(s)", "seconds": round(seconds, 1),
+                         "ratio_to_in_process": round(seconds / rows[-1 if workers == 1 else -2]["seconds"], 3),
+                         "identical_to_in_process": same})
+            if workers > 1:
+                rows[-1]["speedup_over_1_worker"] = round(rows[-2]["seconds"] / seconds, 3)
+            print(json.dumps(rows[-1]), flush=True)
     print(cpu_line())
     print(f"{len(items)} probes, feed {[tuple(v.shape) for v in feeds[0].values()]}")
     if args.json:

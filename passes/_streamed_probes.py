@@ -18,16 +18,28 @@ that read it run (it is recomputed, deterministically, for a table read again at
 values kept between cuts (the reference's and each running probe's) go through one
 :class:`~graphc.core.streaming.ActivationCache`, spilled to a temporary folder past its bound.
 The error of each probe is the whole-model path's metric on the final outputs.
+
+With workers (:func:`probe_on_workers`: ``--workers``/``--ray`` on one machine), the reference
+runs once here and its values entering each segment are written to a temporary folder
+(:func:`reference_cuts`); the items whose probes start in one segment are one work item, which
+runs the same lockstep from that segment on, starting from the written values: the same
+sessions over the same values, so the same numbers. Workers map the weights from their files
+(the input's external data, or the run's temporary weights file) and read the Hessians from .npy
+files, so nothing the size of the model crosses the wire.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from graphc.core import streaming
+from graphc.core.errors import GraphcError
 from graphc.passes import _blockquant as bq
 from graphc.passes import _probes
 from graphc.passes import _sensitivity as sens
@@ -36,11 +48,19 @@ from graphc.passes import _sensitivity as sens
 def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Sequence[dict], metric: str, *,
                   symmetric: bool, scale_dtype: str, damp: float,
                   hessian: Callable[[int], np.ndarray | None] | None = None,
-                  report: Callable[[int, int], None] | None = None) -> list[_probes.ProbeResult]:
+                  report: Callable[[int, int], None] | None = None,
+                  cuts: CutValues | None = None, threads: int | None = None,
+                  switchable: Sequence[str] | None = None) -> list[_probes.ProbeResult]:
     """The :class:`~graphc.passes._probes.ProbeResult` of every item (one layer's probes), as
     :func:`_probes.probe_layer` computes them, with the model run segment by segment.
     ``hessian(i)``: item ``i``'s Hessian when the items carry none (read once, when its layer
-    is reached, and let go: a large model's Hessians do not fit in memory together)."""
+    is reached, and let go: a large model's Hessians do not fit in memory together).
+    ``cuts``: the reference's values written by :func:`reference_cuts` (for the same model and
+    a list of items this one is part of): the probes start from them and the reference is not
+    run again (a worker's share of the probes); segments before the first probe are skipped.
+    ``switchable``: the weights given to the sessions as inputs (default: these items'); with
+    ``cuts``, those the reference ran with (every item's), so that the cuts fall where they fell. ``threads``: ONNX Runtime threads
+    per session (None: its default)."""
     hessian_of = hessian or (lambda i: items[i].hessian)
     kw = {"symmetric": symmetric, "scale_dtype": scale_dtype}
     weight_errors: dict[int, dict] = {}
@@ -68,45 +88,60 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                                 for c in item.candidates}
         return out
 
-    names = [name for item in items for name in item.names]
-    runner = streaming.StreamedModel(model, switchable=names, what="model during sensitivity measurement")
+    runner = _runner(model, items, threads, switchable)
     outputs = sens.measured_outputs(runner.outputs, metric)
     out_index = [runner.outputs.index(n) for n in outputs]
     inputs = set(runner.inputs)
     feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in feeds]
     masks = [feed.get("attention_mask") for feed in feeds]
     segments = runner.segments
-    reads_weight = {name: [k for k, seg in enumerate(segments) if name in seg.weights] for name in names}
-    reads_item = [sorted({k for name in item.names for k in reads_weight[name]}) for item in items]
+    if cuts is not None and cuts.bounds != tuple((seg.start, seg.stop) for seg in segments):
+        raise GraphcError("internal: the probes' segments are not those the reference's cut values were taken on")
+    reads_item = _item_starts(runner, items)
     # the probes: (item index, config); each starts at the first segment reading its weight
     probes = [(i, c) for i, item in enumerate(items) for c in item.probes]
     start = {p: (reads_item[p[0]] or [len(segments)])[0] for p in probes}
-    streams = ["ref", *probes]
+    lockstep = cuts is None  # the reference runs here, as one more stream, last in each segment
+    streams = ["ref", *probes] if lockstep else probes
     index = {s: n for n, s in enumerate(streams)}
     cache = streaming.ActivationCache(len(streams) * len(feeds), streaming.policy().cache_bytes)
     slot = lambda s, i: index[s] * len(feeds) + i  # noqa: E731 - one row of the cache per (stream, feed)
+
+    def ref_value(k: int, i: int, name: str) -> np.ndarray:
+        """The reference's value ``name`` entering segment ``k`` (feed ``i``)."""
+        return cache.get(slot("ref", i), name) if lockstep else cuts.get(k, i, name)
+
+    def ref_names(k: int, i: int) -> list[str]:
+        return list(cache.values[slot("ref", i)]) if lockstep else list(cuts.names[k][i])
+
     measured: dict[tuple, float] = {}
-    total_runs = sum(len(segments) - start[p] for p in probes) + len(segments)
+    total_runs = sum(len(segments) - start[p] for p in probes) + (len(segments) if lockstep else 0)
     done = 0
     try:
         for k, seg in enumerate(segments):
+            running = [p for p in probes if start[p] <= k]
+            if not lockstep and not running:
+                continue
             later = runner.needed_after(k, outputs=False) | set(outputs)  # a KV cache's presents are not measured
             fetch = [n for n in seg.keeps if n in later]
             if not fetch:
                 continue
-            part = runner.segment_session(k, fetch, lambda name: cache.get(slot("ref", 0), name))
-            running = [p for p in probes if start[p] <= k]
-            for stream in [*running, "ref"]:  # the reference last: probes starting here read its values at this cut
-                source = "ref" if stream != "ref" and start[stream] == k else stream
+            part = runner.segment_session(k, fetch, lambda name: ref_value(k, 0, name))
+            for stream in [*running, *(["ref"] if lockstep else [])]:  # the reference last: probes starting here read its values at this cut
+                starts_here = stream != "ref" and start[stream] == k
                 replaced = None  # one quantized weight at a time, made when its stream runs a segment reading it
                 if stream != "ref" and k in reads_item[stream[0]]:
                     replaced = quantize_item(stream[0], [stream[1]])[stream[1]]
                 for i, feed in enumerate(feeds):
-                    got = runner.step(part, feed, lambda name, s=source, i=i: cache.get(slot(s, i), name), replaced)
+                    if starts_here:
+                        value = lambda name, i=i: ref_value(k, i, name)  # noqa: E731
+                    else:
+                        value = lambda name, s=stream, i=i: cache.get(slot(s, i), name)  # noqa: E731
+                    got = runner.step(part, feed, value, replaced)
                     row = slot(stream, i)
-                    if source != stream:  # a probe starting here: what passes this segment by is the reference's
-                        for name in [n for n in cache.values[slot(source, i)] if n in later and n not in fetch]:
-                            cache.put(row, name, cache.get(slot(source, i), name))
+                    if starts_here:  # a probe starting here: what passes this segment by is the reference's
+                        for name in [n for n in ref_names(k, i) if n in later and n not in fetch]:
+                            cache.put(row, name, ref_value(k, i, name))
                     for name, value in zip(fetch, got):
                         cache.put(row, name, value)
                     for name in list(cache.values[row]):
@@ -118,7 +153,11 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             del part, replaced
             held.clear()
             runner.release(k)
-        ref_out = [[np.asarray(cache.get(slot("ref", i), runner.outputs[j])) for j in out_index] for i in range(len(feeds))]
+        if lockstep:
+            ref_out = [[np.asarray(cache.get(slot("ref", i), runner.outputs[j])) for j in out_index]
+                       for i in range(len(feeds))]
+        else:
+            ref_out = [[cuts.output(i, runner.outputs[j]) for j in out_index] for i in range(len(feeds))]
         if metric == "kl":
             reference = [[sens.SoftmaxRef(sens._rows(r, mask)) for r in refs] for refs, mask in zip(ref_out, masks)]
         else:
@@ -140,3 +179,235 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
     return [_probes.ProbeResult({c: measured[(i, c)] for c in item.probes}, weight_errors[i])
             for i, item in enumerate(items)]
 
+
+def _runner(model: ir.Model, items: Sequence[_probes.ProbeItem], threads: int | None = None,
+            switchable: Sequence[str] | None = None) -> streaming.StreamedModel:
+    """The model cut as every probe run of these items cuts it (the probed weights switchable,
+    or ``switchable``: which weights are session inputs decides which values are constants, and
+    so where the cuts fall and what crosses them)."""
+    names = list(switchable) if switchable is not None else [name for item in items for name in item.names]
+    return streaming.StreamedModel(model, switchable=names, what="model during sensitivity measurement",
+                                   threads=threads)
+
+
+def _item_starts(runner: streaming.StreamedModel, items: Sequence[_probes.ProbeItem]) -> list[list[int]]:
+    """The segments reading each item's weights (a probe starts at the first)."""
+    reads_weight = {name: [k for k, seg in enumerate(runner.segments) if name in seg.weights]
+                    for item in items for name in item.names}
+    return [sorted({k for name in item.names for k in reads_weight[name]}) for item in items]
+
+
+@dataclass(frozen=True)
+class CutValues:
+    """The float reference's values where each segment starts, and its outputs, as .npy files in
+    ``folder`` (a folder every worker reads: a probe run elsewhere starts from them)."""
+
+    folder: str
+    names: dict[int, tuple[tuple[str, ...], ...]]  # segment -> per feed, the values entering it
+    outputs: tuple[str, ...]  # the measured outputs
+    bounds: tuple[tuple[int, int], ...] = ()  # each segment's node range, checked by whoever reads them
+
+    def get(self, k: int, i: int, name: str) -> np.ndarray:
+        """Value ``name`` entering segment ``k``, feed ``i`` (files are numbered as ``names`` lists them)."""
+        return np.load(os.path.join(self.folder, str(k), str(i), f"{self.names[k][i].index(name)}.npy"))
+
+    def output(self, i: int, name: str) -> np.ndarray:
+        return np.load(os.path.join(self.folder, "out", str(i), f"{self.outputs.index(name)}.npy"))
+
+
+def reference_cuts(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Sequence[dict], metric: str,
+                   folder: str, *, report: Callable[[int, int], None] | None = None) -> tuple[CutValues, list[int]]:
+    """The float reference run once, segment by segment, its values at every cut from the
+    first a probe of ``items`` starts at kept in ``folder`` (:class:`CutValues`); and each item's
+    start segment. What :func:`probe_results` computes as its ``ref`` stream, written down so that
+    probes can start from it in other processes."""
+    runner = _runner(model, items)
+    reads_item = _item_starts(runner, items)
+    segments = runner.segments
+    first = min([r[0] for r in reads_item if r] or [len(segments)])
+    outputs = sens.measured_outputs(runner.outputs, metric)
+    inputs = set(runner.inputs)
+    feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in feeds]
+    cache = streaming.ActivationCache(len(feeds), streaming.policy().cache_bytes)
+    names: dict[int, tuple[tuple[str, ...], ...]] = {}
+
+    def dump(where: str, i: int, listed: Sequence[str], value: Callable[[str], np.ndarray]) -> None:
+        os.makedirs(os.path.join(folder, where, str(i)), exist_ok=True)
+        for n, name in enumerate(listed):
+            np.save(os.path.join(folder, where, str(i), f"{n}.npy"), np.asarray(value(name)))
+
+    try:
+        for k, seg in enumerate(segments):
+            if k >= first:
+                names[k] = tuple(tuple(cache.values[i]) for i in range(len(feeds)))
+                for i in range(len(feeds)):
+                    dump(str(k), i, names[k][i], lambda name, i=i: cache.get(i, name))
+            later = runner.needed_after(k, outputs=False) | set(outputs)
+            fetch = [n for n in seg.keeps if n in later]
+            if fetch:
+                part = runner.segment_session(k, fetch, lambda name: cache.get(0, name))
+                for i, feed in enumerate(feeds):
+                    got = runner.step(part, feed, lambda name, i=i: cache.get(i, name))
+                    for name, value in zip(fetch, got):
+                        cache.put(i, name, value)
+                    for name in list(cache.values[i]):
+                        if name not in later:
+                            cache.drop(i, name)
+                del part
+            runner.release(k)
+            if report is not None:
+                report(k + 1, len(segments))
+        for i in range(len(feeds)):
+            dump("out", i, outputs, lambda name, i=i: cache.get(i, name))
+    finally:
+        cache.close()
+    starts = [(r or [len(segments)])[0] for r in reads_item]
+    return CutValues(folder, names, tuple(outputs), tuple((seg.start, seg.stop) for seg in segments)), starts
+
+
+# ---------------------------------------------------------------------------- on workers
+@dataclass(frozen=True)
+class ModelParts:
+    """A model that workers rebuild without its weights crossing the wire: the protobuf with
+    placeholder weights, the file, offset and length of each weight kept as external data (the
+    input's own, or a run's temporary weights file: on a filesystem the workers share), and the
+    arrays of the few large weights that live in memory."""
+
+    proto: bytes
+    files: dict[str, tuple[str, int, int]]
+    arrays: dict[str, np.ndarray]
+
+
+def model_parts(model: ir.Model) -> ModelParts:
+    from graphc.core.ort_large import weightless_proto
+
+    proto, arrays = weightless_proto(model)
+    files, kept = {}, {}
+    for name, array in arrays.items():
+        tensor = model.graph.initializers[name].const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files[name] = (os.path.join(str(tensor.base_dir), str(tensor.location)), int(tensor.offset or 0),
+                           int(tensor.length if tensor.length is not None else tensor.nbytes))
+        else:
+            kept[name] = np.asarray(array)
+    return ModelParts(proto.SerializeToString(), files, kept)
+
+
+def rebuild(parts: ModelParts) -> ir.Model:
+    """The model of :func:`model_parts`, its external weights mapped from their files."""
+    import onnx
+
+    from graphc.core.errors import DistributedError
+
+    model = ir.serde.deserialize_model(onnx.load_from_string(parts.proto))
+    for name, value in model.graph.initializers.items():
+        old = value.const_value
+        if name in parts.files:
+            path, offset, length = parts.files[name]
+            if not os.path.isfile(path):
+                raise DistributedError(f"a worker cannot read the weights file {path}: probes of a streamed model "
+                                       "on workers need a filesystem shared with this machine")
+            value.const_value = ir.ExternalTensor(os.path.basename(path), offset, length, old.dtype, shape=old.shape,
+                                                  name=name, base_dir=os.path.dirname(path))
+        elif name in parts.arrays:
+            value.const_value = ir.tensor(parts.arrays[name], dtype=old.dtype, name=name)
+    return model
+
+
+@dataclass(frozen=True)
+class StreamedShared:
+    """What every worker's share of the probes reads (sent once per worker)."""
+
+    key: str
+    parts: ModelParts
+    feeds: tuple[dict, ...]
+    metric: str
+    cuts: CutValues
+    switchable: tuple[str, ...]  # every item's weights, as the reference was run with
+    policy: streaming.Policy  # the driver's segment and cache bounds (a worker has its own defaults)
+    symmetric: bool
+    scale_dtype: str
+    damp: float
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The items whose probes start in one segment, and their Hessians' files (None: no Hessian)."""
+
+    items: tuple[_probes.ProbeItem, ...]
+    hessians: tuple[str | None, ...]
+
+
+_MODELS: dict[str, ir.Model] = {}  # worker-side: payload key -> rebuilt model (one at a time)
+
+
+def probe_chunk(shared: StreamedShared, chunk: Chunk) -> list[_probes.ProbeResult]:
+    """One chunk's results, as :func:`probe_results` gives them in one process (a work item)."""
+    model = _MODELS.get(shared.key)
+    if model is None:
+        _MODELS.clear()
+        model = _MODELS[shared.key] = rebuild(shared.parts)
+    p = shared.policy
+    with streaming.streaming(p.mode, segment_bytes=p.segment_bytes, cache_bytes=p.cache_bytes):
+        return probe_results(model, chunk.items, list(shared.feeds), shared.metric, symmetric=shared.symmetric,
+                             scale_dtype=shared.scale_dtype, damp=shared.damp, cuts=shared.cuts,
+                             threads=shared.threads, switchable=shared.switchable,
+                             hessian=lambda i: None if chunk.hessians[i] is None else np.load(chunk.hessians[i]))
+
+
+def probe_on_workers(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Sequence[dict], metric: str,
+                     executor: Any, *, symmetric: bool, scale_dtype: str, damp: float,
+                     hessian: Callable[[int], np.ndarray | None], hessian_key: Callable[[int], Any],
+                     labels: Sequence[str] | None = None,
+                     report: Callable[[int], None] | None = None) -> list[_probes.ProbeResult]:
+    """:func:`probe_results` with the probes spread over ``executor``'s workers: the reference
+    runs once here and its values at each cut go to a temporary folder; the items whose probes
+    start in one segment are one work item, which runs from that cut to the end with one segment
+    loaded at a time. The weights reach workers as files (:class:`ModelParts`), each Hessian as a
+    .npy file written once per input (``hessian_key``). Every number is the one-process path's:
+    a probe runs the same sessions from the same values. ``report(probes done)`` as chunks
+    return."""
+    import tempfile
+    import uuid
+
+    with tempfile.TemporaryDirectory(prefix="graphc-probes-") as folder:
+        cuts, starts = reference_cuts(model, items, feeds, metric, os.path.join(folder, "reference"))
+        os.makedirs(os.path.join(folder, "hessians"))
+        files: dict[Any, str | None] = {}
+        paths: list[str | None] = []
+        for i in range(len(items)):
+            key = hessian_key(i)
+            if key not in files:
+                h = hessian(i)
+                if h is None:
+                    files[key] = None
+                else:
+                    files[key] = os.path.join(folder, "hessians", f"{len(files)}.npy")
+                    np.save(files[key], h)
+                del h
+            paths.append(files[key])
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(starts):
+            groups.setdefault(s, []).append(i)
+        order = sorted(groups)  # the earliest start first: the longest runs
+        chunks = [Chunk(tuple(items[i] for i in groups[s]), tuple(paths[i] for i in groups[s])) for s in order]
+        shared = StreamedShared(uuid.uuid4().hex, model_parts(model), tuple(feeds), metric, cuts,
+                                tuple(name for item in items for name in item.names), streaming.policy(), symmetric,
+                                scale_dtype, damp, executor.threads_per_item)
+        done = 0
+
+        def arrived(n: int, result: list) -> None:
+            nonlocal done
+            done += sum(len(item.probes) for item in chunks[n].items)
+            if report is not None:
+                report(done)
+
+        names = [", ".join(labels[i] for i in groups[s][:2]) + (" ..." if len(groups[s]) > 2 else "")
+                 for s in order] if labels is not None else None
+        results = executor.map(probe_chunk, chunks, shared=shared, labels=names, on_result=arrived)
+    out: list[_probes.ProbeResult | None] = [None] * len(items)
+    for s, got in zip(order, results):
+        for i, r in zip(groups[s], got):
+            out[i] = r
+    return out  # type: ignore[return-value]

@@ -466,23 +466,35 @@ class MixedPrecision(GraphcPass):
 
     def _probe_streamed(self, model: ir.Model, feeds: list[dict], runs: list, cands: dict, method: bq.Method,
                         hessians: Mapping, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
-        """The probes with the model run segment by segment (passes/_streamed_probes.py), in this
-        process: a model that streams is too large for one session, and workers run whole models."""
+        """The probes with the model run segment by segment (passes/_streamed_probes.py): in this
+        process, or with workers, the items whose probes start in one segment as one work item
+        (the reference's values at the cuts and the Hessians reach them as files)."""
         from graphc.passes import _streamed_probes
 
         o = self.options
-        if resolve_executor(self.context.executor).workers > 1:
-            stats.details.setdefault("notices", []).append(
-                "probes ran in this process, segment by segment: the model is large enough to stream, "
-                "and workers would each hold it whole")
-        stats.counts["probe_workers"] = 1
+        executor = resolve_executor(self.context.executor)
+        items = self._items(runs, cands, method, hessians, with_hessians=False)
         stats.counts["probe_streamed"] = 1
+        kw = {"symmetric": o.symmetric, "scale_dtype": o.scale_dtype, "damp": o.damp}
+        if executor.workers > 1 and getattr(executor, "single_node", False):
+            stats.counts["probe_workers"] = executor.workers
+            what = f"probes (streamed) on {executor.workers} workers"
+            self.context.report(what, 0, total)
+            inputs = getattr(hessians, "input_of", lambda key: key)
+            return _streamed_probes.probe_on_workers(
+                model, items, feeds, o.metric, executor, **kw,
+                hessian=lambda i: hessians.get(id(runs[i][0])), hessian_key=lambda i: inputs(id(runs[i][0])),
+                labels=[f"probe of layer {layer.name}" for layer, _ in runs],
+                report=lambda done: self.context.report(what, done, total))
+        if executor.workers > 1:
+            stats.details.setdefault("notices", []).append(
+                "probes ran in this process, segment by segment: the model is large enough to stream, and the "
+                "Ray cluster has several nodes (workers read the weights and cut values as files of this machine)")
+        stats.counts["probe_workers"] = 1
         what = "probes (streamed)"
         self.context.report(what, 0, total)
         return _streamed_probes.probe_results(
-            model, self._items(runs, cands, method, hessians, with_hessians=False), feeds, o.metric,
-            symmetric=o.symmetric, scale_dtype=o.scale_dtype, damp=o.damp,
-            hessian=lambda i: hessians.get(id(runs[i][0])),
+            model, items, feeds, o.metric, **kw, hessian=lambda i: hessians.get(id(runs[i][0])),
             report=lambda done, runs_total: self.context.report(what, round(total * done / runs_total), total))
 
     def _hessians(self, model: ir.Model, layers: list[sens.Layer], stats: PassStats) -> Mapping[int, np.ndarray]:
@@ -524,6 +536,10 @@ class _LayerGrams(Mapping):
 
     def __getitem__(self, key: int) -> np.ndarray:
         return self._by_input[self._names[key]]
+
+    def input_of(self, key: int) -> str | int:
+        """The input whose Hessian layer ``key`` reads (layers reading one input share it)."""
+        return self._names.get(key, key)
 
     def __iter__(self):
         return iter(self._names)

@@ -7,6 +7,7 @@ Ray starts once for this module (2 CPUs, no dashboard) and is shut down at its e
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -44,6 +45,7 @@ class Capture:
     def __init__(self, inner):
         self.inner, self.results = inner, []
         self.threads_per_item, self.workers = inner.threads_per_item, inner.workers
+        self.single_node = inner.single_node
 
     def map(self, fn, items, **kw):
         out = self.inner.map(fn, items, **kw)
@@ -151,6 +153,7 @@ class _CrashOnce:
 
         self.inner, self.marker = RayExecutor(), str(marker)
         self.threads_per_item, self.workers = self.inner.threads_per_item, self.inner.workers
+        self.single_node = self.inner.single_node
 
     def map(self, fn, items, **kw):
         marker = self.marker
@@ -259,3 +262,49 @@ def test_planner_measurements_on_workers_give_the_same_plan_and_bytes(ray_cluste
     assert len(runs[0][0]) == 1 and len(runs[0][0][0]) == 26  # one map of every action
     assert json.loads(runs[0][1])  # the plan took actions
     assert runs[0] == runs[1]
+
+
+def test_streamed_probes_on_workers_give_the_same_bytes(ray_cluster, tmp_path, monkeypatch):
+    """A model that streams: the reference runs once in the driver and its values at each cut go
+    to a temporary folder; the probes starting in one segment are one Ray task (weights mapped
+    from their files, Hessians read from .npy files). Every measured float, the plan and the
+    written bytes are the one-process streamed run's; a worker dying mid-run is retried; the
+    temporary folder is gone afterwards."""
+    import tempfile
+
+    from graphc.core import scratch, streaming
+    from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
+
+    monkeypatch.setattr(scratch, "MIN_BYTES", 1024)  # awq's scaled projections in a temporary weights file
+    model = tmp_path / "tiny.onnx"
+    write_synthetic_llama(model, PRESETS["tiny"])
+    folders = []
+    real_tmp = tempfile.TemporaryDirectory
+
+    def spy(*a, **kw):
+        d = real_tmp(*a, **kw)
+        if kw.get("prefix") == "graphc-probes-":
+            folders.append(d.name)
+        return d
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    runs = {}
+    for name, executor in (("local", Capture(LocalExecutor())), ("ray", Capture(_CrashOnce(tmp_path / "crashed")))):
+        events = []
+        with streaming.streaming("always", segment_bytes=40_000):
+            result = graphc.compress(model, tmp_path / f"{name}.onnx", recipe="int4", force=True, validate=False,
+                                     attribution=False, executor=executor,
+                                     progress=lambda what, done, total: events.append((what, done, total)))
+        (mp,) = [r for r in result.passes if r.name == "mixed-precision"]
+        runs[name] = (mp.stats, executor.results, events)
+    assert (tmp_path / "crashed").exists()  # a worker really died
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+    local, ray = runs["local"][0], runs["ray"][0]
+    assert local["probe_streamed"] == ray["probe_streamed"] == 1
+    assert local["probe_workers"] == 1 and ray["probe_workers"] == 2
+    assert ray["sensitivities"] == local["sensitivities"] and ray["choices"] == local["choices"]
+    chunks = [r for r in runs["ray"][1] if r and isinstance(r[0], list)]
+    assert len(chunks) == 1 and len(chunks[0]) >= 3  # the probes went out as several chunks, one map
+    probes = [e for e in runs["ray"][2] if e[0].startswith("probes (streamed) on 2 workers")]
+    assert probes[0][1] == 0 and probes[-1][1] == probes[-1][2] > 0
+    assert folders and not any(os.path.exists(f) for f in folders)

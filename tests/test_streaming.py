@@ -274,3 +274,53 @@ def test_a_streamed_run_says_so(tiny, tmp_path):
     with streaming.streaming("never"):
         r = graphc.compress(tiny, tmp_path / "p.onnx", recipe="int8", attribution=False)
     assert not any("segment by segment" in n for n in r.notices)
+
+
+@pytest.mark.parametrize("metric", ["kl", "cosine"])
+def test_probes_started_from_written_cut_values_equal_the_one_process_run(tiny, metric):
+    """The form workers run: the reference's values at each cut written to a folder once, the
+    items grouped by the segment their probes start in, each group run from those values with
+    its Hessians read from .npy files. Every number equals the one-process lockstep run's
+    (GPTQ probes, one Hessian per input shared by the layers reading it)."""
+    from graphc.core.executor import LocalExecutor
+    from graphc.passes import _sensitivity as sens
+    from graphc.passes import _streamed_probes
+
+    model = load_model(tiny)
+    layers, _ = sens.find_layers(model.graph, matmuls=True, embeddings=False, min_rows=1, min_cols=32, exclude=())
+    feeds = _feeds(model, 2)
+    inputs = {layer.value.name: layer.nodes[0].inputs[0].name for layer in layers}
+    rng = np.random.default_rng(0)
+    grams = {}
+    for name in sorted(set(inputs.values())):
+        cols = next(layer.shape[1] for layer in layers if inputs[layer.value.name] == name)
+        x = rng.standard_normal((64, cols))
+        grams[name] = x.T @ x / 64
+    configs = (sens.QuantConfig(4, 32), sens.QuantConfig(2, 32))
+    items = _probe_items(layers, configs, method="gptq")
+    hessian = lambda i: grams[inputs[items[i].weight]]  # noqa: E731
+    saved = []
+
+    class Recording(LocalExecutor):
+        def map(self, fn, chunks, **kw):
+            chunks = list(chunks)
+            saved.append(chunks)
+            return super().map(fn, chunks, **kw)
+
+    reported = []
+    with streaming.streaming("always", segment_bytes=SEGMENT):
+        one = _streamed_probes.probe_results(model, items, feeds, metric, symmetric=False, scale_dtype="float16",
+                                             damp=0.01, hessian=hessian)
+        spread = _streamed_probes.probe_on_workers(model, items, feeds, metric, Recording(), symmetric=False,
+                                                   scale_dtype="float16", damp=0.01, hessian=hessian,
+                                                   hessian_key=lambda i: inputs[items[i].weight],
+                                                   report=reported.append)
+    assert len(one) == len(spread) == len(items) >= 6
+    for a, b in zip(one, spread):
+        assert a.measured == b.measured and a.weight_error == b.weight_error
+    assert max(a.measured[configs[1]] for a in one) > 0
+    (chunks,) = saved
+    assert len(chunks) >= 3 and sum(len(c.items) for c in chunks) == len(items)
+    files = {f for c in chunks for f in c.hessians}
+    assert len(files) == len(grams) and not any(os.path.exists(f) for f in files)  # one per input, removed
+    assert reported[-1] == 2 * len(items) and reported == sorted(reported)

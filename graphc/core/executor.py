@@ -52,6 +52,7 @@ class LocalExecutor:
     """Every item in this process, one after the other (the default: no extra dependency)."""
 
     threads_per_item: int | None = None
+    single_node = True  # workers read this process's files (temporary folders, mapped weights)
 
     @property
     def workers(self) -> int:

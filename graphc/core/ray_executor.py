@@ -106,6 +106,11 @@ class RayExecutor:
         """CPUs of the cluster (tasks that can run at once)."""
         return int(self._ray.cluster_resources().get("CPU", 1))
 
+    @property
+    def single_node(self) -> bool:
+        """Whether every worker runs on one machine (and so reads this process's files)."""
+        return len([n for n in self._ray.nodes() if n.get("Alive")]) <= 1
+
     def map(self, fn: Callable[[Any, Any], Any], items: Iterable[Any], *, shared: Any = None,
             labels: Sequence[str] | None = None, on_result: OnResult | None = None) -> list[Any]:
         ray = self._ray

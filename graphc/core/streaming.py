@@ -274,13 +274,15 @@ class StreamedModel:
     """A model run segment by segment (see the module doc). ``observe``: intermediate values
     to hand to the ``on_value`` callback of :meth:`run` as each segment makes them;
     ``switchable``: initializers that are session inputs instead (given from the model's arrays
-    unless a run replaces them: the sensitivity probes' quantized weights)."""
+    unless a run replaces them: the sensitivity probes' quantized weights); ``threads``: ONNX
+    Runtime threads of each segment's session (None: its default)."""
 
     def __init__(self, model: ir.Model, *, observe: Sequence[str] = (), segment_bytes: int | None = None,
-                 what: str = "model", switchable: Sequence[str] = ()) -> None:
+                 what: str = "model", switchable: Sequence[str] = (), threads: int | None = None) -> None:
         from graphc.core.ort_large import weightless_proto
 
         self.what = what
+        self.threads = threads  # ONNX Runtime threads per segment session (None: its default)
         self.switchable = set(switchable)
         self.proto, self.arrays = weightless_proto(model, always=self.switchable)
         self._mapped = {name: v.const_value for name, v in model.graph.initializers.items()
@@ -377,7 +379,13 @@ class StreamedModel:
         left out), its inputs typed from ``sample(name)``, a value at hand for each."""
         model, arrays, reads, switched = self.segment_model(k, fetch, sample)
         where = f"segment {k + 1} of {len(self.segments)}"
-        return SegmentSession(load(model, arrays, what=self.what, where=where), reads, switched, list(fetch))
+        options = None
+        if self.threads:
+            from graphc.core.session import session_options
+
+            options = session_options(self.threads)
+        return SegmentSession(load(model, arrays, what=self.what, where=where, options=options), reads, switched,
+                              list(fetch))
 
     def suffix(self, k: int) -> Segment:
         """Segments ``k`` to the last as one (a run from cut ``k`` to the graph's outputs)."""
