@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=0)
     parser.add_argument("--fused", action="store_true")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--streamed-only", action="store_true", help="skip the whole-model and cut rows")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
 
@@ -60,31 +61,33 @@ def main() -> int:
     config = sens.QuantConfig(4, 64)
     items = [_probes.ProbeItem(layer.value.name, layer.transposed, "rtn", (config,), (config,), None) for layer in layers]
     rows = []
-    start = time.perf_counter()
-    evaluator = sens.Evaluator(model, layers, feeds, metric="kl")
-    whole_build = time.perf_counter() - start
-    start = time.perf_counter()
-    cut = _cut_evaluator.CutEvaluator(model, layers, feeds, "kl")
-    cut_build = time.perf_counter() - start
-    shared = {"whole": _probes.ProbeShared("bench-whole", {}), "cut": _probes.ProbeShared("bench-cut", {})}
-    seconds = {"whole": whole_build, "cut": cut_build}
-    errors: dict[str, list] = {"whole": [], "cut": []}
-    for item in items:  # alternating, probe by probe: the machine's drift hits both alike
-        for name, ev in (("whole", evaluator), ("cut", cut)):
-            _probes.register_local(shared[name].key, ev)
-            start = time.perf_counter()
-            errors[name].append(_probes.probe_layer(shared[name], item).measured[config])
-            seconds[name] += time.perf_counter() - start
-    whole, whole_s = errors["whole"], seconds["whole"]
-    del evaluator
-    rows.append({"path": "whole model", "seconds": round(whole_s, 1), "build_s": round(whole_build, 1)})
-    print(json.dumps(rows[-1]), flush=True)
-    diff = max(abs(g - w) / max(abs(w), 1e-12) for g, w in zip(errors["cut"], whole))
-    rows.append({"path": "from each layer's cut", "cuts": cut.start_count, "seconds": round(seconds["cut"], 1),
-                 "build_s": round(cut_build, 1), "ratio_to_whole": round(seconds["cut"] / whole_s, 3),
-                 "max_rel_diff": float(f"{diff:.3g}")})
-    print(json.dumps(rows[-1]), flush=True)
-    del cut
+    whole, whole_s = None, None
+    if not args.streamed_only:
+        start = time.perf_counter()
+        evaluator = sens.Evaluator(model, layers, feeds, metric="kl")
+        whole_build = time.perf_counter() - start
+        start = time.perf_counter()
+        cut = _cut_evaluator.CutEvaluator(model, layers, feeds, "kl")
+        cut_build = time.perf_counter() - start
+        shared = {"whole": _probes.ProbeShared("bench-whole", {}), "cut": _probes.ProbeShared("bench-cut", {})}
+        seconds = {"whole": whole_build, "cut": cut_build}
+        errors: dict[str, list] = {"whole": [], "cut": []}
+        for item in items:  # alternating, probe by probe: the machine's drift hits both alike
+            for name, ev in (("whole", evaluator), ("cut", cut)):
+                _probes.register_local(shared[name].key, ev)
+                start = time.perf_counter()
+                errors[name].append(_probes.probe_layer(shared[name], item).measured[config])
+                seconds[name] += time.perf_counter() - start
+        whole, whole_s = errors["whole"], seconds["whole"]
+        del evaluator
+        rows.append({"path": "whole model", "seconds": round(whole_s, 1), "build_s": round(whole_build, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        diff = max(abs(g - w) / max(abs(w), 1e-12) for g, w in zip(errors["cut"], whole))
+        rows.append({"path": "from each layer's cut", "cuts": cut.start_count, "seconds": round(seconds["cut"], 1),
+                     "build_s": round(cut_build, 1), "ratio_to_whole": round(seconds["cut"] / whole_s, 3),
+                     "max_rel_diff": float(f"{diff:.3g}")})
+        print(json.dumps(rows[-1]), flush=True)
+        del cut
     for mb in [int(x) for x in args.segment_mb.split(",") if x]:
         start = time.perf_counter()
         with streaming.streaming("always", segment_bytes=mb << 20):
@@ -92,9 +95,10 @@ def main() -> int:
             got = _streamed_probes.probe_results(model, items, feeds, "kl", symmetric=False, scale_dtype="float16",
                                                  damp=0.01)
         seconds = time.perf_counter() - start
-        diff = max(abs(g.measured[config] - w) / max(abs(w), 1e-12) for g, w in zip(got, whole))
-        rows.append({"path": f"streamed, {mb} MB segments", "segments": runner_segments, "seconds": round(seconds, 1),
-                     "ratio_to_whole": round(seconds / whole_s, 3), "max_rel_diff": float(f"{diff:.3g}")})
+        rows.append({"path": f"streamed, {mb} MB segments", "segments": runner_segments, "seconds": round(seconds, 1)})
+        if whole is not None:
+            diff = max(abs(g.measured[config] - w) / max(abs(w), 1e-12) for g, w in zip(got, whole))
+            rows[-1].update(ratio_to_whole=round(seconds / whole_s, 3), max_rel_diff=float(f"{diff:.3g}"))
         print(json.dumps(rows[-1]), flush=True)
         for workers in ([1, args.workers] if args.workers else []):
             from graphc.core.ray_executor import RayExecutor

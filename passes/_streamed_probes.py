@@ -21,8 +21,9 @@ The error of each probe is the whole-model path's metric on the final outputs.
 
 With workers (:func:`probe_on_workers`: ``--workers``/``--ray`` on one machine), the reference
 runs once here and its values entering each segment are written to a temporary folder
-(:func:`reference_cuts`); the items whose probes start in one segment are one work item, which
-runs the same lockstep from that segment on, starting from the written values: the same
+(:func:`reference_cuts`); items whose probes start in one segment form work items (split so that
+each worker gets several), each running the same lockstep from that segment on, starting from
+the written values: the same
 sessions over the same values, so the same numbers. Workers map the weights from their files
 (the input's external data, or the run's temporary weights file) and read the Hessians from .npy
 files, so nothing the size of the model crosses the wire.
@@ -339,6 +340,27 @@ class Chunk:
     hessians: tuple[str | None, ...]
 
 
+def _chunks(items: Sequence[_probes.ProbeItem], starts: Sequence[int], segments: int, workers: int) -> list[list[int]]:
+    """Item indices in work items: those starting in one segment together (they share the
+    segments' sessions), a start's items split where their runs (probes x segments to the end)
+    pass a quarter of a worker's share, so that every worker gets several; the longest first."""
+    cost = [len(item.probes) * max(segments - s, 1) for item, s in zip(items, starts)]
+    target = max(sum(cost) / max(4 * workers, 1), 1)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(starts):
+        groups.setdefault(s, []).append(i)
+    chunks: list[list[int]] = []
+    for s in sorted(groups):
+        current: list[int] = []
+        for i in groups[s]:
+            if current and sum(cost[j] for j in current) + cost[i] > target:
+                chunks.append(current)
+                current = []
+            current.append(i)
+        chunks.append(current)
+    return sorted(chunks, key=lambda c: -sum(cost[j] for j in c))  # stable: ties keep segment order
+
+
 _MODELS: dict[str, ir.Model] = {}  # worker-side: payload key -> rebuilt model (one at a time)
 
 
@@ -362,9 +384,9 @@ def probe_on_workers(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds:
                      labels: Sequence[str] | None = None,
                      report: Callable[[int], None] | None = None) -> list[_probes.ProbeResult]:
     """:func:`probe_results` with the probes spread over ``executor``'s workers: the reference
-    runs once here and its values at each cut go to a temporary folder; the items whose probes
-    start in one segment are one work item, which runs from that cut to the end with one segment
-    loaded at a time. The weights reach workers as files (:class:`ModelParts`), each Hessian as a
+    runs once here and its values at each cut go to a temporary folder; items whose probes start
+    in one segment form work items (:func:`_chunks`), each run from that cut to the end with one
+    segment loaded at a time. The weights reach workers as files (:class:`ModelParts`), each Hessian as a
     .npy file written once per input (``hessian_key``). Every number is the one-process path's:
     a probe runs the same sessions from the same values. ``report(probes done)`` as chunks
     return."""
@@ -387,11 +409,8 @@ def probe_on_workers(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds:
                     np.save(files[key], h)
                 del h
             paths.append(files[key])
-        groups: dict[int, list[int]] = {}
-        for i, s in enumerate(starts):
-            groups.setdefault(s, []).append(i)
-        order = sorted(groups)  # the earliest start first: the longest runs
-        chunks = [Chunk(tuple(items[i] for i in groups[s]), tuple(paths[i] for i in groups[s])) for s in order]
+        groups = _chunks(items, starts, len(cuts.bounds), executor.workers)
+        chunks = [Chunk(tuple(items[i] for i in group), tuple(paths[i] for i in group)) for group in groups]
         shared = StreamedShared(uuid.uuid4().hex, model_parts(model), tuple(feeds), metric, cuts,
                                 tuple(name for item in items for name in item.names), streaming.policy(), symmetric,
                                 scale_dtype, damp, executor.threads_per_item)
@@ -403,11 +422,11 @@ def probe_on_workers(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds:
             if report is not None:
                 report(done)
 
-        names = [", ".join(labels[i] for i in groups[s][:2]) + (" ..." if len(groups[s]) > 2 else "")
-                 for s in order] if labels is not None else None
+        names = [", ".join(labels[i] for i in group[:2]) + (" ..." if len(group) > 2 else "")
+                 for group in groups] if labels is not None else None
         results = executor.map(probe_chunk, chunks, shared=shared, labels=names, on_result=arrived)
     out: list[_probes.ProbeResult | None] = [None] * len(items)
-    for s, got in zip(order, results):
-        for i, r in zip(groups[s], got):
+    for group, got in zip(groups, results):
+        for i, r in zip(group, got):
             out[i] = r
     return out  # type: ignore[return-value]

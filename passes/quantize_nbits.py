@@ -30,7 +30,7 @@ load); the codes are fitted to the rounded scales.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -38,6 +38,7 @@ import onnx_ir as ir
 
 from graphc.core import ops
 from graphc.core.errors import PassError, UnsupportedError
+from graphc.core.executor import resolve as resolve_executor
 from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _blockquant as bq
 from graphc.passes._quant import (constant, drop_unused_initializers, ensure_opset, gemm_terms, nonfinite_reason,
@@ -135,6 +136,7 @@ class QuantizeNBits(GraphcPass):
     name = "quantize-nbits"
     summary = "weight-only block-wise 2/4/8-bit MatMul weights (MatMulNBits or QDQ DequantizeLinear), rtn/mse/hqq/gptq"
     Options = NBitsOptions
+    uses_executor = True  # each weight's quantization (GPTQ), one work item a weight
 
     @property
     def needs_calibration(self) -> bool:
@@ -187,39 +189,34 @@ class QuantizeNBits(GraphcPass):
                                    "not gptq (no calibration statistics inside bodies)")
         work = [(graph, c, method) for c in cands] + [(g, c, body_method) for g, c in bodies]
         producers = [(g, c.node.inputs[1].producer()) for g, c, _ in work]
-        done: dict[tuple[int, int, int, int], tuple[bq.BlockQuant, dict[str, ir.Value]]] = {}
-        errors: list[float] = []
-        for i, (where, cand, how) in enumerate(work):
-            self.context.report(self.name, i, len(work))
+        # each entry's precision and the key of its codes: codes are shared where the float weight
+        # was (a body may read the main graph's, outer scope, never a sibling body's)
+        entries, keys = [], set()
+        for where, cand, how in work:
             bits = self.options.head_bits if cand.head and self.options.head_bits else self.options.bits
             bits, block, is_planned = planned_config(cand.node, bits, self.options.block_size)
             if is_planned:
                 check_block(bits, block, emit, self.name)
-                stats.add("matmuls_at_planned_precision")
-            # codes are shared where the float weight was: a body may read the main graph's
-            # (outer scope), never a sibling body's
             key = (cand.key, bits, block, 0 if where is graph else id(where))
-            if where is not graph and (cand.key, bits, block, 0) in done:
+            if where is not graph and (cand.key, bits, block, 0) in keys:
                 key = (cand.key, bits, block, 0)
-            if key not in done:
-                w_t = np.ascontiguousarray(cand.weight.T)
-                release_pages(cand.node.inputs[1])
-                scale_dtype = _SCALE_DTYPES[self.options.scale_dtype]
-                if how is bq.Method.GPTQ:
-                    h = hessians[cand.node.inputs[0].name]  # read once (it may come from disk)
-                    quant = bq.gptq(w_t, h, bits, block,
-                                    symmetric=self.options.symmetric, scale_dtype=scale_dtype, damp=self.options.damp,
-                                    act_order=self.options.act_order)
-                    if self.options.refit_scales:
-                        quant = bq.refit_scales(w_t, h, quant)
-                    del h
-                else:
-                    quant = bq.quantize(w_t, bits, block, symmetric=self.options.symmetric,
-                                        method=how, scale_dtype=scale_dtype)
-                errors.append(quant.relative_error(w_t))
-                stats.add("weight_bytes_before", int(w_t.size * 4))
+            first = key not in keys
+            keys.add(key)
+            entries.append((where, cand, how, bits, block, is_planned, key, first))
+        jobs = [(cand, how, bits, block) for _, cand, how, bits, block, _, _, first in entries if first]
+        quantized = self._quantized(jobs, hessians, stats)
+        done: dict[tuple[int, int, int, int], tuple[bq.BlockQuant, dict[str, ir.Value]]] = {}
+        errors: list[float] = []
+        for i, (where, cand, how, bits, block, is_planned, key, first) in enumerate(entries):
+            self.context.report(self.name, i, len(entries))
+            if is_planned:
+                stats.add("matmuls_at_planned_precision")
+            if first:
+                quant, error, digest, before = next(quantized)
+                errors.append(error)
+                stats.add("weight_bytes_before", before)
                 stats.add("weight_bytes_after", quant.nbytes())
-                done[key] = quant, {"digest": weight_digest(w_t)}
+                done[key] = quant, {"digest": digest}
             quant, cache = done[key]
             if emit is Emit.MS:
                 new = self._emit_nbits(where, cand, quant, cache)
@@ -246,6 +243,33 @@ class QuantizeNBits(GraphcPass):
         for g in [graph, *subgraphs(graph)]:  # a body's weights may be outer-scope initializers
             drop_unused_initializers(g)
         return True
+
+    def _quantized(self, jobs: list[tuple[_Candidate, bq.Method, int, int]], hessians: Mapping[str, np.ndarray],
+                   stats: PassStats) -> Iterator[tuple[bq.BlockQuant, float, str, int]]:
+        """Each job's (codes, relative weight error, float weight digest, float bytes), in job
+        order and as the emitting loop asks for them: in this process one weight at a time; with
+        workers (``--workers``/``--ray``) in batches of a few per worker, each weight and its
+        Hessian sent with its task (the codes come back; the graph is edited here)."""
+        o = self.options
+        shared = _JobOptions(o.symmetric, o.scale_dtype, o.damp, o.act_order, o.refit_scales)
+        executor = resolve_executor(self.context.executor)
+
+        def job(cand: _Candidate, how: bq.Method, bits: int, block: int) -> _Job:
+            w_t = np.ascontiguousarray(cand.weight.T)
+            release_pages(cand.node.inputs[1])
+            h = hessians[cand.node.inputs[0].name] if how is bq.Method.GPTQ else None  # read once (maybe from disk)
+            return _Job(w_t, h, how.value, bits, block)
+
+        if executor.workers <= 1:
+            for spec in jobs:
+                yield quantize_job(shared, job(*spec))
+            return
+        stats.counts["workers"] = executor.workers
+        batch = 4 * executor.workers  # bounds what is in flight: weights, Hessians and codes of a batch
+        for start in range(0, len(jobs), batch):
+            part = jobs[start:start + batch]
+            yield from executor.map(quantize_job, (job(*spec) for spec in part), shared=shared,
+                                    labels=[f"weight of {spec[0].node.name}" for spec in part])
 
     def _hessians(self, model: ir.Model, cands: list[_Candidate], stats: PassStats) -> Mapping[str, np.ndarray]:
         """H = mean over calibration tokens of x x^T for each distinct MatMul input x
@@ -389,6 +413,42 @@ class QuantizeNBits(GraphcPass):
         if cand.bias is not None:
             nodes.append(ir.node(ops.ADD, [mm.outputs[0], constant(graph, f"{base}_bias", cand.bias)]))
         return nodes
+
+
+@dataclass(frozen=True)
+class _JobOptions:
+    """What every weight's quantization shares (sent to each worker once)."""
+
+    symmetric: bool
+    scale_dtype: str
+    damp: float
+    act_order: bool
+    refit_scales: bool
+
+
+@dataclass(frozen=True)
+class _Job:
+    w_t: np.ndarray  # [N, K] float32
+    hessian: np.ndarray | None  # [K, K], GPTQ only
+    method: str
+    bits: int
+    block: int
+
+
+def quantize_job(shared: _JobOptions, job: _Job) -> tuple[bq.BlockQuant, float, str, int]:
+    """One weight quantized (a work item: in this process or on a worker): its codes, relative
+    error, the float weight's digest and its float bytes."""
+    how = bq.Method(job.method)
+    scale_dtype = _SCALE_DTYPES[shared.scale_dtype]
+    if how is bq.Method.GPTQ:
+        quant = bq.gptq(job.w_t, job.hessian, job.bits, job.block, symmetric=shared.symmetric,
+                        scale_dtype=scale_dtype, damp=shared.damp, act_order=shared.act_order)
+        if shared.refit_scales:
+            quant = bq.refit_scales(job.w_t, job.hessian, quant)
+    else:
+        quant = bq.quantize(job.w_t, job.bits, job.block, symmetric=shared.symmetric, method=how,
+                            scale_dtype=scale_dtype)
+    return quant, quant.relative_error(job.w_t), weight_digest(job.w_t), int(job.w_t.size * 4)
 
 
 def _emptied(quant: bq.BlockQuant) -> bq.BlockQuant:

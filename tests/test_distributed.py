@@ -40,16 +40,19 @@ def _sensitivities(result) -> list:
 
 
 class Capture:
-    """An executor that keeps the raw results of every map of the executor it wraps."""
+    """An executor that keeps the raw results of every measuring map of the executor it wraps
+    (``calls``: the work function of every map, quantization's included)."""
 
     def __init__(self, inner):
-        self.inner, self.results = inner, []
+        self.inner, self.results, self.calls = inner, [], []
         self.threads_per_item, self.workers = inner.threads_per_item, inner.workers
         self.single_node = inner.single_node
 
     def map(self, fn, items, **kw):
         out = self.inner.map(fn, items, **kw)
-        self.results.append(out)
+        self.calls.append(fn.__name__)
+        if fn.__name__ != "quantize_job":  # codes: compared through the written bytes
+            self.results.append(out)
         return out
 
     def close(self):
@@ -182,6 +185,9 @@ def test_probes_on_workers_give_the_same_bytes_even_when_a_worker_dies(ray_clust
     assert marker.exists()  # a worker really died mid-run
     assert (tmp_path / "ray.onnx").read_bytes() == local_out.read_bytes()
     assert capture.results == local_results  # every measured float exactly (one ORT thread vs all)
+    assert "quantize_job" in capture.calls  # quantize-nbits' GPTQ on the workers too (the same bytes above)
+    (nbits,) = [r for r in result.passes if r.name == "quantize-nbits"]
+    assert nbits.stats["workers"] == 2
     assert _sensitivities(result) == _sensitivities(local)
     (mp,) = [r for r in result.passes if r.name == "mixed-precision"]
     assert mp.stats["probe_cuts"] >= 3  # the probes started at their layers' cuts, in the workers too

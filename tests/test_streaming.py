@@ -324,3 +324,26 @@ def test_probes_started_from_written_cut_values_equal_the_one_process_run(tiny, 
     files = {f for c in chunks for f in c.hessians}
     assert len(files) == len(grams) and not any(os.path.exists(f) for f in files)  # one per input, removed
     assert reported[-1] == 2 * len(items) and reported == sorted(reported)
+
+
+def test_streamed_probes_stay_in_the_driver_on_a_multi_node_cluster():
+    """Workers on other machines cannot read this machine's weight and cut files: the probes run
+    here, segment by segment, and a notice says why."""
+    import dataclasses
+
+    from graphc.passes.mixed_precision import MixedPrecision
+    from tests.passes.test_mixed_precision import _tied
+
+    class TwoNodes:
+        workers, threads_per_item, single_node = 2, 1, False
+
+        def map(self, fn, items, **kw):
+            raise AssertionError("nothing may be sent to workers")
+
+    model, ctx = _tied()
+    ctx = dataclasses.replace(ctx, executor=TwoNodes())
+    with streaming.streaming("always", segment_bytes=1):
+        stats = MixedPrecision(MixedPrecision.Options(max_bits=8.5, bits=(2, 4), block_sizes=(32,)), ctx)(model).stats
+    assert stats.counts["probe_streamed"] == 1 and stats.counts["probe_workers"] == 1
+    (notice,) = stats.details["notices"]
+    assert "several nodes" in notice and "\n" not in notice
