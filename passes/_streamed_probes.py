@@ -287,7 +287,8 @@ def model_parts(model: ir.Model) -> ModelParts:
     for name, array in arrays.items():
         tensor = model.graph.initializers[name].const_value
         if isinstance(tensor, ir.ExternalTensor):
-            files[name] = (os.path.join(str(tensor.base_dir), str(tensor.location)), int(tensor.offset or 0),
+            files[name] = (os.path.abspath(os.path.join(str(tensor.base_dir), str(tensor.location))),  # any cwd
+                           int(tensor.offset or 0),
                            int(tensor.length if tensor.length is not None else tensor.nbytes))
         else:
             kept[name] = np.asarray(array)

@@ -347,3 +347,29 @@ def test_streamed_probes_stay_in_the_driver_on_a_multi_node_cluster():
     assert stats.counts["probe_streamed"] == 1 and stats.counts["probe_workers"] == 1
     (notice,) = stats.details["notices"]
     assert "several nodes" in notice and "\n" not in notice
+
+
+def test_a_worker_rebuilds_the_model_from_its_files_and_refuses_a_missing_one(tmp_path):
+    """What reaches a worker: the protobuf without weights, each external weight's file, offset
+    and length (absolute, whatever the worker's directory), in-memory weights as arrays or inside
+    the protobuf (a pass's rewritten weight here)."""
+    from graphc.core.errors import DistributedError
+    from graphc.passes import _streamed_probes
+
+    path = tmp_path / "ext.onnx"
+    write_synthetic_llama(path, PRESETS["tiny"])
+    onnx.save(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+              size_threshold=1024)
+    model = load_model(path)
+    name = next(n for n, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor))
+    fresh = model.graph.initializers[name].const_value.numpy() * 2  # as a pass's rewritten weight
+    model.graph.initializers[name].const_value = ir.tensor(fresh, name=name)
+    parts = _streamed_probes.model_parts(model)
+    assert parts.files and all(os.path.isabs(f) for f, _, _ in parts.files.values()) and name not in parts.files
+    again = _streamed_probes.rebuild(parts)
+    for key, value in model.graph.initializers.items():
+        np.testing.assert_array_equal(again.graph.initializers[key].const_value.numpy(), value.const_value.numpy())
+    os.rename(tmp_path / "w.bin", tmp_path / "moved.bin")
+    with pytest.raises(DistributedError, match=r"cannot read the weights file .*w\.bin.*shared") as info:
+        _streamed_probes.rebuild(parts)
+    assert "\n" not in str(info.value)
