@@ -1,6 +1,6 @@
 """Peak memory and time of compressing large models.
 
-    python bench/bench_memory.py [--sizes 1gb,4gb,8gb] [--recipes cleanup,int4-nocalib] [--json OUT]
+    python bench/bench_memory.py [--sizes 1gb,4gb,8gb] [--recipes cleanup,int4-nocalib] [--workers N] [--json OUT]
 
 Writes synthetic Llama-architecture models (models/synthetic_llama.py: random weights from a
 config, streamed to external data; cached under ``.graphc-cache/synthetic/``), then compresses
@@ -8,7 +8,10 @@ each with each recipe in a fresh process (``graphc compress --no-validate``: val
 load the whole model into ONNX Runtime) and reports that process's peak resident memory
 (VmHWM, which counts memory-mapped weight pages too), the wall time, and the output bytes.
 ``int4-nocalib`` is bench/recipes/int4-nocalib.toml: the int4 recipe with clipping-search
-weights, since GPTQ's calibration runs the whole float model.
+weights, since GPTQ's calibration runs the whole float model. ``--workers N``: the compress
+sends its work to a local Ray instance with N CPUs; the Ray worker processes' resident memory is
+then sampled every second from this process (``/proc``: processes titled ``ray::``), and the
+largest single worker and the largest sum over workers are reported beside the driver's peak.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ class Peaks:  # the peak resident memory of each stage: setup (load, reference r
 
 peaks = Peaks()
 t = time.perf_counter()
+workers = int(sys.argv[6]) if len(sys.argv) > 6 and sys.argv[6] != "0" else None
 r = graphc.compress(sys.argv[1], sys.argv[2], recipe=sys.argv[3], validate=sys.argv[4] == "1", attribution=False,
-                    stream=sys.argv[5], force=True, instruments=[peaks])
+                    stream=sys.argv[5], force=True, instruments=[peaks], workers=workers)
 peaks._close("done")
 print(json.dumps({"peak_bytes": overall[0], "seconds": time.perf_counter() - t,
                   "stage_peaks": stages,
@@ -82,15 +86,51 @@ def largest_tensor(size: str) -> int:
     return max(4 * math.prod(shape) for _, shape in PRESETS[size].tensor_shapes())
 
 
-def run(model: Path, recipe: str, out_dir: Path, validate: bool = False, stream: str = "auto") -> dict:
+class RaySampler:
+    """The resident memory of Ray worker processes (titled ``ray::...``), sampled every second."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.largest_worker = self.largest_sum = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            sizes = []
+            for pid in os.listdir("/proc"):
+                try:
+                    if not pid.isdigit() or not open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::"):
+                        continue
+                    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+                    sizes.append(int(status["VmRSS"].split()[0]) * 1024)
+                except (OSError, KeyError, ValueError):
+                    continue
+            if sizes:
+                self.largest_worker = max(self.largest_worker, max(sizes))
+                self.largest_sum = max(self.largest_sum, sum(sizes))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"ray_worker_peak_bytes": self.largest_worker, "ray_workers_sum_peak_bytes": self.largest_sum}
+
+
+def run(model: Path, recipe: str, out_dir: Path, validate: bool = False, stream: str = "auto",
+        workers: int = 0) -> dict:
     out = out_dir / f"{model.stem}-{recipe}.onnx"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sampler = RaySampler() if workers else None
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(model), str(out), RECIPES.get(recipe, recipe),
-                           "1" if validate else "0", stream],
+                           "1" if validate else "0", stream, str(workers)],
                           capture_output=True, text=True, env=env)
+    ray_memory = sampler.stop() if sampler is not None else {}
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(ray_memory)
     result["output_bytes"] = sum(Path(p).stat().st_size for p in result.pop("written"))
     for p in out_dir.glob(out.name + "*"):
         p.unlink()
@@ -105,6 +145,7 @@ def main() -> int:
                         "(off by default: the figures in docs/results.md's first table were taken without)")
     parser.add_argument("--stream", default="auto", choices=("auto", "always", "never"),
                         help="graphc.compress's stream option (segment-by-segment runs; auto: over 1 GiB)")
+    parser.add_argument("--workers", type=int, default=0, help="compress with a local Ray instance of N CPUs")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args()
     rows = []
@@ -114,9 +155,9 @@ def main() -> int:
             model_bytes = model.stat().st_size + (model.parent / (model.name + ".data")).stat().st_size
             for recipe in args.recipes.split(","):
                 t = time.perf_counter()
-                result = run(model, recipe, Path(tmp), args.validate, args.stream)
+                result = run(model, recipe, Path(tmp), args.validate, args.stream, args.workers)
                 row = {"model": size, "model_bytes": model_bytes, "largest_tensor": largest_tensor(size),
-                       "recipe": recipe, "validate": args.validate, "stream": args.stream, "wall_s": round(time.perf_counter() - t, 1), **result}
+                       "recipe": recipe, "validate": args.validate, "stream": args.stream, "workers": args.workers, "wall_s": round(time.perf_counter() - t, 1), **result}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     from graphc.core.target import cpu_line
