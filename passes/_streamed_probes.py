@@ -227,9 +227,6 @@ def reference_cuts(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: S
     segments = runner.segments
     first = min([r[0] for r in reads_item if r] or [len(segments)])
     outputs = sens.measured_outputs(runner.outputs, metric)
-    inputs = set(runner.inputs)
-    feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in feeds]
-    cache = streaming.ActivationCache(len(feeds), streaming.policy().cache_bytes)
     names: dict[int, tuple[tuple[str, ...], ...]] = {}
 
     def dump(where: str, i: int, listed: Sequence[str], value: Callable[[str], np.ndarray]) -> None:
@@ -237,31 +234,15 @@ def reference_cuts(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: S
         for n, name in enumerate(listed):
             np.save(os.path.join(folder, where, str(i), f"{n}.npy"), np.asarray(value(name)))
 
-    try:
-        for k, seg in enumerate(segments):
-            if k >= first:
-                names[k] = tuple(tuple(cache.values[i]) for i in range(len(feeds)))
-                for i in range(len(feeds)):
-                    dump(str(k), i, names[k][i], lambda name, i=i: cache.get(i, name))
-            later = runner.needed_after(k, outputs=False) | set(outputs)
-            fetch = [n for n in seg.keeps if n in later]
-            if fetch:
-                part = runner.segment_session(k, fetch, lambda name: cache.get(0, name))
-                for i, feed in enumerate(feeds):
-                    got = runner.step(part, feed, lambda name, i=i: cache.get(i, name))
-                    for name, value in zip(fetch, got):
-                        cache.put(i, name, value)
-                    for name in list(cache.values[i]):
-                        if name not in later:
-                            cache.drop(i, name)
-                del part
-            runner.release(k)
-            if report is not None:
-                report(k + 1, len(segments))
-        for i in range(len(feeds)):
-            dump("out", i, outputs, lambda name, i=i: cache.get(i, name))
-    finally:
-        cache.close()
+    def entering(k: int, cache: streaming.ActivationCache) -> None:
+        if k >= first:
+            names[k] = tuple(tuple(cache.values[i]) for i in range(len(feeds)))
+            for i in range(len(feeds)):
+                dump(str(k), i, names[k][i], lambda name, i=i: cache.get(i, name))
+
+    got = runner.run(feeds, outputs=outputs, at_segment=entering, progress=report)
+    for i, values in enumerate(got):
+        dump("out", i, outputs, dict(zip(outputs, values)).__getitem__)
     starts = [(r or [len(segments)])[0] for r in reads_item]
     return CutValues(folder, names, tuple(outputs), tuple((seg.start, seg.stop) for seg in segments)), starts
 

@@ -328,10 +328,14 @@ class StreamedModel:
         return later
 
     def run(self, feeds: Sequence[dict[str, np.ndarray]], *, on_value: Callable[[int, str, np.ndarray], None] | None = None,
-            outputs: bool = True, progress: Callable[[int, int], None] | None = None) -> list[list[Any]]:
+            outputs: bool | Sequence[str] = True, progress: Callable[[int, int], None] | None = None,
+            at_segment: Callable[[int, ActivationCache], None] | None = None) -> list[list[Any]]:
         """Every feed through every segment; ``on_value(feed index, name, array)`` for each
         observed value (and observed graph inputs, first). Returns each feed's graph outputs
-        (in the graph's order) when ``outputs``, else empty lists."""
+        (in the graph's order) when ``outputs`` is True, those named when it lists some (the
+        others are not kept), else empty lists. ``at_segment(k, cache)`` before segment ``k``
+        runs: the cache holds, per feed, the values entering it."""
+        wanted = list(self.outputs) if outputs is True else list(outputs or [])
         cache = ActivationCache(len(feeds), policy().cache_bytes)
         try:
             if on_value is not None:
@@ -339,7 +343,9 @@ class StreamedModel:
                     for name in self.observe.get(-1, []):
                         on_value(i, name, np.asarray(feed[name]))
             for k in range(len(self.segments)):
-                later = self.needed_after(k, outputs)
+                if at_segment is not None:
+                    at_segment(k, cache)
+                later = self.needed_after(k, outputs=False) | set(wanted)
                 seen = self.observe.get(k, [])
                 fetch = [n for n in self.segments[k].keeps if n in later] + [n for n in seen if n not in later]
                 if not fetch:
@@ -361,10 +367,8 @@ class StreamedModel:
                 self.release(k)
                 if progress is not None:
                     progress(k + 1, len(self.segments))
-            if not outputs:
-                return [[] for _ in feeds]
             return [[np.asarray(feed[name]) if name in self.inputs and name not in cache.values[i]
-                     else np.array(cache.get(i, name)) for name in self.outputs] for i, feed in enumerate(feeds)]
+                     else np.array(cache.get(i, name)) for name in wanted] for i, feed in enumerate(feeds)]
         finally:
             cache.close()
 
