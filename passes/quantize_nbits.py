@@ -248,7 +248,7 @@ class QuantizeNBits(GraphcPass):
                    stats: PassStats) -> Iterator[tuple[bq.BlockQuant, float, str, int]]:
         """Each job's (codes, relative weight error, float weight digest, float bytes), in job
         order and as the emitting loop asks for them: in this process one weight at a time; with
-        workers (``--workers``/``--ray``) in batches of a few per worker, each weight and its
+        workers (``--workers``/``--ray``) in batches (:func:`_batches`), each weight and its
         Hessian sent with its task (the codes come back; the graph is edited here)."""
         o = self.options
         shared = _JobOptions(o.symmetric, o.scale_dtype, o.damp, o.act_order, o.refit_scales)
@@ -265,9 +265,7 @@ class QuantizeNBits(GraphcPass):
                 yield quantize_job(shared, job(*spec))
             return
         stats.counts["workers"] = executor.workers
-        batch = 4 * executor.workers  # bounds what is in flight: weights, Hessians and codes of a batch
-        for start in range(0, len(jobs), batch):
-            part = jobs[start:start + batch]
+        for part in _batches(jobs, executor.workers):
             yield from executor.map(quantize_job, (job(*spec) for spec in part), shared=shared,
                                     labels=[f"weight of {spec[0].node.name}" for spec in part])
 
@@ -413,6 +411,27 @@ class QuantizeNBits(GraphcPass):
         if cand.bias is not None:
             nodes.append(ir.node(ops.ADD, [mm.outputs[0], constant(graph, f"{base}_bias", cand.bias)]))
         return nodes
+
+
+BATCH_BYTES = 512 << 20  # weights and Hessians sent to workers at once (besides one per worker)
+
+
+def _batches(jobs: list[tuple[_Candidate, bq.Method, int, int]], workers: int) -> Iterator[list]:
+    """Consecutive jobs, at most 4 per worker, whose float weights and Hessians (float64) stay
+    under :data:`BATCH_BYTES` unless that leaves a worker idle: the driver holds a batch's arrays
+    and Ray's object store a copy (a 5632-wide input's Hessian alone is 254 MB)."""
+    part: list = []
+    held = 0
+    for spec in jobs:
+        k, n = spec[0].shape
+        size = 4 * k * n + (8 * k * k if spec[1] is bq.Method.GPTQ else 0)
+        if part and (len(part) >= 4 * workers or (held + size > BATCH_BYTES and len(part) >= workers)):
+            yield part
+            part, held = [], 0
+        part.append(spec)
+        held += size
+    if part:
+        yield part
 
 
 @dataclass(frozen=True)

@@ -308,3 +308,22 @@ def test_weights_in_if_bodies_are_quantized_without_calibration_statistics():
         got = make_session(model).run(None, {"x": x, "sr": np.array(sr)})[0]
         cos = float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
         assert cos > 0.99, (sr, cos)
+
+
+def test_batches_for_workers_bound_the_bytes_in_flight_but_keep_every_worker_busy():
+    from types import SimpleNamespace
+
+    from graphc.passes import _blockquant as bq
+    from graphc.passes import quantize_nbits as qn
+
+    def spec(k, n, method=bq.Method.GPTQ):
+        return (SimpleNamespace(shape=(k, n)), method, 4, 32)
+
+    small = [spec(64, 64) for _ in range(20)]
+    assert [len(b) for b in qn._batches(small, 2)] == [8, 8, 4]  # 4 per worker
+    big = [spec(8192, 2048) for _ in range(5)]  # 64 MB weight + 512 MB Hessian each
+    assert [len(b) for b in qn._batches(big, 2)] == [2, 2, 1]  # past the bytes, one per worker
+    rtn = [spec(8192, 2048, bq.Method.RTN) for _ in range(9)]  # no Hessian: 64 MB each
+    assert [len(b) for b in qn._batches(rtn, 2)] == [8, 1]
+    mixed = [spec(64, 64), spec(8192, 2048), spec(64, 64), spec(64, 64)]
+    assert sum(qn._batches(mixed, 2), []) == mixed  # order kept
