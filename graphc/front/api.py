@@ -190,8 +190,8 @@ def compress(
     how to read it. ``validate_timeout``: seconds each model's validation runs may take (default sized to
     the model, graphc.core.interrupt.default_time_limit); past it ONNX Runtime is stopped and
     :class:`graphc.core.interrupt.TimeLimitError` raised.
-    ``workers``: a local Ray instance with that many CPUs runs the passes' independent
-    measurements (mixed-precision's sensitivity probes); ``ray``: ``auto`` or the address of a
+    ``workers``: a local Ray instance with that many CPUs runs the passes' independent work
+    (mixed-precision's sensitivity probes, quantize-nbits' GPTQ, the planner's measurements); ``ray``: ``auto`` or the address of a
     running Ray cluster instead (graphc.core.ray_executor; the extra ``graphc[distributed]``);
     ``executor``: a ``graphc.core.executor`` object of one's own, left open. The written model is
     byte-identical with or without them. The cluster is reached before any work.

@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "transformer blocks, ~256 MB of weights each) so that memory follows one segment: "
                          "auto (the default) for models with over 1 GiB of weights")
     where = sp.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=positive_int, metavar="N", help="run the calibrating measurements (sensitivity "
-                       "probes, plan actions) on a local Ray instance with N CPUs (pip install "
+    where.add_argument("--workers", type=positive_int, metavar="N", help="run the calibrating work (sensitivity "
+                       "probes, GPTQ, plan actions) on a local Ray instance with N CPUs (pip install "
                        "graphc[distributed]); same output bytes")
     where.add_argument("--ray", metavar="ADDRESS", help="... on a running Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
     _add_timeout(sp)
