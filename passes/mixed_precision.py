@@ -393,7 +393,7 @@ class MixedPrecision(GraphcPass):
         measuring GPTQ, whose gain is taken to hold across configurations)."""
         o = self.options
         gptq = method is bq.Method.GPTQ
-        hessians = self._hessians(model, layers, stats) if gptq else {}
+        hessians = self._hessians(model, layers, stats) if gptq else _LayerGrams({}, {})
         runs = []
         for layer in layers:
             mine = cands[id(layer)]
@@ -465,7 +465,7 @@ class MixedPrecision(GraphcPass):
         return items
 
     def _probe_streamed(self, model: ir.Model, feeds: list[dict], runs: list, cands: dict, method: bq.Method,
-                        hessians: Mapping, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
+                        hessians: _LayerGrams, total: int, stats: PassStats) -> list[_probes.ProbeResult]:
         """The probes with the model run segment by segment (passes/_streamed_probes.py): in this
         process, or with workers, the items whose probes start in one segment as one work item
         (the reference's values at the cuts and the Hessians reach them as files)."""
@@ -480,10 +480,10 @@ class MixedPrecision(GraphcPass):
             stats.counts["probe_workers"] = executor.workers
             what = f"probes (streamed) on {executor.workers} workers"
             self.context.report(what, 0, total)
-            inputs = getattr(hessians, "input_of", lambda key: key)
             return _streamed_probes.probe_on_workers(
                 model, items, feeds, o.metric, executor, **kw,
-                hessian=lambda i: hessians.get(id(runs[i][0])), hessian_key=lambda i: inputs(id(runs[i][0])),
+                hessian=lambda i: hessians.get(id(runs[i][0])),
+                hessian_key=lambda i: hessians.input_of(id(runs[i][0])),
                 labels=[f"probe of layer {layer.name}" for layer, _ in runs],
                 report=lambda done: self.context.report(what, done, total))
         if executor.workers > 1:
@@ -497,7 +497,7 @@ class MixedPrecision(GraphcPass):
             model, items, feeds, o.metric, **kw, hessian=lambda i: hessians.get(id(runs[i][0])),
             report=lambda done, runs_total: self.context.report(what, round(total * done / runs_total), total))
 
-    def _hessians(self, model: ir.Model, layers: list[sens.Layer], stats: PassStats) -> Mapping[int, np.ndarray]:
+    def _hessians(self, model: ir.Model, layers: list[sens.Layer], stats: PassStats) -> _LayerGrams:
         """Each MatMul layer's input Hessian (quantize-nbits' own, from the calibration feeds)."""
         from types import SimpleNamespace
 
@@ -505,7 +505,7 @@ class MixedPrecision(GraphcPass):
 
         mm = [layer for layer in layers if layer.kind == "matmul"]
         if not mm:
-            return {}
+            return _LayerGrams({}, {})
         # The probes are measured on the first ``feeds`` calibration feeds. A GPTQ fit whose
         # Hessian includes those tokens is partly fitted to them: on SmolLM2 (PyTorch, int4/b64)
         # single-layer KLs on a window inside the Hessian were 1.2-3.6x lower than with that window

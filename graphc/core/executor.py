@@ -38,6 +38,10 @@ class Executor(Protocol):
 
     # ONNX Runtime / BLAS threads a work item may use (None: the library's default, every core)
     threads_per_item: int | None
+    # whether every worker reads this process's files (temporary folders, mapped weights): work
+    # that hands files over (a streamed model's probes) needs it; an executor without the
+    # attribute is taken not to
+    single_node: bool
 
     @property
     def workers(self) -> int: ...
