@@ -140,8 +140,10 @@ class Units:
 
     def __init__(self, model: ir.Model, *, head_levels, ffn_levels, svd_levels, int8: bool, embeddings: bool,
                  seq: int, min_keep: int = 1, svd_min_elements: int = 1024, correct: bool = True,
-                 int4: Int4 | None = None) -> None:
+                 int4: Int4 | None = None, int8_form: str = "u8s8") -> None:
         self.seq, self.correct, self.int4 = seq, correct, int4
+        # the u8u8 form (saturating targets) stores a scalar uint8 zero point beside each int8 weight
+        self.int8_zero_point = 1 if int8_form == "u8u8" else 0
         graph = model.graph
         self.linears: dict[str, LinearRec] = {}
         names = [n.name for n in graph]
@@ -276,8 +278,8 @@ class Units:
             bias = int(round(r.bias * kout))
             for a, b in shapes:
                 if bits == 8:
-                    params += a * b + b
-                    nbytes += a * b + INT8_SCALE_BYTES * b
+                    params += a * b + b + self.int8_zero_point
+                    nbytes += a * b + INT8_SCALE_BYTES * b + self.int8_zero_point
                 elif bits == 4:
                     stored, elements = self.int4.storage(a, b)
                     params += elements

@@ -327,22 +327,23 @@ def test_int4_bytes_predicted_equal_measured(exports, kind):
     assert {d["action"] for d in result.stats.details["plan"]["decisions"]} == {"int4/b16"}
 
 
-def test_int4_composes_with_svd_and_int8_at_exact_bytes(exports):
+@pytest.mark.parametrize("target", ["x86-avx512-vnni", "x86-avx2"])  # int8 forms u8s8 and u8u8 (a zero point)
+def test_int4_composes_with_svd_and_int8_at_exact_bytes(exports, target):
     """A factorized layer's two factors take its precision (int4 or int8); bytes, params and MACs
-    from shapes equal the applied model's."""
+    from shapes equal the applied model's, in the target's int8 form."""
     from graphc.passes._plan import search as ps
     from graphc.passes._plan.units import Int4, Units
 
     model = _load(exports, "bert")
     calib = _calib(model)
+    step = PlanCompression(PlanCompression.Options(max_error=0.1, int4=True, int4_block=16, svd_ratios=(0.6,)),
+                           PassContext(calibration=calib, target=target))
     units = Units(model, head_levels=(), ffn_levels=(), svd_levels=(0.6,), int8=True, embeddings=True, seq=128,
-                  int4=Int4(block_size=16))
+                  int4=Int4(block_size=16), int8_form=step.context.target_info().int8_form.value)
     svd = [u for u in units.units if u.kind == "svd"]
     quant = [u for u in units.units if u.kind == "quant"]
     a, b = svd[0].linears[0], svd[1].linears[0]
     state = {svd[0].key: 1, f"quant:{a}": 2, svd[1].key: 1, f"quant:{b}": 1, quant[-1].key: 2, quant[-2].key: 1}
-    step = PlanCompression(PlanCompression.Options(max_error=0.1, int4=True, int4_block=16, svd_ratios=(0.6,)),
-                           PassContext(calibration=calib))
     assert units.by_key["embeddings"].levels == (0.0, 8.0, 4.0)
     for tables in (1, 2):  # tables int8, then int4
         with_tables = {**state, "embeddings": tables}
