@@ -5,7 +5,7 @@
 In one process, on this machine's CPU (named in the output with the flags that matter):
 ORT's optimizer fp32 and ORT's int8 pipeline (legacy export → optimize_model → per-channel
 quantize_dynamic, as bench_int8.py), graphc ``fuse`` (fp32), graphc ``int8`` in each
-formulation this machine can run exactly (u8s8, u8u8, u8s7; see graphc/core/target.py), and the
+formulation this machine can run exactly (u8s8, u8u8, u8s7, u8s8p; see graphc/core/target.py), and the
 model ``--recipe auto`` wrote (candidates timed at b8 × 128). Median latency, interleaved, at
 batch 8 of real tweets padded to 128 tokens and padded only to the batch's longest tweet; mean
 cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets.
@@ -33,7 +33,7 @@ import harness as b8  # bench/harness.py (the script's folder is on sys.path)
 
 ORT_FP32, ORT_INT8 = "ORT optimizer fp32", "ORT int8 (optimizer + quantize_dynamic)"
 FUSE, AUTO = "graphc fuse (fp32)", "graphc auto"
-FORMS = ("u8s8", "u8u8", "u8s7")
+FORMS = ("u8s8", "u8u8", "u8s7", "u8s8p")
 SETTINGS = (("b8", "b8 × 128 (padded)"), ("b8_longest", "b8 padded to longest"))
 TARGET_RATIO, TARGET_COS = 0.7, 0.995
 FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")

@@ -53,8 +53,13 @@ def target_form(context, option: str, pass_name: str, stats=None):
     from graphc.core.pass_base import choice
     from graphc.core.target import Int8Form, exact_forms
 
+    from graphc.core.target import GEMM_ONLY_FORMS
+
     target = context.target_info()
     form = target.int8_form if option == "auto" else choice(Int8Form, option, "form", pass_name)
+    if form in GEMM_ONLY_FORMS:
+        raise UnsupportedError(f"form={form.value!r} bounds weight pairs along a MatMul's K axis, which this pass's "
+                               f"weights do not have; use u8s8, u8u8 or u8s7", pass_name=pass_name)
     if form not in exact_forms(target):
         raise UnsupportedError(f"form={form.value!r} saturates on target {target.name}", pass_name=pass_name)
     if stats is not None:
@@ -78,7 +83,11 @@ def int8_weight(
     (codes, scale, zero point or None). ``u8s8``: int8 codes on [-127, 127], no zero point;
     ``u8s7``: int8 codes on [-63, 63]; ``u8u8``: the ``u8s8`` codes + 128 as uint8 with a
     scalar uint8 zero point of 128 (the same values: dequantized, all three agree up to the
-    7-bit grid)."""
+    7-bit grid); ``u8s8p``: int8 codes whose adjacent pairs along axis 0 (K of a [K, N] MatMul
+    weight) have |q[2i]| + |q[2i+1]| <= 128 (:func:`pair_bounded_int8`)."""
+    if form == "u8s8p":
+        q, s = pair_bounded_int8(w, axis, scale_dtype)
+        return q, s, None
     if form == "u8s7":
         q, s = symmetric_int8(w, axis, scale_dtype, qmax=63)
         return q, s, None
@@ -86,6 +95,42 @@ def int8_weight(
     if form == "u8u8":
         return (q.astype(np.int16) + U8U8_ZERO_POINT).astype(np.uint8), s, np.array(U8U8_ZERO_POINT, np.uint8)
     return q, s, None
+
+
+PAIR_LIMIT = 128  # 255 · 128 = 32,640: an adjacent u8×s8 product pair fits vpmaddubsw's int16
+
+
+def pair_bounded_int8(
+    w: np.ndarray, axis: int | None, scale_dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of a [K, N] weight with |q[2i]| + |q[2i+1]| <= 128 in every column
+    (``axis`` 1: a scale per column; None: one scale): the scale is the larger of max|w| / 127
+    and the largest pair's |w[2i]| + |w[2i+1]| / 128, so the bound holds before rounding; a pair
+    that rounding pushes to 129 gives a unit back from the code rounded up the most. An odd K's
+    last row pairs with nothing (the kernel pads it with zero)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2 or axis not in (1, -1, None):
+        raise ValueError(f"pair-bounded int8 needs a [K, N] weight with per-column or one scale (got {w.shape}, axis {axis})")
+    k = w.shape[0]
+    u = np.abs(np.pad(w, ((0, k % 2), (0, 0))))
+    pairs = u[0::2] + u[1::2]
+    if axis is None:
+        amax, pmax = np.array(u.max(initial=0.0)), np.array(pairs.max(initial=0.0))
+    else:
+        amax, pmax = u.max(axis=0, keepdims=True, initial=0.0), pairs.max(axis=0, keepdims=True, initial=0.0)
+    scale = np.maximum(amax / 127.0, pmax / float(PAIR_LIMIT)).astype(np.float32)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    scale = scale.astype(scale_dtype_for(scale, scale_dtype))
+    x = u / scale.astype(np.float32)
+    q = np.clip(np.rint(x), 0, 127)
+    a, b = q[0::2], q[1::2]  # views: edits below land in q
+    over = a + b > PAIR_LIMIT
+    if over.any():
+        a_up = (a - x[0::2]) >= (b - x[1::2])
+        a -= over & a_up
+        b -= over & ~a_up
+    q = (np.sign(np.pad(w, ((0, k % 2), (0, 0)))) * q)[:k].astype(np.int8)
+    return q, scale
 
 
 def nonfinite_reason(w: np.ndarray) -> str | None:

@@ -6,9 +6,10 @@ sequence; padded rows as real batches have them), interleaved with the original 
 other, and the fastest is written. The table of candidates (bytes, validation, latency, why a
 candidate lost) goes into the result and the provenance.
 
-Fused fp32 (``fuse``) is always a candidate, so the winner is never slower than it. Candidates
-on a CPU whose u8×s8 kernel saturates include ``int8`` with 7-bit weights (``u8s7``), which
-keeps the fast kernel exact, beside the default ``u8u8`` form.
+Fused fp32 (``fuse``) is always a candidate, so the winner is never slower than it. On a CPU
+whose u8×s8 kernel saturates, each candidate with int8 weights (``int8``, ``fast``) is also
+tried with pair-bounded weights (``u8s8p``, e.g. ``fast-u8s8p``), which keep the fast kernel
+exact, beside the default ``u8u8`` form.
 
 Where the target is not this machine (``arm64`` compiled on x86, say), nothing can be timed:
 the candidates are still compiled and validated, and the choice falls back to the first one
@@ -29,7 +30,7 @@ from graphc.core.recipes import Recipe, Step, get_recipe
 
 DEFAULT_CANDIDATES = ("fuse", "int8", "fast")
 DEFAULT_SHAPE = (8, 128)
-PREFERENCE = ("int8", "int8-u8s7", "fast", "fuse")  # when nothing can be timed
+PREFERENCE = ("int8", "int8-u8s8p", "fast", "fast-u8s8p", "fuse")  # when nothing can be timed
 
 
 @dataclass
@@ -72,15 +73,18 @@ def parse_shape(text: str | Sequence[int] | None) -> tuple[int, int]:
 
 
 def candidates(names: Sequence[str], saturating: bool) -> list[Candidate]:
+    """The named recipes; on a saturating target each one with int8 GEMM weights also in the
+    pair-bounded form (``NAME-u8s8p``: the fast u8×s8 kernel kept exact, at a coarser grid)."""
     out = []
     for name in names:
-        out.append(Candidate(name, get_recipe(name)))
-        if name == "int8" and saturating:
-            base = get_recipe("int8")
-            steps = tuple(Step(s.pass_name, {**s.options, "form": "u8s7"}) if s.pass_name == "quantize-int8" else s
-                          for s in base.steps)
-            out.append(Candidate("int8-u8s7", dataclasses.replace(base, name="int8-u8s7", steps=steps,
-                                                                  description=base.description + " (7-bit weights)")))
+        recipe = get_recipe(name)
+        out.append(Candidate(name, recipe))
+        if saturating and any(s.pass_name == "quantize-int8" for s in recipe.steps):
+            steps = tuple(Step(s.pass_name, {**s.options, "form": "u8s8p"}) if s.pass_name == "quantize-int8" else s
+                          for s in recipe.steps)
+            out.append(Candidate(f"{name}-u8s8p", dataclasses.replace(
+                recipe, name=f"{name}-u8s8p", steps=steps,
+                description=recipe.description + " (int8 weights bounded in K pairs)")))
     return out
 
 
