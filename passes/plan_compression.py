@@ -168,7 +168,7 @@ class PlanCompression(GraphcPass):
         feeds = calibration[: o.feeds]
         units = Units(model, head_levels=o.head_fractions, ffn_levels=o.ffn_fractions, svd_levels=o.svd_ratios,
                       int8=o.int8, embeddings=o.embeddings, seq=o.seq, min_keep=o.min_keep,
-                      correct=o.correct, int4=self._int4(), int8_form=self.context.target_info().int8_form.value)
+                      correct=o.correct, int4=self._int4(), int8_form=self.context.target_info().matmul_form.value)
         for what, why in units.skipped:
             stats.skip(what, why)
         if not units.units:

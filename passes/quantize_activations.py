@@ -92,7 +92,7 @@ class ActQuantOptions:
     cost_feeds: int = 4
     smooth_alpha: float = 0.0  # > 0: SmoothQuant migration on matmul_in tensors (0.5 is SmoothQuant's)
     exclude: tuple[str, ...] = ()  # substrings of node names or scopes whose tensors stay float
-    form: str = "auto"  # weights: u8s8 | u8u8 | u8s7 | auto (exact on the target CPU; see graphc.target)
+    form: str = "auto"  # weights: u8s8 | u8u8 | u8s7 | u8s8p | auto (exact on the target CPU; see graphc.target)
 
 
 @dataclass
@@ -153,14 +153,12 @@ class QuantizeActivations(GraphcPass):
         return bool(params) or bool(weights)
 
     def _weight_form(self, act: ActType, stats: PassStats) -> Int8Form:
-        """The weights' int8 form for the target (graphc.target): on a CPU whose u8×s8 kernel
-        saturates, uint8 activations take u8u8 weights; int8 activations (which ORT shifts to
-        uint8 for that kernel) take 7-bit weights, exact with any 8-bit activation."""
+        """The weights' int8 form for the target (graphc.target): its MatMul form (on a CPU whose
+        u8×s8 kernel saturates, pair-bounded ``u8s8p``, exact with any 8-bit activation: ORT
+        shifts int8 activations to uint8 for that kernel)."""
         target = self.context.target_info()
         if self.options.form == "auto":
-            form = target.int8_form
-            if target.saturates and act is not ActType.UINT8:
-                form = Int8Form.U8S7
+            form = target.matmul_form
         else:
             form = choice(Int8Form, self.options.form, "form", self.name)
             if form not in exact_forms(target) or (target.saturates and form is Int8Form.U8U8 and act is not ActType.UINT8):

@@ -21,10 +21,11 @@ the 256 levels on the others. For an input whose largest calibrated channel exce
   load), so the file grows by a few bytes per input.
 
 The weights' formulation (``form`` option) follows the target CPU (:mod:`graphc.target`):
-``u8s8`` (int8 weights, VNNI and ARM), ``u8u8`` (the same codes as uint8 around 128: exact on
-AVX2 and AVX-512 without VNNI, whose u8×s8 kernel saturates) or ``u8s7`` (7-bit weights, exact
-with the fast u8×s8 kernel everywhere). ``auto`` (default) takes the target's entry in
-``graphc.target.TABLE``; a form that saturates on the target is refused.
+``u8s8`` (int8 weights, VNNI and ARM), ``u8s8p`` (int8 weights bounded in adjacent K pairs:
+exact with the fast u8×s8 kernel of AVX2 and AVX-512 without VNNI, which saturates an int16
+pair sum), ``u8u8`` (the ``u8s8`` codes as uint8 around 128: exact everywhere, ORT's slower
+u8u8 kernel) or ``u8s7`` (7-bit weights, exact everywhere). ``auto`` (default) takes the
+target's MatMul form in ``graphc.target.TABLE``; a form that saturates on the target is refused.
 
 Emitted as (``emit`` option):
 
@@ -73,7 +74,7 @@ class Int8Options:
     outlier_mode: str = OutlierMode.SMOOTH.value
     smooth_target: float = 4.0  # "smooth": outlier channels are scaled down to this x the median
     smooth_min_factor: float = 1.5  # "smooth": an input whose largest factor is below this is left alone
-    form: str = "auto"  # u8s8 | u8u8 | u8s7 | auto (the target's exact, faster form)
+    form: str = "auto"  # u8s8 | u8u8 | u8s7 | u8s8p | auto (the target's exact, faster form)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class QuantizeInt8(GraphcPass):
     def _resolve_form(self, stats: PassStats) -> Int8Form:
         target = self.context.target_info()
         if self.options.form == "auto":
-            form = target.int8_form
+            form = target.matmul_form
         else:
             form = choice(Int8Form, self.options.form, "form", self.name)
             if form not in exact_forms(target):

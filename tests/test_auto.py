@@ -27,8 +27,7 @@ def test_auto_writes_the_fastest_candidate_that_passed(bert, tmp_path):
     result = compress(bert, out, recipe="auto", shape_hint="4x32")
     auto = result.auto
     names = [c["candidate"] for c in auto["candidates"]]
-    assert names == (["fuse", "int8", "int8-u8s8p", "fast", "fast-u8s8p"] if tg.host().saturates
-                     else ["fuse", "int8", "fast"])
+    assert names == ["fuse", "int8", "fast"]
     assert auto["timed"] and auto["shape"] == [4, 32] and auto["target"] == tg.host().name
     passed = [c for c in auto["candidates"] if c["status"] == "passed"]
     assert passed and all(c["latency_ms"] > 0 for c in passed)
@@ -42,18 +41,6 @@ def test_auto_writes_the_fastest_candidate_that_passed(bert, tmp_path):
     prov = json.loads(written.metadata_props["graphc.auto"])
     assert prov["winner"] == auto["winner"] and len(prov["candidates"]) == len(names)
     assert json.loads(written.metadata_props["graphc.target"])["target"] == tg.host().name
-
-
-@pytest.mark.parametrize("saturating", [False, True])
-def test_candidates_with_int8_weights_get_a_7bit_sibling_on_saturating_targets(saturating):
-    from graphc.front.auto import candidates
-
-    rows = candidates(["fuse", "int8", "fast"], saturating)
-    assert [c.name for c in rows] == (["fuse", "int8", "int8-u8s8p", "fast", "fast-u8s8p"] if saturating
-                                      else ["fuse", "int8", "fast"])
-    for c in rows:
-        forms = {s.options.get("form") for s in c.recipe.steps if s.pass_name == "quantize-int8"}
-        assert forms == ({"u8s8p"} if c.name.endswith("-u8s8p") else set() if c.name == "fuse" else {None})
 
 
 def test_auto_for_a_target_that_is_not_this_machine_is_not_timed(bert, tmp_path):

@@ -74,7 +74,7 @@ def test_table_says_which_targets_saturate():
     saturating = {t for t, info in tg.TABLE.items() if info.saturates}
     assert saturating == {tg.Target.X86_AVX2, tg.Target.X86_AVX512}
     for info in tg.TABLE.values():
-        assert info.int8_form in tg.exact_forms(info)
+        assert info.int8_form in tg.exact_forms(info) and info.matmul_form in tg.exact_forms(info)
 
 
 def test_host_probe_agrees_with_the_host_target():
@@ -102,20 +102,65 @@ def test_emulated_avx2_kernel_saturates_and_vnni_does_not():
     assert np.array_equal(tg.emulate_gemm(a, b7, 0, 0, "x86-avx2"), a.astype(np.int64) @ b7.astype(np.int64))
 
 
+def _pair_sums(q: np.ndarray) -> np.ndarray:
+    q = np.abs(np.pad(q.astype(np.int64), ((0, q.shape[0] % 2), (0, 0))))
+    return q[0::2] + q[1::2]
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (67, 5), (1, 3)])
+def test_pair_bounded_codes_are_exact_on_the_avx2_kernel_and_the_bound_is_tight(shape):
+    from graphc.passes._quant import pair_bounded_int8
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[0] = np.abs(w).max() * np.sign(w[0])  # a pair of large weights, as in the saturating case
+    for axis, dtype in ((1, np.float16), (None, np.float32)):
+        q, scale = pair_bounded_int8(w, axis, dtype)
+        assert q.dtype == np.int8 and np.abs(q.astype(np.int16)).max() <= 127 and _pair_sums(q).max() <= 128
+        assert np.abs(q * scale.astype(np.float32) - w).max() <= 0.6 * scale.astype(np.float32).max()
+        a = np.full((3, shape[0]), 255, np.uint8)
+        assert np.array_equal(tg.emulate_gemm(a, q, 0, 0, "x86-avx2"), a.astype(np.int64) @ q.astype(np.int64))
+    # one more unit in a pair (129) is enough to saturate: 255 · 129 > 32,767
+    a = np.full((1, 2), 255, np.uint8)
+    assert tg.emulate_gemm(a, np.array([[127], [1]], np.int8), 0, 0, "x86-avx2")[0, 0] == 255 * 128
+    assert tg.emulate_gemm(a, np.array([[127], [2]], np.int8), 0, 0, "x86-avx2")[0, 0] == 32767
+
+
+def test_pair_bounded_codes_are_exact_in_onnx_runtime_here():
+    """The same codes through this machine's own u8×s8 kernel (on an AVX2 CPU: the saturating
+    one), with the activations at 255 where every unbounded pair would overflow."""
+    from graphc.passes._quant import pair_bounded_int8
+
+    rng = np.random.default_rng(4)
+    for m, k, n in ((1, 384, 64), (64, 1536, 96), (7, 67, 33)):
+        w = (rng.choice([-1.0, 1.0], size=(k, n)) * rng.uniform(0.5, 1.0, size=(k, n))).astype(np.float32)
+        q, _ = pair_bounded_int8(w, 1)
+        a = rng.integers(250, 256, size=(m, k)).astype(np.uint8)
+        graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+                                  [helper.make_tensor("b", TensorProto.INT8, [k, n], q.tobytes(), raw=True)])
+        model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+        model.ir_version = 8
+        assert np.array_equal(run(model, {"a": a})[0], a.astype(np.int64) @ q.astype(np.int64))
+
+
 @pytest.mark.parametrize("name", [t.value for t in tg.Target])
 def test_each_target_gets_the_form_its_table_entry_says(name):
     info = tg.resolve(name)
     model = saturation_prone()
     result = QuantizeInt8(context=PassContext(target=info))(model)
-    assert result.stats.details == {"target": name, "int8_form": info.int8_form.value}
+    assert result.stats.details == {"target": name, "int8_form": info.matmul_form.value}
+    # the table: pair-bounded MatMul weights where u8×s8 saturates, plain u8s8 elsewhere
+    assert info.matmul_form is (tg.Int8Form.U8S8P if info.saturates else tg.Int8Form.U8S8)
     node = next(n for n in model.graph if n.op_type == "MatMulIntegerToFloat")
     w = model.graph.initializers[node.inputs[1].name].const_value.numpy()
-    if info.int8_form is tg.Int8Form.U8U8:
-        assert w.dtype == np.uint8
-        assert int(model.graph.initializers[node.inputs[5].name].const_value.numpy()) == 128
+    assert w.dtype == np.int8 and len(node.inputs) == 5
+    pairs = _pair_sums(w)  # K = 128: every row has a partner
+    if info.saturates:  # weights all near ±max: the largest pair sets the scale, at the bound
+        assert pairs.max() in (127, 128)
     else:
-        assert w.dtype == np.int8 and len(node.inputs) == 5
-        assert np.abs(w.astype(np.int16)).max() == (63 if info.int8_form is tg.Int8Form.U8S7 else 127)
+        assert np.abs(w.astype(np.int16)).max() == 127 and pairs.max() > 128
 
 
 @pytest.mark.parametrize("name", [t.value for t in tg.Target])

@@ -57,7 +57,7 @@ def test_int8_is_exact_on_an_emulated_avx2_cpu(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     # the probe sees the saturating kernel, so auto picks an AVX2-class target and its exact form
     assert got["probe_saturates"] and got["host"] == "x86-avx2"
-    assert got["auto_form"] == ["u8u8"]
+    assert got["auto_form"] == ["u8s8p"]
     assert got["auto_cosine"] >= 0.999
     # a model compiled for VNNI is validated in the target's (exact) arithmetic, and said so...
     assert got["vnni_validated"] >= 0.999

@@ -15,7 +15,9 @@ So the int8 *formulation* depends on the target. Each one below is exact on its 
 - ``u8s8``: uint8 activations × int8 weights on [-127, 127] (the fast kernel where it is exact).
 - ``u8u8``: the same int8 codes stored as uint8 around a zero point of 128. MLAS's u8u8 kernel
   widens both operands to int16 (``vpmaddwd``), so nothing saturates; the arithmetic, and so
-  every output, is identical to ``u8s8`` on a VNNI machine. Default on AVX2/AVX-512 (no VNNI).
+  every output, is identical to ``u8s8`` on a VNNI machine, but that kernel is slower (on an
+  AMD EPYC with AVX2, MiniLM int8 1.2× the u8s8 kernel's time). Default on AVX2/AVX-512 (no
+  VNNI) for Conv and recurrent weights.
 - ``u8s7``: 7-bit weights on [-63, 63] (ONNX Runtime's ``reduce_range``): 2·255·63 = 32,130 fits
   in int16, so the fast u8s8 kernel is exact, at half the weight levels.
 - ``u8s8p``: int8 weights on [-127, 127] whose adjacent pairs along the reduction axis K (the
@@ -23,8 +25,7 @@ So the int8 *formulation* depends on the target. Each one below is exact on its 
   255·128 = 32,640 fits in int16: the fast kernel stays exact with most of the 8-bit grid (the
   scale is set by the largest pair, not the largest weight; on MiniLM's weights 1.4× coarser
   than ``u8s8`` at the median, 2.3× less squared error than ``u8s7``). MatMul/Gemm weights
-  only (their K axis is known). ``--recipe auto`` tries it on saturating targets, where it is
-  faster than ``u8u8``.
+  only (their K axis is known); their default on AVX2/AVX-512 without VNNI (``matmul_form``).
 
 ``auto`` reads the CPU's flags, then confirms with a 4×64 probe run through ONNX Runtime on this
 machine (a few milliseconds): a probe that saturates wins over flags that claim VNNI (emulators
@@ -62,8 +63,14 @@ class Int8Form(str, enum.Enum):
 class TargetInfo:
     target: Target
     saturates: bool  # ORT's u8×s8 kernel sums product pairs into a saturating int16
-    int8_form: Int8Form  # the default formulation: exact there, and the faster exact one known
+    int8_form: Int8Form  # the default formulation of any int8 weight: exact there, the faster such
     arch: str  # "x86_64" or "arm64": the machine kind that can execute it
+    gemm_form: Int8Form | None = None  # the default for [K, N] MatMul/Gemm weights (None: int8_form)
+
+    @property
+    def matmul_form(self) -> Int8Form:
+        """The default form of a MatMul/Gemm weight (quantize-int8, quantize-activations)."""
+        return self.gemm_form or self.int8_form
 
     @property
     def name(self) -> str:
@@ -71,8 +78,8 @@ class TargetInfo:
 
 
 TABLE: dict[Target, TargetInfo] = {
-    Target.X86_AVX2: TargetInfo(Target.X86_AVX2, True, Int8Form.U8U8, "x86_64"),
-    Target.X86_AVX512: TargetInfo(Target.X86_AVX512, True, Int8Form.U8U8, "x86_64"),
+    Target.X86_AVX2: TargetInfo(Target.X86_AVX2, True, Int8Form.U8U8, "x86_64", Int8Form.U8S8P),
+    Target.X86_AVX512: TargetInfo(Target.X86_AVX512, True, Int8Form.U8U8, "x86_64", Int8Form.U8S8P),
     Target.X86_AVX512_VNNI: TargetInfo(Target.X86_AVX512_VNNI, False, Int8Form.U8S8, "x86_64"),
     Target.X86_AVX_VNNI: TargetInfo(Target.X86_AVX_VNNI, False, Int8Form.U8S8, "x86_64"),
     Target.ARM64: TargetInfo(Target.ARM64, False, Int8Form.U8S8, "arm64"),

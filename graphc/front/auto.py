@@ -6,10 +6,9 @@ sequence; padded rows as real batches have them), interleaved with the original 
 other, and the fastest is written. The table of candidates (bytes, validation, latency, why a
 candidate lost) goes into the result and the provenance.
 
-Fused fp32 (``fuse``) is always a candidate, so the winner is never slower than it. On a CPU
-whose u8×s8 kernel saturates, each candidate with int8 weights (``int8``, ``fast``) is also
-tried with pair-bounded weights (``u8s8p``, e.g. ``fast-u8s8p``), which keep the fast kernel
-exact, beside the default ``u8u8`` form.
+Fused fp32 (``fuse``) is always a candidate, so the winner is never slower than it. The int8
+candidates take the target's MatMul form (:mod:`graphc.target`: on a CPU whose u8×s8 kernel
+saturates, pair-bounded weights that keep the fast kernel exact).
 
 Where the target is not this machine (``arm64`` compiled on x86, say), nothing can be timed:
 the candidates are still compiled and validated, and the choice falls back to the first one
@@ -18,7 +17,6 @@ of a fixed preference order that passed (int8, then fuse), with a notice saying 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +24,11 @@ from typing import Any
 import onnx_ir as ir
 
 from graphc.core.errors import GraphcError, RecipeError
-from graphc.core.recipes import Recipe, Step, get_recipe
+from graphc.core.recipes import Recipe, get_recipe
 
 DEFAULT_CANDIDATES = ("fuse", "int8", "fast")
 DEFAULT_SHAPE = (8, 128)
-PREFERENCE = ("int8", "int8-u8s8p", "fast", "fast-u8s8p", "fuse")  # when nothing can be timed
+PREFERENCE = ("int8", "fast", "fuse")  # when nothing can be timed
 
 
 @dataclass
@@ -72,20 +70,8 @@ def parse_shape(text: str | Sequence[int] | None) -> tuple[int, int]:
     return b, s
 
 
-def candidates(names: Sequence[str], saturating: bool) -> list[Candidate]:
-    """The named recipes; on a saturating target each one with int8 GEMM weights also in the
-    pair-bounded form (``NAME-u8s8p``: the fast u8×s8 kernel kept exact, at a coarser grid)."""
-    out = []
-    for name in names:
-        recipe = get_recipe(name)
-        out.append(Candidate(name, recipe))
-        if saturating and any(s.pass_name == "quantize-int8" for s in recipe.steps):
-            steps = tuple(Step(s.pass_name, {**s.options, "form": "u8s8p"}) if s.pass_name == "quantize-int8" else s
-                          for s in recipe.steps)
-            out.append(Candidate(f"{name}-u8s8p", dataclasses.replace(
-                recipe, name=f"{name}-u8s8p", steps=steps,
-                description=recipe.description + " (int8 weights bounded in K pairs)")))
-    return out
+def candidates(names: Sequence[str]) -> list[Candidate]:
+    return [Candidate(name, get_recipe(name)) for name in names]
 
 
 def timing_feed(model: ir.Model, batch: int, seq: int) -> dict:
@@ -174,7 +160,7 @@ def run_auto(
 
     plan = plan_compress(src, output, report=report, input_bytes=io.tensor_bytes(ir_model))
     output, report, forbid = plan.output, plan.report, plan.forbid
-    rows = candidates(names, info.saturates)
+    rows = candidates(names)
     source = None
     if feeds is None:
         feeds, source = api.validation_feeds(ir_model)

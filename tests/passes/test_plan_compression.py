@@ -339,7 +339,7 @@ def test_int4_composes_with_svd_and_int8_at_exact_bytes(exports, target):
     step = PlanCompression(PlanCompression.Options(max_error=0.1, int4=True, int4_block=16, svd_ratios=(0.6,)),
                            PassContext(calibration=calib, target=target))
     units = Units(model, head_levels=(), ffn_levels=(), svd_levels=(0.6,), int8=True, embeddings=True, seq=128,
-                  int4=Int4(block_size=16), int8_form=step.context.target_info().int8_form.value)
+                  int4=Int4(block_size=16), int8_form=step.context.target_info().matmul_form.value)
     svd = [u for u in units.units if u.kind == "svd"]
     quant = [u for u in units.units if u.kind == "quant"]
     a, b = svd[0].linears[0], svd[1].linears[0]

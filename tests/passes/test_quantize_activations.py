@@ -282,16 +282,18 @@ def test_int8_static_recipe_on_tiny_bert(tmp_path):
     assert kinds.count("QLinearMatMul") + kinds.count("MatMulIntegerToFloat") >= 12 and "MatMul" not in kinds, kinds
 
 
-@pytest.mark.parametrize("target,act,dtype,zero", [
-    ("x86-avx512-vnni", "uint8", np.int8, None),  # u8s8
-    ("x86-avx2", "uint8", np.uint8, 128),  # u8u8: exact where u8×s8 saturates
-    ("x86-avx2", "int8", np.int8, None),  # int8 activations there: 7-bit weights
+@pytest.mark.parametrize("target,act,option,form,dtype,zero", [
+    ("x86-avx512-vnni", "uint8", "auto", "u8s8", np.int8, None),
+    ("x86-avx2", "uint8", "auto", "u8s8p", np.int8, None),  # pair-bounded: exact where u8×s8 saturates
+    ("x86-avx2", "int8", "auto", "u8s8p", np.int8, None),  # int8 activations too (ORT shifts them to uint8)
+    ("x86-avx2", "uint8", "u8u8", "u8u8", np.uint8, 128),
+    ("x86-avx2", "int8", "u8s7", "u8s7", np.int8, None),
 ])
-def test_weight_form_follows_the_target(target, act, dtype, zero):
+def test_weight_form_follows_the_target(target, act, option, form, dtype, zero):
     model = mlp()
-    result = QuantizeActivations(Opts(targets=("matmul_in",), method="minmax", cost=False, activation_type=act),
-                                 _ctx(_feeds(), target))(model)
-    form = result.stats.details["int8_form"]
+    result = QuantizeActivations(Opts(targets=("matmul_in",), method="minmax", cost=False, activation_type=act,
+                                      form=option), _ctx(_feeds(), target))(model)
+    assert result.stats.details["int8_form"] == form
     dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
            and n.inputs[0].const_value.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
            and n.inputs[0].const_value.numpy().ndim == 2]
@@ -303,4 +305,12 @@ def test_weight_form_follows_the_target(target, act, dtype, zero):
             assert (n.inputs[2].const_value.numpy() == zero).all()
         elif form == "u8s7":
             assert np.abs(codes.astype(np.int16)).max() <= 63
-    assert form == {"x86-avx512-vnni": "u8s8"}.get(target, "u8u8" if act == "uint8" else "u8s7")
+        elif form == "u8s8p":
+            q = np.abs(np.pad(codes.astype(np.int16), ((0, codes.shape[0] % 2), (0, 0))))
+            assert (q[0::2] + q[1::2]).max() <= 128
+
+
+def test_int8_activations_with_u8u8_weights_are_refused_where_u8s8_saturates():
+    with pytest.raises(PassError, match="not exact on target x86-avx2"):
+        QuantizeActivations(Opts(targets=("matmul_in",), method="minmax", cost=False, activation_type="int8",
+                                 form="u8u8"), _ctx(_feeds(), "x86-avx2"))(mlp())
