@@ -226,7 +226,8 @@ def test_compress_records_the_target_and_says_when_it_is_not_this_machine(tmp_pa
     assert prov["target"] == other
     assert any(n.startswith(f"target {other} is not this machine") for n in result.notices)
     here = compress(src, tmp_path / "h.onnx", recipe="int8", feeds=[saturation_feed(s) for s in range(2)])
-    assert json.loads(here.model.metadata_props["graphc.target"])["target"] == tg.host().name
+    assert json.loads(here.model.metadata_props["graphc.target"]) == {
+        "target": tg.host().name, "int8_forms": [tg.host().matmul_form.value]}  # no Conv: no Conv form
     assert not any("is not this machine" in n for n in here.notices)
     assert here.validation.output_cosine >= 0.999
 

@@ -48,7 +48,10 @@ def provenance(recipe, records, report, original: ir.Model, path: Path | None, t
         "graphc.input_sha256": input_digest(original, path),
     }
     info = resolve(target)
-    forms = sorted({r.stats["int8_form"] for r in records if isinstance(r.stats, dict) and "int8_form" in r.stats})
+    # the forms of the passes that wrote int8 weights (a pass that found nothing to quantize
+    # still resolved its form)
+    forms = sorted({r.stats["int8_form"] for r in records
+                    if r.modified and isinstance(r.stats, dict) and "int8_form" in r.stats})
     out["graphc.target"] = json.dumps(
         {"target": info.name, "int8_forms": forms}, sort_keys=True
     )
