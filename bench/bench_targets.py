@@ -5,7 +5,8 @@
 In one process, on this machine's CPU (named in the output with the flags that matter):
 ORT's optimizer fp32 and ORT's int8 pipeline (legacy export → optimize_model → per-channel
 quantize_dynamic, as bench_int8.py), graphc ``fuse`` (fp32), graphc ``int8`` in each
-formulation this machine can run exactly (u8s8, u8u8, u8s7, u8s8p; see graphc/core/target.py), and the
+formulation this machine can run exactly (u8s8, u8u8, u8s7, u8s8p; see graphc/core/target.py) and
+with 8-bit MatMulNBits weights (block 128, accuracy level 4) in their place, and the
 model ``--recipe auto`` wrote (candidates timed at b8 × 128). Median latency, interleaved, at
 batch 8 of real tweets padded to 128 tokens and padded only to the batch's longest tweet; mean
 cosine of pooled sentence embeddings vs PyTorch fp32 on real tweets.
@@ -34,6 +35,10 @@ import harness as b8  # bench/harness.py (the script's folder is on sys.path)
 ORT_FP32, ORT_INT8 = "ORT optimizer fp32", "ORT int8 (optimizer + quantize_dynamic)"
 FUSE, AUTO = "graphc fuse (fp32)", "graphc auto"
 FORMS = ("u8s8", "u8u8", "u8s7", "u8s8p")
+# the int8 recipe with its MatMul weights as 8-bit MatMulNBits instead (int8 activations inside
+# the kernel, accuracy level 4): another formulation that cannot saturate
+NBITS8 = "graphc 8-bit MatMulNBits (int8 recipe)"
+NBITS8_OPTIONS = {"bits": 8, "block_size": 128, "symmetric": True, "method": "rtn", "accuracy_level": 4}
 SETTINGS = (("b8", "b8 × 128 (padded)"), ("b8_longest", "b8 padded to longest"))
 TARGET_RATIO, TARGET_COS = 0.7, 0.995
 FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
@@ -90,6 +95,12 @@ def build(fp32: Path, work: Path, rep) -> tuple[dict[str, Path], dict[str, Any]]
             graphc.compress(fp32, path, recipe=replace(base, steps=steps, name=f"int8-{form}"), force=True,
                             attribution=False)
         paths[f"graphc int8 {form}"] = path
+    steps = tuple(Step("quantize-nbits", NBITS8_OPTIONS) if s.pass_name == "quantize-int8" else s for s in base.steps)
+    path = work / "minilm-t-int8-nbits8.onnx"
+    with rep.status(NBITS8), b8.quiet():
+        graphc.compress(fp32, path, recipe=replace(base, steps=steps, name="int8-nbits8"), force=True,
+                        attribution=False)
+    paths[NBITS8] = path
     with rep.status("graphc auto (compiles, validates and times its candidates)"), b8.quiet():
         t0 = time.perf_counter()
         result = graphc.compress(fp32, work / "minilm-t-auto.onnx", recipe="auto", shape_hint="8x128")
