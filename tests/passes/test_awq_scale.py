@@ -96,6 +96,32 @@ def test_scaling_keeps_the_float_function_and_folds_into_norms_and_up():
     assert kinds.get(("down_proj",)) == "gated"  # the gated product's scale went into up's columns
 
 
+@pytest.mark.parametrize("best", [0, 1, 5, 8, 13, 19])
+def test_coarse_to_fine_search_finds_the_full_grids_minimum_of_a_unimodal_error(best):
+    from graphc.passes.awq_scale import _search
+
+    calls = []
+
+    def error(j):
+        calls.append(j)
+        return (j - best) ** 2 + 0.5 * (j > best)
+
+    for step, most in ((4, 11), (2, 12)):  # the coarse points + at most 2 (step - 1) around the best
+        calls.clear()
+        got = _search(20, step, error)
+        assert min(got, key=got.get) == best and 0 in got
+        assert len(calls) == len(set(calls)) <= most
+    assert sorted(_search(20, 1, error)) == list(range(20))
+
+
+def test_coarse_search_chooses_the_full_grids_alphas_here():
+    full, coarse = _block(), _block()
+    calib = _feeds(4, 1)
+    a = _awq(full, calib, coarse_step=1).stats.details["groups"]
+    b = _awq(coarse, calib).stats.details["groups"]
+    assert [g["alpha"] for g in a] == [g["alpha"] for g in b]
+
+
 def test_scaling_lowers_the_4bit_output_error():
     calib, test = _feeds(4, 1), _feeds(2, 9)
     ref = _out(_block(), test)
@@ -130,6 +156,7 @@ def test_a_matmul_making_a_graph_output_is_not_scaled():
     ({"grid": 1}, UnsupportedError, "grid=1"),
     ({"grid": "x"}, UnsupportedError, "grid='x'; needs a whole number"),
     ({"min_gain": 1.5}, UnsupportedError, "min_gain=1.5; needs a fraction"),
+    ({"coarse_step": 0}, UnsupportedError, "coarse_step=0; needs a whole number >= 1"),
 ])
 def test_bad_options_are_clear_errors(options, error, match):
     with pytest.raises(error, match=match):
