@@ -117,8 +117,8 @@ def test_coarse_to_fine_search_finds_the_full_grids_minimum_of_a_unimodal_error(
 def test_coarse_search_chooses_the_full_grids_alphas_here():
     full, coarse = _block(), _block()
     calib = _feeds(4, 1)
-    a = _awq(full, calib, coarse_step=1).stats.details["groups"]
-    b = _awq(coarse, calib).stats.details["groups"]
+    a = _awq(full, calib).stats.details["groups"]
+    b = _awq(coarse, calib, coarse_step=2).stats.details["groups"]
     assert [g["alpha"] for g in a] == [g["alpha"] for g in b]
 
 
