@@ -51,9 +51,7 @@ def target_form(context, option: str, pass_name: str, stats=None):
     ``stats.details["int8_form"]`` when ``stats`` is given."""
     from graphc.core.errors import UnsupportedError
     from graphc.core.pass_base import choice
-    from graphc.core.target import Int8Form, exact_forms
-
-    from graphc.core.target import GEMM_ONLY_FORMS
+    from graphc.core.target import GEMM_ONLY_FORMS, Int8Form, exact_forms
 
     target = context.target_info()
     form = target.int8_form if option == "auto" else choice(Int8Form, option, "form", pass_name)

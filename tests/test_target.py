@@ -245,3 +245,13 @@ def test_cli_unknown_target_is_one_line(tmp_path, capsys):
 
 def test_target_errors_are_graphc_errors():
     assert issubclass(UnsupportedError, GraphcError)
+
+
+def test_conv_and_recurrent_passes_refuse_the_matmul_only_form():
+    """Their weights' reduction order is not a MatMul's K: pair bounds along axis 0 mean nothing there."""
+    from graphc.passes._quant import target_form
+
+    for target in ("x86-avx2", "x86-avx512-vnni"):
+        with pytest.raises(UnsupportedError, match="form='u8s8p' bounds weight pairs along a MatMul's K axis"):
+            target_form(PassContext(target=target), "u8s8p", "quantize-conv")
+        assert target_form(PassContext(target=target), "auto", "quantize-conv") is tg.resolve(target).int8_form
