@@ -110,7 +110,8 @@ def pair_bounded_int8(
     if w.ndim != 2 or axis not in (1, -1, None):
         raise ValueError(f"pair-bounded int8 needs a [K, N] weight with per-column or one scale (got {w.shape}, axis {axis})")
     k = w.shape[0]
-    u = np.abs(np.pad(w, ((0, k % 2), (0, 0))))
+    padded = np.pad(w, ((0, k % 2), (0, 0)))
+    u = np.abs(padded)
     pairs = u[0::2] + u[1::2]
     if axis is None:
         amax, pmax = np.array(u.max(initial=0.0)), np.array(pairs.max(initial=0.0))
@@ -127,7 +128,7 @@ def pair_bounded_int8(
         a_up = (a - x[0::2]) >= (b - x[1::2])
         a -= over & a_up
         b -= over & ~a_up
-    q = (np.sign(np.pad(w, ((0, k % 2), (0, 0)))) * q)[:k].astype(np.int8)
+    q = (np.sign(padded) * q)[:k].astype(np.int8)
     return q, scale
 
 

@@ -65,12 +65,7 @@ class TargetInfo:
     saturates: bool  # ORT's u8×s8 kernel sums product pairs into a saturating int16
     int8_form: Int8Form  # the default formulation of any int8 weight: exact there, the faster such
     arch: str  # "x86_64" or "arm64": the machine kind that can execute it
-    gemm_form: Int8Form | None = None  # the default for [K, N] MatMul/Gemm weights (None: int8_form)
-
-    @property
-    def matmul_form(self) -> Int8Form:
-        """The default form of a MatMul/Gemm weight (quantize-int8, quantize-activations)."""
-        return self.gemm_form or self.int8_form
+    matmul_form: Int8Form  # the default for [K, N] MatMul/Gemm weights (quantize-int8, quantize-activations)
 
     @property
     def name(self) -> str:
@@ -80,9 +75,9 @@ class TargetInfo:
 TABLE: dict[Target, TargetInfo] = {
     Target.X86_AVX2: TargetInfo(Target.X86_AVX2, True, Int8Form.U8U8, "x86_64", Int8Form.U8S8P),
     Target.X86_AVX512: TargetInfo(Target.X86_AVX512, True, Int8Form.U8U8, "x86_64", Int8Form.U8S8P),
-    Target.X86_AVX512_VNNI: TargetInfo(Target.X86_AVX512_VNNI, False, Int8Form.U8S8, "x86_64"),
-    Target.X86_AVX_VNNI: TargetInfo(Target.X86_AVX_VNNI, False, Int8Form.U8S8, "x86_64"),
-    Target.ARM64: TargetInfo(Target.ARM64, False, Int8Form.U8S8, "arm64"),
+    Target.X86_AVX512_VNNI: TargetInfo(Target.X86_AVX512_VNNI, False, Int8Form.U8S8, "x86_64", Int8Form.U8S8),
+    Target.X86_AVX_VNNI: TargetInfo(Target.X86_AVX_VNNI, False, Int8Form.U8S8, "x86_64", Int8Form.U8S8),
+    Target.ARM64: TargetInfo(Target.ARM64, False, Int8Form.U8S8, "arm64", Int8Form.U8S8),
 }
 
 # Forms that are exact on a target (the u8s8 kernel on a saturating target is not).
