@@ -142,9 +142,10 @@ def probe_layer(shared: ProbeShared, item: ProbeItem) -> ProbeResult:
         _, deq = sens.quantize_view(Oriented(False), view, c, method=method, hessian=h, damp=shared.damp, **kw)
         measured[c] = evaluator.error(item_stored(item, evaluator.weights, deq))
     werr = {}
+    den = sens.hessian_norm2(view, h) if h is not None and view.size <= sens.CHUNKED_ABOVE else None
     for c in item.candidates:
         _, deq = sens.quantize_view(Oriented(False), view, c, method=bq.Method.RTN, **kw)
-        werr[c] = sens.relative_error(view, deq, h)
+        werr[c] = sens.relative_error(view, deq, h, den=den)
     return ProbeResult(measured, werr)
 
 

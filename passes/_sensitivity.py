@@ -443,10 +443,18 @@ def quantize_view(layer: Layer, view: np.ndarray, config: QuantConfig, *, symmet
     return layer.stored(deq), deq
 
 
-def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None = None) -> float:
+def hessian_norm2(view: np.ndarray, hessian: np.ndarray) -> float:
+    """tr(W H W^T), the denominator of :func:`relative_error` with a Hessian (pass it as ``den``
+    when one weight's candidates are compared: it is the same for all of them)."""
+    return float(((view @ np.asarray(hessian, np.float64)) * view).sum())
+
+
+def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None = None, *,
+                   den: float | None = None) -> float:
     """||W - Q(W)|| / ||W||; with a Hessian H of the layer's input, the output-weighted form
-    sqrt(tr(D H D^T) / tr(W H W^T)) (what GPTQ minimises). A weight of more than
-    CHUNKED_ABOVE elements (a large model's LM head) is summed a block of rows at a time."""
+    sqrt(tr(D H D^T) / tr(W H W^T)) (what GPTQ minimises; ``den``: :func:`hessian_norm2` of
+    this view and Hessian, if known). A weight of more than CHUNKED_ABOVE elements (a large
+    model's LM head) is summed a block of rows at a time."""
     if view.size > CHUNKED_ABOVE:
         rows = max(1, CHUNKED_ABOVE // max(view.shape[1], 1) // 16)
         den = num = 0.0
@@ -465,7 +473,7 @@ def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None
         den = float(np.sqrt(np.square(np.asarray(view, np.float64)).sum()))
         return float(np.sqrt(np.square(d).sum())) / den if den > 0 else 0.0
     h = np.asarray(hessian, np.float64)
-    den = float(((view @ h) * view).sum())
+    den = hessian_norm2(view, h) if den is None else den
     return float(np.sqrt(max(((d @ h) * d).sum(), 0.0) / den)) if den > 0 else 0.0
 
 

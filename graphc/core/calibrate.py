@@ -24,19 +24,17 @@ def exposing_session(model: ir.Model, names: Sequence[str], *, only: bool = Fals
     are the session's only outputs and the nodes that do not lead to them are left out (ONNX
     Runtime runs every node of a graph whatever is fetched: a decoder's LM head is ~20% of its
     forward pass, and a sweep over the body's inputs does not need it)."""
-    from graphc.core.io import inline_external_data
+    def expose(proto: onnx.ModelProto) -> None:
+        if only:
+            del proto.graph.output[:]
+        existing = {o.name for o in proto.graph.output}
+        for name in names:
+            if name not in existing:
+                proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+        if only:
+            _drop_dead_nodes(proto.graph)
 
-    with inline_external_data(model):
-        proto = ir.serde.serialize_model(model)
-    if only:
-        del proto.graph.output[:]
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
-    if only:
-        _drop_dead_nodes(proto.graph)
-    session = make_session(proto, what="model during calibration")
+    session = make_session(model, what="model during calibration", edit=expose)
     return session, {i.name for i in session.get_inputs()}
 
 

@@ -5,6 +5,7 @@ limit (``ort_large``) and files newer than the IR version ONNX Runtime loads."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import onnx
 import onnx_ir as ir
@@ -24,23 +25,33 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def make_session(
-    model: ir.Model | onnx.ModelProto | str | os.PathLike, *, threads: int | None = None, what: str = "model"
+    model: ir.Model | onnx.ModelProto | str | os.PathLike, *, threads: int | None = None, what: str = "model",
+    edit: Callable[[onnx.ModelProto], None] | None = None,
 ) -> ort.InferenceSession:
     """An ORT CPU session for a path, an in-memory IR model or a ModelProto.
 
     A model whose IR version is newer than ONNX Runtime loads (onnx.helper's default) is
-    handed to it with the highest IR version it does load (graphc.core.io.max_ir_version)."""
+    handed to it with the highest IR version it does load (graphc.core.io.max_ir_version).
+    ``edit`` (an in-memory IR model only): applied to its protobuf before ORT reads it (outputs
+    added, nodes left out), the model itself untouched."""
     from graphc.core.io import inline_external_data, max_ir_version
 
     try:
         if isinstance(model, (ir.Model, onnx.ModelProto)):
             from graphc.core import ort_large
-            if isinstance(model, ir.Model) and ort_large.needs_external(model):  # > protobuf's 2 GB
+            if isinstance(model, ir.Model) and edit is None and ort_large.needs_external(model):  # > protobuf's 2 GB
                 return ort_large.session(model, session_options(threads), ["CPUExecutionProvider"])
+            if isinstance(model, ir.Model) and (ort_large.tensor_bytes(model) >= WEIGHTLESS_MIN
+                                                or ort_large.needs_external(model)):
+                return _weightless_session(model, threads, edit)
             if isinstance(model, ir.Model):
                 with inline_external_data(model):
                     proto = ir.serde.serialize_model(model)
                 proto.ir_version = min(proto.ir_version, max_ir_version())
+                if edit is not None:
+                    edit(proto)
+            elif edit is not None:
+                raise TypeError("make_session(edit=...) takes an ir.Model")
             elif model.ir_version > max_ir_version():
                 proto = _with_ir_version(model, max_ir_version())
             else:
@@ -62,6 +73,45 @@ def make_session(
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValidationError(_custom_op_text(first, what) or f"ONNX Runtime cannot load the {what}: {first}") from None
+
+
+# Weights above which an in-memory model reaches ONNX Runtime as a weightless protobuf plus its
+# arrays (SessionOptions.add_external_initializers), not as one serialized message: for SmolLM2's
+# 540 MB that builds a session in ~1.2 s instead of 10-18 s (protobuf serializes and ORT parses
+# the whole message; bench/bench_sweep.py --sessions).
+WEIGHTLESS_MIN = 64 << 20
+
+
+def _weightless_session(model: ir.Model, threads: int | None,
+                        edit: Callable[[onnx.ModelProto], None] | None = None) -> ort.InferenceSession:
+    """A session whose large initializers are handed over as arrays. ONNX Runtime 1.32 copies
+    them into its own tensors while it builds the session (tests/test_ort_large.py checks that a
+    later in-place change of the model's weights does not reach it, as with the serialized path)."""
+    from graphc.core import ort_large
+    from graphc.core.io import inline_external_data
+
+    with inline_external_data(model, initializers=False):  # subgraphs and tensor attributes into the bytes
+        proto, arrays = ort_large.weightless_proto(model)  # IR version capped as ORT loads it
+    if edit is not None:
+        edit(proto)
+        used = _names_read(proto.graph) | {o.name for o in proto.graph.output}
+        if any(name not in used for name in arrays):  # an initializer only left-out nodes read
+            kept = [t for t in proto.graph.initializer if t.name in used or t.name not in arrays]
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(kept)
+            arrays = {name: a for name, a in arrays.items() if name in used}
+    return ort_large.session_from_proto(proto, arrays, threads=threads)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every name the graph's nodes read, their subgraphs' included."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names |= _names_read(sub) | {o.name for o in sub.output}
+    return names
 
 
 def _register_extensions(so: ort.SessionOptions) -> None:
