@@ -211,3 +211,51 @@ def test_default_calibration_is_said_too(tmp_path, capsys):
     assert "\ncalibration: synthesized\n" in capsys.readouterr().out
     assert main(["compress", str(model), "-o", str(tmp_path / "o2.onnx"), "--recipe", "fuse"]) == 0
     assert "\ncalibration: none (no pass of this recipe calibrates)\n" in capsys.readouterr().out
+
+
+def test_json_lines_give_the_texts_a_txt_file_gives_and_keep_line_breaks(tmp_path, tok):
+    """A .jsonl file (one JSON string or object a line, as datasets' to_json writes) is read as
+    the .txt file with the same texts; a text may hold line breaks (and U+2028); a folder may mix
+    both kinds."""
+    from graphc.checks import calibration_data as cd
+    from graphc.core.io import load_model
+
+    texts = lines(16, seed=3)
+    model = load_model(encoder(tmp_path / "enc.onnx"))
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    rows = [{"id": i, "text": t} if i % 3 else t for i, t in enumerate(texts)]  # objects and bare strings
+    rows[1] = {"id": 1, "body": texts[1]}  # the only string field
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    plain, jsonl = cd.load(model, tmp_path / "t.txt", tokenizer=tok), cd.load(model, tmp_path / "t.jsonl", tokenizer=tok)
+    assert (jsonl.calibration_items, jsonl.validation_items) == (plain.calibration_items, plain.validation_items)
+    for a, b in zip(plain.calibration, jsonl.calibration):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+    paragraph = texts[0] + "\n" + texts[1] + "\u2028" + texts[2]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"text": paragraph}) + "\n")
+    (folder / "b.txt").write_text("\n".join(texts[3:]))
+    got = cd.load(model, folder, tokenizer=tok)
+    assert paragraph in got.calibration_items + got.validation_items
+    assert len(got.calibration_items + got.validation_items) == 1 + len(texts) - 3
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"text": "a"}\n{"text": "b"\n', "line 2 is not JSON"),
+    ('{"id": 1, "title": "t", "body": "b"}\n', "line 1: an object without a string 'text' field (fields: 'id', 'title', 'body')"),
+    ('{"text": 3}\n', "line 1: an object without a string 'text' field"),
+    ("[1, 2]\n", "line 1: a JSON list, not a text"),
+])
+def test_bad_json_lines_are_one_line_naming_the_file_and_line(tmp_path, tok, content, problem):
+    from graphc.core.errors import CalibrationDataError
+    from graphc.checks import calibration_data as cd
+    from graphc.core.io import load_model
+
+    model = load_model(encoder(tmp_path / "enc.onnx"))
+    data = tmp_path / "d.jsonl"
+    data.write_text(content)
+    with pytest.raises(CalibrationDataError) as e:
+        cd.load(model, data, tokenizer=tok)
+    text = str(e.value)
+    assert "\n" not in text and str(data) in text and problem in text, text

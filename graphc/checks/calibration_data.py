@@ -5,7 +5,10 @@ with the task metric that fits the model.
 PATH is one of:
 
 - a ``.txt`` file: every non-empty line is one text (surrounding whitespace stripped; UTF-8);
-- a folder of ``.txt`` files: their lines, the files in name order;
+- a ``.jsonl`` file (JSON Lines, as ``datasets``' ``to_json`` writes them): every non-empty line
+  is one text, a JSON string or an object whose ``"text"`` field (else its only string field) is
+  the text; a text may hold line breaks (a paragraph, a document);
+- a folder of ``.txt`` / ``.jsonl`` files: their texts, the files in name order;
 - a folder of images (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.webp``), in name order.
 
 Lines, not paragraphs: a line is the unit every tool writes and every user can count, and a
@@ -42,6 +45,8 @@ MIN_ITEMS = 8  # distinct items: 6 calibrate, 2 validate
 VALIDATION_ITEMS = 64  # at most, as many as validation takes of a model spec's texts
 MAX_LENGTH = 128  # tokens: the longest text (encoders) or window (causal LMs) fed
 TEXT, IMAGES = "texts", "images"
+TEXT_SUFFIXES = (".txt", ".jsonl")
+JSONL_FIELD = "text"  # the field of a JSON Lines object that holds its text
 
 
 @dataclass
@@ -128,19 +133,19 @@ def _files(path: Path) -> tuple[str, list[Path]]:
     if not path.exists():
         raise CalibrationDataError("no such file or folder", path=path)
     if path.is_file():
-        if path.suffix.lower() != ".txt":
-            raise CalibrationDataError("expected a .txt file, a folder of .txt files or a folder of images", path=path)
+        if path.suffix.lower() not in TEXT_SUFFIXES:
+            raise CalibrationDataError("expected a .txt or .jsonl file, a folder of them or a folder of images", path=path)
         return TEXT, [path]
     if not path.is_dir():
         raise CalibrationDataError("not a file or a folder", path=path)
     entries = sorted(p for p in path.iterdir() if p.is_file())
-    texts = [p for p in entries if p.suffix.lower() == ".txt"]
+    texts = [p for p in entries if p.suffix.lower() in TEXT_SUFFIXES]
     pictures = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
     if texts and pictures:
-        raise CalibrationDataError(f"holds both .txt files and images ({texts[0].name}, {pictures[0].name}): give one kind",
+        raise CalibrationDataError(f"holds both text files and images ({texts[0].name}, {pictures[0].name}): give one kind",
                                    path=path)
     if not texts and not pictures:
-        raise CalibrationDataError(f"holds no .txt files or images ({', '.join(IMAGE_SUFFIXES)})", path=path)
+        raise CalibrationDataError(f"holds no .txt/.jsonl files or images ({', '.join(IMAGE_SUFFIXES)})", path=path)
     return (TEXT, texts) if texts else (IMAGES, pictures)
 
 
@@ -161,13 +166,42 @@ def _texts(files: Sequence[Path]) -> tuple[list[str], int]:
             raise CalibrationDataError(f"not UTF-8 text (line {line}, byte {e.start}): save it as UTF-8", path=f) from None
         if "\x00" in text:
             raise CalibrationDataError("not text (holds NUL bytes)", path=f)
-        for line in text.splitlines():
-            if line.strip():
-                seen.setdefault(line.strip(), None)
+        items = _json_lines(text, f) if f.suffix.lower() == ".jsonl" else text.splitlines()
+        for item in items:
+            if item.strip():
+                seen.setdefault(item.strip(), None)
                 total += 1
     if not seen:
         raise CalibrationDataError("holds no text (every line is empty)", path=files[0] if len(files) == 1 else None)
     return list(seen), total - len(seen)
+
+
+def _json_lines(text: str, f: Path) -> list[str]:
+    """The texts of a JSON Lines file: each non-empty line a JSON string, or an object whose
+    "text" field (else its only string field) is the text."""
+    import json
+
+    out = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise CalibrationDataError(f"line {number} is not JSON ({e.msg}): one JSON value a line", path=f) from None
+        if isinstance(item, dict):
+            strings = [k for k, v in item.items() if isinstance(v, str)]
+            key = JSONL_FIELD if JSONL_FIELD in item else strings[0] if len(strings) == 1 else None
+            if key is None or not isinstance(item[key], str):
+                fields = ", ".join(repr(k) for k in list(item)[:8]) or "none"
+                raise CalibrationDataError(f"line {number}: an object without a string {JSONL_FIELD!r} field "
+                                           f"(fields: {fields})", path=f)
+            item = item[key]
+        if not isinstance(item, str):
+            raise CalibrationDataError(f"line {number}: a JSON {type(item).__name__}, not a text or an object "
+                                       f"with a {JSONL_FIELD!r} field", path=f)
+        out.append(item)
+    return out
 
 
 def _images(files: Sequence[Path]) -> tuple[list[Path], int]:

@@ -184,7 +184,7 @@ def compress(
     timed at ``shape_hint`` (batch × sequence, default 8x128; see graphc.auto).
     ``feeds`` or ``inputs`` (an .npz/.npy file or a folder, graphc.core.inputs): the user's inputs,
     for validation and calibration; ``input_shapes`` fixes dims of synthesized inputs.
-    ``calibration_data``: a .txt file, a folder of .txt files or of images (graphc.checks.calibration_data):
+    ``calibration_data``: a .txt or .jsonl file, a folder of them or of images (graphc.checks.calibration_data):
     every 4th item validates (with the task metric that fits the model), the rest calibrates;
     ``tokenizer`` (a folder) and ``preprocess`` (e.g. ``"size=224,mean=0.485,0.456,0.406"``) say
     how to read it. ``validate_timeout``: seconds each model's validation runs may take (default sized to

@@ -85,8 +85,9 @@ def compress_recipe(args: argparse.Namespace):
 def add_data_args(sp: argparse.ArgumentParser) -> None:
     """``--calibration-data``, ``--tokenizer`` and ``--preprocess`` (compress and validate)."""
     sp.add_argument("--calibration-data", metavar="PATH",
-                    help="your texts (a .txt file, one text a line, or a folder of them) or images (a folder): every "
-                         "4th item is held out for validation, the rest calibrates; not with --inputs")
+                    help="your texts (a .txt file, one text a line; a .jsonl file, one {\"text\": ...} a line; or a "
+                         "folder of them) or images (a folder): every 4th item is held out for validation, the rest "
+                         "calibrates; not with --inputs")
     sp.add_argument("--tokenizer", metavar="DIR",
                     help="texts: the folder of the model's tokenizer.json (default: the model spec's, files beside "
                          "the .onnx, or the folder graphc export read)")
