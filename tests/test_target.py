@@ -214,6 +214,24 @@ def test_exact_on_host_rewrite_keeps_the_arithmetic():
     np.testing.assert_allclose(emulated_output(copy, feed, "x86-avx2"), before, rtol=1e-9)
 
 
+def test_pair_bounded_weights_are_not_flagged_as_saturating():
+    """A u8s8p model (the AVX2 default) is exact on a saturating kernel: validation neither
+    rewrites it nor warns about it; the same model in u8s8 is flagged. The check follows the
+    kernel's pairs (rows 2i, 2i+1 of a [K, N] weight), not a 7-bit bound."""
+    model = saturation_prone()
+    QuantizeInt8(context=PassContext(target="x86-avx2"))(model)  # u8s8p
+    assert tc.saturating_gemms(model) == []
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    assert not tc.exact_on_host(copy)
+    other = saturation_prone()
+    QuantizeInt8(context=PassContext(target="x86-avx512-vnni"))(other)
+    assert tc.saturating_gemms(other) == ["fc_int8"]
+    assert tc.exact_when_saturating(np.array([[127, -1], [1, 127], [-64, 0]], np.int8))  # pairs 128, 128; last row alone
+    assert not tc.exact_when_saturating(np.array([[100, 0], [29, 0]], np.int8))  # 129
+    along_k = np.array([[100, 0], [100, 0]], np.int8)
+    assert not tc.exact_when_saturating(along_k) and tc.exact_when_saturating(along_k.T)  # pairs run along K, not N
+
+
 def test_compress_records_the_target_and_says_when_it_is_not_this_machine(tmp_path):
     from graphc.front.api import compress
 

@@ -26,9 +26,24 @@ def _initializer(graph, name: str, array: np.ndarray):
     return value
 
 
+def exact_when_saturating(w: np.ndarray) -> bool:
+    """Whether int8 GEMM weights give exact results on a saturating u8×s8 kernel: each pair of
+    adjacent codes along K (a [K, N] weight's rows 2i and 2i+1, the pair ``vpmaddubsw`` adds in
+    int16) sums to at most PAIR_LIMIT in magnitude (the ``u8s8p`` form, and every 7-bit weight);
+    a weight of another rank, at most 7 bits."""
+    from graphc.passes._quant import PAIR_LIMIT
+
+    a = np.abs(w.astype(np.int16))
+    if a.ndim != 2:
+        return int(a.max(initial=0)) <= 63
+    if a.shape[0] % 2:
+        a = np.concatenate([a, np.zeros((1, a.shape[1]), np.int16)])
+    return int((a[0::2] + a[1::2]).max(initial=0)) <= PAIR_LIMIT
+
+
 def saturating_gemms(model) -> list[str]:
-    """Names of the integer GEMMs whose int8 weights use more than 7 bits (|code| > 63): the
-    ones a saturating u8×s8 kernel can get wrong."""
+    """Names of the integer GEMMs whose int8 weights a saturating u8×s8 kernel can get wrong
+    (:func:`exact_when_saturating` says no)."""
     from graphc.passes._quant import const_array
 
     found = []
@@ -36,15 +51,17 @@ def saturating_gemms(model) -> list[str]:
         slots = _INT_GEMMS.get(node.op_type)
         if slots is None or len(node.inputs) <= slots[0]:
             continue
+        if node.op_type == "DequantizeLinear" and not any(u.node.op_type in ("MatMul", "Gemm") for u in node.outputs[0].uses()):
+            continue  # a table or other constant, not a GEMM weight
         w = const_array(node.inputs[slots[0]])
-        if w is not None and w.dtype == np.int8 and np.abs(w.astype(np.int16)).max(initial=0) > 63:
+        if w is not None and w.dtype == np.int8 and not exact_when_saturating(w):
             found.append(node.name or node.op_type)
     return found
 
 
 def exact_on_host(model) -> bool:
-    """Rewrite, in place, every integer GEMM with int8 weights wider than 7 bits into the u8u8
-    form (codes + 128, zero point + 128): the same arithmetic, which the u8u8 kernel computes
+    """Rewrite, in place, every integer GEMM whose int8 weights a saturating kernel can get wrong
+    (:func:`exact_when_saturating`) into the u8u8 form (codes + 128, zero point + 128): the same arithmetic, which the u8u8 kernel computes
     exactly on any CPU. Validation uses it on a machine whose u8×s8 kernel saturates for a model
     compiled for a target whose kernel does not (e.g. VNNI), so that it measures the target's
     numbers, not this machine's. Returns whether anything changed."""
@@ -56,7 +73,7 @@ def exact_on_host(model) -> bool:
         if slots is None or len(node.inputs) <= slots[0]:
             continue
         w = const_array(node.inputs[slots[0]])
-        if w is None or w.dtype != np.int8:
+        if w is None or w.dtype != np.int8 or exact_when_saturating(w):
             continue
         if node.op_type == "DequantizeLinear" and not any(u.node.op_type in ("MatMul", "Gemm") for u in node.outputs[0].uses()):
             continue  # a table or other constant, not a GEMM weight
