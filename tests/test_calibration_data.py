@@ -259,3 +259,19 @@ def test_bad_json_lines_are_one_line_naming_the_file_and_line(tmp_path, tok, con
         cd.load(model, data, tokenizer=tok)
     text = str(e.value)
     assert "\n" not in text and str(data) in text and problem in text, text
+
+
+def test_recipe_auto_calibrates_and_validates_every_candidate_on_the_file(tmp_path, tok):
+    """``--recipe auto`` with ``--calibration-data``: each candidate is compiled and judged on
+    the user's texts (held-out part, task metric), and the winner says so."""
+    texts = lines(40, seed=5)
+    data = tmp_path / "notes.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    out = tmp_path / "auto.onnx"
+    result = api.compress(str(encoder(tmp_path / "enc.onnx")), out, recipe="auto", calibration_data=data,
+                          tokenizer=tok, shape_hint="2x16")
+    assert out.exists() and result.auto["winner"] == result.recipe.name
+    assert result.validation.input_source.startswith("10 held-out texts (every 4th text of notes.jsonl")
+    assert result.validation.task["metric"] == "embedding_cosine"
+    assert {c["candidate"] for c in result.auto["candidates"]} == {"fuse", "int8", "fast"}
+    assert all(c["status"] in ("passed", "missed tolerance") for c in result.auto["candidates"])

@@ -140,10 +140,15 @@ def run_auto(
     force: bool = False,
     progress=None,
     report: Any = None,
+    calibration_data: Any = None,
+    tokenizer: Any = None,
+    preprocess: Any = None,
 ):
     """Compile every candidate for ``target``, validate, time the passing ones, write the
     fastest (see the module docstring). Returns the winner's CompressResult with ``auto``
-    holding the candidate table."""
+    holding the candidate table. ``calibration_data`` (with ``tokenizer``, ``preprocess``): every
+    candidate calibrates on its calibration part and is validated on its held-out part, with the
+    task metric, as ``graphc.compress`` does with it."""
     import json
 
     from graphc.front import api
@@ -162,13 +167,17 @@ def run_auto(
     output, report, forbid = plan.output, plan.report, plan.forbid
     rows = candidates(names)
     source = None
-    if feeds is None:
+    data = {}
+    if calibration_data is not None:
+        data = {"calibration_data": calibration_data, "tokenizer": tokenizer, "preprocess": preprocess}
+    elif feeds is None:
         feeds, source = api.validation_feeds(ir_model)
     for i, c in enumerate(rows):
         if progress is not None:
             progress(f"auto: compiling {c.name}", i, len(rows))
         try:
-            res = api.compress(model, None, recipe=c.recipe, target=info, feeds=feeds, force=True, attribution=False)
+            res = api.compress(model, None, recipe=c.recipe, target=info, feeds=feeds, force=True, attribution=False,
+                               **data)
         except GraphcError as e:
             c.status, c.reason = "failed", str(e)
             continue
