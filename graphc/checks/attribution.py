@@ -228,16 +228,17 @@ def _outputs(session: ort.InferenceSession, feed: dict[str, np.ndarray], what: s
 
 def _metrics(ref: np.ndarray, got: np.ndarray, mask: np.ndarray | None) -> tuple[float, float, float]:
     """Cosine, max abs error and relative error of one tensor on one feed."""
-    r, g = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    if mask is not None:
+    r, g = np.asarray(ref), np.asarray(got)
+    if mask is not None and not np.all(mask):  # rows picked before the float64 copies
         r, g = r[mask], g[mask]
-    r, g = r.ravel(), g.ravel()
+    r, g = r.astype(np.float64, copy=False).ravel(), g.astype(np.float64, copy=False).ravel()
     # inf, NaN and mask sentinels (finfo.min added to padded scores) in the original carry no
     # signal; a non-finite value where the original has a number is a failure
     keep = np.abs(r) < _SENTINEL
     if np.any(keep & ~np.isfinite(g)):
         return 0.0, float("inf"), float("inf")
-    r, g = r[keep], g[keep]
+    if not keep.all():
+        r, g = r[keep], g[keep]
     nr, ng, nd = (float(np.linalg.norm(x)) for x in (r, g, r - g))
     cos = 1.0 if nr == ng == 0.0 else 0.0 if nr == 0.0 or ng == 0.0 else float(np.dot(r, g) / (nr * ng))
     max_abs = float(np.abs(r - g).max(initial=0.0))
