@@ -36,6 +36,13 @@ Cost per target (``cost=True``): the output cosine error (1 - cosine of the flat
 vs the float model, padding rows left out) when only that target's tensors are quantized
 (weights float), and when only the weights are (``weights``), on the first ``cost_feeds``
 calibration feeds; in the stats as ``cost_by_op_type``.
+
+Error budget (``max_error`` > 0): static grids on many tensors have no accuracy bound of their
+own (per-tensor ranges on a LayerNorm output with outlier channels lose most; costs add up, and
+more than add up, over targets). When the whole result's measured error (``all``) is over the
+budget, the target that cost most alone is given up (its tensors stay float, unless another kept
+target chose them) and the result measured again, until it fits; if the int8 weights alone are
+over it, nothing is quantized. A note names what was given up.
 """
 
 from __future__ import annotations
@@ -93,6 +100,9 @@ class ActQuantOptions:
     smooth_alpha: float = 0.0  # > 0: SmoothQuant migration on matmul_in tensors (0.5 is SmoothQuant's)
     exclude: tuple[str, ...] = ()  # substrings of node names or scopes whose tensors stay float
     form: str = "auto"  # weights: u8s8 | u8u8 | u8s7 | u8s8p | auto (exact on the target CPU; see graphc.target)
+    # > 0: the output error (1 - cosine, on the first cost_feeds calibration feeds) the result may
+    # have; while it is over, the costliest remaining target (measured alone) is given up
+    max_error: float = 0.0
 
 
 @dataclass
@@ -141,8 +151,16 @@ class QuantizeActivations(GraphcPass):
         per_channel = o.per_channel and model.opset_imports.get("", 1) >= PER_AXIS_OPSET
         if o.per_channel and not per_channel:
             stats.notes.append(f"opset < {PER_AXIS_OPSET}: per-tensor weight scales (per-axis DequantizeLinear needs 13)")
-        if o.cost and (params or weights):
-            stats.counts["cost_by_op_type"] = self._costs(model, chosen, params, per_channel, bool(weights))  # type: ignore[assignment]
+        if o.max_error < 0:
+            raise PassError(f"max_error must be >= 0 (got {o.max_error})", pass_name=self.name)
+        if (o.cost or o.max_error > 0) and (params or weights):
+            costs = self._costs(model, chosen, params, per_channel, bool(weights))
+            if o.max_error > 0 and costs["all"] > o.max_error:
+                chosen, weights = self._within_budget(model, chosen, params, per_channel, weights, costs, stats)
+                if not chosen and not weights:
+                    stats.counts["cost_by_op_type"] = costs  # type: ignore[assignment]
+                    return False
+            stats.counts["cost_by_op_type"] = costs  # type: ignore[assignment]
         apply(model, {n: (params[n], c.matmul_only) for n, c in chosen.items() if n in params},
               per_channel if weights else None, stats, self._form.value)
         for target in targets:
@@ -202,22 +220,51 @@ class QuantizeActivations(GraphcPass):
                 params[name] = qparams(lo, hi, act, o.symmetric)
         return params
 
+    def _within_budget(self, model: ir.Model, chosen: dict[str, _Choice], params, per_channel: bool, weights: list,
+                       costs: dict[str, float], stats: PassStats) -> tuple[dict[str, _Choice], list]:
+        """Give up targets, the costliest alone first, until the whole result's measured error is
+        within ``max_error`` (``costs["all"]`` updated); the weights last. Returns what is kept."""
+        budget = self.options.max_error
+        left = {t for n, c in chosen.items() if n in params for t in c.targets}
+        dropped = []
+        while costs["all"] > budget and left:
+            worst = max(sorted(left), key=lambda t: costs.get(t, 0.0))
+            left.discard(worst)
+            dropped.append(worst)
+            chosen = {n: _Choice(c.targets & left, c.targets & left == {Target.MATMUL_IN.value})
+                      for n, c in chosen.items() if c.targets & left}
+            group = {n: (params[n], c.matmul_only) for n, c in chosen.items() if n in params}
+            costs["all"] = self._costs_of(model, [("all", group, per_channel if weights else None)])["all"]
+        if dropped:
+            stats.notes.append(f"max_error {budget:g}: left float the tensors of {', '.join(dropped)} "
+                               f"(alone each cost {', '.join(f'{costs.get(t, 0.0):.3g}' for t in dropped)})")
+            stats.add("targets_dropped", len(dropped))
+        if costs["all"] > budget:
+            stats.notes.append(f"max_error {budget:g}: the int8 weights alone cost {costs['all']:.3g}: nothing quantized")
+            return {}, []
+        return chosen, weights
+
     def _costs(self, model: ir.Model, chosen: dict[str, _Choice], params, per_channel: bool, weights: bool) -> dict[str, float]:
+        groups: dict[str, dict[str, tuple]] = {}
+        for target in self.options.targets:
+            group = {n: (params[n], target == Target.MATMUL_IN.value)
+                     for n, c in chosen.items() if n in params and target in c.targets}
+            if group:
+                groups[target] = group
+        variants = [(t, g, None) for t, g in groups.items()]
+        if weights:
+            variants.append(("weights", {}, per_channel))
+        variants.append(("all", {n: (params[n], chosen[n].matmul_only) for n in params}, per_channel if weights else None))
+        return self._costs_of(model, variants)
+
+    def _costs_of(self, model: ir.Model, variants: list[tuple[str, dict, bool | None]]) -> dict[str, float]:
+        """1 - the worst output cosine of the model with each variant's tensors (and the weights,
+        unless None) quantized, on the first cost_feeds calibration feeds."""
         from graphc.checks.validate import _row_mask, make_session, output_metrics, run_feeds
 
         feeds = list(self.context.calibration or [])[: self.options.cost_feeds]
         with _inline(model) as proto:
             reference = run_feeds(make_session(proto, what="model before quantization"), feeds, "model")
-            groups: dict[str, dict[str, tuple]] = {}
-            for target in self.options.targets:
-                group = {n: (params[n], target == Target.MATMUL_IN.value)
-                         for n, c in chosen.items() if n in params and target in c.targets}
-                if group:
-                    groups[target] = group
-            variants = [(t, g, None) for t, g in groups.items()]
-            if weights:
-                variants.append(("weights", {}, per_channel))
-            variants.append(("all", {n: (params[n], chosen[n].matmul_only) for n in params}, per_channel if weights else None))
             costs: dict[str, float] = {}
             for i, (label, group, w) in enumerate(variants):
                 self.context.report(f"{self.name}: cost of {label}", i, len(variants))

@@ -68,12 +68,11 @@ PLANS: dict[str, Plan] = {
     # quantization: measured 27/30 (int8), 30/30 (nbits, activations)
     "quantize-int8": Plan(min_transformed=0.5),
     "quantize-nbits": Plan(min_transformed=0.5),
-    # every target but LayerNorm outputs: a per-tensor static grid on a LayerNorm output with
-    # outlier channels has no accuracy bound (drawn: hidden 8 with outliers, output cosine 0.949
-    # with every target, 0.998 without `layernorm`, whatever the weight form; MiniLM loses ~0.12
-    # with it, docs/known-gaps.md), which is why no recipe uses it; its unit tests run it
-    "quantize-activations": Plan(options={"targets": ["matmul_in", "matmul_out", "gelu", "softmax", "embedding",
-                                                      "attention"]}, min_transformed=0.5),
+    # every target, within an error budget: static per-tensor grids on many tensors of a small
+    # graph with outlier channels have no accuracy bound of their own (drawn at hidden 8 and 32
+    # with outliers: output cosine 0.949 and 0.954 with every target, or with the int8-static
+    # recipe's options); max_error gives up the costliest targets until the measured error fits
+    "quantize-activations": Plan(options={"max_error": 0.005}, min_transformed=0.5),
     # tables of at least 64 rows (min_rows): the 100-word vocabulary, 30/30 (7/30 to 17/30
     # when the 40-word one is drawn too)
     "quantize-embedding": Plan(spec={"vocab": 100}, min_transformed=0.5),

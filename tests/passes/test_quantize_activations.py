@@ -314,3 +314,43 @@ def test_int8_activations_with_u8u8_weights_are_refused_where_u8s8_saturates():
     with pytest.raises(PassError, match="not exact on target x86-avx2"):
         QuantizeActivations(Opts(targets=("matmul_in",), method="minmax", cost=False, activation_type="int8",
                                  form="u8u8"), _ctx(_feeds(), "x86-avx2"))(mlp())
+
+
+def _outlier_feeds(count=3, seed=4, k=32):
+    """Inputs with two channels ~40x the rest: a per-tensor static grid leaves the others few levels."""
+    feeds = _feeds(count, seed, k)
+    for f in feeds:
+        f["x"][..., :2] *= 40.0
+    return feeds
+
+
+def test_max_error_gives_up_the_costliest_targets_until_the_result_fits():
+    feeds = _outlier_feeds()
+    free = mlp()
+    r_free = QuantizeActivations(Opts(), _ctx(feeds))(free)
+    costs = r_free.stats.counts["cost_by_op_type"]
+    budget = costs["all"] / 2
+    bounded = mlp()
+    result = QuantizeActivations(Opts(max_error=budget), _ctx(feeds))(bounded)
+    got = result.stats.counts["cost_by_op_type"]
+    assert got["all"] <= budget < costs["all"]
+    notes = " ".join(result.stats.notes)
+    assert f"max_error {budget:g}: left float the tensors of" in notes and result.stats.counts["targets_dropped"] >= 1
+    first = notes.split("left float the tensors of ")[1].split(",")[0].split(" ")[0]
+    assert costs[first] == max(v for k, v in costs.items() if k not in ("all", "weights"))  # costliest alone first
+    # the written model has the error the pass measured (worst output, its feeds flattened together)
+    refs, helds = [run(mlp(), f) for f in feeds], [run(bounded, f) for f in feeds]
+    worst = min(cosine(np.concatenate([r[j].ravel() for r in refs]), np.concatenate([h[j].ravel() for h in helds]))
+                for j in range(len(refs[0])))
+    assert 1 - worst == pytest.approx(got["all"], abs=2e-6)
+    with pytest.raises(PassError, match="max_error must be >= 0"):
+        QuantizeActivations(Opts(max_error=-1.0), _ctx(feeds))(mlp())
+
+
+def test_max_error_below_what_the_weights_alone_cost_quantizes_nothing():
+    feeds = _outlier_feeds()
+    model = mlp()
+    before = ir.serde.serialize_model(model).SerializeToString()
+    result = QuantizeActivations(Opts(max_error=1e-9), _ctx(feeds))(model)
+    assert not result.modified and ir.serde.serialize_model(model).SerializeToString() == before
+    assert any("the int8 weights alone cost" in n and "nothing quantized" in n for n in result.stats.notes)
