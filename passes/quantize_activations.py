@@ -41,8 +41,9 @@ Error budget (``max_error`` > 0): static grids on many tensors have no accuracy 
 own (per-tensor ranges on a LayerNorm output with outlier channels lose most; costs add up, and
 more than add up, over targets). When the whole result's measured error (``all``) is over the
 budget, the target that cost most alone is given up (its tensors stay float, unless another kept
-target chose them) and the result measured again, until it fits; if the int8 weights alone are
-over it, nothing is quantized. A note names what was given up.
+target chose them) and the pass tried again on a copy (smoothing and ranges redone for the
+targets left: a tensor another target no longer shares can be smoothed), until it fits; if the
+int8 weights alone are over it, nothing is quantized. A note names what was given up.
 """
 
 from __future__ import annotations
@@ -137,6 +138,17 @@ class QuantizeActivations(GraphcPass):
                 pass_name=self.name,
             )
         self._form = self._weight_form(act, stats)
+        if o.max_error < 0:
+            raise PassError(f"max_error must be >= 0 (got {o.max_error})", pass_name=self.name)
+        if o.max_error > 0:
+            targets = self._targets_within_budget(model, targets, method, act, stats)
+            if targets is None:
+                return False
+        return self._quantize(model, targets, method, act, stats)
+
+    def _quantize(self, model: ir.Model, targets: list[Target], method: Method, act: ActType, stats: PassStats) -> bool:
+        o = self.options
+        feeds = self.context.calibration
         chosen = select(model.graph, targets, o.exclude, stats)
         if o.smooth_alpha > 0 and chosen:
             smoothed = smooth(model, [n for n, c in chosen.items() if c.matmul_only], o.smooth_alpha, feeds, self.name)
@@ -151,16 +163,8 @@ class QuantizeActivations(GraphcPass):
         per_channel = o.per_channel and model.opset_imports.get("", 1) >= PER_AXIS_OPSET
         if o.per_channel and not per_channel:
             stats.notes.append(f"opset < {PER_AXIS_OPSET}: per-tensor weight scales (per-axis DequantizeLinear needs 13)")
-        if o.max_error < 0:
-            raise PassError(f"max_error must be >= 0 (got {o.max_error})", pass_name=self.name)
-        if (o.cost or o.max_error > 0) and (params or weights):
-            costs = self._costs(model, chosen, params, per_channel, bool(weights))
-            if o.max_error > 0 and costs["all"] > o.max_error:
-                chosen, weights = self._within_budget(model, chosen, params, per_channel, weights, costs, stats)
-                if not chosen and not weights:
-                    stats.counts["cost_by_op_type"] = costs  # type: ignore[assignment]
-                    return False
-            stats.counts["cost_by_op_type"] = costs  # type: ignore[assignment]
+        if o.cost and (params or weights):
+            stats.counts["cost_by_op_type"] = self._costs(model, chosen, params, per_channel, bool(weights))  # type: ignore[assignment]
         apply(model, {n: (params[n], c.matmul_only) for n, c in chosen.items() if n in params},
               per_channel if weights else None, stats, self._form.value)
         for target in targets:
@@ -220,29 +224,51 @@ class QuantizeActivations(GraphcPass):
                 params[name] = qparams(lo, hi, act, o.symmetric)
         return params
 
-    def _within_budget(self, model: ir.Model, chosen: dict[str, _Choice], params, per_channel: bool, weights: list,
-                       costs: dict[str, float], stats: PassStats) -> tuple[dict[str, _Choice], list]:
-        """Give up targets, the costliest alone first, until the whole result's measured error is
-        within ``max_error`` (``costs["all"]`` updated); the weights last. Returns what is kept."""
+    def _targets_within_budget(self, model: ir.Model, targets: list[Target], method: Method, act: ActType,
+                               stats: PassStats) -> list[Target] | None:
+        """The targets whose result fits ``max_error``: each trial on a copy of the model, as the
+        pass would run (smoothing and ranges redone for the targets left); the target that cost
+        most alone (measured with every target) given up first. None: the weights alone miss it."""
         budget = self.options.max_error
-        left = {t for n, c in chosen.items() if n in params for t in c.targets}
-        dropped = []
-        while costs["all"] > budget and left:
-            worst = max(sorted(left), key=lambda t: costs.get(t, 0.0))
-            left.discard(worst)
-            dropped.append(worst)
-            chosen = {n: _Choice(c.targets & left, c.targets & left == {Target.MATMUL_IN.value})
-                      for n, c in chosen.items() if c.targets & left}
-            group = {n: (params[n], c.matmul_only) for n, c in chosen.items() if n in params}
-            costs["all"] = self._costs_of(model, [("all", group, per_channel if weights else None)])["all"]
+        alone = self._trial(model, targets, method, act, every=True)
+        cost, current, dropped = alone["all"], list(targets), []
+        while cost > budget:
+            live = [t for t in current if t.value in alone]
+            if not live:
+                break
+            worst = max(live, key=lambda t: alone[t.value])
+            current.remove(worst)
+            dropped.append(worst.value)
+            cost = self._trial(model, current, method, act, every=False)["all"]
         if dropped:
             stats.notes.append(f"max_error {budget:g}: left float the tensors of {', '.join(dropped)} "
-                               f"(alone each cost {', '.join(f'{costs.get(t, 0.0):.3g}' for t in dropped)})")
+                               f"(alone each cost {', '.join(f'{alone[t]:.3g}' for t in dropped)})")
             stats.add("targets_dropped", len(dropped))
-        if costs["all"] > budget:
-            stats.notes.append(f"max_error {budget:g}: the int8 weights alone cost {costs['all']:.3g}: nothing quantized")
-            return {}, []
-        return chosen, weights
+        if cost > budget:
+            stats.notes.append(f"max_error {budget:g}: the int8 weights alone cost {cost:.3g}: nothing quantized")
+            return None
+        return current
+
+    def _trial(self, model: ir.Model, targets: list[Target], method: Method, act: ActType, *, every: bool) -> dict[str, float]:
+        """The costs (each target alone, the weights, ``all``; only ``all`` unless ``every``) of
+        quantizing ``targets`` as :meth:`_quantize` would, measured on a copy of the model."""
+        o = self.options
+        trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        quiet = PassStats()
+        chosen = select(trial.graph, targets, o.exclude, quiet)
+        if o.smooth_alpha > 0 and chosen:
+            if smooth(trial, [n for n, c in chosen.items() if c.matmul_only], o.smooth_alpha, self.context.calibration,
+                      self.name):
+                chosen = select(trial.graph, targets, o.exclude, quiet)
+        weights = weight_candidates(trial.graph, quiet) if o.weights else []
+        if not chosen and not weights:
+            return {"all": 0.0}
+        params = self._calibrate(trial, chosen, method, act, quiet) if chosen else {}
+        per_channel = o.per_channel and trial.opset_imports.get("", 1) >= PER_AXIS_OPSET
+        if every:
+            return self._costs(trial, chosen, params, per_channel, bool(weights))
+        group = {n: (params[n], c.matmul_only) for n, c in chosen.items() if n in params}
+        return self._costs_of(trial, [("all", group, per_channel if weights else None)])
 
     def _costs(self, model: ir.Model, chosen: dict[str, _Choice], params, per_channel: bool, weights: bool) -> dict[str, float]:
         groups: dict[str, dict[str, tuple]] = {}
