@@ -98,6 +98,13 @@ def int8_weight(
 PAIR_LIMIT = 128  # 255 · 128 = 32,640: an adjacent u8×s8 product pair fits vpmaddubsw's int16
 
 
+def pair_sums(a: np.ndarray) -> np.ndarray:
+    """|a[2i]| + |a[2i+1]| along K of a [K, N] array, an odd K's last row paired with zero: the
+    pairs a u8×s8 ``vpmaddubsw`` adds into one int16."""
+    u = np.abs(np.pad(a, ((0, a.shape[0] % 2), (0, 0))))
+    return u[0::2] + u[1::2]
+
+
 def pair_bounded_int8(
     w: np.ndarray, axis: int | None, scale_dtype=np.float32
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +119,7 @@ def pair_bounded_int8(
     k = w.shape[0]
     padded = np.pad(w, ((0, k % 2), (0, 0)))
     u = np.abs(padded)
-    pairs = u[0::2] + u[1::2]
+    pairs = u[0::2] + u[1::2]  # pair_sums(w), from the padded copy made once
     if axis is None:
         amax, pmax = np.array(u.max(initial=0.0)), np.array(pairs.max(initial=0.0))
     else:

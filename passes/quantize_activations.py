@@ -148,19 +148,11 @@ class QuantizeActivations(GraphcPass):
 
     def _quantize(self, model: ir.Model, targets: list[Target], method: Method, act: ActType, stats: PassStats) -> bool:
         o = self.options
-        feeds = self.context.calibration
-        chosen = select(model.graph, targets, o.exclude, stats)
-        if o.smooth_alpha > 0 and chosen:
-            smoothed = smooth(model, [n for n, c in chosen.items() if c.matmul_only], o.smooth_alpha, feeds, self.name)
-            if smoothed:
-                stats.add("inputs_smoothed", smoothed)
-                chosen = select(model.graph, targets, o.exclude, PassStats())
-        weights = weight_candidates(model.graph, stats) if o.weights else []
-        if not chosen and not weights:
+        prepared = self._prepare(model, targets, method, act, stats)
+        if prepared is None:
             stats.notes.append("nothing to quantize: no chosen activation tensor and no constant float32 MatMul weight")
             return False
-        params = self._calibrate(model, chosen, method, act, stats) if chosen else {}
-        per_channel = o.per_channel and model.opset_imports.get("", 1) >= PER_AXIS_OPSET
+        chosen, weights, params, per_channel = prepared
         if o.per_channel and not per_channel:
             stats.notes.append(f"opset < {PER_AXIS_OPSET}: per-tensor weight scales (per-axis DequantizeLinear needs 13)")
         if o.cost and (params or weights):
@@ -173,6 +165,24 @@ class QuantizeActivations(GraphcPass):
         stats.notes.append(f"ranges: {method.value} on {self.context.calibration_source}, {act.value}"
                            f"{' symmetric' if self.options.symmetric else ''}")
         return bool(params) or bool(weights)
+
+    def _prepare(self, model: ir.Model, targets: list[Target], method: Method, act: ActType, stats: PassStats):
+        """What quantizing ``targets`` takes, the model smoothed in place first: (chosen tensors,
+        weight candidates, their ranges, per-channel weights?), or None when there is nothing."""
+        o = self.options
+        chosen = select(model.graph, targets, o.exclude, stats)
+        if o.smooth_alpha > 0 and chosen:
+            smoothed = smooth(model, [n for n, c in chosen.items() if c.matmul_only], o.smooth_alpha,
+                              self.context.calibration, self.name)
+            if smoothed:
+                stats.add("inputs_smoothed", smoothed)
+                chosen = select(model.graph, targets, o.exclude, PassStats())
+        weights = weight_candidates(model.graph, stats) if o.weights else []
+        if not chosen and not weights:
+            return None
+        params = self._calibrate(model, chosen, method, act, stats) if chosen else {}
+        per_channel = o.per_channel and model.opset_imports.get("", 1) >= PER_AXIS_OPSET
+        return chosen, weights, params, per_channel
 
     def _weight_form(self, act: ActType, stats: PassStats) -> Int8Form:
         """The weights' int8 form for the target (graphc.target): its MatMul form (on a CPU whose
@@ -252,19 +262,11 @@ class QuantizeActivations(GraphcPass):
     def _trial(self, model: ir.Model, targets: list[Target], method: Method, act: ActType, *, every: bool) -> dict[str, float]:
         """The costs (each target alone, the weights, ``all``; only ``all`` unless ``every``) of
         quantizing ``targets`` as :meth:`_quantize` would, measured on a copy of the model."""
-        o = self.options
         trial = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-        quiet = PassStats()
-        chosen = select(trial.graph, targets, o.exclude, quiet)
-        if o.smooth_alpha > 0 and chosen:
-            if smooth(trial, [n for n, c in chosen.items() if c.matmul_only], o.smooth_alpha, self.context.calibration,
-                      self.name):
-                chosen = select(trial.graph, targets, o.exclude, quiet)
-        weights = weight_candidates(trial.graph, quiet) if o.weights else []
-        if not chosen and not weights:
+        prepared = self._prepare(trial, targets, method, act, PassStats())
+        if prepared is None:
             return {"all": 0.0}
-        params = self._calibrate(trial, chosen, method, act, quiet) if chosen else {}
-        per_channel = o.per_channel and trial.opset_imports.get("", 1) >= PER_AXIS_OPSET
+        chosen, weights, params, per_channel = prepared
         if every:
             return self._costs(trial, chosen, params, per_channel, bool(weights))
         group = {n: (params[n], c.matmul_only) for n, c in chosen.items() if n in params}

@@ -31,23 +31,20 @@ def exact_when_saturating(w: np.ndarray) -> bool:
     adjacent codes along K (a [K, N] weight's rows 2i and 2i+1, the pair ``vpmaddubsw`` adds in
     int16) sums to at most PAIR_LIMIT in magnitude (the ``u8s8p`` form, and every 7-bit weight);
     a weight of another rank, at most 7 bits."""
-    from graphc.passes._quant import PAIR_LIMIT
+    from graphc.passes._quant import PAIR_LIMIT, pair_sums
 
-    a = np.abs(w.astype(np.int16))
+    a = w.astype(np.int16)
     if a.ndim != 2:
-        return int(a.max(initial=0)) <= 63
-    if a.shape[0] % 2:
-        a = np.concatenate([a, np.zeros((1, a.shape[1]), np.int16)])
-    return int((a[0::2] + a[1::2]).max(initial=0)) <= PAIR_LIMIT
+        return int(np.abs(a).max(initial=0)) <= 63
+    return int(pair_sums(a).max(initial=0)) <= PAIR_LIMIT
 
 
-def saturating_gemms(model) -> list[str]:
-    """Names of the integer GEMMs whose int8 weights a saturating u8×s8 kernel can get wrong
-    (:func:`exact_when_saturating` says no)."""
+def _inexact_gemms(model):
+    """(node, its weight and zero-point input slots, int8 weights) of each integer GEMM a
+    saturating u8×s8 kernel can get wrong (:func:`exact_when_saturating` says no)."""
     from graphc.passes._quant import const_array
 
-    found = []
-    for node in model.graph.all_nodes():
+    for node in list(model.graph.all_nodes()):
         slots = _INT_GEMMS.get(node.op_type)
         if slots is None or len(node.inputs) <= slots[0]:
             continue
@@ -55,28 +52,25 @@ def saturating_gemms(model) -> list[str]:
             continue  # a table or other constant, not a GEMM weight
         w = const_array(node.inputs[slots[0]])
         if w is not None and w.dtype == np.int8 and not exact_when_saturating(w):
-            found.append(node.name or node.op_type)
-    return found
+            yield node, slots, w
+
+
+def saturating_gemms(model) -> list[str]:
+    """Names of the integer GEMMs whose int8 weights a saturating u8×s8 kernel can get wrong."""
+    return [node.name or node.op_type for node, _, _ in _inexact_gemms(model)]
 
 
 def exact_on_host(model) -> bool:
     """Rewrite, in place, every integer GEMM whose int8 weights a saturating kernel can get wrong
-    (:func:`exact_when_saturating`) into the u8u8 form (codes + 128, zero point + 128): the same arithmetic, which the u8u8 kernel computes
-    exactly on any CPU. Validation uses it on a machine whose u8×s8 kernel saturates for a model
-    compiled for a target whose kernel does not (e.g. VNNI), so that it measures the target's
-    numbers, not this machine's. Returns whether anything changed."""
+    (:func:`exact_when_saturating`) into the u8u8 form (codes + 128, zero point + 128): the same
+    arithmetic, which the u8u8 kernel computes exactly on any CPU. Validation uses it on a machine
+    whose u8×s8 kernel saturates for a model compiled for a target whose kernel does not (e.g.
+    VNNI), so that it measures the target's numbers, not this machine's. Returns whether anything
+    changed."""
     from graphc.passes._quant import const_array
 
     changed = False
-    for node in list(model.graph.all_nodes()):
-        slots = _INT_GEMMS.get(node.op_type)
-        if slots is None or len(node.inputs) <= slots[0]:
-            continue
-        w = const_array(node.inputs[slots[0]])
-        if w is None or w.dtype != np.int8 or exact_when_saturating(w):
-            continue
-        if node.op_type == "DequantizeLinear" and not any(u.node.op_type in ("MatMul", "Gemm") for u in node.outputs[0].uses()):
-            continue  # a table or other constant, not a GEMM weight
+    for node, slots, w in list(_inexact_gemms(model)):
         zp_value = node.inputs[slots[1]] if len(node.inputs) > slots[1] else None
         if zp_value is not None:
             zp = const_array(zp_value)

@@ -123,15 +123,6 @@ class ValidationReport:
         }
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
 def _row_mask(feed: dict[str, np.ndarray], out: np.ndarray) -> np.ndarray | None:
     """Rows (tokens) that are real, not padding: from an ``attention_mask`` input whose shape
     is the output's leading [batch, sequence]. Padded positions carry values nobody reads."""
@@ -195,7 +186,7 @@ def output_metrics(
 
 
 def _cos_from_sums(dot: float, rr: float, gg: float) -> float:
-    """:func:`_cos` from the sums a.b, a.a, b.b."""
+    """The cosine of a and b from the sums a.b, a.a, b.b: 1 when both are zero, 0 when one is."""
     if rr == 0.0 and gg == 0.0:
         return 1.0
     if rr == 0.0 or gg == 0.0:
@@ -221,7 +212,7 @@ def _signal_row_cosines(rows_r: np.ndarray, rows_g: np.ndarray, rows_d: np.ndarr
     A row whose reference and error norms are both below NEGLIGIBLE_ROW of the largest reference
     row (a probability map's background, where a sigmoid underflows to exactly 0 on one side and
     to 1e-9 on the other) has a direction made of rounding: its cosine (0 or anything) says
-    nothing of the result. Zero rows as :func:`_cos`: both zero 1, one zero 0."""
+    nothing of the result. Zero rows as :func:`_cos_from_sums`: both zero 1, one zero 0."""
     norm_r = np.sqrt(np.einsum("ij,ij->i", rows_r, rows_r))
     norm_g = np.sqrt(np.einsum("ij,ij->i", rows_g, rows_g))
     norm_d = np.sqrt(np.einsum("ij,ij->i", rows_d, rows_d))

@@ -4,8 +4,10 @@ An ``ir.Model`` is handed to ONNX Runtime as serialized bytes; a protobuf messag
 2 GB, so a larger model failed with "Failed to serialize proto". Here the large initializers
 stay out of the bytes: each is written as an external-data reference (to a location that is
 never read) and its array is supplied to the session through
-``SessionOptions.add_external_initializers``, which shares the numpy memory (memory-mapped
-external data stays on disk until ORT reads it). Nothing is written to disk.
+``SessionOptions.add_external_initializers`` (memory-mapped external data stays on disk until
+ORT reads it; ONNX Runtime 1.32 copies the arrays while it builds the session). Nothing is
+written to disk. ``graphc.core.session`` takes this path for every in-memory model of 64 MiB of
+weights or more: it builds much faster than one serialized message.
 """
 
 from __future__ import annotations
@@ -101,10 +103,3 @@ def session_from_proto(proto: Any, arrays: dict[str, np.ndarray], *, threads: in
     sess = ort.InferenceSession(proto.SerializeToString(), options, providers=providers or ["CPUExecutionProvider"])
     sess._graphc_arrays = values  # the OrtValues share this memory: keep it alive with the session
     return sess
-
-
-def session(model: ir.Model, options: Any, providers: list[str]) -> Any:
-    """An InferenceSession for ``model`` with its large main-graph initializers supplied as
-    OrtValues (kept alive on the returned session as ``_graphc_arrays``)."""
-    proto, arrays = weightless_proto(model)
-    return session_from_proto(proto, arrays, options=options, providers=providers)

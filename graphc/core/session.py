@@ -39,12 +39,9 @@ def make_session(
     try:
         if isinstance(model, (ir.Model, onnx.ModelProto)):
             from graphc.core import ort_large
-            if isinstance(model, ir.Model) and edit is None and ort_large.needs_external(model):  # > protobuf's 2 GB
-                return ort_large.session(model, session_options(threads), ["CPUExecutionProvider"])
-            if isinstance(model, ir.Model) and (ort_large.tensor_bytes(model) >= WEIGHTLESS_MIN
-                                                or ort_large.needs_external(model)):
-                return _weightless_session(model, threads, edit)
             if isinstance(model, ir.Model):
+                if ort_large.tensor_bytes(model) >= WEIGHTLESS_MIN or ort_large.needs_external(model):
+                    return _weightless_session(model, threads, edit)  # the weights beside the bytes
                 with inline_external_data(model):
                     proto = ir.serde.serialize_model(model)
                 proto.ir_version = min(proto.ir_version, max_ir_version())
