@@ -141,3 +141,22 @@ def tiny_path(tmp_path: Path, tiny_proto: onnx.ModelProto) -> Path:
 def external_path(tmp_path: Path, tiny_proto: onnx.ModelProto) -> Path:
     """The tiny model in its own folder, weights in ``model.onnx.data`` beside it."""
     return save_external(tiny_proto, tmp_path / "ext" / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def minilm_export(tmp_path_factory) -> Path:
+    """The real all-MiniLM-L6-v2 through ``graphc export minilm``, once per test run: the xdist
+    workers share it (one exports under a file lock, the others wait). Tests only read it."""
+    pytest.importorskip("transformers")
+    from filelock import FileLock
+
+    from graphc.front.cli import main
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "shared-minilm" / "minilm.onnx"
+    with FileLock(str(root / "shared-minilm.lock")):
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            assert main(["export", "minilm", "-o", str(path)]) == 0
+    return path

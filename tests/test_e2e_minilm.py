@@ -14,10 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
-    assert main(["export", "minilm", "-o", str(out)]) == 0
-    return out
+def exported(minilm_export):
+    return minilm_export
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +23,7 @@ def compressed(exported, tmp_path_factory):
     import io
     from contextlib import redirect_stdout
 
-    out = exported.parent / "minilm.int8.onnx"
+    out = tmp_path_factory.mktemp("minilm") / "minilm.int8.onnx"
     buf = io.StringIO()
     with redirect_stdout(buf):
         code = main(["compress", str(exported), "-o", str(out), "--recipe", "int8", "--json"])

@@ -400,18 +400,15 @@ def test_unknown_metric_is_refused_with_the_supported_ones():
 
 
 @pytest.mark.slow
-def test_minilm_plan_meets_the_bits_budget_and_ranks_ffn_above_attention(tmp_path):
+def test_minilm_plan_meets_the_bits_budget_and_ranks_ffn_above_attention(minilm_export):
     """Real all-MiniLM-L6-v2 (tweets as calibration): every block's FFN expansion is more
     sensitive than its attention query/key projections, the table is split by row use, and
     the plan stays within the bits budget."""
     pytest.importorskip("transformers")
     from graphc.front.api import calibration_context
-    from graphc.front.cli import main
     from graphc.core.io import load_model
 
-    path = tmp_path / "minilm.onnx"
-    assert main(["export", "minilm", "-o", str(path)]) == 0
-    model = load_model(path)
+    model = load_model(minilm_export)
     ctx = calibration_context(model, 64)
     stats = MixedPrecision(Opts(max_bits=3.95, feeds=1), ctx)(model).stats.to_dict()
     assert stats["layers_planned"] == 38 and stats["planned_bits_per_weight"] <= 3.95

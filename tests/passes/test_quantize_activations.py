@@ -230,18 +230,16 @@ def test_smoothing_moves_outlier_channels_into_weights():
 
 
 @pytest.mark.slow
-def test_minilm_int8_static_recipe(tmp_path):
+def test_minilm_int8_static_recipe(tmp_path, minilm_export):
     """Real MiniLM through the int8-static recipe (per-target costs off to stay fast): validated
     on real tweets, a quarter of the bytes, every MatMul an integer kernel in ORT."""
     pytest.importorskip("transformers")
     from dataclasses import replace
 
     import graphc
-    from graphc.front.cli import main
     from graphc.core.recipes import BUILTIN, Step
 
-    src = tmp_path / "minilm.onnx"
-    assert main(["export", "minilm", "-o", str(src)]) == 0
+    src = minilm_export
     recipe = BUILTIN["int8-static"]
     steps = tuple(Step(s.pass_name, {**s.options, "cost": False}) if s.pass_name == "quantize-activations" else s
                   for s in recipe.steps)
