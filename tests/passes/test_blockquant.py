@@ -169,14 +169,36 @@ def test_relative_error_of_large_weights_is_summed_by_rows(monkeypatch):
     assert chunked == pytest.approx(whole, rel=1e-12)
 
 
-def test_inverse_factor_is_the_cholesky_factor_of_the_inverse():
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse_computed_in_place():
     rng = np.random.default_rng(5)
-    for k in (40, 300, 700):  # 300 and 700: the triangular inverse recurses
+    for k in (40, 300, 700):
         x = rng.standard_normal((2 * k, k))
         h = x.T @ x / (2 * k) + 0.01 * np.eye(k)
-        f = bq._upper_inverse_factor(h)
-        assert np.allclose(np.triu(f, 1), 0) and (np.diag(f) > 0).all()
-        np.testing.assert_allclose(f @ f.T, np.linalg.inv(h), rtol=1e-8, atol=1e-10)
+        work = h.copy()
+        f = bq._upper_inverse_factor(work)
+        assert np.shares_memory(f, work) and f.flags.c_contiguous  # no K x K copy made
+        assert np.array_equal(np.tril(f, -1), np.zeros_like(f)) and (np.diag(f) > 0).all()
+        np.testing.assert_allclose(f.T @ f, np.linalg.inv(h), rtol=1e-8, atol=1e-10)
+        # float32 (inputs wider than LARGE_HESSIAN) in place too, to float32 precision
+        f32 = bq._upper_inverse_factor(h.astype(np.float32))
+        assert f32.dtype == np.float32
+        np.testing.assert_allclose(f32, f, rtol=2e-3, atol=2e-3 * float(np.abs(f).max()))
+
+
+def test_inverse_factor_refuses_a_hessian_that_is_not_positive_definite():
+    h = np.diag([1.0, -1.0, 2.0])
+    with pytest.raises(np.linalg.LinAlgError):
+        bq._upper_inverse_factor(h)
+
+
+def test_gptq_damps_more_where_the_hessian_is_not_positive_definite():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    x = rng.standard_normal((16, 64))
+    h = x.T @ x / 16  # rank 16 of 64: singular
+    h -= 0.02 * np.eye(64) * float(np.mean(np.diag(h)))  # and now indefinite even after damp 0.01
+    q = bq.gptq(w, h, 4, 32, symmetric=False)
+    assert np.isfinite(q.dequantize()).all() and q.relative_error(w) < 0.2
 
 
 def _gptq_reference(w_t, h, bits, block, damp):
