@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from graphc.models.base import hf_offline
@@ -39,13 +40,56 @@ def tiny_llama(seed: int = 0) -> Any:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+# A folder where export_tiny keeps each distinct export and copies it from on later calls (the
+# test suite sets it, shared by its worker processes: the same tiny models are exported by many
+# test modules). Unset: every call exports.
+CACHE_ENV = "GRAPHC_TINY_EXPORT_CACHE"
+
+
 def export_tiny(
     kind: Literal["bert", "llama"], path: str | os.PathLike, *, seed: int = 0, batch: int = 2, seq: int = 16,
     dynamo: bool = True,
     attn_implementation: str | None = None,
 ) -> Any:
     """Export a tiny model to ``path``; returns the ExportResult. ``attn_implementation``
-    ("sdpa", "eager") overrides transformers' default attention code."""
+    ("sdpa", "eager") overrides transformers' default attention code. With :data:`CACHE_ENV`
+    set, an export with the same arguments made before (by any process) is copied instead."""
+    args = dict(seed=seed, batch=batch, seq=seq, dynamo=dynamo, attn_implementation=attn_implementation)
+    cache = os.environ.get(CACHE_ENV)
+    if not cache:
+        return _export_tiny(kind, path, **args)
+    return _cached(Path(cache), f"{kind}-s{seed}-b{batch}-q{seq}-{'dynamo' if dynamo else 'legacy'}-{attn_implementation}",
+                   lambda where: _export_tiny(kind, where, **args), Path(path))
+
+
+def _cached(cache: Path, key: str, export: Any, path: Path) -> Any:
+    """The export under ``cache/key`` (made there under a file lock when missing), copied to ``path``."""
+    import dataclasses
+    import pickle
+    import shutil
+
+    from filelock import FileLock
+
+    folder = cache / key
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f"{key}.lock")):
+        if not (folder / "result.pickle").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            result = export(folder / "model.onnx")
+            (folder / "result.pickle").write_bytes(pickle.dumps(result))
+    result = pickle.loads((folder / "result.pickle").read_bytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files = []
+    for f in result.files or [result.path]:
+        name = path.name if Path(f).name == "model.onnx" else Path(f).name
+        shutil.copyfile(folder / Path(f).name, path.parent / name)
+        files.append(path.parent / name)
+    return dataclasses.replace(result, path=path, files=files)
+
+
+def _export_tiny(kind: str, path: str | os.PathLike, *, seed: int, batch: int, seq: int, dynamo: bool,
+                 attn_implementation: str | None) -> Any:
     from graphc.exporters.hf import export_module, text_example_inputs, wrap_causal_lm, wrap_encoder
     from graphc.exporters.metadata import arch_facts_from_config
 

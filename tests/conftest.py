@@ -143,6 +143,21 @@ def external_path(tmp_path: Path, tiny_proto: onnx.ModelProto) -> Path:
     return save_external(tiny_proto, tmp_path / "ext" / "model.onnx")
 
 
+def _shared_root(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this test run sees (the parent of their base temps)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_export_cache(tmp_path_factory) -> None:
+    """graphc.models.fixtures.export_tiny exports each distinct tiny model once per test run and
+    copies it for every later caller (tests/test_exporter.py, which tests exporting, opts out)."""
+    from graphc.models.fixtures import CACHE_ENV
+
+    os.environ.setdefault(CACHE_ENV, str(_shared_root(tmp_path_factory) / "tiny-exports"))
+
+
 @pytest.fixture(scope="session")
 def minilm_export(tmp_path_factory) -> Path:
     """The real all-MiniLM-L6-v2 through ``graphc export minilm``, once per test run: the xdist
@@ -152,8 +167,7 @@ def minilm_export(tmp_path_factory) -> Path:
 
     from graphc.front.cli import main
 
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root = _shared_root(tmp_path_factory)
     path = root / "shared-minilm" / "minilm.onnx"
     with FileLock(str(root / "shared-minilm.lock")):
         if not path.exists():

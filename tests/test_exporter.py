@@ -49,6 +49,12 @@ def _ort_out(path: os.PathLike, feed: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run(None, feed)[0]
 
 
+@pytest.fixture(autouse=True)
+def _export_afresh(monkeypatch):
+    """These tests are about exporting: no copies from the suite's tiny-export cache."""
+    monkeypatch.delenv(fixtures.CACHE_ENV, raising=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_onnx(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("bert") / "tiny_bert.onnx"
