@@ -426,15 +426,28 @@ def _working_hessian(hessian: np.ndarray, perm: np.ndarray, diag: np.ndarray, dt
     return h
 
 
+IN_PLACE_ABOVE = 2048  # wider Hessians are factored in place (_inverse_factor_in_place)
+
+
 def _upper_inverse_factor(h: np.ndarray) -> np.ndarray:
-    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U, GPTQ's ``hinv``), computed in ``h``'s
-    memory (which it overwrites): LAPACK's Cholesky factorization, the inverse from it, and the
-    factorization of that inverse, each in place on the one K x K array (``potrf``, ``potri``,
-    ``potrf``). ``numpy.linalg.inv`` then ``cholesky`` held ~4 copies of H at once and did ~2x
-    the arithmetic (bench/bench_gptq_memory.py: a 2048 x 5632 layer's whole GPTQ call peaked
-    282 MB above its inputs against 1,186 MB, 2.4x faster; factors equal to ~1e-6 relative in
-    float32, ~1e-15 in float64).
-    Raises LinAlgError where H is not positive definite."""
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U, GPTQ's ``hinv``); ``h`` may be
+    overwritten. Up to :data:`IN_PLACE_ABOVE` inputs, ``numpy.linalg.inv`` then ``cholesky``
+    (~4 K x K copies at once, at most ~130 MB there); wider, in place. Raises LinAlgError where
+    H is not positive definite."""
+    if h.shape[0] > IN_PLACE_ABOVE:
+        return _inverse_factor_in_place(h)
+    return np.linalg.cholesky(np.linalg.inv(h)).T
+
+
+def _inverse_factor_in_place(h: np.ndarray) -> np.ndarray:
+    """:func:`_upper_inverse_factor` in ``h``'s memory (which it overwrites; C-contiguous):
+    LAPACK's Cholesky factorization, the inverse from it, and the factorization of that inverse,
+    each in place on the one K x K array (``potrf``, ``potri``, ``potrf``, through SciPy), where
+    ``numpy.linalg.inv`` then ``cholesky`` hold ~4 copies of H and do ~2x the arithmetic
+    (bench/bench_gptq_memory.py: a 2048 x 5632 layer's whole GPTQ call peaked 282 MB above its
+    inputs against 1,186 MB, 2.4x faster; factors equal to ~1e-6 relative in float32, ~1e-15 in
+    float64). Not used on narrower inputs, where the copies are small: SciPy's BLAS threads are a
+    second pool beside numpy's and ONNX Runtime's, not worth waking for a few milliseconds."""
     from scipy.linalg import lapack
 
     a = h.T  # the same memory, Fortran-ordered: LAPACK works on it in place (H is symmetric)

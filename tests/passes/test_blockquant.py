@@ -175,20 +175,33 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse_computed_in_
         x = rng.standard_normal((2 * k, k))
         h = x.T @ x / (2 * k) + 0.01 * np.eye(k)
         work = h.copy()
-        f = bq._upper_inverse_factor(work)
+        f = bq._inverse_factor_in_place(work)
         assert np.shares_memory(f, work) and f.flags.c_contiguous  # no K x K copy made
         assert np.array_equal(np.tril(f, -1), np.zeros_like(f)) and (np.diag(f) > 0).all()
         np.testing.assert_allclose(f.T @ f, np.linalg.inv(h), rtol=1e-8, atol=1e-10)
+        # the numpy form narrower inputs take gives the same factor
+        np.testing.assert_allclose(bq._upper_inverse_factor(h.copy()), f, rtol=1e-7, atol=1e-9 * float(np.abs(f).max()))
         # float32 (inputs wider than LARGE_HESSIAN) in place too, to float32 precision
-        f32 = bq._upper_inverse_factor(h.astype(np.float32))
+        f32 = bq._inverse_factor_in_place(h.astype(np.float32))
         assert f32.dtype == np.float32
         np.testing.assert_allclose(f32, f, rtol=2e-3, atol=2e-3 * float(np.abs(f).max()))
 
 
 def test_inverse_factor_refuses_a_hessian_that_is_not_positive_definite():
-    h = np.diag([1.0, -1.0, 2.0])
-    with pytest.raises(np.linalg.LinAlgError):
-        bq._upper_inverse_factor(h)
+    for factor in (bq._upper_inverse_factor, bq._inverse_factor_in_place):
+        with pytest.raises(np.linalg.LinAlgError):
+            factor(np.diag([1.0, -1.0, 2.0]))
+
+
+def test_gptq_in_place_form_gives_the_same_codes(monkeypatch):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((32, 256)).astype(np.float32)
+    x = rng.standard_normal((1024, 256))
+    h = x.T @ x / 1024
+    before = bq.gptq(w, h, 4, 64, symmetric=False, act_order=True, damp=0.1)
+    monkeypatch.setattr(bq, "IN_PLACE_ABOVE", 64)
+    after = bq.gptq(w, h, 4, 64, symmetric=False, act_order=True, damp=0.1)
+    assert np.array_equal(before.q, after.q) and np.allclose(before.scale, after.scale)
 
 
 def test_gptq_damps_more_where_the_hessian_is_not_positive_definite():
