@@ -23,13 +23,14 @@ $(STAMP): pyproject.toml setup.py constraints.txt Makefile
 demo: install
 	$(PY) -m graphc.front.demo
 
-# Two workers (pytest-xdist): the suite is mostly single-threaded Python; 10.3 min in one
-# process on a quiet 2-core machine, 5.6 min in two.
+# Two workers (pytest-xdist), --dist worksteal: an idle worker takes tests queued on the busy
+# one (durations are uneven). 9:30 on a quiet 2-core AMD EPYC (AVX2), 2026-12-06; 10:30-11:17
+# there before the shared exports, the lighter quantize-activations fuzz and worksteal.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider -n 2
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 
 test-fast: install
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal -m "not slow"
 
 # The int8 tests (real-model ones left out: too slow emulated) again on an emulated AVX2-only CPU
 # (qemu-user: ONNX Runtime's AVX2 kernels): ~15 min on 2 cores.
