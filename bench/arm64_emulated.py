@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # graphc and the tests' model builders, from the tree
 SYSROOT = ROOT / ".graphc-cache" / "arm64"
 PYTHON = "usr/bin/python3.11"
 CPUS = {
@@ -176,14 +177,8 @@ def outputs(path: Path, count: int) -> list[np.ndarray]:
         return [z[str(i)] for i in range(count)]
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def saturation_case(work: Path) -> dict:
     """The saturation-prone layer compiled for arm64, with its float and exact-int32 references."""
-    sys.path.insert(0, str(ROOT))
     import onnx_ir as ir
 
     from graphc.front.api import compress
@@ -227,11 +222,13 @@ def minilm_cases(work: Path, sentences: int) -> tuple[dict, list[dict]]:
 
 
 def pooled_cosine(ref: list[np.ndarray], got: list[np.ndarray], feeds: list[dict]) -> float:
+    """Mean cosine of the pooled sentence embeddings (graphc.checks.measure, as the other MiniLM benches)."""
+    from graphc.checks.measure import cosine_stats
     from graphc.models.minilm import embed
 
     a = np.concatenate([embed(r, f["attention_mask"]) for r, f in zip(ref, feeds)])
     b = np.concatenate([embed(g, f["attention_mask"]) for g, f in zip(got, feeds)])
-    return float(np.mean(np.sum(a * b, axis=1)))
+    return cosine_stats(b, a).mean
 
 
 def main() -> int:
@@ -247,8 +244,8 @@ def main() -> int:
         setup()
     if args.setup_only:
         return 0
-    sys.path.insert(0, str(ROOT))
     from graphc.core import target as tg
+    from tests.passes.graphs import cosine
 
     results: dict = {"host": tg.cpu_summary(), "emulated": {}}
     with tempfile.TemporaryDirectory() as tmp:
