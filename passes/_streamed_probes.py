@@ -118,9 +118,30 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
     measured: dict[tuple, float] = {}
     total_runs = sum(len(segments) - start[p] for p in probes) + (len(segments) if lockstep else 0)
     done = 0
+    out_names = [runner.outputs[j] for j in out_index]
+    reference: list | None = None  # per feed: the reference's measured outputs (SoftmaxRef for kl)
+
+    def reference_of(outs: list[np.ndarray], mask: np.ndarray | None) -> list:
+        return [sens.SoftmaxRef(sens._rows(r, mask)) for r in outs] if metric == "kl" else outs
+
+    if not lockstep:  # a worker's share: the reference's outputs were written with its cut values
+        reference = [reference_of([cuts.output(i, n) for n in out_names], masks[i]) for i in range(len(feeds))]
+
+    def finish(stream: tuple) -> None:
+        """A probe whose outputs are all made: its error now, and its values let go (kept until
+        every probe had finished, 72 probes' logits of a 2.3 GB Llama held ~1 GB)."""
+        errs = []
+        for i in range(len(feeds)):
+            row = slot(stream, i)
+            got = [np.asarray(cache.get(row, n)) for n in out_names]
+            errs += sens.feed_errors(metric, got, reference[i], masks[i])
+            for name in list(cache.values[row]):
+                cache.drop(row, name)
+        measured[stream] = float(np.concatenate(errs).mean()) if errs else 0.0
+
     try:
         for k, seg in enumerate(segments):
-            running = [p for p in probes if start[p] <= k]
+            running = [p for p in probes if start[p] <= k and p not in measured]
             if not lockstep and not running:
                 continue
             later = runner.needed_after(k, outputs=False) | set(outputs)  # a KV cache's presents are not measured
@@ -128,7 +149,9 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             if not fetch:
                 continue
             part = runner.segment_session(k, fetch, lambda name: ref_value(k, 0, name))
-            for stream in [*running, *(["ref"] if lockstep else [])]:  # the reference last: probes starting here read its values at this cut
+            # the reference first; its values entering this segment are let go only after every
+            # probe starting here has read them
+            for stream in [*(["ref"] if lockstep else []), *running]:
                 starts_here = stream != "ref" and start[stream] == k
                 replaced = None  # one quantized weight at a time, made when its stream runs a segment reading it
                 if stream != "ref" and k in reads_item[stream[0]]:
@@ -145,33 +168,34 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                             cache.put(row, name, ref_value(k, i, name))
                     for name, value in zip(fetch, got):
                         cache.put(row, name, value)
-                    for name in list(cache.values[row]):
-                        if name not in later:
-                            cache.drop(row, name)
+                    if stream != "ref":
+                        for name in list(cache.values[row]):
+                            if name not in later:
+                                cache.drop(row, name)
                 done += 1
                 if report is not None:
                     report(done, total_runs)
+                if stream == "ref" and reference is None and all(n in cache.values[slot("ref", 0)] for n in out_names):
+                    reference = [reference_of([np.asarray(cache.get(slot("ref", i), n)) for n in out_names], masks[i])
+                                 for i in range(len(feeds))]
+                if stream != "ref" and all(n in cache.values[slot(stream, 0)] for n in out_names):
+                    finish(stream)
+            if lockstep:
+                for i in range(len(feeds)):
+                    row = slot("ref", i)
+                    for name in list(cache.values[row]):
+                        if name not in later:
+                            cache.drop(row, name)
             del part, replaced
             held.clear()
             runner.release(k)
-        if lockstep:
-            ref_out = [[np.asarray(cache.get(slot("ref", i), runner.outputs[j])) for j in out_index]
-                       for i in range(len(feeds))]
-        else:
-            ref_out = [[cuts.output(i, runner.outputs[j]) for j in out_index] for i in range(len(feeds))]
-        if metric == "kl":
-            reference = [[sens.SoftmaxRef(sens._rows(r, mask)) for r in refs] for refs, mask in zip(ref_out, masks)]
-        else:
-            reference = ref_out
         for p in probes:
             if start[p] == len(segments):  # a weight no node reads: quantizing it changes nothing
                 measured[p] = 0.0
-                continue
-            errs = []
-            for i in range(len(feeds)):
-                got = [np.asarray(cache.get(slot(p, i), runner.outputs[j])) for j in out_index]
-                errs += sens.feed_errors(metric, got, reference[i], masks[i])
-            measured[p] = float(np.concatenate(errs).mean()) if errs else 0.0
+            elif p not in measured:
+                raise GraphcError(f"internal: probe of item {p[0]} did not reach the model's outputs")
+        if report is not None and done < total_runs:  # probes whose measured outputs were made early
+            report(total_runs, total_runs)
     finally:
         cache.close()
     for i in range(len(items)):

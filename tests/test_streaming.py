@@ -214,6 +214,42 @@ def test_streamed_probes_measure_what_the_whole_model_session_measures(tiny, met
         assert got.weight_error == want.weight_error
 
 
+def test_each_probe_lets_its_outputs_go_when_it_finishes(tiny, monkeypatch):
+    """A probe's error is taken as soon as its outputs are made, and its values dropped: the
+    outputs of at most one probe (besides the reference's) are held at any time, however many
+    probes run (they all used to wait for the last one, ~1 GB of logits on a 2.3 GB Llama)."""
+    from graphc.passes import _streamed_probes
+    from graphc.passes import _sensitivity as sens
+
+    model = load_model(tiny)
+    layers, _ = sens.find_layers(model.graph, matmuls=True, embeddings=True, min_rows=1, min_cols=32, exclude=())
+    items = _probe_items(layers, (sens.QuantConfig(4, 32), sens.QuantConfig(2, 32)))
+    outputs = {o.name for o in model.graph.outputs}
+    holding: set[int] = set()
+    most = [0]
+    put, drop = streaming.ActivationCache.put, streaming.ActivationCache.drop
+
+    def tracked_put(self, i, name, array):
+        put(self, i, name, array)
+        if name in outputs:
+            holding.add(i)
+            most[0] = max(most[0], len(holding))
+
+    def tracked_drop(self, i, name):
+        drop(self, i, name)
+        if name in outputs:
+            holding.discard(i)
+
+    monkeypatch.setattr(streaming.ActivationCache, "put", tracked_put)
+    monkeypatch.setattr(streaming.ActivationCache, "drop", tracked_drop)
+    feeds = _feeds(model, 1)
+    with streaming.streaming("always", segment_bytes=SEGMENT):
+        results = _streamed_probes.probe_results(model, items, feeds, "kl", symmetric=False, scale_dtype="float16",
+                                                 damp=0.01)
+    assert len(results) == len(items) >= 6 and all(r.measured for r in results)
+    assert 1 <= most[0] <= 2  # the reference's row and the probe being finished
+
+
 def test_a_tied_table_is_replaced_at_the_lookup_and_at_the_head():
     from graphc.passes.mixed_precision import MixedPrecision
     from tests.passes.test_mixed_precision import _tied
