@@ -337,10 +337,7 @@ def gptq(
     channels). Updates are applied lazily per ``lazy_block`` columns (a multiple of the block).
     """
     search = Method(search)
-    # working copy [N, K], float32: before the column loop it is only zeroed and permuted (a
-    # float64 copy gave the same bits at twice the memory: 0.5 GB for a 32000-row LM head)
-    w = np.array(w_t, dtype=np.float32)
-    n, k = w.shape
+    n, k = np.shape(w_t)
     block = block_size or k
     # the Hessian's algebra in float64, or float32 past LARGE_HESSIAN inputs (the reference
     # implementation's precision), in one K x K working copy (see _upper_inverse_factor)
@@ -350,21 +347,14 @@ def gptq(
     diag = np.array(np.diagonal(hessian), dtype=dtype)
     dead = diag <= 0
     diag[dead] = 1.0
-    w[:, dead] = 0.0
     diag += damp * float(np.mean(diag))
     n_blocks = -(-k // block)
-    qmax = (1 << bits) - 1
     codes = np.zeros((n, n_blocks * block), np.uint8)
     scales = np.zeros((n, n_blocks), np.float32)
     zeros = np.zeros((n, n_blocks), np.float32)
-    perm = np.arange(k)
-    if act_order:
-        # "static groups": block parameters from the original weights, then the columns in
-        # order of decreasing Hessian diagonal (the blocks stay contiguous: no g_idx needed)
-        start = quantize(w, bits, block, symmetric=symmetric, method=search, scale_dtype=scale_dtype)
-        scales[:], zeros[:] = start.scale, start.zero
-        perm = np.argsort(-diag, kind="stable")
-        w = w[:, perm]
+    # "static groups" (act_order): the columns in order of decreasing Hessian diagonal, the
+    # blocks' parameters from the original weights (the blocks stay contiguous: no g_idx needed)
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
     # upper Cholesky factor of H^-1 (as in the reference implementation)
     try:
         hinv = _upper_inverse_factor(_working_hessian(hessian, perm, diag[perm], dtype))
@@ -374,6 +364,43 @@ def gptq(
     # the column loop in float32 (the reference implementation's precision; the Hessian work
     # above may be float64): half the memory traffic of the per-column rank-1 updates
     hinv = hinv.astype(np.float32, copy=False)
+    # each row of W^T is fitted on its own (the Hessian is shared): the rows go a few thousand at
+    # a time, so that the working copies follow GPTQ_ROW_BYTES, not the layer (a 32000-row LM
+    # head held three float32 copies of itself, ~0.8 GB at hidden 2048)
+    # (chunks of equal size: one of a few rows would go through BLAS's matrix-vector kernels,
+    # whose sums round differently from the matrix-matrix ones)
+    chunks = -(-n // max(1, GPTQ_ROW_BYTES // (4 * k)))
+    step = -(-n // chunks)
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(r0 + step, n))
+        _gptq_rows(np.asarray(w_t[rows]), hinv, perm, dead, bits, block, codes[rows], scales[rows], zeros[rows],
+                   symmetric=symmetric, scale_dtype=scale_dtype, search=search, lazy_block=lazy_block,
+                   act_order=act_order)
+    if n_blocks * block > k:  # padding codes: the zero point (dequantize to 0)
+        codes[:, k:] = np.repeat(zeros[:, -1:], n_blocks * block - k, axis=1).astype(np.uint8)
+    return BlockQuant(
+        codes.reshape(n, n_blocks, block), scales.astype(scale_dtype), zeros.astype(np.uint8), bits, block, k, symmetric
+    )
+
+
+GPTQ_ROW_BYTES = 64 << 20  # float32 bytes of W^T rows fitted at a time (gptq)
+
+
+def _gptq_rows(w_t, hinv, perm, dead, bits, block, codes, scales, zeros, *, symmetric, scale_dtype, search,
+               lazy_block, act_order) -> None:
+    """GPTQ's column loop on rows of W^T [n, K], writing their codes, scales and zero points
+    (views of the whole layer's arrays)."""
+    # working copy, float32: before the column loop it is only zeroed and permuted (a float64
+    # copy gave the same bits at twice the memory)
+    w = np.array(w_t, dtype=np.float32)
+    k = w.shape[1]
+    w[:, dead] = 0.0
+    qmax = (1 << bits) - 1
+    if act_order:
+        start = quantize(w, bits, block, symmetric=symmetric, method=search, scale_dtype=scale_dtype)
+        scales[:], zeros[:] = start.scale, start.zero
+        del start
+        w = w[:, perm]
     lazy = max(block, (lazy_block // block) * block) if block < k else k
     s = z = None
     for i1 in range(0, k, lazy):
@@ -401,11 +428,6 @@ def gptq(
             w1[:, i:] -= np.outer(e, h1[i, i:])
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if n_blocks * block > k:  # padding codes: the zero point (dequantize to 0)
-        codes[:, k:] = np.repeat(zeros[:, -1:], n_blocks * block - k, axis=1).astype(np.uint8)
-    return BlockQuant(
-        codes.reshape(n, n_blocks, block), scales.astype(scale_dtype), zeros.astype(np.uint8), bits, block, k, symmetric
-    )
 
 
 ROWS_AT_ONCE = 256  # rows of the Hessian permuted and cast at a time (_working_hessian)

@@ -204,6 +204,24 @@ def test_gptq_in_place_form_gives_the_same_codes(monkeypatch):
     assert np.array_equal(before.q, after.q) and np.allclose(before.scale, after.scale)
 
 
+@pytest.mark.parametrize("act_order,rows", [(True, 100), (False, 333), (True, 1000)])
+def test_gptq_fits_rows_a_few_at_a_time_with_the_same_codes(monkeypatch, act_order, rows):
+    """The rows of W^T go through GPTQ in chunks (bounded working copies for tall layers such as
+    an LM head); each row's fit is its own, so chunked or not the codes, scales and zero points
+    are bit for bit the same (a dead input channel included; 1000 rows = 3 x 333 + 1: the chunks
+    are made equal, no 1-row chunk)."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((1000, 192)).astype(np.float32)
+    x = rng.standard_normal((2048, 192)) * rng.uniform(0.1, 3.0, 192)
+    h = x.T @ x / 2048
+    h[7, :] = h[:, 7] = 0.0
+    whole = bq.gptq(w, h, 4, 32, symmetric=False, act_order=act_order, damp=0.1, search="mse")
+    monkeypatch.setattr(bq, "GPTQ_ROW_BYTES", 4 * 192 * rows)
+    chunked = bq.gptq(w, h, 4, 32, symmetric=False, act_order=act_order, damp=0.1, search="mse")
+    assert np.array_equal(whole.q, chunked.q)
+    assert np.array_equal(whole.scale, chunked.scale) and np.array_equal(whole.zero, chunked.zero)
+
+
 def test_gptq_damps_more_where_the_hessian_is_not_positive_definite():
     rng = np.random.default_rng(6)
     w = rng.standard_normal((8, 64)).astype(np.float32)
