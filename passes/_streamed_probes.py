@@ -83,9 +83,10 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             deq = sens.quantize_view(flat, view, c, method=bq.Method(item.method), hessian=h, damp=damp, **kw)[1]
             out[c] = {name: q.astype(runner.arrays[name].dtype, copy=False)
                       for name, q in _probes.item_stored(item, runner.arrays, deq).items()}
-        if i not in weight_errors:
+        if i not in weight_errors:  # tr(W H W^T) once for all candidates, as _probes.probe_layer does
+            den = sens.hessian_norm2(view, h) if h is not None and view.size <= sens.CHUNKED_ABOVE else None
             weight_errors[i] = {c: sens.relative_error(view, sens.quantize_view(flat, view, c, method=bq.Method.RTN,
-                                                                                 **kw)[1], h)
+                                                                                 **kw)[1], h, den=den)
                                 for c in item.candidates}
         return out
 
