@@ -91,8 +91,9 @@ class BlockQuant:
 
     def dequantize(self) -> np.ndarray:
         """float32 [rows, cols]."""
-        s = self.scale.astype(np.float32)[:, :, None]
-        x = (self.q.astype(np.float32) - self.zero.astype(np.float32)[:, :, None]) * s
+        x = self.q.astype(np.float32)  # in place from here: one float32 copy of the layer, not three
+        x -= self.zero.astype(np.float32)[:, :, None]
+        x *= self.scale.astype(np.float32)[:, :, None]
         return x.reshape(self.rows, -1)[:, : self.cols]
 
     def signed_codes(self) -> np.ndarray:

@@ -144,8 +144,7 @@ def probe_layer(shared: ProbeShared, item: ProbeItem) -> ProbeResult:
     werr = {}
     den = sens.hessian_norm2(view, h) if h is not None and view.size <= sens.CHUNKED_ABOVE else None
     for c in item.candidates:
-        _, deq = sens.quantize_view(Oriented(False), view, c, method=bq.Method.RTN, **kw)
-        werr[c] = sens.relative_error(view, deq, h, den=den)
+        werr[c] = sens.rtn_relative_error(view, c, h, den=den, **kw)
     return ProbeResult(measured, werr)
 
 

@@ -85,9 +85,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                       for name, q in _probes.item_stored(item, runner.arrays, deq).items()}
         if i not in weight_errors:  # tr(W H W^T) once for all candidates, as _probes.probe_layer does
             den = sens.hessian_norm2(view, h) if h is not None and view.size <= sens.CHUNKED_ABOVE else None
-            weight_errors[i] = {c: sens.relative_error(view, sens.quantize_view(flat, view, c, method=bq.Method.RTN,
-                                                                                 **kw)[1], h, den=den)
-                                for c in item.candidates}
+            weight_errors[i] = {c: sens.rtn_relative_error(view, c, h, den=den, **kw) for c in item.candidates}
         return out
 
     runner = _runner(model, items, threads, switchable)

@@ -169,6 +169,28 @@ def test_relative_error_of_large_weights_is_summed_by_rows(monkeypatch):
     assert chunked == pytest.approx(whole, rel=1e-12)
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_a_large_weights_rtn_error_is_the_same_quantized_by_row_blocks(monkeypatch, scale_dtype):
+    """A candidate's weight error on a weight past CHUNKED_ABOVE is computed from row blocks
+    quantized on their own (never the whole dequantized copy): the same number as quantizing
+    the whole weight, bit for bit (block quantization is row by row, and the sums run over the
+    same row blocks)."""
+    from graphc.passes import _sensitivity as sens
+    from graphc.passes._probes import Oriented
+
+    rng = np.random.default_rng(3)
+    view = rng.standard_normal((300, 96)).astype(np.float32)
+    h = np.cov(rng.standard_normal((96, 500)))
+    config = sens.QuantConfig(4, 32)
+    monkeypatch.setattr(sens, "CHUNKED_ABOVE", 1000)
+    for hessian in (None, h):
+        deq = sens.quantize_view(Oriented(False), view, config, method=bq.Method.RTN, symmetric=False,
+                                 scale_dtype=scale_dtype)[1]
+        want = sens.relative_error(view, deq, hessian)
+        got = sens.rtn_relative_error(view, config, hessian, symmetric=False, scale_dtype=scale_dtype)
+        assert got == want
+
+
 def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse_computed_in_place():
     rng = np.random.default_rng(5)
     for k in (40, 300, 700):
