@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphc.core import streaming
+from graphc.core import freed, streaming
 from graphc.core.errors import GraphcError
 from graphc.passes import _blockquant as bq
 from graphc.passes import _probes
@@ -188,6 +188,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             del part, replaced
             held.clear()
             runner.release(k)
+            freed.release()  # a segment's quantized weights and values, back to the system
         for p in probes:
             if start[p] == len(segments):  # a weight no node reads: quantizing it changes nothing
                 measured[p] = 0.0

@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from graphc.core import io
+from graphc.core import freed, io
 from graphc.core.errors import GraphcError, MissingDependencyError, ModelLoadError, ToleranceError
 from graphc.checks.instruments import DumpIR, NumericCheck
 from graphc.core.interrupt import default_time_limit, time_limit
@@ -308,6 +308,7 @@ def compress(
         guard = SignatureGuard(work)
         records = PassManager(passes, instruments=[guard, *all_instruments], disabled=disable).run(work)
     context.moments = None  # its sums can take a few hundred MB
+    freed.release()
     after = SizeFacts.of(work)
 
     checked = None
