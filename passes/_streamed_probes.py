@@ -40,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphc.core import freed, streaming
+from graphc.core.io import tensor_bytes
 from graphc.core.errors import GraphcError
 from graphc.passes import _blockquant as bq
 from graphc.passes import _probes
@@ -89,6 +90,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
         return out
 
     runner = _runner(model, items, threads, switchable)
+    model_bytes = tensor_bytes(model)
     outputs = sens.measured_outputs(runner.outputs, metric)
     out_index = [runner.outputs.index(n) for n in outputs]
     inputs = set(runner.inputs)
@@ -188,7 +190,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             del part, replaced
             held.clear()
             runner.release(k)
-            freed.release()  # a segment's quantized weights and values, back to the system
+            freed.release(model_bytes)  # a segment's quantized weights and values, back to the system
         for p in probes:
             if start[p] == len(segments):  # a weight no node reads: quantizing it changes nothing
                 measured[p] = 0.0

@@ -111,7 +111,7 @@ class PassManager:
                     hook(pass_, model)
             start = time.perf_counter()
             result = pass_(model)
-            freed.release()  # what the pass let go, back to the system before the next one
+            freed.release(size.bytes)  # what the pass let go, back to the system before the next one
             record.wall_s = time.perf_counter() - start
             record.modified = result.modified
             if result.modified and not pass_.keeps_activations and moments is not None:

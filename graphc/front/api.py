@@ -308,8 +308,8 @@ def compress(
         guard = SignatureGuard(work)
         records = PassManager(passes, instruments=[guard, *all_instruments], disabled=disable).run(work)
     context.moments = None  # its sums can take a few hundred MB
-    freed.release()
     after = SizeFacts.of(work)
+    freed.release(max(before.bytes, after.bytes))
 
     checked = None
     if validate:
