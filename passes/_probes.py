@@ -141,11 +141,7 @@ def probe_layer(shared: ProbeShared, item: ProbeItem) -> ProbeResult:
     for c in item.probes:
         _, deq = sens.quantize_view(Oriented(False), view, c, method=method, hessian=h, damp=shared.damp, **kw)
         measured[c] = evaluator.error(item_stored(item, evaluator.weights, deq))
-    werr = {}
-    den = sens.hessian_norm2(view, h) if h is not None and view.size <= sens.CHUNKED_ABOVE else None
-    for c in item.candidates:
-        werr[c] = sens.rtn_relative_error(view, c, h, den=den, **kw)
-    return ProbeResult(measured, werr)
+    return ProbeResult(measured, sens.candidate_errors(view, item.candidates, h, **kw))
 
 
 def output_error(shared: ProbeShared, replaced: dict[str, np.ndarray]) -> float:

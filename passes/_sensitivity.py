@@ -428,11 +428,16 @@ def feed_errors(metric: str, got: Sequence[np.ndarray], ref: Sequence, mask: np.
     return [row_errors(o, r, mask) for o, r in zip(got, ref)]
 
 
+def _scale_array_dtype(scale_dtype: str) -> type:
+    """The block scales' array type while quantizing (``log8`` scales are rounded from float16)."""
+    return np.float16 if scale_dtype in ("float16", "log8") else np.float32
+
+
 def quantize_view(layer: Layer, view: np.ndarray, config: QuantConfig, *, symmetric: bool, method: bq.Method,
                   scale_dtype: str, hessian: np.ndarray | None = None, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """The layer's weight quantized at ``config`` and dequantized: (stored orientation, the
     quantizer's [rows, cols] view). ``gptq`` needs the Hessian of the MatMul's input [cols, cols]."""
-    dtype = np.float16 if scale_dtype in ("float16", "log8") else np.float32
+    dtype = _scale_array_dtype(scale_dtype)
     if method is bq.Method.GPTQ:
         quant = bq.gptq(view, hessian, config.bits, config.block_size, symmetric=symmetric, scale_dtype=dtype,
                         damp=damp, act_order=True)
@@ -484,21 +489,22 @@ def _chunked_relative_error(view: np.ndarray, deq_rows: Callable[[int, int], np.
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
-def rtn_relative_error(view: np.ndarray, config: QuantConfig, hessian: np.ndarray | None = None, *,
-                       symmetric: bool, scale_dtype: str, den: float | None = None) -> float:
-    """:func:`relative_error` of ``view`` against its round-to-nearest quantization at ``config``
-    (a candidate's weight error). A weight past CHUNKED_ABOVE is quantized a block of rows at a
-    time (block quantization is row by row: the same codes) and never held dequantized whole:
-    a 32000 x 2048 LM head's float32 copy is 262 MB."""
-    dtype = np.float16 if scale_dtype in ("float16", "log8") else np.float32  # as quantize_view
+def candidate_errors(view: np.ndarray, candidates: Sequence[QuantConfig], hessian: np.ndarray | None = None, *,
+                     symmetric: bool, scale_dtype: str) -> dict[QuantConfig, float]:
+    """Each candidate's weight error: :func:`relative_error` of ``view`` against its
+    round-to-nearest quantization (tr(W H W^T) computed once for all). A weight past
+    CHUNKED_ABOVE is quantized a block of rows at a time (block quantization is row by row: the
+    same codes) and never held dequantized whole: a 32000 x 2048 LM head's float32 copy is 262 MB."""
+    dtype = _scale_array_dtype(scale_dtype)
 
-    def deq(i: int, j: int) -> np.ndarray:
+    def deq(config: QuantConfig, i: int, j: int) -> np.ndarray:
         return bq.quantize(view[i:j], config.bits, config.block_size, symmetric=symmetric, method=bq.Method.RTN,
                            scale_dtype=dtype).dequantize()
 
     if view.size > CHUNKED_ABOVE:
-        return _chunked_relative_error(view, deq, hessian)
-    return relative_error(view, deq(0, view.shape[0]), hessian, den=den)
+        return {c: _chunked_relative_error(view, lambda i, j, c=c: deq(c, i, j), hessian) for c in candidates}
+    den = hessian_norm2(view, hessian) if hessian is not None else None
+    return {c: relative_error(view, deq(c, 0, view.shape[0]), hessian, den=den) for c in candidates}
 
 
 CHUNKED_ABOVE = 1 << 25  # weights with more elements (not SmolLM2-135M's head: 28M): relative_error sums by row blocks

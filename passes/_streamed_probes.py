@@ -84,9 +84,8 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             deq = sens.quantize_view(flat, view, c, method=bq.Method(item.method), hessian=h, damp=damp, **kw)[1]
             out[c] = {name: q.astype(runner.arrays[name].dtype, copy=False)
                       for name, q in _probes.item_stored(item, runner.arrays, deq).items()}
-        if i not in weight_errors:  # tr(W H W^T) once for all candidates, as _probes.probe_layer does
-            den = sens.hessian_norm2(view, h) if h is not None and view.size <= sens.CHUNKED_ABOVE else None
-            weight_errors[i] = {c: sens.rtn_relative_error(view, c, h, den=den, **kw) for c in item.candidates}
+        if i not in weight_errors:
+            weight_errors[i] = sens.candidate_errors(view, item.candidates, h, **kw)
         return out
 
     runner = _runner(model, items, threads, switchable)
@@ -128,6 +127,11 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
     if not lockstep:  # a worker's share: the reference's outputs were written with its cut values
         reference = [reference_of([cuts.output(i, n) for n in out_names], masks[i]) for i in range(len(feeds))]
 
+    def keep_only(row: int, names: set[str]) -> None:
+        for name in list(cache.values[row]):
+            if name not in names:
+                cache.drop(row, name)
+
     def finish(stream: tuple) -> None:
         """A probe whose outputs are all made: its error now, and its values let go (kept until
         every probe had finished, 72 probes' logits of a 2.3 GB Llama held ~1 GB)."""
@@ -136,8 +140,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             row = slot(stream, i)
             got = [np.asarray(cache.get(row, n)) for n in out_names]
             errs += sens.feed_errors(metric, got, reference[i], masks[i])
-            for name in list(cache.values[row]):
-                cache.drop(row, name)
+            keep_only(row, set())
         measured[stream] = float(np.concatenate(errs).mean()) if errs else 0.0
 
     try:
@@ -170,9 +173,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                     for name, value in zip(fetch, got):
                         cache.put(row, name, value)
                     if stream != "ref":
-                        for name in list(cache.values[row]):
-                            if name not in later:
-                                cache.drop(row, name)
+                        keep_only(row, later)
                 done += 1
                 if report is not None:
                     report(done, total_runs)
@@ -183,10 +184,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
                     finish(stream)
             if lockstep:
                 for i in range(len(feeds)):
-                    row = slot("ref", i)
-                    for name in list(cache.values[row]):
-                        if name not in later:
-                            cache.drop(row, name)
+                    keep_only(slot("ref", i), later)
             del part, replaced
             held.clear()
             runner.release(k)

@@ -187,7 +187,7 @@ def test_a_large_weights_rtn_error_is_the_same_quantized_by_row_blocks(monkeypat
         deq = sens.quantize_view(Oriented(False), view, config, method=bq.Method.RTN, symmetric=False,
                                  scale_dtype=scale_dtype)[1]
         want = sens.relative_error(view, deq, hessian)
-        got = sens.rtn_relative_error(view, config, hessian, symmetric=False, scale_dtype=scale_dtype)
+        got = sens.candidate_errors(view, [config], hessian, symmetric=False, scale_dtype=scale_dtype)[config]
         assert got == want
 
 
