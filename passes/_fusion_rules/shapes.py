@@ -15,15 +15,40 @@ from __future__ import annotations
 import onnx_ir as ir
 
 _MAX_INLINE_ELEMENTS = 64  # shape-like constants stay; weights are replaced by graph inputs
+_TOOL_MODULE = "graphc._ort_symbolic_shape_infer"
+
+
+def shape_tool():
+    """ORT's ``symbolic_shape_infer`` module, loaded from its file alone: importing it through
+    ``onnxruntime.tools`` runs that package's ``__init__``, which imports torch whenever torch is
+    installed (~180 MB resident for the rest of the run, in every pass after this one)."""
+    import importlib.util
+    import sys
+
+    if _TOOL_MODULE in sys.modules:
+        return sys.modules[_TOOL_MODULE]
+    ort = importlib.util.find_spec("onnxruntime")
+    folder = next(iter(ort.submodule_search_locations or []), None) if ort is not None else None
+    if folder is None:
+        raise ImportError("onnxruntime is not installed")
+    spec = importlib.util.spec_from_file_location(_TOOL_MODULE, f"{folder}/tools/symbolic_shape_infer.py")
+    if spec is None or spec.loader is None:
+        raise ImportError("onnxruntime's symbolic_shape_infer is missing")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_TOOL_MODULE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[_TOOL_MODULE]
+        raise
+    return module
 
 
 def symbolic_shapes(model: ir.Model) -> int:
     """Give values symbolic shapes from ORT's symbolic shape inference; the number improved.
 
     Never raises: a graph ORT's tool cannot handle keeps the shapes it had."""
-    import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+    SymbolicShapeInference = shape_tool().SymbolicShapeInference
     try:
         proto = _without_weights(ir.serde.serialize_model(model))
         inferred = _infer(SymbolicShapeInference, proto)
@@ -52,9 +77,7 @@ def _infer(tool, proto):
     incomplete, the tool saves ``sym_shape_infer_temp.onnx`` (with external data) in the
     working directory before raising. Its steps are run here instead, and an incomplete
     inference gives None (as the raise did), with nothing written."""
-    from onnxruntime.tools.symbolic_shape_infer import get_opset
-
-    opset = get_opset(proto)
+    opset = shape_tool().get_opset(proto)
     if not opset or opset < 7:
         return None
     inference = tool(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank, verbose

@@ -258,3 +258,23 @@ def test_fusing_after_quantization_gives_a_valid_fused_graph(exported, tmp_path,
     assert ops["MultiHeadAttention"] + ops["Attention"] + ops["QAttention"] == 2, ops
     assert ops["MatMulNBits" if recipe == "int4" else "MatMulIntegerToFloat"] >= 8, ops
     np.testing.assert_allclose(_valid_out(model, feed), before, atol=1e-4)
+
+
+def test_symbolic_shapes_do_not_import_torch(exported):
+    """ORT's shape tool is loaded from its file: ``import onnxruntime.tools`` imports torch when
+    it is installed (it is here), which stayed resident (~180 MB) for the rest of every run.
+    A legacy export is the graph the tool is used for (run-time reshapes)."""
+    import subprocess
+    import sys
+
+    path = exported("bert", False, "eager")
+    code = (
+        "import sys\n"
+        "from graphc.core import io\n"
+        "from graphc.passes._fusion_rules.shapes import symbolic_shapes\n"
+        f"model = io.load_model({str(path)!r})\n"
+        "print(symbolic_shapes(model), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) > 0, "the tool improved no shape on a legacy export"
+    assert out[1] == "False"
