@@ -3,7 +3,7 @@ normalization op, on CPU targets where ONNX Runtime runs that form faster.
 
     SkipLayerNormalization(x, skip, gamma, beta, bias)
         →  Add(x, skip) → Add(·, bias) → LayerNormalization(·, gamma, beta)
-    SkipSimplifiedLayerNormalization(x, skip, gamma, bias)
+    SkipSimplifiedLayerNormalization(x, skip, gamma, bias)     (option ``simplified``)
         →  Add(x, skip) [→ Add(·, bias)] → SimplifiedLayerNormalization(·, gamma)
 
 The sums are the fused op's, in its order ((x + skip) + bias), so the residual stream it passes
@@ -13,8 +13,11 @@ float rounding (~1e-6: another kernel).
 Why: ONNX Runtime's CPU kernel for the fused ops is several times slower than its
 ``LayerNormalization`` / ``SimplifiedLayerNormalization`` kernels plus the ``Add`` nodes
 (``bench/bench_skip_norm.py``: measured on an AMD EPYC Zen 4, AVX-512, ONNX Runtime 1.32, in
-docs/targets.md). The fusion still pays off while compressing: the passes before this one
-(padding removal, smoothing and AWQ scale folding, pruning) read the fused op.
+docs/targets.md): ``SkipLayerNormalization`` 0.23-0.39x at 229-1024 rows. The RMS form gains
+less (0.54-0.69x) and loses on a decode step's single row (1.05-1.12x, one more node to
+dispatch), where decoders, the models that use it, spend their time: ``simplified`` is off by
+default. The fusion still pays off while compressing: the passes before this one (padding
+removal, smoothing and AWQ scale folding, pruning) read the fused op.
 
 Left fused, with the reason in the stats:
 
@@ -48,6 +51,8 @@ _BIAS_INPUT = {SKIP_LN: 4, SKIP_SLN: 3}
 class SplitSkipNormOptions:
     # the machine kinds ("x86_64", "arm64") whose targets get the split form
     targets: tuple[str, ...] = ("x86_64",)
+    # SkipSimplifiedLayerNormalization too (faster on many rows, slower on one: see above)
+    simplified: bool = False
 
 
 @register
@@ -70,6 +75,9 @@ class SplitSkipNorm(GraphcPass):
             if node.domain != _MS or node.op_type not in _BIAS_INPUT:
                 continue
             label = node.name or node.op_type
+            if node.op_type == SKIP_SLN and not self.options.simplified:
+                stats.skip(label, "RMS form kept fused (option simplified: faster on many rows, slower on one)")
+                continue
             reason = self._reason(node, graph, opset)
             if reason is not None:
                 stats.skip(label, reason)

@@ -64,9 +64,10 @@ PLANS: dict[str, Plan] = {
     "attention-mask-index": Plan(spec={"mask": "padding"}, prepared=True, min_transformed=0.5),
     "remove-padding": Plan(spec={"mask": "padding"}, prepared=True, min_transformed=0.4),
     # acts on the skip norms fuse-ort makes (with a bias, or RMS): SPLIT_MEASURED
-    # acts on the skip norms fuse-ort makes (a LayerNorm's with a bias, an RMSNorm's): 10/30 with
-    # RMSNorm pre-norm graphs (3/30 drawn freely)
-    "split-skip-norm": Plan(spec={"norm": "rmsnorm_decomposed", "prenorm": True}, prepared=True, min_transformed=0.15),
+    # acts on the skip norms fuse-ort makes (a LayerNorm's with a bias; an RMSNorm's with
+    # simplified=true): 10/30 with RMSNorm pre-norm graphs (3/30 drawn freely)
+    "split-skip-norm": Plan(spec={"norm": "rmsnorm_decomposed", "prenorm": True}, prepared=True,
+                            options={"simplified": True}, min_transformed=0.15),
     # AWQ scales fold into a pre-norm's gain: 12/20 with RMSNorm pre-norm graphs (2/30 drawn freely)
     "awq-scale": Plan(spec={"norm": "rmsnorm_decomposed", "prenorm": True}, min_transformed=0.3),
     # quantization: measured 27/30 (int8), 30/30 (nbits, activations)

@@ -58,8 +58,8 @@ def _run(model: ir.Model, feed: dict, *, optimized: str | None = None) -> list[n
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
-def _split(model: ir.Model, target: Target = Target.X86_AVX2):
-    return SplitSkipNorm(context=PassContext(target=TABLE[target]))(model)
+def _split(model: ir.Model, target: Target = Target.X86_AVX2, **options):
+    return SplitSkipNorm(SplitSkipNorm.Options(simplified=True, **options), PassContext(target=TABLE[target]))(model)
 
 
 def _feed(dtype=np.float32):
@@ -108,6 +108,14 @@ def test_float16_and_old_opsets_stay_fused():
     old = _model("SkipLayerNormalization", opset=14)
     result = _split(old)
     assert not result.modified and "opset 14" in result.stats.skipped[0]["reason"]
+
+
+def test_rms_form_stays_fused_by_default():
+    model = _model("SkipSimplifiedLayerNormalization")
+    result = SplitSkipNorm(context=PassContext(target=TABLE[Target.X86_AVX2]))(model)
+    assert not result.modified and "simplified" in result.stats.skipped[0]["reason"]
+    model = _model("SkipLayerNormalization")
+    assert SplitSkipNorm(context=PassContext(target=TABLE[Target.X86_AVX2]))(model).modified
 
 
 def test_arm64_target_keeps_the_fused_form():
