@@ -55,14 +55,14 @@ def graph(op: str, bias: bool, hidden: int, split: bool) -> bytes:
                              ).SerializeToString()
 
 
-def session(model: bytes, threads: int, optimized: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized:
-        so.optimized_model_filepath = optimized
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+def kept_ops(model: bytes) -> list[str]:
+    """The op types ONNX Runtime runs after optimizing ``model`` at its default level."""
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    from graphc.checks import measure
     from graphc.core.target import cpu_line, cpu_summary
 
     print(cpu_line(), flush=True)
@@ -80,11 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         feed = {"x": rng.standard_normal((1, rows_n, hidden)).astype(np.float32) * 3,
                 "s": rng.standard_normal((1, rows_n, hidden)).astype(np.float32)}
         for op, bias in CASES:
-            with tempfile.TemporaryDirectory() as tmp:
-                opt = str(Path(tmp) / "split.onnx")
-                fused, split = session(graph(op, bias, hidden, False), args.threads), \
-                    session(graph(op, bias, hidden, True), args.threads, opt)
-                kept = [n.op_type for n in onnx.load(opt).graph.node]
+            fused, split = (measure.session(graph(op, bias, hidden, s), threads=args.threads) for s in (False, True))
+            kept = kept_ops(graph(op, bias, hidden, True))
             diff = float(np.abs(fused.run(None, feed)[0] - split.run(None, feed)[0]).max())
             times: dict[str, list[float]] = {"fused": [], "split": []}
             for _ in range(args.reps):

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
+from graphc.core import ops
+from graphc.core.pass_base import GraphcPass, PassStats
 from graphc.core.registry import register
 
-_MS = "com.microsoft"
-SKIP_LN = "SkipLayerNormalization"
+SKIP_LN = ops.SKIP_LAYER_NORM
 SKIP_SLN = "SkipSimplifiedLayerNormalization"
 # the input index of each op's optional bias
 _BIAS_INPUT = {SKIP_LN: 4, SKIP_SLN: 3}
@@ -72,7 +72,7 @@ class SplitSkipNorm(GraphcPass):
         graph = model.graph
         changed = False
         for node in list(graph):
-            if node.domain != _MS or node.op_type not in _BIAS_INPUT:
+            if node.domain != ops.MS_DOMAIN or node.op_type not in _BIAS_INPUT:
                 continue
             label = node.name or node.op_type
             if node.op_type == SKIP_SLN and not self.options.simplified:
@@ -111,9 +111,9 @@ class SplitSkipNorm(GraphcPass):
         x, skip, gamma = node.inputs[0], node.inputs[1], node.inputs[2]
         bias = _input(node, _BIAS_INPUT[node.op_type])
         eps = node.attributes.get_float("epsilon", 1e-12)
-        new = [ir.node("Add", [x, skip], name=f"{base}_skip_add")]
+        new = [ir.node(ops.ADD, [x, skip], name=f"{base}_skip_add")]
         if bias is not None:
-            new.append(ir.node("Add", [new[-1].outputs[0], bias], name=f"{base}_bias_add"))
+            new.append(ir.node(ops.ADD, [new[-1].outputs[0], bias], name=f"{base}_bias_add"))
         total = new[-1].outputs[0]
         if node.op_type == SKIP_LN:
             beta = _input(node, 3)
@@ -123,9 +123,8 @@ class SplitSkipNorm(GraphcPass):
             norm = ir.node("SimplifiedLayerNormalization", [total, gamma],
                            attributes={"axis": -1, "epsilon": eps}, name=base)
         new.append(norm)
-        for n in new:
-            copy_scope(node, n)
-            n.metadata_props.update({k: v for k, v in node.metadata_props.items() if k not in n.metadata_props})
+        for n in new:  # the fused node's scope and provenance (layer attribution, which pass made it)
+            n.metadata_props.update(node.metadata_props)
         out = norm.outputs[0]
         out.name, out.shape, out.type = node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type
         old, replacement = [node.outputs[0]], [out]
