@@ -63,6 +63,12 @@ class SplitSkipNorm(GraphcPass):
     dtypes = ("float32", "float16")
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
+        from graphc.core.errors import UnsupportedError
+        from graphc.core.target import TABLE
+
+        kinds = sorted({info.arch for info in TABLE.values()})
+        if unknown := [t for t in self.options.targets if t not in kinds]:
+            raise UnsupportedError(f"targets={unknown[0]!r}; supported: {', '.join(kinds)}", pass_name=self.name)
         target = self.context.target_info()
         if target.arch not in self.options.targets:
             stats.notes.append(f"target {target.name}: the fused form is kept (split form measured on "

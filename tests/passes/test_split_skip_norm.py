@@ -131,3 +131,10 @@ def test_layer_norm_without_beta_splits():
     fused = _run(model, feed)
     assert _split(model).modified
     np.testing.assert_allclose(_run(model, feed)[0], fused[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_machine_kind_is_refused():
+    from graphc.core.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="targets='x86'; supported: arm64, x86_64"):
+        _split(_model("SkipLayerNormalization"), targets=("x86",))
