@@ -76,6 +76,7 @@ class ProbeItem:
     # several weights reading one input, planned as one (name, transposed), ``weight`` first;
     # () for a single weight
     members: tuple[tuple[str, bool], ...] = ()
+    tokens: int = 0  # the calibration rows the Hessian averages (0: unknown; few: a thin factor serves)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -141,7 +142,7 @@ def probe_layer(shared: ProbeShared, item: ProbeItem) -> ProbeResult:
     for c in item.probes:
         _, deq = sens.quantize_view(Oriented(False), view, c, method=method, hessian=h, damp=shared.damp, **kw)
         measured[c] = evaluator.error(item_stored(item, evaluator.weights, deq))
-    return ProbeResult(measured, sens.candidate_errors(view, item.candidates, h, **kw))
+    return ProbeResult(measured, sens.candidate_errors(view, item.candidates, h, tokens=item.tokens, **kw))
 
 
 def output_error(shared: ProbeShared, replaced: dict[str, np.ndarray]) -> float:

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from graphc.core import ops
 from graphc.passes import _blockquant as bq
+from graphc.passes._gram_factor import thin_factor
 from graphc.passes._quant import const_array
 
 # "log8": float16 scales that compact-scales then stores as one byte each (plus 8 bytes a tensor)
@@ -489,18 +490,38 @@ def _chunked_relative_error(view: np.ndarray, deq_rows: Callable[[int, int], np.
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
+def _factored_relative_error(view: np.ndarray, deq_rows: Callable[[int, int], np.ndarray],
+                             factor: np.ndarray) -> float:
+    """:func:`relative_error` with the Hessian H = F^T F given as its factor F [r, K]:
+    tr(D H D^T) = ||D F^T||^2, a block of rows at a time."""
+    rows = max(1, CHUNKED_ABOVE // max(view.shape[1], 1) // 16)
+    ft = np.ascontiguousarray(factor.T)
+    den = num = 0.0
+    for i in range(0, view.shape[0], rows):
+        v = np.asarray(view[i:i + rows], np.float64)
+        e = v - deq_rows(i, i + rows)
+        den += float(np.square(v @ ft).sum())
+        num += float(np.square(e @ ft).sum())
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
 def candidate_errors(view: np.ndarray, candidates: Sequence[QuantConfig], hessian: np.ndarray | None = None, *,
-                     symmetric: bool, scale_dtype: str) -> dict[QuantConfig, float]:
+                     symmetric: bool, scale_dtype: str, tokens: int = 0) -> dict[QuantConfig, float]:
     """Each candidate's weight error: :func:`relative_error` of ``view`` against its
     round-to-nearest quantization (tr(W H W^T) computed once for all). A weight past
     CHUNKED_ABOVE is quantized a block of rows at a time (block quantization is row by row: the
-    same codes) and never held dequantized whole: a 32000 x 2048 LM head's float32 copy is 262 MB."""
+    same codes) and never held dequantized whole: a 32000 x 2048 LM head's float32 copy is 262 MB.
+    ``tokens``: how many rows the Hessian averages (0: unknown); few next to its width, the
+    forms go through its thin factor (passes/_gram_factor.py: the same errors, far fewer products)."""
     dtype = _scale_array_dtype(scale_dtype)
 
     def deq(config: QuantConfig, i: int, j: int) -> np.ndarray:
         return bq.quantize(view[i:j], config.bits, config.block_size, symmetric=symmetric, method=bq.Method.RTN,
                            scale_dtype=dtype).dequantize()
 
+    factor = thin_factor(hessian, tokens) if hessian is not None and tokens > 0 else None
+    if factor is not None:
+        return {c: _factored_relative_error(view, lambda i, j, c=c: deq(c, i, j), factor) for c in candidates}
     if view.size > CHUNKED_ABOVE:
         return {c: _chunked_relative_error(view, lambda i, j, c=c: deq(c, i, j), hessian) for c in candidates}
     den = hessian_norm2(view, hessian) if hessian is not None else None

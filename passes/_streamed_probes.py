@@ -85,7 +85,7 @@ def probe_results(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: Se
             out[c] = {name: q.astype(runner.arrays[name].dtype, copy=False)
                       for name, q in _probes.item_stored(item, runner.arrays, deq).items()}
         if i not in weight_errors:
-            weight_errors[i] = sens.candidate_errors(view, item.candidates, h, **kw)
+            weight_errors[i] = sens.candidate_errors(view, item.candidates, h, tokens=item.tokens, **kw)
         return out
 
     runner = _runner(model, items, threads, switchable)

@@ -17,7 +17,8 @@ where it is made, so the float model computes the same function. Here:
   ``coarse_step``: searched coarse to fine, every n-th alpha and then the neighbours of the best), chosen per group to minimise the output error of quantizing the scaled weights (``bits``, ``block_size``,
   ``symmetric``, ``method`` as quantize-nbits will run them) over the calibration inputs:
   E||x W - (x/s) Q(s W)||^2 = tr(D^T G D) with D = W - Q(sW)/s and G = E[x x^T], the inputs'
-  second moments (no activations kept). alpha = 0 (no scaling) is on the grid, so a group is
+  second moments (no activations kept; where the calibration tokens are few next to K, through a
+  thin factor of G: ``passes/_gram_factor.py``). alpha = 0 (no scaling) is on the grid, so a group is
   changed only when scaling lowers that error (by at least ``min_gain``).
 
 The pass changes float weights only (same graph, same function up to float rounding); run it
@@ -37,6 +38,7 @@ from graphc.core import ops
 from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
+from graphc.passes._gram_factor import thin_factor
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, release_pages
 from graphc.core.registry import register
 
@@ -136,10 +138,16 @@ class AwqScale(GraphcPass):
                 continue
             read = [n.inputs[1] for n in g.matmuls] + ([g.source.inputs[1]] if g.kind == "gated" else [])
             weights = [_weight(n) for n in g.matmuls]
-            gram = m.gram.astype(np.float32)  # the search compares errors: float32 GEMMs are plenty
+            # the search compares errors: float32 GEMMs are plenty; a thin factor of G where the
+            # calibration tokens are few next to the width (the same error, far fewer products)
+            full = m.gram
+            factor = thin_factor(full, m.tokens)
+            form = (factor if factor is not None else full).astype(np.float32)
+            del full
             errors = _search(len(alphas), self.options.coarse_step,
-                             lambda j: self._error(weights, gram, _scale(m.abs_mean, alphas[j]), method))
-            del gram
+                             lambda j: self._error(weights, form, _scale(m.abs_mean, alphas[j]), method,
+                                                   thin=factor is not None))
+            del form, factor
             best = min(errors, key=lambda j: (errors[j], j))
             gain = 1.0 - errors[best] / errors[0] if errors[0] > 0 else 0.0
             label = g.matmuls[0].name or g.x.name
@@ -166,14 +174,20 @@ class AwqScale(GraphcPass):
         return changed
 
     # ------------------------------------------------------------------ search
-    def _error(self, weights: list[np.ndarray], gram: np.ndarray, s: np.ndarray, method: bq.Method) -> float:
+    def _error(self, weights: list[np.ndarray], form: np.ndarray, s: np.ndarray, method: bq.Method, *,
+               thin: bool = False) -> float:
+        """sum over the group's weights of tr(D^T G D); ``form`` is G [K, K], or with ``thin`` a
+        factor F [r, K] with F^T F = G (then ||F D||^2)."""
         o = self.options
         total = 0.0
         for w in weights:  # [K, N]
             q = bq.quantize((w * s[:, None]).T, o.bits, o.block_size, symmetric=o.symmetric, method=method,
                             scale_dtype=np.float16)
             d = (w - q.dequantize().T / s[:, None]).astype(np.float32)
-            total += float(np.sum((gram @ d) * d, dtype=np.float64))
+            if thin:
+                total += float(np.sum(np.square(form @ d), dtype=np.float64))
+            else:
+                total += float(np.sum((form @ d) * d, dtype=np.float64))
         return total
 
     # ------------------------------------------------------------------ matching

@@ -461,7 +461,8 @@ class MixedPrecision(GraphcPass):
             items.append(_probes.ProbeItem(layer.value.name, layer.transposed, probe_method.value, tuple(probes),
                                            tuple(sorted({*cands[id(layer)], *probes})),
                                            hessians.get(id(layer)) if with_hessians else None,
-                                           layer.member_keys if isinstance(layer, _siblings.Siblings) else ()))
+                                           layer.member_keys if isinstance(layer, _siblings.Siblings) else (),
+                                           hessians.tokens(id(layer)) if isinstance(hessians, _LayerGrams) else 0))
         return items
 
     def _probe_streamed(self, model: ir.Model, feeds: list[dict], runs: list, cands: dict, method: bq.Method,
@@ -536,6 +537,14 @@ class _LayerGrams(Mapping):
 
     def __getitem__(self, key: int) -> np.ndarray:
         return self._by_input[self._names[key]]
+
+    def __contains__(self, key: object) -> bool:  # without reading the Hessian (Mapping's would)
+        return key in self._names
+
+    def tokens(self, key: int) -> int:
+        """The calibration rows layer ``key``'s Hessian averages (0 when not known)."""
+        tokens = getattr(self._by_input, "tokens", None)
+        return int(tokens(self._names[key])) if tokens is not None and key in self._names else 0
 
     def input_of(self, key: int) -> str | int:
         """The input whose Hessian layer ``key`` reads (layers reading one input share it)."""

@@ -123,6 +123,13 @@ class Grams(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         return self._moments[name].gram
 
+    def __contains__(self, name: object) -> bool:  # without reading the gram (Mapping's would)
+        return name in self._moments
+
+    def tokens(self, name: str) -> int:
+        """The rows ``name``'s gram averages."""
+        return self._moments[name].tokens
+
     def __iter__(self):
         return iter(self._moments)
 

@@ -192,3 +192,23 @@ def test_tiny_llama_export_is_unchanged_in_float_and_closer_at_4bit(tmp_path):
     for m in (plain, model):
         QuantizeNBits(QuantizeNBits.Options(bits=4, block_size=16, method="rtn"))(m)
     assert _rel(logits(model), ref) < _rel(logits(plain), ref)
+
+
+def test_few_calibration_tokens_search_through_a_thin_factor_with_the_same_choices(monkeypatch):
+    """16 calibration tokens on 64-128 wide inputs: the errors come from a factor of G with 16
+    rows instead of G itself; the alphas and error reductions are the K x K path's."""
+    from graphc.passes import _gram_factor, awq_scale
+
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.standard_normal((1, 8, K)).astype(np.float32)} for _ in range(2)]
+    used = []
+    real = awq_scale.thin_factor
+    monkeypatch.setattr(awq_scale, "thin_factor", lambda g, t: used.append(r := real(g, t)) or r)
+    thin = _awq(_block(), calib).stats.details["groups"]
+    assert used and all(f is not None and f.shape[0] <= 16 for f in used)
+    monkeypatch.setattr(_gram_factor, "MAX_RANK_FRACTION", 0.0)
+    used.clear()
+    full = _awq(_block(), calib).stats.details["groups"]
+    assert used and all(f is None for f in used)
+    assert [(g["matmuls"], g["alpha"]) for g in thin] == [(g["matmuls"], g["alpha"]) for g in full]
+    assert [g["error_reduction"] for g in thin] == pytest.approx([g["error_reduction"] for g in full], abs=1e-4)
