@@ -28,7 +28,11 @@ def _configs() -> dict[str, Callable[[], Any]]:
         "roberta": lambda: t.RobertaConfig(**_SMALL, vocab_size=TINY_VOCAB, max_position_embeddings=130, pad_token_id=1),
         "xlm-roberta": lambda: t.XLMRobertaConfig(**_SMALL, vocab_size=TINY_VOCAB, max_position_embeddings=130,
                                                   pad_token_id=1),
-        "deberta-v2": lambda: t.DebertaV2Config(**_SMALL, **_TEXT),
+        # DeBERTa-v3's attention: relative positions (log buckets) both ways, no absolute positions
+        "deberta-v2": lambda: t.DebertaV2Config(**_SMALL, **_TEXT, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                position_buckets=16, max_relative_positions=-1,
+                                                norm_rel_ebd="layer_norm", share_att_key=True,
+                                                position_biased_input=False),
         "distilbert": lambda: t.DistilBertConfig(vocab_size=TINY_VOCAB, max_position_embeddings=128, dim=32, n_layers=2,
                                                  n_heads=4, hidden_dim=64),
         "electra": lambda: t.ElectraConfig(**_SMALL, **_TEXT, embedding_size=16),

@@ -41,6 +41,30 @@ def test_encoder_calibrates_on_the_file_and_validates_on_held_out_lines(tmp_path
     assert v.task["metric"] == "embedding_cosine" and v.task["sentences"] == 10 and v.task["min"] > 0.9999
 
 
+def test_the_embedding_cosine_on_held_out_lines_is_a_gate(tmp_path, tok, capsys):
+    """The task figure gates the result: int8 passes its min_task_cosine (and the CLI's gate names
+    it); a recipe asking for more than the result reaches is refused in one line, nothing written."""
+    from graphc.core.errors import ToleranceError
+    from graphc.core.recipes import recipe_from_dict
+
+    data = tmp_path / "notes.txt"
+    data.write_text("\n".join(lines(24, seed=3)) + "\n")
+    model = encoder(tmp_path / "enc.onnx")
+    result = api.compress(str(model), tmp_path / "q.onnx", recipe="int8", calibration_data=data, tokenizer=tok,
+                          attribution=False)
+    v = result.validation
+    assert v.task_cosine == v.task["mean"] >= 0.99 and v.passed and v.task_gates()[0][:3] == (
+        "mean embedding cosine", "≥", 0.99)
+    strict = recipe_from_dict({"name": "strict", "extends": "int8", "tolerance": {"min_task_cosine": 1.01}})
+    out = tmp_path / "strict.onnx"
+    with pytest.raises(ToleranceError, match=r"mean embedding cosine [0-9.]+ vs required 1.01"):
+        api.compress(str(model), out, recipe=strict, calibration_data=data, tokenizer=tok, attribution=False)
+    assert not out.exists()
+    assert main(["compress", str(model), "-o", str(tmp_path / "c.onnx"), "--calibration-data", str(data),
+                 "--tokenizer", str(tok)]) == 0
+    assert "mean embedding cosine ≥ 0.99)" in capsys.readouterr().out
+
+
 def test_decoder_calibrates_on_windows_of_the_file_with_a_perplexity_gate(tmp_path, tok, recorder):
     texts = lines(60, seed=1)
     data = tmp_path / "story.txt"

@@ -28,6 +28,8 @@ from graphc.exporters.metadata import read_arch_facts  # noqa: E402
 from graphc.core.io import load_model  # noqa: E402
 from graphc.models import tiny_families as tf  # noqa: E402
 from graphc.checks.validate import make_session  # noqa: E402
+from graphc.core.recipes import recipe_from_dict  # noqa: E402
+from graphc.front.cli_text import gate_text  # noqa: E402
 
 DEFAULT = ("bert", "vit", "llama", "gpt2")
 ALL = os.environ.get("GRAPHC_FAMILIES") == "1"
@@ -46,7 +48,7 @@ FUSED = {
     "bert": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "roberta": {**_ATTN, "skip_layer_norm": 5, "gelu": 2},
     "xlm-roberta": {**_ATTN, "skip_layer_norm": 5, "gelu": 2},
-    "deberta-v2": {"attention": 0, "skip_layer_norm": 4, "gelu": 2},
+    "deberta-v2": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},  # MHA with the relative scores as bias
     "distilbert": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "electra": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "vit": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
@@ -64,7 +66,6 @@ FUSED = {
 ATTENTION_OP = {f: "GroupQueryAttention" for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")}
 # (misses of the attention family, a phrase of the reason fuse-ort gives)
 MISSES = {
-    "deberta-v2": (2, "rule SDPA"),  # disentangled relative-position attention: no SDPA pattern
     "siglip_vision_model": (1, "rule SDPA"),  # the pooling head's torch MultiheadAttention
 }
 # families whose int4 misses the recipe's tolerance on the tiny config (docs/architectures.md);
@@ -280,7 +281,8 @@ def test_vision_validation_on_sample_photos_with_task_metric(work):
     assert 0.0 < v.task["min"] <= v.task["mean"] <= 1.0
     from graphc.front.cli_text import gate_text as _gate_text
 
-    assert _gate_text(v) == " (gate: output cosine ≥ 0.99, worst row cosine ≥ 0.9)"
+    assert _gate_text(v) == " (gate: output cosine ≥ 0.99, worst row cosine ≥ 0.9, mean embedding cosine ≥ 0.99)"
+    assert v.to_dict()["tolerance"]["min_task_cosine"] == 0.99 and v.passed
 
 
 def test_image_classifier_exports_logits_and_reports_top1_agreement(tmp_path):
@@ -307,6 +309,12 @@ def test_image_classifier_exports_logits_and_reports_top1_agreement(tmp_path):
     result = api.compress(str(exp.path), str(tmp_path / "cls.int8.onnx"), recipe="int8", attribution=False)
     task = result.validation.task
     assert task["metric"] == "top1_agreement" and task["images"] == 24 and 0.0 <= task["value"] <= 1.0
+    assert result.validation.top1 == task["value"] >= 0.9 and "top-1 agreement ≥ 0.9" in gate_text(result.validation)
+    # the task is a gate: a recipe asking for more agreement than the result has is refused, nothing written
+    strict = recipe_from_dict({"name": "strict", "extends": "int8", "tolerance": {"min_top1": 1.01}})
+    with pytest.raises(ToleranceError, match=r"top-1 agreement [0-9.]+ vs required 1.01"):
+        api.compress(str(exp.path), str(tmp_path / "strict.onnx"), recipe=strict, attribution=False)
+    assert not (tmp_path / "strict.onnx").exists()
 
 
 @pytest.mark.slow

@@ -55,6 +55,8 @@ class ValidationReport:
     max_abs_allowed: float | None = None
     min_output_cosine_required: float | None = None
     max_ppl_rise_allowed: float | None = None  # relative perplexity rise (task "perplexity")
+    min_task_cosine_required: float | None = None  # mean embedding cosine (task "embedding_cosine")
+    min_top1_required: float | None = None  # top-1 agreement (task "top1_agreement")
     task: dict[str, Any] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)  # e.g. the target CPU is not this machine
     first_nonfinite: str | None = None  # "tensor (op)" where the rewritten model first went NaN/inf
@@ -92,7 +94,34 @@ class ValidationReport:
             ok &= self.max_abs <= self.max_abs_allowed
         if self.max_ppl_rise_allowed is not None and self.ppl_rise is not None:
             ok &= self.ppl_rise <= self.max_ppl_rise_allowed
+        if self.min_task_cosine_required is not None and self.task_cosine is not None:
+            ok &= self.task_cosine >= self.min_task_cosine_required
+        if self.min_top1_required is not None and self.top1 is not None:
+            ok &= self.top1 >= self.min_top1_required
         return ok
+
+    @property
+    def task_cosine(self) -> float | None:
+        """Mean embedding cosine on the validation sentences or photos, when the task metric measured it."""
+        mean = self.task.get("mean") if self.task.get("metric") == "embedding_cosine" else None
+        return float(mean) if isinstance(mean, (int, float)) else None
+
+    @property
+    def top1(self) -> float | None:
+        """Top-1 agreement of a classifier on the validation photos, when measured."""
+        value = self.task.get("value") if self.task.get("metric") == "top1_agreement" else None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def task_gates(self) -> list[tuple[str, str, float, float]]:
+        """The task checks that applied: (what, comparison, threshold, measured)."""
+        out = []
+        if self.max_ppl_rise_allowed is not None and self.ppl_rise is not None:
+            out.append(("perplexity rise", "≤", self.max_ppl_rise_allowed, self.ppl_rise))
+        if self.min_task_cosine_required is not None and self.task_cosine is not None:
+            out.append(("mean embedding cosine", "≥", self.min_task_cosine_required, self.task_cosine))
+        if self.min_top1_required is not None and self.top1 is not None:
+            out.append(("top-1 agreement", "≥", self.min_top1_required, self.top1))
+        return out
 
     @property
     def ppl_rise(self) -> float | None:
@@ -114,6 +143,10 @@ class ValidationReport:
                 "min_row_cosine": self.min_cosine_required,
                 "max_abs": self.max_abs_allowed,
                 **({"max_ppl_rise": self.max_ppl_rise_allowed} if self.max_ppl_rise_allowed is not None else {}),
+                **({"min_task_cosine": self.min_task_cosine_required}
+                   if self.min_task_cosine_required is not None and self.task_cosine is not None else {}),
+                **({"min_top1": self.min_top1_required}
+                   if self.min_top1_required is not None and self.top1 is not None else {}),
             },
             "outputs": [o.to_dict() for o in self.outputs],
             **({"nonfinite_outputs": self.nonfinite_outputs, "first_nonfinite": self.first_nonfinite}
@@ -360,4 +393,8 @@ def tolerance_text(report: ValidationReport, tol: Any) -> str:
         parts.append(f"max abs {report.max_abs:.4g} vs allowed {tol.max_abs}")
     if tol.max_ppl_rise is not None and report.ppl_rise is not None:
         parts.append(f"perplexity rise {report.ppl_rise:+.2%} vs allowed {tol.max_ppl_rise:+.2%}")
+    if getattr(tol, "min_task_cosine", None) is not None and report.task_cosine is not None:
+        parts.append(f"mean embedding cosine {report.task_cosine:.5f} vs required {tol.min_task_cosine}")
+    if getattr(tol, "min_top1", None) is not None and report.top1 is not None:
+        parts.append(f"top-1 agreement {report.top1:.3f} vs required {tol.min_top1}")
     return ", ".join(parts)

@@ -14,6 +14,8 @@ TOML files of the same shape::
     min_row_cosine = 0.9             # worst row (token) cosine
     max_abs = 1.0                    # optional
     max_ppl_rise = 0.05              # optional: perplexity rise on the validation texts (causal LMs)
+    min_task_cosine = 0.99           # optional: mean pooled/image embedding cosine on real sentences/photos
+    min_top1 = 0.9                   # optional: an image classifier's top-1 agreement on the photos
 
     [[passes]]                       # with extends: merged into the inherited steps by pass name
     name = "quantize-int8"
@@ -73,6 +75,11 @@ class Tolerance:
     max_abs: float | None = None
     # relative perplexity rise on the validation texts (model specs with a perplexity task)
     max_ppl_rise: float | None = None
+    # the task figure on real inputs, where validation measured one (sentences through the model's
+    # tokenizer, photos): the mean cosine of the pooled / image embeddings, and a classifier's
+    # top-1 agreement with the original
+    min_task_cosine: float | None = None
+    min_top1: float | None = None
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,7 @@ def load_recipe_file(path: Path, _extending: tuple[str, ...] = ()) -> Recipe:
 
 _TOP_KEYS = {"name", "description", "extends", "disable", "tolerance", "passes", "decoder"}
 _VARIANT_KEYS = {"description", "disable", "tolerance", "passes"}
-_TOLERANCE_KEYS = {"min_cosine", "min_row_cosine", "max_abs", "max_ppl_rise"}
+_TOLERANCE_KEYS = {"min_cosine", "min_row_cosine", "max_abs", "max_ppl_rise", "min_task_cosine", "min_top1"}
 
 
 def _base_recipe(name: Any, where: dict[str, str], extending: tuple[str, ...]) -> Recipe:

@@ -324,6 +324,8 @@ def compress(
         if checked.nonfinite_outputs:
             checked.first_nonfinite = first_nonfinite_text(work, feeds, ir_model)
         checked.max_ppl_rise_allowed = tol.max_ppl_rise
+        checked.min_task_cosine_required = tol.min_task_cosine
+        checked.min_top1_required = tol.min_top1
         if tol.max_ppl_rise is not None and checked.ppl_rise is None:
             notices.append(f"max_ppl_rise {tol.max_ppl_rise:g} not checked: no perplexity was measured (validation "
                            f"inputs: {input_source}; perplexity needs a causal LM exported by graphc)")

@@ -47,6 +47,7 @@ FUSIONS: tuple[Fusion, ...] = (
     Fusion("cos_sin_cache", "rotary", "onnxscript:fuse_cos_sin_cache"),
     Fusion("broadcast_cos_sin_cache", "rotary", "graphc:rotary_cache", "transformers 5.x"),
     Fusion("partial_rotary_embedding", "rotary", "onnxscript:fuse_partial_rotary_embedding"),
+    Fusion("disentangled_attention", "attention", "graphc:disentangled_attention", "DeBERTa"),
     Fusion("sdpa", "attention", "onnxscript:fuse_sdpa", kwargs=(("apply_shape_inference", True),)),
     Fusion("gqa", "attention", "onnxscript:fuse_gqa"),
     Fusion("gqa_kv_cache", "attention", "graphc:gqa_kv", "KV-cache decoders: past/present in the op"),
