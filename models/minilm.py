@@ -31,6 +31,11 @@ def model_folder() -> Path:
 
 @functools.cache
 def _tokenizer() -> Any:
+    from graphc.checks import tokenizer_file
+
+    light = tokenizer_file.load(model_folder())  # the same ids without importing transformers (and torch)
+    if light is not None:
+        return light
     hf_offline()
     from transformers import AutoTokenizer
 

@@ -108,6 +108,11 @@ def _convert(gguf: Path, folder: Path) -> None:
 
 @functools.cache
 def _tokenizer(folder: str) -> Any:
+    from graphc.checks import tokenizer_file
+
+    light = tokenizer_file.load(folder)  # the same ids without importing transformers (and torch)
+    if light is not None:
+        return light
     hf_offline()
     from transformers import AutoTokenizer
 

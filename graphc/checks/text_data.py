@@ -87,8 +87,12 @@ def find_tokenizer(model: ir.Model, model_path: Path | None, explicit: str | Pat
 
 @functools.cache
 def _load(folder: str) -> Any:
+    from graphc.checks import tokenizer_file
     from graphc.core.arch import hf_offline
 
+    light = tokenizer_file.load(folder)  # the same ids without importing transformers (and torch)
+    if light is not None:
+        return light
     hf_offline()
     try:
         from transformers import AutoTokenizer
