@@ -257,7 +257,14 @@ class QuantizeNBits(GraphcPass):
         def job(cand: _Candidate, how: bq.Method, bits: int, block: int) -> _Job:
             w_t = np.ascontiguousarray(cand.weight.T)
             release_pages(cand.node.inputs[1])
-            h = hessians[cand.node.inputs[0].name] if how is bq.Method.GPTQ else None  # read once (maybe from disk)
+            name = cand.node.inputs[0].name
+            h = None
+            if how is bq.Method.GPTQ:  # read once (maybe from disk)
+                # GPTQ works on a float32 copy past LARGE_HESSIAN inputs: read it as float32 (by
+                # rows from disk) rather than hold the float64 matrix beside that copy (~1.5 GB at
+                # 11008 wide); the same codes (refit_scales reads the float64 one)
+                wide = w_t.shape[1] > bq.LARGE_HESSIAN and not o.refit_scales and hasattr(hessians, "float32")
+                h = hessians.float32(name) if wide else hessians[name]
             return _Job(w_t, h, how.value, bits, block)
 
         if executor.workers <= 1:

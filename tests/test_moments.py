@@ -208,3 +208,45 @@ def test_sums_on_disk_give_the_in_memory_results_bit_for_bit():
     np.testing.assert_array_equal(total.scaled(inv).gram, total_d.scaled(inv).gram)
     np.testing.assert_array_equal(_moments(total.minus(head)).gram, _moments(total_d.minus(head_d)).gram)
     np.testing.assert_array_equal(total_d.gram, g * 3)  # reading does not change what is stored
+
+
+def test_sums_on_disk_read_by_rows_and_as_float32_give_the_same_numbers():
+    """Rows of a spilled (or derived) gram are read alone, and a float32 copy is built from row
+    blocks, never the whole float64 matrix: the same numbers as the whole array."""
+    from graphc.core.calibrate import _moments
+    from graphc.core.moments import SpillFolder, Sums
+
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((300, 300))
+    inv = rng.random(300) + 0.5
+    folder = SpillFolder()
+    total, head = Sums(g * 3, np.ones(300), 9), Sums(g.copy(), np.ones(300), 4)
+    memory = _moments(Sums(g * 3, np.ones(300), 9).minus(Sums(g.copy(), np.ones(300), 4)).scaled(inv))
+    for s in (total, head):
+        s.spill(folder)
+    derived = total.minus(head).scaled(inv)
+    np.testing.assert_array_equal(derived.rows(37, 290), derived.gram[37:290])
+    np.testing.assert_array_equal(total.rows(299, 400), (g * 3)[299:])
+    disk = _moments(derived)
+    np.testing.assert_array_equal(disk.gram, memory.gram)
+    f32 = disk.gram_float32()
+    assert f32.dtype == np.float32
+    np.testing.assert_array_equal(f32, memory.gram.astype(np.float32))
+    np.testing.assert_array_equal(memory.gram_float32(), f32)
+
+
+def test_gptq_past_large_hessian_gives_the_same_codes_from_a_float32_hessian(monkeypatch):
+    """quantize-nbits hands GPTQ a float32 Hessian past LARGE_HESSIAN inputs (read by rows, not
+    beside the float64 one): GPTQ works in float32 there, so the codes are the same."""
+    from graphc.passes import _blockquant as bq
+
+    monkeypatch.setattr(bq, "LARGE_HESSIAN", 64)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((400, 96)) * np.exp(rng.standard_normal(96))
+    h = x.T @ x / 400
+    w_t = rng.standard_normal((24, 96)).astype(np.float32)
+    a = bq.gptq(w_t, h, 4, 32, symmetric=False, act_order=True, damp=0.1)
+    b = bq.gptq(w_t, h.astype(np.float32), 4, 32, symmetric=False, act_order=True, damp=0.1)
+    np.testing.assert_array_equal(a.q, b.q)
+    np.testing.assert_array_equal(a.scale, b.scale)
+    np.testing.assert_array_equal(a.zero, b.zero)

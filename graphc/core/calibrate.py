@@ -12,7 +12,7 @@ import onnx_ir as ir
 from graphc.core import streaming
 from graphc.core.errors import PassError
 from graphc.core.interrupt import run_session  # interruptible, bounded by time_limit
-from graphc.core.moments import MomentsCache, SpillFolder, Sums
+from graphc.core.moments import LazyGram, MomentsCache, SpillFolder, Sums
 from graphc.core.session import make_session
 
 MIN_CALIBRATION_FEEDS = 1
@@ -112,6 +112,13 @@ class InputMoments:
     def gram(self) -> np.ndarray:
         return self._gram() if callable(self._gram) else self._gram
 
+    def gram_float32(self) -> np.ndarray:
+        """``gram`` as float32; from sums on disk a block of rows at a time (never the whole
+        float64 matrix at once): the same numbers as ``gram.astype(float32)``."""
+        if isinstance(self._gram, LazyGram):
+            return self._gram.float32()
+        return np.asarray(self.gram, dtype=np.float32)
+
 
 class Grams(Mapping):
     """``{value name: gram}`` of :class:`InputMoments`, each read when asked for (a streamed
@@ -129,6 +136,10 @@ class Grams(Mapping):
     def tokens(self, name: str) -> int:
         """The rows ``name``'s gram averages."""
         return self._moments[name].tokens
+
+    def float32(self, name: str) -> np.ndarray:
+        """``self[name]`` as float32, without the float64 matrix whole in memory when it is on disk."""
+        return self._moments[name].gram_float32()
 
     def __iter__(self):
         return iter(self._moments)
@@ -270,6 +281,7 @@ def _gram(rows: np.ndarray) -> np.ndarray:
 
 def _moments(s: Sums) -> InputMoments:
     n = max(s.tokens, 1)
-    if s.spilled:  # read and divided in place on each access
-        return InputMoments(lambda: np.divide(g := s.fresh_gram(), n, out=g), s.abs_sum / n, s.tokens)
+    if s.spilled:  # read and divided in place on each access (whole, or a block of rows at a time)
+        return InputMoments(LazyGram(lambda a, b: np.divide(g := s.rows(a, b), n, out=g), len(s.abs_sum)),
+                            s.abs_sum / n, s.tokens)
     return InputMoments(s.gram / n, s.abs_sum / n, s.tokens)

@@ -70,26 +70,59 @@ class Sums:
         """``gram`` as an array the caller owns (a spilled one is read anew on every access)."""
         return self._gram() if self.spilled else self._gram.copy()
 
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows a:b of ``gram`` as an array the caller owns: of a spilled (or derived) one, read
+        and computed for those rows alone, the same numbers as ``gram[a:b]``."""
+        if isinstance(self._gram, LazyGram):
+            return self._gram.rows(a, b)
+        return (self._gram() if self.spilled else self._gram)[a:b].copy()
+
     def minus(self, other: Sums) -> Sums:
         abs_sum, tokens = self.abs_sum - other.abs_sum, self.tokens - other.tokens
         if self.spilled or other.spilled:  # computed on access, in place: two K x K arrays at most
-            return Sums(lambda: np.subtract(g := self.fresh_gram(), other.gram, out=g), abs_sum, tokens)
+            size = len(self.abs_sum)
+            return Sums(LazyGram(lambda a, b: np.subtract(g := self.rows(a, b), other.rows(a, b), out=g), size),
+                        abs_sum, tokens)
         return Sums(self.gram - other.gram, abs_sum, tokens)
 
     def scaled(self, inv: np.ndarray) -> Sums:
         """The sums of x * inv (per channel)."""
         if self.spilled:
-            def gram() -> np.ndarray:  # row by row: the in-memory form's gram * outer(inv, inv), bit for bit
-                g = self.fresh_gram()
-                for i in range(g.shape[0]):
-                    g[i] *= inv[i] * inv
+            def rows(a: int, b: int) -> np.ndarray:  # row by row: the in-memory form's gram * outer(inv, inv), bit for bit
+                g = self.rows(a, b)
+                for i in range(a, b):
+                    g[i - a] *= inv[i] * inv
                 return g
 
-            return Sums(gram, self.abs_sum * inv, self.tokens)
+            return Sums(LazyGram(rows, len(self.abs_sum)), self.abs_sum * inv, self.tokens)
         return Sums(self.gram * np.outer(inv, inv), self.abs_sum * inv, self.tokens)
 
     def nbytes(self) -> int:
         return (0 if self.spilled else self.gram.nbytes) + self.abs_sum.nbytes
+
+
+class LazyGram:
+    """A K x K float64 matrix computed when asked for, whole (``lazy()``) or by rows
+    (``lazy.rows(a, b)``): a spilled gram read from its file, or one derived from it (a
+    difference, a rescaled copy). Each element is computed by the same operations either way, so
+    rows give the whole matrix's numbers; rows let a consumer build a float32 copy of a large
+    Hessian without holding its float64 form (an 11008-wide one is ~1 GB)."""
+
+    def __init__(self, rows: Callable[[int, int], np.ndarray], size: int) -> None:
+        self.rows, self.size = rows, size
+
+    def __call__(self) -> np.ndarray:
+        return self.rows(0, self.size)
+
+    def float32(self, transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                block: int = 256) -> np.ndarray:
+        """The matrix (``transform`` applied to each float64 row block in place) as float32,
+        built a block of rows at a time."""
+        out = np.empty((self.size, self.size), np.float32)
+        for a in range(0, self.size, block):
+            rows = self.rows(a, min(a + block, self.size))
+            out[a:a + len(rows)] = transform(rows) if transform is not None else rows
+        return out
 
 
 class SpillFolder:
@@ -102,19 +135,32 @@ class SpillFolder:
         self._dir = tempfile.TemporaryDirectory(prefix="graphc-moments-")
         self._count = 0
 
-    def keep(self, array: np.ndarray) -> Callable[[], np.ndarray]:
+    def keep(self, array: np.ndarray) -> LazyGram:
+        """``array`` (C-ordered, 2-D) written to the folder; read back whole or by rows."""
         import os
 
         path = os.path.join(self._dir.name, f"{self._count}.npy")
         self._count += 1
+        array = np.ascontiguousarray(array)
         np.save(path, array)
-        folder = self  # the loader keeps the folder (and its files) alive
+        with open(path, "rb") as f:  # where the data starts, after the .npy header
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(f)
+            offset = f.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"internal: a spilled gram is {shape}, fortran={fortran}")
+        folder = self  # the reader keeps the folder (and its files) alive
+        width = int(shape[1])
 
-        def load() -> np.ndarray:
+        def rows(a: int, b: int) -> np.ndarray:
             assert folder is not None
-            return np.load(path)
+            b = min(b, int(shape[0]))
+            with open(path, "rb") as f:
+                f.seek(offset + a * width * dtype.itemsize)
+                return np.fromfile(f, dtype=dtype, count=max(b - a, 0) * width).reshape(max(b - a, 0), width)
 
-        return load
+        return LazyGram(rows, int(shape[0]))
 
 
 def feed_key(feeds: Sequence[Any]) -> tuple[int, ...]:
