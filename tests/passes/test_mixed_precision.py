@@ -559,3 +559,29 @@ def test_kl_is_taken_on_the_logits_alone():
     assert sens.measured_outputs(kv, "kl") == ["logits"]
     assert sens.measured_outputs(kv, "cosine") == kv
     assert sens.measured_outputs(["y"], "kl") == ["y"]  # no logits: every output, as before
+
+
+def test_gptq_probes_candidate_errors_pass_the_hessians_tokens_and_plan_alike_through_the_thin_factor(monkeypatch):
+    """The probes' items carry their Hessian's token count (48: feeds 2-4 of 16 tokens), and with
+    few tokens next to the width the candidates' weight errors go through the thin factor: the
+    same plan as through the K x K Hessian."""
+    from graphc.passes import _gram_factor
+
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 16, K)).astype(np.float32)} for _ in range(4)]
+    seen = []
+    real = sens.thin_factor
+    monkeypatch.setattr(sens, "thin_factor", lambda h, t: seen.append((t, f := real(h, t))) or f)
+
+    def plan():
+        stats = _run(_two_branch(), PassContext(calibration=feeds, calibration_source="test"), max_bits=4.5,
+                     method="gptq", feeds=1)
+        return {c["layer"]: (c["bits"], c["block_size"]) for c in stats["choices"]}
+
+    full = plan()
+    assert seen and all(t == 48 and f is None for t, f in seen)  # 48 > K / 4: the K x K form
+    seen.clear()
+    monkeypatch.setattr(_gram_factor, "MAX_RANK_FRACTION", 1.0)
+    thin = plan()
+    assert seen and all(t == 48 and f is not None and f.shape[0] <= 48 for t, f in seen)
+    assert thin == full
