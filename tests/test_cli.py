@@ -155,6 +155,18 @@ def test_compress_works_without_torch_or_transformers(tmp_path):
     assert json.loads(r.stdout)["validation"]["input_source"].startswith("synthesized")
 
 
+def test_a_model_spec_named_in_metadata_feeds_only_a_graph_with_its_inputs():
+    """MiniLM's texts feed input_ids/attention_mask/token_type_ids; a graph that carries the
+    spec's name but reads ``x`` gets synthesized feeds for validation and calibration."""
+    from graphc.checks.feeds import calibration_context, validation_feeds
+
+    model = mlp()
+    model.metadata_props["graphc.model_recipe"] = "minilm"
+    feeds, source = validation_feeds(model)
+    assert source.startswith("synthesized") and set(feeds[0]) == {"x"}
+    assert calibration_context(model).calibration_source == "synthesized"
+
+
 def test_provenance_written_and_shown(model_path, tmp_path, capsys):
     import hashlib
 

@@ -31,8 +31,10 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
 
             recipe = get_model_spec(name)
             texts = recipe.eval_texts(min(count, recipe.validation_texts))
-            feeds = recipe.feeds(texts, batch=recipe.validation_batch)[: recipe.validation_max_feeds]
-            return complete_decoder_feeds(model, feeds), f"{name}: {len(texts)} real texts"
+            feeds = complete_decoder_feeds(model, recipe.feeds(texts, batch=recipe.validation_batch)
+                                           [: recipe.validation_max_feeds])
+            if _fits(model, feeds):  # the metadata may name a spec the graph no longer is
+                return feeds, f"{name}: {len(texts)} real texts"
         except (ImportError, GraphcError):
             pass
     if not shapes:
@@ -45,6 +47,13 @@ def validation_feeds(model: ir.Model, count: int = VALIDATION_SAMPLES, *, seed: 
     if image_feeds is not None:
         return image_feeds
     return synthesize_inputs(model, count=4, seed=seed, shapes=shapes), _synth_source(shapes) + why_not
+
+
+def _fits(model: ir.Model, feeds: list[dict]) -> bool:
+    """Whether the feeds give every input the graph needs (a model spec's texts feed the model
+    the spec exported, not a graph that merely carries its name in metadata)."""
+    needed = {v.name for v in model.graph.inputs if v.name not in model.graph.initializers}
+    return bool(feeds) and all(needed <= set(feed) for feed in feeds)
 
 
 def _synth_source(shapes: dict | None) -> str:
@@ -112,9 +121,11 @@ def calibration_context(model: ir.Model, count: int = 32, shapes: dict | None = 
 
             recipe = get_model_spec(name)
             texts = recipe.eval_texts(min(count, recipe.calibration_max_texts), split="calibration")
-            feeds = recipe.feeds(texts, batch=recipe.calibration_batch or recipe.validation_batch,
-                                 max_length=recipe.calibration_length)[: recipe.calibration_max_feeds]
-            return PassContext(calibration=complete_decoder_feeds(model, feeds), calibration_source=f"{name}: {len(texts)} calibration texts")
+            feeds = complete_decoder_feeds(model, recipe.feeds(
+                texts, batch=recipe.calibration_batch or recipe.validation_batch,
+                max_length=recipe.calibration_length)[: recipe.calibration_max_feeds])
+            if _fits(model, feeds):
+                return PassContext(calibration=feeds, calibration_source=f"{name}: {len(texts)} calibration texts")
         except (ImportError, GraphcError):
             pass
     if not shapes:
