@@ -474,35 +474,30 @@ def relative_error(view: np.ndarray, deq: np.ndarray, hessian: np.ndarray | None
 
 
 def _chunked_relative_error(view: np.ndarray, deq_rows: Callable[[int, int], np.ndarray],
-                            hessian: np.ndarray | None) -> float:
+                            hessian: np.ndarray | None, factor: np.ndarray | None = None) -> float:
     """:func:`relative_error` summed a block of rows at a time; ``deq_rows(i, j)``: rows i:j of
-    the dequantized weight (a slice, or made for those rows alone)."""
+    the dequantized weight (a slice, or made for those rows alone). ``factor``: the Hessian given
+    as F [r, K] with H = F^T F instead (tr(D H D^T) = ||D F^T||^2)."""
     rows = max(1, CHUNKED_ABOVE // max(view.shape[1], 1) // 16)
-    den = num = 0.0
     h = None if hessian is None else np.asarray(hessian, np.float64)
+    ft = None if factor is None else np.ascontiguousarray(factor.T)
+
+    def form(e: np.ndarray) -> float:
+        if ft is not None:
+            return float(np.square(e @ ft).sum())
+        return float(np.square(e).sum() if h is None else ((e @ h) * e).sum())
+
+    den = num = 0.0
     for i in range(0, view.shape[0], rows):
         v = np.asarray(view[i:i + rows], np.float64)
         e = v - deq_rows(i, i + rows)
-        den += float(np.square(v).sum() if h is None else ((v @ h) * v).sum())
-        num += float(np.square(e).sum() if h is None else ((e @ h) * e).sum())
+        den += form(v)
+        num += form(e)
+    if ft is not None:
+        return float(np.sqrt(num / den)) if den > 0 else 0.0
     if h is None:
         return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else 0.0
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
-
-
-def _factored_relative_error(view: np.ndarray, deq_rows: Callable[[int, int], np.ndarray],
-                             factor: np.ndarray) -> float:
-    """:func:`relative_error` with the Hessian H = F^T F given as its factor F [r, K]:
-    tr(D H D^T) = ||D F^T||^2, a block of rows at a time."""
-    rows = max(1, CHUNKED_ABOVE // max(view.shape[1], 1) // 16)
-    ft = np.ascontiguousarray(factor.T)
-    den = num = 0.0
-    for i in range(0, view.shape[0], rows):
-        v = np.asarray(view[i:i + rows], np.float64)
-        e = v - deq_rows(i, i + rows)
-        den += float(np.square(v @ ft).sum())
-        num += float(np.square(e @ ft).sum())
-    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def candidate_errors(view: np.ndarray, candidates: Sequence[QuantConfig], hessian: np.ndarray | None = None, *,
@@ -521,7 +516,7 @@ def candidate_errors(view: np.ndarray, candidates: Sequence[QuantConfig], hessia
 
     factor = thin_factor(hessian, tokens) if hessian is not None and tokens > 0 else None
     if factor is not None:
-        return {c: _factored_relative_error(view, lambda i, j, c=c: deq(c, i, j), factor) for c in candidates}
+        return {c: _chunked_relative_error(view, lambda i, j, c=c: deq(c, i, j), None, factor) for c in candidates}
     if view.size > CHUNKED_ABOVE:
         return {c: _chunked_relative_error(view, lambda i, j, c=c: deq(c, i, j), hessian) for c in candidates}
     den = hessian_norm2(view, hessian) if hessian is not None else None

@@ -114,14 +114,12 @@ class LazyGram:
     def __call__(self) -> np.ndarray:
         return self.rows(0, self.size)
 
-    def float32(self, transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                block: int = 256) -> np.ndarray:
-        """The matrix (``transform`` applied to each float64 row block in place) as float32,
-        built a block of rows at a time."""
+    def float32(self, block: int = 256) -> np.ndarray:
+        """The matrix as float32, built a block of rows at a time."""
         out = np.empty((self.size, self.size), np.float32)
         for a in range(0, self.size, block):
             rows = self.rows(a, min(a + block, self.size))
-            out[a:a + len(rows)] = transform(rows) if transform is not None else rows
+            out[a:a + len(rows)] = rows
         return out
 
 
