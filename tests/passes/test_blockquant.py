@@ -290,3 +290,18 @@ def test_gptq_lazy_updates_give_the_papers_codes():
     got = bq.gptq(w_t, h, 4, 32, symmetric=False, search="rtn", damp=0.01)
     want = _gptq_reference(w_t, h, 4, 32, 0.01)
     assert np.mean(got.q.reshape(n, -1)[:, :k] != want) < 1e-3  # float32 vs float64 sums: rare ties
+
+
+def test_blockquant_relative_error_by_row_blocks_equals_the_whole_array(monkeypatch):
+    """BlockQuant.relative_error sums its row blocks (a wide LM head is never dequantized whole):
+    the same figure as the Frobenius norms of the whole arrays, whatever the block height, and
+    dequantize_rows is dequantize's rows."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((257, 100)).astype(np.float32)
+    q = bq.quantize(x, 4, 32, symmetric=False)
+    whole = float(np.linalg.norm(x - q.dequantize()) / np.linalg.norm(x))
+    assert np.array_equal(q.dequantize_rows(30, 90), q.dequantize()[30:90])
+    assert q.relative_error(x) == pytest.approx(whole, rel=1e-6)
+    monkeypatch.setattr(bq, "_CHUNK_ELEMENTS", 300)  # 3 rows a block: 86 blocks
+    assert q.relative_error(x) == pytest.approx(whole, rel=1e-6)
+    assert q.relative_error(np.zeros_like(x)) == 0.0
