@@ -396,10 +396,11 @@ def probe_on_workers(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds:
     .npy file written once per input (``hessian_key``). Every number is the one-process path's:
     a probe runs the same sessions from the same values. ``report(probes done)`` as chunks
     return."""
-    import tempfile
     import uuid
 
-    with tempfile.TemporaryDirectory(prefix="graphc-probes-") as folder:
+    from graphc.core import tempdirs
+
+    with tempdirs.folder("graphc-probes-") as folder:
         cuts, starts = reference_cuts(model, items, feeds, metric, os.path.join(folder, "reference"))
         os.makedirs(os.path.join(folder, "hessians"))
         files: dict[Any, str | None] = {}

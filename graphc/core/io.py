@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from graphc.core import tempdirs
 from graphc.core.errors import GraphcError, InvalidModelError, ModelLoadError, SaveError
 from graphc.core.model_checks import (  # noqa: F401 - safe_external_path: io's API for external data paths
     bad_utf8_field, check_proto, model_tensors, one_line, root_cause, safe_external_path,
@@ -221,7 +222,8 @@ def save_model(
     done = False
     try:
         try:
-            tmp_dir = Path(tempfile.mkdtemp(prefix=".graphc-tmp-", dir=path.parent))
+            tmp_dir = Path(tempfile.mkdtemp(prefix=tempdirs.SAVE_PREFIX, dir=path.parent))
+            tempdirs.mark(tmp_dir)  # a killed run's folder is removed by the next (tempdirs.sweep)
         except OSError as e:
             raise SaveError(f"cannot write in the output folder: {e.strerror or e}", path=path) from None
         try:

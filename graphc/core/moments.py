@@ -128,9 +128,9 @@ class SpillFolder:
     holds the folder)."""
 
     def __init__(self) -> None:
-        import tempfile
+        from graphc.core import tempdirs
 
-        self._dir = tempfile.TemporaryDirectory(prefix="graphc-moments-")
+        self._dir = tempdirs.folder("graphc-moments-")
         self._count = 0
 
     def keep(self, array: np.ndarray) -> LazyGram:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
+
+from graphc.core import tempdirs
 
 MIN_BYTES = 16 << 20
 _ALIGN = 64
@@ -29,7 +30,7 @@ _ALIGN = 64
 class ScratchStore:
     def __init__(self, min_bytes: int | None = None) -> None:
         self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-        self._dir = tempfile.TemporaryDirectory(prefix="graphc-weights-")
+        self._dir = tempdirs.folder("graphc-weights-")
         self._name = "weights.bin"
         self._offset = 0
         self.count = 0

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graphc.core import tempdirs
 from graphc.core.errors import GraphcError
 
 AUTO_BYTES = 1 << 30  # ``auto`` streams models whose weights pass this
@@ -230,7 +231,7 @@ class ActivationCache:
             raise NotStreamable(f"value {name!r} crosses a segment cut and is not a tensor")
         if self.in_memory + array.nbytes > self.max_bytes and array.nbytes > 0:
             if self._folder is None:
-                self._folder = tempfile.TemporaryDirectory(prefix="graphc-activations-")
+                self._folder = tempdirs.folder("graphc-activations-")
             path = os.path.join(self._folder.name, f"{self._files}.npy")
             self._files += 1
             np.save(path, array)
