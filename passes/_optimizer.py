@@ -4,9 +4,10 @@ number of nodes.
 ``optimize_ir`` tries each of its default rewrite rules on every node. A rule whose pattern
 has several output nodes (``SlicesSplit``: two Slices of one value → one Split) builds an
 index of the whole graph on *every* node it is tried on, before looking at the node: a
-5,000-node chain took 16 s and a 20,000-node one 218 s. Here each such rule is tried only on
-nodes of its first output node's op type, which is all the matcher would accept anyway, so
-the rewrites made are the same. Constant folding records each folded value's direct
+5,000-node chain took 16 s and a 20,000-node one 218 s. Here each rule is tried only on nodes
+of its (first) output node's op type, which is all the matcher would accept anyway, so the
+rewrites made are the same; for single-output rules this only skips the matcher's set-up on
+every node (``fuse-ort`` on the SmolLM2-135M export: ~7.4 s instead of ~9.5 s). Constant folding records each folded value's direct
 inputs only (see :func:`_fold_constants_pass`). Everything else is ``optimize_ir``'s own
 pipeline.
 """
@@ -21,9 +22,9 @@ import onnx_ir.passes.common as common_passes
 
 
 def _gated(rule):
-    """A copy of a multi-output-pattern rule that skips nodes its first output node cannot match."""
+    """A copy of a rule that skips nodes its (first) output node cannot match."""
     pattern = getattr(rule, "_target_pattern", None)
-    if pattern is None or pattern.has_single_output_node:
+    if pattern is None or not pattern.output_nodes:
         return rule
     wanted = pattern.output_nodes[0].op_identifier()
     if wanted is None:  # a pattern node of any op: nothing to gate on
