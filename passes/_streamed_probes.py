@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphc.core import freed, streaming
+from graphc.core import freed, streaming, tempdirs
 from graphc.core.io import tensor_bytes
 from graphc.core.errors import GraphcError
 from graphc.passes import _blockquant as bq
@@ -255,8 +255,9 @@ def reference_cuts(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds: S
 
     def dump(where: str, i: int, listed: Sequence[str], value: Callable[[str], np.ndarray]) -> None:
         os.makedirs(os.path.join(folder, where, str(i)), exist_ok=True)
-        for n, name in enumerate(listed):
-            np.save(os.path.join(folder, where, str(i), f"{n}.npy"), np.asarray(value(name)))
+        with tempdirs.writing("the reference's values at the probes' cuts", folder):
+            for n, name in enumerate(listed):
+                np.save(os.path.join(folder, where, str(i), f"{n}.npy"), np.asarray(value(name)))
 
     def entering(k: int, cache: streaming.ActivationCache) -> None:
         if k >= first:
@@ -398,8 +399,6 @@ def probe_on_workers(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds:
     return."""
     import uuid
 
-    from graphc.core import tempdirs
-
     with tempdirs.folder("graphc-probes-") as folder:
         cuts, starts = reference_cuts(model, items, feeds, metric, os.path.join(folder, "reference"))
         os.makedirs(os.path.join(folder, "hessians"))
@@ -413,7 +412,8 @@ def probe_on_workers(model: ir.Model, items: Sequence[_probes.ProbeItem], feeds:
                     files[key] = None
                 else:
                     files[key] = os.path.join(folder, "hessians", f"{len(files)}.npy")
-                    np.save(files[key], h)
+                    with tempdirs.writing("the probes' Hessians", folder):
+                        np.save(files[key], h)
                 del h
             paths.append(files[key])
         groups = _chunks(items, starts, len(cuts.bounds), executor.workers)

@@ -119,3 +119,61 @@ def test_the_folders_graphc_makes_are_marked(temp_root):
         assert json.loads((p / tempdirs.OWNER).read_text())["pid"] == os.getpid()
     assert tempdirs.sweep().folders == 0
     del spill, store, cache
+
+
+# ---------------------------------------------------------------------------- disk space
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    write_synthetic_llama(path, PRESETS["tiny"])
+    return path
+
+
+def test_a_streamed_calibration_that_cannot_fit_on_disk_stops_before_the_sweep(tiny_llama, tmp_path, monkeypatch, capsys):
+    """The spilled sums of a streamed model are counted before the sweep (K x K float64 per
+    value, and the probes' snapshot): too few free bytes → one line naming the folder, exit 1,
+    no output, no temporary folder left."""
+    import shutil
+    from collections import namedtuple
+
+    from graphc.front.cli import main
+
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: usage(10**9, 10**9 - 1000, 1000) if str(p) == str(root) else real(p))
+    out = tmp_path / "q.onnx"
+    code = main(["compress", str(tiny_llama), "-o", str(out), "--recipe", "int4", "--stream", "always", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and not out.exists()
+    assert len(err) == 1 and str(root) in err[0]
+    assert "the calibration sums of this streamed model need about" in err[0] and "TMPDIR" in err[0]
+    assert "Traceback" not in err[0]
+    assert list(root.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_while_spilling_gives_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from graphc.core.errors import DiskSpaceError
+    from graphc.core.moments import SpillFolder
+    import numpy as np
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = SpillFolder()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(DiskSpaceError) as e:
+        folder.keep(np.ones((4, 4)))
+    assert "disk filled up while writing calibration sums" in str(e.value) and "graphc-moments-" in str(e.value)
+    monkeypatch.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))
+    with pytest.raises(PermissionError):  # other errors are not disguised as a full disk
+        folder.keep(np.ones((4, 4)))

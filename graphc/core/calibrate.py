@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphc.core import streaming
+from graphc.core import streaming, tempdirs
 from graphc.core.errors import PassError
 from graphc.core.interrupt import run_session  # interruptible, bounded by time_limit
 from graphc.core.moments import LazyGram, MomentsCache, SpillFolder, Sums
@@ -229,6 +229,10 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
     total: dict[str, Sums] = {}
     heads: dict[int, dict[str, Sums]] = {}
     streamed = streaming.applies(model)
+    if streamed:  # K x K float64 sums per value, and a copy per snapshot: say so now, not hours later
+        copies = 1 + len({n for n in heads_at if 0 < n < len(feeds)})
+        need = copies * sum(8 * k * k for k in (_channels(model, name) for name in names))
+        tempdirs.check_free(need, "the calibration sums of this streamed model")
     folder = SpillFolder() if streamed else None  # a streamed sweep's sums go to disk (a large model's)
 
     def add(i: int, name: str, out: np.ndarray) -> None:

@@ -104,3 +104,8 @@ class MissingDependencyError(GraphcError):
 class DistributedError(GraphcError):
     """Work sent to other processes or machines (``--workers``, ``--ray``) failed: the cluster
     cannot be reached, or a work item failed on a worker after its retries (names the item)."""
+
+
+class DiskSpaceError(GraphcError):
+    """A temporary folder (spilled calibration sums, weights, activations) or the output needs
+    more disk space than its file system has free. ``path`` names the folder."""

@@ -137,10 +137,13 @@ class SpillFolder:
         """``array`` (C-ordered, 2-D) written to the folder; read back whole or by rows."""
         import os
 
+        from graphc.core import tempdirs
+
         path = os.path.join(self._dir.name, f"{self._count}.npy")
         self._count += 1
         array = np.ascontiguousarray(array)
-        np.save(path, array)
+        with tempdirs.writing("calibration sums", self._dir.name):
+            np.save(path, array)
         with open(path, "rb") as f:  # where the data starts, after the .npy header
             version = np.lib.format.read_magic(f)
             reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

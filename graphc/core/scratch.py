@@ -42,7 +42,8 @@ class ScratchStore:
         """``array`` written to the store's file, as an external tensor that reads it from there."""
         array = np.ascontiguousarray(array)
         offset = -(-self._offset // _ALIGN) * _ALIGN
-        with open(os.path.join(self._dir.name, self._name), "ab") as f:
+        with tempdirs.writing("rewritten weights", self._dir.name), \
+                open(os.path.join(self._dir.name, self._name), "ab") as f:
             f.write(b"\0" * (offset - self._offset))
             f.write(array.tobytes())
         self._offset = offset + array.nbytes

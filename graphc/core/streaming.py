@@ -234,7 +234,8 @@ class ActivationCache:
                 self._folder = tempdirs.folder("graphc-activations-")
             path = os.path.join(self._folder.name, f"{self._files}.npy")
             self._files += 1
-            np.save(path, array)
+            with tempdirs.writing("activations between segments", self._folder.name):
+                np.save(path, array)
             self.values[i][name] = ("file", path)
             return
         self.values[i][name] = array

@@ -12,18 +12,26 @@ start time), and :func:`sweep` removes the folders whose owner was on this host 
 process with that id, or one that started at another time (the id was reused). A folder
 without an owner file, or with one from another host, another user's, or a running process's,
 is left alone.
+
+A full disk gets one line too (:class:`~graphc.core.errors.DiskSpaceError`, naming the folder):
+before a streamed calibration sweep when its spilled sums will not fit (:func:`check_free`),
+and wherever a temporary write hits ENOSPC (:func:`writing`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from graphc.core.errors import DiskSpaceError
 
 OWNER = ".graphc-owner"
 # the temporary folders graphc makes under the system's temporary directory
@@ -131,3 +139,42 @@ def sweep(where: str | os.PathLike | None = None, prefixes: tuple[str, ...] = PR
                 swept.folders += 1
                 swept.bytes += size
     return swept
+
+
+# ---------------------------------------------------------------------------- disk space
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_HINT = "point TMPDIR at a folder on a larger disk"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def free_bytes(where: str | os.PathLike | None = None) -> int | None:
+    """Free bytes on the file system of ``where`` (default: the temporary directory), None if unknown."""
+    try:
+        return shutil.disk_usage(where if where is not None else tempfile.gettempdir()).free
+    except OSError:
+        return None
+
+
+def check_free(need: int, what: str, where: str | os.PathLike | None = None) -> None:
+    """Raise :class:`DiskSpaceError` (one line, before any of it is written) when ``need`` bytes
+    of ``what`` will not fit in the free space of ``where`` (default: the temporary directory)."""
+    folder = os.fspath(where if where is not None else tempfile.gettempdir())
+    free = free_bytes(folder)
+    if free is not None and need > free:
+        raise DiskSpaceError(f"{what} need about {_gb(need)} of temporary files and the disk has {_gb(free)} "
+                             f"free; {_HINT}", path=folder)
+
+
+@contextlib.contextmanager
+def writing(what: str, folder: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing ``what`` into ``folder`` into one line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _FULL:
+            raise DiskSpaceError(f"the disk filled up while writing {what} ({e.strerror}); {_HINT}",
+                                 path=os.fspath(folder)) from None
+        raise
