@@ -32,9 +32,11 @@ CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "generation_config.json")
+# genai's model types (its "type"); GPT-2 goes as the generic "decoder": genai's "gpt2" type
+# expects the legacy combined past ("past_%d", keys and values stacked), not graphc's names
 _KINDS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
           "gemma3_text": "gemma3_text", "gemma3": "gemma3_text", "gemma2": "gemma2", "gemma": "gemma",
-          "phi": "phi", "gpt2": "gpt2", "olmo": "olmo", "granite": "granite"}
+          "phi": "phi", "gpt2": "decoder", "olmo": "olmo", "granite": "granite"}
 
 
 def output_folder(output: str | os.PathLike) -> Path:

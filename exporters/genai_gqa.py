@@ -13,7 +13,9 @@ in place. This module rewrites a fused graph into that form, for genai folders o
 
 - ``do_rotary = 1`` with ``cos_cache``/``sin_cache`` initializers of ``context_length`` rows
   (computed as the graph computed them: ``cos(position · inv_freq)`` in float32) and the
-  ``interleaved`` flag of the model's rotary nodes; the pre-rotary projections go straight in;
+  ``interleaved`` flag of the model's rotary nodes; the pre-rotary projections go straight in
+  (after Qwen3's per-head norms, whose rotary runs on [B, heads, S, D] between Transposes, the
+  normalized heads go in reshaped to [B, S, heads·D]);
 - ``seqlens_k = ReduceSum(attention_mask) - 1`` and ``total_sequence_length =
   attention_mask.shape[1]`` (int32), as the builder computes them; no attention bias, causal.
 
@@ -44,12 +46,22 @@ STEP = "genai-shared-buffer"  # recorded on each rewritten node
 
 
 @dataclass
+class _Reshaped:
+    """A [B, S, n·D] value the rewrite makes: ``Reshape(source, shape)`` of the [B, S, n, D]
+    value a per-head rotary read (Qwen3's normalized heads), standing for ``like``."""
+
+    source: ir.Value
+    shape: ir.Value
+    like: ir.Value
+
+
+@dataclass
 class _Plan:
     """One GroupQueryAttention and what its rewritten form reads."""
 
     node: ir.Node
-    query: ir.Value  # [B, S, H·D] before rotary
-    key: ir.Value  # [B, S, Hkv·D] before rotary
+    query: ir.Value | _Reshaped  # [B, S, H·D] before rotary
+    key: ir.Value | _Reshaped  # [B, S, Hkv·D] before rotary
     freq: np.ndarray  # inv_freq, [D / 2]
     interleaved: int
 
@@ -103,12 +115,12 @@ def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None) -> 
     head = _head_size(node)
     if head % 16:
         raise _Refused(f"head size {head} is not a multiple of 16 (ONNX Runtime's rotary inside the op)")
-    q_rot, k_rot = (_whole_head_rotary(v, head, position_ids, node.name) for v in ins[:2])
+    (q_rot, query), (k_rot, key) = (_whole_head_rotary(v, head, position_ids, node.name) for v in ins[:2])
     if (q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]
             or q_rot.attributes.get_int("interleaved", 0) != k_rot.attributes.get_int("interleaved", 0)):
         raise _Refused(f"{node.name}: query and key rotate with different caches")
     freq = _inv_freq(q_rot.inputs[2], q_rot.inputs[3], head)
-    return _Plan(node, q_rot.inputs[0], k_rot.inputs[0], freq, q_rot.attributes.get_int("interleaved", 0))
+    return _Plan(node, query, key, freq, q_rot.attributes.get_int("interleaved", 0))
 
 
 def _head_size(node: ir.Node) -> int:
@@ -118,16 +130,49 @@ def _head_size(node: ir.Node) -> int:
     return past.shape[3]
 
 
-def _whole_head_rotary(value: ir.Value, head: int, position_ids: ir.Value | None, where: str) -> ir.Node:
-    """The ``RotaryEmbedding`` on [B, S, heads·D] that produced ``value``, rotating the whole head
-    at the graph's own ``position_ids`` with an unscaled output."""
+def _is(node: ir.Node | None, op: str, domain: str = "") -> bool:
+    return node is not None and node.op_type == op and node.domain == domain
+
+
+def _swaps_heads(node: ir.Node | None) -> bool:
+    """A Transpose between [B, S, n, D] and [B, n, S, D]."""
+    return _is(node, "Transpose") and list(node.attributes.get_ints("perm", [])) == [0, 2, 1, 3]
+
+
+def _per_head_rotary(value: ir.Value) -> tuple[ir.Node, _Reshaped] | None:
+    """``value = Reshape(Transpose(RotaryEmbedding(Transpose(x))))`` with x [B, S, n, D] (a rotary
+    on [B, n, S, D], as after Qwen3's per-head norms): the rotary and x as [B, S, n·D]."""
+    reshape = value.producer()
+    if not _is(reshape, "Reshape") or len(reshape.inputs) != 2 or reshape.inputs[1] is None:
+        return None
+    back = reshape.inputs[0].producer() if reshape.inputs[0] is not None else None
+    rot = back.inputs[0].producer() if _swaps_heads(back) and back.inputs[0] is not None else None
+    if not _is(rot, "RotaryEmbedding", MS) or len(rot.inputs) != 4 or rot.inputs[0] is None:
+        return None
+    there = rot.inputs[0].producer()
+    source = there.inputs[0] if _swaps_heads(there) else None
+    if source is None or source.shape is None or len(source.shape) != 4:
+        return None
+    return rot, _Reshaped(source, reshape.inputs[1], value)
+
+
+def _whole_head_rotary(value: ir.Value, head: int, position_ids: ir.Value | None,
+                       where: str) -> tuple[ir.Node, ir.Value | _Reshaped]:
+    """The ``RotaryEmbedding`` that produced ``value`` [B, S, heads·D], rotating the whole head at
+    the graph's own ``position_ids`` with an unscaled output; and its input as [B, S, heads·D]
+    (the op's query or key before rotary). The rotary reads [B, S, heads·D], or [B, heads, S, D]
+    between Transposes (:func:`_per_head_rotary`)."""
     rot = value.producer()
-    if rot is None or rot.op_type != "RotaryEmbedding" or rot.domain != MS or len(rot.inputs) != 4:
+    pre: ir.Value | _Reshaped | None = None
+    if _is(rot, "RotaryEmbedding", MS) and len(rot.inputs) == 4:
+        pre = rot.inputs[0]
+        if pre is None or pre.shape is None or len(pre.shape) != 3:
+            raise _Refused(f"{where}: rotary input is not [B, S, heads·D]")
+    elif (per_head := _per_head_rotary(value)) is not None:
+        rot, pre = per_head
+    else:
         raise _Refused(f"{where}: query or key is not rotated by a RotaryEmbedding the op can take in "
                        "(partial rotary, or rotary left as primitive ops)")
-    x = rot.inputs[0]
-    if x is None or x.shape is None or len(x.shape) != 3:
-        raise _Refused(f"{where}: rotary input is not [B, S, heads·D]")
     if (rot.attributes.get_int("rotary_embedding_dim", 0) not in (0, head)
             or rot.attributes.get_int("is_packed_batching", 0) or rot.attributes.get_float("scale", 1.0) != 1.0):
         raise _Refused(f"{where}: rotary over part of the head, packed batches or a scale")
@@ -136,7 +181,7 @@ def _whole_head_rotary(value: ir.Value, head: int, position_ids: ir.Value | None
         pos = pos.producer().inputs[0]
     if position_ids is None or pos is not position_ids:
         raise _Refused(f"{where}: rotary positions are not the graph's position_ids")
-    return rot
+    return rot, pre
 
 
 def _inv_freq(cos: ir.Value, sin: ir.Value, head: int) -> np.ndarray:
@@ -192,8 +237,10 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 def _check_pasts_read_only_by(graph: ir.Graph, plans: list[_Plan], mask: ir.Value) -> None:
     """A shared buffer holds ``max_length`` rows, most of them not yet written: any node that
     would still read a past (its shape included) after the rewrite would see them."""
-    new_inputs = {id(p.node): [p.query, p.key, p.node.inputs[2], p.node.inputs[3], p.node.inputs[4], mask]
-                  for p in plans}
+    def values(v: ir.Value | _Reshaped) -> list[ir.Value]:
+        return [v.source, v.shape] if isinstance(v, _Reshaped) else [v]
+
+    new_inputs = {id(p.node): [*values(p.query), *values(p.key), *p.node.inputs[2:5], mask] for p in plans}
     live: set[int] = set()
     stack = [v.producer() for v in graph.outputs if v.producer() is not None]
     while stack:
@@ -247,8 +294,9 @@ def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length
         if key not in caches:
             caches[key] = _caches(graph, plan.freq, context_length, node.inputs[0].dtype, taken)
         cos, sin = caches[key]
+        query, key_in = (_made(graph, node, v, taken) for v in (plan.query, plan.key))
         node.resize_inputs(9)
-        for index, value in ((0, plan.query), (1, plan.key), (5, seqlens), (6, total), (7, cos), (8, sin)):
+        for index, value in ((0, query), (1, key_in), (5, seqlens), (6, total), (7, cos), (8, sin)):
             node.replace_input_with(index, value)
         node.attributes.pop("causal", None)  # the op's default: causal
         node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
@@ -256,13 +304,25 @@ def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length
         node.metadata_props[ops.META_PASS] = STEP
         for present in node.outputs[1:3]:
             present.shape = ir.Shape([present.shape[0], present.shape[1], "present_sequence_length", present.shape[3]])
-        _drop_reshape_round_trips(node, plan.query)
+        _drop_reshape_round_trips(node, query)
     common.RemoveUnusedNodesPass()(model)  # the separate rotary goes: Q and K have one reader each
     if sum(_packed_qkv(plan.node) for plan in plans):
         common.RemoveUnusedNodesPass()(model)
     unused = [v for v in graph.inputs if v.name == "position_ids" and not v.uses()]
     for value in unused:  # genai then feeds no positions (the op derives them)
         graph.inputs.remove(value)
+
+
+def _made(graph: ir.Graph, before: ir.Node, value: ir.Value | _Reshaped, taken: set[str]) -> ir.Value:
+    """``value``, or the Reshape a :class:`_Reshaped` stands for (inserted before ``before``)."""
+    if isinstance(value, ir.Value):
+        return value
+    out = ir.Value(name=_fresh(f"{value.like.name}_pre_rotary", taken), shape=value.like.shape, type=value.like.type)
+    node = ir.Node("", "Reshape", [value.source, value.shape], outputs=[out],
+                   name=_fresh(f"{before.name}_pre_rotary", taken))
+    node.metadata_props[ops.META_PASS] = STEP
+    graph.insert_before(before, [node])
+    return out
 
 
 def _packed_qkv(node: ir.Node) -> bool:

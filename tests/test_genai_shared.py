@@ -184,3 +184,61 @@ def test_partial_rotary_falls_back_with_a_notice(tmp_path):
     assert config["search"]["past_present_share_buffer"] is False
     assert any(SHARED_NOTICE in n for n in result.notices)
     assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
+
+
+def test_qwen3_per_head_norms_take_the_shared_buffer_form(tmp_path):
+    """Qwen3 normalizes each head of Q and K before rotary, so its fused graph rotates
+    [B, heads, S, D] between Transposes: the normalized heads go into the op reshaped to
+    [B, S, heads·D], the rotary and Transposes go, and genai generates PyTorch's tokens; int4
+    generates graphc.front.generate's tokens on the same recipe's plain graph."""
+    from transformers import Qwen3Config
+
+    from graphc.exporters.genai import generate
+    from graphc.front.api import compress, export
+    from graphc.front.generate import Decoder
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    config = Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=128, vocab_size=100, max_position_embeddings=128)
+    folder, model = _save(tmp_path / "qwen3", config)
+    export(folder, tmp_path / "exported", kv_cache=True, genai=True)
+    src = tmp_path / "exported" / "model.onnx"
+    result = compress(src, tmp_path / "fused", recipe="fuse", genai=True)
+    assert not [n for n in result.notices if SHARED_NOTICE in n]
+    _assert_shared_form(tmp_path / "fused", rotary_rows=128)
+    fused = ir.load(tmp_path / "fused" / "model.onnx")
+    assert not [n for n in fused.graph if n.op_type == "Transpose"]
+    for node in _attention(tmp_path / "fused")[1]:
+        for i in (0, 1):  # the per-head norm's output, reshaped to [B, S, heads·D] for the op
+            reshape = node.inputs[i].producer()
+            assert reshape.op_type == "Reshape"
+            assert reshape.inputs[0].producer().op_type == "SimplifiedLayerNormalization"
+    assert generate(tmp_path / "fused", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
+    path = tmp_path / "int4-rtn.toml"
+    path.write_text('name = "int4-rtn"\n[tolerance]\nmin_cosine = 0.9\n[[passes]]\nname = "fuse-ort"\n'
+                    '[[passes]]\nname = "quantize-nbits"\noptions = { bits = 4, block_size = 16, method = "rtn" }\n')
+    compress(src, tmp_path / "int4", recipe=str(path), genai=True)
+    _assert_shared_form(tmp_path / "int4", rotary_rows=128)
+    compress(src, tmp_path / "plain.onnx", recipe=str(path))
+    ours = Decoder(tmp_path / "plain.onnx").greedy(np.array([PROMPT]), NEW).tokens[0].tolist()
+    assert generate(tmp_path / "int4", PROMPT, NEW) == ours
+
+
+def test_gpt2_folder_runs_as_a_generic_decoder(tmp_path):
+    """genai's "gpt2" model type wants the legacy combined past; graphc's GPT-2 folder names its
+    type "decoder" (genai's generic decoder-only model) and generates PyTorch's tokens."""
+    from transformers import GPT2Config
+
+    from graphc.exporters.genai import generate
+    from graphc.front.api import export
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    config = GPT2Config(vocab_size=100, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=1,
+                        eos_token_id=2, initializer_range=0.5)  # GPT-2's 0.02 repeats one token
+    folder, model = _save(tmp_path / "gpt2", config)
+    export(folder, tmp_path / "exported", kv_cache=True, genai=True)
+    assert json.loads((tmp_path / "exported" / "genai_config.json").read_text())["model"]["type"] == "decoder"
+    tokens = generate(tmp_path / "exported", PROMPT, NEW)
+    assert tokens == _torch_greedy(model, PROMPT, NEW) and len(set(tokens)) > 1
