@@ -46,7 +46,10 @@ def wrap_decoder_with_cache(model: Any) -> Any:
             self.model = inner
 
         def forward(self, input_ids, attention_mask, position_ids, past):  # noqa: ANN001, ANN201
-            cache = DynamicCache(config=self.model.config)
+            # a full cache on every layer, never transformers' sliding one (built from the config):
+            # the present is always past + new, and a sliding window is applied in the mask. Traced
+            # with the sliding cache, the graph failed at run time once the text passed the window
+            cache = DynamicCache()
             for i in range(layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -23,9 +23,13 @@ The op then derives each token's position from ``seqlens_k`` (the past length pl
 which is what genai feeds as ``position_ids`` for a batch without padding: the same tokens as
 the separate rotary, and the same semantics as the builder's folders for padded batches.
 
+A sliding window shorter than the context (the model's ``graphc.arch.sliding_window`` and
+``layer_types``, or its HF config) becomes ``local_window_size`` on the layers that slide, the
+mask's job before (measured: genai's tokens equal PyTorch's past the window).
+
 All or nothing: when any attention cannot take this form (no GroupQueryAttention, rotary that
 is not a whole-head ``RotaryEmbedding`` over the graph's ``position_ids``, rotary caches scaled
-after the cosine, a sliding window, a past read by anything but its attention) the graph is
+after the cosine, an attention window nothing says, a past read by anything but its attention) the graph is
 left as it was and the reason is returned, so the folder keeps separate buffers
 (``past_present_share_buffer = false``), slower but exact.
 """
@@ -53,6 +57,7 @@ class _Reshaped:
     source: ir.Value
     shape: ir.Value
     like: ir.Value
+    swap: bool = False  # source is [B, n, S, D] (Gemma-3 normalizes after the Transpose): swap first
 
 
 @dataclass
@@ -64,6 +69,7 @@ class _Plan:
     key: ir.Value | _Reshaped  # [B, S, Hkv·D] before rotary
     freq: np.ndarray  # inv_freq, [D / 2]
     interleaved: int
+    window: int = -1  # the op's local_window_size: a sliding layer's window, -1 for none
 
 
 class _Refused(Exception):
@@ -75,17 +81,41 @@ def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str
 
     Returns None when rewritten, else why not (the graph is then unchanged)."""
     try:
-        plans, mask = _plan(model, hf_config or {})
+        plans, mask = _plan(model, hf_config or {}, context_length)
     except _Refused as reason:
         return str(reason)
     _rewrite(model, plans, mask, context_length)
     return None
 
 
-def _plan(model: ir.Model, hf: dict[str, Any]) -> tuple[list[_Plan], ir.Value]:
+def sliding_window(model: ir.Model, hf: dict[str, Any]) -> tuple[int, list[str]] | None:
+    """The attention window the model's metadata (``graphc.arch.sliding_window``) or its HF
+    config names (0: none) and the layers' kinds (transformers' ``layer_types``; empty: every
+    layer slides); None when neither is there to say."""
+    from graphc.exporters.metadata import read_arch_facts
+
+    facts = read_arch_facts(model)
+    if facts is None and not hf:
+        return None
+    windows = [facts.sliding_window if facts is not None else 0]
+    if hf.get("use_sliding_window", True):
+        windows.append(int(hf.get("sliding_window") or 0))
+    kinds = facts.layer_types.split(",") if facts is not None and facts.layer_types else list(hf.get("layer_types") or [])
+    return min([w for w in windows if w > 0], default=0), kinds
+
+
+def _layer(node: ir.Node) -> int | None:
+    """The layer of an attention: the ``i`` of its past's name ``past_key_values.{i}.key``."""
+    parts = (node.inputs[3].name or "").split(".") if len(node.inputs) > 3 and node.inputs[3] is not None else []
+    return int(parts[1]) if len(parts) == 3 and parts[0] == "past_key_values" and parts[1].isdigit() else None
+
+
+def _plan(model: ir.Model, hf: dict[str, Any], context_length: int) -> tuple[list[_Plan], ir.Value]:
     graph = model.graph
-    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
-        raise _Refused("the model attends over a sliding window, which the mask carries")
+    known = sliding_window(model, hf)
+    if known is None:  # another exporter's graph: a sliding window would be in its mask, unseen here
+        raise _Refused("the model's attention window is not known (no graphc metadata, no config.json beside it)")
+    window, kinds = known
     inputs = {v.name: v for v in graph.inputs}
     mask = inputs.get("attention_mask")
     if mask is None:
@@ -94,6 +124,16 @@ def _plan(model: ir.Model, hf: dict[str, Any]) -> tuple[list[_Plan], ir.Value]:
     if not nodes:
         raise _Refused("attention is not GroupQueryAttention (compress with a fuse or int4 recipe for it)")
     plans = [_plan_one(n, graph, inputs.get("position_ids")) for n in nodes]
+    if window and window < context_length:  # a window as long as the context never drops a token
+        for plan in plans:  # the op's local window: the model's sliding layers, as its mask had them
+            layer = _layer(plan.node)
+            if layer is None or (kinds and layer >= len(kinds)):
+                raise _Refused(f"{plan.node.name}: the model has a sliding window and this attention's layer is not known")
+            kind = kinds[layer] if kinds else "sliding_attention"
+            if kind not in ("sliding_attention", "full_attention"):
+                raise _Refused(f"{plan.node.name}: layer {layer} attends as {kind!r}")
+            if kind == "sliding_attention":
+                plan.window = window
     _check_pasts_read_only_by(graph, plans, mask)
     return plans, mask
 
@@ -141,7 +181,9 @@ def _swaps_heads(node: ir.Node | None) -> bool:
 
 def _per_head_rotary(value: ir.Value) -> tuple[ir.Node, _Reshaped] | None:
     """``value = Reshape(Transpose(RotaryEmbedding(Transpose(x))))`` with x [B, S, n, D] (a rotary
-    on [B, n, S, D], as after Qwen3's per-head norms): the rotary and x as [B, S, n·D]."""
+    on [B, n, S, D], as after Qwen3's per-head norms): the rotary and x as [B, S, n·D]. Or the
+    rotary's input is already [B, n, S, D] (Gemma-3's norm runs after the Transpose): that input,
+    swapped back and reshaped."""
     reshape = value.producer()
     if not _is(reshape, "Reshape") or len(reshape.inputs) != 2 or reshape.inputs[1] is None:
         return None
@@ -150,10 +192,13 @@ def _per_head_rotary(value: ir.Value) -> tuple[ir.Node, _Reshaped] | None:
     if not _is(rot, "RotaryEmbedding", MS) or len(rot.inputs) != 4 or rot.inputs[0] is None:
         return None
     there = rot.inputs[0].producer()
-    source = there.inputs[0] if _swaps_heads(there) else None
+    if _swaps_heads(there):
+        source, swap = there.inputs[0], False
+    else:  # normalized per head after the Transpose: the rotary's own input, swapped back
+        source, swap = rot.inputs[0], True
     if source is None or source.shape is None or len(source.shape) != 4:
         return None
-    return rot, _Reshaped(source, reshape.inputs[1], value)
+    return rot, _Reshaped(source, reshape.inputs[1], value, swap)
 
 
 def _whole_head_rotary(value: ir.Value, head: int, position_ids: ir.Value | None,
@@ -301,6 +346,8 @@ def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length
         node.attributes.pop("causal", None)  # the op's default: causal
         node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
         node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", plan.interleaved)
+        if plan.window > 0:
+            node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", plan.window)
         node.metadata_props[ops.META_PASS] = STEP
         for present in node.outputs[1:3]:
             present.shape = ir.Shape([present.shape[0], present.shape[1], "present_sequence_length", present.shape[3]])
@@ -317,11 +364,18 @@ def _made(graph: ir.Graph, before: ir.Node, value: ir.Value | _Reshaped, taken: 
     """``value``, or the Reshape a :class:`_Reshaped` stands for (inserted before ``before``)."""
     if isinstance(value, ir.Value):
         return value
+    source, made = value.source, []
+    if value.swap:
+        swapped = ir.Value(name=_fresh(f"{value.like.name}_heads_last", taken), type=value.source.type)
+        made.append(ir.Node("", "Transpose", [source], attributes=[ir.AttrInt64s("perm", [0, 2, 1, 3])],
+                            outputs=[swapped], name=_fresh(f"{before.name}_heads_last", taken)))
+        source = swapped
     out = ir.Value(name=_fresh(f"{value.like.name}_pre_rotary", taken), shape=value.like.shape, type=value.like.type)
-    node = ir.Node("", "Reshape", [value.source, value.shape], outputs=[out],
-                   name=_fresh(f"{before.name}_pre_rotary", taken))
-    node.metadata_props[ops.META_PASS] = STEP
-    graph.insert_before(before, [node])
+    made.append(ir.Node("", "Reshape", [source, value.shape], outputs=[out],
+                        name=_fresh(f"{before.name}_pre_rotary", taken)))
+    for node in made:
+        node.metadata_props[ops.META_PASS] = STEP
+    graph.insert_before(before, made)
     return out
 
 

@@ -88,6 +88,31 @@ def test_compressed_decoders_generate_through_the_same_path(tiny, tmp_path, reci
         np.testing.assert_array_equal(tokens[:, :6], _torch_greedy(model, PROMPT, 6))
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_a_sliding_window_shorter_than_the_text_generates_what_pytorch_does(family, tmp_path):
+    """A window of 4 tokens under a 6-token prompt and 12 new tokens: the cache is exported whole
+    (past + new, the contract graphc's generate and genai drive) and the window is applied in the
+    mask, as PyTorch's sliding cache drops the same tokens. (Exported with transformers' sliding
+    cache the graph failed at run time once the text passed the window.) The window is in the
+    metadata."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from graphc.exporters.decoder import export_decoder
+    from graphc.models.tiny_families import tiny_config
+
+    config = tiny_config(family)
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    path = tmp_path / "kv.onnx"
+    export_decoder(model, path)
+    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    assert meta["graphc.arch.sliding_window"] == "4"
+    got = Decoder(path).greedy(PROMPT, 12).tokens
+    np.testing.assert_array_equal(got, _torch_greedy(model, PROMPT, 12))
+
+
 def test_kv_export_refuses_an_encoder_up_front(tmp_path):
     from graphc.core.errors import ExportError
     from graphc.exporters.decoder import export_decoder

@@ -242,3 +242,49 @@ def test_gpt2_folder_runs_as_a_generic_decoder(tmp_path):
     assert json.loads((tmp_path / "exported" / "genai_config.json").read_text())["model"]["type"] == "decoder"
     tokens = generate(tmp_path / "exported", PROMPT, NEW)
     assert tokens == _torch_greedy(model, PROMPT, NEW) and len(set(tokens)) > 1
+
+
+@pytest.mark.parametrize("family,window", [("mistral", 3), ("mistral", 4096), ("gemma3_text", 4)])
+def test_sliding_windows_go_into_the_op(tmp_path, family, window):
+    """A sliding window shorter than the 128-token context becomes the op's local_window_size on
+    the layers that slide (every Mistral layer; Gemma-3's sliding layers, not its full ones), with
+    the mask gone; genai generates PyTorch's tokens 16 tokens past the window. A 4096-token window
+    never drops a token in a 128-token context: no local window. Gemma-3 normalizes each head
+    after the Transpose, and its local and global layers rotate with different frequencies."""
+    import transformers
+
+    from graphc.exporters.genai import generate
+    from graphc.front.api import compress, export
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=100, max_position_embeddings=128, sliding_window=window)
+    if family == "mistral":
+        config = transformers.MistralConfig(**shape)
+    else:
+        config = transformers.Gemma3TextConfig(**shape, head_dim=16, layer_types=["sliding_attention", "full_attention"])
+    folder, model = _save(tmp_path / family, config)
+    export(folder, tmp_path / "exported", kv_cache=True, genai=True)
+    result = compress(tmp_path / "exported" / "model.onnx", tmp_path / "fused", recipe="fuse", genai=True)
+    assert not [n for n in result.notices if SHARED_NOTICE in n]
+    _assert_shared_form(tmp_path / "fused", rotary_rows=128)
+    windows = [n.attributes.get_int("local_window_size", -1) for n in _attention(tmp_path / "fused")[1]]
+    expected = {"mistral": [window, window], "gemma3_text": [window, -1]}[family] if window < 128 else [-1, -1]
+    assert windows == expected
+    assert generate(tmp_path / "fused", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
+
+
+def test_a_graph_that_cannot_say_its_attention_window_keeps_its_form(llama16, exported, tmp_path):
+    """No graphc metadata and no config.json: a sliding window in another exporter's mask would
+    be invisible, so the rewrite refuses and leaves the graph as it was."""
+    from graphc.exporters.genai_gqa import shared_buffer_form
+    from graphc.front.api import compress
+
+    fused = compress(exported[0] / "model.onnx", tmp_path / "fused.onnx", recipe="fuse").model
+    for key in [k for k in fused.metadata_props if k.startswith("graphc.arch.")]:
+        del fused.metadata_props[key]
+    before = ir.serde.serialize_model(fused).SerializeToString()
+    assert "attention window is not known" in shared_buffer_form(fused, 128, {})
+    assert ir.serde.serialize_model(fused).SerializeToString() == before
+    assert shared_buffer_form(fused, 128, {"sliding_window": None, "model_type": "llama"}) is None  # config.json says

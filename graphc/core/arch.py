@@ -20,7 +20,8 @@ class ArchFacts:
 
     ``modality``: "text" (token inputs) or "vision" (``pixel_values``); ``kind``: "encoder",
     "decoder" (causal LM) or "vision"; ``image_size``: the square input side of a vision model
-    (0 for text). Fields with defaults may be absent from older models' metadata.
+    (0 for text); ``sliding_window``: the attention window of a decoder that has one (0: none).
+    Fields with defaults may be absent from older models' metadata.
     """
 
     model_type: str
@@ -34,6 +35,11 @@ class ArchFacts:
     modality: str = "text"
     kind: str = ""
     image_size: int = 0
+    # tokens a query attends back over (Mistral, Gemma-3's local layers); 0: the whole context
+    sliding_window: int = 0
+    # transformers' per-layer attention kinds, comma-separated ("sliding_attention,full_attention,
+    # ..."); "" with a sliding window: every layer slides
+    layer_types: str = ""
 
     def to_metadata(self) -> dict[str, str]:
         return {f"graphc.arch.{k}": str(v) for k, v in self.__dict__.items()}
