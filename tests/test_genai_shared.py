@@ -288,3 +288,26 @@ def test_a_graph_that_cannot_say_its_attention_window_keeps_its_form(llama16, ex
     assert "attention window is not known" in shared_buffer_form(fused, 128, {})
     assert ir.serde.serialize_model(fused).SerializeToString() == before
     assert shared_buffer_form(fused, 128, {"sliding_window": None, "model_type": "llama"}) is None  # config.json says
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(__import__("os").environ.get("GRAPHC_SMOLLM2") != "1",
+                    reason="set GRAPHC_SMOLLM2=1 (load ~20 s, export ~2 min)")
+def test_smollm2_genai_folders_generate_pytorchs_tokens(tmp_path):
+    """The real SmolLM2-135M: og.Generator on `export --kv-cache --genai` (separate buffers) and on
+    `compress --recipe fuse --genai` (shared buffer, rotary inside the op) gives PyTorch's 24
+    greedy tokens after a 64-token prompt of real text (GRAPHC_SMOLLM2=1)."""
+    from graphc.exporters.genai import generate
+    from graphc.front.api import compress, export
+    from graphc.models import get_model_spec
+
+    spec = get_model_spec("smollm2")
+    model = spec.load_hf()
+    prompt = spec.tokenizer()(spec.eval_texts(1)[0], return_tensors="np")["input_ids"][0, :64].tolist()
+    want = _torch_greedy(model, prompt, 24)
+    export("smollm2", tmp_path / "exported", kv_cache=True, genai=True)
+    assert generate(tmp_path / "exported", prompt, 24) == want
+    compress(tmp_path / "exported" / "model.onnx", tmp_path / "fused", recipe="fuse", genai=True)
+    config = json.loads((tmp_path / "fused" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert generate(tmp_path / "fused", prompt, 24) == want

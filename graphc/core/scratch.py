@@ -45,7 +45,7 @@ class ScratchStore:
         with tempdirs.writing("rewritten weights", self._dir.name), \
                 open(os.path.join(self._dir.name, self._name), "ab") as f:
             f.write(b"\0" * (offset - self._offset))
-            f.write(array.tobytes())
+            f.write(memoryview(array).cast("B"))  # no bytes copy of a weight of hundreds of MB
         self._offset = offset + array.nbytes
         self.count += 1
         return ir.ExternalTensor(self._name, offset=offset, length=array.nbytes,
