@@ -53,6 +53,8 @@ class ValidationReport:
     input_source: str
     min_cosine_required: float | None = None
     max_abs_allowed: float | None = None
+    # the largest difference over the output's largest |value| (each output's rel_max)
+    max_rel_allowed: float | None = None
     min_output_cosine_required: float | None = None
     max_ppl_rise_allowed: float | None = None  # relative perplexity rise (task "perplexity")
     min_task_cosine_required: float | None = None  # mean embedding cosine (task "embedding_cosine")
@@ -68,6 +70,10 @@ class ValidationReport:
     @property
     def max_abs(self) -> float:
         return max(o.max_abs for o in self.outputs)
+
+    @property
+    def max_rel(self) -> float:
+        return max(o.rel_max for o in self.outputs)
 
     @property
     def output_cosine(self) -> float:
@@ -92,6 +98,8 @@ class ValidationReport:
             ok &= self.min_cosine >= self.min_cosine_required
         if self.max_abs_allowed is not None:
             ok &= self.max_abs <= self.max_abs_allowed
+        if self.max_rel_allowed is not None:
+            ok &= self.max_rel <= self.max_rel_allowed
         if self.max_ppl_rise_allowed is not None and self.ppl_rise is not None:
             ok &= self.ppl_rise <= self.max_ppl_rise_allowed
         if self.min_task_cosine_required is not None and self.task_cosine is not None:
@@ -137,11 +145,13 @@ class ValidationReport:
             "output_cosine": round(self.output_cosine, 7),
             "min_row_cosine": round(self.min_cosine, 7),
             "max_abs": round(self.max_abs, 7),
+            "max_rel": float(f"{self.max_rel:.4g}"),
             **({"nonfinite_outputs": self.nonfinite_outputs} if self.nonfinite_outputs else {}),
             "tolerance": {
                 "min_cosine": self.min_output_cosine_required,
                 "min_row_cosine": self.min_cosine_required,
                 "max_abs": self.max_abs_allowed,
+                **({"max_rel": self.max_rel_allowed} if self.max_rel_allowed is not None else {}),
                 **({"max_ppl_rise": self.max_ppl_rise_allowed} if self.max_ppl_rise_allowed is not None else {}),
                 **({"min_task_cosine": self.min_task_cosine_required}
                    if self.min_task_cosine_required is not None and self.task_cosine is not None else {}),
@@ -391,6 +401,8 @@ def tolerance_text(report: ValidationReport, tol: Any) -> str:
         parts.append(f"worst row cosine {report.min_cosine:.5f} vs required {tol.min_row_cosine}")
     if tol.max_abs is not None:
         parts.append(f"max abs {report.max_abs:.4g} vs allowed {tol.max_abs}")
+    if getattr(tol, "max_rel", None) is not None:
+        parts.append(f"max relative difference {report.max_rel:.3g} vs allowed {tol.max_rel:g}")
     if tol.max_ppl_rise is not None and report.ppl_rise is not None:
         parts.append(f"perplexity rise {report.ppl_rise:+.2%} vs allowed {tol.max_ppl_rise:+.2%}")
     if getattr(tol, "min_task_cosine", None) is not None and report.task_cosine is not None:

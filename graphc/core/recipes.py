@@ -13,6 +13,7 @@ TOML files of the same shape::
     min_cosine = 0.99                # cosine of each whole output vs the original
     min_row_cosine = 0.9             # worst row (token) cosine
     max_abs = 1.0                    # optional
+    max_rel = 1e-5                   # optional: largest difference / the output's largest |value|
     max_ppl_rise = 0.05              # optional: perplexity rise on the validation texts (causal LMs)
     min_task_cosine = 0.99           # optional: mean pooled/image embedding cosine on real sentences/photos
     min_top1 = 0.9                   # optional: an image classifier's top-1 agreement on the photos
@@ -73,6 +74,9 @@ class Tolerance:
     min_cosine: float | None = 0.99
     min_row_cosine: float | None = None
     max_abs: float | None = None
+    # the largest difference over the output's largest |value|: a float-rounding gate that does
+    # not depend on the output's scale (max_abs does)
+    max_rel: float | None = None
     # relative perplexity rise on the validation texts (model specs with a perplexity task)
     max_ppl_rise: float | None = None
     # the task figure on real inputs, where validation measured one (sentences through the model's
@@ -215,7 +219,7 @@ def load_recipe_file(path: Path, _extending: tuple[str, ...] = ()) -> Recipe:
 
 _TOP_KEYS = {"name", "description", "extends", "disable", "tolerance", "passes", "decoder"}
 _VARIANT_KEYS = {"description", "disable", "tolerance", "passes"}
-_TOLERANCE_KEYS = {"min_cosine", "min_row_cosine", "max_abs", "max_ppl_rise", "min_task_cosine", "min_top1"}
+_TOLERANCE_KEYS = {"min_cosine", "min_row_cosine", "max_abs", "max_rel", "max_ppl_rise", "min_task_cosine", "min_top1"}
 
 
 def _base_recipe(name: Any, where: dict[str, str], extending: tuple[str, ...]) -> Recipe:

@@ -335,6 +335,7 @@ def compress(
                               task=data.task if data is not None else task_metric_for(ir_model, input_source))
         checked.min_cosine_required = tol.min_row_cosine
         checked.max_abs_allowed = tol.max_abs
+        checked.max_rel_allowed = tol.max_rel
         checked.min_output_cosine_required = tol.min_cosine
         if checked.nonfinite_outputs:
             checked.first_nonfinite = first_nonfinite_text(work, feeds, ir_model)

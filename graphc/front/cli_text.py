@@ -64,6 +64,7 @@ def gate_text(v: Any) -> str:
     parts = [f"output cosine ≥ {v.min_output_cosine_required:g}" if v.min_output_cosine_required is not None else "",
              f"worst row cosine ≥ {v.min_cosine_required:g}" if v.min_cosine_required is not None else "",
              f"max abs ≤ {v.max_abs_allowed:g}" if v.max_abs_allowed is not None else "",
+             f"max relative difference ≤ {v.max_rel_allowed:g}" if getattr(v, "max_rel_allowed", None) is not None else "",
              f"perplexity rise ≤ {v.max_ppl_rise_allowed:.1%}" if getattr(v, "max_ppl_rise_allowed", None) is not None else "",
              # the embedding / top-1 gates where validation measured them (as the report applied them)
              *(f"{what} {op} {limit:g}" for what, op, limit, _ in (v.task_gates() if hasattr(v, "task_gates") else [])
