@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from graphc.core import tempdirs
+
 DEFAULT_MAX_BYTES = 4 << 30
 
 
@@ -128,16 +130,12 @@ class SpillFolder:
     holds the folder)."""
 
     def __init__(self) -> None:
-        from graphc.core import tempdirs
-
         self._dir = tempdirs.folder("graphc-moments-")
         self._count = 0
 
     def keep(self, array: np.ndarray) -> LazyGram:
         """``array`` (C-ordered, 2-D) written to the folder; read back whole or by rows."""
         import os
-
-        from graphc.core import tempdirs
 
         path = os.path.join(self._dir.name, f"{self._count}.npy")
         self._count += 1

@@ -141,6 +141,16 @@ def sweep(where: str | os.PathLike | None = None, prefixes: tuple[str, ...] = PR
     return swept
 
 
+def sweep_run(output: str | os.PathLike | None = None) -> Swept:
+    """What a run sweeps: the temporary directory and, for the save's folder, the folder the
+    output goes to."""
+    swept = sweep()
+    if output is not None:
+        beside = sweep(Path(output).absolute().parent, (SAVE_PREFIX,))
+        swept.folders, swept.bytes = swept.folders + beside.folders, swept.bytes + beside.bytes
+    return swept
+
+
 # ---------------------------------------------------------------------------- disk space
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _HINT = "point TMPDIR at a folder on a larger disk"

@@ -141,18 +141,6 @@ def _with_streaming(run: Callable[..., CompressResult]) -> Callable[..., Compres
     return call
 
 
-def _sweep_leftovers(output: str | os.PathLike | None) -> Any:
-    """The temporary folders of graphc runs on this host that were killed (SIGKILL, out of memory):
-    under the system's temporary directory and, for the save's folder, beside the output."""
-    from graphc.core import tempdirs
-
-    swept = tempdirs.sweep()
-    if output is not None:
-        beside = tempdirs.sweep(Path(output).absolute().parent, (tempdirs.SAVE_PREFIX,))
-        swept.folders, swept.bytes = swept.folders + beside.folders, swept.bytes + beside.bytes
-    return swept
-
-
 @_with_streaming
 @_with_executor
 def compress(
@@ -262,7 +250,9 @@ def compress(
     notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
     if adapted:
         notices.append(f"recipe {recipe_obj.name!r}: its {adapted} form ({recipe_obj.description})")
-    swept = _sweep_leftovers(output)
+    from graphc.core import tempdirs
+
+    swept = tempdirs.sweep_run(output)  # folders of runs on this host that were killed (SIGKILL, OOM)
     if swept.folders:
         notices.append(str(swept))
 
