@@ -80,12 +80,17 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
     if context_length is None and tokenizer_folder is not None and (tokenizer_folder / CONFIG).is_file():
         # a genai folder the model came from: keep its context (sizes the rotary caches)
         context_length = json.loads((tokenizer_folder / CONFIG).read_text()).get("model", {}).get("context_length")
+    # a genai folder the model came from (another tool's, e.g. the model builder's): its facts
+    # where the model's metadata and a Hugging Face config are silent
+    src = _source_genai(tokenizer_folder)
+    dec = src.get("decoder", {})
     layers = sum(1 for v in model.graph.inputs if v.name.endswith(".key") and v.name.startswith("past_key_values."))
-    heads = facts.get("num_heads") or hf.get("num_attention_heads")
-    kv_heads = facts.get("num_kv_heads") or hf.get("num_key_value_heads") or heads
-    head_dim = facts.get("head_dim") or hf.get("head_dim") or (hf.get("hidden_size", 0) // max(heads or 1, 1))
-    hidden = facts.get("hidden_size") or hf.get("hidden_size")
-    vocab = facts.get("vocab_size") or hf.get("vocab_size")
+    heads = facts.get("num_heads") or hf.get("num_attention_heads") or dec.get("num_attention_heads")
+    kv_heads = facts.get("num_kv_heads") or hf.get("num_key_value_heads") or dec.get("num_key_value_heads") or heads
+    head_dim = (facts.get("head_dim") or hf.get("head_dim") or (hf.get("hidden_size", 0) // max(heads or 1, 1))
+                or dec.get("head_size"))
+    hidden = facts.get("hidden_size") or hf.get("hidden_size") or dec.get("hidden_size")
+    vocab = facts.get("vocab_size") or hf.get("vocab_size") or src.get("vocab_size")
     missing = [k for k, v in {"num_heads": heads, "head_dim": head_dim, "hidden_size": hidden, "vocab_size": vocab}.items()
                if not v]
     if missing:
@@ -95,7 +100,7 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
         gen = json.loads((tokenizer_folder / "generation_config.json").read_text())
 
     def token(key: str, default: int) -> Any:
-        value = gen.get(key, hf.get(key))
+        value = gen.get(key, hf.get(key, src.get(key)))
         return default if value is None else value
 
     inputs = check_decoder(model, "model")
@@ -106,7 +111,8 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
             "pad_token_id": token("pad_token_id", 0) if not isinstance(token("pad_token_id", 0), list) else 0,
             "context_length": int(context_length or hf.get("max_position_embeddings") or facts.get("max_positions") or 2048),
             "vocab_size": int(vocab),
-            "type": _KINDS.get(str(hf.get("model_type") or facts.get("model_type") or "llama"), "llama"),
+            "type": (_KINDS.get(str(hf.get("model_type") or facts.get("model_type")), "llama")
+                     if hf.get("model_type") or facts.get("model_type") else src.get("type", "llama")),
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": MODEL_FILE,
@@ -197,6 +203,17 @@ def rewrite_folder(source: str | os.PathLike, output: str | os.PathLike) -> list
     notices: list[str] = []
     write_folder(model, folder, source=src, context_length=config["model"].get("context_length"), notices=notices)
     return notices
+
+
+def _source_genai(folder: Path | None) -> dict[str, Any]:
+    """The ``model`` section of the genai_config.json in ``folder`` ({} when there is none)."""
+    if folder is None or not (folder / CONFIG).is_file():
+        return {}
+    try:
+        section = json.loads((folder / CONFIG).read_text()).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return section if isinstance(section, dict) else {}
 
 
 def _hf_config(folder: Path | None) -> dict[str, Any]:

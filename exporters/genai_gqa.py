@@ -80,12 +80,33 @@ def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str
     """Rewrite ``model`` in place into genai's shared-buffer GroupQueryAttention form.
 
     Returns None when rewritten, else why not (the graph is then unchanged)."""
+    if already_shared(model):
+        return None
     try:
         plans, mask = _plan(model, hf_config or {}, context_length)
     except _Refused as reason:
         return str(reason)
     _rewrite(model, plans, mask, context_length)
     return None
+
+
+def already_shared(model: ir.Model) -> bool:
+    """The graph is in the shared-buffer form already (onnxruntime-genai's model builder writes
+    it; so does this module): every attention a GroupQueryAttention with rotary inside, no
+    ``position_ids`` input, and each past read by its attention alone, so that nothing sees how
+    long the buffer is (the windows, where any, are the ops' own)."""
+    graph = model.graph
+    nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS]
+    if not nodes or any(v.name == "position_ids" for v in graph.inputs):
+        return False
+    for node in nodes:
+        if (not node.attributes.get_int("do_rotary", 0) or len(node.inputs) < 9
+                or node.inputs[7] is None or node.inputs[8] is None):
+            return False
+    pasts = [v for v in graph.inputs if (v.name or "").startswith("past_key_values.")]
+    return bool(pasts) and all(
+        user.op_type == "GroupQueryAttention" and user.domain == MS and index in (3, 4)
+        for past in pasts for user, index in past.uses())
 
 
 def sliding_window(model: ir.Model, hf: dict[str, Any]) -> tuple[int, list[str]] | None:

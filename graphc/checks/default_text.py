@@ -44,6 +44,31 @@ ENCODER_CALIBRATION_MAX_FEEDS = 16
 
 
 def _max_positions(model: ir.Model) -> int | None:
+    """The longest sequence the model serves: its Hugging Face config's, else the rows of the
+    rotary caches inside the graph (another exporter's decoder, e.g. onnxruntime-genai's model
+    builder, whose GroupQueryAttention refuses a longer one)."""
+    return _config_positions(model) or _rotary_positions(model)
+
+
+# (op type, index of its cos cache input): rotary tables of this many rows cap the positions
+_ROTARY_CACHE_INPUT = {"GroupQueryAttention": 7, "RotaryEmbedding": 2}
+
+
+def _rotary_positions(model: ir.Model) -> int | None:
+    rows = []
+    for node in model.graph:
+        at = _ROTARY_CACHE_INPUT.get(node.op_type)
+        if at is None or node.domain != "com.microsoft" or len(node.inputs) <= at or node.inputs[at] is None:
+            continue
+        if node.op_type == "GroupQueryAttention" and not node.attributes.get_int("do_rotary", 0):
+            continue
+        shape = node.inputs[at].shape
+        if shape is not None and len(shape) == 2 and isinstance(shape[0], int) and shape[0] > 1:
+            rows.append(int(shape[0]))
+    return min(rows) if rows else None
+
+
+def _config_positions(model: ir.Model) -> int | None:
     from graphc.checks.text_data import SOURCE_FOLDER_KEY
 
     folder = model.metadata_props.get(SOURCE_FOLDER_KEY)

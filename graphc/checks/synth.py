@@ -49,6 +49,86 @@ def is_kv_decoder(model: ir.Model) -> bool:
     return any((v.name or "").startswith(PAST_PREFIX) for v in model.graph.inputs)
 
 
+_ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention")
+
+
+def past_head_size(value: ir.Value) -> int | None:
+    """The head size of a past key/value input [batch, kv_heads, past, head] whose last dim is
+    symbolic (onnxruntime-genai's model builder names it ``kv_cache_dim``): from the attention
+    op that reads it, its query projection's width over its heads (Q, K and V packed into the
+    query when the op has no key input). None when no such op or constant weight says it."""
+    for user, _ in value.uses():
+        if user.op_type not in _ATTENTION_OPS or user.domain != "com.microsoft" or not user.inputs:
+            continue
+        heads = user.attributes.get_int("num_heads", 0)
+        kv_heads = user.attributes.get_int("kv_num_heads", heads)
+        width = _projected_width(user.inputs[0])
+        if not heads or not width:
+            continue
+        packed = len(user.inputs) < 2 or user.inputs[1] is None
+        parts = heads + 2 * kv_heads if packed else heads
+        if width % parts == 0:
+            return width // parts
+    return None
+
+
+def _projected_width(value: ir.Value | None, depth: int = 0) -> int | None:
+    """The last dim of ``value``: static, or the output width of the constant-weight MatMul
+    (or MatMulNBits) that makes it, through a bias Add."""
+    if value is None or depth > 3:
+        return None
+    if value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
+        return int(value.shape[-1])
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "MatMul" and len(node.inputs) > 1 and node.inputs[1] is not None:
+        w = node.inputs[1]
+        if w.const_value is not None and w.shape is not None and isinstance(w.shape[-1], int):
+            return int(w.shape[-1])
+    if node.op_type == "MatMulNBits":
+        n = node.attributes.get_int("N", 0)
+        return n or None
+    if node.op_type == "Add":
+        return next((w for x in node.inputs if (w := _projected_width(x, depth + 1))), None)
+    return None
+
+
+def _past_dims(value: ir.Value, batch: int, past: int, seq: int) -> list[int]:
+    """A past input's dims where symbolic: the batch, the past length (``past + seq`` for a dim
+    named total), and for [batch, kv_heads, past, head] the KV heads and head size from the
+    attention op that reads it."""
+    shape = list(value.shape or [])
+    dims = []
+    for i, d in enumerate(shape):
+        if isinstance(d, int) and d >= 0:
+            dims.append(d)
+        elif i == 0:
+            dims.append(batch)
+        elif len(shape) == 4 and i in (1, 3):
+            size = past_kv_heads(value) if i == 1 else past_head_size(value)
+            if size is None:
+                raise ValidationError(f"cannot tell the {'KV heads' if i == 1 else 'head size'} of input "
+                                      f"{value.name!r} (dim {d!r}): give its shape with --input-shape or the inputs "
+                                      "with --inputs")
+            dims.append(size)
+        elif "total" in str(d).lower():
+            dims.append(past + seq)
+        else:
+            dims.append(past)
+    return dims
+
+
+def past_kv_heads(value: ir.Value) -> int | None:
+    """The KV heads of a past input whose dim 1 is symbolic, from the attention op reading it."""
+    for user, _ in value.uses():
+        if user.op_type in _ATTENTION_OPS and user.domain == "com.microsoft":
+            heads = user.attributes.get_int("kv_num_heads", 0) or user.attributes.get_int("num_heads", 0)
+            if heads:
+                return heads
+    return None
+
+
 def complete_decoder_feeds(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Text feeds (input_ids, attention_mask) made into prefill calls of a KV-cache decoder:
     positions from the mask, an empty past. Other models' feeds are returned as they are."""
@@ -64,7 +144,7 @@ def complete_decoder_feeds(model: ir.Model, feeds: Sequence[dict[str, np.ndarray
             if value.name == "position_ids" and "attention_mask" in feed:
                 feed[value.name] = np.clip(np.cumsum(feed["attention_mask"], axis=1) - 1, 0, None).astype(np.int64)
             elif value.name.startswith(PAST_PREFIX) and value.shape is not None:
-                dims = [batch, *(d if isinstance(d, int) else 0 for d in list(value.shape)[1:])]
+                dims = _past_dims(value, batch, 0, 0)
                 feed[value.name] = np.zeros(dims, _NP_TYPES.get(value.dtype, np.float32))
         out.append(feed)
     return out
@@ -98,7 +178,9 @@ def synthesize_inputs(
                                       "give the inputs (--inputs)")
             image = _is_image(value)
             dims = []
-            for i, d in enumerate(value.shape or []):
+            if kv and value.name.startswith(PAST_PREFIX) and value.shape is not None:
+                dims = _past_dims(value, synth_batch, past, seq)
+            for i, d in enumerate([] if dims else value.shape or []):
                 if isinstance(d, int) and d >= 0:  # -1 (Paddle, tf2onnx) means unknown
                     dims.append(d)
                 else:

@@ -1,0 +1,104 @@
+"""Another tool's decoder as the input: a folder written by onnxruntime-genai's model builder
+(GroupQueryAttention with rotary inside over a shared past/present buffer, head dims left
+symbolic, no graphc metadata, no config.json) goes through compress, as a .onnx and as a genai
+folder."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
+
+PROMPT = [5, 17, 33, 8, 61]
+POSITIONS = 96  # the rotary caches' rows: calibration windows must not be longer
+
+
+def _tiny_hf_folder(folder):
+    """A tiny Llama (head size 16, as ONNX Runtime's rotary inside the op wants) with a word-level
+    tokenizer, as a Hugging Face folder the builder reads."""
+    from graphc.core.arch import hf_offline
+
+    hf_offline()
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=96, vocab_size=100, max_position_embeddings=POSITIONS)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", bos_token="w1",
+                            eos_token="w2").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def builder_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("builder")
+    hf = root / "hf"
+    _tiny_hf_folder(hf)
+    out = root / "fp32"
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                           "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")], capture_output=True, text=True,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (hf / "config.json").unlink()  # nothing beside the graph but the builder's own files
+    return out
+
+
+def test_builder_graph_shapes_and_positions(builder_folder):
+    """The past's symbolic head dim is read from its attention (not set to 0, which ONNX Runtime
+    refuses), and default text windows stop at the rotary caches' rows."""
+    from graphc.checks import default_text, synth
+
+    model = ir.load(builder_folder / "model.onnx")
+    past = next(v for v in model.graph.inputs if v.name == "past_key_values.0.key")
+    assert not isinstance(past.shape[3], int)  # the builder leaves it symbolic
+    assert synth.past_head_size(past) == 16
+    prefill, decode = synth.synthesize_inputs(model, count=2)
+    assert prefill[past.name].shape == (2, 2, 0, 16) and decode[past.name].shape == (2, 2, 5, 16)
+    completed = synth.complete_decoder_feeds(model, [{"input_ids": np.zeros((1, 4), np.int64),
+                                                      "attention_mask": np.ones((1, 4), np.int64)}])
+    assert completed[0][past.name].shape == (1, 2, 0, 16)
+    assert default_text._max_positions(model) == POSITIONS
+
+
+def test_compress_builder_model(builder_folder, tmp_path):
+    from graphc.front.api import compress
+
+    out = tmp_path / "int8.onnx"
+    result = compress(builder_folder / "model.onnx", out, recipe="int8")
+    assert result.validation.passed and out.is_file()
+    assert f"up to {POSITIONS} tokens" in result.calibration  # windows cut at the rotary caches' rows
+    ops = {n.op_type for n in ir.load(out).graph}
+    assert "GroupQueryAttention" in ops and ops & {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
+
+
+def test_builder_folder_to_genai_folder(builder_folder, tmp_path):
+    """--genai on the builder's folder: its genai_config gives the facts, the graph keeps its
+    shared-buffer form, and genai generates the builder folder's own tokens (fuse) or runs (int4)."""
+    from graphc.exporters.genai import generate
+    from graphc.front.api import compress
+
+    want = generate(builder_folder, PROMPT, 12)
+    fused = tmp_path / "fuse"
+    result = compress(builder_folder / "model.onnx", fused, recipe="fuse", genai=True)
+    assert result.validation.passed
+    config = json.loads((fused / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert config["model"]["decoder"]["head_size"] == 16 and config["model"]["context_length"] == POSITIONS
+    assert generate(fused, PROMPT, 12) == want
+    q = tmp_path / "int4"
+    result = compress(builder_folder / "model.onnx", q, recipe="int4", genai=True)
+    assert result.validation.passed
+    graph = ir.load(q / "model.onnx").graph
+    assert any(n.op_type == "MatMulNBits" for n in graph)
+    assert all(n.attributes.get_int("do_rotary", 0) for n in graph if n.op_type == "GroupQueryAttention")
+    assert len(generate(q, PROMPT, 12)) == 12
