@@ -2,7 +2,7 @@
 
     python bench/bench_genai.py [--recipe recipes/smollm2-int4.toml] [--windows 8] [--new-tokens 128]
                                 [--prompt 512] [--reps 3] [--builder-variants default,k_quant_mixed] [--json OUT]
-                                [--folder LABEL=PATH ...]
+                                [--folder LABEL=PATH ...] [--fp32 graphc|builder]
 
 In one process, on this machine's CPU (named in the output):
 
@@ -10,6 +10,8 @@ In one process, on this machine's CPU (named in the output):
   converted SmolLM2 folder (and ``--extra_options algo_config=...`` variants), timed;
 - graphc: ``graphc export smollm2 --kv-cache --genai`` (fp32 folder), then ``graphc compress
   --genai --recipe RECIPE`` on its model, timed;
+- ``--recipe none``: no graphc folder of its own (the ``--folder`` ones only); ``--fp32 builder``:
+  the builder's ``-p fp32`` folder is the fp32 baseline instead of graphc's export;
 - a cached graphc folder written by an earlier version in the separate-buffer form is written
   again (``graphc.exporters.genai.rewrite_folder``: the same compressed graph, this version's
   genai writer, no recompression) and both are measured;
@@ -44,12 +46,12 @@ def onnx_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
 
 
-def build_builder(hf: Path, variant: str, fresh: bool) -> tuple[Path, float]:
-    out = WORK / f"builder-int4-{variant}"
+def build_builder(hf: Path, variant: str, fresh: bool, precision: str = "int4") -> tuple[Path, float]:
+    out = WORK / f"builder-{precision}-{variant}"
     if out.is_dir() and (out / "genai_config.json").is_file() and not fresh:
         stamp = WORK / f"{out.name}.seconds"
         return out, float(stamp.read_text()) if stamp.is_file() else float("nan")
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "int4",
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision,
            "-e", "cpu", "-c", str(WORK / "builder-cache")]
     if variant != "default":
         cmd += ["--extra_options", f"algo_config={variant}"]
@@ -62,7 +64,7 @@ def build_builder(hf: Path, variant: str, fresh: bool) -> tuple[Path, float]:
     return out, seconds
 
 
-def build_graphc(recipe: str, fresh: bool) -> tuple[Path, Path, float]:
+def build_graphc_fp32(fresh: bool) -> Path:
     import graphc
 
     fp32 = WORK / "graphc-fp32"
@@ -72,6 +74,13 @@ def build_graphc(recipe: str, fresh: bool) -> tuple[Path, Path, float]:
         shutil.rmtree(fp32, ignore_errors=True)
         with b8.quiet():
             graphc.export("smollm2", fp32, kv_cache=True, genai=True)
+    return fp32
+
+
+def build_graphc(recipe: str, fresh: bool) -> tuple[Path, Path, float]:
+    import graphc
+
+    fp32 = build_graphc_fp32(fresh)
     out = WORK / f"graphc-{Path(recipe).stem}"
     seconds = float("nan")
     if fresh or not (out / "genai_config.json").is_file():
@@ -215,15 +224,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     for variant in args.builder_variants.split(","):
         folders[f"builder int4 {variant}"], seconds[f"builder int4 {variant}"] = build_builder(hf, variant, args.fresh)
-    fp32, ours, secs = build_graphc(args.recipe, args.fresh)
-    folders["graphc fp32"] = fp32
-    name = f"graphc {Path(args.recipe).stem}"
-    served = served_form(ours)
-    if served is not None:
-        folders[f"{name} (separate buffers)"] = ours
-        seconds[f"{name} (separate buffers)"] = secs
-    folders[name] = served or ours
-    seconds[name] = secs
+    if args.fp32 == "builder":  # the builder's own fp32 folder as the baseline (and an input to compress)
+        folders["builder fp32"], seconds["builder fp32"] = build_builder(hf, "default", args.fresh, "fp32")
+    if args.recipe != "none":
+        fp32, ours, secs = build_graphc(args.recipe, args.fresh)
+        if args.fp32 == "graphc":
+            folders["graphc fp32"] = fp32
+        name = f"graphc {Path(args.recipe).stem}"
+        served = served_form(ours)
+        if served is not None:
+            folders[f"{name} (separate buffers)"] = ours
+            seconds[f"{name} (separate buffers)"] = secs
+        folders[name] = served or ours
+        seconds[name] = secs
+    elif args.fp32 == "graphc":
+        folders["graphc fp32"] = build_graphc_fp32(args.fresh)
     for extra in args.folder:
         label, _, path = extra.partition("=")
         folders[label] = Path(path)
@@ -240,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.reps):
         for name, folder in folders.items():
             speed[name].append(decode_speed(folder, prompt, args.new_tokens))
-    fp32_ppl = rows["graphc fp32"]["perplexity"]
+    fp32_ppl = rows[f"{args.fp32} fp32"]["perplexity"]
     for name in folders:
         rows[name]["prefill_ms"] = statistics.median(s["prefill_ms"] for s in speed[name])
         rows[name]["decode_tok_s"] = statistics.median(s["decode_tok_s"] for s in speed[name])
@@ -277,13 +292,16 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(b8.ROOT / "recipes" / "smollm2-int4.toml"))
+    parser.add_argument("--recipe", default=str(b8.ROOT / "recipes" / "smollm2-int4.toml"),
+                        help="graphc's recipe for its own folder (compressed here, then cached), or none")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--builder-variants", default="default,k_quant_mixed")
+    parser.add_argument("--fp32", choices=("graphc", "builder"), default="graphc",
+                        help="the fp32 baseline: graphc's own export, or the builder's -p fp32 folder (built here)")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--folder", action="append", default=[], metavar="LABEL=PATH",
                         help="also measure this genai folder (e.g. one compressed by `graphc compress --genai`)")

@@ -28,5 +28,6 @@ from graphc.passes import (  # noqa: F401
     split_skip_norm,
     split_vocab,
     svd_linear,
+    tie_head,
     trim_outputs,
 )

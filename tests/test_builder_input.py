@@ -18,8 +18,8 @@ POSITIONS = 96  # the rotary caches' rows: calibration windows must not be longe
 
 
 def _tiny_hf_folder(folder):
-    """A tiny Llama (head size 16, as ONNX Runtime's rotary inside the op wants) with a word-level
-    tokenizer, as a Hugging Face folder the builder reads."""
+    """A tiny Llama (head size 16, as ONNX Runtime's rotary inside the op wants; tied embeddings,
+    which the builder stores twice) with a word-level tokenizer, as a Hugging Face folder."""
     from graphc.core.arch import hf_offline
 
     hf_offline()
@@ -28,7 +28,8 @@ def _tiny_hf_folder(folder):
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=96, vocab_size=100, max_position_embeddings=POSITIONS)
+                         intermediate_size=96, vocab_size=100, max_position_embeddings=POSITIONS,
+                         tie_word_embeddings=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.generation_config.pad_token_id = 0
@@ -98,6 +99,8 @@ def test_builder_folder_to_genai_folder(builder_folder, tmp_path):
     q = tmp_path / "int4"
     result = compress(builder_folder / "model.onnx", q, recipe="int4", genai=True)
     assert result.validation.passed
+    tie = next(r for r in result.passes if r.name == "tie-head")
+    assert tie.stats["heads_tied"] == 1  # the builder's second copy of the table
     graph = ir.load(q / "model.onnx").graph
     assert any(n.op_type == "MatMulNBits" for n in graph)
     assert all(n.attributes.get_int("do_rotary", 0) for n in graph if n.op_type == "GroupQueryAttention")

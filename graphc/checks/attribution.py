@@ -299,7 +299,7 @@ def _measure(original: ir.Model, rewritten: ir.Model, pairs: dict[str, str], fee
             elif a.shape != b.shape:
                 reasons[name] = f"shape differs: {list(a.shape)} in the original, {list(b.shape)} rewritten"
             else:
-                per[name].append(_metrics(a, b, _row_mask(feed, a)))
+                per[name].append(_metrics(a, b, _row_mask(feed, a, name)))
     return per, reasons
 
 

@@ -166,13 +166,20 @@ class ValidationReport:
         }
 
 
-def _row_mask(feed: dict[str, np.ndarray], out: np.ndarray) -> np.ndarray | None:
+def _row_mask(feed: dict[str, np.ndarray], out: np.ndarray, name: str = "") -> np.ndarray | None:
     """Rows (tokens) that are real, not padding: from an ``attention_mask`` input whose shape
-    is the output's leading [batch, sequence]. Padded positions carry values nobody reads."""
+    is the output's leading [batch, sequence], or, for a KV cache's ``present*`` output [batch,
+    heads, total, head], its [batch, total]. Padded positions carry values nobody reads (and
+    GroupQueryAttention leaves a present's rows past each sequence's length unwritten)."""
     mask = feed.get("attention_mask")
-    if mask is None or out.ndim < 3 or tuple(mask.shape) != tuple(out.shape[:2]):
+    if mask is None or out.ndim < 3:
         return None
-    return np.asarray(mask).astype(bool)
+    mask = np.asarray(mask).astype(bool)
+    if tuple(mask.shape) == tuple(out.shape[:2]):
+        return mask
+    if name.startswith("present") and out.ndim == 4 and mask.ndim == 2 and (out.shape[0], out.shape[2]) == mask.shape:
+        return np.broadcast_to(mask[:, None, :], out.shape[:3])
+    return None
 
 
 def output_metrics(
@@ -362,7 +369,7 @@ def compare(
         except NotComparable as e:
             skipped.append(str(e))
             continue
-        masks = [_row_mask(feed, ref) for feed, ref in zip(feeds, refs)]
+        masks = [_row_mask(feed, ref, name) for feed, ref in zip(feeds, refs)]
         metrics.append(output_metrics(name, refs, gots, masks))
     if not metrics:
         raise ValidationError("no output could be compared (" + "; ".join(skipped) + ")")
