@@ -80,7 +80,9 @@ def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str
     """Rewrite ``model`` in place into genai's shared-buffer GroupQueryAttention form.
 
     Returns None when rewritten, else why not (the graph is then unchanged)."""
-    if already_shared(model):
+    if already_shared(model):  # (a packed Q/K/V that pack-nbits split goes in packed, as below)
+        if sum(_packed_qkv(n) for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS):
+            common.RemoveUnusedNodesPass()(model)
         return None
     try:
         plans, mask = _plan(model, hf_config or {}, context_length)
