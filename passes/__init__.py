@@ -25,7 +25,7 @@ from graphc.passes import (  # noqa: F401
     quantize_nbits,
     quantize_rnn_weights,
     remove_padding,
-    split_qkv,
+    split_packed,
     split_skip_norm,
     split_vocab,
     svd_linear,

@@ -101,7 +101,7 @@ def test_builder_folder_to_genai_folder(builder_folder, tmp_path):
     assert result.validation.passed
     tie = next(r for r in result.passes if r.name == "tie-head")
     assert tie.stats["heads_tied"] == 1  # the builder's second copy of the table
-    split = next(r for r in result.passes if r.name == "split-qkv")
+    split = next(r for r in result.passes if r.name == "split-packed")
     assert split.stats["attentions_split"] == 2  # Q, K and V planned apart
     graph = ir.load(q / "model.onnx").graph
     assert any(n.op_type == "MatMulNBits" for n in graph)
@@ -114,12 +114,12 @@ def test_split_qkv_is_exact(builder_folder):
     same logits."""
     from graphc.checks.synth import synthesize_inputs
     from graphc.checks.validate import make_session
-    from graphc.passes.split_qkv import SplitQkv
+    from graphc.passes.split_packed import SplitPacked
 
     model = ir.load(builder_folder / "model.onnx")
     feeds = synthesize_inputs(model, count=2)
     before = [make_session(model).run(None, f) for f in feeds]
-    result = SplitQkv()(model)
+    result = SplitPacked()(model)
     assert result.modified and result.stats.counts["attentions_split"] == 2
     attn = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert all(n.inputs[1] is not None and n.inputs[2] is not None for n in attn)
