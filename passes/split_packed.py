@@ -37,6 +37,7 @@ class SplitPacked(GraphcPass):
     name = "split-packed"
     summary = "packed projections (Q/K/V, gate/up) split into one MatMul each (planned and quantized apart)"
     keeps_activations = False  # new MatMul outputs (the inputs a calibration sweep reads are unchanged)
+    dtypes = ("float32", "float16")  # exact rewrites: the numbers are moved, not computed
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         graph = model.graph
@@ -83,7 +84,9 @@ def _pieces(node: ir.Node) -> list[tuple[ir.Value, int, int]] | None:
     if w is None or not users or out.is_graph_output():
         return None
     n = w.shape[1]
-    rank = len(out.shape) if out.shape is not None else None
+    # the output's rank: its own shape's, else its input's (a MatMul by a 2-D weight keeps it)
+    x = node.inputs[0]
+    rank = len(out.shape) if out.shape is not None else (len(x.shape) if x is not None and x.shape is not None else None)
     last = {-1} | ({rank - 1} if rank else set())
     if len(users) == 1 and users[0].op_type == "Split" and users[0].domain in ("", "ai.onnx"):
         split = users[0]
@@ -127,7 +130,7 @@ def _pieces(node: ir.Node) -> list[tuple[ir.Value, int, int]] | None:
 
 def _matmul(graph: ir.Graph, src: ir.Node, before: ir.Node, w: np.ndarray, a: int, b: int, part: str) -> ir.Node:
     wv = constant(graph, f"{src.inputs[1].name}.{part}", np.ascontiguousarray(w[:, a:b]))
-    mm = ir.node(ops.MATMUL, [src.inputs[0], wv], name=f"{src.name or 'packed'}/{part}")
+    mm = ir.node(ops.MATMUL, [src.inputs[0], wv], name=f"{src.name or src.inputs[1].name}/{part}")
     copy_scope(src, mm)
     graph.insert_before(before, mm)
     return mm
@@ -180,7 +183,7 @@ def _split_query(graph: ir.Graph, attn: ir.Node) -> str | None:
         out = _matmul(graph, node, attn, w, a, b, part).outputs[0]
         if bias is not None:
             bv = constant(graph, f"{bias_node.name or 'qkv_bias'}.{part}", np.ascontiguousarray(bias[a:b]))
-            add = ir.node("Add", [out, bv], name=f"{bias_node.name or 'qkv_bias'}/{part}")
+            add = ir.node("Add", [out, bv], name=f"{bias_node.name or bv.name}/{part}")
             copy_scope(bias_node, add)
             graph.insert_before(attn, add)
             out = add.outputs[0]

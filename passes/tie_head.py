@@ -28,6 +28,7 @@ class TieHead(GraphcPass):
     name = "tie-head"
     summary = "an LM head stored as a transposed copy of the embedding table reads the table again"
     keeps_activations = True  # the same numbers reach the MatMul
+    dtypes = ("float32", "float16")  # exact rewrites: the numbers are moved, not computed
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         graph = model.graph

@@ -131,6 +131,11 @@ PLANS: dict[str, Plan] = {
     # likewise recurrent layers: tests/passes/test_quantize_lstm.py and tests/third_party_graphs.lstm
     "quantize-lstm": Plan(min_transformed=0.0, why="no drawn graph has an LSTM"),
     "quantize-rnn-weights": Plan(min_transformed=0.0, why="no drawn graph has a recurrent layer"),
+    # exact rewrites of forms the drawn graphs do not hold (separate Q/K/V, one table per head):
+    # tests/passes/test_tie_head.py, tests/test_builder_input.py (the model builder's packed Q/K/V
+    # and second table copy) and the Phi-3 export (packed qkv_proj, gate_up_proj) cover them
+    "tie-head": Plan(min_transformed=0.0, why="no drawn graph stores its LM head as a copy of the table"),
+    "split-packed": Plan(min_transformed=0.0, why="no drawn graph packs projections into one MatMul"),
     # graphs whose projections are Gemm (legacy exports)
     "gemm-to-matmul": Plan(spec={"style": "legacy", "linear": "gemm"}, min_transformed=0.5),
 }
