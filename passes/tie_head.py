@@ -7,7 +7,9 @@ its bytes, and the passes that treat a tied table as one weight (``split-vocab``
 ``quantize-gather-block`` reading the head's codes) cannot see the tie. Where a MatMul's
 constant weight equals the transpose of a table an axis-0 ``Gather`` reads, bit for bit, the
 MatMul reads ``Transpose(table)`` instead (the form graphc's exporter writes for tied weights)
-and the copy goes. Exact: the same numbers reach the MatMul.
+and the copy goes. The builder's own tied form (the head's MatMul reads the weight W, the lookup
+``Gather(Transpose(W))``, which constant folding leaves alone when large) is turned into that
+form too, the table stored once. Exact: the same numbers reach the MatMul and the Gather.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import onnx_ir as ir
 from graphc.core import ops
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
-from graphc.passes._quant import const_array, drop_unused_initializers
+from graphc.passes._quant import const_array, constant, drop_unused_initializers
 
 SAMPLES = 64  # entries compared before the whole arrays are
 
@@ -32,11 +34,12 @@ class TieHead(GraphcPass):
 
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         graph = model.graph
+        turned = _turn_transposed_tables(graph, stats)
         tables = _tables(graph)
         if not tables:
             stats.notes.append("no embedding table (an axis-0 Gather of a 2-D float constant)")
-            return False
-        changed = False
+            return turned
+        changed = turned
         transposes: dict[int, ir.Value] = {}
         for node in list(graph):
             if node.op_type != ops.MATMUL or len(node.inputs) < 2 or node.inputs[1] is None:
@@ -67,9 +70,48 @@ class TieHead(GraphcPass):
                 break
         if changed:
             drop_unused_initializers(graph)
-        else:
+        if not stats.counts.get("heads_tied") and not stats.counts.get("tables_turned"):
             stats.notes.append("no MatMul weight is a transposed copy of an embedding table")
         return changed
+
+
+def _turn_transposed_tables(graph: ir.Graph, stats: PassStats) -> bool:
+    """The other tied form (onnxruntime-genai's model builder writes it): the head's MatMul reads
+    the weight W [hidden, vocab] and the lookup ``Gather(Transpose(W))``. Turned into graphc's
+    form, the table T = W^T stored once: ``Gather(T)``, the MatMuls ``MatMul(x, Transpose(T))``."""
+    changed = False
+    for node in list(graph):
+        if node.op_type != ops.GATHER or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+            continue
+        if node.attributes.get_int("axis", 0) != 0:
+            continue
+        transpose = node.inputs[0].producer()
+        if transpose is None or transpose.op_type != "Transpose" or transpose.graph is not graph:
+            continue
+        w = transpose.inputs[0]
+        perm = transpose.attributes.get_ints("perm", None)
+        array = w.const_value.numpy() if w is not None and w.const_value is not None else None
+        if array is None or array.ndim != 2 or (perm is not None and list(perm) != [1, 0]):
+            continue
+        readers = [(u, i) for u, i in w.uses() if u is not transpose]
+        if not readers or any(u.op_type != ops.MATMUL or i != 1 for u, i in readers) or w.is_graph_output():
+            continue  # W must be read only as a MatMul weight and by the lookup's Transpose
+        table = constant(graph, f"{w.name}.table", np.ascontiguousarray(array.T))
+        back = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, name=f"{table.name}/tied_head")
+        copy_scope(readers[0][0], back)
+        graph.insert_before(transpose, back)
+        for u, _ in readers:
+            u.replace_input_with(1, back.outputs[0])
+        for u, i in list(transpose.outputs[0].uses()):
+            u.replace_input_with(i, table)
+        graph.remove(transpose, safe=True)
+        stats.add("tables_turned")
+        stats.notes.append(f"{w.name}: the lookup read it through a Transpose; stored once as the table "
+                           f"{table.name!r}, the head reads its transpose")
+        changed = True
+    if changed:
+        drop_unused_initializers(graph)
+    return changed
 
 
 def _tables(graph: ir.Graph) -> list[tuple[ir.Value, np.ndarray]]:
