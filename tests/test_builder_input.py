@@ -17,21 +17,26 @@ PROMPT = [5, 17, 33, 8, 61]
 POSITIONS = 96  # the rotary caches' rows: calibration windows must not be longer
 
 
-def _tiny_hf_folder(folder):
-    """A tiny Llama (head size 16, as ONNX Runtime's rotary inside the op wants; tied embeddings,
-    which the builder stores twice) with a word-level tokenizer, as a Hugging Face folder."""
+def _tiny_hf_folder(folder, family="llama"):
+    """A tiny Llama (or Qwen2: Q/K/V biases, given random values) of head size 16, as ONNX
+    Runtime's rotary inside the op wants, with tied embeddings (which the builder stores once,
+    read by the lookup through a Transpose) and a word-level tokenizer, as a Hugging Face folder."""
     from graphc.core.arch import hf_offline
 
     hf_offline()
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=96, vocab_size=100, max_position_embeddings=POSITIONS,
-                         tie_word_embeddings=True)
+    kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    config = kind(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=100, max_position_embeddings=POSITIONS, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)}, unk_token="w0"))
@@ -40,11 +45,9 @@ def _tiny_hf_folder(folder):
                             eos_token="w2").save_pretrained(folder)
 
 
-@pytest.fixture(scope="module")
-def builder_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("builder")
+def _build(root, family="llama"):
     hf = root / "hf"
-    _tiny_hf_folder(hf)
+    _tiny_hf_folder(hf, family)
     out = root / "fp32"
     proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                            "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")], capture_output=True, text=True,
@@ -52,6 +55,11 @@ def builder_folder(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (hf / "config.json").unlink()  # nothing beside the graph but the builder's own files
     return out
+
+
+@pytest.fixture(scope="module")
+def builder_folder(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("builder"))
 
 
 def test_builder_graph_shapes_and_positions(builder_folder):
@@ -151,3 +159,28 @@ def test_builder_tied_form_turned_into_one_table(builder_folder):
     assert head.inputs[1].producer().op_type == "Transpose" and head.inputs[1].producer().inputs[0] is table
     assert sum(1 for v in model.graph.initializers.values() if v.shape is not None and 100 in list(v.shape)) == 1
     np.testing.assert_array_equal(make_session(model).run(None, feed)[0], before)
+
+
+def test_split_packed_with_biases_is_exact(tmp_path):
+    """Qwen2's Q/K/V biases, packed by the builder into one Add before the op: split with the
+    projections, the same logits; its int4 genai folder validates and generates."""
+    from graphc.checks.synth import synthesize_inputs
+    from graphc.checks.validate import make_session
+    from graphc.exporters.genai import generate
+    from graphc.front.api import compress
+    from graphc.passes.split_packed import SplitPacked
+
+    folder = _build(tmp_path, "qwen2")
+    model = ir.load(folder / "model.onnx")
+    attn = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert attn.inputs[0].producer().op_type == "Add"  # the packed bias
+    feeds = synthesize_inputs(model, count=2)
+    before = [make_session(model).run(None, f)[0] for f in feeds]
+    assert SplitPacked()(model).stats.counts["attentions_split"] == 2
+    assert all(n.inputs[i].producer().op_type == "Add" for n in model.graph if n.op_type == "GroupQueryAttention"
+               for i in range(3))
+    for f, ref in zip(feeds, before):
+        np.testing.assert_allclose(make_session(model).run(None, f)[0], ref, rtol=1e-5, atol=1e-5)
+    q = tmp_path / "int4"
+    assert compress(folder / "model.onnx", q, recipe="int4", genai=True).validation.passed
+    assert len(generate(q, PROMPT, 8)) == 8
