@@ -45,12 +45,12 @@ def _tiny_hf_folder(folder, family="llama"):
                             eos_token="w2").save_pretrained(folder)
 
 
-def _build(root, family="llama"):
+def _build(root, family="llama", precision="fp32"):
     hf = root / "hf"
     _tiny_hf_folder(hf, family)
-    out = root / "fp32"
+    out = root / precision
     proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                           "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")], capture_output=True, text=True,
+                           "-p", precision, "-e", "cpu", "-c", str(root / "cache")], capture_output=True, text=True,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (hf / "config.json").unlink()  # nothing beside the graph but the builder's own files
@@ -184,3 +184,13 @@ def test_split_packed_with_biases_is_exact(tmp_path):
     q = tmp_path / "int4"
     assert compress(folder / "model.onnx", q, recipe="int4", genai=True).validation.passed
     assert len(generate(q, PROMPT, 8)) == 8
+
+
+def test_builder_int4_folder_keeps_its_quantized_weights_and_says_so(tmp_path):
+    from graphc.front.api import compress
+
+    folder = _build(tmp_path, precision="int4")
+    result = compress(folder / "model.onnx", tmp_path / "again.onnx", recipe="int4")
+    assert result.validation.passed
+    said = [n for n in result.notices if "already holds quantized weights" in n]
+    assert said and "MatMulNBits x" in said[0]

@@ -120,3 +120,21 @@ def summary_lines(leftovers: Sequence[Leftover], fmt_bytes) -> list[str]:
         more = f" (+{len(e.reasons) - 3} more)" if len(e.reasons) > 3 else ""
         lines.append(f"  {e.op:16s} {e.tensors:4d} weights {fmt_bytes(e.bytes):>10s}: {'; '.join(e.reasons[:3])}{more}")
     return lines
+
+
+# ops whose weights an input model already holds quantized: a recipe plans and fits float weights
+# only, so these stay as the model has them
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "MatMulIntegerToFloat",
+                 "DynamicQuantizeMatMul", "QLinearMatMul", "QAttention", "QLinearConv", "ConvInteger",
+                 "DynamicQuantizeLSTM")
+
+
+def already_quantized(model: ir.Model) -> str:
+    """The input's quantized weight ops as 'MatMulNBits x 211, GatherBlockQuantized x 1' (''
+    when none): such weights are kept as they are, which the run says."""
+    counts: dict[str, int] = {}
+    for graph in _graphs(model):
+        for node in graph:
+            if node.op_type in QUANTIZED_OPS:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return ", ".join(f"{op} x {n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))

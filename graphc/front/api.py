@@ -250,6 +250,12 @@ def compress(
     notices = [f"--disable {d}: not in recipe {recipe_obj.name}" for d in disable if d in unknown]
     if adapted:
         notices.append(f"recipe {recipe_obj.name!r}: its {adapted} form ({recipe_obj.description})")
+    from graphc.core.leftover import already_quantized
+
+    held = already_quantized(ir_model)
+    if held:
+        notices.append(f"the model already holds quantized weights ({held}): kept as they are (a recipe plans "
+                       "and quantizes float weights only)")
     from graphc.core import tempdirs
 
     swept = tempdirs.sweep_run(output)  # folders of runs on this host that were killed (SIGKILL, OOM)
