@@ -107,7 +107,7 @@ def test_output_onto_a_symlink_to_the_input_data_is_refused(tmp_path, capsys):
 
 
 # dump files are named NN-<pass>.onnx by the step's position among the enabled passes: in the
-# cleanup recipe, 02-fold-constants.onnx
+# cleanup recipe, 02-fold-constants.onnx and 06-shape-inference.onnx
 @pytest.mark.parametrize("case", ["input-named-like-dump", "input-data-named-like-dump", "unrelated-existing-file"])
 def test_dump_dir_never_replaces_a_file(case, tmp_path, capsys):
     dump = tmp_path / "dump"
@@ -122,7 +122,7 @@ def test_dump_dir_never_replaces_a_file(case, tmp_path, capsys):
     else:
         src = tmp_path / "m.onnx"
         onnx.save(tiny_model_proto(), src)
-        clash = dump / "05-shape-inference.onnx.data"
+        clash = dump / "06-shape-inference.onnx.data"
         clash.write_bytes(b"someone else's file")
     out = tmp_path / "o.onnx"
     before, files = Snapshot(tmp_path), _files(tmp_path)
