@@ -77,13 +77,13 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
     arch = read_arch_facts(model)
     facts: dict[str, Any] = dict(arch.__dict__) if arch is not None else {}
     hf = _hf_config(tokenizer_folder)
-    if context_length is None and tokenizer_folder is not None and (tokenizer_folder / CONFIG).is_file():
-        # a genai folder the model came from: keep its context (sizes the rotary caches)
-        context_length = json.loads((tokenizer_folder / CONFIG).read_text()).get("model", {}).get("context_length")
-    # a genai folder the model came from (another tool's, e.g. the model builder's): its facts
-    # where the model's metadata and a Hugging Face config are silent
+    # a genai folder the model came from (graphc's, or another tool's such as the model
+    # builder's): its context (sizes the rotary caches), and its facts where the model's metadata
+    # and a Hugging Face config are silent
     src = _source_genai(tokenizer_folder)
     dec = src.get("decoder", {})
+    if context_length is None:
+        context_length = src.get("context_length")
     layers = sum(1 for v in model.graph.inputs if v.name.endswith(".key") and v.name.startswith("past_key_values."))
     heads = facts.get("num_heads") or hf.get("num_attention_heads") or dec.get("num_attention_heads")
     kv_heads = facts.get("num_kv_heads") or hf.get("num_key_value_heads") or dec.get("num_key_value_heads") or heads

@@ -80,9 +80,8 @@ def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str
     """Rewrite ``model`` in place into genai's shared-buffer GroupQueryAttention form.
 
     Returns None when rewritten, else why not (the graph is then unchanged)."""
-    if already_shared(model):  # (a packed Q/K/V that pack-nbits split goes in packed, as below)
-        if sum(_packed_qkv(n) for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS):
-            common.RemoveUnusedNodesPass()(model)
+    if already_shared(model):
+        _pack_queries(model, [n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS])
         return None
     try:
         plans, mask = _plan(model, hf_config or {}, context_length)
@@ -376,8 +375,7 @@ def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length
             present.shape = ir.Shape([present.shape[0], present.shape[1], "present_sequence_length", present.shape[3]])
         _drop_reshape_round_trips(node, query)
     common.RemoveUnusedNodesPass()(model)  # the separate rotary goes: Q and K have one reader each
-    if sum(_packed_qkv(plan.node) for plan in plans):
-        common.RemoveUnusedNodesPass()(model)
+    _pack_queries(model, [plan.node for plan in plans])
     unused = [v for v in graph.inputs if v.name == "position_ids" and not v.uses()]
     for value in unused:  # genai then feeds no positions (the op derives them)
         graph.inputs.remove(value)
@@ -400,6 +398,12 @@ def _made(graph: ir.Graph, before: ir.Node, value: ir.Value | _Reshaped, taken: 
         node.metadata_props[ops.META_PASS] = STEP
     graph.insert_before(before, made)
     return out
+
+
+def _pack_queries(model: ir.Model, nodes: list[ir.Node]) -> None:
+    """:func:`_packed_qkv` on each attention; the Splits it bypassed go."""
+    if sum(_packed_qkv(node) for node in nodes):
+        common.RemoveUnusedNodesPass()(model)
 
 
 def _packed_qkv(node: ir.Node) -> bool:

@@ -61,6 +61,18 @@ def planned_config(node: ir.Node, bits: int, block_size: int) -> tuple[int, int,
     return (int(b) if b else bits), (int(k) if k else block_size), True
 
 
+def gather_tables(graph: ir.Graph) -> list[ir.Value]:
+    """2-D float constants a ``Gather`` reads as its table, in graph order, once each (who else
+    reads them: :func:`table_readers`)."""
+    seen: dict[int, ir.Value] = {}
+    for node in graph:
+        if node.op_type == ops.GATHER and node.domain in ("", "ai.onnx") and node.inputs[0] is not None:
+            arr = const_array(node.inputs[0])
+            if arr is not None and arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
+                seen.setdefault(id(node.inputs[0]), node.inputs[0])
+    return list(seen.values())
+
+
 def table_readers(value: ir.Value):
     """(gathers, MatMuls reading the table as weight, (Transpose, MatMul) pairs reading T^T),
     or why the table must stay whole."""

@@ -29,8 +29,8 @@ import onnx_ir as ir
 from graphc.core import ops
 from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
 from graphc.passes import _lowrank as lr
-from graphc.passes._quant import const_array, constant, drop_unused_initializers
-from graphc.passes._weights import readable_tables
+from graphc.passes._quant import constant, drop_unused_initializers
+from graphc.passes._weights import gather_tables, readable_tables
 from graphc.core.registry import register
 
 
@@ -65,14 +65,8 @@ class LowRankEmbedding(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         rule, tied = self._validate()
         graph = model.graph
-        tables: dict[int, ir.Value] = {}
-        for node in graph:
-            if node.op_type == ops.GATHER and node.domain in ("", "ai.onnx") and node.inputs[0] is not None:
-                table = const_array(node.inputs[0])
-                if table is not None and table.ndim == 2 and np.issubdtype(table.dtype, np.floating):
-                    tables.setdefault(id(node.inputs[0]), node.inputs[0])
         modified = False
-        for value, label, gathers, direct, transposed, table in readable_tables(tables.values(), stats):
+        for value, label, gathers, direct, transposed, table in readable_tables(gather_tables(graph), stats):
             vocab, dim = table.shape
             if table.dtype != np.float32:
                 stats.skip(label, f"table dtype {table.dtype} is not float32")

@@ -41,8 +41,8 @@ from graphc.core import ops
 from graphc.core.errors import PassError, UnsupportedError
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.passes import _row_use as row_use
-from graphc.passes._quant import const_array, constant, drop_unused_initializers
-from graphc.passes._weights import readable_tables
+from graphc.passes._quant import constant, drop_unused_initializers
+from graphc.passes._weights import gather_tables, readable_tables
 from graphc.core.registry import register
 
 
@@ -80,7 +80,7 @@ class SplitVocab(GraphcPass):
         fractions = self._validate()
         graph = model.graph
         found = []
-        for value, label, gathers, direct, transposed, table in readable_tables(_tables(graph), stats):
+        for value, label, gathers, direct, transposed, table in readable_tables(gather_tables(graph), stats):
             if direct or not transposed or not gathers:
                 stats.skip(label, "not a table tied to an LM head (a Gather and a MatMul through a Transpose)")
                 continue
@@ -182,17 +182,6 @@ class SplitVocab(GraphcPass):
                     new.append(add)
                     total = add.outputs[0]
             _replace(graph, node, new)
-
-
-def _tables(graph: ir.Graph) -> list[ir.Value]:
-    """2-D float constants read by an axis-0 Gather as the table, in graph order, once each."""
-    seen: dict[int, ir.Value] = {}
-    for node in graph:
-        if node.op_type == ops.GATHER and node.domain in ("", "ai.onnx") and node.inputs[0] is not None:
-            arr = const_array(node.inputs[0])
-            if arr is not None and arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
-                seen.setdefault(id(node.inputs[0]), node.inputs[0])
-    return list(seen.values())
 
 
 def _tiers(table: np.ndarray, prob: np.ndarray, reads: np.ndarray, fractions) -> list[np.ndarray]:

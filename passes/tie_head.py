@@ -21,6 +21,7 @@ from graphc.core import ops
 from graphc.core.pass_base import GraphcPass, PassStats, copy_scope
 from graphc.core.registry import register
 from graphc.passes._quant import const_array, constant, drop_unused_initializers
+from graphc.passes._weights import gather_tables
 
 SAMPLES = 64  # entries compared before the whole arrays are
 
@@ -35,9 +36,9 @@ class TieHead(GraphcPass):
     def run(self, model: ir.Model, stats: PassStats) -> bool:
         graph = model.graph
         turned = _turn_transposed_tables(graph, stats)
-        tables = _tables(graph)
-        if not tables:
-            stats.notes.append("no embedding table (an axis-0 Gather of a 2-D float constant)")
+        tables = [(v, const_array(v)) for v in gather_tables(graph)]
+        if not tables:  # (a turned table is one: not reached after a turn)
+            stats.notes.append("no embedding table (a Gather of a 2-D float constant)")
             return turned
         changed = turned
         transposes: dict[int, ir.Value] = {}
@@ -109,22 +110,7 @@ def _turn_transposed_tables(graph: ir.Graph, stats: PassStats) -> bool:
         stats.notes.append(f"{w.name}: the lookup read it through a Transpose; stored once as the table "
                            f"{table.name!r}, the head reads its transpose")
         changed = True
-    if changed:
-        drop_unused_initializers(graph)
-    return changed
-
-
-def _tables(graph: ir.Graph) -> list[tuple[ir.Value, np.ndarray]]:
-    seen: dict[int, tuple[ir.Value, np.ndarray]] = {}
-    for node in graph:
-        if node.op_type != ops.GATHER or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
-            continue
-        if node.attributes.get_int("axis", 0) != 0 or id(node.inputs[0]) in seen:
-            continue
-        arr = const_array(node.inputs[0])
-        if arr is not None and arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating) and arr.shape[0] > 1:
-            seen[id(node.inputs[0])] = (node.inputs[0], arr)
-    return list(seen.values())
+    return changed  # (W, now unread, goes with the caller's drop_unused_initializers)
 
 
 def _same_transposed(w: np.ndarray, table: np.ndarray) -> bool:

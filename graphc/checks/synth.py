@@ -52,24 +52,33 @@ def is_kv_decoder(model: ir.Model) -> bool:
 _ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention")
 
 
+def _attention_of(value: ir.Value) -> ir.Node | None:
+    """The com.microsoft attention op that reads a past input."""
+    return next((u for u, _ in value.uses() if u.op_type in _ATTENTION_OPS and u.domain == "com.microsoft"), None)
+
+
+def past_kv_heads(value: ir.Value) -> int | None:
+    """The KV heads of a past input whose dim 1 is symbolic, from the attention op reading it."""
+    attn = _attention_of(value)
+    if attn is None:
+        return None
+    return attn.attributes.get_int("kv_num_heads", 0) or attn.attributes.get_int("num_heads", 0) or None
+
+
 def past_head_size(value: ir.Value) -> int | None:
     """The head size of a past key/value input [batch, kv_heads, past, head] whose last dim is
     symbolic (onnxruntime-genai's model builder names it ``kv_cache_dim``): from the attention
     op that reads it, its query projection's width over its heads (Q, K and V packed into the
     query when the op has no key input). None when no such op or constant weight says it."""
-    for user, _ in value.uses():
-        if user.op_type not in _ATTENTION_OPS or user.domain != "com.microsoft" or not user.inputs:
-            continue
-        heads = user.attributes.get_int("num_heads", 0)
-        kv_heads = user.attributes.get_int("kv_num_heads", heads)
-        width = _projected_width(user.inputs[0])
-        if not heads or not width:
-            continue
-        packed = len(user.inputs) < 2 or user.inputs[1] is None
-        parts = heads + 2 * kv_heads if packed else heads
-        if width % parts == 0:
-            return width // parts
-    return None
+    attn = _attention_of(value)
+    if attn is None or not attn.inputs:
+        return None
+    heads = attn.attributes.get_int("num_heads", 0)
+    kv_heads = attn.attributes.get_int("kv_num_heads", heads)
+    width = _projected_width(attn.inputs[0])
+    packed = len(attn.inputs) < 2 or attn.inputs[1] is None
+    parts = heads + 2 * kv_heads if packed else heads
+    return width // parts if heads and width and width % parts == 0 else None
 
 
 def _projected_width(value: ir.Value | None, depth: int = 0) -> int | None:
@@ -117,16 +126,6 @@ def _past_dims(value: ir.Value, batch: int, past: int, seq: int) -> list[int]:
         else:
             dims.append(past)
     return dims
-
-
-def past_kv_heads(value: ir.Value) -> int | None:
-    """The KV heads of a past input whose dim 1 is symbolic, from the attention op reading it."""
-    for user, _ in value.uses():
-        if user.op_type in _ATTENTION_OPS and user.domain == "com.microsoft":
-            heads = user.attributes.get_int("kv_num_heads", 0) or user.attributes.get_int("num_heads", 0)
-            if heads:
-                return heads
-    return None
 
 
 def complete_decoder_feeds(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
