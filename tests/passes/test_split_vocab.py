@@ -4,6 +4,7 @@ and mixed-precision gives the frequent tier more bits."""
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -20,7 +21,7 @@ V, H = 512, 32
 HOT = np.arange(7, 7 + 24)  # the ids the calibration text uses most
 
 
-def _tied(vocab=V, tied=True, seed=0, w_scale=0.3) -> ir.Model:
+def _tied(vocab=V, tied=True, seed=0, w_scale=0.3, opset=17) -> ir.Model:
     """e = Gather(E, ids); h = tanh(e W); logits = h E^T (or h F^T with its own F, untied)."""
     rng = np.random.default_rng(seed)
     inits = {"E": rng.standard_normal((vocab, H)).astype(np.float32),
@@ -37,7 +38,7 @@ def _tied(vocab=V, tied=True, seed=0, w_scale=0.3) -> ir.Model:
         nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])],
         [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model = ir.serde.deserialize_model(proto)
     for n in model.graph:
         if n.name == "head":
@@ -84,6 +85,30 @@ def test_float_function_unchanged_and_tiers_follow_the_fractions():
     assert [n.metadata_props["graphc.scope"] for n in heads] == ["lm_head.tier0", "lm_head.tier1", "lm_head.tier2"]
     assert result.stats.counts["tables_split"] == 1 and result.stats.counts["tiers"] == 3
     assert "E" not in model.graph.initializers  # the whole table is gone
+
+
+def test_the_logits_come_back_in_token_order_bit_for_bit():
+    # the reorder is a copy: the same bits as the tiers' logits give by column, through
+    # GatherElements (a fast copy in ONNX Runtime, where Gather on the last axis is slow)
+    test = _feeds(2, 9) + [{"input_ids": np.array([[3]], np.int64)}]
+    model = _split(_tied(), fractions=(1 / 16, 1 / 4)).model
+    back = [n for n in model.graph if n.outputs[0].name == "logits"]
+    assert [n.op_type for n in back] == ["GatherElements"]
+    cat = back[0].inputs[0]
+    col = next(v for n in model.graph for v in n.inputs if v is not None and v.name == "E_tier_column").const_value.numpy()
+    proto = ir.serde.serialize_model(model)
+    proto.graph.output.append(helper.make_tensor_value_info(cat.name, TensorProto.FLOAT, None))
+    s = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for f in test:
+        logits, tiers = s.run(["logits", cat.name], f)
+        np.testing.assert_array_equal(logits, tiers[..., col])
+        assert logits.shape == (*f["input_ids"].shape, V)
+
+
+def test_an_opset_without_int32_clip_is_left_alone_with_the_reason():
+    result = _split(_tied(opset=11))
+    assert not result.modified
+    assert any("opset 11 < 12" in s["reason"] for s in result.stats.skipped)
 
 
 def test_the_tokens_calibration_reads_most_lead():
