@@ -9,7 +9,8 @@ exactly 512 and new presents.
 The first folder is profiled once unreported first (a process's first profile runs slow). Prints,
 per folder, the kernel time per step, the number of kernels run per step, and the op
 types that take the most of it (same inputs for every folder: run them in one call to compare);
-then what a split LM head's logits reorder alone costs at 1 and at 512 tokens.
+then what a split LM head's logits reorder alone costs at 1 and at 512 tokens (the last-axis
+``Gather`` it was written as before 2026-12-07, and the ``GatherElements`` it is now).
 """
 
 from __future__ import annotations
@@ -72,23 +73,30 @@ def profile(folder: Path, threads: int = 2, max_buffer: int = 1024) -> tuple[flo
     return total / STEPS / 1000, sum(calls.values()) // STEPS, ops
 
 
-def reorder_ms(seq: int, vocab: int = 49152, threads: int = 2, reps: int = 5) -> float:
-    """Median time of a last-axis ``Gather`` of [1, seq, vocab] by a permutation: what a split LM
-    head's logits reorder (``split-vocab``) costs per run."""
+def reorder_ms(seq: int, op: str = "Gather", vocab: int = 49152, threads: int = 2, reps: int = 5) -> float:
+    """Median time of a split LM head's logits reorder (``split-vocab``) on [1, seq, vocab] by a
+    permutation: a last-axis ``Gather`` (its form before 2026-12-07) or the ``GatherElements``
+    over the permutation expanded to the logits' shape it writes now (int32, as the pass stores it)."""
     import time
 
     from onnx import TensorProto, helper, numpy_helper
 
-    perm = numpy_helper.from_array(np.random.default_rng(0).permutation(vocab).astype(np.int64), "perm")
-    graph = helper.make_graph([helper.make_node("Gather", ["x", "perm"], ["y"], axis=-1)], "reorder",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, vocab])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, vocab])], [perm])
+    perm = np.random.default_rng(0).permutation(vocab)
+    if op == "Gather":
+        nodes = [helper.make_node("Gather", ["x", "perm"], ["y"], axis=-1)]
+        inits = [numpy_helper.from_array(perm.astype(np.int64), "perm")]
+    else:
+        nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Expand", ["perm", "shape"], ["wide"]),
+                 helper.make_node("GatherElements", ["x", "wide"], ["y"], axis=-1)]
+        inits = [numpy_helper.from_array(perm.astype(np.int32), "perm")]
+    graph = helper.make_graph(nodes, "reorder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, vocab])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, vocab])], inits)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
                                    .SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = {"x": np.random.default_rng(1).random((1, seq, vocab), dtype=np.float32)}
-    session.run(None, x)
+    assert np.array_equal(session.run(None, x)[0], x["x"][..., perm])
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -109,8 +117,9 @@ def main() -> None:
         print(f"{path}: {total:.2f} ms a step in {kernels} kernels")
         for op, ms, n in ops:
             print(f"  {op:34s} {ms:7.3f} ms  {ms / total:6.1%}  ({n} calls)")
-    print(f"a split head's logits reorder (last-axis Gather over 49,152 columns): {reorder_ms(1):.2f} ms at "
-          f"1 token, {reorder_ms(512):.1f} ms at 512")
+    for op in ("Gather", "GatherElements"):
+        print(f"a split head's logits reorder over 49,152 columns by {op}: {reorder_ms(1, op):.2f} ms at "
+              f"1 token, {reorder_ms(512, op):.1f} ms at 512")
 
 
 if __name__ == "__main__":
