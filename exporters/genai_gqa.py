@@ -179,9 +179,10 @@ def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None) -> 
         raise _Refused(f"head size {head} is not a multiple of 16 (ONNX Runtime's rotary inside the op)")
     (q_rot, query), (k_rot, key) = (_whole_head_rotary(v, head, position_ids, node.name) for v in ins[:2])
     if (q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]
+            or _rotary_dims(q_rot, head) != _rotary_dims(k_rot, head)
             or q_rot.attributes.get_int("interleaved", 0) != k_rot.attributes.get_int("interleaved", 0)):
         raise _Refused(f"{node.name}: query and key rotate with different caches")
-    freq = _inv_freq(q_rot.inputs[2], q_rot.inputs[3], head)
+    freq = _inv_freq(q_rot.inputs[2], q_rot.inputs[3], _rotary_dims(q_rot, head))
     return _Plan(node, query, key, freq, q_rot.attributes.get_int("interleaved", 0))
 
 
@@ -240,15 +241,25 @@ def _whole_head_rotary(value: ir.Value, head: int, position_ids: ir.Value | None
     else:
         raise _Refused(f"{where}: query or key is not rotated by a RotaryEmbedding the op can take in "
                        "(partial rotary, or rotary left as primitive ops)")
-    if (rot.attributes.get_int("rotary_embedding_dim", 0) not in (0, head)
-            or rot.attributes.get_int("is_packed_batching", 0) or rot.attributes.get_float("scale", 1.0) != 1.0):
-        raise _Refused(f"{where}: rotary over part of the head, packed batches or a scale")
+    dims = _rotary_dims(rot, head)
+    if dims % 16:
+        raise _Refused(f"{where}: rotary over {dims} of {head} dims (ONNX Runtime's rotary inside the op takes "
+                       "a multiple of 16)")
+    if rot.attributes.get_int("is_packed_batching", 0) or rot.attributes.get_float("scale", 1.0) != 1.0:
+        raise _Refused(f"{where}: rotary over packed batches or with a scale")
     pos = rot.inputs[1]
     while pos is not None and pos.producer() is not None and pos.producer().op_type in ("Cast", "Expand"):
         pos = pos.producer().inputs[0]
     if position_ids is None or pos is not position_ids:
         raise _Refused(f"{where}: rotary positions are not the graph's position_ids")
     return rot, pre
+
+
+def _rotary_dims(rot: ir.Node, head: int) -> int:
+    """The dims of each head a ``RotaryEmbedding`` rotates: all, or the first ``rotary_embedding_dim``
+    (partial rotary: Phi-4-mini's 96 of 128; the op inside takes it from its caches' width)."""
+    dims = rot.attributes.get_int("rotary_embedding_dim", 0)
+    return dims if 0 < dims <= head else head
 
 
 def _inv_freq(cos: ir.Value, sin: ir.Value, head: int) -> np.ndarray:
@@ -260,7 +271,7 @@ def _inv_freq(cos: ir.Value, sin: ir.Value, head: int) -> np.ndarray:
         freq = _matmul_weight(angles) if angles is not None else None
         if freq is not None and freq.shape[0] == 1 and 2 * freq.size == head:
             return freq.reshape(-1)
-    raise _Refused("rotary caches are not cos/sin of positions × inv_freq over the whole head "
+    raise _Refused("rotary caches are not cos/sin of positions × inv_freq over the rotated dims "
                    "(scaled or precomputed caches)")
 
 

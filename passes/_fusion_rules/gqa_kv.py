@@ -138,11 +138,12 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
         without the Transpose there and back. None where the chain is not exactly that."""
         rot = x.producer()
         if (rot is None or rot.op_type != "RotaryEmbedding" or rot.domain != "com.microsoft" or len(rot.inputs) != 4
-                or any(rot.attributes.get_int(a, 0) for a in ("rotary_embedding_dim", "is_packed_batching"))):
+                or rot.attributes.get_int("is_packed_batching", 0)):
             return None
+        dims = rot.attributes.get_int("rotary_embedding_dim", 0)  # partial rotary: the first dims of a head
         cos = rot.inputs[2]
-        if cos is None or cos.shape is None or len(cos.shape) != 2 or cos.shape[1] != self._head // 2:
-            return None  # ORT takes a 3-D input's head size from the cache: it must be the whole head
+        if cos is None or cos.shape is None or len(cos.shape) != 2 or cos.shape[1] != (dims or self._head) // 2:
+            return None  # without rotary_embedding_dim ORT takes a 3-D input's head size from the cache
         transpose = rot.inputs[0].producer()
         if (transpose is None or transpose.op_type != "Transpose" or transpose.domain != ""
                 or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]):
@@ -157,6 +158,8 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
                 or rot.attributes.get_int("num_heads", 0) not in (0, x4.shape[2])):
             return None
         attributes = {name: attr for name, attr in rot.attributes.items()}
+        if dims:  # ORT reads a 3-D input's heads from num_heads when part of each head rotates
+            attributes["num_heads"] = x4.shape[2]
         return op.RotaryEmbedding(x3, *rot.inputs[1:], _domain="com.microsoft", **attributes)
 
 

@@ -69,7 +69,7 @@ class BroadcastCosSinCache(pattern.RewriteRuleClassBase):
             position_ids = op.Unsqueeze(position_ids, op.Constant(value_ints=[0]))
         position_ids = op.Cast(position_ids, to=ir.DataType.INT64)
         # ORT wants position ids [B, S]: broadcast the [1, S] ids over x's batch
-        batch = op.Shape(x, start=0, end=1)
+        batch = op.Shape(_batch_source(x), start=0, end=1)
         seq = op.Shape(position_ids, start=1, end=2)
         position_ids = op.Expand(position_ids, op.Concat(batch, seq, axis=0))
         if inv_freq not in self._caches:
@@ -83,6 +83,20 @@ class BroadcastCosSinCache(pattern.RewriteRuleClassBase):
         cos, sin = self._caches[inv_freq]
         return op.RotaryEmbedding(x, position_ids, cos, sin, interleaved=interleaved, num_heads=num_heads,
                                   _domain="com.microsoft")
+
+
+def _batch_source(x: ir.Value) -> ir.Value:
+    """A value with ``x``'s batch dim, read before any last-axis ``Slice`` (partial rotary rotates
+    ``x[..., :r]``): a ``Shape`` of the slice would be its second reader, and onnxscript's partial
+    rotary rule only folds a slice the rotary alone reads."""
+    node = x.producer()
+    while node is not None and node.op_type == "Slice" and node.domain == "" and len(node.inputs) >= 4:
+        axes = node.inputs[3].const_value if node.inputs[3] is not None else None
+        if axes is None or node.inputs[0] is None or 0 in axes.numpy().reshape(-1).tolist():
+            break
+        x = node.inputs[0]
+        node = x.producer()
+    return x
 
 
 rules = pattern.RewriteRuleSet([
