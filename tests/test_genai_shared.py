@@ -135,7 +135,7 @@ def test_compressed_folder_takes_the_shared_buffer_form(llama16, exported, tmp_p
     result = compress(src, tmp_path / "genai", recipe=recipe, genai=True)
     assert not [n for n in result.notices if SHARED_NOTICE in n]
     _assert_shared_form(tmp_path / "genai", rotary_rows=128, packed=packed)
-    plain = compress(src, tmp_path / "plain.onnx", recipe=recipe)
+    compress(src, tmp_path / "plain.onnx", recipe=recipe)
     ours = Decoder(tmp_path / "plain.onnx").greedy(np.array([PROMPT]), NEW).tokens[0].tolist()
     tokens = generate(tmp_path / "genai", PROMPT, NEW)
     assert tokens == ours
