@@ -51,6 +51,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("DeBERTa-v2", ("deberta-v2",), ENCODER),
     Family("DistilBERT", ("distilbert",), ENCODER),
     Family("ELECTRA", ("electra",), ENCODER),
+    Family("MPNet", ("mpnet",), ENCODER),
     Family("ViT", ("vit",), VISION),
     Family("DINOv2", ("dinov2",), VISION),
     Family("CLIP vision tower", ("clip_vision_model", "clip"), VISION,

@@ -36,6 +36,8 @@ def _configs() -> dict[str, Callable[[], Any]]:
         "distilbert": lambda: t.DistilBertConfig(vocab_size=TINY_VOCAB, max_position_embeddings=128, dim=32, n_layers=2,
                                                  n_heads=4, hidden_dim=64),
         "electra": lambda: t.ElectraConfig(**_SMALL, **_TEXT, embedding_size=16),
+        # relative position buckets added to every layer's scores (all-mpnet-base-v2's encoder)
+        "mpnet": lambda: t.MPNetConfig(**_SMALL, **_TEXT),
         "vit": lambda: t.ViTConfig(**_SMALL, **_VISION),
         "dinov2": lambda: t.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                                          **_VISION),
@@ -55,7 +57,7 @@ def _configs() -> dict[str, Callable[[], Any]]:
     }
 
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "electra")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "electra", "mpnet")
 VISION = ("vit", "dinov2", "clip_vision_model", "siglip_vision_model")
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "gpt2")
 FAMILIES = ENCODERS + VISION + DECODERS

@@ -51,6 +51,7 @@ FUSED = {
     "deberta-v2": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},  # MHA with the relative scores as bias
     "distilbert": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "electra": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
+    "mpnet": {**_ATTN, "skip_layer_norm": 5, "gelu": 2},  # MHA with position bias + mask as one bias
     "vit": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "dinov2": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "clip_vision_model": {**_ATTN, "skip_layer_norm": 3, "gelu": 2},  # QuickGelu

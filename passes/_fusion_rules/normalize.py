@@ -8,6 +8,9 @@ the same as broadcasting the scalar, so the constant becomes a scalar.
 ``Add(bias, x)``: the legacy exporter's Linear bias comes first; the MHA-bias rule wants it second.
 
 ``Div(1, x)``: the legacy exporter's ``rsqrt`` where the RMSNorm rules expect ``Reciprocal``.
+
+``Add(Add(scores, bias), mask)``: attention scores with a position bias added before the mask
+(MPNet's relative position buckets) as one additive mask, which the SDPA rule takes.
 """
 
 from __future__ import annotations
@@ -95,5 +98,37 @@ class ConstantSecondInAdd(pattern.RewriteRuleClassBase):
         return op.Add(x, bias)
 
 
+class ScoreBiasThenMask(pattern.RewriteRuleClassBase):
+    """``Add(Add(QKᵀ/scale, bias), mask)`` → ``Add(QKᵀ/scale, Add(bias, mask))``: MPNet adds its
+    relative position bias [B, H, S, S] and then the padding mask; onnxscript's SDPA rule takes one
+    additive mask. The bias and the mask are computed once for every layer, so the sum is too (one
+    node once common subexpressions merge). Float addition reassociated: the scores move by
+    rounding only (~1 ulp of the larger term)."""
+
+    def __init__(self, name: str, *, div: bool) -> None:
+        super().__init__(name)
+        self._div = div
+
+    def pattern(self, op, q, k, scale, bias, mask):
+        scores = op.MatMul(q, k)
+        scores = op.Div(scores, scale) if self._div else op.Mul(scores, scale)
+        return op.Add(op.Add(scores, bias), mask)
+
+    def check(self, context, scale, bias, mask, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if scale.const_value is None or scale.const_value.size != 1:
+            return result.fail("the scale is not a one-element constant", scale)
+        for v in (bias, mask):
+            if v.shape is None or len(v.shape) != 4:
+                return result.fail("bias and mask are not 4-D", v)
+        return result
+
+    def rewrite(self, op, q, k, scale, bias, mask, **_):
+        scores = op.MatMul(q, k)
+        scores = op.Div(scores, scale) if self._div else op.Mul(scores, scale)
+        return op.Add(scores, op.Add(bias, mask))
+
+
 rules = pattern.RewriteRuleSet([ScalarNanGuard.rule(), DivToReciprocal.rule(), StaticDimOfShape.rule(),
-                                ConstantSecondInAdd.rule()])
+                                ConstantSecondInAdd.rule(), ScoreBiasThenMask.rule("ScoreBiasThenMask_div", div=True),
+                                ScoreBiasThenMask.rule("ScoreBiasThenMask_mul", div=False)])
