@@ -52,6 +52,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("DistilBERT", ("distilbert",), ENCODER),
     Family("ELECTRA", ("electra",), ENCODER),
     Family("MPNet", ("mpnet",), ENCODER),
+    Family("ModernBERT", ("modernbert",), ENCODER),
     Family("ViT", ("vit",), VISION),
     Family("DINOv2", ("dinov2",), VISION),
     Family("CLIP vision tower", ("clip_vision_model", "clip"), VISION,

@@ -38,6 +38,10 @@ def _configs() -> dict[str, Callable[[], Any]]:
         "electra": lambda: t.ElectraConfig(**_SMALL, **_TEXT, embedding_size=16),
         # relative position buckets added to every layer's scores (all-mpnet-base-v2's encoder)
         "mpnet": lambda: t.MPNetConfig(**_SMALL, **_TEXT),
+        # rotary, bias-free norms, GeGLU; layer 1 attends within a local window of 8 tokens
+        "modernbert": lambda: t.ModernBertConfig(**_SMALL, **_TEXT, global_attn_every_n_layers=2, local_attention=8,
+                                                 pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                                 sep_token_id=2),
         "vit": lambda: t.ViTConfig(**_SMALL, **_VISION),
         "dinov2": lambda: t.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                                          **_VISION),
@@ -57,7 +61,7 @@ def _configs() -> dict[str, Callable[[], Any]]:
     }
 
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "electra", "mpnet")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "electra", "mpnet", "modernbert")
 VISION = ("vit", "dinov2", "clip_vision_model", "siglip_vision_model")
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "gpt2")
 FAMILIES = ENCODERS + VISION + DECODERS

@@ -52,6 +52,7 @@ FUSED = {
     "distilbert": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "electra": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "mpnet": {**_ATTN, "skip_layer_norm": 5, "gelu": 2},  # MHA with position bias + mask as one bias
+    "modernbert": {**_ATTN, "skip_layer_norm": 4, "rotary": 4},  # the local layer's window in the MHA bias
     "vit": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "dinov2": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},
     "clip_vision_model": {**_ATTN, "skip_layer_norm": 3, "gelu": 2},  # QuickGelu
@@ -207,6 +208,28 @@ def test_decoder_embedding_model_with_last_token_pooling(tmp_path):
     tokens, sentence = make_session(result.path).run(None, feed)
     last = tokens[np.arange(3), mask.sum(1) - 1]
     np.testing.assert_allclose(sentence, last / np.linalg.norm(last, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.families
+@_FULL
+def test_mpnet_sentence_transformer_folder(tmp_path):
+    """all-mpnet-base-v2's layout: an MPNet encoder, mean pooling, Normalize. The export pools as
+    sentence-transformers does, and int8 keeps the fused attention (position bias + mask as one
+    MultiHeadAttention bias) within tolerance."""
+    folder = tf.save_tiny_sentence_transformer(tmp_path / "mpnet", pooling="mean", model_type="mpnet")
+    result = api.export(str(folder), tmp_path / "mpnet.onnx")
+    assert result.input_names == ("input_ids", "attention_mask") and result.parity.ok
+    assert result.output_names == ("last_hidden_state", "sentence_embedding")
+    mask = np.ones((3, 9), np.int64)
+    mask[2, 5:] = 0
+    feed = {"input_ids": np.random.default_rng(4).integers(3, tf.TINY_VOCAB, (3, 9)), "attention_mask": mask}
+    tokens, sentence = make_session(result.path).run(None, feed)
+    m = mask[..., None].astype(np.float32)
+    mean = (tokens * m).sum(1) / m.sum(1)
+    np.testing.assert_allclose(sentence, mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    int8 = api.compress(str(result.path), str(tmp_path / "mpnet.int8.onnx"), recipe="int8", attribution=False)
+    assert int8.validation.passed
+    assert sum(n.op_type == "MultiHeadAttention" for n in int8.model.graph) == 2
 
 
 def test_sentence_transformers_dense_module_refused(tmp_path):

@@ -9,6 +9,9 @@ the same as broadcasting the scalar, so the constant becomes a scalar.
 
 ``Div(1, x)``: the legacy exporter's ``rsqrt`` where the RMSNorm rules expect ``Reciprocal``.
 
+``LayerNormalization(x, scale)`` of an ``Add`` without a bias (ModernBERT): given a zero bias, which
+onnxscript's SkipLayerNormalization rules want.
+
 ``Add(Add(scores, bias), mask)``: attention scores with a position bias added before the mask
 (MPNet's relative position buckets) as one additive mask, which the SDPA rule takes.
 """
@@ -129,6 +132,29 @@ class ScoreBiasThenMask(pattern.RewriteRuleClassBase):
         return op.Add(scores, op.Add(bias, mask))
 
 
+class ZeroBiasForSkipNorm(pattern.RewriteRuleClassBase):
+    """``LayerNormalization(x = Add(a, b), scale)`` → the same with a zero bias: exact (the op adds
+    0), and the form onnxscript's skip rules match (ModernBERT's norms have no bias)."""
+
+    def pattern(self, op, x, scale):
+        return op.LayerNormalization(x, scale, _outputs=["out"])
+
+    def check(self, context, x, scale, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.producer() is None or x.producer().op_type != "Add" or x.producer().domain != "":
+            return result.fail("the norm's input is not an Add (no skip to fuse)", x)
+        if scale.const_value is None or scale.shape is None or len(scale.shape) != 1:
+            return result.fail("scale is not a constant vector", scale)
+        if len(out.producer().outputs) != 1:
+            return result.fail("the norm's mean / inverse std outputs are read", out)
+        return result
+
+    def rewrite(self, op, x, scale, out, **_):
+        attributes = {name: attr for name, attr in out.producer().attributes.items()}
+        zero = np.zeros(scale.const_value.numpy().shape, scale.const_value.numpy().dtype)
+        return op.LayerNormalization(x, scale, op.Constant(value=ir.tensor(zero)), **attributes)
+
+
 rules = pattern.RewriteRuleSet([ScalarNanGuard.rule(), DivToReciprocal.rule(), StaticDimOfShape.rule(),
                                 ConstantSecondInAdd.rule(), ScoreBiasThenMask.rule("ScoreBiasThenMask_div", div=True),
-                                ScoreBiasThenMask.rule("ScoreBiasThenMask_mul", div=False)])
+                                ScoreBiasThenMask.rule("ScoreBiasThenMask_mul", div=False), ZeroBiasForSkipNorm.rule()])
