@@ -66,6 +66,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("Phi-3", ("phi3",), DECODER),
     Family("Gemma-3 (text)", ("gemma3_text",), DECODER),
     Family("GPT-2", ("gpt2",), DECODER),
+    Family("Granite", ("granite",), DECODER),
+    Family("OLMo-2", ("olmo2",), DECODER),
+    Family("SmolLM3", ("smollm3",), DECODER),
+    Family("StableLM", ("stablelm",), DECODER),
+    Family("Phi (1, 1.5, 2)", ("phi",), DECODER),
+    Family("StarCoder2", ("starcoder2",), DECODER),
+    Family("Falcon", ("falcon",), DECODER),
 )
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
 

@@ -56,6 +56,21 @@ def _configs() -> dict[str, Callable[[], Any]]:
                                                   sliding_window=64),
         "gpt2": lambda: t.GPT2Config(vocab_size=TINY_VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4,
                                      bos_token_id=1, eos_token_id=2),
+        # Llama-like, with multipliers on embeddings, residuals, attention and logits
+        "granite": lambda: t.GraniteConfig(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        # norms after attention and MLP (not before), Q and K normalized over the projection
+        "olmo2": lambda: t.Olmo2Config(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        # every second layer without rotary (NoPE), as SmolLM3's every fourth
+        "smollm3": lambda: t.SmolLM3Config(**_SMALL, **_TEXT, **_GQA, **_TOKENS, no_rope_layer_interval=2),
+        # LayerNorm with bias, rotary over a quarter of each head
+        "stablelm": lambda: t.StableLmConfig(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        # Phi-2: attention and MLP in parallel off one LayerNorm, partial rotary, GELU
+        "phi": lambda: t.PhiConfig(**_SMALL, **_TEXT, **_TOKENS),
+        # LayerNorm with bias, GELU MLP, sliding window
+        "starcoder2": lambda: t.Starcoder2Config(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        # Falcon's new decoder architecture: fused QKV with grouped KV heads, parallel attention and MLP
+        "falcon": lambda: t.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=TINY_VOCAB,
+                                         new_decoder_architecture=True, num_kv_heads=2, bos_token_id=1, eos_token_id=2),
         "t5": lambda: t.T5Config(vocab_size=TINY_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                  decoder_start_token_id=0),
     }
@@ -63,7 +78,8 @@ def _configs() -> dict[str, Callable[[], Any]]:
 
 ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "electra", "mpnet", "modernbert")
 VISION = ("vit", "dinov2", "clip_vision_model", "siglip_vision_model")
-DECODERS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "gpt2")
+DECODERS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "gpt2", "granite", "olmo2", "smollm3",
+            "stablelm", "phi", "starcoder2", "falcon")
 FAMILIES = ENCODERS + VISION + DECODERS
 
 

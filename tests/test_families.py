@@ -64,8 +64,16 @@ FUSED = {
     "phi3": {**_ATTN, "rms_norm": 5, "rotary": 4},
     "gemma3_text": {**_ATTN, "rms_norm": 13, "rotary": 4},
     "gpt2": {**_ATTN, "skip_layer_norm": 4, "gelu": 2},  # FastGelu
+    "granite": {**_ATTN, "rms_norm": 5, "rotary": 4},
+    "olmo2": {**_ATTN, "rms_norm": 9, "rotary": 4},
+    "smollm3": {**_ATTN, "rms_norm": 5, "rotary": 2},  # layer 1 has no rotary
+    "stablelm": {**_ATTN, "skip_layer_norm": 4, "rotary": 4},
+    "phi": {**_ATTN, "skip_layer_norm": 2, "gelu": 2, "rotary": 4},
+    "starcoder2": {**_ATTN, "skip_layer_norm": 4, "rotary": 4},
+    "falcon": {**_ATTN, "skip_layer_norm": 2, "rotary": 4},
 }
-ATTENTION_OP = {f: "GroupQueryAttention" for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")}
+ATTENTION_OP = {f: "GroupQueryAttention" for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "granite",
+                                                   "olmo2", "smollm3", "stablelm", "starcoder2", "falcon")}
 # (misses of the attention family, a phrase of the reason fuse-ort gives)
 MISSES = {
     "siglip_vision_model": (1, "rule SDPA"),  # the pooling head's torch MultiheadAttention
