@@ -23,6 +23,9 @@ The op then derives each token's position from ``seqlens_k`` (the past length pl
 which is what genai feeds as ``position_ids`` for a batch without padding: the same tokens as
 the separate rotary, and the same semantics as the builder's folders for padded batches.
 
+Layers the metadata or HF config lists as without rotary (``no_rope_layers``: SmolLM3's every fourth layer)
+go in with ``do_rotary = 0`` and no caches, provided nothing rotates their Q and K in the graph.
+
 A sliding window shorter than the context (the model's ``graphc.arch.sliding_window`` and
 ``layer_types``, or its HF config) becomes ``local_window_size`` on the layers that slide, the
 mask's job before (measured: genai's tokens equal PyTorch's past the window).
@@ -67,7 +70,7 @@ class _Plan:
     node: ir.Node
     query: ir.Value | _Reshaped  # [B, S, H·D] before rotary
     key: ir.Value | _Reshaped  # [B, S, Hkv·D] before rotary
-    freq: np.ndarray  # inv_freq, [D / 2]
+    freq: np.ndarray | None  # inv_freq, [D / 2]; None: a layer without rotary (NoPE)
     interleaved: int
     window: int = -1  # the op's local_window_size: a sliding layer's window, -1 for none
 
@@ -93,20 +96,28 @@ def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str
 
 def already_shared(model: ir.Model) -> bool:
     """The graph is in the shared-buffer form already (onnxruntime-genai's model builder writes
-    it; so does this module): every attention a GroupQueryAttention with rotary inside, no
-    ``position_ids`` input, and each past read by its attention alone, so that nothing sees how
-    long the buffer is (the windows, where any, are the ops' own)."""
+    it; so does this module): every attention a GroupQueryAttention with rotary inside (or none,
+    in a layer without rotary), no
+    ``position_ids`` input, and each past read by its attention alone (or by a ``Shape`` that
+    leaves out its length), so that nothing sees how long the buffer is (the windows, where any,
+    are the ops' own)."""
     graph = model.graph
     nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS]
     if not nodes or any(v.name == "position_ids" for v in graph.inputs):
         return False
+    rotary = [n for n in nodes if n.attributes.get_int("do_rotary", 0)]
+    if not rotary:
+        return False
     for node in nodes:
-        if (not node.attributes.get_int("do_rotary", 0) or len(node.inputs) < 9
-                or node.inputs[7] is None or node.inputs[8] is None):
+        if node in rotary:
+            if len(node.inputs) < 9 or node.inputs[7] is None or node.inputs[8] is None:
+                return False
+        elif any(v is not None and _rotated(v) for v in node.inputs[:2]):  # rotary outside the op
             return False
     pasts = [v for v in graph.inputs if (v.name or "").startswith("past_key_values.")]
     return bool(pasts) and all(
-        user.op_type == "GroupQueryAttention" and user.domain == MS and index in (3, 4)
+        (user.op_type == "GroupQueryAttention" and user.domain == MS and index in (3, 4))
+        or (user.op_type == "Shape" and user.domain == "" and _reads_no_length(user))
         for past in pasts for user, index in past.uses())
 
 
@@ -145,7 +156,10 @@ def _plan(model: ir.Model, hf: dict[str, Any], context_length: int) -> tuple[lis
     nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS]
     if not nodes:
         raise _Refused("attention is not GroupQueryAttention (compress with a fuse or int4 recipe for it)")
-    plans = [_plan_one(n, graph, inputs.get("position_ids")) for n in nodes]
+    nope = _nope_layers(model, hf)
+    plans = [_plan_one(n, graph, inputs.get("position_ids"), _layer(n) in nope) for n in nodes]
+    if all(plan.freq is None for plan in plans):
+        raise _Refused("no attention rotates its query and key")
     if window and window < context_length:  # a window as long as the context never drops a token
         for plan in plans:  # the op's local window: the model's sliding layers, as its mask had them
             layer = _layer(plan.node)
@@ -160,7 +174,19 @@ def _plan(model: ir.Model, hf: dict[str, Any], context_length: int) -> tuple[lis
     return plans, mask
 
 
-def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None) -> _Plan:
+def _nope_layers(model: ir.Model, hf: dict[str, Any]) -> set[int]:
+    """Layers that run without rotary, as the model's metadata (``graphc.arch.rope_layers``) or
+    its HF config (``no_rope_layers``: 1 where a layer uses rotary, 0 where not; SmolLM3) say."""
+    from graphc.exporters.metadata import read_arch_facts
+
+    facts = read_arch_facts(model)
+    flags: Any = facts.rope_layers.split(",") if facts is not None and facts.rope_layers else hf.get("no_rope_layers")
+    if not isinstance(flags, list):
+        return set()
+    return {i for i, use in enumerate(flags) if not int(use)}
+
+
+def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None, nope: bool = False) -> _Plan:
     if node.graph is not graph:
         raise _Refused(f"{node.name}: attention inside a subgraph")
     a = node.attributes
@@ -177,6 +203,10 @@ def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None) -> 
     head = _head_size(node)
     if head % 16:
         raise _Refused(f"head size {head} is not a multiple of 16 (ONNX Runtime's rotary inside the op)")
+    if nope:  # the config says no rotary here: the graph must agree
+        if any(_rotated(v) for v in ins[:2]):
+            raise _Refused(f"{node.name}: its layer has no rotary in the config, yet its query or key is rotated")
+        return _Plan(node, ins[0], ins[1], None, 0)
     (q_rot, query), (k_rot, key) = (_whole_head_rotary(v, head, position_ids, node.name) for v in ins[:2])
     if (q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]
             or _rotary_dims(q_rot, head) != _rotary_dims(k_rot, head)
@@ -184,6 +214,21 @@ def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None) -> 
         raise _Refused(f"{node.name}: query and key rotate with different caches")
     freq = _inv_freq(q_rot.inputs[2], q_rot.inputs[3], _rotary_dims(q_rot, head))
     return _Plan(node, query, key, freq, q_rot.attributes.get_int("interleaved", 0))
+
+
+def _rotated(value: ir.Value) -> bool:
+    """Some rotary (fused, per head, or primitive ``Sin``/``Cos`` products) upstream of ``value``
+    within its attention's input chain: the nearest ops up to a MatMul."""
+    seen, stack = set(), [value]
+    while stack:
+        node = stack.pop().producer()
+        if node is None or id(node) in seen or node.op_type in ("MatMul", "MatMulNBits", "Gemm"):
+            continue
+        seen.add(id(node))
+        if node.op_type in ("RotaryEmbedding", "Sin", "Cos"):
+            return True
+        stack.extend(v for v in node.inputs if v is not None and v.const_value is None)
+    return False
 
 
 def _head_size(node: ir.Node) -> int:
@@ -368,16 +413,19 @@ def _rewrite(model: ir.Model, plans: list[_Plan], mask: ir.Value, context_length
     caches: dict[bytes, tuple[ir.Value, ir.Value]] = {}
     for i, plan in enumerate(plans):
         node = plan.node
-        key = plan.freq.tobytes()
-        if key not in caches:
-            caches[key] = _caches(graph, plan.freq, context_length, node.inputs[0].dtype, taken)
-        cos, sin = caches[key]
+        cos = sin = None
+        if plan.freq is not None:
+            key = plan.freq.tobytes()
+            if key not in caches:
+                caches[key] = _caches(graph, plan.freq, context_length, node.inputs[0].dtype, taken)
+            cos, sin = caches[key]
         query, key_in = (_made(graph, node, v, taken) for v in (plan.query, plan.key))
-        node.resize_inputs(9)
+        node.resize_inputs(9 if cos is not None else 7)
         for index, value in ((0, query), (1, key_in), (5, seqlens), (6, total), (7, cos), (8, sin)):
-            node.replace_input_with(index, value)
+            if value is not None:
+                node.replace_input_with(index, value)
         node.attributes.pop("causal", None)  # the op's default: causal
-        node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
+        node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", int(cos is not None))
         node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", plan.interleaved)
         if plan.window > 0:
             node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", plan.window)

@@ -42,6 +42,7 @@ def arch_facts_from_config(config: Any) -> ArchFacts:
         vocab_size=int(get("vocab_size", 0)),
         sliding_window=int(get("sliding_window", 0) or 0) if get("use_sliding_window", True) else 0,
         layer_types=",".join(str(t) for t in (get("layer_types") or ())),
+        rope_layers=",".join(str(int(bool(t))) for t in (get("no_rope_layers") or ())),
     )
 
 

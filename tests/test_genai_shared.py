@@ -199,6 +199,38 @@ def test_partial_rotary_takes_the_shared_form(tmp_path):
     assert Decoder(tmp_path / "plain.onnx").greedy(np.array([PROMPT]), NEW).tokens[0].tolist() == expected
 
 
+def test_layers_without_rotary_take_the_shared_form(tmp_path):
+    """SmolLM3 leaves rotary out of some layers (``no_rope_layers`` in its config; here every
+    second): those go into GroupQueryAttention with do_rotary 0 and no caches, the others as
+    usual; genai's tokens are PyTorch's."""
+    from transformers import SmolLM3Config
+
+    from graphc.front.api import compress, export
+    from graphc.exporters.genai import generate
+    from graphc.exporters.genai_gqa import already_shared
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    config = SmolLM3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=100, max_position_embeddings=128, no_rope_layer_interval=2,
+                           bos_token_id=1, eos_token_id=99, pad_token_id=0)
+    assert config.no_rope_layers == [1, 0]  # layer 1 without rotary
+    folder, model = _save(tmp_path / "smollm3", config)
+    export(folder, tmp_path / "exp", kv_cache=True, genai=True)
+    result = compress(tmp_path / "exp" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+    assert not any(SHARED_NOTICE in n for n in result.notices)
+    config_json = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
+    assert config_json["search"]["past_present_share_buffer"] is True
+    written, attention = _attention(tmp_path / "genai")
+    by_layer = {n.inputs[3].name: n for n in attention}
+    rotary, plain = by_layer["past_key_values.0.key"], by_layer["past_key_values.1.key"]
+    assert rotary.attributes.get_int("do_rotary") == 1 and rotary.inputs[7] is not None
+    assert plain.attributes.get_int("do_rotary") == 0 and len(plain.inputs) == 7
+    assert not [n for n in written.graph if n.op_type == "RotaryEmbedding"]
+    assert already_shared(written)  # a second write keeps it as it is
+    assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
+
+
 def test_partial_rotary_falls_back_with_a_notice(tmp_path):
     """Phi-3 rotating 8 dims of each head: ONNX Runtime's rotary inside the op takes a multiple of
     16, so the folder keeps the model's rotary and separate buffers; tokens stay PyTorch's."""

@@ -40,6 +40,9 @@ class ArchFacts:
     # transformers' per-layer attention kinds, comma-separated ("sliding_attention,full_attention,
     # ..."); "" with a sliding window: every layer slides
     layer_types: str = ""
+    # 1 where a layer applies rotary, 0 where it does not (transformers' ``no_rope_layers``:
+    # SmolLM3), comma-separated; "": every layer as the model's attention says
+    rope_layers: str = ""
 
     def to_metadata(self) -> dict[str, str]:
         return {f"graphc.arch.{k}": str(v) for k, v in self.__dict__.items()}
