@@ -231,6 +231,46 @@ def test_layers_without_rotary_take_the_shared_form(tmp_path):
     assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
 
 
+def _family_config(family):
+    import transformers as t
+
+    size = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+            "vocab_size": 100, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 99, "pad_token_id": 0}
+    return {
+        "granite": lambda: t.GraniteConfig(**size, num_key_value_heads=2),
+        "olmo2": lambda: t.Olmo2Config(**size, num_key_value_heads=2),
+        "stablelm": lambda: t.StableLmConfig(**size, num_key_value_heads=2, partial_rotary_factor=1.0),
+        "starcoder2": lambda: t.Starcoder2Config(**size, num_key_value_heads=2),
+        "falcon": lambda: t.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                                         new_decoder_architecture=True, num_kv_heads=2, bos_token_id=1,
+                                         eos_token_id=99),
+        "phi": lambda: t.PhiConfig(**size, partial_rotary_factor=1.0),
+    }[family]()
+
+
+@pytest.mark.families
+@pytest.mark.skipif(__import__("os").environ.get("GRAPHC_FAMILIES") != "1",
+                    reason="set GRAPHC_FAMILIES=1 to run every family (~10 s each)")
+@pytest.mark.parametrize("family, shared", [("granite", True), ("olmo2", True), ("stablelm", True),
+                                            ("starcoder2", True), ("falcon", True), ("phi", False)])
+def test_more_decoder_families_generate_pytorchs_tokens(family, shared, tmp_path):
+    """The other decoder families at head size 16, fused: the shared-buffer form where their
+    attention is GroupQueryAttention (Phi-2's is MultiHeadAttention: separate buffers, with the
+    notice), and genai's greedy tokens equal PyTorch's either way."""
+    from graphc.front.api import compress, export
+    from graphc.exporters.genai import generate
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    folder, model = _save(tmp_path / family, _family_config(family))
+    export(folder, tmp_path / "exp", kv_cache=True, genai=True)
+    result = compress(tmp_path / "exp" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+    config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is shared
+    assert any(SHARED_NOTICE in n for n in result.notices) is not shared
+    assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
+
+
 def test_partial_rotary_falls_back_with_a_notice(tmp_path):
     """Phi-3 rotating 8 dims of each head: ONNX Runtime's rotary inside the op takes a multiple of
     16, so the folder keeps the model's rotary and separate buffers; tokens stay PyTorch's."""
