@@ -73,6 +73,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Phi (1, 1.5, 2)", ("phi",), DECODER),
     Family("StarCoder2", ("starcoder2",), DECODER),
     Family("Falcon", ("falcon",), DECODER),
+    Family("Gemma-2", ("gemma2",), DECODER),
 )
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
 
