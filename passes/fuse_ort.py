@@ -18,7 +18,7 @@ import onnx_ir.passes.common as common
 
 from graphc.core.errors import PassError
 from graphc.core.pass_base import GraphcPass, PassStats, choice
-from graphc.passes._fusion_rules import gemm_matmul, gqa_kv, normalize, sym_dims
+from graphc.passes._fusion_rules import gemm_matmul, gqa_kv, identity_reshape, normalize, sym_dims
 from graphc.passes._fusion_rules.table import FUSIONS, function_for, preparation
 from graphc.passes._fusion_rules.shapes import symbolic_shapes
 from graphc.passes._fusion_rules.misses import FAMILIES, anchors, best_partial_match, count_ops, miss_reason
@@ -99,6 +99,8 @@ class FuseOrt(GraphcPass):
             "rms_norm": self.options.normalization, "rotary": self.options.rotary,
         }
         report_misses(model, stats, before, enabled)  # before optimize inlines unconsumed intermediates
+        if reshapes := identity_reshape.apply(model):  # lets Transpose pairs cancel
+            stats.add("identity_reshapes", reshapes)
         optimize(model)
         leftovers = [n for n in model.graph.all_nodes() if n.domain.startswith(_PRIVATE_DOMAIN)]
         if leftovers:
