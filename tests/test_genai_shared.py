@@ -53,6 +53,18 @@ def exported(llama16, tmp_path_factory):
     return out, result
 
 
+def _fused_genai(tmp_path, name, config):
+    """The tiny model of ``config`` saved, exported with its cache as a genai folder, then
+    compressed with ``fuse`` into ``tmp_path / "genai"``: (the PyTorch model, the compress result)."""
+    from graphc.front.api import compress, export
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    folder, model = _save(tmp_path / name, config)
+    export(folder, tmp_path / "exp", kv_cache=True, genai=True)
+    return model, compress(tmp_path / "exp" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+
+
 def _torch_greedy(model, prompt, n):
     import torch
 
@@ -169,17 +181,13 @@ def test_partial_rotary_takes_the_shared_form(tmp_path):
     genai's tokens are PyTorch's."""
     from transformers import Phi3Config
 
-    from graphc.front.api import compress, export
+    from graphc.front.api import compress
     from graphc.exporters.genai import generate
-    from graphc.models.base import hf_offline
 
-    hf_offline()
-    config = Phi3Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=128, vocab_size=100, max_position_embeddings=128,
-                        partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=99, pad_token_id=0)
-    folder, model = _save(tmp_path / "phi3", config)
-    export(folder, tmp_path / "exp", kv_cache=True, genai=True)
-    result = compress(tmp_path / "exp" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+    model, result = _fused_genai(tmp_path, "phi3", Phi3Config(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=100, max_position_embeddings=128, partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=99,
+        pad_token_id=0))
     fuse = next(p for p in result.passes if p.name == "fuse-ort")
     assert fuse.stats.get("partial_rotary_embedding") == 4  # q and k of both layers
     # cos caches 8 wide: 16 dims. Phi-3's packed qkv_proj is cut by Slices under `fuse`; its output
@@ -203,19 +211,14 @@ def test_layers_without_rotary_take_the_shared_form(tmp_path):
     usual; genai's tokens are PyTorch's."""
     from transformers import SmolLM3Config
 
-    from graphc.front.api import compress, export
     from graphc.exporters.genai import generate
     from graphc.exporters.genai_gqa import already_shared
-    from graphc.models.base import hf_offline
 
-    hf_offline()
     config = SmolLM3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=128, vocab_size=100, max_position_embeddings=128, no_rope_layer_interval=2,
                            bos_token_id=1, eos_token_id=99, pad_token_id=0)
     assert config.no_rope_layers == [1, 0]  # layer 1 without rotary
-    folder, model = _save(tmp_path / "smollm3", config)
-    export(folder, tmp_path / "exp", kv_cache=True, genai=True)
-    result = compress(tmp_path / "exp" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+    model, result = _fused_genai(tmp_path, "smollm3", config)
     assert not any(SHARED_NOTICE in n for n in result.notices)
     config_json = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
     assert config_json["search"]["past_present_share_buffer"] is True
@@ -255,14 +258,9 @@ def test_more_decoder_families_generate_pytorchs_tokens(family, shared, tmp_path
     """The other decoder families at head size 16, fused: the shared-buffer form where their
     attention is GroupQueryAttention (Phi-2's is MultiHeadAttention: separate buffers, with the
     notice), and genai's greedy tokens equal PyTorch's either way."""
-    from graphc.front.api import compress, export
     from graphc.exporters.genai import generate
-    from graphc.models.base import hf_offline
 
-    hf_offline()
-    folder, model = _save(tmp_path / family, _family_config(family))
-    export(folder, tmp_path / "exp", kv_cache=True, genai=True)
-    result = compress(tmp_path / "exp" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+    model, result = _fused_genai(tmp_path, family, _family_config(family))
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is shared
     assert any(SHARED_NOTICE in n for n in result.notices) is not shared
@@ -274,17 +272,12 @@ def test_partial_rotary_falls_back_with_a_notice(tmp_path):
     16, so the folder keeps the model's rotary and separate buffers; tokens stay PyTorch's."""
     from transformers import Phi3Config
 
-    from graphc.front.api import compress, export
     from graphc.exporters.genai import generate
-    from graphc.models.base import hf_offline
 
-    hf_offline()
-    config = Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=128, vocab_size=100, max_position_embeddings=128,
-                        partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    folder, model = _save(tmp_path / "phi3", config)
-    export(folder, tmp_path / "exp", kv_cache=True, genai=True)
-    result = compress(tmp_path / "exp" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+    model, result = _fused_genai(tmp_path, "phi3", Phi3Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=100, max_position_embeddings=128, partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0))
     assert [n for n in result.model.graph if n.op_type == "GroupQueryAttention"]  # attention itself fused
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is False
