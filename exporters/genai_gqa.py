@@ -502,6 +502,8 @@ def _drop_reshape_round_trips(node: ir.Node, query: ir.Value) -> None:
             end = user.outputs[0]
             if not end.is_graph_output():
                 out.shape = end.shape
+                if out.type is None:  # a contrib op's output shape inference left untyped
+                    out.type = end.type
                 ir.convenience.replace_all_uses_with(end, out)
 
 
