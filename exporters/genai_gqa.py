@@ -190,8 +190,8 @@ def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None, nop
     if node.graph is not graph:
         raise _Refused(f"{node.name}: attention inside a subgraph")
     a = node.attributes
-    if a.get_int("do_rotary", 0) or a.get_int("local_window_size", -1) != -1 or a.get_float("softcap", 0.0):
-        raise _Refused(f"{node.name}: attention already has rotary, a local window or a softcap")
+    if a.get_int("do_rotary", 0) or a.get_int("local_window_size", -1) != -1:  # a softcap stays as it is
+        raise _Refused(f"{node.name}: attention already has rotary or a local window")
     ins = list(node.inputs) + [None] * (12 - len(node.inputs))
     if any(v is None for v in ins[:5]) or any(v is not None for v in ins[7:10] + ins[11:]):
         raise _Refused(f"{node.name}: not query, key, value and the past without rotary caches")

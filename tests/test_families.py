@@ -71,7 +71,7 @@ FUSED = {
     "phi": {**_ATTN, "skip_layer_norm": 2, "gelu": 2, "rotary": 4},
     "starcoder2": {**_ATTN, "skip_layer_norm": 4, "rotary": 4},
     "falcon": {**_ATTN, "skip_layer_norm": 2, "rotary": 4},
-    "gemma2": {"attention": 0, "rms_norm": 9, "rotary": 4},  # soft-capped scores: no fused op takes them yet
+    "gemma2": {"attention": 0, "rms_norm": 9, "rotary": 4},  # soft-capped scores: fused only with a KV cache
 }
 ATTENTION_OP = {f: "GroupQueryAttention" for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "granite",
                                                    "olmo2", "smollm3", "stablelm", "starcoder2", "falcon", "gemma2")}

@@ -246,23 +246,51 @@ def _family_config(family):
                                          new_decoder_architecture=True, num_kv_heads=2, bos_token_id=1,
                                          eos_token_id=99),
         "phi": lambda: t.PhiConfig(**size, partial_rotary_factor=1.0),
+        # soft-capped attention, a 4-token window on its sliding layer
+        "gemma2": lambda: t.Gemma2Config(**size, num_key_value_heads=2, head_dim=16, sliding_window=4),
     }[family]()
+
+
+def test_soft_capped_attention_fuses_with_its_cap(tmp_path):
+    """Gemma-2 caps its attention scores (cap · tanh(s / cap)) before the mask: the KV-cache graph
+    fuses into GroupQueryAttention with ``softcap``, and graphc.front.generate's tokens on it are
+    PyTorch's (the genai form: the family test above)."""
+    from graphc.front.api import compress, export
+    from graphc.front.generate import Decoder
+    from graphc.models.base import hf_offline
+
+    hf_offline()
+    folder, model = _save(tmp_path / "gemma2", _family_config("gemma2"))
+    export(folder, tmp_path / "kv.onnx", kv_cache=True)
+    result = compress(tmp_path / "kv.onnx", tmp_path / "fused.onnx", recipe="fuse")
+    attention = [n for n in result.model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2
+    assert all(n.attributes.get_float("softcap") == model.config.attn_logit_softcapping for n in attention)
+    tanh = [n for n in result.model.graph if n.op_type == "Tanh"]
+    assert len(tanh) == 1 and tanh[0].outputs[0].shape[-1] == 100  # only the final logits' own cap left
+    tokens = Decoder(tmp_path / "fused.onnx").greedy(np.array([PROMPT]), NEW).tokens[0].tolist()
+    assert tokens == _torch_greedy(model, PROMPT, NEW)
 
 
 @pytest.mark.families
 @pytest.mark.skipif(__import__("os").environ.get("GRAPHC_FAMILIES") != "1",
                     reason="set GRAPHC_FAMILIES=1 to run every family (~10 s each)")
 @pytest.mark.parametrize("family, shared", [("granite", True), ("olmo2", True), ("stablelm", True),
-                                            ("starcoder2", True), ("falcon", True), ("phi", False)])
+                                            ("starcoder2", True), ("falcon", True), ("gemma2", True),
+                                            ("phi", False)])
 def test_more_decoder_families_generate_pytorchs_tokens(family, shared, tmp_path):
     """The other decoder families at head size 16, fused: the shared-buffer form where their
-    attention is GroupQueryAttention (Phi-2's is MultiHeadAttention: separate buffers, with the
-    notice), and genai's greedy tokens equal PyTorch's either way."""
+    attention is GroupQueryAttention (Gemma-2's with its soft cap; Phi-2's is MultiHeadAttention:
+    separate buffers, with the notice), and genai's greedy tokens equal PyTorch's either way."""
     from graphc.exporters.genai import generate
 
     model, result = _fused_genai(tmp_path, family, _family_config(family))
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is shared
+    if family == "gemma2":  # the soft cap inside the op; the sliding layer's window too
+        _, attention = _attention(tmp_path / "genai")
+        assert [n.attributes.get_float("softcap") for n in attention] == [model.config.attn_logit_softcapping] * 2
+        assert sorted(n.attributes.get_int("local_window_size", -1) for n in attention) == [-1, 4]
     assert any(SHARED_NOTICE in n for n in result.notices) is not shared
     assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
 

@@ -102,9 +102,13 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
         self._heads, self._kv_heads, self._head = heads, kv_heads, head
         return result
 
-    def rewrite(self, op, query, past_key, key, past_value, value, mask=None, sdpa_output=None, **_):
+    def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
+        """The op's ``scale`` and any further attributes, from what the pattern bound."""
         scale_attr = sdpa_output.producer().attributes.get("scale")
-        scale = scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(self._head)
+        return (scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(self._head)), {}
+
+    def rewrite(self, op, query, past_key, key, past_value, value, mask=None, sdpa_output=None, **bound):
+        scale, extra = self._scale_and_extra(sdpa_output, bound)
         to_3d = op.Constant(value_ints=[0, 0, -1])
         q, k, v = (self._rotary_bsd(op, x) or op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), to_3d)
                    for x in (query, key, value))
@@ -127,7 +131,7 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
         out, present_key, present_value = op.GroupQueryAttention(
             q, k, v, past_key, past_value, seqlens, total, None, None, None, bias,
             num_heads=self._heads, kv_num_heads=self._kv_heads, scale=scale, causal=0,
-            _domain="com.microsoft", _outputs=3,
+            _domain="com.microsoft", _outputs=3, **extra,
         )
         out_4d = op.Reshape(out, op.Constant(value_ints=[0, 0, self._heads, self._head]))
         return op.Transpose(out_4d, perm=[0, 2, 1, 3]), present_key, present_value
@@ -163,6 +167,42 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
         return op.RotaryEmbedding(x3, *rot.inputs[1:], _domain="com.microsoft", **attributes)
 
 
+class SoftcapKVCacheGQA(KVCacheGQA):
+    """Gemma-2's attention: the scaled scores soft-capped, ``cap · tanh(scores / cap)``, before the
+    mask, written out in primitive ops (onnxscript's SDPA rule does not take it). The op's
+    ``softcap`` attribute computes the same at the same place (ONNX Runtime's CPU kernel: scale,
+    then the cap, then the bias)."""
+
+    def pattern(self, op, query, past_key, key, past_value, value, mask, scale, cap, cap_again):
+        present_key = op.Concat(past_key, key, _outputs=["present_key"])
+        present_value = op.Concat(past_value, value, _outputs=["present_value"])
+        keys = op.Transpose(_tiled(op, present_key, "key"), perm=[0, 1, 3, 2])
+        scores = op.Mul(op.MatMul(query, keys), scale)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap_again)
+        if self._has_mask:
+            scores = op.Add(scores, mask)
+        probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
+        out = op.MatMul(probs, _tiled(op, present_value, "value"), _outputs=["sdpa_output"])
+        return out, present_key, present_value
+
+    def check(self, context, scale, cap, cap_again, probs, **bound) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        values = []
+        for name, v in (("scale", scale), ("cap", cap), ("cap", cap_again)):
+            if v.const_value is None or v.const_value.size != 1:
+                return result.fail(f"the {name} is not a one-element constant", v)
+            values.append(float(v.const_value.numpy().reshape(())))
+        if values[1] != values[2] or values[1] <= 0:
+            return result.fail(f"tanh is divided by {values[1]} and multiplied by {values[2]}: not one soft cap", cap)
+        if probs.producer().attributes.get_int("axis", -1) not in (-1, 3):
+            return result.fail("softmax is not over the keys (last axis)", probs)
+        return super().check(context, **bound)
+
+    def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
+        cap = float(bound["cap"].const_value.numpy().reshape(()))
+        return float(bound["scale"].const_value.numpy().reshape(())), {"softcap": cap}
+
+
 def over_cache(model: ir.Model) -> list[ir.Node]:
     """Intermediate SDPA nodes still attending over a concatenated cache (unfused by this rule)."""
 
@@ -185,4 +225,5 @@ def over_cache(model: ir.Model) -> list[ir.Node]:
 rules = pattern.RewriteRuleSet([
     KVCacheGQA.rule("KVCacheGQA", has_mask=True),
     KVCacheGQA.rule("KVCacheGQA_nomask", has_mask=False),
+    SoftcapKVCacheGQA.rule("SoftcapKVCacheGQA", has_mask=True),
 ])
