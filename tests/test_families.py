@@ -71,14 +71,13 @@ FUSED = {
     "phi": {**_ATTN, "skip_layer_norm": 2, "gelu": 2, "rotary": 4},
     "starcoder2": {**_ATTN, "skip_layer_norm": 4, "rotary": 4},
     "falcon": {**_ATTN, "skip_layer_norm": 2, "rotary": 4},
-    "gemma2": {"attention": 0, "rms_norm": 9, "rotary": 4},  # soft-capped scores: fused only with a KV cache
+    "gemma2": {**_ATTN, "rms_norm": 9, "rotary": 4},  # GQA with the soft cap
 }
 ATTENTION_OP = {f: "GroupQueryAttention" for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "granite",
                                                    "olmo2", "smollm3", "stablelm", "starcoder2", "falcon", "gemma2")}
 # (misses of the attention family, a phrase of the reason fuse-ort gives)
 MISSES = {
     "siglip_vision_model": (1, "rule SDPA"),  # the pooling head's torch MultiheadAttention
-    "gemma2": (2, "rule SDPA"),  # tanh soft-capping between the scores and the mask
 }
 # families whose int4 misses the recipe's tolerance on the tiny config (docs/architectures.md);
 # Gemma-3 was one until int4's decoder form (no 2-bit layers, perplexity gate) replaced the

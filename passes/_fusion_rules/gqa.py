@@ -73,9 +73,13 @@ class UntiledGQA(pattern.RewriteRuleClassBase):
         self._heads, self._kv_heads, self._head = heads, kv_heads, head
         return result
 
-    def rewrite(self, op, query, key, value, mask=None, sdpa_output=None, **_):
+    def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
+        """The op's ``scale`` and any further attributes, from what the pattern bound."""
         scale_attr = sdpa_output.producer().attributes.get("scale")
-        scale = scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(self._head)
+        return (scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(self._head)), {}
+
+    def rewrite(self, op, query, key, value, mask=None, sdpa_output=None, **bound):
+        scale, extra = self._scale_and_extra(sdpa_output, bound)
         to_3d = op.Constant(value_ints=[0, 0, -1])
         q, k, v = (op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), to_3d) for x in (query, key, value))
         length = op.Shape(key, start=2, end=3)  # [1], int64
@@ -93,13 +97,58 @@ class UntiledGQA(pattern.RewriteRuleClassBase):
         out = op.GroupQueryAttention(
             q, k, v, None, None, seqlens, total, None, None, None, mask,
             num_heads=self._heads, kv_num_heads=self._kv_heads, scale=scale, causal=0,
-            _domain="com.microsoft",
+            _domain="com.microsoft", **extra,
         )
         out_4d = op.Reshape(out, op.Constant(value_ints=[0, 0, self._heads, self._head]))
         return op.Transpose(out_4d, perm=[0, 2, 1, 3])
 
 
+class SoftcapUntiledGQA(UntiledGQA):
+    """Gemma-2's attention without a cache: the scaled scores soft-capped, ``cap · tanh(s / cap)``,
+    before the mask, in primitive ops (onnxscript's SDPA rule does not take it) → the op's
+    ``softcap`` (ONNX Runtime's CPU kernel caps after the scale, before the bias)."""
+
+    def pattern(self, op, query, key, value, mask, scale, cap, cap_again):
+        keys = op.Transpose(_repeat_kv(op, key, "key"), perm=[0, 1, 3, 2])
+        scores = op.Mul(op.MatMul(query, keys), scale)
+        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap_again)
+        if self._has_mask:
+            scores = op.Add(scores, mask)
+        probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
+        return op.MatMul(probs, _repeat_kv(op, value, "value"), _outputs=["sdpa_output"])
+
+    def check(self, context, scale, cap, cap_again, probs, **bound) -> pattern.MatchResult:
+        result = softcap_check(scale, cap, cap_again, probs)
+        return result if not result else super().check(context, **bound)
+
+    def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
+        return softcap_attributes(bound)
+
+
+def softcap_check(scale: ir.Value, cap: ir.Value, cap_again: ir.Value, probs: ir.Value) -> pattern.MatchResult:
+    """One-element constant scale and cap, the same cap dividing and multiplying, softmax over the
+    keys: what the op's ``softcap`` computes."""
+    result = pattern.MatchResult()
+    values = []
+    for name, v in (("scale", scale), ("cap", cap), ("cap", cap_again)):
+        if v.const_value is None or v.const_value.size != 1:
+            return result.fail(f"the {name} is not a one-element constant", v)
+        values.append(float(v.const_value.numpy().reshape(())))
+    if values[1] != values[2] or values[1] <= 0:
+        return result.fail(f"tanh is divided by {values[1]} and multiplied by {values[2]}: not one soft cap", cap)
+    if probs.producer().attributes.get_int("axis", -1) not in (-1, 3):
+        return result.fail("softmax is not over the keys (last axis)", probs)
+    return result
+
+
+def softcap_attributes(bound: dict) -> tuple[float, dict]:
+    """(scale, {"softcap": cap}) from a soft-cap pattern's bound constants."""
+    return (float(bound["scale"].const_value.numpy().reshape(())),
+            {"softcap": float(bound["cap"].const_value.numpy().reshape(()))})
+
+
 rules = pattern.RewriteRuleSet([
     UntiledGQA.rule("UntiledGQA", has_mask=True),
     UntiledGQA.rule("UntiledGQA_nomask", has_mask=False),
+    SoftcapUntiledGQA.rule("SoftcapUntiledGQA", has_mask=True),
 ])

@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
+from graphc.passes._fusion_rules.gqa import softcap_attributes, softcap_check
 from graphc.passes._fusion_rules.sym_dims import same
 
 FUSION_DOMAIN = "ai.onnxruntime._fusion"
@@ -186,21 +187,11 @@ class SoftcapKVCacheGQA(KVCacheGQA):
         return out, present_key, present_value
 
     def check(self, context, scale, cap, cap_again, probs, **bound) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        values = []
-        for name, v in (("scale", scale), ("cap", cap), ("cap", cap_again)):
-            if v.const_value is None or v.const_value.size != 1:
-                return result.fail(f"the {name} is not a one-element constant", v)
-            values.append(float(v.const_value.numpy().reshape(())))
-        if values[1] != values[2] or values[1] <= 0:
-            return result.fail(f"tanh is divided by {values[1]} and multiplied by {values[2]}: not one soft cap", cap)
-        if probs.producer().attributes.get_int("axis", -1) not in (-1, 3):
-            return result.fail("softmax is not over the keys (last axis)", probs)
-        return super().check(context, **bound)
+        result = softcap_check(scale, cap, cap_again, probs)
+        return result if not result else super().check(context, **bound)
 
     def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
-        cap = float(bound["cap"].const_value.numpy().reshape(()))
-        return float(bound["scale"].const_value.numpy().reshape(())), {"softcap": cap}
+        return softcap_attributes(bound)
 
 
 def over_cache(model: ir.Model) -> list[ir.Node]:
