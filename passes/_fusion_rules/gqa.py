@@ -109,13 +109,8 @@ class SoftcapUntiledGQA(UntiledGQA):
     ``softcap`` (ONNX Runtime's CPU kernel caps after the scale, before the bias)."""
 
     def pattern(self, op, query, key, value, mask, scale, cap, cap_again):
-        keys = op.Transpose(_repeat_kv(op, key, "key"), perm=[0, 1, 3, 2])
-        scores = op.Mul(op.MatMul(query, keys), scale)
-        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap_again)
-        if self._has_mask:
-            scores = op.Add(scores, mask)
-        probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
-        return op.MatMul(probs, _repeat_kv(op, value, "value"), _outputs=["sdpa_output"])
+        return softcap_attention(op, query, _repeat_kv(op, key, "key"), _repeat_kv(op, value, "value"),
+                                 scale, cap, cap_again, mask if self._has_mask else None)
 
     def check(self, context, scale, cap, cap_again, probs, **bound) -> pattern.MatchResult:
         result = softcap_check(scale, cap, cap_again, probs)
@@ -123,6 +118,17 @@ class SoftcapUntiledGQA(UntiledGQA):
 
     def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
         return softcap_attributes(bound)
+
+
+def softcap_attention(op, query, keys, values, scale, cap, cap_again, mask):
+    """The pattern of soft-capped attention over tiled keys and values: ``softmax(cap ·
+    tanh(Q·Kᵀ·scale / cap) [+ mask]) · V`` (output ``sdpa_output``, softmax output ``probs``)."""
+    scores = op.Mul(op.MatMul(query, op.Transpose(keys, perm=[0, 1, 3, 2])), scale)
+    scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap_again)
+    if mask is not None:
+        scores = op.Add(scores, mask)
+    probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
+    return op.MatMul(probs, values, _outputs=["sdpa_output"])
 
 
 def softcap_check(scale: ir.Value, cap: ir.Value, cap_again: ir.Value, probs: ir.Value) -> pattern.MatchResult:

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
-from graphc.passes._fusion_rules.gqa import softcap_attributes, softcap_check
+from graphc.passes._fusion_rules.gqa import softcap_attention, softcap_attributes, softcap_check
 from graphc.passes._fusion_rules.sym_dims import same
 
 FUSION_DOMAIN = "ai.onnxruntime._fusion"
@@ -177,13 +177,8 @@ class SoftcapKVCacheGQA(KVCacheGQA):
     def pattern(self, op, query, past_key, key, past_value, value, mask, scale, cap, cap_again):
         present_key = op.Concat(past_key, key, _outputs=["present_key"])
         present_value = op.Concat(past_value, value, _outputs=["present_value"])
-        keys = op.Transpose(_tiled(op, present_key, "key"), perm=[0, 1, 3, 2])
-        scores = op.Mul(op.MatMul(query, keys), scale)
-        scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap_again)
-        if self._has_mask:
-            scores = op.Add(scores, mask)
-        probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
-        out = op.MatMul(probs, _tiled(op, present_value, "value"), _outputs=["sdpa_output"])
+        out = softcap_attention(op, query, _tiled(op, present_key, "key"), _tiled(op, present_value, "value"),
+                                scale, cap, cap_again, mask if self._has_mask else None)
         return out, present_key, present_value
 
     def check(self, context, scale, cap, cap_again, probs, **bound) -> pattern.MatchResult:
