@@ -84,10 +84,6 @@ class FuseOrt(GraphcPass):
         for fusion in FUSIONS:
             if not on[fusion.option] or (fusion.when is not None and not fusion.when(counts, target.value)):
                 continue
-            if fusion.key == "partial_rotary_embedding":
-                # the caches' rule keeps the rotate-half intermediates (their cos/sin are shared) until
-                # dead code goes: their second read of the rotated slice would fail this match
-                common.RemoveUnusedNodesPass()(model)
             counts[fusion.key] = int(function_for(fusion)(model, **dict(fusion.kwargs)))
             if fusion.key == "gqa_kv_cache" and (kv_left := gqa_kv.over_cache(model)):
                 # the MHA rules below may still take them

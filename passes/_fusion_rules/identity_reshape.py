@@ -11,7 +11,6 @@ Transpose pair and merge the Reshapes around it.
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
 
 
 def _known(shape: ir.Shape | None) -> list | None:
@@ -28,37 +27,20 @@ def _known(shape: ir.Shape | None) -> list | None:
     return dims
 
 
-class IdentityReshape(pattern.RewriteRuleClassBase):
-    def pattern(self, op, x, shape):
-        return op.Reshape(x, shape, _allow_other_attributes=True, _outputs=["out"])
-
-    def check(self, context, x, shape, out, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        if shape.const_value is not None:
-            return result.fail("a constant target shape: the optimizer's own rules decide", shape)
-        before, after = _known(x.shape), _known(out.shape)
-        if before is None or after is None or before != after:
-            return result.fail("input and output shapes are not known to be equal", out)
-        if out.is_graph_output():
-            return result.fail("a graph output keeps its name", out)
-        return result
-
-    def rewrite(self, op, x, **_):
-        return op.Identity(x)
-
-
-rules = pattern.RewriteRuleSet([IdentityReshape.rule()])
-
-
 def apply(model: ir.Model) -> int:
-    """The rule on ``model``, then its ``Identity`` nodes bypassed (so that the Reshapes around
-    them meet); the number of Reshapes dropped."""
-    count = rules.apply_to_model(model)
-    if count:
-        for node in [n for n in model.graph if n.op_type == "Identity" and n.domain == ""]:
-            out, src = node.outputs[0], node.inputs[0]
-            if out.is_graph_output() or src is None:
-                continue
-            ir.convenience.replace_all_uses_with(out, src)
-            model.graph.remove(node, safe=True)
-    return count
+    """Every such Reshape of the main graph bypassed and removed; how many."""
+    graph = model.graph
+    dropped = 0
+    for node in list(graph):
+        if node.op_type != "Reshape" or node.domain != "" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        x, shape, out = node.inputs[0], node.inputs[1], node.outputs[0]
+        if x is None or shape.const_value is not None or out.is_graph_output():
+            continue  # a constant target shape is the optimizer's own rules' to judge
+        before, after = _known(x.shape), _known(out.shape)
+        if before is None or before != after:
+            continue
+        ir.convenience.replace_all_uses_with(out, x)
+        graph.remove(node, safe=True)
+        dropped += 1
+    return dropped

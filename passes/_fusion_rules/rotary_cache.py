@@ -103,3 +103,18 @@ rules = pattern.RewriteRuleSet([
     BroadcastCosSinCache.rule("BroadcastCosSinCache_cast", cast_positions=True),
     BroadcastCosSinCache.rule("BroadcastCosSinCache", cast_positions=False),
 ])
+
+
+def apply(model: ir.Model, **kwargs) -> int:
+    """The rules, then the rotate-half intermediates they leave behind removed: the rule keeps
+    the nodes it matched (the cos/sin caches are shared by every layer), and a dead intermediate
+    still reads the rotated slice, which keeps onnxscript's partial-rotary rule (next in
+    fuse-ort) from matching a slice the rotary alone must read."""
+    import onnx_ir.passes.common as common
+
+    from graphc.passes._fusion_rules.table import apply_rules
+
+    count = apply_rules(rules)(model, **kwargs)
+    if count:
+        common.RemoveUnusedNodesPass()(model)
+    return count

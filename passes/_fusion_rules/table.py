@@ -87,7 +87,8 @@ def function_for(fusion: Fusion) -> Callable[..., int]:
         return ort_fusion(name)
     import importlib
 
-    return apply_rules(importlib.import_module(f"graphc.passes._fusion_rules.{name}").rules)
+    module = importlib.import_module(f"graphc.passes._fusion_rules.{name}")
+    return getattr(module, "apply", None) or apply_rules(module.rules)  # a module's own apply: rules + clean-up
 
 
 def preparation() -> tuple[Any, Any]:
