@@ -75,8 +75,7 @@ class UntiledGQA(pattern.RewriteRuleClassBase):
 
     def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
         """The op's ``scale`` and any further attributes, from what the pattern bound."""
-        scale_attr = sdpa_output.producer().attributes.get("scale")
-        return (scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(self._head)), {}
+        return sdpa_scale(sdpa_output, self._head), {}
 
     def rewrite(self, op, query, key, value, mask=None, sdpa_output=None, **bound):
         scale, extra = self._scale_and_extra(sdpa_output, bound)
@@ -118,6 +117,12 @@ class SoftcapUntiledGQA(UntiledGQA):
 
     def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
         return softcap_attributes(bound)
+
+
+def sdpa_scale(sdpa_output: ir.Value, head: int) -> float:
+    """The scale of onnxscript's intermediate SDPA op: its attribute, else 1/sqrt(head size)."""
+    scale_attr = sdpa_output.producer().attributes.get("scale")
+    return scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(head)
 
 
 def softcap_attention(op, query, keys, values, scale, cap, cap_again, mask):

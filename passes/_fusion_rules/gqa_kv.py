@@ -28,13 +28,11 @@ context and more than one new token at batch > 1 ("batch_size must be 1 when seq
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
-from graphc.passes._fusion_rules.gqa import softcap_attention, softcap_attributes, softcap_check
+from graphc.passes._fusion_rules.gqa import sdpa_scale, softcap_attention, softcap_attributes, softcap_check
 from graphc.passes._fusion_rules.sym_dims import same
 
 FUSION_DOMAIN = "ai.onnxruntime._fusion"
@@ -105,8 +103,7 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
 
     def _scale_and_extra(self, sdpa_output: ir.Value, bound: dict) -> tuple[float, dict]:
         """The op's ``scale`` and any further attributes, from what the pattern bound."""
-        scale_attr = sdpa_output.producer().attributes.get("scale")
-        return (scale_attr.as_float() if scale_attr is not None else 1.0 / math.sqrt(self._head)), {}
+        return sdpa_scale(sdpa_output, self._head), {}
 
     def rewrite(self, op, query, past_key, key, past_value, value, mask=None, sdpa_output=None, **bound):
         scale, extra = self._scale_and_extra(sdpa_output, bound)
