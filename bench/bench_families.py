@@ -1,6 +1,6 @@
 """Every architecture family on its tiny random config: export, fusions vs ORT, int8 and int4.
 
-    python bench/bench_families.py [--families bert,llama,...] [--json OUT] [--markdown OUT]
+    python bench/bench_families.py [--families bert,llama,...] [--json OUT [--merge]] [--markdown OUT]
 
 Per family (``graphc.models.tiny_families``: 2 layers, hidden 32, 4 heads, tiny vocabulary,
 random weights, so the figures are for coverage, never for quality):
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--families", default=",".join(tf.FAMILIES))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other families' rows of an existing --json file (these families' rows replaced)")
     args = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -193,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         rows.append(bench_family(name))
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.merge and args.json and args.json.is_file():
+        fresh = {r["family"]: r for r in rows}
+        kept = json.loads(args.json.read_text())
+        rows = [fresh.pop(r["family"], r) for r in kept] + list(fresh.values())
     table = markdown(rows)
     print(table)
     if args.json:

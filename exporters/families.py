@@ -74,6 +74,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("StarCoder2", ("starcoder2",), DECODER),
     Family("Falcon", ("falcon",), DECODER),
     Family("Gemma-2", ("gemma2",), DECODER),
+    Family("Cohere", ("cohere",), DECODER),
 )
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
 

@@ -73,6 +73,9 @@ def _configs() -> dict[str, Callable[[], Any]]:
                                          new_decoder_architecture=True, num_kv_heads=2, bos_token_id=1, eos_token_id=2),
         # attention logits soft-capped (tanh), local and global layers alternating
         "gemma2": lambda: t.Gemma2Config(**_SMALL, **_TEXT, **_GQA, **_TOKENS, head_dim=8, sliding_window=64),
+        # Cohere (Command R): parallel attention and MLP off one bias-free LayerNorm, rotary on
+        # interleaved pairs of dims, scaled logits, tied embeddings
+        "cohere": lambda: t.CohereConfig(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
         "t5": lambda: t.T5Config(vocab_size=TINY_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                  decoder_start_token_id=0),
     }
@@ -81,7 +84,7 @@ def _configs() -> dict[str, Callable[[], Any]]:
 ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "electra", "mpnet", "modernbert")
 VISION = ("vit", "dinov2", "clip_vision_model", "siglip_vision_model")
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "gpt2", "granite", "olmo2", "smollm3",
-            "stablelm", "phi", "starcoder2", "falcon", "gemma2")
+            "stablelm", "phi", "starcoder2", "falcon", "gemma2", "cohere")
 FAMILIES = ENCODERS + VISION + DECODERS
 
 

@@ -72,9 +72,12 @@ FUSED = {
     "starcoder2": {**_ATTN, "skip_layer_norm": 4, "rotary": 4},
     "falcon": {**_ATTN, "skip_layer_norm": 2, "rotary": 4},
     "gemma2": {**_ATTN, "rms_norm": 9, "rotary": 4},  # GQA with the soft cap
+    # its bias-free LayerNorm as LayerNormalization (skip form: the residual Adds), interleaved rotary
+    "cohere": {**_ATTN, "skip_layer_norm": 2, "rotary": 4},
 }
 ATTENTION_OP = {f: "GroupQueryAttention" for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "granite",
-                                                   "olmo2", "smollm3", "stablelm", "starcoder2", "falcon", "gemma2")}
+                                                   "olmo2", "smollm3", "stablelm", "starcoder2", "falcon", "gemma2",
+                                                   "cohere")}
 # (misses of the attention family, a phrase of the reason fuse-ort gives)
 MISSES = {
     "siglip_vision_model": (1, "rule SDPA"),  # the pooling head's torch MultiheadAttention

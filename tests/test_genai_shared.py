@@ -248,6 +248,8 @@ def _family_config(family):
         "phi": lambda: t.PhiConfig(**size, partial_rotary_factor=1.0),
         # soft-capped attention, a 4-token window on its sliding layer
         "gemma2": lambda: t.Gemma2Config(**size, num_key_value_heads=2, head_dim=16, sliding_window=4),
+        # rotary on interleaved pairs of dims (inside the op: rotary_interleaved), scaled logits
+        "cohere": lambda: t.CohereConfig(**size, num_key_value_heads=2),
     }[family]()
 
 
@@ -277,7 +279,7 @@ def test_soft_capped_attention_fuses_with_its_cap(tmp_path):
                     reason="set GRAPHC_FAMILIES=1 to run every family (~10 s each)")
 @pytest.mark.parametrize("family, shared", [("granite", True), ("olmo2", True), ("stablelm", True),
                                             ("starcoder2", True), ("falcon", True), ("gemma2", True),
-                                            ("phi", False)])
+                                            ("cohere", True), ("phi", False)])
 def test_more_decoder_families_generate_pytorchs_tokens(family, shared, tmp_path):
     """The other decoder families at head size 16, fused: the shared-buffer form where their
     attention is GroupQueryAttention (Gemma-2's with its soft cap; Phi-2's is MultiHeadAttention:
@@ -291,6 +293,10 @@ def test_more_decoder_families_generate_pytorchs_tokens(family, shared, tmp_path
         _, attention = _attention(tmp_path / "genai")
         assert [n.attributes.get_float("softcap") for n in attention] == [model.config.attn_logit_softcapping] * 2
         assert sorted(n.attributes.get_int("local_window_size", -1) for n in attention) == [-1, 4]
+    if family == "cohere":  # its interleaved rotary inside the op
+        _, attention = _attention(tmp_path / "genai")
+        assert [n.attributes.get_int("rotary_interleaved", 0) for n in attention] == [1, 1]
+        assert all(n.attributes.get_int("do_rotary", 0) == 1 for n in attention)
     assert any(SHARED_NOTICE in n for n in result.notices) is not shared
     assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
 
