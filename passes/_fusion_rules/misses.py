@@ -43,7 +43,11 @@ def _skip_ln(node: ir.Node) -> bool:
 
 
 def _embed_ln(node: ir.Node) -> bool:
-    return node.domain == "" and node.op_type == "LayerNormalization" and _from_gather(node.inputs[0])
+    """A LayerNorm of an embedding lookup plus something (positions, token types): the op takes a
+    word and a position table, so a norm straight after the lookup (no position add: DeBERTa-v3,
+    ModernBERT, rotary decoders) is nothing it could fuse."""
+    src = _producer(node.inputs[0]) if node.domain == "" and node.op_type == "LayerNormalization" else None
+    return src is not None and src.op_type == "Add" and _from_gather(node.inputs[0])
 
 
 def _erf(node: ir.Node) -> bool:
@@ -71,7 +75,11 @@ def _rms(node: ir.Node) -> bool:
 def _rotary(node: ir.Node) -> bool:
     if node.domain == FUSION_DOMAIN and node.op_type == "RotaryEmbedding":
         return True
-    return node.domain == "" and node.op_type == "Neg" and any(u.op_type == "Concat" for u, _ in node.outputs[0].uses())
+    if node.domain != "" or node.op_type != "Neg":
+        return False
+    # rotate-half: -x2 concatenated with x1; interleaved: -x_odd stacked (Unsqueeze, Concat) with x_even
+    return any(u.op_type == "Concat" or (u.op_type == "Unsqueeze" and any(c.op_type == "Concat" for c, _ in u.outputs[0].uses()))
+               for u, _ in node.outputs[0].uses())
 
 
 @dataclass(frozen=True)
@@ -121,9 +129,10 @@ def _rules_rms():
 def _rules_rotary():
     from onnxscript.rewriter.ort_fusions import cos_sin_cache, rotary_embedding
 
-    from graphc.passes._fusion_rules import rotary_cache
+    from graphc.passes._fusion_rules import interleaved_rotary, rotary_cache
 
-    return [rotary_embedding.rotary_embedding_rules, cos_sin_cache.cos_sin_cache_rules, rotary_cache.rules]
+    return [rotary_embedding.rotary_embedding_rules, cos_sin_cache.cos_sin_cache_rules, rotary_cache.rules,
+            interleaved_rotary.rules]
 
 
 FAMILIES: tuple[Family, ...] = (
