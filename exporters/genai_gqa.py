@@ -24,7 +24,9 @@ which is what genai feeds as ``position_ids`` for a batch without padding: the s
 the separate rotary, and the same semantics as the builder's folders for padded batches.
 
 Layers the metadata or HF config lists as without rotary (``no_rope_layers``: SmolLM3's every fourth layer)
-go in with ``do_rotary = 0`` and no caches, provided nothing rotates their Q and K in the graph.
+go in with ``do_rotary = 0`` and no caches, provided nothing rotates their Q and K in the graph; so
+does every layer of a model where nothing rotates any attention's Q and K (GPT-2's absolute
+positions: the model keeps reading ``position_ids``, which genai feeds).
 
 A sliding window shorter than the context (the model's ``graphc.arch.sliding_window`` and
 ``layer_types``, or its HF config) becomes ``local_window_size`` on the layers that slide, the
@@ -157,9 +159,8 @@ def _plan(model: ir.Model, hf: dict[str, Any], context_length: int) -> tuple[lis
     if not nodes:
         raise _Refused("attention is not GroupQueryAttention (compress with a fuse or int4 recipe for it)")
     nope = _nope_layers(model, hf)
-    plans = [_plan_one(n, graph, inputs.get("position_ids"), _layer(n) in nope) for n in nodes]
-    if all(plan.freq is None for plan in plans):
-        raise _Refused("no attention rotates its query and key")
+    unrotated = not any(_rotated(v) for n in nodes for v in n.inputs[:2] if v is not None)
+    plans = [_plan_one(n, graph, inputs.get("position_ids"), unrotated or _layer(n) in nope) for n in nodes]
     if window and window < context_length:  # a window as long as the context never drops a token
         for plan in plans:  # the op's local window: the model's sliding layers, as its mask had them
             layer = _layer(plan.node)
@@ -201,12 +202,12 @@ def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None, nop
     if not all(out.is_graph_output() for out in node.outputs[1:3]):
         raise _Refused(f"{node.name}: its presents are not graph outputs")
     head = _head_size(node)
-    if head % 16:
-        raise _Refused(f"head size {head} is not a multiple of 16 (ONNX Runtime's rotary inside the op)")
-    if nope:  # the config says no rotary here: the graph must agree
+    if nope:  # the config says no rotary here (or nothing rotates anywhere): the graph must agree
         if any(_rotated(v) for v in ins[:2]):
             raise _Refused(f"{node.name}: its layer has no rotary in the config, yet its query or key is rotated")
         return _Plan(node, ins[0], ins[1], None, 0)
+    if head % 16:
+        raise _Refused(f"head size {head} is not a multiple of 16 (ONNX Runtime's rotary inside the op)")
     (q_rot, query), (k_rot, key) = (_whole_head_rotary(v, head, position_ids, node.name) for v in ins[:2])
     if (q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]
             or _rotary_dims(q_rot, head) != _rotary_dims(k_rot, head)

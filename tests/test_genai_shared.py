@@ -279,11 +279,11 @@ def test_soft_capped_attention_fuses_with_its_cap(tmp_path):
                     reason="set GRAPHC_FAMILIES=1 to run every family (~10 s each)")
 @pytest.mark.parametrize("family, shared", [("granite", True), ("olmo2", True), ("stablelm", True),
                                             ("starcoder2", True), ("falcon", True), ("gemma2", True),
-                                            ("cohere", True), ("phi", False)])
+                                            ("cohere", True), ("phi", True)])
 def test_more_decoder_families_generate_pytorchs_tokens(family, shared, tmp_path):
-    """The other decoder families at head size 16, fused: the shared-buffer form where their
-    attention is GroupQueryAttention (Gemma-2's with its soft cap; Phi-2's is MultiHeadAttention:
-    separate buffers, with the notice), and genai's greedy tokens equal PyTorch's either way."""
+    """The other decoder families at head size 16, fused: the shared-buffer form (Gemma-2's
+    attention with its soft cap; Phi-2's with as many KV heads as query heads), and genai's
+    greedy tokens equal PyTorch's."""
     from graphc.exporters.genai import generate
 
     model, result = _fused_genai(tmp_path, family, _family_config(family))
@@ -360,11 +360,13 @@ def test_qwen3_per_head_norms_take_the_shared_buffer_form(tmp_path):
 
 def test_gpt2_folder_runs_as_a_generic_decoder(tmp_path):
     """genai's "gpt2" model type wants the legacy combined past; graphc's GPT-2 folder names its
-    type "decoder" (genai's generic decoder-only model) and generates PyTorch's tokens."""
+    type "decoder" (genai's generic decoder-only model) and generates PyTorch's tokens; fused,
+    its attention (as many KV heads as query heads, absolute positions) is GroupQueryAttention
+    without rotary in the shared-buffer form, and the tokens are the same."""
     from transformers import GPT2Config
 
     from graphc.exporters.genai import generate
-    from graphc.front.api import export
+    from graphc.front.api import compress, export
     from graphc.models.base import hf_offline
 
     hf_offline()
@@ -375,6 +377,13 @@ def test_gpt2_folder_runs_as_a_generic_decoder(tmp_path):
     assert json.loads((tmp_path / "exported" / "genai_config.json").read_text())["model"]["type"] == "decoder"
     tokens = generate(tmp_path / "exported", PROMPT, NEW)
     assert tokens == _torch_greedy(model, PROMPT, NEW) and len(set(tokens)) > 1
+    result = compress(tmp_path / "exported" / "model.onnx", tmp_path / "genai", recipe="fuse", genai=True)
+    assert not any(SHARED_NOTICE in n for n in result.notices)
+    assert json.loads((tmp_path / "genai" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    _, attention = _attention(tmp_path / "genai")
+    assert [(n.attributes.get_int("num_heads"), n.attributes.get_int("kv_num_heads"),
+             n.attributes.get_int("do_rotary", 0)) for n in attention] == [(4, 4, 0)] * 2
+    assert generate(tmp_path / "genai", PROMPT, NEW) == tokens
 
 
 @pytest.mark.parametrize("family,window", [("mistral", 3), ("mistral", 4096), ("gemma3_text", 4)])

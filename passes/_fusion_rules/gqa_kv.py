@@ -44,11 +44,16 @@ def _tiled(op, x, name):
 
 
 class KVCacheGQA(pattern.RewriteRuleClassBase):
-    """One rule; variants with and without a mask (attention bias)."""
+    """One rule; variants with and without a mask (attention bias), and with the K/V heads tiled
+    (grouped attention) or not: a model with as many KV heads as query heads (GPT-2, Phi-2,
+    Llama-2-7B: transformers' ``repeat_kv`` returns its input when there is nothing to repeat)
+    attends over the presents themselves, and takes the op with ``kv_num_heads = num_heads``,
+    the form onnxruntime-genai's shared past/present buffers need."""
 
-    def __init__(self, name: str, *, has_mask: bool) -> None:
+    def __init__(self, name: str, *, has_mask: bool, tiled: bool = True) -> None:
         super().__init__(name)
         self._has_mask = has_mask
+        self._tiled = tiled
         self._per_mask: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
     def cleanup(self) -> None:
@@ -57,7 +62,10 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
     def pattern(self, op, query, past_key, key, past_value, value, mask):
         present_key = op.Concat(past_key, key, _outputs=["present_key"])
         present_value = op.Concat(past_value, value, _outputs=["present_value"])
-        inputs = [query, _tiled(op, present_key, "key"), _tiled(op, present_value, "value")]
+        if self._tiled:
+            inputs = [query, _tiled(op, present_key, "key"), _tiled(op, present_value, "value")]
+        else:
+            inputs = [query, present_key, present_value]
         if self._has_mask:
             inputs.append(mask)
         out = op.SDPA(*inputs, key_format="BHSd", _allow_other_attributes=True, _domain=FUSION_DOMAIN,
@@ -65,7 +73,7 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
         return out, present_key, present_value
 
     def check(self, context, query, past_key, key, past_value, value, present_key, present_value,
-              key_tiled, value_tiled, mask=None, **_) -> pattern.MatchResult:
+              key_tiled=None, value_tiled=None, mask=None, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         for name, v in (("query", query), ("past key", past_key), ("key", key), ("past value", past_value),
                         ("value", value)):
@@ -81,11 +89,13 @@ class KVCacheGQA(pattern.RewriteRuleClassBase):
         for v in (past_key, value, past_value):
             if v.shape[1] != kv_heads or v.shape[3] != head:
                 return result.fail(f"past/new keys and values are not [B, {kv_heads}, *, {head}]", v)
-        if kv_heads == 0 or heads % kv_heads or heads == kv_heads:
+        if not self._tiled and heads != kv_heads:
+            return result.fail(f"{heads} query heads over {kv_heads} KV heads, not tiled", key)
+        if self._tiled and (kv_heads == 0 or heads % kv_heads or heads == kv_heads):
             return result.fail(f"{heads} query heads over {kv_heads} KV heads is not grouped attention", key)
         if head % 8:
             return result.fail(f"head size {head} is not a multiple of 8 (ONNX Runtime's GroupQueryAttention)", query)
-        for tiled in (key_tiled, value_tiled):
+        for tiled in (key_tiled, value_tiled) if self._tiled else ():
             if tiled.shape is None or len(tiled.shape) != 5 or tiled.shape[1] != kv_heads or tiled.shape[2] != heads // kv_heads:
                 return result.fail(f"K/V are not tiled [B, {kv_heads}, {heads // kv_heads}, T, D]", tiled)
         if not (same(query.shape[2], key.shape[2]) and same(key.shape[2], value.shape[2])):
@@ -208,5 +218,7 @@ def over_cache(model: ir.Model) -> list[ir.Node]:
 rules = pattern.RewriteRuleSet([
     KVCacheGQA.rule("KVCacheGQA", has_mask=True),
     KVCacheGQA.rule("KVCacheGQA_nomask", has_mask=False),
+    KVCacheGQA.rule("KVCacheMHA", has_mask=True, tiled=False),
+    KVCacheGQA.rule("KVCacheMHA_nomask", has_mask=False, tiled=False),
     SoftcapKVCacheGQA.rule("SoftcapKVCacheGQA", has_mask=True),
 ])

@@ -1,7 +1,8 @@
 """The KV-cache grouped-query attention rule on hand-built graphs: onnxscript's intermediate SDPA
 over tiled presents (``Concat(past, new)``) becomes ONNX Runtime's GroupQueryAttention with past
 and present in the op; attention output and presents match numpy (a left-padded row in the
-mask, one decode step at batch 2); head sizes the kernel refuses and ungrouped heads are left alone."""
+mask, one decode step at batch 2); as many KV heads as query heads, untiled, the same with
+``kv_num_heads = num_heads``; head sizes the kernel refuses and ungrouped tiles are left alone."""
 
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from graphc.passes._fusion_rules import gqa_kv
 B, P, S = 2, 3, 1  # a decode step: ORT refuses several new tokens after a past at batch > 1
 
 
-def _graph(heads: int, kv_heads: int, head: int = 16) -> ir.Model:
+def _graph(heads: int, kv_heads: int, head: int = 16, *, tiled: bool = True) -> ir.Model:
     group, total = heads // kv_heads, P + S
     nodes = []
     for name in ("key", "value"):
-        nodes += [helper.make_node("Concat", [f"past_{name}", name], [f"present_{name}"], axis=2),
-                  helper.make_node("Unsqueeze", [f"present_{name}", "two"], [f"{name}_5d"]),
-                  helper.make_node("Expand", [f"{name}_5d", "tile"], [f"{name}_tiled"]),
-                  helper.make_node("Reshape", [f"{name}_tiled", "bhsd"], [f"{name}_bhsd"])]
-    nodes.append(helper.make_node("SDPA", ["query", "key_bhsd", "value_bhsd", "mask"], ["y"],
+        nodes.append(helper.make_node("Concat", [f"past_{name}", name], [f"present_{name}"], axis=2))
+        if tiled:
+            nodes += [helper.make_node("Unsqueeze", [f"present_{name}", "two"], [f"{name}_5d"]),
+                      helper.make_node("Expand", [f"{name}_5d", "tile"], [f"{name}_tiled"]),
+                      helper.make_node("Reshape", [f"{name}_tiled", "bhsd"], [f"{name}_bhsd"])]
+    keys = ["key_bhsd", "value_bhsd"] if tiled else ["present_key", "present_value"]
+    nodes.append(helper.make_node("SDPA", ["query", *keys, "mask"], ["y"],
                                   domain=gqa_kv.FUSION_DOMAIN, key_format="BHSd"))
     f = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("query", f, [B, heads, S, head]),
@@ -48,13 +51,14 @@ def _graph(heads: int, kv_heads: int, head: int = 16) -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 1)])
-def test_attention_over_the_cache_becomes_group_query_attention(heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads,tiled", [(4, 2, True), (3, 1, True), (4, 4, False)])
+def test_attention_over_the_cache_becomes_group_query_attention(heads, kv_heads, tiled):
     head = 16
-    model = _graph(heads, kv_heads, head)
+    model = _graph(heads, kv_heads, head, tiled=tiled)
     assert gqa_kv.rules.apply_to_model(model) == 1
     (node,) = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
     assert node.domain == "com.microsoft" and not [n for n in model.graph if n.op_type == "Concat"]
+    assert (node.attributes.get_int("num_heads"), node.attributes.get_int("kv_num_heads")) == (heads, kv_heads)
     model.opset_imports["com.microsoft"] = 1
     rng = np.random.default_rng(0)
     feed = {"query": rng.standard_normal((B, heads, S, head)), "past_key": rng.standard_normal((B, kv_heads, P, head)),
