@@ -259,32 +259,14 @@ def ranges_refitted() -> Iterator[None]:
     the columns had, after the first run's error updates, when each was quantized."""
     from graphc.passes import _blockquant as bq
 
-    def rows(w_t, hinv, perm, dead, bits, block, codes, scales, zeros, *, symmetric, scale_dtype, search,
-             lazy_block, act_order):
-        w0 = np.array(w_t, dtype=np.float32)
-        k = w0.shape[1]
-        w0[:, dead] = 0.0
-        qmax = (1 << bits) - 1
-        start = bq.quantize(w0, bits, block, symmetric=symmetric, method=search, scale_dtype=scale_dtype)
-        lazy = max(block, (lazy_block // block) * block) if block < k else k
-        for rnd in range(2):
-            scales[:], zeros[:] = start.scale, start.zero
-            w, seen = w0[:, perm].copy(), np.empty_like(w0)
-            for i1 in range(0, k, lazy):
-                i2 = min(i1 + lazy, k)
-                w1, err1, h1 = w[:, i1:i2].copy(), np.zeros((w.shape[0], i2 - i1), np.float32), hinv[i1:i2, i1:i2]
-                for i in range(i2 - i1):
-                    col = int(perm[i1 + i])
-                    s, z = scales[:, col // block].astype(np.float32), zeros[:, col // block].astype(np.float32)
-                    x = w1[:, i]
-                    seen[:, col] = x
-                    q = np.clip(np.rint(x / s) + z, 0, qmax)
-                    codes[:, col] = q
-                    e = (x - (q - z) * s) / h1[i, i]
-                    w1[:, i:] -= np.outer(e, h1[i, i:])
-                    err1[:, i] = e
-                w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-            start = bq.quantize(seen, bits, block, symmetric=symmetric, method=search, scale_dtype=scale_dtype)
+    base_rows, base_quantize = bq._gptq_rows, bq.quantize
+
+    def rows(w_t, *args, **kw):
+        seen = np.zeros(np.shape(w_t), np.float32)
+        base_rows(w_t, *args, **kw, record=seen)
+        # the second run: its act_order start (the one quantize call) fitted to what the first saw
+        with patched(bq, "quantize", lambda _w, *a, **k: base_quantize(seen, *a, **k)):
+            base_rows(w_t, *args, **kw)
 
     with patched(bq, "_gptq_rows", rows):
         yield

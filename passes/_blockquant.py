@@ -401,9 +401,10 @@ GPTQ_ROW_BYTES = 64 << 20  # float32 bytes of W^T rows fitted at a time (gptq)
 
 
 def _gptq_rows(w_t, hinv, perm, dead, bits, block, codes, scales, zeros, *, symmetric, scale_dtype, search,
-               lazy_block, act_order) -> None:
+               lazy_block, act_order, record=None) -> None:
     """GPTQ's column loop on rows of W^T [n, K], writing their codes, scales and zero points
-    (views of the whole layer's arrays)."""
+    (views of the whole layer's arrays); ``record`` ([n, K] float32, original column order), if
+    given, receives the value each column had, after the error updates, when it was quantized."""
     # working copy, float32: before the column loop it is only zeroed and permuted (a float64
     # copy gave the same bits at twice the memory)
     w = np.array(w_t, dtype=np.float32)
@@ -436,6 +437,8 @@ def _gptq_rows(w_t, hinv, perm, dead, bits, block, codes, scales, zeros, *, symm
                 z = z8.astype(np.float32)
                 scales[:, g], zeros[:, g] = s16, z8
             x = w1[:, i]
+            if record is not None:
+                record[:, col] = x
             q = np.clip(np.rint(x / s) + z, 0, qmax)
             codes[:, col] = q
             e = (x - (q - z) * s) / h1[i, i]
