@@ -75,6 +75,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Falcon", ("falcon",), DECODER),
     Family("Gemma-2", ("gemma2",), DECODER),
     Family("Cohere", ("cohere",), DECODER),
+    Family("GPT-NeoX", ("gpt_neox",), DECODER),
 )
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
 

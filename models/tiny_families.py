@@ -76,6 +76,9 @@ def _configs() -> dict[str, Callable[[], Any]]:
         # Cohere (Command R): parallel attention and MLP off one bias-free LayerNorm, rotary on
         # interleaved pairs of dims, scaled logits, tied embeddings
         "cohere": lambda: t.CohereConfig(**_SMALL, **_TEXT, **_GQA, **_TOKENS),
+        # GPT-NeoX (Pythia): one packed QKV projection, rotary over a quarter of each head, attention
+        # and MLP in parallel off two LayerNorms
+        "gpt_neox": lambda: t.GPTNeoXConfig(**_SMALL, **_TEXT, **_TOKENS),
         "t5": lambda: t.T5Config(vocab_size=TINY_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                  decoder_start_token_id=0),
     }
@@ -84,7 +87,7 @@ def _configs() -> dict[str, Callable[[], Any]]:
 ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "distilbert", "electra", "mpnet", "modernbert")
 VISION = ("vit", "dinov2", "clip_vision_model", "siglip_vision_model")
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "gpt2", "granite", "olmo2", "smollm3",
-            "stablelm", "phi", "starcoder2", "falcon", "gemma2", "cohere")
+            "stablelm", "phi", "starcoder2", "falcon", "gemma2", "cohere", "gpt_neox")
 FAMILIES = ENCODERS + VISION + DECODERS
 
 

@@ -74,6 +74,8 @@ FUSED = {
     "gemma2": {**_ATTN, "rms_norm": 9, "rotary": 4},  # GQA with the soft cap
     # its bias-free LayerNorm as LayerNormalization (skip form: the residual Adds), interleaved rotary
     "cohere": {**_ATTN, "skip_layer_norm": 2, "rotary": 4},
+    # packed QKV split per head, rotary over a quarter of each head, parallel attention and MLP
+    "gpt_neox": {**_ATTN, "skip_layer_norm": 2, "gelu": 2, "rotary": 4},
 }
 ATTENTION_OP = {f: "GroupQueryAttention" for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text", "granite",
                                                    "olmo2", "smollm3", "stablelm", "starcoder2", "falcon", "gemma2",

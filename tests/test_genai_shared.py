@@ -250,6 +250,8 @@ def _family_config(family):
         "gemma2": lambda: t.Gemma2Config(**size, num_key_value_heads=2, head_dim=16, sliding_window=4),
         # rotary on interleaved pairs of dims (inside the op: rotary_interleaved), scaled logits
         "cohere": lambda: t.CohereConfig(**size, num_key_value_heads=2),
+        # Pythia's architecture, every dim of its 16-wide heads rotated (the op takes multiples of 16)
+        "gpt_neox": lambda: t.GPTNeoXConfig(**size, rotary_pct=1.0),
     }[family]()
 
 
@@ -279,7 +281,7 @@ def test_soft_capped_attention_fuses_with_its_cap(tmp_path):
                     reason="set GRAPHC_FAMILIES=1 to run every family (~10 s each)")
 @pytest.mark.parametrize("family, shared", [("granite", True), ("olmo2", True), ("stablelm", True),
                                             ("starcoder2", True), ("falcon", True), ("gemma2", True),
-                                            ("cohere", True), ("phi", True)])
+                                            ("cohere", True), ("gpt_neox", True), ("phi", True)])
 def test_more_decoder_families_generate_pytorchs_tokens(family, shared, tmp_path):
     """The other decoder families at head size 16, fused: the shared-buffer form (Gemma-2's
     attention with its soft cap; Phi-2's with as many KV heads as query heads), and genai's
