@@ -21,7 +21,7 @@ class CenteredRmsNorm(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, axes, scale, mean, out, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        if not _ir_utils.has_rank(x, x.shape.rank() if x.shape is not None else -1) or x.shape is None:
+        if x.shape is None:
             return result.fail("the input's rank is not known", x)
         rank = x.shape.rank()
         mean_node, norm = mean.producer(), out.producer()
@@ -31,7 +31,7 @@ class CenteredRmsNorm(pattern.RewriteRuleClassBase):
             return result.fail("the mean is not over the last axis", axes)
         if norm.attributes.get_int("axis", -1) not in (-1, rank - 1):
             return result.fail("the norm is not over the last axis", out)
-        if len(norm.outputs) != 1:
+        if any(o.uses() or o.is_graph_output() for o in norm.outputs[1:]):
             return result.fail("the norm's inverse std output is read", out)
         if scale.const_value is None or scale.shape is None or len(scale.shape) != 1:
             return result.fail("scale is not a constant vector", scale)
