@@ -169,7 +169,10 @@ def write_folder(model: Any, folder: Path, *, source: Path | None, check: bool =
     try:
         config = genai_config(model, source, context_length=context_length)
         if shared_buffer:
-            reason = shared_buffer_form(model, config["model"]["context_length"], _hf_config(source))
+            notes: list[str] = []
+            reason = shared_buffer_form(model, config["model"]["context_length"], _hf_config(source), notes)
+            if notices is not None:
+                notices.extend(f"genai folder: {note}" for note in notes)
             if reason is None:
                 config = genai_config(model, source, context_length=context_length, shared_buffer=True)
             elif notices is not None:

@@ -32,10 +32,14 @@ A sliding window shorter than the context (the model's ``graphc.arch.sliding_win
 ``layer_types``, or its HF config) becomes ``local_window_size`` on the layers that slide, the
 mask's job before (measured: genai's tokens equal PyTorch's past the window).
 
-All or nothing: when any attention cannot take this form (no GroupQueryAttention, rotary that
-is not a whole-head ``RotaryEmbedding`` over the graph's ``position_ids``, rotary caches scaled
-after the cosine, an attention window nothing says, a past read by anything but its attention) the graph is
-left as it was and the reason is returned, so the folder keeps separate buffers
+Rotary the op cannot take in (not a ``RotaryEmbedding`` over the graph's ``position_ids``: left
+as primitive ops, scaled or precomputed caches, rotated dims or a head size that is not a
+multiple of 16) stays outside it, as the model's own ops on the ``position_ids`` genai feeds
+(``do_rotary = 0`` on that layer, the input kept): the buffer is shared all the same.
+
+All or nothing otherwise: when any attention cannot take this form (no GroupQueryAttention, an
+attention window nothing says, a past read by anything but its attention) the graph is left as it
+was and the reason is returned, so the folder keeps separate buffers
 (``past_present_share_buffer = false``), slower but exact.
 """
 
@@ -72,19 +76,22 @@ class _Plan:
     node: ir.Node
     query: ir.Value | _Reshaped  # [B, S, H·D] before rotary
     key: ir.Value | _Reshaped  # [B, S, Hkv·D] before rotary
-    freq: np.ndarray | None  # inv_freq, [D / 2]; None: a layer without rotary (NoPE)
+    freq: np.ndarray | None  # inv_freq, [D / 2]; None: no rotary inside the op (NoPE, or rotary outside)
     interleaved: int
     window: int = -1  # the op's local_window_size: a sliding layer's window, -1 for none
+    outside: str = ""  # why this layer's rotary stays outside the op (its own ops, before Q and K go in)
 
 
 class _Refused(Exception):
     """A reason the graph keeps separate rotary and buffers."""
 
 
-def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str, Any] | None = None) -> str | None:
+def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str, Any] | None = None,
+                       notes: list[str] | None = None) -> str | None:
     """Rewrite ``model`` in place into genai's shared-buffer GroupQueryAttention form.
 
-    Returns None when rewritten, else why not (the graph is then unchanged)."""
+    Returns None when rewritten, else why not (the graph is then unchanged). ``notes`` receives
+    what the form leaves as it was: layers whose rotary stays outside the op, and why."""
     if already_shared(model):
         _pack_queries(model, [n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS])
         return None
@@ -92,6 +99,10 @@ def shared_buffer_form(model: ir.Model, context_length: int, hf_config: dict[str
         plans, mask = _plan(model, hf_config or {}, context_length)
     except _Refused as reason:
         return str(reason)
+    outside = [plan for plan in plans if plan.outside]
+    if outside and notes is not None:
+        notes.append(f"rotary stays outside GroupQueryAttention on {len(outside)} of {len(plans)} layers "
+                     f"(the model's own ops, on the positions genai feeds): {outside[0].outside}")
     _rewrite(model, plans, mask, context_length)
     return None
 
@@ -105,6 +116,8 @@ def already_shared(model: ir.Model) -> bool:
     are the ops' own)."""
     graph = model.graph
     nodes = [n for n in graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == MS]
+    if nodes and all(n.metadata_props.get(ops.META_PASS) == STEP for n in nodes):
+        return True  # this module's own form (rotary outside the op on some layers keeps position_ids)
     if not nodes or any(v.name == "position_ids" for v in graph.inputs):
         return False
     rotary = [n for n in nodes if n.attributes.get_int("do_rotary", 0)]
@@ -206,14 +219,17 @@ def _plan_one(node: ir.Node, graph: ir.Graph, position_ids: ir.Value | None, nop
         if any(_rotated(v) for v in ins[:2]):
             raise _Refused(f"{node.name}: its layer has no rotary in the config, yet its query or key is rotated")
         return _Plan(node, ins[0], ins[1], None, 0)
-    if head % 16:
-        raise _Refused(f"head size {head} is not a multiple of 16 (ONNX Runtime's rotary inside the op)")
-    (q_rot, query), (k_rot, key) = (_whole_head_rotary(v, head, position_ids, node.name) for v in ins[:2])
-    if (q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]
-            or _rotary_dims(q_rot, head) != _rotary_dims(k_rot, head)
-            or q_rot.attributes.get_int("interleaved", 0) != k_rot.attributes.get_int("interleaved", 0)):
-        raise _Refused(f"{node.name}: query and key rotate with different caches")
-    freq = _inv_freq(q_rot.inputs[2], q_rot.inputs[3], _rotary_dims(q_rot, head))
+    try:
+        if head % 16:
+            raise _Refused(f"head size {head} is not a multiple of 16 (ONNX Runtime's rotary inside the op)")
+        (q_rot, query), (k_rot, key) = (_whole_head_rotary(v, head, position_ids, node.name) for v in ins[:2])
+        if (q_rot.inputs[2] is not k_rot.inputs[2] or q_rot.inputs[3] is not k_rot.inputs[3]
+                or _rotary_dims(q_rot, head) != _rotary_dims(k_rot, head)
+                or q_rot.attributes.get_int("interleaved", 0) != k_rot.attributes.get_int("interleaved", 0)):
+            raise _Refused(f"{node.name}: query and key rotate with different caches")
+        freq = _inv_freq(q_rot.inputs[2], q_rot.inputs[3], _rotary_dims(q_rot, head))
+    except _Refused as why:  # the model's own rotary stays, on the positions genai feeds; the buffer is shared
+        return _Plan(node, ins[0], ins[1], None, 0, outside=str(why))
     return _Plan(node, query, key, freq, q_rot.attributes.get_int("interleaved", 0))
 
 

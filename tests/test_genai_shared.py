@@ -158,20 +158,26 @@ def test_compressed_folder_takes_the_shared_buffer_form(llama16, exported, tmp_p
         assert tokens == _torch_greedy(llama16[1], PROMPT, NEW)
 
 
-def test_rotary_left_unfused_falls_back_with_a_notice(llama16, exported, tmp_path):
+ROTARY_OUTSIDE = "rotary stays outside GroupQueryAttention"
+
+
+def test_rotary_left_unfused_stays_outside_the_op_over_shared_buffers(llama16, exported, tmp_path):
     """GroupQueryAttention whose rotary stayed primitive ops (fuse-ort's rotary off): the folder
-    keeps separate buffers and the model's own rotary, and says why; tokens stay PyTorch's."""
+    shares its buffers and keeps the model's own rotary on the positions genai feeds, and says
+    so; tokens stay PyTorch's."""
     from graphc.front.api import compress
     from graphc.exporters.genai import generate
 
     path = tmp_path / "fuse-norotary.toml"
     path.write_text('name = "fuse-norotary"\n[[passes]]\nname = "fuse-ort"\noptions = { rotary = false }\n')
     result = compress(exported[0] / "model.onnx", tmp_path / "genai", recipe=str(path), genai=True)
-    _, attention = _attention(tmp_path / "genai")
+    written, attention = _attention(tmp_path / "genai")
     assert attention and all(n.attributes.get_int("do_rotary", 0) == 0 for n in attention)
+    assert "position_ids" in [v.name for v in written.graph.inputs]  # the model's rotary reads them
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
-    assert config["search"]["past_present_share_buffer"] is False
-    assert any(SHARED_NOTICE in n and "RotaryEmbedding" in n for n in result.notices)
+    assert config["search"]["past_present_share_buffer"] is True
+    assert not any(SHARED_NOTICE in n for n in result.notices)
+    assert any(ROTARY_OUTSIDE in n and "2 of 2 layers" in n and "RotaryEmbedding" in n for n in result.notices)
     assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(llama16[1], PROMPT, NEW)
 
 
@@ -303,9 +309,10 @@ def test_more_decoder_families_generate_pytorchs_tokens(family, shared, tmp_path
     assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
 
 
-def test_partial_rotary_falls_back_with_a_notice(tmp_path):
+def test_partial_rotary_the_op_refuses_stays_outside_it(tmp_path):
     """Phi-3 rotating 8 dims of each head: ONNX Runtime's rotary inside the op takes a multiple of
-    16, so the folder keeps the model's rotary and separate buffers; tokens stay PyTorch's."""
+    16, so the folder keeps the model's rotary outside the op over shared buffers, and says so;
+    tokens stay PyTorch's."""
     from transformers import Phi3Config
 
     from graphc.exporters.genai import generate
@@ -316,8 +323,8 @@ def test_partial_rotary_falls_back_with_a_notice(tmp_path):
         pad_token_id=0))
     assert [n for n in result.model.graph if n.op_type == "GroupQueryAttention"]  # attention itself fused
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
-    assert config["search"]["past_present_share_buffer"] is False
-    assert any(SHARED_NOTICE in n for n in result.notices)
+    assert config["search"]["past_present_share_buffer"] is True
+    assert any(ROTARY_OUTSIDE in n and "multiple of 16" in n for n in result.notices)
     assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
 
 
