@@ -5,7 +5,10 @@
   the genai writer keeps outside the op over shared buffers);
 - ``separate``: that graph written with ``shared_buffer=False`` (how such a graph was written before).
 
-usage: .venv/bin/python bench/genai_rotary_outside.py OUT_DIR
+With ``--int4``: ``outside-int4`` and ``separate-int4`` instead, from one built-in ``int4`` compress
+with ``fuse-ort``'s ``rotary = false`` (~10 minutes on 2 cores), written both ways.
+
+usage: .venv/bin/python bench/genai_rotary_outside.py [--int4] OUT_DIR
 then:  HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_genai.py --recipe none --builder-variants default \\
            --windows 8 --reps 5 --folder "...=OUT_DIR/inside" --folder "...=OUT_DIR/outside" \\
            --folder "...=OUT_DIR/separate" --json OUT.json
@@ -26,7 +29,9 @@ SOURCE = Path(__file__).resolve().parent.parent / ".graphc-cache" / "bench" / "g
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
+    int4 = "--int4" in args
+    args = [a for a in args if a != "--int4"]
     if len(args) != 1:
         print(__doc__)
         return 2
@@ -35,6 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args[0])
     out.mkdir(parents=True, exist_ok=True)
+    if int4:
+        from graphc.core.recipe_merge import apply_sets
+        from graphc.core.recipes import BUILTIN
+
+        recipe4 = apply_sets(BUILTIN["int4"], ["fuse-ort.rotary=false"])
+        result = compress(SOURCE, out / "int4-norotary.onnx", recipe=recipe4)
+        for name, shared in (("outside-int4", True), ("separate-int4", False)):
+            shutil.rmtree(out / name, ignore_errors=True)
+            notices: list[str] = []
+            write_folder(ir.load(out / "int4-norotary.onnx"), out / name, source=SOURCE.parent, shared_buffer=shared,
+                         notices=notices)
+            print(name, *notices)
+        print("int4 validation:", result.validation.passed if result.validation else None)
+        return 0
     recipe = out / "fuse-norotary.toml"
     recipe.write_text('name = "fuse-norotary"\n[[passes]]\nname = "fuse-ort"\noptions = { rotary = false }\n')
     for name, how in (("inside", "fuse"), ("outside", str(recipe))):
