@@ -174,6 +174,9 @@ def test_rotary_left_unfused_stays_outside_the_op_over_shared_buffers(llama16, e
     written, attention = _attention(tmp_path / "genai")
     assert attention and all(n.attributes.get_int("do_rotary", 0) == 0 for n in attention)
     assert "position_ids" in [v.name for v in written.graph.inputs]  # the model's rotary reads them
+    from graphc.exporters.genai_gqa import already_shared
+
+    assert already_shared(written)  # a second write keeps it as it is
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True
     assert not any(SHARED_NOTICE in n for n in result.notices)
