@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
 from graphc.passes._fusion_rules.rotary_cache import BroadcastCosSinCache
+from graphc.passes._fusion_rules.table import apply_rules_then_prune
 
 
 class InterleavedRotary(BroadcastCosSinCache):
@@ -51,7 +52,7 @@ class InterleavedRotary(BroadcastCosSinCache):
             return result.fail("the number of heads is not known", x)
         if not _ir_utils.is_singleton_value(at_pair, lambda a: a in (3, -1)):
             return result.fail("the angles are not repeated on a new last axis", at_pair)
-        reps = _ints(pair)
+        reps = _shape_entries(pair)
         if reps is None or len(reps) != 4 or reps[-1] != 2 or any(r != 1 for r in reps[:-1]):
             return result.fail(f"the angles are expanded by {reps}, expected [1, 1, 1, 2]", pair)
         target = _shape_entries(emb_shape)
@@ -73,10 +74,6 @@ class InterleavedRotary(BroadcastCosSinCache):
 
     def rewrite(self, op, x, position_ids, inv_freq, **_):
         return super().rewrite(op, x, position_ids, inv_freq, 1, x.shape[1])
-
-
-def _ints(value: ir.Value) -> list | None:
-    return value.const_value.numpy().reshape(-1).tolist() if value.const_value is not None else None
 
 
 def _shape_entries(shape: ir.Value) -> list | None:
@@ -111,14 +108,5 @@ rules = pattern.RewriteRuleSet([
 ])
 
 
-def apply(model: ir.Model, **kwargs) -> int:
-    """The rules, then what they left dead (they keep the nodes they matched: the angles are
-    shared by every layer)."""
-    import onnx_ir.passes.common as common
-
-    from graphc.passes._fusion_rules.table import apply_rules
-
-    count = apply_rules(rules)(model, **kwargs)
-    if count:
-        common.RemoveUnusedNodesPass()(model)
-    return count
+# the rules keep the nodes they matched (the angles are shared by every layer): what is left dead goes
+apply = apply_rules_then_prune(rules)

@@ -18,6 +18,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
+from graphc.passes._fusion_rules.table import apply_rules_then_prune
+
 FUSION_DOMAIN = "ai.onnxruntime._fusion"
 
 
@@ -105,16 +107,7 @@ rules = pattern.RewriteRuleSet([
 ])
 
 
-def apply(model: ir.Model, **kwargs) -> int:
-    """The rules, then the rotate-half intermediates they leave behind removed: the rule keeps
-    the nodes it matched (the cos/sin caches are shared by every layer), and a dead intermediate
-    still reads the rotated slice, which keeps onnxscript's partial-rotary rule (next in
-    fuse-ort) from matching a slice the rotary alone must read."""
-    import onnx_ir.passes.common as common
-
-    from graphc.passes._fusion_rules.table import apply_rules
-
-    count = apply_rules(rules)(model, **kwargs)
-    if count:
-        common.RemoveUnusedNodesPass()(model)
-    return count
+# the rule keeps the nodes it matched (the cos/sin caches are shared by every layer); the dead
+# rotate-half intermediates go right after it: one still reading the rotated slice would keep
+# onnxscript's partial-rotary rule (next in fuse-ort) from matching a slice the rotary alone must read
+apply = apply_rules_then_prune(rules)

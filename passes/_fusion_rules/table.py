@@ -83,6 +83,21 @@ def apply_rules(rule_set) -> Callable[..., int]:
     return _fusion_utils.apply_fusion_rules(rule_set)
 
 
+def apply_rules_then_prune(rule_set) -> Callable[..., int]:
+    """:func:`apply_rules` for rules that keep the nodes they matched (values several matches
+    share, such as rotary's angles): after a match, what they left dead is removed."""
+
+    def apply(model, **kwargs) -> int:
+        import onnx_ir.passes.common as common
+
+        count = apply_rules(rule_set)(model, **kwargs)
+        if count:
+            common.RemoveUnusedNodesPass()(model)
+        return count
+
+    return apply
+
+
 def function_for(fusion: Fusion) -> Callable[..., int]:
     kind, _, name = fusion.source.partition(":")
     if kind == "onnxscript":
