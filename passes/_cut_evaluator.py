@@ -14,9 +14,9 @@ than the work it skipped on SmolLM2-135M (Python hops, and 16 thread pools spinn
 each other), while a session per cut took 0.736x the whole-model time over all 211 of its
 probes on the fused graph, alternating probe by probe (``bench/bench_streamed_probes.py
 --fused``: the LM head and the KL over 49,152 tokens run in every probe, so about half the
-whole pass cannot be skipped). The sessions run without ORT's memory arena and without
-spinning threads: all are kept, and with the arena they held 2.6 GB more between probes on
-SmolLM2 (3.0 GB peak for the evaluator against 2.3 GB for the whole-model one).
+whole pass cannot be skipped). The sessions share one memory arena (the process's, see
+``graphc.core.session.use_shared_arena``), without spinning threads: all are kept, and with an
+arena each they held 2.6 GB more between probes on SmolLM2.
 
 The errors are the whole-model path's up to float rounding (ONNX Runtime may pick other kernels
 for a part of a graph than for the whole: equal on SmolLM2's fused graph, ~1e-6 relative on
@@ -165,17 +165,19 @@ class CutEvaluator:
 
 
 def _sessions(parts: dict[int, dict], threads: int | None) -> dict:
-    """Each start's ORT session: without ORT's memory arena and spinning threads (all are kept;
-    with the arena they held 2.6 GB more between probes on SmolLM2)."""
+    """Each start's ORT session: all of them on the process's one shared arena
+    (``graphc.core.session.use_shared_arena``; where ORT refuses it, each without an arena: with
+    one each they held 2.6 GB more between probes on SmolLM2), without spinning threads."""
     import onnx
 
     from graphc.core import streaming
-    from graphc.core.session import session_options
+    from graphc.core.session import session_options, use_shared_arena
 
     out = {}
     for k, part in parts.items():
         options = session_options(threads)
         options.enable_cpu_mem_arena = False
+        use_shared_arena(options)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = onnx.ModelProto.FromString(part["model"].tobytes())
         session = streaming.load(model, part["arrays"], what=WHAT, where=f"from cut {k}", options=options)

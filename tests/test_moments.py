@@ -250,3 +250,30 @@ def test_gptq_past_large_hessian_gives_the_same_codes_from_a_float32_hessian(mon
     np.testing.assert_array_equal(a.q, b.q)
     np.testing.assert_array_equal(a.scale, b.scale)
     np.testing.assert_array_equal(a.zero, b.zero)
+
+
+def test_sweep_gathers_rows_of_several_feeds_into_one_gram(monkeypatch):
+    """Rows of a few feeds make one x^T x: the sums, and the snapshots after the first n feeds,
+    are those of one feed at a time, and a bound of one row takes each feed alone."""
+    from graphc.core import calibrate
+
+    model = _block(seed=2)
+    feeds = _feeds(model, count=7)
+    names = sorted({v.name for v, _ in calibrate.weight_inputs(model)})
+    grams = []
+    real = calibrate._gram
+    monkeypatch.setattr(calibrate, "_gram", lambda rows: grams.append(len(rows)) or real(rows))
+    monkeypatch.setattr(calibrate, "GRAM_ROWS", 64)  # a feed holds 2 x 16 = 32 rows
+    batched, batched_heads = calibrate._sweep(model, names, feeds, [3])
+    assert max(grams) == 64 and min(grams) == 32  # two feeds, or the one before a snapshot / at the end
+    grams.clear()
+    monkeypatch.setattr(calibrate, "GRAM_PENDING_BYTES", 1)
+    alone, alone_heads = calibrate._sweep(model, names, feeds, [3])
+    assert set(grams) == {32}
+    for got, want in ((batched, alone), (batched_heads[3], alone_heads[3])):
+        assert got.keys() == want.keys() == set(names)
+        for name in names:
+            assert got[name].tokens == want[name].tokens
+            np.testing.assert_allclose(got[name].gram, want[name].gram, rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(got[name].abs_sum, want[name].abs_sum, rtol=1e-12)
+    assert batched_heads[3][names[0]].tokens == 3 * 32

@@ -106,3 +106,18 @@ def test_a_part_onnx_runtime_refuses_falls_back_to_the_whole_model(tiny_llama, m
 
     monkeypatch.setattr(streaming, "load", refuse)  # every part's session
     assert isinstance(cut.evaluator(model, layers, feeds, "kl"), sens.Evaluator)
+
+
+def test_cut_sessions_share_the_process_arena(tiny_llama):
+    """Every cut's session runs on the one arena registered with ONNX Runtime's environment."""
+    from graphc.core import session
+
+    model, layers, feeds = _setup(tiny_llama, "kl")
+    options = session.session_options()
+    assert session.use_shared_arena(options) and session.use_shared_arena(session.session_options())
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    ev = cut.evaluator(model, layers, feeds, "kl")
+    assert isinstance(ev, cut.CutEvaluator)
+    layer = layers[-1]
+    replaced = {layer.value.name: _quantized(layer)}
+    assert ev.error(replaced) == pytest.approx(sens.Evaluator(model, layers, feeds, metric="kl").error(replaced), rel=1e-4)
