@@ -120,6 +120,87 @@ def window_grams(windows: int, rep: Reporter) -> Path:
     return folder
 
 
+SEQUENTIAL_SEGMENTS = 32  # the model cut into about this many segments by weight bytes (~one block each)
+
+
+def sequential_grams(rep: Reporter) -> Path:
+    """Hessians as GPTQ sees them when the model before each layer is already quantized (GPTQ's
+    own paper and AutoGPTQ run so): the snapshot cut into segments (``graphc.core.streaming``),
+    then for each segment over the 128 calibration windows: its MatMul inputs' x^T x with the
+    earlier segments' planned MatMuls replaced by their GPTQ results (the recipe's settings: the
+    plan's bits and block, asymmetric, damp 0.1, act order, float16 scales), this segment's
+    weights fitted on them, and the segment run again with those to feed the next. The tied
+    LM head's input (read through a Transpose of the table tiers) keeps the float sweep's Hessian."""
+    import onnx_ir as ir
+
+    from graphc.checks.feeds import complete_decoder_feeds
+    from graphc.core import streaming
+    from graphc.core.calibrate import token_rows
+    from graphc.models import get_model_spec
+    from graphc.passes import _blockquant as bq
+    from graphc.passes._weights import META_BITS, META_BLOCK
+
+    folder = OUT / "grams-sequential"
+    if (folder / "names.json").is_file():
+        return folder
+    model = ir.load(SNAPSHOT)
+    spec = get_model_spec("smollm2")
+    texts = spec.eval_texts(spec.calibration_max_texts, split="calibration")
+    feeds = complete_decoder_feeds(model, spec.feeds(texts, batch=spec.calibration_batch or spec.validation_batch,
+                                                     max_length=spec.calibration_length))[:128]
+    planned = [(n.inputs[0].name, n.inputs[1].name, int(n.metadata_props[META_BITS]), int(n.metadata_props[META_BLOCK]))
+               for n in model.graph if n.op_type == "MatMul" and META_BITS in n.metadata_props
+               and n.inputs[1].const_value is not None]
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    runner = streaming.StreamedModel(model, switchable=[w for _, w, _, _ in planned],
+                                     segment_bytes=total // SEQUENTIAL_SEGMENTS, what="sequential Hessians")
+    segment_of = {}
+    for k, seg in enumerate(runner.segments):
+        for w in seg.weights:
+            segment_of.setdefault(w, k)
+    graph = runner.proto.graph
+    values: list[dict] = [{} for _ in feeds]
+    fitted: dict[str, np.ndarray] = {}
+    hessians: dict[str, np.ndarray] = {}
+    with rep.bar(f"sequential Hessians, {len(runner.segments)} segments") as cb:
+        for k, seg in enumerate(runner.segments):
+            mine = [c for c in planned if segment_of[c[1]] == k]
+            made = {o for i in seg.nodes for o in graph.node[i].output}
+            xs = sorted({x for x, _, _, _ in mine})
+            fetch = [x for x in xs if x in made]
+            sums: dict[str, list] = {}
+            part = runner.segment_session(k, fetch, lambda name: values[0][name]) if fetch else None
+            for i, feed in enumerate(feeds if mine else []):
+                got = dict(zip(fetch, runner.step(part, feed, values[i].__getitem__, fitted))) if part else {}
+                for x in xs:
+                    arr = got[x] if x in got else values[i].get(x, feed.get(x))
+                    rows = np.ascontiguousarray(token_rows(np.asarray(arr), feed.get("attention_mask")), dtype=np.float32)
+                    s = sums.setdefault(x, [0.0, 0])
+                    s[0] = s[0] + (rows.T @ rows).astype(np.float64)
+                    s[1] += len(rows)
+            del part
+            hessians.update({x: g / n for x, (g, n) in sums.items()})
+            for x, w, bits, block in mine:
+                w_t = np.ascontiguousarray(runner.arrays[w].T, dtype=np.float32)
+                q = bq.gptq(w_t, hessians[x], bits, block, symmetric=False, scale_dtype=np.float16, damp=0.1,
+                            act_order=True)
+                fitted[w] = np.ascontiguousarray(q.dequantize().T)
+            later = runner.needed_after(k, outputs=False)
+            keeps = [n for n in seg.keeps if n in later]
+            if keeps:
+                part = runner.segment_session(k, keeps, lambda name: values[0][name])
+                for i, feed in enumerate(feeds):
+                    values[i].update(zip(keeps, runner.step(part, feed, values[i].__getitem__, fitted)))
+                    for name in [n for n in values[i] if n not in later]:
+                        del values[i][name]
+                del part
+            cb(k + 1, len(runner.segments))
+    names = json.loads((OUT / "grams-128" / "names.json").read_text())
+    recipe = load_grams(OUT / "grams-128")
+    save_grams({n: hessians[n] if n in hessians else recipe[n] for n in names}, folder)
+    return folder
+
+
 def _snapshot_key(fp32: Path) -> str:
     sources = [(ROOT / "recipes" / "builtin" / "int4.toml").read_text()]
     sources += [p.read_text() for p in sorted((ROOT / "passes").rglob("*.py"))]
@@ -287,6 +368,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "Hessians of 32 windows": {"windows": 32},
     "Hessians of 64 windows": {"windows": 64},
     "Hessians of 207 windows": {"windows": 207},
+    "Hessians from the partly quantized model (sequential)": {"sequential": True},
 }
 
 
@@ -343,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.only or VARIANTS:
         v = VARIANTS[name]
-        grams = window_grams(v["windows"], rep) if v.get("windows") else OUT / "grams-128"
+        grams = (window_grams(v["windows"], rep) if v.get("windows") else
+                 sequential_grams(rep) if v.get("sequential") else OUT / "grams-128")
         r = run_variant(name, v, grams, feeds, rep)
         r["rise_vs_torch_fp32"] = r["perplexity"]["perplexity"] / torch_ppl - 1
         results[name] = r
