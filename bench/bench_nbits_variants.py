@@ -95,23 +95,31 @@ def load_grams(folder: Path) -> dict[str, np.ndarray]:
     return Grams()
 
 
-def window_grams(windows: int, rep: Reporter) -> Path:
-    """Hessians of the snapshot's MatMul inputs over the first ``windows`` calibration windows
-    (the recipe's own texts and window length; 207 is all that its 1,024 texts make)."""
+def snapshot_and_windows(windows: int) -> tuple[Any, list]:
+    """The snapshot model and the first ``windows`` of the recipe's calibration windows (its own
+    texts and window length; 207 is all that its 1,024 texts make)."""
     import onnx_ir as ir
 
     from graphc.checks.feeds import complete_decoder_feeds
-    from graphc.core.calibrate import input_moments
     from graphc.models import get_model_spec
 
-    folder = OUT / f"grams-{windows}"
-    if (folder / "names.json").is_file():
-        return folder
     model = ir.load(SNAPSHOT)
     spec = get_model_spec("smollm2")
     texts = spec.eval_texts(spec.calibration_max_texts, split="calibration")
     feeds = complete_decoder_feeds(model, spec.feeds(texts, batch=spec.calibration_batch or spec.validation_batch,
                                                      max_length=spec.calibration_length))[:windows]
+    return model, feeds
+
+
+def window_grams(windows: int, rep: Reporter) -> Path:
+    """Hessians of the snapshot's MatMul inputs over the first ``windows`` calibration windows
+    (the recipe's own texts and window length; 207 is all that its 1,024 texts make)."""
+    from graphc.core.calibrate import input_moments
+
+    folder = OUT / f"grams-{windows}"
+    if (folder / "names.json").is_file():
+        return folder
+    model, feeds = snapshot_and_windows(windows)
     names = json.loads((OUT / "grams-128" / "names.json").read_text())
     values = {v.name: v for node in model.graph for v in node.inputs if v is not None and v.name in names}
     with rep.status(f"Hessians over {len(feeds)} calibration windows"):
@@ -131,23 +139,15 @@ def sequential_grams(rep: Reporter) -> Path:
     plan's bits and block, asymmetric, damp 0.1, act order, float16 scales), this segment's
     weights fitted on them, and the segment run again with those to feed the next. The tied
     LM head's input (read through a Transpose of the table tiers) keeps the float sweep's Hessian."""
-    import onnx_ir as ir
-
-    from graphc.checks.feeds import complete_decoder_feeds
     from graphc.core import streaming
     from graphc.core.calibrate import token_rows
-    from graphc.models import get_model_spec
     from graphc.passes import _blockquant as bq
     from graphc.passes._weights import META_BITS, META_BLOCK
 
     folder = OUT / "grams-sequential"
     if (folder / "names.json").is_file():
         return folder
-    model = ir.load(SNAPSHOT)
-    spec = get_model_spec("smollm2")
-    texts = spec.eval_texts(spec.calibration_max_texts, split="calibration")
-    feeds = complete_decoder_feeds(model, spec.feeds(texts, batch=spec.calibration_batch or spec.validation_batch,
-                                                     max_length=spec.calibration_length))[:128]
+    model, feeds = snapshot_and_windows(128)
     planned = [(n.inputs[0].name, n.inputs[1].name, int(n.metadata_props[META_BITS]), int(n.metadata_props[META_BLOCK]))
                for n in model.graph if n.op_type == "MatMul" and META_BITS in n.metadata_props
                and n.inputs[1].const_value is not None]
