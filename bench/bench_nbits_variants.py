@@ -49,6 +49,10 @@ def take_snapshot(fp32: Path, rep: Reporter) -> None:
     from graphc.passes._weights import META_BITS
 
     OUT.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    for stale in OUT.glob("grams-*"):  # Hessians of the snapshot being replaced
+        shutil.rmtree(stale)
     original = qn.QuantizeNBits._hessians
 
     class Saved(BaseException):  # not an error: through the pass manager's handlers
