@@ -235,7 +235,7 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
         tempdirs.check_free(need, "the calibration sums of this streamed model")
     folder = SpillFolder() if streamed else None  # a streamed sweep's sums go to disk (a large model's)
     # rows of a few feeds go into one x^T x (see _batch_rows); a streamed sweep takes each feed alone
-    batch = 0 if streamed else _batch_rows([_channels(model, name) for name in names])
+    batch = 0 if streamed else _batch_rows(_widths(model, names))
     pending: dict[str, list[np.ndarray]] = {}
 
     def flush(name: str) -> None:
@@ -296,6 +296,17 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
 # quarter as often; the rows waiting for it are bounded in bytes over all values
 GRAM_ROWS = 2048
 GRAM_PENDING_BYTES = 512 << 20
+
+
+def _widths(model: ir.Model, names: Sequence[str]) -> list[int]:
+    """The last-axis size of each named value where the graph knows it (0: unknown), in one walk."""
+    found = {v.name: v for v in model.graph.inputs}
+    found.update((v.name, v) for n in model.graph for v in n.outputs)
+    out = []
+    for name in names:
+        shape = found[name].shape if name in found else None
+        out.append(int(shape[-1]) if shape is not None and len(shape) and isinstance(shape[-1], int) else 0)
+    return out
 
 
 def _batch_rows(channels: Sequence[int]) -> int:
