@@ -234,8 +234,8 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
         need = copies * sum(8 * k * k for k in (_channels(model, name) for name in names))
         tempdirs.check_free(need, "the calibration sums of this streamed model")
     folder = SpillFolder() if streamed else None  # a streamed sweep's sums go to disk (a large model's)
-    # rows of a few feeds go into one x^T x (see _batch_rows); a streamed sweep takes each feed alone
-    batch = 0 if streamed else _batch_rows(_widths(model, names))
+    # rows of a few feeds go into one x^T x (see _batch_rows), the same feeds whether streamed or not
+    batch = _batch_rows(_widths(model, names))
     pending: dict[str, list[np.ndarray]] = {}
 
     def flush(name: str) -> None:
@@ -270,6 +270,7 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
 
         def spill(done: int, segments: int) -> None:  # a segment's values are complete: their sums go to disk
             for name in runner.observe.get(done - 1, []) + (runner.observe.get(-1, []) if done == 1 else []):
+                flush(name)  # the rows still waiting, before the sums leave memory
                 for table in (total, *heads.values()):
                     if name in table:
                         table[name].spill(folder)
