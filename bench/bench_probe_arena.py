@@ -37,8 +37,7 @@ def one(model_path: str, mode: str) -> dict:
     from graphc.passes import _sensitivity as sens
 
     if mode == "own":  # as before: each session without an arena
-        session.use_shared_arena = lambda options: False  # noqa: E731 - the helper the evaluator calls
-        _cut_evaluator.use_shared_arena = session.use_shared_arena
+        session.use_shared_arena = lambda options: False  # noqa: E731 - the evaluator imports it when it builds
     model = load_model(model_path)
     feeds = list(calibration_context(model, 32).calibration)[:1]
     layers, _ = sens.find_layers(model.graph, matmuls=True, embeddings=True, min_rows=1, min_cols=64, exclude=())

@@ -169,7 +169,7 @@ def input_moments(
         if full is not None:
             known = {v.name: k for v, k in weight_inputs(model) if v.name}
             wanted = sorted({*names, *known})
-            sizes = [known.get(n) or _channels(model, n) for n in wanted]
+            sizes = [known.get(n) or k for n, k in zip(wanted, _widths(model, wanted))]
             if all(k > 0 for k in sizes) and (streaming.applies(model) or cache.fits(sizes)):  # streamed: on disk
                 total, heads = _sweep(model, wanted, full, sorted(cache.held_out), report)
                 cache.store(full, total, heads)
@@ -209,15 +209,15 @@ def _weight_rows(w: ir.Value | None) -> int:
     return 0
 
 
-def _channels(model: ir.Model, name: str) -> int:
-    """The last-axis size of a value when the graph knows it (0: unknown)."""
-    value = next((v for n in model.graph for v in n.outputs if v.name == name), None)
-    if value is None:
-        value = next((v for v in model.graph.inputs if v.name == name), None)
-    shape = value.shape if value is not None else None
-    if shape is None or len(shape) == 0 or not isinstance(shape[-1], int):
-        return 0
-    return int(shape[-1])
+def _widths(model: ir.Model, names: Sequence[str]) -> list[int]:
+    """The last-axis size of each named value where the graph knows it (0: unknown), in one walk."""
+    found = {v.name: v for v in model.graph.inputs}
+    found.update((v.name, v) for n in model.graph for v in n.outputs)
+    out = []
+    for name in names:
+        shape = found[name].shape if name in found else None
+        out.append(int(shape[-1]) if shape is not None and len(shape) and isinstance(shape[-1], int) else 0)
+    return out
 
 
 def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarray]],
@@ -229,13 +229,14 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
     total: dict[str, Sums] = {}
     heads: dict[int, dict[str, Sums]] = {}
     streamed = streaming.applies(model)
+    widths = _widths(model, names)
     if streamed:  # K x K float64 sums per value, and a copy per snapshot: say so now, not hours later
         copies = 1 + len({n for n in heads_at if 0 < n < len(feeds)})
-        need = copies * sum(8 * k * k for k in (_channels(model, name) for name in names))
+        need = copies * sum(8 * k * k for k in widths)
         tempdirs.check_free(need, "the calibration sums of this streamed model")
     folder = SpillFolder() if streamed else None  # a streamed sweep's sums go to disk (a large model's)
     # rows of a few feeds go into one x^T x (see _batch_rows), the same feeds whether streamed or not
-    batch = _batch_rows(_widths(model, names))
+    batch = _batch_rows(widths)
     pending: dict[str, list[np.ndarray]] = {}
 
     def flush(name: str) -> None:
@@ -297,17 +298,6 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
 # quarter as often; the rows waiting for it are bounded in bytes over all values
 GRAM_ROWS = 2048
 GRAM_PENDING_BYTES = 512 << 20
-
-
-def _widths(model: ir.Model, names: Sequence[str]) -> list[int]:
-    """The last-axis size of each named value where the graph knows it (0: unknown), in one walk."""
-    found = {v.name: v for v in model.graph.inputs}
-    found.update((v.name, v) for n in model.graph for v in n.outputs)
-    out = []
-    for name in names:
-        shape = found[name].shape if name in found else None
-        out.append(int(shape[-1]) if shape is not None and len(shape) and isinstance(shape[-1], int) else 0)
-    return out
 
 
 def _batch_rows(channels: Sequence[int]) -> int:
