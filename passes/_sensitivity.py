@@ -21,7 +21,10 @@ session. The quantized weights are computed on the fly (``_blockquant``, the pas
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -324,11 +327,46 @@ class SoftmaxRef:
 def kl_rows(out: np.ndarray, ref: SoftmaxRef) -> np.ndarray:
     """:func:`row_kl` from a :class:`SoftmaxRef`: KL = sum p log p - sum p out + sum p x
     logsumexp(out), four passes over the logits instead of ten (a 512 x 49152 block: 0.11 s
-    instead of 0.18 s)."""
+    instead of 0.18 s), the rows split over the CPU's cores (numpy's loops run on one) with the
+    exponentials in a buffer each thread keeps (0.04 s; every row is computed as alone)."""
     out = np.asarray(out, dtype=np.float32)
-    top = out.max(axis=-1)
-    lse = np.log(np.exp(out - top[:, None]).sum(axis=-1, dtype=np.float64)) + top
-    return ref.plogp - np.einsum("ij,ij->i", ref.p, out, dtype=np.float64) + ref.psum * lse
+    parts = min(_kl_threads(), max(1, len(out) // KL_MIN_ROWS))
+    if parts <= 1:
+        return _kl_part(out, ref, 0, len(out))
+    edges = np.linspace(0, len(out), parts + 1).astype(int)
+    pool = _kl_pool(parts)
+    return np.concatenate(list(pool.map(lambda ab: _kl_part(out, ref, *ab), zip(edges[:-1], edges[1:]))))
+
+
+KL_MIN_ROWS = 64  # rows per thread, at least
+_kl_local = threading.local()
+_kl_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _kl_threads() -> int:
+    try:
+        return min(len(os.sched_getaffinity(0)), 8)
+    except AttributeError:  # no affinity call on this OS
+        return min(os.cpu_count() or 1, 8)
+
+
+def _kl_pool(parts: int) -> ThreadPoolExecutor:
+    if parts not in _kl_pools:
+        _kl_pools[parts] = ThreadPoolExecutor(parts, thread_name_prefix="graphc-kl")
+    return _kl_pools[parts]
+
+
+def _kl_part(out: np.ndarray, ref: SoftmaxRef, a: int, b: int) -> np.ndarray:
+    """:func:`kl_rows` of rows a..b."""
+    rows = out[a:b]
+    size = rows.size
+    buffer = getattr(_kl_local, "buffer", None)
+    if buffer is None or buffer.size < size:
+        buffer = _kl_local.buffer = np.empty(size, np.float32)
+    top = rows.max(axis=-1)
+    shifted = np.subtract(rows, top[:, None], out=buffer[:size].reshape(rows.shape))
+    lse = np.log(np.exp(shifted, out=shifted).sum(axis=-1, dtype=np.float64)) + top
+    return ref.plogp[a:b] - np.einsum("ij,ij->i", ref.p[a:b], rows, dtype=np.float64) + ref.psum[a:b] * lse
 
 
 METRICS = ("cosine", "kl", "tensor")

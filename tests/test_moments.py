@@ -262,7 +262,7 @@ def test_sweep_gathers_rows_of_several_feeds_into_one_gram(monkeypatch):
     names = sorted({v.name for v, _ in calibrate.weight_inputs(model)})
     grams = []
     real = calibrate._gram
-    monkeypatch.setattr(calibrate, "_gram", lambda rows: grams.append(len(rows)) or real(rows))
+    monkeypatch.setattr(calibrate, "_gram", lambda rows, *rest: grams.append(len(rows)) or real(rows, *rest))
     monkeypatch.setattr(calibrate, "GRAM_ROWS", 64)  # a feed holds 2 x 16 = 32 rows
     batched, batched_heads = calibrate._sweep(model, names, feeds, [3])
     assert max(grams) == 64 and min(grams) == 32  # two feeds, or the one before a snapshot / at the end
@@ -277,3 +277,46 @@ def test_sweep_gathers_rows_of_several_feeds_into_one_gram(monkeypatch):
             np.testing.assert_allclose(got[name].gram, want[name].gram, rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(got[name].abs_sum, want[name].abs_sum, rtol=1e-12)
     assert batched_heads[3][names[0]].tokens == 3 * 32
+
+
+def test_sweep_of_feeds_of_unequal_length_keeps_every_row(monkeypatch):
+    """Feeds of different lengths pass through the rows waiting for one x^T x (its buffer grows
+    when a longer feed comes): the sums are those of one feed at a time, padded rows left out."""
+    from graphc.core import calibrate
+
+    model = _block(seed=4)
+    rng = np.random.default_rng(5)
+    feeds = []
+    for count, seq in ((2, 16), (1, 40), (2, 8), (3, 24)):
+        mask = np.ones((count, seq), np.int64)
+        mask[0, seq // 2:] = 0  # a padded tail: its rows are left out
+        feeds.append({"x": rng.standard_normal((count, seq, 64)).astype(np.float32), "attention_mask": mask})
+    names = sorted({v.name for v, _ in calibrate.weight_inputs(model)})
+    monkeypatch.setattr(calibrate, "GRAM_ROWS", 30)  # kept rows 24 + 20, 12 + 60: the last feed grows the buffer
+    grown = []
+    real = calibrate._Rows.append
+    monkeypatch.setattr(calibrate._Rows, "append", lambda self, rows, batch: grown.append(
+        self.buffer is not None and self.count + len(rows) > len(self.buffer)) or real(self, rows, batch))
+    batched, _ = calibrate._sweep(model, names, feeds, [])
+    assert any(grown)
+    session, inputs = calibrate.exposing_session(model, names)
+    for name in names:
+        rows = []
+        for feed in feeds:
+            out = session.run([name], {k: v for k, v in feed.items() if k in inputs})[0]
+            rows.append(calibrate.token_rows(out, feed["attention_mask"]).astype(np.float64))
+        rows = np.concatenate(rows)
+        assert batched[name].tokens == len(rows) == sum(int(f["attention_mask"].sum()) for f in feeds)
+        np.testing.assert_allclose(batched[name].gram, rows.T @ rows, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(batched[name].abs_sum, np.abs(rows).sum(0), rtol=1e-6)
+
+
+def test_token_rows_keeps_the_rows_the_mask_keeps():
+    from graphc.core import calibrate
+
+    out = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    whole = calibrate.token_rows(out, np.ones((2, 3), np.int64))
+    assert whole.shape == (6, 4) and np.shares_memory(whole, out)  # nothing padded: no copy
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(calibrate.token_rows(out, mask), out.reshape(6, 4)[[0, 1, 3]])
+    assert calibrate.token_rows(out, None).shape == (6, 4)

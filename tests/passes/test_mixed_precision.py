@@ -504,6 +504,29 @@ def test_kl_from_a_cached_reference_matches_float64_kl():
     np.testing.assert_allclose(sens.kl_rows(ref, sens.SoftmaxRef(ref)), 0.0, atol=3e-7)
 
 
+def test_kl_rows_split_over_threads_is_each_row_computed_alone(monkeypatch):
+    """The rows of a block go to a few threads, each with its own buffer: every row's KL is the
+    one computed for that row alone, for any split (uneven ones included), and a buffer left
+    larger by a bigger block earlier is reused without reading stale values."""
+    rng = np.random.default_rng(1)
+    ref = (rng.standard_normal((300, 500)) * 3).astype(np.float32)
+    out = ref + (rng.standard_normal(ref.shape) * 0.2).astype(np.float32)
+    cached = sens.SoftmaxRef(ref)
+    alone = np.array([sens._kl_part(out[i:i + 1], _row_ref(cached, i), 0, 1)[0] for i in range(len(out))])
+    assert alone.min() > 0
+    for threads in (1, 2, 3, 7):
+        monkeypatch.setattr(sens, "_kl_threads", lambda threads=threads: threads)
+        np.testing.assert_array_equal(sens.kl_rows(out, cached), alone)
+    small = sens.kl_rows(out[:70], sens.SoftmaxRef(ref[:70]))
+    np.testing.assert_array_equal(small, alone[:70])
+
+
+def _row_ref(ref, i):
+    one = sens.SoftmaxRef.__new__(sens.SoftmaxRef)
+    one.p, one.plogp, one.psum = ref.p[i:i + 1], ref.plogp[i:i + 1], ref.psum[i:i + 1]
+    return one
+
+
 def test_size_like_is_the_bytes_ort_own_4bit_quantizer_writes(tmp_path):
     """size_like = "rtn4-b128" against ONNX Runtime's MatMulNBitsQuantizer (RTN, 4 bits, block 128,
     symmetric, MatMul and Gather) on the same graph: K not a multiple of the block included."""
