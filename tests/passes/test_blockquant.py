@@ -209,6 +209,25 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse_computed_in_
         np.testing.assert_allclose(f32, f, rtol=2e-3, atol=2e-3 * float(np.abs(f).max()))
 
 
+def test_inverse_factor_from_the_reversed_cholesky_factor_is_numpy_inv_then_cholesky():
+    """U = J L^-1 J (J H J = L L^T): the upper factor numpy.linalg.inv then cholesky give, for
+    sizes split unevenly into halves, float64 and float32; and the triangular inverse by halves
+    is the inverse."""
+    rng = np.random.default_rng(11)
+    for k in (5, 97, 193, 577):
+        x = rng.standard_normal((2 * k, k)) * np.exp(rng.standard_normal(k))
+        h = x.T @ x / (2 * k) + 0.01 * np.eye(k)
+        want = np.linalg.cholesky(np.linalg.inv(h)).T
+        got = bq._reversed_inverse_factor(h)
+        assert np.array_equal(np.tril(got, -1), np.zeros_like(got)) and (np.diag(got) > 0).all()
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * float(np.abs(want).max()))
+        got32 = bq._reversed_inverse_factor(h.astype(np.float32))
+        assert got32.dtype == np.float32
+        np.testing.assert_allclose(got32, want, rtol=2e-3, atol=2e-3 * float(np.abs(want).max()))
+        low = np.tril(rng.standard_normal((k, k))) + k * np.eye(k)
+        np.testing.assert_allclose(bq._lower_inverse(low), np.linalg.inv(low), rtol=1e-10, atol=1e-14)
+
+
 def test_inverse_factor_refuses_a_hessian_that_is_not_positive_definite():
     for factor in (bq._upper_inverse_factor, bq._inverse_factor_in_place):
         with pytest.raises(np.linalg.LinAlgError):
