@@ -262,7 +262,7 @@ def test_sweep_gathers_rows_of_several_feeds_into_one_gram(monkeypatch):
     names = sorted({v.name for v, _ in calibrate.weight_inputs(model)})
     grams = []
     real = calibrate._gram
-    monkeypatch.setattr(calibrate, "_gram", lambda rows, *rest: grams.append(len(rows)) or real(rows, *rest))
+    monkeypatch.setattr(calibrate, "_gram", lambda rows: grams.append(len(rows)) or real(rows))
     monkeypatch.setattr(calibrate, "GRAM_ROWS", 64)  # a feed holds 2 x 16 = 32 rows
     batched, batched_heads = calibrate._sweep(model, names, feeds, [3])
     assert max(grams) == 64 and min(grams) == 32  # two feeds, or the one before a snapshot / at the end
@@ -280,8 +280,8 @@ def test_sweep_gathers_rows_of_several_feeds_into_one_gram(monkeypatch):
 
 
 def test_sweep_of_feeds_of_unequal_length_keeps_every_row(monkeypatch):
-    """Feeds of different lengths pass through the rows waiting for one x^T x (its buffer grows
-    when a longer feed comes): the sums are those of one feed at a time, padded rows left out."""
+    """Feeds of different lengths and padding gathered into one x^T x: the sums are those of
+    every kept row, padded rows left out."""
     from graphc.core import calibrate
 
     model = _block(seed=4)
@@ -292,13 +292,8 @@ def test_sweep_of_feeds_of_unequal_length_keeps_every_row(monkeypatch):
         mask[0, seq // 2:] = 0  # a padded tail: its rows are left out
         feeds.append({"x": rng.standard_normal((count, seq, 64)).astype(np.float32), "attention_mask": mask})
     names = sorted({v.name for v, _ in calibrate.weight_inputs(model)})
-    monkeypatch.setattr(calibrate, "GRAM_ROWS", 30)  # kept rows 24 + 20, 12 + 60: the last feed grows the buffer
-    grown = []
-    real = calibrate._Rows.append
-    monkeypatch.setattr(calibrate._Rows, "append", lambda self, rows, batch: grown.append(
-        self.buffer is not None and self.count + len(rows) > len(self.buffer)) or real(self, rows, batch))
+    monkeypatch.setattr(calibrate, "GRAM_ROWS", 30)  # kept rows 24 + 20, then 12 + 60 in one x^T x
     batched, _ = calibrate._sweep(model, names, feeds, [])
-    assert any(grown)
     session, inputs = calibrate.exposing_session(model, names)
     for name in names:
         rows = []

@@ -239,34 +239,30 @@ def _sweep(model: ir.Model, names: list[str], feeds: Sequence[dict[str, np.ndarr
     folder = SpillFolder() if streamed else None  # a streamed sweep's sums go to disk (a large model's)
     # rows of a few feeds go into one x^T x (see _batch_rows), the same feeds whether streamed or not
     batch = _batch_rows(widths)
-    pending: dict[str, _Rows] = {}
-    scratch = _Scratch()
+    pending: dict[str, list[np.ndarray]] = {}
 
     def flush(name: str) -> None:
-        waiting = pending.get(name)
-        if waiting is not None and waiting.count:
+        parts = pending.pop(name, None)
+        if parts:
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
             s = total[name]
-            np.add(s.gram, _gram(waiting.take(), scratch), out=s.gram)  # float64 += float32
+            np.add(s.gram, _gram(rows), out=s.gram)  # float64 += float32, without a float64 copy of the GEMM
 
     def add(i: int, name: str, out: np.ndarray) -> None:
         out = np.asarray(out)
         if out.ndim == 0:
             return
         rows = np.ascontiguousarray(token_rows(out, feeds[i].get("attention_mask")), dtype=np.float32)
-        absum = np.abs(rows, out=scratch.rows(rows.shape)).sum(axis=0, dtype=np.float64)
+        absum = np.abs(rows).sum(axis=0, dtype=np.float64)
         if name in total:
             s = total[name]
             s.abs_sum += absum
             s.tokens += rows.shape[0]
         else:
             total[name] = Sums(np.zeros((rows.shape[1], rows.shape[1])), absum, rows.shape[0])
-        waiting = pending.setdefault(name, _Rows())
-        if not waiting.count and len(rows) >= batch:  # a feed enough alone: its rows as they are
-            np.add(total[name].gram, _gram(rows, scratch), out=total[name].gram)
-        else:
-            waiting.append(rows, batch)
-            if waiting.count >= batch:
-                flush(name)
+        pending.setdefault(name, []).append(rows)
+        if sum(len(r) for r in pending[name]) >= batch:
+            flush(name)
         if i + 1 in heads_at and i + 1 < len(feeds):  # each value is seen feed by feed, in order
             flush(name)
             s = total[name]
@@ -314,63 +310,11 @@ def _batch_rows(channels: Sequence[int]) -> int:
     return max(1, min(GRAM_ROWS, GRAM_PENDING_BYTES // max(4 * width, 1)))
 
 
-def _gram(rows: np.ndarray, scratch: _Scratch | None = None) -> np.ndarray:
-    """rows^T rows [K, K] as one float32 GEMM, for sums kept in float64; into ``scratch``'s
-    [K, K] buffer when given (valid until the next call with that K). (BLAS's symmetric rank-k
-    update through SciPy does half the multiplications and was 2x faster alone, but made the
-    SmolLM2 sweep 2.5x slower inside a run: SciPy's own BLAS threads contend with numpy's and
-    ONNX Runtime's; over 2,048 rows numpy's GEMM runs near the CPU's peak.)"""
-    if scratch is None:
-        return rows.T @ rows
-    return np.matmul(rows.T, rows, out=scratch.square(rows.shape[1]))
-
-
-class _Rows:
-    """One value's rows waiting for their x^T x, in a buffer kept for the whole sweep: a fresh
-    array per feed and per GEMM is fresh memory for the kernel to fault in, which cost SmolLM2's
-    sweep more than the copies themselves (2 cores, a VM)."""
-
-    __slots__ = ("buffer", "count")
-
-    def __init__(self) -> None:
-        self.buffer: np.ndarray | None = None
-        self.count = 0
-
-    def append(self, rows: np.ndarray, batch: int) -> None:
-        """Add rows; the buffer holds ``batch - 1`` rows and one feed's (it is flushed at ``batch``)."""
-        end = self.count + len(rows)
-        if self.buffer is None or end > len(self.buffer):
-            grown = np.empty((max(end, batch - 1 + len(rows)), rows.shape[1]), np.float32)
-            if self.count:
-                grown[: self.count] = self.buffer[: self.count]
-            self.buffer = grown
-        self.buffer[self.count:end] = rows
-        self.count = end
-
-    def take(self) -> np.ndarray:
-        """The waiting rows (a view, valid until the next :meth:`append`); none wait after."""
-        rows, self.count = self.buffer[: self.count], 0
-        return rows
-
-
-class _Scratch:
-    """Buffers reused across a sweep's feeds: one [K, K] GEMM result per width, and room for one
-    feed's rows (|x| before its column sums)."""
-
-    def __init__(self) -> None:
-        self._squares: dict[int, np.ndarray] = {}
-        self._rows = np.empty(0, np.float32)
-
-    def square(self, k: int) -> np.ndarray:
-        if k not in self._squares:
-            self._squares[k] = np.empty((k, k), np.float32)
-        return self._squares[k]
-
-    def rows(self, shape: tuple[int, int]) -> np.ndarray:
-        size = shape[0] * shape[1]
-        if self._rows.size < size:
-            self._rows = np.empty(size, np.float32)
-        return self._rows[:size].reshape(shape)
+def _gram(rows: np.ndarray) -> np.ndarray:
+    """rows^T rows [K, K] as one float32 GEMM, for sums kept in float64. (BLAS's symmetric rank-k update through
+    SciPy does half the multiplications and was 2x faster alone, but made the SmolLM2 sweep 2.5x
+    slower inside a run: SciPy's own BLAS threads contend with numpy's and ONNX Runtime's.)"""
+    return rows.T @ rows
 
 
 def _moments(s: Sums) -> InputMoments:
