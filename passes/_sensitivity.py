@@ -340,7 +340,7 @@ def kl_rows(out: np.ndarray, ref: SoftmaxRef) -> np.ndarray:
 
 KL_MIN_ROWS = 64  # rows per thread, at least
 _kl_local = threading.local()
-_kl_pools: dict[int, ThreadPoolExecutor] = {}
+_kl_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, threads): a forked child makes its own
 
 
 def _kl_threads() -> int:
@@ -351,9 +351,10 @@ def _kl_threads() -> int:
 
 
 def _kl_pool(parts: int) -> ThreadPoolExecutor:
-    if parts not in _kl_pools:
-        _kl_pools[parts] = ThreadPoolExecutor(parts, thread_name_prefix="graphc-kl")
-    return _kl_pools[parts]
+    key = (os.getpid(), parts)  # a pool's threads do not survive a fork: the child's would wait forever
+    if key not in _kl_pools:
+        _kl_pools[key] = ThreadPoolExecutor(parts, thread_name_prefix="graphc-kl")
+    return _kl_pools[key]
 
 
 def _kl_part(out: np.ndarray, ref: SoftmaxRef, a: int, b: int) -> np.ndarray:

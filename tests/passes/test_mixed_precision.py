@@ -521,6 +521,26 @@ def test_kl_rows_split_over_threads_is_each_row_computed_alone(monkeypatch):
     np.testing.assert_array_equal(small, alone[:70])
 
 
+def test_kl_rows_in_a_forked_child_does_not_wait_on_the_parents_threads():
+    import multiprocessing
+
+    rng = np.random.default_rng(2)
+    ref = (rng.standard_normal((256, 300)) * 3).astype(np.float32)
+    out = ref + (rng.standard_normal(ref.shape) * 0.2).astype(np.float32)
+    cached = sens.SoftmaxRef(ref)
+    want = sens.kl_rows(out, cached)  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(sens.kl_rows(out, cached)))
+    child.start()
+    child.join(30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    np.testing.assert_array_equal(queue.get(timeout=5), want)
+
+
 def _row_ref(ref, i):
     one = sens.SoftmaxRef.__new__(sens.SoftmaxRef)
     one.p, one.plogp, one.psum = ref.p[i:i + 1], ref.plogp[i:i + 1], ref.psum[i:i + 1]
