@@ -116,7 +116,9 @@ def register_local(key: str, evaluator: sens.Evaluator) -> None:
 
 
 def forget(key: str) -> None:
+    """The probes of payload ``key`` are over in this process: its evaluator and the KL's buffers go."""
     _EVALUATORS.pop(key, None)
+    sens.release_kl_buffers()
 
 
 def _evaluator(shared: ProbeShared) -> sens.Evaluator:

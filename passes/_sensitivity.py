@@ -339,7 +339,7 @@ def kl_rows(out: np.ndarray, ref: SoftmaxRef) -> np.ndarray:
 
 
 KL_MIN_ROWS = 64  # rows per thread, at least
-_kl_local = threading.local()
+_kl_buffers: dict[int, np.ndarray] = {}  # thread id -> its exponentials' buffer (release_kl_buffers)
 _kl_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, threads): a forked child makes its own
 
 
@@ -357,13 +357,19 @@ def _kl_pool(parts: int) -> ThreadPoolExecutor:
     return _kl_pools[key]
 
 
+def release_kl_buffers() -> None:
+    """Let the KL's buffers go (a probe phase is over: ~50 MB a thread for SmolLM2's vocabulary)."""
+    _kl_buffers.clear()
+
+
 def _kl_part(out: np.ndarray, ref: SoftmaxRef, a: int, b: int) -> np.ndarray:
     """:func:`kl_rows` of rows a..b."""
     rows = out[a:b]
     size = rows.size
-    buffer = getattr(_kl_local, "buffer", None)
+    thread = threading.get_ident()
+    buffer = _kl_buffers.get(thread)
     if buffer is None or buffer.size < size:
-        buffer = _kl_local.buffer = np.empty(size, np.float32)
+        buffer = _kl_buffers[thread] = np.empty(size, np.float32)
     top = rows.max(axis=-1)
     shifted = np.subtract(rows, top[:, None], out=buffer[:size].reshape(rows.shape))
     lse = np.log(np.exp(shifted, out=shifted).sum(axis=-1, dtype=np.float64)) + top

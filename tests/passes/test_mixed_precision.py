@@ -519,6 +519,10 @@ def test_kl_rows_split_over_threads_is_each_row_computed_alone(monkeypatch):
         np.testing.assert_array_equal(sens.kl_rows(out, cached), alone)
     small = sens.kl_rows(out[:70], sens.SoftmaxRef(ref[:70]))
     np.testing.assert_array_equal(small, alone[:70])
+    assert sens._kl_buffers
+    sens.release_kl_buffers()
+    assert not sens._kl_buffers
+    np.testing.assert_array_equal(sens.kl_rows(out, cached), alone)
 
 
 def test_kl_rows_in_a_forked_child_does_not_wait_on_the_parents_threads():
