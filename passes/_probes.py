@@ -125,6 +125,7 @@ def _evaluator(shared: ProbeShared) -> sens.Evaluator:
     ev = _EVALUATORS.get(shared.key)
     if ev is None:
         _EVALUATORS.clear()  # one model at a time per worker
+        sens.KL_THREADS = shared.threads  # a worker's share of the cores, as its ONNX Runtime's
         if shared.evaluator.get("kind") == _cut_evaluator.KIND:
             ev = _cut_evaluator.CutEvaluator.from_payload(shared.evaluator, threads=shared.threads)
         else:

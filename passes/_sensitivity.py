@@ -343,7 +343,12 @@ _kl_buffers: dict[int, np.ndarray] = {}  # thread id -> its exponentials' buffer
 _kl_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, threads): a forked child makes its own
 
 
+KL_THREADS: int | None = None  # threads the KL may use (None: the cores this process may run on, at most 8)
+
+
 def _kl_threads() -> int:
+    if KL_THREADS:
+        return KL_THREADS
     try:
         return min(len(os.sched_getaffinity(0)), 8)
     except AttributeError:  # no affinity call on this OS

@@ -58,7 +58,11 @@ def test_a_worker_rebuilt_from_the_payload_gets_the_same_numbers(tiny_llama):
     _probes.forget("cut-payload")
     item = _probes.ProbeItem(layers[3].value.name, layers[3].transposed, "rtn", (sens.QuantConfig(4, 32),),
                              (sens.QuantConfig(4, 32),))
-    remote = _probes.probe_layer(shared, item)  # rebuilt from the payload in this process
+    try:
+        remote = _probes.probe_layer(shared, item)  # rebuilt from the payload in this process
+        assert sens.KL_THREADS == 1  # a worker's KL keeps to its share of the cores, as its ONNX Runtime
+    finally:
+        sens.KL_THREADS = None
     assert isinstance(_probes._EVALUATORS["cut-payload"], cut.CutEvaluator)
     _probes.register_local("cut-local", ev)
     local = _probes.probe_layer(_probes.ProbeShared("cut-local", {}), item)
