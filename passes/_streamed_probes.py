@@ -377,6 +377,7 @@ def probe_chunk(shared: StreamedShared, chunk: Chunk) -> list[_probes.ProbeResul
     if model is None:
         _MODELS.clear()
         model = _MODELS[shared.key] = rebuild(shared.parts)
+        sens.KL_THREADS = shared.threads  # the worker's share of the cores, as its ONNX Runtime's
     p = shared.policy
     with streaming.streaming(p.mode, segment_bytes=p.segment_bytes, cache_bytes=p.cache_bytes):
         return probe_results(model, chunk.items, list(shared.feeds), shared.metric, symmetric=shared.symmetric,

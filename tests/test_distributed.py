@@ -75,6 +75,32 @@ def test_local_executor_keeps_order_and_reports_each_result():
     assert out == [30, 10, 20] and seen == [(0, 30), (1, 10), (2, 20)]
 
 
+def test_streamed_probe_chunks_keep_the_kl_to_a_workers_share_of_the_cores(tmp_path):
+    """A streamed model's probe chunks on workers of one core each (here run in this process by an
+    executor that says so): their KL keeps to that core too, as their ONNX Runtime does."""
+    from graphc.core import streaming
+    from graphc.models.synthetic_llama import PRESETS, write_synthetic_llama
+    from graphc.passes import _sensitivity as sens
+
+    class OneCoreWorkers(LocalExecutor):
+        threads_per_item = 1
+
+        @property
+        def workers(self) -> int:
+            return 2
+
+    model = tmp_path / "tiny.onnx"
+    write_synthetic_llama(model, PRESETS["tiny"])
+    try:
+        with streaming.streaming("always", segment_bytes=40_000):
+            result = _compress(model, tmp_path / "o.onnx", executor=OneCoreWorkers())
+        (mp,) = [r for r in result.passes if r.name == "mixed-precision"]
+        assert mp.stats["probe_streamed"] == 1 and mp.stats["probe_workers"] == 2
+        assert sens.KL_THREADS == 1
+    finally:
+        sens.KL_THREADS = None
+
+
 def test_make_executor_without_workers_is_none_and_refuses_bad_requests():
     assert make_executor() is None
     with pytest.raises(UnsupportedError, match="positive"):
