@@ -334,32 +334,32 @@ def kl_rows(out: np.ndarray, ref: SoftmaxRef) -> np.ndarray:
     if parts <= 1:
         return _kl_part(out, ref, 0, len(out))
     edges = np.linspace(0, len(out), parts + 1).astype(int)
-    pool = _kl_pool(parts)
-    return np.concatenate(list(pool.map(lambda ab: _kl_part(out, ref, *ab), zip(edges[:-1], edges[1:]))))
+    return np.concatenate(list(_kl_pool().map(lambda ab: _kl_part(out, ref, *ab), zip(edges[:-1], edges[1:]))))
 
 
 KL_MIN_ROWS = 64  # rows per thread, at least
-_kl_buffers: dict[int, np.ndarray] = {}  # thread id -> its exponentials' buffer (release_kl_buffers)
-_kl_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, threads): a forked child makes its own
-
-
+KL_MAX_THREADS = 8
 KL_THREADS: int | None = None  # threads the KL may use (None: the cores this process may run on, at most 8)
+_kl_buffers: dict[int, np.ndarray] = {}  # thread id -> its exponentials' buffer (release_kl_buffers)
+_kl_pools: dict[int, ThreadPoolExecutor] = {}  # process id -> its pool: a forked child makes its own
 
 
 def _kl_threads() -> int:
     if KL_THREADS:
         return KL_THREADS
     try:
-        return min(len(os.sched_getaffinity(0)), 8)
+        return min(len(os.sched_getaffinity(0)), KL_MAX_THREADS)
     except AttributeError:  # no affinity call on this OS
-        return min(os.cpu_count() or 1, 8)
+        return min(os.cpu_count() or 1, KL_MAX_THREADS)
 
 
-def _kl_pool(parts: int) -> ThreadPoolExecutor:
-    key = (os.getpid(), parts)  # a pool's threads do not survive a fork: the child's would wait forever
-    if key not in _kl_pools:
-        _kl_pools[key] = ThreadPoolExecutor(parts, thread_name_prefix="graphc-kl")
-    return _kl_pools[key]
+def _kl_pool() -> ThreadPoolExecutor:
+    """This process's pool (threads start as tasks need them; a pool's threads do not survive a
+    fork, and a child using its parent's would wait forever)."""
+    pid = os.getpid()
+    if pid not in _kl_pools:
+        _kl_pools[pid] = ThreadPoolExecutor(KL_MAX_THREADS, thread_name_prefix="graphc-kl")
+    return _kl_pools[pid]
 
 
 def release_kl_buffers() -> None:

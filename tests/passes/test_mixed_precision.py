@@ -512,7 +512,7 @@ def test_kl_rows_split_over_threads_is_each_row_computed_alone(monkeypatch):
     ref = (rng.standard_normal((300, 500)) * 3).astype(np.float32)
     out = ref + (rng.standard_normal(ref.shape) * 0.2).astype(np.float32)
     cached = sens.SoftmaxRef(ref)
-    alone = np.array([sens._kl_part(out[i:i + 1], _row_ref(cached, i), 0, 1)[0] for i in range(len(out))])
+    alone = np.array([sens.kl_rows(out[i:i + 1], sens.SoftmaxRef(ref[i:i + 1]))[0] for i in range(len(out))])
     assert alone.min() > 0
     for threads in (1, 2, 3, 7):
         monkeypatch.setattr(sens, "_kl_threads", lambda threads=threads: threads)
@@ -543,12 +543,6 @@ def test_kl_rows_in_a_forked_child_does_not_wait_on_the_parents_threads():
         child.kill()
     assert not alive and child.exitcode == 0
     np.testing.assert_array_equal(queue.get(timeout=5), want)
-
-
-def _row_ref(ref, i):
-    one = sens.SoftmaxRef.__new__(sens.SoftmaxRef)
-    one.p, one.plogp, one.psum = ref.p[i:i + 1], ref.plogp[i:i + 1], ref.psum[i:i + 1]
-    return one
 
 
 def test_size_like_is_the_bytes_ort_own_4bit_quantizer_writes(tmp_path):
