@@ -10,14 +10,8 @@ where it is made, so the float model computes the same function. Here:
   or a ``Mul`` by a 1-D constant), its gamma (and beta) divided by s; or the gated product
   ``Mul(act(gate), up)`` of a SwiGLU FFN, the ``up`` MatMul's weight columns divided by s.
   The value must be read by constant-weight MatMuls only (q/k/v together, gate/up together,
-  down alone), each weight stored once and read once.
-- **LM heads** (``heads``, on by default): a head is scaled as any other MatMul behind a norm
-  (the logits stay the same function). A head tied to the embedding table (``MatMul(x,
-  Transpose(table))``, the table also read by ``Gather`` lookups) is scaled in the table itself:
-  the table's columns are multiplied by s and every lookup's rows divided by s again (a ``Mul``
-  after each ``Gather``), so the head's 4-bit weights get AWQ's gain and the looked-up rows
-  are the same values; the search weighs the head's output error only (the lookups' rounding is
-  what ``mixed-precision``'s probe of the table measures).
+  down alone), each weight stored once and read once; a MatMul that makes a graph output (an
+  LM head, often tied to the embedding table) leaves its group alone.
 - **s**: mean |x| per channel over the calibration tokens (padding left out) to the power
   alpha, normalized so that max(s) x min(s) = 1; alpha on a grid in [0, 1) (option
   ``coarse_step``: searched coarse to fine, every n-th alpha and then the neighbours of the best), chosen per group to minimise the output error of quantizing the scaled weights (``bits``, ``block_size``,
@@ -42,7 +36,7 @@ import onnx_ir as ir
 
 from graphc.core import ops
 from graphc.core.errors import PassError, UnsupportedError
-from graphc.core.pass_base import GraphcPass, PassStats, choice, copy_scope
+from graphc.core.pass_base import GraphcPass, PassStats, choice
 from graphc.passes import _blockquant as bq
 from graphc.passes._gram_factor import thin_factor
 from graphc.passes._quant import const_array, constant, drop_unused_initializers, release_pages
@@ -74,7 +68,6 @@ class AwqScaleOptions:
     coarse_step: int = 1
     min_gain: float = 0.01  # scale a group only if its error falls by at least this fraction
     exclude: tuple[str, ...] = ()  # substrings of MatMul names or scopes: their group is left alone
-    heads: bool = True  # LM heads too (a tied table scaled in place, its lookups divided again)
 
 
 @dataclass
@@ -84,8 +77,6 @@ class _Group:
     source: ir.Node  # the norm (or Mul by gamma), or the up MatMul
     matmuls: list[ir.Node] = field(default_factory=list)
     folds: list[int] = field(default_factory=list)  # norm: the source's inputs divided by s (gamma, beta)
-    # a tied head's MatMul (by id) -> (the table it reads through a Transpose, the table's Gathers)
-    tied: dict[int, tuple[ir.Value, list[ir.Node]]] = field(default_factory=dict)
 
 
 @register
@@ -146,9 +137,8 @@ class AwqScale(GraphcPass):
             if m is None or m.tokens == 0:
                 stats.skip(g.x.name, "no calibration statistics")
                 continue
-            read = ([g.tied[id(n)][0] if id(n) in g.tied else n.inputs[1] for n in g.matmuls]
-                    + ([g.source.inputs[1]] if g.kind == "gated" else []))
-            weights = [_tied_weight(g.tied[id(n)][0]) if id(n) in g.tied else _weight(n) for n in g.matmuls]
+            read = [n.inputs[1] for n in g.matmuls] + ([g.source.inputs[1]] if g.kind == "gated" else [])
+            weights = [_weight(n) for n in g.matmuls]
             # the search compares errors: float32 GEMMs are plenty; a thin factor of G where the
             # calibration tokens are few next to the width (the same error, far fewer products)
             full = m.gram
@@ -157,8 +147,7 @@ class AwqScale(GraphcPass):
             del full
             errors = _search(len(alphas), self.options.coarse_step,
                              lambda j: self._error(weights, form, _scale(m.abs_mean, alphas[j]), method,
-                                                   thin=factor is not None,
-                                                   tied=tuple(id(n) in g.tied for n in g.matmuls)))
+                                                   thin=factor is not None))
             del form, factor
             best = min(errors, key=lambda j: (errors[j], j))
             gain = 1.0 - errors[best] / errors[0] if errors[0] > 0 else 0.0
@@ -187,23 +176,19 @@ class AwqScale(GraphcPass):
 
     # ------------------------------------------------------------------ search
     def _error(self, weights: list[np.ndarray], form: np.ndarray, s: np.ndarray, method: bq.Method, *,
-               thin: bool = False, tied: tuple[bool, ...] = ()) -> float:
+               thin: bool = False) -> float:
         """sum over the group's weights of tr(D^T G D); ``form`` is G [K, K], or with ``thin`` a
-        factor F [r, K] with F^T F = G (then ||F D||^2). A tied head's table is also looked up,
-        and the lookups read D itself: its term adds ||D||^2 in the head's units (times
-        tr(W^T G W) / ||W||^2), so that scaling that helps the head but costs the lookups as much,
-        relative to each one's size, gains nothing."""
+        factor F [r, K] with F^T F = G (then ||F D||^2)."""
         o = self.options
         total = 0.0
-        for i, w in enumerate(weights):  # [K, N]
+        for w in weights:  # [K, N]
             q = bq.quantize((w * s[:, None]).T, o.bits, o.block_size, symmetric=o.symmetric, method=method,
                             scale_dtype=np.float16)
             d = (w - q.dequantize().T / s[:, None]).astype(np.float32)
-            total += _form_energy(form, d, thin)
-            if i < len(tied) and tied[i]:
-                w32 = np.asarray(w, np.float32)
-                total += float(np.sum(np.square(d), dtype=np.float64)) * (
-                    _form_energy(form, w32, thin) / max(float(np.sum(np.square(w32), dtype=np.float64)), 1e-30))
+            if thin:
+                total += float(np.sum(np.square(form @ d), dtype=np.float64))
+            else:
+                total += float(np.sum((form @ d) * d, dtype=np.float64))
         return total
 
     # ------------------------------------------------------------------ matching
@@ -212,24 +197,15 @@ class AwqScale(GraphcPass):
         label = x.name
         if x in graph.outputs or not users:
             return None
-        matmuls, tied = [], {}
+        matmuls = []
         for n in users:
-            if n.inputs[0] is not x or len(n.inputs) < 2:
+            if _weight(n) is None or n.inputs[0] is not x:
                 return None  # another reader (a residual, an Attention op) would see the scaled value
-            head = any(o in graph.outputs for o in n.outputs)
-            if _weight(n) is None:
-                table = _tied_table(n) if head else None
-                if table is None:
-                    return None
-                if isinstance(table, str):
-                    stats.skip(n.name, table)
-                    return None
-                tied[id(n)] = table
-            elif len(n.inputs[1].uses()) != 1:
+            if len(n.inputs[1].uses()) != 1:
                 stats.skip(n.name, "weight shared with another node")
                 return None
-            if head and not self.options.heads:
-                stats.skip(n.name, "makes a graph output (an LM head) and heads=false: its group is left alone")
+            if any(o in graph.outputs for o in n.outputs):
+                stats.skip(n.name, "makes a graph output (an LM head): its group is left alone")
                 return None
             scope = n.metadata_props.get("graphc.scope", "")
             if any(s in (n.name or "") or s in scope for s in self.options.exclude):
@@ -245,24 +221,21 @@ class AwqScale(GraphcPass):
             if any(_vector(producer, i) is None for i in folds):
                 stats.skip(label, f"{producer.op_type} scale is not a constant vector")
                 return None
-            return _Group(x, "norm", producer, matmuls, folds, tied)
+            return _Group(x, "norm", producer, matmuls, folds)
         if producer.op_type == ops.MUL and producer.domain in ("", "ai.onnx"):
             for i in (0, 1):
                 if _vector(producer, i) is not None:  # Mul(normalized, gamma)
-                    return _Group(x, "norm", producer, matmuls, [i], tied)
+                    return _Group(x, "norm", producer, matmuls, [i])
             for i in (0, 1):
                 up = producer.inputs[i].producer() if producer.inputs[i] is not None else None
                 if (up is not None and _weight(up) is not None and len(up.outputs[0].uses()) == 1
                         and len(up.inputs[1].uses()) == 1):
-                    return _Group(x, "gated", up, matmuls, tied=tied)
+                    return _Group(x, "gated", up, matmuls)
         return None
 
     # ------------------------------------------------------------------ rewriting
     def _apply(self, graph: ir.Graph, g: _Group, s: np.ndarray, weights: list[np.ndarray]) -> None:
         for n, w in zip(g.matmuls, weights):
-            if id(n) in g.tied:
-                _scale_table(graph, *g.tied[id(n)], s)
-                continue
             n.replace_input_with(1, constant(graph, f"{n.inputs[1].name}_awq", (w * s[:, None]).astype(np.float32)))
         src = g.source
         if g.kind == "gated":  # up's output columns (and so the gated product) divided by s
@@ -280,62 +253,6 @@ def _weight(node: ir.Node) -> np.ndarray | None:
     w = node.inputs[1]
     arr = w.const_value.numpy() if w is not None and w.const_value is not None else None
     return arr if arr is not None and arr.ndim == 2 and arr.dtype == np.float32 else None
-
-
-def _form_energy(form: np.ndarray, d: np.ndarray, thin: bool) -> float:
-    """tr(D^T G D) with ``form`` G, or ||F D||^2 with ``form`` a thin factor F of G."""
-    if thin:
-        return float(np.sum(np.square(form @ d), dtype=np.float64))
-    return float(np.sum((form @ d) * d, dtype=np.float64))
-
-
-def _tied_table(node: ir.Node) -> tuple[ir.Value, list[ir.Node]] | str | None:
-    """(table, its Gathers) when ``node`` is a MatMul reading ``Transpose(table)`` of a float32
-    [V, D] constant that only that Transpose and axis-0 ``Gather`` lookups read; a reason when it
-    reads such a table that cannot be scaled; None when it reads no table."""
-    from graphc.passes._weights import table_readers
-
-    if node.op_type != ops.MATMUL or node.domain not in ("", "ai.onnx") or node.inputs[1] is None:
-        return None
-    tr = node.inputs[1].producer()
-    if tr is None or tr.op_type != "Transpose" or not tr.inputs or tr.inputs[0] is None:
-        return None
-    table = tr.inputs[0]
-    arr = table.const_value.numpy() if table.const_value is not None else None
-    if arr is None or arr.ndim != 2 or arr.dtype != np.float32:
-        return None
-    readers = table_readers(table)
-    if isinstance(readers, str):
-        return f"tied table {table.name}: {readers}"
-    gathers, direct, transposed = readers
-    if direct or [m for _, m in transposed] != [node]:
-        return f"tied table {table.name} is read by another MatMul"
-    if any(o.is_graph_output() for gather in gathers for o in gather.outputs):
-        return f"a lookup of tied table {table.name} is a graph output"
-    return table, gathers
-
-
-def _tied_weight(table: ir.Value) -> np.ndarray:
-    """A tied head's weight [D, V]: the table's transpose (a view)."""
-    return table.const_value.numpy().T
-
-
-def _scale_table(graph: ir.Graph, table: ir.Value, gathers: list[ir.Node], s: np.ndarray) -> None:
-    """Columns of ``table`` times ``s`` (its head's input channels), and each lookup's rows
-    divided by ``s`` again by a ``Mul`` after its ``Gather``."""
-    scaled = constant(graph, f"{table.name}_awq", (table.const_value.numpy() * s[None, :]).astype(np.float32))
-    for node, index in list(table.uses()):
-        node.replace_input_with(index, scaled)
-    inverse = constant(graph, f"{table.name}_awq_inverse", (1.0 / s).astype(np.float32))
-    for gather in gathers:
-        out = gather.outputs[0]
-        mul = ir.node(ops.MUL, [out, inverse], name=f"{gather.name or table.name}_awq_unscale")
-        copy_scope(gather, mul)
-        for user, index in list(out.uses()):
-            if user is not mul:
-                user.replace_input_with(index, mul.outputs[0])
-        mul.outputs[0].name = f"{out.name}_awq"
-        graph.insert_after(gather, mul)
 
 
 def _vector(node: ir.Node, i: int) -> np.ndarray | None:

@@ -141,102 +141,11 @@ def test_a_second_reader_of_the_normalized_value_leaves_its_group_alone():
     assert next(n for n in model.graph if n.name == "q_proj").inputs[1].name == "Wq"
 
 
-def test_a_matmul_making_a_graph_output_is_scaled_unless_heads_is_off():
+def test_a_matmul_making_a_graph_output_is_not_scaled():
     model = _block(head=True)
-    result = _awq(model, _feeds(2, 1), heads=False)
+    result = _awq(model, _feeds(2, 1))
     assert next(n for n in model.graph if n.name == "down_proj").inputs[1].name == "Wd"
     assert any(s["node"] == "down_proj" and "graph output" in s["reason"] for s in result.stats.skipped)
-    model, test = _block(head=True), _feeds(2, 9)
-    ref = _out(model, test)
-    _awq(model, _feeds(4, 1))
-    assert next(n for n in model.graph if n.name == "down_proj").inputs[1].name != "Wd"
-    assert _rel(_out(model, test), ref) < 1e-5
-
-
-V = 300  # vocabulary of the tied model below
-
-
-def _tied(seed=0, extra_reader=None) -> ir.Model:
-    """ids -> Gather(table) -> RMSNorm(γ) -> MatMul(·, Transpose(table)) = logits: a head tied to its
-    embedding table. A few of the norm's channels are large (AWQ's outliers). ``extra_reader``:
-    "matmul" (another MatMul reads the table's transpose) or "output" (a lookup is a graph output)."""
-    rng = np.random.default_rng(seed)
-    gamma = (1 + rng.random(K)).astype(np.float32)
-    gamma[[5, 21]] = 15.0
-    inits = {"table": (rng.standard_normal((V, K)) * 0.2).astype(np.float32), "g": gamma}
-    nodes = [
-        helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0, name="embed"),
-        helper.make_node("Relu", ["emb"], ["h"]),
-        helper.make_node("SimplifiedLayerNormalization", ["h", "g"], ["n"], axis=-1, epsilon=1e-5, name="norm"),
-        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
-        helper.make_node("MatMul", ["n", "table_t"], ["logits"], name="lm_head"),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", V])]
-    if extra_reader == "matmul":
-        nodes.append(helper.make_node("MatMul", ["h", "table_t"], ["other"], name="other"))
-        outputs.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, ["b", "s", V]))
-    if extra_reader == "output":
-        outputs.append(helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", "s", K]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-                              outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 10
-    return ir.serde.deserialize_model(proto)
-
-
-def _ids(n, seed):
-    rng = np.random.default_rng(seed)
-    return [{"ids": rng.integers(0, V, (2, 16)).astype(np.int64)} for _ in range(n)]
-
-
-def _logits(model, feeds, name="logits"):
-    session = make_session(model)
-    return [session.run([name], f)[0] for f in feeds]
-
-
-def test_a_tied_head_is_scaled_in_its_table_and_the_lookups_divided_again():
-    model, calib, test = _tied(), _ids(4, 1), _ids(2, 9)
-    ref = _logits(model, test)
-    result = _awq(model, calib)
-    assert [g["matmuls"] for g in result.stats.details["groups"]] == [["lm_head"]]
-    graph = model.graph
-    head = next(n for n in graph if n.name == "lm_head")
-    table = head.inputs[1].producer().inputs[0]
-    assert table.name != "table" and "table" not in graph.initializers  # one table, scaled, stored once
-    embed = next(n for n in graph if n.name == "embed")
-    assert embed.inputs[0] is table
-    (unscale,) = [u.node for u in embed.outputs[0].uses()]
-    assert unscale.op_type == "Mul"
-    s = table.const_value.numpy()[0] / _tied().graph.initializers["table"].const_value.numpy()[0]
-    assert not np.allclose(s, 1.0)
-    np.testing.assert_allclose(unscale.inputs[1].const_value.numpy(), 1 / s, rtol=1e-5)
-    assert _rel(_logits(model, test), ref) < 1e-5  # the same function
-
-
-def test_a_tied_heads_scaling_lowers_its_4bit_output_error():
-    calib, test = _ids(4, 1), _ids(2, 9)
-    ref = _logits(_tied(), test)
-    plain, scaled = _tied(), _tied()
-    _awq(scaled, calib)
-    for m in (plain, scaled):
-        QuantizeNBits(QuantizeNBits.Options(bits=4, block_size=32, method="rtn"))(m)
-    e_plain, e_awq = _rel(_logits(plain, test), ref), _rel(_logits(scaled, test), ref)
-    assert e_awq < 0.9 * e_plain, (e_awq, e_plain)
-
-
-@pytest.mark.parametrize("extra, reason", [("matmul", "read by another MatMul"), ("output", "is a graph output")])
-def test_a_tied_table_read_otherwise_is_left_alone(extra, reason):
-    model = _tied(extra_reader=extra)
-    result = _awq(model, _ids(2, 1))
-    assert "table" in model.graph.initializers
-    assert not result.stats.details.get("groups")
-    assert any(reason in s["reason"] for s in result.stats.skipped), result.stats.skipped
-
-
-def test_heads_off_leaves_a_tied_table_alone():
-    model = _tied()
-    result = _awq(model, _ids(2, 1), heads=False)
-    assert "table" in model.graph.initializers and not result.modified
 
 
 @pytest.mark.parametrize("options, error, match", [
