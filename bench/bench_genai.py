@@ -2,7 +2,8 @@
 
     python bench/bench_genai.py [--recipe recipes/smollm2-int4.toml] [--windows 8] [--new-tokens 128]
                                 [--prompt 512] [--reps 3] [--builder-variants default,k_quant_mixed] [--json OUT]
-                                [--folder LABEL=PATH ...] [--fp32 graphc|builder]
+                                [--folder LABEL=PATH ...] [--fp32 graphc|builder] [--plot OUT.svg]
+    python bench/bench_genai.py --from-json OUT.json --plot OUT.svg    # redraw, measure nothing
 
 In one process, on this machine's CPU (named in the output):
 
@@ -22,7 +23,9 @@ In one process, on this machine's CPU (named in the output):
 - decode as a fraction of the memory-bandwidth bound: bytes one decode step must read (every
   weight outside embedding lookups, plus the KV cache at the mean context) times tokens/s,
   over the copy bandwidth measured here (numpy, 256 MB, bytes read + written, best of 1 and 2
-  threads); the load average before and after.
+  threads); the load average before and after;
+- ``--plot``: perplexity rise against bytes, the builder's folders and graphc's as two series (the
+  fp32 baseline is the 0% line, off the chart by its size).
 """
 
 from __future__ import annotations
@@ -290,6 +293,32 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(res: dict[str, Any]) -> str:
+    """Perplexity rise vs ONNX bytes of every int4-class folder of a run, one series per tool, as a
+    standalone SVG."""
+    from graphc.report.charts import BAD, standalone_svg, xy_chart
+
+    c, cfg = res["cpu"], res["config"]
+    rows = {n: r for n, r in res["rows"].items() if "fp32" not in n and r.get("ppl_rise") is not None}
+    series, notes = [], []
+    for label, colour, members in (
+            ("onnxruntime-genai model builder", BAD, [n for n in rows if n.startswith("builder")]),
+            ("graphc", "#2b6cb0", [n for n in rows if not n.startswith("builder")])):
+        if not members:
+            continue
+        pts = [p for n in members for p in ((rows[n]["bytes"] / 1e6, 100 * rows[n]["ppl_rise"]), (None, None))]
+        series.append((label, colour, pts))
+        notes += [(rows[n]["bytes"] / 1e6, 100 * rows[n]["ppl_rise"],
+                   f"{n.removeprefix('builder ').removeprefix('graphc ')} ({100 * rows[n]['ppl_rise']:+.1f}%)", colour)
+                  for n in members]
+    title = (f"SmolLM2-135M genai folders: perplexity rise vs size ({cfg['windows']} eval windows of 512 tokens; "
+             f"{c['name']})")
+    chart = xy_chart("genai-ppl-bytes", title, series, x_label="ONNX bytes (MB)",
+                     y_label="perplexity rise over fp32 (%)", x_fmt=lambda v: f"{v:g}", y_fmt=lambda v: f"{v:g}%",
+                     notes=notes)
+    return standalone_svg(chart)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(b8.ROOT / "recipes" / "smollm2-int4.toml"),
@@ -306,11 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", action="append", default=[], metavar="LABEL=PATH",
                         help="also measure this genai folder (e.g. one compressed by `graphc compress --genai`)")
     parser.add_argument("--json", metavar="OUT")
+    parser.add_argument("--plot", metavar="OUT.svg", help="also write perplexity rise vs bytes as an SVG")
+    parser.add_argument("--from-json", metavar="IN.json", help="measure nothing: print and plot an earlier run's JSON")
     args = parser.parse_args(argv)
-    res = run(args)
+    res = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
     print(markdown(res))
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    if args.plot:
+        Path(args.plot).write_text(plot(res))
     return 0
 
 
