@@ -97,6 +97,10 @@ def test_builder_folder_to_genai_folder(builder_folder, tmp_path):
     from graphc.front.api import compress
 
     want = generate(builder_folder, PROMPT, 12)
+    from graphc.front.generate import Decoder
+
+    # graphc.front.generate drives the builder's model too (head dims from its genai_config.json)
+    assert Decoder(builder_folder / "model.onnx").greedy(np.array([PROMPT]), 12).tokens[0].tolist() == want
     fused = tmp_path / "fuse"
     result = compress(builder_folder / "model.onnx", fused, recipe="fuse", genai=True)
     assert result.validation.passed

@@ -12,7 +12,6 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphc.core.errors import GraphcError
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
 
@@ -150,8 +149,12 @@ def test_compressed_folder_takes_the_shared_buffer_form(llama16, exported, tmp_p
     ours = Decoder(tmp_path / "plain.onnx").greedy(np.array([PROMPT]), NEW).tokens[0].tolist()
     tokens = generate(tmp_path / "genai", PROMPT, NEW)
     assert tokens == ours
-    with pytest.raises(GraphcError, match="shared past/present buffer form"):
-        Decoder(tmp_path / "genai" / "model.onnx")  # genai's buffers, not graphc.front.generate's
+    # graphc.front.generate drives the folder's model as genai does: one buffer per cache, bound
+    # as past and present, written in place (two rows of one prompt: batch 2 as well)
+    shared = Decoder(tmp_path / "genai" / "model.onnx")
+    assert shared.shared and not Decoder(tmp_path / "plain.onnx").shared
+    assert shared.greedy(np.array([PROMPT]), NEW).tokens[0].tolist() == tokens
+    assert shared.greedy(np.array([PROMPT, PROMPT]), NEW).tokens.tolist() == [tokens, tokens]
     if "int4" in recipe:
         assert any(n.op_type == "MatMulNBits" for n in result.model.graph)
     else:
@@ -177,6 +180,11 @@ def test_rotary_left_unfused_stays_outside_the_op_over_shared_buffers(llama16, e
     from graphc.exporters.genai_gqa import already_shared
 
     assert already_shared(written)  # a second write keeps it as it is
+    from graphc.front.generate import Decoder
+
+    shared = Decoder(tmp_path / "genai" / "model.onnx")  # position_ids fed beside the shared buffers
+    assert shared.shared and shared.position_ids
+    assert shared.greedy(np.array([PROMPT]), NEW).tokens[0].tolist() == _torch_greedy(llama16[1], PROMPT, NEW)
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
     assert config["search"]["past_present_share_buffer"] is True
     assert not any(SHARED_NOTICE in n for n in result.notices)
@@ -238,6 +246,11 @@ def test_layers_without_rotary_take_the_shared_form(tmp_path):
     assert plain.attributes.get_int("do_rotary") == 0 and len(plain.inputs) == 7
     assert not [n for n in written.graph if n.op_type == "RotaryEmbedding"]
     assert already_shared(written)  # a second write keeps it as it is
+    from graphc.front.generate import Decoder
+
+    shared = Decoder(tmp_path / "genai" / "model.onnx")  # position_ids fed beside the shared buffers
+    assert shared.shared and shared.position_ids
+    assert shared.greedy(np.array([PROMPT]), NEW).tokens[0].tolist() == _torch_greedy(llama16[1], PROMPT, NEW)
     assert generate(tmp_path / "genai", PROMPT, NEW) == _torch_greedy(model, PROMPT, NEW)
 
 

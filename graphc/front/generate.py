@@ -5,6 +5,14 @@ the presents back as the past. Works for float32 and compressed decoders alike (
 dtype is read from the session). Batch rows must have the same prompt length (no padding).
 Those are the only calls a decoder fused by ``fuse-ort`` needs: its GroupQueryAttention (ONNX
 Runtime) refuses several new tokens after a past at batch > 1, which this never sends.
+
+A model in the shared past/present buffer form (a ``--genai`` folder's, or onnxruntime-genai's
+model builder's: ``graphc.exporters.genai_gqa``) is driven as onnxruntime-genai drives it: one
+cache buffer per past, allocated once at the prompt's length plus the new tokens and bound
+(ONNX Runtime's I/O binding) as both the past input and the present output, so that each step's
+keys and values are written in place and nothing is copied back; the attention mask grows by a
+column a step (its length is the op's total length). Its KV heads and head size come from the
+past inputs' shapes, or from ``genai_config.json`` beside the model where those are symbolic.
 """
 
 from __future__ import annotations
@@ -42,12 +50,11 @@ class Decoder:
         self.session = session or make_session(model, threads=threads, what="KV-cache decoder")
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith(_PAST)]
+        self.shared = bool(self.past_names) and _shared_buffer_form(model)
+        self.position_ids = "position_ids" in inputs
         missing = {"input_ids", "attention_mask", "position_ids"} - set(inputs)
-        if missing == {"position_ids"} and self.past_names and "input_ids" in inputs:
-            # graphc.exporters.genai_gqa's form: past and present are one buffer genai allocates
-            raise InvalidModelError(
-                "a genai folder's model in the shared past/present buffer form: generate with onnxruntime-genai "
-                "(graphc.exporters.genai.generate), or compress without --genai for graphc.front.generate", path=model)
+        if self.shared:
+            missing.discard("position_ids")  # positions come from the attention mask (rotary inside the op)
         if missing or not self.past_names:
             raise InvalidModelError(
                 "not a KV-cache decoder (export one with `graphc export ... --kv-cache`): "
@@ -60,6 +67,8 @@ class Decoder:
         first = inputs[self.past_names[0]]
         self.cache_dtype = np.float16 if "float16" in first.type else np.float32
         self.kv_heads, self.head_dim = (d if isinstance(d, int) else None for d in (first.shape[1], first.shape[3]))
+        if (self.kv_heads is None or self.head_dim is None) and self.shared:
+            self.kv_heads, self.head_dim = _genai_config_heads(model, self.kv_heads, self.head_dim)
         if self.kv_heads is None or self.head_dim is None:
             raise InvalidModelError(f"input {first.name!r} has no static kv_heads/head_dim axes: {first.shape}", path=model)
 
@@ -82,9 +91,20 @@ class Decoder:
         """Greedy decoding of ``max_new_tokens`` tokens after the prompt ``input_ids`` [batch, seq]."""
         ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         batch, total = ids.shape
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype)
+        if self.shared:
+            steps = _SharedSteps(self, batch, total + max(max_new_tokens, 1))
+            step = steps.step
+        else:
+            empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype)
+            past = [empty] * len(self.past_names)
+
+            def step(new: np.ndarray, total: int) -> np.ndarray:
+                nonlocal past
+                last, past = self.step(new, past, total)
+                return last
+
         t = time.perf_counter()
-        last, past = self.step(ids, [empty] * len(self.past_names), total)
+        last = step(ids, total)
         out = Generation(np.zeros((batch, 0), np.int64), prefill_s=time.perf_counter() - t)
         tokens = []
         for i in range(max_new_tokens):
@@ -94,7 +114,82 @@ class Decoder:
                 break
             total += 1
             t = time.perf_counter()
-            last, past = self.step(token[:, None], past, total)
+            last = step(token[:, None], total)
             out.step_s.append(time.perf_counter() - t)
         out.tokens = np.stack(tokens, axis=1)
         return out
+
+
+class _SharedSteps:
+    """Calls on a shared-buffer model (see the module doc): each past bound with its present to
+    one buffer of ``length`` positions, written in place by the attention op."""
+
+    def __init__(self, decoder: Decoder, batch: int, length: int) -> None:
+        import onnxruntime as ort
+
+        self.decoder = decoder
+        self.binding = decoder.session.io_binding()
+        shape = (batch, decoder.kv_heads, length, decoder.head_dim)
+        # one zeroed buffer per cache (a Python reference keeps each alive while bound)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, decoder.cache_dtype))
+                        for _ in decoder.past_names]
+        for past, buf in zip(decoder.past_names, self.buffers):
+            self.binding.bind_ortvalue_input(past, buf)
+        self.length = length
+
+    def _bind_outputs(self) -> None:
+        """The logits (ONNX Runtime allocates them: their length changes from the prompt to a
+        step) and each present in its past's buffer."""
+        self.binding.clear_binding_outputs()
+        self.binding.bind_output("logits")
+        for present, buf in zip(self.decoder.present_names, self.buffers):
+            self.binding.bind_ortvalue_output(present, buf)
+
+    def step(self, ids: np.ndarray, total: int) -> np.ndarray:
+        """One call: the logits of the last position; the caches grow in place."""
+        batch, seq = ids.shape
+        if total > self.length:
+            raise GraphcError(f"shared cache of {self.length} positions is full at {total}")
+        feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+                "attention_mask": np.ones((batch, total), np.int64)}
+        if self.decoder.position_ids:  # rotary outside the op on some layers reads them
+            feed["position_ids"] = np.broadcast_to(np.arange(total - seq, total, dtype=np.int64), (batch, seq)).copy()
+        for name, value in feed.items():
+            self.binding.bind_cpu_input(name, value)
+        self._bind_outputs()
+        try:
+            self.decoder.session.run_with_iobinding(self.binding)
+        except Exception as e:  # noqa: BLE001 - ORT's errors are one class per kind
+            raise GraphcError(f"decoder run failed: {str(e).splitlines()[0][:300]}") from None
+        logits = self.binding.get_outputs()[0].numpy()
+        return logits[:, -1]
+
+
+def _shared_buffer_form(model: str | os.PathLike) -> bool:
+    """The model's graph (read without its weights) is in the shared past/present buffer form."""
+    import onnx
+    import onnx_ir as ir
+
+    from graphc.exporters.genai_gqa import already_shared
+
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(os.fspath(model), load_external_data=False)
+    except (OSError, TypeError, ValueError, DecodeError):
+        return False
+    return already_shared(ir.serde.deserialize_model(proto))
+
+
+def _genai_config_heads(model: str | os.PathLike, kv_heads: int | None, head_dim: int | None) -> tuple:
+    """KV heads and head size from ``genai_config.json`` beside the model, where the graph leaves
+    them symbolic (the model builder's folders)."""
+    import json
+    from pathlib import Path
+
+    config = Path(os.fspath(model)).parent / "genai_config.json"
+    try:
+        decoder = json.loads(config.read_text())["model"]["decoder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return kv_heads, head_dim
+    return (kv_heads or decoder.get("num_key_value_heads")), (head_dim or decoder.get("head_size"))
