@@ -12,7 +12,6 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is in the test extra")
 
 PROMPT = [5, 17, 33, 8, 61, 90, 2, 44]
