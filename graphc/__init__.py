@@ -29,12 +29,15 @@ def _version() -> str:
 
 __version__ = _version()
 
-__all__ = ["CompressResult", "GraphcError", "__version__", "compress", "export", "validate", "inspect", "list_passes", "list_recipes"]
+__all__ = ["CompressResult", "GraphcError", "__version__", "compress", "export", "generate", "validate", "inspect",
+           "list_passes", "list_recipes"]
 
-_LAZY = {"CompressResult": "graphc.front.api", "compress": "graphc.front.api", "export": "graphc.front.api", "validate": "graphc.front.api"}
+_LAZY = {"CompressResult": "graphc.front.api", "compress": "graphc.front.api", "export": "graphc.front.api",
+         "validate": "graphc.front.api", "generate": "graphc.front.generate"}
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from graphc.front.api import CompressResult, compress, export, validate
+    from graphc.front.generate import generate
 
 
 def __getattr__(name: str):

@@ -198,3 +198,27 @@ def test_builder_int4_folder_keeps_its_quantized_weights_and_says_so(tmp_path):
     assert result.validation.passed
     said = [n for n in result.notices if "already holds quantized weights" in n]
     assert said and "MatMulNBits x" in said[0]
+
+
+def test_generate_drives_the_builders_folder_from_text_and_ids(builder_folder, capsys):
+    """graphc.generate / `graphc generate` on the builder's folder: the text prompt goes through the
+    folder's tokenizer.json, the tokens are genai's own, and bad input is one line."""
+    import graphc
+    from graphc.exporters.genai import generate
+    from graphc.front.cli import main
+
+    want = generate(builder_folder, PROMPT, 12)
+    text = " ".join(f"w{i}" for i in PROMPT)
+    result = graphc.generate(builder_folder, text, 12, stop_at_eos=False)
+    assert result.tokens == want and result.shared_buffers
+    assert result.text.split() == [f"w{i}" for i in want if i not in (0, 1, 2)]  # special tokens left out
+    assert graphc.generate(builder_folder / "model.onnx", PROMPT, 12, stop_at_eos=False).tokens == want
+    capsys.readouterr()
+    assert main(["generate", str(builder_folder), "--ids", ",".join(map(str, PROMPT)), "-n", "12", "--no-stop",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want
+    assert main(["generate", str(builder_folder), "--prompt", text, "-n", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_new_tokens=0" in err
+    assert main(["generate", str(builder_folder / "genai_config.json"), "--ids", "1,2"]) != 0
+    assert capsys.readouterr().err.count("\n") == 1

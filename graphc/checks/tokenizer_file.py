@@ -60,6 +60,11 @@ class FileTokenizer:
         return {k: v[0] for k, v in out.items()} if single else out
 
 
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of token ids (the tokenizer's own decoder)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
 def load(folder: str | Path) -> FileTokenizer | None:
     """The folder's tokenizer read without transformers, or None where this module does not
     give transformers' ids (see the module doc) or the ``tokenizers`` library is missing."""

@@ -249,6 +249,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from graphc.front.generate import generate
+
+    if (args.prompt is None) == (args.ids is None):
+        raise GraphcError("give the prompt as --prompt TEXT or as --ids 1,2,3 (one of them)")
+    prompt: str | list[int] = args.prompt
+    if args.ids is not None:
+        try:
+            prompt = [int(t) for t in args.ids.split(",") if t.strip()]
+        except ValueError:
+            raise GraphcError(f"--ids {args.ids!r}: token ids separated by commas") from None
+    result = generate(args.model, prompt, args.max_new_tokens, threads=args.threads, stop_at_eos=not args.no_stop)
+    text = result.text if result.text is not None else " ".join(map(str, result.tokens))
+    summary = (f"({len(result.tokens)} tokens, prefill {result.prefill_ms:.0f} ms, decode "
+               f"{result.decode_tokens_per_s:.1f} tokens/s, {'shared' if result.shared_buffers else 'separate'} "
+               "cache buffers)")
+    if not args.json:
+        sys.stderr.write(summary + "\n")
+    _emit(args, result.to_dict(), text)
+    return 0
+
+
 # ------------------------------------------------------------------------- parser
 
 
@@ -382,6 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, metavar="HTML", help="the HTML file to write")
     sp.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     sp.set_defaults(func=cmd_report)
+
+    sp = add("generate", "greedy tokens from a KV-cache decoder (.onnx, or a --genai / model builder folder)")
+    sp.add_argument("model", help="a KV-cache decoder .onnx, or a folder with model.onnx (genai folders too)")
+    sp.add_argument("--prompt", help="text, tokenized with the tokenizer.json beside the model")
+    sp.add_argument("--ids", metavar="1,2,3", help="the prompt as token ids, separated by commas")
+    sp.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    sp.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    sp.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+    sp.set_defaults(func=cmd_generate)
 
     sp = add("passes", "list passes and recipes")
     sp.set_defaults(func=cmd_passes)

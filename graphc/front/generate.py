@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class Decoder:
         if missing or not self.past_names:
             raise InvalidModelError(
                 "not a KV-cache decoder (export one with `graphc export ... --kv-cache`): "
-                f"no {', '.join(sorted(missing)) or 'past_key_values.* inputs'}", path=model)
+                f"no {'past_key_values.* inputs' if not self.past_names else ', '.join(sorted(missing))}", path=model)
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         outputs = {o.name for o in self.session.get_outputs()}
         absent = [n for n in ["logits", *self.present_names] if n not in outputs]
@@ -185,7 +186,6 @@ def _genai_config_heads(model: str | os.PathLike, kv_heads: int | None, head_dim
     """KV heads and head size from ``genai_config.json`` beside the model, where the graph leaves
     them symbolic (the model builder's folders)."""
     import json
-    from pathlib import Path
 
     config = Path(os.fspath(model)).parent / "genai_config.json"
     try:
@@ -193,3 +193,94 @@ def _genai_config_heads(model: str | os.PathLike, kv_heads: int | None, head_dim
     except (OSError, ValueError, KeyError, TypeError):
         return kv_heads, head_dim
     return (kv_heads or decoder.get("num_key_value_heads")), (head_dim or decoder.get("head_size"))
+
+
+@dataclass
+class GenerateResult:
+    """What :func:`generate` made: the new tokens (and their text when the prompt was text)."""
+
+    tokens: list[int]
+    text: str | None
+    prefill_ms: float
+    decode_tokens_per_s: float
+    shared_buffers: bool  # the caches were shared buffers written in place (a genai folder's model)
+    model: str
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "tokens": self.tokens, "text": self.text, "prefill_ms": round(self.prefill_ms, 1),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2), "shared_buffers": self.shared_buffers}
+
+
+def generate(model: str | os.PathLike, prompt: str | list[int], max_new_tokens: int = 32, *,
+             threads: int | None = None, stop_at_eos: bool = True) -> GenerateResult:
+    """Greedy generation with a KV-cache decoder through ONNX Runtime.
+
+    ``model``: a KV-cache ``.onnx`` (``graphc export --kv-cache``, compressed or not) or a folder
+    holding one as ``model.onnx`` (a ``--genai`` folder, onnxruntime-genai's model builder's).
+    ``prompt``: token ids, or text tokenized with the ``tokenizer.json`` beside the model (the
+    new tokens then come back as text too). Stops after the end-of-sequence token that the
+    folder's ``genai_config.json``, ``generation_config.json`` or ``config.json`` names, unless
+    ``stop_at_eos`` is False."""
+    path = _model_file(Path(os.fspath(model)))
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GraphcError(f"max_new_tokens={max_new_tokens!r}: a whole number >= 1")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise GraphcError(f"threads={threads!r}: a whole number >= 1")
+    tokenizer = None
+    if isinstance(prompt, str):
+        from graphc.checks import tokenizer_file
+
+        tokenizer = tokenizer_file.load(path.parent)
+        if tokenizer is None:
+            raise InvalidModelError("no tokenizer.json beside the model that graphc can read: give token ids",
+                                    path=path)
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise GraphcError("the prompt is empty")
+    decoder = Decoder(path, threads=threads)
+    eos = _eos_token(path.parent) if stop_at_eos else None
+    out = decoder.greedy(np.array([ids], np.int64), max_new_tokens, eos_token_id=eos)
+    tokens = out.tokens[0].tolist()
+    if eos is not None and eos in tokens:
+        tokens = tokens[: tokens.index(eos) + 1]
+    text = tokenizer.decode(tokens) if tokenizer is not None else None
+    return GenerateResult(tokens, text, out.prefill_s * 1e3, out.decode_tokens_per_s, decoder.shared, str(path))
+
+
+def _model_file(path: Path) -> Path:
+    """The .onnx of ``path``: itself, or a folder's ``genai_config.json`` decoder file / ``model.onnx``."""
+    import json
+
+    if path.is_dir():
+        name = "model.onnx"
+        config = path / "genai_config.json"
+        if config.is_file():
+            try:
+                name = json.loads(config.read_text())["model"]["decoder"]["filename"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise InvalidModelError("genai_config.json does not name the decoder's file", path=config) from None
+        path = path / name
+    if not path.is_file():
+        raise InvalidModelError("no such model file (give a .onnx or a folder with model.onnx)", path=path)
+    return path
+
+
+def _eos_token(folder: Path) -> int | None:
+    """The end-of-sequence token id the folder's configs name (the first, where they list several)."""
+    import json
+
+    for name, keys in (("genai_config.json", ("model", "eos_token_id")), ("generation_config.json", ("eos_token_id",)),
+                       ("config.json", ("eos_token_id",))):
+        try:
+            value = json.loads((folder / name).read_text())
+            for key in keys:
+                value = value[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
