@@ -3,7 +3,6 @@ the recipe example of docs/extending.md means what that page says."""
 
 import re
 import shlex
-import sys
 import tomllib
 from pathlib import Path
 
