@@ -222,3 +222,7 @@ def test_generate_drives_the_builders_folder_from_text_and_ids(builder_folder, c
     assert err.count("\n") == 1 and "max_new_tokens=0" in err
     assert main(["generate", str(builder_folder / "genai_config.json"), "--ids", "1,2"]) != 0
     assert capsys.readouterr().err.count("\n") == 1
+    # past the rotary caches' rows: refused before a buffer is allocated
+    assert main(["generate", str(builder_folder), "--ids", "1,2", "-n", str(POSITIONS + 10)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"context of {POSITIONS} positions" in err

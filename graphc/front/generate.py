@@ -70,6 +70,8 @@ class Decoder:
         self.kv_heads, self.head_dim = (d if isinstance(d, int) else None for d in (first.shape[1], first.shape[3]))
         if (self.kv_heads is None or self.head_dim is None) and self.shared:
             self.kv_heads, self.head_dim = _genai_config_heads(model, self.kv_heads, self.head_dim)
+        # the positions a shared-buffer model takes (its rotary caches' rows), where its folder says
+        self.context_length = _genai_config_value(model, "context_length") if self.shared else None
         if self.kv_heads is None or self.head_dim is None:
             raise InvalidModelError(f"input {first.name!r} has no static kv_heads/head_dim axes: {first.shape}", path=model)
 
@@ -93,7 +95,11 @@ class Decoder:
         ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         batch, total = ids.shape
         if self.shared:
-            steps = _SharedSteps(self, batch, total + max(max_new_tokens, 1))
+            length = total + max(max_new_tokens - 1, 0)  # positions ever fed: the last new token is not
+            if self.context_length and length > self.context_length:
+                raise GraphcError(f"a prompt of {total} tokens and {max_new_tokens} new ones pass the model's "
+                                  f"context of {self.context_length} positions")
+            steps = _SharedSteps(self, batch, length)
             step = steps.step
         else:
             empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype)
@@ -180,6 +186,17 @@ def _shared_buffer_form(model: str | os.PathLike) -> bool:
     except (OSError, TypeError, ValueError, DecodeError):
         return False
     return already_shared(ir.serde.deserialize_model(proto))
+
+
+def _genai_config_value(model: str | os.PathLike, key: str) -> int | None:
+    """An integer of ``genai_config.json``'s ``model`` section beside the model, else None."""
+    import json
+
+    try:
+        value = json.loads((Path(os.fspath(model)).parent / "genai_config.json").read_text())["model"][key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _genai_config_heads(model: str | os.PathLike, kv_heads: int | None, head_dim: int | None) -> tuple:
