@@ -8,7 +8,7 @@ Runtime) refuses several new tokens after a past at batch > 1, which this never 
 
 A model in the shared past/present buffer form (a ``--genai`` folder's, or onnxruntime-genai's
 model builder's: ``graphc.exporters.genai_gqa``) is driven as onnxruntime-genai drives it: one
-cache buffer per past, allocated once at the prompt's length plus the new tokens and bound
+cache buffer per past, allocated once for every position the call feeds and bound
 (ONNX Runtime's I/O binding) as both the past input and the present output, so that each step's
 keys and values are written in place and nothing is copied back; the attention mask grows by a
 column a step (its length is the op's total length). Its KV heads and head size come from the
