@@ -19,7 +19,9 @@ In one process, on this machine's CPU (named in the output):
 - per folder: bytes of the ONNX files; perplexity on held-out Wikipedia windows (the eval split,
   which calibration never reads) from one prefill call per window through ONNX Runtime; decode
   tokens/s and prefill time through ``og.Generator`` (batch 1, a ``--prompt``-token prompt,
-  ``--new-tokens`` greedy tokens), folders interleaved ``--reps`` times, median;
+  ``--new-tokens`` greedy tokens), folders interleaved ``--reps`` times, median; genai runs its
+  decoder on half the logical cores unless the folder says otherwise (one thread on a 2-core
+  machine without SMT): ``--og-threads N`` overlays N;
 - decode as a fraction of the memory-bandwidth bound: bytes one decode step must read (every
   weight outside embedding lookups, plus the KV cache at the mean context) times tokens/s,
   over the copy bandwidth measured here (numpy, 256 MB, bytes read + written, best of 1 and 2
@@ -195,11 +197,17 @@ def perplexity(folder: Path, windows: list, threads: int) -> float:
     return float(np.exp(nll / count))
 
 
-def decode_speed(folder: Path, prompt: list[int], new_tokens: int) -> dict[str, float]:
+def decode_speed(folder: Path, prompt: list[int], new_tokens: int, threads: int = 0) -> dict[str, float]:
+    """Prefill ms and decode tokens/s through og.Generator. ``threads`` > 0: the decoder's
+    ``intra_op_num_threads`` overlaid on the folder's config (genai's own default is half the
+    logical cores: one thread on a 2-core machine without SMT); 0: genai's default."""
     import numpy as np
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    config = og.Config(str(folder))
+    if threads > 0:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens, do_sample=False)
     gen = og.Generator(model, params)
@@ -257,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     speed: dict[str, list[dict[str, float]]] = {n: [] for n in folders}
     for _ in range(args.reps):
         for name, folder in folders.items():
-            speed[name].append(decode_speed(folder, prompt, args.new_tokens))
+            speed[name].append(decode_speed(folder, prompt, args.new_tokens, args.og_threads))
     fp32_ppl = rows[f"{args.fp32} fp32"]["perplexity"]
     for name in folders:
         rows[name]["prefill_ms"] = statistics.median(s["prefill_ms"] for s in speed[name])
@@ -328,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--og-threads", type=int, default=0,
+                        help="og.Generator's intra-op threads (0: genai's default, half the logical cores)")
     parser.add_argument("--builder-variants", default="default,k_quant_mixed")
     parser.add_argument("--fp32", choices=("graphc", "builder"), default="graphc",
                         help="the fp32 baseline: graphc's own export, or the builder's -p fp32 folder (built here)")

@@ -15,7 +15,8 @@ at batch 1, median decode tokens/s:
 - ``graphc.front.generate``, separate buffers (how it ran every fused graph before);
 - ``graphc.front.generate``, the genai folder's model (the caches bound as past and present
   through ONNX Runtime's I/O binding);
-- onnxruntime-genai's ``og.Generator`` on the same folder;
+- onnxruntime-genai's ``og.Generator`` on the same folder (on genai's default threads, half the
+  logical cores, unless ``--og-threads N``);
 
 with each one's share of the copy-bandwidth bound (bench_genai.py's measure), whether the tokens
 agree, and the CPU. ``--folder``: another genai folder (e.g. the built-in ``int4``'s), measured
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--og-threads", type=int, default=0,
+                        help="og.Generator's intra-op threads (0: genai's default, half the logical cores)")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--folder", action="append", default=[], metavar="LABEL=DIR",
                         help="also measure this genai folder, through graphc.front.generate and og.Generator")
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 prefill[name].append(out.prefill_s * 1e3)
                 tokens[name] = out.tokens[0].tolist()
             else:
-                speed = bench_genai.decode_speed(where, prompt, args.new_tokens)
+                speed = bench_genai.decode_speed(where, prompt, args.new_tokens, args.og_threads)
                 rates[name].append(speed["decode_tok_s"])
                 prefill[name].append(speed["prefill_ms"])
     from graphc.exporters.genai import generate
