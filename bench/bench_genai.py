@@ -327,17 +327,22 @@ def plot(res: dict[str, Any]) -> str:
     return standalone_svg(chart)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(b8.ROOT / "recipes" / "smollm2-int4.toml"),
-                        help="graphc's recipe for its own folder (compressed here, then cached), or none")
-    parser.add_argument("--windows", type=int, default=8)
+def add_decode_args(parser: argparse.ArgumentParser) -> None:
+    """The generation options this script and bench_generate_shared.py share."""
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--og-threads", type=int, default=0,
                         help="og.Generator's intra-op threads (0: genai's default, half the logical cores)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(b8.ROOT / "recipes" / "smollm2-int4.toml"),
+                        help="graphc's recipe for its own folder (compressed here, then cached), or none")
+    parser.add_argument("--windows", type=int, default=8)
+    add_decode_args(parser)
     parser.add_argument("--builder-variants", default="default,k_quant_mixed")
     parser.add_argument("--fp32", choices=("graphc", "builder"), default="graphc",
                         help="the fp32 baseline: graphc's own export, or the builder's -p fp32 folder (built here)")

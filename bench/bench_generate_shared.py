@@ -72,13 +72,10 @@ def build(fresh: bool) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import bench_genai
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--og-threads", type=int, default=0,
-                        help="og.Generator's intra-op threads (0: genai's default, half the logical cores)")
+    bench_genai.add_decode_args(parser)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--folder", action="append", default=[], metavar="LABEL=DIR",
                         help="also measure this genai folder, through graphc.front.generate and og.Generator")
@@ -86,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import numpy as np
 
-    import bench_genai
     from graphc.core.session import make_session
     from graphc.core.target import cpu_summary
     from graphc.front.generate import Decoder
