@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
@@ -118,10 +117,9 @@ def main() -> int:
     out = {"cpu": cpu_line(), "kl": kl(args.reps), "factor": factor(args.reps)}
     if args.sweep_against:
         out["sweep"] = sweep(args.sweep_against, args.windows, args.reps)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    from harness import print_json  # bench/harness.py (the script's folder is on sys.path)
+
+    print_json(out, args.json)
     return 0
 
 

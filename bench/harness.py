@@ -90,6 +90,14 @@ class Reporter:
         self.note(f"{text} ({time.perf_counter() - t0:.1f} s)")
 
 
+def print_json(res: Any, path: str | None) -> None:
+    """``res`` as indented JSON on stdout, and into ``path`` when one is given."""
+    text = json.dumps(res, indent=1, default=str)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
+
+
 def fingerprint(*parts: str) -> str:
     h = hashlib.sha256()
     for p in parts:

@@ -99,10 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
     res = simulate(_stats(args.full), _stats(args.short), [float(f) for f in args.factors.split(",")])
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    from harness import print_json  # bench/harness.py (the script's folder is on sys.path)
+
+    print_json(res, args.json)
     return 0
 
 

@@ -80,7 +80,7 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
     # a genai folder the model came from (graphc's, or another tool's such as the model
     # builder's): its context (sizes the rotary caches), and its facts where the model's metadata
     # and a Hugging Face config are silent
-    src = _source_genai(tokenizer_folder)
+    src = model_section(tokenizer_folder)
     dec = src.get("decoder", {})
     if context_length is None:
         context_length = src.get("context_length")
@@ -208,7 +208,7 @@ def rewrite_folder(source: str | os.PathLike, output: str | os.PathLike) -> list
     return notices
 
 
-def _source_genai(folder: Path | None) -> dict[str, Any]:
+def model_section(folder: Path | None) -> dict[str, Any]:
     """The ``model`` section of the genai_config.json in ``folder`` ({} when there is none)."""
     if folder is None or not (folder / CONFIG).is_file():
         return {}

@@ -68,10 +68,13 @@ class Decoder:
         first = inputs[self.past_names[0]]
         self.cache_dtype = np.float16 if "float16" in first.type else np.float32
         self.kv_heads, self.head_dim = (d if isinstance(d, int) else None for d in (first.shape[1], first.shape[3]))
-        if (self.kv_heads is None or self.head_dim is None) and self.shared:
-            self.kv_heads, self.head_dim = _genai_config_heads(model, self.kv_heads, self.head_dim)
+        genai = _genai_section(model) if self.shared else {}
+        if self.kv_heads is None or self.head_dim is None:  # symbolic in the builder's graphs: its config says
+            decoder = genai.get("decoder") if isinstance(genai.get("decoder"), dict) else {}
+            self.kv_heads = self.kv_heads or decoder.get("num_key_value_heads")
+            self.head_dim = self.head_dim or decoder.get("head_size")
         # the positions a shared-buffer model takes (its rotary caches' rows), where its folder says
-        self.context_length = _genai_config_value(model, "context_length") if self.shared else None
+        self.context_length = _positive_int(genai.get("context_length"))
         if self.kv_heads is None or self.head_dim is None:
             raise InvalidModelError(f"input {first.name!r} has no static kv_heads/head_dim axes: {first.shape}", path=model)
 
@@ -188,28 +191,15 @@ def _shared_buffer_form(model: str | os.PathLike) -> bool:
     return already_shared(ir.serde.deserialize_model(proto))
 
 
-def _genai_config_value(model: str | os.PathLike, key: str) -> int | None:
-    """An integer of ``genai_config.json``'s ``model`` section beside the model, else None."""
-    import json
+def _genai_section(model: str | os.PathLike) -> dict:
+    """The ``model`` section of the ``genai_config.json`` beside the model ({} when there is none)."""
+    from graphc.exporters.genai import model_section
 
-    try:
-        value = json.loads((Path(os.fspath(model)).parent / "genai_config.json").read_text())["model"][key]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return model_section(Path(os.fspath(model)).parent)
+
+
+def _positive_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _genai_config_heads(model: str | os.PathLike, kv_heads: int | None, head_dim: int | None) -> tuple:
-    """KV heads and head size from ``genai_config.json`` beside the model, where the graph leaves
-    them symbolic (the model builder's folders)."""
-    import json
-
-    config = Path(os.fspath(model)).parent / "genai_config.json"
-    try:
-        decoder = json.loads(config.read_text())["model"]["decoder"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return kv_heads, head_dim
-    return (kv_heads or decoder.get("num_key_value_heads")), (head_dim or decoder.get("head_size"))
 
 
 @dataclass
@@ -288,12 +278,10 @@ def _eos_token(folder: Path) -> int | None:
     """The end-of-sequence token id the folder's configs name (the first, where they list several)."""
     import json
 
-    for name, keys in (("genai_config.json", ("model", "eos_token_id")), ("generation_config.json", ("eos_token_id",)),
-                       ("config.json", ("eos_token_id",))):
+    for name in ("genai_config.json", "generation_config.json", "config.json"):
         try:
             value = json.loads((folder / name).read_text())
-            for key in keys:
-                value = value[key]
+            value = (value["model"] if name == "genai_config.json" else value)["eos_token_id"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if isinstance(value, list):
