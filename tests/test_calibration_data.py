@@ -127,7 +127,7 @@ def test_kv_cache_llama_export_calibrates_on_windows_and_gates_perplexity(tmp_pa
     model = api.export(str(folder), tmp_path / "llama.onnx", kv_cache=True).path
     data = tmp_path / "notes.txt"
     data.write_text("\n".join(lines(40)))
-    result = api.compress(str(model), None, recipe="int8", calibration_data=data, attribution=False)
+    result = api.compress(str(model), None, recipe="int8-static", calibration_data=data, attribution=False)
     assert result.calibration == f"30 texts of notes.txt (2 windows of up to 128 tokens; tokenizer: {folder.resolve()})"
     task = result.validation.task
     assert task["metric"] == "perplexity" and task["windows"] == 1 and result.validation.ppl_rise is not None

@@ -25,7 +25,23 @@ def test_int4_has_a_decoder_form_planned_on_kl_within_ort_int4_bytes():
     assert _options(int4, "mixed-precision")["max_bits"] == 3.95  # the encoder form is unchanged
     assert _options(dec, "quantize-nbits")["damp"] == 0.1 and _options(int4, "quantize-nbits")["damp"] == 0.01
     assert dec.tolerance.max_ppl_rise is not None and int4.tolerance.max_ppl_rise is None
-    assert "decoder" in int4.to_dict() and get_recipe("int8").decoder is None
+    assert "decoder" in int4.to_dict() and get_recipe("int8-static").decoder is None
+
+
+def test_int8_has_a_weight_only_form_for_causal_lms():
+    """A decoder's activation outliers break int8 over a whole tensor: int8's causal-LM form
+    quantizes weights in 8-bit blocks (MatMulNBits) and stores a tied table once; no calibration
+    pass, a perplexity gate. The encoder form is unchanged."""
+    int8 = get_recipe("int8")
+    dec = int8.for_model(causal_lm=True)
+    assert dec is int8.decoder and int8.for_model(causal_lm=False) is int8
+    names = dec.pass_names()
+    assert "quantize-int8" not in names and "quantize-attention" not in names and "quantize-int8" in int8.pass_names()
+    assert names.index("tie-head") < names.index("quantize-nbits") < names.index("quantize-gather-block")
+    nbits, gather = _options(dec, "quantize-nbits"), _options(dec, "quantize-gather-block")
+    assert nbits["bits"] == gather["bits"] == 8 and nbits["block_size"] == gather["block_size"]
+    assert nbits["method"] != "gptq"  # nothing to calibrate
+    assert dec.tolerance.max_ppl_rise is not None and int8.tolerance.max_ppl_rise is None
 
 
 def test_extending_a_recipe_extends_both_forms(tmp_path):
