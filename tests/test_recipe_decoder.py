@@ -44,6 +44,15 @@ def test_int8_has_a_weight_only_form_for_causal_lms():
     assert dec.tolerance.max_ppl_rise is not None and int8.tolerance.max_ppl_rise is None
 
 
+def test_fast_is_int8_at_real_tokens_in_both_forms():
+    fast, int8 = get_recipe("fast"), get_recipe("int8")
+    names = fast.pass_names()
+    assert names.index("remove-padding") == names.index("trim-outputs") + 1
+    assert "quantize-attention" not in names and "quantize-int8" in names
+    assert [n for n in fast.decoder.pass_names() if n != "remove-padding"] == int8.decoder.pass_names()
+    assert fast.decoder.tolerance == int8.decoder.tolerance
+
+
 def test_extending_a_recipe_extends_both_forms(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text(textwrap.dedent("""
