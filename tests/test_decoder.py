@@ -154,3 +154,32 @@ def test_smollm2_greedy_32_tokens_match_pytorch(tmp_path):
     assert stats.counts["gqa_kv_cache"] == model.config.num_hidden_layers, stats.counts
     io.save_model(fused, tmp_path / "smollm2-kv-fused.onnx")
     np.testing.assert_array_equal(Decoder(tmp_path / "smollm2-kv-fused.onnx").greedy(prompt, 32).tokens, want)
+
+
+def test_generate_samples_repeatably_and_greedy_is_its_limit(tiny, capsys):
+    """graphc.generate / `graphc generate` sample when asked: the same seed gives the same tokens,
+    the result reports the seed it drew, and a top-k of 1 or a near-zero temperature give
+    PyTorch's greedy tokens; bad settings are one line."""
+    import json
+
+    from graphc.front.cli import main
+
+    model, path = tiny
+    ids, want = PROMPT[0].tolist(), _torch_greedy(model, PROMPT, 10)[0].tolist()
+    assert graphc.generate(path, ids, 10, stop_at_eos=False).sampling is None
+    assert graphc.generate(path, ids, 10, stop_at_eos=False, top_k=1, seed=3).tokens == want
+    assert graphc.generate(path, ids, 10, stop_at_eos=False, temperature=1e-4).tokens == want
+    a = graphc.generate(path, ids, 10, stop_at_eos=False, temperature=1.5, top_p=0.95)
+    assert a.sampling.seed is not None and a.sampling.temperature == 1.5
+    again = graphc.generate(path, ids, 10, stop_at_eos=False, temperature=1.5, top_p=0.95, seed=a.sampling.seed)
+    assert again.tokens == a.tokens and all(0 <= t < model.config.vocab_size for t in a.tokens)
+    draws = {tuple(graphc.generate(path, ids, 10, stop_at_eos=False, temperature=2.0, seed=s).tokens) for s in range(4)}
+    assert len(draws) > 1  # random weights: a flat distribution, different seeds differ
+    capsys.readouterr()
+    args = ["generate", str(path), "--ids", ",".join(map(str, ids)), "-n", "10", "--no-stop"]
+    assert main([*args, "--temperature", "1.5", "--top-p", "0.95", "--seed", str(a.sampling.seed), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == a.tokens and out["sampling"]["seed"] == a.sampling.seed
+    assert main([*args, "--top-p", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "top_p=1.5" in err

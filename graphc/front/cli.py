@@ -260,11 +260,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompt = [int(t) for t in args.ids.split(",") if t.strip()]
         except ValueError:
             raise GraphcError(f"--ids {args.ids!r}: token ids separated by commas") from None
-    result = generate(args.model, prompt, args.max_new_tokens, threads=args.threads, stop_at_eos=not args.no_stop)
+    result = generate(args.model, prompt, args.max_new_tokens, threads=args.threads, stop_at_eos=not args.no_stop,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     text = result.text if result.text is not None else " ".join(map(str, result.tokens))
     summary = (f"({len(result.tokens)} tokens, prefill {result.prefill_ms:.0f} ms, decode "
                f"{result.decode_tokens_per_s:.1f} tokens/s, {'shared' if result.shared_buffers else 'separate'} "
-               "cache buffers)")
+               "cache buffers"
+               + (f"; sampled: temperature {result.sampling.temperature:g}, top-k {result.sampling.top_k}, top-p "
+                  f"{result.sampling.top_p:g}, seed {result.sampling.seed}" if result.sampling else "") + ")")
     if not args.json:
         sys.stderr.write(summary + "\n")
     _emit(args, result.to_dict(), text)
@@ -405,13 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     sp.set_defaults(func=cmd_report)
 
-    sp = add("generate", "greedy tokens from a KV-cache decoder (.onnx, or a --genai / model builder folder)")
+    sp = add("generate", "greedy or sampled tokens from a KV-cache decoder (.onnx, or a --genai / model builder folder)")
     sp.add_argument("model", help="a KV-cache decoder .onnx, or a folder with model.onnx (genai folders too)")
     sp.add_argument("--prompt", help="text, tokenized with the tokenizer.json beside the model")
     sp.add_argument("--ids", metavar="1,2,3", help="the prompt as token ids, separated by commas")
     sp.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     sp.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     sp.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+    sp.add_argument("--temperature", type=float, default=None,
+                    help="sample with this temperature (default: greedy; 1 when only --top-k/--top-p are given)")
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="sample among the most probable tokens adding up to p")
+    sp.add_argument("--seed", type=int, default=None, help="seed of the draws (default: drawn, and reported)")
     sp.set_defaults(func=cmd_generate)
 
     sp = add("passes", "list passes and recipes")

@@ -1,4 +1,5 @@
-"""Greedy generation through ONNX Runtime with a KV-cache decoder (graphc export --kv-cache).
+"""Generation through ONNX Runtime with a KV-cache decoder (graphc export --kv-cache): greedy,
+or sampled with a temperature, top-k and top-p (:mod:`graphc.front.sampling`).
 
 Prefill runs the prompt with a zero-length past; each decode step feeds the last token and
 the presents back as the past. Works for float32 and compressed decoders alike (the cache
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from graphc.core.errors import GraphcError, InvalidModelError
+from graphc.front.sampling import Sampling, greedy
 
 _PAST = "past_key_values."
 
@@ -95,6 +97,13 @@ class Decoder:
 
     def greedy(self, input_ids: np.ndarray, max_new_tokens: int, *, eos_token_id: int | None = None) -> Generation:
         """Greedy decoding of ``max_new_tokens`` tokens after the prompt ``input_ids`` [batch, seq]."""
+        return self.decode(input_ids, max_new_tokens, eos_token_id=eos_token_id)
+
+    def decode(self, input_ids: np.ndarray, max_new_tokens: int, *, eos_token_id: int | None = None,
+               sampling: Sampling | None = None) -> Generation:
+        """``max_new_tokens`` tokens after the prompt ``input_ids`` [batch, seq], each the arg max
+        of the last logits, or drawn as ``sampling`` says (:mod:`graphc.front.sampling`)."""
+        pick = sampling.picker() if sampling is not None else greedy
         ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         batch, total = ids.shape
         if self.shared:
@@ -118,7 +127,7 @@ class Decoder:
         out = Generation(np.zeros((batch, 0), np.int64), prefill_s=time.perf_counter() - t)
         tokens = []
         for i in range(max_new_tokens):
-            token = last.argmax(-1).astype(np.int64)
+            token = pick(last)
             tokens.append(token)
             if i == max_new_tokens - 1 or (eos_token_id is not None and (token == eos_token_id).all()):
                 break
@@ -212,15 +221,21 @@ class GenerateResult:
     decode_tokens_per_s: float
     shared_buffers: bool  # the caches were shared buffers written in place (a genai folder's model)
     model: str
+    sampling: Sampling | None = None  # None: greedy; else the settings, the seed drawn included
 
     def to_dict(self) -> dict:
         return {"model": self.model, "tokens": self.tokens, "text": self.text, "prefill_ms": round(self.prefill_ms, 1),
-                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2), "shared_buffers": self.shared_buffers}
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2), "shared_buffers": self.shared_buffers,
+                "sampling": asdict(self.sampling) if self.sampling is not None else None}
 
 
 def generate(model: str | os.PathLike, prompt: str | list[int], max_new_tokens: int = 32, *,
-             threads: int | None = None, stop_at_eos: bool = True) -> GenerateResult:
-    """Greedy generation with a KV-cache decoder through ONNX Runtime.
+             threads: int | None = None, stop_at_eos: bool = True, temperature: float | None = None,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> GenerateResult:
+    """Generation with a KV-cache decoder through ONNX Runtime: greedy, unless a ``temperature``
+    above 0, a ``top_k`` or a ``top_p`` below 1 asks for sampling (temperature 1 where only the
+    filters are given; 0 is greedy). ``seed`` makes the draws repeatable; without one a seed is
+    drawn and reported in the result's ``sampling``, so that any run can be repeated.
 
     ``model``: a KV-cache ``.onnx`` (``graphc export --kv-cache``, compressed or not) or a folder
     holding one as ``model.onnx`` (a ``--genai`` folder, onnxruntime-genai's model builder's).
@@ -246,14 +261,27 @@ def generate(model: str | os.PathLike, prompt: str | list[int], max_new_tokens: 
         ids = [int(t) for t in prompt]
     if not ids:
         raise GraphcError("the prompt is empty")
+    sampling = _sampling(temperature, top_k, top_p, seed)
     decoder = Decoder(path, threads=threads)
     eos = _eos_token(path.parent) if stop_at_eos else None
-    out = decoder.greedy(np.array([ids], np.int64), max_new_tokens, eos_token_id=eos)
+    out = decoder.decode(np.array([ids], np.int64), max_new_tokens, eos_token_id=eos, sampling=sampling)
     tokens = out.tokens[0].tolist()
     if eos is not None and eos in tokens:
         tokens = tokens[: tokens.index(eos) + 1]
     text = tokenizer.decode(tokens) if tokenizer is not None else None
-    return GenerateResult(tokens, text, out.prefill_s * 1e3, out.decode_tokens_per_s, decoder.shared, str(path))
+    return GenerateResult(tokens, text, out.prefill_s * 1e3, out.decode_tokens_per_s, decoder.shared, str(path),
+                          sampling)
+
+
+def _sampling(temperature: float | None, top_k: int, top_p: float, seed: int | None) -> Sampling | None:
+    """None (greedy) unless sampling is asked for; a seed drawn when none is given."""
+    asked = (temperature is not None and temperature != 0) or top_k != 0 or top_p != 1
+    if temperature == 0 or not asked:
+        Sampling(top_k=top_k, top_p=top_p, seed=seed)  # bad values are refused even when unused
+        return None
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    return Sampling(temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
 def _model_file(path: Path) -> Path:
