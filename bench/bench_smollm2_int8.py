@@ -19,7 +19,6 @@ Reports bytes, perplexity over ``--windows`` windows of 512 tokens of the Wikipe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
