@@ -357,6 +357,25 @@ def torch_perplexity(recipe: Any, feeds: list, work: Path, threads: int, *, fres
     return ppl
 
 
+def perplexity_and_latency(rep: Any, paths: dict[str, Path], feeds: list, threads: int,
+                           reps: int) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Each model's ORT perplexity over the feeds, and its latency on the first feed (``reps``
+    interleaved repetitions after one warm-up; none when 0)."""
+    from graphc.checks import measure
+
+    ppl = {}
+    for name, path in paths.items():
+        with rep.bar(f"{name}: perplexity, {len(feeds)} windows × {SEQ}") as cb:
+            ppl[name] = ort_perplexity(path, feeds, threads, cb)
+    latency: dict[str, Any] = {}
+    if reps > 0:
+        sessions = {k: measure.session(p, threads=threads) for k, p in paths.items()}
+        with rep.bar(f"latency b1×{SEQ}: {reps} interleaved reps, 1 warm-up") as cb:
+            latency = measure.interleaved_latency(sessions, feeds[0], reps=reps, warmup=1, progress=cb)
+        del sessions
+    return ppl, latency
+
+
 def ort_perplexity(path: Path, feeds: list, threads: int, progress: Any = None) -> dict:
     """ORT perplexity of one model (cached beside the model, keyed by its bytes and the windows)."""
     import hashlib
@@ -426,17 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     feeds = recipe.perplexity_feeds(args.windows, seq=SEQ)
     with rep.status(f"PyTorch fp32 perplexity, {args.windows} windows × {SEQ}"):
         torch_ppl = torch_perplexity(recipe, feeds, work, args.threads, fresh=args.fresh)
-    ppl = {}
-    for name, path in paths.items():
-        with rep.bar(f"{name}: perplexity, {args.windows} windows × {SEQ}") as cb:
-            ppl[name] = ort_perplexity(path, feeds, args.threads, cb)
-
-    latency: dict[str, Any] = {}
-    if args.reps > 0:
-        sessions = {k: measure.session(p, threads=args.threads) for k, p in paths.items()}
-        with rep.bar(f"latency b1×{SEQ}: {args.reps} interleaved reps, 1 warm-up") as cb:
-            latency = measure.interleaved_latency(sessions, feeds[0], reps=args.reps, warmup=1, progress=cb)
-        del sessions
+    ppl, latency = perplexity_and_latency(rep, paths, feeds, args.threads, args.reps)
 
     ref = ppl[FP32]["perplexity"]
     return {

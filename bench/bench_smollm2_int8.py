@@ -28,7 +28,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench_smollm2_int4 import SEQ, build_fused, cached_fp32, ort_perplexity
+from bench_smollm2_int4 import SEQ, build_fused, cached_fp32, perplexity_and_latency
 from harness import WORK, Reporter, cpu_name, print_json, quiet
 
 FP32 = "fp32 (graphc export)"
@@ -88,16 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         validation = result.validation.to_dict() if result.validation is not None else None
 
     feeds = spec.perplexity_feeds(args.windows, seq=SEQ)
-    ppl = {}
-    for name, path in paths.items():
-        with rep.bar(f"{name}: perplexity, {args.windows} windows x {SEQ}") as cb:
-            ppl[name] = ort_perplexity(path, feeds, args.threads, cb)
-    latency: dict[str, Any] = {}
-    if args.reps > 0:
-        sessions = {k: measure.session(p, threads=args.threads) for k, p in paths.items()}
-        with rep.bar(f"latency b1x{SEQ}: {args.reps} interleaved reps, 1 warm-up") as cb:
-            latency = measure.interleaved_latency(sessions, feeds[0], reps=args.reps, warmup=1, progress=cb)
-        del sessions
+    ppl, latency = perplexity_and_latency(rep, paths, feeds, args.threads, args.reps)
     ref = ppl[FP32]["perplexity"]
     return {
         "config": {"windows": args.windows, "seq": SEQ, "threads": args.threads, "reps": args.reps,
