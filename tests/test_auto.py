@@ -86,3 +86,24 @@ def test_cli_auto_prints_the_candidate_table(bert, tmp_path, capsys):
     assert main(["compress", str(bert), "-o", str(tmp_path / "t.onnx"), "--recipe", "auto", "--shape-hint", "2x16"]) == 0
     text = capsys.readouterr().out
     assert "auto: " in text and " chosen for " in text and "fuse" in text
+
+
+def test_auto_times_a_kv_decoder_on_a_decode_step(tmp_path):
+    """A KV-cache decoder generates one token a step after a past: that is the call auto times
+    (the shape hint's sequence is the past), and its int8 candidates are the decoder form."""
+    pytest.importorskip("transformers")
+    from graphc.core.io import load_model
+    from graphc.exporters.decoder import export_decoder
+    from graphc.front.auto import timing_feed
+    from graphc.models.fixtures import tiny_llama
+
+    path = tmp_path / "kv.onnx"
+    export_decoder(tiny_llama(), path)
+    feed = timing_feed(load_model(path), 2, 24)
+    assert feed["input_ids"].shape == (2, 1) and feed["attention_mask"].shape == (2, 25)
+    assert feed["past_key_values.0.key"].shape[2] == 24 and feed["position_ids"].tolist() == [[24], [24]]
+    result = compress(path, tmp_path / "q.onnx", recipe="auto", shape_hint="1x24", attribution=False)
+    assert result.auto["timed_at"] == "one decode step: batch 1, a past of 24 positions"
+    rows = {c["candidate"]: c for c in result.auto["candidates"]}
+    assert all(rows[n]["status"] == "passed" and rows[n]["latency_ms"] > 0 for n in ("fuse", "int8", "fast"))
+    assert result.recipe.name.startswith(result.auto["winner"])

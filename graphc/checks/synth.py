@@ -151,11 +151,13 @@ def complete_decoder_feeds(model: ir.Model, feeds: Sequence[dict[str, np.ndarray
 
 def synthesize_inputs(
     model: ir.Model, *, count: int = 4, seed: int = 0, batch: int = SYNTH_BATCH, seq: int = SYNTH_SEQ,
-    shapes: Mapping[str, Sequence[int]] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None, decode_past: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Plausible feeds from the input signature (ids within the vocabulary, masks of ones,
     images [N, 1|3, H, W] uniform on [-1, 1] at 64x64 where H and W are free; symbolic batch
-    and sequence dims take ``batch`` and ``seq``; ``shapes`` fixes an input's dims)."""
+    and sequence dims take ``batch`` and ``seq``; ``shapes`` fixes an input's dims).
+    ``decode_past``: a KV-cache decoder's feeds are all decode steps, one new token after a
+    past of that many positions (else prefill and decode calls in turn)."""
     rng = np.random.default_rng(seed)
     synth_batch, synth_seq = batch, seq
     feeds = []
@@ -165,6 +167,8 @@ def synthesize_inputs(
         # token after a past), in turn: ORT's GroupQueryAttention refuses several new tokens
         # after a past at batch > 1
         past, seq = ((0, synth_seq) if k % 2 == 0 else (SYNTH_PAST, 1)) if kv else (SYNTH_PAST, synth_seq)
+        if kv and decode_past is not None:
+            past, seq = decode_past, 1
         feed: dict[str, np.ndarray] = {}
         for value in model.graph.inputs:
             if value.name in model.graph.initializers:

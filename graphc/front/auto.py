@@ -2,8 +2,8 @@
 
 Each candidate recipe is compiled for the target and validated like any ``compress``; the
 ones that pass are timed on this machine at the shape the user names (``shape_hint``, batch ×
-sequence; padded rows as real batches have them), interleaved with the original and each
-other, and the fastest is written. The table of candidates (bytes, validation, latency, why a
+sequence; padded rows as real batches have them; for a KV-cache decoder one decode step after a
+past of that length), interleaved with the original and each other, and the fastest is written. The table of candidates (bytes, validation, latency, why a
 candidate lost) goes into the result and the provenance.
 
 Fused fp32 (``fuse``) is always a candidate, so the winner is never slower than it. The int8
@@ -76,11 +76,16 @@ def candidates(names: Sequence[str]) -> list[Candidate]:
 
 def timing_feed(model: ir.Model, batch: int, seq: int) -> dict:
     """One feed at batch × seq: the model spec's real texts padded to ``seq`` when it has
-    them (padding as real batches have it), else inputs synthesized at that shape."""
+    them (padding as real batches have it), else inputs synthesized at that shape. A KV-cache
+    decoder is timed on what it spends its time on when it generates: one decode step, a new
+    token per row after a past of ``seq`` positions."""
     from graphc.core import ops
     from graphc.checks.measure import pad_feed
+    from graphc.checks.synth import is_kv_decoder
     from graphc.checks.validate import synthesize_inputs
 
+    if is_kv_decoder(model):
+        return synthesize_inputs(model, count=1, seed=3, batch=batch, seq=seq, decode_past=seq)[0]
     name = model.metadata_props.get(ops.META_MODEL_SPEC)
     if name:
         try:
@@ -213,7 +218,12 @@ def run_auto(
     result = winner.result
     if source is not None and result.validation is not None:
         result.validation.input_source = source
-    result.auto = {"target": info.name, "shape": [batch, seq], "timed": timed, "winner": winner.name,
+    from graphc.checks.synth import is_kv_decoder
+
+    timed_at = (f"one decode step: batch {batch}, a past of {seq} positions" if is_kv_decoder(ir_model)
+                else f"batch {batch} x {seq} positions")
+    result.auto = {"target": info.name, "shape": [batch, seq], "timed_at": timed_at, "timed": timed,
+                   "winner": winner.name,
                    "original_ms": None if original_ms is None else round(original_ms, 3), "candidates": table}
     result.notices = [*notices, *result.notices]
     result.model.metadata_props["graphc.auto"] = json.dumps(

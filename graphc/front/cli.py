@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--genai", action="store_true",
                     help="KV-cache decoders: -o is an onnxruntime-genai folder (model.onnx, genai_config.json, tokenizer)")
     sp.add_argument("--shape-hint", default=None, metavar="BxS",
-                    help="recipe auto: batch x sequence to time the candidates at (default 8x128)")
+                    help="recipe auto: batch x sequence to time the candidates at (default 8x128; a KV-cache "
+                         "decoder: one decode step after a past of that length)")
     _add_input_args(sp)
     sp.add_argument("--force", action="store_true", help="write even if validation misses the tolerance")
     sp.add_argument("--disable", action="append", metavar="PASS", help="skip a pass by name (repeatable)")

@@ -27,7 +27,7 @@ def field(text: str) -> str:
 
 def auto_text(auto: dict) -> str:
     """recipe auto: the candidate table, one line each."""
-    shape = "x".join(str(x) for x in auto["shape"])
+    shape = auto.get("timed_at") or "x".join(str(x) for x in auto["shape"])
     orig = f", original {auto['original_ms']:.2f} ms" if auto.get("original_ms") is not None else ""
     lines = [f"auto: {auto['winner']} chosen for {auto['target']} at {shape}{orig}"
              f"{'' if auto['timed'] else ' (not timed: the target is not this machine)'}"]
