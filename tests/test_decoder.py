@@ -180,6 +180,20 @@ def test_generate_samples_repeatably_and_greedy_is_its_limit(tiny, capsys):
     assert main([*args, "--temperature", "1.5", "--top-p", "0.95", "--seed", str(a.sampling.seed), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens"] == a.tokens and out["sampling"]["seed"] == a.sampling.seed
+    # a repetition penalty: the first new token is the arg max of the prefill's logits with the
+    # prompt's tokens penalized (checked against the model's own logits), and the CLI takes it
+    last, _ = Decoder(path).step(PROMPT, [np.zeros((1, 2, 0, 8), np.float32)] * 4, PROMPT.shape[1])
+    from graphc.front.sampling import penalize_repeats
+
+    first = int(penalize_repeats(last, PROMPT, 3.0).argmax())
+    penalized = graphc.generate(path, ids, 10, stop_at_eos=False, repetition_penalty=3.0).tokens
+    assert penalized[0] == first and graphc.generate(path, ids, 10, stop_at_eos=False, repetition_penalty=1.0).tokens == want
+    # over 30 tokens this model's greedy text loops back on itself; penalized, it does not
+    loop = graphc.generate(path, ids, 30, stop_at_eos=False).tokens
+    assert len(set(loop)) < 30 and len(set(graphc.generate(path, ids, 30, stop_at_eos=False,
+                                                           repetition_penalty=3.0).tokens)) == 30
+    assert main([*args, "--repetition-penalty", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == penalized
     assert main([*args, "--top-p", "1.5"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "top_p=1.5" in err

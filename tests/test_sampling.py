@@ -50,3 +50,15 @@ def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(GraphcError) as e:
         Sampling(**bad)
     assert "\n" not in str(e.value) and next(iter(bad)) in str(e.value)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_once():
+    from graphc.front.sampling import check_repetition_penalty, penalize_repeats
+
+    logits = np.array([[2.0, -2.0, 1.0, 0.5], [2.0, -2.0, 1.0, 0.5]])
+    seen = np.array([[0, 1, 0], [3, 3, 3]])  # a token seen twice is penalized once
+    np.testing.assert_allclose(penalize_repeats(logits, seen, 2.0), [[1.0, -4.0, 1.0, 0.5], [2.0, -2.0, 1.0, 0.25]])
+    assert greedy(penalize_repeats(logits, seen, 4.0)).tolist() == [2, 0]
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(GraphcError, match="repetition_penalty"):
+            check_repetition_penalty(bad)

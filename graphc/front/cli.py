@@ -261,7 +261,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ValueError:
             raise GraphcError(f"--ids {args.ids!r}: token ids separated by commas") from None
     result = generate(args.model, prompt, args.max_new_tokens, threads=args.threads, stop_at_eos=not args.no_stop,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      repetition_penalty=args.repetition_penalty)
     text = result.text if result.text is not None else " ".join(map(str, result.tokens))
     summary = (f"({len(result.tokens)} tokens, prefill {result.prefill_ms:.0f} ms, decode "
                f"{result.decode_tokens_per_s:.1f} tokens/s, {'shared' if result.shared_buffers else 'separate'} "
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
     sp.add_argument("--top-p", type=float, default=1.0, help="sample among the most probable tokens adding up to p")
     sp.add_argument("--seed", type=int, default=None, help="seed of the draws (default: drawn, and reported)")
+    sp.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                    help="tokens already in the text made less likely by P (greedy or sampled; 1: none)")
     sp.set_defaults(func=cmd_generate)
 
     sp = add("passes", "list passes and recipes")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from graphc.core.errors import GraphcError, InvalidModelError
-from graphc.front.sampling import Sampling, greedy
+from graphc.front.sampling import Sampling, check_repetition_penalty, greedy, penalize_repeats
 
 _PAST = "past_key_values."
 
@@ -100,10 +100,12 @@ class Decoder:
         return self.decode(input_ids, max_new_tokens, eos_token_id=eos_token_id)
 
     def decode(self, input_ids: np.ndarray, max_new_tokens: int, *, eos_token_id: int | None = None,
-               sampling: Sampling | None = None) -> Generation:
+               sampling: Sampling | None = None, repetition_penalty: float = 1.0) -> Generation:
         """``max_new_tokens`` tokens after the prompt ``input_ids`` [batch, seq], each the arg max
-        of the last logits, or drawn as ``sampling`` says (:mod:`graphc.front.sampling`)."""
+        of the last logits, or drawn as ``sampling`` says, after a ``repetition_penalty`` (1: none)
+        on the tokens the row holds so far (:mod:`graphc.front.sampling`)."""
         pick = sampling.picker() if sampling is not None else greedy
+        penalty = check_repetition_penalty(repetition_penalty)
         ids = np.atleast_2d(np.asarray(input_ids, dtype=np.int64))
         batch, total = ids.shape
         if self.shared:
@@ -127,6 +129,8 @@ class Decoder:
         out = Generation(np.zeros((batch, 0), np.int64), prefill_s=time.perf_counter() - t)
         tokens = []
         for i in range(max_new_tokens):
+            if penalty != 1:
+                last = penalize_repeats(last, np.concatenate([ids, *(t[:, None] for t in tokens)], axis=1), penalty)
             token = pick(last)
             tokens.append(token)
             if i == max_new_tokens - 1 or (eos_token_id is not None and (token == eos_token_id).all()):
@@ -231,11 +235,13 @@ class GenerateResult:
 
 def generate(model: str | os.PathLike, prompt: str | list[int], max_new_tokens: int = 32, *,
              threads: int | None = None, stop_at_eos: bool = True, temperature: float | None = None,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> GenerateResult:
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             repetition_penalty: float = 1.0) -> GenerateResult:
     """Generation with a KV-cache decoder through ONNX Runtime: greedy, unless a ``temperature``
     above 0, a ``top_k`` or a ``top_p`` below 1 asks for sampling (temperature 1 where only the
     filters are given; 0 is greedy). ``seed`` makes the draws repeatable; without one a seed is
     drawn and reported in the result's ``sampling``, so that any run can be repeated.
+    ``repetition_penalty`` (greedy or sampled; 1: none) makes the tokens already in the text less likely.
 
     ``model``: a KV-cache ``.onnx`` (``graphc export --kv-cache``, compressed or not) or a folder
     holding one as ``model.onnx`` (a ``--genai`` folder, onnxruntime-genai's model builder's).
@@ -262,9 +268,11 @@ def generate(model: str | os.PathLike, prompt: str | list[int], max_new_tokens: 
     if not ids:
         raise GraphcError("the prompt is empty")
     sampling = _sampling(temperature, top_k, top_p, seed)
+    check_repetition_penalty(repetition_penalty)
     decoder = Decoder(path, threads=threads)
     eos = _eos_token(path.parent) if stop_at_eos else None
-    out = decoder.decode(np.array([ids], np.int64), max_new_tokens, eos_token_id=eos, sampling=sampling)
+    out = decoder.decode(np.array([ids], np.int64), max_new_tokens, eos_token_id=eos, sampling=sampling,
+                         repetition_penalty=repetition_penalty)
     tokens = out.tokens[0].tolist()
     if eos is not None and eos in tokens:
         tokens = tokens[: tokens.index(eos) + 1]

@@ -4,7 +4,8 @@ The order is Hugging Face's and onnxruntime-genai's: the logits divided by the t
 the ``top_k`` largest kept, then the smallest set of the most probable tokens whose probabilities
 add up to ``top_p`` (the most probable token is always kept), renormalized, one draw per batch row
 from a seeded generator (``seed``: the same tokens on every run with the same model and machine).
-Temperature 0 is greedy (the arg max), whatever ``top_k``/``top_p`` say.
+Temperature 0 is greedy (the arg max), whatever ``top_k``/``top_p`` say. A repetition penalty,
+greedy or sampled, first makes every token already in the row (prompt included) less likely.
 """
 
 from __future__ import annotations
@@ -74,3 +75,20 @@ class Sampling:
 
 def greedy(logits: np.ndarray) -> np.ndarray:
     return np.asarray(logits).argmax(-1).astype(np.int64)
+
+
+def check_repetition_penalty(penalty: float) -> float:
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty) or penalty <= 0:
+        raise GraphcError(f"repetition_penalty={penalty!r}: a number > 0 (1: none)")
+    return float(penalty)
+
+
+def penalize_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """The logits [batch, vocab] with each row's already seen tokens (``seen`` [batch, n]: the
+    prompt and what was generated) made less likely, as Hugging Face's and onnxruntime-genai's
+    repetition penalty does: a positive logit divided by ``penalty``, a negative one multiplied."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    rows = np.arange(out.shape[0])[:, None]
+    hit = out[rows, seen]
+    out[rows, seen] = np.where(hit > 0, hit / penalty, hit * penalty)
+    return out
