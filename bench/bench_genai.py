@@ -235,6 +235,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     for variant in args.builder_variants.split(","):
         folders[f"builder int4 {variant}"], seconds[f"builder int4 {variant}"] = build_builder(hf, variant, args.fresh)
+    for precision in (p for p in args.builder_precisions.split(",") if p and p != "int4"):  # their default options
+        label = f"builder {precision} default"
+        folders[label], seconds[label] = build_builder(hf, "default", args.fresh, precision)
     if args.fp32 == "builder":  # the builder's own fp32 folder as the baseline (and an input to compress)
         folders["builder fp32"], seconds["builder fp32"] = build_builder(hf, "default", args.fresh, "fp32")
     if args.recipe != "none":
@@ -344,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=8)
     add_decode_args(parser)
     parser.add_argument("--builder-variants", default="default,k_quant_mixed")
+    parser.add_argument("--builder-precisions", default="int4",
+                        help="also the builder's folders at these precisions (e.g. int4,int8), default options")
     parser.add_argument("--fp32", choices=("graphc", "builder"), default="graphc",
                         help="the fp32 baseline: graphc's own export, or the builder's -p fp32 folder (built here)")
     parser.add_argument("--fresh", action="store_true")
