@@ -182,7 +182,9 @@ def test_generate_samples_repeatably_and_greedy_is_its_limit(tiny, capsys):
     assert out["tokens"] == a.tokens and out["sampling"]["seed"] == a.sampling.seed
     # a repetition penalty: the first new token is the arg max of the prefill's logits with the
     # prompt's tokens penalized (checked against the model's own logits), and the CLI takes it
-    last, _ = Decoder(path).step(PROMPT, [np.zeros((1, 2, 0, 8), np.float32)] * 4, PROMPT.shape[1])
+    dec = Decoder(path)
+    empty = np.zeros((1, dec.kv_heads, 0, dec.head_dim), dec.cache_dtype)
+    last, _ = dec.step(PROMPT, [empty] * len(dec.past_names), PROMPT.shape[1])
     from graphc.front.sampling import penalize_repeats
 
     first = int(penalize_repeats(last, PROMPT, 3.0).argmax())

@@ -3,8 +3,9 @@
 Each candidate recipe is compiled for the target and validated like any ``compress``; the
 ones that pass are timed on this machine at the shape the user names (``shape_hint``, batch ×
 sequence; padded rows as real batches have them; for a KV-cache decoder one decode step after a
-past of that length), interleaved with the original and each other, and the fastest is written. The table of candidates (bytes, validation, latency, why a
-candidate lost) goes into the result and the provenance.
+past of that length), interleaved with the original and each other, and the fastest is
+written. The table of candidates (bytes, validation, latency, why a candidate lost) goes into
+the result and the provenance.
 
 Fused fp32 (``fuse``) is always a candidate, so the winner is never slower than it. The int8
 candidates take the target's MatMul form (:mod:`graphc.target`: on a CPU whose u8×s8 kernel
@@ -72,6 +73,15 @@ def parse_shape(text: str | Sequence[int] | None) -> tuple[int, int]:
 
 def candidates(names: Sequence[str]) -> list[Candidate]:
     return [Candidate(name, get_recipe(name)) for name in names]
+
+
+def timed_at(model: ir.Model, batch: int, seq: int) -> str:
+    """What :func:`timing_feed` times, in words."""
+    from graphc.checks.synth import is_kv_decoder
+
+    if is_kv_decoder(model):
+        return f"one decode step: batch {batch}, a past of {seq} positions"
+    return f"batch {batch} x {seq} positions"
 
 
 def timing_feed(model: ir.Model, batch: int, seq: int) -> dict:
@@ -218,12 +228,8 @@ def run_auto(
     result = winner.result
     if source is not None and result.validation is not None:
         result.validation.input_source = source
-    from graphc.checks.synth import is_kv_decoder
-
-    timed_at = (f"one decode step: batch {batch}, a past of {seq} positions" if is_kv_decoder(ir_model)
-                else f"batch {batch} x {seq} positions")
-    result.auto = {"target": info.name, "shape": [batch, seq], "timed_at": timed_at, "timed": timed,
-                   "winner": winner.name,
+    result.auto = {"target": info.name, "shape": [batch, seq], "timed_at": timed_at(ir_model, batch, seq),
+                   "timed": timed, "winner": winner.name,
                    "original_ms": None if original_ms is None else round(original_ms, 3), "candidates": table}
     result.notices = [*notices, *result.notices]
     result.model.metadata_props["graphc.auto"] = json.dumps(

@@ -264,11 +264,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       repetition_penalty=args.repetition_penalty)
     text = result.text if result.text is not None else " ".join(map(str, result.tokens))
+    s = result.sampling
+    sampled = f"; sampled: temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}, seed {s.seed}" if s else ""
     summary = (f"({len(result.tokens)} tokens, prefill {result.prefill_ms:.0f} ms, decode "
                f"{result.decode_tokens_per_s:.1f} tokens/s, {'shared' if result.shared_buffers else 'separate'} "
-               "cache buffers"
-               + (f"; sampled: temperature {result.sampling.temperature:g}, top-k {result.sampling.top_k}, top-p "
-                  f"{result.sampling.top_p:g}, seed {result.sampling.seed}" if result.sampling else "") + ")")
+               f"cache buffers{sampled})")
     if not args.json:
         sys.stderr.write(summary + "\n")
     _emit(args, result.to_dict(), text)
