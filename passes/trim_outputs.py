@@ -1,7 +1,11 @@
-"""Drop unused trailing optional outputs (mean / inv_std / residual sum of normalization ops).
+"""Drop unused optional outputs (mean / inv_std / residual sum of normalization ops).
 
 onnxscript's SkipLayerNormalization fusion emits all four outputs; ORT computes and writes
 every declared output, so an unused ``input_skip_bias_sum`` costs a full activation write.
+Unused outputs at the end go; an unused one before a used one (the mean and inv_std of a
+skip norm whose residual sum feeds the next block) is left unnamed (``""``, ONNX's absent
+optional output), as onnxruntime-genai's model builder writes them: on SmolLM2's decoder the
+named ones cost ~0.2 ms of a ~16 ms decode step on one thread (``bench/profile_decode_step.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ class TrimUnusedOutputs(GraphcPass):
             keep = len(node.outputs)
             while keep > minimum and not _used(node.outputs[keep - 1], graph):
                 keep -= 1
+            for value in node.outputs[minimum:keep]:
+                if value.name and not _used(value, graph):  # absent, before one that is used
+                    value.name = ""
+                    stats.add("outputs_unnamed")
+                    modified = True
             if keep == len(node.outputs):
                 continue
             new = ir.node(
