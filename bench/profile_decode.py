@@ -1,13 +1,16 @@
 """Where one decode step of an onnxruntime-genai folder goes, by op type: ONNX Runtime's profiler
-over 40 single-token steps (after 5 warm-up steps) at a past of 512 tokens, 2 threads. A folder
+over 40 single-token steps (after 5 warm-up steps) at a past of 512 tokens, 2 threads (``--threads``;
+genai's own default on a 2-core machine without SMT is 1). A folder
 in the ``past_present_share_buffer`` form gets what genai gives it: one buffer of ``max_buffer``
 positions bound as both past and present (I/O binding); a separate-buffer folder gets pasts of
 exactly 512 and new presents.
 
-    python bench/profile_decode.py FOLDER [FOLDER ...]
+    python bench/profile_decode.py FOLDER [FOLDER ...] [--threads 2] [--rounds 1]
 
-The first folder is profiled once unreported first (a process's first profile runs slow). Prints,
-per folder, the kernel time per step, the number of kernels run per step, and the op
+The first folder is profiled once unreported first (a process's first profile runs slow); with
+``--rounds N`` the folders are profiled N times in turn and the medians printed. Prints, per
+folder, the wall time of a step (the run call, profiler included), the kernel time per step
+(the rest is the executor's own work between kernels), the number of kernels run per step, and the op
 types that take the most of it (same inputs for every folder: run them in one call to compare);
 then what a split LM head's logits reorder alone costs at 1 and at 512 tokens (the last-axis
 ``Gather`` it was written as before 2026-12-07, and the ``GatherElements`` it is now).
@@ -46,7 +49,11 @@ def _feed(session: ort.InferenceSession, decoder: dict, shared: bool, max_buffer
     return feed
 
 
-def profile(folder: Path, threads: int = 2, max_buffer: int = 1024) -> tuple[float, int, list[tuple[str, float, int]]]:
+def profile(folder: Path, threads: int = 2, max_buffer: int = 1024
+            ) -> tuple[float, int, list[tuple[str, float, int]], float]:
+    """(kernel ms a step, kernels a step, the top op types as (op, ms, calls), wall ms a step)."""
+    import time
+
     config = json.loads((folder / "genai_config.json").read_text())
     shared = bool(config["search"].get("past_present_share_buffer"))
     so = ort.SessionOptions()
@@ -65,12 +72,15 @@ def profile(folder: Path, threads: int = 2, max_buffer: int = 1024) -> tuple[flo
             binding.bind_ortvalue_output(out.name, values[past])
         else:
             binding.bind_output(out.name, "cpu")
-    for _ in range(WARMUP + STEPS):
+    for i in range(WARMUP + STEPS):
+        if i == WARMUP:
+            start = time.perf_counter()
         session.run_with_iobinding(binding)  # the same step again: the buffer's slot is overwritten in place
+    wall = (time.perf_counter() - start) / STEPS * 1000
     by_op, calls = kernel_times(session, WARMUP)
     total = sum(by_op.values())
     ops = [(op, d / STEPS / 1000, calls[op] // STEPS) for op, d in by_op.most_common(12)]
-    return total / STEPS / 1000, sum(calls.values()) // STEPS, ops
+    return total / STEPS / 1000, sum(calls.values()) // STEPS, ops, wall
 
 
 def reorder_ms(seq: int, op: str = "Gather", vocab: int = 49152, threads: int = 2, reps: int = 5) -> float:
@@ -106,16 +116,32 @@ def reorder_ms(seq: int, op: str = "Gather", vocab: int = 49152, threads: int = 
 
 
 def main() -> None:
+    import argparse
+    import statistics
+
     import harness
 
-    print(f"CPU: {harness.cpu_name()}; one token after a past of {PAST}; {STEPS} steps, 2 threads")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    print(f"CPU: {harness.cpu_name()}; one token after a past of {PAST}; {STEPS} steps, {args.threads} thread(s), "
+          f"median of {args.rounds} round(s)")
     # the first folder profiled in a process ran ~20% slower than the same folder again (measured
     # 19.6 vs 15.9 ms a step): one unreported pass over it first
-    profile(Path(sys.argv[1]))
-    for path in sys.argv[1:]:
-        total, kernels, ops = profile(Path(path))
-        print(f"{path}: {total:.2f} ms a step in {kernels} kernels")
-        for op, ms, n in ops:
+    profile(args.folders[0], args.threads)
+    runs: dict[Path, list] = {path: [] for path in args.folders}
+    for _ in range(args.rounds):
+        for path in args.folders:
+            runs[path].append(profile(path, args.threads))
+    for path, results in runs.items():
+        total = statistics.median(r[0] for r in results)
+        wall = statistics.median(r[3] for r in results)
+        kernels, ops = results[0][1], results[0][2]
+        print(f"{path}: {wall:.2f} ms a step, of which {total:.2f} ms in {kernels} kernels")
+        for op, _, n in ops:
+            ms = statistics.median(dict((o, m) for o, m, _ in r[2]).get(op, 0.0) for r in results)
             print(f"  {op:34s} {ms:7.3f} ms  {ms / total:6.1%}  ({n} calls)")
     for op in ("Gather", "GatherElements"):
         print(f"a split head's logits reorder over 49,152 columns by {op}: {reorder_ms(1, op):.2f} ms at "
