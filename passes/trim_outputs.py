@@ -5,8 +5,8 @@ every declared output, so an unused ``input_skip_bias_sum`` costs a full activat
 Unused outputs at the end go; an unused one before a used one (the mean and inv_std of a
 skip norm whose residual sum feeds the next block) is left unnamed (``""``, ONNX's absent
 optional output), as onnxruntime-genai's model builder writes them (on SmolLM2's int4 decoder,
-one thread, ``bench/profile_decode.py --threads 1``: the 60 skip norms' kernels 0.46-0.53 ms a
-step unnamed against 0.56-0.74 ms named, in four paired profiles).
+one thread, ``bench/profile_decode.py --threads 1``: the 60 skip norms' kernels 0.42-0.46 ms a
+step unnamed against 0.48-0.56 ms named; docs/genai.md).
 """
 
 from __future__ import annotations
