@@ -46,6 +46,24 @@ def test_int8_has_a_weight_only_form_for_causal_lms():
     assert dec.tolerance.max_ppl_rise is not None and int8.tolerance.max_ppl_rise is None
 
 
+def test_plan_on_a_causal_lm_budgets_perplexity_and_budget_flags_reach_that_form():
+    """On a decoder the plan's budget is a perplexity rise (mean next-token KL), not the logits'
+    cosine, and validation gates on perplexity; budgets given on the command line replace the
+    budgets of both forms."""
+    from graphc.core.recipe_merge import with_budgets
+
+    plan = get_recipe("plan")
+    dec = plan.for_model(causal_lm=True)
+    assert dec is plan.decoder and plan.for_model(causal_lm=False) is plan
+    assert _options(dec, "plan") == {"max_error": 0.0, "max_ppl_rise": 0.02}
+    assert _options(plan, "plan") == {"max_error": 0.01}
+    assert dec.tolerance.max_ppl_rise == 0.03 and plan.tolerance.max_ppl_rise is None
+    assert "quantize-attention" not in dec.pass_names() and "quantize-attention" in plan.pass_names()
+    sized = with_budgets(plan, {"max_bytes": 1000}, int4=True)
+    assert _options(sized, "plan") == _options(sized.decoder, "plan") == {"max_bytes": 1000, "int4": True}
+    assert _options(with_budgets(plan, {"max_ppl_rise": 0.05}).decoder, "plan") == {"max_ppl_rise": 0.05}
+
+
 def test_fast_is_int8_at_real_tokens_in_both_forms():
     fast, int8 = get_recipe("fast"), get_recipe("int8")
     names = fast.pass_names()
@@ -146,6 +164,17 @@ def test_int4_on_a_causal_lm_runs_its_decoder_form_on_its_own_tokenizer_text(tin
     v = result.validation
     assert v.input_source.startswith("Wikipedia text")
     assert v.task["metric"] == "perplexity" and v.ppl_rise is not None and v.max_ppl_rise_allowed == 0.06
+    assert result.written
+
+
+def test_plan_on_a_causal_lm_plans_on_kl_and_is_gated_on_perplexity(tiny_llama_with_tokenizer, tmp_path):
+    from graphc.front import api
+
+    result = api.compress(str(tiny_llama_with_tokenizer), str(tmp_path / "p.onnx"), recipe="plan", attribution=False)
+    assert any("causal LM form" in n for n in result.notices)
+    plan = next(r for r in result.passes if r.name == "plan").stats["plan"]
+    assert plan["budgets"]["max_ppl_rise"] == 0.02 and plan["metric"].startswith("mean over output rows of KL")
+    assert result.validation.task["metric"] == "perplexity" and result.validation.max_ppl_rise_allowed == 0.03
     assert result.written
 
 

@@ -154,7 +154,10 @@ def with_budgets(recipe: Recipe, budgets: Mapping[str, Any], *, int4: bool = Fal
     drop = set(BUDGETS) if budgets else set()
     steps = tuple(Step(s.pass_name, {**{k: v for k, v in s.options.items() if k not in drop}, **new})
                   if s.pass_name == "plan" else s for s in recipe.steps)
-    return replace(recipe, steps=steps)
+    decoder = recipe.decoder  # the causal-LM form plans with the same budgets
+    if decoder is not None and "plan" in decoder.pass_names():
+        decoder = with_budgets(decoder, budgets, int4=int4)
+    return replace(recipe, steps=steps, decoder=decoder)
 
 
 def with_tolerance(recipe: Recipe, **limits: float | None) -> Recipe:

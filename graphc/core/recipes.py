@@ -159,15 +159,17 @@ def plan_recipe(*, max_error: float | None = None, max_bytes: int | None = None,
                 max_params: int | None = None, max_ppl_rise: float | None = None, int4: bool = False) -> Recipe:
     """The built-in ``plan`` recipe with the given budgets (``graphc compress --max-error ...``);
     its tolerance: output cosine ≥ 1 - 2 × max_error (validation texts are not the calibration
-    texts the plan measured on), else the recipe's. ``int4``: layers and tables may also be 4-bit."""
-    from graphc.core.recipe_merge import with_budgets
+    texts the plan measured on; a causal LM's form keeps its perplexity gate too), else the
+    recipe's. ``int4``: layers and tables may also be 4-bit."""
+    from graphc.core.recipe_merge import with_budgets, with_tolerance
 
     budgets = {k: v for k, v in (("max_error", max_error), ("max_bytes", max_bytes), ("max_flops", max_flops),
                                  ("max_params", max_params), ("max_ppl_rise", max_ppl_rise)) if v is not None}
     base = with_budgets(BUILTIN["plan"], budgets, int4=int4)
-    tolerance = replace(base.tolerance, min_cosine=max(0.0, 1 - 2 * max_error)) if max_error else base.tolerance
+    if max_error:  # in both forms: a causal LM keeps its perplexity gate besides
+        base = with_tolerance(base, min_cosine=max(0.0, 1 - 2 * max_error))
     label = ", ".join([f"{k}={v:g}" for k, v in budgets.items()] + ["int4"] * int4)
-    return replace(base, name=f"plan({label})", tolerance=tolerance)
+    return replace(base, name=f"plan({label})")
 
 
 def file_recipes() -> dict[str, Path]:
