@@ -156,13 +156,26 @@ class Probe:
         self.outputs = sens.measured_outputs([o.name for o in self.session.get_outputs()], self.metric)
         self.inputs = [{k: v for k, v in f.items() if k in inputs} for f in self.feeds]
         self.reference = [self.session.run(self.outputs, {**f, **self.constants}) for f in self.inputs]
-        self.evaluator = sens.Evaluator.from_payload(self.payload(serialized=False), session=self.session)
+        # each action measured from the first cut that reads what it replaces, where the model cuts
+        # (passes/_cut_evaluator.py, as mixed-precision's probes); else on the whole model
+        from graphc.passes import _cut_evaluator
+
+        evaluator = _cut_evaluator.evaluator(work, [SimpleNamespace(value=v) for v in values], self.inputs, metric)
+        if isinstance(evaluator, _cut_evaluator.CutEvaluator):
+            self.evaluator = evaluator
+        else:
+            self.evaluator = sens.Evaluator.from_payload(self.payload(serialized=False), session=self.session)
         self._acts: dict[str, np.ndarray] | None = None
         self._moments: dict | None = None
 
     def payload(self, serialized: bool = True) -> dict:
-        """``sens.Evaluator.payload()`` of the measuring session: what a worker needs to measure
-        an action (``_probes.output_error``); the same arithmetic as :func:`output_errors`."""
+        """What a worker needs to measure an action (``_probes.output_error``): the cut
+        evaluator's payload where the model cuts, else ``sens.Evaluator.payload()`` of the
+        measuring session (the same arithmetic as :func:`output_errors`)."""
+        from graphc.passes import _cut_evaluator
+
+        if isinstance(getattr(self, "evaluator", None), _cut_evaluator.CutEvaluator):
+            return self.evaluator.payload()
         masks = [f.get("attention_mask") for f in self.feeds]
         reference = self.reference if self.metric != "kl" else [
             [sens.SoftmaxRef(sens._rows(r, mask)) for r in refs] for refs, mask in zip(self.reference, masks)]
