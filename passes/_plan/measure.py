@@ -1,7 +1,9 @@
 """Measured output error of each planner action applied alone, on calibration data.
 
-Every action is simulated by swapping constants in one ONNX Runtime session (the weights of
-the priced linear layers and tables are graph inputs, as in ``_sensitivity``):
+Every action is simulated by swapping constants (the weights of the priced linear layers and
+tables are graph inputs, as in ``_sensitivity``), each run from the first cut of the model that
+reads them (``_cut_evaluator``, as ``mixed-precision``'s probes: the float model's values kept
+at each cut; one session over the whole model where it does not cut into enough segments):
 
 - pruning heads of a block (or neurons of an FFN) with the least-squares correction is exactly
   a new output-projection (down-projection) weight whose rows of the removed units are zero and
