@@ -165,6 +165,7 @@ class Probe:
         evaluator = _cut_evaluator.evaluator(work, [SimpleNamespace(value=v) for v in values], self.inputs, metric)
         if isinstance(evaluator, _cut_evaluator.CutEvaluator):
             self.evaluator = evaluator
+            self.session = self.proto = None  # the whole model's session was for the reference alone
         else:
             self.evaluator = sens.Evaluator.from_payload(self.payload(serialized=False), session=self.session)
         self._acts: dict[str, np.ndarray] | None = None
