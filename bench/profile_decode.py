@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,6 @@ def _feed(session: ort.InferenceSession, decoder: dict, shared: bool, max_buffer
 def profile(folder: Path, threads: int = 2, max_buffer: int = 1024
             ) -> tuple[float, int, list[tuple[str, float, int]], float]:
     """(kernel ms a step, kernels a step, the top op types as (op, ms, calls), wall ms a step)."""
-    import time
-
     config = json.loads((folder / "genai_config.json").read_text())
     shared = bool(config["search"].get("past_present_share_buffer"))
     so = ort.SessionOptions()
@@ -87,8 +86,6 @@ def reorder_ms(seq: int, op: str = "Gather", vocab: int = 49152, threads: int = 
     """Median time of a split LM head's logits reorder (``split-vocab``) on [1, seq, vocab] by a
     permutation: a last-axis ``Gather`` (its form before 2026-12-07) or the ``GatherElements``
     over the permutation expanded to the logits' shape it writes now (int32, as the pass stores it)."""
-    import time
-
     from onnx import TensorProto, helper, numpy_helper
 
     perm = np.random.default_rng(0).permutation(vocab)

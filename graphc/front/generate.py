@@ -127,12 +127,14 @@ class Decoder:
         t = time.perf_counter()
         last = step(ids, total)
         out = Generation(np.zeros((batch, 0), np.int64), prefill_s=time.perf_counter() - t)
-        tokens = []
+        tokens, seen = [], ids  # seen: each row's tokens so far, for the repetition penalty
         for i in range(max_new_tokens):
             if penalty != 1:
-                last = penalize_repeats(last, np.concatenate([ids, *(t[:, None] for t in tokens)], axis=1), penalty)
+                last = penalize_repeats(last, seen, penalty)
             token = pick(last)
             tokens.append(token)
+            if penalty != 1:
+                seen = np.concatenate([seen, token[:, None]], axis=1)
             if i == max_new_tokens - 1 or (eos_token_id is not None and (token == eos_token_id).all()):
                 break
             total += 1

@@ -40,6 +40,7 @@ from graphc.core import ops
 from graphc.core.errors import PassError
 from graphc.core.session import make_session
 from graphc.passes import _blockquant as bq
+from graphc.passes import _cut_evaluator
 from graphc.passes import _lowrank as lr
 from graphc.passes import _prune
 from graphc.passes import _probes
@@ -160,25 +161,24 @@ class Probe:
         self.reference = [self.session.run(self.outputs, {**f, **self.constants}) for f in self.inputs]
         # each action measured from the first cut that reads what it replaces, where the model cuts
         # (passes/_cut_evaluator.py, as mixed-precision's probes); else on the whole model
-        from graphc.passes import _cut_evaluator
-
-        evaluator = _cut_evaluator.evaluator(work, [SimpleNamespace(value=v) for v in values], self.inputs, metric)
-        if isinstance(evaluator, _cut_evaluator.CutEvaluator):
-            self.evaluator = evaluator
+        self.evaluator = _cut_evaluator.evaluator(work, [SimpleNamespace(value=v) for v in values], self.inputs, metric)
+        if isinstance(self.evaluator, _cut_evaluator.CutEvaluator):
             self.session = self.proto = None  # the whole model's session was for the reference alone
         else:
-            self.evaluator = sens.Evaluator.from_payload(self.payload(serialized=False), session=self.session)
+            self.evaluator = sens.Evaluator.from_payload(self._session_payload(serialized=False), session=self.session)
         self._acts: dict[str, np.ndarray] | None = None
         self._moments: dict | None = None
 
-    def payload(self, serialized: bool = True) -> dict:
+    def payload(self) -> dict:
         """What a worker needs to measure an action (``_probes.output_error``): the cut
-        evaluator's payload where the model cuts, else ``sens.Evaluator.payload()`` of the
-        measuring session (the same arithmetic as :func:`output_errors`)."""
-        from graphc.passes import _cut_evaluator
-
-        if isinstance(getattr(self, "evaluator", None), _cut_evaluator.CutEvaluator):
+        evaluator's payload where the model cuts, else the measuring session's."""
+        if isinstance(self.evaluator, _cut_evaluator.CutEvaluator):
             return self.evaluator.payload()
+        return self._session_payload()
+
+    def _session_payload(self, serialized: bool = True) -> dict:
+        """``sens.Evaluator.payload()`` of the whole-model measuring session (the same arithmetic
+        as :func:`output_errors`)."""
         masks = [f.get("attention_mask") for f in self.feeds]
         reference = self.reference if self.metric != "kl" else [
             [sens.SoftmaxRef(sens._rows(r, mask)) for r in refs] for refs, mask in zip(self.reference, masks)]
