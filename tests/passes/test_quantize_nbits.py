@@ -217,6 +217,8 @@ def test_exclude_and_min_elements_skip_with_reason():
         ({"method": "hqq", "symmetric": True}, "symmetric=false"),
         ({"head_bits": 3}, "bits=3"),
         ({"scale_dtype": "bfloat16"}, "float32, float16"),
+        ({"refine_sweeps": 2}, "refine_sweeps=2.*method='gptq' only"),
+        ({"method": "gptq", "refine_sweeps": -1}, "refine_sweeps=-1"),
     ],
 )
 def test_unsupported_options_list_what_is_supported(options, expect):
@@ -239,16 +241,17 @@ def test_gptq_with_calibration_beats_rtn_on_outputs():
     test = {"x": (rng.standard_normal((4, 16, 32)) * scale).astype(np.float32)}
     ref = run(mlp(), test)[0]
     errs = {}
-    for method, refit in (("rtn", False), ("gptq", False), ("gptq", True)):
+    for method, refit, sweeps in (("rtn", False, 0), ("gptq", False, 0), ("gptq", True, 0), ("gptq", False, 2)):
         model = mlp()
         ctx = PassContext(calibration=feeds, calibration_source="test")
         result = QuantizeNBits(Opts(bits=2, block_size=16, symmetric=False, method=method, accuracy_level=0,
-                                    refit_scales=refit), ctx)(model)
+                                    refit_scales=refit, refine_sweeps=sweeps), ctx)(model)
         if method == "gptq":
             assert any("gptq Hessians" in n for n in result.stats.notes)
-        errs[method, refit] = np.linalg.norm(run(model, test)[0] - ref) / np.linalg.norm(ref)
-    assert errs["gptq", False] < 0.85 * errs["rtn", False]
-    assert errs["gptq", True] < errs["gptq", False]  # scales refitted on the Hessian: held-out error lower too
+        errs[method, refit, sweeps] = np.linalg.norm(run(model, test)[0] - ref) / np.linalg.norm(ref)
+    assert errs["gptq", False, 0] < 0.85 * errs["rtn", False, 0]
+    assert errs["gptq", True, 0] < errs["gptq", False, 0]  # scales refitted on the Hessian: held-out error lower too
+    assert errs["gptq", False, 2] < errs["gptq", False, 0]  # codes refined on the Hessian: likewise
 
 
 def test_shared_weight_quantized_once():
