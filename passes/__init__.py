@@ -10,6 +10,7 @@ from graphc.passes import (  # noqa: F401
     fuse_ort,
     gemm_to_matmul,
     lowrank_embedding,
+    merge_tiers,
     mixed_precision,
     pack_nbits,
     plan_compression,

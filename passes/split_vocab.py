@@ -48,6 +48,9 @@ from graphc.core.registry import register
 
 
 MIN_OPSET = 12  # Clip on int32 inputs
+# node metadata on the Concat of a split head's tiers (the table's name): each tier's table is
+# framed by zero rows and its lookup clips into it, so that ``merge-tiers`` can join tiers again
+META_TIERS = "graphc.vocab_tiers"
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ class SplitVocab(GraphcPass):
                 parts.append(mm.outputs[0])
             cat = ir.node("Concat", parts, attributes={"axis": -1})
             _name(node, cat, "_tiers", "")
+            cat.metadata_props[META_TIERS] = base  # merge-tiers finds the tiers from here
             back = _columns(graph, base, cat.outputs[0], col, table.shape[0])
             for k, n in enumerate(back):
                 _name(node, n, "_tier_columns" if n is back[-1] else f"_tier_columns_{k}", "")

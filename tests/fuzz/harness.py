@@ -113,6 +113,8 @@ TOLERANCES: dict[str, Tol] = {
     # and gathered back; the same sums in another MatMul shape. Defaults leave tables under
     # 1024 rows whole (every drawn vocabulary is 40 or 100): the skip paths are exercised
     "split-vocab": Tol(rel=1e-5, cos=0.99999),
+    # float rewrite: neighbouring tiers' tables as one, the same rows and sums
+    "merge-tiers": Tol(rel=1e-5, cos=0.99999),
     # the head reads the table it copied, bit for bit: the same numbers reach the MatMul
     "tie-head": Tol(rel=1e-5, rel16=1e-2, cos=0.99999),
     # one MatMul per column block of a packed weight: the same dot products in narrower GEMMs

@@ -119,6 +119,9 @@ PLANS: dict[str, Plan] = {
     # tables of at least min_rows (default 1024; drawn vocabularies have 40 or 100 rows):
     # 16/16 transformed, exact (cosine 1.0)
     "split-vocab": Plan(spec={"lm_head": True, "tied": True}, options={"min_rows": 32}, min_transformed=0.5),
+    # joins split-vocab's tiers (marked by it) that the plan gave one precision: no drawn graph
+    # holds them; the rewrite is covered by tests/passes/test_merge_tiers.py
+    "merge-tiers": Plan(min_transformed=0.0, why="acts only on split-vocab's tiers, which no drawn graph holds"),
     # needs separate Q, K, V MatMuls and a bias into a fused attention: the drawn graphs fuse to
     # MultiHeadAttention without them; covered on the real tiny BERT export
     "quantize-attention": Plan(prepared=True, min_transformed=0.0,
