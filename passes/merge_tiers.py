@@ -150,14 +150,15 @@ def _merge(graph: ir.Graph, run: list[_Tier]) -> ir.Value:
     rewired in the graph. The old nodes are left for the caller to remove once unused."""
     first = run[0]
     table = np.concatenate([t.table.const_value.numpy() for t in run])
-    value = constant(graph, f"{first.table.name}_{len(run)}", table)
+    name = f"{first.table.name}_{run[-1].table.name.rsplit('_', 1)[-1]}"  # e.g. W_tier3_tier5
+    value = constant(graph, name, table)
     tr = ir.node("Transpose", [value], attributes=dict(first.transpose.attributes))
     mm = ir.node(ops.MATMUL, [first.matmul.inputs[0], tr.outputs[0]], name=first.matmul.name)
     mm.metadata_props.update(first.matmul.metadata_props)
     graph.insert_before(first.matmul, [tr, mm])
     for site, (look, clip, _) in first.lookups.items():
         pos = clip.inputs[0]
-        high = constant(graph, f"{first.table.name}_{len(run)}_high", np.array(len(table) - 1, np.int32))
+        high = constant(graph, f"{name}_high", np.array(len(table) - 1, np.int32))
         new_clip = ir.node("Clip", [pos, clip.inputs[1], high])
         new_look = ir.node(ops.GATHER, [value, new_clip.outputs[0]], attributes={"axis": 0}, name=look.name)
         new_look.metadata_props.update(look.metadata_props)
