@@ -199,3 +199,7 @@ def test_generate_samples_repeatably_and_greedy_is_its_limit(tiny, capsys):
     assert main([*args, "--top-p", "1.5"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "top_p=1.5" in err
+    # min-p 1: only the likeliest token each step, sampled: the greedy tokens, with a seed reported
+    assert main([*args, "--min-p", "1", "--seed", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == want and out["sampling"]["min_p"] == 1 and out["sampling"]["seed"] == 4

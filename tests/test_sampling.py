@@ -1,4 +1,4 @@
-"""How generation picks the next token: greedy, temperature, top-k, top-p, seeds."""
+"""How generation picks the next token: greedy, temperature, top-k, top-p, min-p, seeds."""
 
 import numpy as np
 import pytest
@@ -36,6 +36,29 @@ def test_top_k_and_top_p_cut_the_tail():
     np.testing.assert_allclose(Sampling(top_p=0.8).probabilities(LOGITS)[1], [0.0, 2 / 9, 7 / 9])
 
 
+def test_min_p_keeps_the_tokens_near_the_likeliest():
+    # row 0: 0.5, 0.3, 0.2 -> min_p 0.5 keeps p >= 0.25; row 1: 0.1, 0.2, 0.7 -> keeps p >= 0.35
+    np.testing.assert_allclose(Sampling(min_p=0.5).probabilities(LOGITS), [[0.625, 0.375, 0.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(Sampling(min_p=0.25).probabilities(LOGITS)[1], [0.0, 2 / 9, 7 / 9])
+    np.testing.assert_allclose(Sampling(min_p=1.0).probabilities(LOGITS), [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    # after the temperature, as Hugging Face orders its warpers: at T = 0.5 row 0 is 0.66, 0.24, 0.11
+    np.testing.assert_allclose(Sampling(temperature=0.5, min_p=0.3).probabilities(LOGITS[:1])[0],
+                               np.array([0.25, 0.09, 0.0]) / 0.34)
+    draws = _draws(Sampling(min_p=0.5, seed=3), 3000)
+    assert set(np.unique(draws[:, 0])) == {0, 1} and set(np.unique(draws[:, 1])) == {2}
+
+
+def test_min_p_asks_for_sampling():
+    from graphc.front.generate import _sampling
+
+    assert _sampling(None, 0, 1.0, None) is None
+    s = _sampling(None, 0, 1.0, 5, min_p=0.1)
+    assert s == Sampling(temperature=1.0, seed=5, min_p=0.1)
+    assert _sampling(0, 0, 1.0, None, min_p=0.1) is None  # temperature 0 is greedy whatever the filters
+    with pytest.raises(GraphcError, match="min_p"):
+        _sampling(None, 0, 1.0, None, min_p=2.0)
+
+
 def test_greedy_cases_and_seeds():
     assert greedy(LOGITS).tolist() == [0, 2]
     assert Sampling(temperature=0).picker() is greedy
@@ -45,7 +68,8 @@ def test_greedy_cases_and_seeds():
 
 
 @pytest.mark.parametrize("bad", [{"temperature": -1}, {"temperature": float("nan")}, {"top_k": -2}, {"top_k": 1.5},
-                                 {"top_p": 0}, {"top_p": 1.5}, {"seed": -1}, {"temperature": True}])
+                                 {"top_p": 0}, {"top_p": 1.5}, {"seed": -1}, {"temperature": True},
+                                 {"min_p": -0.1}, {"min_p": 1.5}, {"min_p": True}])
 def test_bad_settings_are_one_line_errors(bad):
     with pytest.raises(GraphcError) as e:
         Sampling(**bad)

@@ -262,10 +262,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise GraphcError(f"--ids {args.ids!r}: token ids separated by commas") from None
     result = generate(args.model, prompt, args.max_new_tokens, threads=args.threads, stop_at_eos=not args.no_stop,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      repetition_penalty=args.repetition_penalty)
+                      repetition_penalty=args.repetition_penalty, min_p=args.min_p)
     text = result.text if result.text is not None else " ".join(map(str, result.tokens))
     s = result.sampling
-    sampled = f"; sampled: temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}, seed {s.seed}" if s else ""
+    sampled = (f"; sampled: temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}, min-p {s.min_p:g}, "
+               f"seed {s.seed}" if s else "")
     summary = (f"({len(result.tokens)} tokens, prefill {result.prefill_ms:.0f} ms, decode "
                f"{result.decode_tokens_per_s:.1f} tokens/s, {'shared' if result.shared_buffers else 'separate'} "
                f"cache buffers{sampled})")
@@ -418,9 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     sp.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
     sp.add_argument("--temperature", type=float, default=None,
-                    help="sample with this temperature (default: greedy; 1 when only --top-k/--top-p are given)")
+                    help="sample with this temperature (default: greedy; 1 when only --top-k/--top-p/--min-p are given)")
     sp.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
     sp.add_argument("--top-p", type=float, default=1.0, help="sample among the most probable tokens adding up to p")
+    sp.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                    help="sample among the tokens at least P times as probable as the most probable one (0: all)")
     sp.add_argument("--seed", type=int, default=None, help="seed of the draws (default: drawn, and reported)")
     sp.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
                     help="tokens already in the text made less likely by P (greedy or sampled; 1: none)")

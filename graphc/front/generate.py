@@ -238,10 +238,10 @@ class GenerateResult:
 def generate(model: str | os.PathLike, prompt: str | list[int], max_new_tokens: int = 32, *,
              threads: int | None = None, stop_at_eos: bool = True, temperature: float | None = None,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             repetition_penalty: float = 1.0) -> GenerateResult:
+             repetition_penalty: float = 1.0, min_p: float = 0.0) -> GenerateResult:
     """Generation with a KV-cache decoder through ONNX Runtime: greedy, unless a ``temperature``
-    above 0, a ``top_k`` or a ``top_p`` below 1 asks for sampling (temperature 1 where only the
-    filters are given; 0 is greedy). ``seed`` makes the draws repeatable; without one a seed is
+    above 0, a ``top_k``, a ``top_p`` below 1 or a ``min_p`` above 0 asks for sampling
+    (temperature 1 where only the filters are given; 0 is greedy). ``seed`` makes the draws repeatable; without one a seed is
     drawn and reported in the result's ``sampling``, so that any run can be repeated.
     ``repetition_penalty`` (greedy or sampled; 1: none) makes the tokens already in the text less likely.
 
@@ -269,7 +269,7 @@ def generate(model: str | os.PathLike, prompt: str | list[int], max_new_tokens: 
         ids = [int(t) for t in prompt]
     if not ids:
         raise GraphcError("the prompt is empty")
-    sampling = _sampling(temperature, top_k, top_p, seed)
+    sampling = _sampling(temperature, top_k, top_p, seed, min_p)
     check_repetition_penalty(repetition_penalty)
     decoder = Decoder(path, threads=threads)
     eos = _eos_token(path.parent) if stop_at_eos else None
@@ -283,15 +283,17 @@ def generate(model: str | os.PathLike, prompt: str | list[int], max_new_tokens: 
                           sampling)
 
 
-def _sampling(temperature: float | None, top_k: int, top_p: float, seed: int | None) -> Sampling | None:
+def _sampling(temperature: float | None, top_k: int, top_p: float, seed: int | None,
+              min_p: float = 0.0) -> Sampling | None:
     """None (greedy) unless sampling is asked for; a seed drawn when none is given."""
-    asked = (temperature is not None and temperature != 0) or top_k != 0 or top_p != 1
+    asked = (temperature is not None and temperature != 0) or top_k != 0 or top_p != 1 or min_p != 0
     if temperature == 0 or not asked:
-        Sampling(top_k=top_k, top_p=top_p, seed=seed)  # bad values are refused even when unused
+        Sampling(top_k=top_k, top_p=top_p, seed=seed, min_p=min_p)  # bad values are refused even when unused
         return None
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
-    return Sampling(temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return Sampling(temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p, seed=seed,
+                    min_p=min_p)
 
 
 def _model_file(path: Path) -> Path:

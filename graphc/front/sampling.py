@@ -2,8 +2,9 @@
 
 The order is Hugging Face's and onnxruntime-genai's: the logits divided by the temperature, then
 the ``top_k`` largest kept, then the smallest set of the most probable tokens whose probabilities
-add up to ``top_p`` (the most probable token is always kept), renormalized, one draw per batch row
-from a seeded generator (``seed``: the same tokens on every run with the same model and machine).
+add up to ``top_p`` (the most probable token is always kept), then the tokens at least ``min_p``
+times as probable as the most probable one, renormalized, one draw per batch row from a seeded
+generator (``seed``: the same tokens on every run with the same model and machine).
 Temperature 0 is greedy (the arg max), whatever ``top_k``/``top_p`` say. A repetition penalty,
 greedy or sampled, first makes every token already in the row (prompt included) less likely.
 """
@@ -24,6 +25,7 @@ class Sampling:
     top_k: int = 0  # 0: every token
     top_p: float = 1.0  # 1: every token
     seed: int | None = None  # None: a fresh draw each run
+    min_p: float = 0.0  # 0: every token; else those at least min_p times as probable as the likeliest
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -34,6 +36,9 @@ class Sampling:
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise GraphcError(f"top_p={p!r}: a number in (0, 1] (1: every token)")
+        m = self.min_p
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1:
+            raise GraphcError(f"min_p={m!r}: a number in [0, 1] (0: every token)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise GraphcError(f"seed={self.seed!r}: a whole number >= 0")
 
@@ -69,6 +74,9 @@ class Sampling:
             keep = np.zeros_like(keep_sorted)
             np.put_along_axis(keep, order, keep_sorted, axis=-1)
             probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum(axis=-1, keepdims=True)
+        if self.min_p > 0:  # relative to the likeliest token: the most probable one always stays
+            probs = np.where(probs >= self.min_p * probs.max(axis=-1, keepdims=True), probs, 0.0)
             probs /= probs.sum(axis=-1, keepdims=True)
         return probs
 
