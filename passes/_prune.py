@@ -109,10 +109,12 @@ def producer_linear(value: ir.Value | None) -> Linear | None:
 
 
 def activations(
-    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str
+    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]] | None, *, pass_name: str,
+    max_rows: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows [tokens, channels] (float32) of each value over the calibration feeds. Values of
-    shape [batch, seq, K] leave out padded positions (``attention_mask`` 0)."""
+    shape [batch, seq, K] leave out padded positions (``attention_mask`` 0). With ``max_rows``,
+    feeds are read in order until the rows reach it (the feed that passes it whole)."""
     from graphc.core.calibrate import exposing_session
 
     if not feeds:
@@ -123,6 +125,8 @@ def activations(
     inputs = {i.name for i in session.get_inputs()}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:
+        if max_rows is not None and names and sum(len(r) for r in rows[names[0]]) >= max_rows:
+            break
         outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
         mask = feed.get("attention_mask")
         for name, out in zip(names, outs):

@@ -91,6 +91,20 @@ def measure_all(probe: Probe, units: Units, executor, report) -> tuple[dict[str,
     return errors, rows
 
 
+# the pruning actions' refits read the inputs of every block's output projections as rows: on a
+# decoder's calibration text (SmolLM2: ~50k tokens) those rows alone took 13 GB, and 21 GB at
+# their concatenation. They stop at this many bytes, or at 8 rows per input channel of the widest
+# value (a least-squares refit wants several times more rows than unknowns), whichever is more
+ACTIVATION_BYTES = 2 << 30
+
+
+def activation_rows(values) -> int:
+    """Rows of calibration activations the pruning actions keep (see :data:`ACTIVATION_BYTES`)."""
+    widths = [int(v.shape[-1]) if v.shape is not None and len(v.shape) and isinstance(v.shape[-1], int) else 4096
+              for v in values]
+    return max(8 * max(widths, default=1), ACTIVATION_BYTES // max(4 * sum(widths), 1))
+
+
 def copy_model(model: ir.Model) -> ir.Model:
     """A deep copy (serialized and read back; external data inlined)."""
     from graphc.core.io import inline_external_data
@@ -226,7 +240,8 @@ class Probe:
         if self._acts is None:
             values = [self.units.blocks[u.index].o.node.inputs[0] for u in self.units.units if u.kind == "heads"]
             values += [self.units.ffns[u.index].down.node.inputs[0] for u in self.units.units if u.kind == "ffn"]
-            self._acts = _prune.activations(self.model, values, self.calibration, pass_name=self.pass_name)
+            self._acts = _prune.activations(self.model, values, self.calibration, pass_name=self.pass_name,
+                                            max_rows=activation_rows(values))
         x = self._acts[lin.node.inputs[0].name]
         bias = lin.bias if lin.bias is not None else np.zeros(lin.weight.shape[1], np.float32)
         y = x @ lin.weight + bias

@@ -94,6 +94,25 @@ def test_correction_reduces_the_error(exports, kind):
     assert all("corrected (ridge" in note for note in result.stats.notes)
 
 
+def test_activations_stop_at_max_rows_on_whole_feeds(exports):
+    """The planner's pruning refits cap the calibration rows they hold (a decoder's text held
+    13 GB of them): feeds are read in order until the rows reach the cap."""
+    from graphc.passes._plan.measure import ACTIVATION_BYTES, activation_rows
+    from graphc.passes._prune import activations
+
+    base = _load(exports, "llama", False)
+    feeds = synthesize_inputs(base, count=6, seed=1)
+    values = [f.down.node.inputs[0] for f in find_ffns(base.graph)]
+    every = activations(base, values, feeds, pass_name="test")
+    per_feed = len(next(iter(every.values()))) // len(feeds)
+    capped = activations(base, values, feeds, pass_name="test", max_rows=2 * per_feed + 1)
+    for name, rows in capped.items():
+        assert len(rows) == 3 * per_feed  # the third feed passes the cap and is kept whole
+        np.testing.assert_array_equal(rows, every[name][: 3 * per_feed])
+    widths = [int(v.shape[-1]) for v in values]
+    assert activation_rows(values) == max(8 * max(widths), ACTIVATION_BYTES // (4 * sum(widths)))
+
+
 def test_nothing_requested_or_nothing_to_remove_changes_nothing(exports):
     model = _load(exports, "llama", False)
     calib = synthesize_inputs(model, count=2, seed=1)
