@@ -357,22 +357,6 @@ def ranges_refitted() -> Iterator[None]:
         yield
 
 
-def coordinate_descent(sweeps: int) -> Callable:
-    """GPTQ, then coordinate descent on its codes (as QuantEase, Behdin et al. 2023, does from
-    scratch): each column in turn moves every row's code to the grid point nearest the minimizer
-    of the layer's objective (W - Q) H (W - Q)^T along it (H damped as GPTQ damps it; scales and
-    zero points kept), which never raises it; ``sweeps`` passes over the columns."""
-    from graphc.passes import _blockquant as bq
-
-    base = bq.gptq
-
-    def gptq(w_t, hessian, bits, block_size, **kw):
-        quant = base(w_t, hessian, bits, block_size, **kw)
-        return bq.refine_codes(w_t, hessian, quant, damp=kw.get("damp", 0.01), sweeps=sweeps)
-
-    return patched(bq, "gptq", gptq)
-
-
 VARIANTS: dict[str, dict[str, Any]] = {
     "recipe": {},
     "damp 0.05": {"sets": {"damp": 0.05}},
@@ -389,8 +373,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "Hessians of 64 windows": {"windows": 64},
     "Hessians of 207 windows": {"windows": 207},
     "Hessians from the partly quantized model (sequential)": {"sequential": True},
-    "coordinate descent after GPTQ, 3 sweeps": {"patch": lambda: coordinate_descent(3)},
-    "coordinate descent after GPTQ, 8 sweeps": {"patch": lambda: coordinate_descent(8)},
+    # quantize-nbits' refine_sweeps: coordinate descent on GPTQ's codes (_blockquant.refine_codes)
+    "coordinate descent after GPTQ, 3 sweeps": {"sets": {"refine_sweeps": 3}},
+    "coordinate descent after GPTQ, 8 sweeps": {"sets": {"refine_sweeps": 8}},
 }
 
 

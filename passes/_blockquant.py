@@ -358,10 +358,7 @@ def gptq(
     dtype = np.float32 if k > LARGE_HESSIAN else np.float64
     if np.shape(hessian) != (k, k):
         raise ValueError(f"hessian is {np.shape(hessian)}, expected {(k, k)}")
-    diag = np.array(np.diagonal(hessian), dtype=dtype)
-    dead = diag <= 0
-    diag[dead] = 1.0
-    diag += damp * float(np.mean(diag))
+    diag, dead = _damped_diagonal(hessian, damp, dtype)
     n_blocks = -(-k // block)
     codes = np.zeros((n, n_blocks * block), np.uint8)
     scales = np.zeros((n, n_blocks), np.float32)
@@ -400,6 +397,16 @@ def gptq(
 GPTQ_ROW_BYTES = 64 << 20  # float32 bytes of W^T rows fitted at a time (gptq)
 
 
+def _damped_diagonal(hessian: np.ndarray, damp: float, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ's Hessian diagonal as it fits with it: dead channels (a zero or negative diagonal) set
+    to 1, then ``damp`` x the mean added to every entry; and the dead channels' mask."""
+    diag = np.array(np.diagonal(hessian), dtype=dtype)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    diag += damp * float(np.mean(diag))
+    return diag, dead
+
+
 def refine_codes(w_t: np.ndarray, hessian: np.ndarray, quant: BlockQuant, *, damp: float = 0.01,
                  sweeps: int = 1, lazy_block: int = 128) -> BlockQuant:
     """Coordinate descent on ``quant``'s codes for the layer objective GPTQ minimizes,
@@ -413,10 +420,7 @@ def refine_codes(w_t: np.ndarray, hessian: np.ndarray, quant: BlockQuant, *, dam
     n, k = np.shape(w_t)
     if np.shape(hessian) != (k, k):
         raise ValueError(f"hessian is {np.shape(hessian)}, expected {(k, k)}")
-    diag = np.array(np.diagonal(hessian), dtype=np.float64)
-    dead = diag <= 0
-    diag[dead] = 1.0
-    diag += damp * float(np.mean(diag))
+    diag, dead = _damped_diagonal(hessian, damp, np.float64)
     h = np.array(hessian, dtype=np.float32)
     h[dead, :] = 0.0
     h[:, dead] = 0.0

@@ -125,7 +125,7 @@ def activations(
     inputs = {i.name for i in session.get_inputs()}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed in feeds:
-        if max_rows is not None and names and sum(len(r) for r in rows[names[0]]) >= max_rows:
+        if max_rows is not None and names and sum(map(len, rows[names[0]])) >= max_rows:
             break
         outs = session.run(names, {k: v for k, v in feed.items() if k in inputs})
         mask = feed.get("attention_mask")

@@ -33,7 +33,7 @@ from graphc.core import ops
 from graphc.core.pass_base import GraphcPass, PassStats
 from graphc.core.registry import register
 from graphc.passes._quant import constant, drop_unused_initializers
-from graphc.passes._weights import META_BITS, META_BLOCK, META_HOT_ROWS
+from graphc.passes._weights import META_BITS, META_BLOCK, META_HOT_ROWS, drop_dead
 from graphc.passes.split_vocab import META_TIERS
 
 
@@ -96,11 +96,7 @@ class MergeTiers(GraphcPass):
             new.metadata_props.update(cat.metadata_props)
             graph.insert_before(cat, new)
             ir.convenience.replace_all_uses_with(cat.outputs[0], new.outputs[0])
-            # what the joined tiers leave unused, consumers first
-            order = {id(n): i for i, n in enumerate(graph)}
-            for node in sorted({id(n): n for n in old}.values(), key=lambda n: -order[id(n)]):
-                if all(not o.uses() and not o.is_graph_output() for o in node.outputs):
-                    graph.remove(node, safe=True)
+            drop_dead(list({id(n): n for n in old}.values()))  # what the joined tiers leave unused
             modified = True
         if modified:
             drop_unused_initializers(graph)
