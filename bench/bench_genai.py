@@ -21,7 +21,8 @@ In one process, on this machine's CPU (named in the output):
   tokens/s and prefill time through ``og.Generator`` (batch 1, a ``--prompt``-token prompt,
   ``--new-tokens`` greedy tokens), folders interleaved ``--reps`` times, median; genai runs its
   decoder on half the logical cores unless the folder says otherwise (one thread on a 2-core
-  machine without SMT): ``--og-threads N`` overlays N;
+  machine without SMT; graphc's folders say 0, ONNX Runtime's default of a thread per physical
+  core): ``--og-threads N`` overlays N on every folder;
 - decode as a fraction of the memory-bandwidth bound: bytes one decode step must read (every
   weight outside embedding lookups, plus the KV cache at the mean context) times tokens/s,
   over the copy bandwidth measured here (numpy, 256 MB, bytes read + written, best of 1 and 2
@@ -199,8 +200,8 @@ def perplexity(folder: Path, windows: list, threads: int) -> float:
 
 def decode_speed(folder: Path, prompt: list[int], new_tokens: int, threads: int = 0) -> dict[str, float]:
     """Prefill ms and decode tokens/s through og.Generator. ``threads`` > 0: the decoder's
-    ``intra_op_num_threads`` overlaid on the folder's config (genai's own default is half the
-    logical cores: one thread on a 2-core machine without SMT); 0: genai's default."""
+    ``intra_op_num_threads`` overlaid on the folder's config; 0: the folder's own (genai's default,
+    half the logical cores, where it says none: one thread on a 2-core machine without SMT)."""
     import numpy as np
     import onnxruntime_genai as og
 
@@ -337,7 +338,8 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--og-threads", type=int, default=0,
-                        help="og.Generator's intra-op threads (0: genai's default, half the logical cores)")
+                        help="og.Generator's intra-op threads overlaid on every folder (0: each folder's own "
+                             "setting; genai's default, half the logical cores, where it has none)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,8 @@ at batch 1, median decode tokens/s:
 - ``graphc.front.generate``, separate buffers (how it ran every fused graph before);
 - ``graphc.front.generate``, the genai folder's model (the caches bound as past and present
   through ONNX Runtime's I/O binding);
-- onnxruntime-genai's ``og.Generator`` on the same folder (on genai's default threads, half the
-  logical cores, unless ``--og-threads N``);
+- onnxruntime-genai's ``og.Generator`` on the same folder (on the folder's threads: genai's
+  default, half the logical cores, where its config names none; ``--og-threads N`` overlays N);
 
 with each one's share of the copy-bandwidth bound (bench_genai.py's measure), whether the tokens
 agree, and the CPU. ``--folder``: another genai folder (e.g. the built-in ``int4``'s), measured

@@ -114,7 +114,12 @@ def genai_config(model: Any, tokenizer_folder: Path | None, *, context_length: i
             "type": (_KINDS.get(str(hf.get("model_type") or facts.get("model_type")), "llama")
                      if hf.get("model_type") or facts.get("model_type") else src.get("type", "llama")),
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                # 0: ONNX Runtime's own default, one intra-op thread per physical core. Without the
+                # key genai sets half the logical cores (at most 16), which assumes two hardware
+                # threads a core: one thread on a 2-core machine without SMT (cloud vCPUs, ARM), a
+                # decode ~1.6x slower there (docs/genai.md)
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                                    "intra_op_num_threads": 0},
                 "filename": MODEL_FILE,
                 "head_size": int(head_dim),
                 "hidden_size": int(hidden),

@@ -28,6 +28,12 @@ A planner (``_plan.precision``) then picks one candidate per layer to meet the b
   the model itself, so that one recipe fits every decoder and is not larger than the 4-bit
   model users compare with (weights too small for the plan's blocks stay float and count as
   they are: on toy models the result can then be larger);
+- ``size_like = "genai-int4"``: the same from onnxruntime-genai's model builder's ``-p int4 -e cpu``
+  layout: every MatMul as MatMulNBits, 4 bits, blocks of 32, symmetric, scales in the weight's
+  float type; a table tied to the LM head stored once (the lookup reads the head's codes), an
+  untied lookup table left float: a genai folder no larger than the builder's int4 folder of
+  the same model (``tests/test_builder_input.py`` checks the layout to the byte against the
+  builder's own folder);
 - ``max_error``: predicted output error (mean 1 - cosine of output rows, the sum of the
   layers' errors: 0.01 is a cosine of about 0.99); alone it buys the fewest bytes that meet it,
   with a size budget it is checked.
@@ -81,8 +87,20 @@ from graphc.passes._weights import META_BITS, META_BLOCK, META_COLD_BITS, META_C
 from graphc.core.registry import register
 
 
-# size_like references: (bits, block) of a symmetric round-to-nearest quantizer with float16 scales
-SIZE_LIKE = {"": (0, 0), "rtn4-b128": (4, 128)}
+@dataclass(frozen=True)
+class SizeReference:
+    """How a reference 4-bit quantizer lays a model out (symmetric, one scale a block)."""
+
+    bits: int
+    block: int
+    tied_once: bool  # a table both looked up and read as the LM head stored once (else once per use)
+    tables: bool  # an untied looked-up table quantized (else left float)
+
+
+# size_like budgets: ONNX Runtime's MatMulNBitsQuantizer with its defaults on MatMul and Gather,
+# onnxruntime-genai's model builder with `-p int4 -e cpu`
+SIZE_LIKE = {"rtn4-b128": SizeReference(4, 128, tied_once=False, tables=True),
+             "genai-int4": SizeReference(4, 32, tied_once=True, tables=False)}
 GRAPH_MARGIN = 0.005  # of a size_like budget, left for the graph graphc's passes add
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
@@ -91,7 +109,7 @@ _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids"
 class MixedPrecisionOptions:
     max_bits: float = 4.5  # budget: mean stored bits per planned weight (4.5: int4/b32 asymmetric's size); 0 = none
     max_bytes: int = 0  # budget: whole-model bytes; 0 = none
-    size_like: str = ""  # budget: whole-model bytes of a reference quantizer ("rtn4-b128"); "" = none
+    size_like: str = ""  # budget: whole-model bytes of a reference quantizer ("rtn4-b128", "genai-int4"); "" = none
     max_error: float = 0.0  # budget: predicted mean 1 - cosine of output rows; 0 = none
     bits: tuple[int, ...] = (2, 4, 8)
     block_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -155,9 +173,9 @@ class MixedPrecision(GraphcPass):
             if getattr(o, name) < 0:
                 raise UnsupportedError(f"{name}={getattr(o, name)} is negative; a budget is > 0 (0 = unset)",
                                        pass_name=self.name)
-        if o.size_like not in SIZE_LIKE:
-            raise UnsupportedError(f"size_like={o.size_like!r}; supported: {', '.join(repr(k) for k in SIZE_LIKE)}",
-                                   pass_name=self.name)
+        if o.size_like not in ("", *SIZE_LIKE):
+            raise UnsupportedError(f"size_like={o.size_like!r}; supported: "
+                                   f"{', '.join(repr(k) for k in ('', *SIZE_LIKE))}", pass_name=self.name)
         if not (o.max_bits or o.max_bytes or o.size_like or o.max_error):
             raise UnsupportedError("no budget: set max_bits (mean bits per weight), max_bytes (model bytes), "
                                    "size_like or max_error (predicted mean 1 - cosine)", pass_name=self.name)
@@ -229,20 +247,27 @@ class MixedPrecision(GraphcPass):
         return out
 
     def _size_like(self, layers: list[sens.Layer], fixed: int) -> int:
-        """The ``size_like`` budget in bytes (see the module doc), laid out as ONNX Runtime's
+        """The ``size_like`` budget in bytes (see the module doc), laid out as the reference
         quantizer stores it: a MatMul weight [K, N] as MatMulNBits (N x ceil(K / block) blocks of
         block x bits / 8 bytes, K padded to whole blocks, one scale a block), a looked-up table
-        [V, D] as GatherBlockQuantized (V x D x bits / 8 bytes unpadded, one scale a block);
-        scales in the weight's float type. A tied table is both."""
-        bits, block = SIZE_LIKE[self.options.size_like]
+        [V, D] as GatherBlockQuantized (V x D x bits / 8 bytes unpadded, one scale a block) or
+        float; scales in the weight's float type. A tied table is both, or (``tied_once``) the
+        head's MatMulNBits alone."""
+        ref = SIZE_LIKE[self.options.size_like]
+        bits, block = ref.bits, ref.block
         planned = 0
         for layer in layers:
             rows, cols = layer.shape
             n_blocks = -(-cols // block)
-            scale = 2 if layer.value.const_value.dtype == ir.DataType.FLOAT16 else 4
+            arr_dtype = layer.value.const_value.dtype
+            scale = 2 if arr_dtype == ir.DataType.FLOAT16 else 4
             if layer.kind == "matmul":  # rows = N outputs, cols = K inputs
                 planned += rows * n_blocks * (block * bits // 8 + scale)
-            if layer.kind == "embedding" or layer.tied:  # rows = vocabulary, cols = width
+            if layer.tied and ref.tied_once:
+                continue
+            if layer.kind == "embedding" and not ref.tables:  # rows = vocabulary, cols = width
+                planned += rows * cols * arr_dtype.itemsize
+            elif layer.kind == "embedding" or layer.tied:
                 planned += -(-rows * cols * bits // 8) + rows * n_blocks * scale
         return fixed + int(planned * (1 - GRAPH_MARGIN))
 
@@ -382,6 +407,7 @@ class MixedPrecision(GraphcPass):
             f"sensitivity ({o.metric}) on {len(feeds)} calibration feeds ({self.context.calibration_source}), "
             f"quantizer {method.value}; budget " + ", ".join(
                 f"{k}={getattr(o, k)}" for k in ("max_bits", "max_bytes", "size_like", "max_error") if getattr(o, k))
+            + (f" ({max_bytes:,} bytes)" if o.size_like else "")
         )
         return True
 

@@ -227,3 +227,30 @@ def test_generate_drives_the_builders_folder_from_text_and_ids(builder_folder, c
     assert main(["generate", str(builder_folder), "--ids", "1,2", "-n", str(POSITIONS + 10)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"context of {POSITIONS} positions" in err
+
+
+def test_size_like_genai_int4_is_the_builders_own_int4_bytes(builder_folder, tmp_path):
+    """mixed-precision's ``size_like = "genai-int4"`` against the builder's own ``-p int4`` folder
+    of the same model: its MatMulNBits codes and scales (the tied table once, shared by the
+    lookup) to the byte."""
+    import onnx
+    from onnx import numpy_helper
+
+    from graphc.passes import _sensitivity as sens
+    from graphc.passes.mixed_precision import GRAPH_MARGIN, MixedPrecision
+    from graphc.passes.split_packed import SplitPacked
+    from graphc.passes.tie_head import TieHead
+
+    model = ir.load(builder_folder / "model.onnx")
+    TieHead()(model)
+    SplitPacked()(model)
+    layers, _ = sens.find_layers(model.graph, min_cols=32)
+    assert sum(layer.tied for layer in layers) == 1 and len(layers) == 2 * 7 + 1
+    budget = MixedPrecision(MixedPrecision.Options(max_bits=0, size_like="genai-int4"))._size_like(layers, 0)
+
+    q = onnx.load(_build(tmp_path, precision="int4") / "model.onnx")
+    inits = {t.name: t for t in q.graph.initializer}
+    quantized = {name for n in q.graph.node if n.op_type == "MatMulNBits" for name in n.input[1:3]}
+    builder = sum(numpy_helper.to_array(inits[name]).nbytes for name in quantized)
+    assert any(n.op_type == "GatherBlockQuantized" for n in q.graph.node)  # the table stored once
+    assert budget == int(builder * (1 - GRAPH_MARGIN))

@@ -51,6 +51,8 @@ def test_export_genai_folder_generates_what_pytorch_does(llama_folder, genai_exp
     dec = config["model"]["decoder"]
     assert dec["num_hidden_layers"] == 2 and dec["num_key_value_heads"] == 2 and dec["head_size"] == 8
     assert config["search"]["past_present_share_buffer"] is False
+    # ONNX Runtime's default thread count (a thread per physical core), not genai's half of the logical cores
+    assert dec["session_options"]["intra_op_num_threads"] == 0
     assert (out / "model.onnx").is_file()
     assert generate(out, PROMPT, 12) == _torch_greedy(model, PROMPT, 12)
 

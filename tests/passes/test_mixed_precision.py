@@ -626,3 +626,35 @@ def test_gptq_probes_candidate_errors_pass_the_hessians_tokens_and_plan_alike_th
     thin = plan()
     assert seen and all(t == 48 and f is not None and f.shape[0] <= 48 for t, f in seen)
     assert thin == full
+
+
+def test_size_like_genai_int4_leaves_an_untied_table_float():
+    """The model builder quantizes an untied LM head but looks rows up in a float table: the
+    ``genai-int4`` budget counts the table at its float bytes, every MatMul at 4-bit blocks of
+    32 with a float32 scale each (K padded to whole blocks)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphc.passes import _sensitivity as sens
+    from graphc.passes.mixed_precision import GRAPH_MARGIN, MixedPrecision
+
+    rng = np.random.default_rng(0)
+    inits = {"table": rng.standard_normal((300, 192)), "w1": rng.standard_normal((192, 320)),
+             "w2": rng.standard_normal((320, 200)), "head": rng.standard_normal((200, 300))}
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["h"]),
+         helper.make_node("MatMul", ["h", "w2"], ["g"]), helper.make_node("MatMul", ["g", "head"], ["logits"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 300])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    layers, _ = sens.find_layers(model.graph, min_cols=64)
+    assert not any(layer.tied for layer in layers) and len(layers) == 4
+
+    def nbits(k, n):  # MatMulNBits [K, N]: N x ceil(K / 32) blocks of 16 bytes and a 4-byte scale
+        return n * -(-k // 32) * (16 + 4)
+
+    want = 300 * 192 * 4 + nbits(192, 320) + nbits(320, 200) + nbits(200, 300)
+    budget = MixedPrecision(MixedPrecision.Options(max_bits=0, size_like="genai-int4"))._size_like(layers, 1000)
+    assert budget == 1000 + int(want * (1 - GRAPH_MARGIN))
+    with pytest.raises(UnsupportedError, match="size_like='rtn4'"):
+        MixedPrecision(MixedPrecision.Options(max_bits=0, size_like="rtn4"))._validate()
