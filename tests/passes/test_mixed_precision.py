@@ -1,4 +1,3 @@
-import math
 import json
 
 import numpy as np
@@ -545,26 +544,33 @@ def test_kl_rows_in_a_forked_child_does_not_wait_on_the_parents_threads():
     np.testing.assert_array_equal(queue.get(timeout=5), want)
 
 
-def test_size_like_is_the_bytes_ort_own_4bit_quantizer_writes(tmp_path):
-    """size_like = "rtn4-b128" against ONNX Runtime's MatMulNBitsQuantizer (RTN, 4 bits, block 128,
-    symmetric, MatMul and Gather) on the same graph: K not a multiple of the block included."""
-    import onnx
+def _table_two_layers_head(width: int):
+    """A float model: a [300, 192] table looked up, MatMuls 192 -> 320 -> ``width``, an untied
+    head ``width`` -> 300."""
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    from graphc.passes import _sensitivity as sens
-    from graphc.passes.mixed_precision import MixedPrecision
 
     rng = np.random.default_rng(0)
     inits = {"table": rng.standard_normal((300, 192)), "w1": rng.standard_normal((192, 320)),
-             "w2": rng.standard_normal((320, 192)), "head": rng.standard_normal((192, 300))}
+             "w2": rng.standard_normal((320, width)), "head": rng.standard_normal((width, 300))}
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["h"]),
          helper.make_node("MatMul", ["h", "w2"], ["g"]), helper.make_node("MatMul", ["g", "head"], ["logits"])],
         "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 300])],
         [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_size_like_is_the_bytes_ort_own_4bit_quantizer_writes(tmp_path):
+    """size_like = "rtn4-b128" against ONNX Runtime's MatMulNBitsQuantizer (RTN, 4 bits, block 128,
+    symmetric, MatMul and Gather) on the same graph: K not a multiple of the block included."""
+    from onnx import TensorProto, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from graphc.passes import _sensitivity as sens
+    from graphc.passes.mixed_precision import MixedPrecision
+
+    proto = _table_two_layers_head(192)
     model = ir.serde.deserialize_model(proto)  # first: ORT's quantizer rewrites the proto it is given
     config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather"))
     quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
@@ -632,21 +638,10 @@ def test_size_like_genai_int4_leaves_an_untied_table_float():
     """The model builder quantizes an untied LM head but looks rows up in a float table: the
     ``genai-int4`` budget counts the table at its float bytes, every MatMul at 4-bit blocks of
     32 with a float32 scale each (K padded to whole blocks)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from graphc.passes import _sensitivity as sens
     from graphc.passes.mixed_precision import GRAPH_MARGIN, MixedPrecision
 
-    rng = np.random.default_rng(0)
-    inits = {"table": rng.standard_normal((300, 192)), "w1": rng.standard_normal((192, 320)),
-             "w2": rng.standard_normal((320, 200)), "head": rng.standard_normal((200, 300))}
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["h"]),
-         helper.make_node("MatMul", ["h", "w2"], ["g"]), helper.make_node("MatMul", ["g", "head"], ["logits"])],
-        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 300])],
-        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    model = ir.serde.deserialize_model(_table_two_layers_head(200))
     layers, _ = sens.find_layers(model.graph, min_cols=64)
     assert not any(layer.tied for layer in layers) and len(layers) == 4
 
