@@ -112,6 +112,24 @@ def test_cli_set_is_written_in_the_provenance(model_path, tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_a_bad_option_value_is_refused_before_any_pass_runs(model_path, tmp_path, capsys, monkeypatch):
+    """A value only a late pass checks (mixed-precision's size_like, after fusion and AWQ's
+    calibration sweep in int4) is refused before the first pass runs, in one line."""
+    from graphc.core.pass_base import GraphcPass
+
+    ran = []
+    call = GraphcPass.call
+    monkeypatch.setattr(GraphcPass, "call", lambda self, model: ran.append(self.name) or call(self, model))
+    out = tmp_path / "o.onnx"
+    assert main(["compress", str(model_path), "-o", str(out), "--recipe", "int4",
+                 "--set", "mixed-precision.size_like=bogus"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "size_like='bogus'" in err and "genai-int4" in err
+    assert ran == [] and not out.exists()
+    assert main(["compress", str(model_path), "-o", str(out), "--recipe", "int4"]) == 0  # the same run, valid
+    assert "mixed-precision" in ran
+
+
 # ----------------------------------------------------------------- extends merges [[passes]] by name
 
 

@@ -140,6 +140,14 @@ class GraphcPass(ir.passes.InPlacePass):
             raise GraphcError(str(e), pass_name=cls.name) from None
         return cls(opts, context)
 
+    def check_options(self) -> None:
+        """Refuse bad option values now, before any work: a pass checks its values in its
+        ``_validate`` when it runs (again), so without this a typo in a late pass's option would
+        surface after the earlier passes' minutes. Option checks only: no model is read."""
+        validate = getattr(self, "_validate", None)
+        if validate is not None:
+            validate()
+
     # onnx_ir entry point -------------------------------------------------------------
     def call(self, model: ir.Model) -> PassResult:
         # Hold the nodes themselves, not their id()s: a node deleted by the pass frees its id

@@ -266,6 +266,9 @@ def compress(
     # one moments cache a run: the passes that read MatMul input moments share one sweep
     context = PassContext(progress=progress, target=target_info, executor=executor, moments=MomentsCache())
     passes = [get_pass(s.pass_name).from_dict(s.options, context) for s in recipe_obj.steps]
+    for p in passes:  # every option value, before any pass runs
+        if p.name not in disable:
+            p.check_options()
     calibrated = [p for p in passes if p.needs_calibration and p.name not in disable]
     wanted = max([32, *(p.calibration_texts for p in calibrated)])
     data = None
