@@ -75,6 +75,29 @@ def test_compress_genai_folder_matches_graphc_generate(llama_folder, genai_expor
     assert generate(out, PROMPT, 12) == ours == _torch_greedy(model, PROMPT, 12)
 
 
+def test_auto_writes_its_winner_as_a_genai_folder(genai_export, tmp_path):
+    """--recipe auto --genai: the candidates are compiled, validated and timed as for a .onnx,
+    and the fastest is written as a folder genai loads (its tokens are graphc.front.generate's on
+    the folder's own graph); a busy folder is refused, and left as it was."""
+    from graphc.exporters.genai import generate
+    from graphc.front.api import compress
+    from graphc.front.generate import Decoder
+
+    out = tmp_path / "auto"
+    result = compress(genai_export / "model.onnx", out, recipe="auto", genai=True)
+    assert result.auto["winner"] in {c["candidate"] for c in result.auto["candidates"] if c["status"] == "passed"}
+    assert (out / "genai_config.json").is_file() and any("genai's form" in n for n in result.notices)
+    assert result.bytes_after == sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".onnx", ".data"))
+    ours = Decoder(out / "model.onnx").greedy(np.array([PROMPT]), 12).tokens[0].tolist()
+    assert generate(out, PROMPT, 12) == ours
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(GraphcError, match="not empty"):
+        compress(genai_export / "model.onnx", busy, recipe="auto", genai=True)
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
 def test_genai_refuses_what_it_cannot_serve(llama_folder, tmp_path):
     from graphc.front.api import compress, export
     from graphc.models.fixtures import export_tiny

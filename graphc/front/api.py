@@ -206,15 +206,13 @@ def compress(
     if isinstance(recipe, str) and recipe == "auto":
         from graphc.front.auto import run_auto
 
-        if genai:
-            raise GraphcError("recipe auto does not write genai folders yet: pick a recipe (e.g. int4) with --genai")
         if not validate:
             raise GraphcError("recipe auto chooses among validated candidates: it cannot run with validation off")
         if inputs is not None:
             feeds = user_inputs(to_ir(model)[0], inputs)[0]
         return run_auto(model, output, target=target_info, shape_hint=shape_hint, feeds=feeds, force=force,
                         progress=progress, report=report, calibration_data=calibration_data, tokenizer=tokenizer,
-                        preprocess=preprocess)
+                        preprocess=preprocess, genai=genai)
     recipe_obj = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
     ir_model, src = to_ir(model)
     adapted = None

@@ -158,12 +158,15 @@ def run_auto(
     calibration_data: Any = None,
     tokenizer: Any = None,
     preprocess: Any = None,
+    genai: bool = False,
 ):
     """Compile every candidate for ``target``, validate, time the passing ones, write the
     fastest (see the module docstring). Returns the winner's CompressResult with ``auto``
     holding the candidate table. ``calibration_data`` (with ``tokenizer``, ``preprocess``): every
     candidate calibrates on its calibration part and is validated on its held-out part, with the
-    task metric, as ``graphc.compress`` does with it."""
+    task metric, as ``graphc.compress`` does with it. ``genai``: ``output`` is an onnxruntime-genai
+    folder (a KV-cache decoder's); the candidates are timed as plain graphs, and the winner then
+    takes genai's form as ``compress --genai`` writes it."""
     import json
 
     from graphc.front import api
@@ -178,8 +181,16 @@ def run_auto(
     from graphc.checks.validate import tolerance_text
     from graphc.front.reports import write_compress_report
 
-    plan = plan_compress(src, output, report=report, input_bytes=io.tensor_bytes(ir_model))
-    output, report, forbid = plan.output, plan.report, plan.forbid
+    plan = plan_compress(src, None if genai else output, report=report, input_bytes=io.tensor_bytes(ir_model))
+    report, forbid = plan.report, plan.forbid
+    if genai:  # checked as a folder, before any work (as compress --genai does)
+        from graphc.exporters.genai import check_decoder, output_folder
+
+        check_decoder(ir_model, src or "model")
+        if output is not None:
+            output_folder(output)
+    else:
+        output = plan.output
     rows = candidates(names)
     source = None
     data = {}
@@ -237,9 +248,20 @@ def run_auto(
             {k: r[k] for k in ("candidate", "status", "bytes", "latency_ms")} for r in table]}, sort_keys=True)
     if report is not None:
         result.report_path = write_compress_report(result, ir_model, src, output, feeds, report)
-    if output is not None:
+    if output is not None and genai:
+        from pathlib import Path
+
+        from graphc.exporters.genai import tokenizer_source, write_folder
+        from graphc.models import hf_folder_of
+
+        result.notices.append("auto: the candidates were timed as plain graphs; the winner is written in genai's form")
+        result.written = write_folder(result.model, Path(output),
+                                      source=tokenizer_source(ir_model, src, hf_folder_of(ir_model)),
+                                      notices=result.notices)
+        result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
+    elif output is not None:
         result.written = io.save_model(result.model, output, forbid=forbid)
         result.bytes_after = sum(p.stat().st_size for p in result.written)
-        if src is not None:
-            result.bytes_before = io.file_bytes(src)
+    if output is not None and src is not None:
+        result.bytes_before = io.file_bytes(src)
     return result
