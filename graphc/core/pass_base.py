@@ -140,13 +140,16 @@ class GraphcPass(ir.passes.InPlacePass):
             raise GraphcError(str(e), pass_name=cls.name) from None
         return cls(opts, context)
 
+    def _validate(self) -> Any:
+        """A pass with option values to check (not only their types) checks them here, raising
+        a GraphcError, and calls it first thing in ``run``; what it returns is the pass's own."""
+        return None
+
     def check_options(self) -> None:
-        """Refuse bad option values now, before any work: a pass checks its values in its
-        ``_validate`` when it runs (again), so without this a typo in a late pass's option would
-        surface after the earlier passes' minutes. Option checks only: no model is read."""
-        validate = getattr(self, "_validate", None)
-        if validate is not None:
-            validate()
+        """Refuse bad option values now, before any work (``compress`` calls it for every step):
+        without it a typo in a late pass's option would surface after the earlier passes'
+        minutes. Option checks only: no model is read."""
+        self._validate()
 
     # onnx_ir entry point -------------------------------------------------------------
     def call(self, model: ir.Model) -> PassResult:

@@ -233,11 +233,7 @@ def compress(
                          pass_names=[s.pass_name for s in recipe_obj.steps if s.pass_name not in disable])
     report, forbid = plan.report, plan.forbid
     if genai:
-        from graphc.exporters.genai import check_decoder, output_folder
-
-        check_decoder(ir_model, src or "model")
-        if output is not None:
-            output_folder(output)  # fail fast, before any work
+        check_genai_output(ir_model, src, output)  # fail fast, before any work
     else:
         output = plan.output
     # A working copy; the caller's model (and its lazily read external data) stays untouched.
@@ -369,12 +365,7 @@ def compress(
             path=output,
         )
     if output is not None and genai:
-        from graphc.exporters.genai import tokenizer_source, write_folder
-        from graphc.models import hf_folder_of
-
-        result.written = write_folder(work, Path(output), source=tokenizer_source(ir_model, src, hf_folder_of(ir_model)),
-                                      notices=result.notices)
-        result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
+        write_genai_output(result, work, ir_model, src, output)
         if src is not None:
             result.bytes_before = io.file_bytes(src)
     elif output is not None:
@@ -387,6 +378,28 @@ def compress(
                               f"{result.bytes_after:,} bytes): recipe {recipe_obj.name!r} shrank nothing here"
                               + (" (see: left in float)" if result.left_float else ""))
     return result
+
+
+def check_genai_output(ir_model: ir.Model, src: Path | None, output: Any) -> None:
+    """Before any work: the model is a KV-cache decoder genai can serve, and ``output`` (when
+    given) a folder that may be written."""
+    from graphc.exporters.genai import check_decoder, output_folder
+
+    check_decoder(ir_model, src or "model")
+    if output is not None:
+        output_folder(output)
+
+
+def write_genai_output(result: CompressResult, model: ir.Model, ir_model: ir.Model, src: Path | None,
+                       output: Any) -> None:
+    """``model`` (the compressed graph) written as the genai folder ``output``, with the tokenizer
+    files of the original ``ir_model``; ``result.written`` and ``bytes_after`` (its ONNX files) set."""
+    from graphc.exporters.genai import tokenizer_source, write_folder
+    from graphc.models import hf_folder_of
+
+    result.written = write_folder(model, Path(output), source=tokenizer_source(ir_model, src, hf_folder_of(ir_model)),
+                                  notices=result.notices)
+    result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
 
 
 def validate(original: ModelLike, rewritten: ModelLike, *, feeds: Sequence[dict] | None = None,

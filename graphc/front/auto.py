@@ -184,11 +184,7 @@ def run_auto(
     plan = plan_compress(src, None if genai else output, report=report, input_bytes=io.tensor_bytes(ir_model))
     report, forbid = plan.report, plan.forbid
     if genai:  # checked as a folder, before any work (as compress --genai does)
-        from graphc.exporters.genai import check_decoder, output_folder
-
-        check_decoder(ir_model, src or "model")
-        if output is not None:
-            output_folder(output)
+        api.check_genai_output(ir_model, src, output)
     else:
         output = plan.output
     rows = candidates(names)
@@ -249,16 +245,8 @@ def run_auto(
     if report is not None:
         result.report_path = write_compress_report(result, ir_model, src, output, feeds, report)
     if output is not None and genai:
-        from pathlib import Path
-
-        from graphc.exporters.genai import tokenizer_source, write_folder
-        from graphc.models import hf_folder_of
-
         result.notices.append("auto: the candidates were timed as plain graphs; the winner is written in genai's form")
-        result.written = write_folder(result.model, Path(output),
-                                      source=tokenizer_source(ir_model, src, hf_folder_of(ir_model)),
-                                      notices=result.notices)
-        result.bytes_after = sum(p.stat().st_size for p in result.written if p.suffix in (".onnx", ".data"))
+        api.write_genai_output(result, result.model, ir_model, src, output)
     elif output is not None:
         result.written = io.save_model(result.model, output, forbid=forbid)
         result.bytes_after = sum(p.stat().st_size for p in result.written)
